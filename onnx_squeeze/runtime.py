@@ -1,0 +1,203 @@
+"""onnxruntime sessions for in-memory models, execution-provider selection and input specs.
+
+Every module that runs a model (calibration, compare, bench, tests) goes through here so that
+large models, provider fallbacks and symbolic input dimensions are handled in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnx_squeeze.errors import InputError, SettingsError
+
+# Serialized protobufs are limited to 2 GiB; stay well below it before switching to a file.
+_INLINE_LIMIT_BYTES = 1_500_000_000
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+
+ModelLike = ir.Model | onnx.ModelProto | str | os.PathLike
+
+
+def resolve_provider(name: str) -> str:
+    """Map a short name (cpu, cuda, tensorrt) or a full provider name to onnxruntime's name."""
+    full = PROVIDER_ALIASES.get(name.lower(), name)
+    if full not in PROVIDER_ALIASES.values() and not full.endswith("ExecutionProvider"):
+        raise SettingsError(
+            f"unknown execution provider {name!r}: use one of cpu, cuda, tensorrt "
+            "or a full onnxruntime provider name"
+        )
+    return full
+
+
+def provider_available(name: str) -> bool:
+    """True when this onnxruntime build offers the provider (it may still fail to load)."""
+    return resolve_provider(name) in ort.get_available_providers()
+
+
+def _provider_chain(provider: str) -> list[str]:
+    """A provider followed by its usual fallbacks, so unsupported nodes still run."""
+    full = resolve_provider(provider)
+    if full == "TensorrtExecutionProvider":
+        return [full, "CUDAExecutionProvider", "CPUExecutionProvider"]
+    if full == "CPUExecutionProvider":
+        return [full]
+    return [full, "CPUExecutionProvider"]
+
+
+def session_options(
+    *,
+    threads: int | None = None,
+    optimization: str = "all",
+    optimized_model_path: str | None = None,
+) -> ort.SessionOptions:
+    """Session options with a thread count and graph optimization level (none/basic/extended/all)."""
+    levels = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization not in levels:
+        raise SettingsError(f"unknown optimization level {optimization!r}: use one of {list(levels)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[optimization]
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_model_path:
+        options.optimized_model_filepath = optimized_model_path
+    return options
+
+
+def _model_bytes(model: ir.Model) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def _has_external_tensors(model: ir.Model) -> bool:
+    return any(
+        isinstance(value.const_value, ir.ExternalTensor)
+        for value in model.graph.initializers.values()
+    )
+
+
+def create_session(
+    model: ModelLike,
+    provider: str = "cpu",
+    *,
+    threads: int | None = None,
+    optimization: str = "all",
+    optimized_model_path: str | None = None,
+) -> ort.InferenceSession:
+    """An onnxruntime session for a model held in memory or on disk.
+
+    Models too large for one protobuf (or with external weights) are written to a temporary
+    folder with external data first; the folder is removed once the session holds the weights.
+    """
+    options = session_options(
+        threads=threads, optimization=optimization, optimized_model_path=optimized_model_path
+    )
+    providers = _provider_chain(provider)
+    try:
+        if isinstance(model, str | os.PathLike):
+            return ort.InferenceSession(os.fspath(model), options, providers=providers)
+        if isinstance(model, onnx.ModelProto):
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        if _model_bytes(model) < _INLINE_LIMIT_BYTES and not _has_external_tensors(model):
+            data = ir.to_proto(model).SerializeToString()
+            return ort.InferenceSession(data, options, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="onnx-squeeze-") as folder:
+            path = os.path.join(folder, "model.onnx")
+            # Save a detached copy so that the caller's model keeps pointing at its own files.
+            ir.save(model, path, external_data="model.onnx.data")
+            return ort.InferenceSession(path, options, providers=providers)
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise InputError(f"onnxruntime cannot load the model: {first_line}") from error
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, numpy dtype and shape (ints, or strings for symbolic dimensions)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+    def concrete_shape(self, overrides: Mapping[str, Sequence[int]] | None = None) -> tuple[int, ...]:
+        """The shape to feed: an override for this input, else symbolic dims set to 1."""
+        if overrides and self.name in overrides:
+            shape = tuple(int(d) for d in overrides[self.name])
+            if len(shape) != len(self.shape):
+                raise SettingsError(
+                    f"--shape {self.name}: got {len(shape)} dims, the model input has {len(self.shape)}"
+                )
+            return shape
+        return tuple(d if isinstance(d, int) and d > 0 else 1 for d in self.shape)
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """Graph inputs that need feeding (initializers listed as inputs are excluded)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        if value.dtype is None:
+            raise InputError(f"graph input {value.name!r} has no element type; re-export the model")
+        shape = tuple(
+            d if isinstance(d, int) else (str(d) if d is not None and str(d) != "None" else None)
+            for d in (value.shape.dims if value.shape is not None else ())
+        )
+        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape))
+    return specs
+
+
+def parse_shape_overrides(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    """Parse ``name:1x3x224x224`` strings (the CLI's ``--shape``) into a mapping."""
+    overrides: dict[str, tuple[int, ...]] = {}
+    for item in items or ():
+        name, sep, dims = item.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            overrides[name] = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise SettingsError(f"bad --shape {item!r}: write it as NAME:1x3x224x224") from None
+    return overrides
+
+
+def random_feed(
+    specs: Sequence[InputSpec],
+    rng: np.random.Generator,
+    overrides: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, np.ndarray]:
+    """One feed of random data shaped by the specs: normal floats, small non-negative integers."""
+    feed = {}
+    for spec in specs:
+        shape = spec.concrete_shape(overrides)
+        if np.issubdtype(spec.dtype, np.floating):
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif np.issubdtype(spec.dtype, np.integer):
+            feed[spec.name] = rng.integers(0, 8, size=shape).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            feed[spec.name] = rng.random(shape) < 0.5
+        else:
+            raise InputError(f"cannot generate random data for input {spec.name!r} of type {spec.dtype}")
+    return feed
