@@ -16,7 +16,12 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     if not sys.stderr.isatty():
         yield from items
         return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task(description, total=total)
         for item in items:

@@ -71,7 +71,9 @@ def session_options(
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }
     if optimization not in levels:
-        raise SettingsError(f"unknown optimization level {optimization!r}: use one of {list(levels)}")
+        raise SettingsError(
+            f"unknown optimization level {optimization!r}: use one of {list(levels)}"
+        )
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[optimization]
     options.log_severity_level = 3
@@ -128,7 +130,10 @@ def create_session(
             # Save a detached copy so that the caller's model keeps pointing at its own files.
             ir.save(model, path, external_data="model.onnx.data")
             return ort.InferenceSession(path, options, providers=providers)
-    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph) as error:
+    except (
+        ort.capi.onnxruntime_pybind11_state.Fail,
+        ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+    ) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise InputError(f"onnxruntime cannot load the model: {first_line}") from error
 
@@ -141,7 +146,9 @@ class InputSpec:
     dtype: np.dtype
     shape: tuple[int | str | None, ...]
 
-    def concrete_shape(self, overrides: Mapping[str, Sequence[int]] | None = None) -> tuple[int, ...]:
+    def concrete_shape(
+        self, overrides: Mapping[str, Sequence[int]] | None = None
+    ) -> tuple[int, ...]:
         """The shape to feed: an override for this input, else symbolic dims set to 1."""
         if overrides and self.name in overrides:
             shape = tuple(int(d) for d in overrides[self.name])
@@ -199,5 +206,7 @@ def random_feed(
         elif spec.dtype == np.bool_:
             feed[spec.name] = rng.random(shape) < 0.5
         else:
-            raise InputError(f"cannot generate random data for input {spec.name!r} of type {spec.dtype}")
+            raise InputError(
+                f"cannot generate random data for input {spec.name!r} of type {spec.dtype}"
+            )
     return feed

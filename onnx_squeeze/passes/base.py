@@ -49,7 +49,9 @@ class PassReport:
     notes: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
-    def record(self, node: ir.Node | str, action: str, detail: str = "", **counts: int | None) -> NodeRecord:
+    def record(
+        self, node: ir.Node | str, action: str, detail: str = "", **counts: int | None
+    ) -> NodeRecord:
         """Append a record for ``node`` (a node or its name) and return it."""
         if isinstance(node, ir.Node):
             name, op_type = node.name or "", node.op_type
@@ -82,6 +84,7 @@ class PassContext:
     ``calibration`` is a calibration source (see :mod:`onnx_squeeze.calibration`) or None;
     ``teacher`` is the prepared original model, for passes that fit the result to it;
     ``cache`` holds statistics that several passes can share (keyed by what they measured).
+    Weight tensors are shared with the teacher: replace a value's tensor, never write into it.
     """
 
     calibration: Any = None
@@ -101,6 +104,7 @@ class Pass(abc.ABC):
 
     name: ClassVar[str]
     Settings: ClassVar[type]
+    min_opset: ClassVar[int] = 0  # default-domain opset the pass's output needs
 
     def __init__(self, **settings: Any) -> None:
         fields = {f.name for f in dataclasses.fields(self.Settings)}

@@ -1,0 +1,517 @@
+"""The ``onnx-squeeze`` command.
+
+Exit codes: 0 success, 1 usage or input error, 2 internal error, 3 an accuracy gate failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+from rich.console import Console
+
+from onnx_squeeze import __version__, model_io, report, runtime
+from onnx_squeeze.errors import GateFailedError, SettingsError, SqueezeError
+
+EXIT_OK, EXIT_INPUT, EXIT_INTERNAL, EXIT_GATE = 0, 1, 2, 3
+ZOO_PREFIX = "zoo:"
+
+console = Console()
+errors = Console(stderr=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as SettingsError (exit code 1, one line)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise SettingsError(f"{self.prog}: {message} (see --help)")
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(item) for item in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def load_model(source: str) -> ir.Model:
+    """A model path, or ``zoo:NAME`` for a built-in reference model."""
+    if source.startswith(ZOO_PREFIX):
+        from onnx_squeeze import zoo
+
+        return zoo.build(source[len(ZOO_PREFIX) :])
+    return model_io.load(source)
+
+
+def _add_run_options(parser: argparse.ArgumentParser, *, runs: int = 30) -> None:
+    """Options shared by commands that run models: inputs, providers, threads, latency runs."""
+    parser.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME:1x3x224x224",
+        help="concrete shape for an input with symbolic dims (repeatable)",
+    )
+    parser.add_argument(
+        "--providers",
+        type=_csv,
+        default=["cpu"],
+        help="execution providers, comma-separated: cpu,cuda,tensorrt (default cpu)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_ints,
+        default=[1],
+        help="intra-op thread counts to time, comma-separated (default 1)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=1, help="batch size for symbolic batch dims (default 1)"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=runs, help=f"timed runs per model (default {runs})"
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=8,
+        help="input samples for fidelity when no data is given (default 8)",
+    )
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json",
+        metavar="FILE",
+        help="write the report as JSON (schema: onnx_squeeze/report_schema.json)",
+    )
+    parser.add_argument("--report", metavar="FILE.html", help="write the report as an HTML page")
+    parser.add_argument(
+        "--check",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="accuracy gate such as 'top1_agreement>=0.99' or 'cosine>=0.999' (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="onnx-squeeze",
+        description="Make exported ONNX models smaller and faster, and check what it cost.",
+    )
+    parser.add_argument("--version", action="version", version=f"onnx-squeeze {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    compress = commands.add_parser(
+        "compress", help="run a recipe of passes on a model, compare, save"
+    )
+    compress.add_argument("model", help="input .onnx file (or zoo:NAME)")
+    compress.add_argument("-o", "--output", required=True, help="output .onnx file")
+    compress.add_argument("--recipe", help="recipe file (YAML/JSON) or preset name")
+    compress.add_argument(
+        "--pass",
+        dest="passes",
+        action="append",
+        default=[],
+        metavar="NAME[:key=value,...]",
+        help="add a pass after the recipe's (repeatable)",
+    )
+    compress.add_argument(
+        "--calib",
+        metavar="SRC",
+        help="calibration data: .npz/.npy, a folder of them or of images, or 'random'",
+    )
+    compress.add_argument(
+        "--calib-count", type=int, default=32, help="random calibration samples (default 32)"
+    )
+    compress.add_argument(
+        "--preset",
+        default="imagenet",
+        help="image preprocessing preset for image folders (default imagenet)",
+    )
+    compress.add_argument("--no-simplify", action="store_true", help="skip onnxsim in prepare")
+    compress.add_argument("--no-fold-bn", action="store_true", help="keep BatchNormalization nodes")
+    compress.add_argument("--target-opset", type=int, help="convert the model to this opset first")
+    compress.add_argument(
+        "--no-compare", action="store_true", help="skip the comparison with the original"
+    )
+    compress.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    compress.add_argument(
+        "--write-on-fail",
+        action="store_true",
+        help="write the output even when a --check gate fails",
+    )
+    compress.add_argument(
+        "--external-data", action="store_true", help="store weights in OUT.data beside the model"
+    )
+    compress.add_argument("--seed", type=int, default=0)
+    _add_run_options(compress, runs=20)
+    _add_output_options(compress)
+
+    inspect = commands.add_parser(
+        "inspect", help="ops, parameters, MACs, inputs and outputs of a model"
+    )
+    inspect.add_argument("model")
+    inspect.add_argument("--shape", action="append", metavar="NAME:1x3x224x224")
+    inspect.add_argument(
+        "--all-nodes", action="store_true", help="list every node, not only the heaviest"
+    )
+    inspect.add_argument("--json", metavar="FILE", help="write the analysis as JSON")
+
+    compare = commands.add_parser("compare", help="fidelity, size and latency of B against A")
+    compare.add_argument("a")
+    compare.add_argument("b")
+    compare.add_argument(
+        "--inputs",
+        metavar="SRC",
+        help="input data like --calib; random from the input spec when omitted",
+    )
+    compare.add_argument("--preset", default="imagenet")
+    compare.add_argument("--seed", type=int, default=0)
+    _add_run_options(compare)
+    _add_output_options(compare)
+
+    bench = commands.add_parser(
+        "bench", help="latency of one or more models across execution providers"
+    )
+    bench.add_argument("models", nargs="+")
+    bench.add_argument("--json", metavar="FILE")
+    bench.add_argument("--warmup", type=int, default=5)
+    _add_run_options(bench)
+
+    demo = commands.add_parser(
+        "demo", help="the main job on a built-in ResNet-18: compress, compare, report"
+    )
+    demo.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for the models and reports (default: a temporary folder)",
+    )
+    demo.add_argument("--runs", type=int, default=20)
+    demo.add_argument("--threads", type=_ints, default=[1])
+
+    zoo_cmd = commands.add_parser("zoo", help="save a built-in reference model to a file")
+    zoo_cmd.add_argument("name")
+    zoo_cmd.add_argument("-o", "--output", required=True)
+    zoo_cmd.add_argument("--width", type=float, default=1.0)
+    zoo_cmd.add_argument("--depth", type=float, default=1.0)
+    zoo_cmd.add_argument("--seed", type=int, default=0)
+    zoo_cmd.add_argument("--force", action="store_true")
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _gates(expressions: Sequence[str]) -> list[str]:
+    """Validate gate expressions before any work is done."""
+    from onnx_squeeze import gates
+
+    for expression in expressions:
+        gates.parse_gates(expression)
+    return list(expressions)
+
+
+def _evaluate_gates(expressions: Sequence[str], metrics: dict[str, float]) -> list[dict[str, Any]]:
+    from onnx_squeeze import gates
+
+    return [result.to_dict() for result in gates.evaluate_gates(expressions, metrics)]
+
+
+def _open_inputs(spec: str | None, model: ir.Model, args: argparse.Namespace, count: int) -> Any:
+    from onnx_squeeze import calibration
+
+    return calibration.open_source(
+        spec,
+        model,
+        shapes=runtime.parse_shape_overrides(args.shape),
+        count=count,
+        seed=args.seed,
+        preset=args.preset,
+        batch_size=args.batch,
+    )
+
+
+def _compare(
+    a: ir.Model,
+    b: ir.Model,
+    source: Any,
+    args: argparse.Namespace,
+    *,
+    names: tuple[str, str],
+    paths: tuple[str | None, str | None],
+) -> dict[str, Any]:
+    from onnx_squeeze import compare
+
+    comparison = compare.compare(
+        a,
+        b,
+        feeds=source,
+        inputs_label=source.label,
+        providers=tuple(args.providers),
+        threads=tuple(args.threads),
+        batch=args.batch,
+        runs=args.runs,
+        shapes=runtime.parse_shape_overrides(args.shape),
+        paths=paths,
+    )
+    result = comparison.to_dict()
+    result["names"] = list(names)
+    return result
+
+
+def _finish(run_report: dict[str, Any], args: argparse.Namespace) -> None:
+    report.print_report(run_report, console)
+    if getattr(args, "json", None):
+        report.write(run_report, args.json)
+        console.print(f"JSON report: {args.json}")
+    if getattr(args, "report", None):
+        report.write(run_report, args.report)
+        console.print(f"HTML report: {args.report}")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from onnx_squeeze.pipeline import compress
+    from onnx_squeeze.recipe import Recipe
+
+    start = time.perf_counter()
+    gate_exprs = _gates(args.check)
+    if gate_exprs and args.no_compare:
+        raise SettingsError("--check needs the comparison; drop --no-compare")
+    if (
+        not args.model.startswith(ZOO_PREFIX)
+        and not args.force
+        and model_io.same_file(args.model, args.output)
+    ):
+        raise SettingsError(
+            f"{args.output}: refusing to overwrite the input model; choose another -o path or pass --force"
+        )
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
+    recipe.steps += Recipe.from_cli(args.passes).steps
+    if args.no_simplify:
+        recipe.prepare["simplify"] = False
+    if args.no_fold_bn:
+        recipe.prepare["fold_batchnorm"] = False
+    model = load_model(args.model)
+    source = _open_inputs(args.calib or "random", model, args, args.calib_count)
+    result = compress(
+        model,
+        recipe,
+        calibration=source if args.calib else None,
+        providers=tuple(args.providers),
+        seed=args.seed,
+        target_opset=args.target_opset,
+    )
+    comparison, gate_results = None, []
+    if not args.no_compare:
+        comparison = _compare(
+            result.original,
+            result.model,
+            source,
+            args,
+            names=("original", "compressed"),
+            paths=(None if args.model.startswith(ZOO_PREFIX) else args.model, None),
+        )
+        gate_results = _evaluate_gates(gate_exprs, comparison["metrics"])
+    passed = all(g["passed"] for g in gate_results)
+    written = None
+    if passed or args.write_on_fail:
+        input_path = None if args.model.startswith(ZOO_PREFIX) else args.model
+        written = str(
+            model_io.save(
+                result.model,
+                args.output,
+                input_path=input_path,
+                force=args.force,
+                external_data=True if args.external_data else None,
+            )
+        )
+        if comparison is not None:
+            comparison["models"][1]["size_bytes"] = model_io.file_size(written)
+    run_report = report.build_report(
+        command="compress",
+        input_path=args.model,
+        output_path=written,
+        reports=result.reports,
+        notes=result.notes,
+        comparison=comparison,
+        gates=gate_results,
+        calibration=source.label if args.calib else None,
+        recipe=recipe.to_dict(),
+        seconds=time.perf_counter() - start,
+    )
+    _finish(run_report, args)
+    if not passed:
+        raise GateFailedError(
+            "accuracy gate failed: "
+            + "; ".join(g["message"] for g in gate_results if not g["passed"])
+            + ("" if written else " (output not written; --write-on-fail writes it anyway)")
+        )
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from onnx_squeeze import analysis
+
+    model = load_model(args.model)
+    path = None if args.model.startswith(ZOO_PREFIX) else args.model
+    summary = analysis.analyze(model, shapes=runtime.parse_shape_overrides(args.shape), path=path)
+    analysis.print_summary(summary, console, all_nodes=args.all_nodes)
+    if args.json:
+        report.write_text_atomic(args.json, report.to_json(summary.to_dict()))
+        console.print(f"JSON: {args.json}")
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    gate_exprs = _gates(args.check)
+    a, b = load_model(args.a), load_model(args.b)
+    source = _open_inputs(args.inputs or "random", a, args, args.samples)
+    paths = tuple(None if p.startswith(ZOO_PREFIX) else p for p in (args.a, args.b))
+    comparison = _compare(
+        a, b, source, args, names=(Path(args.a).name, Path(args.b).name), paths=paths
+    )
+    gate_results = _evaluate_gates(gate_exprs, comparison["metrics"])
+    run_report = report.build_report(
+        command="compare",
+        input_path=args.a,
+        output_path=args.b,
+        comparison=comparison,
+        gates=gate_results,
+    )
+    _finish(run_report, args)
+    if not run_report["passed"]:
+        raise GateFailedError(
+            "accuracy gate failed: "
+            + "; ".join(g["message"] for g in gate_results if not g["passed"])
+        )
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from onnx_squeeze import compare
+
+    models = {source: load_model(source) for source in args.models}
+    rows = compare.bench(
+        models,
+        providers=tuple(args.providers),
+        threads=tuple(args.threads),
+        batch=args.batch,
+        runs=args.runs,
+        warmup=args.warmup,
+        shapes=runtime.parse_shape_overrides(args.shape),
+    )
+    compare.print_bench(rows, console)
+    if args.json:
+        report.write_text_atomic(
+            args.json,
+            report.to_json({"schema": "onnx-squeeze/bench", "schema_version": 1, "rows": rows}),
+        )
+    return EXIT_OK
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from onnx_squeeze import zoo
+
+    model = zoo.build(args.name, width=args.width, depth=args.depth, seed=args.seed)
+    if Path(args.output).exists() and not args.force:
+        raise SettingsError(f"{args.output}: exists; pass --force to overwrite")
+    model_io.save(model, args.output)
+    console.print(f"saved {args.name} to {args.output}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build ResNet-18, save it, then run compress on it exactly as a user would."""
+    from onnx_squeeze import zoo
+
+    with tempfile.TemporaryDirectory(prefix="onnx-squeeze-demo-") as scratch:
+        folder = Path(args.out or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        original = folder / "resnet18.onnx"
+        console.print(
+            f"[bold]onnx-squeeze demo[/]: building ResNet-18 (1×3×224×224, seeded weights) in {folder}"
+        )
+        model_io.save(zoo.build("resnet18"), original)
+        argv = [
+            "compress",
+            str(original),
+            "-o",
+            str(folder / "resnet18.squeezed.onnx"),
+            "--runs",
+            str(args.runs),
+            "--threads",
+            ",".join(map(str, args.threads)),
+            "--json",
+            str(folder / "report.json"),
+            "--report",
+            str(folder / "report.html"),
+            "--check",
+            "cosine>=0.999",
+        ]
+        for step in DEMO_RECIPE:
+            argv += ["--pass", step]
+        console.print("[dim]$ onnx-squeeze " + " ".join(argv) + "[/]")
+        code = run(argv)
+        if not args.out:
+            console.print("[dim](pass --out DIR to keep the models and reports)[/]")
+        return code
+
+
+# The passes the demo runs; each compression issue adds its step here.
+DEMO_RECIPE: list[str] = []
+
+COMMANDS = {
+    "compress": cmd_compress,
+    "inspect": cmd_inspect,
+    "compare": cmd_compare,
+    "bench": cmd_bench,
+    "demo": cmd_demo,
+    "zoo": cmd_zoo,
+}
+
+
+def run(argv: Sequence[str]) -> int:
+    """Parse and run a command; map errors to exit codes with one-line messages."""
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(list(argv))
+        return COMMANDS[args.command](args)
+    except GateFailedError as error:
+        errors.print(f"onnx-squeeze: {error}", markup=False, highlight=False)
+        return EXIT_GATE
+    except SqueezeError as error:
+        if debug:
+            traceback.print_exc()
+        errors.print(f"onnx-squeeze: error: {error}", markup=False, highlight=False)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        errors.print("onnx-squeeze: interrupted; nothing was written", markup=False)
+        return EXIT_INPUT
+    except Exception as error:  # an internal bug: say so, and keep the traceback for --debug
+        if debug:
+            traceback.print_exc()
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        errors.print(
+            f"onnx-squeeze: internal error: {type(error).__name__}: {first} (rerun with --debug for the traceback and report it)",
+            markup=False,
+            highlight=False,
+        )
+        return EXIT_INTERNAL
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))

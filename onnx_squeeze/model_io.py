@@ -1,0 +1,208 @@
+"""Load and save models: clear errors for bad files, external data, atomic writes.
+
+The input file is never modified. Output is written to a temporary file in the target folder
+and renamed into place, so an interrupted or failed run leaves no half-written model behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import google.protobuf.message
+import onnx
+import onnx_ir as ir
+
+from onnx_squeeze.errors import InputError, SettingsError
+
+# Weights above this size go to an external data file: a protobuf cannot exceed 2 GiB.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+# Operator domains onnxruntime knows without a custom-op library.
+KNOWN_DOMAINS = frozenset(
+    {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
+)
+
+ModelSource = str | os.PathLike | onnx.ModelProto | ir.Model
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected an .onnx file")
+    with path.open("rb") as handle:
+        head = handle.read(200)
+    if not head:
+        raise InputError(f"{path}: the file is empty")
+    if head.startswith(b"version https://git-lfs"):
+        raise InputError(
+            f"{path}: is a git-LFS pointer, not the model; run 'git lfs pull' to fetch it"
+        )
+
+
+def load(source: ModelSource) -> ir.Model:
+    """Load a model from a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (returned as is).
+
+    External data is resolved relative to the model file and memory-mapped, not copied, so models
+    over 2 GB load without holding their weights twice.
+    """
+    if isinstance(source, ir.Model):
+        model = source
+    elif isinstance(source, onnx.ModelProto):
+        model = ir.from_proto(source)
+    else:
+        path = Path(source)
+        _check_file(path)
+        try:
+            model = ir.load(path)
+        except google.protobuf.message.DecodeError:
+            raise InputError(
+                f"{path}: not a valid ONNX protobuf (truncated or another format); re-export the model"
+            ) from None
+        except (OSError, ValueError, RuntimeError) as error:
+            raise InputError(f"{path}: cannot be read as ONNX: {_first_line(error)}") from None
+    _check_model(
+        model, str(source) if not isinstance(source, ir.Model | onnx.ModelProto) else "model"
+    )
+    return model
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_model(model: ir.Model, where: str) -> None:
+    """Reject what no pass can work with: an empty graph, or a model without outputs."""
+    graph = model.graph
+    if len(graph) == 0:
+        raise InputError(f"{where}: the graph has no nodes; is this the right file?")
+    if not graph.outputs:
+        raise InputError(f"{where}: the graph has no outputs")
+    if opset_version(model) == 0:
+        raise InputError(f"{where}: no default-domain opset import; re-export the model")
+
+
+def check_runnable(model: ir.Model) -> None:
+    """Fail early, naming the node, when onnxruntime could not run the model without extra libraries."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in KNOWN_DOMAINS:
+            raise InputError(
+                f"node {node.name or node.op_type!r} uses op {node.op_type!r} from custom domain "
+                f"{node.domain!r}, which onnxruntime cannot run without its custom-op library; "
+                "remove the node or export without custom ops"
+            )
+
+
+def opset_version(model: ir.Model) -> int:
+    """The default-domain opset of the model."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+
+
+def has_subgraphs(model: ir.Model) -> bool:
+    """True when a node in the main graph carries a subgraph (If, Loop, Scan)."""
+    return any(
+        attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        for node in model.graph
+        for attr in node.attributes.values()
+    )
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Bytes held by the main graph's initializers."""
+    return sum(
+        value.const_value.nbytes
+        for value in model.graph.initializers.values()
+        if value.const_value is not None
+    )
+
+
+def _external_files(model: ir.Model) -> set[Path]:
+    """Files that the model's external tensors point at."""
+    files = set()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            files.add(Path(tensor.path).resolve())
+    return files
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when both paths name the same file (resolving links), whether or not they exist."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+    force: bool = False,
+    external_data: bool | None = None,
+) -> Path:
+    """Save atomically; weights go to ``<name>.data`` beside it when large or asked for.
+
+    Refuses to overwrite ``input_path`` (the model being compressed) unless ``force`` is set.
+    ``external_data=None`` decides by size (over ~1.8 GB of weights).
+    """
+    target = Path(path)
+    if input_path is not None and not force and same_file(target, input_path):
+        raise SettingsError(
+            f"{target}: refusing to overwrite the input model; choose another -o path or pass --force"
+        )
+    if target.is_dir():
+        raise SettingsError(
+            f"{target}: is a folder; give a file name such as {target / 'model.onnx'}"
+        )
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.exists():
+        raise SettingsError(f"{folder}: output folder does not exist")
+    use_external = (
+        initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+        if external_data is None
+        else external_data
+    )
+    data_name = target.name + ".data"
+    if use_external and not force and (folder / data_name).resolve() in _external_files(model):
+        raise SettingsError(
+            f"{folder / data_name}: the model reads its weights from this file; "
+            "choose another -o name or pass --force"
+        )
+    # Write into a temporary folder next to the target (same filesystem), then rename into place.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+    try:
+        staged_model = staging / target.name
+        if use_external:
+            ir.save(model, staged_model, external_data=data_name)
+            os.replace(staging / data_name, folder / data_name)
+        else:
+            _save_inline(model, staged_model)
+        os.replace(staged_model, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _save_inline(model: ir.Model, path: Path) -> None:
+    """Save all weights inside the .onnx file, loading any external tensors into memory first."""
+    if _external_files(model):
+        ir.external_data.load_to_model(model)
+    ir.save(model, path)
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a saved model, its external data files included."""
+    target = Path(path)
+    total = target.stat().st_size
+    model = onnx.load(target, load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in onnx.external_data_helper._get_all_tensors(model)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return total + sum((target.parent / location).stat().st_size for location in locations)

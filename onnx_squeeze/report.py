@@ -1,0 +1,405 @@
+"""Run reports: one JSON-able dict (versioned schema) rendered as terminal tables or an HTML page.
+
+The dict is the single source: the terminal, the JSON file and the HTML page all show it.
+Its schema is ``onnx_squeeze/report_schema.json``; bump ``SCHEMA_VERSION`` on breaking changes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from rich.console import Console
+from rich.table import Table
+
+import onnx_squeeze
+from onnx_squeeze.passes.base import PassReport
+
+SCHEMA = "onnx-squeeze/report"
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
+
+# Per-node rows shown in the terminal before "... N more"; the JSON always has all of them.
+_TERMINAL_NODE_ROWS = 25
+
+
+def build_report(
+    *,
+    command: str,
+    input_path: str | None,
+    output_path: str | None,
+    reports: Sequence[PassReport] = (),
+    notes: Sequence[str] = (),
+    comparison: dict[str, Any] | None = None,
+    gates: Sequence[dict[str, Any]] = (),
+    calibration: str | None = None,
+    recipe: dict[str, Any] | None = None,
+    seconds: float | None = None,
+) -> dict[str, Any]:
+    """Assemble the report dict of a run."""
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "tool": {
+            "onnx_squeeze": onnx_squeeze.__version__,
+            "onnx": onnx.__version__,
+            "onnx_ir": ir.__version__,
+            "onnxruntime": ort.__version__,
+        },
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "input": input_path,
+        "output": output_path,
+        "calibration": calibration,
+        "recipe": recipe,
+        "passes": [r.to_dict() for r in reports],
+        "notes": list(notes),
+        "comparison": comparison,
+        "gates": list(gates),
+        "passed": all(g["passed"] for g in gates),
+        "seconds": seconds,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, default=_jsonable)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary file and a rename."""
+    target = Path(path)
+    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or Path("."))
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(staging, target)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+def write(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write the report as JSON, or as HTML when the path ends in .html/.htm."""
+    text = to_html(report) if str(path).lower().endswith((".html", ".htm")) else to_json(report)
+    write_text_atomic(path, text)
+
+
+# ---------------------------------------------------------------- formatting helpers
+
+
+def human_count(value: float | None) -> str:
+    """12_345_678 -> '12.35M'."""
+    if value is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return f"{value:g}"
+
+
+def human_bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{int(value)} B"
+
+
+def _ratio(after: float | None, before: float | None) -> str:
+    if not before or after is None:
+        return "-"
+    return f"{after / before:.3f}×"
+
+
+def _number(value: Any, digits: int = 6) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.{digits}g}"
+
+
+def _size_rows(comparison: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(metric, original, result, ratio) rows for size, parameters, MACs and latency."""
+    models = comparison.get("models") or [{}, {}]
+    a, b = models[0], models[1]
+    rows = [
+        (
+            "file size",
+            human_bytes(a.get("size_bytes")),
+            human_bytes(b.get("size_bytes")),
+            _ratio(b.get("size_bytes"), a.get("size_bytes")),
+        ),
+        (
+            "parameters",
+            human_count(a.get("params")),
+            human_count(b.get("params")),
+            _ratio(b.get("params"), a.get("params")),
+        ),
+        (
+            "MACs",
+            human_count(a.get("macs")),
+            human_count(b.get("macs")),
+            _ratio(b.get("macs"), a.get("macs")),
+        ),
+    ]
+    for key, (la, lb) in (comparison.get("latency") or {}).items():
+        rows.append(
+            (
+                f"latency {key} (median ms)",
+                f"{la['median_ms']:.3f}",
+                f"{lb['median_ms']:.3f}",
+                _ratio(lb["median_ms"], la["median_ms"]),
+            )
+        )
+    return rows
+
+
+def _fidelity_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows = []
+    for item in comparison.get("fidelity") or []:
+        top1 = item.get("top1_agreement")
+        rows.append(
+            (
+                item["name"],
+                _number(item["max_abs"], 4),
+                _number(item["mean_abs"], 4),
+                _number(item["cosine"], 7),
+                "-" if top1 is None else f"{top1:.4f}",
+                f"{item.get('nonfinite_a', 0)}/{item.get('nonfinite_b', 0)}",
+            )
+        )
+    return rows
+
+
+# ---------------------------------------------------------------- terminal
+
+
+def print_report(
+    report: dict[str, Any], console: Console | None = None, *, all_nodes: bool = False
+) -> None:
+    """Plain tables for the terminal."""
+    console = console or Console()
+    if report.get("input"):
+        console.print(
+            f"[bold]{report['input']}[/] → [bold]{report.get('output') or '(not written)'}[/]"
+        )
+    if report.get("calibration"):
+        console.print(f"calibration: {report['calibration']}")
+    passes = report.get("passes") or []
+    if passes:
+        table = Table(title="passes", title_justify="left")
+        for column in ("pass", "changed", "skipped", "seconds"):
+            table.add_column(column, justify="left" if column == "pass" else "right")
+        for item in passes:
+            records = item["records"]
+            skipped = sum(r["action"] == "skipped" for r in records)
+            table.add_row(
+                item["name"], str(len(records) - skipped), str(skipped), f"{item['seconds']:.2f}"
+            )
+        console.print(table)
+        _print_records(console, passes, all_nodes)
+    notes = list(report.get("notes") or []) + [n for p in passes for n in p["notes"]]
+    for note in notes:
+        console.print(f"note: {note}")
+    comparison = report.get("comparison")
+    if comparison:
+        print_comparison(comparison, console)
+    for gate in report.get("gates") or []:
+        verdict = "[green]PASS[/]" if gate["passed"] else "[red]FAIL[/]"
+        console.print(f"gate {gate['expr']}: {verdict} {gate.get('message', '')}")
+
+
+def _print_records(console: Console, passes: list[dict[str, Any]], all_nodes: bool) -> None:
+    rows = [(p["name"], r) for p in passes for r in p["records"]]
+    if not rows:
+        return
+    table = Table(title="per node", title_justify="left")
+    for column in ("pass", "node", "op", "action", "params", "MACs", "detail"):
+        table.add_column(column)
+    shown = rows if all_nodes else rows[:_TERMINAL_NODE_ROWS]
+    for name, record in shown:
+        params = _before_after(record.get("params_before"), record.get("params_after"))
+        macs = _before_after(record.get("macs_before"), record.get("macs_after"))
+        table.add_row(
+            name,
+            record["node"],
+            record["op_type"],
+            record["action"],
+            params,
+            macs,
+            record["detail"],
+        )
+    console.print(table)
+    if len(rows) > len(shown):
+        console.print(
+            f"... {len(rows) - len(shown)} more node records (all of them are in the JSON report)"
+        )
+
+
+def _before_after(before: int | None, after: int | None) -> str:
+    if before is None and after is None:
+        return ""
+    return f"{human_count(before)} → {human_count(after)}"
+
+
+def print_comparison(comparison: dict[str, Any], console: Console | None = None) -> None:
+    """The side-by-side table (size, params, MACs, latency) and the fidelity table."""
+    console = console or Console()
+    names = comparison.get("names") or ["original", "result"]
+    table = Table(
+        title=f"compare (inputs: {comparison.get('inputs_label', '?')})", title_justify="left"
+    )
+    table.add_column("")
+    table.add_column(names[0], justify="right")
+    table.add_column(names[1], justify="right")
+    table.add_column("ratio", justify="right")
+    for row in _size_rows(comparison):
+        table.add_row(*row)
+    console.print(table)
+    fidelity = Table(title="fidelity", title_justify="left")
+    for column in ("output", "max |Δ|", "mean |Δ|", "cosine", "top-1 agree", "non-finite a/b"):
+        fidelity.add_column(column, justify="left" if column == "output" else "right")
+    for row in _fidelity_rows(comparison):
+        fidelity.add_row(*row)
+    console.print(fidelity)
+    for line in comparison.get("skipped") or []:
+        console.print(f"skipped: {line}")
+
+
+# ---------------------------------------------------------------- HTML
+
+_CSS = """
+body{font:15px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2330;padding:0 1rem}
+h1{font-size:1.5rem;margin-bottom:.2rem} h2{font-size:1.1rem;margin-top:2rem;border-bottom:1px solid #dde}
+.sub{color:#667;margin-top:0} table{border-collapse:collapse;width:100%;margin:.5rem 0}
+th,td{padding:.3rem .6rem;border-bottom:1px solid #eef;text-align:right;font-variant-numeric:tabular-nums}
+th:first-child,td:first-child{text-align:left} th{background:#f5f6fa;font-weight:600}
+.cards{display:flex;gap:1rem;flex-wrap:wrap;margin:1rem 0}
+.card{flex:1;min-width:180px;background:#f5f6fa;border-radius:8px;padding:.8rem 1rem}
+.card b{display:block;font-size:1.6rem} .card span{color:#667}
+.bar{background:#e4e7f0;border-radius:4px;height:10px;width:160px;display:inline-block;vertical-align:middle}
+.bar i{display:block;height:10px;border-radius:4px;background:#4a7bd0}
+.pass{color:#167a3a;font-weight:600} .fail{color:#b3261e;font-weight:600} .note{color:#667}
+"""
+
+
+def _card(label: str, value: str) -> str:
+    return f'<div class="card"><b>{html.escape(value)}</b><span>{html.escape(label)}</span></div>'
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _bar(ratio_text: str) -> str:
+    try:
+        ratio = float(ratio_text.rstrip("×"))
+    except ValueError:
+        return ""
+    width = max(0.0, min(ratio, 1.5)) / 1.5 * 100
+    return f'<span class="bar"><i style="width:{width:.0f}%"></i></span>'
+
+
+def to_html(report: dict[str, Any]) -> str:
+    """A self-contained page: headline ratios first, then the tables behind them."""
+    esc = html.escape
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>onnx-squeeze report</title><style>{_CSS}</style></head><body>"
+    ]
+    parts.append("<h1>onnx-squeeze report</h1>")
+    parts.append(
+        f"<p class='sub'>{esc(str(report.get('input') or ''))} → {esc(str(report.get('output') or '(not written)'))} · {esc(report['created'])}</p>"
+    )
+    comparison = report.get("comparison")
+    if comparison:
+        rows = _size_rows(comparison)
+        cards = [_card(f"{metric} ratio", ratio) for metric, _, _, ratio in rows[:3]]
+        cards += [
+            _card(metric.replace(" (median ms)", "") + " ratio", ratio)
+            for metric, _, _, ratio in rows[3:4]
+        ]
+        worst = min(
+            (
+                f["cosine"]
+                for f in comparison.get("fidelity") or []
+                if isinstance(f["cosine"], float)
+            ),
+            default=None,
+        )
+        if worst is not None:
+            cards.append(_card("worst cosine vs original", f"{worst:.6f}"))
+        parts.append("<div class='cards'>" + "".join(cards) + "</div>")
+        names = comparison.get("names") or ["original", "result"]
+        parts.append("<h2>Size and speed</h2>")
+        parts.append(
+            _table(
+                ["", *names, "ratio", ""],
+                [(esc(m), esc(a), esc(b), esc(r), _bar(r)) for m, a, b, r in rows],
+            )
+        )
+        parts.append(
+            f"<h2>Fidelity <span class='note'>(inputs: {esc(comparison.get('inputs_label', '?'))})</span></h2>"
+        )
+        parts.append(
+            _table(
+                ["output", "max |Δ|", "mean |Δ|", "cosine", "top-1 agree", "non-finite a/b"],
+                [tuple(esc(c) for c in row) for row in _fidelity_rows(comparison)],
+            )
+        )
+    gates = report.get("gates") or []
+    if gates:
+        parts.append("<h2>Accuracy gates</h2>")
+        verdict = {True: "<span class='pass'>PASS</span>", False: "<span class='fail'>FAIL</span>"}
+        gate_rows = [
+            (esc(g["expr"]), esc(_number(g.get("value"))), verdict[g["passed"]]) for g in gates
+        ]
+        parts.append(_table(["gate", "value", "result"], gate_rows))
+    passes = report.get("passes") or []
+    for item in passes:
+        parts.append(
+            f"<h2>Pass: {esc(item['name'])} <span class='note'>({item['seconds']:.2f} s)</span></h2>"
+        )
+        rows = [
+            (
+                esc(r["node"]),
+                esc(r["op_type"]),
+                esc(r["action"]),
+                esc(_before_after(r.get("params_before"), r.get("params_after"))),
+                esc(_before_after(r.get("macs_before"), r.get("macs_after"))),
+                esc(r["detail"]),
+            )
+            for r in item["records"]
+        ]
+        if rows:
+            parts.append(_table(["node", "op", "action", "params", "MACs", "detail"], rows))
+        for note in item["notes"]:
+            parts.append(f"<p class='note'>{esc(note)}</p>")
+    for note in report.get("notes") or []:
+        parts.append(f"<p class='note'>note: {esc(note)}</p>")
+    tool = report.get("tool", {})
+    parts.append(
+        f"<p class='note'>{esc(', '.join(f'{k} {v}' for k, v in tool.items()))}</p></body></html>"
+    )
+    return "\n".join(parts)

@@ -1,0 +1,83 @@
+"""Recipes: file forms, CLI form, presets, and early validation of every step."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+import pytest
+
+from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.passes import base
+from onnx_squeeze.recipe import Recipe
+
+
+@dataclasses.dataclass
+class _ScaleSettings:
+    factor: float = 1.0
+
+
+class _NoOpPass(base.Pass):
+    name = "test_noop"
+    Settings = _ScaleSettings
+
+    def validate(self) -> None:
+        if self.settings.factor <= 0:
+            raise SettingsError("factor must be positive")
+
+    def apply(self, model: ir.Model, context: base.PassContext, report: base.PassReport) -> None:
+        report.notes.append(f"factor {self.settings.factor}")
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    base.register(_NoOpPass)
+    yield
+    base.PASS_REGISTRY.pop("test_noop")
+
+
+def test_yaml_forms(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("prepare: {simplify: false}\npasses:\n  - test_noop: {factor: 2}\n  - pass: test_noop\n    factor: 3\n  - test_noop\n")
+    recipe = Recipe.load(path)
+    assert [s.settings for s in recipe.steps] == [{"factor": 2}, {"factor": 3}, {}]
+    assert recipe.prepare == {"simplify": False}
+    assert [p.settings.factor for p in recipe.passes()] == [2, 3, 1.0]
+
+
+def test_json_and_bare_list(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text('[{"pass": "test_noop", "factor": 0.5}]')
+    assert Recipe.load(path).steps[0].settings == {"factor": 0.5}
+
+
+def test_cli_form_parses_values():
+    recipe = Recipe.from_cli(["test_noop:factor=0.25", "test_noop"])
+    assert [p.settings.factor for p in recipe.passes()] == [0.25, 1.0]
+    assert recipe.to_dict()["passes"][0] == {"pass": "test_noop", "factor": 0.25}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("passes:\n  - nosuchpass: {}\n", "unknown pass 'nosuchpass'"),
+        ("passes:\n  - test_noop: {facter: 2}\n", "has no setting facter"),
+        ("passes:\n  - test_noop: {factor: -1}\n", "factor must be positive"),
+        ("passes: [1]\n", "write a pass as"),
+        ("steps: []\n", "unknown key"),
+        ("passes: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_recipes_fail_early_with_the_fix(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SettingsError, match=message):
+        Recipe.load(path)
+
+
+def test_preset_and_missing_file():
+    assert Recipe.load("none").steps == []
+    with pytest.raises(SettingsError, match="neither a file nor a preset"):
+        Recipe.load("no-such-recipe.yaml")
+    with pytest.raises(SettingsError, match="key=value"):
+        Recipe.from_cli(["test_noop:factor"])
