@@ -369,7 +369,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     path = None if args.model.startswith(ZOO_PREFIX) else args.model
     summary = analysis.analyze(model, shapes=runtime.parse_shape_overrides(args.shape), path=path)
-    analysis.print_summary(summary, console, all_nodes=args.all_nodes)
+    report.print_summary(summary, console, all_nodes=args.all_nodes)
     if args.json:
         report.write_text_atomic(args.json, report.to_json(summary.to_dict()))
         console.print(f"JSON: {args.json}")
@@ -414,7 +414,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         shapes=runtime.parse_shape_overrides(args.shape),
     )
-    compare.print_bench(rows, console)
+    report.print_bench(rows, console)
     if args.json:
         report.write_text_atomic(
             args.json,

@@ -403,3 +403,95 @@ def to_html(report: dict[str, Any]) -> str:
         f"<p class='note'>{esc(', '.join(f'{k} {v}' for k, v in tool.items()))}</p></body></html>"
     )
     return "\n".join(parts)
+
+
+def print_summary(
+    summary: Any, console: Console | None = None, *, all_nodes: bool = False, top: int = 15
+) -> None:
+    """What ``inspect`` prints: model facts, inputs/outputs, op histogram, heaviest nodes."""
+    console = console or Console()
+    data = summary.to_dict()
+    opsets = ", ".join(
+        f"{domain or 'ai.onnx'} {version}" for domain, version in data["opsets"].items()
+    )
+    console.print(
+        f"ir_version {data['ir_version']} · opsets: {opsets} · producer: {data['producer'] or '-'}"
+    )
+    facts = Table(show_header=False, box=None)
+    facts.add_row("parameters", human_count(data["params"]))
+    facts.add_row("MACs", f"{human_count(data['macs'])} (inputs {data['input_shapes']})")
+    facts.add_row("weights in memory", human_bytes(data["initializer_bytes"]))
+    facts.add_row("file size", human_bytes(data["size_bytes"]))
+    facts.add_row("weight sparsity", f"{data['sparsity']:.2%}")
+    console.print(facts)
+    io = Table(title="inputs and outputs", title_justify="left")
+    for column in ("", "name", "type", "shape"):
+        io.add_column(column)
+    for kind in ("inputs", "outputs"):
+        for item in data[kind]:
+            io.add_row(
+                kind[:-1],
+                item["name"],
+                item["dtype"],
+                "[" + ", ".join(map(str, item["shape"])) + "]",
+            )
+    console.print(io)
+    histogram = Table(title="ops", title_justify="left")
+    histogram.add_column("op")
+    histogram.add_column("count", justify="right")
+    for op, count in sorted(data["op_histogram"].items(), key=lambda kv: (-kv[1], kv[0])):
+        histogram.add_row(op, str(count))
+    console.print(histogram)
+    nodes = [n for n in data["nodes"] if n["macs"] or n["params"]]
+    nodes.sort(key=lambda n: -n["macs"])
+    shown = nodes if all_nodes else nodes[:top]
+    table = Table(
+        title="nodes by MACs"
+        + ("" if all_nodes else f" (top {len(shown)} of {len(nodes)}; --all-nodes for every one)"),
+        title_justify="left",
+    )
+    for column in ("node", "op", "params", "MACs", "% MACs", "weight shape", "sparsity"):
+        table.add_column(
+            column, justify="left" if column in ("node", "op", "weight shape") else "right"
+        )
+    for node in shown:
+        share = node["macs"] / data["macs"] if data["macs"] else 0.0
+        sparsity = "-" if node["sparsity"] is None else f"{node['sparsity']:.1%}"
+        shape = "" if node["weight_shape"] is None else "×".join(map(str, node["weight_shape"]))
+        table.add_row(
+            node["name"],
+            node["op_type"],
+            human_count(node["params"]),
+            human_count(node["macs"]),
+            f"{share:.1%}",
+            shape,
+            sparsity,
+        )
+    console.print(table)
+    for name in data["unknown_macs"]:
+        console.print(f"note: MACs of {name} unknown (shape inference could not reach it)")
+    for note in data["notes"]:
+        console.print(f"note: {note}")
+
+
+def print_bench(rows: Sequence[dict[str, Any]], console: Console | None = None) -> None:
+    """What ``bench`` prints: one row per model, provider and thread count; skipped ones say why."""
+    console = console or Console()
+    table = Table(title="latency", title_justify="left")
+    for column in ("model", "provider", "threads", "median ms", "p90 ms", "params", "MACs", "size"):
+        table.add_column(column, justify="left" if column in ("model", "provider") else "right")
+    for row in rows:
+        if row.get("skipped"):
+            console.print(f"skipped: {row['model']} on {row['provider']}: {row['skipped']}")
+            continue
+        table.add_row(
+            str(row["model"]),
+            str(row["provider"]),
+            str(row["threads"]),
+            f"{row['median_ms']:.3f}",
+            f"{row['p90_ms']:.3f}",
+            human_count(row.get("params")),
+            human_count(row.get("macs")),
+            human_bytes(row.get("size_bytes")),
+        )
+    console.print(table)

@@ -149,8 +149,8 @@ def test_missing_output_folder(tmp_path):
 
 @pytest.mark.slow
 def test_model_over_2gb_round_trips_with_external_data(tmp_path):
-    """Weights of 2.1 GB: saved with external data automatically, loaded memory-mapped, run."""
-    rows, cols = 16, 33_000_000  # 16 * 33e6 * 4 bytes = 2.11 GB
+    """Weights of 2.18 GB: saved with external data automatically, loaded memory-mapped, run."""
+    rows, cols = 16, 34_000_000  # 16 * 34e6 * 4 bytes = 2.18 GB > 2 GiB
     weight = np.zeros((rows, cols), np.float32)
     weight[:, :4] = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["N", rows]))
