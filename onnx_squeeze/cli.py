@@ -24,7 +24,7 @@ EXIT_OK, EXIT_INPUT, EXIT_INTERNAL, EXIT_GATE = 0, 1, 2, 3
 ZOO_PREFIX = "zoo:"
 
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)  # one line per error, however narrow the terminal
 
 
 class _Parser(argparse.ArgumentParser):

@@ -68,6 +68,7 @@ from onnx_ir.passes.common import (
 )
 
 from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, set_input_constant
 from onnx_squeeze.passes.base import PassReport
 
 __all__ = [
@@ -493,94 +494,11 @@ def _carry_over_metadata(original: ir.Model, simplified: ir.Model) -> None:
 # Step 3: BatchNormalization folding.
 
 
-class _Names:
-    """Value names in use in a model (all graphs), to make new names unique."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.used: set[str] = set()
-        for graph in model.graphs():
-            self.used.update(v.name for v in graph.inputs if v.name)
-            self.used.update(name for name in graph.initializers if name)
-        for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            self.used.update(v.name for v in node.outputs if v.name)
-
-    def new(self, wanted: str) -> str:
-        name, counter = wanted, 1
-        while name in self.used:
-            name, counter = f"{wanted}_{counter}", counter + 1
-        self.used.add(name)
-        return name
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    """The array of a constant value (initializer or Constant output), None if not constant.
-
-    An initializer that is also a graph input can be overridden at run time: not a constant.
-    """
-    if value is None or value.is_graph_input():
-        return None
-    try:
-        tensor = ir.convenience.get_const_tensor(value)
-    except ValueError:
-        return None
-    return None if tensor is None else tensor.numpy()
-
-
-def _set_constant(
-    node: ir.Node,
-    index: int,
-    array: np.ndarray,
-    dtype: ir.DataType,
-    wanted_name: str,
-    graph: ir.Graph,
-    names: _Names,
-) -> None:
-    """Give input ``index`` of ``node`` the constant ``array``.
-
-    The initializer is updated in place when only this node uses it; otherwise (shared, a
-    Constant node, or a missing optional input) a new initializer is made and wired in.
-    """
-    old = node.inputs[index] if index < len(node.inputs) else None
-    tensor_name = old.name if old is not None else None
-    exclusive = (
-        old is not None
-        and old.is_initializer()
-        and old.graph is graph
-        and len(old.uses()) == 1
-        and not old.is_graph_input()
-        and not old.is_graph_output()
-    )
-    if exclusive:
-        assert old is not None
-        old.const_value = ir.tensor(array, dtype=dtype, name=tensor_name)
-        old.shape = ir.Shape(array.shape)  # onnx-ir does not update these from the tensor
-        old.dtype = dtype
-        return
-    name = names.new(wanted_name)
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(dtype),
-        const_value=ir.tensor(array, dtype=dtype, name=name),
-    )
-    graph.register_initializer(value)
-    if index >= len(node.inputs):
-        node.resize_inputs(index + 1)
-    node.replace_input_with(index, value)
-
-
-def _attr(node: ir.Node, name: str, default: Any) -> Any:
-    attr = node.attributes.get(name)
-    if attr is None or attr.is_ref():
-        return default
-    return attr.value
-
-
 def _bn_problem(bn: ir.Node) -> str | None:
     """Why this BatchNormalization cannot be folded (independent of its producer), or None."""
-    if _attr(bn, "training_mode", 0) != 0:
+    if attribute(bn, "training_mode", 0) != 0:
         return "it is in training mode (training_mode=1)"
-    if _attr(bn, "spatial", 1) != 1:
+    if attribute(bn, "spatial", 1) != 1:
         return "it normalizes per element (spatial=0)"
     if any(out.uses() or out.is_graph_output() for out in bn.outputs[1:]):
         return "its running-statistics outputs are used"
@@ -590,7 +508,7 @@ def _bn_problem(bn: ir.Node) -> str | None:
     return None
 
 
-def _fold_one(bn: ir.Node, graph: ir.Graph, names: _Names, report: PassReport) -> str | None:
+def _fold_one(bn: ir.Node, graph: ir.Graph, names: UniqueNames, report: PassReport) -> str | None:
     """Fold ``bn`` into its producer; return None on success or the reason it was left alone."""
     problem = _bn_problem(bn)
     if problem:
@@ -609,24 +527,24 @@ def _fold_one(bn: ir.Node, graph: ir.Graph, names: _Names, report: PassReport) -
         return f"its producer {where} is in another graph"
     if x.is_graph_output() or len(x.uses()) != 1:
         return f"the output of {where} is also used elsewhere"
-    params = [_constant(v) for v in bn.inputs[1:5]]
+    params = [constant_array(v) for v in bn.inputs[1:5]]
     if len(bn.inputs) < 5 or any(p is None for p in params):
         return "its scale/bias/mean/variance are not all constant initializers"
     gamma, beta, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)
-    epsilon = float(_attr(bn, "epsilon", 1e-5))
+    epsilon = float(attribute(bn, "epsilon", 1e-5))
     channels = gamma.size
     if not (beta.size == mean.size == var.size == channels):
         return "its parameters have different lengths"
 
     weight_value = producer.inputs[1] if len(producer.inputs) > 1 else None
-    weight = _constant(weight_value)
+    weight = constant_array(weight_value)
     if weight is None or weight_value is None:
         return f"the weight of {where} is not a constant initializer"
     dtype = weight_value.dtype or ir.DataType.FLOAT
     if dtype not in _FLOAT_TYPES:
         return f"the weight of {where} has type {dtype}, not a float type"
     bias_value = producer.inputs[2] if len(producer.inputs) > 2 else None
-    bias = _constant(bias_value) if bias_value is not None else None
+    bias = constant_array(bias_value) if bias_value is not None else None
     if bias_value is not None and bias is None:
         return f"the bias of {where} is not a constant initializer"
     if any(a.is_ref() for a in producer.attributes.values()):
@@ -642,7 +560,7 @@ def _fold_one(bn: ir.Node, graph: ir.Graph, names: _Names, report: PassReport) -
         b = np.zeros(channels) if bias is None else bias.astype(np.float64).reshape(-1)
         new_bias = (b - mean) * scale + beta
     elif op == "ConvTranspose":
-        group = int(_attr(producer, "group", 1))
+        group = int(attribute(producer, "group", 1))
         if w.ndim < 3 or w.shape[1] * group != channels or w.shape[0] % group:
             return f"{where} has {w.shape[1] * group} output channels, the BN has {channels}"
         grouped = w.reshape((group, w.shape[0] // group, w.shape[1], *w.shape[2:]))
@@ -651,11 +569,11 @@ def _fold_one(bn: ir.Node, graph: ir.Graph, names: _Names, report: PassReport) -
         b = np.zeros(channels) if bias is None else bias.astype(np.float64).reshape(-1)
         new_bias = (b - mean) * scale + beta
     else:  # Gemm
-        trans_b = int(_attr(producer, "transB", 0))
+        trans_b = int(attribute(producer, "transB", 0))
         if w.ndim != 2 or w.shape[0 if trans_b else 1] != channels:
             return f"{where} has {w.shape[0 if trans_b else 1]} outputs, the BN has {channels}"
         w = w * (scale[:, None] if trans_b else scale[None, :])
-        c = 0.0 if bias is None else float(_attr(producer, "beta", 1.0)) * bias
+        c = 0.0 if bias is None else float(attribute(producer, "beta", 1.0)) * bias
         try:
             new_bias = (np.asarray(c, dtype=np.float64) - mean) * scale + beta
         except ValueError:
@@ -666,9 +584,11 @@ def _fold_one(bn: ir.Node, graph: ir.Graph, names: _Names, report: PassReport) -
     base = producer.name or x.name or "node"
     params_before = weight.size + (bias.size if bias is not None else 0) + 4 * channels
     np_dtype = dtype.numpy()
-    _set_constant(producer, 1, w.astype(np_dtype), dtype, f"{base}.weight_folded", graph, names)
+    set_input_constant(
+        producer, 1, w.astype(np_dtype), dtype, f"{base}.weight_folded", graph, names
+    )
     bias_dtype = (bias_value.dtype if bias_value is not None else None) or dtype
-    _set_constant(
+    set_input_constant(
         producer,
         2,
         new_bias.astype(bias_dtype.numpy()),
@@ -677,7 +597,7 @@ def _fold_one(bn: ir.Node, graph: ir.Graph, names: _Names, report: PassReport) -
         graph,
         names,
     )
-    if op == "Gemm" and _attr(producer, "beta", 1.0) != 1.0:
+    if op == "Gemm" and attribute(producer, "beta", 1.0) != 1.0:
         producer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
 
     # Keep the BN scale for the BN-scale pruning criterion (composed when BNs are stacked).
@@ -713,7 +633,7 @@ def fold_batchnorm(model: ir.Model, report: PassReport) -> int:
     :data:`BN_SCALE_KEY`.
     """
     graph = model.graph
-    names = _Names(model)
+    names = UniqueNames(model)
     folded = 0
     for node in list(graph):
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):

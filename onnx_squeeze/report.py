@@ -73,14 +73,23 @@ def build_report(
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
+        return _finite_or_none(value.item())
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN/Infinity: non-finite floats become None (strict parsers reject them)."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2, default=_jsonable)
+    return json.dumps(_finite_or_none(report), indent=2, default=_jsonable)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -204,7 +204,7 @@ def random_feed(
         elif np.issubdtype(spec.dtype, np.integer):
             feed[spec.name] = rng.integers(0, 8, size=shape).astype(spec.dtype)
         elif spec.dtype == np.bool_:
-            feed[spec.name] = rng.random(shape) < 0.5
+            feed[spec.name] = np.asarray(rng.random(shape) < 0.5)
         else:
             raise InputError(
                 f"cannot generate random data for input {spec.name!r} of type {spec.dtype}"

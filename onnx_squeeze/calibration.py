@@ -1,0 +1,1017 @@
+"""Calibration data sources and streaming statistics of the tensors a model computes.
+
+A calibration source yields feed dicts (``{input name: array}``) one batch at a time and can be
+iterated again: each iteration starts from the first batch. Sources are ``.npz``/``.npy`` files
+(:class:`NpzSource`), a folder of images with a named preprocessing (:class:`ImageFolderSource`),
+random data from the model's input spec for smoke tests (:class:`RandomSource`), or any object
+with onnxruntime's ``get_next()`` protocol (:class:`ReaderSource`); :func:`open_source` picks one.
+
+:class:`StatisticsCollector` runs onnxruntime on a copy of the model whose outputs are the
+requested tensors and feeds each batch into streaming accumulators (:class:`MinMax`,
+:class:`Histogram`, :class:`ChannelStatistics`). Their memory is fixed once the first batch has
+been seen, whatever the number of samples. NaN values show in min/max and per-channel results
+(so broken activations are not hidden); histograms count non-finite values apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+from onnx_squeeze.errors import InputError, SettingsError
+from onnx_squeeze.progress import track
+from onnx_squeeze.runtime import InputSpec, create_session, input_specs, random_feed
+
+Feed = dict[str, np.ndarray]
+
+ARRAY_SUFFIXES = (".npz", ".npy")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@runtime_checkable
+class CalibrationSource(Protocol):
+    """Feed dicts batch by batch; iterating again restarts from the first batch."""
+
+    label: str  # human-readable, shown in reports
+    is_random: bool  # True only for random data: results on it are smoke tests
+
+    def __iter__(self) -> Iterator[Feed]: ...
+
+
+def _static(dim: Any) -> bool:
+    return isinstance(dim, int) and dim > 0
+
+
+def _batch_size(
+    specs: Sequence[InputSpec],
+    requested: int | None,
+    overrides: Mapping[str, Sequence[int]] | None = None,
+) -> tuple[int, bool]:
+    """The batch size (first axis of every input) and whether the model fixes it.
+
+    When it is fixed, a partial last batch cannot run, so sources drop it.
+    """
+    fixed = {}
+    for spec in specs:
+        shape = tuple(overrides[spec.name]) if overrides and spec.name in overrides else spec.shape
+        if shape and _static(shape[0]):
+            fixed[spec.name] = int(shape[0])
+    if len(set(fixed.values())) > 1:
+        sizes = ", ".join(f"{name}: {size}" for name, size in fixed.items())
+        raise SettingsError(
+            f"the model inputs have different fixed first dimensions ({sizes}); "
+            "batches split from files cannot feed them all: pass a reader object (get_next()) "
+            "that builds whole feeds"
+        )
+    size = requested if requested is not None else next(iter(fixed.values()), 1)
+    if size < 1:
+        raise SettingsError(f"batch size must be at least 1, got {size}")
+    for name, dim in fixed.items():
+        if dim != size:
+            raise SettingsError(
+                f"batch size {size} does not match input {name!r}, whose first dimension is "
+                f"fixed at {dim}: use batch size {dim}"
+            )
+    return size, bool(fixed)
+
+
+def _batches_in(samples: int, batch: int, fixed: bool) -> int:
+    return samples // batch if fixed else math.ceil(samples / batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# .npz / .npy
+
+
+def _read_header(stream: Any) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    return tuple(shape), dtype
+
+
+def _read_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of the arrays in a .npy/.npz file, read without loading the data."""
+    try:
+        if path.suffix.lower() == ".npy":
+            with open(path, "rb") as stream:
+                return {"": _read_header(stream)}
+        headers = {}
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                if member.endswith(".npy"):
+                    with archive.open(member) as stream:
+                        headers[member[: -len(".npy")]] = _read_header(stream)
+        return headers
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise InputError(f"cannot read calibration file {path}: {error}") from None
+
+
+class NpzSource:
+    """Arrays from a ``.npz`` (one array per input name), a ``.npy`` (single-input models), or a
+    folder of such files (sorted by name).
+
+    The first axis of every array holds the samples; arrays are split along it into batches of
+    ``batch_size`` (default: the model's fixed batch dimension, else 1). Batches do not span
+    files. Files are checked against the model's inputs when the source is made (names, ranks,
+    fixed dimensions, dtypes that cast within their kind, e.g. float64 to float32), reading only
+    their headers. Arrays not named after a model input are ignored. ``.npy`` files are memory
+    mapped; an ``.npz`` file is loaded one file at a time. ``limit`` caps the number of samples.
+    """
+
+    is_random = False
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Sequence[InputSpec],
+        *,
+        batch_size: int | None = None,
+        limit: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"calibration data not found: {os.fspath(path)}")
+        self._specs = list(specs)
+        self.batch_size, self._fixed = _batch_size(self._specs, batch_size)
+        if self.path.is_dir():
+            files = sorted(
+                p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in ARRAY_SUFFIXES
+            )
+            if not files:
+                raise InputError(f"{os.fspath(path)}: no .npz or .npy files in this folder")
+        else:
+            files = [self.path]
+        self._files = [(file, self._check(file)) for file in files]
+        self._limit = limit
+        self.samples = sum(stop - start for _, start, stop in self._plan())
+        available = sum(samples for _, samples in self._files)
+        unused = f", {available - self.samples} unused" if available > self.samples else ""
+        where = f"{len(files)} files, " if self.path.is_dir() else ""
+        self.label = f"npz:{os.fspath(path)} ({where}{self.samples} samples{unused})"
+
+    def _check(self, file: Path) -> int:
+        """Validate one file against the input specs; return its number of samples."""
+        headers = _read_headers(file)
+        if file.suffix.lower() == ".npy":
+            if len(self._specs) != 1:
+                names = ", ".join(spec.name for spec in self._specs)
+                raise InputError(
+                    f"{file}: a .npy file holds one array but the model has {len(self._specs)} "
+                    f"inputs ({names}): save an .npz with one array per input name"
+                )
+            headers = {self._specs[0].name: headers[""]}
+        missing = [spec.name for spec in self._specs if spec.name not in headers]
+        if missing:
+            raise InputError(
+                f"{file}: no array for model input {', '.join(map(repr, missing))}; "
+                f"the file has {', '.join(map(repr, sorted(headers))) or 'no arrays'}"
+            )
+        samples = set()
+        for spec in self._specs:
+            shape, dtype = headers[spec.name]
+            if len(shape) != len(spec.shape) or any(
+                _static(want) and got != want
+                for got, want in zip(shape[1:], spec.shape[1:], strict=True)
+            ):
+                raise InputError(
+                    f"{file}: array {spec.name!r} has shape {shape}, the model input needs "
+                    f"{spec.shape} (the first axis holds the samples)"
+                )
+            if not np.can_cast(dtype, spec.dtype, casting="same_kind"):
+                raise InputError(
+                    f"{file}: array {spec.name!r} is {dtype}, the model input is {spec.dtype}: "
+                    f"save it with .astype(np.{spec.dtype})"
+                )
+            if shape:
+                samples.add(shape[0])
+        if len(samples) > 1:
+            raise InputError(
+                f"{file}: the arrays hold different numbers of samples on their first axis "
+                f"({', '.join(map(str, sorted(samples)))})"
+            )
+        return samples.pop() if samples else 1
+
+    def _plan(self) -> Iterator[tuple[Path, int, int]]:
+        """(file, first sample, end sample) of every batch, in order."""
+        left = self._limit if self._limit is not None else math.inf
+        for file, samples in self._files:
+            take = int(min(samples, left))
+            for index in range(_batches_in(take, self.batch_size, self._fixed)):
+                start = index * self.batch_size
+                yield file, start, min(start + self.batch_size, take)
+            left -= take
+            if left <= 0:
+                return
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._plan())
+
+    def _load(self, file: Path) -> dict[str, np.ndarray]:
+        if file.suffix.lower() == ".npy":
+            return {self._specs[0].name: np.load(file, mmap_mode="r")}
+        with np.load(file) as arrays:
+            return {spec.name: arrays[spec.name] for spec in self._specs}
+
+    def __iter__(self) -> Iterator[Feed]:
+        loaded: Path | None = None
+        for file, start, stop in self._plan():
+            if file != loaded:
+                arrays, loaded = self._load(file), file
+            yield {
+                spec.name: np.ascontiguousarray(
+                    arrays[spec.name][start:stop] if arrays[spec.name].ndim else arrays[spec.name],
+                    dtype=spec.dtype,
+                )
+                for spec in self._specs
+            }
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes model input: geometry, then ``(pixel / 255 - mean) / std`` (RGB).
+
+    geometry: "crop" resizes so the short side is ``size / 0.875`` and crops the center (224
+    from 256); "letterbox" fits the image inside and pads with gray 114; "stretch" resizes to
+    the size, ignoring the aspect ratio. ``default_size`` is used when the model's input size
+    is symbolic and no shape override gives it.
+    """
+
+    geometry: str
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    default_size: int = 224
+
+
+PRESETS = {
+    "imagenet": Preprocessing("crop", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": Preprocessing("crop", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), default_size=299),
+    "yolo": Preprocessing("letterbox", default_size=640),
+    "raw01": Preprocessing("stretch"),
+}
+
+_CROP_FRACTION = 0.875
+_LETTERBOX_GRAY = (114, 114, 114)
+
+
+def _pillow() -> Any:
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        raise InputError(
+            "reading calibration images needs Pillow: pip install onnx-squeeze[images]"
+        ) from None
+    return Image, ImageOps
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+
+
+class ImageFolderSource:
+    """Images under a folder (jpg/png/bmp/webp, recursive, sorted by path) for a one-input model.
+
+    ``preset`` names a :data:`PRESETS` entry. The layout is NCHW or NHWC, found from which axis
+    of the input has 3 channels (NCHW when neither is fixed); the height and width come from the
+    input shape (or ``overrides``) when static, else from the preset. ``limit`` caps the number
+    of images. Images are decoded with Pillow, EXIF rotation applied, converted to RGB.
+    """
+
+    is_random = False
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        spec: InputSpec,
+        preset: str = "imagenet",
+        *,
+        overrides: Mapping[str, Sequence[int]] | None = None,
+        batch_size: int | None = None,
+        limit: int | None = None,
+    ) -> None:
+        self._image, self._image_ops = _pillow()
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise InputError(f"calibration data not found: {os.fspath(folder)}")
+        if preset not in PRESETS:
+            raise SettingsError(f"unknown image preset {preset!r}: use one of {', '.join(PRESETS)}")
+        self.preprocessing = PRESETS[preset]
+        self.spec = spec
+        shape = tuple(overrides[spec.name]) if overrides and spec.name in overrides else spec.shape
+        if len(shape) != 4 or not np.issubdtype(spec.dtype, np.floating):
+            raise InputError(
+                f"input {spec.name!r} ({spec.dtype}, shape {shape}) is not a float image batch "
+                "(N, C, H, W) or (N, H, W, C): save preprocessed arrays as .npz instead"
+            )
+        layouts = [name for name, axis in (("NCHW", 1), ("NHWC", 3)) if shape[axis] == 3]
+        layouts = layouts or [
+            name for name, axis in (("NCHW", 1), ("NHWC", 3)) if not _static(shape[axis])
+        ]
+        if not layouts:
+            raise InputError(
+                f"input {spec.name!r} has shape {shape} with no 3-channel axis; image presets "
+                "make RGB: save preprocessed arrays as .npz instead"
+            )
+        self.layout = layouts[0]
+        spatial = shape[2:] if self.layout == "NCHW" else shape[1:3]
+        default = self.preprocessing.default_size
+        self.size = tuple(int(d) if _static(d) else default for d in spatial)
+        self.batch_size, self._fixed = _batch_size([spec], batch_size, overrides)
+        self.files = _image_files(self.folder)[:limit]
+        if not self.files:
+            raise InputError(f"{os.fspath(folder)}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        height, width = self.size
+        self.label = (
+            f"images:{os.fspath(folder)} ({len(self.files)} images, {preset} "
+            f"{height}x{width} {self.layout})"
+        )
+
+    def __len__(self) -> int:
+        return _batches_in(len(self.files), self.batch_size, self._fixed)
+
+    def __iter__(self) -> Iterator[Feed]:
+        for index in range(len(self)):
+            chunk = self.files[index * self.batch_size : (index + 1) * self.batch_size]
+            batch = np.stack([self._load(path) for path in chunk])  # N, H, W, C
+            if self.layout == "NCHW":
+                batch = batch.transpose(0, 3, 1, 2)
+            yield {self.spec.name: np.ascontiguousarray(batch, dtype=self.spec.dtype)}
+
+    def _load(self, path: Path) -> np.ndarray:
+        """One image as float32 (H, W, 3), preprocessed."""
+        height, width = self.size
+        bilinear = self._image.Resampling.BILINEAR
+        try:
+            with self._image.open(path) as opened:
+                image = self._image_ops.exif_transpose(opened).convert("RGB")
+        except OSError as error:
+            raise InputError(f"cannot read image {path}: {error}") from None
+        geometry = self.preprocessing.geometry
+        if geometry == "crop":
+            scale = max(height / image.height, width / image.width) / _CROP_FRACTION
+            resized = (
+                max(width, round(image.width * scale)),
+                max(height, round(image.height * scale)),
+            )
+            image = image.resize(resized, bilinear)
+            left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+        elif geometry == "letterbox":
+            scale = min(height / image.height, width / image.width)
+            resized = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            canvas = self._image.new("RGB", (width, height), _LETTERBOX_GRAY)
+            canvas.paste(
+                image.resize(resized, bilinear),
+                ((width - resized[0]) // 2, (height - resized[1]) // 2),
+            )
+            image = canvas
+        else:
+            image = image.resize((width, height), bilinear)
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        mean = np.asarray(self.preprocessing.mean, dtype=np.float32)
+        std = np.asarray(self.preprocessing.std, dtype=np.float32)
+        return (pixels - mean) / std
+
+
+# ---------------------------------------------------------------------------------------------
+# Random data and readers
+
+
+class RandomSource:
+    """Random data shaped by the input specs (normal floats, small integers): smoke tests only.
+
+    Deterministic: every iteration, and every source with the same seed, yields the same data.
+    Each input takes its shape from ``overrides`` when given there; otherwise a symbolic first
+    dimension takes ``batch_size`` and other symbolic dimensions 1, while fixed ones stay.
+    ``batch_size`` defaults to the first fixed (or overridden) first dimension, else 1; ``count``
+    samples are rounded up to whole batches.
+    """
+
+    is_random = True
+
+    def __init__(
+        self,
+        specs: Sequence[InputSpec],
+        count: int = 32,
+        seed: int = 0,
+        overrides: Mapping[str, Sequence[int]] | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        if count < 1:
+            raise SettingsError(f"random calibration needs at least 1 sample, got {count}")
+        if batch_size is not None and batch_size < 1:
+            raise SettingsError(f"batch size must be at least 1, got {batch_size}")
+        self._specs = list(specs)
+        self.seed = seed
+        self._shapes = {spec.name: spec.concrete_shape(overrides) for spec in self._specs}
+        batched = [
+            spec.name
+            for spec in self._specs
+            if spec.shape and not _static(spec.shape[0]) and spec.name not in (overrides or {})
+        ]
+        fixed = [shape[0] for name, shape in self._shapes.items() if shape and name not in batched]
+        self.batch_size = batch_size or (fixed[0] if fixed else 1)
+        for name in batched:
+            self._shapes[name] = (self.batch_size, *self._shapes[name][1:])
+        self._batches = math.ceil(count / self.batch_size)
+        self.label = f"random ({self._batches * self.batch_size} samples, seed {seed})"
+
+    def __len__(self) -> int:
+        return self._batches
+
+    def __iter__(self) -> Iterator[Feed]:
+        rng = np.random.default_rng(self.seed)
+        for _ in range(self._batches):
+            yield random_feed(self._specs, rng, self._shapes)
+
+
+class ReaderSource:
+    """Wraps an object with onnxruntime's ``CalibrationDataReader`` protocol.
+
+    ``get_next()`` returns a feed dict, or None at the end. When the reader has ``rewind()``,
+    each iteration calls it first. Without it, a reader can only be read once, so the feeds are
+    cached as they are read while they total at most ``cache_limit_bytes``; later iterations replay
+    the cache (and continue reading if the first pass stopped early). A reader with more data
+    than that is read once, and iterating again raises :class:`InputError` asking for a
+    ``rewind()`` method or an ``.npz`` file: holding everything would break the memory bound.
+    """
+
+    is_random = False
+
+    def __init__(self, reader: Any, *, cache_limit_bytes: int = 256 * 2**20) -> None:
+        self._reader = reader
+        self._rewind = getattr(reader, "rewind", None)
+        self._cache: list[Feed] | None = []
+        self._cache_limit = cache_limit_bytes
+        self._cached_bytes = 0
+        self._complete = False
+        self.label = f"reader:{type(reader).__name__}"
+
+    def _read(self) -> Iterator[Feed]:
+        while (feed := self._reader.get_next()) is not None:
+            if not isinstance(feed, Mapping):
+                raise InputError(
+                    f"{self.label}: get_next() returned a {type(feed).__name__}; it must return "
+                    "a dict {input name: array}, or None after the last batch"
+                )
+            yield dict(feed)
+
+    def __iter__(self) -> Iterator[Feed]:
+        if callable(self._rewind):
+            self._rewind()
+            yield from self._read()
+            return
+        if self._cache is None:
+            raise InputError(
+                f"{self.label} has no rewind() and its data (over {self._cache_limit // 2**20} MiB) "
+                "was read once already: add a rewind() method or save the feeds as .npz"
+            )
+        yield from list(self._cache)
+        if self._complete:
+            return
+        for feed in self._read():
+            if self._cache is not None:
+                self._cached_bytes += sum(getattr(value, "nbytes", 0) for value in feed.values())
+                if self._cached_bytes <= self._cache_limit:
+                    self._cache.append(feed)
+                else:
+                    self._cache = None
+            yield feed
+        self._complete = True
+
+
+def open_source(
+    spec: Any,
+    model: ir.Model,
+    *,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    count: int = 32,
+    seed: int = 0,
+    preset: str = "imagenet",
+    batch_size: int | None = None,
+    limit: int | None = None,
+) -> CalibrationSource:
+    """The calibration source that ``spec`` names, for ``model``.
+
+    ``spec``: None or "random" (random data, ``count`` samples from ``seed``); a ``.npz``/``.npy``
+    file or a folder of them; a folder of images (``preset`` preprocessing, one-input models);
+    a reader with ``get_next()``; or a source already made. ``shapes`` (from
+    :func:`onnx_squeeze.runtime.parse_shape_overrides`) sets symbolic dimensions for random data
+    and image sizes; ``batch_size`` defaults to the model's fixed batch dimension, else 1;
+    ``limit`` caps the samples read from files or images.
+    """
+    if spec is None or (isinstance(spec, str) and spec == "random"):
+        return RandomSource(input_specs(model), count, seed, shapes, batch_size)
+    if isinstance(spec, CalibrationSource):
+        return spec
+    if hasattr(spec, "get_next"):
+        return ReaderSource(spec)
+    if not isinstance(spec, str | os.PathLike):
+        raise SettingsError(
+            f"calibration data must be 'random', a path or a reader with get_next(); got a "
+            f"{type(spec).__name__}"
+        )
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(f"calibration data not found: {os.fspath(spec)}")
+    specs = input_specs(model)
+    if path.is_file() and path.suffix.lower() in ARRAY_SUFFIXES:
+        return NpzSource(path, specs, batch_size=batch_size, limit=limit)
+    if path.is_file():
+        raise InputError(
+            f"calibration data {os.fspath(spec)}: unsupported file type; use a .npz or .npy file, "
+            "a folder of them, or a folder of images"
+        )
+    has_arrays = any(p.suffix.lower() in ARRAY_SUFFIXES for p in path.iterdir() if p.is_file())
+    has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*"))
+    if has_arrays and has_images:
+        raise InputError(
+            f"{os.fspath(spec)} holds both arrays (.npz/.npy) and images: point at a folder of one kind"
+        )
+    if has_arrays:
+        return NpzSource(path, specs, batch_size=batch_size, limit=limit)
+    if not has_images:
+        raise InputError(f"{os.fspath(spec)}: no .npz/.npy files or images in this folder")
+    if len(specs) != 1:
+        names = ", ".join(s.name for s in specs)
+        raise InputError(
+            f"image calibration needs a model with one input; this one has {len(specs)} "
+            f"({names}): save the feeds as .npz instead"
+        )
+    return ImageFolderSource(
+        path, specs[0], preset, overrides=shapes, batch_size=batch_size, limit=limit
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming accumulators
+
+
+class MinMax:
+    """Smallest and largest value and the number of values seen (NaN propagates)."""
+
+    def __init__(self) -> None:
+        self.min = math.inf
+        self.max = -math.inf
+        self.count = 0
+
+    def update(self, array: np.ndarray) -> None:
+        array = np.asarray(array)
+        if array.size:
+            self._combine(float(array.min()), float(array.max()), array.size)
+
+    def merge(self, other: MinMax) -> None:
+        if other.count:
+            self._combine(other.min, other.max, other.count)
+
+    def _combine(self, low: float, high: float, count: int) -> None:
+        self.min = float(np.minimum(self.min, low))
+        self.max = float(np.maximum(self.max, high))
+        self.count += count
+
+    @property
+    def nbytes(self) -> int:
+        return 24  # three 8-byte numbers
+
+
+def _invert(xs: np.ndarray, ys: np.ndarray, target: float) -> float:
+    """The smallest x where the non-decreasing piecewise-linear curve (xs, ys) reaches target."""
+    k = int(np.searchsorted(ys, target, side="left"))
+    if k == 0:  # at or below the start: where the curve first rises
+        k = int(np.searchsorted(ys, ys[0], side="right"))
+        return float(xs[min(k, len(xs)) - 1])
+    if k == len(ys):
+        return float(xs[-1])
+    fraction = (target - ys[k - 1]) / (ys[k] - ys[k - 1])
+    return float(xs[k - 1] + fraction * (xs[k] - xs[k - 1]))
+
+
+class Histogram:
+    """Counts of the (signed) finite values in ``bins`` equal bins from ``low`` to ``high``.
+
+    The number of bins is fixed, so memory is too. The first values set the range; when later
+    values fall outside it, the range widens by a whole factor ``m`` with the new edges chosen
+    among the old ones, so every new bin is exactly ``m`` old bins merged: re-binning is exact
+    (onnxruntime's HistogramCalibrater adds bins instead, which grows without bound). While all
+    values seen are equal, ``width`` is 0 and bin 0 holds them. Non-finite values are counted in
+    ``nonfinite`` only. Quantiles assume values spread evenly within a bin (error at most one bin
+    width). ``counts`` and :attr:`edges` are there for entropy or MSE range searches.
+    """
+
+    def __init__(self, bins: int = 2048) -> None:
+        if bins < 1:
+            raise SettingsError(f"a histogram needs at least 1 bin, got {bins}")
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.low = 0.0
+        self.width = 0.0
+        self.nonfinite = 0
+
+    @property
+    def bins(self) -> int:
+        return self.counts.size
+
+    @property
+    def high(self) -> float:
+        return self.low + self.width * self.bins
+
+    @property
+    def edges(self) -> np.ndarray:
+        return self.low + self.width * np.arange(self.bins + 1)
+
+    @property
+    def total(self) -> int:
+        """Number of finite values counted."""
+        return int(self.counts.sum())
+
+    @property
+    def nbytes(self) -> int:
+        return self.counts.nbytes + 24
+
+    def _bin(self, values: np.ndarray) -> np.ndarray:
+        index = np.floor((values - self.low) / self.width)
+        return np.clip(index, 0, self.bins - 1).astype(np.intp)
+
+    def _add_point(self, value: float, count: int) -> None:
+        self.counts[0 if self.width == 0 else self._bin(np.array([value]))[0]] += count
+
+    def _cover(self, low: float, high: float) -> None:
+        """Widen the range so that it holds [low, high], merging bins exactly."""
+        if self.total == 0:
+            self.low, self.width = low, (high - low) / self.bins
+            return
+        if self.width == 0:  # every value so far equals self.low
+            if low == high == self.low:
+                return
+            point, count = self.low, int(self.counts[0])
+            self.counts[0] = 0
+            self.low = min(low, point)
+            self.width = (max(high, point) - self.low) / self.bins
+            self._add_point(point, count)
+            return
+        if low >= self.low and high <= self.high:
+            return
+        # Old bin i spans [low + i*width, ...); the new edges are old edges first + j*factor.
+        first = min(0, math.floor((low - self.low) / self.width))
+        last = max(self.bins, math.ceil((high - self.low) / self.width))
+        factor = math.ceil((last - first) / self.bins)
+        slack = first + factor * self.bins - last
+        if first < 0:  # spare room goes to the side(s) that grew, keeping e.g. ReLU's 0 an edge
+            first -= slack if last == self.bins else slack // 2
+        merged = np.zeros_like(self.counts)
+        np.add.at(merged, (np.arange(self.bins) - first) // factor, self.counts)
+        self.counts = merged
+        self.low += first * self.width
+        self.width *= factor
+
+    def update(self, array: np.ndarray) -> None:
+        values = np.asarray(array, dtype=np.float64).ravel()
+        finite = np.isfinite(values)
+        if not finite.all():
+            self.nonfinite += int(values.size - np.count_nonzero(finite))
+            values = values[finite]
+        if values.size == 0:
+            return
+        self._cover(float(values.min()), float(values.max()))
+        if self.width == 0:
+            self.counts[0] += values.size
+        else:
+            self.counts += np.bincount(self._bin(values), minlength=self.bins)
+
+    def merge(self, other: Histogram) -> None:
+        """Add another histogram's counts; exact when the bins line up, else split evenly."""
+        self.nonfinite += other.nonfinite
+        if other.total == 0:
+            return
+        self._cover(other.low, other.high)
+        if other.width == 0:
+            self._add_point(other.low, int(other.counts[0]))
+            return
+        positions = np.clip((self.edges - other.low) / other.width, 0, other.bins)
+        cumulative = np.concatenate([[0], np.cumsum(other.counts)])
+        spread = np.interp(positions, np.arange(other.bins + 1), cumulative)
+        self.counts += np.diff(np.rint(spread)).astype(np.int64)
+
+    def quantile(self, q: float) -> float:
+        """The smallest value with a fraction ``q`` (0 to 1) of the values at or below it
+        (numpy's "inverted_cdf" quantile), to within one bin width."""
+        if not 0 <= q <= 1 or self.total == 0:
+            raise ValueError(f"quantile {q} of a histogram with {self.total} values")
+        cumulative = np.concatenate([[0], np.cumsum(self.counts)])
+        return _invert(self.edges, cumulative, q * self.total)
+
+    def percentile_range(
+        self, percentile: float, *, symmetric: bool = False
+    ) -> tuple[float, float]:
+        """The range holding ``percentile`` % of the values.
+
+        Asymmetric: the central range, cutting equal tails on both sides. Symmetric: (-t, t) with
+        t the percentile of the absolute values (what onnxruntime's percentile calibration uses).
+        """
+        tail = 1 - percentile / 100
+        if not symmetric:
+            return self.quantile(tail / 2), self.quantile(1 - tail / 2)
+        if self.width == 0:
+            threshold = abs(self.quantile(0))
+            return -threshold, threshold
+        edges = self.edges
+        cumulative = np.concatenate([[0], np.cumsum(self.counts)])
+        points = np.unique(np.abs(np.concatenate([[0.0], edges])))
+        inside = np.interp(points, edges, cumulative) - np.interp(-points, edges, cumulative)
+        threshold = _invert(points, inside, (1 - tail) * self.total)
+        return -threshold, threshold
+
+
+class ChannelStatistics:
+    """Per channel along ``axis``: count, mean, variance, mean absolute value, zero fraction, min
+    and max.
+
+    Means and variances are combined with Chan's parallel formula (count, mean, sum of squared
+    deviations) rather than raw sums of squares, which lose all precision when the mean is large
+    against the spread. Arrays are allocated at the first update, one value per channel.
+    """
+
+    def __init__(self, axis: int = 1) -> None:
+        self.axis = axis
+        self.count = 0  # values per channel
+        empty = np.zeros(0)
+        self.mean = self.min = self.max = self._squares = self._abs_sum = empty
+        self._zeros = np.zeros(0, dtype=np.int64)
+
+    @property
+    def channels(self) -> int:
+        return self.mean.size
+
+    @property
+    def var(self) -> np.ndarray:
+        """Population variance per channel."""
+        return self._squares / self.count
+
+    @property
+    def abs_mean(self) -> np.ndarray:
+        return self._abs_sum / self.count
+
+    @property
+    def zero_fraction(self) -> np.ndarray:
+        return self._zeros / self.count
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.mean, self.min, self.max, self._squares, self._abs_sum, self._zeros)
+        return 8 + sum(array.nbytes for array in arrays)
+
+    def update(self, array: np.ndarray) -> None:
+        array = np.asarray(array)
+        if not -array.ndim <= self.axis < array.ndim:
+            raise InputError(f"channel axis {self.axis} is out of range for rank {array.ndim}")
+        if array.size == 0:
+            return
+        rows = np.moveaxis(array, self.axis, 0).reshape(array.shape[self.axis], -1)
+        rows = rows.astype(np.float64)
+        mean = rows.mean(axis=1)
+        self._combine(
+            rows.shape[1],
+            mean,
+            np.square(rows - mean[:, None]).sum(axis=1),
+            np.abs(rows).sum(axis=1),
+            np.count_nonzero(rows == 0, axis=1),
+            rows.min(axis=1),
+            rows.max(axis=1),
+        )
+
+    def merge(self, other: ChannelStatistics) -> None:
+        if other.count:
+            self._combine(
+                other.count,
+                other.mean,
+                other._squares,
+                other._abs_sum,
+                other._zeros,
+                other.min,
+                other.max,
+            )
+
+    def _combine(
+        self,
+        count: int,
+        mean: np.ndarray,
+        squares: np.ndarray,
+        abs_sum: np.ndarray,
+        zeros: np.ndarray,
+        low: np.ndarray,
+        high: np.ndarray,
+    ) -> None:
+        if self.count == 0:
+            self.count, self.mean, self._squares = count, mean.copy(), squares.copy()
+            self._abs_sum, self._zeros = abs_sum.copy(), zeros.astype(np.int64)
+            self.min, self.max = low.copy(), high.copy()
+            return
+        if mean.size != self.channels:
+            raise InputError(
+                f"channel axis {self.axis} has {mean.size} entries here but {self.channels} before"
+            )
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self._squares = self._squares + squares + np.square(delta) * (self.count * count / total)
+        self._abs_sum = self._abs_sum + abs_sum
+        self._zeros = self._zeros + zeros
+        self.min = np.minimum(self.min, low)
+        self.max = np.maximum(self.max, high)
+        self.count = total
+
+
+@dataclasses.dataclass
+class TensorStatistics:
+    """The accumulators kept for one tensor (None for kinds not asked for)."""
+
+    name: str
+    minmax: MinMax | None = None
+    histogram: Histogram | None = None
+    channels: ChannelStatistics | None = None
+
+    def _accumulators(self) -> list[Any]:
+        return [self.minmax, self.histogram, self.channels]
+
+    def update(self, array: np.ndarray) -> None:
+        array = np.asarray(array)
+        try:
+            for accumulator in self._accumulators():
+                if accumulator is not None:
+                    accumulator.update(array)
+        except InputError as error:
+            raise InputError(f"tensor {self.name!r}: {error}") from None
+
+    def merge(self, other: TensorStatistics) -> None:
+        for mine, theirs in zip(self._accumulators(), other._accumulators(), strict=True):
+            if (mine is None) != (theirs is None):
+                raise ValueError(f"statistics of {self.name!r} keep different kinds; cannot merge")
+            if mine is not None:
+                mine.merge(theirs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._accumulators() if a is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collection
+
+KINDS = ("minmax", "histogram", "channels")
+
+
+def _expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model | None, list[str]]:
+    """A copy of ``model`` whose outputs are the requested tensors that are not graph inputs
+    (None when there are none), and the requested graph inputs (read from the feeds)."""
+    copy = model.clone()  # initializer tensors are shared, not copied
+    graph = copy.graph
+    constants = [name for name in names if name in graph.initializers]
+    if constants:
+        raise SettingsError(
+            f"{', '.join(map(repr, constants))}: initializers are constant; read their values "
+            "from the model instead of collecting statistics"
+        )
+    inputs = {value.name: value for value in graph.inputs}
+    values = dict(inputs)
+    values.update((value.name, value) for node in graph for value in node.outputs if value.name)
+    missing = [name for name in names if name not in values]
+    if missing:
+        raise SettingsError(
+            f"no tensor named {', '.join(map(repr, missing))} in the model's main graph "
+            "(tensors inside If/Loop/Scan bodies cannot be collected)"
+        )
+    if any(values[name].dtype is None for name in names):
+        ShapeInferencePass(strict_mode=False)(copy)
+    untyped = [name for name in names if values[name].dtype is None]
+    if untyped:
+        raise InputError(
+            f"the element type of {', '.join(map(repr, untyped))} is unknown and shape inference "
+            "cannot find it: re-export the model with value types"
+        )
+    for name in names:
+        dtype = values[name].dtype
+        if not (dtype.is_floating_point() or dtype.is_integer() or dtype == ir.DataType.BOOL):
+            raise SettingsError(f"tensor {name!r} is {dtype.name}: statistics need numbers")
+    outputs = [values[name] for name in names if name not in inputs]
+    graph.outputs.clear()
+    graph.outputs.extend(outputs)
+    return (copy if outputs else None), [name for name in names if name in inputs]
+
+
+def _batch_total(source: Iterable[Feed], limit: int | None) -> int | None:
+    try:
+        total = len(source)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):  # onnxruntime's readers raise NotImplementedError
+        return limit
+    return total if limit is None else min(total, limit)
+
+
+class StatisticsCollector:
+    """Streaming statistics of chosen tensors (intermediate ones, graph inputs or outputs) over
+    calibration batches.
+
+    The model is cloned (initializer tensors shared, not copied) and the clone's outputs are
+    replaced by the requested tensors, so the caller's model is never modified and onnxruntime
+    computes only what they need; one session runs every batch. ``keep`` picks the accumulators
+    (``minmax``, ``histogram``, ``channels``). ``channel_axis`` is an axis for every tensor
+    (tensors of lower rank then get no channel statistics), a mapping per tensor (tensors left
+    out get none), or None. Memory is that of the accumulators plus one batch.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        tensors: Sequence[str],
+        *,
+        histogram_bins: int = 2048,
+        channel_axis: int | Mapping[str, int] | None = 1,
+        provider: str = "cpu",
+        keep: Sequence[str] = KINDS,
+    ) -> None:
+        self.names = list(dict.fromkeys(tensors))
+        if not self.names:
+            raise SettingsError("no tensors given to collect statistics for")
+        unknown = sorted(set(keep) - set(KINDS))
+        if unknown:
+            raise SettingsError(f"unknown statistics {unknown}: keep any of {', '.join(KINDS)}")
+        if "histogram" in keep and histogram_bins < 1:
+            raise SettingsError(f"histogram_bins must be at least 1, got {histogram_bins}")
+        if isinstance(channel_axis, Mapping):
+            stray = sorted(set(channel_axis) - set(self.names))
+            if stray:
+                raise SettingsError(f"channel_axis names tensors not collected: {stray}")
+        self.keep = frozenset(keep)
+        self.histogram_bins = histogram_bins
+        self.channel_axis = channel_axis
+        self.provider = provider
+        self._model, self._fed = _expose(model, self.names)
+        self._outputs = (
+            [v.name for v in self._model.graph.outputs] if self._model is not None else []
+        )
+
+    def _new_statistics(self, name: str, rank: int) -> TensorStatistics:
+        statistics = TensorStatistics(name)
+        if "minmax" in self.keep:
+            statistics.minmax = MinMax()
+        if "histogram" in self.keep:
+            statistics.histogram = Histogram(self.histogram_bins)
+        per_tensor = self.channel_axis
+        axis = per_tensor.get(name) if isinstance(per_tensor, Mapping) else per_tensor
+        if "channels" in self.keep and axis is not None:
+            if -rank <= axis < rank:
+                statistics.channels = ChannelStatistics(axis)
+            elif isinstance(per_tensor, Mapping):  # asked for by name: say it cannot be done
+                raise SettingsError(
+                    f"channel_axis {axis} is out of range for {name!r} (rank {rank})"
+                )
+        return statistics
+
+    def collect(
+        self, source: Iterable[Feed], *, limit: int | None = None, progress: bool = True
+    ) -> dict[str, TensorStatistics]:
+        """Statistics of every requested tensor over the batches of ``source`` (at most
+        ``limit`` batches), fresh for each call."""
+        if limit is not None and limit < 1:
+            raise SettingsError(f"limit must be at least 1 batch, got {limit}")
+        label = getattr(source, "label", type(source).__name__)
+        batches: Iterable[Feed] = source if limit is None else itertools.islice(source, limit)
+        if progress:
+            batches = track(batches, f"statistics ({label})", total=_batch_total(source, limit))
+        session = create_session(self._model, self.provider) if self._model is not None else None
+        statistics: dict[str, TensorStatistics] = {}
+        for index, feed in enumerate(batches):
+            absent = [name for name in self._fed if name not in feed]
+            if absent:
+                raise InputError(f"batch {index} of {label} has no array for input {absent}")
+            arrays = {name: feed[name] for name in self._fed}
+            if session is not None:
+                try:
+                    arrays.update(zip(self._outputs, session.run(self._outputs, feed), strict=True))
+                except (InvalidArgument, ValueError) as error:
+                    first_line = str(error).strip().splitlines()[0]
+                    raise InputError(f"batch {index} of {label}: {first_line}") from None
+            for name in self.names:
+                if name not in statistics:
+                    statistics[name] = self._new_statistics(name, np.ndim(arrays[name]))
+                statistics[name].update(arrays[name])
+        if not statistics:
+            raise InputError(f"calibration data {label} yielded no batches")
+        return statistics

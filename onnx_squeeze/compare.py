@@ -1,0 +1,719 @@
+"""Run two models on the same inputs: fidelity, latency, size, parameters and MACs side by side.
+
+Fidelity is streamed: per output, running sums (absolute error, dot products, norms, top-1
+matches) are accumulated feed by feed, so memory is bounded by one batch of outputs.
+
+- ``max_abs`` / ``mean_abs``: over every element of an output, all feeds together.
+- ``cosine``: between the two outputs flattened and concatenated over all feeds.
+- ``top1_agreement``: for classifier-shaped outputs only, i.e. 2-D ``[N, C]`` with ``C > 1``
+  and a floating-point type: the share of rows whose argmax agrees. Higher-rank outputs
+  (``[B, S, vocab]`` logits, ``[N, C, H, W]`` segmentation maps, hidden states) get None,
+  because the class axis of those cannot be told apart from a feature axis.
+- Non-finite values: where both models give the same non-finite value (the same infinity, or
+  NaN in both) the element is left out of the error metrics. Where they differ, the output's
+  ``max_abs`` and ``mean_abs`` become infinite and its ``cosine`` NaN, so every accuracy gate
+  on it fails; ``nonfinite_a`` / ``nonfinite_b`` count them.
+- Outputs that are not numeric tensors (strings, sequences, maps) are not compared.
+
+Latency runs the models interleaved (A, B, A, B, ... with the order rotated every round) so
+that machine noise hits all of them alike. Timings are ``session.run`` wall time with inputs and
+outputs in host memory, so GPU figures include the copies.
+
+GPU execution providers (cuda, tensorrt) are used for real when this onnxruntime build offers
+them and the session actually gets them (``session.get_providers()``); otherwise they are
+skipped with the reason, never an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnx_squeeze.analysis import ModelSummary, analyze, concrete_input_shapes
+from onnx_squeeze.errors import InputError, SettingsError
+from onnx_squeeze.progress import track
+from onnx_squeeze.runtime import create_session, input_specs, random_feed, resolve_provider
+
+__all__ = [
+    "Comparison",
+    "Latency",
+    "OutputFidelity",
+    "bench",
+    "compare",
+    "fidelity",
+    "latency",
+    "provider_unavailable_reason",
+]
+
+ModelLike = ir.Model | onnx.ModelProto | str | os.PathLike
+Feed = Mapping[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and sessions
+
+
+@dataclasses.dataclass
+class _Loaded:
+    """A model as an IR model, with its file when known (for the size on disk).
+
+    Sessions are created from the file only when the model was loaded from it here; a model
+    given in memory is what gets run, even when a path is given for it.
+    """
+
+    model: ir.Model
+    path: str | None = None
+    from_file: bool = False
+
+    def session(
+        self, provider: str, threads: int | None, optimization: str
+    ) -> ort.InferenceSession:
+        source: Any = self.path if self.from_file else self.model
+        return create_session(source, provider, threads=threads, optimization=optimization)
+
+
+def _load(model: Any, path: str | os.PathLike | None = None) -> _Loaded:
+    if isinstance(model, _Loaded):
+        return model
+    path = os.fspath(path) if path is not None else None
+    if isinstance(model, ir.Model):
+        return _Loaded(model, path)
+    if isinstance(model, onnx.ModelProto):
+        return _Loaded(ir.from_proto(model), path)
+    if isinstance(model, str | os.PathLike):
+        if not os.path.isfile(model):
+            raise InputError(f"{os.fspath(model)}: no such model file")
+        return _Loaded(ir.load(os.fspath(model)), os.fspath(model), from_file=True)
+    raise TypeError(
+        f"expected an onnx_ir.Model, onnx.ModelProto or path, got {type(model).__name__}"
+    )
+
+
+class _ProviderUnavailable(Exception):
+    """A provider this build lacks, or one the session did not get."""
+
+
+def provider_unavailable_reason(provider: str) -> str | None:
+    """Why ``provider`` cannot be used with this onnxruntime build, or None when it can."""
+    full = resolve_provider(provider)
+    available = ort.get_available_providers()
+    if full in available:
+        return None
+    return (
+        f"{provider}: {full} not available in this onnxruntime build "
+        f"(available: {', '.join(available)})"
+    )
+
+
+def _session_on(
+    loaded: _Loaded, provider: str, threads: int | None, optimization: str
+) -> ort.InferenceSession:
+    """A session that really runs on ``provider``; raises _ProviderUnavailable otherwise."""
+    reason = provider_unavailable_reason(provider)
+    if reason:
+        raise _ProviderUnavailable(reason)
+    full = resolve_provider(provider)
+    try:
+        session = loaded.session(provider, threads, optimization)
+    except InputError as error:
+        if full == "CPUExecutionProvider":
+            raise
+        raise _ProviderUnavailable(f"{provider}: cannot create a session: {error}") from error
+    got = session.get_providers()
+    if not got or got[0] != full:
+        raise _ProviderUnavailable(
+            f"{provider}: onnxruntime fell back to {', '.join(got)} "
+            f"({full} failed to initialize; are its libraries installed?)"
+        )
+    return session
+
+
+def _select(session: ort.InferenceSession, feed: Feed) -> dict[str, np.ndarray]:
+    """The part of ``feed`` the session takes; an error naming missing inputs."""
+    names = [i.name for i in session.get_inputs()]
+    missing = [n for n in names if n not in feed]
+    if missing:
+        raise InputError(
+            f"the inputs lack {', '.join(map(repr, missing))}; "
+            f"they have {', '.join(map(repr, feed)) or 'nothing'}"
+        )
+    # np.asarray: scalars (a 0-d random bool is a numpy scalar) become arrays onnxruntime takes.
+    return {n: np.asarray(feed[n]) for n in names}
+
+
+def _iter_feeds(feeds: Any) -> Iterator[Feed]:
+    """Feed dicts from an iterable, a single dict, or a ``get_next()`` data reader."""
+    if isinstance(feeds, Mapping):
+        yield feeds
+    elif hasattr(feeds, "get_next"):
+        while (feed := feeds.get_next()) is not None:
+            yield feed
+    else:
+        yield from feeds
+
+
+# ---------------------------------------------------------------------------------------------
+# Fidelity
+
+
+@dataclasses.dataclass
+class OutputFidelity:
+    """How closely model B's output matches model A's over all feeds."""
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    top1_agreement: float | None
+    nonfinite_a: int
+    nonfinite_b: int
+    samples: int
+    elements: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict; non-finite numbers become strings ("inf", "nan")."""
+        data = dataclasses.asdict(self)
+        for key in ("max_abs", "mean_abs", "cosine"):
+            if not math.isfinite(data[key]):
+                data[key] = str(data[key])
+        return data
+
+
+class _Accumulator:
+    """Streaming sums for one output."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.samples = 0
+        self.elements = 0
+        self.compared = 0
+        self.max_abs = 0.0
+        self.sum_abs = 0.0
+        self.dot = 0.0
+        self.norm_a = 0.0
+        self.norm_b = 0.0
+        self.nonfinite_a = 0
+        self.nonfinite_b = 0
+        self.mismatched = 0
+        self.classifier: bool | None = None
+        self.top1_matches = 0
+        self.rows = 0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        if self.classifier is None:
+            self.classifier = a.ndim == 2 and a.shape[1] > 1 and np.issubdtype(a.dtype, np.floating)
+        if self.classifier:
+            self.top1_matches += int(np.count_nonzero(a.argmax(axis=1) == b.argmax(axis=1)))
+            self.rows += a.shape[0]
+        x = np.asarray(a, dtype=np.float64).ravel()
+        y = np.asarray(b, dtype=np.float64).ravel()
+        self.samples += 1
+        self.elements += x.size
+        finite_x, finite_y = np.isfinite(x), np.isfinite(y)
+        self.nonfinite_a += int(x.size - np.count_nonzero(finite_x))
+        self.nonfinite_b += int(y.size - np.count_nonzero(finite_y))
+        both = finite_x & finite_y
+        if not both.all():
+            odd_x, odd_y = x[~both], y[~both]
+            same = (odd_x == odd_y) | (np.isnan(odd_x) & np.isnan(odd_y))
+            self.mismatched += int(np.count_nonzero(~same))
+            x, y = x[both], y[both]
+        if x.size:
+            diff = np.abs(x - y)
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            self.sum_abs += float(diff.sum())
+            self.dot += float(x @ y)
+            self.norm_a += float(x @ x)
+            self.norm_b += float(y @ y)
+            self.compared += x.size
+
+    def result(self) -> OutputFidelity:
+        if self.norm_a == 0.0 and self.norm_b == 0.0:
+            cosine = 1.0
+        elif self.norm_a == 0.0 or self.norm_b == 0.0:
+            cosine = 0.0
+        else:
+            cosine = max(-1.0, min(1.0, self.dot / math.sqrt(self.norm_a * self.norm_b)))
+        max_abs = self.max_abs
+        mean_abs = self.sum_abs / self.compared if self.compared else 0.0
+        if self.mismatched:
+            max_abs, mean_abs, cosine = math.inf, math.inf, math.nan
+        return OutputFidelity(
+            name=self.name,
+            max_abs=max_abs,
+            mean_abs=mean_abs,
+            cosine=cosine,
+            top1_agreement=self.top1_matches / self.rows if self.classifier and self.rows else None,
+            nonfinite_a=self.nonfinite_a,
+            nonfinite_b=self.nonfinite_b,
+            samples=self.samples,
+            elements=self.elements,
+        )
+
+
+def _check_outputs(session_a: ort.InferenceSession, session_b: ort.InferenceSession) -> list[str]:
+    names_a = [o.name for o in session_a.get_outputs()]
+    names_b = [o.name for o in session_b.get_outputs()]
+    if set(names_a) != set(names_b):
+        only_a = [n for n in names_a if n not in names_b]
+        only_b = [n for n in names_b if n not in names_a]
+        raise InputError(
+            "the models' outputs differ: "
+            f"only in A: {', '.join(map(repr, only_a)) or 'none'}; "
+            f"only in B: {', '.join(map(repr, only_b)) or 'none'}. "
+            "Compare models with the same output names"
+        )
+    return names_a
+
+
+def _as_session(
+    model: Any, provider: str, threads: int | None, optimization: str
+) -> ort.InferenceSession:
+    if isinstance(model, ort.InferenceSession):
+        return model
+    return _session_on(_load(model), provider, threads, optimization)
+
+
+def fidelity(
+    a: ModelLike | ort.InferenceSession,
+    b: ModelLike | ort.InferenceSession,
+    feeds: Iterable[Feed] | Any,
+    *,
+    provider: str = "cpu",
+    optimization: str = "all",
+    threads: int | None = None,
+    total: int | None = None,
+) -> list[OutputFidelity]:
+    """Run both models on every feed and accumulate per-output error metrics (streaming).
+
+    Outputs are matched by name; different output names, or shapes that differ on a feed, are
+    an :class:`InputError` naming them. ``feeds`` is any iterable of feed dicts or an object with
+    onnxruntime's ``get_next()`` protocol. An unavailable provider is a :class:`SettingsError`.
+    """
+    try:
+        session_a = _as_session(a, provider, threads, optimization)
+        session_b = _as_session(b, provider, threads, optimization)
+    except _ProviderUnavailable as error:
+        raise SettingsError(str(error)) from None
+    _check_outputs(session_a, session_b)
+    types_b = {o.name: o.type for o in session_b.get_outputs()}
+    numeric = [
+        o.name
+        for o in session_a.get_outputs()
+        if _is_numeric_tensor(o.type) and _is_numeric_tensor(types_b[o.name])
+    ]
+    accumulators = {name: _Accumulator(name) for name in numeric}
+    for feed in track(_iter_feeds(feeds), "fidelity", total=total):
+        outputs_a = session_a.run(numeric, _select(session_a, feed))
+        outputs_b = session_b.run(numeric, _select(session_b, feed))
+        for name, out_a, out_b in zip(numeric, outputs_a, outputs_b, strict=True):
+            if out_a.shape != out_b.shape:
+                raise InputError(
+                    f"output {name!r} has shape {list(out_a.shape)} in A but "
+                    f"{list(out_b.shape)} in B on the same input"
+                )
+            accumulators[name].add(out_a, out_b)
+    return [accumulators[name].result() for name in numeric]
+
+
+def _is_numeric_tensor(type_name: str) -> bool:
+    """True for onnxruntime type strings like ``tensor(float)``; not strings, sequences, maps."""
+    return type_name.startswith("tensor(") and type_name != "tensor(string)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency
+
+
+@dataclasses.dataclass
+class Latency:
+    """Wall time of ``session.run`` for one model on one provider and thread count."""
+
+    provider: str
+    threads: int | None
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    runs: int
+    min_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def latency(
+    models: Sequence[ModelLike | ort.InferenceSession],
+    feed: Feed | Sequence[Feed],
+    *,
+    provider: str = "cpu",
+    threads: int | None = 1,
+    warmup: int = 5,
+    runs: int = 30,
+    interleaved: bool = True,
+    optimization: str = "all",
+    skipped: list[str] | None = None,
+) -> list[Latency] | None:
+    """Time every model on ``provider`` with ``threads`` intra-op threads.
+
+    ``feed`` is one feed for all models or one per model. Runs are interleaved (the order
+    rotated each round) unless ``interleaved=False``. Returns None when the provider is not
+    available or the session does not get it; the reason is appended to ``skipped``.
+    """
+    if runs < 1:
+        raise SettingsError(f"runs must be at least 1, got {runs}")
+    if warmup < 0:
+        raise SettingsError(f"warmup must be 0 or more, got {warmup}")
+    feeds = [feed] * len(models) if isinstance(feed, Mapping) else list(feed)
+    if len(feeds) != len(models):
+        raise SettingsError(f"got {len(feeds)} feeds for {len(models)} models")
+    try:
+        sessions = [
+            m
+            if isinstance(m, ort.InferenceSession)
+            else _session_on(_load(m), provider, threads, optimization)
+            for m in models
+        ]
+    except _ProviderUnavailable as error:
+        if skipped is not None:
+            skipped.append(str(error))
+        return None
+    selected = [_select(s, f) for s, f in zip(sessions, feeds, strict=True)]
+    for session, data in zip(sessions, selected, strict=True):
+        for _ in range(warmup):
+            session.run(None, data)
+    times: list[list[float]] = [[] for _ in sessions]
+    count = len(sessions)
+    label = f"latency {provider}/t{threads}"
+    if interleaved:
+        for round_index in track(range(runs), label, total=runs):
+            for offset in range(count):
+                index = (round_index + offset) % count
+                times[index].append(_time_run(sessions[index], selected[index]))
+    else:
+        for index in range(count):
+            for _ in track(range(runs), f"{label} model {index + 1}", total=runs):
+                times[index].append(_time_run(sessions[index], selected[index]))
+    return [_latency(provider, threads, samples) for samples in times]
+
+
+def _time_run(session: ort.InferenceSession, data: Mapping[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    session.run(None, data)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _latency(provider: str, threads: int | None, samples: Sequence[float]) -> Latency:
+    values = np.asarray(samples)
+    return Latency(
+        provider=provider,
+        threads=threads,
+        median_ms=float(np.median(values)),
+        p90_ms=float(np.percentile(values, 90)),
+        mean_ms=float(values.mean()),
+        runs=len(values),
+        min_ms=float(values.min()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison
+
+
+def _ratio(b: float | None, a: float | None) -> float | None:
+    if a is None or b is None or a == 0:
+        return None
+    return b / a
+
+
+def _worst(values: Iterable[float], pick: Any) -> float:
+    values = list(values)
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return pick(values)
+
+
+@dataclasses.dataclass
+class Comparison:
+    """The result of :func:`compare`: model A (the reference) against model B."""
+
+    fidelity: list[OutputFidelity]
+    latency: dict[str, list[Latency]]
+    summaries: tuple[ModelSummary, ModelSummary]
+    inputs_label: str
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    fidelity_provider: str = "cpu"
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics for accuracy gates (see :mod:`onnx_squeeze.gates`).
+
+        cosine: worst (lowest) over outputs; max_abs_error / mean_abs_error: worst (highest)
+        over outputs; top1_agreement: lowest over classifier outputs (absent when none);
+        nonfinite: non-finite values in B's outputs; latency_ratio (B/A median) and speedup
+        (A/B) on the first provider/threads measured (absent when none was); size_ratio (file
+        sizes when both are known, else bytes of weights), params_ratio, macs_ratio (absent
+        when A has none).
+        """
+        metrics: dict[str, float] = {}
+        if self.fidelity:
+            metrics["cosine"] = _worst((f.cosine for f in self.fidelity), min)
+            metrics["max_abs_error"] = _worst((f.max_abs for f in self.fidelity), max)
+            metrics["mean_abs_error"] = _worst((f.mean_abs for f in self.fidelity), max)
+            metrics["nonfinite"] = float(sum(f.nonfinite_b for f in self.fidelity))
+            top1 = [f.top1_agreement for f in self.fidelity if f.top1_agreement is not None]
+            if top1:
+                metrics["top1_agreement"] = min(top1)
+        for timings in self.latency.values():
+            a, b = timings[0], timings[1]
+            if a.median_ms > 0 and b.median_ms > 0:
+                metrics["latency_ratio"] = b.median_ms / a.median_ms
+                metrics["speedup"] = a.median_ms / b.median_ms
+            break
+        summary_a, summary_b = self.summaries
+        if summary_a.size_bytes is not None and summary_b.size_bytes is not None:
+            size = _ratio(summary_b.size_bytes, summary_a.size_bytes)
+        else:
+            size = _ratio(summary_b.initializer_bytes, summary_a.initializer_bytes)
+        for name, value in (
+            ("size_ratio", size),
+            ("params_ratio", _ratio(summary_b.params, summary_a.params)),
+            ("macs_ratio", _ratio(summary_b.macs, summary_a.macs)),
+        ):
+            if value is not None:
+                metrics[name] = value
+        return metrics
+
+    def to_dict(self, *, nodes: bool = False) -> dict[str, Any]:
+        """A JSON-friendly dict (the report's ``comparison``); per-node costs only if asked."""
+        models = []
+        for summary in self.summaries:
+            data = summary.to_dict()
+            if not nodes:
+                data.pop("nodes")
+            models.append(data)
+        return {
+            "inputs_label": self.inputs_label,
+            "fidelity_provider": self.fidelity_provider,
+            "fidelity": [f.to_dict() for f in self.fidelity],
+            "latency": {key: [t.to_dict() for t in pair] for key, pair in self.latency.items()},
+            "models": models,
+            "skipped": list(self.skipped),
+            "metrics": self.metrics(),
+        }
+
+
+def _random_feeds(
+    model: ir.Model, input_shapes: Mapping[str, Sequence[int]], seed: int, count: int
+) -> Iterator[dict[str, np.ndarray]]:
+    specs = input_specs(model)
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        yield random_feed(specs, rng, input_shapes)
+
+
+def _shapes_for(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, Any]:
+    names = {v.name for v in model.graph.inputs}
+    return {name: shape for name, shape in (shapes or {}).items() if name in names}
+
+
+def compare(
+    a: ModelLike,
+    b: ModelLike,
+    *,
+    feeds: Iterable[Feed] | Any | None = None,
+    inputs_label: str = "random",
+    providers: Sequence[str] = ("cpu",),
+    threads: Sequence[int | None] = (1,),
+    batch: int = 1,
+    runs: int = 30,
+    warmup: int = 5,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    samples: int = 8,
+    paths: tuple[str | os.PathLike | None, str | os.PathLike | None] | None = None,
+    optimization: str = "all",
+) -> Comparison:
+    """Compare model B against model A: fidelity, latency per provider/threads, size, MACs.
+
+    Without ``feeds``, ``samples`` random feeds are drawn from A's input spec (symbolic batch
+    dims set to ``batch``) and labelled "random". Fidelity runs on the first available provider
+    of ``providers``; latency on each available one, for each thread count (``runs=0`` skips
+    it). Unavailable providers are listed in :attr:`Comparison.skipped`.
+    """
+    if batch < 1:
+        raise SettingsError(f"batch must be at least 1, got {batch}")
+    paths = paths or (None, None)
+    loaded_a, loaded_b = _load(a, paths[0]), _load(b, paths[1])
+    for provider in providers:
+        resolve_provider(provider)  # a SettingsError for unknown names, before any work
+    input_shapes = concrete_input_shapes(loaded_a.model, shapes, batch=batch)
+    summary_a = analyze(loaded_a.model, shapes=input_shapes, path=loaded_a.path)
+    summary_b = analyze(
+        loaded_b.model,
+        shapes=_shapes_for(loaded_b.model, input_shapes),
+        path=loaded_b.path,
+        batch=batch,
+    )
+    skipped: list[str] = []
+
+    if feeds is None:
+        fidelity_feeds: Iterable[Feed] = _random_feeds(loaded_a.model, input_shapes, seed, samples)
+        latency_feed: Feed | None = next(_random_feeds(loaded_a.model, input_shapes, seed, 1))
+        total: int | None = samples
+    else:
+        iterator = _iter_feeds(feeds)
+        first = next(iterator, None)
+        if first is None:
+            raise InputError(f"the inputs ({inputs_label}) yielded no feeds")
+        fidelity_feeds = itertools.chain([first], iterator)
+        latency_feed = first
+        total = len(feeds) if isinstance(feeds, Sequence) else None
+
+    fidelity_provider = "cpu"
+    for provider in providers:
+        if provider_unavailable_reason(provider) is None:
+            fidelity_provider = provider
+            break
+    try:
+        results = fidelity(
+            _session_on(loaded_a, fidelity_provider, None, optimization),
+            _session_on(loaded_b, fidelity_provider, None, optimization),
+            fidelity_feeds,
+            total=total,
+        )
+    except _ProviderUnavailable as error:
+        skipped.append(f"{error}; fidelity measured on cpu")
+        fidelity_provider = "cpu"
+        results = fidelity(
+            loaded_a, loaded_b, fidelity_feeds, optimization=optimization, total=total
+        )
+
+    timings: dict[str, list[Latency]] = {}
+    if runs > 0:
+        for provider in providers:
+            reason = provider_unavailable_reason(provider)
+            if reason:
+                skipped.append(reason)
+                continue
+            for count in threads:
+                measured = latency(
+                    [loaded_a, loaded_b],
+                    latency_feed,
+                    provider=provider,
+                    threads=count,
+                    warmup=warmup,
+                    runs=runs,
+                    optimization=optimization,
+                    skipped=skipped,
+                )
+                if measured is None:
+                    break  # the provider failed; the reason is in skipped
+                timings[f"{provider}/t{count}"] = measured
+    else:
+        skipped.append("latency: not measured (runs=0)")
+    return Comparison(
+        fidelity=results,
+        latency=timings,
+        summaries=(summary_a, summary_b),
+        inputs_label=inputs_label,
+        skipped=_unique(skipped),
+        fidelity_provider=fidelity_provider,
+    )
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bench
+
+
+def bench(
+    models: Mapping[str, ModelLike],
+    *,
+    providers: Sequence[str] = ("cpu",),
+    threads: Sequence[int | None] = (1, 2),
+    batch: int = 1,
+    runs: int = 30,
+    warmup: int = 5,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    optimization: str = "all",
+) -> list[dict[str, Any]]:
+    """Latency of several models, interleaved, per provider and thread count.
+
+    Returns one row per model, provider and thread count: model, provider, threads, median_ms,
+    p90_ms, mean_ms, runs, params, macs, size_bytes, skipped (None, or the reason the provider
+    could not be used; then the timings are None and threads is None). A model given by path
+    (or keyed by an existing file's path) reports its size on disk.
+    """
+    if batch < 1:
+        raise SettingsError(f"batch must be at least 1, got {batch}")
+    for provider in providers:
+        resolve_provider(provider)
+    names = list(models)
+    loaded = []
+    for name in names:
+        model = models[name]
+        path = name if not isinstance(model, str | os.PathLike) and os.path.isfile(name) else None
+        loaded.append(_load(model, path))
+    summaries = []
+    feeds = []
+    for item in loaded:
+        input_shapes = concrete_input_shapes(
+            item.model, _shapes_for(item.model, shapes), batch=batch
+        )
+        summaries.append(analyze(item.model, shapes=input_shapes, path=item.path))
+        feeds.append(next(_random_feeds(item.model, input_shapes, seed, 1)))
+
+    def row(
+        index: int, provider: str, count: int | None, timing: Latency | None, reason: str | None
+    ):
+        summary = summaries[index]
+        return {
+            "model": names[index],
+            "provider": provider,
+            "threads": count,
+            "median_ms": timing.median_ms if timing else None,
+            "p90_ms": timing.p90_ms if timing else None,
+            "mean_ms": timing.mean_ms if timing else None,
+            "runs": timing.runs if timing else 0,
+            "params": summary.params,
+            "macs": summary.macs,
+            "size_bytes": summary.size_bytes,
+            "skipped": reason,
+        }
+
+    rows: list[dict[str, Any]] = []
+    for provider in providers:
+        reason = provider_unavailable_reason(provider)
+        if reason:
+            rows.extend(row(i, provider, None, None, reason) for i in range(len(loaded)))
+            continue
+        for count in threads:
+            skipped: list[str] = []
+            measured = latency(
+                loaded,
+                feeds,
+                provider=provider,
+                threads=count,
+                warmup=warmup,
+                runs=runs,
+                optimization=optimization,
+                skipped=skipped,
+            )
+            if measured is None:
+                rows.extend(row(i, provider, None, None, skipped[0]) for i in range(len(loaded)))
+                break
+            rows.extend(row(i, provider, count, measured[i], None) for i in range(len(loaded)))
+    return rows

@@ -1,0 +1,202 @@
+"""Accuracy gates for ``--check``: ``metric OP number`` conditions on a comparison's metrics.
+
+``parse_gates("top1_agreement>=0.99, cosine>=0.999")`` accepts several gates separated by commas
+(or given as repeated strings); operators are ``>= <= > < ==``; a threshold may end in ``%``
+(``top1_agreement>=99%``). The metrics are those of :meth:`compare.Comparison.metrics`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from onnx_squeeze.errors import GateFailedError, SettingsError
+
+__all__ = [
+    "METRICS",
+    "Gate",
+    "GateResult",
+    "check_gates",
+    "evaluate_gates",
+    "parse_gate",
+    "parse_gates",
+]
+
+# Metric name -> (what it is, why it can be missing from a comparison).
+METRICS: dict[str, tuple[str, str]] = {
+    "cosine": (
+        "cosine similarity of B's outputs to A's, worst output",
+        "no numeric output was compared",
+    ),
+    "max_abs_error": ("largest |A - B| over all outputs", "no numeric output was compared"),
+    "mean_abs_error": ("mean |A - B|, worst output", "no numeric output was compared"),
+    "top1_agreement": (
+        "share of rows whose argmax agrees, worst classifier output",
+        "the model has no classifier-shaped output (2-D [N, C] with C > 1)",
+    ),
+    "nonfinite": ("count of NaN/inf values in B's outputs", "no numeric output was compared"),
+    "latency_ratio": (
+        "median latency of B / A",
+        "latency was not measured (runs=0 or no execution provider available)",
+    ),
+    "speedup": (
+        "median latency of A / B",
+        "latency was not measured (runs=0 or no execution provider available)",
+    ),
+    "size_ratio": ("size of B / A", "model A has no weights"),
+    "params_ratio": ("parameters of B / A", "model A has no parameters"),
+    "macs_ratio": ("MACs of B / A", "model A has no MACs that could be counted"),
+}
+
+ALIASES = {
+    "top1": "top1_agreement",
+    "top1_agree": "top1_agreement",
+    "max_abs": "max_abs_error",
+    "mean_abs": "mean_abs_error",
+    "latency": "latency_ratio",
+}
+
+_OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    "==": operator.eq,
+    ">": operator.gt,
+    "<": operator.lt,
+}
+
+_PATTERN = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|>|<)\s*([^\s<>=]+?)\s*$")
+_EXAMPLE = "write it as METRIC OP NUMBER, e.g. 'top1_agreement>=0.99' or 'max_abs_error<0.01'"
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """One condition: ``metric op threshold``."""
+
+    metric: str
+    op: str
+    threshold: float
+    expr: str
+
+    def passes(self, value: float) -> bool:
+        """Whether ``value`` meets the condition (NaN never does)."""
+        if math.isnan(value):
+            return False
+        return _OPERATORS[self.op](value, self.threshold)
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.threshold:g}"
+
+
+@dataclasses.dataclass
+class GateResult:
+    """The outcome of one gate on a comparison's metrics."""
+
+    expr: str
+    value: float | None
+    passed: bool
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        value = self.value
+        if value is not None and not math.isfinite(value):
+            return {**dataclasses.asdict(self), "value": str(value)}
+        return dataclasses.asdict(self)
+
+
+def _metric_list() -> str:
+    return ", ".join(METRICS)
+
+
+def parse_gate(expr: str) -> Gate:
+    """Parse one gate such as ``cosine>=0.999``; a :class:`SettingsError` says what is wrong."""
+    if not isinstance(expr, str) or not expr.strip():
+        raise SettingsError(f"empty accuracy gate: {_EXAMPLE}")
+    if "," in expr:
+        raise SettingsError(
+            f"{expr!r} holds several gates; parse it with parse_gates, or give one gate: {_EXAMPLE}"
+        )
+    match = _PATTERN.match(expr)
+    if not match:
+        raise SettingsError(f"cannot read the accuracy gate {expr!r}: {_EXAMPLE}")
+    name, op, number = match.groups()
+    metric = ALIASES.get(name.lower(), name.lower())
+    if metric not in METRICS:
+        raise SettingsError(
+            f"unknown metric {name!r} in the accuracy gate {expr!r}; known metrics: {_metric_list()}"
+        )
+    scale = 1.0
+    if number.endswith("%"):
+        number, scale = number[:-1], 0.01
+    try:
+        threshold = float(number) * scale
+    except ValueError:
+        raise SettingsError(
+            f"the threshold {number!r} in the accuracy gate {expr!r} is not a number: {_EXAMPLE}"
+        ) from None
+    if math.isnan(threshold):
+        raise SettingsError(f"the threshold in the accuracy gate {expr!r} is NaN: {_EXAMPLE}")
+    return Gate(metric, op, threshold, expr.strip())
+
+
+def parse_gates(exprs: str | Sequence[str]) -> list[Gate]:
+    """Parse gates given as one comma-separated string or as several strings (each may hold
+    commas too); empty parts are ignored."""
+    items = [exprs] if isinstance(exprs, str) else list(exprs)
+    gates = []
+    for item in items:
+        for part in item.split(","):
+            if part.strip():
+                gates.append(parse_gate(part))
+    return gates
+
+
+def _format(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def evaluate_gates(exprs: str | Sequence[str], metrics: Mapping[str, float]) -> list[GateResult]:
+    """Evaluate gates on ``metrics``; a metric that is missing (e.g. ``top1_agreement`` for a
+    detector) or NaN fails with a message saying why."""
+    results = []
+    for gate in parse_gates(exprs):
+        value = metrics.get(gate.metric)
+        if value is None:
+            reason = METRICS[gate.metric][1]
+            results.append(
+                GateResult(gate.expr, None, False, f"{gate.metric} was not measured: {reason}")
+            )
+            continue
+        value = float(value)
+        condition = f"{gate.op} {gate.threshold:g}"
+        if math.isnan(value):
+            message = f"{gate.metric} is NaN (outputs with NaN/inf where the reference has numbers), not {condition}"
+            results.append(GateResult(gate.expr, value, False, message))
+        elif gate.passes(value):
+            results.append(
+                GateResult(gate.expr, value, True, f"{gate.metric} = {_format(value)} {condition}")
+            )
+        else:
+            results.append(
+                GateResult(
+                    gate.expr,
+                    value,
+                    False,
+                    f"{gate.metric} = {_format(value)}, which is not {condition}",
+                )
+            )
+    return results
+
+
+def check_gates(exprs: str | Sequence[str], metrics: Mapping[str, float]) -> list[GateResult]:
+    """Evaluate gates and raise :class:`GateFailedError` (CLI exit code 3) if any fails."""
+    results = evaluate_gates(exprs, metrics)
+    failed = [r for r in results if not r.passed]
+    if failed:
+        raise GateFailedError(
+            "accuracy gate failed: " + "; ".join(f"{r.expr}: {r.message}" for r in failed)
+        )
+    return results

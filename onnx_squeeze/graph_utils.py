@@ -1,0 +1,95 @@
+"""Small graph helpers shared by prepare and the passes: constants, attributes, unique names.
+
+They follow onnx-ir's model (values with uses and producers) and fix its known pitfalls in one
+place: replacing an initializer's tensor also updates the value's shape and type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+
+class UniqueNames:
+    """Value names in use in a model (all graphs), to make new names unique."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.used: set[str] = set()
+        for graph in model.graphs():
+            self.used.update(v.name for v in graph.inputs if v.name)
+            self.used.update(name for name in graph.initializers if name)
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            self.used.update(v.name for v in node.outputs if v.name)
+
+    def new(self, wanted: str) -> str:
+        name, counter = wanted, 1
+        while name in self.used:
+            name, counter = f"{wanted}_{counter}", counter + 1
+        self.used.add(name)
+        return name
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The array of a constant value (initializer or Constant output), None if not constant.
+
+    An initializer that is also a graph input can be overridden at run time: not a constant.
+    """
+    if value is None or value.is_graph_input():
+        return None
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+    except ValueError:
+        return None
+    return None if tensor is None else tensor.numpy()
+
+
+def set_input_constant(
+    node: ir.Node,
+    index: int,
+    array: np.ndarray,
+    dtype: ir.DataType,
+    wanted_name: str,
+    graph: ir.Graph,
+    names: UniqueNames,
+) -> None:
+    """Give input ``index`` of ``node`` the constant ``array``.
+
+    The initializer is updated in place when only this node uses it; otherwise (shared, a
+    Constant node, or a missing optional input) a new initializer is made and wired in.
+    """
+    old = node.inputs[index] if index < len(node.inputs) else None
+    tensor_name = old.name if old is not None else None
+    exclusive = (
+        old is not None
+        and old.is_initializer()
+        and old.graph is graph
+        and len(old.uses()) == 1
+        and not old.is_graph_input()
+        and not old.is_graph_output()
+    )
+    if exclusive:
+        assert old is not None
+        old.const_value = ir.tensor(array, dtype=dtype, name=tensor_name)
+        old.shape = ir.Shape(array.shape)  # onnx-ir does not update these from the tensor
+        old.dtype = dtype
+        return
+    name = names.new(wanted_name)
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(dtype),
+        const_value=ir.tensor(array, dtype=dtype, name=name),
+    )
+    graph.register_initializer(value)
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+
+
+def attribute(node: ir.Node, name: str, default: Any) -> Any:
+    attr = node.attributes.get(name)
+    if attr is None or attr.is_ref():
+        return default
+    return attr.value
