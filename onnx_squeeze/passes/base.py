@@ -147,6 +147,10 @@ def register(cls: type[Pass]) -> type[Pass]:
 def make_pass(name: str, settings: Mapping[str, Any] | None = None) -> Pass:
     """Instantiate a registered pass by name."""
     if name not in PASS_REGISTRY:
+        from onnx_squeeze.passes import load_all
+
+        load_all()
+    if name not in PASS_REGISTRY:
         known = ", ".join(sorted(PASS_REGISTRY)) or "none yet"
         raise SettingsError(f"unknown pass {name!r}; available passes: {known}")
     return PASS_REGISTRY[name](**dict(settings or {}))
