@@ -25,7 +25,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import onnxsim
 
-from onnx_squeeze import analysis, compare, model_io, runtime, zoo
+from onnx_squeeze import analysis, comparison, model_io, runtime, zoo
 from onnx_squeeze.pipeline import compress
 from onnx_squeeze.report import human_bytes, human_count
 
@@ -41,7 +41,7 @@ def _onnxsim_peer(model: ir.Model) -> ir.Model:
 
 
 def _latencies(models: list[ir.Model], feed: dict, threads: int, runs: int) -> list[float]:
-    timings = compare.latency(models, feed, provider="cpu", threads=threads, runs=runs, warmup=3)
+    timings = comparison.latency(models, feed, provider="cpu", threads=threads, runs=runs, warmup=3)
     return [t.median_ms for t in timings]
 
 
@@ -73,7 +73,7 @@ def bench_model(name: str, threads: list[int], runs: int, folder: Path) -> dict:
     for count in threads:
         base, squeezed, simplified = _latencies([original, ours, peer], feed, count, runs)
         row["latency_ms"][f"t{count}"] = {"original": base, "onnx_squeeze": squeezed, "onnxsim": simplified}
-    fid = compare.fidelity(original, ours, [feed])
+    fid = comparison.fidelity(original, ours, [feed])
     row["cosine_onnx_squeeze"] = min(f.cosine for f in fid)
     return row
 

@@ -254,9 +254,9 @@ def _compare(
     names: tuple[str, str],
     paths: tuple[str | None, str | None],
 ) -> dict[str, Any]:
-    from onnx_squeeze import compare
+    from onnx_squeeze.comparison import compare
 
-    comparison = compare.compare(
+    comparison = compare(
         a,
         b,
         feeds=source,
@@ -402,10 +402,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from onnx_squeeze import compare
+    from onnx_squeeze.comparison import bench
 
     models = {source: load_model(source) for source in args.models}
-    rows = compare.bench(
+    rows = bench(
         models,
         providers=tuple(args.providers),
         threads=tuple(args.threads),

@@ -2,7 +2,7 @@
 
 ``parse_gates("top1_agreement>=0.99, cosine>=0.999")`` accepts several gates separated by commas
 (or given as repeated strings); operators are ``>= <= > < ==``; a threshold may end in ``%``
-(``top1_agreement>=99%``). The metrics are those of :meth:`compare.Comparison.metrics`.
+(``top1_agreement>=99%``). The metrics are those of :meth:`comparison.Comparison.metrics`.
 """
 
 from __future__ import annotations

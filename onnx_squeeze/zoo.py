@@ -960,7 +960,7 @@ def yolo(
     b = _Builder(seed)
     c1, c2, c3, c4, c5 = (_make_divisible(c * width) for c in (16, 32, 64, 128, 256))
     n_small, n_large = _repeats(1, depth), _repeats(2, depth)
-    x = _image_batch(b, "images", batch, image_size, samples=128)
+    x = _image_batch(b, "images", batch, image_size)
     x = _yolo_conv(b, "model.0", x, c1, 3, 2)
     x = _yolo_conv(b, "model.1", x, c2, 3, 2)
     x = _c2f(b, "model.2", x, c2, n_small, True)

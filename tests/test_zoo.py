@@ -217,19 +217,26 @@ def test_model_specific_structure():
 
 @pytest.mark.parametrize("name", CONV_NETS)
 def test_batchnorm_statistics_match_the_activations(name):
-    """Running mean/var are what the conv actually produces on standard-normal images."""
+    """Running mean/var are what each conv produces on standard-normal images.
+
+    Per-layer bounds are loose: on tiny feature maps (small YOLO's 2x2 stride-32 level)
+    image-to-image variation dominates and 64 images estimate it only roughly.
+    """
     model = small(name)
     norms = [node for node in model.graph if node.op_type == "BatchNormalization"]
     adds = [node.outputs[0].name for node in model.graph if node.op_type == "Add"]
     names = sorted({node.inputs[0].name for node in norms}) + adds
-    values = run_with_intermediates(model, names, feed(model, 32, np.random.default_rng(3)))
+    values = run_with_intermediates(model, names, feed(model, 64, np.random.default_rng(3)))
+    variances = []
     for node in norms:
         x = values[node.inputs[0].name]
         mean = node.inputs[3].const_value.numpy()[None, :, None, None]
         var = node.inputs[4].const_value.numpy()[None, :, None, None]
         z = (x - mean) / np.sqrt(var)
-        assert np.abs(z.mean(axis=(0, 2, 3))).mean() < 0.25, node.name
-        assert 0.6 < np.median(z.var(axis=(0, 2, 3))) < 1.6, node.name
+        assert np.abs(z.mean(axis=(0, 2, 3))).mean() < 0.3, node.name
+        variances.append(np.median(z.var(axis=(0, 2, 3))))
+        assert 0.4 < variances[-1] < 2.5, node.name
+    assert 0.75 < np.mean(variances) < 1.33
     for add in adds:  # residual streams neither explode nor vanish
         assert 0.2 < np.sqrt(np.mean(values[add] ** 2)) < 5, add
 

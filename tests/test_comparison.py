@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 
-from onnx_squeeze import compare as cmp
+from onnx_squeeze import comparison as cmp
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.gates import evaluate_gates
 from onnx_squeeze.runtime import create_session, provider_available
