@@ -66,13 +66,21 @@ def bench_model(name: str, threads: list[int], runs: int, folder: Path) -> dict:
         "params": summary.params,
         "macs": summary.macs,
         "size_bytes": summary.size_bytes,
-        "nodes": {"original": len(original.graph), "onnx_squeeze": len(ours.graph), "onnxsim": len(peer.graph)},
+        "nodes": {
+            "original": len(original.graph),
+            "onnx_squeeze": len(ours.graph),
+            "onnxsim": len(peer.graph),
+        },
         "seconds": {"build": build_s, "onnx_squeeze_prepare": ours_s, "onnxsim": peer_s},
         "latency_ms": {},
     }
     for count in threads:
         base, squeezed, simplified = _latencies([original, ours, peer], feed, count, runs)
-        row["latency_ms"][f"t{count}"] = {"original": base, "onnx_squeeze": squeezed, "onnxsim": simplified}
+        row["latency_ms"][f"t{count}"] = {
+            "original": base,
+            "onnx_squeeze": squeezed,
+            "onnxsim": simplified,
+        }
     fid = comparison.fidelity(original, ours, [feed])
     row["cosine_onnx_squeeze"] = min(f.cosine for f in fid)
     return row
@@ -100,12 +108,20 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         shape = "; ".join("×".join(map(str, s)) for s in row["inputs"].values())
         nodes = row["nodes"]
         cells = [
-            row["model"], shape, human_count(row["params"]), human_count(row["macs"]), human_bytes(row["size_bytes"]),
+            row["model"],
+            shape,
+            human_count(row["params"]),
+            human_count(row["macs"]),
+            human_bytes(row["size_bytes"]),
             f"{nodes['original']} → {nodes['onnx_squeeze']} / {nodes['onnxsim']}",
         ]
         for count in meta["threads"]:
             lat = row["latency_ms"][f"t{count}"]
-            cells += [f"{lat['original']:.2f}", f"{lat['onnx_squeeze'] / lat['original']:.3f}", f"{lat['onnxsim'] / lat['original']:.3f}"]
+            cells += [
+                f"{lat['original']:.2f}",
+                f"{lat['onnx_squeeze'] / lat['original']:.3f}",
+                f"{lat['onnxsim'] / lat['original']:.3f}",
+            ]
         cells.append(f"{row['cosine_onnx_squeeze']:.7f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")

@@ -10,9 +10,9 @@ The Python API mirrors the CLI::
 
 __version__ = "0.1.0"
 
-from onnx_squeeze.comparison import compare  # noqa: E402
-from onnx_squeeze.model_io import load, save  # noqa: E402
-from onnx_squeeze.pipeline import compress  # noqa: E402
-from onnx_squeeze.recipe import Recipe  # noqa: E402
+from onnx_squeeze.comparison import compare
+from onnx_squeeze.model_io import load, save
+from onnx_squeeze.pipeline import compress
+from onnx_squeeze.recipe import Recipe
 
 __all__ = ["Recipe", "__version__", "compare", "compress", "load", "save"]

@@ -46,7 +46,10 @@ def test_load_from_path_proto_and_ir(tmp_path):
     ("content", "message"),
     [
         (b"", "empty"),
-        (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n", "git-LFS pointer"),
+        (
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n",
+            "git-LFS pointer",
+        ),
         (b"\xff\xfe this is not a protobuf at all \x00\x01", "not a valid ONNX protobuf"),
     ],
 )
@@ -83,7 +86,9 @@ def test_empty_graph_is_refused():
 
 def test_custom_domain_is_named():
     proto = matmul_model()
-    proto.graph.node.append(helper.make_node("Frobnicate", ["y"], ["z"], name="frob", domain="com.acme"))
+    proto.graph.node.append(
+        helper.make_node("Frobnicate", ["y"], ["z"], name="frob", domain="com.acme")
+    )
     proto.opset_import.append(helper.make_opsetid("com.acme", 1))
     with pytest.raises(InputError, match=r"'frob'.*com\.acme"):
         model_io.check_runnable(model_io.load(proto))
@@ -160,8 +165,16 @@ def test_model_over_2gb_round_trips_with_external_data(tmp_path):
     starts = ir.Value(name="starts", const_value=ir.tensor(np.array([0], np.int64), name="starts"))
     ends = ir.Value(name="ends", const_value=ir.tensor(np.array([4], np.int64), name="ends"))
     axes = ir.Value(name="axes", const_value=ir.tensor(np.array([1], np.int64), name="axes"))
-    sliced = ir.Node("", "Slice", [matmul.outputs[0], starts, ends, axes], outputs=[y], name="slice")
-    graph = ir.Graph([x], [y], nodes=[matmul, sliced], initializers=[w, starts, ends, axes], opset_imports={"": 17})
+    sliced = ir.Node(
+        "", "Slice", [matmul.outputs[0], starts, ends, axes], outputs=[y], name="slice"
+    )
+    graph = ir.Graph(
+        [x],
+        [y],
+        nodes=[matmul, sliced],
+        initializers=[w, starts, ends, axes],
+        opset_imports={"": 17},
+    )
     model = ir.Model(graph, ir_version=9)
     target = model_io.save(model, tmp_path / "big.onnx")
     del model, weight
@@ -169,4 +182,6 @@ def test_model_over_2gb_round_trips_with_external_data(tmp_path):
     loaded = model_io.load(target)
     assert model_io.initializer_bytes(loaded) > 2**31
     out = runtime.create_session(loaded).run(None, {"x": np.ones((1, rows), np.float32)})[0]
-    np.testing.assert_allclose(out[0], np.arange(rows * 4, dtype=np.float32).reshape(rows, 4).sum(0))
+    np.testing.assert_allclose(
+        out[0], np.arange(rows * 4, dtype=np.float32).reshape(rows, 4).sum(0)
+    )

@@ -38,7 +38,9 @@ def registered():
 
 def test_yaml_forms(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("prepare: {simplify: false}\npasses:\n  - test_noop: {factor: 2}\n  - pass: test_noop\n    factor: 3\n  - test_noop\n")
+    path.write_text(
+        "prepare: {simplify: false}\npasses:\n  - test_noop: {factor: 2}\n  - pass: test_noop\n    factor: 3\n  - test_noop\n"
+    )
     recipe = Recipe.load(path)
     assert [s.settings for s in recipe.steps] == [{"factor": 2}, {"factor": 3}, {}]
     assert recipe.prepare == {"simplify": False}
