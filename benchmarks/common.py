@@ -1,0 +1,147 @@
+"""Shared pieces of the benchmark scripts: models, inputs, timing, fidelity, tables, results.
+
+Every ``benchmarks/bench_*.py`` measures its rows side by side in one process (latency
+interleaved, so machine noise hits every model alike), quotes ratios against the original and the
+peers, and writes ``benchmarks/results/<topic>.md`` (committed) plus ``<topic>.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnx_squeeze import analysis, comparison, runtime, zoo
+from onnx_squeeze.pipeline import compress
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def prepared_zoo_model(name: str, **kwargs: Any) -> tuple[ir.Model, ir.Model]:
+    """A full-size zoo model (``kwargs`` go to ``zoo.build``) and its prepared form.
+
+    The prepared form (what ``compress`` does with an empty recipe) is the baseline that passes
+    start from; ratios are quoted against the original.
+    """
+    original = zoo.build(name, **kwargs)
+    return original, compress(original).model
+
+
+def feeds(model: ir.Model, count: int, *, batch: int = 1, seed: int = 0) -> list[dict]:
+    """``count`` feeds of standard-normal data: the zoo's BatchNorm statistics are fitted to it."""
+    rng = np.random.default_rng(seed)
+    specs = runtime.input_specs(model)
+    overrides = {s.name: (batch, *s.concrete_shape()[1:]) for s in specs}
+    return [runtime.random_feed(specs, rng, overrides) for _ in range(count)]
+
+
+def latency_ms(models: Sequence[ir.Model], feed: dict, threads: int, runs: int = 20) -> list[float]:
+    """Median CPU latency of each model, timed interleaved in this process."""
+    timings = comparison.latency(
+        list(models), feed, provider="cpu", threads=threads, runs=runs, warmup=3
+    )
+    return [t.median_ms for t in timings]
+
+
+def fidelity(reference: ir.Model, model: ir.Model, data: Sequence[dict]) -> dict[str, float]:
+    """Worst cosine and top-1 agreement over the outputs, and the largest absolute error."""
+    results = comparison.fidelity(reference, model, list(data))
+    top1 = [r.top1_agreement for r in results if r.top1_agreement is not None]
+    return {
+        "cosine": min(r.cosine for r in results),
+        "top1_agreement": min(top1) if top1 else float("nan"),
+        "max_abs": max(r.max_abs for r in results),
+    }
+
+
+def cost(model: ir.Model) -> dict[str, int]:
+    """Parameters, MACs (batch 1) and serialized size of a model."""
+    summary = analysis.analyze(model)
+    size = summary.size_bytes or len(ir.to_proto(model).SerializeToString())
+    return {"params": summary.params, "macs": summary.macs, "bytes": size}
+
+
+def run_isolated(code: str, timeout: float = 1800) -> dict[str, Any]:
+    """Run Python ``code`` in a fresh interpreter; its wall time, peak RSS and printed JSON.
+
+    Peak memory of one quantizer or pass is only comparable when each runs in its own process;
+    ``code`` prints one JSON object on its last line of stdout.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"isolated run failed:\n{done.stderr[-2000:]}")
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    lines = done.stdout.strip().splitlines()
+    return {
+        "seconds": seconds,
+        # ru_maxrss of children is the maximum over all children so far; a child that did not
+        # exceed an earlier one reports the earlier peak, so run the heavier quantizer last or
+        # read the child's own figure from its JSON ("peak_rss_mib").
+        "children_peak_rss_mib": max(peak_kib, before) / 1024,
+        "result": json.loads(lines[-1]) if lines else {},
+    }
+
+
+def self_peak_rss_mib() -> float:
+    """Peak resident memory of this process (for code run through :func:`run_isolated`)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; floats get 3 significant decimals, None an en dash."""
+
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return "–"
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def meta(runs: int, threads: Sequence[int]) -> dict[str, Any]:
+    """Where and how the figures were taken."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "runs": runs,
+        "threads": list(threads),
+    }
+
+
+def write_results(topic: str, title: str, body: str, data: dict[str, Any]) -> Path:
+    """Write ``results/<topic>.md`` (title, how measured, body) and ``results/<topic>.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = data.get("meta", {})
+    header = (
+        f"# {title}\n\n{info.get('date', '')} · {info.get('machine', '')} · onnxruntime "
+        f"{info.get('onnxruntime', '')} · CPUExecutionProvider · median of {info.get('runs', '?')} "
+        "interleaved runs\n\n"
+    )
+    markdown = RESULTS / f"{topic}.md"
+    markdown.write_text(header + body.rstrip() + "\n")
+    (RESULTS / f"{topic}.json").write_text(json.dumps(data, indent=2, default=float))
+    return markdown
