@@ -289,8 +289,10 @@ def _infer_shapes(
     input_set = set(clone.graph.inputs)
     for name, value in list(clone.graph.initializers.items()):
         tensor = value.const_value
-        if tensor is not None and tensor.nbytes <= _INLINE_TENSOR_BYTES:
-            continue
+        if tensor is not None and (
+            tensor.nbytes <= _INLINE_TENSOR_BYTES or not tensor.dtype.is_floating_point()
+        ):
+            continue  # small or integer (shape data, position ids): inference may read it
         if tensor is not None:
             value.shape = ir.Shape(tensor.shape)
             value.dtype = tensor.dtype
@@ -304,7 +306,32 @@ def _infer_shapes(
     )
     shapes: dict[str, tuple[int | None, ...]] = {}
     _collect_proto_shapes(inferred.graph, shapes)
+    if any(None in shape for shape in shapes.values()):
+        _fill_from_symbolic_inference(proto, shapes)
     return shapes
+
+
+def _fill_from_symbolic_inference(
+    proto: onnx.ModelProto, shapes: dict[str, tuple[int | None, ...]]
+) -> None:
+    """Fill dims onnx's inference left unknown using onnxruntime's symbolic shape inference.
+
+    onnx's data propagation stops at patterns exporters emit for transformers (position ids
+    sliced by a length read from the input's shape); onnxruntime's tool was written for them.
+    It fails on some graphs (unknown ops): then the onnx result stands.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    except Exception:  # a best-effort refinement, never fatal
+        return
+    found: dict[str, tuple[int | None, ...]] = {}
+    _collect_proto_shapes(inferred.graph, found)
+    for name, shape in found.items():
+        known = shapes.get(name)
+        if None not in shape and (known is None or None in known):
+            shapes[name] = shape
 
 
 def _make_shape_of(
