@@ -40,11 +40,23 @@ def prepared_zoo_model(name: str, **kwargs: Any) -> tuple[ir.Model, ir.Model]:
     return original, compress(original).model
 
 
-def feeds(model: ir.Model, count: int, *, batch: int = 1, seed: int = 0) -> list[dict]:
-    """``count`` feeds of standard-normal data: the zoo's BatchNorm statistics are fitted to it."""
+def feeds(
+    model: ir.Model,
+    count: int,
+    *,
+    batch: int = 1,
+    seed: int = 0,
+    shapes: dict[str, Sequence[int]] | None = None,
+) -> list[dict]:
+    """``count`` feeds of standard-normal data: the zoo's BatchNorm statistics are fitted to it.
+
+    ``shapes`` fixes whole input shapes (e.g. ``{"input_ids": (1, 128)}`` for the transformer,
+    whose sequence length is symbolic); other inputs get ``batch`` and 1 for symbolic dims.
+    """
     rng = np.random.default_rng(seed)
     specs = runtime.input_specs(model)
     overrides = {s.name: (batch, *s.concrete_shape()[1:]) for s in specs}
+    overrides.update(shapes or {})
     return [runtime.random_feed(specs, rng, overrides) for _ in range(count)]
 
 
@@ -67,9 +79,9 @@ def fidelity(reference: ir.Model, model: ir.Model, data: Sequence[dict]) -> dict
     }
 
 
-def cost(model: ir.Model) -> dict[str, int]:
-    """Parameters, MACs (batch 1) and serialized size of a model."""
-    summary = analysis.analyze(model)
+def cost(model: ir.Model, shapes: dict[str, Sequence[int]] | None = None) -> dict[str, int]:
+    """Parameters, MACs (batch 1, or at ``shapes``) and serialized size of a model."""
+    summary = analysis.analyze(model, shapes=shapes)
     size = summary.size_bytes or len(ir.to_proto(model).SerializeToString())
     return {"params": summary.params, "macs": summary.macs, "bytes": size}
 

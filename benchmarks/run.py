@@ -1,35 +1,46 @@
-"""Benchmarks on the full-size zoo models, measured side by side in one run.
+"""Run the benchmarks and assemble ``benchmarks/results/latest.md``.
 
-    python benchmarks/run.py [--models resnet18,resnet50] [--runs 20] [--threads 1,2]
+    python benchmarks/run.py                 # reference models, then every bench_*.py
+    python benchmarks/run.py --only foundation --runs 10
+    python benchmarks/run.py --collect       # only re-assemble latest.md from results/*.md
 
-Writes ``benchmarks/results/latest.md`` (committed) and ``latest.json``. Latencies are timed
-interleaved (A, B, C, A, B, C, ...) in one process so machine noise hits every model alike;
-tables quote ratios against the original, as ANCHORS.md asks.
+The foundation section measures every full-size zoo model as built, after onnx-squeeze's
+prepare (an empty recipe) and after onnxsim alone, side by side in one process. Each
+``bench_<topic>.py`` writes ``results/<topic>.md``; ``latest.md`` is their concatenation, and
+README quotes its headline rows.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
+import common
 import onnx_ir as ir
-import onnxruntime as ort
 import onnxsim
 
-from onnx_squeeze import analysis, comparison, model_io, runtime, zoo
+from onnx_squeeze import model_io, zoo
 from onnx_squeeze.pipeline import compress
 from onnx_squeeze.report import human_bytes, human_count
 
-RESULTS = Path(__file__).parent / "results"
+HERE = Path(__file__).parent
+# The order sections appear in latest.md; topics not listed follow alphabetically.
+SECTION_ORDER = [
+    "foundation",
+    "prune_channels",
+    "prune_weights",
+    "low_rank",
+    "quantize_int8",
+    "quantize_float",
+    "quantize_weights",
+    "distill",
+]
+# Inputs for the zoo's symbolic dims where batch 1 alone is not representative.
+SHAPES = {"transformer": {"input_ids": (1, 128)}}
 
 
 def _onnxsim_peer(model: ir.Model) -> ir.Model:
@@ -40,16 +51,9 @@ def _onnxsim_peer(model: ir.Model) -> ir.Model:
     return ir.from_proto(simplified)
 
 
-def _latencies(models: list[ir.Model], feed: dict, threads: int, runs: int) -> list[float]:
-    timings = comparison.latency(models, feed, provider="cpu", threads=threads, runs=runs, warmup=3)
-    return [t.median_ms for t in timings]
-
-
 def bench_model(name: str, threads: list[int], runs: int, folder: Path) -> dict:
     """Original vs onnx-squeeze prepare (empty recipe) vs onnxsim on one zoo model."""
-    start = time.perf_counter()
     original = zoo.build(name)
-    build_s = time.perf_counter() - start
     path = folder / f"{name}.onnx"
     model_io.save(original, path)
     start = time.perf_counter()
@@ -58,64 +62,47 @@ def bench_model(name: str, threads: list[int], runs: int, folder: Path) -> dict:
     start = time.perf_counter()
     peer = _onnxsim_peer(original)
     peer_s = time.perf_counter() - start
-    summary = analysis.analyze(original, path=path)
-    feed = runtime.random_feed(runtime.input_specs(original), np.random.default_rng(0))
+    feed = common.feeds(original, 1, shapes=SHAPES.get(name))[0]
     row = {
         "model": name,
-        "inputs": {k: list(v) for k, v in summary.input_shapes.items()},
-        "params": summary.params,
-        "macs": summary.macs,
-        "size_bytes": summary.size_bytes,
+        "inputs": {k: list(v.shape) for k, v in feed.items()},
+        **common.cost(original, shapes=SHAPES.get(name)),
         "nodes": {
             "original": len(original.graph),
             "onnx_squeeze": len(ours.graph),
             "onnxsim": len(peer.graph),
         },
-        "seconds": {"build": build_s, "onnx_squeeze_prepare": ours_s, "onnxsim": peer_s},
+        "seconds": {"onnx_squeeze_prepare": ours_s, "onnxsim": peer_s},
         "latency_ms": {},
     }
     for count in threads:
-        base, squeezed, simplified = _latencies([original, ours, peer], feed, count, runs)
+        base, squeezed, simplified = common.latency_ms([original, ours, peer], feed, count, runs)
         row["latency_ms"][f"t{count}"] = {
             "original": base,
             "onnx_squeeze": squeezed,
             "onnxsim": simplified,
         }
-    fid = comparison.fidelity(original, ours, [feed])
-    row["cosine_onnx_squeeze"] = min(f.cosine for f in fid)
+    row["cosine_onnx_squeeze"] = common.fidelity(original, ours, [feed])["cosine"]
     return row
 
 
-def to_markdown(rows: list[dict], meta: dict) -> str:
-    lines = [
-        "# Benchmark results",
-        "",
-        f"{meta['date']} · {meta['machine']} · onnxruntime {meta['onnxruntime']} · "
-        f"CPUExecutionProvider · batch 1 · median of {meta['runs']} interleaved runs",
-        "",
-        "## Reference models (full size) and prepare vs onnxsim",
-        "",
-        "Prepare = what `onnx-squeeze compress` does with an empty recipe (shape inference, onnxsim "
-        "in a subprocess, BatchNorm folding, constant folding). Peer = onnxsim alone. Ratios are "
-        "latency relative to the original model, same run (lower is faster).",
-        "",
-        "| model | input | params | MACs | size | nodes orig → ours / onnxsim | "
-        + " | ".join(f"orig ms t{t} | ours ×t{t} | onnxsim ×t{t}" for t in meta["threads"])
-        + " | cosine ours |",
-        "|---|---|---|---|---|---|" + "---|---|---|" * len(meta["threads"]) + "---|",
-    ]
+def foundation_markdown(rows: list[dict], threads: list[int]) -> str:
+    headers = ["model", "input", "params", "MACs", "size", "nodes orig → ours / onnxsim"]
+    for count in threads:
+        headers += [f"orig ms t{count}", f"ours ×t{count}", f"onnxsim ×t{count}"]
+    headers.append("cosine ours")
+    table = []
     for row in rows:
-        shape = "; ".join("×".join(map(str, s)) for s in row["inputs"].values())
         nodes = row["nodes"]
         cells = [
             row["model"],
-            shape,
+            "; ".join("×".join(map(str, s)) for s in row["inputs"].values()),
             human_count(row["params"]),
             human_count(row["macs"]),
-            human_bytes(row["size_bytes"]),
+            human_bytes(row["bytes"]),
             f"{nodes['original']} → {nodes['onnx_squeeze']} / {nodes['onnxsim']}",
         ]
-        for count in meta["threads"]:
+        for count in threads:
             lat = row["latency_ms"][f"t{count}"]
             cells += [
                 f"{lat['original']:.2f}",
@@ -123,9 +110,42 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
                 f"{lat['onnxsim'] / lat['original']:.3f}",
             ]
         cells.append(f"{row['cosine_onnx_squeeze']:.7f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    return "\n".join(lines)
+        table.append(cells)
+    return (
+        "Prepare = what `onnx-squeeze compress` does with an empty recipe (shape inference, "
+        "onnxsim in a subprocess, BatchNorm folding, constant folding). Peer = onnxsim alone. "
+        "× = latency relative to the original model in the same run (lower is faster). "
+        "onnxsim's lower node count on the transformer is its fusion of attention into "
+        "onnxruntime-only `com.microsoft.Attention`, which prepare turns off so that passes see "
+        "the Q/K/V projections.\n\n" + common.markdown_table(headers, table)
+    )
+
+
+def run_foundation(models: list[str], threads: list[int], runs: int) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in models:
+            print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+            rows.append(bench_model(name, threads, runs, Path(scratch)))
+    data = {"meta": common.meta(runs, threads), "rows": rows}
+    common.write_results(
+        "foundation",
+        "Reference models: prepare vs onnxsim",
+        foundation_markdown(rows, threads),
+        data,
+    )
+
+
+def collect() -> Path:
+    """Concatenate results/<topic>.md into results/latest.md in SECTION_ORDER."""
+    found = {p.stem: p for p in common.RESULTS.glob("*.md") if p.stem != "latest"}
+    order = [t for t in SECTION_ORDER if t in found] + sorted(set(found) - set(SECTION_ORDER))
+    sections = [
+        found[t].read_text().replace("\n# ", "\n## ").replace("# ", "## ", 1) for t in order
+    ]
+    latest = common.RESULTS / "latest.md"
+    latest.write_text("# Benchmark results\n\n" + "\n".join(sections))
+    return latest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,27 +153,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=",".join(zoo.NAMES))
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--out", default=str(RESULTS / "latest.md"))
+    parser.add_argument("--only", help="run one topic: foundation or a bench_<topic>.py")
+    parser.add_argument("--collect", action="store_true", help="only re-assemble latest.md")
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
-    rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in args.models.split(","):
-            print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-            rows.append(bench_model(name, threads, args.runs, Path(scratch)))
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "onnxruntime": ort.__version__,
-        "onnx": onnx.__version__,
-        "runs": args.runs,
-        "threads": threads,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(to_markdown(rows, meta))
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(out.read_text())
+    if not args.collect:
+        if args.only in (None, "foundation"):
+            run_foundation(args.models.split(","), threads, args.runs)
+        scripts = sorted(HERE.glob("bench_*.py"))
+        if args.only not in (None, "foundation"):
+            scripts = [HERE / f"bench_{args.only}.py"]
+        for script in scripts:
+            print(f"running {script.name} ...", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, str(script)], check=True)
+    print(collect().read_text())
 
 
 if __name__ == "__main__":

@@ -84,8 +84,11 @@ def compress(
     except TypeError as error:
         raise SettingsError(f"recipe 'prepare': {error}") from None
     model, prepare_report = prepare(model, settings)
+    # The teacher is the prepared model as it was before the passes: prepare is lossless and
+    # keeps value names, so a pass can match student and teacher tensors by name.
+    teacher = model.clone() if passes else original
     context = PassContext(
-        calibration=calibration, teacher=original, providers=tuple(providers), seed=seed
+        calibration=calibration, teacher=teacher, providers=tuple(providers), seed=seed
     )
     pass_reports = [step(model, context) for step in passes]
     finalize(model, notes, check=check and not input_problem)
