@@ -1,0 +1,898 @@
+"""INT8 quantization: static QDQ with calibration (``quantize_int8``) and dynamic
+(``quantize_dynamic``).
+
+Static QDQ plans first, then applies. The plan picks *anchors* (Conv, ConvTranspose, Gemm,
+MatMul: they get INT8 weights and quantized inputs) and *followers* (ops onnxruntime runs in
+integer form when their input is already quantized: Add/Mul, Concat, pooling, Sigmoid, Softmax,
+and the data-movement ops that must keep their input's scale: MaxPool, Reshape, Transpose,
+Resize, ...). Tensors that must share parameters are joined into classes; every class gets one
+range (from calibration) and every tensor one QuantizeLinear plus one DequantizeLinear *per
+consumer*: onnxruntime's QDQ fusion wants a DequantizeLinear with a single consumer, and a shared
+one (a residual branch, q/k/v reading one tensor) leaves the float op in place.
+
+Placement follows onnxruntime's QDQ selectors (``qdq_selector_action_transformer.cc``): Conv
+needs a quantized output to become QLinearConv; Gemm/MatMul become QGemm/QLinearMatMul with a
+quantized output and QGemm/MatMulIntegerToFloat without one, so their output is quantized only
+when a consumer wants it. With UINT8 activations a Relu (or Clip from 0) after a Conv is left
+to onnxruntime's Relu/Clip-QuantizeLinear fusion (zero point 0 makes the clamp free); with
+symmetric INT8 activations it keeps its input's parameters. Graph outputs stay float.
+
+Dynamic INT8 writes what onnxruntime fuses into DynamicQuantizeMatMul: DynamicQuantizeLinear
+(one per MatMul, for the same reason as above), MatMulInteger with per-column INT8 weights,
+Cast and the scale products.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_squeeze import comparison, quant_params
+from onnx_squeeze.calibration import RandomSource, StatisticsCollector, TensorStatistics
+from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.gates import parse_gate
+from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
+from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created, register
+from onnx_squeeze.quant_params import INT8, INT32, IntType
+from onnx_squeeze.runtime import input_specs
+
+SOURCE_KEY = "onnx_squeeze.source_node"
+
+ANCHOR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Followers whose output keeps the parameters of input 0 (onnxruntime drops their Q/DQ).
+SHARING_OPS = frozenset(
+    {
+        "MaxPool",
+        "Reshape",
+        "Transpose",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Resize",
+        "Slice",
+        "Expand",
+        "Tile",
+        "Gather",
+        "Split",
+    }
+)
+# Followers with their own output parameters (com.microsoft QLinear* kernels on CPU).
+UNARY_OPS = frozenset({"AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax"})
+BINARY_OPS = frozenset({"Add", "Mul"})
+CLAMP_OPS = frozenset({"Relu", "Clip"})
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "ConvInteger",
+        "MatMulInteger",
+        "MatMulNBits",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "QLinearAdd",
+        "QLinearMul",
+    }
+)
+_CACHE_KEY = "quantize_int8.statistics"
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+def _check_names(values: Iterable[str], known: Iterable[str], what: str) -> None:
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SettingsError(f"unknown {what} {unknown}: use any of {', '.join(sorted(known))}")
+
+
+@dataclasses.dataclass
+class Selection:
+    """Which nodes a quantizer may touch: node-name globs and op types."""
+
+    include: list[str] = dataclasses.field(default_factory=list)
+    exclude: list[str] = dataclasses.field(default_factory=list)
+    op_types: list[str] = dataclasses.field(default_factory=list)
+    exclude_op_types: list[str] = dataclasses.field(default_factory=list)
+
+    def reason_to_skip(self, node: ir.Node) -> str | None:
+        name = node.name or ""
+        if node.op_type in self.exclude_op_types:
+            return f"op type {node.op_type} excluded"
+        if self.op_types and node.op_type not in self.op_types:
+            return f"op type {node.op_type} not in op_types"
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+            return "excluded by name"
+        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return "not in include"
+        return None
+
+
+@dataclasses.dataclass
+class QuantizeInt8Settings:
+    method: str = "minmax"  # minmax | percentile | entropy | mse
+    percentile: float = 99.999
+    activation_type: str = "uint8"  # uint8 (asymmetric, fastest on CPU) | int8 (symmetric)
+    per_channel: bool = True
+    weight_bits: int = 0  # 0: 7 on x86 CPUs without VNNI (no u8s8 overflow), else 8
+    include: list[str] = dataclasses.field(default_factory=list)
+    exclude: list[str] = dataclasses.field(default_factory=list)
+    op_types: list[str] = dataclasses.field(default_factory=list)
+    exclude_op_types: list[str] = dataclasses.field(default_factory=list)
+    keep_first_last: bool = False
+    target: str = ""  # e.g. "top1_agreement>=0.99": keep the most sensitive layers in float
+    sensitivity: bool = False  # measure per-layer sensitivity even without a target
+    sensitivity_batches: int = 4
+    bias_correction: bool = False
+    calibration_batches: int = 0  # 0: all batches of the source
+    random_samples: int = 16  # without calibration data: random samples (smoke tests only)
+    histogram_bins: int = 2048
+
+
+@dataclasses.dataclass
+class QuantizeDynamicSettings:
+    per_channel: bool = True
+    weight_bits: int = 0  # 0: 7 on x86 CPUs without VNNI (no u8s8 overflow), else 8
+    include: list[str] = dataclasses.field(default_factory=list)
+    exclude: list[str] = dataclasses.field(default_factory=list)
+    op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm"])
+    exclude_op_types: list[str] = dataclasses.field(default_factory=list)
+
+
+def _weight_type(settings: Any) -> IntType:
+    bits = settings.weight_bits or (8 if quant_params.cpu_has_vnni() else 7)
+    return quant_params.weight_type(bits)
+
+
+def _selection(settings: Any) -> Selection:
+    return Selection(
+        list(settings.include),
+        list(settings.exclude),
+        list(settings.op_types),
+        list(settings.exclude_op_types),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph facts shared by both passes
+
+
+def _weight_axis(node: ir.Node, rank: int) -> int | None:
+    """The output-channel axis of the node's weight (input 1), or None if unsupported."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1 if attribute(node, "group", 1) == 1 else None
+    if node.op_type == "Gemm":
+        return 0 if attribute(node, "transB", 0) else 1
+    if node.op_type == "MatMul":
+        return rank - 1 if rank >= 2 else None
+    return None
+
+
+def _is_activation(value: ir.Value | None) -> bool:
+    return (
+        value is not None
+        and constant_array(value) is None
+        and value.dtype == ir.DataType.FLOAT
+        and not _from_dequantize(value)
+    )
+
+
+def _from_dequantize(value: ir.Value) -> bool:
+    producer = value.producer()
+    return producer is not None and producer.op_type in QUANTIZED_OPS
+
+
+def _already_quantized(node: ir.Node) -> bool:
+    """A node that reads a DequantizeLinear output or is itself a quantized op."""
+    if node.op_type in QUANTIZED_OPS or node.domain not in ("", "ai.onnx"):
+        return node.op_type in QUANTIZED_OPS
+    return any(v is not None and _from_dequantize(v) for v in node.inputs)
+
+
+def _anchor_problem(node: ir.Node) -> str | None:
+    """Why an anchor cannot be quantized, or None."""
+    if _already_quantized(node):
+        return "already quantized (reads a DequantizeLinear or is a quantized op): left untouched"
+    if not _is_activation(node.inputs[0]):
+        return "input 0 is not a float activation"
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    array = constant_array(weight)
+    if node.op_type == "Gemm":
+        if attribute(node, "transA", 0):
+            return "Gemm with transA=1 is not fused by onnxruntime"
+        if array is None:
+            return "Gemm weight is not constant"
+    if node.op_type in ("Conv", "ConvTranspose") and array is None:
+        return f"{node.op_type} weight is not constant"
+    if array is not None:
+        if array.dtype != np.float32:
+            return f"weight is {array.dtype}, not float32"
+        if _weight_axis(node, array.ndim) is None:
+            return "no per-channel axis for this weight (grouped ConvTranspose or 1-D MatMul)"
+    elif not _is_activation(weight):
+        return "input 1 is neither a constant nor a float activation"
+    return None
+
+
+def _model_fingerprint(model: ir.Model) -> str:
+    """A digest of the graph's structure and weights, so cached statistics are reused only for
+    the model they were measured on (another pass may have changed it in between)."""
+    digest = hashlib.sha1()
+    for node in model.graph:
+        digest.update(f"{node.op_type}|{node.name}|".encode())
+        digest.update("|".join(v.name if v else "" for v in node.inputs).encode())
+    for name, value in model.graph.initializers.items():
+        digest.update(name.encode())
+        if value.const_value is not None:
+            array = value.const_value.numpy()
+            digest.update(str(array.shape).encode())
+            digest.update(np.ascontiguousarray(array.ravel()[:4096]).tobytes())
+    return digest.hexdigest()
+
+
+def _tag(node: ir.Node, source: str, pass_name: str) -> ir.Node:
+    node.metadata_props[SOURCE_KEY] = source
+    mark_created(node, pass_name)
+    return node
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+class _Classes:
+    """Union-find over tensor names: tensors in one class share quantization parameters."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def add(self, name: str) -> None:
+        self.parent.setdefault(name, name)
+
+    def find(self, name: str) -> str:
+        self.add(name)
+        while self.parent[name] != name:
+            self.parent[name] = self.parent[self.parent[name]]
+            name = self.parent[name]
+        return name
+
+    def join(self, names: Sequence[str]) -> None:
+        roots = [self.find(n) for n in names]
+        for root in roots[1:]:
+            self.parent[root] = roots[0]
+
+    def members(self) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for name in self.parent:
+            groups.setdefault(self.find(name), []).append(name)
+        return groups
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What to quantize: anchor nodes, follower nodes and the activation tensors (in classes)."""
+
+    anchors: list[ir.Node]
+    followers: list[ir.Node]
+    tensors: dict[str, ir.Value]
+    classes: _Classes
+
+
+def _fused_clamp(value: ir.Value, symmetric: bool) -> ir.Node | None:
+    """The Relu/Clip(0, ...) that is the only consumer of ``value`` and that onnxruntime folds
+    into the QuantizeLinear after it (UINT8 activations only)."""
+    uses = list(value.uses())
+    if symmetric or len(uses) != 1 or value.is_graph_output():
+        return None
+    consumer = uses[0].node
+    if consumer.op_type == "Relu":
+        return consumer
+    if consumer.op_type == "Clip":
+        low = constant_array(consumer.inputs[1]) if len(consumer.inputs) > 1 else None
+        if low is not None and low.size == 1 and float(low) == 0.0:
+            return consumer
+    return None
+
+
+def make_plan(model: ir.Model, anchors: Sequence[ir.Node], symmetric: bool) -> _Plan:
+    """Decide which tensors get Q/DQ and which share parameters, for the given anchors."""
+    tensors: dict[str, ir.Value] = {}
+    classes = _Classes()
+
+    def want(value: ir.Value | None) -> bool:
+        if value is None or not _is_activation(value) or value.is_graph_output():
+            return False
+        tensors[value.name] = value
+        classes.add(value.name)
+        return True
+
+    for node in anchors:
+        want(node.inputs[0])
+        if node.op_type == "MatMul" and constant_array(node.inputs[1]) is None:
+            want(node.inputs[1])
+        if node.op_type == "Conv":  # QLinearConv needs a quantized output
+            clamp = _fused_clamp(node.outputs[0], symmetric)
+            want(clamp.outputs[0] if clamp is not None else node.outputs[0])
+    anchor_set = {id(n) for n in anchors}
+    followers = []
+    for node in model.graph:  # topological order: a follower sees its inputs' decisions
+        if id(node) in anchor_set or _already_quantized(node):
+            continue
+        if _plan_follower(node, tensors, classes, want, symmetric):
+            followers.append(node)
+    return _Plan(list(anchors), followers, tensors, classes)
+
+
+def _plan_follower(node: ir.Node, tensors, classes, want, symmetric: bool) -> bool:
+    first = node.inputs[0] if node.inputs else None
+    if first is None or first.name not in tensors:
+        if node.op_type not in BINARY_OPS or not any(v and v.name in tensors for v in node.inputs):
+            return False
+    op = node.op_type
+    sharing = op in SHARING_OPS or (op in CLAMP_OPS and symmetric) or op == "Concat"
+    if op in BINARY_OPS:
+        if len(node.inputs) != 2 or not all(_is_activation(v) for v in node.inputs):
+            return False
+        if not all(want(v) for v in node.inputs):
+            return False
+        return want(node.outputs[0])
+    if op == "Concat":
+        if not all(_is_activation(v) for v in node.inputs):
+            return False
+        if not all(want(v) for v in (*node.inputs, node.outputs[0])):
+            return False
+        classes.join([v.name for v in (*node.inputs, node.outputs[0])])
+        return True
+    if sharing or op in UNARY_OPS or op in CLAMP_OPS:
+        outputs = [v for v in node.outputs if v is not None]
+        if not all(want(v) for v in outputs):
+            return False
+        if sharing or op in CLAMP_OPS:
+            classes.join([first.name, *(v.name for v in outputs)])
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying a plan
+
+
+@dataclasses.dataclass
+class _Params:
+    scale: np.ndarray
+    zero_point: np.ndarray
+    low: float
+    high: float
+
+
+class _Writer:
+    """Inserts Q/DQ pairs and quantized weights into one graph."""
+
+    def __init__(self, model: ir.Model, pass_name: str) -> None:
+        self.graph = model.graph
+        self.names = UniqueNames(model)
+        self.pass_name = pass_name
+        self._weights: dict[tuple[int, int | None], tuple[ir.Value, ir.Value, ir.Value]] = {}
+        self._pending: list[ir.Node] = []  # nodes made since the last insertion
+
+    def constant(self, wanted: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
+        name = self.names.new(wanted)
+        value = ir.Value(
+            name=name,
+            shape=ir.Shape(array.shape),
+            type=ir.TensorType(dtype),
+            const_value=ir.tensor(array, dtype=dtype, name=name),
+        )
+        self.graph.register_initializer(value)
+        return value
+
+    def _node(
+        self,
+        op_type: str,
+        name: str,
+        inputs: Sequence[ir.Value | None],
+        source: str,
+        outputs: int = 1,
+        **attributes: Any,
+    ) -> ir.Node:
+        values = [ir.Value(name=self.names.new(f"{name}_output_{i}")) for i in range(outputs)]
+        node = ir.Node(
+            "",
+            op_type,
+            inputs,
+            [ir.AttrInt64(k, v) for k, v in attributes.items()],
+            outputs=values,
+            name=self.names.new(name),
+        )
+        return _tag(node, source, self.pass_name)
+
+    def dequantize(
+        self,
+        quantized: ir.Value,
+        scale: ir.Value,
+        zero_point: ir.Value,
+        name: str,
+        source: str,
+        shape: ir.Shape | None,
+        axis: int | None = None,
+    ) -> ir.Value:
+        extra = {} if axis is None else {"axis": axis}
+        node = self._node("DequantizeLinear", name, [quantized, scale, zero_point], source, **extra)
+        node.outputs[0].dtype = ir.DataType.FLOAT
+        node.outputs[0].shape = shape
+        self._pending.append(node)
+        return node.outputs[0]
+
+    def quantize_tensor(self, value: ir.Value, params: _Params, qtype: IntType) -> ir.Value:
+        """QuantizeLinear after ``value`` and one DequantizeLinear per use; returns the scale."""
+        uses = list(value.uses())  # before the Q node becomes a use itself
+        producer = value.producer()
+        source = producer.name if producer is not None and producer.name else value.name
+        scale = self.constant(f"{value.name}_scale", params.scale, ir.DataType.FLOAT)
+        zero_point = self.constant(f"{value.name}_zero_point", params.zero_point, qtype.dtype)
+        quantize = self._node(
+            "QuantizeLinear", f"{source}/quantize_output", [value, scale, zero_point], source
+        )
+        quantize.outputs[0].dtype = qtype.dtype
+        quantize.outputs[0].shape = value.shape
+        self._pending = [quantize]
+        for use in uses:
+            dq = self.dequantize(
+                quantize.outputs[0],
+                scale,
+                zero_point,
+                f"{use.node.name}/dequantize_input_{use.idx}",
+                use.node.name or source,
+                value.shape,
+            )
+            use.node.replace_input_with(use.idx, dq)
+        self._insert_after(value, self._pending)
+        return scale
+
+    def _insert_after(self, value: ir.Value, nodes: list[ir.Node]) -> None:
+        producer = value.producer()
+        if producer is not None:
+            self.graph.insert_after(producer, nodes)
+        else:
+            self.graph.insert_before(self.graph[0], nodes)
+
+    def quantize_weight(
+        self, node: ir.Node, index: int, axis: int | None, qtype: IntType = INT8
+    ) -> np.ndarray:
+        """INT8 weight (shared by every consumer of the same initializer) and a dedicated
+        DequantizeLinear for ``node``; returns the weight scales."""
+        weight = node.inputs[index]
+        assert weight is not None
+        key = (id(weight), axis)
+        if key not in self._weights:
+            array = constant_array(weight)
+            assert array is not None
+            quantized, scale, zero_point = quant_params.quantize_weight(array, axis, qtype)
+            self._weights[key] = (
+                self.constant(f"{weight.name}_quantized", quantized, qtype.dtype),
+                self.constant(f"{weight.name}_scale", scale, ir.DataType.FLOAT),
+                self.constant(f"{weight.name}_zero_point", zero_point, qtype.dtype),
+            )
+        values = self._weights[key]
+        self._pending = []
+        dq = self.dequantize(
+            *values, f"{node.name}/dequantize_weight", node.name, weight.shape, axis
+        )
+        self.graph.insert_before(node, self._pending)
+        node.replace_input_with(index, dq)
+        return values[1].const_value.numpy()
+
+    def quantize_bias(self, node: ir.Node, index: int, scale: np.ndarray) -> ir.Value:
+        """INT32 bias with scale = input scale x weight scale, dequantized for ``node``."""
+        bias = node.inputs[index]
+        array = constant_array(bias)
+        assert bias is not None and array is not None
+        quantized = quant_params.quantize(array, scale, np.zeros(scale.shape), INT32)
+        q_value = self.constant(f"{node.name}.bias_quantized", quantized, ir.DataType.INT32)
+        s_value = self.constant(f"{node.name}.bias_scale", scale, ir.DataType.FLOAT)
+        zero = np.zeros(scale.shape, np.int32)
+        z_value = self.constant(f"{node.name}.bias_zero_point", zero, ir.DataType.INT32)
+        self._pending = []
+        axis = 0 if scale.ndim == 1 and scale.size > 1 else None
+        dq = self.dequantize(
+            q_value, s_value, z_value, f"{node.name}/dequantize_bias", node.name, bias.shape, axis
+        )
+        self.graph.insert_before(node, self._pending)
+        node.replace_input_with(index, dq)
+        return q_value
+
+
+def _anchor_weights(
+    writer: _Writer,
+    node: ir.Node,
+    input_scale: np.ndarray | None,
+    per_channel: bool,
+    qtype: IntType,
+) -> tuple[str, ir.Value | None]:
+    """Quantize an anchor's weight (and bias); a description and the INT32 bias value."""
+    array = constant_array(node.inputs[1])
+    if array is None:
+        return "two quantized activations", None
+    axis = _weight_axis(node, array.ndim) if per_channel else None
+    weight_scale = writer.quantize_weight(node, 1, axis, qtype)
+    quantized = quant_params.quantize_weight(array, axis, qtype)
+    sqnr = quant_params.sqnr_db(array, quant_params.dequantize(quantized[0], quantized[1], 0, axis))
+    where = f"axis {axis}" if axis is not None else "per-tensor"
+    detail = f"weight {qtype.name} {where}"
+    detail += f" (SQNR {sqnr:.1f} dB)"
+    bias_index = 2
+    bias = node.inputs[bias_index] if len(node.inputs) > bias_index else None
+    bias_array = constant_array(bias)
+    channels = array.shape[axis] if axis is not None else None
+    quantizable_bias = (
+        bias_array is not None
+        and input_scale is not None
+        and node.op_type != "ConvTranspose"
+        and bias_array.ndim == 1
+        and (channels is None or bias_array.size == channels)
+    )
+    if not quantizable_bias:
+        return detail, None
+    scale = (input_scale.astype(np.float64) * weight_scale.astype(np.float64)).astype(np.float32)
+    if scale.size == 1 and bias_array.size > 1:
+        scale = np.full(bias_array.shape, float(scale.ravel()[0]), np.float32)
+    bias_value = writer.quantize_bias(node, bias_index, scale.reshape(-1))
+    return detail + ", bias INT32", bias_value
+
+
+# ---------------------------------------------------------------------------------------------
+# Static pass
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """What applying a plan did, per anchor: detail text and the bias it may correct."""
+
+    details: dict[str, str]
+    biases: dict[str, ir.Value]
+
+
+@register
+class QuantizeInt8(Pass):
+    """Static INT8 QDQ quantization with calibrated activation ranges."""
+
+    name = "quantize_int8"
+    Settings = QuantizeInt8Settings
+    min_opset = 13  # per-axis QuantizeLinear/DequantizeLinear
+
+    def validate(self) -> None:
+        s = self.settings
+        if s.method not in quant_params.METHODS:
+            raise SettingsError(
+                f"quantize_int8: unknown method {s.method!r}; use one of "
+                f"{', '.join(quant_params.METHODS)}"
+            )
+        quant_params.int_type(s.activation_type)
+        if not 50 < s.percentile <= 100:
+            raise SettingsError(
+                f"quantize_int8: percentile must be in (50, 100], got {s.percentile}"
+            )
+        _check_names(s.op_types, ANCHOR_OPS, "op_types")
+        _check_names(s.exclude_op_types, ANCHOR_OPS, "exclude_op_types")
+        if s.target:
+            parse_gate(s.target)
+        for field in ("sensitivity_batches", "random_samples", "histogram_bins"):
+            if getattr(s, field) < 1:
+                raise SettingsError(f"quantize_int8: {field} must be at least 1")
+        if s.calibration_batches < 0:
+            raise SettingsError("quantize_int8: calibration_batches must be 0 (all) or more")
+
+    @property
+    def activation(self) -> IntType:
+        return quant_params.int_type(self.settings.activation_type)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.activation.qmin < 0
+
+    # -- selection ------------------------------------------------------------------------
+
+    def _anchors(self, model: ir.Model, report: PassReport) -> list[ir.Node]:
+        selection = _selection(self.settings)
+        candidates = []
+        for node in model.graph:
+            if node.op_type not in ANCHOR_OPS or node.domain not in ("", "ai.onnx"):
+                continue
+            reason = selection.reason_to_skip(node) or _anchor_problem(node)
+            if reason:
+                report.skip(node, reason)
+            else:
+                candidates.append(node)
+        if self.settings.keep_first_last and candidates:
+            ends = {id(candidates[0]), id(candidates[-1])}
+            for node in candidates:
+                if id(node) in ends:
+                    report.skip(node, "first/last layer kept in float (keep_first_last)")
+            candidates = [n for n in candidates if id(n) not in ends]
+        return candidates
+
+    # -- calibration ----------------------------------------------------------------------
+
+    def _source(self, model: ir.Model, context: PassContext, report: PassReport) -> Any:
+        source = context.calibration
+        if source is None:
+            source = RandomSource(
+                input_specs(model), self.settings.random_samples, seed=context.seed
+            )
+        if getattr(source, "is_random", False):
+            report.notes.append(
+                f"WARNING: calibrated on random data ({source.label}): activation ranges are "
+                "smoke-test quality; pass real calibration data (--calib) for a usable model"
+            )
+        return source
+
+    def _statistics(
+        self, model: ir.Model, names: Sequence[str], source: Any, context: PassContext
+    ) -> dict[str, TensorStatistics]:
+        """Min/max and histograms of ``names``, cached per model, source and bin count."""
+        key = (
+            _CACHE_KEY,
+            _model_fingerprint(model),
+            getattr(source, "label", id(source)),
+            self.settings.histogram_bins,
+            self.settings.calibration_batches,
+        )
+        cached: dict[str, TensorStatistics] = context.cache.setdefault(key, {})
+        missing = [name for name in names if name not in cached]
+        if missing:
+            collector = StatisticsCollector(
+                model,
+                missing,
+                histogram_bins=self.settings.histogram_bins,
+                channel_axis=None,
+                keep=("minmax", "histogram"),
+            )
+            limit = self.settings.calibration_batches or None
+            cached.update(collector.collect(source, limit=limit))
+        return {name: cached[name] for name in names}
+
+    def _ranges(self, plan: _Plan, statistics: dict[str, TensorStatistics]) -> dict[str, _Params]:
+        """One set of parameters per class: the hull of its members' calibrated ranges."""
+        params = {}
+        for members in plan.classes.members().values():
+            low, high = 0.0, 0.0
+            for name in members:
+                a, b = quant_params.calibrated_range(
+                    statistics[name],
+                    self.settings.method,
+                    self.activation,
+                    symmetric=self.symmetric,
+                    percentile=self.settings.percentile,
+                )
+                low, high = min(low, a), max(high, b)
+            scale, zero_point = quant_params.scale_zero_point(
+                low, high, self.activation, symmetric=self.symmetric
+            )
+            for name in members:
+                params[name] = _Params(scale.reshape(()), zero_point.reshape(()), low, high)
+        return params
+
+    # -- applying -------------------------------------------------------------------------
+
+    def _apply_plan(self, model: ir.Model, plan: _Plan, params: dict[str, _Params]) -> _Outcome:
+        writer = _Writer(model, self.name)
+        scales = {}
+        for name, value in plan.tensors.items():
+            writer.quantize_tensor(value, params[name], self.activation)
+            scales[name] = params[name].scale
+        details, biases = {}, {}
+        for node in plan.anchors:
+            first = node.inputs[0]
+            # the anchor's input is now a DequantizeLinear output; its scale is input 1
+            input_scale = (
+                constant_array(first.producer().inputs[1]) if _from_dequantize(first) else None
+            )
+            detail, bias = _anchor_weights(
+                writer, node, input_scale, self.settings.per_channel, _weight_type(self.settings)
+            )
+            details[node.name] = detail
+            if bias is not None:
+                biases[node.name] = bias
+        return _Outcome(details, biases)
+
+    def quantized_copy(
+        self, model: ir.Model, anchors: Sequence[ir.Node], statistics: dict[str, TensorStatistics]
+    ) -> ir.Model:
+        """A quantized clone of ``model`` (weights shared) with only ``anchors`` quantized."""
+        copy = model.clone()
+        by_name = {node.name: node for node in copy.graph}
+        plan = make_plan(copy, [by_name[n.name] for n in anchors], self.symmetric)
+        self._apply_plan(copy, plan, self._ranges(plan, statistics))
+        return copy
+
+    def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
+        present = sum(1 for node in model.graph if node.op_type in QUANTIZED_OPS)
+        if present:
+            report.notes.append(
+                f"the model already holds {present} quantized nodes (QDQ/QOperator/"
+                "MatMulNBits): they and the nodes reading them are left untouched"
+            )
+        anchors = self._anchors(model, report)
+        if not anchors:
+            report.notes.append("nothing to quantize")
+            return
+        # Statistics of every tensor any plan may quantize: all anchors at once.
+        full_plan = make_plan(model, anchors, self.symmetric)
+        source = self._source(model, context, report)
+        statistics = self._statistics(model, list(full_plan.tensors), source, context)
+        if self.settings.target or self.settings.sensitivity:
+            anchors = self._mixed_precision(model, anchors, statistics, source, report)
+        float_model = model.clone() if self.settings.bias_correction else None
+        plan = make_plan(model, anchors, self.symmetric)
+        params = self._ranges(plan, statistics)
+        outcome = self._apply_plan(model, plan, params)
+        if float_model is not None:
+            self._correct_biases(float_model, model, outcome, source, report)
+        for node in anchors:
+            report.record(node, "quantized", outcome.details[node.name])
+        self._describe_tensors(plan, params, statistics, report)
+
+    def _describe_tensors(
+        self,
+        plan: _Plan,
+        params: dict[str, _Params],
+        statistics: dict[str, TensorStatistics],
+        report: PassReport,
+    ) -> None:
+        worst = []
+        for name in plan.tensors:
+            p = params[name]
+            sqnr = quant_params.sqnr_from_histogram(
+                statistics[name].histogram, p.low, p.high, self.activation
+            )
+            if sqnr is not None:
+                worst.append((sqnr, name))
+        worst.sort()
+        report.notes.append(
+            f"{len(plan.tensors)} activation tensors quantized ({self.settings.activation_type}, "
+            f"{self.settings.method}); {len(plan.followers)} follower ops run in integer form"
+        )
+        if worst:
+            listed = ", ".join(f"{name} {sqnr:.1f} dB" for sqnr, name in worst[:5])
+            report.notes.append(f"lowest activation SQNR (expected, from histograms): {listed}")
+
+    # -- mixed precision ------------------------------------------------------------------
+
+    def _feeds(self, source: Any) -> list[dict[str, np.ndarray]]:
+        feeds = []
+        for feed in source:
+            feeds.append(feed)
+            if len(feeds) >= self.settings.sensitivity_batches:
+                break
+        return feeds
+
+    def _mixed_precision(
+        self,
+        model: ir.Model,
+        anchors: list[ir.Node],
+        statistics: dict[str, TensorStatistics],
+        source: Any,
+        report: PassReport,
+    ) -> list[ir.Node]:
+        """Rank anchors by sensitivity (output SQNR with only that anchor quantized) and keep
+        the worst in float until the target holds."""
+        feeds = self._feeds(source)
+        reference = _outputs(model, feeds)
+        sensitivity = {}
+        for node in anchors:
+            candidate = self.quantized_copy(model, [node], statistics)
+            sensitivity[node.name] = _output_sqnr(reference, _outputs(candidate, feeds))
+        ranked = sorted(anchors, key=lambda n: sensitivity[n.name])
+        listed = ", ".join(f"{n.name} {sensitivity[n.name]:.1f} dB" for n in ranked[:8])
+        report.notes.append(f"sensitivity (output SQNR with one layer quantized), worst: {listed}")
+        if not self.settings.target:
+            return anchors
+        gate = parse_gate(self.settings.target)
+        kept_float: list[ir.Node] = []
+        while True:
+            chosen = [n for n in anchors if n not in kept_float]
+            value = _metric(
+                model, self.quantized_copy(model, chosen, statistics), feeds, gate.metric
+            )
+            if gate.passes(value) or len(kept_float) == len(ranked):
+                break
+            kept_float.append(ranked[len(kept_float)])
+        for node in kept_float:
+            report.skip(
+                node,
+                f"kept in float for {gate} (sensitivity {sensitivity[node.name]:.1f} dB)",
+            )
+        verdict = "met" if gate.passes(value) else "NOT met even with every layer in float"
+        report.notes.append(
+            f"target {gate}: {verdict} with {len(kept_float)} of {len(anchors)} layers in float "
+            f"({gate.metric} = {value:.4g} on {len(feeds)} calibration batches)"
+        )
+        return [n for n in anchors if n not in kept_float]
+
+    # -- bias correction ------------------------------------------------------------------
+
+    def _correct_biases(
+        self,
+        float_model: ir.Model,
+        model: ir.Model,
+        outcome: _Outcome,
+        source: Any,
+        report: PassReport,
+    ) -> None:
+        """Shift each output channel's INT32 bias by the mean error the quantized layer makes
+        on calibration data (empirical bias correction)."""
+        nodes = {node.name: node for node in model.graph}
+        axes = {}
+        for name in outcome.biases:
+            output = nodes[name].outputs[0]
+            axes[output.name] = 1 if nodes[name].op_type == "Conv" else -1
+        if not axes:
+            report.notes.append("bias correction: no quantized layer with a bias")
+            return
+        limit = self.settings.calibration_batches or None
+        means = []
+        for current in (float_model, model):
+            collector = StatisticsCollector(
+                current, list(axes), channel_axis=axes, keep=("channels",)
+            )
+            means.append(collector.collect(source, limit=limit, progress=False))
+        for name, bias in outcome.biases.items():
+            output = nodes[name].outputs[0].name
+            shift = means[0][output].channels.mean - means[1][output].channels.mean
+            dq = next(iter(bias.uses())).node
+            scale = constant_array(dq.inputs[1]).astype(np.float64)
+            corrected = bias.const_value.numpy().astype(np.int64) + np.rint(shift / scale)
+            corrected = np.clip(corrected, INT32.qmin, INT32.qmax).astype(np.int32)
+            bias.const_value = ir.tensor(corrected, dtype=ir.DataType.INT32, name=bias.name)
+        report.notes.append(f"bias correction applied to {len(outcome.biases)} layers")
+
+
+def _outputs(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    from onnx_squeeze.runtime import create_session
+
+    session = create_session(model)
+    return [session.run(None, feed) for feed in feeds]
+
+
+def _output_sqnr(reference: list[list[np.ndarray]], result: list[list[np.ndarray]]) -> float:
+    """Worst output's SQNR over all feeds."""
+    worst = math.inf
+    count = len(reference[0]) if reference else 0
+    for index in range(count):
+        a = np.concatenate([np.ravel(outputs[index]) for outputs in reference])
+        b = np.concatenate([np.ravel(outputs[index]) for outputs in result])
+        if np.issubdtype(a.dtype, np.floating):
+            worst = min(worst, quant_params.sqnr_db(a, b))
+    return worst
+
+
+def _metric(reference: ir.Model, model: ir.Model, feeds: Sequence[dict], metric: str) -> float:
+    """One fidelity metric (as the gates name them) of ``model`` against ``reference``."""
+    results = comparison.fidelity(reference, model, list(feeds))
+    values = {
+        "cosine": min(r.cosine for r in results),
+        "max_abs_error": max(r.max_abs for r in results),
+        "mean_abs_error": max(r.mean_abs for r in results),
+    }
+    top1 = [r.top1_agreement for r in results if r.top1_agreement is not None]
+    if top1:
+        values["top1_agreement"] = min(top1)
+    if metric not in values:
+        raise SettingsError(
+            f"quantize_int8 target: {metric} cannot be measured during quantization; "
+            f"use one of {', '.join(values)}"
+        )
+    return float(values[metric])

@@ -1,0 +1,313 @@
+"""Integer quantization parameters: ranges to scale/zero-point, weight quantization, and the
+calibration methods that pick an activation range from a streaming histogram.
+
+Pure numpy, no graph code, so that every quantizing pass (INT8 here, INT4/FP8 elsewhere) can
+share it. Conventions follow onnxruntime and TensorRT:
+
+- a range always contains 0 (zero must be exactly representable: padding, ReLU);
+- symmetric quantization has zero point 0 and uses the restricted range ``[-qmax, qmax]``
+  (e.g. -127..127 for INT8), so a negated weight quantizes to the negated integer;
+- asymmetric quantization maps ``[low, high]`` onto the full ``[qmin, qmax]``.
+
+Calibration methods (``minmax``, ``percentile``, ``entropy``, ``mse``) read a
+:class:`onnx_squeeze.calibration.Histogram`, whose memory is fixed whatever the number of
+samples, so switching method never reruns the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_squeeze.calibration import Histogram, TensorStatistics
+from onnx_squeeze.errors import SettingsError
+
+__all__ = [
+    "INT8",
+    "INT32",
+    "METHODS",
+    "UINT8",
+    "IntType",
+    "calibrated_range",
+    "cpu_has_vnni",
+    "dequantize",
+    "int_type",
+    "quantize",
+    "quantize_weight",
+    "scale_zero_point",
+    "sqnr_db",
+    "sqnr_from_histogram",
+    "weight_type",
+]
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+
+# Fraction of the observed range below which entropy/MSE searches do not go.
+_MIN_RANGE_FRACTION = 0.05
+_SEARCH_STEPS = 96
+# Quantization levels the entropy (KL) search merges the histogram into, as TensorRT does.
+_ENTROPY_LEVELS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class IntType:
+    """An integer element type for quantized tensors."""
+
+    name: str
+    dtype: ir.DataType
+    qmin: int
+    qmax: int
+
+    @property
+    def numpy(self) -> np.dtype:
+        return np.dtype(self.dtype.numpy())
+
+    @property
+    def levels(self) -> int:
+        return self.qmax - self.qmin
+
+
+INT8 = IntType("int8", ir.DataType.INT8, -128, 127)
+UINT8 = IntType("uint8", ir.DataType.UINT8, 0, 255)
+INT32 = IntType("int32", ir.DataType.INT32, -(2**31), 2**31 - 1)
+_TYPES = {t.name: t for t in (INT8, UINT8)}
+
+
+def weight_type(bits: int) -> IntType:
+    """Signed weights of ``bits`` (2 to 8) stored as INT8: 7 bits avoid the int16 overflow of
+    x86 u8*s8 kernels without VNNI (onnxruntime's ``reduce_range``)."""
+    if not 2 <= bits <= 8:
+        raise SettingsError(f"weight bits must be 2 to 8, got {bits}")
+    if bits == 8:
+        return INT8
+    return IntType(f"int{bits}", ir.DataType.INT8, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI dot products (or is not x86), so 8-bit weights do not
+    saturate onnxruntime's u8s8 kernels."""
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = info.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def int_type(name: str) -> IntType:
+    """The 8-bit type named ``name`` (``int8`` or ``uint8``)."""
+    if name not in _TYPES:
+        raise SettingsError(f"unknown integer type {name!r}: use one of {', '.join(_TYPES)}")
+    return _TYPES[name]
+
+
+def scale_zero_point(
+    low: np.ndarray | float, high: np.ndarray | float, qtype: IntType, *, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (``qtype``) that map ``[low, high]`` (widened to hold 0)
+    onto ``qtype``; elementwise for per-channel ranges. An empty range gets scale 1."""
+    low = np.minimum(np.asarray(low, dtype=np.float64), 0.0)
+    high = np.maximum(np.asarray(high, dtype=np.float64), 0.0)
+    if symmetric:
+        bound = np.maximum(-low, high)
+        half = min(-qtype.qmin, qtype.qmax) if qtype.qmin < 0 else qtype.levels / 2
+        scale = bound / half
+        zero_point = np.full(scale.shape, 0 if qtype.qmin < 0 else (qtype.qmax + 1) // 2)
+    else:
+        scale = (high - low) / qtype.levels
+        safe = np.where(scale > 0, scale, 1.0)
+        zero_point = np.clip(np.rint(qtype.qmin - low / safe), qtype.qmin, qtype.qmax)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    # A float32 scale that underflows would divide by zero in QuantizeLinear.
+    scale = np.maximum(scale, np.finfo(np.float32).tiny)
+    return scale, zero_point.astype(qtype.numpy)
+
+
+def _broadcast(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    if axis is None or values.ndim == 0:
+        return values
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def quantize(
+    array: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    qtype: IntType,
+    axis: int | None = None,
+) -> np.ndarray:
+    """``saturate(round_half_even(array / scale) + zero_point)``, as QuantizeLinear computes."""
+    scale = _broadcast(np.asarray(scale, dtype=np.float32), axis, array.ndim)
+    zero_point = _broadcast(np.asarray(zero_point, dtype=np.int64), axis, array.ndim)
+    values = np.rint(array.astype(np.float32) / scale) + zero_point
+    return np.clip(values, qtype.qmin, qtype.qmax).astype(qtype.numpy)
+
+
+def dequantize(
+    array: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None
+) -> np.ndarray:
+    """``(array - zero_point) * scale`` in float32, as DequantizeLinear computes."""
+    scale = _broadcast(np.asarray(scale, dtype=np.float32), axis, array.ndim)
+    zero_point = _broadcast(np.asarray(zero_point, dtype=np.int64), axis, array.ndim)
+    return ((array.astype(np.int64) - zero_point) * scale).astype(np.float32)
+
+
+def quantize_weight(
+    weight: np.ndarray, axis: int | None, qtype: IntType = INT8
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric quantization of a weight, per slice along ``axis`` (None: per tensor).
+
+    Returns the integer weight, the scales and the zero points (all zero for signed types).
+    """
+    if axis is None:
+        bound = np.abs(weight).max(initial=0.0)
+    else:
+        other = tuple(i for i in range(weight.ndim) if i != axis % weight.ndim)
+        bound = np.abs(weight).max(axis=other, initial=0.0)
+    scale, zero_point = scale_zero_point(-bound, bound, qtype, symmetric=True)
+    return quantize(weight, scale, zero_point, qtype, axis), scale, zero_point
+
+
+def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when identical)."""
+    reference = np.asarray(reference, dtype=np.float64)
+    noise = float(np.sum(np.square(reference - np.asarray(approximation, dtype=np.float64))))
+    signal = float(np.sum(np.square(reference)))
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: an activation range from streaming statistics
+
+
+def _centers(histogram: Histogram) -> np.ndarray:
+    return histogram.low + histogram.width * (np.arange(histogram.bins) + 0.5)
+
+
+def _candidates(low: float, high: float) -> np.ndarray:
+    """Ranges ``f * [low, high]`` shrinking towards 0, so the zero point stays where it is."""
+    fractions = np.linspace(_MIN_RANGE_FRACTION, 1.0, _SEARCH_STEPS)
+    return np.stack([fractions * min(low, 0.0), fractions * max(high, 0.0)], axis=1)
+
+
+def _expected_errors(histogram: Histogram, ranges: np.ndarray, qtype: IntType) -> np.ndarray:
+    """Mean squared quantization error of the histogram's values for each candidate range:
+    clipping error outside, uniform rounding error (step²/12) inside."""
+    centers = _centers(histogram)[None, :]
+    counts = histogram.counts[None, :].astype(np.float64)
+    low, high = ranges[:, :1], ranges[:, 1:]
+    step = (high - low) / qtype.levels
+    clipped = np.square(centers - np.clip(centers, low, high))
+    inside = (centers >= low) & (centers <= high)
+    errors = np.where(inside, np.square(step) / 12, clipped)
+    return (errors * counts).sum(axis=1) / max(counts.sum(), 1.0)
+
+
+def _kl_divergence(counts: np.ndarray, first: int, last: int, levels: int) -> float:
+    """KL(P || Q) where P is the histogram cut to bins ``[first, last)`` with the outliers piled
+    into the edge bins, and Q is P merged into ``levels`` buckets and spread back evenly over
+    the bins that were not empty (TensorRT's entropy calibration)."""
+    reference = counts[first:last].astype(np.float64).copy()
+    reference[0] += counts[:first].sum()
+    reference[-1] += counts[last:].sum()
+    groups = np.array_split(np.arange(reference.size), levels)
+    expanded = np.zeros_like(reference)
+    for group in groups:
+        part = counts[first:last][group].astype(np.float64)
+        nonzero = part > 0
+        if nonzero.any():
+            expanded[group[nonzero]] = part.sum() / nonzero.sum()
+    p = reference / reference.sum()
+    q_total = expanded.sum()
+    if q_total == 0:
+        return math.inf
+    q = expanded / q_total
+    mask = p > 0
+    if np.any(q[mask] == 0):
+        return math.inf
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+def _entropy_range(histogram: Histogram, low: float, high: float) -> tuple[float, float]:
+    best, best_range = math.inf, (low, high)
+    for candidate_low, candidate_high in _candidates(low, high):
+        first = int(np.floor((candidate_low - histogram.low) / histogram.width))
+        last = int(np.ceil((candidate_high - histogram.low) / histogram.width))
+        first, last = max(first, 0), min(last, histogram.bins)
+        if last - first < _ENTROPY_LEVELS:
+            continue
+        divergence = _kl_divergence(histogram.counts, first, last, _ENTROPY_LEVELS)
+        if divergence < best:
+            best, best_range = divergence, (float(candidate_low), float(candidate_high))
+    return best_range
+
+
+def _symmetric(low: float, high: float) -> tuple[float, float]:
+    bound = max(abs(low), abs(high))
+    return -bound, bound
+
+
+def calibrated_range(
+    statistics: TensorStatistics,
+    method: str,
+    qtype: IntType,
+    *,
+    symmetric: bool,
+    percentile: float = 99.999,
+) -> tuple[float, float]:
+    """The range to quantize a tensor to, from its min/max and histogram.
+
+    ``minmax``: the observed range. ``percentile``: the range holding ``percentile`` % of the
+    values. ``entropy``: the range whose quantized distribution is closest (KL) to the observed
+    one. ``mse``: the range with the least expected squared quantization error. Entropy and MSE
+    search ranges ``f * [min, max]`` for ``f`` from 5 % to 100 %.
+    """
+    if method not in METHODS:
+        raise SettingsError(f"unknown calibration method {method!r}: use one of {METHODS}")
+    minmax, histogram = statistics.minmax, statistics.histogram
+    if minmax is None or minmax.count == 0:
+        raise ValueError(f"no statistics for {statistics.name!r}")
+    low, high = minmax.min, minmax.max
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"tensor {statistics.name!r} has non-finite values (NaN/inf)")
+    usable = histogram is not None and histogram.total > 0 and histogram.width > 0
+    if method == "minmax" or not usable:
+        result = (low, high)
+    elif method == "percentile":
+        result = histogram.percentile_range(percentile, symmetric=symmetric)
+    else:
+        if symmetric:
+            low, high = _symmetric(low, high)
+        if method == "entropy":
+            result = _entropy_range(histogram, low, high)
+        else:
+            ranges = _candidates(low, high)
+            errors = _expected_errors(histogram, ranges, qtype)
+            result = tuple(float(v) for v in ranges[int(np.argmin(errors))])
+    result = (min(result[0], 0.0), max(result[1], 0.0))
+    return _symmetric(*result) if symmetric else result
+
+
+def sqnr_from_histogram(
+    histogram: Histogram | None, low: float, high: float, qtype: IntType
+) -> float | None:
+    """Expected SQNR (dB) of quantizing the histogram's values to ``[low, high]``; None when
+    the histogram is empty."""
+    if histogram is None or histogram.total == 0 or histogram.width == 0:
+        return None
+    error = float(_expected_errors(histogram, np.array([[low, high]]), qtype)[0])
+    signal = float(np.sum(np.square(_centers(histogram)) * histogram.counts) / histogram.total)
+    if error == 0:
+        return math.inf
+    return 10 * math.log10(max(signal, 1e-30) / error)
