@@ -1,0 +1,904 @@
+"""Float quantization: FP16/BF16 conversion (``fp16``) and FP8 E4M3FN QDQ (``fp8``).
+
+FP16/BF16 plans first, then rewrites: every node is given a precision (low or FP32) from the
+execution provider's kernels (probed on this onnxruntime, cached), numerically risky ops,
+calibrated activation ranges and constants out of range; then values take the precision of their
+producer, constants are converted once per precision (no Cast for them), and one Cast per value
+and precision is inserted where a consumer needs the other one. Ops that only move data follow
+their input's precision so that they never add a Cast pair around themselves.
+
+FP8 stores Conv/Gemm/MatMul weights as FLOAT8E4M3FN with a per-output-channel scale
+(``amax / 448``) and quantizes their activation input with a calibrated per-tensor scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from onnx_squeeze import runtime
+from onnx_squeeze.calibration import StatisticsCollector
+from onnx_squeeze.errors import InputError, SettingsError
+from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
+from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created, register
+
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)  # 2**-24
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+SOURCE_KEY = "onnx_squeeze.source_node"
+
+LOW_TYPES = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
+NUMPY_LOW = {ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
+
+# Kept in FP32 on every provider: indices/counters, sampling, and ops whose FP16 results are
+# known to drift (cumulative sums, box decoding, sorting on ties).
+RISKY_OPS = frozenset(
+    {
+        "Range",
+        "CumSum",
+        "NonMaxSuppression",
+        "TopK",
+        "RoiAlign",
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Multinomial",
+        "EyeLike",
+        "ConstantOfShape",
+    }
+)
+REDUCTIONS = frozenset(
+    {
+        "ReduceSum",
+        "ReduceMean",
+        "ReduceSumSquare",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceProd",
+        "GlobalAveragePool",
+        "GlobalLpPool",
+    }
+)
+NORMALIZATIONS = frozenset(
+    {"LayerNormalization", "InstanceNormalization", "GroupNormalization", "LpNormalization"}
+)
+# Ops that only move or select data: exact in any precision, so they follow their input's
+# precision instead of adding Casts around themselves.
+DATA_MOVEMENT = frozenset(
+    {
+        "Reshape",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Transpose",
+        "Identity",
+        "Gather",
+        "GatherElements",
+        "GatherND",
+        "Slice",
+        "Split",
+        "Concat",
+        "Expand",
+        "Tile",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "Shape",
+        "Size",
+        "Dropout",
+        "MaxPool",
+    }
+)
+# The ops worth running in low precision even at the price of Casts around them.
+HEAVY_OPS = frozenset(
+    {"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "Attention", "MultiHeadAttention"}
+)
+# Used when the provider is not available here to probe: ops without FP16 kernels there.
+STATIC_BLOCKS = {
+    "CUDAExecutionProvider": frozenset({"Upsample", "Einsum"}),
+    "TensorrtExecutionProvider": frozenset({"Upsample"}),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel probing
+
+
+def _one_node_model(node: ir.Node, input_types: tuple, output_types: tuple, opset: int) -> bytes:
+    """A model holding only a copy of ``node`` with the given element types (None: absent)."""
+    inputs = [
+        onnx.helper.make_tensor_value_info(f"x{i}", t, None)
+        for i, t in enumerate(input_types)
+        if t is not None
+    ]
+    outputs = [
+        onnx.helper.make_tensor_value_info(f"y{i}", t, None) for i, t in enumerate(output_types)
+    ]
+    proto = ir.serde.serialize_node(node)
+    del proto.input[:], proto.output[:]
+    proto.input.extend(f"x{i}" if t is not None else "" for i, t in enumerate(input_types))
+    proto.output.extend(f"y{i}" for i in range(len(output_types)))
+    proto.name = "probe"
+    graph = onnx.helper.make_graph([proto], "probe", inputs, outputs)
+    opsets = [onnx.helper.make_opsetid("", opset)]
+    if node.domain:
+        opsets.append(onnx.helper.make_opsetid(node.domain, 1))
+    return onnx.helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_kernel(provider: str, key: str, data: bytes) -> bool:
+    """True when ``provider`` runs the one-node model natively: the session loads and
+    onnxruntime inserted no Cast (its CPU EP silently wraps FP16 nodes without kernels in
+    Casts to float). ``key`` only names the cache entry for debugging."""
+    del key
+    with tempfile.TemporaryDirectory(prefix="onnx-squeeze-probe-") as folder:
+        path = os.path.join(folder, "optimized.onnx")
+        options = runtime.session_options(optimization="none", optimized_model_path=path)
+        if provider != "CPUExecutionProvider":
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        try:
+            runtime.ort.InferenceSession(data, options, providers=[provider])
+        except Exception:  # any failure (no kernel, bad attributes) means no usable kernel
+            return False
+        optimized = onnx.load(path)
+    return all(n.op_type != "Cast" for n in optimized.graph.node)
+
+
+# ---------------------------------------------------------------------------------------------
+# Type bindings from the op schemas
+
+
+def _schema(node: ir.Node, opset: int) -> onnx.defs.OpSchema | None:
+    try:
+        return onnx.defs.get_schema(node.op_type, opset, node.domain)
+    except onnx.defs.SchemaError:
+        return None
+
+
+def _formal(params: list, index: int) -> onnx.defs.OpSchema.FormalParameter | None:
+    if index < len(params):
+        return params[index]
+    variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
+    return params[-1] if params and params[-1].option == variadic else None
+
+
+def _convertible_slots(
+    node: ir.Node, schema: onnx.defs.OpSchema, low: ir.DataType
+) -> tuple[list[int], list[int]] | None:
+    """Indices of the FLOAT inputs and outputs that may take ``low`` together (they are bound
+    to type parameters that allow both), or None when a FLOAT slot cannot take it."""
+    wanted = f"tensor({'float16' if low == ir.DataType.FLOAT16 else 'bfloat16'})"
+    allowed = {
+        c.type_param_str: set(c.allowed_type_strs)
+        for c in schema.type_constraints
+        if {"tensor(float)", wanted} <= set(c.allowed_type_strs)
+    }
+    slots: tuple[list[int], list[int]] = ([], [])
+    for side, (values, params) in enumerate(
+        ((node.inputs, schema.inputs), (node.outputs, schema.outputs))
+    ):
+        for index, value in enumerate(values):
+            if value is None or value.dtype != ir.DataType.FLOAT:
+                continue
+            formal = _formal(params, index)
+            if formal is not None and formal.type_str == "tensor(float)":
+                continue  # a fixed FP32 slot (e.g. Resize scales) stays FP32
+            if formal is None or formal.type_str not in allowed:
+                return None
+            slots[side].append(index)
+    return slots
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibrated ranges
+
+
+def _activation_amax(
+    model: ir.Model, names: list[str], context: PassContext, limit: int
+) -> dict[str, float]:
+    """Largest absolute value of each named tensor over the calibration data (cached)."""
+    cache: dict[str, float] = context.cache.setdefault("quantize_float.amax", {})
+    missing = [name for name in names if name not in cache]
+    if missing:
+        collector = StatisticsCollector(model, missing, keep=("minmax",), channel_axis=None)
+        statistics = collector.collect(context.calibration, limit=limit, progress=False)
+        for name, stats in statistics.items():
+            assert stats.minmax is not None
+            cache[name] = max(abs(stats.minmax.min), abs(stats.minmax.max))
+    return {name: cache[name] for name in names}
+
+
+def _float_activations(graph: ir.Graph) -> list[str]:
+    names = [v.name for v in graph.inputs if v.dtype == ir.DataType.FLOAT and v.name]
+    for node in graph:
+        names.extend(
+            v.name
+            for v in node.outputs
+            if v.dtype == ir.DataType.FLOAT and v.name and node.op_type != "Constant"
+        )
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# FP16 / BF16
+
+
+@dataclasses.dataclass
+class FloatSettings:
+    """``dtype``: float16 or bfloat16. ``provider``: whose kernels decide the block list
+    (empty: the run's first provider; ``none``: no kernel-based blocks). ``block_ops`` and
+    ``block_nodes`` keep ops/nodes in FP32 on top of the defaults. ``out_of_range``: ``clamp``
+    constants to the FP16 range or ``keep_fp32`` their consumers. Activations whose calibrated
+    range exceeds FP16 max / ``range_margin`` keep their ops in FP32; reductions over more than
+    ``max_reduction`` elements stay FP32."""
+
+    dtype: str = "float16"
+    provider: str = ""
+    keep_io_types: bool = True
+    block_ops: list[str] = dataclasses.field(default_factory=list)
+    block_nodes: list[str] = dataclasses.field(default_factory=list)
+    softmax_fp32: bool = False
+    normalization_fp32: bool = False
+    out_of_range: str = "clamp"
+    range_margin: float = 2.0
+    max_reduction: int = 4096
+    calibration_batches: int = 16
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Which nodes run in low precision, with the FLOAT slots that change type."""
+
+    low: dict[ir.Node, tuple[list[int], list[int]]] = dataclasses.field(default_factory=dict)
+
+    def wants_low(self, node: ir.Node, index: int) -> bool:
+        slots = self.low.get(node)
+        return slots is not None and index in slots[0]
+
+
+@register
+class ConvertFloat(Pass):
+    """Convert a FP32 model to FP16 (or BF16) where the provider has kernels and it is safe."""
+
+    name = "fp16"
+    Settings = FloatSettings
+
+    def validate(self) -> None:
+        s = self.settings
+        if s.dtype not in LOW_TYPES:
+            raise SettingsError(f"fp16: dtype must be float16 or bfloat16, got {s.dtype!r}")
+        if s.out_of_range not in ("clamp", "keep_fp32"):
+            raise SettingsError(
+                f"fp16: out_of_range must be clamp or keep_fp32, got {s.out_of_range!r}"
+            )
+        if s.range_margin < 1.0:
+            raise SettingsError(f"fp16: range_margin must be at least 1, got {s.range_margin}")
+        if s.max_reduction < 1 or s.calibration_batches < 1:
+            raise SettingsError("fp16: max_reduction and calibration_batches must be at least 1")
+        if s.provider and s.provider != "none":
+            runtime.resolve_provider(s.provider)
+
+    @property
+    def low(self) -> ir.DataType:
+        return LOW_TYPES[self.settings.dtype]
+
+    def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
+        graph = model.graph
+        amax = self._ranges(model, context, report)
+        plan = self._plan(model, self._kernel_check(model, context, report), amax, report)
+        names = UniqueNames(model)
+        clamped = self._convert_constants(graph, plan, names)
+        if clamped:
+            report.notes.append(
+                f"{clamped} constant values outside the {self.settings.dtype} range clamped"
+            )
+        casts = self._retype_and_cast(graph, plan, names)
+        _remove_identity_casts(graph)
+        common_passes.TopologicalSortPass()(model)
+        report.notes.append(f"{casts} Cast nodes inserted at precision borders")
+
+    # -- planning ------------------------------------------------------------------------------
+
+    def _ranges(self, model: ir.Model, context: PassContext, report: PassReport) -> dict:
+        if self.low != ir.DataType.FLOAT16:
+            return {}  # BF16 has FP32's exponent range
+        if context.calibration is None:
+            report.notes.append("no calibration data: activation ranges not checked against FP16")
+            return {}
+        names = _float_activations(model.graph)
+        return _activation_amax(model, names, context, self.settings.calibration_batches)
+
+    def _kernel_check(
+        self, model: ir.Model, context: PassContext, report: PassReport
+    ) -> Callable[[ir.Node, tuple[list[int], list[int]]], bool]:
+        """A function telling whether the provider has a low-precision kernel for a node."""
+        wanted = self.settings.provider or (context.providers or ("cpu",))[0]
+        if wanted == "none":
+            return lambda node, slots: True
+        provider = runtime.resolve_provider(wanted)
+        if provider not in runtime.ort.get_available_providers():
+            blocked = STATIC_BLOCKS.get(provider, frozenset())
+            report.notes.append(
+                f"{provider} is not available here: its FP16 block list is the built-in one"
+            )
+            return lambda node, slots: node.op_type not in blocked
+        opset = model.opset_imports.get("", 1)
+        low = int(self.low)
+
+        def check(node: ir.Node, slots: tuple[list[int], list[int]]) -> bool:
+            inputs = tuple(
+                None if v is None else (low if i in slots[0] else int(v.dtype or 1))
+                for i, v in enumerate(node.inputs)
+            )
+            outputs = tuple(
+                low if i in slots[1] else int(v.dtype or 1) for i, v in enumerate(node.outputs)
+            )
+            data = _one_node_model(node, inputs, outputs, opset)
+            return _has_kernel(provider, f"{node.op_type}{inputs}", data)
+
+        return check
+
+    def _blocked_ops(self) -> frozenset[str]:
+        s = self.settings
+        ops = set(RISKY_OPS) | set(s.block_ops)
+        if s.softmax_fp32:
+            ops |= {"Softmax", "LogSoftmax"}
+        if s.normalization_fp32:
+            ops |= NORMALIZATIONS
+        return frozenset(ops)
+
+    def _plan(
+        self,
+        model: ir.Model,
+        has_kernel: Callable[[ir.Node, tuple[list[int], list[int]]], bool],
+        amax: dict[str, float],
+        report: PassReport,
+    ) -> _Plan:
+        plan = _Plan()
+        kept: dict[ir.Node, str] = {}
+        blocked_ops = self._blocked_ops()
+        limit = FP16_MAX / self.settings.range_margin
+        opset = model.opset_imports.get("", 1)
+        for node in model.graph:
+            if node.op_type == "Constant" or not _touches_float(node):
+                continue  # Constant values are converted with the initializers
+            reason, slots = self._reason_fp32(node, opset, blocked_ops, amax, limit, plan)
+            if reason is None and not has_kernel(node, slots):
+                reason = f"no {self.settings.dtype} kernel for {node.op_type} on this provider"
+            if reason is None:
+                plan.low[node] = slots
+            else:
+                kept[node] = reason
+        for node in _drop_islands(plan, self.settings.keep_io_types):
+            kept[node] = "alone among FP32 neighbours: converting it would only add Casts"
+        for node in model.graph:
+            if node in plan.low:
+                report.record(node, "converted", self.settings.dtype)
+            elif node in kept:
+                report.skip(node, kept[node])
+        return plan
+
+    def _reason_fp32(
+        self,
+        node: ir.Node,
+        opset: int,
+        blocked_ops: frozenset[str],
+        amax: dict[str, float],
+        limit: float,
+        plan: _Plan,
+    ) -> tuple[str | None, tuple[list[int], list[int]]]:
+        """Why ``node`` stays FP32 (None when it may convert) and its convertible slots."""
+        none: tuple[list[int], list[int]] = ([], [])
+        if any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values()):
+            return "has subgraphs (If/Loop/Scan): kept FP32", none
+        if node.name in self.settings.block_nodes:
+            return "in block_nodes", none
+        if node.op_type in blocked_ops:
+            return f"{node.op_type} is in the FP32 block list", none
+        values = [v for v in (*node.inputs, *node.outputs) if v is not None]
+        if any(v.dtype is None for v in values):
+            return "element type of an input or output unknown", none
+        schema = _schema(node, opset)
+        if schema is None:
+            return f"no ONNX schema for {node.domain or 'ai.onnx'}.{node.op_type}", none
+        slots = _convertible_slots(node, schema, self.low)
+        if slots is None:
+            return f"{node.op_type} has no {self.settings.dtype} type in its schema", none
+        if node.op_type == "Cast":
+            slots = ([], slots[1])  # a Cast takes any input type: never cast before it
+        if node.op_type in REDUCTIONS:
+            size = _reduced_size(node)
+            if size is None or size > self.settings.max_reduction:
+                shown = "unknown" if size is None else str(size)
+                return f"reduction over {shown} elements kept FP32 (max_reduction)", none
+        wide = [
+            v.name
+            for v in values
+            if v.dtype == ir.DataType.FLOAT and amax.get(v.name or "", 0.0) > limit
+        ]
+        if wide:
+            return f"activation {wide[0]} reaches {amax[wide[0]]:.4g}, beyond FP16 range", none
+        if self.settings.out_of_range == "keep_fp32" and self.low == ir.DataType.FLOAT16:
+            for index in slots[0]:
+                array = constant_array(node.inputs[index])
+                if array is not None and array.size and np.abs(array).max() > FP16_MAX:
+                    return f"constant input {index} exceeds the FP16 range", none
+        if node.op_type in DATA_MOVEMENT and any(
+            _produced_fp32(node.inputs[i], plan) for i in slots[0]
+        ):
+            return "moves data of an FP32 producer: follows it (fewer Casts)", none
+        return None, slots
+
+    # -- rewriting -------------------------------------------------------------------------
+
+    def _convert_constants(self, graph: ir.Graph, plan: _Plan, names: UniqueNames) -> int:
+        """Give low-precision consumers low-precision constants, one copy per constant."""
+        clamped = 0
+        for value in _constant_values(graph):
+            uses = [(n, i) for n, i in value.uses() if plan.wants_low(n, i)]
+            if not uses or value.dtype != ir.DataType.FLOAT:
+                continue
+            array, count = self._to_low(constant_array(value))
+            clamped += count
+            tensor_name = value.name or "constant"
+            exclusive = (
+                len(uses) == len(value.uses())
+                and value.is_initializer()
+                and not value.is_graph_output()
+            )
+            if exclusive:
+                value.const_value = ir.tensor(array, dtype=self.low, name=value.name)
+                _retype(value, self.low)
+                continue
+            name = names.new(f"{tensor_name}/{self.settings.dtype}")
+            copy = ir.Value(
+                name=name,
+                shape=ir.Shape(array.shape),
+                type=ir.TensorType(self.low),
+                const_value=ir.tensor(array, dtype=self.low, name=name),
+            )
+            graph.register_initializer(copy)
+            for node, index in uses:
+                node.replace_input_with(index, copy)
+        return clamped
+
+    def _to_low(self, array: np.ndarray | None) -> tuple[np.ndarray, int]:
+        """The array in the low type, and how many values had to be clamped into its range."""
+        assert array is not None
+        array = np.asarray(array, dtype=np.float32)
+        if self.low != ir.DataType.FLOAT16:
+            return array.astype(NUMPY_LOW[self.low]), 0
+        magnitude = np.abs(array)
+        tiny = (magnitude > 0) & (magnitude < FP16_TINY)
+        huge = magnitude > FP16_MAX
+        count = int(tiny.sum() + huge.sum())
+        if count:
+            array = np.where(tiny, np.copysign(FP16_TINY, array), array)
+            array = np.clip(array, -FP16_MAX, FP16_MAX)
+        return array.astype(np.float16), count
+
+    def _retype_and_cast(self, graph: ir.Graph, plan: _Plan, names: UniqueNames) -> int:
+        """Set the new types, then add one Cast per value and precision where needed."""
+        for node, (_, outputs) in plan.low.items():
+            for index in outputs:
+                _retype(node.outputs[index], self.low)
+            if node.op_type == "Cast":
+                node.attributes["to"] = ir.AttrInt64("to", int(self.low))
+        if not self.settings.keep_io_types:
+            for value in graph.inputs:
+                if value.dtype == ir.DataType.FLOAT:
+                    _retype(value, self.low)
+        casts = _Casts(graph, names)
+        for node in list(graph):
+            if node in casts.created:
+                continue
+            for index, value in enumerate(node.inputs):
+                if value is None or value.dtype not in (ir.DataType.FLOAT, self.low):
+                    continue
+                want = self.low if plan.wants_low(node, index) else ir.DataType.FLOAT
+                if value.dtype != want and node.op_type != "Cast":
+                    node.replace_input_with(index, casts.of(value, want))
+        for position, value in enumerate(list(graph.outputs)):
+            want = ir.DataType.FLOAT if self.settings.keep_io_types else value.dtype
+            if value.dtype == self.low and want == ir.DataType.FLOAT:
+                graph.outputs[position] = casts.graph_output(value)
+        return len(casts.created)
+
+
+class _Casts:
+    """Cast nodes shared between the consumers of a value (one per value and target type)."""
+
+    def __init__(self, graph: ir.Graph, names: UniqueNames) -> None:
+        self.graph = graph
+        self.names = names
+        self.made: dict[tuple[int, ir.DataType], ir.Value] = {}
+        self.created: set[ir.Node] = set()
+
+    def _cast(self, value: ir.Value, dtype: ir.DataType, output_name: str) -> ir.Node:
+        producer = value.producer()
+        base = producer.name if producer is not None and producer.name else value.name
+        node = ir.node(
+            "Cast",
+            [value],
+            {"to": int(dtype)},
+            name=self.names.new(f"{base}/cast_{dtype.name.lower()}"),
+        )
+        output = node.outputs[0]
+        output.name, output.dtype, output.shape = output_name, dtype, _copy(value.shape)
+        mark_created(node, "fp16")
+        if producer is not None and producer.name:
+            node.metadata_props[SOURCE_KEY] = producer.name
+        self.graph.append(node)
+        self.created.add(node)
+        self.made[(id(value), dtype)] = output
+        return node
+
+    def of(self, value: ir.Value, dtype: ir.DataType) -> ir.Value:
+        made = self.made.get((id(value), dtype))
+        if made is not None:
+            return made
+        wanted = f"{value.name}/{dtype.name.lower()}"
+        return self._cast(value, dtype, self.names.new(wanted)).outputs[0]
+
+    def graph_output(self, value: ir.Value) -> ir.Value:
+        """A Cast to FP32 that takes over the graph output's name; the low-precision value is
+        renamed (and reused by FP32 consumers through the same Cast)."""
+        name = value.name or "output"
+        value.name = self.names.new(f"{name}/{value.dtype.name.lower()}")
+        existing = self.made.get((id(value), ir.DataType.FLOAT))
+        if existing is not None:
+            existing.name = name
+            return existing
+        return self._cast(value, ir.DataType.FLOAT, name).outputs[0]
+
+
+def _drop_islands(plan: _Plan, fp32_borders: bool) -> list[ir.Node]:
+    """Return low-precision nodes to FP32 (except heavy compute ops) while that needs fewer
+    Casts than keeping them low: an elementwise op between FP32 neighbours gains nothing."""
+    dropped: list[ir.Node] = []
+    changed = True
+    while changed:
+        changed = False
+        for node in list(plan.low):
+            if node.op_type in HEAVY_OPS:
+                continue
+            low_edges, fp32_edges = _border_edges(node, plan, fp32_borders)
+            if fp32_edges > low_edges:
+                del plan.low[node]
+                dropped.append(node)
+                changed = True
+    return dropped
+
+
+def _border_edges(node: ir.Node, plan: _Plan, fp32_borders: bool) -> tuple[int, int]:
+    """How many of a low node's float neighbours (non-constant) are low and how many FP32."""
+    low = fp32 = 0
+    inputs, outputs = plan.low[node]
+    for index in inputs:
+        value = node.inputs[index]
+        if value is None or constant_array(value) is not None:
+            continue
+        producer = value.producer()
+        is_low = producer in plan.low if producer is not None else not fp32_borders
+        low, fp32 = low + is_low, fp32 + (not is_low)
+    for index in outputs:
+        value = node.outputs[index]
+        needs = {plan.wants_low(user, i) for user, i in value.uses()}
+        if value.is_graph_output():
+            needs.add(not fp32_borders)
+        low, fp32 = low + (True in needs), fp32 + (False in needs)
+    return low, fp32
+
+
+def _retype(value: ir.Value, dtype: ir.DataType) -> None:
+    """Give ``value`` a new type object: clones (the teacher) share type objects, so setting
+    ``value.dtype`` would change the teacher's value too."""
+    value.type = ir.TensorType(dtype)
+
+
+def _copy(shape: ir.Shape | None) -> ir.Shape | None:
+    return None if shape is None else ir.Shape(shape)
+
+
+def _touches_float(node: ir.Node) -> bool:
+    values = (*node.inputs, *node.outputs)
+    return any(v is not None and v.dtype == ir.DataType.FLOAT for v in values)
+
+
+def _constant_values(graph: ir.Graph) -> Iterable[ir.Value]:
+    yield from list(graph.initializers.values())
+    for node in list(graph):
+        if node.op_type == "Constant" and node.outputs[0].const_value is not None:
+            yield node.outputs[0]
+
+
+def _produced_fp32(value: ir.Value | None, plan: _Plan) -> bool:
+    """True when ``value`` comes from a graph input or an FP32 node (not a constant)."""
+    if value is None or constant_array(value) is not None:
+        return False
+    producer = value.producer()
+    return producer is None or producer not in plan.low
+
+
+def _reduced_size(node: ir.Node) -> int | None:
+    """How many elements each output element of a reduction sums over (None: unknown)."""
+    source = node.inputs[0]
+    if source is None or source.shape is None:
+        return None
+    dims = list(source.shape)
+    if node.op_type.startswith("Global"):
+        axes = list(range(2, len(dims)))
+    else:
+        axes_value = node.inputs[1] if len(node.inputs) > 1 else None
+        constant = constant_array(axes_value) if axes_value is not None else None
+        axes = list(constant) if constant is not None else attribute(node, "axes", None)
+        if axes is None or len(axes) == 0:
+            axes = list(range(len(dims)))
+    size = 1
+    for axis in axes:
+        dim = dims[int(axis)]
+        if not isinstance(dim, int):
+            return None
+        size *= dim
+    return size
+
+
+def _remove_identity_casts(graph: ir.Graph) -> None:
+    """Drop Casts whose input already has the target type (left by converting a model's Casts)."""
+    for node in list(graph):
+        if node.op_type != "Cast" or node.inputs[0] is None:
+            continue
+        output = node.outputs[0]
+        if node.inputs[0].dtype == output.dtype and not output.is_graph_output():
+            output.replace_all_uses_with(node.inputs[0])
+            graph.remove(node, safe=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 QDQ
+
+
+@dataclasses.dataclass
+class Fp8Settings:
+    """``op_types``: ops whose weights (and activation input) are quantized to FLOAT8E4M3FN.
+    ``activations``: also quantize the activation input with a calibrated scale (needs
+    calibration data); false stores weights only in FP8. ``exclude``: node names left alone."""
+
+    op_types: list[str] = dataclasses.field(default_factory=lambda: ["Conv", "Gemm", "MatMul"])
+    activations: bool = True
+    per_channel: bool = True
+    exclude: list[str] = dataclasses.field(default_factory=list)
+    calibration_batches: int = 16
+
+
+FP8_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+# onnxruntime's ClipQuantFusion (clip_quantizelinear.cc) throws on a QuantizeLinear with a
+# float8 zero point after Clip, so such a model fails to load with default optimizations.
+CLIP_FUSION_BUG = "input comes from Clip, whose FP8 QuantizeLinear crashes onnxruntime's fusion"
+
+
+@register
+class QuantizeFp8(Pass):
+    """FP8 (E4M3FN) QuantizeLinear/DequantizeLinear around Conv/Gemm/MatMul (opset >= 19)."""
+
+    name = "fp8"
+    Settings = Fp8Settings
+    min_opset = 19
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.settings.op_types) - FP8_OPS)
+        if unknown:
+            raise SettingsError(
+                f"fp8: op_types {unknown} not supported; use any of Conv, Gemm, MatMul"
+            )
+        if self.settings.calibration_batches < 1:
+            raise SettingsError("fp8: calibration_batches must be at least 1")
+
+    def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
+        graph = model.graph
+        targets = [node for node in graph if self._eligible(node, report)]
+        with_input = [node for node in targets if self._quantize_input(node)]
+        amax: dict[str, float] = {}
+        if with_input:
+            if context.calibration is None:
+                raise SettingsError(
+                    "fp8: activation scales need calibration data: pass --calib SRC, or set "
+                    "activations=false to store weights only in FP8"
+                )
+            names = sorted({_source_name(node) for node in with_input})
+            amax = _activation_amax(model, names, context, self.settings.calibration_batches)
+        builder = _QdqBuilder(graph, UniqueNames(model))
+        for node in targets:
+            weight = constant_array(_weight_of(node))
+            assert weight is not None
+            builder.weight(node, self.settings.per_channel)
+            detail = "float8e4m3fn weights"
+            if node in with_input:
+                builder.activation(node, amax[_source_name(node)])
+                detail += " and activation"
+            elif self.settings.activations:
+                detail += f" only: {CLIP_FUSION_BUG}"
+            report.record(
+                node, "quantized", detail, params_before=weight.size, params_after=weight.size
+            )
+        common_passes.TopologicalSortPass()(model)
+        problem = fp8_kernel_problem(model, (context.providers or ("cpu",))[0])
+        if problem:
+            report.notes.append(problem)
+
+    def _quantize_input(self, node: ir.Node) -> bool:
+        """Whether the activation input gets a Q/DQ pair (not after Clip: see CLIP_FUSION_BUG)."""
+        producer = node.inputs[0].producer()  # type: ignore[union-attr]
+        return self.settings.activations and (producer is None or producer.op_type != "Clip")
+
+    def _eligible(self, node: ir.Node, report: PassReport) -> bool:
+        if node.op_type not in self.settings.op_types:
+            return False
+        if node.name in self.settings.exclude:
+            report.skip(node, "in exclude")
+            return False
+        weight = _weight_of(node)
+        if weight is None or constant_array(weight) is None:
+            report.skip(node, "weight is not a constant (both inputs are activations)")
+            return False
+        source = node.inputs[0]
+        if source is None or source.dtype != ir.DataType.FLOAT or weight.dtype != ir.DataType.FLOAT:
+            report.skip(node, "input or weight is not FP32")
+            return False
+        if any(_is_dequantized(v) for v in (source, weight)):
+            report.skip(node, "already quantized (input comes from DequantizeLinear)")
+            return False
+        if node.op_type == "Gemm" and attribute(node, "transA", 0):
+            report.skip(node, "Gemm with transA=1: activation layout not handled")
+            return False
+        return True
+
+
+def _source_name(node: ir.Node) -> str:
+    return node.inputs[0].name or ""  # type: ignore[union-attr]
+
+
+def _weight_of(node: ir.Node) -> ir.Value | None:
+    return node.inputs[1] if len(node.inputs) > 1 else None
+
+
+def _is_dequantized(value: ir.Value) -> bool:
+    producer = value.producer()
+    return producer is not None and producer.op_type == "DequantizeLinear"
+
+
+def _output_channel_axis(node: ir.Node, rank: int) -> int:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if attribute(node, "transB", 0) else 1
+    return rank - 1  # MatMul: B is (..., K, N)
+
+
+def fp8_scale(amax: np.ndarray | float) -> np.ndarray:
+    """The E4M3FN scale for a range: ``amax / 448`` (1 where the range is empty)."""
+    amax = np.asarray(amax, dtype=np.float32)
+    return np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
+
+
+def quantize_fp8(array: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
+    """``array / scale`` saturated to +-448 and rounded to E4M3FN (scale per ``axis``)."""
+    if axis is not None:
+        shape = [1] * array.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    return np.clip(array / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+
+
+class _QdqBuilder:
+    """Inserts DequantizeLinear for weights (FP8 initializers) and Q/DQ pairs for activations,
+    each shared by every quantized consumer of the same value."""
+
+    def __init__(self, graph: ir.Graph, names: UniqueNames) -> None:
+        self.graph = graph
+        self.names = names
+        self.weights: dict[tuple[int, int | None], ir.Value] = {}
+        self.activations: dict[int, ir.Value] = {}
+        self._zero: ir.Value | None = None
+
+    def _initializer(self, wanted: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
+        name = self.names.new(wanted)
+        value = ir.Value(
+            name=name,
+            shape=ir.Shape(array.shape),
+            type=ir.TensorType(dtype),
+            const_value=ir.tensor(array, dtype=dtype, name=name),
+        )
+        self.graph.register_initializer(value)
+        return value
+
+    def zero_point(self) -> ir.Value:
+        if self._zero is None:
+            zero = np.zeros((), dtype=ml_dtypes.float8_e4m3fn)
+            self._zero = self._initializer("fp8_zero_point", zero, ir.DataType.FLOAT8E4M3FN)
+        return self._zero
+
+    def _add(self, node: ir.Node, op: str, inputs: list, attributes: dict, role: str) -> ir.Value:
+        created = ir.node(op, inputs, attributes, name=self.names.new(f"{node.name}/{role}"))
+        created.outputs[0].name = self.names.new(f"{inputs[0].name}/{role}")
+        mark_created(created, "fp8")
+        created.metadata_props[SOURCE_KEY] = node.name or ""
+        self.graph.append(created)
+        return created.outputs[0]
+
+    def weight(self, node: ir.Node, per_channel: bool) -> None:
+        weight = _weight_of(node)
+        assert weight is not None
+        array = np.asarray(constant_array(weight), dtype=np.float32)
+        axis = _output_channel_axis(node, array.ndim) if per_channel else None
+        key = (id(weight), axis)
+        if key not in self.weights:
+            if axis is None:
+                amax = np.abs(array).max(initial=0.0)
+            else:
+                others = tuple(a for a in range(array.ndim) if a != axis)
+                amax = np.abs(array).max(axis=others, initial=0.0)
+            scale = fp8_scale(amax)
+            stored = self._initializer(
+                f"{weight.name}/fp8", quantize_fp8(array, scale, axis), ir.DataType.FLOAT8E4M3FN
+            )
+            scale_value = self._initializer(f"{weight.name}/scale", scale, ir.DataType.FLOAT)
+            attributes = {} if axis is None else {"axis": axis}
+            output = self._add(node, "DequantizeLinear", [stored, scale_value], attributes, "dq")
+            output.dtype, output.shape = ir.DataType.FLOAT, _copy(weight.shape)
+            self.weights[key] = output
+        node.replace_input_with(1, self.weights[key])
+
+    def activation(self, node: ir.Node, amax: float) -> None:
+        source = node.inputs[0]
+        assert source is not None
+        if id(source) not in self.activations:
+            scale = self._initializer(
+                f"{source.name}/scale", fp8_scale(amax).reshape(()), ir.DataType.FLOAT
+            )
+            zero = self.zero_point()
+            quantized = self._add(node, "QuantizeLinear", [source, scale, zero], {}, "q")
+            quantized.dtype, quantized.shape = ir.DataType.FLOAT8E4M3FN, _copy(source.shape)
+            output = self._add(node, "DequantizeLinear", [quantized, scale, zero], {}, "dq")
+            output.dtype, output.shape = ir.DataType.FLOAT, _copy(source.shape)
+            self.activations[id(source)] = output
+        node.replace_input_with(0, self.activations[id(source)])
+
+
+def fp8_kernel_problem(model: ir.Model, provider: str) -> str | None:
+    """None when onnxruntime loads the FP8 model on ``provider`` here; otherwise a one-line
+    explanation (no kernel, provider missing) instead of onnxruntime's error."""
+    full = runtime.resolve_provider(provider)
+    if full not in runtime.ort.get_available_providers():
+        return (
+            f"{full} is not available in this onnxruntime: the FP8 model could not be tried; "
+            "it needs a build with FP8 kernels (CUDA/TensorRT on GPUs with FP8, SM 8.9+)"
+        )
+    try:
+        runtime.create_session(model, provider)
+    except InputError as error:
+        return fp8_failure_message(str(error.__cause__ or error), full)
+    return None
+
+
+def fp8_failure_message(error: str, provider: str) -> str:
+    """Turn onnxruntime's session error for an FP8 model into a message that says what to do."""
+    if "NOT_IMPLEMENTED" in error or "Could not find an implementation" in error:
+        return (
+            f"onnxruntime {runtime.ort.__version__} has no {provider} kernel for part of the "
+            "FP8 (float8e4m3fn) QDQ graph; the model is valid: run it with a provider that has "
+            "FP8 kernels (CUDA/TensorRT on an FP8 GPU) or use the int8 pass for this provider"
+        )
+    return f"onnxruntime cannot load the FP8 model on {provider}: {error.splitlines()[0]}"
