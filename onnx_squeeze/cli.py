@@ -17,7 +17,7 @@ from typing import Any
 import onnx_ir as ir
 from rich.console import Console
 
-from onnx_squeeze import __version__, model_io, report, runtime
+from onnx_squeeze import __version__, model_io, report, runtime, shortcuts
 from onnx_squeeze.errors import GateFailedError, SettingsError, SqueezeError
 
 EXIT_OK, EXIT_INPUT, EXIT_INTERNAL, EXIT_GATE = 0, 1, 2, 3
@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--external-data", action="store_true", help="store weights in OUT.data beside the model"
     )
     compress.add_argument("--seed", type=int, default=0)
+    shortcuts.add_arguments(compress)
     _add_run_options(compress, runs=20)
     _add_output_options(compress)
 
@@ -300,7 +301,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
             f"{args.output}: refusing to overwrite the input model; choose another -o path or pass --force"
         )
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
+    recipe.steps += shortcuts.steps_from_args(args, calibrated=bool(args.calib))
     recipe.steps += Recipe.from_cli(args.passes).steps
+    recipe.passes()  # validate the whole recipe before any work is done
     if args.no_simplify:
         recipe.prepare["simplify"] = False
     if args.no_fold_bn:
