@@ -436,7 +436,7 @@ class ConvertFloat(Pass):
                 if array is not None and array.size and np.abs(array).max() > FP16_MAX:
                     return f"constant input {index} exceeds the FP16 range", none
         if node.op_type in DATA_MOVEMENT and any(
-            _produced_fp32(node.inputs[i], plan) for i in slots[0]
+            _produced_fp32(node.inputs[i], plan, self.settings.keep_io_types) for i in slots[0]
         ):
             return "moves data of an FP32 producer: follows it (fewer Casts)", none
         return None, slots
@@ -624,12 +624,12 @@ def _constant_values(graph: ir.Graph) -> Iterable[ir.Value]:
             yield node.outputs[0]
 
 
-def _produced_fp32(value: ir.Value | None, plan: _Plan) -> bool:
-    """True when ``value`` comes from a graph input or an FP32 node (not a constant)."""
+def _produced_fp32(value: ir.Value | None, plan: _Plan, fp32_inputs: bool) -> bool:
+    """True when ``value`` comes from an FP32 node or graph input (constants convert freely)."""
     if value is None or constant_array(value) is not None:
         return False
     producer = value.producer()
-    return producer is None or producer not in plan.low
+    return fp32_inputs if producer is None else producer not in plan.low
 
 
 def _reduced_size(node: ir.Node) -> int | None:
