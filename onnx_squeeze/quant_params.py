@@ -224,7 +224,7 @@ def _kl_divergence(counts: np.ndarray, first: int, last: int, levels: int) -> fl
     groups = np.array_split(np.arange(reference.size), levels)
     expanded = np.zeros_like(reference)
     for group in groups:
-        part = counts[first:last][group].astype(np.float64)
+        part = reference[group]
         nonzero = part > 0
         if nonzero.any():
             expanded[group[nonzero]] = part.sum() / nonzero.sum()

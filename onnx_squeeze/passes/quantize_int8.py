@@ -28,11 +28,12 @@ import dataclasses
 import fnmatch
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 from onnx_squeeze import comparison, quant_params
 from onnx_squeeze.calibration import RandomSource, StatisticsCollector, TensorStatistics
@@ -243,6 +244,13 @@ def _model_fingerprint(model: ir.Model) -> str:
     return digest.hexdigest()
 
 
+def _infer_types(model: ir.Model) -> None:
+    """Element types of intermediate values (the plan needs to know which are float) on a
+    model that was not prepared."""
+    if any(v.dtype is None for node in model.graph for v in node.outputs):
+        ShapeInferencePass(strict_mode=False)(model)
+
+
 def _tag(node: ir.Node, source: str, pass_name: str) -> ir.Node:
     node.metadata_props[SOURCE_KEY] = source
     mark_created(node, pass_name)
@@ -307,25 +315,32 @@ def _fused_clamp(value: ir.Value, symmetric: bool) -> ir.Node | None:
     return None
 
 
+def _quantizable(value: ir.Value | None) -> bool:
+    """A float activation that may get Q/DQ (graph outputs stay float)."""
+    return value is not None and _is_activation(value) and not value.is_graph_output()
+
+
 def make_plan(model: ir.Model, anchors: Sequence[ir.Node], symmetric: bool) -> _Plan:
     """Decide which tensors get Q/DQ and which share parameters, for the given anchors."""
     tensors: dict[str, ir.Value] = {}
     classes = _Classes()
 
-    def want(value: ir.Value | None) -> bool:
-        if value is None or not _is_activation(value) or value.is_graph_output():
+    def want(values: Sequence[ir.Value | None]) -> bool:
+        """Plan all ``values`` if every one can be quantized; whether they were."""
+        if not all(_quantizable(v) for v in values):
             return False
-        tensors[value.name] = value
-        classes.add(value.name)
+        for value in values:
+            tensors[value.name] = value
+            classes.add(value.name)
         return True
 
     for node in anchors:
-        want(node.inputs[0])
+        want([node.inputs[0]])
         if node.op_type == "MatMul" and constant_array(node.inputs[1]) is None:
-            want(node.inputs[1])
+            want([node.inputs[1]])
         if node.op_type == "Conv":  # QLinearConv needs a quantized output
             clamp = _fused_clamp(node.outputs[0], symmetric)
-            want(clamp.outputs[0] if clamp is not None else node.outputs[0])
+            want([clamp.outputs[0] if clamp is not None else node.outputs[0]])
     anchor_set = {id(n) for n in anchors}
     followers = []
     for node in model.graph:  # topological order: a follower sees its inputs' decisions
@@ -336,34 +351,39 @@ def make_plan(model: ir.Model, anchors: Sequence[ir.Node], symmetric: bool) -> _
     return _Plan(list(anchors), followers, tensors, classes)
 
 
-def _plan_follower(node: ir.Node, tensors, classes, want, symmetric: bool) -> bool:
-    first = node.inputs[0] if node.inputs else None
-    if first is None or first.name not in tensors:
-        if node.op_type not in BINARY_OPS or not any(v and v.name in tensors for v in node.inputs):
-            return False
+def _reads_quantized(node: ir.Node, tensors: dict[str, ir.Value]) -> bool:
+    """Whether the input that makes ``node`` a follower (any input of Add/Mul, else input 0)
+    is already planned quantized."""
+    inputs = node.inputs if node.op_type in BINARY_OPS else node.inputs[:1]
+    return any(v is not None and v.name in tensors for v in inputs)
+
+
+def _plan_follower(
+    node: ir.Node,
+    tensors: dict[str, ir.Value],
+    classes: _Classes,
+    want: Callable[[Sequence[ir.Value | None]], bool],
+    symmetric: bool,
+) -> bool:
+    """Plan ``node`` as a follower if its input is quantized; whether it was."""
+    if not _reads_quantized(node, tensors):
+        return False
     op = node.op_type
-    sharing = op in SHARING_OPS or (op in CLAMP_OPS and symmetric) or op == "Concat"
+    outputs = list(node.outputs)
     if op in BINARY_OPS:
-        if len(node.inputs) != 2 or not all(_is_activation(v) for v in node.inputs):
-            return False
-        if not all(want(v) for v in node.inputs):
-            return False
-        return want(node.outputs[0])
+        return len(node.inputs) == 2 and want([*node.inputs, *outputs])
     if op == "Concat":
-        if not all(_is_activation(v) for v in node.inputs):
-            return False
-        if not all(want(v) for v in (*node.inputs, node.outputs[0])):
-            return False
-        classes.join([v.name for v in (*node.inputs, node.outputs[0])])
-        return True
-    if sharing or op in UNARY_OPS or op in CLAMP_OPS:
-        outputs = [v for v in node.outputs if v is not None]
-        if not all(want(v) for v in outputs):
-            return False
-        if sharing or op in CLAMP_OPS:
-            classes.join([first.name, *(v.name for v in outputs)])
-        return True
-    return False
+        members = [*node.inputs, *outputs]
+        planned = want(members)
+        if planned:
+            classes.join([v.name for v in members])
+        return planned
+    sharing = op in SHARING_OPS or op in CLAMP_OPS
+    if not (sharing or op in UNARY_OPS) or not want(outputs):
+        return False
+    if sharing:  # with UINT8, a Relu not folded into a Conv also keeps its input's scale
+        classes.join([node.inputs[0].name, *(v.name for v in outputs)])
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -719,6 +739,7 @@ class QuantizeInt8(Pass):
         return copy
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
+        _infer_types(model)
         present = sum(1 for node in model.graph if node.op_type in QUANTIZED_OPS)
         if present:
             report.notes.append(
@@ -832,32 +853,54 @@ class QuantizeInt8(Pass):
         source: Any,
         report: PassReport,
     ) -> None:
-        """Shift each output channel's INT32 bias by the mean error the quantized layer makes
-        on calibration data (empirical bias correction)."""
-        nodes = {node.name: node for node in model.graph}
-        axes = {}
-        for name in outcome.biases:
-            output = nodes[name].outputs[0]
-            axes[output.name] = 1 if nodes[name].op_type == "Conv" else -1
-        if not axes:
+        """Cancel the mean output error that weight rounding causes (Nagel et al. 2019): shift
+        each output channel's INT32 bias by ``-(W_q - W) · E[x]``, with ``E[x]`` the mean of
+        each input channel on calibration data. Local to each layer, so corrections do not
+        add up along the network."""
+        nodes = {node.name: node for node in float_model.graph}
+        inputs = {
+            nodes[name].inputs[0].name: (1 if nodes[name].op_type == "Conv" else -1)
+            for name in outcome.biases
+        }
+        if not inputs:
             report.notes.append("bias correction: no quantized layer with a bias")
             return
+        collector = StatisticsCollector(
+            float_model, list(inputs), channel_axis=inputs, keep=("channels",)
+        )
         limit = self.settings.calibration_batches or None
-        means = []
-        for current in (float_model, model):
-            collector = StatisticsCollector(
-                current, list(axes), channel_axis=axes, keep=("channels",)
-            )
-            means.append(collector.collect(source, limit=limit, progress=False))
+        means = collector.collect(source, limit=limit, progress=False)
+        quantized_nodes = {node.name: node for node in model.graph}
         for name, bias in outcome.biases.items():
-            output = nodes[name].outputs[0].name
-            shift = means[0][output].channels.mean - means[1][output].channels.mean
-            dq = next(iter(bias.uses())).node
-            scale = constant_array(dq.inputs[1]).astype(np.float64)
+            original = nodes[name]
+            weight = constant_array(original.inputs[1])
+            dq = quantized_nodes[name].inputs[1].producer()
+            axis = dq.attributes["axis"].value if "axis" in dq.attributes else None
+            rounded = quant_params.dequantize(
+                constant_array(dq.inputs[0]), constant_array(dq.inputs[1]), 0, axis
+            )
+            mean = means[original.inputs[0].name].channels.mean
+            shift = -_weight_error_times_mean(original, rounded - weight, mean)
+            scale = constant_array(next(iter(bias.uses())).node.inputs[1]).astype(np.float64)
             corrected = bias.const_value.numpy().astype(np.int64) + np.rint(shift / scale)
             corrected = np.clip(corrected, INT32.qmin, INT32.qmax).astype(np.int32)
             bias.const_value = ir.tensor(corrected, dtype=ir.DataType.INT32, name=bias.name)
         report.notes.append(f"bias correction applied to {len(outcome.biases)} layers")
+
+
+def _weight_error_times_mean(node: ir.Node, error: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """The mean output error per output channel that a weight error causes, given the mean of
+    each input channel (padding borders ignored)."""
+    if node.op_type == "Conv":
+        group = attribute(node, "group", 1)
+        outputs, per_group = error.shape[0], error.shape[1]
+        per_input = error.sum(axis=tuple(range(2, error.ndim)))  # [out, in/group]
+        means = mean.reshape(group, per_group)
+        return np.einsum(
+            "gok,gk->go", per_input.reshape(group, outputs // group, -1), means
+        ).ravel()
+    matrix = error.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else error
+    return mean @ matrix
 
 
 def _outputs(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
@@ -896,3 +939,112 @@ def _metric(reference: ir.Model, model: ir.Model, feeds: Sequence[dict], metric:
             f"use one of {', '.join(values)}"
         )
     return float(values[metric])
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic pass
+
+
+def _dynamic_problem(node: ir.Node) -> str | None:
+    """Why a MatMul/Gemm cannot get dynamic INT8, or None."""
+    if _already_quantized(node):
+        return "already quantized (reads a DequantizeLinear or is a quantized op): left untouched"
+    if not _is_activation(node.inputs[0]):
+        return "input 0 is not a float activation"
+    weight = constant_array(node.inputs[1])
+    if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+        return "weight is not a constant 2-D float32 matrix"
+    if node.op_type == "Gemm":
+        if attribute(node, "transA", 0):
+            return "Gemm with transA=1"
+        if attribute(node, "alpha", 1.0) != 1.0:
+            return "Gemm with alpha != 1"
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None and constant_array(bias) is None:
+            return "Gemm bias is not constant"
+    return None
+
+
+def _dynamic_weight(node: ir.Node) -> np.ndarray:
+    """The weight as a [K, N] matrix (Gemm's transB undone)."""
+    weight = constant_array(node.inputs[1])
+    assert weight is not None
+    return weight.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else weight
+
+
+def _dynamic_replacement(
+    writer: _Writer, node: ir.Node, qtype: IntType, per_channel: bool
+) -> list[ir.Node]:
+    """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (scales) [-> Add bias] for
+    ``node``; onnxruntime fuses it into DynamicQuantizeMatMul."""
+    weight = np.ascontiguousarray(_dynamic_weight(node))
+    axis = 1 if per_channel else None
+    quantized, scale, zero_point = quant_params.quantize_weight(weight, axis, qtype)
+    prefix = node.name
+    w_value = writer.constant(f"{prefix}.weight_quantized", quantized, qtype.dtype)
+    s_value = writer.constant(f"{prefix}.weight_scale", scale, ir.DataType.FLOAT)
+    z_value = writer.constant(f"{prefix}.weight_zero_point", zero_point, qtype.dtype)
+    dynamic = writer._node(
+        "DynamicQuantizeLinear", f"{prefix}/quantize_input", [node.inputs[0]], prefix, outputs=3
+    )
+    x_q, x_scale, x_zero = dynamic.outputs
+    matmul = writer._node(
+        "MatMulInteger", f"{prefix}/matmul_integer", [x_q, w_value, x_zero, z_value], prefix
+    )
+    cast = writer._node(
+        "Cast", f"{prefix}/cast", [matmul.outputs[0]], prefix, to=int(ir.DataType.FLOAT)
+    )
+    scales = writer._node("Mul", f"{prefix}/scales", [x_scale, s_value], prefix)
+    output = writer._node("Mul", f"{prefix}/rescale", [cast.outputs[0], scales.outputs[0]], prefix)
+    nodes = [dynamic, matmul, cast, scales, output]
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    if bias is not None:
+        bias_array = constant_array(bias) * np.float32(attribute(node, "beta", 1.0))
+        bias_value = writer.constant(
+            f"{prefix}.bias", bias_array.astype(np.float32), ir.DataType.FLOAT
+        )
+        nodes.append(
+            writer._node("Add", f"{prefix}/add_bias", [output.outputs[0], bias_value], prefix)
+        )
+    return nodes
+
+
+@register
+class QuantizeDynamic(Pass):
+    """Dynamic INT8 for MatMul/Gemm with constant weights: INT8 weights per output column,
+    activations quantized at run time (no calibration data needed)."""
+
+    name = "quantize_dynamic"
+    Settings = QuantizeDynamicSettings
+    min_opset = 11  # DynamicQuantizeLinear
+
+    def validate(self) -> None:
+        _check_names(self.settings.op_types, ("MatMul", "Gemm"), "op_types")
+        _check_names(self.settings.exclude_op_types, ("MatMul", "Gemm"), "exclude_op_types")
+        _weight_type(self.settings)
+
+    def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
+        _infer_types(model)
+        selection = _selection(self.settings)
+        writer = _Writer(model, self.name)
+        qtype = _weight_type(self.settings)
+        for node in list(model.graph):
+            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+                continue
+            reason = selection.reason_to_skip(node) or _dynamic_problem(node)
+            if reason:
+                report.skip(node, reason)
+                continue
+            nodes = _dynamic_replacement(writer, node, qtype, self.settings.per_channel)
+            last = nodes[-1].outputs[0]
+            last.dtype, last.shape = node.outputs[0].dtype, node.outputs[0].shape
+            ir.convenience.replace_nodes_and_values(
+                model.graph, node, [node], nodes, [node.outputs[0]], [last]
+            )
+            where = "per column" if self.settings.per_channel else "per tensor"
+            report.record(
+                node.name,
+                "quantized",
+                f"dynamic: weight {qtype.name} {where}, uint8 activations at run time",
+                op_type=node.op_type,
+            )

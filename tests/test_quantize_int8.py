@@ -1,0 +1,429 @@
+"""INT8 quantization: static QDQ (placement, fusion in onnxruntime, calibration, control) and
+dynamic."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnx_squeeze import comparison, quant_params, runtime, zoo
+from onnx_squeeze.calibration import Histogram, RandomSource, StatisticsCollector, TensorStatistics
+from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.passes.base import PassContext, make_pass
+from onnx_squeeze.pipeline import compress
+from tests.helpers import assert_same_outputs, check, random_feeds, run
+
+FLOAT_MAC_OPS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm"}
+
+
+@functools.cache
+def prepared(name: str) -> ir.Model:
+    return compress(zoo.small(name)).model
+
+
+def calibration(model: ir.Model, samples: int = 8) -> RandomSource:
+    return RandomSource(runtime.input_specs(model), samples, seed=0, batch_size=2)
+
+
+def quantize(model: ir.Model, pass_name: str = "quantize_int8", samples: int = 8, **settings):
+    result = model.clone()
+    context = PassContext(calibration=calibration(model, samples))
+    report = make_pass(pass_name, settings)(result, context)
+    return result, report
+
+
+def optimized_ops(model: ir.Model) -> collections.Counter:
+    """Op types of the graph onnxruntime actually runs (all optimizations on)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "optimized.onnx")
+        runtime.create_session(model, optimized_model_path=path)
+        return collections.Counter(node.op_type for node in onnx.load(path).graph.node)
+
+
+def cosine(a: ir.Model, b: ir.Model, feeds, optimization: str = "none") -> float:
+    return min(r.cosine for r in comparison.fidelity(a, b, feeds, optimization=optimization))
+
+
+def ops(model: ir.Model) -> collections.Counter:
+    return collections.Counter(node.op_type for node in model.graph)
+
+
+def parse(text: str, seed: int = 0, **shapes: tuple[int, ...]) -> ir.Model:
+    """A model from onnx text with random weights of ``shapes``; nodes named after their
+    first output."""
+    proto = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(seed)
+    for name, shape in shapes.items():
+        array = rng.standard_normal(shape).astype(np.float32) * 0.3
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    for node in proto.graph.node:
+        node.name = node.output[0]
+    return ir.from_proto(proto)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusion proven on the optimized graph
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "transformer"])
+def test_zoo_models_fuse_into_integer_kernels(name):
+    model = prepared(name)
+    quantized, report = quantize(model)
+    check(quantized)
+    fused = optimized_ops(quantized)
+    float_macs = {op: n for op, n in fused.items() if op in FLOAT_MAC_OPS}
+    if name == "transformer":
+        # attention scores (Q·K) stay float in onnxruntime's fusion: they feed a float Div
+        weighted = [n for n in model.graph if n.op_type in ("MatMul", "Gemm")]
+        integer = fused["QGemm"] + fused["QLinearMatMul"] + fused["MatMulIntegerToFloat"]
+        assert integer >= len([n for n in weighted if n.inputs[1].const_value is not None])
+        assert fused.get("MatMul", 0) == 0
+    else:
+        assert float_macs == {}, f"float ops left after fusion: {float_macs}"
+        assert fused["QLinearConv"] == ops(model)["Conv"]
+        assert fused["QGemm"] == ops(model)["Gemm"]
+    assert not report.skipped
+    feeds = random_feeds(model, 2, seed=5)
+    assert cosine(model, quantized, feeds) > 0.7  # tiny random-calibrated models; see bench
+
+
+def test_yolo_style_model_quantizes_silu_concat_and_pools():
+    model = prepared("yolo")
+    quantized, _ = quantize(model)
+    check(quantized)
+    fused = optimized_ops(quantized)
+    assert fused.get("Conv", 0) == 0
+    assert fused["QLinearSigmoid"] == fused["QLinearMul"] == ops(model)["Sigmoid"]
+    assert fused["QLinearConcat"] > 0
+    # graph outputs stay float and keep their names
+    assert [v.name for v in quantized.graph.outputs] == [v.name for v in model.graph.outputs]
+    assert all(v.dtype == ir.DataType.FLOAT for v in quantized.graph.outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement: golden counts and per-channel axes
+
+_BLOCK = """
+<ir_version: 8, opset_import: ["" : 17]>
+block (float[N, 4, 8, 8] x) => (float[N, 5] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    r1 = Relu (c1)
+    p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r1)
+    c2 = Conv <pads = [1, 1, 1, 1]> (p, w2, b2)
+    s = Add (c2, p)
+    r2 = Relu (s)
+    g = GlobalAveragePool (r2)
+    f = Flatten (g)
+    y = Gemm <transB = 1> (f, wf, bf)
+}
+"""
+
+
+def block_model() -> ir.Model:
+    return parse(_BLOCK, w1=(8, 4, 3, 3), b1=(8,), w2=(8, 8, 3, 3), b2=(8,), wf=(5, 8), bf=(5,))
+
+
+def test_golden_qdq_counts_and_parameter_sharing():
+    model = block_model()
+    quantized, report = quantize(model)
+    check(quantized)
+    # tensors: x, r1 (Relu folded into Conv's Q), p (MaxPool shares r1's), c2, s (Add), r2, g, f
+    assert ops(quantized)["QuantizeLinear"] == 8
+    # one DQ per consumer: 9 activation uses + 3 weights + 3 biases
+    assert ops(quantized)["DequantizeLinear"] == 15
+    q_nodes = {n.inputs[0].name: n for n in quantized.graph if n.op_type == "QuantizeLinear"}
+    for shared in (("r1", "p"), ("r2", "g", "f")[1:]):
+        scales = {float(q_nodes[t].inputs[1].const_value.numpy()) for t in shared}
+        assert len(scales) == 1, shared
+    assert "c1" not in q_nodes  # Relu after Conv is folded by onnxruntime, not quantized twice
+    fused = optimized_ops(quantized)
+    assert fused["QLinearConv"] == 2 and fused["QLinearAdd"] == 1 and fused["QGemm"] == 1
+    assert fused.get("MaxPool", 0) + fused.get("NhwcMaxPool", 0) == 1
+    assert [r.node for r in report.changed] == ["", "", ""] or len(report.changed) == 3
+    bias_dq = [n for n in quantized.graph if n.name.endswith("/dequantize_bias")]
+    assert {n.inputs[0].dtype for n in bias_dq} == {ir.DataType.INT32}
+    for dq in bias_dq:  # bias scale = input scale x weight scale
+        node = next(iter(dq.outputs[0].uses())).node
+        input_scale = node.inputs[0].producer().inputs[1].const_value.numpy()
+        weight_scale = node.inputs[1].producer().inputs[1].const_value.numpy()
+        np.testing.assert_allclose(
+            dq.inputs[1].const_value.numpy(), input_scale * weight_scale, rtol=1e-6
+        )
+
+
+def test_numerics_match_the_quantization_step():
+    model = block_model()
+    quantized, _ = quantize(model, method="minmax")
+    feeds = random_feeds(model, 2, seed=0)
+    for feed in feeds:  # calibration data has the same distribution
+        (reference,), (result,) = run(model, feed), run(quantized, feed)
+        assert quant_params.sqnr_db(reference, result) > 20
+
+
+# op, input, output, weight shape, output-channel axis of the weight
+_AXES = {
+    "conv": ("Conv", "float[N, 4, 6, 6] x", "float[N, 6, 4, 4] y", (6, 4, 3, 3), 0),
+    "depthwise": (
+        "Conv <group = 4>",
+        "float[N, 4, 6, 6] x",
+        "float[N, 4, 4, 4] y",
+        (4, 1, 3, 3),
+        0,
+    ),
+    "conv_transpose": (
+        "ConvTranspose",
+        "float[N, 4, 6, 6] x",
+        "float[N, 6, 8, 8] y",
+        (4, 6, 3, 3),
+        1,
+    ),
+    "gemm_transb": ("Gemm <transB = 1>", "float[N, 4] x", "float[N, 6] y", (6, 4), 0),
+    "gemm": ("Gemm", "float[N, 4] x", "float[N, 6] y", (4, 6), 1),
+    "matmul": ("MatMul", "float[N, 3, 4] x", "float[N, 3, 6] y", (4, 6), 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_AXES))
+def test_per_channel_axis_for_every_op(case):
+    op, x, y, shape, axis = _AXES[case]
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+        g ({x}) => ({y}) {{ y = {op} (x, w) }}"""
+    model = parse(text, seed=1, w=shape)
+    # output channels of very different magnitude: a wrong axis would crush the small ones
+    spread = np.logspace(-3, 0, shape[axis], dtype=np.float32).reshape(
+        [-1 if i == axis else 1 for i in range(len(shape))]
+    )
+    weight = model.graph.initializers["w"]
+    weight.const_value = ir.tensor(weight.const_value.numpy() * spread, name="w")
+    quantized, _ = quantize(model, samples=64)
+    check(quantized)
+    dq = next(n for n in quantized.graph if n.name.endswith("/dequantize_weight"))
+    assert dq.attributes["axis"].value == axis
+    assert dq.inputs[1].const_value.numpy().shape == (shape[axis],)
+    assert dq.inputs[0].dtype == ir.DataType.INT8
+    weight_dq = dq.outputs[0].uses()
+    assert [use.node.op_type for use in weight_dq] == [op.split()[0]]
+    dims = [16 if not isinstance(d, int) else d for d in model.graph.inputs[0].shape.dims]
+    feed = {"x": np.random.default_rng(3).standard_normal(dims).astype(np.float32)}
+    (reference,), (result,) = run(model, feed), run(quantized, feed)
+    channel = 1 if reference.ndim == 4 else -1
+    for index in range(reference.shape[channel]):  # every channel keeps its own precision
+        ref = np.take(reference, index, axis=channel)
+        assert quant_params.sqnr_db(ref, np.take(result, index, axis=channel)) > 15
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+def test_statistics_memory_is_independent_of_the_number_of_batches():
+    model = block_model()
+    sizes = []
+    for samples in (4, 40):
+        collector = StatisticsCollector(
+            model, ["r1", "s"], channel_axis=None, keep=("minmax", "histogram")
+        )
+        stats = collector.collect(calibration(model, samples), progress=False)
+        sizes.append(sum(s.nbytes for s in stats.values()))
+    assert sizes[0] == sizes[1]
+
+
+def test_switching_method_reuses_cached_statistics(monkeypatch):
+    model = block_model()
+    context = PassContext(calibration=calibration(model))
+    calls = []
+    original = StatisticsCollector.collect
+    monkeypatch.setattr(
+        StatisticsCollector,
+        "collect",
+        lambda self, *a, **k: calls.append(1) or original(self, *a, **k),
+    )
+    scales = []
+    for method in quant_params.METHODS:
+        result = model.clone()
+        make_pass("quantize_int8", {"method": method})(result, context)
+        q = next(
+            n for n in result.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "s"
+        )
+        scales.append(float(q.inputs[1].const_value.numpy()))
+    assert len(calls) == 1
+    assert len(set(scales)) > 1  # the methods do pick different ranges
+
+
+def _statistics_of(values: np.ndarray) -> TensorStatistics:
+    stats = TensorStatistics("t", quant_params_minmax(values), Histogram(2048))
+    stats.histogram.update(values)
+    return stats
+
+
+def quant_params_minmax(values: np.ndarray):
+    from onnx_squeeze.calibration import MinMax
+
+    minmax = MinMax()
+    minmax.update(values)
+    return minmax
+
+
+def test_calibration_methods_clip_outliers():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(200_000), [60.0, -50.0]])
+    stats = _statistics_of(values)
+    ranges = {
+        method: quant_params.calibrated_range(
+            stats, method, quant_params.UINT8, symmetric=False, percentile=99.99
+        )
+        for method in quant_params.METHODS
+    }
+    assert ranges["minmax"] == pytest.approx((-50.0, 60.0))
+    for method in ("percentile", "entropy"):
+        low, high = ranges[method]
+        assert -20 < low < -2 and 2 < high < 20, (method, ranges[method])
+    # MSE weighs the two outliers' clipping error against rounding: ~2/3 of the range
+    assert -40 < ranges["mse"][0] < -25 and 30 < ranges["mse"][1] < 45
+    low, high = quant_params.calibrated_range(stats, "mse", quant_params.INT8, symmetric=True)
+    assert low == -high
+    relu = _statistics_of(np.abs(values))
+    assert (
+        quant_params.calibrated_range(relu, "entropy", quant_params.UINT8, symmetric=False)[0] == 0
+    )
+
+
+def test_scale_zero_point_represent_zero_exactly():
+    scale, zero = quant_params.scale_zero_point(-1.0, 3.0, quant_params.UINT8, symmetric=False)
+    assert quant_params.dequantize(zero, scale, zero) == 0
+    scale, zero = quant_params.scale_zero_point(-1.0, 3.0, quant_params.INT8, symmetric=True)
+    assert zero == 0 and scale == pytest.approx(3 / 127)
+
+
+def test_random_calibration_is_reported_loudly():
+    model = block_model()
+    result = model.clone()
+    report = make_pass("quantize_int8")(result, PassContext())
+    assert any("calibrated on random data" in note for note in report.notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Control
+
+
+def test_nothing_selected_is_a_no_op():
+    model = block_model()
+    result, report = quantize(model, exclude=["*"])
+    assert ops(result) == ops(model)
+    assert len(report.skipped) == 3 and not report.changed
+    assert_same_outputs(model, result, random_feeds(model, 1), rtol=0, atol=0)
+
+
+def test_include_exclude_and_keep_first_last():
+    model = block_model()
+    result, report = quantize(model, exclude_op_types=["Gemm"])
+    assert [r.op_type for r in report.skipped] == ["Gemm"]
+    assert optimized_ops(result)["QLinearConv"] == 2
+    result, report = quantize(model, keep_first_last=True)
+    assert {r.node for r in report.skipped} == {model.graph.node(0).name, model.graph[-1].name}
+    assert len(report.changed) == 1
+    with pytest.raises(SettingsError, match="op_types"):
+        make_pass("quantize_int8", {"op_types": ["Relu"]})
+    with pytest.raises(SettingsError, match="method"):
+        make_pass("quantize_int8", {"method": "kl"})
+    with pytest.raises(SettingsError, match="gate"):
+        make_pass("quantize_int8", {"target": "top1 at least 0.99"})
+
+
+def test_mixed_precision_keeps_sensitive_layers_in_float_until_target():
+    model = prepared("resnet18")
+    full, _ = quantize(model)
+    feeds = list(calibration(model))[:4]
+    baseline = cosine(model, full, feeds)
+    target = min(0.999, 1 - (1 - baseline) / 3)
+    result, report = quantize(model, target=f"cosine>={target}")
+    check(result)
+    kept = [r for r in report.skipped if "kept in float" in r.detail]
+    assert kept
+    assert any("sensitivity" in note for note in report.notes)
+    # the pass measures what onnxruntime runs: the fused graph
+    assert cosine(model, result, feeds, "all") >= target - 1e-6
+
+
+def test_bias_correction_improves_fidelity():
+    model = prepared("mobilenetv2")
+    feeds = list(calibration(model))
+    plain, _ = quantize(model)
+    corrected, report = quantize(model, bias_correction=True)
+    check(corrected)
+    assert any("bias correction applied" in note for note in report.notes)
+
+    def error(candidate):
+        return np.mean([np.abs(run(model, f)[0] - run(candidate, f)[0]).mean() for f in feeds])
+
+    assert error(corrected) < error(plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness
+
+
+def test_shared_weight_quantizes_every_consumer():
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4, 6, 6] x) => (float[N, 4, 6, 6] z) {
+            a = Conv <pads = [1, 1, 1, 1]> (x, w)
+            b = Conv <pads = [1, 1, 1, 1]> (a, w)
+            r = Relu (b)
+            z = Conv <pads = [1, 1, 1, 1]> (r, w)
+        }"""
+    model = parse(text, seed=2, w=(4, 4, 3, 3))
+    result, report = quantize(model)
+    check(result)
+    assert len(report.changed) == 3
+    int8 = [v.name for v in result.graph.initializers.values() if v.dtype == ir.DataType.INT8]
+    assert sorted(int8) == ["w_quantized", "w_zero_point"]  # one INT8 copy for both
+    weight_dqs = [n for n in result.graph if n.name.endswith("/dequantize_weight")]
+    assert len(weight_dqs) == 3  # one DequantizeLinear per consumer, so each can fuse
+    # the last Conv writes the graph output, which stays float: it runs DQ -> Conv
+    assert optimized_ops(result)["QLinearConv"] == 2
+
+
+def test_already_quantized_model_is_left_untouched():
+    model = block_model()
+    once, _ = quantize(model)
+    twice, report = quantize(once)
+    assert ops(twice) == ops(once)
+    assert any("already holds" in note for note in report.notes)
+    assert all("already quantized" in r.detail for r in report.skipped)
+    dynamic, report = quantize(once, "quantize_dynamic")
+    assert ops(dynamic) == ops(once)
+
+
+def test_dynamic_batch_is_preserved():
+    model = block_model()
+    result, _ = quantize(model)
+    assert str(result.graph.inputs[0].shape[0]) == "N"
+    feed = random_feeds(model, 1, batch=3)[0]
+    assert run(result, feed)[0].shape == (3, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic
+
+
+def test_dynamic_quantization_fuses_on_transformer():
+    model = prepared("transformer")
+    result, report = quantize(model, "quantize_dynamic")
+    check(result)
+    weighted = [
+        n for n in model.graph if n.op_type in ("MatMul", "Gemm") and n.inputs[1].const_value
+    ]
+    assert len(report.changed) == len(weighted)
+    fused = optimized_ops(result)
+    assert fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == len(weighted)
+    assert [v.name for v in result.graph.outputs] == [v.name for v in model.graph.outputs]
+    assert cosine(model, result, random_feeds(model, 2, seed=4)) > 0.99
+    created = [n for n in result.graph if n.op_type == "MatMulInteger"]
+    assert all(n.metadata_props["onnx_squeeze.source_node"] for n in created)
