@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 from onnx_squeeze.graph_utils import attribute, constant_array
 
@@ -239,8 +240,9 @@ def build_groups(model: ir.Model) -> list[ChannelGroup]:
 def analyze_channels(model: ir.Model) -> ChannelAnalysis:
     """Trace channels through the main graph until no atom needs cutting; group coupled atoms."""
     cuts: dict[ir.Node, set[int]] = {}
+    shapes = _InferredShapes(model)
     for _ in range(_MAX_ROUNDS):
-        tracer = _Tracer(model.graph, cuts)
+        tracer = _Tracer(model.graph, cuts, shapes)
         tracer.run()
         if not tracer.new_cuts:
             return tracer.result()
@@ -296,6 +298,24 @@ def _topological(graph: ir.Graph) -> list[ir.Node]:
     return ordered if len(ordered) == len(nodes) else nodes
 
 
+class _InferredShapes:
+    """Shapes of values the model does not annotate, from shape inference on a clone (run once,
+    only when asked)."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.shapes: dict[str, ir.Shape | None] | None = None
+
+    def of(self, value: ir.Value) -> ir.Shape | None:
+        if value.shape is not None or not value.name:
+            return value.shape
+        if self.shapes is None:
+            clone = self.model.clone()
+            ShapeInferencePass(strict_mode=False)(clone)
+            self.shapes = {v.name: v.shape for n in clone.graph for v in n.outputs if v.name}
+        return self.shapes.get(value.name)
+
+
 def _is_default_domain(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx")
 
@@ -332,9 +352,12 @@ def _ints(value: ir.Value | None) -> list[int] | None:
 class _Tracer:
     """One round of the trace with a fixed set of producer cuts."""
 
-    def __init__(self, graph: ir.Graph, cuts: dict[ir.Node, set[int]]) -> None:
+    def __init__(
+        self, graph: ir.Graph, cuts: dict[ir.Node, set[int]], shapes: _InferredShapes
+    ) -> None:
         self.graph = graph
         self.cuts = cuts
+        self.shapes = shapes
         self.new_cuts: dict[ir.Node, set[int]] = {}
         self.atoms: list[Atom] = []
         self.parent: list[int] = []
@@ -792,13 +815,15 @@ def _slice(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set[i
 
 def _flatten_like(tracer: _Tracer, node: ir.Node, layout: Layout, start: int) -> None:
     """Channels on axis ``start`` followed by the dims flattened into the same output axis."""
-    shape = _static_shape(node.inputs[0])
+    shape = tracer.shapes.of(node.inputs[0])
     axis = layout.positive_axis()
-    if shape is None or axis != start:
+    inner_dims = list(shape)[start + 1 :] if shape is not None else None
+    if axis != start or inner_dims is None or not all(isinstance(d, int) for d in inner_dims):
         tracer.freeze_layout(layout, f"{_label(node)} merges the channel axis with other axes")
         return
-    inner = math.prod(shape[axis + 1 :])
-    tracer.set_layout(node.outputs[0], Layout(layout.atoms, -1, start + 1, layout.repeat * inner))
+    inner = math.prod(inner_dims)
+    out = Layout(layout.atoms, -1, 2, layout.repeat * inner)
+    tracer.set_layout(node.outputs[0], out)
 
 
 @_handles("Flatten")

@@ -1,0 +1,249 @@
+"""Channel dependency groups: coupled structures, offsets, and frozen groups with reasons."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnx_squeeze import channel_groups, zoo
+from onnx_squeeze.prepare import PrepareSettings, prepare
+
+_HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
+
+
+def graph_model(text: str, seed: int = 0) -> ir.Model:
+    """A model from onnx text; every graph input but ``x`` becomes a random initializer
+    (variances named ``v*`` are positive, ``*_split`` int64 sizes are left as written)."""
+    model = ir.from_proto(onnx.parser.parse_model(_HEADER + text))
+    rng = np.random.default_rng(seed)
+    graph = model.graph
+    for value in list(graph.inputs):
+        if value.name == "x" or value.const_value is not None:
+            continue
+        shape = tuple(value.shape)
+        array = rng.standard_normal(shape).astype(np.float32)
+        if value.name.startswith("v"):
+            array = np.abs(array) + 0.5
+        value.const_value = ir.tensor(array, name=value.name)
+        graph.inputs.remove(value)
+        graph.register_initializer(value)
+    return model
+
+
+RESIDUAL = """
+g (float[N, 8, 8, 8] x, float[16, 8, 3, 3] w1, float[16] g1, float[16] b1, float[16] m1,
+   float[16] v1, float[16, 8, 1, 1] wp, float[16, 16, 3, 3] w2, float[16] bias2,
+   float[4, 16, 1, 1] w3) => (float[N, 4, 8, 8] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    n1 = BatchNormalization (c1, g1, b1, m1, v1)
+    r1 = Relu (n1)
+    p = Conv (x, wp)
+    s = Add (r1, p)
+    c2 = Conv <pads = [1, 1, 1, 1]> (s, w2, bias2)
+    r2 = Relu (c2)
+    s2 = Add (r2, s)
+    y = Conv (s2, w3)
+}
+"""
+
+CONCAT_SPLIT = """
+g (float[N, 4, 6, 6] x, float[8, 4, 1, 1] wa, float[8, 4, 1, 1] wb, float[8, 4, 1, 1] wd,
+   float[16, 4, 3, 3] wf, float[10, 6, 1, 1] wh, float[4, 34, 1, 1] wy)
+   => (float[N, 4, 6, 6] y) {
+    a = Conv (x, wa)
+    b = Conv (x, wb)
+    c = Concat <axis = 1> (a, b)
+    d = Conv (x, wd)
+    e = Concat <axis = 1> (c, d)
+    r = Relu (e)
+    f = Conv <pads = [1, 1, 1, 1]> (x, wf)
+    sizes = Constant <value = int64[2] {6, 10}> ()
+    f1, f2 = Split <axis = 1> (f, sizes)
+    h = Conv (f1, wh)
+    k = Add (h, f2)
+    m = MaxPool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (k)
+    all = Concat <axis = 1> (r, m)
+    y = Conv (all, wy)
+}
+"""
+
+DEPTHWISE = """
+g (float[N, 4, 8, 8] x, float[16, 4, 1, 1] w1, float[16] bias1, float[16, 1, 3, 3] wd1,
+   float[16] bd1, float[16, 1, 3, 3] wd2, float[4, 16, 1, 1] w2) => (float[N, 4, 8, 8] y) {
+    c1 = Conv (x, w1, bias1)
+    lo = Constant <value = float {0.0}> ()
+    hi = Constant <value = float {6.0}> ()
+    r1 = Clip (c1, lo, hi)
+    d1 = Conv <group = 16, pads = [1, 1, 1, 1]> (r1, wd1, bd1)
+    r2 = Relu (d1)
+    d2 = Conv <group = 16, pads = [1, 1, 1, 1]> (r2, wd2)
+    y = Conv (d2, w2)
+}
+"""
+
+FLATTEN_GEMM = """
+g (float[N, 3, 4, 4] x, float[8, 3, 3, 3] w1, float[8] bias1, float[32, 128] wg1, float[32] bg1,
+   float[32, 10] wg2, float[10] bg2) => (float[N, 10] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, bias1)
+    r1 = Relu (c1)
+    f = Flatten (r1)
+    h = Gemm <transB = 1> (f, wg1, bg1)
+    r2 = Relu (h)
+    y = Gemm (r2, wg2, bg2)
+}
+"""
+
+TRANSFORMER_MLP = """
+g (float[N, S, 16] x, float[16, 64] w1, float[64] b1, float[64, 16] w2, float[16] b2)
+   => (float[N, S, 16] y) {
+    h = MatMul (x, w1)
+    hb = Add (h, b1)
+    root2 = Constant <value = float {1.4142135}> ()
+    one = Constant <value = float {1.0}> ()
+    half = Constant <value = float {0.5}> ()
+    t = Div (hb, root2)
+    e = Erf (t)
+    e1 = Add (e, one)
+    g1 = Mul (hb, e1)
+    gelu = Mul (g1, half)
+    o = MatMul (gelu, w2)
+    ob = Add (o, b2)
+    y = Add (ob, x)
+}
+"""
+
+BAD = """
+g (float[N, 4, 6, 6] x, float[8, 4, 1, 1] shared, float[8, 4, 1, 1] wo, float[8, 4, 1, 1] wu,
+   float[4, 8, 1, 1] wz, float[4, 8, 1, 1] wz2) => (float[N, 8, 6, 6] out, float[N, 4, 6, 6] y) {
+    a = Conv (x, shared)
+    b = Conv (x, shared)
+    ab = Add (a, b)
+    o = Conv (x, wo)
+    out = Relu (o)
+    u = Conv (x, wu)
+    n = LRN <size = 3> (u)
+    z = Conv (n, wz)
+    z2 = Conv (ab, wz2)
+    y = Add (z, z2)
+}
+"""
+
+GRAPHS = {
+    "residual": RESIDUAL,
+    "concat_split": CONCAT_SPLIT,
+    "depthwise": DEPTHWISE,
+    "flatten_gemm": FLATTEN_GEMM,
+    "transformer_mlp": TRANSFORMER_MLP,
+    "bad": BAD,
+}
+
+
+def _group_of(groups: list[channel_groups.ChannelGroup], producer: str):
+    found = [g for g in groups if producer in {n.name for n in g.producers}]
+    assert len(found) == 1, [g.to_dict() for g in found]
+    return found[0]
+
+
+def _by_output(model: ir.Model) -> dict[str, ir.Node]:
+    return {node.outputs[0].name: node for node in model.graph}
+
+
+def _named(model: ir.Model) -> ir.Model:
+    """Name every node after its first output, so that groups can be looked up by name."""
+    for node in model.graph:
+        node.name = node.name or node.outputs[0].name
+    return model
+
+
+def _members(group: channel_groups.ChannelGroup) -> set[tuple[str, str, int, tuple[int, ...]]]:
+    return {(m.slot.node.name, m.slot.role, m.slot.input, m.offsets) for m in group.members}
+
+
+def test_residual_couples_every_producer_that_meets_at_the_adds():
+    groups = channel_groups.build_groups(_named(graph_model(RESIDUAL)))
+    group = _group_of(groups, "c1")
+    assert {n.name for n in group.producers} == {"c1", "p", "c2"}
+    assert group.frozen is None and group.channels == 16
+    members = _members(group)
+    assert {("n1", "param", i, (0,)) for i in (1, 2, 3, 4)} <= members  # unfused BN
+    assert ("c2", "consumer", 1, (0,)) in members and ("y", "consumer", 1, (0,)) in members
+    assert ("c2", "producer", 2, (0,)) in members  # bias
+    assert len(groups) == 2  # and the output conv, frozen
+    assert _group_of(groups, "y").frozen == "reaches graph output 'y'"
+
+
+def test_concat_chains_and_split_give_offsets_and_cut_producers():
+    model = _named(graph_model(CONCAT_SPLIT))
+    groups = channel_groups.build_groups(model)
+    offsets = {name: _members(_group_of(groups, name)) for name in ("a", "b", "d", "h")}
+    assert ("y", "consumer", 1, (0,)) in offsets["a"]
+    assert ("y", "consumer", 1, (8,)) in offsets["b"]  # Concat of Concat
+    assert ("y", "consumer", 1, (16,)) in offsets["d"]
+    # Split cut f's output in two groups; the second half is coupled with h through the Add
+    f_groups = [g for g in groups if "f" in {n.name for n in g.producers}]
+    assert sorted(g.channels for g in f_groups) == [6, 10]
+    coupled = _group_of(groups, "h")
+    assert {n.name for n in coupled.producers} == {"f", "h"}
+    assert ("y", "consumer", 1, (24,)) in _members(coupled)
+    assert ("f", "producer", 1, (6,)) in _members(coupled)
+    first_half = next(g for g in f_groups if g.channels == 6)
+    assert ("h", "consumer", 1, (0,)) in _members(first_half)
+    assert all(g.frozen is None for g in groups if g is not _group_of(groups, "y"))
+
+
+def test_depthwise_chain_passes_channels_through():
+    groups = channel_groups.build_groups(_named(graph_model(DEPTHWISE)))
+    group = _group_of(groups, "c1")
+    assert [n.name for n in group.producers] == ["c1"]
+    members = _members(group)
+    assert {("d1", "param", 1, (0,)), ("d1", "param", 2, (0,)), ("d2", "param", 1, (0,))} <= members
+    assert ("y", "consumer", 1, (0,)) in members
+    assert group.frozen is None
+
+
+def test_flatten_into_gemm_accounts_for_the_spatial_size():
+    groups = channel_groups.build_groups(_named(graph_model(FLATTEN_GEMM)))
+    conv = _group_of(groups, "c1")
+    (gemm_member,) = [m for m in conv.members if m.slot.node.name == "h" and m.slot.input == 1]
+    assert (gemm_member.slot.axis, gemm_member.slot.repeat) == (1, 16)  # transB: rows on axis 1
+    hidden = _group_of(groups, "h")
+    assert hidden.frozen is None and hidden.channels == 32
+    assert ("h", "producer", 2, (0,)) in _members(hidden)
+    assert ("y", "consumer", 1, (0,)) in _members(hidden)
+
+
+def test_transformer_mlp_hidden_units_form_one_group():
+    groups = channel_groups.build_groups(_named(graph_model(TRANSFORMER_MLP)))
+    hidden = _group_of(groups, "h")
+    assert hidden.frozen is None and hidden.channels == 64
+    assert {("hb", "param", 1, (0,)), ("o", "consumer", 1, (0,))} <= _members(hidden)
+    assert "not traced" in _group_of(groups, "o").frozen  # residual with the graph input
+
+
+def test_bad_cases_are_frozen_with_reasons():
+    groups = channel_groups.build_groups(_named(graph_model(BAD)))
+    for producer in ("a", "b"):
+        assert "shared with other nodes" in _group_of(groups, producer).frozen
+    assert _group_of(groups, "o").frozen == "reaches graph output 'out'"
+    assert "LRN" in _group_of(groups, "u").frozen
+    rows = channel_groups.format_groups(groups)
+    assert all(row[-1].startswith("frozen: ") for row in rows)
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+@pytest.mark.parametrize("prepared", [False, True], ids=["raw", "prepared"])
+def test_zoo_models_have_prunable_groups(name: str, prepared: bool):
+    model = zoo.small(name)
+    if prepared:
+        model, _ = prepare(model, PrepareSettings())
+    groups = channel_groups.build_groups(model)
+    prunable = [g for g in groups if not g.frozen]
+    assert prunable and len(prunable) >= len(groups) // 4
+    for group in groups:
+        described = group.to_dict()
+        assert described["channels"] == group.channels > 0
+        assert described["producers"]
+    output_groups = [g for g in groups if g.frozen and "graph output" in g.frozen]
+    assert output_groups  # every zoo model ends in a layer that feeds an output
