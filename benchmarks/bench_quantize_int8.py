@@ -1,0 +1,184 @@
+"""INT8 quantization against onnxruntime.quantization, side by side in one run.
+
+Per model: our static QDQ (``quantize_int8``) vs ``quantize_static`` (QDQ, per-channel, same
+calibration data and method), and our ``quantize_dynamic`` vs onnxruntime's. Each quantizer runs
+in its own subprocess (wall time and peak RSS at each calibration size); latency ratios vs FP32
+are timed interleaved at 1 and 2 threads; cosine and top-1 agreement vs FP32 on held-out inputs.
+
+    python benchmarks/bench_quantize_int8.py --models resnet18 --samples 64 --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import textwrap
+
+import onnx_ir as ir
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common
+
+SHAPES = {"transformer": {"input_ids": (1, 128)}}
+ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+# Runs in a fresh interpreter: quantize MODEL into OUT with calibration data from CALIB (.npz).
+_CHILD = """
+import json, time, numpy as np
+
+def peak_rss_mib():
+    # VmHWM restarts at exec; ru_maxrss keeps the parent's peak across it on Linux
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+start = time.perf_counter()
+{body}
+print(json.dumps({{"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib()}}))
+"""
+_OURS_STATIC = """
+import onnx_ir as ir
+from onnx_squeeze.calibration import NpzSource
+from onnx_squeeze.passes.base import PassContext, make_pass
+from onnx_squeeze.runtime import input_specs
+model = ir.load({model!r})
+source = NpzSource({calib!r}, input_specs(model), batch_size=1)
+make_pass("quantize_int8", {{"method": {method!r}}})(model, PassContext(calibration=source))
+ir.save(model, {out!r})
+"""
+_OURS_DYNAMIC = """
+import onnx_ir as ir
+from onnx_squeeze.passes.base import PassContext, make_pass
+model = ir.load({model!r})
+make_pass("quantize_dynamic")(model, PassContext())
+ir.save(model, {out!r})
+"""
+_ORT_STATIC = """
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat
+from onnxruntime.quantization import quantize_static
+data = np.load({calib!r})
+class Reader(CalibrationDataReader):
+    def __init__(self):
+        self.index = 0
+    def get_next(self):
+        if self.index >= len(data[data.files[0]]):
+            return None
+        self.index += 1
+        return {{k: data[k][self.index - 1 : self.index] for k in data.files}}
+quantize_static({model!r}, {out!r}, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                calibrate_method=CalibrationMethod.{ort_method})
+"""
+_ORT_DYNAMIC = """
+from onnxruntime.quantization import quantize_dynamic
+quantize_dynamic({model!r}, {out!r})
+"""
+
+
+def _quantize(template: str, **fields: str) -> dict:
+    code = _CHILD.format(body=textwrap.dedent(template.format(**fields)))
+    result = common.run_isolated(f"import sys; sys.path.insert(0, {os.getcwd()!r})\n" + code)
+    return result["result"]
+
+
+def _calibration_file(model: ir.Model, samples: int, name: str, folder: str) -> str:
+    import numpy as np
+
+    feeds = common.feeds(model, samples, seed=1, shapes=SHAPES.get(name))
+    path = os.path.join(folder, f"calib_{samples}.npz")
+    np.savez(path, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+    return path
+
+
+def bench_model(name: str, samples: list[int], method: str, runs: int, folder: str) -> list:
+    _, prepared = common.prepared_zoo_model(name)
+    model_path = os.path.join(folder, f"{name}.onnx")
+    ir.save(prepared, model_path)
+    rows, outputs = [], {}
+    for count in samples:
+        calib = _calibration_file(prepared, count, name, folder)
+        for label, template in (("onnxruntime static", _ORT_STATIC), ("ours static", _OURS_STATIC)):
+            out = os.path.join(folder, f"{name}_{label.replace(' ', '_')}_{count}.onnx")
+            ort_method = ORT_METHODS.get(method, "MinMax")
+            stats = _quantize(
+                template,
+                model=model_path,
+                out=out,
+                calib=calib,
+                method=method,
+                ort_method=ort_method,
+            )
+            rows.append([name, label, count, stats["seconds"], stats["peak_rss_mib"]])
+            outputs[label] = out
+    for label, template in (("onnxruntime dynamic", _ORT_DYNAMIC), ("ours dynamic", _OURS_DYNAMIC)):
+        out = os.path.join(folder, f"{name}_{label.replace(' ', '_')}.onnx")
+        stats = _quantize(template, model=model_path, out=out)
+        rows.append([name, label, 0, stats["seconds"], stats["peak_rss_mib"]])
+        outputs[label] = out
+    quality = _quality(name, prepared, outputs, runs)
+    return [row + quality[row[1]] for row in rows]
+
+
+def _quality(name: str, prepared: ir.Model, outputs: dict[str, str], runs: int) -> dict:
+    models = {label: ir.load(path) for label, path in outputs.items()}
+    test = common.feeds(prepared, 16, seed=7, shapes=SHAPES.get(name))
+    feed = test[0]
+    latency = {}
+    for threads in (1, 2):
+        times = common.latency_ms([prepared, *models.values()], feed, threads, runs)
+        latency[threads] = {label: t / times[0] for label, t in zip(models, times[1:], strict=True)}
+    result = {}
+    for label, model in models.items():
+        fidelity = common.fidelity(prepared, model, test)
+        result[label] = [
+            latency[1][label],
+            latency[2][label],
+            fidelity["cosine"],
+            fidelity["top1_agreement"],
+        ]
+    return result
+
+
+HEADERS = [
+    "model",
+    "quantizer",
+    "calib samples",
+    "quantize s",
+    "peak RSS MiB",
+    "latency/FP32 t1",
+    "latency/FP32 t2",
+    "cosine",
+    "top-1 agree",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["resnet18", "resnet50", "mobilenetv2", "yolo", "transformer"],
+    )
+    parser.add_argument("--samples", nargs="+", type=int, default=[64, 256])
+    parser.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-int8-") as folder:
+        for name in args.models:
+            rows += bench_model(name, args.samples, args.method, args.runs, folder)
+    table = common.markdown_table(HEADERS, rows)
+    print(table)
+    data = {"meta": common.meta(args.runs, [1, 2]), "method": args.method, "rows": rows}
+    common.write_results(
+        "quantize_int8", "INT8 quantization vs onnxruntime.quantization", table, data
+    )
+    print(json.dumps({"rows": len(rows)}))
+
+
+if __name__ == "__main__":
+    main()
