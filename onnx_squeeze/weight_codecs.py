@@ -115,9 +115,7 @@ def _inverse_hessian_factor(hessian: np.ndarray, damping: float) -> np.ndarray:
     for attempt in range(6):
         damped = hessian + np.eye(len(hessian)) * damping * 10**attempt * mean_diagonal
         try:
-            lower = np.linalg.cholesky(damped)
-            inverse = np.linalg.inv(lower)
-            return np.linalg.cholesky(inverse.T @ inverse).T
+            return np.linalg.cholesky(np.linalg.inv(damped)).T
         except np.linalg.LinAlgError:
             continue
     raise np.linalg.LinAlgError("the Hessian stays singular after dampening")
@@ -224,7 +222,7 @@ def power_of_two_levels(bits: int) -> np.ndarray:
 
 
 def kmeans_levels(values: np.ndarray, count: int, iterations: int = 30) -> np.ndarray:
-    """Sorted 1-D k-means centroids of ``values`` (Lloyd's algorithm started at quantiles).
+    """Sorted 1-D k-means centroids of ``values`` (Lloyd's algorithm started from a uniform grid, so never worse than it).
 
     The values are sorted once; each iteration then finds every cluster's members as a range of
     the sorted values (between the midpoints of neighbouring centroids) and its mean from prefix
@@ -235,7 +233,7 @@ def kmeans_levels(values: np.ndarray, count: int, iterations: int = 30) -> np.nd
     if len(distinct) <= count:
         return distinct.astype(np.float32)
     prefix = np.concatenate([[0.0], np.cumsum(ordered)])
-    centroids = np.quantile(ordered, (np.arange(count) + 0.5) / count)
+    centroids = np.linspace(ordered[0], ordered[-1], count)  # Lloyd only improves on a grid
     for _ in range(iterations):
         bounds = np.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2)
         edges = np.concatenate([[0], bounds, [len(ordered)]])
