@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -140,6 +142,19 @@ GRAPHS = {
 }
 
 
+@functools.cache
+def _zoo_model(name: str, prepared: bool) -> ir.Model:
+    model = zoo.small(name)
+    if prepared:  # BN folded, bn_scale kept; onnxsim left out to keep the tests fast
+        model, _ = prepare(model, PrepareSettings(simplify=False))
+    return model
+
+
+def zoo_model(name: str, prepared: bool) -> ir.Model:
+    """A small zoo model, raw or prepared (a fresh copy: passes change it in place)."""
+    return _zoo_model(name, prepared).clone()
+
+
 def _group_of(groups: list[channel_groups.ChannelGroup], producer: str):
     found = [g for g in groups if producer in {n.name for n in g.producers}]
     assert len(found) == 1, [g.to_dict() for g in found]
@@ -235,9 +250,7 @@ def test_bad_cases_are_frozen_with_reasons():
 @pytest.mark.parametrize("name", zoo.NAMES)
 @pytest.mark.parametrize("prepared", [False, True], ids=["raw", "prepared"])
 def test_zoo_models_have_prunable_groups(name: str, prepared: bool):
-    model = zoo.small(name)
-    if prepared:
-        model, _ = prepare(model, PrepareSettings())
+    model = zoo_model(name, prepared)
     groups = channel_groups.build_groups(model)
     prunable = [g for g in groups if not g.frozen]
     assert prunable and len(prunable) >= len(groups) // 4

@@ -1,0 +1,204 @@
+"""Channel pruning, checked numerically in onnxruntime against the original and the masked
+model: removing channels that are already zero must not change any output."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx_ir.passes.common import ShapeInferencePass
+
+from onnx_squeeze import analysis, channel_groups, runtime, zoo
+from onnx_squeeze.calibration import RandomSource
+from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.passes.base import PassContext
+from onnx_squeeze.passes.prune_channels import PruneChannels, kept_channels
+from tests.helpers import assert_same_outputs, check, random_feeds, run
+from tests.test_channel_groups import GRAPHS, graph_model, zoo_model
+
+
+def _prune(model: ir.Model, context: PassContext | None = None, **settings):
+    pruned = model.clone()
+    report = PruneChannels(**settings)(pruned, context)
+    return pruned, report
+
+
+def _initializers(model: ir.Model) -> dict[str, np.ndarray]:
+    return {name: v.const_value.numpy() for name, v in model.graph.initializers.items()}
+
+
+def _assert_removal_is_lossless(model: ir.Model, **settings) -> ir.Model:
+    """Mask channels (zero mode), then remove the masked ones: the outputs must not change,
+    the result must be valid and smaller."""
+    masked, _ = _prune(model, mode="zero", **settings)
+    removed, report = _prune(masked, mode="remove", **settings)
+    check(removed)
+    assert report.changed, report.notes
+    assert analysis.analyze(removed).params < analysis.analyze(model).params
+    assert_same_outputs(masked, removed, random_feeds(model, 2, batch=3))
+    return removed
+
+
+@pytest.mark.parametrize("graph", sorted(set(GRAPHS) - {"bad"}))
+def test_removing_zero_channels_is_lossless_on_coupled_structures(graph: str):
+    _assert_removal_is_lossless(graph_model(GRAPHS[graph]), ratio=0.5)
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+@pytest.mark.parametrize("prepared", [False, True], ids=["raw", "prepared"])
+def test_removing_zero_channels_is_lossless_on_zoo_models(name: str, prepared: bool):
+    model = zoo_model(name, prepared)
+    removed = _assert_removal_is_lossless(model, ratio=0.4)
+    assert runtime.input_specs(removed)[0].shape[0] == runtime.input_specs(model)[0].shape[0]
+
+
+def test_remove_mode_shrinks_shapes_and_records_kept_channels():
+    model = graph_model(GRAPHS["concat_split"])
+    ShapeInferencePass()(model)
+    pruned, report = _prune(model, ratio=0.5)
+    weights = _initializers(pruned)
+    assert weights["wa"].shape == (4, 4, 1, 1) and weights["wy"].shape == (4, 17, 1, 1)
+    split = next(n for n in pruned.graph if n.op_type == "Split")
+    assert split.inputs[1].const_value.numpy().tolist() == [3, 5]
+    values = {v.name: v for n in pruned.graph for v in n.outputs}
+    record = kept_channels(values["e"])
+    assert record["axis"] == 1 and len(record["kept"]) == 12 and values["e"].shape[1] == 12
+    assert max(record["kept"]) < 24
+    assert {r.action for r in report.changed} == {"pruned"} and len(report.changed) == 6  # 6 Convs
+    check(pruned)
+
+
+def test_ratio_zero_is_the_identity():
+    model = zoo_model("resnet18", True)
+    before = _initializers(model)
+    pruned, report = _prune(model, ratio=0.0)
+    after = _initializers(pruned)
+    assert not report.changed
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert_same_outputs(model, pruned, random_feeds(model, 1))
+
+
+def test_frozen_groups_are_untouched_and_reported():
+    model = graph_model(GRAPHS["bad"])
+    before = _initializers(model)
+    pruned, report = _prune(model, ratio=0.5)
+    after = _initializers(pruned)
+    for name in ("shared", "wo", "wu"):  # shared weight, group reaching an output, LRN
+        assert np.array_equal(before[name], after[name]), name
+    reasons = " ".join(r.detail for r in report.skipped)
+    assert "shared with other nodes" in reasons and "graph output" in reasons and "LRN" in reasons
+    check(pruned)
+    assert_same_outputs(model, pruned, random_feeds(model, 1))
+
+
+def test_weights_shared_with_the_teacher_are_not_written_into():
+    model = zoo_model("mobilenetv2", True)
+    teacher = model.clone()  # shares tensors, as the pipeline's teacher does
+    before = _initializers(teacher)
+    PruneChannels(ratio=0.5)(model, PassContext(teacher=teacher))
+    PruneChannels(ratio=0.5, mode="zero")(teacher.clone(), PassContext())
+    after = _initializers(teacher)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_rounding_keeps_multiples_of_eight_and_min_channels():
+    model = zoo_model("mlp", True)  # hidden layers of 128, 64 and 32 units
+    pruned, _ = _prune(model, ratio=0.3)
+    gemms = [n for n in pruned.graph if n.op_type == "Gemm"][:3]
+    kept = [n.inputs[1].const_value.shape[0] for n in gemms]  # transB: units on axis 0
+    assert kept == [88, 48, 24]
+    pruned, _ = _prune(model, ratio=0.9, min_channels=16, round_to=1)
+    kept = [n.inputs[1].const_value.shape[0] for n in pruned.graph if n.op_type == "Gemm"][:3]
+    assert kept == [16, 16, 16]
+
+
+def test_macs_target_removes_at_least_the_share_asked():
+    model = zoo_model("resnet50", True)
+    pruned, report = _prune(model, macs_target=0.4)
+    ratio = analysis.analyze(pruned).macs / analysis.analyze(model).macs
+    assert 0.5 <= ratio <= 0.6, ratio
+    assert any("MACs target" in note for note in report.notes)
+    check(pruned)
+
+
+def test_global_ranking_prunes_unevenly_but_to_the_overall_share():
+    model = zoo_model("resnet50", True)
+    groups = [g for g in channel_groups.build_groups(model) if not g.frozen]
+    pruned, _ = _prune(model, ratio=0.5, global_ranking=True, round_to=1)
+    out_channels = {
+        n.name: n.inputs[1].const_value.shape[0] for n in pruned.graph if n.op_type == "Conv"
+    }
+    kept = {g.id: out_channels[g.producers[0].name] for g in groups}
+    shares = {round(kept[g.id] / g.channels, 3) for g in groups}
+    assert len(shares) > 3  # not one uniform ratio
+    removed = sum(g.channels - kept[g.id] for g in groups) / sum(g.channels for g in groups)
+    assert removed == pytest.approx(0.5, abs=0.02)
+
+
+def test_protected_layers_keep_their_channels():
+    model = zoo_model("resnet18", True)
+    pruned, report = _prune(model, ratio=0.5, protect=["layer2.0.conv1"])
+    weights = {n.name: n.inputs[1].const_value.shape for n in pruned.graph if n.op_type == "Conv"}
+    original = {n.name: n.inputs[1].const_value.shape for n in model.graph if n.op_type == "Conv"}
+    assert weights["layer2.0.conv1"][0] == original["layer2.0.conv1"][0]
+    assert weights["layer2.0.conv2"][1] == original["layer2.0.conv2"][1]
+    assert any("protected (layer2.0.conv1)" in r.detail for r in report.skipped)
+    with pytest.raises(SettingsError, match="not nodes"):
+        _prune(model, ratio=0.5, protect=["no.such.layer"])
+
+
+def test_bn_scale_criterion_drops_the_smallest_batchnorm_scales():
+    for prepared in (False, True):  # unfused BN node, or the scale prepare kept on the Conv
+        model = graph_model(GRAPHS["residual"])
+        if prepared:
+            from onnx_squeeze.prepare import PrepareSettings, prepare
+
+            model, _ = prepare(model, PrepareSettings(simplify=False))
+        gamma = np.abs(graph_model(GRAPHS["residual"]).graph.initializers["g1"].const_value.numpy())
+        var = graph_model(GRAPHS["residual"]).graph.initializers["v1"].const_value.numpy()
+        pruned, _ = _prune(model, ratio=0.5, criterion="bn_scale")
+        values = {v.name: v for n in pruned.graph for v in n.outputs}
+        kept = kept_channels(values["s"])["kept"]
+        expected = np.sort(np.argsort(-(gamma / np.sqrt(var + 1e-5)))[:8])
+        assert kept == expected.tolist(), prepared
+
+
+@pytest.mark.parametrize("criterion", ["activation", "apoz"])
+def test_activation_criteria_use_calibration_data(criterion: str):
+    model = zoo_model("resnet18", True)
+    with pytest.raises(SettingsError, match="needs calibration data"):
+        _prune(model, ratio=0.5, criterion=criterion)
+    source = RandomSource(runtime.input_specs(model), count=4, batch_size=2)
+    context = PassContext(calibration=source)
+    masked, _ = _prune(model, context, ratio=0.5, criterion=criterion, mode="zero")
+    removed, report = _prune(model, context, ratio=0.5, criterion=criterion)
+    assert report.changed and len(context.cache) == 1
+    assert_same_outputs(masked, removed, random_feeds(model, 1))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"mode": "drop"},
+        {"criterion": "taylor"},
+        {"ratio": 1.0},
+        {"ratio": 0.3, "macs_target": 0.3},
+        {"min_channels": 0},
+        {"colour": 1},
+    ],
+)
+def test_bad_settings_say_how_to_fix(settings):
+    with pytest.raises(SettingsError):
+        PruneChannels(**settings)
+
+
+def test_dynamic_batch_is_preserved_and_runs_at_other_batch_sizes():
+    model = zoo_model("yolo", True)
+    pruned, _ = _prune(model, ratio=0.5)
+    assert not isinstance(pruned.graph.inputs[0].shape[0], int)
+    (spec,) = runtime.input_specs(pruned)
+    for batch in (1, 3):
+        shape = (batch, *spec.concrete_shape()[1:])
+        feed = runtime.random_feed([spec], np.random.default_rng(0), {spec.name: shape})
+        assert all(output.shape[0] == batch for output in run(pruned, feed))
