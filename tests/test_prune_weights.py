@@ -294,6 +294,25 @@ agraph (float[N, 4] x) => (float[N, 4] y)
     assert record.skipped and "already quantized" in record.detail
 
 
+def test_weights_inside_subgraphs_are_skipped_with_a_reason() -> None:
+    model = build(
+        HEADER
+        + """
+agraph (bool c, float[N, 16] x) => (float[N, 16] y) {
+    y = If (c) <
+        then_branch = g1 () => (float[N, 16] t) { t = MatMul (x, w) },
+        else_branch = g2 () => (float[N, 16] e) { e = Identity (x) }
+    >
+}
+""",
+        {"w": (16, 16)},
+    )
+    (record,) = prune(model, **EVERYTHING).records
+    assert record.op_type == "If" and record.skipped and "If/Loop/Scan" in record.detail
+    assert sparsity(model.graph.initializers["w"].const_value.numpy()) == 0
+    helpers.check(model)
+
+
 def test_pruning_already_pruned_weights_changes_nothing() -> None:
     model = prepared("resnet18")
     prune(model, ratio=0.5, **EVERYTHING)

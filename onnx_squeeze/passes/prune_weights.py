@@ -274,7 +274,7 @@ class PruneWeights(Pass):
             return ["no weight pruned"]
         size = sum(a.size for a in before)
         all_size = sum(a.size for a in all_arrays.values())
-        all_zeros = sum(a.size - np.count_nonzero(a) for a in all_arrays.values())
+        all_zeros = _zeros(list(all_arrays.values()))
         added = _zeros(after) - _zeros(before)
         notes = [
             f"pruned {len(before)} weight tensors ({size} elements): sparsity "
@@ -284,11 +284,8 @@ class PruneWeights(Pass):
             "storage" + (" and sparse tensor cores (N:M)" if self.settings.mode == "nm" else ""),
         ]
         if self.settings.measure_gzip:
-            raw, packed_before, packed_after = (
-                sum(a.nbytes for a in before),
-                _gzip_size(before),
-                _gzip_size(after),
-            )
+            raw = sum(a.nbytes for a in before)
+            packed_before, packed_after = _gzip_size(before), _gzip_size(after)
             notes.append(
                 f"pruned weights: {human_bytes(raw)} raw, gzip {human_bytes(packed_before)} -> "
                 f"{human_bytes(packed_after)} ({packed_before / max(packed_after, 1):.2f}x smaller)"
@@ -296,7 +293,7 @@ class PruneWeights(Pass):
         return notes
 
 
-# -- weights and masks (public helpers are used by tests and benchmarks) ---------------------
+# -- weights and masks ------------------------------------------------------------------------
 
 
 def _weight_input(node: ir.Node) -> tuple[int, np.ndarray, ir.DataType] | str | None:
