@@ -1,0 +1,314 @@
+"""Streaming least squares for layer-wise reconstruction (numpy only).
+
+A layer computes ``y = Wᵀ x + b`` for input rows ``x`` (a row of a Gemm/MatMul input, an im2col
+patch of a Conv). Refitting ``W`` so that the student's inputs reproduce the teacher's outputs is
+a ridge regression whose normal equations need only ``XᵀX``, ``XᵀY`` and a few per-output sums,
+accumulated batch by batch (:class:`GramAccumulator`): memory depends on the layer's size, never
+on the number of samples. Grouped Convs are independent regressions, one per group, kept side by
+side on a leading group axis.
+
+:func:`select_channels` is the reconstruction-driven (ThiNet / He et al. 2017) channel selection:
+greedily drop the input channel whose removal the layer can best compensate by refitting the
+others, using an Optimal-Brain-Surgeon block update of the inverse Gram matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+# Rows handed to one float64 Gram update, to bound the temporary copies.
+_CHUNK_ROWS = 4096
+_TINY = np.finfo(np.float64).tiny
+
+
+def conv_pads(
+    spatial: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    pads: Sequence[int] | None,
+    auto_pad: str = "NOTSET",
+) -> list[tuple[int, int]]:
+    """(begin, end) padding of every spatial axis, with ONNX's auto_pad rules."""
+    rank = len(spatial)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        result = []
+        for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
+            total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+            small, large = total // 2, total - total // 2
+            result.append((small, large) if auto_pad == "SAME_UPPER" else (large, small))
+        return result
+    if auto_pad == "VALID" or not pads:
+        return [(0, 0)] * rank
+    return [(int(pads[i]), int(pads[i + rank])) for i in range(rank)]
+
+
+def im2col(
+    x: np.ndarray,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+    positions: np.ndarray | None = None,
+) -> np.ndarray:
+    """Patches of an N-d Conv input ``x`` (N, C, *spatial): shape (N, P, C * prod(kernel)).
+
+    Features are channel-major (channel, then kernel taps in order), matching a Conv weight
+    reshaped to (Cout, Cin * taps). ``positions`` picks flat output positions (all when None);
+    only the picked patches are ever copied out of the strided view.
+    """
+    rank = len(kernel)
+    padded = np.pad(x, [(0, 0), (0, 0), *pads])
+    spans = [d * (k - 1) + 1 for k, d in zip(kernel, dilations, strict=True)]
+    windows = sliding_window_view(padded, spans, axis=tuple(range(2, 2 + rank)))
+    steps = [slice(None, None, s) for s in strides] + [slice(None, None, d) for d in dilations]
+    windows = windows[(slice(None), slice(None), *steps)]  # N, C, *out, *kernel
+    out_shape = windows.shape[2 : 2 + rank]
+    if positions is None:
+        positions = np.arange(math.prod(out_shape))
+    coordinates = np.unravel_index(positions, out_shape)
+    picked = windows[(slice(None), slice(None), *coordinates)]  # N, C, P, *kernel
+    picked = np.moveaxis(picked, 2, 1)  # N, P, C, *kernel
+    return picked.reshape(picked.shape[0], picked.shape[1], -1)
+
+
+class GramAccumulator:
+    """Sums for the ridge regressions of ``groups`` independent layers (one per Conv group).
+
+    ``update(x, y)`` takes rows ``x`` (groups, n, features) and targets ``y`` (groups, n,
+    outputs). With ``intercept`` a constant feature is appended (the bias), stored last. The
+    arrays are allocated once, so :attr:`nbytes` does not grow with the number of batches.
+    """
+
+    def __init__(self, groups: int, features: int, outputs: int, *, intercept: bool) -> None:
+        self.intercept = intercept
+        self.features = features
+        width = features + int(intercept)
+        self.xtx = np.zeros((groups, width, width))
+        self.xty = np.zeros((groups, width, outputs))
+        self.y_sum = np.zeros((groups, outputs))
+        self.y_squares = np.zeros((groups, outputs))
+        self.rows = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.xtx, self.xty, self.y_sum, self.y_squares))
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        for start in range(0, x.shape[1], _CHUNK_ROWS):
+            rows = x[:, start : start + _CHUNK_ROWS].astype(np.float64)
+            targets = y[:, start : start + _CHUNK_ROWS].astype(np.float64)
+            if self.intercept:
+                ones = np.ones((*rows.shape[:2], 1))
+                rows = np.concatenate([rows, ones], axis=2)
+            self.xtx += np.einsum("gnd,gne->gde", rows, rows)
+            self.xty += np.einsum("gnd,gne->gde", rows, targets)
+            self.y_sum += targets.sum(axis=1)
+            self.y_squares += np.square(targets).sum(axis=1)
+            self.rows += rows.shape[1]
+
+    def __add__(self, other: GramAccumulator) -> GramAccumulator:
+        total = GramAccumulator(1, self.features, 1, intercept=self.intercept)
+        for name in ("xtx", "xty", "y_sum", "y_squares", "rows"):
+            setattr(total, name, getattr(self, name) + getattr(other, name))
+        return total
+
+    def squared_error(self, weight: np.ndarray) -> float:
+        """Sum of squared residuals of ``weight`` (groups, features [+1], outputs)."""
+        fitted = float(np.sum(weight * (self.xtx @ weight)))
+        cross = np.einsum("gde,gde->", weight, self.xty)
+        return max(0.0, float(fitted - 2 * cross + self.y_squares.sum()))
+
+    def relative_error(self, weight: np.ndarray) -> float:
+        """Squared error over the targets' variance (1 - R²); 0 when the targets are constant."""
+        spread = float((self.y_squares - np.square(self.y_sum) / max(self.rows, 1)).sum())
+        return self.squared_error(weight) / spread if spread > 0 else 0.0
+
+    def _centered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Feature covariance and cross sums about the means, and the means (zero without
+        intercept): a ridge on centered sums leaves the bias free."""
+        d = self.features
+        gram, cross = self.xtx[:, :d, :d], self.xty[:, :d]
+        if not self.intercept or self.rows == 0:
+            return gram, cross, np.zeros(gram.shape[:2]), np.zeros(self.y_sum.shape)
+        x_mean = self.xtx[:, d, :d] / self.rows  # the ones column sums each feature
+        y_mean = self.y_sum / self.rows
+        gram = gram - self.rows * np.einsum("gd,ge->gde", x_mean, x_mean)
+        cross = cross - self.rows * np.einsum("gd,ge->gde", x_mean, y_mean)
+        return gram, cross, x_mean, y_mean
+
+    def solutions(self, ridges: Sequence[float], prior: np.ndarray) -> list[np.ndarray]:
+        """Weights minimising ``|XW + b - Y|² + λ|W - prior|²`` for each ridge (the bias free).
+
+        λ is ``ridge`` × the mean feature variance of the group. Pulling towards the current
+        weights rather than zero keeps directions that the calibration data never excited
+        where they were. Ridge 0 gives the minimum-norm least-squares solution, which exists
+        even when ``XᵀX`` is singular.
+        """
+        gram, cross, x_mean, y_mean = self._centered()
+        scale = np.maximum(np.trace(gram, axis1=1, axis2=2) / self.features, _TINY)
+        prior_features = prior[:, : self.features]
+        identity = np.eye(self.features)
+        results = []
+        for ridge in ridges:
+            strength = (ridge * scale)[:, None, None]
+            if ridge > 0:
+                weight = np.linalg.solve(
+                    gram + strength * identity, cross + strength * prior_features
+                )
+            else:
+                weight = np.stack(
+                    [np.linalg.lstsq(g, c, rcond=None)[0] for g, c in zip(gram, cross, strict=True)]
+                )
+            if self.intercept:
+                bias = y_mean - np.einsum("gd,gde->ge", x_mean, weight)
+                weight = np.concatenate([weight, bias[:, None]], axis=1)
+            results.append(weight)
+        return results
+
+    def solve(self, ridge: float, prior: np.ndarray) -> np.ndarray:
+        return self.solutions([ridge], prior)[0]
+
+    def reduced_rank(
+        self, ridge: float, prior: np.ndarray, rank: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The best map of rank ``rank`` (reduced-rank regression) as two factors and a bias.
+
+        The full solution is projected on the ``rank`` output directions that carry the most
+        fitted variance; the bias is refitted to the projected map. One group only. Returns
+        ``first`` (features, rank), ``second`` (rank, outputs) with balanced column norms, and
+        the bias (outputs,).
+        """
+        features = self.solve(ridge, prior)[0, : self.features]
+        gram, _, x_mean, y_mean = self._centered()
+        fitted = features.T @ gram[0] @ features
+        _, vectors = np.linalg.eigh((fitted + fitted.T) / 2)
+        top = vectors[:, ::-1][:, :rank]
+        first, second = features @ top, top.T
+        balance = np.sqrt(np.linalg.norm(first, axis=0) + _TINY)
+        first, second = first / balance, second * balance[:, None]
+        bias = y_mean[0] - x_mean[0] @ first @ second
+        return first, second, bias
+
+
+class RidgeFolds:
+    """Two :class:`GramAccumulator` halves of the data, to choose the ridge by cross-validation.
+
+    Each batch's rows are split in a first and a second half (rows are sample-major, so halves
+    hold different samples where the batch has several). A ridge that fits one half and
+    predicts the other best is then used on both together; this keeps layers with few rows
+    per unknown from fitting the calibration samples instead of the function.
+    """
+
+    def __init__(self, groups: int, features: int, outputs: int, *, intercept: bool) -> None:
+        self.folds = [
+            GramAccumulator(groups, features, outputs, intercept=intercept) for _ in range(2)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(fold.nbytes for fold in self.folds)
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        half = x.shape[1] // 2
+        if half == 0:
+            self.folds[0].update(x, y)
+            return
+        self.folds[0].update(x[:, :half], y[:, :half])
+        self.folds[1].update(x[:, half:], y[:, half:])
+
+    def total(self) -> GramAccumulator:
+        return self.folds[0] + self.folds[1]
+
+    def choose_ridge(self, candidates: Sequence[float], prior: np.ndarray) -> float:
+        """The candidate with the smallest error on the half it was not fitted on."""
+        first, second = self.folds
+        if min(first.rows, second.rows) == 0:
+            return max(candidates)
+        errors = np.zeros(len(candidates))
+        for fit, held_out in ((first, second), (second, first)):
+            for index, weight in enumerate(fit.solutions(candidates, prior)):
+                errors[index] += held_out.squared_error(weight)
+        return float(candidates[int(np.argmin(errors))])
+
+
+def _block_inverse(matrix: np.ndarray, taps: int) -> np.ndarray:
+    """Inverses of the diagonal ``taps``×``taps`` blocks of ``matrix`` (channels, taps, taps)."""
+    channels = matrix.shape[0] // taps
+    index = np.arange(channels)[:, None] * taps + np.arange(taps)
+    blocks = matrix[index[:, :, None], index[:, None, :]]
+    return np.linalg.inv(blocks)
+
+
+def _elimination_order(
+    gram: np.ndarray, weight: np.ndarray, taps: int, ridge: float, stop: int
+) -> tuple[list[int], list[float]]:
+    """Channels in the order greedy backward elimination removes them, and the output error
+    after each removal (the remaining channels refitted each time), until ``stop`` remain."""
+    gram = np.asarray(gram, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64).reshape(gram.shape[0], -1)
+    channels = gram.shape[0] // taps
+    strength = ridge * max(float(np.trace(gram)) / gram.shape[0], _TINY)
+    inverse = np.linalg.inv(gram + strength * np.eye(gram.shape[0]))
+    alive = list(range(channels))
+    order: list[int] = []
+    errors: list[float] = []
+    error = 0.0
+    while len(alive) > stop:
+        block_inverses = _block_inverse(inverse, taps)  # (alive, taps, taps)
+        blocks = weight.reshape(len(alive), taps, -1)
+        costs = np.einsum("ctm,cts,csm->c", blocks, block_inverses, blocks)
+        best = int(np.argmin(costs))
+        error += float(costs[best])
+        rows = np.arange(best * taps, (best + 1) * taps)
+        rest = np.setdiff1d(np.arange(inverse.shape[0]), rows)
+        coupling = inverse[np.ix_(rest, rows)] @ block_inverses[best]
+        weight = weight[rest] - coupling @ weight[rows]
+        inverse = inverse[np.ix_(rest, rest)] - coupling @ inverse[np.ix_(rows, rest)]
+        order.append(alive.pop(best))
+        errors.append(error)
+    return order, errors
+
+
+def select_channels(
+    gram: np.ndarray, weight: np.ndarray, keep: int, *, taps: int = 1, ridge: float = 1e-6
+) -> np.ndarray:
+    """Input channels to keep so that refitting the layer on them loses the least output.
+
+    ``gram``: the second moment ``XᵀX`` of the layer's input features (channels × taps,
+    channel-major, as :func:`im2col` and a Conv weight reshaped to (Cout, Cin·taps) order them);
+    ``weight``: the layer's weights as (channels·taps, outputs); ``keep``: how many channels to
+    keep. Greedy backward elimination: each step removes the channel whose loss, after the others
+    are refitted by least squares, is smallest (ThiNet's criterion with compensation). Returns
+    the kept channel indices, sorted.
+    """
+    channels = np.asarray(gram).shape[0] // taps
+    if not 0 < keep <= channels:
+        raise ValueError(f"keep must be in 1..{channels}, got {keep}")
+    removed, _ = _elimination_order(gram, weight, taps, ridge, keep)
+    return np.setdiff1d(np.arange(channels), removed)
+
+
+def reconstruction_importance(
+    gram: np.ndarray, weight: np.ndarray, *, taps: int = 1, ridge: float = 1e-6
+) -> np.ndarray:
+    """A score per input channel for pruning criteria that threshold or sum scores.
+
+    The score of a channel is the output error (relative to the layer's output energy) reached
+    when greedy elimination removes it, so keeping the highest scores reproduces
+    :func:`select_channels`; the last channel left gets the largest score. Scores of layers
+    fed by the same channels (a dependency group) can be added.
+    """
+    gram = np.asarray(gram, dtype=np.float64)
+    matrix = np.asarray(weight, dtype=np.float64).reshape(gram.shape[0], -1)
+    order, errors = _elimination_order(gram, matrix, taps, ridge, 1)
+    energy = max(float(np.einsum("dm,de,em->", matrix, gram, matrix)), _TINY)
+    scores = np.empty(gram.shape[0] // taps)
+    scores[order] = np.asarray(errors) / energy
+    last = np.setdiff1d(np.arange(scores.size), order)
+    scores[last] = (errors[-1] / energy if errors else 0.0) + 1.0
+    return scores
