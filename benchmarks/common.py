@@ -87,12 +87,11 @@ def cost(model: ir.Model, shapes: dict[str, Sequence[int]] | None = None) -> dic
 
 
 def run_isolated(code: str, timeout: float = 1800) -> dict[str, Any]:
-    """Run Python ``code`` in a fresh interpreter; its wall time, peak RSS and printed JSON.
+    """Run Python ``code`` in a fresh interpreter; its wall time and the JSON it printed.
 
-    Peak memory of one quantizer or pass is only comparable when each runs in its own process;
-    ``code`` prints one JSON object on its last line of stdout.
+    Peak memory of one quantizer or pass is only comparable when each runs in its own process:
+    ``code`` prints one JSON object on its last line of stdout, with ``self_peak_rss_mib()``.
     """
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=False
@@ -100,20 +99,22 @@ def run_isolated(code: str, timeout: float = 1800) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"isolated run failed:\n{done.stderr[-2000:]}")
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     lines = done.stdout.strip().splitlines()
     return {
         "seconds": seconds,
-        # ru_maxrss of children is the maximum over all children so far; a child that did not
-        # exceed an earlier one reports the earlier peak, so run the heavier quantizer last or
-        # read the child's own figure from its JSON ("peak_rss_mib").
-        "children_peak_rss_mib": max(peak_kib, before) / 1024,
         "result": json.loads(lines[-1]) if lines else {},
     }
 
 
 def self_peak_rss_mib() -> float:
-    """Peak resident memory of this process (for code run through :func:`run_isolated`)."""
+    """Peak resident memory of this process (for code run through :func:`run_isolated`).
+
+    Read from /proc (VmHWM): on Linux ``ru_maxrss`` survives exec, so a child started from a
+    big parent would report the parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

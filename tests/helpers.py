@@ -22,8 +22,8 @@ def random_feeds(
     rng = np.random.default_rng(seed)
     overrides = {
         s.name: tuple(
-            batch if i == 0 and not isinstance(d, int) else d
-            for i, d in enumerate(s.concrete_shape())
+            batch if i == 0 and not isinstance(d, int) else size
+            for i, (d, size) in enumerate(zip(s.shape, s.concrete_shape(), strict=True))
         )
         for s in specs
     }
