@@ -207,11 +207,16 @@ def test_transformer_gptq_beats_rtn():
     calibration = random_feeds(model, count=8, seed=1, batch=4)
     held_out = random_feeds(model, count=4, seed=2)
     rtn, report = _apply(model, "quantize_weights", symmetric=True)
-    gptq, _ = _apply(model, "quantize_weights", calibration, symmetric=True, algorithm="gptq")
+    gptq = model.clone()
+    context = PassContext(calibration=calibration)
+    make_pass("quantize_weights", {"symmetric": True, "algorithm": "gptq"})(gptq, context)
     assert len(report.changed) == 14 and all(
         r.detail == "input 1 is not a constant weight" for r in report.skipped
     )
     check(gptq)
+    # one Hessian per distinct input (Q/K/V share one; 4 per layer, pooler, classifier)
+    grams = {key[1]: array.shape for key, array in context.cache.items() if key[0] == "gram"}
+    assert len(grams) == 2 * 4 + 2 and all(rows == cols for rows, cols in grams.values())
 
     def error(student: ir.Model) -> float:
         return sum(float(np.square(run(model, f)[1] - run(student, f)[1]).mean()) for f in held_out)
@@ -301,3 +306,23 @@ def test_codebook_file_size(bits, ratio):
     before = len(ir.to_proto(model).SerializeToString())
     after = len(ir.to_proto(student).SerializeToString())
     assert before / after > ratio
+
+
+def test_subgraph_nodes_are_reported_and_left_alone():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    branchy (bool c, float[N, 64] x) => (float[N, 32] y) {
+        y = If(c) <
+            then_branch = then_graph () => (float[N, 32] t) { t = MatMul(x, w) },
+            else_branch = else_graph () => (float[N, 32] e) { e = MatMul(x, w) }
+        >
+    }
+    """
+    model = _parse(text, {"w": RNG.standard_normal((64, 32))})
+    feed = {"c": np.array(True), "x": RNG.standard_normal((2, 64)).astype(np.float32)}
+    for name in ("quantize_weights", "codebook"):
+        student, report = _apply(model, name)
+        assert not report.changed and len(report.skipped) == 2
+        assert all("subgraph" in r.detail for r in report.skipped)
+        check(student)
+        np.testing.assert_array_equal(run(student, feed)[0], run(model, feed)[0])
