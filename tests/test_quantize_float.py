@@ -361,6 +361,8 @@ def test_fp8_quantizes_conv_weights_and_activations():
     assert len(report.changed) == len(convs) + 1  # and the classifier Gemm
     for conv in convs:
         weight_dq, input_dq = conv.inputs[1].producer(), conv.inputs[0].producer()
+        if input_dq.op_type == "Relu":  # the pair sits before a Relu that only feeds Convs
+            input_dq = input_dq.inputs[0].producer()
         assert weight_dq.op_type == input_dq.op_type == "DequantizeLinear"
         assert weight_dq.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN
         assert weight_dq.attributes["axis"].value == 0
@@ -370,7 +372,9 @@ def test_fp8_quantizes_conv_weights_and_activations():
     for a, b in zip(run(original, feed), run(model, feed), strict=True):
         assert np.isfinite(b).all()
         cosine = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
-        assert cosine > 0.97  # E4M3 keeps 3 mantissa bits: ~3 % relative error per tensor
+        # E4M3 keeps 3 mantissa bits: ~2.6 % rms error per tensor (INT8: ~0.8 %), compounded
+        # over 13 layers on random features; measured 0.95-0.995 over seeds.
+        assert cosine > 0.93
 
 
 def test_fp8_weight_scale_is_amax_over_448():
@@ -393,13 +397,25 @@ def test_fp8_transformer_skips_activation_matmuls_and_shares_weights():
     run(model, random_feeds(model, 1)[0])
 
 
-def test_fp8_after_clip_stores_weights_only():
-    model = opset19("mobilenetv2")
-    report = make_pass("fp8")(model, PassContext(calibration=calibration(model)))
+@pytest.mark.parametrize("name, activation", [("resnet18", "Relu"), ("mobilenetv2", "Clip")])
+def test_fp8_pairs_go_before_relu_and_clip_so_onnxruntime_fusions_keep_results(name, activation):
+    model = opset19(name)
+    make_pass("fp8")(model, PassContext(calibration=calibration(model)))
     check(model)
-    assert any("Clip" in r.detail for r in report.changed)
-    assert not report.notes  # loads with onnxruntime's default optimizations
-    runtime.create_session(model).run(None, random_feeds(model, 1)[0])
+    before = [n for n in model.graph if n.op_type == activation and _feeds_only_quantized(n)]
+    assert before and all(n.inputs[0].producer().op_type == "DequantizeLinear" for n in before)
+    # onnxruntime's Relu/Clip -> QuantizeLinear rewrites assume integer types: with the pair
+    # after the activation the optimized model drops the Relu (or fails to load for Clip).
+    feed = random_feeds(model, 1)[0]
+    plain = runtime.create_session(model, optimization="none").run(None, feed)
+    optimized = runtime.create_session(model, optimization="all").run(None, feed)
+    for a, b in zip(plain, optimized, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * float(np.abs(a).max()))
+
+
+def _feeds_only_quantized(node: ir.Node) -> bool:
+    users = [user for user, _ in node.outputs[0].uses()]
+    return bool(users) and all(user.op_type in ("Conv", "Gemm", "MatMul") for user in users)
 
 
 def test_fp8_weights_only_needs_no_calibration_and_needs_it_otherwise():

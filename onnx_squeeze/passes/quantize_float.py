@@ -129,7 +129,8 @@ def _one_node_model(node: ir.Node, input_types: tuple, output_types: tuple, opse
     del proto.input[:], proto.output[:]
     proto.input.extend(f"x{i}" if t is not None else "" for i, t in enumerate(input_types))
     proto.output.extend(f"y{i}" for i in range(len(output_types)))
-    proto.name = "probe"
+    proto.name, proto.doc_string = "probe", ""
+    del proto.metadata_props[:]  # per-node notes would defeat the cache
     graph = onnx.helper.make_graph([proto], "probe", inputs, outputs)
     opsets = [onnx.helper.make_opsetid("", opset)]
     if node.domain:
@@ -684,9 +685,12 @@ class Fp8Settings:
 
 
 FP8_OPS = frozenset({"Conv", "Gemm", "MatMul"})
-# onnxruntime's ClipQuantFusion (clip_quantizelinear.cc) throws on a QuantizeLinear with a
-# float8 zero point after Clip, so such a model fails to load with default optimizations.
-CLIP_FUSION_BUG = "input comes from Clip, whose FP8 QuantizeLinear crashes onnxruntime's fusion"
+# onnxruntime's CPU rewrites of Relu -> QuantizeLinear and Clip -> QuantizeLinear (when the
+# QuantizeLinear is the activation's only consumer) assume integer types: with a float8 zero
+# point ReluQuantRewrite drops the Relu (wrong results) and ClipQuantFusion throws at load. The
+# Q/DQ pair goes before such a Relu/Clip instead: the same values, as E4M3 rounding is symmetric
+# and Relu(0) = 0.
+FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 
 
 @register
@@ -709,15 +713,16 @@ class QuantizeFp8(Pass):
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         graph = model.graph
         targets = [node for node in graph if self._eligible(node, report)]
-        with_input = [node for node in targets if self._quantize_input(node)]
+        chosen = set(targets)
+        points = {node: _quantization_point(node, chosen) for node in targets}  # before rewiring
         amax: dict[str, float] = {}
-        if with_input:
+        if self.settings.activations and targets:
             if context.calibration is None:
                 raise SettingsError(
                     "fp8: activation scales need calibration data: pass --calib SRC, or set "
                     "activations=false to store weights only in FP8"
                 )
-            names = sorted({_source_name(node) for node in with_input})
+            names = sorted({value.name or "" for value in points.values()})
             amax = _activation_amax(model, names, context, self.settings.calibration_batches)
         builder = _QdqBuilder(graph, UniqueNames(model))
         for node in targets:
@@ -725,11 +730,9 @@ class QuantizeFp8(Pass):
             assert weight is not None
             builder.weight(node, self.settings.per_channel)
             detail = "float8e4m3fn weights"
-            if node in with_input:
-                builder.activation(node, amax[_source_name(node)])
+            if self.settings.activations:
+                builder.activation(node, points[node], amax)
                 detail += " and activation"
-            elif self.settings.activations:
-                detail += f" only: {CLIP_FUSION_BUG}"
             report.record(
                 node, "quantized", detail, params_before=weight.size, params_after=weight.size
             )
@@ -737,11 +740,6 @@ class QuantizeFp8(Pass):
         problem = fp8_kernel_problem(model, (context.providers or ("cpu",))[0])
         if problem:
             report.notes.append(problem)
-
-    def _quantize_input(self, node: ir.Node) -> bool:
-        """Whether the activation input gets a Q/DQ pair (not after Clip: see CLIP_FUSION_BUG)."""
-        producer = node.inputs[0].producer()  # type: ignore[union-attr]
-        return self.settings.activations and (producer is None or producer.op_type != "Clip")
 
     def _eligible(self, node: ir.Node, report: PassReport) -> bool:
         if node.op_type not in self.settings.op_types:
@@ -766,8 +764,21 @@ class QuantizeFp8(Pass):
         return True
 
 
-def _source_name(node: ir.Node) -> str:
-    return node.inputs[0].name or ""  # type: ignore[union-attr]
+def _quantization_point(node: ir.Node, targets: set[ir.Node]) -> ir.Value:
+    """The value whose Q/DQ pair feeds ``node``'s activation input: the input itself, or the
+    input of a Relu/Clip whose consumers are all quantized (see FUSED_ACTIVATIONS)."""
+    source = node.inputs[0]
+    assert source is not None
+    producer = source.producer()
+    if (
+        producer is not None
+        and producer.op_type in FUSED_ACTIVATIONS
+        and all(user in targets and index == 0 for user, index in source.uses())
+        and not source.is_graph_output()
+        and producer.inputs[0] is not None
+    ):
+        return producer.inputs[0]
+    return source
 
 
 def _weight_of(node: ir.Node) -> ir.Value | None:
@@ -861,12 +872,14 @@ class _QdqBuilder:
             self.weights[key] = output
         node.replace_input_with(1, self.weights[key])
 
-    def activation(self, node: ir.Node, amax: float) -> None:
-        source = node.inputs[0]
-        assert source is not None
+    def activation(self, node: ir.Node, source: ir.Value, amax: dict[str, float]) -> None:
+        """Feed ``node``'s activation input through the Q/DQ pair of ``source`` (the input, or
+        the input of the Relu/Clip that produces it)."""
         if id(source) not in self.activations:
             scale = self._initializer(
-                f"{source.name}/scale", fp8_scale(amax).reshape(()), ir.DataType.FLOAT
+                f"{source.name}/scale",
+                fp8_scale(amax[source.name or ""]).reshape(()),
+                ir.DataType.FLOAT,
             )
             zero = self.zero_point()
             quantized = self._add(node, "QuantizeLinear", [source, scale, zero], {}, "q")
@@ -874,7 +887,9 @@ class _QdqBuilder:
             output = self._add(node, "DequantizeLinear", [quantized, scale, zero], {}, "dq")
             output.dtype, output.shape = ir.DataType.FLOAT, _copy(source.shape)
             self.activations[id(source)] = output
-        node.replace_input_with(0, self.activations[id(source)])
+        consumer = node if source is node.inputs[0] else node.inputs[0].producer()
+        assert consumer is not None
+        consumer.replace_input_with(0, self.activations[id(source)])
 
 
 def fp8_kernel_problem(model: ir.Model, provider: str) -> str | None:
