@@ -1,0 +1,147 @@
+"""Channel pruning at a MACs target, side by side with onnxsim 0.8's structured pruning.
+
+For each model: prunable/frozen dependency groups, layers whose output channels shrank (both
+tools), MACs and params ratios, CPU latency ratios against the prepared original (interleaved in
+one run, threads 1 and 2), and fidelity (worst cosine, top-1 agreement) on 8 random feeds.
+onnxsim gets the same prepared model (BatchNormalization already folded, as it requires) and its
+``sparsity`` is searched by bisection for the same MACs target; where it cannot reach the target
+its largest reduction is shown.
+
+Usage: ``python benchmarks/bench_prune_channels.py [--models resnet50 ...] [--runs 20]``
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+import onnx_ir as ir
+from onnxsim.pruning import apply_structured_pruning
+
+from benchmarks import common
+from onnx_squeeze.channel_groups import build_groups
+from onnx_squeeze.passes.base import PassContext
+from onnx_squeeze.passes.prune_channels import PruneChannels
+
+MODELS = ("resnet50", "mobilenetv2", "yolo", "transformer")
+TARGETS = (0.3, 0.5)
+THREADS = (1, 2)
+_SHAPES = {"transformer": {"input_ids": (1, 128)}}
+_SEARCH_STEPS = 8
+
+
+def _weight_shapes(model: ir.Model) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for node in model.graph:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1:
+            weight = node.inputs[1]
+            if weight is not None and weight.const_value is not None:
+                shapes[node.name] = tuple(weight.const_value.shape)
+    return shapes
+
+
+def shrunk_layers(reference: ir.Model, model: ir.Model) -> int:
+    """Layers (by name) whose weight lost entries: a proxy for channel groups pruned."""
+    before, after = _weight_shapes(reference), _weight_shapes(model)
+    return sum(1 for name, shape in after.items() if name in before and shape != before[name])
+
+
+def ours(prepared: ir.Model, target: float) -> ir.Model:
+    model = prepared.clone()
+    PruneChannels(macs_target=target)(model, PassContext())
+    return model
+
+
+def onnxsim_at(prepared: ir.Model, sparsity: float) -> ir.Model:
+    pruned = apply_structured_pruning(ir.to_proto(prepared), sparsity=sparsity)
+    pruned.graph.ClearField("value_info")  # it keeps the unpruned intermediate shapes
+    return ir.from_proto(pruned)
+
+
+def onnxsim_for(prepared: ir.Model, target: float, shapes, base_macs: int) -> ir.Model:
+    """onnxsim at the smallest sparsity whose result removes ``target`` of the MACs."""
+    low, high = 0.0, 0.95
+    best = onnxsim_at(prepared, high)
+    if 1 - common.cost(best, shapes)["macs"] / base_macs < target:
+        return best
+    for _ in range(_SEARCH_STEPS):
+        middle = (low + high) / 2
+        candidate = onnxsim_at(prepared, middle)
+        if 1 - common.cost(candidate, shapes)["macs"] / base_macs >= target:
+            high, best = middle, candidate
+        else:
+            low = middle
+    return best
+
+
+def measure(name: str, targets: Sequence[float], runs: int) -> list[dict[str, Any]]:
+    _, prepared = common.prepared_zoo_model(name)
+    shapes = _SHAPES.get(name)
+    data = common.feeds(prepared, 8, shapes=shapes)
+    base = common.cost(prepared, shapes)
+    groups = build_groups(prepared)
+    frozen = sum(1 for g in groups if g.frozen)
+    candidates: list[tuple[str, float, ir.Model]] = []
+    for target in targets:
+        candidates.append(("onnx-squeeze", target, ours(prepared, target)))
+        candidates.append(
+            ("onnxsim 0.8", target, onnxsim_for(prepared, target, shapes, base["macs"]))
+        )
+    latency = {
+        t: common.latency_ms([prepared] + [c[2] for c in candidates], data[0], t, runs)
+        for t in THREADS
+    }
+    rows = []
+    for index, (tool, target, model) in enumerate(candidates, start=1):
+        cost = common.cost(model, shapes)
+        fidelity = common.fidelity(prepared, model, data)
+        rows.append(
+            {
+                "model": name,
+                "target": target,
+                "tool": tool,
+                "groups": f"{len(groups) - frozen}/{frozen}" if tool == "onnx-squeeze" else "–",
+                "layers_shrunk": shrunk_layers(prepared, model),
+                "macs_ratio": cost["macs"] / base["macs"],
+                "params_ratio": cost["params"] / base["params"],
+                **{f"speedup_t{t}": latency[t][0] / latency[t][index] for t in THREADS},
+                "cosine": fidelity["cosine"],
+                "top1_agreement": fidelity["top1_agreement"],
+            }
+        )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args(argv)
+    rows = [row for name in args.models for row in measure(name, args.targets, args.runs)]
+    headers = [
+        "model", "MACs removed (target)", "tool", "groups prunable/frozen", "layers shrunk",
+        "MACs ratio", "params ratio", "speedup t1", "speedup t2", "cosine", "top-1 agree",
+    ]  # fmt: skip
+    table = [
+        [
+            r["model"], f"{r['target']:.0%}", r["tool"], r["groups"], r["layers_shrunk"],
+            r["macs_ratio"], r["params_ratio"], r["speedup_t1"], r["speedup_t2"], r["cosine"],
+            r["top1_agreement"],
+        ]
+        for r in rows
+    ]  # fmt: skip
+    body = common.markdown_table(headers, table) + (
+        "\n\nSpeedup = latency of the prepared original / latency of the pruned model, CPU, "
+        "batch 1 (transformer: sequence 128). onnxsim's sparsity is searched for the same MACs "
+        "target; 'layers shrunk' counts Conv/Gemm/MatMul whose weight lost channels. No "
+        "fine-tuning: fidelity is what pruning alone keeps on the zoo's synthetic weights.\n"
+    )
+    data = {"meta": common.meta(args.runs, THREADS), "rows": rows}
+    print(body)
+    print(common.write_results("prune_channels", "Channel pruning vs onnxsim 0.8", body, data))
+
+
+if __name__ == "__main__":
+    main()
