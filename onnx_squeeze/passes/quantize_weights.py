@@ -150,9 +150,9 @@ def _array_initializer(
 
 def input_grams(
     model: ir.Model, names: Sequence[str], context: PassContext, batches: int
-) -> dict[str, np.ndarray]:
-    """``XᵀX`` (float64, summed over all rows of all batches) of each named activation, where
-    ``X`` is the activation flattened to ``[rows, features]``.
+) -> dict[str, tuple[np.ndarray, int]]:
+    """``(XᵀX, rows)`` of each named activation, where ``X`` is the activation flattened to
+    ``[rows, features]`` over all batches (``XᵀX`` in float64).
 
     Streaming: one onnxruntime session exposes the activations and each batch is added to the
     sums, so memory is that of the sums; names are split into runs that keep the sums below
@@ -194,6 +194,7 @@ def _collect_grams(model: ir.Model, names: list[str], context: PassContext, batc
     copy.graph.outputs.extend(produced[n] for n in exposed)
     session = create_session(copy, context.providers[0]) if exposed else None
     sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
     source = itertools.islice(context.calibration, batches)
     for feed in track(source, "GPTQ input statistics", total=batches):
         arrays = {n: feed[n] for n in names if n in graph_inputs}
@@ -202,10 +203,11 @@ def _collect_grams(model: ir.Model, names: list[str], context: PassContext, batc
         for name, array in arrays.items():
             rows = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
             sums[name] = sums.get(name, 0.0) + rows.T @ rows
+            counts[name] = counts.get(name, 0) + len(rows)
     if not sums:
         raise SettingsError("the calibration data yielded no batches: GPTQ needs some")
     for name in names:
-        context.cache[("gram", name)] = sums[name]
+        context.cache[("gram", name)] = (sums[name], counts[name])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,18 +317,31 @@ class QuantizeWeights(Pass):
         weights = _group_by_weight(model.graph, consumers, report)
         if not weights:
             return
-        grams = self._grams(model, weights, context)
+        grams = self._grams(model, weights, context, report)
         names = UniqueNames(model)
         for weight in weights:
             self._quantize(model, weight, grams, names, report)
 
     def _grams(
-        self, model: ir.Model, weights: list[SharedWeight], context: PassContext
+        self,
+        model: ir.Model,
+        weights: list[SharedWeight],
+        context: PassContext,
+        report: PassReport,
     ) -> dict[str, np.ndarray]:
+        """Input Hessians (``XᵀX``) by activation name for GPTQ; none for round-to-nearest."""
         if self.settings.algorithm != "gptq":
             return {}
         inputs = [c.node.inputs[0].name for w in weights for c in w.consumers]
-        return input_grams(model, inputs, context, self.settings.calibration_batches)
+        grams = input_grams(model, inputs, context, self.settings.calibration_batches)
+        short = sorted(name for name, (gram, rows) in grams.items() if rows < len(gram))
+        if short:
+            report.notes.append(
+                f"GPTQ: {len(short)} inputs had fewer calibration rows than features (e.g. "
+                f"{short[0]!r}), so their Hessians are rank-deficient and GPTQ may fit the "
+                "calibration data rather than the task: give more calibration data or raise damping"
+            )
+        return {name: gram for name, (gram, _) in grams.items()}
 
     def _quantize(
         self,
