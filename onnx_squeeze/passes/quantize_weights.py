@@ -583,13 +583,12 @@ class CodebookWeights(Pass):
         for consumer in weight.consumers:
             consumer.node.replace_input_with(consumer.index, decoded)
         _drop_if_unused(graph, weight.value)
-        error = np.abs(
-            _restore(codebook.decode(), weight.array.shape, axis, s.per_channel) - weight.array
-        )
+        decoded_array = _restore(codebook.decode(), weight.array.shape, axis, s.per_channel)
+        error = np.linalg.norm(decoded_array - weight.array) / np.linalg.norm(weight.array)
         detail = (
             f"{len(codebook.levels)} {s.levels} levels, {s.bits}-bit indices"
             f"{', per-channel scales' if s.per_channel else ''}; weight {weight.name!r} "
-            f"{human_bytes(weight.array.nbytes)} → {human_bytes(size)}, max error {error.max():.3g}"
+            f"{human_bytes(weight.array.nbytes)} → {human_bytes(size)}, relative error {error:.2%}"
         )
         for node in weight.nodes:
             report.record(
