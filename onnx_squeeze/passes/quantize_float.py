@@ -35,6 +35,9 @@ FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)  # 2**-24
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 SOURCE_KEY = "onnx_squeeze.source_node"
+# What loading a model in onnxruntime raises when a kernel is missing (runtime.create_session
+# wraps only some of onnxruntime's errors in InputError).
+LOAD_ERRORS = (InputError, runtime.ort.capi.onnxruntime_pybind11_state.NotImplemented)
 
 LOW_TYPES = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 NUMPY_LOW = {ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
@@ -299,11 +302,17 @@ class ConvertFloat(Pass):
         graph = model.graph
         amax = self._ranges(model, context, report)
         plan = self._plan(model, self._kernel_check(model, context, report), amax, report)
+        if not plan.low and any("kernel" in r.detail for r in report.skipped):
+            report.notes.append(
+                f"nothing converted: the provider has no {self.settings.dtype} kernels for this "
+                "model's ops (x86 CPU); for a GPU deployment set provider=cuda"
+            )
         names = UniqueNames(model)
         clamped = self._convert_constants(graph, plan, names)
         if clamped:
             report.notes.append(
-                f"{clamped} constant values outside the {self.settings.dtype} range clamped"
+                f"{clamped} constant values clamped into the float16 range "
+                "(|x| <= 65504; nonzero |x| >= 2**-24 so that epsilons stay nonzero)"
             )
         casts = self._retype_and_cast(graph, plan, names)
         _remove_identity_casts(graph)
@@ -903,7 +912,7 @@ def fp8_kernel_problem(model: ir.Model, provider: str) -> str | None:
         )
     try:
         runtime.create_session(model, provider)
-    except InputError as error:
+    except LOAD_ERRORS as error:
         return fp8_failure_message(str(error.__cause__ or error), full)
     return None
 
