@@ -224,15 +224,19 @@ def _activation_amax(
     return {name: cache[name] for name in names}
 
 
-def _float_activations(graph: ir.Graph) -> list[str]:
-    names = [v.name for v in graph.inputs if v.dtype == ir.DataType.FLOAT and v.name]
-    for node in graph:
-        names.extend(
-            v.name
-            for v in node.outputs
-            if v.dtype == ir.DataType.FLOAT and v.name and node.op_type != "Constant"
-        )
-    return names
+def _float_activations(nodes: Iterable[ir.Node]) -> list[str]:
+    """Names of the FP32 tensors (not constants) that ``nodes`` read or write."""
+    names: dict[str, None] = {}
+    for node in nodes:
+        for value in (*node.inputs, *node.outputs):
+            if (
+                value is not None
+                and value.name
+                and value.dtype == ir.DataType.FLOAT
+                and constant_array(value) is None
+            ):
+                names[value.name] = None
+    return list(names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +270,7 @@ class _Plan:
     """Which nodes run in low precision, with the FLOAT slots that change type."""
 
     low: dict[ir.Node, tuple[list[int], list[int]]] = dataclasses.field(default_factory=dict)
+    kept: dict[ir.Node, str] = dataclasses.field(default_factory=dict)  # FP32, with the reason
 
     def wants_low(self, node: ir.Node, index: int) -> bool:
         slots = self.low.get(node)
@@ -300,8 +305,16 @@ class ConvertFloat(Pass):
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         graph = model.graph
-        amax = self._ranges(model, context, report)
-        plan = self._plan(model, self._kernel_check(model, context, report), amax, report)
+        has_kernel = self._kernel_check(model, context, report)
+        plan = self._plan(model, has_kernel, {})
+        amax = self._ranges(model, plan, context, report)
+        if amax:  # plan again, keeping FP32 what the calibration data shows too wide for FP16
+            plan = self._plan(model, has_kernel, amax)
+        for node in graph:
+            if node in plan.low:
+                report.record(node, "converted", self.settings.dtype)
+            elif node in plan.kept:
+                report.skip(node, plan.kept[node])
         if not plan.low and any("kernel" in r.detail for r in report.skipped):
             report.notes.append(
                 f"nothing converted: the provider has no {self.settings.dtype} kernels for this "
@@ -321,13 +334,16 @@ class ConvertFloat(Pass):
 
     # -- planning ------------------------------------------------------------------------------
 
-    def _ranges(self, model: ir.Model, context: PassContext, report: PassReport) -> dict:
-        if self.low != ir.DataType.FLOAT16:
+    def _ranges(
+        self, model: ir.Model, plan: _Plan, context: PassContext, report: PassReport
+    ) -> dict[str, float]:
+        """Calibrated largest magnitudes of the activations that the plan would convert."""
+        if self.low != ir.DataType.FLOAT16 or not plan.low:
             return {}  # BF16 has FP32's exponent range
         if context.calibration is None:
             report.notes.append("no calibration data: activation ranges not checked against FP16")
             return {}
-        names = _float_activations(model.graph)
+        names = _float_activations(plan.low)
         return _activation_amax(model, names, context, self.settings.calibration_batches)
 
     def _kernel_check(
@@ -374,10 +390,8 @@ class ConvertFloat(Pass):
         model: ir.Model,
         has_kernel: Callable[[ir.Node, tuple[list[int], list[int]]], bool],
         amax: dict[str, float],
-        report: PassReport,
     ) -> _Plan:
         plan = _Plan()
-        kept: dict[ir.Node, str] = {}
         blocked_ops = self._blocked_ops()
         limit = FP16_MAX / self.settings.range_margin
         opset = model.opset_imports.get("", 1)
@@ -390,14 +404,9 @@ class ConvertFloat(Pass):
             if reason is None:
                 plan.low[node] = slots
             else:
-                kept[node] = reason
+                plan.kept[node] = reason
         for node in _drop_islands(plan, self.settings.keep_io_types):
-            kept[node] = "alone among FP32 neighbours: converting it would only add Casts"
-        for node in model.graph:
-            if node in plan.low:
-                report.record(node, "converted", self.settings.dtype)
-            elif node in kept:
-                report.skip(node, kept[node])
+            plan.kept[node] = "alone among FP32 neighbours: converting it would only add Casts"
         return plan
 
     def _reason_fp32(
