@@ -24,12 +24,17 @@ class Whitening:
     inverse: np.ndarray
 
 
-def whitening(gram: np.ndarray, damping: float) -> Whitening | None:
+def whitening(gram: np.ndarray, damping: float, samples: int | None = None) -> Whitening | None:
     """The whitening of an input second-moment matrix, None when it holds no information.
 
     ``damping`` (a fraction of the mean eigenvalue, added to the diagonal) keeps directions the
     calibration data never excited from being ignored entirely, as GPTQ's ``percdamp`` does.
+    With ``samples`` (input vectors summed into ``gram``) below the number of features, the
+    estimate is poor and the damping grows as ``(features / samples)²``, shrinking toward plain
+    SVD rather than overfitting the few samples seen.
     """
+    if samples:
+        damping = max(damping, (gram.shape[0] / samples) ** 2)
     gram = (np.asarray(gram, dtype=np.float64) + np.asarray(gram, dtype=np.float64).T) / 2
     mean = float(np.trace(gram)) / gram.shape[0]
     if not mean > 0 or not math.isfinite(mean):

@@ -236,6 +236,14 @@ class GramSpec:
         return self.features**2 * 8
 
 
+@dataclasses.dataclass
+class Moments:
+    """``Σ x xᵀ`` over ``rows`` input vectors."""
+
+    gram: np.ndarray
+    rows: int
+
+
 def _explicit_pads(spec: GramSpec, spatial: Sequence[int]) -> list[tuple[int, int]]:
     dims = len(spatial)
     if spec.auto_pad in ("NOTSET", ""):
@@ -283,7 +291,7 @@ def _fingerprint(model: ir.Model) -> int:
 
 def collect_grams(
     model: ir.Model, specs: Iterable[GramSpec], context: PassContext
-) -> dict[GramSpec, np.ndarray]:
+) -> dict[GramSpec, Moments]:
     """``Σ x xᵀ`` over the calibration batches for every spec, shared through ``context.cache``.
 
     Matrices are accumulated a group at a time (at most ``_GRAM_BUDGET_BYTES`` held), each group
@@ -305,7 +313,7 @@ def collect_grams(
 
 def _collect_group(
     model: ir.Model, specs: Sequence[GramSpec], context: PassContext
-) -> dict[GramSpec, np.ndarray]:
+) -> dict[GramSpec, Moments]:
     inputs = {v.name for v in model.graph.inputs}
     tensors = list(dict.fromkeys(s.tensor for s in specs))
     exposed = [t for t in tensors if t not in inputs]
@@ -317,6 +325,7 @@ def _collect_group(
         copy.graph.outputs.extend(values[name] for name in exposed)
         session = runtime.create_session(copy, context.providers[0])
     grams = {spec: np.zeros((spec.features, spec.features)) for spec in specs}
+    rows_seen = dict.fromkeys(specs, 0)
     label = getattr(context.calibration, "label", "calibration data")
     batches = 0
     for feed in track(context.calibration, f"low_rank input statistics ({label})"):
@@ -328,10 +337,11 @@ def _collect_group(
             if len(rows) > _MAX_ROWS_PER_BATCH:
                 rows = rows[:: math.ceil(len(rows) / _MAX_ROWS_PER_BATCH)]
             grams[spec] += rows.T @ rows
+            rows_seen[spec] += len(rows)
         batches += 1
     if not batches:
         raise InputError(f"calibration data {label} yielded no batches")
-    return grams
+    return {spec: Moments(grams[spec], rows_seen[spec]) for spec in specs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -882,13 +892,18 @@ class LowRank(Pass):
         self, model: ir.Model, plans: dict[Layer, list[Plan]], context: PassContext
     ) -> None:
         every = [plan for layer_plans in plans.values() for plan in layer_plans]
-        grams: dict[GramSpec, np.ndarray] = {}
+        grams: dict[GramSpec, Moments] = {}
         if self.settings.data_aware and every:
             specs = [plan.gram_spec() for plan in every]
             grams = collect_grams(model, [spec for spec in specs if spec is not None], context)
         for plan in track(every, "low_rank decompositions"):
             spec = plan.gram_spec() if self.settings.data_aware else None
-            white = factorize.whitening(grams[spec], self.settings.damping) if spec else None
+            moments = grams[spec] if spec is not None else None
+            white = (
+                factorize.whitening(moments.gram, self.settings.damping, moments.rows)
+                if moments is not None
+                else None
+            )
             plan.decompose(white)
 
     def _per_layer(self, plans: list[Plan], report: PassReport) -> Option | None:
