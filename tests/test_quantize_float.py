@@ -15,7 +15,7 @@ from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.errors import InputError, SettingsError, UnsupportedModelError
 from onnx_squeeze.passes import quantize_float
 from onnx_squeeze.passes.base import PassContext, make_pass
-from onnx_squeeze.pipeline import compress, convert_opset
+from onnx_squeeze.pipeline import compress, convert_opset, finalize
 from onnx_squeeze.recipe import Recipe
 from tests.helpers import check, random_feeds, run
 
@@ -83,6 +83,15 @@ def test_fp16_for_a_gpu_converts_every_node_with_casts_only_at_the_borders(name)
     assert weights and all(v.dtype == F16 for v in weights)
     # FP16 rounding (2**-11 relative per op) through a few layers stays within 2 %.
     assert worst_relative_error(original, model, random_feeds(original)) < 2e-2
+    assert weight_bytes(model, F16) == weight_bytes(original, F32) / 2  # one copy of each
+
+
+def weight_bytes(model: ir.Model, dtype: ir.DataType) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.dtype == dtype)
+
+
+def serialized_size(model: ir.Model) -> int:
+    return len(ir.to_proto(model).SerializeToString())
 
 
 def test_fp16_keeps_the_teacher_untouched():
@@ -459,3 +468,22 @@ def test_fp8_without_kernel_gives_a_clear_message(monkeypatch, error):
 def test_fp8_bad_settings():
     with pytest.raises(SettingsError, match="Conv, Gemm, MatMul"):
         make_pass("fp8", {"op_types": ["Relu"]})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "mobilenetv2", "yolo", "transformer"])
+def test_full_size_zoo_models(name):
+    """FP16 for a GPU (half the size, outputs within 1 %) and FP8 QDQ (a quarter) at full size."""
+    original = zoo.build(name)
+    fp16 = original.clone()
+    convert(fp16, PassContext(calibration=calibration(fp16, 2)), provider="none")
+    check(fp16)
+    feeds = random_feeds(original, 1, batch=1)
+    assert worst_relative_error(original, fp16, feeds) < 1e-2
+    assert serialized_size(fp16) < 0.55 * serialized_size(original)
+    fp8 = convert_opset(original.clone(), 19)
+    make_pass("fp8")(fp8, PassContext(calibration=calibration(fp8, 2)))
+    finalize(fp8, [])
+    assert serialized_size(fp8) < 0.3 * serialized_size(original)
+    for out in runtime.create_session(fp8).run(None, feeds[0]):
+        assert np.isfinite(out).all()
