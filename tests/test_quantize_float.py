@@ -306,6 +306,23 @@ def test_existing_casts_to_float_become_casts_to_fp16():
     np.testing.assert_allclose(run(model, feed)[0], run(original, feed)[0], rtol=1e-3)
 
 
+def test_casts_of_the_model_convert_on_cpu():
+    model = parse(
+        """<ir_version: 8, opset_import: ["": 17]>
+        g (int64[N, 2] i) => (float[N, 2] y)
+        <float low = {0}, float high = {1}>
+        {
+            f = Cast <to = 1> (i)
+            y = Clip (f, low, high)
+        }"""
+    )
+    report = convert(model, provider="cpu", keep_io_types=False)
+    check(model)
+    assert [r.op_type for r in report.changed] == ["Cast", "Clip"]
+    (got,) = run(model, {"i": np.array([[-1, 2]], np.int64)})
+    assert got.dtype == np.float16 and got.tolist() == [[0.0, 1.0]]
+
+
 def test_subgraph_nodes_stay_fp32():
     model = parse(
         """<ir_version: 8, opset_import: ["": 17]>

@@ -133,6 +133,9 @@ def _one_node_model(node: ir.Node, input_types: tuple, output_types: tuple, opse
     proto.input.extend(f"x{i}" if t is not None else "" for i, t in enumerate(input_types))
     proto.output.extend(f"y{i}" for i in range(len(output_types)))
     proto.name, proto.doc_string = "probe", ""
+    if node.op_type == "Cast":  # its output type is its "to" attribute
+        proto.attribute.remove(next(a for a in proto.attribute if a.name == "to"))
+        proto.attribute.append(onnx.helper.make_attribute("to", output_types[0]))
     del proto.metadata_props[:]  # per-node notes would defeat the cache
     graph = onnx.helper.make_graph([proto], "probe", inputs, outputs)
     opsets = [onnx.helper.make_opsetid("", opset)]
@@ -142,11 +145,10 @@ def _one_node_model(node: ir.Node, input_types: tuple, output_types: tuple, opse
 
 
 @functools.lru_cache(maxsize=4096)
-def _has_kernel(provider: str, key: str, data: bytes) -> bool:
+def _has_kernel(provider: str, data: bytes, is_cast: bool) -> bool:
     """True when ``provider`` runs the one-node model natively: the session loads and
     onnxruntime inserted no Cast (its CPU EP silently wraps FP16 nodes without kernels in
-    Casts to float). ``key`` only names the cache entry for debugging."""
-    del key
+    Casts to float); ``is_cast`` says the probed node is itself a Cast."""
     with tempfile.TemporaryDirectory(prefix="onnx-squeeze-probe-") as folder:
         path = os.path.join(folder, "optimized.onnx")
         options = runtime.session_options(optimization="none", optimized_model_path=path)
@@ -157,7 +159,7 @@ def _has_kernel(provider: str, key: str, data: bytes) -> bool:
         except Exception:  # any failure (no kernel, bad attributes) means no usable kernel
             return False
         optimized = onnx.load(path)
-    return all(n.op_type != "Cast" for n in optimized.graph.node)
+    return sum(n.op_type == "Cast" for n in optimized.graph.node) == int(is_cast)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +374,7 @@ class ConvertFloat(Pass):
                 low if i in slots[1] else int(v.dtype or 1) for i, v in enumerate(node.outputs)
             )
             data = _one_node_model(node, inputs, outputs, opset)
-            return _has_kernel(provider, f"{node.op_type}{inputs}", data)
+            return _has_kernel(provider, data, node.op_type == "Cast")
 
         return check
 
