@@ -221,30 +221,57 @@ def power_of_two_levels(bits: int) -> np.ndarray:
     return np.concatenate([-magnitudes, [0.0], magnitudes[::-1]]).astype(np.float32)
 
 
-def kmeans_levels(values: np.ndarray, count: int, iterations: int = 30) -> np.ndarray:
-    """Sorted 1-D k-means centroids of ``values`` (Lloyd's algorithm started from a uniform grid, so never worse than it).
+class _SortedValues:
+    """Sorted values with prefix sums of values and squares: the members of a cluster are a
+    range of the sorted values, so its mean and squared error cost O(1)."""
 
-    The values are sorted once; each iteration then finds every cluster's members as a range of
-    the sorted values (between the midpoints of neighbouring centroids) and its mean from prefix
-    sums, so an iteration costs ``O(count log n)`` whatever the tensor size.
+    def __init__(self, values: np.ndarray) -> None:
+        self.ordered = np.sort(values.ravel().astype(np.float64))
+        self.sums = np.concatenate([[0.0], np.cumsum(self.ordered)])
+        self.squares = np.concatenate([[0.0], np.cumsum(self.ordered**2)])
+
+    def clusters(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sizes, sums and sums of squares of the values nearest to each sorted centroid."""
+        bounds = np.searchsorted(self.ordered, (centroids[1:] + centroids[:-1]) / 2)
+        edges = np.concatenate([[0], bounds, [len(self.ordered)]])
+        return (
+            np.diff(edges),
+            self.sums[edges[1:]] - self.sums[edges[:-1]],
+            self.squares[edges[1:]] - self.squares[edges[:-1]],
+        )
+
+    def lloyd(self, centroids: np.ndarray, iterations: int) -> tuple[np.ndarray, float]:
+        """Lloyd's iterations from ``centroids``; the result and its total squared error."""
+        for _ in range(iterations):
+            sizes, sums, _ = self.clusters(centroids)
+            updated = np.sort(np.where(sizes > 0, sums / np.maximum(sizes, 1), centroids))
+            converged = np.allclose(updated, centroids, rtol=0, atol=1e-12)
+            centroids = updated
+            if converged:
+                break
+        sizes, sums, squares = self.clusters(centroids)
+        return centroids, float((squares - 2 * centroids * sums + sizes * centroids**2).sum())
+
+
+def kmeans_levels(values: np.ndarray, count: int, iterations: int = 30) -> np.ndarray:
+    """Sorted 1-D k-means centroids of ``values``.
+
+    Lloyd's algorithm runs from two starts, a uniform grid (so the result is never worse than
+    uniform levels) and the quantiles (better for few levels on peaked distributions), and the
+    one with the lower squared error is kept. Values are sorted once; an iteration then costs
+    ``O(count log n)`` whatever the tensor size.
     """
-    ordered = np.sort(values.ravel().astype(np.float64))
-    distinct = ordered[np.concatenate([[True], np.diff(ordered) > 0])]
+    data = _SortedValues(values)
+    distinct = data.ordered[np.concatenate([[True], np.diff(data.ordered) > 0])]
     if len(distinct) <= count:
         return distinct.astype(np.float32)
-    prefix = np.concatenate([[0.0], np.cumsum(ordered)])
-    centroids = np.linspace(ordered[0], ordered[-1], count)  # Lloyd only improves on a grid
-    for _ in range(iterations):
-        bounds = np.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2)
-        edges = np.concatenate([[0], bounds, [len(ordered)]])
-        sizes = np.diff(edges)
-        sums = prefix[edges[1:]] - prefix[edges[:-1]]
-        updated = np.where(sizes > 0, sums / np.maximum(sizes, 1), centroids)
-        updated = np.sort(updated)
-        if np.allclose(updated, centroids, rtol=0, atol=1e-12):
-            break
-        centroids = updated
-    return np.unique(centroids.astype(np.float32))
+    starts = (
+        np.linspace(data.ordered[0], data.ordered[-1], count),
+        np.quantile(data.ordered, (np.arange(count) + 0.5) / count),
+    )
+    fits = [data.lloyd(start, iterations) for start in starts]
+    best, _ = min(fits, key=lambda fit: fit[1])
+    return np.unique(best.astype(np.float32))
 
 
 def nearest_level(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
