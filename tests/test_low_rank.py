@@ -3,6 +3,8 @@ the saving rule, data-aware fidelity, skips and combination with other passes.""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -62,6 +64,12 @@ def _exact_conv_weight(scheme: str, out_channels=16, in_channels=12, kernel=(3, 
         RNG.standard_normal((rank, in_channels)),
     )
     return np.einsum("ot,tsij,sc->ocij", expand, core, reduce)
+
+
+@functools.cache
+def _prepared(name: str) -> ir.Model:
+    """A small zoo model with BatchNorm folded (onnxsim skipped: it is slow and not needed)."""
+    return compress(zoo.small(name), Recipe(prepare={"simplify": False})).model
 
 
 def _relative_error(reference: ir.Model, model: ir.Model, feeds) -> float:
@@ -322,7 +330,7 @@ def test_bad_settings_raise_with_the_fix():
 
 
 def test_fidelity_improves_monotonically_with_energy():
-    model = compress(zoo.small("transformer")).model
+    model = _prepared("transformer")
     feeds = random_feeds(model, 2)
     errors, macs = [], []
     for energy in (0.9, 0.95, 0.99, 0.999):
@@ -336,7 +344,7 @@ def test_fidelity_improves_monotonically_with_energy():
 
 
 def test_data_aware_beats_plain_svd_at_the_same_rank():
-    model = compress(zoo.small("transformer")).model
+    model = _prepared("transformer")
     specs = runtime.input_specs(model)
     source = calibration.RandomSource(specs, count=32, seed=1, overrides={"input_ids": (4, 16)})
     context = PassContext(calibration=source)
@@ -351,7 +359,7 @@ def test_data_aware_beats_plain_svd_at_the_same_rank():
 
 
 def test_macs_target_is_met_across_the_model():
-    model = compress(zoo.small("resnet50")).model
+    model = _prepared("resnet50")
     result, report = _low_rank(model, macs_target=0.3)
     check(result)
     before, after = analysis.analyze(model).macs, analysis.analyze(result).macs
@@ -368,7 +376,8 @@ def test_combines_with_channel_pruning_before_and_int8_after():
             Step("prune_channels", {"ratio": 0.25}),
             Step("low_rank", {"energy": 0.9}),
             Step("quantize_int8", {}),
-        ]
+        ],
+        prepare={"simplify": False},
     )
     source = calibration.RandomSource(runtime.input_specs(model), count=4, batch_size=2)
     result = compress(model, recipe, calibration=source)

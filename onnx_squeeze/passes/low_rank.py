@@ -39,6 +39,7 @@ from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
 from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created, register
 from onnx_squeeze.prepare import infer_shapes
 from onnx_squeeze.progress import track
+from onnx_squeeze.zoo import _blas_threads  # shared BLAS thread control (to be made public)
 
 SCHEMES = ("auto", "svd", "channel", "spatial", "tucker2")
 SUPPORTED_OPS = ("Gemm", "MatMul", "Conv")
@@ -896,6 +897,12 @@ class LowRank(Pass):
         if self.settings.data_aware and every:
             specs = [plan.gram_spec() for plan in every]
             grams = collect_grams(model, [spec for spec in specs if spec is not None], context)
+        # Single-threaded: these matrices are small for BLAS, and OpenBLAS threads spinning on a
+        # busy machine made each SVD hundreds of times slower.
+        with _blas_threads(1):
+            self._decompose_each(every, grams)
+
+    def _decompose_each(self, every: list[Plan], grams: dict[GramSpec, Moments]) -> None:
         for plan in track(every, "low_rank decompositions"):
             spec = plan.gram_spec() if self.settings.data_aware else None
             moments = grams[spec] if spec is not None else None
