@@ -24,8 +24,11 @@ __all__ = [
     "BlockQuantized",
     "Codebook",
     "fit_codebook",
+    "kmeans_levels",
+    "nearest_level",
     "pack_blocks",
     "pack_low_first",
+    "power_of_two_levels",
     "quantize_blocks",
     "quantize_blocks_gptq",
 ]
