@@ -74,15 +74,15 @@ PEERS: list[tuple[str, Callable[[ir.Model], tuple[ir.Model, float]]]] = [
 ]
 
 
-def loaded_casts(model: ir.Model) -> int | None:
-    """Casts in the graph onnxruntime's CPU EP runs (None: it cannot load the model)."""
+def loaded_casts(model: ir.Model) -> tuple[int | None, str]:
+    """Casts in the graph onnxruntime's CPU EP runs, or None and why it cannot load the model."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "optimized.onnx")
         try:
             runtime.create_session(model, optimized_model_path=path)
-        except quantize_float.LOAD_ERRORS:  # e.g. BF16: no CPU kernels
-            return None
-        return sum(node.op_type == "Cast" for node in onnx.load(path).graph.node)
+        except quantize_float.LOAD_ERRORS as error:
+            return None, str(error).strip().splitlines()[0]
+        return sum(node.op_type == "Cast" for node in onnx.load(path).graph.node), ""
 
 
 def bench_model(name: str, threads: list[int], runs: int) -> list[dict]:
@@ -96,7 +96,8 @@ def bench_model(name: str, threads: list[int], runs: int) -> list[dict]:
     ]
     candidates += [(label, *convert(prepared)) for label, convert in PEERS]
     base = common.cost(prepared, shapes=shapes)
-    runnable = [entry for entry in candidates if loaded_casts(entry[1]) is not None]
+    loaded = {label: loaded_casts(model) for label, model, _ in candidates}
+    runnable = [entry for entry in candidates if loaded[entry[0]][0] is not None]
     models = [prepared] + [model for _, model, _ in runnable]
     timings = {t: common.latency_ms(models, held_out[0], t, runs) for t in threads}
     position = {label: index for index, (label, _, _) in enumerate(runnable, start=1)}
@@ -111,7 +112,8 @@ def bench_model(name: str, threads: list[int], runs: int) -> list[dict]:
                 "seconds": seconds,
                 "size_ratio": base["bytes"] / common.cost(model, shapes=shapes)["bytes"],
                 "casts": sum(node.op_type == "Cast" for node in model.graph),
-                "casts_loaded": loaded_casts(model),
+                "casts_loaded": loaded[label][0],
+                "load_error": loaded[label][1],
                 "latency_ratio": {
                     f"t{t}": timings[t][index] / timings[t][0] if index else None for t in threads
                 },
@@ -142,15 +144,22 @@ def markdown(rows: list[dict], threads: list[int]) -> str:
         ]
         for row in rows
     ]
+    failures = [
+        f"- {row['model']}, {row['variant']}: {row['load_error']}"
+        for row in rows
+        if row["load_error"]
+    ]
     return (
         "Size = serialized FP32 (prepared) model / converted model. Latency × = converted / FP32 "
         'on the CPU EP in the same run (lower is faster). "Casts run" counts the Casts in the '
         "graph onnxruntime's CPU EP executes after loading (it wraps FP16 nodes without a CPU "
-        "kernel in Casts); – = onnxruntime cannot run it on CPU (BF16 has no CPU kernels). "
+        "kernel in Casts); – = onnxruntime cannot load it on CPU (listed below). "
         '"CPU target" keeps every op without a native CPU FP16 kernel in FP32 (on x86 almost '
         'all: a no-op); "GPU target" uses the CUDA block list (probed when CUDA is present). '
+        "BF16 keeps Conv in FP32: ONNX gives Conv no bfloat16 type before opset 22. "
         "Fidelity on 4 held-out random inputs (worst output); FP8 calibrates on 8 other inputs.\n\n"
         + common.markdown_table(headers, table)
+        + ("\n\nNot loadable by onnxruntime (CPU):\n" + "\n".join(failures) if failures else "")
     )
 
 
