@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common
 
+MODELS = ["resnet18", "resnet50", "mobilenetv2", "yolo", "transformer"]
 SHAPES = {"transformer": {"input_ids": (1, 128)}}
 ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
@@ -95,52 +96,52 @@ def _calibration_file(model: ir.Model, samples: int, name: str, folder: str) -> 
 
 
 def bench_model(name: str, samples: list[int], method: str, runs: int, folder: str) -> list:
+    """Rows for one model: both static quantizers at each calibration size, both dynamic ones."""
     _, prepared = common.prepared_zoo_model(name)
     model_path = os.path.join(folder, f"{name}.onnx")
     ir.save(prepared, model_path)
-    rows, outputs = [], {}
+    runs_done = []  # (quantizer, calibration samples, stats, output path)
     for count in samples:
         calib = _calibration_file(prepared, count, name, folder)
         for label, template in (("onnxruntime static", _ORT_STATIC), ("ours static", _OURS_STATIC)):
             out = os.path.join(folder, f"{name}_{label.replace(' ', '_')}_{count}.onnx")
-            ort_method = ORT_METHODS.get(method, "MinMax")
-            stats = _quantize(
-                template,
-                model=model_path,
-                out=out,
-                calib=calib,
-                method=method,
-                ort_method=ort_method,
-            )
-            rows.append([name, label, count, stats["seconds"], stats["peak_rss_mib"]])
-            outputs[label] = out
+            fields = {"method": method, "ort_method": ORT_METHODS[method]}
+            stats = _quantize(template, model=model_path, out=out, calib=calib, **fields)
+            runs_done.append((label, count, stats, out))
     for label, template in (("onnxruntime dynamic", _ORT_DYNAMIC), ("ours dynamic", _OURS_DYNAMIC)):
         out = os.path.join(folder, f"{name}_{label.replace(' ', '_')}.onnx")
-        stats = _quantize(template, model=model_path, out=out)
-        rows.append([name, label, 0, stats["seconds"], stats["peak_rss_mib"]])
-        outputs[label] = out
-    quality = _quality(name, prepared, outputs, runs)
-    return [row + quality[row[1]] for row in rows]
+        runs_done.append((label, 0, _quantize(template, model=model_path, out=out), out))
+    quality = _quality(name, prepared, [out for *_, out in runs_done], runs)
+    return [
+        [name, label, count, stats["seconds"], stats["peak_rss_mib"], *quality[out]]
+        for label, count, stats, out in runs_done
+    ]
 
 
-def _quality(name: str, prepared: ir.Model, outputs: dict[str, str], runs: int) -> dict:
-    models = {label: ir.load(path) for label, path in outputs.items()}
+def _quality(name: str, prepared: ir.Model, paths: list[str], runs: int) -> dict[str, list]:
+    """Latency ratios vs FP32 (threads 1 and 2, interleaved), cosine and top-1 per model file."""
+    models = [ir.load(path) for path in paths]
     test = common.feeds(prepared, 16, seed=7, shapes=SHAPES.get(name))
-    feed = test[0]
-    latency = {}
+    ratios = []
     for threads in (1, 2):
-        times = common.latency_ms([prepared, *models.values()], feed, threads, runs)
-        latency[threads] = {label: t / times[0] for label, t in zip(models, times[1:], strict=True)}
+        times = common.latency_ms([prepared, *models], test[0], threads, runs)
+        ratios.append([t / times[0] for t in times[1:]])
     result = {}
-    for label, model in models.items():
+    for index, (path, model) in enumerate(zip(paths, models, strict=True)):
         fidelity = common.fidelity(prepared, model, test)
-        result[label] = [
-            latency[1][label],
-            latency[2][label],
+        result[path] = [
+            ratios[0][index],
+            ratios[1][index],
             fidelity["cosine"],
             fidelity["top1_agreement"],
         ]
     return result
+
+
+def _failure_row(name: str, error: Exception) -> list:
+    """A row saying a model failed, so one broken model does not lose the others' figures."""
+    message = str(error).strip().splitlines()[-1][:80] if str(error).strip() else repr(error)
+    return [name, f"FAILED: {message}", None, None, None, None, None, None, None]
 
 
 HEADERS = [
@@ -158,25 +159,29 @@ HEADERS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        default=["resnet18", "resnet50", "mobilenetv2", "yolo", "transformer"],
-    )
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--samples", nargs="+", type=int, default=[64, 256])
-    parser.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    parser.add_argument("--method", default="minmax", choices=list(ORT_METHODS))
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
     rows = []
+    meta = {"meta": common.meta(args.runs, [1, 2]), "method": args.method}
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as folder:
         for name in args.models:
-            rows += bench_model(name, args.samples, args.method, args.runs, folder)
-    table = common.markdown_table(HEADERS, rows)
+            try:
+                rows += bench_model(name, args.samples, args.method, args.runs, folder)
+            except Exception as error:  # report it and go on with the other models
+                print(f"{name} failed: {error}", file=sys.stderr)
+                rows.append(_failure_row(name, error))
+            # written after every model, so a long run interrupted late keeps what it measured
+            table = common.markdown_table(HEADERS, rows)
+            common.write_results(
+                "quantize_int8",
+                "INT8 quantization vs onnxruntime.quantization",
+                table,
+                {**meta, "rows": rows},
+            )
     print(table)
-    data = {"meta": common.meta(args.runs, [1, 2]), "method": args.method, "rows": rows}
-    common.write_results(
-        "quantize_int8", "INT8 quantization vs onnxruntime.quantization", table, data
-    )
     print(json.dumps({"rows": len(rows)}))
 
 

@@ -51,6 +51,9 @@ _MIN_RANGE_FRACTION = 0.05
 _SEARCH_STEPS = 96
 # Quantization levels the entropy (KL) search merges the histogram into, as TensorRT does.
 _ENTROPY_LEVELS = 128
+# Fractions of a weight slice's largest magnitude tried as its clipping bound (1.0 first: ties
+# keep the full range).
+_CLIP_FRACTIONS = np.linspace(1.0, 0.5, 26)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,19 +165,44 @@ def dequantize(
 
 
 def quantize_weight(
-    weight: np.ndarray, axis: int | None, qtype: IntType = INT8
+    weight: np.ndarray, axis: int | None, qtype: IntType = INT8, *, search_clip: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Symmetric quantization of a weight, per slice along ``axis`` (None: per tensor).
 
-    Returns the integer weight, the scales and the zero points (all zero for signed types).
+    ``search_clip`` picks each slice's range among fractions of its largest magnitude by the
+    least squared rounding plus clipping error (fewer bits benefit most: a lone outlier no
+    longer coarsens the step of the whole channel). Returns the integer weight, the scales and
+    the zero points (all zero for signed types).
     """
-    if axis is None:
-        bound = np.abs(weight).max(initial=0.0)
-    else:
-        other = tuple(i for i in range(weight.ndim) if i != axis % weight.ndim)
-        bound = np.abs(weight).max(axis=other, initial=0.0)
+    bound = _weight_bound(weight, axis, qtype, search_clip)
     scale, zero_point = scale_zero_point(-bound, bound, qtype, symmetric=True)
     return quantize(weight, scale, zero_point, qtype, axis), scale, zero_point
+
+
+def _weight_bound(
+    weight: np.ndarray, axis: int | None, qtype: IntType, search_clip: bool
+) -> np.ndarray:
+    """Largest magnitude per slice, or the clipping bound with the least squared error."""
+    slices = (
+        weight.reshape(1, -1)
+        if axis is None
+        else np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+    ).astype(np.float32)
+    largest = np.abs(slices).max(axis=1, initial=0.0)
+    if search_clip:
+        half = min(-qtype.qmin, qtype.qmax)
+        best_error = np.full(largest.shape, np.inf)
+        best = largest.copy()
+        for fraction in _CLIP_FRACTIONS:
+            bound = largest * fraction
+            step = np.where(bound > 0, bound / half, 1.0)[:, None]
+            rounded = np.clip(np.rint(slices / step), -half, half) * step
+            error = np.square(rounded - slices).sum(axis=1)
+            better = error < best_error
+            best_error = np.where(better, error, best_error)
+            best = np.where(better, bound, best)
+        largest = best
+    return largest.reshape(()) if axis is None else largest
 
 
 def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
@@ -216,26 +244,24 @@ def _expected_errors(histogram: Histogram, ranges: np.ndarray, qtype: IntType) -
 
 def _kl_divergence(counts: np.ndarray, first: int, last: int, levels: int) -> float:
     """KL(P || Q) where P is the histogram cut to bins ``[first, last)`` with the outliers piled
-    into the edge bins, and Q is P merged into ``levels`` buckets and spread back evenly over
-    the bins that were not empty (TensorRT's entropy calibration)."""
-    reference = counts[first:last].astype(np.float64).copy()
+    into the edge bins, and Q is the cut histogram *without* the outliers merged into ``levels``
+    buckets and spread back evenly over the bins that were not empty (TensorRT's entropy
+    calibration: the clipped mass is missing from Q, so clipping is penalized)."""
+    sliced = counts[first:last].astype(np.float64)
+    reference = sliced.copy()
     reference[0] += counts[:first].sum()
     reference[-1] += counts[last:].sum()
     groups = np.array_split(np.arange(reference.size), levels)
     expanded = np.zeros_like(reference)
     for group in groups:
-        part = reference[group]
-        nonzero = part > 0
+        nonzero = reference[group] > 0
         if nonzero.any():
-            expanded[group[nonzero]] = part.sum() / nonzero.sum()
+            expanded[group[nonzero]] = sliced[group].sum() / nonzero.sum()
     p = reference / reference.sum()
-    q_total = expanded.sum()
-    if q_total == 0:
-        return math.inf
-    q = expanded / q_total
+    # a group emptied by the cut still gets a trace of mass, so that its KL is large, not inf
+    q = np.maximum(expanded, 1e-6 * max(expanded.max(), 1.0))
+    q = q / q.sum()
     mask = p > 0
-    if np.any(q[mask] == 0):
-        return math.inf
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 

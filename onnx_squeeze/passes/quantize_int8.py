@@ -86,6 +86,7 @@ QUANTIZED_OPS = frozenset(
     }
 )
 _CACHE_KEY = "quantize_int8.statistics"
+WEIGHT_RANGES = ("max", "mse")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +128,7 @@ class QuantizeInt8Settings:
     activation_type: str = "uint8"  # uint8 (asymmetric, fastest on CPU) | int8 (symmetric)
     per_channel: bool = True
     weight_bits: int = 0  # 0: 7 on x86 CPUs without VNNI (no u8s8 overflow), else 8
+    weight_range: str = "mse"  # max | mse (per-channel clipping with the least squared error)
     include: list[str] = dataclasses.field(default_factory=list)
     exclude: list[str] = dataclasses.field(default_factory=list)
     op_types: list[str] = dataclasses.field(default_factory=list)
@@ -490,17 +492,24 @@ class _Writer:
             self.graph.insert_before(self.graph[0], nodes)
 
     def quantize_weight(
-        self, node: ir.Node, index: int, axis: int | None, qtype: IntType = INT8
-    ) -> np.ndarray:
+        self,
+        node: ir.Node,
+        index: int,
+        axis: int | None,
+        qtype: IntType = INT8,
+        search_clip: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """INT8 weight (shared by every consumer of the same initializer) and a dedicated
-        DequantizeLinear for ``node``; returns the weight scales."""
+        DequantizeLinear for ``node``; returns the integer weight and its scales."""
         weight = node.inputs[index]
         assert weight is not None
         key = (id(weight), axis)
         if key not in self._weights:
             array = constant_array(weight)
             assert array is not None
-            quantized, scale, zero_point = quant_params.quantize_weight(array, axis, qtype)
+            quantized, scale, zero_point = quant_params.quantize_weight(
+                array, axis, qtype, search_clip=search_clip
+            )
             self._weights[key] = (
                 self.constant(f"{weight.name}_quantized", quantized, qtype.dtype),
                 self.constant(f"{weight.name}_scale", scale, ir.DataType.FLOAT),
@@ -513,7 +522,7 @@ class _Writer:
         )
         self.graph.insert_before(node, self._pending)
         node.replace_input_with(index, dq)
-        return values[1].const_value.numpy()
+        return values[0].const_value.numpy(), values[1].const_value.numpy()
 
     def quantize_bias(self, node: ir.Node, index: int, scale: np.ndarray) -> ir.Value:
         """INT32 bias with scale = input scale x weight scale, dequantized for ``node``."""
@@ -541,15 +550,15 @@ def _anchor_weights(
     input_scale: np.ndarray | None,
     per_channel: bool,
     qtype: IntType,
+    search_clip: bool,
 ) -> tuple[str, ir.Value | None]:
     """Quantize an anchor's weight (and bias); a description and the INT32 bias value."""
     array = constant_array(node.inputs[1])
     if array is None:
         return "two quantized activations", None
     axis = _weight_axis(node, array.ndim) if per_channel else None
-    weight_scale = writer.quantize_weight(node, 1, axis, qtype)
-    quantized = quant_params.quantize_weight(array, axis, qtype)
-    sqnr = quant_params.sqnr_db(array, quant_params.dequantize(quantized[0], quantized[1], 0, axis))
+    quantized, weight_scale = writer.quantize_weight(node, 1, axis, qtype, search_clip)
+    sqnr = quant_params.sqnr_db(array, quant_params.dequantize(quantized, weight_scale, 0, axis))
     where = f"axis {axis}" if axis is not None else "per-tensor"
     detail = f"weight {qtype.name} {where}"
     detail += f" (SQNR {sqnr:.1f} dB)"
@@ -601,6 +610,11 @@ class QuantizeInt8(Pass):
                 f"{', '.join(quant_params.METHODS)}"
             )
         quant_params.int_type(s.activation_type)
+        if s.weight_range not in WEIGHT_RANGES:
+            raise SettingsError(
+                f"quantize_int8: unknown weight_range {s.weight_range!r}; use one of "
+                f"{', '.join(WEIGHT_RANGES)}"
+            )
         if not 50 < s.percentile <= 100:
             raise SettingsError(
                 f"quantize_int8: percentile must be in (50, 100], got {s.percentile}"
@@ -721,7 +735,12 @@ class QuantizeInt8(Pass):
                 constant_array(first.producer().inputs[1]) if _from_dequantize(first) else None
             )
             detail, bias = _anchor_weights(
-                writer, node, input_scale, self.settings.per_channel, _weight_type(self.settings)
+                writer,
+                node,
+                input_scale,
+                self.settings.per_channel,
+                _weight_type(self.settings),
+                self.settings.weight_range == "mse",
             )
             details[node.name] = detail
             if bias is not None:
