@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--all-nodes", action="store_true", help="list every node, not only the heaviest"
     )
+    inspect.add_argument(
+        "--groups",
+        action="store_true",
+        help="list channel dependency groups: what channel pruning can remove, what is frozen",
+    )
     inspect.add_argument("--json", metavar="FILE", help="write the analysis as JSON")
 
     compare = commands.add_parser("compare", help="fidelity, size and latency of B against A")
@@ -373,8 +378,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = None if args.model.startswith(ZOO_PREFIX) else args.model
     summary = analysis.analyze(model, shapes=runtime.parse_shape_overrides(args.shape), path=path)
     report.print_summary(summary, console, all_nodes=args.all_nodes)
+    data = summary.to_dict()
+    if args.groups:
+        from onnx_squeeze import channel_groups
+
+        groups = channel_groups.build_groups(model)
+        report.print_groups(channel_groups.format_groups(groups), console)
+        data["channel_groups"] = [group.to_dict() for group in groups]
     if args.json:
-        report.write_text_atomic(args.json, report.to_json(summary.to_dict()))
+        report.write_text_atomic(args.json, report.to_json(data))
         console.print(f"JSON: {args.json}")
     return EXIT_OK
 

@@ -414,6 +414,21 @@ def to_html(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def print_groups(rows: Sequence[Sequence[str]], console: Console | None = None) -> None:
+    """What ``inspect --groups`` prints: one row per channel dependency group."""
+    console = console or Console()
+    prunable = sum(1 for row in rows if row[-1] == "prunable")
+    table = Table(
+        title=f"channel groups: {prunable} prunable, {len(rows) - prunable} frozen",
+        title_justify="left",
+    )
+    for column in ("id", "first producer", "channels", "producers/params/consumers", "status"):
+        table.add_column(column, justify="right" if column in ("id", "channels") else "left")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
 def print_summary(
     summary: Any, console: Console | None = None, *, all_nodes: bool = False, top: int = 15
 ) -> None:

@@ -354,3 +354,40 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "resnet18.squeezed.onnx").exists()
     assert json.loads((tmp_path / "report.json").read_text())["passed"]
     assert "latency" in stdout
+
+
+def test_inspect_groups_lists_prunable_and_frozen_groups(small_resnet, tmp_path, capsys):
+    out = tmp_path / "groups.json"
+    code, stdout, _ = run_cli(capsys, "inspect", str(small_resnet), "--groups", "--json", str(out))
+    assert code == cli.EXIT_OK
+    assert "prunable" in stdout and "frozen" in stdout
+    groups = json.loads(out.read_text())["channel_groups"]
+    frozen = [g for g in groups if g["frozen"]]
+    assert frozen and all("graph output" in g["frozen"] for g in frozen)
+    assert len(groups) - len(frozen) >= 8
+
+
+def test_shortcut_flags_compress_and_report(small_resnet, tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli(
+        capsys,
+        "compress",
+        str(small_resnet),
+        "-o",
+        str(out),
+        "--prune-channels",
+        "0.3",
+        "--int8",
+        "--calib",
+        "random",
+        "--calib-count",
+        "8",
+        "--runs",
+        "2",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
+    assert code == cli.EXIT_OK, err
+    passes = [p["name"] for p in json.loads((tmp_path / "r.json").read_text())["passes"]]
+    assert passes == ["prepare", "prune_channels", "reconstruct", "quantize_int8"]
+    assert out.is_file()
