@@ -323,6 +323,23 @@ def test_casts_of_the_model_convert_on_cpu():
     assert got.dtype == np.float16 and got.tolist() == [[0.0, 1.0]]
 
 
+def test_initializer_that_is_also_an_input_gets_a_cast_not_a_conversion():
+    model = parse(
+        """<ir_version: 8, opset_import: ["": 17]>
+        g (float[N, 2] x, float[2, 2] w) => (float[N, 2] y)
+        <float[2, 2] w = {1, 2, 3, 4}>
+        {
+            y = MatMul (x, w)
+        }"""
+    )
+    original = model.clone()
+    convert(model, provider="none")
+    check(model)
+    assert model.graph.inputs[1].dtype == F32 and len(casts(model)) == 3
+    feed = {"x": np.ones((1, 2), np.float32), "w": np.full((2, 2), 0.5, np.float32)}
+    np.testing.assert_allclose(run(model, feed)[0], run(original, feed)[0], rtol=1e-3)
+
+
 def test_subgraph_nodes_stay_fp32():
     model = parse(
         """<ir_version: 8, opset_import: ["": 17]>

@@ -422,14 +422,27 @@ class ConvertFloat(Pass):
     ) -> tuple[str | None, tuple[list[int], list[int]]]:
         """Why ``node`` stays FP32 (None when it may convert) and its convertible slots."""
         none: tuple[list[int], list[int]] = ([], [])
+        reason, slots = self._structural_reason(node, opset, blocked_ops)
+        if reason is None:
+            reason = self._numeric_reason(node, slots, amax, limit)
+        if reason is None and node.op_type in DATA_MOVEMENT:
+            fp32_inputs = self.settings.keep_io_types
+            if any(_produced_fp32(node.inputs[i], plan, fp32_inputs) for i in slots[0]):
+                reason = "moves data of an FP32 producer: follows it (fewer Casts)"
+        return (reason, none) if reason is not None else (None, slots)
+
+    def _structural_reason(
+        self, node: ir.Node, opset: int, blocked_ops: frozenset[str]
+    ) -> tuple[str | None, tuple[list[int], list[int]]]:
+        """Settings, subgraphs, types and schemas that keep ``node`` FP32; else its slots."""
+        none: tuple[list[int], list[int]] = ([], [])
         if any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values()):
             return "has subgraphs (If/Loop/Scan): kept FP32", none
         if node.name in self.settings.block_nodes:
             return "in block_nodes", none
         if node.op_type in blocked_ops:
             return f"{node.op_type} is in the FP32 block list", none
-        values = [v for v in (*node.inputs, *node.outputs) if v is not None]
-        if any(v.dtype is None for v in values):
+        if any(v is not None and v.dtype is None for v in (*node.inputs, *node.outputs)):
             return "element type of an input or output unknown", none
         schema = _schema(node, opset)
         if schema is None:
@@ -439,28 +452,30 @@ class ConvertFloat(Pass):
             return f"{node.op_type} has no {self.settings.dtype} type in its schema", none
         if node.op_type == "Cast":
             slots = ([], slots[1])  # a Cast takes any input type: never cast before it
+        return None, slots
+
+    def _numeric_reason(
+        self,
+        node: ir.Node,
+        slots: tuple[list[int], list[int]],
+        amax: dict[str, float],
+        limit: float,
+    ) -> str | None:
+        """Large reductions, wide activations and out-of-range constants keep ``node`` FP32."""
         if node.op_type in REDUCTIONS:
             size = _reduced_size(node)
             if size is None or size > self.settings.max_reduction:
                 shown = "unknown" if size is None else str(size)
-                return f"reduction over {shown} elements kept FP32 (max_reduction)", none
-        wide = [
-            v.name
-            for v in values
-            if v.dtype == ir.DataType.FLOAT and amax.get(v.name or "", 0.0) > limit
-        ]
-        if wide:
-            return f"activation {wide[0]} reaches {amax[wide[0]]:.4g}, beyond FP16 range", none
+                return f"reduction over {shown} elements kept FP32 (max_reduction)"
+        for value in (*node.inputs, *node.outputs):
+            if value is not None and amax.get(value.name or "", 0.0) > limit:
+                return f"activation {value.name} reaches {amax[value.name]:.4g}, beyond FP16 range"
         if self.settings.out_of_range == "keep_fp32" and self.low == ir.DataType.FLOAT16:
             for index in slots[0]:
                 array = constant_array(node.inputs[index])
                 if array is not None and array.size and np.abs(array).max() > FP16_MAX:
-                    return f"constant input {index} exceeds the FP16 range", none
-        if node.op_type in DATA_MOVEMENT and any(
-            _produced_fp32(node.inputs[i], plan, self.settings.keep_io_types) for i in slots[0]
-        ):
-            return "moves data of an FP32 producer: follows it (fewer Casts)", none
-        return None, slots
+                    return f"constant input {index} exceeds the FP16 range"
+        return None
 
     # -- rewriting -------------------------------------------------------------------------
 
@@ -469,9 +484,10 @@ class ConvertFloat(Pass):
         clamped = 0
         for value in _constant_values(graph):
             uses = [(n, i) for n, i in value.uses() if plan.wants_low(n, i)]
-            if not uses or value.dtype != ir.DataType.FLOAT:
+            original = constant_array(value)  # None for an initializer that is also an input
+            if not uses or value.dtype != ir.DataType.FLOAT or original is None:
                 continue
-            array, count = self._to_low(constant_array(value))
+            array, count = self._to_low(original)
             clamped += count
             tensor_name = value.name or "constant"
             exclusive = (
@@ -495,9 +511,8 @@ class ConvertFloat(Pass):
                 node.replace_input_with(index, copy)
         return clamped
 
-    def _to_low(self, array: np.ndarray | None) -> tuple[np.ndarray, int]:
+    def _to_low(self, array: np.ndarray) -> tuple[np.ndarray, int]:
         """The array in the low type, and how many values had to be clamped into its range."""
-        assert array is not None
         array = np.asarray(array, dtype=np.float32)
         if self.low != ir.DataType.FLOAT16:
             return array.astype(NUMPY_LOW[self.low]), 0
