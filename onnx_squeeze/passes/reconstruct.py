@@ -52,6 +52,8 @@ METHODS = ("lstsq", "bn", "bias", "head")
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 # A channel whose student output varies less than this (relative) is not rescaled by ``bn``.
 _DEAD_VARIANCE = 1e-12
+# A layer whose output already matches the teacher's this well (1 - R²) is left as it is.
+_EXACT = 1e-10
 
 Feed = dict[str, np.ndarray]
 
@@ -714,7 +716,7 @@ class _Wave:
         sums = folds.total()
         solution = sums.solve(ridge, prior)
         before, after = sums.relative_error(prior), sums.relative_error(solution)
-        if not after < before:
+        if before < _EXACT or not after < before:
             report.record(layer.node, "kept", f"refit would not help ({before:.3g})")
             return
         dtype = layer.node.inputs[1].dtype
