@@ -50,6 +50,24 @@ def rank_for_energy(cumulative: np.ndarray, energy: float) -> int:
     return min(int(np.searchsorted(cumulative, energy - 1e-12)) + 1, len(cumulative))
 
 
+def thin_svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``U, s, Vᵀ`` of a float64 matrix through the eigendecomposition of its smaller Gram matrix.
+
+    Several times faster than LAPACK's SVD on the tall unfoldings of Conv kernels; singular values
+    below ~1e-8 of the largest lose relative accuracy, which no truncation we make can see.
+    """
+    tall = matrix.shape[0] >= matrix.shape[1]
+    inner = matrix if tall else matrix.T
+    values, vectors = np.linalg.eigh(inner.T @ inner)
+    order = np.argsort(values)[::-1]
+    singular = np.sqrt(np.maximum(values[order], 0.0))
+    right = vectors[:, order]
+    floor = singular[0] * 1e-12 if len(singular) and singular[0] > 0 else np.inf
+    scale = np.where(singular > floor, 1 / np.where(singular > floor, singular, 1), 0.0)
+    left = (inner @ right) * scale
+    return (left, singular, right.T) if tall else (right, singular, left.T)
+
+
 def _cumulative(squares: np.ndarray) -> np.ndarray:
     total = float(squares.sum())
     if total <= 0:
@@ -64,7 +82,7 @@ class MatrixFactorization:
     def __init__(self, weight: np.ndarray, white: Whitening | None = None) -> None:
         weight = np.asarray(weight, dtype=np.float64)
         target = weight if white is None else white.root.T @ weight
-        u, singular, vt = np.linalg.svd(target, full_matrices=False)
+        u, singular, vt = thin_svd(target)
         self._left = u if white is None else white.inverse.T @ u
         self._singular = singular
         self._right = vt
@@ -81,6 +99,13 @@ class MatrixFactorization:
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         root = np.sqrt(self._singular[:rank])
         return self._left[:, :rank] * root, root[:, None] * self._right[:rank]
+
+
+def _left_singular(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Left singular vectors and singular values (rank ≤ rows) from ``M Mᵀ``."""
+    values, vectors = np.linalg.eigh(matrix @ matrix.T)
+    keep = np.argsort(values)[::-1][: min(matrix.shape)]
+    return vectors[:, keep], np.sqrt(np.maximum(values[keep], 0.0))
 
 
 def _unfold(tensor: np.ndarray, axis: int) -> np.ndarray:
@@ -100,8 +125,8 @@ class Tucker2:
         if white is not None:  # Ŵ[o, c', ...] = Σ_c W[o, c, ...] L[c, c']
             weight = np.moveaxis(np.tensordot(weight, white.root, axes=([1], [0])), -1, 1)
         self._white = white
-        u_in, s_in, _ = np.linalg.svd(_unfold(weight, 1), full_matrices=False)
-        u_out, s_out, _ = np.linalg.svd(_unfold(weight, 0), full_matrices=False)
+        u_in, s_in = _left_singular(_unfold(weight, 1))
+        u_out, s_out = _left_singular(_unfold(weight, 0))
         core = np.tensordot(u_out.T, weight, axes=([1], [0]))  # (R_out, C, *k)
         core = np.moveaxis(np.tensordot(core, u_in, axes=([1], [0])), -1, 1)  # (R_out, R_in, *k)
         self._u_in, self._u_out, self._core = u_in, u_out, core
