@@ -107,9 +107,10 @@ DATA_MOVEMENT = frozenset(
 HEAVY_OPS = frozenset(
     {"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "Attention", "MultiHeadAttention"}
 )
-# Used when the provider is not available here to probe: ops without FP16 kernels there.
+# Used when the provider is not available here to probe. CUDA registers FP16 kernels for nearly
+# every op; Upsample (deprecated) is blocked as onnxruntime.transformers.float16 does.
 STATIC_BLOCKS = {
-    "CUDAExecutionProvider": frozenset({"Upsample", "Einsum"}),
+    "CUDAExecutionProvider": frozenset({"Upsample"}),
     "TensorrtExecutionProvider": frozenset({"Upsample"}),
 }
 
