@@ -7,6 +7,7 @@ are split into two factors the way the low-rank pass does.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -32,8 +33,14 @@ from tests.helpers import check, run
 # Building students
 
 
-def _prepared(name: str) -> ir.Model:
+@functools.cache
+def _prepared_once(name: str) -> ir.Model:
     return compress(zoo.small(name)).model
+
+
+def _prepared(name: str) -> ir.Model:
+    """A prepared small zoo model (prepared once per test session, cloned per test)."""
+    return _prepared_once(name).clone()
 
 
 def _nodes(model: ir.Model) -> dict[str, ir.Node]:

@@ -670,8 +670,7 @@ class _Wave:
 
     def accumulate(self, index, layer, student, target, sums):
         """Add one batch to the layer's sums (None until a batch matched the layer's shape)."""
-        conv = layer.method == "batchnorm" or isinstance(layer.linear, _Conv)
-        axis = 1 if conv else -1
+        axis = 1 if layer.node.op_type in ("Conv", "BatchNormalization") else -1
         if layer.method in ("lstsq", "lowrank"):
             if target.shape[axis] != layer.linear.outputs:
                 return sums
