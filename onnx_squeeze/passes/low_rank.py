@@ -857,8 +857,8 @@ class LowRank(Pass):
         names = UniqueNames(model)
         for layer, option in chosen.items():
             if option is not None:
-                self._record(layer, option, fallback[layer], report)
                 factorize_layer(model, option.plan, option.rank, names, self.name)
+                self._record(layer, option, fallback[layer], report)
         if report.changed:
             infer_shapes(model, report)
 
