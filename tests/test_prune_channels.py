@@ -122,6 +122,57 @@ def test_macs_target_removes_at_least_the_share_asked():
     check(pruned)
 
 
+TWO_BRANCHES = """
+g (float[N, 8, 8, 8] x, float[32, 8, 1, 1] wa, float[32, 8, 1, 1] wb, float[8, 32, 1, 1] wc,
+   float[8, 32, 1, 1] wd) => (float[N, 8, 8, 8] y) {
+    a = Conv (x, wa)
+    ra = Relu (a)
+    c = Conv (ra, wc)
+    b = Conv (x, wb)
+    rb = Relu (b)
+    d = Conv (rb, wd)
+    y = Add (c, d)
+}
+"""
+
+
+def test_sensitivity_allocation_prunes_the_branch_that_matters_least():
+    """Two branches of equal MACs: the one read through weights 100x smaller costs far less
+    output error per MAC, so a 25% MACs target is taken from it alone."""
+    model = graph_model(TWO_BRANCHES)
+    quiet = model.graph.initializers["wd"]
+    quiet.const_value = ir.tensor(quiet.const_value.numpy() * 0.01, name="wd")
+    pruned, report = _prune(model, macs_target=0.25)
+    shapes = _initializers(pruned)
+    assert shapes["wa"].shape[0] == 32 and shapes["wc"].shape[1] == 32
+    assert shapes["wb"].shape[0] == 16 and shapes["wd"].shape[1] == 16
+    assert any("by sensitivity" in note for note in report.notes)
+    uniform, _ = _prune(model, macs_target=0.25, allocation="uniform")
+    assert _initializers(uniform)["wa"].shape[0] < 32  # one ratio for both: worse here
+    feeds = random_feeds(model, 2, batch=2)
+    reference = run(model, feeds[0])[0]
+    errors = [np.linalg.norm(run(m, feeds[0])[0] - reference) for m in (pruned, uniform)]
+    assert errors[0] < errors[1] / 3
+
+
+def test_sensitivity_allocation_uses_calibration_data_and_beats_one_ratio():
+    model = zoo_model("resnet50", True)
+    source = RandomSource(runtime.input_specs(model), count=4, batch_size=1, seed=3)
+    feeds = random_feeds(model, 2, batch=2)
+    reference = run(model, feeds[0])[0]
+    errors = {}
+    for allocation in ("sensitivity", "uniform"):
+        pruned, report = _prune(
+            model, PassContext(calibration=source), macs_target=0.4, allocation=allocation
+        )
+        ratio = analysis.analyze(pruned).macs / analysis.analyze(model).macs
+        assert 0.5 <= ratio <= 0.6, (allocation, ratio)
+        assert not any("random inputs" in note for note in report.notes)
+        errors[allocation] = np.linalg.norm(run(pruned, feeds[0])[0] - reference)
+    check(pruned)
+    assert errors["sensitivity"] < errors["uniform"]
+
+
 def test_global_ranking_prunes_unevenly_but_to_the_overall_share():
     model = zoo_model("resnet50", True)
     groups = [g for g in channel_groups.build_groups(model) if not g.frozen]
@@ -185,6 +236,8 @@ def test_activation_criteria_use_calibration_data(criterion: str):
         {"ratio": 1.0},
         {"ratio": 0.3, "macs_target": 0.3},
         {"min_channels": 0},
+        {"allocation": "greedy"},
+        {"sensitivity_batches": 0},
         {"colour": 1},
     ],
 )

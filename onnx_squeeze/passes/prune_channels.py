@@ -14,6 +14,7 @@ are comparable when ranked globally.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -22,9 +23,15 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze import analysis
-from onnx_squeeze.calibration import StatisticsCollector, TensorStatistics
-from onnx_squeeze.channel_groups import ChannelAnalysis, ChannelGroup, Slot, analyze_channels
+from onnx_squeeze import analysis, runtime
+from onnx_squeeze.calibration import RandomSource, StatisticsCollector, TensorStatistics
+from onnx_squeeze.channel_groups import (
+    ChannelAnalysis,
+    ChannelGroup,
+    Layout,
+    Slot,
+    analyze_channels,
+)
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import UniqueNames, constant_array, set_input_constant
 from onnx_squeeze.passes.base import Pass, PassContext, PassReport, register
@@ -32,6 +39,7 @@ from onnx_squeeze.prepare import BN_SCALE_KEY, bn_scale
 
 KEPT_CHANNELS_KEY = "onnx_squeeze.kept_channels"
 MODES = ("remove", "zero")
+ALLOCATIONS = ("sensitivity", "uniform")
 # Groups with at least this many channels keep a multiple of 8 by default (fast SIMD kernels).
 _ROUND_FROM = 32
 _DEFAULT_MULTIPLE = 8
@@ -177,7 +185,10 @@ class PruneChannelsSettings:
     """``ratio``: share of channels removed from each prunable group (ranked across all groups
     when ``global_ranking``); ``macs_target``: share of the model's MACs to remove instead;
     ``round_to``: kept counts are multiples of this (0: 8 for groups of 32+ channels, else 1);
-    ``protect``: node names whose groups are left alone."""
+    ``protect``: node names whose groups are left alone. ``allocation`` spreads a MACs target:
+    ``sensitivity`` (each group measured alone on ``sensitivity_batches`` calibration batches,
+    random data when none is given; cheapest output error per MAC first) or ``uniform`` (one
+    ratio for every group)."""
 
     mode: str = "remove"
     criterion: str = "l1"
@@ -188,6 +199,8 @@ class PruneChannelsSettings:
     round_to: int = 0
     protect: list[str] = dataclasses.field(default_factory=list)
     calibration_batches: int = 8
+    allocation: str = "sensitivity"
+    sensitivity_batches: int = 4
 
 
 @register
@@ -209,11 +222,16 @@ class PruneChannels(Pass):
                 raise SettingsError(
                     f"prune_channels: {field} must be in [0, 1), got {getattr(s, field)}"
                 )
+        if s.allocation not in ALLOCATIONS:
+            raise SettingsError(
+                f"prune_channels: allocation must be one of {ALLOCATIONS}, got {s.allocation!r}"
+            )
         if s.ratio and s.macs_target:
             raise SettingsError("prune_channels: set either ratio or macs_target, not both")
-        if s.min_channels < 1 or s.round_to < 0 or s.calibration_batches < 1:
+        if min(s.min_channels, s.calibration_batches, s.sensitivity_batches) < 1 or s.round_to < 0:
             raise SettingsError(
-                "prune_channels: min_channels and calibration_batches must be >= 1, round_to >= 0"
+                "prune_channels: min_channels, calibration_batches and sensitivity_batches "
+                "must be >= 1, round_to >= 0"
             )
         if isinstance(s.protect, str):
             s.protect = [s.protect]
@@ -233,15 +251,28 @@ class PruneChannels(Pass):
             return
         scores = self._scores(model, context, channels, prunable)
         planner = _Planner(model, channels, prunable, scores, settings)
-        plan = (
-            planner.for_macs(settings.macs_target, report)
-            if settings.macs_target
-            else (planner.plan(settings.ratio))
-        )
+        if not settings.macs_target:
+            plan = planner.plan(settings.ratio)
+        elif settings.allocation == "uniform":
+            plan = planner.for_macs(settings.macs_target, report)
+        else:
+            sensitivity = _Sensitivity(model, channels, planner, context.providers[0])
+            curves = sensitivity.curves(self._sensitivity_feeds(model, context, report))
+            plan = planner.for_macs_by_sensitivity(settings.macs_target, curves, report)
         if not plan:
             report.notes.append("no group lost a channel at these settings")
             return
         _Rewriter(model, channels, plan, settings.mode, planner.node_macs, report).run()
+
+    def _sensitivity_feeds(
+        self, model: ir.Model, context: PassContext, report: PassReport
+    ) -> list[dict[str, np.ndarray]]:
+        """The first calibration batches, or random data shaped by the inputs when none."""
+        count = self.settings.sensitivity_batches
+        if context.calibration is not None:
+            return list(itertools.islice(iter(context.calibration), count))
+        report.notes.append("sensitivity measured on random inputs (no calibration data)")
+        return list(RandomSource(runtime.input_specs(model), count=count, seed=1, batch_size=1))
 
     def _protect(self, model: ir.Model, groups: list[ChannelGroup]) -> None:
         protect = set(self.settings.protect)
@@ -342,13 +373,30 @@ class _Planner:
             wanted = self._global_keep(ratio)
         else:
             wanted = {g.id: g.channels - math.floor(ratio * g.channels + 1e-9) for g in self.groups}
-        plan = {}
-        for group in self.groups:
-            keep = self.keep_count(group, wanted[group.id])
-            if keep < group.channels:
-                order = np.argsort(-self.scores[group.id], kind="stable")
-                plan[group.id] = np.sort(order[:keep])
-        return plan
+        return self.plan_counts({g.id: self.keep_count(g, wanted[g.id]) for g in self.groups})
+
+    def best_channels(self, group: ChannelGroup, keep: int) -> np.ndarray:
+        """The ``keep`` highest-scored channels of a group, sorted."""
+        order = np.argsort(-self.scores[group.id], kind="stable")
+        return np.sort(order[:keep])
+
+    def plan_counts(self, keep: Mapping[int, int]) -> dict[int, np.ndarray]:
+        """Group id -> kept channel indices for the groups whose count is below their size."""
+        return {
+            g.id: self.best_channels(g, keep[g.id])
+            for g in self.groups
+            if keep.get(g.id, g.channels) < g.channels
+        }
+
+    def removable_counts(self, group: ChannelGroup) -> list[int]:
+        """Kept counts a group may take, from all its channels down to the floor, one rounding
+        step apart."""
+        counts = [group.channels]
+        for wanted in range(group.channels - 1, 0, -1):
+            keep = self.keep_count(group, wanted)
+            if keep < counts[-1]:
+                counts.append(keep)
+        return counts
 
     def _global_keep(self, ratio: float) -> dict[int, int]:
         everything = np.concatenate([self.scores[g.id] for g in self.groups])
@@ -397,9 +445,227 @@ class _Planner:
         )
         return best
 
+    def for_macs_by_sensitivity(
+        self, target: float, errors: Mapping[int, ErrorCurve], report: PassReport
+    ) -> dict[int, np.ndarray]:
+        """The plan that removes ``target`` of the MACs where output error per MAC is cheapest.
+
+        Every rounding step of every group (from its lowest-scored channels up) is priced at its
+        added output error (``errors[group](share removed)``, measured on calibration data)
+        divided by the MACs it removes; steps are taken cheapest first across all groups
+        (prices made non-decreasing within a group, so each group loses a prefix of its order)
+        until the target is met: a Lagrangian allocation under additive errors. Steps beyond
+        the largest share measured are taken only when the measured ones do not suffice.
+        """
+        steps = [step for g in self.groups for step in self._priced_steps(g, errors[g.id])]
+        steps.sort(key=lambda step: (step.extrapolated, step.price))  # stable: groups in order
+        low, high = 0, len(steps)
+        best = self.plan_counts(_counts_after(steps, high))
+        reached = self.macs_removed(best)
+        if reached < target:
+            report.notes.append(f"MACs target {target:.0%} not reachable: removed {reached:.1%}")
+            return best
+        while low < high:
+            middle = (low + high) // 2
+            plan = self.plan_counts(_counts_after(steps, middle))
+            if self.macs_removed(plan) >= target:
+                high, best = middle, plan
+            else:
+                low = middle + 1
+        shares = [1 - len(kept) / self._group(g).channels for g, kept in best.items()]
+        report.notes.append(
+            f"MACs target {target:.0%} by sensitivity: {len(best)} groups pruned, "
+            f"{min(shares):.0%}-{max(shares):.0%} of their channels, "
+            f"removes {self.macs_removed(best):.1%}"
+        )
+        return best
+
+    def _group(self, group_id: int) -> ChannelGroup:
+        return next(g for g in self.groups if g.id == group_id)
+
+    def channel_macs(self, group: ChannelGroup) -> float:
+        """Share of the model's MACs one channel of ``group`` costs (pruned alone, at half)."""
+        keep = self.keep_count(group, group.channels // 2)
+        if keep >= group.channels:
+            return 0.0
+        removed = self.macs_removed({group.id: self.best_channels(group, keep)})
+        return removed / (group.channels - keep)
+
+    def _priced_steps(self, group: ChannelGroup, error: ErrorCurve) -> list[_Step]:
+        """Each rounding step of a group, priced at its added error per MAC removed."""
+        macs = self.channel_macs(group)
+        if macs <= 0:
+            return []
+        counts = self.removable_counts(group)
+        steps, price = [], 0.0
+        for before, after in itertools.pairwise(counts):
+            share = 1 - after / group.channels
+            added = error(share) - error(1 - before / group.channels)
+            price = max(price, added / (macs * (before - after)))
+            steps.append(_Step(share > error.measured_up_to + 1e-9, price, group.id, after))
+        return steps
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """Removing channels from one group down to ``keep``; steps past the measured shares
+    (``extrapolated``) come after all measured ones, whatever their price."""
+
+    extrapolated: bool
+    price: float
+    group: int
+    keep: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Sensitivity: output error when one group alone loses channels
+
+
+# Shares of a group's channels removed when its sensitivity is measured.
+SENSITIVITY_SHARES = (0.25, 0.5, 0.75)
+
+
+class _Sensitivity:
+    """Measures, on a few calibration batches, how much the model's outputs change when one
+    group alone loses its lowest-scored channels. Each producer's output is multiplied by a 0/1
+    mask fed as a graph input, so one onnxruntime session (weights still constant) serves every
+    measurement; masking the output equals zeroing the producer's weights and biases, and
+    approximates removal where an unfused BatchNormalization adds a per-channel offset after."""
+
+    def __init__(
+        self, model: ir.Model, channels: ChannelAnalysis, planner: _Planner, provider: str
+    ) -> None:
+        self.channels = channels
+        self.planner = planner
+        producers = {id(p): p for g in planner.groups for p in g.producers}
+        self.layouts = [
+            (node, channels.layouts[node.outputs[0]])
+            for node in model.graph
+            if id(node) in producers and node.outputs[0] in channels.layouts
+        ]
+        self.session = runtime.create_session(self._masked(model), provider)
+
+    def _masked(self, model: ir.Model) -> ir.Model:
+        """A clone whose producers' outputs are multiplied by inputs ``onnx_squeeze.mask.<i>``."""
+        clone = model.clone()
+        twin = dict(zip(map(id, model.graph), clone.graph, strict=True))
+        for index, (node, layout) in enumerate(self.layouts):
+            output = twin[id(node)].outputs[0]
+            uses = list(output.uses())
+            dtype = _weight_dtype(node)
+            mask = ir.Value(
+                name=f"onnx_squeeze.mask.{index}",
+                type=ir.TensorType(ir.DataType.from_numpy(dtype)),
+                shape=ir.Shape(self._mask(layout, {}).shape),
+            )
+            clone.graph.inputs.append(mask)
+            product = ir.node("Mul", [output, mask], name=f"onnx_squeeze.mask_mul.{index}")
+            clone.graph.insert_after(twin[id(node)], product)
+            for user, position in uses:
+                user.replace_input_with(position, product.outputs[0])
+        return clone
+
+    def _mask(self, layout: Layout, plan: Mapping[int, np.ndarray]) -> np.ndarray:
+        kept, length = kept_indices(self.channels, plan, layout.atoms, layout.repeat)
+        mask = np.zeros(length, dtype=np.float32)
+        mask[kept] = 1
+        return mask.reshape(length, *[1] * (-layout.axis - 1))
+
+    def _masks(self, plan: Mapping[int, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            f"onnx_squeeze.mask.{index}": self._mask(layout, plan).astype(_weight_dtype(node))
+            for index, (node, layout) in enumerate(self.layouts)
+        }
+
+    def _outputs(self, feeds: list[dict], plan: Mapping[int, np.ndarray]) -> list[list]:
+        masks = self._masks(plan)
+        return [self.session.run(None, {**feed, **masks}) for feed in feeds]
+
+    def curves(self, feeds: list[dict]) -> dict[int, ErrorCurve]:
+        """Group id -> output error (squared, relative to the output energy, summed over the
+        outputs) against the share of its channels removed."""
+        reference = self._outputs(feeds, {})
+        curves = {}
+        for group in self.planner.groups:
+            shares, errors = [0.0], [0.0]
+            for share in SENSITIVITY_SHARES:
+                keep = self.planner.keep_count(group, round((1 - share) * group.channels))
+                if keep >= group.channels or 1 - keep / group.channels <= shares[-1]:
+                    continue
+                plan = {group.id: self.planner.best_channels(group, keep)}
+                shares.append(1 - keep / group.channels)
+                errors.append(
+                    max(errors[-1], _relative_error(reference, self._outputs(feeds, plan)))
+                )
+            curves[group.id] = ErrorCurve(np.array(shares), np.array(errors))
+        return curves
+
+
+def _weight_dtype(node: ir.Node) -> np.dtype:
+    """The float type of a producer's constant weight (its output has the same)."""
+    arrays = (constant_array(value) for value in node.inputs if value is not None)
+    return next(a.dtype for a in arrays if a is not None and a.ndim >= 2)
+
+
+def _relative_error(reference: list[list], outputs: list[list]) -> float:
+    total = 0.0
+    for expected, actual in zip(reference, outputs, strict=True):
+        for e, a in zip(expected, actual, strict=True):
+            e, a = np.asarray(e, np.float64), np.asarray(a, np.float64)
+            total += float(np.sum((a - e) ** 2)) / max(float(np.sum(e**2)), _EPSILON)
+    return total / len(reference)
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorCurve:
+    """Output error against the share of a group's channels removed: piecewise-linear through
+    the measured points, extended past the last one by its slope."""
+
+    shares: np.ndarray
+    errors: np.ndarray
+
+    @property
+    def measured_up_to(self) -> float:
+        return float(self.shares[-1])
+
+    def __call__(self, share: float) -> float:
+        if self.shares.size < 2 or share <= self.shares[-1]:
+            return float(np.interp(share, self.shares, self.errors))
+        slope = (self.errors[-1] - self.errors[-2]) / (self.shares[-1] - self.shares[-2])
+        return float(self.errors[-1] + slope * (share - self.shares[-1]))
+
+
+def _counts_after(steps: list[_Step], taken: int) -> dict[int, int]:
+    """Kept count of each group once the first ``taken`` steps are done."""
+    keep: dict[int, int] = {}
+    for step in steps[:taken]:
+        keep[step.group] = min(keep.get(step.group, step.keep), step.keep)
+    return keep
+
 
 # ---------------------------------------------------------------------------------------------
 # Rewriting
+
+
+def kept_indices(
+    channels: ChannelAnalysis,
+    plan: Mapping[int, np.ndarray],
+    atoms: tuple[int, ...],
+    repeat: int = 1,
+) -> tuple[np.ndarray, int]:
+    """Kept indices along an axis holding ``atoms`` (each channel ``repeat`` entries) under
+    ``plan`` (group id -> kept channels), and the axis length."""
+    pieces, position = [], 0
+    for atom in atoms:
+        length = channels.atom_length(atom)
+        group = channels.group_of.get(atom)
+        local = plan[group] if group in plan else np.arange(length)
+        pieces.append(position + local)
+        position += length
+    indices = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    if repeat > 1:
+        indices = (indices[:, None] * repeat + np.arange(repeat)[None, :]).reshape(-1)
+    return indices.astype(np.int64), position * repeat
 
 
 class _Rewriter:
@@ -423,19 +689,7 @@ class _Rewriter:
         self.names = UniqueNames(model)
 
     def kept(self, atoms: tuple[int, ...], repeat: int = 1) -> tuple[np.ndarray, int]:
-        """Kept indices along an axis holding ``atoms`` (each channel ``repeat`` entries) and
-        the axis length."""
-        pieces, position = [], 0
-        for atom in atoms:
-            length = self.channels.atom_length(atom)
-            group = self.channels.group_of.get(atom)
-            local = self.plan[group] if group in self.plan else np.arange(length)
-            pieces.append(position + local)
-            position += length
-        indices = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
-        if repeat > 1:
-            indices = (indices[:, None] * repeat + np.arange(repeat)[None, :]).reshape(-1)
-        return indices.astype(np.int64), position * repeat
+        return kept_indices(self.channels, self.plan, atoms, repeat)
 
     def run(self) -> None:
         by_input: dict[tuple[int, int], list[Slot]] = {}
