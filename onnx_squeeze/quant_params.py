@@ -49,8 +49,6 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 # Fraction of the observed range below which entropy/MSE searches do not go.
 _MIN_RANGE_FRACTION = 0.05
 _SEARCH_STEPS = 96
-# Quantization levels the entropy (KL) search merges the histogram into, as TensorRT does.
-_ENTROPY_LEVELS = 128
 # Fractions of a weight slice's largest magnitude tried as its clipping bound (1.0 first: ties
 # keep the full range).
 _CLIP_FRACTIONS = np.linspace(1.0, 0.5, 26)
@@ -265,15 +263,20 @@ def _kl_divergence(counts: np.ndarray, first: int, last: int, levels: int) -> fl
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 
-def _entropy_range(histogram: Histogram, low: float, high: float) -> tuple[float, float]:
+def _entropy_range(
+    histogram: Histogram, low: float, high: float, qtype: IntType
+) -> tuple[float, float]:
+    """The candidate range whose ``qtype`` levels (all of them: the histogram is signed, unlike
+    TensorRT's 128 levels over ``|x|``) lose the least information (KL)."""
+    levels = qtype.levels + 1
     best, best_range = math.inf, (low, high)
     for candidate_low, candidate_high in _candidates(low, high):
         first = int(np.floor((candidate_low - histogram.low) / histogram.width))
         last = int(np.ceil((candidate_high - histogram.low) / histogram.width))
         first, last = max(first, 0), min(last, histogram.bins)
-        if last - first < _ENTROPY_LEVELS:
+        if last - first < levels:
             continue
-        divergence = _kl_divergence(histogram.counts, first, last, _ENTROPY_LEVELS)
+        divergence = _kl_divergence(histogram.counts, first, last, levels)
         if divergence < best:
             best, best_range = divergence, (float(candidate_low), float(candidate_high))
     return best_range
@@ -316,7 +319,7 @@ def calibrated_range(
         if symmetric:
             low, high = _symmetric(low, high)
         if method == "entropy":
-            result = _entropy_range(histogram, low, high)
+            result = _entropy_range(histogram, low, high, qtype)
         else:
             ranges = _candidates(low, high)
             errors = _expected_errors(histogram, ranges, qtype)

@@ -123,11 +123,12 @@ class Selection:
 
 @dataclasses.dataclass
 class QuantizeInt8Settings:
-    method: str = "minmax"  # minmax | percentile | entropy | mse
+    method: str = "mse"  # mse (least expected squared error) | minmax | percentile | entropy
     percentile: float = 99.999
     activation_type: str = "uint8"  # uint8 (asymmetric, fastest on CPU) | int8 (symmetric)
     per_channel: bool = True
-    weight_bits: int = 0  # 0: 7 on x86 CPUs without VNNI (no u8s8 overflow), else 8
+    # 0: 8, but 7 for layers with a signed input on x86 CPUs without VNNI (u8s8 overflow)
+    weight_bits: int = 0
     weight_range: str = "mse"  # max | mse (per-channel clipping with the least squared error)
     include: list[str] = dataclasses.field(default_factory=list)
     exclude: list[str] = dataclasses.field(default_factory=list)
@@ -137,7 +138,7 @@ class QuantizeInt8Settings:
     target: str = ""  # e.g. "top1_agreement>=0.99": keep the most sensitive layers in float
     sensitivity: bool = False  # measure per-layer sensitivity even without a target
     sensitivity_batches: int = 4
-    bias_correction: bool = False
+    bias_correction: bool = True
     calibration_batches: int = 0  # 0: all batches of the source
     random_samples: int = 16  # without calibration data: random samples (smoke tests only)
     histogram_bins: int = 2048
@@ -153,9 +154,23 @@ class QuantizeDynamicSettings:
     exclude_op_types: list[str] = dataclasses.field(default_factory=list)
 
 
-def _weight_type(settings: Any) -> IntType:
-    bits = settings.weight_bits or (8 if quant_params.cpu_has_vnni() else 7)
-    return quant_params.weight_type(bits)
+def _weight_type(settings: Any, input_zero_point: np.ndarray | None = None) -> IntType:
+    """The weight type for a layer whose input has ``input_zero_point`` (None: quantized at run
+    time, so unknown).
+
+    x86 CPUs without VNNI multiply UINT8 activations by INT8 weights in pairs that saturate at
+    16 bits. A signed input sits around its mid-range zero point (or is shifted there from INT8),
+    so large pairs are the rule and 7-bit weights keep them in range; a non-negative input (zero
+    point 0, after Relu/Clip) is mostly small, and 8-bit weights are worth their extra bit.
+    """
+    if settings.weight_bits:
+        return quant_params.weight_type(settings.weight_bits)
+    nonnegative = (
+        input_zero_point is not None
+        and input_zero_point.dtype == np.uint8
+        and not np.any(input_zero_point)
+    )
+    return quant_params.weight_type(8 if nonnegative or quant_params.cpu_has_vnni() else 7)
 
 
 def _selection(settings: Any) -> Selection:
@@ -407,7 +422,7 @@ class _Writer:
         self.graph = model.graph
         self.names = UniqueNames(model)
         self.pass_name = pass_name
-        self._weights: dict[tuple[int, int | None], tuple[ir.Value, ir.Value, ir.Value]] = {}
+        self._weights: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = {}
         self._pending: list[ir.Node] = []  # nodes made since the last insertion
 
     def constant(self, wanted: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
@@ -503,7 +518,7 @@ class _Writer:
         DequantizeLinear for ``node``; returns the integer weight and its scales."""
         weight = node.inputs[index]
         assert weight is not None
-        key = (id(weight), axis)
+        key = (id(weight), axis, qtype.name, search_clip)
         if key not in self._weights:
             array = constant_array(weight)
             assert array is not None
@@ -542,6 +557,15 @@ class _Writer:
         self.graph.insert_before(node, self._pending)
         node.replace_input_with(index, dq)
         return q_value
+
+
+def _input_parameters(node: ir.Node) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Scale and zero point of the DequantizeLinear feeding input 0 (None, None if float)."""
+    first = node.inputs[0]
+    if first is None or not _from_dequantize(first):
+        return None, None
+    dq = first.producer()
+    return constant_array(dq.inputs[1]), constant_array(dq.inputs[2])
 
 
 def _anchor_weights(
@@ -674,9 +698,16 @@ class QuantizeInt8(Pass):
         return source
 
     def _statistics(
-        self, model: ir.Model, names: Sequence[str], source: Any, context: PassContext
+        self,
+        model: ir.Model,
+        names: Sequence[str],
+        source: Any,
+        context: PassContext,
+        channel_axes: dict[str, int],
     ) -> dict[str, TensorStatistics]:
-        """Min/max and histograms of ``names``, cached per model, source and bin count."""
+        """Min/max and histograms of ``names``, and per-channel statistics along
+        ``channel_axes`` (bias correction's input means) in the same calibration run; cached per
+        model, source and bin count."""
         key = (
             _CACHE_KEY,
             _model_fingerprint(model),
@@ -685,14 +716,18 @@ class QuantizeInt8(Pass):
             self.settings.calibration_batches,
         )
         cached: dict[str, TensorStatistics] = context.cache.setdefault(key, {})
-        missing = [name for name in names if name not in cached]
+        missing = [
+            name
+            for name in names
+            if name not in cached or (name in channel_axes and cached[name].channels is None)
+        ]
         if missing:
             collector = StatisticsCollector(
                 model,
                 missing,
                 histogram_bins=self.settings.histogram_bins,
-                channel_axis=None,
-                keep=("minmax", "histogram"),
+                channel_axis={n: channel_axes[n] for n in missing if n in channel_axes},
+                keep=("minmax", "histogram", "channels"),
             )
             limit = self.settings.calibration_batches or None
             cached.update(collector.collect(source, limit=limit))
@@ -723,29 +758,38 @@ class QuantizeInt8(Pass):
 
     def _apply_plan(self, model: ir.Model, plan: _Plan, params: dict[str, _Params]) -> _Outcome:
         writer = _Writer(model, self.name)
-        scales = {}
         for name, value in plan.tensors.items():
             writer.quantize_tensor(value, params[name], self.activation)
-            scales[name] = params[name].scale
+        # each anchor's input is now a DequantizeLinear output: its scale and zero point
+        quantized_inputs = {node.name: _input_parameters(node) for node in plan.anchors}
+        weight_types = self._weight_types(plan.anchors, quantized_inputs)
         details, biases = {}, {}
         for node in plan.anchors:
-            first = node.inputs[0]
-            # the anchor's input is now a DequantizeLinear output; its scale is input 1
-            input_scale = (
-                constant_array(first.producer().inputs[1]) if _from_dequantize(first) else None
-            )
             detail, bias = _anchor_weights(
                 writer,
                 node,
-                input_scale,
+                quantized_inputs[node.name][0],
                 self.settings.per_channel,
-                _weight_type(self.settings),
+                weight_types[node.name],
                 self.settings.weight_range == "mse",
             )
             details[node.name] = detail
             if bias is not None:
                 biases[node.name] = bias
         return _Outcome(details, biases)
+
+    def _weight_types(
+        self, anchors: Sequence[ir.Node], inputs: dict[str, tuple[Any, Any]]
+    ) -> dict[str, IntType]:
+        """Each anchor's weight type; a shared weight gets the narrowest that any of its
+        consumers needs, so that it keeps a single INT8 copy."""
+        narrowest: dict[int, IntType] = {}
+        for node in anchors:
+            wanted = _weight_type(self.settings, inputs[node.name][1])
+            known = narrowest.setdefault(id(node.inputs[1]), wanted)
+            if wanted.qmax < known.qmax:
+                narrowest[id(node.inputs[1])] = wanted
+        return {node.name: narrowest[id(node.inputs[1])] for node in anchors}
 
     def quantized_copy(
         self, model: ir.Model, anchors: Sequence[ir.Node], statistics: dict[str, TensorStatistics]
@@ -772,7 +816,14 @@ class QuantizeInt8(Pass):
         # Statistics of every tensor any plan may quantize: all anchors at once.
         full_plan = make_plan(model, anchors, self.symmetric)
         source = self._source(model, context, report)
-        statistics = self._statistics(model, list(full_plan.tensors), source, context)
+        channel_axes = {}
+        if self.settings.bias_correction:  # input means of the layers whose bias may shift
+            channel_axes = {
+                node.inputs[0].name: 1 if node.op_type == "Conv" else -1
+                for node in anchors
+                if node.op_type in ("Conv", "Gemm") and node.inputs[0].name in full_plan.tensors
+            }
+        statistics = self._statistics(model, list(full_plan.tensors), source, context, channel_axes)
         if self.settings.target or self.settings.sensitivity:
             anchors = self._mixed_precision(model, anchors, statistics, source, report)
         float_model = model.clone() if self.settings.bias_correction else None
@@ -780,7 +831,7 @@ class QuantizeInt8(Pass):
         params = self._ranges(plan, statistics)
         outcome = self._apply_plan(model, plan, params)
         if float_model is not None:
-            self._correct_biases(float_model, model, outcome, source, report)
+            self._correct_biases(float_model, model, outcome, statistics, report)
         for node in anchors:
             report.record(node, "quantized", outcome.details[node.name])
         self._describe_tensors(plan, params, statistics, report)
@@ -869,26 +920,17 @@ class QuantizeInt8(Pass):
         float_model: ir.Model,
         model: ir.Model,
         outcome: _Outcome,
-        source: Any,
+        statistics: dict[str, TensorStatistics],
         report: PassReport,
     ) -> None:
         """Cancel the mean output error that weight rounding causes (Nagel et al. 2019): shift
         each output channel's INT32 bias by ``-(W_q - W) · E[x]``, with ``E[x]`` the mean of
-        each input channel on calibration data. Local to each layer, so corrections do not
-        add up along the network."""
+        each input channel on calibration data (collected with the ranges). Local to each
+        layer, so corrections do not add up along the network."""
         nodes = {node.name: node for node in float_model.graph}
-        inputs = {
-            nodes[name].inputs[0].name: (1 if nodes[name].op_type == "Conv" else -1)
-            for name in outcome.biases
-        }
-        if not inputs:
+        if not outcome.biases:
             report.notes.append("bias correction: no quantized layer with a bias")
             return
-        collector = StatisticsCollector(
-            float_model, list(inputs), channel_axis=inputs, keep=("channels",)
-        )
-        limit = self.settings.calibration_batches or None
-        means = collector.collect(source, limit=limit, progress=False)
         quantized_nodes = {node.name: node for node in model.graph}
         for name, bias in outcome.biases.items():
             original = nodes[name]
@@ -898,8 +940,10 @@ class QuantizeInt8(Pass):
             rounded = quant_params.dequantize(
                 constant_array(dq.inputs[0]), constant_array(dq.inputs[1]), 0, axis
             )
-            mean = means[original.inputs[0].name].channels.mean
-            shift = -_weight_error_times_mean(original, rounded - weight, mean)
+            channels = statistics[original.inputs[0].name].channels
+            if channels is None:  # an input whose channel axis is out of range
+                continue
+            shift = -_weight_error_times_mean(original, rounded - weight, channels.mean)
             scale = constant_array(next(iter(bias.uses())).node.inputs[1]).astype(np.float64)
             corrected = bias.const_value.numpy().astype(np.int64) + np.rint(shift / scale)
             corrected = np.clip(corrected, INT32.qmin, INT32.qmax).astype(np.int32)
