@@ -18,7 +18,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Whitening:
-    """``root`` L with ``L Lᵀ = gram + damping``, and its inverse."""
+    """``root`` L (the Cholesky factor) with ``L Lᵀ = gram + damping``, and its inverse."""
 
     root: np.ndarray
     inverse: np.ndarray
@@ -40,9 +40,10 @@ def whitening(gram: np.ndarray, damping: float, samples: int | None = None) -> W
     if not mean > 0 or not math.isfinite(mean):
         return None
     shift = max(damping, 1e-9) * mean
-    values, vectors = np.linalg.eigh(gram + shift * np.eye(gram.shape[0]))
-    roots = np.sqrt(np.maximum(values, shift))
-    return Whitening((vectors * roots) @ vectors.T, (vectors / roots) @ vectors.T)
+    root = np.linalg.cholesky(
+        gram + shift * np.eye(gram.shape[0])
+    )  # several times cheaper than eigh
+    return Whitening(root, np.linalg.inv(root))
 
 
 def rank_for_energy(cumulative: np.ndarray, energy: float) -> int:

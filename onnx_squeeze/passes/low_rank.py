@@ -897,21 +897,15 @@ class LowRank(Pass):
         if self.settings.data_aware and every:
             specs = [plan.gram_spec() for plan in every]
             grams = collect_grams(model, [spec for spec in specs if spec is not None], context)
-        # Single-threaded: these matrices are small for BLAS, and OpenBLAS threads spinning on a
-        # busy machine made each SVD hundreds of times slower.
-        with _blas_threads(1):
-            self._decompose_each(every, grams)
-
-    def _decompose_each(self, every: list[Plan], grams: dict[GramSpec, Moments]) -> None:
+        whites: dict[GramSpec, factorize.Whitening | None] = {}  # layers may share an input
+        for spec, moments in grams.items():
+            whites[spec] = factorize.whitening(moments.gram, self.settings.damping, moments.rows)
         for plan in track(every, "low_rank decompositions"):
-            spec = plan.gram_spec() if self.settings.data_aware else None
-            moments = grams[spec] if spec is not None else None
-            white = (
-                factorize.whitening(moments.gram, self.settings.damping, moments.rows)
-                if moments is not None
-                else None
-            )
-            plan.decompose(white)
+            white = whites[plan.gram_spec()] if self.settings.data_aware else None
+            # Single-threaded: these matrices are small for BLAS, and OpenBLAS threads spinning
+            # on a busy machine made each SVD hundreds of times slower.
+            with _blas_threads(1):
+                plan.decompose(white)
 
     def _per_layer(self, plans: list[Plan], report: PassReport) -> Option | None:
         s = self.settings
