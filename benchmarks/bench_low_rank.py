@@ -26,8 +26,12 @@ from onnx_squeeze.passes.base import PassContext, make_pass
 from onnx_squeeze.pipeline import finalize
 
 MODELS: dict[str, dict[str, Any]] = {
-    "resnet50": {"shapes": None, "schemes": ["auto", "channel", "spatial", "tucker2"]},
-    "transformer": {"shapes": {"input_ids": (1, 128)}, "schemes": ["svd"]},
+    "resnet50": {
+        "shapes": None,
+        "schemes": ["auto", "channel", "spatial", "tucker2"],
+        "quick": ["channel", "tucker2"],
+    },
+    "transformer": {"shapes": {"input_ids": (1, 128)}, "schemes": ["svd"], "quick": ["svd"]},
 }
 SELECTIONS: dict[str, dict[str, Any]] = {
     "energy 0.90": {"energy": 0.90},
@@ -38,26 +42,31 @@ ONLY_3X3 = {"energy 0.90, 3x3 only": {"energy": 0.90, "include": ["*conv2"]}}
 THREADS = (1, 2)
 
 
-def variants(name: str, quick: bool) -> list[tuple[str, str, bool, dict[str, Any]]]:
+def variants(
+    name: str, quick: bool, only: list[str] | None = None
+) -> list[tuple[str, str, bool, dict[str, Any]]]:
     """(selection label, scheme, data-aware, settings) of every row for one model."""
     spec = MODELS[name]
     selections = dict(SELECTIONS)
     if name == "resnet50":
         selections.update(ONLY_3X3)
-    schemes = spec["schemes"][:2] if quick else spec["schemes"]
+    selections = {k: v for k, v in selections.items() if not only or k in only}
+    schemes = spec["quick"] if quick else spec["schemes"]
     shapes = [f"{k}:{'x'.join(map(str, v))}" for k, v in (spec["shapes"] or {}).items()]
     rows = []
     for label, selection in selections.items():
         for scheme in schemes:
             for data_aware in (False, True):
-                if quick and data_aware and scheme != schemes[-1]:
+                if quick and data_aware and scheme != schemes[0]:
                     continue
                 settings = {**selection, "scheme": scheme, "data_aware": data_aware}
                 rows.append((label, scheme, data_aware, {**settings, "shapes": shapes}))
     return rows
 
 
-def bench_model(name: str, runs: int, quick: bool) -> list[dict[str, Any]]:
+def bench_model(
+    name: str, runs: int, quick: bool, only: list[str] | None = None
+) -> list[dict[str, Any]]:
     shapes = MODELS[name]["shapes"]
     _, prepared = common.prepared_zoo_model(name)
     data = common.feeds(prepared, 8, shapes=shapes)
@@ -67,7 +76,7 @@ def bench_model(name: str, runs: int, quick: bool) -> list[dict[str, Any]]:
     context = PassContext(calibration=source)  # one cache: statistics are shared by the rows
     base = common.cost(prepared, shapes)
     rows, models = [], []
-    for label, scheme, data_aware, settings in variants(name, quick):
+    for label, scheme, data_aware, settings in variants(name, quick, only):
         model = prepared.clone()
         start = time.perf_counter()
         report = make_pass("low_rank", settings)(model, context)
@@ -104,9 +113,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--quick", action="store_true", help="two schemes, fewer data-aware rows")
+    parser.add_argument("--quick", action="store_true", help="fewer schemes and data-aware rows")
+    parser.add_argument(
+        "--selections", nargs="+", choices=[*SELECTIONS, *ONLY_3X3], help="rows to run (all)"
+    )
     args = parser.parse_args()
-    rows = [row for name in args.models for row in bench_model(name, args.runs, args.quick)]
+    rows = [
+        row
+        for name in args.models
+        for row in bench_model(name, args.runs, args.quick, args.selections)
+    ]
     headers = [
         "model", "selection", "scheme", "data-aware", "layers", "MACs", "params",
         "lat t1", "lat t2", "lat/MACs t1", "lat/MACs t2", "cosine", "top-1", "pass s",
