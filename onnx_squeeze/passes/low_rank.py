@@ -453,7 +453,7 @@ class SvdPlan(MatrixPlan):
                 first,
                 builder.node("lowrank_b", "MatMul", [first.outputs[0], builder.weight("b", b)]),
             ]
-        if kind == "matmul_left":  # W = Aᵀ... here W = (A·B)ᵀ = Bᵀ·Aᵀ, so Y = Bᵀ·(Aᵀ·X)
+        if kind == "matmul_left":  # Wᵀ = A·B, so W·X = Bᵀ·(Aᵀ·X)
             first = builder.node("lowrank_a", "MatMul", [builder.weight("a", a.T), node.inputs[1]])
             return [
                 first,
