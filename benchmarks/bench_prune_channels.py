@@ -51,14 +51,17 @@ def shrunk_layers(reference: ir.Model, model: ir.Model) -> int:
     return sum(1 for name, shape in after.items() if name in before and shape != before[name])
 
 
-def ours(prepared: ir.Model, target: float, allocation: str, shapes) -> ir.Model:
-    """Our pass at a MACs target; sensitivity is measured on random calibration data drawn with
-    another seed than the feeds fidelity is measured on."""
-    model = prepared.clone()
+def calibration_context(prepared: ir.Model, shapes) -> PassContext:
+    """Random calibration data drawn with another seed than the fidelity feeds; one context per
+    model so that the sensitivity measured for one target serves the others."""
     specs = runtime.input_specs(prepared)
     source = RandomSource(specs, count=_CALIBRATION_SAMPLES, seed=1, overrides=shapes, batch_size=1)
-    settings = {"macs_target": target, "allocation": allocation}
-    PruneChannels(**settings)(model, PassContext(calibration=source))
+    return PassContext(calibration=source)
+
+
+def ours(prepared: ir.Model, target: float, allocation: str, context: PassContext) -> ir.Model:
+    model = prepared.clone()
+    PruneChannels(macs_target=target, allocation=allocation)(model, context)
     return model
 
 
@@ -94,9 +97,10 @@ def measure(
     groups = build_groups(prepared)
     frozen = sum(1 for g in groups if g.frozen)
     candidates: list[tuple[str, float, ir.Model]] = []
+    context = calibration_context(prepared, shapes)
     for target in targets:
         for allocation in allocations:
-            model = ours(prepared, target, allocation, shapes)
+            model = ours(prepared, target, allocation, context)
             candidates.append((f"onnx-squeeze ({allocation})", target, model))
         candidates.append(
             ("onnxsim 0.8", target, onnxsim_for(prepared, target, shapes, base["macs"]))

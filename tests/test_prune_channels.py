@@ -142,7 +142,10 @@ def test_sensitivity_allocation_prunes_the_branch_that_matters_least():
     model = graph_model(TWO_BRANCHES)
     quiet = model.graph.initializers["wd"]
     quiet.const_value = ir.tensor(quiet.const_value.numpy() * 0.01, name="wd")
-    pruned, report = _prune(model, macs_target=0.25)
+    context = PassContext()
+    pruned, report = _prune(model, context, macs_target=0.25)
+    _prune(model, context, macs_target=0.1)
+    assert len(context.cache) == 1  # the second target reuses the measured sensitivities
     shapes = _initializers(pruned)
     assert shapes["wa"].shape[0] == 32 and shapes["wc"].shape[1] == 32
     assert shapes["wb"].shape[0] == 16 and shapes["wd"].shape[1] == 16

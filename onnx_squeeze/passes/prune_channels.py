@@ -256,13 +256,35 @@ class PruneChannels(Pass):
         elif settings.allocation == "uniform":
             plan = planner.for_macs(settings.macs_target, report)
         else:
-            sensitivity = _Sensitivity(model, channels, planner, context.providers[0])
-            curves = sensitivity.curves(self._sensitivity_feeds(model, context, report))
+            curves = self._sensitivity(model, context, channels, planner, report)
             plan = planner.for_macs_by_sensitivity(settings.macs_target, curves, report)
         if not plan:
             report.notes.append("no group lost a channel at these settings")
             return
         _Rewriter(model, channels, plan, settings.mode, planner.node_macs, report).run()
+
+    def _sensitivity(
+        self,
+        model: ir.Model,
+        context: PassContext,
+        channels: ChannelAnalysis,
+        planner: _Planner,
+        report: PassReport,
+    ) -> dict[int, ErrorCurve]:
+        """Error curves of the prunable groups, kept in ``context.cache`` for other targets on
+        the same model (keyed by the groups' names and sizes and the settings that shape them)."""
+        s = self.settings
+        key = (
+            "prune_channels.sensitivity",
+            tuple((g.name, g.channels) for g in planner.groups),
+            (s.criterion, s.min_channels, s.round_to, s.sensitivity_batches),
+            id(context.calibration),
+        )
+        if key not in context.cache:
+            sensitivity = _Sensitivity(model, channels, planner, context.providers[0])
+            feeds = self._sensitivity_feeds(model, context, report)
+            context.cache[key] = sensitivity.curves(feeds)
+        return context.cache[key]
 
     def _sensitivity_feeds(
         self, model: ir.Model, context: PassContext, report: PassReport
