@@ -17,7 +17,7 @@ from onnx_squeeze import comparison, quant_params, runtime, zoo
 from onnx_squeeze.calibration import Histogram, RandomSource, StatisticsCollector, TensorStatistics
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.passes.base import PassContext, make_pass
-from onnx_squeeze.pipeline import compress
+from onnx_squeeze.prepare import PrepareSettings, prepare
 from tests.helpers import assert_same_outputs, check, random_feeds, run
 
 FLOAT_MAC_OPS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm"}
@@ -25,7 +25,9 @@ FLOAT_MAC_OPS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm"}
 
 @functools.cache
 def prepared(name: str) -> ir.Model:
-    return compress(zoo.small(name)).model
+    """A small zoo model prepared as ``compress`` does (BatchNorm folded) but without onnxsim,
+    which changes nothing in these graphs and takes most of the time."""
+    return prepare(zoo.small(name), PrepareSettings(simplify=False))[0]
 
 
 def calibration(model: ir.Model, samples: int = 8) -> RandomSource:
@@ -300,6 +302,47 @@ def test_scale_zero_point_represent_zero_exactly():
     assert quant_params.dequantize(zero, scale, zero) == 0
     scale, zero = quant_params.scale_zero_point(-1.0, 3.0, quant_params.INT8, symmetric=True)
     assert zero == 0 and scale == pytest.approx(3 / 127)
+
+
+def test_weight_clipping_search_never_loses_and_helps_heavy_tails():
+    # heavy-tailed channels: a few large weights stretch the step for all the others
+    weight = np.random.default_rng(0).laplace(size=(16, 512)).astype(np.float32)
+    qtype = quant_params.weight_type(4)
+
+    def channel_errors(search_clip):
+        q, scale, _ = quant_params.quantize_weight(weight, 0, qtype, search_clip=search_clip)
+        return np.square(quant_params.dequantize(q, scale, 0, 0) - weight).sum(axis=1)
+
+    searched, largest = channel_errors(True), channel_errors(False)
+    assert np.all(searched <= largest)
+    assert searched.sum() < 0.8 * largest.sum()
+
+
+def test_weight_bits_follow_the_input_sign_without_vnni(monkeypatch):
+    model = block_model()  # c1 reads x (signed), c2 a MaxPool of a Relu, the Gemm a pooled Relu
+
+    def weight_ranges():
+        quantized, _ = quantize(model)
+        return {
+            n.name.split("/")[0]: int(np.abs(n.inputs[0].const_value.numpy()).max())
+            for n in quantized.graph
+            if n.name.endswith("/dequantize_weight")
+        }
+
+    monkeypatch.setattr(quant_params, "cpu_has_vnni", lambda: False)
+    # signed input: u8 values sit near the zero point, pairs of 8-bit products would saturate
+    assert weight_ranges() == {"c1": 63, "c2": 127, "y": 127}
+    monkeypatch.setattr(quant_params, "cpu_has_vnni", lambda: True)
+    assert weight_ranges() == {"c1": 127, "c2": 127, "y": 127}
+    assert (
+        max(
+            quantize(model, weight_bits=6)[0]
+            .graph.initializers["w2_quantized"]
+            .const_value.numpy()
+            .ravel()
+        )
+        <= 31
+    )
 
 
 def test_random_calibration_is_reported_loudly():
