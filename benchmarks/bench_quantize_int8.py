@@ -1,7 +1,8 @@
 """INT8 quantization against onnxruntime.quantization, side by side in one run.
 
 Per model: our static QDQ (``quantize_int8``) vs ``quantize_static`` (QDQ, per-channel, same
-calibration data and method), and our ``quantize_dynamic`` vs onnxruntime's. Each quantizer runs
+calibration data and method; our defaults as a third row), and our ``quantize_dynamic`` vs
+onnxruntime's. Each quantizer runs
 in its own subprocess (wall time and peak RSS at each calibration size); latency ratios vs FP32
 are timed interleaved at 1 and 2 threads; cosine and top-1 agreement vs FP32 on held-out inputs.
 
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # children import from here
 MODELS = ["resnet18", "resnet50", "mobilenetv2", "yolo", "transformer"]
 SHAPES = {"transformer": {"input_ids": (1, 128)}}
 ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -49,7 +51,7 @@ from onnx_squeeze.passes.base import PassContext, make_pass
 from onnx_squeeze.runtime import input_specs
 model = ir.load({model!r})
 source = NpzSource({calib!r}, input_specs(model), batch_size=1)
-make_pass("quantize_int8", {{"method": {method!r}}})(model, PassContext(calibration=source))
+make_pass("quantize_int8", {settings!r})(model, PassContext(calibration=source))
 ir.save(model, {out!r})
 """
 _OURS_DYNAMIC = """
@@ -80,9 +82,9 @@ quantize_dynamic({model!r}, {out!r})
 """
 
 
-def _quantize(template: str, **fields: str) -> dict:
+def _quantize(template: str, **fields: object) -> dict:
     code = _CHILD.format(body=textwrap.dedent(template.format(**fields)))
-    result = common.run_isolated(f"import sys; sys.path.insert(0, {os.getcwd()!r})\n" + code)
+    result = common.run_isolated(f"import sys; sys.path.insert(0, {ROOT!r})\n" + code)
     return result["result"]
 
 
@@ -103,9 +105,14 @@ def bench_model(name: str, samples: list[int], method: str, runs: int, folder: s
     runs_done = []  # (quantizer, calibration samples, stats, output path)
     for count in samples:
         calib = _calibration_file(prepared, count, name, folder)
-        for label, template in (("onnxruntime static", _ORT_STATIC), ("ours static", _OURS_STATIC)):
-            out = os.path.join(folder, f"{name}_{label.replace(' ', '_')}_{count}.onnx")
-            fields = {"method": method, "ort_method": ORT_METHODS[method]}
+        static = [
+            ("onnxruntime static", _ORT_STATIC, {}),
+            (f"ours static ({method})", _OURS_STATIC, {"method": method}),
+            ("ours static (defaults)", _OURS_STATIC, {}),
+        ]
+        for index, (label, template, settings) in enumerate(static):
+            out = os.path.join(folder, f"{name}_static{index}_{count}.onnx")
+            fields = {"ort_method": ORT_METHODS[method], "settings": settings}
             stats = _quantize(template, model=model_path, out=out, calib=calib, **fields)
             runs_done.append((label, count, stats, out))
     for label, template in (("onnxruntime dynamic", _ORT_DYNAMIC), ("ours dynamic", _OURS_DYNAMIC)):

@@ -17,6 +17,12 @@ when a consumer wants it. With UINT8 activations a Relu (or Clip from 0) after a
 to onnxruntime's Relu/Clip-QuantizeLinear fusion (zero point 0 makes the clamp free); with
 symmetric INT8 activations it keeps its input's parameters. Graph outputs stay float.
 
+Defaults, chosen for fidelity at no speed cost: activation ranges with the least expected squared
+error (``mse``, from the histograms), weight ranges per channel likewise (``weight_range``), bias
+correction from the input means gathered in the same calibration run, and 8-bit weights except
+where a signed input on an x86 CPU without VNNI would saturate onnxruntime's u8s8 pairs (7 bits
+there; see ``_weight_type``).
+
 Dynamic INT8 writes what onnxruntime fuses into DynamicQuantizeMatMul: DynamicQuantizeLinear
 (one per MatMul, for the same reason as above), MatMulInteger with per-column INT8 weights,
 Cast and the scale products.
