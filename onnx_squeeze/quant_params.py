@@ -51,7 +51,7 @@ _MIN_RANGE_FRACTION = 0.05
 _SEARCH_STEPS = 96
 # Fractions of a weight slice's largest magnitude tried as its clipping bound (1.0 first: ties
 # keep the full range).
-_CLIP_FRACTIONS = np.linspace(1.0, 0.5, 26)
+_CLIP_FRACTIONS = np.linspace(1.0, 0.5, 11)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,11 +191,16 @@ def _weight_bound(
         half = min(-qtype.qmin, qtype.qmax)
         best_error = np.full(largest.shape, np.inf)
         best = largest.copy()
+        rounded = np.empty_like(slices)
         for fraction in _CLIP_FRACTIONS:
             bound = largest * fraction
-            step = np.where(bound > 0, bound / half, 1.0)[:, None]
-            rounded = np.clip(np.rint(slices / step), -half, half) * step
-            error = np.square(rounded - slices).sum(axis=1)
+            step = np.where(bound > 0, bound / half, 1.0).astype(np.float32)[:, None]
+            np.divide(slices, step, out=rounded)  # in place: weights can be large
+            np.rint(rounded, out=rounded)
+            np.clip(rounded, -half, half, out=rounded)
+            rounded *= step
+            rounded -= slices
+            error = np.einsum("ij,ij->i", rounded, rounded)
             better = error < best_error
             best_error = np.where(better, error, best_error)
             best = np.where(better, bound, best)
