@@ -187,7 +187,8 @@ class PruneChannelsSettings:
     ``round_to``: kept counts are multiples of this (0: 8 for groups of 32+ channels, else 1);
     ``protect``: node names whose groups are left alone. ``allocation`` spreads a MACs target:
     ``sensitivity`` (each group measured alone on ``sensitivity_batches`` calibration batches,
-    random data when none is given; cheapest output error per MAC first) or ``uniform`` (one
+    random data when none is given; cheapest output error per MAC first, measured again on top
+    of the channels already removed in each of ``sensitivity_rounds`` parts) or ``uniform`` (one
     ratio for every group)."""
 
     mode: str = "remove"
@@ -201,6 +202,7 @@ class PruneChannelsSettings:
     calibration_batches: int = 8
     allocation: str = "sensitivity"
     sensitivity_batches: int = 4
+    sensitivity_rounds: int = 2
 
 
 @register
@@ -228,10 +230,16 @@ class PruneChannels(Pass):
             )
         if s.ratio and s.macs_target:
             raise SettingsError("prune_channels: set either ratio or macs_target, not both")
-        if min(s.min_channels, s.calibration_batches, s.sensitivity_batches) < 1 or s.round_to < 0:
+        counts = (
+            s.min_channels,
+            s.calibration_batches,
+            s.sensitivity_batches,
+            s.sensitivity_rounds,
+        )
+        if min(counts) < 1 or s.round_to < 0:
             raise SettingsError(
-                "prune_channels: min_channels, calibration_batches and sensitivity_batches "
-                "must be >= 1, round_to >= 0"
+                "prune_channels: min_channels, calibration_batches, sensitivity_batches and "
+                "sensitivity_rounds must be >= 1, round_to >= 0"
             )
         if isinstance(s.protect, str):
             s.protect = [s.protect]
@@ -256,37 +264,44 @@ class PruneChannels(Pass):
         elif settings.allocation == "uniform":
             plan = planner.for_macs(settings.macs_target, report)
         else:
-            curves = self._sensitivity(model, context, channels, planner, report)
-            plan = planner.for_macs_by_sensitivity(settings.macs_target, curves, report)
+            plan = self._allocate(model, context, channels, planner, report)
         if not plan:
             report.notes.append("no group lost a channel at these settings")
             return
         _Rewriter(model, channels, plan, settings.mode, planner.node_macs, report).run()
 
-    def _sensitivity(
+    def _allocate(
         self,
         model: ir.Model,
         context: PassContext,
         channels: ChannelAnalysis,
         planner: _Planner,
         report: PassReport,
-    ) -> dict[int, ErrorCurve]:
-        """Error curves of the prunable groups, kept in ``context.cache`` for other targets on
-        the same model (keyed by the groups' names and sizes and the settings that shape them)."""
+    ) -> dict[int, np.ndarray]:
+        """The MACs target reached in ``sensitivity_rounds`` equal parts, the sensitivities
+        measured again on top of the channels already removed before each part (NetAdapt-like:
+        later parts see how earlier ones changed the network)."""
         s = self.settings
-        key = (
-            "prune_channels.sensitivity",
-            tuple((g.name, g.channels) for g in planner.groups),
-            (s.criterion, s.min_channels, s.round_to, s.sensitivity_batches),
-            id(context.calibration),
-        )
-        if key not in context.cache:
-            sensitivity = _Sensitivity(model, channels, planner, context.providers[0])
-            feeds = self._sensitivity_feeds(model, context, report)
-            context.cache[key] = sensitivity.curves(feeds)
-        return context.cache[key]
+        keep: dict[int, int] = {}
+        measure = _CachedSensitivity(self, model, context, channels, planner, report)
+        for part in range(1, s.sensitivity_rounds + 1):
+            target = s.macs_target * part / s.sensitivity_rounds
+            keep = planner.keep_for_macs(target, measure.curves(keep), keep)
+        plan = planner.plan_counts(keep)
+        removed = planner.macs_removed(plan)
+        if removed < s.macs_target:
+            report.notes.append(
+                f"MACs target {s.macs_target:.0%} not reachable: removed {removed:.1%}"
+            )
+        elif plan:
+            shares = [1 - len(kept) / planner.group(g).channels for g, kept in plan.items()]
+            report.notes.append(
+                f"MACs target {s.macs_target:.0%} by sensitivity: {len(plan)} groups pruned, "
+                f"{min(shares):.0%}-{max(shares):.0%} of their channels, removes {removed:.1%}"
+            )
+        return plan
 
-    def _sensitivity_feeds(
+    def sensitivity_feeds(
         self, model: ir.Model, context: PassContext, report: PassReport
     ) -> list[dict[str, np.ndarray]]:
         """The first calibration batches, or random data shaped by the inputs when none."""
@@ -467,10 +482,11 @@ class _Planner:
         )
         return best
 
-    def for_macs_by_sensitivity(
-        self, target: float, errors: Mapping[int, ErrorCurve], report: PassReport
-    ) -> dict[int, np.ndarray]:
-        """The plan that removes ``target`` of the MACs where output error per MAC is cheapest.
+    def keep_for_macs(
+        self, target: float, errors: Mapping[int, ErrorCurve], start: Mapping[int, int]
+    ) -> dict[int, int]:
+        """Kept counts, from ``start``, that remove ``target`` of the MACs where output error
+        per MAC is cheapest (all steps taken when the target is out of reach).
 
         Every rounding step of every group (from its lowest-scored channels up) is priced at its
         added output error (``errors[group](share removed)``, measured on calibration data)
@@ -479,46 +495,41 @@ class _Planner:
         until the target is met: a Lagrangian allocation under additive errors. Steps beyond
         the largest share measured are taken only when the measured ones do not suffice.
         """
-        steps = [step for g in self.groups for step in self._priced_steps(g, errors[g.id])]
+        steps = [s for g in self.groups for s in self._priced_steps(g, errors[g.id], start)]
         steps.sort(key=lambda step: (step.extrapolated, step.price))  # stable: groups in order
         low, high = 0, len(steps)
-        best = self.plan_counts(_counts_after(steps, high))
-        reached = self.macs_removed(best)
-        if reached < target:
-            report.notes.append(f"MACs target {target:.0%} not reachable: removed {reached:.1%}")
-            return best
         while low < high:
             middle = (low + high) // 2
-            plan = self.plan_counts(_counts_after(steps, middle))
-            if self.macs_removed(plan) >= target:
-                high, best = middle, plan
+            if self.macs_removed(self.plan_counts(_counts_after(steps, middle, start))) >= target:
+                high = middle
             else:
                 low = middle + 1
-        shares = [1 - len(kept) / self._group(g).channels for g, kept in best.items()]
-        report.notes.append(
-            f"MACs target {target:.0%} by sensitivity: {len(best)} groups pruned, "
-            f"{min(shares):.0%}-{max(shares):.0%} of their channels, "
-            f"removes {self.macs_removed(best):.1%}"
-        )
-        return best
+        return _counts_after(steps, high, start)
 
-    def _group(self, group_id: int) -> ChannelGroup:
+    def group(self, group_id: int) -> ChannelGroup:
         return next(g for g in self.groups if g.id == group_id)
 
-    def channel_macs(self, group: ChannelGroup) -> float:
-        """Share of the model's MACs one channel of ``group`` costs (pruned alone, at half)."""
-        keep = self.keep_count(group, group.channels // 2)
-        if keep >= group.channels:
+    def channel_macs(self, group: ChannelGroup, start: Mapping[int, int]) -> float:
+        """Share of the model's MACs one more channel of ``group`` costs once the groups have
+        ``start`` channels (half of the group's remaining channels removed)."""
+        before = start.get(group.id, group.channels)
+        keep = self.keep_count(group, before // 2)
+        if keep >= before:
             return 0.0
-        removed = self.macs_removed({group.id: self.best_channels(group, keep)})
-        return removed / (group.channels - keep)
+        base = self.macs_removed(self.plan_counts(start))
+        removed = self.macs_removed(self.plan_counts({**start, group.id: keep})) - base
+        return removed / (before - keep)
 
-    def _priced_steps(self, group: ChannelGroup, error: ErrorCurve) -> list[_Step]:
-        """Each rounding step of a group, priced at its added error per MAC removed."""
-        macs = self.channel_macs(group)
+    def _priced_steps(
+        self, group: ChannelGroup, error: ErrorCurve, start: Mapping[int, int]
+    ) -> list[_Step]:
+        """Each rounding step of a group below its ``start`` count, priced at its added error
+        per MAC removed."""
+        macs = self.channel_macs(group, start)
         if macs <= 0:
             return []
-        counts = self.removable_counts(group)
+        before = start.get(group.id, group.channels)
+        counts = [count for count in self.removable_counts(group) if count <= before]
         steps, price = [], 0.0
         for before, after in itertools.pairwise(counts):
             share = 1 - after / group.channels
@@ -541,6 +552,42 @@ class _Step:
 
 # ---------------------------------------------------------------------------------------------
 # Sensitivity: output error when one group alone loses channels
+
+
+class _CachedSensitivity:
+    """Error curves kept in ``context.cache`` for other targets on the same model (keyed by the
+    groups' names and sizes, the settings that shape them, and the starting counts); the
+    onnxruntime session is built only when a curve must be measured."""
+
+    def __init__(
+        self,
+        owner: PruneChannels,
+        model: ir.Model,
+        context: PassContext,
+        channels: ChannelAnalysis,
+        planner: _Planner,
+        report: PassReport,
+    ) -> None:
+        self.arguments = (model, channels, planner, context.providers[0])
+        self.owner, self.model, self.context, self.report = owner, model, context, report
+        s = owner.settings
+        self.key = (
+            "prune_channels.sensitivity",
+            tuple((g.name, g.channels) for g in planner.groups),
+            (s.criterion, s.min_channels, s.round_to, s.sensitivity_batches),
+            id(context.calibration),
+        )
+        self.sensitivity: _Sensitivity | None = None
+        self.feeds: list[dict] = []
+
+    def curves(self, start: Mapping[int, int]) -> dict[int, ErrorCurve]:
+        key = (*self.key, tuple(sorted(start.items())))
+        if key not in self.context.cache:
+            if self.sensitivity is None:
+                self.sensitivity = _Sensitivity(*self.arguments)
+                self.feeds = self.owner.sensitivity_feeds(self.model, self.context, self.report)
+            self.context.cache[key] = self.sensitivity.curves(self.feeds, start)
+        return self.context.cache[key]
 
 
 # Shares of a group's channels removed when its sensitivity is measured.
@@ -603,18 +650,21 @@ class _Sensitivity:
         masks = self._masks(plan)
         return [self.session.run(None, {**feed, **masks}) for feed in feeds]
 
-    def curves(self, feeds: list[dict]) -> dict[int, ErrorCurve]:
+    def curves(self, feeds: list[dict], start: Mapping[int, int]) -> dict[int, ErrorCurve]:
         """Group id -> output error (squared, relative to the output energy, summed over the
-        outputs) against the share of its channels removed."""
-        reference = self._outputs(feeds, {})
+        outputs) against the share of its channels removed, each group measured alone on top
+        of the kept counts ``start`` (the first point is where ``start`` leaves it)."""
+        base = self.planner.plan_counts(start)
+        reference = self._outputs(feeds, base)
         curves = {}
         for group in self.planner.groups:
-            shares, errors = [0.0], [0.0]
+            before = start.get(group.id, group.channels)
+            shares, errors = [1 - before / group.channels], [0.0]
             for share in SENSITIVITY_SHARES:
-                keep = self.planner.keep_count(group, round((1 - share) * group.channels))
-                if keep >= group.channels or 1 - keep / group.channels <= shares[-1]:
+                keep = self.planner.keep_count(group, round((1 - share) * before))
+                if keep >= before or 1 - keep / group.channels <= shares[-1]:
                     continue
-                plan = {group.id: self.planner.best_channels(group, keep)}
+                plan = {**base, group.id: self.planner.best_channels(group, keep)}
                 shares.append(1 - keep / group.channels)
                 errors.append(
                     max(errors[-1], _relative_error(reference, self._outputs(feeds, plan)))
@@ -657,9 +707,9 @@ class ErrorCurve:
         return float(self.errors[-1] + slope * (share - self.shares[-1]))
 
 
-def _counts_after(steps: list[_Step], taken: int) -> dict[int, int]:
-    """Kept count of each group once the first ``taken`` steps are done."""
-    keep: dict[int, int] = {}
+def _counts_after(steps: list[_Step], taken: int, start: Mapping[int, int]) -> dict[int, int]:
+    """Kept count of each group once the first ``taken`` steps are done from ``start``."""
+    keep = dict(start)
     for step in steps[:taken]:
         keep[step.group] = min(keep.get(step.group, step.keep), step.keep)
     return keep
