@@ -653,9 +653,11 @@ class _Sensitivity:
     def curves(self, feeds: list[dict], start: Mapping[int, int]) -> dict[int, ErrorCurve]:
         """Group id -> output error (squared, relative to the output energy, summed over the
         outputs) against the share of its channels removed, each group measured alone on top
-        of the kept counts ``start`` (the first point is where ``start`` leaves it)."""
+        of the kept counts ``start``: the error it adds to theirs against the original outputs
+        (the first point is where ``start`` leaves it)."""
         base = self.planner.plan_counts(start)
-        reference = self._outputs(feeds, base)
+        reference = self._outputs(feeds, {})
+        floor = _relative_error(reference, self._outputs(feeds, base)) if base else 0.0
         curves = {}
         for group in self.planner.groups:
             before = start.get(group.id, group.channels)
@@ -666,9 +668,8 @@ class _Sensitivity:
                     continue
                 plan = {**base, group.id: self.planner.best_channels(group, keep)}
                 shares.append(1 - keep / group.channels)
-                errors.append(
-                    max(errors[-1], _relative_error(reference, self._outputs(feeds, plan)))
-                )
+                error = _relative_error(reference, self._outputs(feeds, plan)) - floor
+                errors.append(max(errors[-1], error))
             curves[group.id] = ErrorCurve(np.array(shares), np.array(errors))
         return curves
 
