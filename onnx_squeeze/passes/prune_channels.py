@@ -9,6 +9,15 @@ unchanged (``zero``, for sensitivity studies).
 Scores are normalised per member (divided by the member's mean) before they are averaged over a
 group's members, so that layers of different scale count alike and scores of different groups
 are comparable when ranked globally.
+
+A MACs target is spread over the groups by measured sensitivity (the default): each group alone
+loses 25/50/75% of its lowest-scored channels on a few calibration batches (one onnxruntime
+session, producers' outputs masked), which prices every rounding step of every group at the
+output error it adds per MAC it removes; the cheapest steps across all groups are taken until
+the target is met, in rounds that are measured again on top of the channels already removed.
+Groups whose channels matter more than they cost (residual streams read by many layers) are
+thus pruned less than one uniform ratio would. Its cost is (groups x 3 x batches x rounds)
+inferences; ``allocation: uniform`` is the cheap one-ratio alternative.
 """
 
 from __future__ import annotations
