@@ -23,6 +23,7 @@ inferences; ``allocation: uniform`` is the cheap one-ratio alternative.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -292,7 +293,17 @@ class PruneChannels(Pass):
         later parts see how earlier ones changed the network)."""
         s = self.settings
         keep: dict[int, int] = {}
-        measure = _CachedSensitivity(self, model, context, channels, planner, report)
+        measure = _CachedSensitivity(
+            functools.partial(_Sensitivity, model, channels, planner, context.providers[0]),
+            lambda: self._sensitivity_feeds(model, context, report),
+            context.cache,
+            (
+                "prune_channels.sensitivity",
+                tuple((g.name, g.channels) for g in planner.groups),
+                (s.criterion, s.min_channels, s.round_to, s.sensitivity_batches),
+                id(context.calibration),
+            ),
+        )
         for part in range(1, s.sensitivity_rounds + 1):
             target = s.macs_target * part / s.sensitivity_rounds
             keep = planner.keep_for_macs(target, measure.curves(keep), keep)
@@ -310,7 +321,7 @@ class PruneChannels(Pass):
             )
         return plan
 
-    def sensitivity_feeds(
+    def _sensitivity_feeds(
         self, model: ir.Model, context: PassContext, report: PassReport
     ) -> list[dict[str, np.ndarray]]:
         """The first calibration batches, or random data shaped by the inputs when none."""
@@ -564,39 +575,28 @@ class _Step:
 
 
 class _CachedSensitivity:
-    """Error curves kept in ``context.cache`` for other targets on the same model (keyed by the
-    groups' names and sizes, the settings that shape them, and the starting counts); the
-    onnxruntime session is built only when a curve must be measured."""
+    """Error curves kept in a cache (the pass context's) under ``key`` plus the starting
+    counts, so that other targets on the same model reuse them; the onnxruntime session and the
+    feeds are made only when a curve must be measured."""
 
     def __init__(
         self,
-        owner: PruneChannels,
-        model: ir.Model,
-        context: PassContext,
-        channels: ChannelAnalysis,
-        planner: _Planner,
-        report: PassReport,
+        make: Callable[[], _Sensitivity],
+        feeds: Callable[[], list[dict]],
+        cache: dict,
+        key: tuple,
     ) -> None:
-        self.arguments = (model, channels, planner, context.providers[0])
-        self.owner, self.model, self.context, self.report = owner, model, context, report
-        s = owner.settings
-        self.key = (
-            "prune_channels.sensitivity",
-            tuple((g.name, g.channels) for g in planner.groups),
-            (s.criterion, s.min_channels, s.round_to, s.sensitivity_batches),
-            id(context.calibration),
-        )
+        self.make, self.make_feeds, self.cache, self.key = make, feeds, cache, key
         self.sensitivity: _Sensitivity | None = None
         self.feeds: list[dict] = []
 
     def curves(self, start: Mapping[int, int]) -> dict[int, ErrorCurve]:
         key = (*self.key, tuple(sorted(start.items())))
-        if key not in self.context.cache:
+        if key not in self.cache:
             if self.sensitivity is None:
-                self.sensitivity = _Sensitivity(*self.arguments)
-                self.feeds = self.owner.sensitivity_feeds(self.model, self.context, self.report)
-            self.context.cache[key] = self.sensitivity.curves(self.feeds, start)
-        return self.context.cache[key]
+                self.sensitivity, self.feeds = self.make(), self.make_feeds()
+            self.cache[key] = self.sensitivity.curves(self.feeds, start)
+        return self.cache[key]
 
 
 # Shares of a group's channels removed when its sensitivity is measured.
