@@ -73,7 +73,7 @@ def set_input_constant(
         assert old is not None
         old.const_value = ir.tensor(array, dtype=dtype, name=tensor_name)
         old.shape = ir.Shape(array.shape)  # onnx-ir does not update these from the tensor
-        old.dtype = dtype
+        old.type = ir.TensorType(dtype)  # a new type: clones share type objects with the teacher
         return
     name = names.new(wanted_name)
     value = ir.Value(

@@ -119,10 +119,16 @@ def steps_from_args(args: argparse.Namespace, *, calibrated: bool) -> list[Step]
         steps.append(Step("quantize_dynamic"))
     if args.fp16 or args.bf16:
         steps.append(Step("fp16", {"dtype": "float16" if args.fp16 else "bfloat16"}))
-    if args.fp8:
-        steps.append(Step("fp8"))
+    if args.fp8:  # activations need calibrated ranges; without data, weights only
+        steps.append(Step("fp8", {} if calibrated else {"activations": False}))
     if args.int4:
-        steps.append(Step("quantize_weights", {"bits": 4, "block_size": args.int4_block}))
+        algorithm = "gptq" if calibrated else "rtn"  # GPTQ needs the input Hessian
+        steps.append(
+            Step(
+                "quantize_weights",
+                {"bits": 4, "block_size": args.int4_block, "algorithm": algorithm},
+            )
+        )
     if args.codebook is not None:
         steps.append(Step("codebook", {"levels": args.codebook}))
     return steps

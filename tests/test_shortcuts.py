@@ -51,8 +51,11 @@ def test_recover_without_calibration_data_says_what_to_add():
         (("--int8", "--int8-method", "entropy"), ("quantize_int8", {"method": "entropy"})),
         (("--int8-dynamic",), ("quantize_dynamic", {})),
         (("--bf16",), ("fp16", {"dtype": "bfloat16"})),
-        (("--fp8",), ("fp8", {})),
-        (("--int4", "--int4-block", "64"), ("quantize_weights", {"bits": 4, "block_size": 64})),
+        (("--fp8",), ("fp8", {"activations": False})),
+        (
+            ("--int4", "--int4-block", "64"),
+            ("quantize_weights", {"bits": 4, "block_size": 64, "algorithm": "rtn"}),
+        ),
         (("--codebook", "pow2"), ("codebook", {"levels": "pow2"})),
     ],
 )
