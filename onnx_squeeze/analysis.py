@@ -320,9 +320,9 @@ def _fill_from_symbolic_inference(
     sliced by a length read from the input's shape); onnxruntime's tool was written for them.
     It fails on some graphs (unknown ops): then the onnx result stands.
     """
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
     try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
         inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
     except Exception:  # a best-effort refinement, never fatal
         return
