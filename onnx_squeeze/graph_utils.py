@@ -75,7 +75,17 @@ def set_input_constant(
         old.shape = ir.Shape(array.shape)  # onnx-ir does not update these from the tensor
         old.type = ir.TensorType(dtype)  # a new type: clones share type objects with the teacher
         return
-    name = names.new(wanted_name)
+    value = new_initializer(graph, names, wanted_name, array, dtype)
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+
+
+def new_initializer(
+    graph: ir.Graph, names: UniqueNames, wanted: str, array: np.ndarray, dtype: ir.DataType
+) -> ir.Value:
+    """Register ``array`` as a new initializer under a unique name near ``wanted``."""
+    name = names.new(wanted)
     value = ir.Value(
         name=name,
         shape=ir.Shape(array.shape),
@@ -83,9 +93,25 @@ def set_input_constant(
         const_value=ir.tensor(array, dtype=dtype, name=name),
     )
     graph.register_initializer(value)
-    if index >= len(node.inputs):
-        node.resize_inputs(index + 1)
-    node.replace_input_with(index, value)
+    return value
+
+
+def typed_attributes(attributes: dict[str, Any]) -> list[ir.Attr]:
+    """Attributes from str/float/int/int-sequence values, typed directly.
+
+    ``ir.convenience.convert_attributes`` guesses types more slowly and rejects numpy integers.
+    """
+    converted = []
+    for name, value in attributes.items():
+        if isinstance(value, str):
+            converted.append(ir.AttrString(name, value))
+        elif isinstance(value, float):
+            converted.append(ir.AttrFloat32(name, value))
+        elif isinstance(value, int):
+            converted.append(ir.AttrInt64(name, value))
+        else:
+            converted.append(ir.AttrInt64s(name, [int(v) for v in value]))
+    return converted
 
 
 def attribute(node: ir.Node, name: str, default: Any) -> Any:

@@ -37,6 +37,7 @@ import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
 
 from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.graph_utils import typed_attributes
 
 __all__ = [
     "NAMES",
@@ -370,7 +371,12 @@ class _Builder:
         names = outputs or [f"{name}_output_{i}" for i in range(num_outputs)]
         values = [ir.Value(name=self._claim(n)) for n in names]
         node = ir.Node(
-            "", op_type, inputs, _attributes(attributes), outputs=values, name=self._claim(name)
+            "",
+            op_type,
+            inputs,
+            typed_attributes(attributes),
+            outputs=values,
+            name=self._claim(name),
         )
         self.nodes.append(node)
         if all(i is None or i.const_value is not None or id(i) in self._data for i in inputs):
@@ -554,21 +560,6 @@ class _Builder:
         _infer_shapes(model)
         self._data.clear()
         return model
-
-
-def _attributes(attributes: dict[str, Any]) -> list[ir.Attr]:
-    """Typed attributes, written out directly (``ir.node``'s type guessing is slow)."""
-    converted = []
-    for name, value in attributes.items():
-        if isinstance(value, str):
-            converted.append(ir.AttrString(name, value))
-        elif isinstance(value, float):
-            converted.append(ir.AttrFloat32(name, value))
-        elif isinstance(value, int):
-            converted.append(ir.AttrInt64(name, value))
-        else:
-            converted.append(ir.AttrInt64s(name, [int(v) for v in value]))
-    return converted
 
 
 def _infer_shapes(model: ir.Model) -> None:

@@ -35,7 +35,13 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from onnx_squeeze import analysis, factorize, runtime
 from onnx_squeeze.errors import InputError, SettingsError
-from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
+from onnx_squeeze.graph_utils import (
+    UniqueNames,
+    attribute,
+    constant_array,
+    new_initializer,
+    typed_attributes,
+)
 from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created, register
 from onnx_squeeze.prepare import infer_shapes
 from onnx_squeeze.progress import track
@@ -610,20 +616,6 @@ def plans_for(layer: Layer, scheme: str) -> tuple[list[Plan], str]:
 # Building the new nodes
 
 
-def _attrs(values: dict[str, Any]) -> list[ir.Attr]:
-    converted = []
-    for name, value in values.items():
-        if isinstance(value, str):
-            converted.append(ir.AttrString(name, value))
-        elif isinstance(value, float):
-            converted.append(ir.AttrFloat32(name, value))
-        elif isinstance(value, int):
-            converted.append(ir.AttrInt64(name, value))
-        else:
-            converted.append(ir.AttrInt64s(name, [int(v) for v in value]))
-    return converted
-
-
 class _Builder:
     """Makes the factor nodes and weights of one layer and swaps them in for the original."""
 
@@ -632,15 +624,10 @@ class _Builder:
         self.source = layer.name
 
     def weight(self, role: str, array: np.ndarray) -> ir.Value:
-        name = self.names.new(f"{self.source}/lowrank_{role}.weight")
         dtype = self.layer.dtype
         array = np.ascontiguousarray(array, dtype=dtype.numpy())
-        value = ir.Value(
-            name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
-            const_value=ir.tensor(array, dtype=dtype, name=name),
-        )  # fmt: skip
-        self.graph.register_initializer(value)
-        return value
+        wanted = f"{self.source}/lowrank_{role}.weight"
+        return new_initializer(self.graph, self.names, wanted, array, dtype)
 
     def node(
         self,
@@ -654,7 +641,12 @@ class _Builder:
             type=ir.TensorType(self.layer.dtype),
         )
         node = ir.Node(
-            "", op, inputs, _attrs(attrs or {}), outputs=[output], name=f"{self.source}/{role}"
+            "",
+            op,
+            inputs,
+            typed_attributes(attrs or {}),
+            outputs=[output],
+            name=f"{self.source}/{role}",
         )
         node.metadata_props[SOURCE_NODE_KEY] = self.source
         mark_created(node, self.pass_name)

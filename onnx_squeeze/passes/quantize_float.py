@@ -28,7 +28,7 @@ import onnx_ir.passes.common as common_passes
 from onnx_squeeze import runtime
 from onnx_squeeze.calibration import StatisticsCollector
 from onnx_squeeze.errors import InputError, SettingsError
-from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
+from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, new_initializer
 from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created, register
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -861,15 +861,7 @@ class _QdqBuilder:
         self._zero: ir.Value | None = None
 
     def _initializer(self, wanted: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
-        name = self.names.new(wanted)
-        value = ir.Value(
-            name=name,
-            shape=ir.Shape(array.shape),
-            type=ir.TensorType(dtype),
-            const_value=ir.tensor(array, dtype=dtype, name=name),
-        )
-        self.graph.register_initializer(value)
-        return value
+        return new_initializer(self.graph, self.names, wanted, array, dtype)
 
     def zero_point(self) -> ir.Value:
         if self._zero is None:

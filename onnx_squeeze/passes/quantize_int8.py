@@ -45,7 +45,7 @@ from onnx_squeeze import comparison, quant_params
 from onnx_squeeze.calibration import RandomSource, StatisticsCollector, TensorStatistics
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.gates import parse_gate
-from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
+from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, new_initializer
 from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created, register
 from onnx_squeeze.quant_params import INT8, INT32, IntType
 from onnx_squeeze.runtime import input_specs
@@ -432,15 +432,7 @@ class _Writer:
         self._pending: list[ir.Node] = []  # nodes made since the last insertion
 
     def constant(self, wanted: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
-        name = self.names.new(wanted)
-        value = ir.Value(
-            name=name,
-            shape=ir.Shape(array.shape),
-            type=ir.TensorType(dtype),
-            const_value=ir.tensor(array, dtype=dtype, name=name),
-        )
-        self.graph.register_initializer(value)
-        return value
+        return new_initializer(self.graph, self.names, wanted, array, dtype)
 
     def _node(
         self,
