@@ -25,9 +25,29 @@ import yaml
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.passes.base import Pass, make_pass
 
-# Named recipes usable as --recipe NAME. Later passes add their presets here.
+# Named recipes usable as --recipe NAME: the common jobs, one word each. They are meant to run
+# with --calib (real data is what makes the lossy ones usable); int8, fast and reconstruct fall
+# back to random inputs with a warning without it, int4 (GPTQ) and fast-transformer ask for it.
 PRESETS: dict[str, dict[str, Any]] = {
     "none": {"passes": []},
+    "int8": {"passes": ["quantize_int8"]},
+    "int8-dynamic": {"passes": ["quantize_dynamic"]},
+    "fp16": {"passes": ["fp16"]},
+    "int4": {"passes": [{"quantize_weights": {"bits": 4, "algorithm": "gptq"}}]},
+    "fast": {
+        "passes": [
+            {"prune_channels": {"macs_target": 0.3}},
+            "reconstruct",
+            "quantize_int8",
+        ]
+    },
+    "fast-transformer": {
+        "passes": [
+            {"low_rank": {"macs_target": 0.3, "data_aware": True}},
+            "reconstruct",
+            "quantize_dynamic",
+        ]
+    },
 }
 
 

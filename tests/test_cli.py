@@ -348,11 +348,22 @@ def test_zoo_command(tmp_path, capsys):
     assert code == cli.EXIT_INPUT and "resnet18" in err
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    code, stdout, err = run_cli(capsys, "demo", "--out", str(tmp_path), "--runs", "2")
+def test_demo_prunes_recovers_and_quantizes(tmp_path, capsys):
+    argv = ("demo", "--out", str(tmp_path), "--runs", "2", "--width", "0.25")
+    code, stdout, err = run_cli(capsys, *argv)
     assert code == cli.EXIT_OK, err
     assert (tmp_path / "resnet18.squeezed.onnx").exists()
-    assert json.loads((tmp_path / "report.json").read_text())["passed"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["passed"]
+    assert [p["name"] for p in report["passes"]] == [
+        "prepare",
+        "prune_channels",
+        "reconstruct",
+        "quantize_int8",
+    ]
+    metrics = report["comparison"]["metrics"]
+    assert metrics["macs_ratio"] <= 0.72 and metrics["size_ratio"] < 0.3
+    assert metrics["cosine"] >= 0.95
     assert "latency" in stdout
 
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
+from onnx_squeeze import analysis, runtime, zoo
+from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.passes import base
-from onnx_squeeze.recipe import Recipe
+from onnx_squeeze.pipeline import compress
+from onnx_squeeze.recipe import PRESETS, Recipe
+from tests.helpers import check, random_feeds, run
 
 
 @dataclasses.dataclass
@@ -83,3 +88,27 @@ def test_preset_and_missing_file():
         Recipe.load("no-such-recipe.yaml")
     with pytest.raises(SettingsError, match="key=value"):
         Recipe.from_cli(["test_noop:factor"])
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_a_valid_recipe(name):
+    assert [step.build().name for step in Recipe.load(name).steps] == [
+        step.name for step in Recipe.load(name).steps
+    ]
+
+
+@pytest.mark.parametrize(
+    ("preset", "model"), [("fast", "resnet18"), ("fast-transformer", "transformer")]
+)
+def test_speed_presets_remove_macs_and_stay_close(preset, model):
+    original = zoo.small(model)
+    source = RandomSource(runtime.input_specs(original), count=8, seed=1, batch_size=4)
+    result = compress(original, Recipe.load(preset), calibration=source)
+    check(result.model)
+    assert analysis.analyze(result.model).macs <= 0.75 * analysis.analyze(original).macs
+    for feed in random_feeds(original, seed=2):
+        expected, actual = run(original, feed)[0], run(result.model, feed)[0]
+        cosine = np.dot(expected.ravel(), actual.ravel()) / (
+            np.linalg.norm(expected) * np.linalg.norm(actual)
+        )
+        assert cosine > 0.7, cosine
