@@ -25,8 +25,6 @@ import onnx_ir as ir
 
 from onnx_squeeze import runtime
 from onnx_squeeze.passes import quantize_float
-from onnx_squeeze.passes.base import PassContext, make_pass
-from onnx_squeeze.pipeline import convert_opset, finalize
 
 SHAPES = {"resnet50": None, "transformer": {"input_ids": (1, 128)}}
 # (label, pass name, settings, opset the model is converted to first)
@@ -36,16 +34,6 @@ VARIANTS = [
     ("bf16, GPU target", "fp16", {"provider": "cuda", "dtype": "bfloat16"}, None),
     ("fp8 E4M3FN QDQ", "fp8", {}, 19),
 ]
-
-
-def ours(
-    prepared: ir.Model, name: str, settings: dict, opset: int | None, calibration: list
-) -> tuple[ir.Model, float]:
-    model = prepared.clone() if opset is None else convert_opset(prepared.clone(), opset)
-    start = time.perf_counter()
-    make_pass(name, settings)(model, PassContext(calibration=calibration, teacher=prepared))
-    finalize(model, [])
-    return model, time.perf_counter() - start
 
 
 def onnxconverter_fp16(prepared: ir.Model) -> tuple[ir.Model, float]:
@@ -91,11 +79,10 @@ def bench_model(name: str, threads: list[int], runs: int) -> list[dict]:
     held_out = common.feeds(prepared, 4, seed=0, shapes=shapes)
     calibration = common.feeds(prepared, 8, seed=1, shapes=shapes)
     candidates = [
-        (label, *ours(prepared, pass_name, settings, opset, calibration))
+        (label, *common.timed_pass(prepared, pass_name, settings, calibration, opset))
         for label, pass_name, settings, opset in VARIANTS
     ]
     candidates += [(label, *convert(prepared)) for label, convert in PEERS]
-    base = common.cost(prepared, shapes=shapes)
     loaded = {label: loaded_casts(model) for label, model, _ in candidates}
     runnable = [entry for entry in candidates if loaded[entry[0]][0] is not None]
     models = [prepared] + [model for _, model, _ in runnable]
@@ -103,24 +90,17 @@ def bench_model(name: str, threads: list[int], runs: int) -> list[dict]:
     position = {label: index for index, (label, _, _) in enumerate(runnable, start=1)}
     rows = []
     for label, model, seconds in candidates:
-        index = position.get(label)
-        fidelity = common.fidelity(prepared, model, held_out) if index else {}
         rows.append(
             {
                 "model": name,
                 "variant": label,
                 "seconds": seconds,
-                "size_ratio": base["bytes"] / common.cost(model, shapes=shapes)["bytes"],
                 "casts": sum(node.op_type == "Cast" for node in model.graph),
                 "casts_loaded": loaded[label][0],
                 "load_error": loaded[label][1],
-                "latency_ratio": {
-                    f"t{t}": timings[t][index] / timings[t][0] if index else None for t in threads
-                },
-                "fp32_ms": {f"t{t}": timings[t][0] for t in threads},
-                "cosine": fidelity.get("cosine"),
-                "top1_agreement": fidelity.get("top1_agreement"),
-                "max_abs": fidelity.get("max_abs"),
+                **common.variant_row(
+                    prepared, model, timings, position.get(label), held_out, shapes
+                ),
             }
         )
     return rows

@@ -19,8 +19,6 @@ import common
 import onnx_ir as ir
 from onnxruntime.quantization import matmul_nbits_quantizer
 
-from onnx_squeeze.passes.base import PassContext, make_pass
-
 SHAPES = {"transformer": {"input_ids": (1, 128)}, "resnet50": None}
 BLOCK_SIZE = 32
 # (label, pass name, settings) per model
@@ -43,15 +41,6 @@ VARIANTS = {
 }
 
 
-def ours(
-    prepared: ir.Model, name: str, settings: dict, calibration: list
-) -> tuple[ir.Model, float]:
-    model = prepared.clone()
-    start = time.perf_counter()
-    make_pass(name, settings)(model, PassContext(calibration=calibration, teacher=prepared))
-    return model, time.perf_counter() - start
-
-
 def onnxruntime_int4(prepared: ir.Model) -> tuple[ir.Model, float]:
     """The peer: onnxruntime's MatMulNBitsQuantizer, RTN, asymmetric, same block size."""
     start = time.perf_counter()
@@ -68,12 +57,11 @@ def bench_model(name: str, threads: list[int], runs: int) -> list[dict]:
     held_out = common.feeds(prepared, 4, seed=0, shapes=shapes)
     calibration = common.feeds(prepared, 16, seed=1, shapes=shapes)
     candidates = [
-        (label, *ours(prepared, pass_name, settings, calibration))
+        (label, *common.timed_pass(prepared, pass_name, settings, calibration))
         for label, pass_name, settings in VARIANTS[name]
     ]
     if name == "transformer":
         candidates.append(("onnxruntime MatMulNBitsQuantizer int4", *onnxruntime_int4(prepared)))
-    base = common.cost(prepared, shapes=shapes)
     models = [prepared] + [model for _, model, _ in candidates]
     timings = {t: common.latency_ms(models, held_out[0], t, runs) for t in threads}
     rows = []
@@ -83,10 +71,7 @@ def bench_model(name: str, threads: list[int], runs: int) -> list[dict]:
                 "model": name,
                 "variant": label,
                 "seconds": seconds,
-                "size_ratio": base["bytes"] / common.cost(model, shapes=shapes)["bytes"],
-                "latency_ratio": {f"t{t}": timings[t][index] / timings[t][0] for t in threads},
-                "fp32_ms": {f"t{t}": timings[t][0] for t in threads},
-                **common.fidelity(prepared, model, held_out),
+                **common.variant_row(prepared, model, timings, index, held_out, shapes),
             }
         )
     return rows

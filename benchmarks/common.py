@@ -25,7 +25,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_squeeze import analysis, comparison, runtime, zoo
-from onnx_squeeze.pipeline import compress
+from onnx_squeeze.passes.base import PassContext, make_pass
+from onnx_squeeze.pipeline import compress, convert_opset, finalize
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -84,6 +85,44 @@ def cost(model: ir.Model, shapes: dict[str, Sequence[int]] | None = None) -> dic
     summary = analysis.analyze(model, shapes=shapes)
     size = summary.size_bytes or len(ir.to_proto(model).SerializeToString())
     return {"params": summary.params, "macs": summary.macs, "bytes": size}
+
+
+def timed_pass(
+    prepared: ir.Model, name: str, settings: dict, calibration: Any, opset: int | None = None
+) -> tuple[ir.Model, float]:
+    """One registered pass on a copy of ``prepared`` (converted to ``opset`` first if given),
+    finalized as ``compress`` would, and the seconds the pass took."""
+    model = prepared.clone() if opset is None else convert_opset(prepared.clone(), opset)
+    start = time.perf_counter()
+    make_pass(name, settings)(model, PassContext(calibration=calibration, teacher=prepared))
+    seconds = time.perf_counter() - start
+    finalize(model, [])
+    return model, seconds
+
+
+def variant_row(
+    prepared: ir.Model,
+    model: ir.Model,
+    timings: dict[int, list[float]],
+    index: int | None,
+    held_out: Sequence[dict],
+    shapes: dict[str, Sequence[int]] | None,
+) -> dict[str, Any]:
+    """Size, latency and fidelity of one variant against the prepared original; ``timings``
+    are per-thread latencies from :func:`latency_ms` with the original first and the variant at
+    ``index`` (None: it could not run, so latency and fidelity are None)."""
+    fidelity_row = fidelity(prepared, model, held_out) if index is not None else {}
+    return {
+        "size_ratio": cost(prepared, shapes)["bytes"] / cost(model, shapes)["bytes"],
+        "latency_ratio": {
+            f"t{t}": times[index] / times[0] if index is not None else None
+            for t, times in timings.items()
+        },
+        "fp32_ms": {f"t{t}": times[0] for t, times in timings.items()},
+        "cosine": fidelity_row.get("cosine"),
+        "top1_agreement": fidelity_row.get("top1_agreement"),
+        "max_abs": fidelity_row.get("max_abs"),
+    }
 
 
 def run_isolated(code: str, timeout: float = 1800) -> dict[str, Any]:
