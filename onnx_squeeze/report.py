@@ -30,7 +30,8 @@ SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 
 # Per-node rows shown in the terminal before "... N more"; the JSON always has all of them.
-_TERMINAL_NODE_ROWS = 25
+_TERMINAL_NODE_ROWS = 12
+_TERMINAL_SKIPS = 8
 
 
 def build_report(
@@ -217,13 +218,18 @@ def print_report(
     passes = report.get("passes") or []
     if passes:
         table = Table(title="passes", title_justify="left")
-        for column in ("pass", "changed", "skipped", "seconds"):
+        for column in ("pass", "changed", "skipped", "params", "MACs", "seconds"):
             table.add_column(column, justify="left" if column == "pass" else "right")
         for item in passes:
             records = item["records"]
             skipped = sum(r["action"] == "skipped" for r in records)
             table.add_row(
-                item["name"], str(len(records) - skipped), str(skipped), f"{item['seconds']:.2f}"
+                item["name"],
+                str(len(records) - skipped),
+                str(skipped),
+                _summed(records, "params"),
+                _summed(records, "macs"),
+                f"{item['seconds']:.2f}",
             )
         console.print(table)
         _print_records(console, passes, all_nodes)
@@ -238,30 +244,58 @@ def print_report(
         console.print(f"gate {gate['expr']}: {verdict} {gate.get('message', '')}")
 
 
+def _summed(records: list[dict[str, Any]], key: str) -> str:
+    """Total before → after over the records that changed ``key`` (parameters or MACs)."""
+    pairs = [
+        (r[f"{key}_before"], r[f"{key}_after"])
+        for r in records
+        if r.get(f"{key}_before") is not None and r.get(f"{key}_after") is not None
+    ]
+    if not pairs:
+        return ""
+    return _before_after(sum(b for b, _ in pairs), sum(a for _, a in pairs))
+
+
+def _change(record: dict[str, Any]) -> float:
+    """How much a record changed its node, for ranking: MACs first, then parameters."""
+    macs = abs((record.get("macs_before") or 0) - (record.get("macs_after") or 0))
+    params = abs((record.get("params_before") or 0) - (record.get("params_after") or 0))
+    return macs * 1e3 + params
+
+
 def _print_records(console: Console, passes: list[dict[str, Any]], all_nodes: bool) -> None:
-    rows = [(p["name"], r) for p in passes for r in p["records"]]
-    if not rows:
-        return
-    table = Table(title="per node", title_justify="left")
-    for column in ("pass", "node", "op", "action", "params", "MACs", "detail"):
-        table.add_column(column)
-    shown = rows if all_nodes else rows[:_TERMINAL_NODE_ROWS]
-    for name, record in shown:
-        params = _before_after(record.get("params_before"), record.get("params_after"))
-        macs = _before_after(record.get("macs_before"), record.get("macs_after"))
-        table.add_row(
-            name,
-            record["node"],
-            record["op_type"],
-            record["action"],
-            params,
-            macs,
-            record["detail"],
-        )
-    console.print(table)
-    if len(rows) > len(shown):
+    """The nodes that changed most (or all with ``all_nodes``), then what was skipped and why."""
+    changed = [(p["name"], r) for p in passes for r in p["records"] if r["action"] != "skipped"]
+    skipped = [(p["name"], r) for p in passes for r in p["records"] if r["action"] == "skipped"]
+    if not all_nodes:
+        changed = sorted(changed, key=lambda item: _change(item[1]), reverse=True)
+    shown = changed if all_nodes else changed[:_TERMINAL_NODE_ROWS]
+    if shown:
+        title = "per node" if all_nodes else "largest changes per node"
+        table = Table(title=title, title_justify="left")
+        for column in ("pass", "node", "op", "action", "params", "MACs", "detail"):
+            table.add_column(column)
+        for name, record in shown:
+            table.add_row(
+                name,
+                record["node"],
+                record["op_type"],
+                record["action"],
+                _before_after(record.get("params_before"), record.get("params_after")),
+                _before_after(record.get("macs_before"), record.get("macs_after")),
+                record["detail"],
+            )
+        console.print(table)
+    hidden = len(changed) - len(shown)
+    for name, record in skipped if all_nodes else skipped[:_TERMINAL_SKIPS]:
         console.print(
-            f"... {len(rows) - len(shown)} more node records (all of them are in the JSON report)"
+            f"skipped by {name}: {record['node']} ({record['op_type']}): {record['detail']}"
+        )
+    hidden_skips = 0 if all_nodes else max(0, len(skipped) - _TERMINAL_SKIPS)
+    if hidden or hidden_skips:
+        console.print(
+            f"... {hidden} more changed and {hidden_skips} more skipped nodes "
+            "(all of them are in the JSON report)"
         )
 
 
