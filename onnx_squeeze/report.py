@@ -420,9 +420,26 @@ def to_html(report: dict[str, Any]) -> str:
         ]
         parts.append(_table(["gate", "value", "result"], gate_rows))
     passes = report.get("passes") or []
+    if passes:
+        parts.append("<h2>Passes</h2>")
+        summary = []
+        for item in passes:
+            skipped = sum(r["action"] == "skipped" for r in item["records"])
+            summary.append(
+                (
+                    esc(item["name"]),
+                    str(len(item["records"]) - skipped),
+                    str(skipped),
+                    esc(_summed(item["records"], "params")),
+                    esc(_summed(item["records"], "macs")),
+                    f"{item['seconds']:.2f}",
+                )
+            )
+        parts.append(_table(["pass", "changed", "skipped", "params", "MACs", "seconds"], summary))
     for item in passes:
         parts.append(
-            f"<h2>Pass: {esc(item['name'])} <span class='note'>({item['seconds']:.2f} s)</span></h2>"
+            f"<details><summary><b>{esc(item['name'])}</b> <span class='note'>"
+            f"({len(item['records'])} node records, {item['seconds']:.2f} s)</span></summary>"
         )
         rows = [
             (
@@ -439,6 +456,7 @@ def to_html(report: dict[str, Any]) -> str:
             parts.append(_table(["node", "op", "action", "params", "MACs", "detail"], rows))
         for note in item["notes"]:
             parts.append(f"<p class='note'>{esc(note)}</p>")
+        parts.append("</details>")
     for note in report.get("notes") or []:
         parts.append(f"<p class='note'>note: {esc(note)}</p>")
     tool = report.get("tool", {})

@@ -45,3 +45,18 @@ def test_all_nodes_lists_every_record_in_order():
         {"passes": [{"name": "p", "seconds": 0.1, "records": records, "notes": []}]}, all_nodes=True
     )
     assert text.index("conv0 ") < text.index("conv19") and "more changed" not in text
+
+
+def test_html_page_summarises_passes_and_folds_node_records():
+    records = [_record(f"conv{i}", 1000, 500) for i in range(3)] + [_record("fc", 0, 0, "skipped")]
+    page = report.to_html(
+        {
+            "created": "now",
+            "passes": [{"name": "prune_channels", "seconds": 1.0, "records": records, "notes": []}],
+        }
+    )
+    summary_row = (
+        "<td>prune_channels</td><td>3</td><td>1</td><td>30 → 15</td><td>3.00k → 1.50k</td>"
+    )
+    assert summary_row in page.replace("\n", "")
+    assert page.count("<details>") == page.count("</details>") == 1
