@@ -132,14 +132,82 @@ g (float[N, 4, 6, 6] x, float[8, 4, 1, 1] shared, float[8, 4, 1, 1] wo, float[8,
 }
 """
 
+SHAPE_OPS = """
+g (float[N, 4, 4, 4] x, float[16, 4, 3, 3] w1, float[1, 16, 1, 1] scale, float[16, 1, 1] shift,
+   float[8, 16, 1, 1] w2, float[8, 8, 1, 1] w3, float[32, 10] wm) => (float[N, 10] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    m = Mul (c1, scale)
+    s = Sub (shift, m)
+    r = Relu (s)
+    scales = Constant <value = float[4] {1.0, 1.0, 2.0, 2.0}> ()
+    up = Resize <mode = "nearest"> (r, , scales)
+    pads = Constant <value = int64[8] {0, 0, 1, 1, 0, 0, 1, 1}> ()
+    p = Pad (up, pads)
+    starts = Constant <value = int64[1] {4}> ()
+    ends = Constant <value = int64[1] {12}> ()
+    axes = Constant <value = int64[1] {1}> ()
+    sl = Slice (p, starts, ends, axes)
+    c2 = Conv (p, w2)
+    c3 = Conv (sl, w3)
+    a = Add (c2, c3)
+    pool = MaxPool <kernel_shape = [5, 5], strides = [5, 5]> (a)
+    target = Constant <value = int64[2] {0, -1}> ()
+    flat = Reshape (pool, target)
+    y = MatMul (flat, wm)
+}
+"""
+
+SHARED_CONSTANTS = """
+g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] wa, float[8, 4, 1, 1] wb, float[8] bias,
+   float[1, 8, 1, 1] k, float[4, 8, 1, 1] wc, float[4, 8, 1, 1] wd) => (float[N, 4, 4, 4] y) {
+    a = Conv (x, wa, bias)
+    ka = Mul (a, k)
+    ra = Relu (ka)
+    b = Conv (x, wb, bias)
+    kb = Mul (b, k)
+    rb = Relu (kb)
+    c = Conv (ra, wc)
+    d = Conv (rb, wd)
+    y = Add (c, d)
+}
+"""
+
+UNMAPPABLE = """
+g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] wg, float[8, 4, 1, 1] wgo, float[8, 4, 1, 1] wr,
+   float[8, 4, 1, 1] ws, float[4, 4, 1, 1] wc, float[4, 28, 1, 1] wz) => (float[N, 4, 4, 4] y) {
+    g0 = Conv (x, wg)
+    g1 = Conv <group = 2> (g0, wgo)
+    r = Conv (x, wr)
+    shape = Constant <value = int64[5] {0, 2, 4, 4, 4}> ()
+    heads = Reshape (r, shape)
+    back = Constant <value = int64[4] {0, 8, 4, 4}> ()
+    rr = Reshape (heads, back)
+    s = Conv (x, ws)
+    sm = Softmax <axis = 1> (s)
+    c = Conv (x, wc)
+    cc = Concat <axis = 2> (c, x)
+    st = Constant <value = int64[1] {0}> ()
+    en = Constant <value = int64[1] {4}> ()
+    ax = Constant <value = int64[1] {2}> ()
+    cs = Slice (cc, st, en, ax)
+    all = Concat <axis = 1> (g1, rr, sm, cs)
+    y = Conv (all, wz)
+}
+"""
+
 GRAPHS = {
     "residual": RESIDUAL,
     "concat_split": CONCAT_SPLIT,
     "depthwise": DEPTHWISE,
     "flatten_gemm": FLATTEN_GEMM,
     "transformer_mlp": TRANSFORMER_MLP,
+    "shape_ops": SHAPE_OPS,
+    "shared_constants": SHARED_CONSTANTS,
     "bad": BAD,
+    "unmappable": UNMAPPABLE,
 }
+# Graphs with nothing prunable, for the frozen-group tests.
+FROZEN_GRAPHS = ("bad", "unmappable")
 
 
 @functools.cache
@@ -245,6 +313,38 @@ def test_bad_cases_are_frozen_with_reasons():
     assert "LRN" in _group_of(groups, "u").frozen
     rows = channel_groups.format_groups(groups)
     assert all(row[-1].startswith("frozen: ") for row in rows)
+
+
+def test_per_channel_constants_resize_pad_slice_and_reshape_into_matmul():
+    groups = channel_groups.build_groups(_named(graph_model(SHAPE_OPS)))
+    # the Slice takes channels 4:12, so c1 is cut in three groups of 4, 8 and 4 channels
+    c1_groups = sorted((g for g in groups if g.name == "c1"), key=lambda g: g.members[0].offsets)
+    assert [g.channels for g in c1_groups] == [4, 8, 4]
+    for group, offset in zip(c1_groups, (0, 4, 12), strict=True):
+        members = _members(group)
+        assert {("m", "param", 1, (offset,)), ("s", "param", 0, (offset,))} <= members
+        assert ("c2", "consumer", 1, (offset,)) in members and group.frozen is None
+    assert ("c3", "consumer", 1, (0,)) in _members(c1_groups[1])  # the sliced channels only
+    (mul,) = [m for m in c1_groups[0].members if m.slot.node.name == "m"]
+    (sub,) = [m for m in c1_groups[0].members if m.slot.node.name == "s"]
+    assert (mul.slot.axis, sub.slot.axis) == (1, 0)  # shapes [1, 16, 1, 1] and [16, 1, 1]
+    coupled = _group_of(groups, "c2")
+    assert {n.name for n in coupled.producers} == {"c2", "c3"} and coupled.frozen is None
+    (matmul,) = [m for m in coupled.members if m.slot.node.name == "y"]
+    assert (matmul.slot.axis, matmul.slot.repeat) == (0, 4)  # 2 x 2 pixels per channel
+
+
+def test_unmappable_axes_and_grouped_convolutions_are_frozen_with_reasons():
+    groups = channel_groups.build_groups(_named(graph_model(UNMAPPABLE)))
+    reasons = {name: _group_of(groups, name).frozen for name in ("g0", "g1", "r", "s", "c")}
+    assert reasons == {
+        "g0": "Conv 'g1' is a grouped convolution (group=2)",
+        "g1": "Conv 'g1' is a grouped convolution (group=2)",
+        "r": "Reshape 'heads' reshapes the channel axis",
+        "s": "Softmax 'sm' mixes values across the channel axis",
+        "c": "Concat 'cc' joins traced and untraced tensors along another axis",
+    }
+    assert all(g.frozen for g in groups)
 
 
 @pytest.mark.parametrize("name", zoo.NAMES)

@@ -14,7 +14,7 @@ from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.passes.base import PassContext
 from onnx_squeeze.passes.prune_channels import PruneChannels, kept_channels
 from tests.helpers import assert_same_outputs, check, random_feeds, run
-from tests.test_channel_groups import GRAPHS, graph_model, zoo_model
+from tests.test_channel_groups import FROZEN_GRAPHS, GRAPHS, graph_model, zoo_model
 
 
 def _prune(model: ir.Model, context: PassContext | None = None, **settings):
@@ -39,7 +39,7 @@ def _assert_removal_is_lossless(model: ir.Model, **settings) -> ir.Model:
     return removed
 
 
-@pytest.mark.parametrize("graph", sorted(set(GRAPHS) - {"bad"}))
+@pytest.mark.parametrize("graph", sorted(set(GRAPHS) - set(FROZEN_GRAPHS)))
 def test_removing_zero_channels_is_lossless_on_coupled_structures(graph: str):
     _assert_removal_is_lossless(graph_model(GRAPHS[graph]), ratio=0.5)
 
@@ -68,6 +68,22 @@ def test_remove_mode_shrinks_shapes_and_records_kept_channels():
     check(pruned)
 
 
+def test_remove_mode_moves_slice_bounds_and_shrinks_rows_after_reshape():
+    model = graph_model(GRAPHS["shape_ops"])
+    ShapeInferencePass()(model)
+    pruned, _ = _prune(model, ratio=0.5)
+    weights = _initializers(pruned)
+    assert weights["w1"].shape[0] == 8 and weights["scale"].shape == (1, 8, 1, 1)
+    assert weights["shift"].shape == (8, 1, 1) and weights["w3"].shape == (4, 4, 1, 1)
+    assert weights["wm"].shape == (16, 10)  # 4 channels x 2 x 2 pixels
+    (slice_node,) = [n for n in pruned.graph if n.op_type == "Slice"]
+    bounds = [slice_node.inputs[i].const_value.numpy().tolist() for i in (1, 2)]
+    assert bounds == [[2], [6]]  # 2 of the 4 channels before it kept, 4 of 8 taken
+    values = {v.name: v for n in pruned.graph for v in n.outputs}
+    assert values["sl"].shape[1] == 4 and values["flat"].shape[1] == 16
+    check(pruned)
+
+
 def test_ratio_zero_is_the_identity():
     model = zoo_model("resnet18", True)
     before = _initializers(model)
@@ -79,17 +95,40 @@ def test_ratio_zero_is_the_identity():
     assert_same_outputs(model, pruned, random_feeds(model, 1))
 
 
-def test_frozen_groups_are_untouched_and_reported():
-    model = graph_model(GRAPHS["bad"])
+@pytest.mark.parametrize(
+    ("graph", "reasons"),
+    [
+        ("bad", ("shared with other nodes", "graph output", "LRN")),
+        ("unmappable", ("grouped convolution", "reshapes the channel axis", "mixes values")),
+    ],
+)
+def test_frozen_groups_are_untouched_and_reported(graph: str, reasons: tuple[str, ...]):
+    model = graph_model(GRAPHS[graph])
     before = _initializers(model)
     pruned, report = _prune(model, ratio=0.5)
     after = _initializers(pruned)
-    for name in ("shared", "wo", "wu"):  # shared weight, group reaching an output, LRN
-        assert np.array_equal(before[name], after[name]), name
-    reasons = " ".join(r.detail for r in report.skipped)
-    assert "shared with other nodes" in reasons and "graph output" in reasons and "LRN" in reasons
+    assert not report.changed
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    skipped = " ".join(r.detail for r in report.skipped)
+    assert all(reason in skipped for reason in reasons), skipped
     check(pruned)
     assert_same_outputs(model, pruned, random_feeds(model, 1))
+
+
+def test_constants_shared_by_two_groups_are_copied_not_half_pruned():
+    """One bias and one Mul constant serve two independent groups: each node gets its own
+    sliced copy and the shared originals keep every channel."""
+    model = graph_model(GRAPHS["shared_constants"])
+    pruned, _ = _prune(model, ratio=0.5)
+    nodes = {node.outputs[0].name: node for node in pruned.graph}
+    shared = _initializers(model)
+    for name, index in (("a", 2), ("b", 2), ("ka", 1), ("kb", 1)):
+        value = nodes[name].inputs[index]
+        assert value.const_value.numpy().size == 4, name
+        original = shared["bias" if index == 2 else "k"].reshape(-1)
+        assert set(value.const_value.numpy().reshape(-1)) <= set(original), name
+    assert {shared["bias"].size, shared["k"].size} == {8}
 
 
 def test_weights_shared_with_the_teacher_are_not_written_into():
