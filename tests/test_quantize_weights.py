@@ -218,9 +218,9 @@ def test_transformer_gptq_beats_rtn():
     )
     check(gptq)
     # one Hessian per distinct input (Q/K/V share one; 4 per layer, pooler, classifier)
-    grams = {key[1]: value for key, value in context.cache.items() if key[0] == "gram"}
+    grams = list(context.cache["grams"].values())
     assert len(grams) == 2 * 4 + 2
-    assert sorted(rows for _, rows in grams.values()) == [32, 32] + [512] * 8  # pooled: token 0
+    assert sorted(moments.rows for moments in grams) == [32, 32] + [512] * 8  # pooled: token 0
 
     def error(student: ir.Model) -> float:
         return sum(float(np.square(run(model, f)[1] - run(student, f)[1]).mean()) for f in held_out)

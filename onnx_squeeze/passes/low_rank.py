@@ -26,15 +26,15 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from numpy.lib.stride_tricks import sliding_window_view
 
 from onnx_squeeze import analysis, factorize, runtime
-from onnx_squeeze.errors import InputError, SettingsError
+from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.grams import GramSpec, Moments, collect_grams, conv_geometry
 from onnx_squeeze.graph_utils import (
     UniqueNames,
     attribute,
@@ -52,8 +52,6 @@ SUPPORTED_OPS = ("Gemm", "MatMul", "Conv")
 SOURCE_NODE_KEY = "onnx_squeeze.source_node"
 DEFAULT_ENERGY = 0.95
 
-_GRAM_BUDGET_BYTES = 512 * 2**20  # second-moment matrices held at once while collecting
-_MAX_ROWS_PER_BATCH = 8192  # input vectors per batch and tensor fed into a second moment
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 
 Rank = tuple[int, ...]
@@ -114,15 +112,6 @@ class Layer:
         if self.kind == "gemm":
             return self.weight.T if attribute(self.node, "transB", 0) else self.weight
         return self.weight.T if self.kind == "matmul_left" else self.weight
-
-
-def _conv_geometry(node: ir.Node, dims: int) -> dict[str, Any]:
-    return {
-        "strides": tuple(attribute(node, "strides", [1] * dims)),
-        "dilations": tuple(attribute(node, "dilations", [1] * dims)),
-        "pads": tuple(attribute(node, "pads", [0] * 2 * dims)),
-        "auto_pad": str(attribute(node, "auto_pad", "NOTSET")),
-    }
 
 
 def _static_spatial(value: ir.Value | None) -> tuple[int, ...] | None:
@@ -199,7 +188,7 @@ def _conv_layer(node: ir.Node, macs: int) -> Layer | str:
     if weight.ndim < 3:
         return f"Conv weight has rank {weight.ndim}"
     dims = weight.ndim - 2
-    geometry = _conv_geometry(node, dims)
+    geometry = conv_geometry(node, dims)
     bias = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
     in_spatial = _static_spatial(node.inputs[0])
     out_spatial = _static_spatial(node.outputs[0])
@@ -214,141 +203,6 @@ def _conv_layer(node: ir.Node, macs: int) -> Layer | str:
         macs / weight.size if macs else 1.0, int(bias.size) if bias is not None else 0,
         in_ratio, mid_ratio,
     )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Input second moments (data-aware mode)
-
-
-@dataclasses.dataclass(frozen=True)
-class GramSpec:
-    """Which input vectors of a layer a second moment ``Σ x xᵀ`` is taken over.
-
-    layout "last": features on the last axis (MatMul X·W, Gemm); "first": on the first axis
-    (Gemm with transA); "columns": on axis -2 (MatMul W·X); "patches": im2col patches of an NC...
-    tensor under a Conv geometry, ordered (channel, kernel position) like ``W.reshape(O, -1)``.
-    """
-
-    tensor: str
-    layout: str
-    features: int
-    kernel: tuple[int, ...] = ()
-    strides: tuple[int, ...] = ()
-    dilations: tuple[int, ...] = ()
-    pads: tuple[int, ...] = ()
-    auto_pad: str = "NOTSET"
-
-    @property
-    def nbytes(self) -> int:
-        return self.features**2 * 8
-
-
-@dataclasses.dataclass
-class Moments:
-    """``Σ x xᵀ`` over ``rows`` input vectors."""
-
-    gram: np.ndarray
-    rows: int
-
-
-def _explicit_pads(spec: GramSpec, spatial: Sequence[int]) -> list[tuple[int, int]]:
-    dims = len(spatial)
-    if spec.auto_pad in ("NOTSET", ""):
-        pads = spec.pads or (0,) * 2 * dims
-        return list(zip(pads[:dims], pads[dims:], strict=True))
-    if spec.auto_pad == "VALID":
-        return [(0, 0)] * dims
-    result = []
-    for size, kernel, stride, dilation in zip(
-        spatial, spec.kernel, spec.strides, spec.dilations, strict=True
-    ):
-        total = max(0, (math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size)
-        small = total // 2
-        result.append(
-            (small, total - small) if spec.auto_pad == "SAME_UPPER" else (total - small, small)
-        )
-    return result
-
-
-def input_vectors(array: np.ndarray, spec: GramSpec) -> np.ndarray:
-    """The input vectors (rows) that the layer's weight multiplies, for one batch."""
-    if spec.layout == "last":
-        return array.reshape(-1, array.shape[-1])
-    if spec.layout == "first":
-        return array.reshape(array.shape[0], -1).T
-    if spec.layout == "columns":
-        return np.moveaxis(array, -2, -1).reshape(-1, array.shape[-2])
-    channels, spatial = array.shape[1], array.shape[2:]
-    dims = len(spatial)
-    padded = np.pad(array, [(0, 0), (0, 0), *_explicit_pads(spec, spatial)])
-    extent = [(k - 1) * d + 1 for k, d in zip(spec.kernel, spec.dilations, strict=True)]
-    windows = sliding_window_view(padded, extent, axis=tuple(range(2, 2 + dims)))
-    steps = [*spec.strides, *spec.dilations]  # output positions, then taps within a window
-    windows = windows[(slice(None), slice(None), *[slice(None, None, s) for s in steps])]
-    windows = np.moveaxis(windows, 1, 1 + dims)  # (N, *out, C, *kernel)
-    return windows.reshape(-1, channels * math.prod(spec.kernel))
-
-
-def _fingerprint(model: ir.Model) -> int:
-    """Changes whenever a pass rewires nodes or replaces a weight tensor (stale statistics)."""
-    nodes = tuple((node.name, node.op_type) for node in model.graph)
-    tensors = tuple((name, id(v.const_value)) for name, v in model.graph.initializers.items())
-    return hash((nodes, tensors))
-
-
-def collect_grams(
-    model: ir.Model, specs: Iterable[GramSpec], context: PassContext
-) -> dict[GramSpec, Moments]:
-    """``Σ x xᵀ`` over the calibration batches for every spec, shared through ``context.cache``.
-
-    Matrices are accumulated a group at a time (at most ``_GRAM_BUDGET_BYTES`` held), each group
-    in one pass over the calibration data with the group's input tensors exposed as outputs.
-    """
-    fingerprint = _fingerprint(model)
-    cache = context.cache.setdefault("low_rank.gram", {})
-    wanted = [s for s in dict.fromkeys(specs) if (fingerprint, s) not in cache]
-    groups: list[list[GramSpec]] = [[]]
-    for spec in sorted(wanted, key=lambda s: s.tensor):
-        if groups[-1] and sum(s.nbytes for s in groups[-1]) + spec.nbytes > _GRAM_BUDGET_BYTES:
-            groups.append([])
-        groups[-1].append(spec)
-    for group in filter(None, groups):
-        for spec, gram in _collect_group(model, group, context).items():
-            cache[(fingerprint, spec)] = gram
-    return {s: cache[(fingerprint, s)] for s in dict.fromkeys(specs)}
-
-
-def _collect_group(
-    model: ir.Model, specs: Sequence[GramSpec], context: PassContext
-) -> dict[GramSpec, Moments]:
-    inputs = {v.name for v in model.graph.inputs}
-    tensors = list(dict.fromkeys(s.tensor for s in specs))
-    exposed = [t for t in tensors if t not in inputs]
-    session = None
-    if exposed:
-        copy = model.clone()  # initializer tensors are shared, not copied
-        values = {v.name: v for node in copy.graph for v in node.outputs}
-        copy.graph.outputs.clear()
-        copy.graph.outputs.extend(values[name] for name in exposed)
-        session = runtime.create_session(copy, context.providers[0])
-    grams = {spec: np.zeros((spec.features, spec.features)) for spec in specs}
-    rows_seen = dict.fromkeys(specs, 0)
-    label = getattr(context.calibration, "label", "calibration data")
-    batches = 0
-    for feed in track(context.calibration, f"low_rank input statistics ({label})"):
-        arrays = {name: feed[name] for name in tensors if name in inputs}
-        if session is not None:
-            arrays.update(zip(exposed, session.run(exposed, feed), strict=True))
-        for spec in specs:
-            rows = input_vectors(np.asarray(arrays[spec.tensor], dtype=np.float32), spec)
-            if len(rows) > _MAX_ROWS_PER_BATCH:
-                rows = rows[:: math.ceil(len(rows) / _MAX_ROWS_PER_BATCH)]
-            grams[spec] += rows.T @ rows
-            rows_seen[spec] += len(rows)
-        batches += 1
-    if not batches:
-        raise InputError(f"calibration data {label} yielded no batches")
-    return {spec: Moments(grams[spec], rows_seen[spec]) for spec in specs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +342,7 @@ class ChannelPlan(MatrixPlan):
 
     def gram_spec(self) -> GramSpec | None:
         node, weight = self.layer.node, self.layer.weight
-        geometry = _conv_geometry(node, weight.ndim - 2)
+        geometry = conv_geometry(node, weight.ndim - 2)
         features = weight.shape[1] * math.prod(weight.shape[2:])
         return GramSpec(node.inputs[0].name, "patches", features, self.layer.kernel, **geometry)
 
@@ -502,7 +356,7 @@ class ChannelPlan(MatrixPlan):
         a, b = self.factors.factors(rank[0])
         first_kernel, second_kernel = factorize.channel_kernels(a, b, self.layer.weight.shape)
         node, dims = self.layer.node, len(self.layer.kernel)
-        first = builder.conv("lowrank_a", node.inputs[0], first_kernel, _conv_geometry(node, dims))
+        first = builder.conv("lowrank_a", node.inputs[0], first_kernel, conv_geometry(node, dims))
         return [first, builder.conv("lowrank_b", first.outputs[0], second_kernel, bias=True)]
 
 
@@ -514,7 +368,7 @@ class SpatialPlan(MatrixPlan):
 
     def _split(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The Conv geometry split into its vertical (first) and horizontal (second) parts."""
-        g = _conv_geometry(self.layer.node, 2)
+        g = conv_geometry(self.layer.node, 2)
         top, left, bottom, right = g["pads"]
         (sh, sw), (dh, dw), auto_pad = g["strides"], g["dilations"], g["auto_pad"]
         vertical = {"strides": (sh, 1), "dilations": (dh, 1), "pads": (top, 0, bottom, 0)}
@@ -583,7 +437,7 @@ class TuckerPlan(Plan):
         node, dims = self.layer.node, len(self.layer.kernel)
         ones = (1,) * dims
         first = builder.conv("lowrank_a", node.inputs[0], reduce.reshape(*reduce.shape, *ones))
-        middle = builder.conv("lowrank_core", first.outputs[0], core, _conv_geometry(node, dims))
+        middle = builder.conv("lowrank_core", first.outputs[0], core, conv_geometry(node, dims))
         last = builder.conv(
             "lowrank_b", middle.outputs[0], expand.reshape(*expand.shape, *ones), bias=True
         )
@@ -888,7 +742,14 @@ class LowRank(Pass):
         grams: dict[GramSpec, Moments] = {}
         if self.settings.data_aware and every:
             specs = [plan.gram_spec() for plan in every]
-            grams = collect_grams(model, [spec for spec in specs if spec is not None], context)
+            grams = collect_grams(
+                model,
+                [spec for spec in specs if spec is not None],
+                context.calibration,
+                provider=context.providers[0],
+                cache=context.cache,
+                label="low_rank input statistics",
+            )
         whites: dict[GramSpec, factorize.Whitening | None] = {}  # layers may share an input
         for spec, moments in grams.items():
             whites[spec] = factorize.whitening(moments.gram, self.settings.damping, moments.rows)

@@ -17,7 +17,6 @@ Hessians); a weight that some other op also reads is left alone and reported.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterable, Sequence
 
 import ml_dtypes
@@ -26,12 +25,11 @@ import onnx_ir as ir
 
 from onnx_squeeze import weight_codecs
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
+from onnx_squeeze.grams import collect_grams, layer_input_spec
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
 from onnx_squeeze.model_io import opset_version
 from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created, register
-from onnx_squeeze.progress import track
 from onnx_squeeze.report import human_bytes
-from onnx_squeeze.runtime import create_session
 
 MS_DOMAIN = "com.microsoft"
 SOURCE_KEY = "onnx_squeeze.source_node"
@@ -39,8 +37,6 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 # Opset and IR version of DequantizeLinear with block_size and of the INT4/UINT4 types.
 BLOCKED_DQ_OPSET = 21
 INT4_IR_VERSION = 10
-# Input Hessians collected in one calibration run stay below this many bytes (float64).
-GRAM_BUDGET_BYTES = 512 << 20
 # Serialized size of a few decode nodes: a codebook must save more than this to be worth it.
 DECODE_OVERHEAD_BYTES = 512
 
@@ -142,72 +138,6 @@ def _array_initializer(
     graph: ir.Graph, names: UniqueNames, wanted: str, array: np.ndarray
 ) -> ir.Value:
     return _initializer(graph, names, wanted, ir.tensor(np.ascontiguousarray(array)))
-
-
-# ---------------------------------------------------------------------------------------------
-# calibration: input Hessians for GPTQ
-
-
-def input_grams(
-    model: ir.Model, names: Sequence[str], context: PassContext, batches: int
-) -> dict[str, tuple[np.ndarray, int]]:
-    """``(XᵀX, rows)`` of each named activation, where ``X`` is the activation flattened to
-    ``[rows, features]`` over all batches (``XᵀX`` in float64).
-
-    Streaming: one onnxruntime session exposes the activations and each batch is added to the
-    sums, so memory is that of the sums; names are split into runs that keep the sums below
-    ``GRAM_BUDGET_BYTES``. Results are kept in ``context.cache`` under ``("gram", name)``.
-    """
-    values = {v.name: v for v in model.graph.inputs}
-    values.update((v.name, v) for node in model.graph for v in node.outputs if v.name)
-    wanted = [n for n in dict.fromkeys(names) if ("gram", n) not in context.cache]
-    for chunk in _budget_chunks(wanted, values):
-        _collect_grams(model, chunk, context, batches)
-    return {name: context.cache[("gram", name)] for name in names}
-
-
-def _features(value: ir.Value) -> int:
-    dim = value.shape[-1] if value.shape is not None and len(value.shape) else None
-    return dim if isinstance(dim, int) else 4096
-
-
-def _budget_chunks(names: list[str], values: dict[str, ir.Value]) -> Iterable[list[str]]:
-    chunk: list[str] = []
-    used = 0
-    for name in names:
-        size = _features(values[name]) ** 2 * 8
-        if chunk and used + size > GRAM_BUDGET_BYTES:
-            yield chunk
-            chunk, used = [], 0
-        chunk.append(name)
-        used += size
-    if chunk:
-        yield chunk
-
-
-def _collect_grams(model: ir.Model, names: list[str], context: PassContext, batches: int) -> None:
-    copy = model.clone()  # initializer tensors are shared, not copied
-    graph_inputs = {v.name for v in copy.graph.inputs}
-    produced = {v.name: v for node in copy.graph for v in node.outputs if v.name}
-    exposed = [n for n in names if n not in graph_inputs]
-    copy.graph.outputs.clear()
-    copy.graph.outputs.extend(produced[n] for n in exposed)
-    session = create_session(copy, context.providers[0]) if exposed else None
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    source = itertools.islice(context.calibration, batches)
-    for feed in track(source, "GPTQ input statistics", total=batches):
-        arrays = {n: feed[n] for n in names if n in graph_inputs}
-        if session is not None:
-            arrays.update(zip(exposed, session.run(exposed, feed), strict=True))
-        for name, array in arrays.items():
-            rows = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
-            sums[name] = sums.get(name, 0.0) + rows.T @ rows
-            counts[name] = counts.get(name, 0) + len(rows)
-    if not sums:
-        raise SettingsError("the calibration data yielded no batches: GPTQ needs some")
-    for name in names:
-        context.cache[("gram", name)] = (sums[name], counts[name])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,8 +262,22 @@ class QuantizeWeights(Pass):
         """Input Hessians (``XᵀX``) by activation name for GPTQ; none for round-to-nearest."""
         if self.settings.algorithm != "gptq":
             return {}
-        inputs = [c.node.inputs[0].name for w in weights for c in w.consumers]
-        grams = input_grams(model, inputs, context, self.settings.calibration_batches)
+        specs = {
+            c.node.inputs[0].name: layer_input_spec(c.node, w.array.shape)
+            for w in weights
+            for c in w.consumers
+        }
+        moments = collect_grams(
+            model,
+            specs.values(),
+            context.calibration,
+            provider=context.providers[0],
+            batches=self.settings.calibration_batches,
+            max_rows=None,
+            cache=context.cache,
+            label="GPTQ input statistics",
+        )
+        grams = {name: (moments[spec].gram, moments[spec].rows) for name, spec in specs.items()}
         short = sorted(name for name, (gram, rows) in grams.items() if rows < len(gram))
         if short:
             report.notes.append(

@@ -32,19 +32,19 @@ import fnmatch
 import json
 import math
 import zlib
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass, TopologicalSortPass
+from onnx_ir.passes.common import TopologicalSortPass
 
 from onnx_squeeze.calibration import ChannelStatistics, RandomSource
 from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.grams import TensorRunner
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, set_input_constant
 from onnx_squeeze.least_squares import GramAccumulator, RidgeFolds, conv_pads, im2col
 from onnx_squeeze.passes.base import Pass, PassContext, PassReport, register
-from onnx_squeeze.runtime import create_session, input_specs
+from onnx_squeeze.runtime import input_specs
 
 KEPT_CHANNELS_KEY = "onnx_squeeze.kept_channels"
 SOURCE_NODE_KEY = "onnx_squeeze.source_node"
@@ -492,30 +492,6 @@ def _current(linear: _Linear, node: ir.Node) -> np.ndarray:
 # Running student and teacher
 
 
-class _Runner:
-    """Runs a model on the calibration feeds, returning the named tensors of each batch."""
-
-    def __init__(self, model: ir.Model, names: Sequence[str]) -> None:
-        copy = model.clone()  # tensors are shared, not copied
-        graph = copy.graph
-        self.fed = [name for name in names if any(v.name == name for v in graph.inputs)]
-        values = {out.name: out for node in graph for out in node.outputs}
-        self.outputs = [name for name in dict.fromkeys(names) if name not in self.fed]
-        if any(values[name].dtype is None for name in self.outputs):
-            ShapeInferencePass(strict_mode=False)(copy)
-        graph.outputs.clear()
-        graph.outputs.extend(values[name] for name in self.outputs)
-        RemoveUnusedNodesPass()(copy)
-        self.session = create_session(copy) if self.outputs else None
-
-    def __call__(self, feed: Feed) -> dict[str, np.ndarray]:
-        arrays = {name: feed[name] for name in self.fed}
-        if self.session is not None:
-            results = self.session.run(self.outputs, feed)
-            arrays.update(zip(self.outputs, results, strict=True))
-        return arrays
-
-
 def _teacher_target(array: np.ndarray, value: ir.Value) -> np.ndarray:
     """The teacher's tensor restricted to the channels the student kept."""
     kept = value.metadata_props.get(KEPT_CHANNELS_KEY)
@@ -530,7 +506,7 @@ def _output_error(
 ) -> float:
     """Worst relative squared error over the graph outputs: Σ|s - t|² / Σ|t - mean t|²."""
     names = list(teacher_outputs[0])
-    runner = _Runner(student, names)
+    runner = TensorRunner(student, names)
     errors = dict.fromkeys(names, 0.0)
     spreads = dict.fromkeys(names, 0.0)
     for feed, reference in zip(feeds, teacher_outputs, strict=True):
@@ -608,7 +584,7 @@ class Reconstruct(Pass):
             return
         feeds = _calibration_feeds(context, teacher, self.settings.samples, report)
         graph_outputs = [v.name for v in model.graph.outputs]
-        reference = [_Runner(teacher, graph_outputs)(feed) for feed in feeds]
+        reference = [TensorRunner(teacher, graph_outputs)(feed) for feed in feeds]
         before = _output_error(model, reference, feeds)
         edits = _Edits(model)
         every = self.settings.refresh_every
@@ -653,8 +629,8 @@ class _Wave:
         edits: _Edits,
         report: PassReport,
     ) -> None:
-        student_run = _Runner(model, self.student_names())
-        teacher_run = _Runner(teacher, [layer.output.name for layer in self.layers])
+        student_run = TensorRunner(model, self.student_names())
+        teacher_run = TensorRunner(teacher, [layer.output.name for layer in self.layers])
         sums: list[Any] = [None] * len(self.layers)
         for feed in feeds:
             student, reference = student_run(feed), teacher_run(feed)

@@ -1,0 +1,195 @@
+"""Streaming input Gram matrices (``XᵀX``) of Conv/Gemm/MatMul layers over calibration data.
+
+Data-aware factorization (whitening), GPTQ (input Hessians), reconstruction-driven channel
+selection and layer-wise reconstruction all need the second moment of what a layer's weight
+multiplies: rows of a Gemm/MatMul input, im2col patches of a Conv input. :func:`collect_grams`
+runs onnxruntime once per group of requested tensors on a copy of the model that exposes them
+(:class:`TensorRunner`), and adds each batch to a :class:`~onnx_squeeze.least_squares.GramAccumulator`,
+so memory is that of the matrices plus one batch, whatever the number of batches. Requests are
+split into groups whose matrices fit a byte budget, one calibration pass per group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_squeeze.calibration import Feed, _expose
+from onnx_squeeze.errors import InputError
+from onnx_squeeze.graph_utils import attribute
+from onnx_squeeze.least_squares import GramAccumulator, conv_pads, im2col
+from onnx_squeeze.progress import track
+from onnx_squeeze.runtime import create_session
+
+# Gram matrices (float64) held at once while collecting; more requests take more passes.
+BUDGET_BYTES = 512 * 2**20
+# Input vectors per batch and request added to a Gram matrix (an even subsample beyond).
+MAX_ROWS_PER_BATCH = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class GramSpec:
+    """Which input vectors of a layer ``Σ x xᵀ`` is taken over.
+
+    layout "last": features on the last axis (MatMul X·W, Gemm); "first": on the first axis
+    (Gemm with transA); "columns": on axis -2 (MatMul W·X); "patches": im2col patches of an
+    NC... tensor under a Conv geometry (ONNX ``pads``), ordered (channel, kernel tap) like
+    ``W.reshape(O, -1)``.
+    """
+
+    tensor: str
+    layout: str
+    features: int
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    auto_pad: str = "NOTSET"
+
+    @property
+    def nbytes(self) -> int:
+        return self.features**2 * 8
+
+
+@dataclasses.dataclass
+class Moments:
+    """``Σ x xᵀ`` over ``rows`` input vectors."""
+
+    gram: np.ndarray
+    rows: int
+
+
+def conv_geometry(node: ir.Node, dims: int) -> dict[str, Any]:
+    """A Conv's strides, dilations, pads and auto_pad as :class:`GramSpec` fields."""
+    return {
+        "strides": tuple(attribute(node, "strides", [1] * dims)),
+        "dilations": tuple(attribute(node, "dilations", [1] * dims)),
+        "pads": tuple(attribute(node, "pads", [0] * 2 * dims)),
+        "auto_pad": str(attribute(node, "auto_pad", "NOTSET")),
+    }
+
+
+def layer_input_spec(node: ir.Node, weight_shape: Sequence[int]) -> GramSpec | None:
+    """The spec of what the constant weight (input 1) of a Conv (one group), Gemm or MatMul
+    multiplies; None for other layers."""
+    source = node.inputs[0]
+    if source is None or not source.name:
+        return None
+    if node.op_type == "Conv" and int(attribute(node, "group", 1)) == 1:
+        kernel = tuple(int(k) for k in weight_shape[2:])
+        features = int(weight_shape[1]) * math.prod(kernel)
+        return GramSpec(
+            source.name, "patches", features, kernel, **conv_geometry(node, len(kernel))
+        )
+    if node.op_type == "Gemm":
+        transposed = attribute(node, "transB", 0)
+        features = int(weight_shape[1] if transposed else weight_shape[0])
+        return GramSpec(source.name, "first" if attribute(node, "transA", 0) else "last", features)
+    if node.op_type == "MatMul" and len(weight_shape) == 2:
+        return GramSpec(source.name, "last", int(weight_shape[0]))
+    return None
+
+
+def input_vectors(array: np.ndarray, spec: GramSpec) -> np.ndarray:
+    """The input vectors (rows) that the layer's weight multiplies, for one batch."""
+    if spec.layout == "last":
+        return array.reshape(-1, array.shape[-1])
+    if spec.layout == "first":
+        return array.reshape(array.shape[0], -1).T
+    if spec.layout == "columns":
+        return np.moveaxis(array, -2, -1).reshape(-1, array.shape[-2])
+    pads = conv_pads(
+        array.shape[2:], spec.kernel, spec.strides, spec.dilations, spec.pads, spec.auto_pad
+    )
+    patches = im2col(array, spec.kernel, spec.strides, spec.dilations, pads)
+    return patches.reshape(-1, patches.shape[-1])
+
+
+class TensorRunner:
+    """Runs a copy of a model whose outputs are the named tensors (graph inputs among them are
+    read from the feed); the caller's model is never modified, initializers are shared."""
+
+    def __init__(self, model: ir.Model, names: Sequence[str], provider: str = "cpu") -> None:
+        copy, self.fed = _expose(model, list(dict.fromkeys(names)))
+        self.outputs = [v.name for v in copy.graph.outputs] if copy is not None else []
+        self.session = create_session(copy, provider) if copy is not None else None
+
+    def __call__(self, feed: Feed) -> dict[str, np.ndarray]:
+        arrays = {name: feed[name] for name in self.fed}
+        if self.session is not None:
+            arrays.update(zip(self.outputs, self.session.run(self.outputs, feed), strict=True))
+        return arrays
+
+
+def fingerprint(model: ir.Model) -> int:
+    """Changes whenever a pass rewires nodes or replaces a weight tensor (stale statistics)."""
+    nodes = tuple((node.name, node.op_type) for node in model.graph)
+    tensors = tuple((name, id(v.const_value)) for name, v in model.graph.initializers.items())
+    return hash((nodes, tensors))
+
+
+def budget_groups(specs: Iterable[GramSpec], budget: int) -> list[list[GramSpec]]:
+    """Specs in groups whose matrices together stay within ``budget`` bytes (one spec larger
+    than the budget gets a group of its own)."""
+    groups: list[list[GramSpec]] = [[]]
+    for spec in sorted(dict.fromkeys(specs), key=lambda s: s.tensor):
+        if groups[-1] and sum(s.nbytes for s in groups[-1]) + spec.nbytes > budget:
+            groups.append([])
+        groups[-1].append(spec)
+    return [group for group in groups if group]
+
+
+def collect_grams(
+    model: ir.Model,
+    specs: Iterable[GramSpec],
+    source: Iterable[Feed],
+    *,
+    provider: str = "cpu",
+    batches: int | None = None,
+    max_rows: int | None = MAX_ROWS_PER_BATCH,
+    budget: int = BUDGET_BYTES,
+    cache: dict[Any, Any] | None = None,
+    label: str = "input Gram matrices",
+) -> dict[GramSpec, Moments]:
+    """``Σ x xᵀ`` (float64) over the first ``batches`` batches of ``source`` (all when None)
+    for every spec. ``max_rows`` evenly subsamples the rows of one batch (None: all rows).
+    With ``cache`` (a pass context's), results are reused while the model is unchanged."""
+    specs = list(dict.fromkeys(specs))
+    key = (fingerprint(model), id(source), batches, max_rows)
+    store = cache.setdefault("grams", {}) if cache is not None else {}
+    wanted = [spec for spec in specs if (key, spec) not in store]
+    for group in budget_groups(wanted, budget):
+        found = _collect_group(model, group, source, provider, batches, max_rows, label)
+        store.update(((key, spec), moments) for spec, moments in found.items())
+    return {spec: store[(key, spec)] for spec in specs}
+
+
+def _collect_group(
+    model: ir.Model,
+    specs: list[GramSpec],
+    source: Iterable[Feed],
+    provider: str,
+    batches: int | None,
+    max_rows: int | None,
+    label: str,
+) -> dict[GramSpec, Moments]:
+    runner = TensorRunner(model, [spec.tensor for spec in specs], provider)
+    sums = {spec: GramAccumulator(1, spec.features, 0, intercept=False) for spec in specs}
+    feeds = source if batches is None else itertools.islice(source, batches)
+    for feed in track(feeds, label, total=batches):
+        arrays = runner(feed)
+        for spec, accumulator in sums.items():
+            rows = input_vectors(np.asarray(arrays[spec.tensor]), spec)
+            if max_rows is not None and len(rows) > max_rows:
+                rows = rows[:: math.ceil(len(rows) / max_rows)]
+            accumulator.update(rows[None], np.empty((1, len(rows), 0)))
+    if not next(iter(sums.values())).rows:
+        name = getattr(source, "label", type(source).__name__)
+        raise InputError(f"calibration data {name} yielded no batches")
+    return {spec: Moments(acc.xtx[0], acc.rows) for spec, acc in sums.items()}
