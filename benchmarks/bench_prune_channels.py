@@ -13,11 +13,15 @@ Usage: ``python benchmarks/bench_prune_channels.py [--models resnet50 ...] [--ru
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import onnx_ir as ir
-from onnxsim.pruning import apply_structured_pruning
+from onnxsim.pruning import analyze_pruning_sensitivity, apply_structured_pruning
 
 from benchmarks import common
 from onnx_squeeze import runtime
@@ -31,6 +35,7 @@ TARGETS = (0.3, 0.5)
 THREADS = (1, 2)
 _SHAPES = {"transformer": {"input_ids": (1, 128)}}
 _SEARCH_STEPS = 8
+_ONNXSIM_PROBE_SPARSITY = 0.5
 _CALIBRATION_SAMPLES = 4
 ALLOCATIONS = ("sensitivity", "uniform")
 
@@ -65,6 +70,24 @@ def ours(prepared: ir.Model, target: float, allocation: str, context: PassContex
     return model
 
 
+def our_groups(prepared: ir.Model) -> str:
+    """Prunable/frozen channel dependency groups, as ``onnx-squeeze inspect --groups`` lists."""
+    groups = build_groups(prepared)
+    frozen = sum(1 for g in groups if g.frozen)
+    return f"{len(groups) - frozen}/{frozen}"
+
+
+def onnxsim_groups(prepared: ir.Model) -> str:
+    """onnxsim's own dry run of its structured pruning: matched chains it would shrink are
+    prunable; chains it would leave alone plus Conv/Gemm/MatMul layers no matcher takes
+    (``not_eligible``, counted per layer) are frozen."""
+    report = analyze_pruning_sensitivity(
+        ir.to_proto(prepared), apply_structured_pruning, sparsity=_ONNXSIM_PROBE_SPARSITY
+    )
+    prunable = sum(1 for layer in report.layers if layer.would_drop > 0)
+    return f"{prunable}/{len(report.layers) - prunable + len(report.not_eligible)}"
+
+
 def onnxsim_at(prepared: ir.Model, sparsity: float) -> ir.Model:
     pruned = apply_structured_pruning(ir.to_proto(prepared), sparsity=sparsity)
     pruned.graph.ClearField("value_info")  # it keeps the unpruned intermediate shapes
@@ -94,8 +117,7 @@ def measure(
     shapes = _SHAPES.get(name)
     data = common.feeds(prepared, 8, shapes=shapes)
     base = common.cost(prepared, shapes)
-    groups = build_groups(prepared)
-    frozen = sum(1 for g in groups if g.frozen)
+    groups = {"onnx-squeeze": our_groups(prepared), "onnxsim": onnxsim_groups(prepared)}
     candidates: list[tuple[str, float, ir.Model]] = []
     context = calibration_context(prepared, shapes)
     for target in targets:
@@ -118,9 +140,7 @@ def measure(
                 "model": name,
                 "target": target,
                 "tool": tool,
-                "groups": f"{len(groups) - frozen}/{frozen}"
-                if tool.startswith("onnx-squeeze")
-                else "–",
+                "groups": groups[tool.split()[0]],
                 "layers_shrunk": shrunk_layers(prepared, model),
                 "macs_ratio": cost["macs"] / base["macs"],
                 "params_ratio": cost["params"] / base["params"],
@@ -160,7 +180,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     body = common.markdown_table(headers, table) + (
         "\n\nSpeedup = latency of the prepared original / latency of the pruned model, CPU, "
         "batch 1 (transformer: sequence 128). onnxsim's sparsity is searched for the same MACs "
-        "target; 'layers shrunk' counts Conv/Gemm/MatMul whose weight lost channels. Our "
+        "target; 'layers shrunk' counts Conv/Gemm/MatMul whose weight lost channels. onnxsim's "
+        "groups come from its own dry run (`analyze_pruning_sensitivity` of "
+        "`apply_structured_pruning` at sparsity 0.5): prunable = matched producer/consumer "
+        "chains it would shrink; frozen = chains it would leave alone plus weight layers none "
+        "of its matchers takes (counted per layer, ours per group). Our "
         "'sensitivity' allocation measures each group on 4 random calibration samples (another "
         "seed than the 8 fidelity feeds); 'uniform' is one ratio for every group. No "
         "fine-tuning: fidelity is what pruning alone keeps on the zoo's synthetic weights.\n"

@@ -13,8 +13,14 @@ Members are the constant tensors that hold one entry per channel of a group, eac
 :class:`Slot` (node, input, axis, layout): producers' weights and biases, per-channel
 parameters (BatchNormalization, PRelu slopes, per-channel Add/Mul constants, depthwise Conv
 weights) and consumers' weight slices (Conv axis 1, Gemm/MatMul rows, with Concat offsets and the
-spatial size after Flatten). Split sizes, Slice bounds and depthwise ``group`` attributes are
-:class:`Structure` entries that follow the kept counts.
+spatial size after Flatten). Split sizes, Slice bounds, depthwise ``group`` attributes and the
+targets of head-splitting Reshapes are :class:`Structure` entries that follow the kept counts.
+
+Attention (``split_heads``): a Reshape that splits the channel axis into (heads, head size)
+couples the heads channel by channel (head size ``d`` of every head is one channel of the group),
+the Reshape that merges them back repeats the head layout once per head, and a MatMul of two
+activations either contracts two traced axes (Q·Kᵀ: the Q and K channels are coupled, the product
+has none) or passes the columns of its traced second operand through (probabilities·V).
 
 A group is *frozen*, with the reason, when its channels reach a graph output, an op the trace
 does not know, an axis it cannot map, a subgraph, or a weight shared by several nodes: it is then
@@ -145,7 +151,8 @@ class Structure:
 
     ``kind`` is ``split`` (``layouts`` are the outputs), ``slice`` (``layouts`` are the input
     and the output, ``entry`` the index in starts/ends, ``start`` the first channel taken) or
-    ``depthwise`` (``layouts`` is the input; ``group`` becomes the kept count).
+    ``depthwise`` (``layouts`` is the input; ``group`` becomes the kept count) or ``reshape``
+    (``layouts`` is the output; entry ``entry`` of the target shape becomes its kept count).
     """
 
     node: ir.Node
@@ -232,17 +239,20 @@ class ChannelAnalysis:
         return self.atoms[atom_id].length
 
 
-def build_groups(model: ir.Model) -> list[ChannelGroup]:
+def build_groups(model: ir.Model, *, split_heads: bool = False) -> list[ChannelGroup]:
     """The channel dependency groups of the model's main graph, in graph order."""
-    return analyze_channels(model).groups
+    return analyze_channels(model, split_heads=split_heads).groups
 
 
-def analyze_channels(model: ir.Model) -> ChannelAnalysis:
-    """Trace channels through the main graph until no atom needs cutting; group coupled atoms."""
+def analyze_channels(model: ir.Model, *, split_heads: bool = False) -> ChannelAnalysis:
+    """Trace channels through the main graph until no atom needs cutting; group coupled atoms.
+
+    ``split_heads`` follows channels through the Reshapes that split them into attention heads
+    and merge them back (``reshape`` structures: the caller must rewrite those targets)."""
     cuts: dict[ir.Node, set[int]] = {}
     shapes = _InferredShapes(model)
     for _ in range(_MAX_ROUNDS):
-        tracer = _Tracer(model.graph, cuts, shapes)
+        tracer = _Tracer(model.graph, cuts, shapes, split_heads)
         tracer.run()
         if not tracer.new_cuts:
             return tracer.result()
@@ -353,11 +363,16 @@ class _Tracer:
     """One round of the trace with a fixed set of producer cuts."""
 
     def __init__(
-        self, graph: ir.Graph, cuts: dict[ir.Node, set[int]], shapes: _InferredShapes
+        self,
+        graph: ir.Graph,
+        cuts: dict[ir.Node, set[int]],
+        shapes: _InferredShapes,
+        split_heads: bool = False,
     ) -> None:
         self.graph = graph
         self.cuts = cuts
         self.shapes = shapes
+        self.split_heads = split_heads
         self.new_cuts: dict[ir.Node, set[int]] = {}
         self.atoms: list[Atom] = []
         self.parent: list[int] = []
@@ -842,11 +857,81 @@ def _reshape(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set
     if layout is None:
         return {0}
     target = _ints(node.inputs[1]) if len(node.inputs) > 1 else None
+    shape = tracer.shapes.of(node.inputs[0])
     if target is not None and len(target) == 2 and target[1] == -1 and target[0] != -1:
         _flatten_like(tracer, node, layout, 1)
+    elif tracer.split_heads and _splits_heads(node, layout, target, shape):
+        _split_into_heads(tracer, node, layout, target)  # type: ignore[arg-type]
+    elif tracer.split_heads and _merges_heads(tracer, node, layout, target, shape):
+        _merge_heads(tracer, node, layout, target, shape[-2])  # type: ignore[arg-type,index]
     else:
         tracer.freeze_layout(layout, f"{_label(node)} reshapes the channel axis")
     return {0}
+
+
+def _keeps_leading_dims(
+    node: ir.Node, target: Sequence[int], dims: Sequence[Any] | None, count: int
+) -> bool:
+    """Whether the first ``count`` entries of a Reshape target keep the input's first dims (0,
+    a single -1, or the same static size)."""
+    if dims is None or attribute(node, "allowzero", 0) or list(target[:count]).count(-1) > 1:
+        return False
+    return all(t in (0, -1) or t == d for t, d in zip(target[:count], dims[:count], strict=True))
+
+
+def _splits_heads(
+    node: ir.Node, layout: Layout, target: list[int] | None, shape: ir.Shape | None
+) -> bool:
+    """A Reshape of [..., heads * size] channels (last axis) into [..., heads, size]."""
+    rank = layout.rank
+    if target is None or rank is None or layout.axis != -1 or layout.repeat != 1:
+        return False
+    if len(target) != rank + 1 or min(target[-2:]) <= 0:
+        return False
+    dims = list(shape) if shape is not None and len(shape) == rank else None
+    channels = dims[-1] if dims is not None else None
+    return channels == target[-2] * target[-1] and _keeps_leading_dims(node, target, dims, rank - 1)
+
+
+def _split_into_heads(tracer: _Tracer, node: ir.Node, layout: Layout, target: list[int]) -> None:
+    """Couple the heads channel by channel; the output's last axis holds one head."""
+    heads, size = target[-2], target[-1]
+    pieces = [tracer.sub_layout(layout, h * size, (h + 1) * size, node) for h in range(heads)]
+    if any(piece is None for piece in pieces):
+        return  # atoms are cut at the head bounds first
+    head = tracer.unify(pieces, node)  # type: ignore[arg-type]
+    if head is not None:
+        out = Layout(head.atoms, -1, len(target))
+        tracer.set_layout(node.outputs[0], out)
+        tracer.structures.append(Structure(node, "reshape", (out,), len(target) - 1))
+
+
+def _merge_heads(
+    tracer: _Tracer, node: ir.Node, layout: Layout, target: list[int], heads: int
+) -> None:
+    """The merged axis holds the head layout once per head."""
+    out = Layout(layout.atoms * heads, -1, len(target))
+    tracer.set_layout(node.outputs[0], out)
+    tracer.structures.append(Structure(node, "reshape", (out,), len(target) - 1))
+
+
+def _merges_heads(
+    tracer: _Tracer,
+    node: ir.Node,
+    layout: Layout,
+    target: list[int] | None,
+    shape: ir.Shape | None,
+) -> bool:
+    """A Reshape of [..., heads, size] (channels on the last axis) into [..., heads * size]."""
+    rank = layout.rank
+    if target is None or rank is None or rank < 3 or layout.axis != -1 or layout.repeat != 1:
+        return False
+    dims = list(shape) if shape is not None and len(shape) == rank else None
+    heads = dims[-2] if dims is not None else None
+    if not isinstance(heads, int) or len(target) != rank - 1:
+        return False
+    merged = heads * tracer.length(layout)
+    return target[-1] == merged and _keeps_leading_dims(node, target, dims, rank - 2)
 
 
 @_handles("Transpose")
@@ -968,8 +1053,10 @@ def _bias_axis(node: ir.Node, index: int, units: int) -> tuple[int | None, str |
 def _linear(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set[int]:
     layout = states[0]
     weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None and node.op_type == "MatMul" and node.inputs[1] is not None:
+        _activation_product(tracer, node, states)
+        return set(range(len(states)))
     if weight is None or weight.ndim != 2:
-        # an activation x activation product (attention) or an unusual layout: not followed
         for state in states:
             tracer.freeze_layout(state, f"{_label(node)} has no constant 2-D weight")
         return set(range(len(states)))
@@ -998,3 +1085,19 @@ def _linear(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set[
         if bias_axis is not None:
             tracer.add_slot(node, 2, out, bias_axis, "producer", zero=True)
     return {0}
+
+
+def _activation_product(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> None:
+    """MatMul of two activations: channels on the contracted axes of both (Q·Kᵀ) are coupled
+    and leave no channels in the product; columns of a traced second operand whose first
+    operand is untraced (probabilities·V) pass through."""
+    a, b = states
+    if a is not None and b is not None and (a.axis, b.axis, a.repeat, b.repeat) == (-1, -2, 1, 1):
+        tracer.unify([a, dataclasses.replace(b, axis=-1)], node)
+    elif a is None and b is not None and b.axis == -1 and b.repeat == 1:
+        rank = max(_rank(node.inputs[0]) or 0, b.rank or 0) or None
+        tracer.set_layout(node.outputs[0], dataclasses.replace(b, rank=rank))
+    else:
+        for state in states:
+            reason = f"{_label(node)} multiplies two activations along the channel axis"
+            tracer.freeze_layout(state, reason)

@@ -347,6 +347,27 @@ def test_unmappable_axes_and_grouped_convolutions_are_frozen_with_reasons():
     assert all(g.frozen for g in groups)
 
 
+def test_attention_heads_couple_query_with_key_and_value_with_the_output_rows():
+    model = zoo_model("transformer", True)  # 2 layers, 2 heads of 16 channels
+    frozen_by_reshape = [g for g in channel_groups.build_groups(model) if g.frozen]
+    assert any("Reshape" in g.frozen for g in frozen_by_reshape)
+    groups = channel_groups.build_groups(model, split_heads=True)
+    prefix = "encoder.layer.0.attention."
+    query = _group_of(groups, prefix + "self.query")
+    assert {n.name for n in query.producers} == {prefix + "self.query", prefix + "self.key"}
+    assert query.frozen is None and query.channels == 16
+    assert {m.offsets for m in query.members} == {(0, 16)}  # channel d of every head
+    value = _group_of(groups, prefix + "self.value")
+    consumers = [m for m in value.members if m.slot.role == "consumer"]
+    assert [(m.slot.node.name, m.offsets) for m in consumers] == [
+        (prefix + "output.dense", (0, 16))
+    ]
+    # the hidden size stays frozen: every residual Add meets a LayerNorm output
+    assert "not traced" in _group_of(groups, prefix + "output.dense").frozen
+    reshapes = [s for s in channel_groups.analyze_channels(model, split_heads=True).structures]
+    assert {s.kind for s in reshapes} == {"reshape"} and len(reshapes) == 8  # 3 splits, 1 merge
+
+
 @pytest.mark.parametrize("name", zoo.NAMES)
 @pytest.mark.parametrize("prepared", [False, True], ids=["raw", "prepared"])
 def test_zoo_models_have_prunable_groups(name: str, prepared: bool):

@@ -3,6 +3,8 @@ model: removing channels that are already zero must not change any output."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -11,6 +13,8 @@ from onnx_ir.passes.common import ShapeInferencePass
 from onnx_squeeze import analysis, channel_groups, runtime, zoo
 from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.graph_utils import constant_array, set_input_constant
+from onnx_squeeze.passes import prune_channels
 from onnx_squeeze.passes.base import PassContext
 from onnx_squeeze.passes.prune_channels import PruneChannels, kept_channels
 from tests.helpers import assert_same_outputs, check, random_feeds, run
@@ -298,3 +302,57 @@ def test_dynamic_batch_is_preserved_and_runs_at_other_batch_sizes():
         shape = (batch, *spec.concrete_shape()[1:])
         feed = runtime.random_feed([spec], np.random.default_rng(0), {spec.name: shape})
         assert all(output.shape[0] == batch for output in run(pruned, feed))
+
+
+def _update_reshape_targets(rewriter) -> None:
+    """``reshape`` structures: entry ``entry`` of the target shape becomes the kept count (the
+    branch proposed for ``_Rewriter.update_structures``)."""
+    for structure in rewriter.channels.structures:
+        if structure.kind == "reshape":
+            node = structure.node
+            target = constant_array(node.inputs[1]).astype(np.int64).copy()
+            target[structure.entry] = rewriter.count(structure.layouts[0])
+            graph, names = rewriter.model.graph, rewriter.names
+            set_input_constant(
+                node, 1, target, ir.DataType.INT64, f"{node.name}.shape", graph, names
+            )
+
+
+@pytest.fixture
+def split_heads(monkeypatch):
+    """The pass with attention heads followed (``analyze_channels(split_heads=True)``) and
+    reshape targets rewritten: the change proposed for prune_channels.py, wired in here."""
+    monkeypatch.setattr(
+        prune_channels,
+        "analyze_channels",
+        functools.partial(channel_groups.analyze_channels, split_heads=True),
+    )
+    original = prune_channels._Rewriter.update_structures
+
+    def update_structures(rewriter) -> None:
+        _update_reshape_targets(rewriter)
+        structures = rewriter.channels.structures
+        rewriter.channels.structures = [s for s in structures if s.kind != "reshape"]
+        original(rewriter)
+
+    monkeypatch.setattr(prune_channels._Rewriter, "update_structures", update_structures)
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["raw", "prepared"])
+def test_removing_zero_head_channels_is_lossless(split_heads, prepared: bool):
+    model = zoo_model("transformer", prepared)  # hidden 32: 2 heads of 16 channels
+    removed = _assert_removal_is_lossless(model, ratio=0.5)
+    targets = {
+        node.name: constant_array(node.inputs[1]).tolist()
+        for node in removed.graph
+        if node.op_type == "Reshape" and "attention" in node.name
+    }
+    prefix = "encoder.layer.0.attention.self"
+    assert targets[f"{prefix}.query/Reshape"] == [0, -1, 2, 8]
+    assert targets[f"{prefix}.value/Reshape"] == [0, -1, 2, 8]
+    assert targets[f"{prefix}/Reshape"] == [0, -1, 16]
+    weights = _initializers(removed)
+    assert (
+        weights[f"{prefix}.key.weight"].shape == weights[f"{prefix}.value.weight"].shape == (32, 16)
+    )
+    assert weights["encoder.layer.0.attention.output.dense.weight"].shape == (16, 32)
