@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import math
 import os
+import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -574,10 +575,11 @@ class MinMax:
         self.max = -math.inf
         self.count = 0
 
-    def update(self, array: np.ndarray) -> None:
+    def update(self, array: np.ndarray, extremes: tuple[float, float] | None = None) -> None:
+        """Take in ``array``; ``extremes`` is its (min, max) when already known."""
         array = np.asarray(array)
         if array.size:
-            self._combine(float(array.min()), float(array.max()), array.size)
+            self._combine(*(extremes or _extremes(array)), array.size)
 
     def merge(self, other: MinMax) -> None:
         if other.count:
@@ -591,6 +593,18 @@ class MinMax:
     @property
     def nbytes(self) -> int:
         return 24  # three 8-byte numbers
+
+
+def _floating(array: np.ndarray) -> np.ndarray:
+    """``array`` as the narrowest float type that holds it exactly (float32 for float16 and
+    small integers, float64 for 32/64-bit integers), without a copy when it already is one."""
+    array = np.asarray(array)
+    return array.astype(np.result_type(array.dtype, np.float32), copy=False)
+
+
+def _extremes(array: np.ndarray) -> tuple[float, float]:
+    """(min, max) of a non-empty array as Python floats (NaN when it holds a NaN)."""
+    return float(array.min()), float(array.max())
 
 
 def _invert(xs: np.ndarray, ys: np.ndarray, target: float) -> float:
@@ -682,19 +696,31 @@ class Histogram:
         self.low += first * self.width
         self.width *= factor
 
-    def update(self, array: np.ndarray) -> None:
-        values = np.asarray(array, dtype=np.float64).ravel()
-        finite = np.isfinite(values)
-        if not finite.all():
-            self.nonfinite += int(values.size - np.count_nonzero(finite))
-            values = values[finite]
+    def update(self, array: np.ndarray, extremes: tuple[float, float] | None = None) -> None:
+        """Count the values of ``array``; ``extremes`` is its (min, max) when already known.
+
+        Binning runs in the array's own float type (float32 stays float32, no float64 copy),
+        so a value within float32 rounding of an edge may land in the neighbouring bin.
+        """
+        values = _floating(array).ravel()
         if values.size == 0:
             return
-        self._cover(float(values.min()), float(values.max()))
+        low, high = extremes if extremes is not None else _extremes(values)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            finite = np.isfinite(values)
+            self.nonfinite += int(values.size - np.count_nonzero(finite))
+            values = values[finite]
+            if values.size == 0:
+                return
+            low, high = _extremes(values)
+        self._cover(low, high)
         if self.width == 0:
             self.counts[0] += values.size
-        else:
-            self.counts += np.bincount(self._bin(values), minlength=self.bins)
+            return
+        index = values - values.dtype.type(self.low)
+        index *= values.dtype.type(1 / self.width)
+        np.clip(index, 0, self.bins - 1, out=index)  # the top edge belongs to the last bin
+        self.counts += np.bincount(index.astype(np.intp), minlength=self.bins)
 
     def merge(self, other: Histogram) -> None:
         """Add another histogram's counts; exact when the bins line up, else split evenly."""
@@ -784,17 +810,24 @@ class ChannelStatistics:
             raise InputError(f"channel axis {self.axis} is out of range for rank {array.ndim}")
         if array.size == 0:
             return
-        rows = np.moveaxis(array, self.axis, 0).reshape(array.shape[self.axis], -1)
-        rows = rows.astype(np.float64)
-        mean = rows.mean(axis=1)
+        axis = self.axis % array.ndim
+        others = tuple(i for i in range(array.ndim) if i != axis)  # reduced in place: no transpose
+        count = array.size // array.shape[axis]
+        values = _floating(array)
+        # One float64 copy, reused for the deviations: float32 sums would lose the precision
+        # that Chan's formula keeps.
+        deviations = values.astype(np.float64)
+        mean = deviations.sum(axis=others) / count
+        deviations -= np.expand_dims(mean, others)
+        np.square(deviations, out=deviations)
         self._combine(
-            rows.shape[1],
+            count,
             mean,
-            np.square(rows - mean[:, None]).sum(axis=1),
-            np.abs(rows).sum(axis=1),
-            np.count_nonzero(rows == 0, axis=1),
-            rows.min(axis=1),
-            rows.max(axis=1),
+            deviations.sum(axis=others),
+            np.abs(values).sum(axis=others, dtype=np.float64),
+            np.count_nonzero(values == 0, axis=others),
+            values.min(axis=others).astype(np.float64),
+            values.max(axis=others).astype(np.float64),
         )
 
     def merge(self, other: ChannelStatistics) -> None:
@@ -853,10 +886,16 @@ class TensorStatistics:
 
     def update(self, array: np.ndarray) -> None:
         array = np.asarray(array)
+        extremes = None
+        if array.size and (self.minmax is not None or self.histogram is not None):
+            extremes = _extremes(array)  # one pass shared by both
         try:
-            for accumulator in self._accumulators():
-                if accumulator is not None:
-                    accumulator.update(array)
+            if self.minmax is not None:
+                self.minmax.update(array, extremes)
+            if self.histogram is not None:
+                self.histogram.update(array, extremes)
+            if self.channels is not None:
+                self.channels.update(array)
         except InputError as error:
             raise InputError(f"tensor {self.name!r}: {error}") from None
 
@@ -924,6 +963,69 @@ def _batch_total(source: Iterable[Feed], limit: int | None) -> int | None:
     return total if limit is None else min(total, limit)
 
 
+# Concatenated feeds run together while their outputs stay under this size: fewer, larger runs
+# are faster in onnxruntime, and one run's outputs are all the collector holds at once.
+RUN_BYTES = 64 * 2**20
+_MAX_RUN_SAMPLES = 64
+
+
+def _samples(feed: Feed) -> int:
+    return int(np.shape(next(iter(feed.values())))[0])
+
+
+def _mergeable(first: Feed, second: Feed) -> bool:
+    return first.keys() == second.keys() and all(
+        np.shape(first[name])[1:] == np.shape(second[name])[1:]
+        and np.asarray(first[name]).dtype == np.asarray(second[name]).dtype
+        for name in first
+    )
+
+
+class _Runs:
+    """Consecutive feeds joined along the batch axis into runs of at most ``samples`` samples
+    (set by the collector once it knows the output size of one sample); yields (index of the
+    first feed, joined feed). Feeds are joined only when ``batched`` (every input's first
+    dimension is symbolic) and their other dimensions and types match."""
+
+    def __init__(self, feeds: Iterable[Feed], batched: bool) -> None:
+        self._feeds = feeds
+        self._batched = batched
+        self.samples = 1
+
+    def __iter__(self) -> Iterator[tuple[int, Feed]]:
+        pending: list[Feed] = []
+        first = 0
+        for index, feed in enumerate(self._feeds):
+            joinable = self._batched and all(np.ndim(a) for a in feed.values())
+            if pending and not (
+                joinable
+                and _mergeable(pending[0], feed)
+                and sum(map(_samples, pending)) + _samples(feed) <= self.samples
+            ):
+                yield first, _join(pending)
+                pending = []
+            if not pending:
+                first = index
+            pending.append(feed)
+            if not joinable:
+                yield first, _join(pending)
+                pending = []
+        if pending:
+            yield first, _join(pending)
+
+
+def _run_samples(arrays: Mapping[str, np.ndarray], samples: int) -> int:
+    """How many samples one run may hold, from the arrays that ``samples`` samples gave."""
+    per_sample = max(1.0, sum(np.asarray(a).nbytes for a in arrays.values()) / max(1, samples))
+    return int(min(_MAX_RUN_SAMPLES, max(1, RUN_BYTES // per_sample)))
+
+
+def _join(feeds: list[Feed]) -> Feed:
+    if len(feeds) == 1:
+        return feeds[0]
+    return {name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}
+
+
 class StatisticsCollector:
     """Streaming statistics of chosen tensors (intermediate ones, graph inputs or outputs) over
     calibration batches.
@@ -966,6 +1068,22 @@ class StatisticsCollector:
         self._outputs = (
             [v.name for v in self._model.graph.outputs] if self._model is not None else []
         )
+        self._batched = all(
+            value.shape is not None and len(value.shape) > 0 and not _static(value.shape[0])
+            for value in (self._model or model).graph.inputs
+        )
+
+    def _session(self) -> Any:
+        """A session on the exposed copy, loaded from a file with external data: onnxruntime
+        then maps the weights instead of copying them out of a serialized model. Level
+        "extended": the layout transforms of "all" copy every Conv weight, and with every
+        intermediate tensor an output they gain little."""
+        with tempfile.TemporaryDirectory(
+            prefix="onnx-squeeze-", ignore_cleanup_errors=True
+        ) as folder:
+            path = os.path.join(folder, "exposed.onnx")
+            ir.save(self._model, path, external_data="exposed.onnx.data")
+            return create_session(path, self.provider, optimization="extended")
 
     def _new_statistics(self, name: str, rank: int) -> TensorStatistics:
         statistics = TensorStatistics(name)
@@ -995,9 +1113,10 @@ class StatisticsCollector:
         batches: Iterable[Feed] = source if limit is None else itertools.islice(source, limit)
         if progress:
             batches = track(batches, f"statistics ({label})", total=_batch_total(source, limit))
-        session = create_session(self._model, self.provider) if self._model is not None else None
+        session = self._session() if self._model is not None else None
+        runs = _Runs(batches, self._batched)
         statistics: dict[str, TensorStatistics] = {}
-        for index, feed in enumerate(batches):
+        for index, feed in runs:
             absent = [name for name in self._fed if name not in feed]
             if absent:
                 raise InputError(f"batch {index} of {label} has no array for input {absent}")
@@ -1008,10 +1127,12 @@ class StatisticsCollector:
                 except (InvalidArgument, ValueError) as error:
                     first_line = str(error).strip().splitlines()[0]
                     raise InputError(f"batch {index} of {label}: {first_line}") from None
+            if index == 0 and self._batched:
+                runs.samples = _run_samples(arrays, _samples(feed))
             for name in self.names:
                 if name not in statistics:
                     statistics[name] = self._new_statistics(name, np.ndim(arrays[name]))
-                statistics[name].update(arrays[name])
+                statistics[name].update(arrays.pop(name))  # released as soon as it is counted
         if not statistics:
             raise InputError(f"calibration data {label} yielded no batches")
         return statistics

@@ -535,7 +535,19 @@ class _Writer:
         )
         self.graph.insert_before(node, self._pending)
         node.replace_input_with(index, dq)
+        self._drop_if_unused(weight)
         return values[0].const_value.numpy(), values[1].const_value.numpy()
+
+    def _drop_if_unused(self, value: ir.Value) -> None:
+        """Remove a float initializer that its last consumer stopped reading: a saved model
+        does not carry both copies of a weight (graph inputs and outputs stay)."""
+        if (
+            not value.uses()
+            and self.graph.initializers.get(value.name) is value
+            and value not in self.graph.inputs
+            and value not in self.graph.outputs
+        ):
+            self.graph.initializers.pop(value.name)
 
     def quantize_bias(self, node: ir.Node, index: int, scale: np.ndarray) -> ir.Value:
         """INT32 bias with scale = input scale x weight scale, dequantized for ``node``."""
@@ -554,6 +566,7 @@ class _Writer:
         )
         self.graph.insert_before(node, self._pending)
         node.replace_input_with(index, dq)
+        self._drop_if_unused(bias)
         return q_value
 
 
