@@ -247,16 +247,34 @@ def _global_average_pool(step: _Step, x: Tensor) -> Tensor:
     return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
+def _ceil_mode_crop(
+    step: _Step, y: Tensor, sizes: Sequence[int], begins: Sequence[int], ends: Sequence[int]
+) -> Tensor:
+    """Drop a last ceil-mode window that would start in the end padding, as onnxruntime does
+    (torch cannot tell the padding we added from the input)."""
+    kernel = step.get("kernel_shape")
+    strides = step.get("strides", [1] * len(kernel))
+    dilations = step.get("dilations", [1] * len(kernel))
+    crop = [slice(None), slice(None)]
+    for size, k, s, d, b, e in zip(sizes, kernel, strides, dilations, begins, ends, strict=True):
+        count = math.ceil((size + b + e - (k - 1) * d - 1) / s) + 1
+        crop.append(slice(0, count - 1 if (count - 1) * s >= size + b else count))
+    return y[tuple(crop)]
+
+
 def _max_pool(step: _Step, x: Tensor) -> Tensor:
     kernel = step.get("kernel_shape")
     strides = step.get("strides", [1] * len(kernel))
-    begins, ends = _window_pads(step, x.shape[2:], kernel, strides)
+    sizes = x.shape[2:]
+    begins, ends = _window_pads(step, sizes, kernel, strides)
     padding: Any = begins
     if begins != ends or any(2 * p > k for p, k in zip(begins, kernel, strict=True)):
         x, padding = F.pad(x, _torch_pad(begins, ends), value=-math.inf), 0
     pool = _spatial((F.max_pool1d, F.max_pool2d, F.max_pool3d), x)
     dilations = step.get("dilations", [1] * len(kernel))
-    return pool(x, kernel, strides, padding, dilations, bool(step.get("ceil_mode", 0)))
+    ceil_mode = bool(step.get("ceil_mode", 0))
+    y = pool(x, kernel, strides, padding, dilations, ceil_mode)
+    return _ceil_mode_crop(step, y, sizes, begins, ends) if ceil_mode else y
 
 
 def _average_pool(step: _Step, x: Tensor) -> Tensor:
@@ -267,10 +285,10 @@ def _average_pool(step: _Step, x: Tensor) -> Tensor:
     ceil_mode = bool(step.get("ceil_mode", 0))
     padding = _torch_pad(begins, ends)
     total = pool(F.pad(x, padding), kernel, strides, 0, ceil_mode, True)
-    if step.get("count_include_pad", 0) or not any(padding):
-        return total
-    inside = F.pad(torch.ones_like(x[:1, :1]), padding)
-    return total / pool(inside, kernel, strides, 0, ceil_mode, True)
+    if not step.get("count_include_pad", 0) and any(padding):
+        inside = F.pad(torch.ones_like(x[:1, :1]), padding)
+        total = total / pool(inside, kernel, strides, 0, ceil_mode, True)
+    return _ceil_mode_crop(step, total, x.shape[2:], begins, ends) if ceil_mode else total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,6 +643,15 @@ class TorchGraph:
             else:
                 value.const_value = ir.tensor(array, dtype=ir.DataType.FLOAT, name=name)
         return list(self._trained_values.values())
+
+    def relative_changes(self) -> dict[str, float]:
+        """|trained - original| / |original| of each parameter (the originals are kept)."""
+        changes = {}
+        for name, parameter in self.parameters.items():
+            original = torch.tensor(self._originals[name].numpy())
+            difference = torch.linalg.vector_norm(parameter.detach() - original)
+            changes[name] = float(difference / torch.linalg.vector_norm(original).clamp_min(1e-30))
+        return changes
 
     def restore(self) -> None:
         """Give the trained initializers their tensors from before :meth:`write_back` again."""
