@@ -186,10 +186,10 @@ def compress_row(
     original: ir.Model, steps: list[dict[str, Any]], source: Any
 ) -> tuple[ir.Model | None, str]:
     """The compressed model, or None and why the row is left out (a pass not installed yet, or
-    a setting it does not know)."""
+    a backend it needs missing)."""
     try:
         result = compress(original, Recipe.from_dict(steps), calibration=source)
-    except (SettingsError, KeyError, TypeError) as error:
+    except SettingsError as error:
         return None, str(error).splitlines()[0]
     notes = [n for report in result.passes for n in report.notes if n.startswith("output error")]
     return result.model, "; ".join(notes)
