@@ -562,6 +562,21 @@ def trainable_value(value: ir.Value) -> bool:
     )
 
 
+def _last_uses(graph: ir.Graph, steps: Sequence[_Step]) -> dict[int, list[ir.Value]]:
+    """The values each step reads for the last time (graph outputs are never freed)."""
+    last: dict[ir.Value, int] = {}
+    for index, step in enumerate(steps):
+        for value in step.node.inputs:
+            if value is not None:
+                last[value] = index
+    outputs = set(graph.outputs)
+    freed: dict[int, list[ir.Value]] = {}
+    for value, index in last.items():
+        if value not in outputs:
+            freed.setdefault(index, []).append(value)
+    return freed
+
+
 def _opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
@@ -582,6 +597,7 @@ class TorchGraph:
             raise EvaluationError(f"node {node.name!r}: {reason} is not supported")
         opset = _opset(model)
         self._steps = [_Step(node, opset) for node in graph]
+        self._last_uses = _last_uses(graph, self._steps)
         self._constants: dict[ir.Value, Tensor] = {}
         self.parameters: dict[str, torch.nn.Parameter] = {}
         self._trained_values: dict[str, ir.Value] = {}
@@ -609,7 +625,7 @@ class TorchGraph:
         for value in graph.inputs:
             given = feeds.get(value.name, self._defaults.get(value.name))
             env[value] = given if isinstance(given, Tensor) else torch.from_numpy(np.asarray(given))
-        for step in self._steps:
+        for index, step in enumerate(self._steps):
             node = step.node
             args = [None if v is None else env[v] for v in node.inputs]
             while args and args[-1] is None:
@@ -623,6 +639,9 @@ class TorchGraph:
             if isinstance(results, Tensor):
                 results = [results]
             env.update(zip(node.outputs, results, strict=False))
+            if not torch.is_grad_enabled():  # evaluation only: free what no later node reads
+                for value in self._last_uses.get(index, ()):
+                    env.pop(value, None)
         return {value.name: env[value] for value in graph.outputs}
 
     def write_back(self, names: UniqueNames) -> list[ir.Value]:

@@ -340,6 +340,13 @@ class _Trainer:
 # Checks and measurements
 
 
+def _matched_float_outputs(student: ir.Model, teacher: ir.Model) -> list[str]:
+    """Float outputs of the student that the teacher has too (the ones the loss compares)."""
+    floats = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
+    names = {value.name for value in teacher.graph.outputs}
+    return [v.name for v in student.graph.outputs if v.name in names and v.dtype in floats]
+
+
 def _quantized_nodes(graph: ir.Graph) -> list[ir.Node]:
     return [n for n in graph if n.op_type in _QUANTIZED_OPS or n.domain == "com.microsoft"]
 
@@ -418,6 +425,12 @@ class Finetune(Pass):
                 "(onnx-squeeze compress), which provides it"
             )
         if not self._supported(model, report):
+            return
+        if not _matched_float_outputs(model, teacher):
+            report.notes.append(
+                "skipped: no float output of the model is named like one of the teacher's, "
+                "so there is nothing to match"
+            )
             return
         users = trainable_names(model.graph, self.settings.train)
         if not users:
