@@ -20,6 +20,7 @@ from onnx_squeeze.passes.base import PassContext, PassReport, make_pass
 from onnx_squeeze.passes.finetune import NO_TORCH_MESSAGE
 from onnx_squeeze.pipeline import finalize
 from onnx_squeeze.prepare import PrepareSettings, prepare
+from onnx_squeeze.runtime import input_specs, random_feed
 from tests.helpers import check, random_feeds, run
 
 
@@ -70,7 +71,14 @@ def test_evaluator_reproduces_onnxruntime_on_zoo_models(name):
     model = zoo.small(name)
     if name == "resnet50":
         model, _ = prepare(model, PrepareSettings(simplify=False))  # the folded form, too
-    feed = random_feeds(model, count=1, seed=3, batch=3)[0]
+    specs = input_specs(model)
+    shapes = {  # batch 3; other symbolic dimensions (sequence) 8
+        spec.name: tuple(
+            d if isinstance(d, int) else (3 if i == 0 else 8) for i, d in enumerate(spec.shape)
+        )
+        for spec in specs
+    }
+    feed = random_feed(specs, np.random.default_rng(3), shapes)
     with torch.no_grad():
         computed = TorchGraph(model)(feed)
     expected = run(model, feed)
