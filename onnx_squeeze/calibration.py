@@ -965,7 +965,7 @@ def _batch_total(source: Iterable[Feed], limit: int | None) -> int | None:
 
 # Concatenated feeds run together while their outputs stay under this size: fewer, larger runs
 # are faster in onnxruntime, and one run's outputs are all the collector holds at once.
-RUN_BYTES = 64 * 2**20
+RUN_BYTES = 16 * 2**20
 _MAX_RUN_SAMPLES = 64
 
 

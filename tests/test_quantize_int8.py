@@ -318,7 +318,9 @@ def test_weight_clipping_search_never_loses_and_helps_heavy_tails():
     assert searched.sum() < 0.8 * largest.sum()
 
 
-def test_weight_bits_follow_the_input_sign_without_vnni(monkeypatch):
+def test_weight_bits_follow_the_input_sign_for_conv_without_vnni(monkeypatch):
+    """Signed Conv inputs saturate u8s8 pairs without VNNI; Gemm/MatMul weights are rewritten
+    as UINT8 by onnxruntime there, so they keep 8 bits."""
     model = block_model()  # c1 reads x (signed), c2 a MaxPool of a Relu, the Gemm a pooled Relu
 
     def weight_ranges():
@@ -330,7 +332,6 @@ def test_weight_bits_follow_the_input_sign_without_vnni(monkeypatch):
         }
 
     monkeypatch.setattr(quant_params, "cpu_has_vnni", lambda: False)
-    # signed input: u8 values sit near the zero point, pairs of 8-bit products would saturate
     assert weight_ranges() == {"c1": 63, "c2": 127, "y": 127}
     monkeypatch.setattr(quant_params, "cpu_has_vnni", lambda: True)
     assert weight_ranges() == {"c1": 127, "c2": 127, "y": 127}
