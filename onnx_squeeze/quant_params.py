@@ -20,6 +20,7 @@ import dataclasses
 import math
 import platform
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -27,6 +28,7 @@ from onnx_squeeze.calibration import Histogram, TensorStatistics
 from onnx_squeeze.errors import SettingsError
 
 __all__ = [
+    "FP8_MAX",
     "INT8",
     "INT32",
     "METHODS",
@@ -35,8 +37,11 @@ __all__ = [
     "calibrated_range",
     "cpu_has_vnni",
     "dequantize",
+    "fp8_scale",
     "int_type",
+    "largest_magnitude",
     "quantize",
+    "quantize_fp8",
     "quantize_weight",
     "scale_zero_point",
     "sqnr_db",
@@ -175,6 +180,29 @@ def quantize_weight(
     bound = _weight_bound(weight, axis, qtype, search_clip)
     scale, zero_point = scale_zero_point(-bound, bound, qtype, symmetric=True)
     return quantize(weight, scale, zero_point, qtype, axis), scale, zero_point
+
+
+def largest_magnitude(array: np.ndarray, axis: int | None) -> np.ndarray:
+    """The largest absolute value per slice along ``axis`` (a scalar when None; 0 if empty)."""
+    others = None if axis is None else tuple(a for a in range(array.ndim) if a != axis % array.ndim)
+    return np.abs(array).max(axis=others, initial=0.0)
+
+
+# FP8 E4M3FN: symmetric, no zero point, scale = range / 448 (the largest finite value).
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
+
+
+def fp8_scale(amax: np.ndarray | float) -> np.ndarray:
+    """The E4M3FN scale for a range: ``amax / 448`` (1 where the range is empty)."""
+    amax = np.asarray(amax, dtype=np.float32)
+    return np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
+
+
+def quantize_fp8(array: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
+    """``array / scale`` saturated to +-448 and rounded to E4M3FN (scale per ``axis``), as
+    QuantizeLinear computes."""
+    scale = _broadcast(np.asarray(scale, dtype=np.float32), axis, array.ndim)
+    return np.clip(array / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
 
 
 def _weight_bound(

@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_squeeze import runtime
+from onnx_squeeze import quant_params, runtime
 from onnx_squeeze.calibration import StatisticsCollector
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, new_initializer
@@ -33,7 +33,6 @@ from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)  # 2**-24
-FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 SOURCE_KEY = "onnx_squeeze.source_node"
 # What loading a model in onnxruntime raises when a kernel is missing (runtime.create_session
 # wraps only some of onnxruntime's errors in InputError).
@@ -834,21 +833,6 @@ def _output_channel_axis(node: ir.Node, rank: int) -> int:
     return rank - 1  # MatMul: B is (..., K, N)
 
 
-def fp8_scale(amax: np.ndarray | float) -> np.ndarray:
-    """The E4M3FN scale for a range: ``amax / 448`` (1 where the range is empty)."""
-    amax = np.asarray(amax, dtype=np.float32)
-    return np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
-
-
-def quantize_fp8(array: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
-    """``array / scale`` saturated to +-448 and rounded to E4M3FN (scale per ``axis``)."""
-    if axis is not None:
-        shape = [1] * array.ndim
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-    return np.clip(array / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
-
-
 class _QdqBuilder:
     """Inserts DequantizeLinear for weights (FP8 initializers) and Q/DQ pairs for activations,
     each shared by every quantized consumer of the same value."""
@@ -884,14 +868,11 @@ class _QdqBuilder:
         axis = _output_channel_axis(node, array.ndim) if per_channel else None
         key = (id(weight), axis)
         if key not in self.weights:
-            if axis is None:
-                amax = np.abs(array).max(initial=0.0)
-            else:
-                others = tuple(a for a in range(array.ndim) if a != axis)
-                amax = np.abs(array).max(axis=others, initial=0.0)
-            scale = fp8_scale(amax)
+            scale = quant_params.fp8_scale(quant_params.largest_magnitude(array, axis))
             stored = self._initializer(
-                f"{weight.name}/fp8", quantize_fp8(array, scale, axis), ir.DataType.FLOAT8E4M3FN
+                f"{weight.name}/fp8",
+                quant_params.quantize_fp8(array, scale, axis),
+                ir.DataType.FLOAT8E4M3FN,
             )
             scale_value = self._initializer(f"{weight.name}/scale", scale, ir.DataType.FLOAT)
             attributes = {} if axis is None else {"axis": axis}
@@ -906,7 +887,7 @@ class _QdqBuilder:
         if id(source) not in self.activations:
             scale = self._initializer(
                 f"{source.name}/scale",
-                fp8_scale(amax[source.name or ""]).reshape(()),
+                quant_params.fp8_scale(amax[source.name or ""]).reshape(()),
                 ir.DataType.FLOAT,
             )
             zero = self.zero_point()
