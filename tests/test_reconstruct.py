@@ -400,3 +400,21 @@ def test_bad_settings_say_how_to_fix():
         make_pass("reconstruct", {"ridge": -1})
     with pytest.raises(SettingsError, match="teacher"):
         make_pass("reconstruct")(_prepared("mlp"), PassContext())
+
+
+def test_bias_correction_after_int8_quantization():
+    """quantize_int8 leaves QDQ layers with INT32 biases; ``bias`` re-quantizes them so that
+    each layer's mean output follows the teacher's."""
+    teacher = _prepared("resnet18")
+    calibration, held_out = data(teacher, 4), data(teacher, 2, seed=1)
+    student = teacher.clone()
+    context = PassContext(calibration=calibration, teacher=teacher)
+    make_pass("quantize_int8", {"weight_bits": 4, "weight_range": "max"})(student, context)
+    before = output_error(student, teacher, held_out)
+    report = recover(student, teacher, calibration, methods=["bias"])
+    refit = [r for r in report.records if r.action == "refit"]
+    assert refit and all(r.detail.startswith("bias:") for r in refit)
+    nodes = _nodes(student)
+    biases = [nodes[r.node].inputs[2].producer() for r in refit if len(nodes[r.node].inputs) > 2]
+    assert any(b is not None and b.op_type == "DequantizeLinear" for b in biases)
+    assert output_error(student, teacher, held_out) < before
