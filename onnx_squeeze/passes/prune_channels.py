@@ -204,30 +204,28 @@ def _consumer_matrix(slot: Slot) -> tuple[np.ndarray, int] | None:
     return None
 
 
-def _compensating_consumers(group: ChannelGroup) -> list[Member]:
-    """Members whose weight multiplies the group's channels and whose input Gram is measured:
+def _compensating_consumers(group: ChannelGroup) -> list[tuple[Member, GramSpec]]:
+    """Members whose weight multiplies the group's channels, with the input Gram they need:
     one-group Convs, Gemms and MatMuls reading the channels on their reduction axis."""
-    members = []
+    found = []
     for member in group.members:
         slot = member.slot
         if slot.role != "consumer" or not slot.weight or not slot.node.name:
             continue
         weight = constant_array(slot.node.inputs[slot.input])
-        if weight is None or layer_input_spec(slot.node, weight.shape) is None:
-            continue
-        if _consumer_matrix(slot) is not None:
-            members.append(member)
-    return members
+        spec = layer_input_spec(slot.node, weight.shape) if weight is not None else None
+        if spec is not None and _consumer_matrix(slot) is not None:
+            found.append((member, spec))
+    return found
 
 
 def gram_specs(groups: list[ChannelGroup]) -> dict[str, GramSpec]:
     """Consumer node name -> the input Gram the ``reconstruction`` criterion reads."""
-    specs = {}
-    for group in groups:
-        for member in _compensating_consumers(group):
-            node = member.slot.node
-            specs[node.name] = layer_input_spec(node, node.inputs[1].shape)
-    return specs
+    return {
+        member.slot.node.name: spec
+        for group in groups
+        for member, spec in _compensating_consumers(group)
+    }
 
 
 @criterion("reconstruction", needs="grams")
@@ -237,12 +235,11 @@ def reconstruction(group: ChannelGroup, model: ir.Model, grams: Measurements | N
     rest first, :func:`~onnx_squeeze.least_squares.reconstruction_importance`); pair with the
     ``reconstruct`` pass, which does that refit. Groups without such a consumer use ``l2``."""
     parts = []
-    for member in _compensating_consumers(group):
+    for member, _ in _compensating_consumers(group):
         moments = (grams or {}).get(member.slot.node.name)
-        found = _consumer_matrix(member.slot)
-        if moments is None or found is None:
+        if moments is None:
             continue
-        matrix, taps = found
+        matrix, taps = _consumer_matrix(member.slot)
         ridge = _SELECTION_RIDGE * min(1.0, len(matrix) / max(moments.rows, 1))
         scores = reconstruction_importance(moments.gram, matrix, taps=taps, ridge=ridge)
         parts.extend(scores[o : o + group.channels] for o in member.offsets)
