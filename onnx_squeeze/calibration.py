@@ -719,7 +719,9 @@ class Histogram:
             return
         index = values - values.dtype.type(self.low)
         index *= values.dtype.type(1 / self.width)
-        np.clip(index, 0, self.bins - 1, out=index)  # the top edge belongs to the last bin
+        # values >= low, so only the top edge needs clamping (into the last bin); a rounding
+        # just below 0 truncates to bin 0
+        np.minimum(index, self.bins - 1, out=index)
         self.counts += np.bincount(index.astype(np.intp), minlength=self.bins)
 
     def merge(self, other: Histogram) -> None:
