@@ -2,7 +2,8 @@
 
 Shape→Gather→Unsqueeze→Concat→Reshape chains, Constant nodes, LSTM/GRU, int64 token inputs,
 LayerNormalization and Erf-GELU, all with a dynamic batch axis. The architectures are those of
-``benchmarks/robustness.py``, which runs every CLI job on them; these cases lock in its findings.
+``benchmarks/robustness.py``, which runs every CLI job on them; these cases lock in its findings
+(the ones that need no torch run without it).
 """
 
 from __future__ import annotations
@@ -12,24 +13,31 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-torch = pytest.importorskip("torch")
-
-from benchmarks import robustness  # noqa: E402 - needs torch, checked just above
-from onnx_squeeze import calibration, model_io  # noqa: E402
-from onnx_squeeze.pipeline import compress  # noqa: E402
-from onnx_squeeze.recipe import Recipe  # noqa: E402
-from tests import helpers  # noqa: E402
+from onnx_squeeze import calibration, model_io, zoo
+from onnx_squeeze.graph_utils import constant_array
+from onnx_squeeze.pipeline import compress
+from onnx_squeeze.recipe import Recipe
+from tests import helpers
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def robustness():
+    """The sweep's module (torch models and their export), skipped without torch."""
+    pytest.importorskip("torch")
+    from benchmarks import robustness
+
+    return robustness
+
+
+@pytest.fixture(scope="module")
+def exported(robustness, tmp_path_factory):
     """name -> path of the TorchScript (opset 17) export, made once for the module."""
     folder = tmp_path_factory.mktemp("exported")
     return lambda name: robustness.export(name, "ts17", folder)
 
 
-def batch_feed(model: ir.Model, name: str, batch: int = 2) -> dict[str, np.ndarray]:
-    return robustness.batch_feed(ir.to_proto(model), robustness.MODELS[name], batch)
+def batch_feed(robustness, model: ir.Model, name: str) -> dict[str, np.ndarray]:
+    return robustness.batch_feed(ir.to_proto(model), robustness.MODELS[name], batch=2)
 
 
 def assert_batch_dynamic(model: ir.Model) -> None:
@@ -38,19 +46,19 @@ def assert_batch_dynamic(model: ir.Model) -> None:
 
 
 @pytest.mark.parametrize("name", ["crnn", "bert"])
-def test_prepare_alone_is_lossless_at_batch_2(exported, name):
+def test_prepare_alone_is_lossless_at_batch_2(robustness, exported, name):
     """No pass: simplification, BN folding and constant folding change no output, any batch."""
     path = exported(name)
     result = compress(str(path), Recipe())
     helpers.check(result.model)
     assert_batch_dynamic(result.model)
-    feed = batch_feed(result.model, name)
+    feed = batch_feed(robustness, result.model, name)
     expected = helpers.run(onnx.load(str(path)), feed)
     for want, got in zip(expected, helpers.run(result.model, feed), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_int8_on_exported_vit_keeps_dynamic_batch(exported):
+def test_int8_on_exported_vit_keeps_dynamic_batch(robustness, exported):
     """Static INT8 on a TorchScript ViT (class-token Concat, LayerNormalization, Erf GELU)."""
     path = exported("vit")
     source = calibration.open_source("random", model_io.load(path), count=4)
@@ -58,7 +66,26 @@ def test_int8_on_exported_vit_keeps_dynamic_batch(exported):
     helpers.check(result.model)
     assert_batch_dynamic(result.model)
     assert any(node.op_type == "QuantizeLinear" for node in result.model.graph)
-    feed = batch_feed(result.model, "vit")
+    feed = batch_feed(robustness, result.model, "vit")
     (expected,) = helpers.run(onnx.load(str(path)), feed)
     (got,) = helpers.run(result.model, feed)
     assert robustness.cosine(expected[1] - expected[0], got[1] - got[0]) > 0.95
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="reconstruct's dense least-squares refit overwrites the zeros of prune_weights: "
+    "`--sparsity 2:4 --calib X` (recover on by default) writes a dense model",
+)
+def test_recover_after_2_4_sparsity_keeps_the_pattern():
+    model = zoo.small("resnet18")
+    source = calibration.open_source("random", model, count=2)
+    steps = [{"prune_weights": {"mode": "nm", "n": 2, "m": 4}}, {"reconstruct": {}}]
+    recipe = Recipe.from_dict({"prepare": {"simplify": False}, "passes": steps})
+    result = compress(model, recipe, calibration=source)
+    pruned = {r.node for r in result.passes[0].records if r.action == "pruned"}
+    assert pruned
+    for node in result.model.graph:
+        if node.name in pruned:
+            weight = constant_array(node.inputs[1])
+            assert (weight == 0).mean() >= 0.5, node.name
