@@ -8,7 +8,8 @@ latency ratios against the original at batch 1 and at a throughput batch, 1 thre
 benchmark-only extras ``torch`` and ``scikit-learn``; rows whose pass is not installed are left
 out with a note. ``--profile`` prints where the original and the combined pipeline spend time.
 
-    python benchmarks/bench_distill.py [--runs 20] [--epochs 8] [--models cnn,mlp] [--profile]
+    python benchmarks/bench_distill.py [--runs 20] [--epochs 8] [--models cnn,mlp]
+        [--rows combined,30%] [--profile]
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ RECOVER = {"reconstruct": {}}
 BIAS = {"reconstruct": {"methods": ["bias"]}}
 INT8 = {"quantize_int8": {}}  # with its built-in bias correction
 INT8_PLAIN = {"quantize_int8": {"bias_correction": False}}
-COMBINED_LABEL = "combined: prune 70% + recovery + INT8"
+COMBINED_LABEL = "combined: prune 70% (reconstruction criterion) + recovery + INT8"
 
 
 def _prune(share: float, **settings: Any) -> dict[str, Any]:
@@ -74,7 +75,7 @@ ROWS: list[tuple[str, list[dict[str, Any]] | float | None]] = [
     ("low-rank 50% MACs + recovery", [_low_rank(0.5), RECOVER]),
     ("INT8, no bias correction", [INT8_PLAIN]),
     ("INT8 + bias correction", [INT8]),
-    (COMBINED_LABEL, [_prune(0.7), RECOVER, INT8]),
+    (COMBINED_LABEL, [_prune(0.7, criterion="reconstruction"), RECOVER, INT8]),
 ]
 
 
@@ -242,6 +243,8 @@ def run_model(kind: str, args: argparse.Namespace) -> list[list[Any]]:
     source = calibration.open_source(str(path), original, batch_size=32)
     models, rows = {}, []
     for label, steps in ROWS:
+        if label != "original" and not any(part in label for part in args.rows.split(",")):
+            continue
         model, note = build_row(steps, original, prepared, source)
         print(f"  {kind}: {label}: {'left out, ' if model is None else ''}{note}", flush=True)
         if model is not None:
@@ -268,6 +271,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--calibration", type=int, default=256, help="calibration samples")
     parser.add_argument("--models", default="cnn,mlp")
+    parser.add_argument("--rows", default="", help="only rows whose label has one of these")
     parser.add_argument("--profile", action="store_true", help="operator time shares")
     args = parser.parse_args()
     rows = [row for kind in args.models.split(",") for row in run_model(kind, args)]
