@@ -613,3 +613,43 @@ def test_collector_tensor_of_unknown_type():
     )
     with pytest.raises(InputError, match="element type of 't' is unknown"):
         StatisticsCollector(model, ["t"])
+
+
+def test_collector_joins_small_batches_into_runs_with_the_same_statistics(monkeypatch):
+    from onnx_squeeze import calibration
+
+    model = ir.from_proto(conv_relu_proto())
+    feeds = list(RandomSource(input_specs(model), count=12, seed=2, batch_size=1))
+    collector = StatisticsCollector(model, ["x", "r1"])
+    runs = []
+    original = calibration._Runs.__iter__
+    monkeypatch.setattr(
+        calibration._Runs, "__iter__", lambda self: (runs.append(r) or r for r in original(self))
+    )
+    joined = collector.collect(feeds, progress=False)
+    assert len(runs) < len(feeds) and sum(feed["x"].shape[0] for _, feed in runs) == 12
+    monkeypatch.setattr(calibration, "RUN_BYTES", 0)  # one feed per run
+    runs.clear()
+    single = collector.collect(feeds, progress=False)
+    assert len(runs) == len(feeds)
+    for name in ("x", "r1"):
+        a, b = joined[name], single[name]
+        assert (a.minmax.min, a.minmax.max, a.minmax.count) == (
+            b.minmax.min,
+            b.minmax.max,
+            b.minmax.count,
+        )
+        assert a.histogram.total == b.histogram.total
+        np.testing.assert_allclose(a.channels.mean, b.channels.mean, rtol=1e-6, atol=1e-7)
+
+
+def test_runs_join_only_feeds_of_the_same_shape():
+    from onnx_squeeze.calibration import _Runs
+
+    feeds = [{"x": np.zeros((1, 3))}, {"x": np.zeros((2, 3))}, {"x": np.zeros((1, 4))}]
+    runs = _Runs(feeds, batched=True)
+    runs.samples = 8
+    assert [(index, feed["x"].shape) for index, feed in runs] == [(0, (3, 3)), (2, (1, 4))]
+    fixed = _Runs(feeds, batched=False)
+    fixed.samples = 8
+    assert [index for index, _ in fixed] == [0, 1, 2]
