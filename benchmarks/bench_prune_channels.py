@@ -72,7 +72,7 @@ def ours(prepared: ir.Model, target: float, allocation: str, context: PassContex
 
 def our_groups(prepared: ir.Model) -> str:
     """Prunable/frozen channel dependency groups, as ``onnx-squeeze inspect --groups`` lists."""
-    groups = build_groups(prepared)
+    groups = build_groups(prepared, split_heads=True)
     frozen = sum(1 for g in groups if g.frozen)
     return f"{len(groups) - frozen}/{frozen}"
 

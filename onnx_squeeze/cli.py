@@ -385,7 +385,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.groups:
         from onnx_squeeze import channel_groups
 
-        groups = channel_groups.build_groups(model)
+        groups = channel_groups.build_groups(model, split_heads=True)
         report.print_groups(channel_groups.format_groups(groups), console)
         data["channel_groups"] = [group.to_dict() for group in groups]
     if args.json:

@@ -3,8 +3,6 @@ model: removing channels that are already zero must not change any output."""
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -13,8 +11,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from onnx_squeeze import analysis, channel_groups, runtime, zoo
 from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.errors import SettingsError
-from onnx_squeeze.graph_utils import constant_array, set_input_constant
-from onnx_squeeze.passes import prune_channels
+from onnx_squeeze.graph_utils import constant_array
 from onnx_squeeze.passes.base import PassContext
 from onnx_squeeze.passes.prune_channels import PruneChannels, kept_channels
 from tests.helpers import assert_same_outputs, check, random_feeds, run
@@ -304,42 +301,8 @@ def test_dynamic_batch_is_preserved_and_runs_at_other_batch_sizes():
         assert all(output.shape[0] == batch for output in run(pruned, feed))
 
 
-def _update_reshape_targets(rewriter) -> None:
-    """``reshape`` structures: entry ``entry`` of the target shape becomes the kept count (the
-    branch proposed for ``_Rewriter.update_structures``)."""
-    for structure in rewriter.channels.structures:
-        if structure.kind == "reshape":
-            node = structure.node
-            target = constant_array(node.inputs[1]).astype(np.int64).copy()
-            target[structure.entry] = rewriter.count(structure.layouts[0])
-            graph, names = rewriter.model.graph, rewriter.names
-            set_input_constant(
-                node, 1, target, ir.DataType.INT64, f"{node.name}.shape", graph, names
-            )
-
-
-@pytest.fixture
-def split_heads(monkeypatch):
-    """The pass with attention heads followed (``analyze_channels(split_heads=True)``) and
-    reshape targets rewritten: the change proposed for prune_channels.py, wired in here."""
-    monkeypatch.setattr(
-        prune_channels,
-        "analyze_channels",
-        functools.partial(channel_groups.analyze_channels, split_heads=True),
-    )
-    original = prune_channels._Rewriter.update_structures
-
-    def update_structures(rewriter) -> None:
-        _update_reshape_targets(rewriter)
-        structures = rewriter.channels.structures
-        rewriter.channels.structures = [s for s in structures if s.kind != "reshape"]
-        original(rewriter)
-
-    monkeypatch.setattr(prune_channels._Rewriter, "update_structures", update_structures)
-
-
 @pytest.mark.parametrize("prepared", [False, True], ids=["raw", "prepared"])
-def test_removing_zero_head_channels_is_lossless(split_heads, prepared: bool):
+def test_removing_zero_head_channels_is_lossless(prepared: bool):
     model = zoo_model("transformer", prepared)  # hidden 32: 2 heads of 16 channels
     removed = _assert_removal_is_lossless(model, ratio=0.5)
     targets = {

@@ -271,7 +271,9 @@ class PruneChannelsSettings:
     ``sensitivity`` (each group measured alone on ``sensitivity_batches`` calibration batches,
     random data when none is given; cheapest output error per MAC first, measured again on top
     of the channels already removed in each of ``sensitivity_rounds`` parts) or ``uniform`` (one
-    ratio for every group)."""
+    ratio for every group). ``split_heads`` follows channels through the Reshapes that split
+    them into attention heads, so the head size shrinks (same in every head; queries and keys
+    together)."""
 
     mode: str = "remove"
     criterion: str = "l1"
@@ -285,6 +287,7 @@ class PruneChannelsSettings:
     allocation: str = "sensitivity"
     sensitivity_batches: int = 4
     sensitivity_rounds: int = 2
+    split_heads: bool = True
 
 
 @register
@@ -328,7 +331,7 @@ class PruneChannels(Pass):
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         settings = self.settings
-        channels = analyze_channels(model)
+        channels = analyze_channels(model, split_heads=settings.split_heads)
         self._protect(model, channels.groups)
         prunable = [g for g in channels.groups if not g.frozen]
         for group in channels.groups:
@@ -918,6 +921,7 @@ class _Rewriter:
         graph = self.model.graph
         for structure in self.channels.structures:
             node = structure.node
+            base = node.name or node.outputs[0].name  # names the rewritten constants
             if structure.kind == "depthwise":
                 node.attributes["group"] = ir.AttrInt64("group", self.count(structure.layouts[0]))
             elif structure.kind == "split":
@@ -927,8 +931,14 @@ class _Rewriter:
                 else:
                     node.attributes.pop("num_outputs", None)
                     set_input_constant(
-                        node, 1, sizes, ir.DataType.INT64, f"{node.name}.split", graph, self.names
+                        node, 1, sizes, ir.DataType.INT64, f"{base}.split", graph, self.names
                     )
+            elif structure.kind == "reshape":  # attention heads: the head size shrinks
+                target = constant_array(node.inputs[1]).astype(np.int64).copy()
+                target[structure.entry] = self.count(structure.layouts[0])
+                set_input_constant(
+                    node, 1, target, ir.DataType.INT64, f"{base}.shape", graph, self.names
+                )
             else:  # slice
                 source, piece = structure.layouts
                 before = np.count_nonzero(self.kept(source.atoms)[0] < structure.start)
@@ -940,7 +950,7 @@ class _Rewriter:
                         index,
                         bounds,
                         ir.DataType.INT64,
-                        f"{node.name}.bounds_{index}",
+                        f"{base}.bounds_{index}",
                         graph,
                         self.names,
                     )

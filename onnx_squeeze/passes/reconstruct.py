@@ -54,6 +54,7 @@ _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataTy
 _DEAD_VARIANCE = 1e-12
 # A layer whose output already matches the teacher's this well (1 - R²) is left as it is.
 _EXACT = 1e-10
+_SPARSE = 0.25  # share of exact zeros from which a layer's weights count as pruned
 
 Feed = dict[str, np.ndarray]
 
@@ -204,6 +205,10 @@ class _MatMul(_Linear):
         return 0 if self.bias_add.inputs[1] is self.node.outputs[0] else 1
 
 
+def _sparse(linear: _Linear) -> bool:
+    return float(np.mean(linear.weight == 0)) >= _SPARSE
+
+
 def _sample_rows(x, y, rng, limit):
     x = x.reshape(-1, x.shape[-1])
     y = y.reshape(-1, y.shape[-1])
@@ -349,6 +354,7 @@ class _Planner:
     def __init__(self, settings: ReconstructSettings, teacher: ir.Model, report: PassReport):
         self.settings = settings
         self.report = report
+        self.sparse_layers = 0
         graph = teacher.graph
         self.teacher_names = {v.name for v in graph.inputs} | {
             out.name for node in graph for out in node.outputs if out.name
@@ -371,6 +377,11 @@ class _Planner:
             if layer is not None:
                 layers.append(layer)
         self.assign_waves(student.graph, layers)
+        if self.sparse_layers:
+            self.report.notes.append(
+                f"{self.sparse_layers} sparse layer(s) (≥ {_SPARSE:.0%} zero weights) not refitted "
+                "densely: only per-channel scale/bias corrected, so their zeros stay"
+            )
         return layers
 
     def layer(self, node: ir.Node, *, head: bool) -> _Layer | None:
@@ -387,6 +398,11 @@ class _Planner:
             output = linear.bias_add.outputs[0]
         if output.name not in self.teacher_names:
             return None  # a first factor: refitted with its partner, or not at all
+        if linear is not None and _sparse(linear):
+            # A dense refit would fill the zeros that weight pruning made; the per-channel
+            # methods (bn scales rows, bias shifts) keep the pattern.
+            methods -= {"lstsq", "head"}
+            self.sparse_layers += 1
         if linear is not None and ("lstsq" in methods or (head and "head" in methods)):
             first = None
             if self.settings.factors == "both":
@@ -708,13 +724,19 @@ class _Wave:
         if rank >= min(current.shape):
             self.apply_lstsq(dataclasses.replace(layer, first=None), folds, edits, report)
             return
-        old_bias = _bias_array(second.node, second)
-        bias = np.zeros(current.shape[1]) if old_bias is None else old_bias
-        prior = np.concatenate([current, bias[None]])[None]
+        prior = current
+        if second.bias_slot:
+            old_bias = _bias_array(second.node, second)
+            bias = np.zeros(current.shape[1]) if old_bias is None else old_bias
+            prior = np.concatenate([current, bias[None]])
+        prior = prior[None]
         ridge = folds.choose_ridge(self.ridges(), prior)
         sums = folds.total()
         a, b, new_bias = sums.reduced_rank(ridge, prior, rank)
-        solution = np.concatenate([a @ b, new_bias[None]])[None]
+        solution = a @ b
+        if second.bias_slot:
+            solution = np.concatenate([solution, new_bias[None]])
+        solution = solution[None]
         before, after = sums.relative_error(prior), sums.relative_error(solution)
         if not after < before:
             report.record(layer.node, "kept", f"joint refit would not help ({before:.3g})")
@@ -724,7 +746,8 @@ class _Wave:
         if _bias_array(first.node, first) is not None:
             _write_bias(edits, first.node, first, np.zeros(rank), dtype)
         edits.set(second.node, 1, second.to_weight(b[None]), dtype, "weight_refit")
-        _write_bias(edits, second.node, second, new_bias, dtype)
+        if second.bias_slot:
+            _write_bias(edits, second.node, second, new_bias, dtype)
         detail = self.detail("joint low-rank", before, after, sums, ridge)
         report.record(layer.node, "refit", detail)
 
