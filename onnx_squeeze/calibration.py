@@ -919,7 +919,7 @@ class TensorStatistics:
 KINDS = ("minmax", "histogram", "channels")
 
 
-def _expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model | None, list[str]]:
+def expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model | None, list[str]]:
     """A copy of ``model`` whose outputs are the requested tensors that are not graph inputs
     (None when there are none), and the requested graph inputs (read from the feeds)."""
     copy = model.clone()  # initializer tensors are shared, not copied
@@ -1066,7 +1066,7 @@ class StatisticsCollector:
         self.histogram_bins = histogram_bins
         self.channel_axis = channel_axis
         self.provider = provider
-        self._model, self._fed = _expose(model, self.names)
+        self._model, self._fed = expose(model, self.names)
         self._outputs = (
             [v.name for v in self._model.graph.outputs] if self._model is not None else []
         )

@@ -114,10 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"onnx-squeeze {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    anywhere = argparse.ArgumentParser(add_help=False)  # also accepted after the command
+    anywhere.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
-    compress = commands.add_parser(
-        "compress", help="run a recipe of passes on a model, compare, save"
-    )
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[anywhere], **kwargs)
+
+    compress = command("compress", help="run a recipe of passes on a model, compare, save")
     compress.add_argument("model", help="input .onnx file (or zoo:NAME)")
     compress.add_argument("-o", "--output", required=True, help="output .onnx file")
     compress.add_argument("--recipe", help="recipe file (YAML/JSON) or preset name")
@@ -162,9 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(compress, runs=20)
     _add_output_options(compress)
 
-    inspect = commands.add_parser(
-        "inspect", help="ops, parameters, MACs, inputs and outputs of a model"
-    )
+    inspect = command("inspect", help="ops, parameters, MACs, inputs and outputs of a model")
     inspect.add_argument("model")
     inspect.add_argument("--shape", action="append", metavar="NAME:1x3x224x224")
     inspect.add_argument(
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--json", metavar="FILE", help="write the analysis as JSON")
 
-    compare = commands.add_parser("compare", help="fidelity, size and latency of B against A")
+    compare = command("compare", help="fidelity, size and latency of B against A")
     compare.add_argument("a")
     compare.add_argument("b")
     compare.add_argument(
@@ -190,17 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(compare)
     _add_output_options(compare)
 
-    bench = commands.add_parser(
-        "bench", help="latency of one or more models across execution providers"
-    )
+    bench = command("bench", help="latency of one or more models across execution providers")
     bench.add_argument("models", nargs="+")
     bench.add_argument("--json", metavar="FILE")
     bench.add_argument("--warmup", type=int, default=5)
     _add_run_options(bench)
 
-    demo = commands.add_parser(
-        "demo", help="the main job on a built-in ResNet-18: compress, compare, report"
-    )
+    demo = command("demo", help="the main job on a built-in ResNet-18: compress, compare, report")
     demo.add_argument(
         "--out",
         metavar="DIR",
@@ -212,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--width", type=float, default=1.0, help="channel width multiplier of the ResNet-18"
     )
 
-    zoo_cmd = commands.add_parser("zoo", help="save a built-in reference model to a file")
+    zoo_cmd = command("zoo", help="save a built-in reference model to a file")
     zoo_cmd.add_argument("name")
     zoo_cmd.add_argument("-o", "--output", required=True)
     zoo_cmd.add_argument("--width", type=float, default=1.0)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.calibration import Feed, _expose
+from onnx_squeeze.calibration import Feed, expose
 from onnx_squeeze.errors import InputError
 from onnx_squeeze.graph_utils import attribute
 from onnx_squeeze.least_squares import GramAccumulator, conv_pads, im2col
@@ -116,7 +116,7 @@ class TensorRunner:
     read from the feed); the caller's model is never modified, initializers are shared."""
 
     def __init__(self, model: ir.Model, names: Sequence[str], provider: str = "cpu") -> None:
-        copy, self.fed = _expose(model, list(dict.fromkeys(names)))
+        copy, self.fed = expose(model, list(dict.fromkeys(names)))
         self.outputs = [v.name for v in copy.graph.outputs] if copy is not None else []
         self.session = create_session(copy, provider) if copy is not None else None
 

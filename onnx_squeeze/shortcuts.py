@@ -19,6 +19,7 @@ PASS_ORDER = (
     "low_rank",
     "prune_weights",
     "reconstruct",
+    "finetune",
     "quantize_int8",
     "quantize_dynamic",
     "fp16",
@@ -61,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="refit layers to the original model on the calibration data "
         "(default: on when --calib is given and a pruning or low-rank flag is used)",
     )
+    group.add_argument(
+        "--finetune",
+        type=_positive,
+        metavar="STEPS",
+        help="then train the float weights for STEPS minibatches of --calib to match the "
+        "original's outputs (distillation; needs PyTorch: pip install 'onnx-squeeze[torch]')",
+    )
     quantize = group.add_mutually_exclusive_group()
     quantize.add_argument(
         "--int8", action="store_true", help="static INT8 QDQ, activations calibrated on --calib"
@@ -74,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--int8-method",
         choices=("minmax", "percentile", "entropy", "mse"),
-        help="activation calibration method for --int8 (default minmax)",
+        help="activation calibration method for --int8 (default mse: least expected squared error)",
     )
     group.add_argument(
         "--int4",
@@ -110,6 +118,10 @@ def steps_from_args(args: argparse.Namespace, *, calibrated: bool) -> list[Step]
         if not calibrated:
             raise SettingsError("--recover needs calibration data: add --calib SRC")
         steps.append(Step("reconstruct"))
+    if args.finetune is not None:
+        if not calibrated:
+            raise SettingsError("--finetune needs calibration data to train on: add --calib SRC")
+        steps.append(Step("finetune", {"steps": args.finetune}))
     if args.int8:
         settings: dict[str, Any] = {"method": args.int8_method} if args.int8_method else {}
         steps.append(Step("quantize_int8", settings))
@@ -142,6 +154,12 @@ def _fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
     return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _low_rank_target(text: str) -> dict[str, float]:

@@ -24,11 +24,8 @@ Weights are meant to behave like trained ones where compression cares:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +33,7 @@ import onnx
 import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
 
+from onnx_squeeze.blas import blas_threads
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import typed_attributes
 
@@ -74,44 +72,6 @@ Batch = str | int
 # --------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _openblas_threads() -> tuple[Callable[[int], None], Callable[[], int]] | None:
-    """Setter and getter of the thread count of the OpenBLAS numpy uses, where it can be found."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
-        for path in sorted(p for p in paths if p.startswith("/")):
-            library = ctypes.CDLL(path)
-            for prefix, suffix in (
-                ("scipy_openblas", "64_"),
-                ("scipy_openblas", ""),
-                ("openblas", ""),
-            ):
-                setter = getattr(library, f"{prefix}_set_num_threads{suffix}", None)
-                getter = getattr(library, f"{prefix}_get_num_threads{suffix}", None)
-                if setter is not None and getter is not None:
-                    return setter, getter
-    except OSError:
-        pass
-    return None
-
-
-@contextlib.contextmanager
-def _blas_threads(count: int | None) -> Iterator[None]:
-    """Limit numpy's OpenBLAS to ``count`` threads inside the block (None: leave as is)."""
-    controls = _openblas_threads() if count is not None else None
-    if controls is None:
-        yield
-        return
-    setter, getter = controls
-    previous = getter()
-    setter(count)
-    try:
-        yield
-    finally:
-        setter(previous)
-
-
 def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` in few BLAS calls, single-threaded unless large: on a busy machine, handing
     a small product to a second BLAS thread costs a scheduler time slice (~10 ms), far more
@@ -121,12 +81,12 @@ def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if a.ndim == 2 and b.ndim == 3:  # weight @ per-image columns
         out = np.empty((b.shape[0], a.shape[0], b.shape[2]), dtype=np.result_type(a, b))
         threads = None if a.shape[0] * a.shape[1] * b.shape[2] >= 50_000_000 else 1
-        with _blas_threads(threads):
+        with blas_threads(threads):
             for index, item in enumerate(b):
                 np.matmul(a, item, out=out[index])
         return out
     large = a.ndim == 2 and b.ndim == 2 and a.shape[0] * a.shape[1] * b.shape[1] >= 50_000_000
-    with _blas_threads(None if large else 1):
+    with blas_threads(None if large else 1):
         return np.matmul(a, b)
 
 

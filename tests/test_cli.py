@@ -263,8 +263,9 @@ def test_internal_error_is_exit_2_with_traceback_only_in_debug(
     argv = ["compress", str(small_resnet), "-o", str(tmp_path / "o.onnx"), "--pass", "test_crashes"]
     code, _, err = run_cli(capsys, *argv)
     assert code == cli.EXIT_INTERNAL and "boom in a pass" in err and "Traceback" not in err
-    code, _, err = run_cli(capsys, "--debug", *argv)
-    assert code == cli.EXIT_INTERNAL and "Traceback" in err
+    for debug_argv in (["--debug", *argv], [*argv, "--debug"]):  # before or after the command
+        code, _, err = run_cli(capsys, *debug_argv)
+        assert code == cli.EXIT_INTERNAL and "Traceback" in err
     assert not (tmp_path / "o.onnx").exists()
 
 

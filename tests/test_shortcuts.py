@@ -42,6 +42,15 @@ def test_recover_without_calibration_data_says_what_to_add():
         _steps("--recover")
 
 
+def test_finetune_follows_recovery_and_precedes_quantization():
+    flags = ("--int8", "--finetune", "50", "--prune-channels", "0.3")
+    steps = _steps(*flags, calibrated=True)
+    assert [n for n, _ in steps] == ["prune_channels", "reconstruct", "finetune", "quantize_int8"]
+    assert steps[2][1] == {"steps": 50}
+    with pytest.raises(SettingsError, match="--finetune needs calibration data"):
+        _steps("--finetune", "50")
+
+
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
@@ -80,6 +89,7 @@ def test_bad_values_name_the_fix(flags, message):
         _steps(*flags)
 
 
-def test_fraction_out_of_range_is_a_usage_error():
+@pytest.mark.parametrize("flags", [("--prune-channels", "1.5"), ("--finetune", "0")])
+def test_out_of_range_number_is_a_usage_error(flags):
     with pytest.raises(SystemExit):
-        _steps("--prune-channels", "1.5")
+        _steps(*flags)

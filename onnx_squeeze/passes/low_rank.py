@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze import analysis, factorize, runtime
+from onnx_squeeze.blas import blas_threads
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.grams import GramSpec, Moments, collect_grams, conv_geometry
 from onnx_squeeze.graph_utils import (
@@ -45,7 +46,6 @@ from onnx_squeeze.graph_utils import (
 from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created, register
 from onnx_squeeze.prepare import infer_shapes
 from onnx_squeeze.progress import track
-from onnx_squeeze.zoo import _blas_threads  # shared BLAS thread control (to be made public)
 
 SCHEMES = ("auto", "svd", "channel", "spatial", "tucker2")
 SUPPORTED_OPS = ("Gemm", "MatMul", "Conv")
@@ -757,7 +757,7 @@ class LowRank(Pass):
             white = whites[plan.gram_spec()] if self.settings.data_aware else None
             # Single-threaded: these matrices are small for BLAS, and OpenBLAS threads spinning
             # on a busy machine made each SVD hundreds of times slower.
-            with _blas_threads(1):
+            with blas_threads(1):
                 plan.decompose(white)
 
     def _per_layer(self, plans: list[Plan], report: PassReport) -> Option | None:
