@@ -400,8 +400,10 @@ def _plan_follower(
         return False
     op = node.op_type
     outputs = list(node.outputs)
-    if op in BINARY_OPS:
-        return len(node.inputs) == 2 and want([*node.inputs, *outputs])
+    if op in BINARY_OPS:  # a Relu after an Add folds into its QuantizeLinear, as after a Conv
+        clamp = _fused_clamp(outputs[0], symmetric) if op == "Add" else None
+        planned = [clamp.outputs[0]] if clamp is not None else outputs
+        return len(node.inputs) == 2 and want([*node.inputs, *planned])
     if op == "Concat":
         members = [*node.inputs, *outputs]
         planned = want(members)
