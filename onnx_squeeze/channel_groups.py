@@ -991,17 +991,20 @@ def _weight_problem(node: ir.Node, index: int, *, shareable: bool = False) -> st
     return None
 
 
-@_handles("Conv")
+@_handles("Conv", "ConvTranspose")
 def _conv(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set[int]:
     layout = states[0]
     weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or weight.ndim < 3:
         tracer.freeze_layout(layout, f"{_label(node)}: weight is not a constant")
         return {0}
+    # Conv weights are (out, in/group, *kernel); ConvTranspose weights (in, out/group, *kernel)
+    in_axis, out_axis = (0, 1) if node.op_type == "ConvTranspose" else (1, 0)
     group = int(attribute(node, "group", 1))
     problem = _weight_problem(node, 1) or _weight_problem(node, 2, shareable=True)
     if problem is None and group > 1:
-        if group == weight.shape[0] and weight.shape[1] == 1:  # depthwise: channels pass
+        depthwise = group == weight.shape[0] and weight.shape[1] == 1
+        if depthwise and node.op_type == "Conv":  # channels pass through
             if layout is not None:
                 _depthwise(tracer, node, layout, group)
             return {0}
@@ -1010,12 +1013,12 @@ def _conv(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set[in
         if problem is not None:
             tracer.freeze_layout(layout, problem)
         elif _channel_axis_is_one(tracer, node, layout):
-            tracer.add_slot(node, 1, layout, 1, "consumer", weight=True, zero=True)
-    atoms = tuple(tracer.new_atoms(node, weight.shape[0], problem))
+            tracer.add_slot(node, 1, layout, in_axis, "consumer", weight=True, zero=True)
+    atoms = tuple(tracer.new_atoms(node, weight.shape[out_axis], problem))
     out = Layout(atoms, 1 - weight.ndim, weight.ndim)
     tracer.set_layout(node.outputs[0], out)
     if problem is None:
-        tracer.add_slot(node, 1, out, 0, "producer", weight=True, zero=True)
+        tracer.add_slot(node, 1, out, out_axis, "producer", weight=True, zero=True)
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             tracer.add_slot(node, 2, out, 0, "producer", zero=True)
     return {0}

@@ -85,6 +85,18 @@ g (float[N, 4, 8, 8] x, float[16, 4, 1, 1] w1, float[16] bias1, float[16, 1, 3, 
 }
 """
 
+DECODER = """
+g (float[N, 4, 8, 8] x, float[16, 4, 3, 3] w1, float[16] bias1, float[16, 12, 2, 2] wt,
+   float[12] bt, float[12, 1, 3, 3] wd, float[3, 12, 3, 3] w2) => (float[N, 3, 16, 16] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, bias1)
+    r1 = Relu (c1)
+    up = ConvTranspose <strides = [2, 2]> (r1, wt, bt)
+    r2 = Relu (up)
+    d = Conv <group = 12, pads = [1, 1, 1, 1]> (r2, wd)
+    y = Conv <pads = [1, 1, 1, 1]> (d, w2)
+}
+"""
+
 FLATTEN_GEMM = """
 g (float[N, 3, 4, 4] x, float[8, 3, 3, 3] w1, float[8] bias1, float[32, 128] wg1, float[32] bg1,
    float[32, 10] wg2, float[10] bg2) => (float[N, 10] y) {
@@ -200,6 +212,7 @@ GRAPHS = {
     "concat_split": CONCAT_SPLIT,
     "depthwise": DEPTHWISE,
     "flatten_gemm": FLATTEN_GEMM,
+    "decoder": DECODER,
     "transformer_mlp": TRANSFORMER_MLP,
     "shape_ops": SHAPE_OPS,
     "shared_constants": SHARED_CONSTANTS,
@@ -284,6 +297,19 @@ def test_depthwise_chain_passes_channels_through():
     assert {("d1", "param", 1, (0,)), ("d1", "param", 2, (0,)), ("d2", "param", 1, (0,))} <= members
     assert ("y", "consumer", 1, (0,)) in members
     assert group.frozen is None
+
+
+def test_conv_transpose_consumes_on_weight_axis_0_and_produces_on_axis_1():
+    groups = channel_groups.build_groups(_named(graph_model(DECODER)))
+    assert [g.frozen is None for g in groups] == [True, True, False]  # c1, up; y is the output
+
+    def axes(group):
+        return {(m.slot.node.name, m.slot.role, m.slot.input): m.slot.axis for m in group.members}
+
+    assert axes(_group_of(groups, "c1"))[("up", "consumer", 1)] == 0
+    upsampled = axes(_group_of(groups, "up"))
+    assert upsampled[("up", "producer", 1)] == 1 and upsampled[("up", "producer", 2)] == 0
+    assert upsampled[("d", "param", 1)] == 0 and upsampled[("y", "consumer", 1)] == 1
 
 
 def test_flatten_into_gemm_accounts_for_the_spatial_size():
