@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import math
 import os
+import struct
 import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -121,6 +122,50 @@ def _read_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         raise InputError(f"cannot read calibration file {path}: {error}") from None
 
 
+class _StoredArray:
+    """An array of an uncompressed .npz read a few samples at a time (``np.savez`` stores its
+    members uncompressed): only the batch being fed is ever in memory, as with a memory-mapped
+    .npy, and no file pages are mapped into the process."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
+        self.ndim = len(shape)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        row = math.prod(self.shape[1:])
+        count = max(stop - start, 0) * row
+        data = np.fromfile(
+            self.path, self.dtype, count, offset=self.offset + start * row * self.dtype.itemsize
+        )
+        return data.reshape(-1, *self.shape[1:])
+
+
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a zip member's local header; name, extra follow
+
+
+def _stored_arrays(path: Path, names: Sequence[str]) -> dict[str, _StoredArray] | None:
+    """Readers of the named members of an .npz when they are stored uncompressed in C order
+    (None when one is not: the caller loads the file instead)."""
+    found = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as stream:
+        for name in names:
+            info = archive.getinfo(f"{name}.npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+            stream.seek(info.header_offset)
+            fields = _LOCAL_HEADER.unpack(stream.read(_LOCAL_HEADER.size))
+            stream.seek(fields[10] + fields[11], os.SEEK_CUR)  # name and extra lengths
+            if np.lib.format.read_magic(stream) == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+            if fortran or not shape or dtype.hasobject:
+                return None
+            found[name] = _StoredArray(path, stream.tell(), tuple(shape), dtype)
+    return found
+
+
 class NpzSource:
     """Arrays from a ``.npz`` (one array per input name), a ``.npy`` (single-input models), or a
     folder of such files (sorted by name).
@@ -130,7 +175,9 @@ class NpzSource:
     files. Files are checked against the model's inputs when the source is made (names, ranks,
     fixed dimensions, dtypes that cast within their kind, e.g. float64 to float32), reading only
     their headers. Arrays not named after a model input are ignored. ``.npy`` files are memory
-    mapped; an ``.npz`` file is loaded one file at a time. ``limit`` caps the number of samples.
+    mapped and uncompressed ``.npz`` files read batch by batch, so memory does not grow with the
+    data; a compressed ``.npz`` is loaded one file at a time. ``limit`` caps the number of
+    samples.
     """
 
     is_random = False
@@ -224,6 +271,9 @@ class NpzSource:
     def _load(self, file: Path) -> dict[str, np.ndarray]:
         if file.suffix.lower() == ".npy":
             return {self._specs[0].name: np.load(file, mmap_mode="r")}
+        stored = _stored_arrays(file, [spec.name for spec in self._specs])
+        if stored is not None:
+            return stored
         with np.load(file) as arrays:
             return {spec.name: arrays[spec.name] for spec in self._specs}
 

@@ -97,6 +97,27 @@ def test_npz_file_split_into_batches_and_cast(tmp_path):
     np.testing.assert_array_equal(again[0]["b"], feeds[0]["b"])
 
 
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "compressed"])
+def test_npz_batches_are_read_from_the_file_only_when_fed(tmp_path, save, monkeypatch):
+    a = np.arange(30, dtype=np.float32).reshape(10, 3)
+    b = np.asfortranarray(np.arange(20).reshape(10, 2))  # Fortran order: loaded whole
+    save(tmp_path / "calib.npz", a=a, b=b)
+    loads = []
+    monkeypatch.setattr(np, "load", lambda *args, **kw: loads.append(1) or _np_load(*args, **kw))
+    source = NpzSource(tmp_path / "calib.npz", input_specs(two_input_model()), batch_size=4)
+    feeds = list(source)
+    np.testing.assert_array_equal(np.concatenate([f["a"] for f in feeds]), a)
+    np.testing.assert_array_equal(np.concatenate([f["b"] for f in feeds]), b)
+    assert len(loads) == 1  # b (or the compressed file) is loaded; stored C-order a never is
+    np.savez(tmp_path / "c.npz", a=a, b=np.ascontiguousarray(b))
+    loads.clear()
+    assert sum(f["a"].shape[0] for f in NpzSource(tmp_path / "c.npz", source._specs)) == 10
+    assert not loads
+
+
+_np_load = np.load
+
+
 def test_npz_fixed_batch_dimension_drops_partial_batch(tmp_path):
     path = tmp_path / "calib.npz"
     np.savez(path, a=np.zeros((5, 3), np.float32), b=np.zeros((5, 2), np.int64))
