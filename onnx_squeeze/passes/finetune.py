@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.calibration import RandomSource
+from onnx_squeeze.calibration import feeds_in_memory
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.passes.base import Pass, PassContext, PassReport, register
@@ -199,25 +199,15 @@ class _Data:
 def _read_feeds(
     context: PassContext, teacher: ir.Model, settings: FinetuneSettings, report: PassReport
 ) -> list[Feed]:
-    source = context.calibration
-    if source is None:
-        specs = input_specs(teacher)
-        source = RandomSource(specs, count=settings.samples, seed=settings.seed, batch_size=16)
-        report.notes.append(
-            "WARNING: no calibration data given; fine-tuned on RANDOM inputs, which rarely helps "
-            "on real data: pass calibration data (--calib)"
-        )
-    elif getattr(source, "is_random", False):
-        report.notes.append("WARNING: the calibration data is random: fine-tuning is a smoke test")
-    feeds, count = [], 0
-    for feed in source:
-        feeds.append(dict(feed))
-        count += _rows(feed)
-        if count >= settings.samples:
-            break
-    if not feeds:
-        raise SettingsError("finetune: the calibration data yielded no batches")
-    return feeds
+    return feeds_in_memory(
+        context.calibration,
+        input_specs(teacher),
+        settings.samples,
+        seed=settings.seed,
+        batch_size=16,
+        purpose="fine-tuning",
+        notes=report.notes,
+    )
 
 
 def _pool(records: list[Feed]) -> list[Feed]:

@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
-from onnx_squeeze.calibration import ChannelStatistics, RandomSource
+from onnx_squeeze.calibration import ChannelStatistics, feeds_in_memory
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.grams import TensorRunner
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, set_input_constant
@@ -538,32 +538,6 @@ def _output_error(
 # The pass
 
 
-def _calibration_feeds(
-    context: PassContext, teacher: ir.Model, samples: int, report: PassReport
-) -> list[Feed]:
-    """Up to ``samples`` samples of calibration feeds, held in memory for the waves."""
-    source = context.calibration
-    if source is None:
-        source = RandomSource(input_specs(teacher), count=samples, seed=context.seed, batch_size=8)
-        report.notes.append(
-            "WARNING: no calibration data given; recovery was fitted to RANDOM inputs, which "
-            "rarely helps on real data: pass calibration data (--calib) for real recovery"
-        )
-    elif getattr(source, "is_random", False):
-        report.notes.append("WARNING: the calibration data is random: recovery is a smoke test")
-    feeds, count = [], 0
-    for feed in source:
-        feeds.append(dict(feed))
-        count += len(next(iter(feed.values())))
-        if count >= samples:
-            break
-    if not feeds:
-        raise SettingsError("reconstruct: the calibration data yielded no batches")
-    label = getattr(source, "label", type(source).__name__)
-    report.notes.append(f"calibration: {count} samples in {len(feeds)} batches from {label}")
-    return feeds
-
-
 @register
 class Reconstruct(Pass):
     """Refit compressed layers to the teacher's outputs on calibration data (closed form)."""
@@ -598,7 +572,15 @@ class Reconstruct(Pass):
         if not layers:
             report.notes.append("nothing to recover: no layer differs from the teacher")
             return
-        feeds = _calibration_feeds(context, teacher, self.settings.samples, report)
+        feeds = feeds_in_memory(
+            context.calibration,
+            input_specs(teacher),
+            self.settings.samples,
+            seed=context.seed,
+            batch_size=8,
+            purpose="recovery",
+            notes=report.notes,
+        )
         graph_outputs = [v.name for v in model.graph.outputs]
         reference = [TensorRunner(teacher, graph_outputs)(feed) for feed in feeds]
         before = _output_error(model, reference, feeds)
