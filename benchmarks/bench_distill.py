@@ -46,7 +46,8 @@ RECOVER = {"reconstruct": {}}
 BIAS = {"reconstruct": {"methods": ["bias"]}}
 INT8 = {"quantize_int8": {}}  # with its built-in bias correction
 INT8_PLAIN = {"quantize_int8": {"bias_correction": False}}
-COMBINED_LABEL = "combined: prune 70% (reconstruction criterion) + recovery + INT8"
+FINETUNE = {"finetune": {}}
+COMBINED_LABEL = "combined: prune 75% (reconstruction criterion) + recovery + finetune + INT8"
 
 
 def _prune(share: float, **settings: Any) -> dict[str, Any]:
@@ -69,13 +70,24 @@ ROWS: list[tuple[str, list[dict[str, Any]] | float | None]] = [
         "prune 50% (reconstruction criterion) + recovery",
         [_prune(0.5, criterion="reconstruction"), RECOVER],
     ),
-    ("prune 50% MACs + recovery + finetune", [_prune(0.5), RECOVER, {"finetune": {}}]),
+    ("prune 50% MACs + recovery + finetune", [_prune(0.5), RECOVER, FINETUNE]),
     ("onnxsim 0.8 pruning, 50% MACs", 0.5),
     ("low-rank 50% MACs", [_low_rank(0.5)]),
     ("low-rank 50% MACs + recovery", [_low_rank(0.5), RECOVER]),
     ("INT8, no bias correction", [INT8_PLAIN]),
     ("INT8 + bias correction", [INT8]),
-    (COMBINED_LABEL, [_prune(0.7, criterion="reconstruction"), RECOVER, INT8]),
+    (COMBINED_LABEL, [_prune(0.75, criterion="reconstruction"), RECOVER, FINETUNE, INT8]),
+    (
+        "combined + low-rank: prune 75% + recovery + low-rank 20% + recovery + finetune + INT8",
+        [
+            _prune(0.75, criterion="reconstruction"),
+            RECOVER,
+            _low_rank(0.2),
+            RECOVER,
+            FINETUNE,
+            INT8,
+        ],
+    ),
 ]
 
 

@@ -385,6 +385,27 @@ def test_include_exclude_and_keep_first_last():
         make_pass("quantize_int8", {"target": "top1 at least 0.99"})
 
 
+def test_single_channel_stem_stays_float():
+    """onnxruntime's QLinearConv over one input channel (a grayscale stem) is slower than the
+    float kernel, so the stem is skipped with a reason and the next Conv still quantizes (the
+    last one writes the float graph output, so onnxruntime leaves it float)."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 1, 8, 8] x) => (float[N, 6, 2, 2] y) {
+            s = Conv (x, w1)
+            r = Relu (s)
+            t = Conv (r, w2)
+            u = Relu (t)
+            y = Conv (u, w3)
+        }"""
+    model = parse(text, seed=1, w1=(4, 1, 3, 3), w2=(6, 4, 3, 3), w3=(6, 6, 3, 3))
+    result, report = quantize(model)
+    check(result)
+    assert [r.node for r in report.skipped] == [model.graph.node(0).name]
+    assert "single input channel" in report.skipped[0].detail
+    assert optimized_ops(result)["QLinearConv"] == 1
+    assert cosine(model, result, random_feeds(model, 2)) > 0.99
+
+
 def test_mixed_precision_keeps_sensitive_layers_in_float_until_target():
     model = prepared("resnet18")
     full, _ = quantize(model)
