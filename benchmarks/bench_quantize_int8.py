@@ -62,17 +62,19 @@ make_pass("quantize_dynamic")(model, PassContext())
 ir.save(model, {out!r})
 """
 _ORT_STATIC = """
+import onnx_ir as ir
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat
 from onnxruntime.quantization import quantize_static
-data = np.load({calib!r})
+from onnx_squeeze.calibration import NpzSource
+from onnx_squeeze.runtime import input_specs
+# the same streaming reader ours gets: one sample at a time from the file (indexing an NpzFile
+# would read and copy a whole member for every sample, slowing onnxruntime down unfairly)
+source = NpzSource({calib!r}, input_specs(ir.load({model!r})), batch_size=1)
 class Reader(CalibrationDataReader):
     def __init__(self):
-        self.index = 0
+        self.feeds = iter(source)
     def get_next(self):
-        if self.index >= len(data[data.files[0]]):
-            return None
-        self.index += 1
-        return {{k: data[k][self.index - 1 : self.index] for k in data.files}}
+        return next(self.feeds, None)
 quantize_static({model!r}, {out!r}, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 calibrate_method=CalibrationMethod.{ort_method})
 """

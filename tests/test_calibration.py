@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_squeeze import stat_graph
 from onnx_squeeze.calibration import (
     CalibrationSource,
     ChannelStatistics,
@@ -674,3 +676,58 @@ def test_runs_join_only_feeds_of_the_same_shape():
     fixed = _Runs(feeds, batched=False)
     fixed.samples = 8
     assert [index for index, _ in fixed] == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- in-graph reduction
+
+
+@given(size=st.integers(1, 10**6), values=st.integers(1, 10**5))
+def test_sample_stride_is_coprime_and_keeps_at_most_the_values_asked(size, values):
+    step = stat_graph.stride(size, values)
+    assert math.gcd(step, size) == 1
+    assert -(-size // step) <= values
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_reduced_collection_matches_whole_tensors(opset):
+    """Min/max and channel means reduced in the graph equal those of whole tensors (at both
+    forms of the Reduce ops' axes); the histogram counts a strided sample of at most
+    ``sample_values`` values per sample and keeps the distribution."""
+    proto = conv_relu_proto()
+    proto.opset_import[0].version = opset
+    model = ir.from_proto(proto)
+    source = list(RandomSource(input_specs(model), count=40, seed=5, batch_size=2))
+    names, keep = ["c1", "r1", "x"], ("minmax", "histogram", "means")
+    whole = StatisticsCollector(model, names, keep=keep).collect(source, progress=False)
+    reduced = StatisticsCollector(model, names, keep=keep, sample_values=20)
+    found = reduced.collect(source, progress=False)
+    reference = run_exposed(proto, ["c1", "r1"], source)
+    for name in ("c1", "r1"):
+        a, b, data = found[name], whole[name], reference[name]
+        np.testing.assert_allclose([a.minmax.min, a.minmax.max], [data.min(), data.max()], 1e-5)
+        assert a.minmax.count == b.minmax.count == data.size
+        np.testing.assert_allclose(a.means.mean, b.means.mean, rtol=1e-5, atol=1e-6)
+        assert 40 * 20 * 0.5 <= a.histogram.total <= 40 * 20  # 144 values per sample, sampled
+        tolerance = 0.1 * (data.max() - data.min())  # 800 sampled values estimate the median
+        assert abs(a.histogram.quantile(0.5) - quantile(data, 0.5)) <= tolerance
+    assert found["x"].histogram.total == whole["x"].histogram.total  # a fed input stays whole
+
+
+def test_reduced_collection_keeps_whole_tensors_where_it_must():
+    """Tensors with full channel statistics, and tensors that are not float, are returned
+    whole next to the reduced ones."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3] x) => (int64[N] y) {
+            r = Relu (x)
+            y = ArgMax <axis = 1, keepdims = 0> (r)
+        }"""
+    model = ir.from_proto(onnx.parser.parse_model(text))
+    source = list(RandomSource(input_specs(model), count=6, seed=1, batch_size=3))
+    collector = StatisticsCollector(
+        model, ["r", "y"], keep=("minmax", "channels"), channel_axis={"r": 1}, sample_values=2
+    )
+    statistics = collector.collect(source, progress=False)
+    assert statistics["r"].channels.count == 6 and statistics["y"].minmax.count == 6
+    assert 0 <= statistics["y"].minmax.min <= statistics["y"].minmax.max <= 2
+    with pytest.raises(SettingsError, match="sample_values"):
+        StatisticsCollector(model, ["r"], sample_values=-1)

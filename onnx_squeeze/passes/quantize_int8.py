@@ -147,6 +147,9 @@ class QuantizeInt8Settings:
     calibration_batches: int = 0  # 0: all batches of the source
     random_samples: int = 16  # without calibration data: random samples (smoke tests only)
     histogram_bins: int = 2048
+    # values of each tensor per calibration sample that its histogram counts (a strided sample
+    # taken in the graph; min/max stay exact); 0: every value
+    histogram_values: int = 16384
 
 
 @dataclasses.dataclass
@@ -682,8 +685,9 @@ class QuantizeInt8(Pass):
         for field in ("sensitivity_batches", "random_samples", "histogram_bins"):
             if getattr(s, field) < 1:
                 raise SettingsError(f"quantize_int8: {field} must be at least 1")
-        if s.calibration_batches < 0:
-            raise SettingsError("quantize_int8: calibration_batches must be 0 (all) or more")
+        for field in ("calibration_batches", "histogram_values"):
+            if getattr(s, field) < 0:
+                raise SettingsError(f"quantize_int8: {field} must be 0 (all) or more")
 
     @property
     def activation(self) -> IntType:
@@ -745,13 +749,14 @@ class QuantizeInt8(Pass):
             _model_fingerprint(model),
             getattr(source, "label", id(source)),
             self.settings.histogram_bins,
+            self.settings.histogram_values,
             self.settings.calibration_batches,
         )
         cached: dict[str, TensorStatistics] = context.cache.setdefault(key, {})
         missing = [
             name
             for name in names
-            if name not in cached or (name in channel_axes and cached[name].channels is None)
+            if name not in cached or (name in channel_axes and cached[name].means is None)
         ]
         if missing:
             collector = StatisticsCollector(
@@ -759,7 +764,8 @@ class QuantizeInt8(Pass):
                 missing,
                 histogram_bins=self.settings.histogram_bins,
                 channel_axis={n: channel_axes[n] for n in missing if n in channel_axes},
-                keep=("minmax", "histogram", "channels"),
+                keep=("minmax", "histogram", "means"),
+                sample_values=self.settings.histogram_values,
             )
             limit = self.settings.calibration_batches or None
             cached.update(collector.collect(source, limit=limit))
@@ -970,10 +976,10 @@ class QuantizeInt8(Pass):
             rounded = quant_params.dequantize(
                 constant_array(dq.inputs[0]), constant_array(dq.inputs[1]), 0, axis
             )
-            channels = statistics[original.inputs[0].name].channels
-            if channels is None:  # an input whose channel axis is out of range
+            means = statistics[original.inputs[0].name].means
+            if means is None:  # an input whose channel axis is out of range
                 continue
-            shift = -_weight_error_times_mean(original, rounded - weight, channels.mean)
+            shift = -_weight_error_times_mean(original, rounded - weight, means.mean)
             scale = constant_array(next(iter(bias.uses())).node.inputs[1]).astype(np.float64)
             corrected = bias.const_value.numpy().astype(np.int64) + np.rint(shift / scale)
             corrected = np.clip(corrected, INT32.qmin, INT32.qmax).astype(np.int32)
