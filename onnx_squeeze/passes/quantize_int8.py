@@ -19,8 +19,10 @@ symmetric INT8 activations it keeps its input's parameters. Graph outputs stay f
 
 Defaults, chosen for fidelity at no speed cost: activation ranges with the least expected squared
 error (``mse``, from the histograms), weight ranges per channel likewise (``weight_range``), bias
-correction from the input means gathered in the same calibration run, and 8-bit weights except
-for Conv layers with a signed input on x86 CPUs without VNNI (see ``_static_weight_type``).
+correction from the input means gathered in the same calibration run (then, at the last
+quantized layers, the measured mean output error), and 8-bit weights except for Conv layers with
+a signed input on x86 CPUs without VNNI (see ``_static_weight_type``). A Conv over a single input
+channel stays float: onnxruntime's QLinearConv runs it slower than the float kernel.
 
 Dynamic INT8 writes what onnxruntime fuses into DynamicQuantizeMatMul: DynamicQuantizeLinear
 (one per MatMul, for the same reason as above), MatMulInteger with per-column INT8 weights,
