@@ -1193,6 +1193,11 @@ class StatisticsCollector:
     the graph after the first run (which measures them): exact min/max, per-channel means, and
     for the histogram a strided sample of about ``sample_values`` values per sample, which
     estimates the distribution without copying whole tensors out of onnxruntime.
+
+    ``join`` lets consecutive feeds run together while the collected tensors of a run stay
+    under ``RUN_BYTES``. That bounds onnxruntime's own activations only when the collected
+    tensors are most of them; collecting a few small tensors (a model's outputs) wants
+    ``join=False``, or a run of 64 samples holds 64 samples' activations.
     """
 
     def __init__(
@@ -1205,6 +1210,7 @@ class StatisticsCollector:
         provider: str = "cpu",
         keep: Sequence[str] = KINDS,
         sample_values: int = 0,
+        join: bool = True,
     ) -> None:
         self.names = list(dict.fromkeys(tensors))
         if not self.names:
@@ -1229,7 +1235,7 @@ class StatisticsCollector:
         self._outputs = (
             [v.name for v in self._model.graph.outputs] if self._model is not None else []
         )
-        self._batched = all(
+        self._batched = join and all(
             value.shape is not None and len(value.shape) > 0 and not _static(value.shape[0])
             for value in (self._model or model).graph.inputs
         )
@@ -1247,11 +1253,11 @@ class StatisticsCollector:
             ir.save(model, path, external_data="exposed.onnx.data")
             return create_session(path, self.provider, optimization=optimization)
 
-    def _reduced(
+    def _reducible(
         self, arrays: Mapping[str, np.ndarray], samples: int
-    ) -> tuple[Any, list[str], dict[str, stat_graph.Reduction]] | None:
-        """A session that reduces the tensors it can in the graph (see ``sample_values``), its
-        output names and the reductions; None when nothing is reducible."""
+    ) -> dict[str, stat_graph.Wanted]:
+        """What each collected tensor that can be reduced in the graph (see ``sample_values``)
+        is reduced to, from the arrays of the first run (``samples`` samples)."""
         wanted = {}
         for name in self._outputs:
             array = arrays[name]
@@ -1267,8 +1273,12 @@ class StatisticsCollector:
                 else None,
                 channel_axis=statistics.means.axis if statistics.means is not None else None,
             )
-        if not wanted:
-            return None
+        return wanted
+
+    def _reduced(
+        self, wanted: Mapping[str, stat_graph.Wanted]
+    ) -> tuple[Any, list[str], dict[str, stat_graph.Reduction]]:
+        """A session on the reduced copy, its output names and the reductions."""
         model, reductions = stat_graph.reduced_model(self._model, wanted)
         outputs = [value.name for value in model.graph.outputs]
         return self._session(model, optimization="all"), outputs, reductions
@@ -1333,9 +1343,10 @@ class StatisticsCollector:
                     runs.samples = _run_samples(arrays, _samples(feed))
                 for name in self.names:
                     statistics[name] = self._new_statistics(name, np.ndim(arrays[name]))
-                reduced = self._reduced(arrays, _samples(feed)) if self.sample_values else None
-                if reduced is not None:  # this run again, reduced, so every run counts alike
-                    session, outputs, reductions = reduced
+                wanted = self._reducible(arrays, _samples(feed)) if self.sample_values else {}
+                if wanted:  # this run again, reduced, so every run counts alike
+                    session = None  # one session at a time: each holds its own weight copies
+                    session, outputs, reductions = self._reduced(wanted)
                     arrays = {name: feed[name] for name in self._fed}
                     arrays.update(zip(outputs, session.run(outputs, feed), strict=True))
             for name in self.names:

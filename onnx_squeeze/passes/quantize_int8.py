@@ -1013,6 +1013,7 @@ class QuantizeInt8(Pass):
                 keep=("means",),
                 channel_axis=axes,
                 sample_values=self.settings.histogram_values,
+                join=False,  # few small outputs: joined runs would hold many samples' activations
             )
             return collector.collect(source, limit=_OUTPUT_BATCHES, progress=False)
 
