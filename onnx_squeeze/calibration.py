@@ -664,13 +664,14 @@ class MinMax:
         """Take in ``array``; ``extremes`` is its (min, max) when already known."""
         array = np.asarray(array)
         if array.size:
-            self._combine(*(extremes or _extremes(array)), array.size)
+            self.add(*(extremes or _extremes(array)), array.size)
 
     def merge(self, other: MinMax) -> None:
         if other.count:
-            self._combine(other.min, other.max, other.count)
+            self.add(other.min, other.max, other.count)
 
-    def _combine(self, low: float, high: float, count: int) -> None:
+    def add(self, low: float, high: float, count: int) -> None:
+        """Take in the extremes of ``count`` values."""
         self.min = float(np.minimum(self.min, low))
         self.max = float(np.maximum(self.max, high))
         self.count += count
@@ -1042,7 +1043,7 @@ class TensorStatistics:
         if count == 0:
             return
         if self.minmax is not None:
-            self.minmax._combine(*extremes, count)
+            self.minmax.add(*extremes, count)
         if self.histogram is not None and sample is not None:
             self.histogram.update(sample, extremes)
         if self.means is not None and means is not None:
@@ -1254,24 +1255,26 @@ class StatisticsCollector:
             return create_session(path, self.provider, optimization=optimization)
 
     def _reducible(
-        self, arrays: Mapping[str, np.ndarray], samples: int
+        self,
+        statistics: Mapping[str, TensorStatistics],
+        arrays: Mapping[str, np.ndarray],
+        samples: int,
     ) -> dict[str, stat_graph.Wanted]:
         """What each collected tensor that can be reduced in the graph (see ``sample_values``)
-        is reduced to, from the arrays of the first run (``samples`` samples)."""
+        is reduced to, given its accumulators and its arrays from the first run (``samples``
+        samples)."""
         wanted = {}
-        for name in self._outputs:
-            array = arrays[name]
-            value = next(v for v in self._model.graph.outputs if v.name == name)
-            statistics = self._new_statistics(name, np.ndim(array))
-            if value.dtype not in stat_graph.REDUCIBLE or statistics.channels is not None:
+        for value in self._model.graph.outputs:
+            name, array, kept = value.name, arrays[value.name], statistics[value.name]
+            if value.dtype not in stat_graph.REDUCIBLE or kept.channels is not None:
                 continue
             size = max(1, np.size(array) // max(1, samples))
             wanted[name] = stat_graph.Wanted(
                 rank=np.ndim(array),
-                step=stat_graph.stride(size, self.sample_values)
-                if statistics.histogram is not None
-                else None,
-                channel_axis=statistics.means.axis if statistics.means is not None else None,
+                step=None
+                if kept.histogram is None
+                else stat_graph.stride(size, self.sample_values),
+                channel_axis=kept.means.axis if kept.means is not None else None,
             )
         return wanted
 
@@ -1343,7 +1346,9 @@ class StatisticsCollector:
                     runs.samples = _run_samples(arrays, _samples(feed))
                 for name in self.names:
                     statistics[name] = self._new_statistics(name, np.ndim(arrays[name]))
-                wanted = self._reducible(arrays, _samples(feed)) if self.sample_values else {}
+                wanted = {}
+                if self.sample_values and self._model is not None:
+                    wanted = self._reducible(statistics, arrays, _samples(feed))
                 if wanted:  # this run again, reduced, so every run counts alike
                     session = None  # one session at a time: each holds its own weight copies
                     session, outputs, reductions = self._reduced(wanted)
