@@ -85,6 +85,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="activation calibration method for --int8 (default mse: least expected squared error)",
     )
     group.add_argument(
+        "--int8-speed-check",
+        type=_positive,
+        nargs="?",
+        const=1,
+        metavar="BATCH",
+        help="time --int8 against float on this machine and keep the smallest layers in float "
+        "while the model runs faster so, at batch BATCH (default 1)",
+    )
+    group.add_argument(
         "--int4",
         action="store_true",
         help="weight-only INT4 of MatMul/Gemm in blocks (MatMulNBits)",
@@ -124,9 +133,12 @@ def steps_from_args(args: argparse.Namespace, *, calibrated: bool) -> list[Step]
         steps.append(Step("finetune", {"steps": args.finetune}))
     if args.int8:
         settings: dict[str, Any] = {"method": args.int8_method} if args.int8_method else {}
+        if args.int8_speed_check is not None:
+            settings.update(speed_check=True, speed_batch=args.int8_speed_check)
         steps.append(Step("quantize_int8", settings))
-    elif args.int8_method:
-        raise SettingsError("--int8-method applies to --int8; add --int8")
+    elif args.int8_method or args.int8_speed_check is not None:
+        flag = "--int8-method" if args.int8_method else "--int8-speed-check"
+        raise SettingsError(f"{flag} applies to --int8; add --int8")
     if args.int8_dynamic:
         steps.append(Step("quantize_dynamic"))
     if args.fp16 or args.bf16:

@@ -558,3 +558,64 @@ def test_dynamic_quantization_fuses_on_transformer():
     assert cosine(model, result, random_feeds(model, 2, seed=4)) > 0.99
     created = [n for n in result.graph if n.op_type == "MatMulInteger"]
     assert all(n.metadata_props["onnx_squeeze.source_node"] for n in created)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed check
+
+
+def narrow_then_wide_model() -> ir.Model:
+    """Three Convs whose weight sizes do not follow their order: 432, 48 and 216 elements."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, 12, 12] x) => (float[N, 8, 12, 12] y) {
+            a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+            r = Relu (a)
+            b = Conv (r, w2)
+            s = Relu (b)
+            y = Conv <pads = [1, 1, 1, 1]> (s, w3)
+        }"""
+    return parse(text, seed=2, w1=(16, 3, 3, 3), w2=(3, 16, 1, 1), w3=(8, 3, 3, 3))
+
+
+def test_speed_check_keeps_the_smallest_layers_float_where_timed_faster(monkeypatch):
+    """With timings that favour one float layer, the smallest weight (the middle Conv) stays
+    float, every candidate the search builds is a valid model, and the batch it times is the
+    one asked for."""
+    from onnx_squeeze import latency_search
+
+    built = []
+
+    def timings(build, splits, feed):
+        for k in splits:
+            candidate = build(k)
+            check(candidate)
+            built.append((k, ops(candidate)["QuantizeLinear"], feed["x"].shape[0]))
+        return [latency_search.SplitTiming(k, 1.0 if k == 1 else 2.0) for k in splits]
+
+    monkeypatch.setattr(latency_search, "_timings", timings)
+    model = narrow_then_wide_model()
+    result, report = quantize(model, speed_check=True, speed_batch=3)
+    check(result)
+    assert [r.node for r in report.skipped] == ["b"]
+    assert "speed check" in report.skipped[0].detail
+    assert {k for k, _, _ in built} == {0, 1, 2, 3}
+    assert {batch for _, _, batch in built} == {3}
+    quantized = dict((k, q) for k, q, _ in built)
+    assert quantized[0] >= quantized[1] >= quantized[2] > quantized[3] == 0
+    assert any("kept the 1 smallest of 3 in float" in note for note in report.notes)
+    weights = {n.name: n.inputs[1].producer() for n in result.graph if n.op_type == "Conv"}
+    assert weights["b"] is None
+    assert weights["a"].op_type == weights["y"].op_type == "DequantizeLinear"
+    assert cosine(model, result, random_feeds(model, 2)) > 0.99
+
+
+def test_speed_check_times_real_sessions():
+    """Measured for real: whatever split wins, the model is valid and the timings reported."""
+    model = narrow_then_wide_model()
+    result, report = quantize(model, speed_check=True)
+    check(result)
+    note = next(n for n in report.notes if n.startswith("speed check (batch 1"))
+    assert "; then " in note
+    assert cosine(model, result, random_feeds(model, 2)) > 0.99
+    with pytest.raises(SettingsError, match="speed_batch"):
+        make_pass("quantize_int8", {"speed_batch": 0})

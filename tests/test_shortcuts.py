@@ -58,6 +58,14 @@ def test_finetune_follows_recovery_and_precedes_quantization():
         (("--low-rank", "macs=0.5"), ("low_rank", {"macs_target": 0.5, "data_aware": False})),
         (("--sparsity", "2:4"), ("prune_weights", {"mode": "nm", "n": 2, "m": 4})),
         (("--int8", "--int8-method", "entropy"), ("quantize_int8", {"method": "entropy"})),
+        (
+            ("--int8", "--int8-speed-check"),
+            ("quantize_int8", {"speed_check": True, "speed_batch": 1}),
+        ),
+        (
+            ("--int8", "--int8-speed-check", "8"),
+            ("quantize_int8", {"speed_check": True, "speed_batch": 8}),
+        ),
         (("--int8-dynamic",), ("quantize_dynamic", {})),
         (("--bf16",), ("fp16", {"dtype": "bfloat16"})),
         (("--fp8",), ("fp8", {"activations": False})),
@@ -82,6 +90,7 @@ def test_low_rank_is_data_aware_with_calibration_data():
         (("--sparsity", "4:2"), "N:M"),
         (("--low-rank", "rank=3"), "ENERGY"),
         (("--int8-method", "entropy"), "add --int8"),
+        (("--int8-speed-check",), "--int8-speed-check applies to --int8"),
     ],
 )
 def test_bad_values_name_the_fix(flags, message):

@@ -42,7 +42,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from onnx_squeeze import comparison, quant_params
+from onnx_squeeze import comparison, latency_search, quant_params
 from onnx_squeeze.calibration import RandomSource, StatisticsCollector, TensorStatistics
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.gates import parse_gate
@@ -153,6 +153,10 @@ class QuantizeInt8Settings:
     # values of each tensor per calibration sample that its histogram counts (a strided sample
     # taken in the graph; min/max stay exact); 0: every value
     histogram_values: int = 16384
+    # time the model on this machine (CPU, 1 thread) and keep the smallest layers in float while
+    # that makes it faster: INT8 loses on narrow layers at small batches on CPUs without VNNI
+    speed_check: bool = False
+    speed_batch: int = 1  # the batch the speed check times, for inputs with a free batch size
 
 
 @dataclasses.dataclass
@@ -685,7 +689,7 @@ class QuantizeInt8(Pass):
         _check_names(s.exclude_op_types, ANCHOR_OPS, "exclude_op_types")
         if s.target:
             parse_gate(s.target)
-        for field in ("sensitivity_batches", "random_samples", "histogram_bins"):
+        for field in ("sensitivity_batches", "random_samples", "histogram_bins", "speed_batch"):
             if getattr(s, field) < 1:
                 raise SettingsError(f"quantize_int8: {field} must be at least 1")
         for field in ("calibration_batches", "histogram_values"):
@@ -865,6 +869,8 @@ class QuantizeInt8(Pass):
         statistics = self._statistics(model, list(full_plan.tensors), source, context, channel_axes)
         if self.settings.target or self.settings.sensitivity:
             anchors = self._mixed_precision(model, anchors, statistics, source, report)
+        if self.settings.speed_check:
+            anchors = self._fastest(model, anchors, statistics, source, report)
         float_model = model.clone() if self.settings.bias_correction else None
         plan = make_plan(model, anchors, self.symmetric)
         params = self._ranges(plan, statistics)
@@ -953,6 +959,41 @@ class QuantizeInt8(Pass):
         )
         return [n for n in anchors if n not in kept_float]
 
+    # -- speed check ----------------------------------------------------------------------
+
+    def _fastest(
+        self,
+        model: ir.Model,
+        anchors: list[ir.Node],
+        statistics: dict[str, TensorStatistics],
+        source: Any,
+        report: PassReport,
+    ) -> list[ir.Node]:
+        """Keep in float the smallest layers (by weight size) for as many as makes the whole
+        model fastest on this machine."""
+        by_size = sorted(anchors, key=_weight_size)
+        batch = self.settings.speed_batch
+        feed = _batch_feed(model, next(iter(source)), batch)
+
+        def build(left_out: int) -> ir.Model:
+            if left_out == len(by_size):
+                return model
+            return self.quantized_copy(model, by_size[left_out:], statistics)
+
+        left_out, timings = latency_search.fastest_split(build, len(by_size), feed)
+        for node in by_size[:left_out]:
+            report.skip(
+                node, f"kept in float: the model runs faster so (speed check, batch {batch})"
+            )
+        stages = "; then ".join(
+            ", ".join(f"{t.left_out}: {t.median_ms:.3g}" for t in stage) for stage in timings
+        )
+        report.notes.append(
+            f"speed check (batch {batch}, 1 thread), ms with the k smallest layers in float, "
+            f"k: ms: {stages}; kept the {left_out} smallest of {len(by_size)} in float"
+        )
+        return [node for node in anchors if node not in by_size[:left_out]]
+
     # -- bias correction ------------------------------------------------------------------
 
     def _correct_biases(
@@ -1034,6 +1075,27 @@ class QuantizeInt8(Pass):
             f"output bias correction: mean error of {len(finals)} last layer(s) ({listed}) "
             f"measured on up to {_OUTPUT_BATCHES} calibration batches and subtracted"
         )
+
+
+def _weight_size(node: ir.Node) -> float:
+    """Elements of an anchor's weight: the work its INT8 kernel spreads its overhead over."""
+    shape = node.inputs[1].shape
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return math.inf
+    return math.prod(shape)
+
+
+def _batch_feed(model: ir.Model, feed: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """``feed`` cut or repeated along axis 0 to ``batch`` for inputs whose batch size is free."""
+    free = {
+        spec.name
+        for spec in input_specs(model)
+        if spec.shape and not isinstance(spec.shape[0], int)
+    }
+    return {
+        name: np.take(array, np.arange(batch) % len(array), axis=0) if name in free else array
+        for name, array in feed.items()
+    }
 
 
 def _source_label(source: Any) -> Any:

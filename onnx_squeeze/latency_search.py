@@ -1,0 +1,73 @@
+"""How many of a model's smallest layers to leave unconverted so that it runs fastest, measured.
+
+INT8 kernels pay off on wide layers. Narrow ones (few channels, depthwise, a batch of one) can
+run slower than float on CPUs without VNNI, and every switch between float and INT8 adds a
+QuantizeLinear/DequantizeLinear and often a layout change. Where the crossover lies depends on
+the CPU, the batch and the onnxruntime version, so it is measured rather than predicted: the
+caller orders its layers by size and builds the model with the ``k`` smallest left out; the
+search times whole models (interleaved, on one thread) at the quartiles of ``k`` and then at the
+midpoints beside the fastest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_squeeze import comparison, runtime
+
+TOLERANCE = 0.03  # a split this much slower than the fastest counts as a tie
+ROUND_BUDGET_S = 1.5  # timing per stage, all candidates together
+MIN_RUNS, MAX_RUNS = 5, 50
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitTiming:
+    """Median latency of the model with the ``left_out`` smallest layers unconverted."""
+
+    left_out: int
+    median_ms: float
+
+
+def _timings(
+    build: Callable[[int], ir.Model], splits: list[int], feed: Mapping[str, np.ndarray]
+) -> list[SplitTiming]:
+    sessions = [runtime.create_session(build(k), threads=1) for k in splits]
+    names = [{i.name for i in s.get_inputs()} for s in sessions]
+    feeds = [{k: v for k, v in feed.items() if k in wanted} for wanted in names]
+    round_s = 0.0  # one timed sample of each: a single run, or a burst of at least BURST_S
+    for session, data in zip(sessions, feeds, strict=True):
+        start = time.perf_counter()
+        session.run(None, data)
+        round_s += max(time.perf_counter() - start, comparison.BURST_S)
+    runs = int(np.clip(ROUND_BUDGET_S / round_s, MIN_RUNS, MAX_RUNS))
+    measured = comparison.latency(sessions, feeds, warmup=2, runs=runs)
+    return [SplitTiming(k, m.median_ms) for k, m in zip(splits, measured, strict=True)]
+
+
+def _choice(timings: list[SplitTiming]) -> SplitTiming:
+    """The fastest split, or the one leaving fewest layers out among those within tolerance."""
+    fastest = min(t.median_ms for t in timings)
+    return min(
+        (t for t in timings if t.median_ms <= fastest * (1 + TOLERANCE)), key=lambda t: t.left_out
+    )
+
+
+def fastest_split(
+    build: Callable[[int], ir.Model], count: int, feed: Mapping[str, np.ndarray]
+) -> tuple[int, list[list[SplitTiming]]]:
+    """The number of smallest layers (0..``count``) to leave out for the fastest model, and the
+    timings of both stages (the second decides: the best of the first, timed again beside its
+    neighbours and the midpoints)."""
+    coarse = sorted({round(count * i / 4) for i in range(5)})
+    first = _timings(build, coarse, feed)
+    best = _choice(first).left_out
+    index = coarse.index(best)
+    beside = [coarse[j] for j in (index - 1, index + 1) if 0 <= j < len(coarse)]
+    fine = sorted({best, *beside, *((best + k) // 2 for k in beside)})
+    second = _timings(build, fine, feed)
+    return _choice(second).left_out, [first, second]
