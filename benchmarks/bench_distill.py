@@ -46,6 +46,7 @@ RECOVER = {"reconstruct": {}}
 BIAS = {"reconstruct": {"methods": ["bias"]}}
 INT8 = {"quantize_int8": {}}  # with its built-in bias correction
 INT8_PLAIN = {"quantize_int8": {"bias_correction": False}}
+INT8_TIMED = {"quantize_int8": {"speed_check": True}}  # layers float where INT8 times slower
 FINETUNE = {"finetune": {}}
 COMBINED_LABEL = "combined: prune 75% (reconstruction criterion) + recovery + finetune + INT8"
 
@@ -77,6 +78,10 @@ ROWS: list[tuple[str, list[dict[str, Any]] | float | None]] = [
     ("INT8, no bias correction", [INT8_PLAIN]),
     ("INT8 + bias correction", [INT8]),
     (COMBINED_LABEL, [_prune(0.75, criterion="reconstruction"), RECOVER, FINETUNE, INT8]),
+    (
+        "combined, INT8 speed-checked at batch 1 (layers float where INT8 times slower)",
+        [_prune(0.75, criterion="reconstruction"), RECOVER, FINETUNE, INT8_TIMED],
+    ),
     (
         "combined + low-rank: prune 75% + recovery + low-rank 20% + recovery + finetune + INT8",
         [

@@ -174,6 +174,24 @@ def test_latency_measures_every_model_interleaved_or_not():
         cmp.latency([_net()], feed, runs=0)
 
 
+def test_fast_models_are_timed_in_warm_bursts(monkeypatch):
+    """A model faster than BURST_S runs back to back within each timed sample (the first call
+    is the single probe run that sizes the burst); with no burst time, every sample is one run."""
+    counts: list[int] = []
+    real = cmp._time_run
+    monkeypatch.setattr(cmp, "_time_run", lambda s, d, n: counts.append(n) or real(s, d, n))
+    feed = _feeds(batches=(1,))[0]
+    monkeypatch.setattr(cmp, "BURST_S", 0.05)
+    timing = cmp.latency([_net()], feed, runs=3, warmup=1)
+    assert timing is not None and timing[0].runs == 3
+    assert counts[0] == 1 and len(counts) == 4
+    assert len(set(counts[1:])) == 1 and counts[1] > 1
+    counts.clear()
+    monkeypatch.setattr(cmp, "BURST_S", 0.0)
+    cmp.latency([_net()], feed, runs=3, warmup=1)
+    assert counts == [1, 1, 1, 1]
+
+
 @pytest.mark.skipif(provider_available("cuda"), reason="this onnxruntime build has CUDA")
 def test_latency_skips_unavailable_provider_with_reason():
     skipped: list[str] = []
