@@ -289,6 +289,21 @@ def _finish(run_report: dict[str, Any], args: argparse.Namespace) -> None:
         console.print(f"HTML report: {args.report}")
 
 
+def _speed_hint(steps: list[Any], comparison: dict[str, Any] | None) -> list[str]:
+    """A pointer to the INT8 speed check when static INT8 left the model slower than the
+    original (narrow layers at small batches, CPUs without VNNI)."""
+    ratio = comparison["metrics"].get("latency_ratio") if comparison else None
+    int8 = [step for step in steps if step.name == "quantize_int8"]
+    if ratio is None or ratio <= 1.0 or not int8:
+        return []
+    if any(step.settings.get("speed_check") for step in int8):
+        return []
+    return [
+        f"the compressed model takes {ratio:.2f}x the original's time here: --int8-speed-check "
+        "keeps in float the layers that INT8 slows down on this machine"
+    ]
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from onnx_squeeze.pipeline import compress
     from onnx_squeeze.recipe import Recipe
@@ -354,7 +369,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         input_path=args.model,
         output_path=written,
         reports=result.reports,
-        notes=result.notes,
+        notes=result.notes + _speed_hint(recipe.steps, comparison),
         comparison=comparison,
         gates=gate_results,
         calibration=source.label if args.calib else None,

@@ -403,3 +403,15 @@ def test_shortcut_flags_compress_and_report(small_resnet, tmp_path, capsys):
     passes = [p["name"] for p in json.loads((tmp_path / "r.json").read_text())["passes"]]
     assert passes == ["prepare", "prune_channels", "reconstruct", "quantize_int8"]
     assert out.is_file()
+
+
+def test_a_slower_int8_result_points_to_the_speed_check():
+    from onnx_squeeze.recipe import Step
+
+    slower = {"metrics": {"latency_ratio": 1.25}}
+    hint = cli._speed_hint([Step("prune_channels"), Step("quantize_int8")], slower)
+    assert len(hint) == 1 and "1.25x" in hint[0] and "--int8-speed-check" in hint[0]
+    assert cli._speed_hint([Step("quantize_int8", {"speed_check": True})], slower) == []
+    assert cli._speed_hint([Step("quantize_int8")], {"metrics": {"latency_ratio": 0.6}}) == []
+    assert cli._speed_hint([Step("fp16")], slower) == []
+    assert cli._speed_hint([Step("quantize_int8")], None) == []
