@@ -380,6 +380,248 @@ class UNetSmall(nn.Module):
         return self.head(d1)
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's channels-first LayerNorm: permute to channels-last, normalize, permute back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7, channels-last LayerNorm, Linear 4x, GELU, Linear, layer scale, residual."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pw1, self.pw2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        y = self.gamma * self.pw2(functional.gelu(self.pw1(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtTiny(nn.Module):
+    """ConvNeXt: patchify stem, LayerNorm2d + strided conv downsampling, pooled LayerNorm head."""
+
+    def __init__(self, dims: tuple[int, ...] = (32, 64, 128), classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, dims[0], 4, 4), LayerNorm2d(dims[0], eps=1e-6)]
+        for index, dim in enumerate(dims):
+            if index:
+                layers += [
+                    LayerNorm2d(dims[index - 1], eps=1e-6),
+                    nn.Conv2d(dims[index - 1], dim, 2, 2),
+                ]
+            layers += [ConvNeXtBlock(dim), ConvNeXtBlock(dim)]
+        self.features = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.features(x).mean((2, 3))))
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2 unit: split (or two strided branches), 1x1-dw-1x1, concat, channel shuffle."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        half = cout // 2
+        branch_in = cin if stride > 1 else cin // 2
+        self.branch = nn.Sequential(
+            conv_bn_act(branch_in, half, 1),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            conv_bn_act(half, half, 1),
+        )  # fmt: skip
+        self.shortcut = (
+            nn.Sequential(
+                nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+                nn.BatchNorm2d(cin),
+                conv_bn_act(cin, half, 1),
+            )
+            if stride > 1
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shortcut is None:
+            kept, x = x.chunk(2, 1)
+        else:
+            kept = self.shortcut(x)
+        out = torch.cat([kept, self.branch(x)], 1)
+        batch, channels, height, width = out.shape
+        out = out.view(batch, 2, channels // 2, height, width).transpose(1, 2)
+        return out.reshape(batch, channels, height, width)
+
+
+class ShuffleNetV2(nn.Module):
+    """ShuffleNetV2-like: channel split, channel shuffle by Reshape/Transpose, depthwise convs."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn_act(3, 24, 3, 2), nn.MaxPool2d(3, 2, 1),
+            ShuffleUnit(24, 48, 2), ShuffleUnit(48, 48, 1),
+            ShuffleUnit(48, 96, 2), ShuffleUnit(96, 96, 1),
+            conv_bn_act(96, 256, 1),
+        )  # fmt: skip
+        self.head = nn.Linear(256, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class ResNeXtBlock(nn.Module):
+    """ResNeXt bottleneck: 1x1, grouped 3x3 (groups 4, not depthwise), 1x1, projection shortcut."""
+
+    def __init__(self, cin: int, width: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn_act(cin, width, 1), conv_bn_act(width, width, 3, stride, groups=4),
+            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride > 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.relu(self.body(x) + self.shortcut(x))
+
+
+class DenseLayer(nn.Module):
+    """DenseNet layer: BN-ReLU-1x1-BN-ReLU-3x3 on the concatenation of everything before it."""
+
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, 4 * growth, 1, bias=False),
+            nn.BatchNorm2d(4 * growth), nn.ReLU(), nn.Conv2d(4 * growth, growth, 3, 1, 1, bias=False),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.body(x)], 1)
+
+
+class ResNeXtDense(nn.Module):
+    """ResNeXt stages (grouped convs) then a DenseNet block and transition (pre-activation BN)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        dense = [DenseLayer(64 + 16 * i, 16) for i in range(3)]
+        self.features = nn.Sequential(
+            conv_bn_act(3, 32, 3, 2), ResNeXtBlock(32, 32, 64, 1), ResNeXtBlock(64, 64, 64, 2),
+            *dense, nn.BatchNorm2d(112), nn.ReLU(), nn.Conv2d(112, 64, 1, bias=False),
+            nn.AvgPool2d(2),
+        )  # fmt: skip
+        self.head = nn.Linear(64 * 4 * 4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: x / sqrt(mean(x^2) + eps) * weight, written out (Pow, ReduceMean, Sqrt)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, the half-split form (Slice, Neg, Concat)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+class LlamaLayer(nn.Module):
+    """Decoder layer: RMSNorm, grouped-query causal attention with rotary, SwiGLU MLP."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+        self.gate, self.up = (
+            nn.Linear(dim, 3 * dim, bias=False),
+            nn.Linear(dim, 3 * dim, bias=False),
+        )
+        self.down = nn.Linear(3 * dim, dim, bias=False)
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        h = self.norm1(x)
+        q = self.q(h).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(h).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(h).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        repeat = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        causal = torch.triu(torch.full((length, length), float("-inf")), 1)
+        context = (scores + causal).softmax(-1) @ v
+        x = x + self.o(context.transpose(1, 2).reshape(batch, length, dim))
+        h = self.norm2(x)
+        return x + self.down(functional.silu(self.gate(h)) * self.up(h))
+
+
+class LlamaTiny(nn.Module):
+    """Llama-like causal LM: embedding tied to the output projection, rotary, GQA, SwiGLU."""
+
+    def __init__(self, dim: int = 64, length: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.layers = nn.ModuleList(LlamaLayer(dim, 4, 2) for _ in range(2))
+        self.norm = RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, VOCAB, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied: one initializer, two consumers
+        inverse = 1.0 / 10000 ** (torch.arange(0, dim // 4, 2).float() / (dim // 4))
+        angles = torch.outer(torch.arange(length).float(), inverse)
+        self.register_buffer("cos", torch.cat([angles, angles], -1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat([angles, angles], -1).sin(), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        length = input_ids.shape[1]
+        cos, sin = self.cos[:length], self.sin[:length]
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+
+class SpeechEncoder(nn.Module):
+    """Whisper/wav2vec-like audio encoder: Conv1d frontend with GELU and GroupNorm, transformer."""
+
+    def __init__(self, mels: int = 40, dim: int = 64, classes: int = 30):
+        super().__init__()
+        self.frontend = nn.Sequential(
+            nn.Conv1d(mels, dim, 3, padding=1), nn.GroupNorm(8, dim), nn.GELU(),
+            nn.Conv1d(dim, dim, 3, stride=2, padding=1), nn.GELU(),
+        )  # fmt: skip
+        layer = nn.TransformerEncoderLayer(
+            dim, 4, dim * 4, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        for weight in self.encoder.parameters():
+            if weight.dim() > 1:
+                nn.init.xavier_uniform_(weight)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.frontend(x).transpose(1, 2)))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A torch model and the inputs it is exported with (shapes at batch 1)."""
@@ -413,6 +655,11 @@ MODELS: dict[str, ModelSpec] = {
         BertTiny, {"input_ids": (1, 32), "attention_mask": (1, 32)}, ("input_ids", "attention_mask")
     ),
     "unet": ModelSpec(UNetSmall, {"image": (1, 3, 64, 64)}),
+    "convnext": ModelSpec(ConvNeXtTiny, {"image": (1, 3, 64, 64)}),
+    "shufflenet": ModelSpec(ShuffleNetV2, {"image": (1, 3, 64, 64)}),
+    "resnext-dense": ModelSpec(ResNeXtDense, {"image": (1, 3, 32, 32)}),
+    "llama": ModelSpec(LlamaTiny, {"input_ids": (1, 32)}, ("input_ids",)),
+    "speech": ModelSpec(SpeechEncoder, {"features": (1, 40, 100)}),
 }
 
 

@@ -2,10 +2,11 @@
 
 Every layer with a constant weight (Conv, Gemm, MatMul) *produces* channels. Their indices are
 traced forward through the graph as a *layout*: the list of channel blocks ("atoms") a tensor
-holds along its channel axis, in order. Shape-preserving ops pass a layout on; Concat joins
-layouts and Split/Slice cut them (an atom cut in the middle is split at its producer, and the
-trace runs again until no more cuts are needed); Flatten and flatten-like Reshape record how many
-rows each channel spans in the next Gemm/MatMul; binary ops with two traced inputs (residual Add,
+holds along its channel axis, in order. Shape-preserving ops and reductions over other axes pass
+a layout on; Concat joins layouts and Split/Slice cut them (an atom cut in the middle is split at
+its producer, and the trace runs again until no more cuts are needed); Flatten and flatten-like
+Reshape (``[N, -1]``, or ``[-1, width]`` whose width is rewritten) record how many rows each
+channel spans in the next Gemm/MatMul; binary ops with two traced inputs (residual Add,
 SiLU's Mul) *couple* their atoms. Coupled atoms form one :class:`ChannelGroup`: one set of channel
 indices, removed from every member at once.
 
@@ -14,7 +15,7 @@ Members are the constant tensors that hold one entry per channel of a group, eac
 parameters (BatchNormalization, PRelu slopes, per-channel Add/Mul constants, depthwise Conv
 weights) and consumers' weight slices (Conv axis 1, Gemm/MatMul rows, with Concat offsets and the
 spatial size after Flatten). Split sizes, Slice bounds, depthwise ``group`` attributes and the
-targets of head-splitting Reshapes are :class:`Structure` entries that follow the kept counts.
+targets of head-splitting and flattening Reshapes are :class:`Structure` entries that follow the kept counts.
 
 Attention (``split_heads``): a Reshape that splits the channel axis into (heads, head size)
 couples the heads channel by channel (head size ``d`` of every head is one channel of the group),
@@ -96,6 +97,10 @@ _POOLING = frozenset(
     {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 )
 _ELEMENTWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "PRelu"})
+# Reductions that keep channels apart when they reduce other axes (zero channels stay zero).
+_REDUCE = frozenset(
+    {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare"}
+)
 # Binary ops whose constant operand is zeroed in "zero" mode (an additive offset per channel).
 _ADDITIVE = frozenset({"Add", "Sub", "Sum"})
 _MAX_ROUNDS = 16
@@ -152,7 +157,7 @@ class Structure:
     ``kind`` is ``split`` (``layouts`` are the outputs), ``slice`` (``layouts`` are the input
     and the output, ``entry`` the index in starts/ends, ``start`` the first channel taken) or
     ``depthwise`` (``layouts`` is the input; ``group`` becomes the kept count) or ``reshape``
-    (``layouts`` is the output; entry ``entry`` of the target shape becomes its kept count).
+    (``layouts`` is the output; entry ``entry`` of the target shape becomes its kept entries).
     """
 
     node: ir.Node
@@ -334,11 +339,13 @@ def _label(node: ir.Node) -> str:
     return f"{node.op_type} {node.name!r}" if node.name else node.op_type
 
 
-def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
-    if value is None or value.shape is None:
+def _static_dim(value: ir.Value | None, axis: int) -> int | None:
+    """The size of axis ``axis`` (negative) of ``value`` when it is known; other axes (a dynamic
+    batch) may be symbolic."""
+    if value is None or value.shape is None or len(value.shape) < -axis:
         return None
-    dims = tuple(value.shape)
-    return tuple(dims) if all(isinstance(d, int) for d in dims) else None  # type: ignore[return-value]
+    dim = value.shape[axis]
+    return dim if isinstance(dim, int) else None
 
 
 def _rank(value: ir.Value | None, layout: Layout | None = None) -> int | None:
@@ -745,13 +752,13 @@ def _concat(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set[
         if state is not None and state.axis == axis and state.repeat == 1:
             atoms.extend(state.atoms)
             continue
-        shape = _static_shape(value)
-        if state is not None or shape is None:
+        width = _static_dim(value, axis)
+        if state is not None or width is None:
             name = value.name if value is not None else None
             reason = f"{_label(node)}: the channels of input {name!r} cannot be mapped"
             tracer.freeze([a for s in traced for a in s.atoms], reason)
             return every
-        atoms.extend(tracer.new_atoms(None, shape[axis], "joined with channels of unknown origin"))
+        atoms.extend(tracer.new_atoms(None, width, "joined with channels of unknown origin"))
     tracer.set_layout(node.outputs[0], Layout(tuple(atoms), axis, rank))
     return every
 
@@ -828,17 +835,34 @@ def _slice(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set[i
     return {0}
 
 
-def _flatten_like(tracer: _Tracer, node: ir.Node, layout: Layout, start: int) -> None:
+def _flatten_like(tracer: _Tracer, node: ir.Node, layout: Layout, start: int) -> Layout | None:
     """Channels on axis ``start`` followed by the dims flattened into the same output axis."""
-    shape = tracer.shapes.of(node.inputs[0])
-    axis = layout.positive_axis()
-    inner_dims = list(shape)[start + 1 :] if shape is not None else None
-    if axis != start or inner_dims is None or not all(isinstance(d, int) for d in inner_dims):
+    inner = _inner_size(tracer, node, layout, start)
+    if inner is None:
         tracer.freeze_layout(layout, f"{_label(node)} merges the channel axis with other axes")
-        return
-    inner = math.prod(inner_dims)
+        return None
     out = Layout(layout.atoms, -1, 2, layout.repeat * inner)
     tracer.set_layout(node.outputs[0], out)
+    return out
+
+
+def _inner_size(tracer: _Tracer, node: ir.Node, layout: Layout, start: int) -> int | None:
+    """How many entries of the input follow each channel when the channels are on axis
+    ``start`` and the dims after it are static; None otherwise."""
+    shape = tracer.shapes.of(node.inputs[0])
+    inner_dims = list(shape)[start + 1 :] if shape is not None else None
+    if layout.positive_axis() != start or inner_dims is None:
+        return None
+    return math.prod(inner_dims) if all(isinstance(d, int) for d in inner_dims) else None
+
+
+def _flattens_to_width(tracer: _Tracer, node: ir.Node, layout: Layout, target: list[int]) -> bool:
+    """A Reshape of [N, C, *static] into [-1 or 0, C * prod(static)]: torch.flatten(x, 1) as the
+    dynamo exporter writes it, with the width spelled out (rewritten when channels go)."""
+    if len(target) != 2 or target[0] not in (-1, 0) or _literal_zeros(node, target):
+        return False
+    inner = _inner_size(tracer, node, layout, 1)
+    return inner is not None and target[1] == tracer.length(layout) * layout.repeat * inner
 
 
 @_handles("Flatten")
@@ -860,6 +884,10 @@ def _reshape(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set
     shape = tracer.shapes.of(node.inputs[0])
     if target is not None and len(target) == 2 and target[1] == -1 and target[0] != -1:
         _flatten_like(tracer, node, layout, 1)
+    elif target is not None and _flattens_to_width(tracer, node, layout, target):
+        out = _flatten_like(tracer, node, layout, 1)
+        if out is not None:
+            tracer.structures.append(Structure(node, "reshape", (out,), 1))
     elif tracer.split_heads and _splits_heads(node, layout, target, shape):
         _split_into_heads(tracer, node, layout, target)  # type: ignore[arg-type]
     elif tracer.split_heads and _merges_heads(tracer, node, layout, target, shape):
@@ -869,12 +897,18 @@ def _reshape(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set
     return {0}
 
 
+def _literal_zeros(node: ir.Node, target: Sequence[int]) -> bool:
+    """Whether a Reshape target has 0 entries that mean size 0, not "copy" (``allowzero``; the
+    dynamo exporter sets it on every Reshape)."""
+    return bool(attribute(node, "allowzero", 0)) and 0 in target
+
+
 def _keeps_leading_dims(
     node: ir.Node, target: Sequence[int], dims: Sequence[Any] | None, count: int
 ) -> bool:
     """Whether the first ``count`` entries of a Reshape target keep the input's first dims (0,
     a single -1, or the same static size)."""
-    if dims is None or attribute(node, "allowzero", 0) or list(target[:count]).count(-1) > 1:
+    if dims is None or _literal_zeros(node, target) or list(target[:count]).count(-1) > 1:
         return False
     return all(t in (0, -1) or t == d for t, d in zip(target[:count], dims[:count], strict=True))
 
@@ -947,6 +981,41 @@ def _transpose(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> s
     new_axis = perm.index(axis)
     tracer.set_layout(node.outputs[0], dataclasses.replace(layout, axis=new_axis - rank))
     return {0}
+
+
+def _reduce_axes(node: ir.Node) -> list[int] | None:
+    """The axes a Reduce op reduces ([] for all), None when they are not constant."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        return _ints(node.inputs[1])
+    return list(attribute(node, "axes", []))
+
+
+@_handles(*_REDUCE)
+def _reduce(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set[int]:
+    """Reductions over other axes than the channel axis (global pooling written as ReduceMean,
+    the squeeze of squeeze-and-excitation) keep every channel apart."""
+    layout = states[0]
+    every = set(range(len(states)))
+    if layout is None:
+        return every
+    axes, axis, rank = _reduce_axes(node), layout.positive_axis(), layout.rank
+    if axes is None or axis is None or rank is None:
+        tracer.freeze_layout(layout, f"{_label(node)}: its axes or the rank are unknown")
+        return every
+    if not axes and attribute(node, "noop_with_empty_axes", 0):
+        tracer.set_layout(node.outputs[0], layout)
+        return every
+    axes = [a + rank if a < 0 else a for a in axes] or list(range(rank))
+    if axis in axes:
+        tracer.freeze_layout(layout, f"{_label(node)} reduces over the channel axis")
+    elif attribute(node, "keepdims", 1):
+        tracer.set_layout(node.outputs[0], layout)
+    else:
+        kept_rank = rank - len(set(axes))
+        new_axis = axis - sum(1 for a in set(axes) if a < axis)
+        out = Layout(layout.atoms, new_axis - kept_rank, kept_rank, layout.repeat)
+        tracer.set_layout(node.outputs[0], out)
+    return every
 
 
 @_handles("Squeeze", "Unsqueeze")

@@ -186,7 +186,8 @@ g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] wa, float[8, 4, 1, 1] wb, float[8] bia
 
 UNMAPPABLE = """
 g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] wg, float[8, 4, 1, 1] wgo, float[8, 4, 1, 1] wr,
-   float[8, 4, 1, 1] ws, float[4, 4, 1, 1] wc, float[4, 28, 1, 1] wz) => (float[N, 4, 4, 4] y) {
+   float[8, 4, 1, 1] ws, float[4, 4, 1, 1] wc, float[4, 4, 1, 1] wm, float[4, 29, 1, 1] wz)
+   => (float[N, 4, 4, 4] y) {
     g0 = Conv (x, wg)
     g1 = Conv <group = 2> (g0, wgo)
     r = Conv (x, wr)
@@ -202,8 +203,36 @@ g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] wg, float[8, 4, 1, 1] wgo, float[8, 4,
     en = Constant <value = int64[1] {4}> ()
     ax = Constant <value = int64[1] {2}> ()
     cs = Slice (cc, st, en, ax)
-    all = Concat <axis = 1> (g1, rr, sm, cs)
+    m = Conv (x, wm)
+    mm = ReduceMax <axes = [1]> (m)
+    all = Concat <axis = 1> (g1, rr, sm, cs, mm)
     y = Conv (all, wz)
+}
+"""
+
+# Squeeze-and-excitation with ReduceMean, reductions that drop axes, a flatten that spells out its
+# width (allowzero, as the dynamo exporter writes it), and a Concat with an untraced input whose
+# batch is dynamic.
+REDUCTIONS = """
+g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] w1, float[4, 8, 1, 1] ws1, float[8, 4, 1, 1] ws2,
+   float[8, 12, 1, 1] w2, float[8, 10] wm) => (float[N, 10] y) {
+    c1 = Conv (x, w1)
+    r1 = Relu (c1)
+    pooled = ReduceMean <axes = [2, 3]> (r1)
+    s1 = Conv (pooled, ws1)
+    s1r = Relu (s1)
+    s2 = Conv (s1r, ws2)
+    gate = Sigmoid (s2)
+    m = Mul (r1, gate)
+    cat = Concat <axis = 1> (m, x)
+    c2 = Conv (cat, w2)
+    r2 = Relu (c2)
+    last = Constant <value = int64[1] {3}> ()
+    rs = ReduceSum <keepdims = 0> (r2, last)
+    rm = ReduceMax <axes = [-1]> (rs)
+    width = Constant <value = int64[2] {-1, 8}> ()
+    flat = Reshape <allowzero = 1> (rm, width)
+    y = MatMul (flat, wm)
 }
 """
 
@@ -218,6 +247,7 @@ GRAPHS = {
     "shared_constants": SHARED_CONSTANTS,
     "bad": BAD,
     "unmappable": UNMAPPABLE,
+    "reductions": REDUCTIONS,
 }
 # Graphs with nothing prunable, for the frozen-group tests.
 FROZEN_GRAPHS = ("bad", "unmappable")
@@ -362,15 +392,32 @@ def test_per_channel_constants_resize_pad_slice_and_reshape_into_matmul():
 
 def test_unmappable_axes_and_grouped_convolutions_are_frozen_with_reasons():
     groups = channel_groups.build_groups(_named(graph_model(UNMAPPABLE)))
-    reasons = {name: _group_of(groups, name).frozen for name in ("g0", "g1", "r", "s", "c")}
+    names = ("g0", "g1", "r", "s", "c", "m")
+    reasons = {name: _group_of(groups, name).frozen for name in names}
     assert reasons == {
         "g0": "Conv 'g1' is a grouped convolution (group=2)",
         "g1": "Conv 'g1' is a grouped convolution (group=2)",
         "r": "Reshape 'heads' reshapes the channel axis",
         "s": "Softmax 'sm' mixes values across the channel axis",
         "c": "Concat 'cc' joins traced and untraced tensors along another axis",
+        "m": "ReduceMax 'mm' reduces over the channel axis",
     }
     assert all(g.frozen for g in groups)
+
+
+def test_reductions_over_other_axes_pass_channels_on():
+    analysis = channel_groups.analyze_channels(_named(graph_model(REDUCTIONS)))
+    groups = analysis.groups
+    assert [g.name for g in groups if g.frozen] == ["y"]  # the model's output
+    # the SE gate couples with the block's channels; its squeeze is a group of its own
+    assert {n.name for n in _group_of(groups, "c1").producers} == {"c1", "s2"}
+    assert ("s2", "consumer", 1, (0,)) in _members(_group_of(groups, "s1"))
+    assert ("y", "consumer", 1, (0,)) in _members(_group_of(groups, "c2"))
+    assert ("c2", "consumer", 1, (0,)) in _members(_group_of(groups, "c1"))
+    values = {v.name: layout for v, layout in analysis.layouts.items()}
+    assert (values["rs"].axis, values["rs"].rank) == (-2, 3)  # [N, 8, 4]: channels stay on 1
+    (reshape,) = [s for s in analysis.structures if s.kind == "reshape"]
+    assert (reshape.node.name, reshape.entry) == ("flat", 1)
 
 
 def test_attention_heads_couple_query_with_key_and_value_with_the_output_rows():

@@ -933,9 +933,10 @@ class _Rewriter:
                     set_input_constant(
                         node, 1, sizes, ir.DataType.INT64, f"{base}.split", graph, self.names
                     )
-            elif structure.kind == "reshape":  # attention heads: the head size shrinks
+            elif structure.kind == "reshape":  # the head size, or a flattened width, shrinks
+                layout = structure.layouts[0]
                 target = constant_array(node.inputs[1]).astype(np.int64).copy()
-                target[structure.entry] = self.count(structure.layouts[0])
+                target[structure.entry] = len(self.kept(layout.atoms, layout.repeat)[0])
                 set_input_constant(
                     node, 1, target, ir.DataType.INT64, f"{base}.shape", graph, self.names
                 )
