@@ -929,11 +929,7 @@ def _splits_heads(
 
 def _split_into_heads(tracer: _Tracer, node: ir.Node, layout: Layout, target: list[int]) -> None:
     """Couple the heads channel by channel; the output's last axis holds one head."""
-    heads, size = target[-2], target[-1]
-    pieces = [tracer.sub_layout(layout, h * size, (h + 1) * size, node) for h in range(heads)]
-    if any(piece is None for piece in pieces):
-        return  # atoms are cut at the head bounds first
-    head = tracer.unify(pieces, node)  # type: ignore[arg-type]
+    head = _coupled_pieces(tracer, node, layout, target[-2])
     if head is not None:
         out = Layout(head.atoms, -1, len(target))
         tracer.set_layout(node.outputs[0], out)
@@ -1067,30 +1063,59 @@ def _conv(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set[in
     if weight is None or weight.ndim < 3:
         tracer.freeze_layout(layout, f"{_label(node)}: weight is not a constant")
         return {0}
-    # Conv weights are (out, in/group, *kernel); ConvTranspose weights (in, out/group, *kernel)
-    in_axis, out_axis = (0, 1) if node.op_type == "ConvTranspose" else (1, 0)
+    # Conv weights are (out, in/group, *kernel); ConvTranspose weights (in, out/group, *kernel):
+    # of a grouped convolution, the weight holds one group's share of the channels on one axis
+    transposed = node.op_type == "ConvTranspose"
+    in_axis, out_axis = (0, 1) if transposed else (1, 0)
     group = int(attribute(node, "group", 1))
     problem = _weight_problem(node, 1) or _weight_problem(node, 2, shareable=True)
-    if problem is None and group > 1:
-        depthwise = group == weight.shape[0] and weight.shape[1] == 1
-        if depthwise and node.op_type == "Conv":  # channels pass through
-            if layout is not None:
-                _depthwise(tracer, node, layout, group)
-            return {0}
-        problem = f"{_label(node)} is a grouped convolution (group={group})"
+    depthwise = group > 1 and group == weight.shape[0] and weight.shape[1] == 1
+    if problem is None and depthwise and not transposed:  # channels pass through
+        if layout is not None:
+            _depthwise(tracer, node, layout, group)
+        return {0}
     if layout is not None:
         if problem is not None:
             tracer.freeze_layout(layout, problem)
         elif _channel_axis_is_one(tracer, node, layout):
-            tracer.add_slot(node, 1, layout, in_axis, "consumer", weight=True, zero=True)
-    atoms = tuple(tracer.new_atoms(node, weight.shape[out_axis], problem))
+            consumed = _weight_share(tracer, node, layout, group, in_axis == 1)
+            if consumed is not None:
+                tracer.add_slot(node, 1, consumed, in_axis, "consumer", weight=True, zero=True)
+    width = weight.shape[out_axis] * (group if transposed else 1)
+    atoms = tuple(tracer.new_atoms(node, width, problem))
     out = Layout(atoms, 1 - weight.ndim, weight.ndim)
     tracer.set_layout(node.outputs[0], out)
     if problem is None:
-        tracer.add_slot(node, 1, out, out_axis, "producer", weight=True, zero=True)
+        produced = _weight_share(tracer, node, out, group, out_axis == 1)
+        if produced is not None:
+            tracer.add_slot(node, 1, produced, out_axis, "producer", weight=True, zero=True)
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             tracer.add_slot(node, 2, out, 0, "producer", zero=True)
     return {0}
+
+
+def _weight_share(
+    tracer: _Tracer, node: ir.Node, layout: Layout, group: int, per_group: bool
+) -> Layout | None:
+    """The layout of a convolution's weight axis for the channels of ``layout``: all of them, or
+    one group's share when ``per_group``. A grouped convolution's channels are coupled group by
+    group (channel ``j`` of every group is one channel), so every group keeps the same channels
+    and ``group`` stays; None while atoms must first be cut at the group bounds."""
+    if group == 1:
+        return layout
+    share = _coupled_pieces(tracer, node, layout, group)
+    return share if per_group else (None if share is None else layout)
+
+
+def _coupled_pieces(tracer: _Tracer, node: ir.Node, layout: Layout, count: int) -> Layout | None:
+    """Couple ``count`` equal consecutive pieces of ``layout`` channel by channel (the groups of
+    a grouped convolution, the heads of attention); the first piece's layout, None while atoms
+    must first be cut at the piece bounds (another round follows) or when they cannot be."""
+    size = tracer.length(layout) // count
+    pieces = [tracer.sub_layout(layout, k * size, (k + 1) * size, node) for k in range(count)]
+    if any(piece is None for piece in pieces):
+        return None
+    return tracer.unify(pieces, node)  # type: ignore[arg-type]
 
 
 def _depthwise(tracer: _Tracer, node: ir.Node, layout: Layout, group: int) -> None:

@@ -185,11 +185,8 @@ g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] wa, float[8, 4, 1, 1] wb, float[8] bia
 """
 
 UNMAPPABLE = """
-g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] wg, float[8, 4, 1, 1] wgo, float[8, 4, 1, 1] wr,
-   float[8, 4, 1, 1] ws, float[4, 4, 1, 1] wc, float[4, 4, 1, 1] wm, float[4, 29, 1, 1] wz)
-   => (float[N, 4, 4, 4] y) {
-    g0 = Conv (x, wg)
-    g1 = Conv <group = 2> (g0, wgo)
+g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] wr, float[8, 4, 1, 1] ws, float[4, 4, 1, 1] wc,
+   float[4, 4, 1, 1] wm, float[4, 21, 1, 1] wz) => (float[N, 4, 4, 4] y) {
     r = Conv (x, wr)
     shape = Constant <value = int64[5] {0, 2, 4, 4, 4}> ()
     heads = Reshape (r, shape)
@@ -205,7 +202,7 @@ g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] wg, float[8, 4, 1, 1] wgo, float[8, 4,
     cs = Slice (cc, st, en, ax)
     m = Conv (x, wm)
     mm = ReduceMax <axes = [1]> (m)
-    all = Concat <axis = 1> (g1, rr, sm, cs, mm)
+    all = Concat <axis = 1> (rr, sm, cs, mm)
     y = Conv (all, wz)
 }
 """
@@ -236,6 +233,19 @@ g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] w1, float[4, 8, 1, 1] ws1, float[8, 4,
 }
 """
 
+# Grouped convolutions: Conv with 2 groups (8 -> 12 channels), ConvTranspose with 3 (12 -> 6).
+GROUPED = """
+g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] w0, float[8] b0, float[12, 4, 3, 3] wg, float[12] bg,
+   float[12, 2, 2, 2] wt, float[4, 6, 1, 1] wz) => (float[N, 4, 8, 8] y) {
+    c0 = Conv (x, w0, b0)
+    r0 = Relu (c0)
+    g1 = Conv <group = 2, pads = [1, 1, 1, 1]> (r0, wg, bg)
+    r1 = Relu (g1)
+    t = ConvTranspose <group = 3, strides = [2, 2]> (r1, wt)
+    y = Conv (t, wz)
+}
+"""
+
 GRAPHS = {
     "residual": RESIDUAL,
     "concat_split": CONCAT_SPLIT,
@@ -248,6 +258,7 @@ GRAPHS = {
     "bad": BAD,
     "unmappable": UNMAPPABLE,
     "reductions": REDUCTIONS,
+    "grouped": GROUPED,
 }
 # Graphs with nothing prunable, for the frozen-group tests.
 FROZEN_GRAPHS = ("bad", "unmappable")
@@ -390,13 +401,10 @@ def test_per_channel_constants_resize_pad_slice_and_reshape_into_matmul():
     assert (matmul.slot.axis, matmul.slot.repeat) == (0, 4)  # 2 x 2 pixels per channel
 
 
-def test_unmappable_axes_and_grouped_convolutions_are_frozen_with_reasons():
+def test_unmappable_axes_are_frozen_with_reasons():
     groups = channel_groups.build_groups(_named(graph_model(UNMAPPABLE)))
-    names = ("g0", "g1", "r", "s", "c", "m")
-    reasons = {name: _group_of(groups, name).frozen for name in names}
+    reasons = {name: _group_of(groups, name).frozen for name in ("r", "s", "c", "m")}
     assert reasons == {
-        "g0": "Conv 'g1' is a grouped convolution (group=2)",
-        "g1": "Conv 'g1' is a grouped convolution (group=2)",
         "r": "Reshape 'heads' reshapes the channel axis",
         "s": "Softmax 'sm' mixes values across the channel axis",
         "c": "Concat 'cc' joins traced and untraced tensors along another axis",
@@ -418,6 +426,22 @@ def test_reductions_over_other_axes_pass_channels_on():
     assert (values["rs"].axis, values["rs"].rank) == (-2, 3)  # [N, 8, 4]: channels stay on 1
     (reshape,) = [s for s in analysis.structures if s.kind == "reshape"]
     assert (reshape.node.name, reshape.entry) == ("flat", 1)
+
+
+def test_grouped_convolutions_couple_their_groups_channel_by_channel():
+    groups = channel_groups.build_groups(_named(graph_model(GROUPED)))
+    assert [g.name for g in groups if g.frozen] == ["y"]  # the model's output
+    # c0's 8 channels feed 2 groups of 4: channel j of each group is one channel
+    c0 = _group_of(groups, "c0")
+    assert c0.channels == 4
+    assert {("c0", "producer", 1, (0, 4)), ("g1", "consumer", 1, (0,))} <= _members(c0)
+    # g1's 12 channels are 2 groups of 6 for g1 and 3 groups of 4 for t: coupled every 2
+    g1 = _group_of(groups, "g1")
+    assert g1.channels == 2 and ("g1", "producer", 1, (0, 2, 4, 6, 8, 10)) in _members(g1)
+    assert ("t", "consumer", 1, (0, 2, 4, 6, 8, 10)) in _members(g1)  # ConvTranspose: axis 0
+    t = _group_of(groups, "t")  # 3 groups of 2 outputs, on weight axis 1 (one group's share)
+    assert t.channels == 2 and ("t", "producer", 1, (0,)) in _members(t)
+    assert ("y", "consumer", 1, (0, 2, 4)) in _members(t)
 
 
 def test_attention_heads_couple_query_with_key_and_value_with_the_output_rows():
