@@ -396,9 +396,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     data = summary.to_dict()
     if args.groups:
         from onnx_squeeze import channel_groups
+        from onnx_squeeze.prepare import prepare
 
-        groups = channel_groups.build_groups(model, split_heads=True)
+        prepared, _ = prepare(model.clone())  # the graph compress prunes, not the file's
+        groups = channel_groups.build_groups(prepared, split_heads=True)
         report.print_groups(channel_groups.format_groups(groups), console)
+        console.print(
+            "groups of the prepared model (simplified, BatchNorm folded), as compress sees it"
+        )
         data["channel_groups"] = [group.to_dict() for group in groups]
     if args.json:
         report.write_text_atomic(args.json, report.to_json(data))

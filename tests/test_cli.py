@@ -379,6 +379,33 @@ def test_inspect_groups_lists_prunable_and_frozen_groups(small_resnet, tmp_path,
     assert len(groups) - len(frozen) >= 8
 
 
+def test_inspect_groups_are_those_of_the_prepared_model(tmp_path, capsys):
+    """A bias behind an Identity (how torch writes deduplicated parameters) freezes its group
+    in the file as written; prepare folds it, and compress prunes the group: inspect says so."""
+    rng = np.random.default_rng(0)
+    h = onnx.helper
+    initializers = [
+        onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+        for name, shape in (("w1", (8, 4, 1, 1)), ("b", (8, 1, 1)), ("w2", (4, 8, 1, 1)))
+    ]
+    nodes = [
+        h.make_node("Conv", ["x", "w1"], ["c"], name="conv1"),
+        h.make_node("Identity", ["b"], ["bias"], name="dedup"),
+        h.make_node("Add", ["c", "bias"], ["a"], name="add"),
+        h.make_node("Relu", ["a"], ["r"], name="relu"),
+        h.make_node("Conv", ["r", "w2"], ["y"], name="conv2"),
+    ]
+    io = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", 4, 4, 4]) for n in "xy"]
+    graph = h.make_graph(nodes, "g", io[:1], io[1:], initializers)
+    path = tmp_path / "identity_bias.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path))
+    out = tmp_path / "groups.json"
+    code, stdout, _ = run_cli(capsys, "inspect", str(path), "--groups", "--json", str(out))
+    assert code == cli.EXIT_OK and "prepared model" in stdout
+    groups = json.loads(out.read_text())["channel_groups"]
+    assert [g["frozen"] for g in groups if g["producers"] == ["conv1"]] == [None]
+
+
 def test_shortcut_flags_compress_and_report(small_resnet, tmp_path, capsys):
     out = tmp_path / "q.onnx"
     code, _, err = run_cli(

@@ -100,7 +100,10 @@ def test_ratio_zero_is_the_identity():
     ("graph", "reasons"),
     [
         ("bad", ("shared with other nodes", "graph output", "LRN")),
-        ("unmappable", ("reduces over the channel axis", "reshapes the channel axis", "mixes values")),
+        (
+            "unmappable",
+            ("reduces over the channel axis", "reshapes the channel axis", "mixes values"),
+        ),
     ],
 )
 def test_frozen_groups_are_untouched_and_reported(graph: str, reasons: tuple[str, ...]):
