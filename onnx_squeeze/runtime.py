@@ -62,8 +62,15 @@ def session_options(
     threads: int | None = None,
     optimization: str = "all",
     optimized_model_path: str | None = None,
+    eager: bool = False,
 ) -> ort.SessionOptions:
-    """Session options with a thread count and graph optimization level (none/basic/extended/all)."""
+    """Session options with a thread count and graph optimization level (none/basic/extended/all).
+
+    ``eager`` runs each node as soon as its inputs are ready (onnxruntime's priority-based
+    order). A model whose side branches read big tensors (the calibration model's reductions)
+    then frees every tensor once it is read; in the default order the branches run late and
+    hold them all: 290 vs 112 MiB of activations on a 640x640 YOLO, and slower.
+    """
     levels = {
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -82,6 +89,8 @@ def session_options(
         options.inter_op_num_threads = 1
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
+    if eager:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     return options
 
 
@@ -107,6 +116,7 @@ def create_session(
     threads: int | None = None,
     optimization: str = "all",
     optimized_model_path: str | None = None,
+    eager: bool = False,
 ) -> ort.InferenceSession:
     """An onnxruntime session for a model held in memory or on disk.
 
@@ -114,7 +124,10 @@ def create_session(
     folder with external data first; the folder is removed once the session holds the weights.
     """
     options = session_options(
-        threads=threads, optimization=optimization, optimized_model_path=optimized_model_path
+        threads=threads,
+        optimization=optimization,
+        optimized_model_path=optimized_model_path,
+        eager=eager,
     )
     providers = _provider_chain(provider)
     try:

@@ -731,3 +731,24 @@ def test_reduced_collection_keeps_whole_tensors_where_it_must():
     assert 0 <= statistics["y"].minmax.min <= statistics["y"].minmax.max <= 2
     with pytest.raises(SettingsError, match="sample_values"):
         StatisticsCollector(model, ["r"], sample_values=-1)
+
+
+def test_statistics_sessions_run_nodes_eagerly(monkeypatch):
+    """The collector's sessions run each reduction as soon as its tensor is made (priority
+    order), so onnxruntime frees every tensor once it is reduced instead of holding them all
+    until the reductions run at the end (twice the activation memory on a 640x640 YOLO)."""
+    import onnx_squeeze.calibration as calibration_module
+    from onnx_squeeze import runtime
+
+    made = []
+
+    def spy(path, provider="cpu", **options):
+        made.append(runtime.session_options(**options).execution_order)
+        return runtime.create_session(path, provider, **options)
+
+    monkeypatch.setattr(calibration_module, "create_session", spy)
+    model = ir.from_proto(conv_relu_proto())
+    source = list(RandomSource(input_specs(model), count=4, seed=5, batch_size=2))
+    StatisticsCollector(model, ["c1", "r1"], sample_values=20).collect(source, progress=False)
+    assert made and set(made) == {ort.ExecutionOrder.PRIORITY_BASED}
+    assert runtime.session_options().execution_order == ort.ExecutionOrder.DEFAULT
