@@ -120,3 +120,20 @@ def test_recover_after_low_rank_of_bias_less_matmul():
     assert {r.action for r in result.passes[1].records} == {"refit"}
     errors = re.search(r"-> ([0-9.]+)\n?$", result.passes[1].notes[-1])
     assert errors and float(errors.group(1)) < 0.6
+
+
+def test_recover_after_weight_pruning_of_bias_less_matmul():
+    """A sparse layer gets per-channel corrections only; without a bias (Llama's Linear layers)
+    the scale matches the teacher's mean square, and nothing crashes for want of a bias."""
+    proto = matmul_chain_without_bias()
+    source = calibration.open_source("random", model_io.load(proto), count=2)
+    pruning = {"ratio": 0.5, "keep_first": False, "keep_last": False}
+    steps = [{"prune_weights": pruning}, {"reconstruct": {}}]
+    recipe = Recipe.from_dict({"prepare": {"simplify": False}, "passes": steps})
+    result = compress(proto, recipe, calibration=source)
+    helpers.check(result.model)
+    refits = [r.detail for r in result.passes[1].records if r.action == "refit"]
+    assert refits and all("mean square (no bias)" in detail for detail in refits)
+    weights = [constant_array(n.inputs[1]) for n in result.model.graph if n.op_type == "MatMul"]
+    assert all((w == 0).mean() >= 0.5 for w in weights)  # the pattern survives the refit
+    assert [n.op_type for n in result.model.graph] == ["MatMul", "Relu", "MatMul"]

@@ -758,20 +758,27 @@ class _Wave:
 
     def apply_bn(self, layer, sums, edits, report):
         student, teacher = sums
-        scale = _variance_ratio(student.var, teacher.var)
         linear = layer.linear
+        if linear.bias_slot:
+            scale = _variance_ratio(student.var, teacher.var)
+            matched = "mean and variance"
+        else:  # no bias to shift (a MatMul without Add): match the mean square instead
+            squares = (student.var + student.mean**2, teacher.var + teacher.mean**2)
+            scale = _variance_ratio(*squares)
+            matched = "mean square (no bias)"
         matrix = linear.matrix()
         scaled = matrix * scale.reshape(matrix.shape[0], 1, -1)
-        bias = _bias_array(layer.node, linear)
-        bias = np.zeros_like(scale) if bias is None else bias
-        new_bias = scale * (bias - student.mean) + teacher.mean
         dtype = layer.node.inputs[1].dtype
         edits.set(layer.node, 1, linear.to_weight(scaled), dtype, "weight_refit")
-        _write_bias(edits, layer.node, linear, new_bias, dtype)
+        if linear.bias_slot:
+            bias = _bias_array(layer.node, linear)
+            bias = np.zeros_like(scale) if bias is None else bias
+            new_bias = scale * (bias - student.mean) + teacher.mean
+            _write_bias(edits, layer.node, linear, new_bias, dtype)
         report.record(
             layer.node,
             "refit",
-            f"bn: per-channel mean and variance matched (scale {scale.min():.3g}..{scale.max():.3g})",
+            f"bn: per-channel {matched} matched (scale {scale.min():.3g}..{scale.max():.3g})",
         )
 
     def apply_batchnorm(self, layer, sums, edits, report):
