@@ -5,8 +5,8 @@ traced forward through the graph as a *layout*: the list of channel blocks ("ato
 holds along its channel axis, in order. Shape-preserving ops and reductions over other axes pass
 a layout on; Concat joins layouts and Split/Slice cut them (an atom cut in the middle is split at
 its producer, and the trace runs again until no more cuts are needed); Flatten and flatten-like
-Reshape (``[N, -1]``, or ``[-1, width]`` whose width is rewritten) record how many rows each
-channel spans in the next Gemm/MatMul; binary ops with two traced inputs (residual Add,
+Reshape (``[N, -1]``, ``[first dim of the input, -1]`` computed from its Shape, or ``[-1, width]``
+whose width is rewritten) record how many rows each channel spans in the next Gemm/MatMul; binary ops with two traced inputs (residual Add,
 SiLU's Mul) *couple* their atoms. Coupled atoms form one :class:`ChannelGroup`: one set of channel
 indices, removed from every member at once.
 
@@ -882,7 +882,7 @@ def _reshape(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set
         return {0}
     target = _ints(node.inputs[1]) if len(node.inputs) > 1 else None
     shape = tracer.shapes.of(node.inputs[0])
-    if target is not None and len(target) == 2 and target[1] == -1 and target[0] != -1:
+    if _keeps_batch_flattens_rest(node, target):
         _flatten_like(tracer, node, layout, 1)
     elif target is not None and _flattens_to_width(tracer, node, layout, target):
         out = _flatten_like(tracer, node, layout, 1)
@@ -894,6 +894,64 @@ def _reshape(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set
         _merge_heads(tracer, node, layout, target, shape[-2])  # type: ignore[arg-type,index]
     else:
         tracer.freeze_layout(layout, f"{_label(node)} reshapes the channel axis")
+    return {0}
+
+
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type else None
+
+
+def _first_dim_source(value: ir.Value | None) -> ir.Value | None:
+    """The tensor whose first dimension ``value`` holds as a 1-element vector, when ``value`` is
+    Unsqueeze(Gather(Shape(x), 0)) or Shape(x, start=0, end=1); None for anything else."""
+    unsqueeze = _producer(value, "Unsqueeze")
+    if unsqueeze is not None:
+        gather = _producer(unsqueeze.inputs[0], "Gather")
+        if gather is None or _ints(gather.inputs[1]) != [0] or attribute(gather, "axis", 0) != 0:
+            return None
+        shape, end = _producer(gather.inputs[0], "Shape"), None
+    else:
+        shape, end = _producer(value, "Shape"), 1
+    if shape is None or attribute(shape, "start", 0) != 0 or attribute(shape, "end", None) != end:
+        return None
+    return shape.inputs[0]
+
+
+def _keeps_batch_flattens_rest(node: ir.Node, target: list[int] | None) -> bool:
+    """A Reshape to [N, -1]: a constant target (N not -1), or Concat([first dim of the input],
+    [-1]) as the TorchScript exporter writes ``x.view(x.size(0), -1)`` with a dynamic batch."""
+    if target is not None:
+        return len(target) == 2 and target[1] == -1 and target[0] != -1
+    concat = _producer(node.inputs[1] if len(node.inputs) > 1 else None, "Concat")
+    if concat is None or len(concat.inputs) != 2 or _ints(concat.inputs[1]) != [-1]:
+        return False
+    return _first_dim_source(concat.inputs[0]) is node.inputs[0]
+
+
+@_handles("Shape")
+def _shape(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set[int]:
+    """Reading the shape is harmless while only other dimensions than the channel axis are
+    used (Gather of a constant index, or a start/end that leaves the axis out)."""
+    layout = states[0]
+    if layout is None:
+        return {0}
+    axis, rank = layout.positive_axis(), layout.rank
+    start, end = int(attribute(node, "start", 0)), attribute(node, "end", None)
+    if axis is None or rank is None:
+        tracer.freeze_layout(layout, f"{_label(node)} reads a shape of unknown rank")
+        return {0}
+    start, end = (v + rank if v < 0 else v for v in (start, rank if end is None else int(end)))
+    if not start <= axis < end:
+        return {0}
+    for use in node.outputs[0].uses():
+        index = _ints(use.node.inputs[1]) if use.node.op_type == "Gather" else None
+        if index is None or len(index) != 1 or attribute(use.node, "axis", 0) != 0:
+            tracer.freeze_layout(layout, f"{_label(node)}: its channel count is read")
+            return {0}
+        if (index[0] + (end - start) if index[0] < 0 else index[0]) + start == axis:
+            tracer.freeze_layout(layout, f"{_label(use.node)} reads the channel count")
+            return {0}
     return {0}
 
 

@@ -186,7 +186,7 @@ g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] wa, float[8, 4, 1, 1] wb, float[8] bia
 
 UNMAPPABLE = """
 g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] wr, float[8, 4, 1, 1] ws, float[4, 4, 1, 1] wc,
-   float[4, 4, 1, 1] wm, float[4, 21, 1, 1] wz) => (float[N, 4, 4, 4] y) {
+   float[4, 4, 1, 1] wm, float[4, 4, 1, 1] wk, float[4, 25, 1, 1] wz) => (float[N, 4, 4, 4] y) {
     r = Conv (x, wr)
     shape = Constant <value = int64[5] {0, 2, 4, 4, 4}> ()
     heads = Reshape (r, shape)
@@ -202,7 +202,13 @@ g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] wr, float[8, 4, 1, 1] ws, float[4, 4, 
     cs = Slice (cc, st, en, ax)
     m = Conv (x, wm)
     mm = ReduceMax <axes = [1]> (m)
-    all = Concat <axis = 1> (rr, sm, cs, mm)
+    k = Conv (x, wk)
+    ks = Shape (k)
+    one = Constant <value = int64 {1}> ()
+    kc = Gather (ks, one)
+    kf = Cast <to = 1> (kc)
+    kk = Mul (k, kf)
+    all = Concat <axis = 1> (rr, sm, cs, mm, kk)
     y = Conv (all, wz)
 }
 """
@@ -233,6 +239,24 @@ g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] w1, float[4, 8, 1, 1] ws1, float[8, 4,
 }
 """
 
+# x.view(x.size(0), -1) as the TorchScript exporter writes it with a dynamic batch: the target is
+# computed from the Shape of the tensor it flattens.
+VIEW_FLATTEN = """
+g (float[N, 3, 4, 4] x, float[8, 3, 3, 3] w1, float[32, 10] wm) => (float[N, 10] y) {
+    c1 = Conv (x, w1)
+    r1 = Relu (c1)
+    shape = Shape (r1)
+    zero = Constant <value = int64 {0}> ()
+    batch = Gather (shape, zero)
+    first = Constant <value = int64[1] {0}> ()
+    batch1 = Unsqueeze (batch, first)
+    rest = Constant <value = int64[1] {-1}> ()
+    target = Concat <axis = 0> (batch1, rest)
+    flat = Reshape (r1, target)
+    y = MatMul (flat, wm)
+}
+"""
+
 # Grouped convolutions: Conv with 2 groups (8 -> 12 channels), ConvTranspose with 3 (12 -> 6).
 GROUPED = """
 g (float[N, 4, 4, 4] x, float[8, 4, 1, 1] w0, float[8] b0, float[12, 4, 3, 3] wg, float[12] bg,
@@ -259,6 +283,7 @@ GRAPHS = {
     "unmappable": UNMAPPABLE,
     "reductions": REDUCTIONS,
     "grouped": GROUPED,
+    "view_flatten": VIEW_FLATTEN,
 }
 # Graphs with nothing prunable, for the frozen-group tests.
 FROZEN_GRAPHS = ("bad", "unmappable")
@@ -403,12 +428,13 @@ def test_per_channel_constants_resize_pad_slice_and_reshape_into_matmul():
 
 def test_unmappable_axes_are_frozen_with_reasons():
     groups = channel_groups.build_groups(_named(graph_model(UNMAPPABLE)))
-    reasons = {name: _group_of(groups, name).frozen for name in ("r", "s", "c", "m")}
+    reasons = {name: _group_of(groups, name).frozen for name in ("r", "s", "c", "m", "k")}
     assert reasons == {
         "r": "Reshape 'heads' reshapes the channel axis",
         "s": "Softmax 'sm' mixes values across the channel axis",
         "c": "Concat 'cc' joins traced and untraced tensors along another axis",
         "m": "ReduceMax 'mm' reduces over the channel axis",
+        "k": "Gather 'kc' reads the channel count",
     }
     assert all(g.frozen for g in groups)
 
@@ -442,6 +468,14 @@ def test_grouped_convolutions_couple_their_groups_channel_by_channel():
     t = _group_of(groups, "t")  # 3 groups of 2 outputs, on weight axis 1 (one group's share)
     assert t.channels == 2 and ("t", "producer", 1, (0,)) in _members(t)
     assert ("y", "consumer", 1, (0, 2, 4)) in _members(t)
+
+
+def test_flatten_by_a_target_computed_from_the_batch_size():
+    groups = channel_groups.build_groups(_named(graph_model(VIEW_FLATTEN)))
+    c1 = _group_of(groups, "c1")
+    assert c1.frozen is None
+    (matmul,) = [m for m in c1.members if m.slot.node.name == "y"]
+    assert (matmul.slot.axis, matmul.slot.repeat) == (0, 4)  # 2 x 2 pixels per channel
 
 
 def test_attention_heads_couple_query_with_key_and_value_with_the_output_rows():
