@@ -501,7 +501,8 @@ class DenseLayer(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, 4 * growth, 1, bias=False),
-            nn.BatchNorm2d(4 * growth), nn.ReLU(), nn.Conv2d(4 * growth, growth, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(4 * growth), nn.ReLU(),
+            nn.Conv2d(4 * growth, growth, 3, 1, 1, bias=False),
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,19 +3,23 @@
 Every layer with a constant weight (Conv, Gemm, MatMul) *produces* channels. Their indices are
 traced forward through the graph as a *layout*: the list of channel blocks ("atoms") a tensor
 holds along its channel axis, in order. Shape-preserving ops and reductions over other axes pass
-a layout on; Concat joins layouts and Split/Slice cut them (an atom cut in the middle is split at
-its producer, and the trace runs again until no more cuts are needed); Flatten and flatten-like
-Reshape (``[N, -1]``, ``[first dim of the input, -1]`` computed from its Shape, or ``[-1, width]``
-whose width is rewritten) record how many rows each channel spans in the next Gemm/MatMul; binary ops with two traced inputs (residual Add,
-SiLU's Mul) *couple* their atoms. Coupled atoms form one :class:`ChannelGroup`: one set of channel
-indices, removed from every member at once.
+a layout on, and a Shape read is allowed while its channel entry goes unused; Concat joins
+layouts and Split/Slice cut them (an atom cut in the middle is split at its producer, and the
+trace runs again until no more cuts are needed); Flatten and flatten-like Reshape (``[N, -1]``,
+``[first dim of the input, -1]`` computed from its Shape, or ``[-1, width]`` whose width is
+rewritten) record how many rows each channel spans in the next Gemm/MatMul; binary ops with two
+traced inputs (residual Add, SiLU's Mul) *couple* their atoms. Coupled atoms form one
+:class:`ChannelGroup`: one set of channel indices, removed from every member at once. A grouped
+convolution couples its groups channel by channel (channel ``j`` of every group is one
+channel), so every group keeps the same channels and ``group`` stays.
 
 Members are the constant tensors that hold one entry per channel of a group, each a
 :class:`Slot` (node, input, axis, layout): producers' weights and biases, per-channel
 parameters (BatchNormalization, PRelu slopes, per-channel Add/Mul constants, depthwise Conv
 weights) and consumers' weight slices (Conv axis 1, Gemm/MatMul rows, with Concat offsets and the
 spatial size after Flatten). Split sizes, Slice bounds, depthwise ``group`` attributes and the
-targets of head-splitting and flattening Reshapes are :class:`Structure` entries that follow the kept counts.
+targets of head-splitting and flattening Reshapes are :class:`Structure` entries that follow the
+kept counts.
 
 Attention (``split_heads``): a Reshape that splits the channel axis into (heads, head size)
 couples the heads channel by channel (head size ``d`` of every head is one channel of the group),
