@@ -137,3 +137,24 @@ def test_recover_after_weight_pruning_of_bias_less_matmul():
     weights = [constant_array(n.inputs[1]) for n in result.model.graph if n.op_type == "MatMul"]
     assert all((w == 0).mean() >= 0.5 for w in weights)  # the pattern survives the refit
     assert [n.op_type for n in result.model.graph] == ["MatMul", "Relu", "MatMul"]
+
+
+@pytest.mark.parametrize(
+    ("name", "exporter"), [("efficientnet", "dyn18"), ("resnext-dense", "ts17")]
+)
+def test_exported_channel_groups_are_prunable_and_removal_is_lossless(
+    robustness, tmp_path, name, exporter
+):
+    """Squeeze-and-excitation as ReduceMean, flatten as Reshape(allowzero=1) (dynamo), grouped
+    convolutions and x.view(x.size(0), -1) (TorchScript): only the classifier's output group
+    stays frozen, and removing zeroed channels changes no output."""
+    if exporter == "dyn18":
+        pytest.importorskip("onnxscript")
+    from onnx_squeeze import channel_groups
+    from onnx_squeeze.prepare import prepare
+    from tests.test_prune_channels import _assert_removal_is_lossless
+
+    model, _ = prepare(ir.load(str(robustness.export(name, exporter, tmp_path))))
+    groups = channel_groups.build_groups(model, split_heads=True)
+    assert [g.frozen for g in groups if g.frozen] == ["reaches graph output 'output'"]
+    _assert_removal_is_lossless(model, ratio=0.4)
