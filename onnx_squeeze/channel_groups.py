@@ -953,7 +953,7 @@ def _shape(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set[i
         if index is None or len(index) != 1 or attribute(use.node, "axis", 0) != 0:
             tracer.freeze_layout(layout, f"{_label(node)}: its channel count is read")
             return {0}
-        if (index[0] + (end - start) if index[0] < 0 else index[0]) + start == axis:
+        if start + index[0] % (end - start) == axis:  # a negative index counts from the end
             tracer.freeze_layout(layout, f"{_label(use.node)} reads the channel count")
             return {0}
     return {0}
@@ -1063,14 +1063,14 @@ def _reduce(tracer: _Tracer, node: ir.Node, states: list[Layout | None]) -> set[
     if not axes and attribute(node, "noop_with_empty_axes", 0):
         tracer.set_layout(node.outputs[0], layout)
         return every
-    axes = [a + rank if a < 0 else a for a in axes] or list(range(rank))
+    axes = {a + rank if a < 0 else a for a in axes} or set(range(rank))
     if axis in axes:
         tracer.freeze_layout(layout, f"{_label(node)} reduces over the channel axis")
     elif attribute(node, "keepdims", 1):
         tracer.set_layout(node.outputs[0], layout)
     else:
-        kept_rank = rank - len(set(axes))
-        new_axis = axis - sum(1 for a in set(axes) if a < axis)
+        kept_rank = rank - len(axes)
+        new_axis = axis - sum(1 for a in axes if a < axis)
         out = Layout(layout.atoms, new_axis - kept_rank, kept_rank, layout.repeat)
         tracer.set_layout(node.outputs[0], out)
     return every

@@ -759,8 +759,14 @@ class _Wave:
     def apply_bn(self, layer, sums, edits, report):
         student, teacher = sums
         linear = layer.linear
+        dtype = layer.node.inputs[1].dtype
         if linear.bias_slot:
             scale = _variance_ratio(student.var, teacher.var)
+            bias = _bias_array(layer.node, linear)
+            bias = np.zeros_like(scale) if bias is None else bias
+            _write_bias(
+                edits, layer.node, linear, scale * (bias - student.mean) + teacher.mean, dtype
+            )
             matched = "mean and variance"
         else:  # no bias to shift (a MatMul without Add): match the mean square instead
             squares = (student.var + student.mean**2, teacher.var + teacher.mean**2)
@@ -768,13 +774,7 @@ class _Wave:
             matched = "mean square (no bias)"
         matrix = linear.matrix()
         scaled = matrix * scale.reshape(matrix.shape[0], 1, -1)
-        dtype = layer.node.inputs[1].dtype
         edits.set(layer.node, 1, linear.to_weight(scaled), dtype, "weight_refit")
-        if linear.bias_slot:
-            bias = _bias_array(layer.node, linear)
-            bias = np.zeros_like(scale) if bias is None else bias
-            new_bias = scale * (bias - student.mean) + teacher.mean
-            _write_bias(edits, layer.node, linear, new_bias, dtype)
         report.record(
             layer.node,
             "refit",
