@@ -36,9 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("passes (shortcuts for --pass; run in the order listed)")
     group.add_argument(
         "--prune-channels",
-        type=_fraction,
-        metavar="FRACTION",
-        help="remove channels until FRACTION of the MACs is gone (e.g. 0.3)",
+        type=_prune_target,
+        metavar="FRACTION|latency=FRACTION",
+        help="remove channels until FRACTION of the MACs is gone (e.g. 0.3), or FRACTION of "
+        "the time the model takes here, each layer timed at batch 1 (latency=0.5)",
     )
     group.add_argument(
         "--low-rank",
@@ -111,7 +112,7 @@ def steps_from_args(args: argparse.Namespace, *, calibrated: bool) -> list[Step]
     """The recipe steps the shortcut flags ask for, in :data:`PASS_ORDER`."""
     steps: list[Step] = []
     if args.prune_channels is not None:
-        steps.append(Step("prune_channels", {"macs_target": args.prune_channels}))
+        steps.append(Step("prune_channels", args.prune_channels))
     if args.low_rank is not None:
         steps.append(
             Step("low_rank", {**_low_rank_target(args.low_rank), "data_aware": calibrated})
@@ -166,6 +167,17 @@ def _fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
     return value
+
+
+def _prune_target(text: str) -> dict[str, float]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        key, value = "macs", text
+    if key not in ("macs", "latency"):
+        raise argparse.ArgumentTypeError(
+            f"expected FRACTION, macs=FRACTION or latency=FRACTION, got {text!r}"
+        )
+    return {f"{key}_target": _fraction(value)}
 
 
 def _positive(text: str) -> int:

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 from onnx_ir.passes.common import ShapeInferencePass
 
-from onnx_squeeze import analysis, channel_groups, runtime, zoo
+from onnx_squeeze import analysis, channel_groups, layer_times, runtime, zoo
 from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import constant_array
@@ -201,6 +201,41 @@ def test_sensitivity_allocation_prunes_the_branch_that_matters_least():
     assert errors[0] < errors[1] / 3
 
 
+def test_latency_target_prices_channels_by_measured_time(monkeypatch):
+    """Two branches of equal MACs, one timed 10x slower (as a memory-bound layer is): a
+    latency target is taken from the slow branch, which a MACs target would not prefer."""
+    model = graph_model(TWO_BRANCHES)
+    slow = {"b", "d"}
+    total = 22.0
+
+    def measure(model, feed, **_):
+        times = {n: 10.0 if n.outputs[0].name in slow else 1.0 for n in model.graph}
+        times = {n: t for n, t in times.items() if n.op_type == "Conv"}
+        return layer_times.LayerTimes(nodes=times, total=total)
+
+    monkeypatch.setattr(layer_times, "measure", measure)
+    pruned, report = _prune(model, latency_target=0.4, sensitivity_rounds=1)
+    shapes = _initializers(pruned)
+    assert shapes["wa"].shape[0] == 32 and shapes["wb"].shape[0] == 16
+    removed = 20 * (1 - 16 / 32) / total
+    note = "latency target 40% by sensitivity: 1 groups pruned, 50%-50% of their channels"
+    assert any(
+        n.startswith(note) and f"removes {removed:.1%}, 25.0% of MACs" in n for n in report.notes
+    ), report.notes
+    check(pruned)
+
+
+def test_latency_target_on_a_measured_model():
+    model = zoo_model("mobilenetv2", True)
+    pruned, report = _prune(model, latency_target=0.3, allocation="uniform")
+    note = next(n for n in report.notes if n.startswith("latency target 30%"))
+    removed = float(note.split("removes ")[1].split("%")[0])
+    assert removed >= 30, note
+    assert "of MACs" in note
+    check(pruned)
+    assert run(pruned, random_feeds(model, 1, batch=2)[0])[0].shape[0] == 2
+
+
 def test_sensitivity_allocation_uses_calibration_data_and_beats_one_ratio():
     model = zoo_model("resnet50", True)
     source = RandomSource(runtime.input_specs(model), count=4, batch_size=1, seed=3)
@@ -281,6 +316,8 @@ def test_activation_criteria_use_calibration_data(criterion: str):
         {"criterion": "taylor"},
         {"ratio": 1.0},
         {"ratio": 0.3, "macs_target": 0.3},
+        {"macs_target": 0.3, "latency_target": 0.3},
+        {"latency_target": 0.3, "latency_batch": 0},
         {"min_channels": 0},
         {"allocation": "greedy"},
         {"sensitivity_batches": 0},

@@ -98,7 +98,22 @@ def test_bad_values_name_the_fix(flags, message):
         _steps(*flags)
 
 
-@pytest.mark.parametrize("flags", [("--prune-channels", "1.5"), ("--finetune", "0")])
+def test_prune_channels_by_measured_latency():
+    assert _steps("--prune-channels", "latency=0.4") == [
+        ("prune_channels", {"latency_target": 0.4})
+    ]
+    assert _steps("--prune-channels", "macs=0.4") == [("prune_channels", {"macs_target": 0.4})]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--prune-channels", "1.5"),
+        ("--prune-channels", "latency=1.5"),
+        ("--prune-channels", "params=0.3"),
+        ("--finetune", "0"),
+    ],
+)
 def test_out_of_range_number_is_a_usage_error(flags):
     with pytest.raises(SystemExit):
         _steps(*flags)

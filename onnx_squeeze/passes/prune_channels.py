@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze import analysis, runtime
+from onnx_squeeze import analysis, layer_times, runtime
 from onnx_squeeze.calibration import RandomSource, StatisticsCollector, TensorStatistics
 from onnx_squeeze.channel_groups import (
     ChannelAnalysis,
@@ -273,13 +273,17 @@ class PruneChannelsSettings:
     of the channels already removed in each of ``sensitivity_rounds`` parts) or ``uniform`` (one
     ratio for every group). ``split_heads`` follows channels through the Reshapes that split
     them into attention heads, so the head size shrinks (same in every head; queries and keys
-    together)."""
+    together). ``latency_target``: share of the model's measured time to remove instead of
+    MACs; each node's time (onnxruntime's profiler, ``latency_batch`` samples, 1 thread) is
+    taken to shrink with its kept channels as its MACs would."""
 
     mode: str = "remove"
     criterion: str = "l1"
     ratio: float = 0.0
     global_ranking: bool = False
     macs_target: float = 0.0
+    latency_target: float = 0.0
+    latency_batch: int = 1
     min_channels: int = 1
     round_to: int = 0
     protect: list[str] = dataclasses.field(default_factory=list)
@@ -304,7 +308,7 @@ class PruneChannels(Pass):
         if s.criterion not in CRITERIA:
             known = ", ".join(sorted(CRITERIA))
             raise SettingsError(f"prune_channels: unknown criterion {s.criterion!r}; use {known}")
-        for field in ("ratio", "macs_target"):
+        for field in ("ratio", "macs_target", "latency_target"):
             if not 0.0 <= float(getattr(s, field)) < 1.0:
                 raise SettingsError(
                     f"prune_channels: {field} must be in [0, 1), got {getattr(s, field)}"
@@ -313,9 +317,12 @@ class PruneChannels(Pass):
             raise SettingsError(
                 f"prune_channels: allocation must be one of {ALLOCATIONS}, got {s.allocation!r}"
             )
-        if s.ratio and s.macs_target:
-            raise SettingsError("prune_channels: set either ratio or macs_target, not both")
+        if sum(1 for target in (s.ratio, s.macs_target, s.latency_target) if target) > 1:
+            raise SettingsError(
+                "prune_channels: set one of ratio, macs_target and latency_target, not several"
+            )
         counts = (
+            s.latency_batch,
             s.min_channels,
             s.calibration_batches,
             s.sensitivity_batches,
@@ -323,8 +330,8 @@ class PruneChannels(Pass):
         )
         if min(counts) < 1 or s.round_to < 0:
             raise SettingsError(
-                "prune_channels: min_channels, calibration_batches, sensitivity_batches and "
-                "sensitivity_rounds must be >= 1, round_to >= 0"
+                "prune_channels: latency_batch, min_channels, calibration_batches, "
+                "sensitivity_batches and sensitivity_rounds must be >= 1, round_to >= 0"
             )
         if isinstance(s.protect, str):
             s.protect = [s.protect]
@@ -340,20 +347,23 @@ class PruneChannels(Pass):
         report.notes.append(
             f"{len(prunable)} prunable channel groups, {len(channels.groups) - len(prunable)} frozen"
         )
-        if not prunable or not (settings.ratio or settings.macs_target):
+        target = settings.macs_target or settings.latency_target
+        if not prunable or not (settings.ratio or target):
             return
         scores = self._scores(model, context, channels, prunable)
-        planner = _Planner(model, channels, prunable, scores, settings)
-        if not settings.macs_target:
+        macs = _Costs.macs(model, channels)
+        costs = self._latency(model, context, channels) if settings.latency_target else macs
+        planner = _Planner(channels, prunable, scores, settings, costs, macs)
+        if not target:
             plan = planner.plan(settings.ratio)
         elif settings.allocation == "uniform":
-            plan = planner.for_macs(settings.macs_target, report)
+            plan = planner.for_target(target, report)
         else:
             plan = self._allocate(model, context, channels, planner, report)
         if not plan:
             report.notes.append("no group lost a channel at these settings")
             return
-        _Rewriter(model, channels, plan, settings.mode, planner.node_macs, report).run()
+        _Rewriter(model, channels, plan, settings.mode, macs.nodes, report).run()
 
     def _allocate(
         self,
@@ -363,7 +373,7 @@ class PruneChannels(Pass):
         planner: _Planner,
         report: PassReport,
     ) -> dict[int, np.ndarray]:
-        """The MACs target reached in ``sensitivity_rounds`` equal parts, the sensitivities
+        """The MACs or latency target reached in ``sensitivity_rounds`` equal parts, the sensitivities
         measured again on top of the channels already removed before each part (NetAdapt-like:
         later parts see how earlier ones changed the network)."""
         s = self.settings
@@ -379,22 +389,36 @@ class PruneChannels(Pass):
                 id(context.calibration),
             ),
         )
+        goal = s.macs_target or s.latency_target
         for part in range(1, s.sensitivity_rounds + 1):
-            target = s.macs_target * part / s.sensitivity_rounds
-            keep = planner.keep_for_macs(target, measure.curves(keep), keep)
+            keep = planner.keep_for(goal * part / s.sensitivity_rounds, measure.curves(keep), keep)
         plan = planner.plan_counts(keep)
-        removed = planner.macs_removed(plan)
-        if removed < s.macs_target:
+        removed = planner.removed(plan)
+        if removed < goal:
             report.notes.append(
-                f"MACs target {s.macs_target:.0%} not reachable: removed {removed:.1%}"
+                f"{planner.costs.unit} target {goal:.0%} not reachable: removed {removed:.1%}"
             )
         elif plan:
             shares = [1 - len(kept) / planner.group(g).channels for g, kept in plan.items()]
             report.notes.append(
-                f"MACs target {s.macs_target:.0%} by sensitivity: {len(plan)} groups pruned, "
-                f"{min(shares):.0%}-{max(shares):.0%} of their channels, removes {removed:.1%}"
+                f"{planner.costs.unit} target {goal:.0%} by sensitivity: {len(plan)} groups "
+                f"pruned, {min(shares):.0%}-{max(shares):.0%} of their channels, removes "
+                f"{removed:.1%}{planner.macs_note(plan)}"
             )
         return plan
+
+    def _latency(self, model: ir.Model, context: PassContext, channels: ChannelAnalysis) -> _Costs:
+        """Node times measured on the first calibration batch (random data when none),
+        resized to ``latency_batch`` samples."""
+        batch = self.settings.latency_batch
+        if context.calibration is not None:
+            first = next(iter(context.calibration))
+            feed = {name: _resized(array, batch) for name, array in first.items()}
+        else:
+            specs = runtime.input_specs(model)
+            feed = next(iter(RandomSource(specs, count=batch, seed=1, batch_size=batch)))
+        times = layer_times.measure(model, feed, provider=context.providers[0])
+        return _Costs.latency(model, channels, times)
 
     def _sensitivity_feeds(
         self, model: ir.Model, context: PassContext, report: PassReport
@@ -489,23 +513,72 @@ class PruneChannels(Pass):
 # Planning: how many channels each group keeps, and which
 
 
+@dataclasses.dataclass(frozen=True)
+class _Costs:
+    """What channels are priced by: a cost per node (``id(node)``), the lists of atoms whose
+    kept shares scale it (multiplied), and the model's total (which may include costs no
+    channel scales). ``unit`` names it in notes."""
+
+    unit: str
+    nodes: dict[int, float]
+    atoms: dict[int, list[tuple[int, ...]]]
+    total: float
+
+    @staticmethod
+    def _weight_atoms(channels: ChannelAnalysis) -> dict[int, list[tuple[int, ...]]]:
+        atoms: dict[int, list[tuple[int, ...]]] = {}
+        for slot in channels.slots:
+            if slot.weight:
+                atoms.setdefault(id(slot.node), []).append(slot.atoms)
+        return atoms
+
+    @classmethod
+    def macs(cls, model: ir.Model, channels: ChannelAnalysis) -> _Costs:
+        """MACs of the layers with weights, which scale with their weights' kept channels."""
+        summary = analysis.analyze(model)
+        nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+        macs = {id(n): float(c.macs) for n, c in zip(nodes, summary.nodes, strict=True)}
+        return cls("MACs", macs, cls._weight_atoms(channels), max(float(summary.macs), 1.0))
+
+    @classmethod
+    def latency(
+        cls, model: ir.Model, channels: ChannelAnalysis, times: layer_times.LayerTimes
+    ) -> _Costs:
+        """Measured node times: a layer with weights scales like its MACs, any other node with
+        the kept share of its output's channels; time no node owns stays."""
+        weights = cls._weight_atoms(channels)
+        nodes, atoms = {}, {}
+        for node, time in times.nodes.items():
+            nodes[id(node)] = time
+            layout = channels.layouts.get(node.outputs[0]) if node.outputs else None
+            atoms[id(node)] = weights.get(id(node)) or ([layout.atoms] if layout else [])
+        return cls("latency", nodes, atoms, max(times.total, 1e-9))
+
+
+def _resized(array: np.ndarray, rows: int) -> np.ndarray:
+    """``array`` with ``rows`` entries along its first axis (repeated when it has fewer)."""
+    array = np.asarray(array)
+    if array.ndim == 0 or array.shape[0] == rows:
+        return array
+    return np.resize(array, (rows, *array.shape[1:]))
+
+
 class _Planner:
     def __init__(
         self,
-        model: ir.Model,
         channels: ChannelAnalysis,
         groups: list[ChannelGroup],
         scores: dict[int, np.ndarray],
         settings: PruneChannelsSettings,
+        costs: _Costs,
+        macs: _Costs,
     ) -> None:
         self.channels = channels
         self.groups = groups
         self.scores = scores
         self.settings = settings
-        summary = analysis.analyze(model)
-        nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-        self.node_macs = {id(n): c.macs for n, c in zip(nodes, summary.nodes, strict=True)}
-        self.total_macs = max(summary.macs, 1)
+        self.costs = costs
+        self.macs = macs
 
     def multiple(self, group: ChannelGroup) -> int:
         if self.settings.round_to:
@@ -558,50 +631,57 @@ class _Planner:
         threshold = np.partition(everything, removed - 1)[removed - 1]
         return {g.id: int(np.count_nonzero(self.scores[g.id] > threshold)) for g in self.groups}
 
-    def factor(self, slot: Slot, plan: Mapping[int, np.ndarray]) -> float:
-        """Kept share of a slot's channels."""
+    def factor(self, atoms: tuple[int, ...], plan: Mapping[int, np.ndarray]) -> float:
+        """Kept share of the channels along an axis holding ``atoms``."""
         total = kept = 0
-        for atom in slot.atoms:
+        for atom in atoms:
             length = self.channels.atom_length(atom)
             total += length
             group = self.channels.group_of.get(atom)
             kept += len(plan[group]) if group in plan else length
         return kept / total if total else 1.0
 
-    def macs_removed(self, plan: Mapping[int, np.ndarray]) -> float:
-        factors: dict[int, float] = {}
-        for slot in self.channels.slots:
-            if slot.weight:
-                key = id(slot.node)
-                factors[key] = factors.get(key, 1.0) * self.factor(slot, plan)
-        removed = sum(self.node_macs.get(k, 0) * (1 - f) for k, f in factors.items())
-        return removed / self.total_macs
+    def removed(self, plan: Mapping[int, np.ndarray], costs: _Costs | None = None) -> float:
+        """Share of the total cost (the planner's, or ``costs``) that ``plan`` removes."""
+        costs = costs or self.costs
+        removed = 0.0
+        for key, cost in costs.nodes.items():
+            kept = math.prod(self.factor(atoms, plan) for atoms in costs.atoms.get(key, ()))
+            removed += cost * (1 - kept)
+        return removed / costs.total
 
-    def for_macs(self, target: float, report: PassReport) -> dict[int, np.ndarray]:
-        """The smallest ratio (by bisection) whose plan removes at least ``target`` of MACs."""
+    def macs_note(self, plan: Mapping[int, np.ndarray]) -> str:
+        """``, N% of MACs`` when the plan is priced by something else."""
+        return "" if self.costs is self.macs else f", {self.removed(plan, self.macs):.1%} of MACs"
+
+    def for_target(self, target: float, report: PassReport) -> dict[int, np.ndarray]:
+        """The smallest ratio (by bisection) whose plan removes at least ``target`` of the
+        cost."""
+        unit = self.costs.unit
         low, high = 0.0, 0.99
         best = self.plan(high)
-        reached = self.macs_removed(best)
+        reached = self.removed(best)
         if reached < target:
-            report.notes.append(f"MACs target {target:.0%} not reachable: removed {reached:.1%}")
+            report.notes.append(f"{unit} target {target:.0%} not reachable: removed {reached:.1%}")
             return best
         for _ in range(30):
             middle = (low + high) / 2
             plan = self.plan(middle)
-            if self.macs_removed(plan) >= target:
+            if self.removed(plan) >= target:
                 high, best = middle, plan
             else:
                 low = middle
         report.notes.append(
-            f"MACs target {target:.0%}: ratio {high:.3f} removes {self.macs_removed(best):.1%}"
+            f"{unit} target {target:.0%}: ratio {high:.3f} removes {self.removed(best):.1%}"
+            + self.macs_note(best)
         )
         return best
 
-    def keep_for_macs(
+    def keep_for(
         self, target: float, errors: Mapping[int, ErrorCurve], start: Mapping[int, int]
     ) -> dict[int, int]:
-        """Kept counts, from ``start``, that remove ``target`` of the MACs where output error
-        per MAC is cheapest (all steps taken when the target is out of reach).
+        """Kept counts, from ``start``, that remove ``target`` of the cost where output error
+        per cost is cheapest (all steps taken when the target is out of reach).
 
         Every rounding step of every group (from its lowest-scored channels up) is priced at its
         added output error (``errors[group](share removed)``, measured on calibration data)
@@ -615,7 +695,7 @@ class _Planner:
         low, high = 0, len(steps)
         while low < high:
             middle = (low + high) // 2
-            if self.macs_removed(self.plan_counts(_counts_after(steps, middle, start))) >= target:
+            if self.removed(self.plan_counts(_counts_after(steps, middle, start))) >= target:
                 high = middle
             else:
                 low = middle + 1
@@ -624,24 +704,24 @@ class _Planner:
     def group(self, group_id: int) -> ChannelGroup:
         return next(g for g in self.groups if g.id == group_id)
 
-    def channel_macs(self, group: ChannelGroup, start: Mapping[int, int]) -> float:
-        """Share of the model's MACs one more channel of ``group`` costs once the groups have
+    def channel_cost(self, group: ChannelGroup, start: Mapping[int, int]) -> float:
+        """Share of the model's cost one more channel of ``group`` costs once the groups have
         ``start`` channels (half of the group's remaining channels removed)."""
         before = start.get(group.id, group.channels)
         keep = self.keep_count(group, before // 2)
         if keep >= before:
             return 0.0
-        base = self.macs_removed(self.plan_counts(start))
-        removed = self.macs_removed(self.plan_counts({**start, group.id: keep})) - base
+        base = self.removed(self.plan_counts(start))
+        removed = self.removed(self.plan_counts({**start, group.id: keep})) - base
         return removed / (before - keep)
 
     def _priced_steps(
         self, group: ChannelGroup, error: ErrorCurve, start: Mapping[int, int]
     ) -> list[_Step]:
         """Each rounding step of a group below its ``start`` count, priced at its added error
-        per MAC removed."""
-        macs = self.channel_macs(group, start)
-        if macs <= 0:
+        per cost removed."""
+        cost = self.channel_cost(group, start)
+        if cost <= 0:
             return []
         before = start.get(group.id, group.channels)
         counts = [count for count in self.removable_counts(group) if count <= before]
@@ -649,7 +729,7 @@ class _Planner:
         for before, after in itertools.pairwise(counts):
             share = 1 - after / group.channels
             added = error(share) - error(1 - before / group.channels)
-            price = max(price, added / (macs * (before - after)))
+            price = max(price, added / (cost * (before - after)))
             steps.append(_Step(share > error.measured_up_to + 1e-9, price, group.id, after))
         return steps
 
@@ -854,7 +934,7 @@ class _Rewriter:
         channels: ChannelAnalysis,
         plan: dict[int, np.ndarray],
         mode: str,
-        node_macs: dict[int, int],
+        node_macs: dict[int, float],
         report: PassReport,
     ) -> None:
         self.model = model
