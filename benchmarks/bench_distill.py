@@ -49,6 +49,10 @@ INT8_PLAIN = {"quantize_int8": {"bias_correction": False}}
 INT8_TIMED = {"quantize_int8": {"speed_check": True}}  # layers float where INT8 times slower
 FINETUNE = {"finetune": {}}
 COMBINED_LABEL = "combined: prune 75% (reconstruction criterion) + recovery + finetune + INT8"
+LATENCY_LABEL = (
+    "combined, latency-steered: prune 80% of measured time + recovery + finetune + INT8 "
+    "speed-checked"
+)
 
 
 def _prune(share: float, **settings: Any) -> dict[str, Any]:
@@ -81,6 +85,15 @@ ROWS: list[tuple[str, list[dict[str, Any]] | float | None]] = [
     (
         "combined, INT8 speed-checked at batch 1 (layers float where INT8 times slower)",
         [_prune(0.75, criterion="reconstruction"), RECOVER, FINETUNE, INT8_TIMED],
+    ),
+    (
+        LATENCY_LABEL,
+        [
+            {"prune_channels": {"latency_target": 0.8, "criterion": "reconstruction"}},
+            RECOVER,
+            FINETUNE,
+            INT8_TIMED,
+        ],
     ),
     (
         "combined + low-rank: prune 75% + recovery + low-rank 20% + recovery + finetune + INT8",
@@ -269,7 +282,8 @@ def run_model(kind: str, args: argparse.Namespace) -> list[list[Any]]:
             rows.append([kind, label, accuracy(model, test_x, test_y), common.cost(model)["macs"]])
     feeds = {1: {"input": test_x[:1]}, THROUGHPUT_BATCH: {"input": test_x[:THROUGHPUT_BATCH]}}
     if args.profile:
-        print_profiles({k: models[k] for k in ("original", COMBINED_LABEL) if k in models}, feeds)
+        profiled = ("original", COMBINED_LABEL, LATENCY_LABEL)
+        print_profiles({k: models[k] for k in profiled if k in models}, feeds)
     latencies = [
         common.latency_ms(list(models.values()), feed, threads=1, runs=args.runs)
         for feed in feeds.values()
