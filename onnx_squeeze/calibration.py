@@ -15,6 +15,7 @@ been seen, whatever the number of samples. NaN values show in min/max and per-ch
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import math
@@ -209,7 +210,8 @@ class NpzSource:
     ``batch_size`` (default: the model's fixed batch dimension, else 1). Batches do not span
     files. Files are checked against the model's inputs when the source is made (names, ranks,
     fixed dimensions, dtypes that cast within their kind, e.g. float64 to float32), reading only
-    their headers. Arrays not named after a model input are ignored. ``.npy`` files are memory
+    their headers. Arrays not named after a model input are ignored, unless a pass asks for
+    them by name (:meth:`carrying`, e.g. ``labels`` for fine-tuning). ``.npy`` files are memory
     mapped and uncompressed ``.npz`` files read batch by batch, so memory does not grow with the
     data; a compressed ``.npz`` is loaded one file at a time. ``limit`` caps the number of
     samples.
@@ -239,6 +241,7 @@ class NpzSource:
         else:
             files = [self.path]
         self._files = [(file, self._check(file)) for file in files]
+        self._carried: tuple[str, ...] = ()
         self._limit = limit
         self.samples = sum(stop - start for _, start, stop in self._plan())
         available = sum(samples for _, samples in self._files)
@@ -288,6 +291,23 @@ class NpzSource:
             )
         return samples.pop() if samples else 1
 
+    def carrying(self, names: Sequence[str]) -> NpzSource:
+        """This source with the named arrays (not model inputs, e.g. labels) added to every
+        feed, batched alike; each file must hold them, one entry per sample."""
+        for file, samples in self._files:
+            headers = _read_headers(file)
+            for name in names:
+                shape = headers.get(name, ((), None))[0]
+                if not shape or shape[0] != samples:
+                    found = f"shape {shape}" if name in headers else "none"
+                    raise InputError(
+                        f"{file}: array {name!r} needs one entry per sample ({samples}), "
+                        f"found {found}"
+                    )
+        carried = copy.copy(self)
+        carried._carried = tuple(names)
+        return carried
+
     def _plan(self) -> Iterator[tuple[Path, int, int]]:
         """(file, first sample, end sample) of every batch, in order."""
         left = self._limit if self._limit is not None else math.inf
@@ -306,24 +326,27 @@ class NpzSource:
     def _load(self, file: Path) -> dict[str, np.ndarray]:
         if file.suffix.lower() == ".npy":
             return {self._specs[0].name: np.load(file, mmap_mode="r")}
-        stored = _stored_arrays(file, [spec.name for spec in self._specs])
+        names = [spec.name for spec in self._specs] + list(self._carried)
+        stored = _stored_arrays(file, names)
         if stored is not None:
             return stored
         with np.load(file) as arrays:
-            return {spec.name: arrays[spec.name] for spec in self._specs}
+            return {name: arrays[name] for name in names}
 
     def __iter__(self) -> Iterator[Feed]:
         loaded: Path | None = None
         for file, start, stop in self._plan():
             if file != loaded:
                 arrays, loaded = self._load(file), file
-            yield {
+            feed = {
                 spec.name: np.ascontiguousarray(
                     arrays[spec.name][start:stop] if arrays[spec.name].ndim else arrays[spec.name],
                     dtype=spec.dtype,
                 )
                 for spec in self._specs
             }
+            feed.update((name, np.asarray(arrays[name][start:stop])) for name in self._carried)
+            yield feed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from onnx_squeeze.calibration import (
     open_source,
 )
 from onnx_squeeze.errors import InputError, SettingsError
-from onnx_squeeze.runtime import input_specs
+from onnx_squeeze.runtime import InputSpec, input_specs
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -752,3 +752,18 @@ def test_statistics_sessions_run_nodes_eagerly(monkeypatch):
     StatisticsCollector(model, ["c1", "r1"], sample_values=20).collect(source, progress=False)
     assert made and set(made) == {ort.ExecutionOrder.PRIORITY_BASED}
     assert runtime.session_options().execution_order == ort.ExecutionOrder.DEFAULT
+
+
+def test_npz_source_carries_named_arrays_only_when_asked(tmp_path):
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.zeros((6, 3), np.float32), labels=np.arange(6), short=np.arange(2))
+    specs = [InputSpec("x", np.dtype(np.float32), ("N", 3))]
+    source = NpzSource(path, specs, batch_size=4)
+    assert [set(feed) for feed in source] == [{"x"}, {"x"}]
+    carried = source.carrying(["labels"])
+    assert [feed["labels"].tolist() for feed in carried] == [[0, 1, 2, 3], [4, 5]]
+    assert [set(feed) for feed in source] == [{"x"}, {"x"}]  # the original is unchanged
+    with pytest.raises(InputError, match="'short' needs one entry per sample"):
+        source.carrying(["short"])
+    with pytest.raises(InputError, match=r"'absent'.*found none"):
+        source.carrying(["absent"])

@@ -14,6 +14,7 @@ import onnx_ir as ir
 import pytest
 
 from onnx_squeeze import zoo
+from onnx_squeeze.calibration import NpzSource
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import constant_array
 from onnx_squeeze.passes.base import PassContext, PassReport, make_pass
@@ -260,6 +261,29 @@ def test_labels_from_the_feeds_join_the_loss():
     report = _finetune(student, teacher, labelled, label_weight=1.0, steps=5)
     assert not any("distillation only" in note for note in report.notes)
     assert any(note.startswith("loss on the training data") for note in report.notes)
+
+
+def test_labels_from_an_npz_calibration_file_join_the_loss(tmp_path):
+    """An array named ``labels`` beside the inputs in the .npz changes what is trained; the
+    other passes never see it."""
+    pytest.importorskip("torch")
+    teacher, student = _mlp_student()
+    feeds = _feeds(teacher, 3, seed=1)
+    name = teacher.graph.inputs[0].name
+    path = tmp_path / "calib.npz"
+    labels = np.random.default_rng(0).integers(0, 10, size=48)
+    np.savez(path, **{name: np.concatenate([f[name] for f in feeds]), "labels": labels})
+    source = NpzSource(path, input_specs(teacher), batch_size=16)
+    assert all(set(feed) == {name} for feed in source)
+    trained = {}
+    for weight in (0.0, 1.0):
+        model = student.clone()
+        report = make_pass("finetune", {"label_weight": weight, "steps": 5})(
+            model, PassContext(calibration=source, teacher=teacher)
+        )
+        assert not any("distillation only" in n or "no labels" in n for n in report.notes)
+        trained[weight] = _weights(model)
+    assert any(not np.array_equal(trained[0.0][k], trained[1.0][k]) for k in trained[0.0])
 
 
 def test_guard_undoes_training_that_hurts():

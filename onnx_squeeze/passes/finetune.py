@@ -9,9 +9,10 @@ minibatches of calibration data to reproduce the teacher's outputs:
   KL(teacher_T || student_T)·T² at temperature ``temperature``;
 - every other float output (feature maps, hidden states, detection heads) contributes its mean
   squared error divided by the teacher output's variance, so outputs of any scale weigh alike;
-- when the calibration feeds carry labels under ``labels_key`` (a key that is not a model input,
-  e.g. from a reader's ``get_next()``) and ``label_weight`` > 0, the cross-entropy of the first
-  rank-2 output against them is added with that weight; without labels it is distillation only.
+- when the calibration feeds carry labels under ``labels_key`` (a key that is not a model input:
+  from a reader's ``get_next()``, or an array of that name in the ``.npz`` calibration files)
+  and ``label_weight`` > 0, the cross-entropy of the first rank-2 output against them is added
+  with that weight; without labels it is distillation only.
 
 Teacher outputs are computed once per calibration batch in onnxruntime and kept (only outputs,
 no activations); the calibration inputs read (``samples``) are held in memory as ``reconstruct``
@@ -31,8 +32,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.calibration import feeds_in_memory
-from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.calibration import NpzSource, feeds_in_memory
+from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.passes.base import Pass, PassContext, PassReport, register
 from onnx_squeeze.runtime import create_session, input_specs
@@ -199,8 +200,14 @@ class _Data:
 def _read_feeds(
     context: PassContext, teacher: ir.Model, settings: FinetuneSettings, report: PassReport
 ) -> list[Feed]:
+    source = context.calibration
+    if settings.label_weight > 0 and isinstance(source, NpzSource):
+        try:
+            source = source.carrying([settings.labels_key])
+        except InputError as error:
+            report.notes.append(f"no labels read: {error}")
     return feeds_in_memory(
-        context.calibration,
+        source,
         input_specs(teacher),
         settings.samples,
         seed=settings.seed,
