@@ -4,7 +4,7 @@ Per model: our static QDQ (``quantize_int8``) vs ``quantize_static`` (QDQ, per-c
 calibration data and method; our defaults as a third row), and our ``quantize_dynamic`` vs
 onnxruntime's. Each quantizer runs
 in its own subprocess (wall time and peak RSS at each calibration size); latency ratios vs FP32
-are timed interleaved at 1 and 2 threads; cosine and top-1 agreement vs FP32 on held-out inputs.
+are timed interleaved at 1 and 2 threads; cosine and top-1 agreement vs FP32 on 64 held-out inputs.
 
     python benchmarks/bench_quantize_int8.py --models resnet18 --samples 64 --runs 5
 """
@@ -130,7 +130,7 @@ def bench_model(name: str, samples: list[int], method: str, runs: int, folder: s
 def _quality(name: str, prepared: ir.Model, paths: list[str], runs: int) -> dict[str, list]:
     """Latency ratios vs FP32 (threads 1 and 2, interleaved), cosine and top-1 per model file."""
     models = [ir.load(path) for path in paths]
-    test = common.feeds(prepared, 16, seed=7, shapes=SHAPES.get(name))
+    test = common.feeds(prepared, 64, seed=7, shapes=SHAPES.get(name))
     ratios = []
     for threads in (1, 2):
         times = common.latency_ms([prepared, *models], test[0], threads, runs)

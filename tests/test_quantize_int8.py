@@ -551,13 +551,84 @@ def test_dynamic_quantization_fuses_on_transformer():
     weighted = [
         n for n in model.graph if n.op_type in ("MatMul", "Gemm") and n.inputs[1].const_value
     ]
-    assert len(report.changed) == len(weighted)
+    embeddings = [r.node for r in report.changed if r.op_type == "Gather"]
+    assert embeddings == ["embeddings.word_embeddings", "embeddings.position_embeddings"]
+    assert len(report.changed) == len(weighted) + len(embeddings)
     fused = optimized_ops(result)
     assert fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == len(weighted)
     assert [v.name for v in result.graph.outputs] == [v.name for v in model.graph.outputs]
     assert cosine(model, result, random_feeds(model, 2, seed=4)) > 0.99
     created = [n for n in result.graph if n.op_type == "MatMulInteger"]
     assert all(n.metadata_props["onnx_squeeze.source_node"] for n in created)
+
+
+def test_embedding_tables_are_stored_as_int8_rows():
+    """Word embeddings (rows of very different scale) and an embedding tied to the output
+    projection: INT8 rows with a scale each, within half a step per row; a Gather of a shape
+    and one of constant indices are left alone."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N, 5] ids) => (float[N, 5, 12] y, float[N, 5, 40] logits) {
+            emb = Gather (table, ids)
+            h = Relu (emb)
+            shape = Shape (h)
+            zero = Constant <value = int64 {0}> ()
+            batch = Gather (shape, zero)
+            two = Constant <value = int64[1] {2}> ()
+            first = Gather (table, two)
+            y = Add (h, first)
+            logits = MatMul (y, tied)
+        }"""
+    model = parse(text, seed=1, table=(40, 12))
+    table = model.graph.initializers["table"]
+    rows = table.const_value.numpy() * np.logspace(-3, 1, 40, dtype=np.float32)[:, None]
+    table.const_value = ir.tensor(rows, name="table")
+    tied = ir.Value(name="tied", const_value=ir.tensor(np.ascontiguousarray(rows.T), name="tied"))
+    model.graph.register_initializer(tied)
+    model.graph.node(-1).replace_input_with(1, tied)
+    result, report = quantize(model, "quantize_dynamic")
+    check(result)
+    assert {r.node: r.op_type for r in report.changed} == {"emb": "Gather", "logits": "MatMul"}
+    stored = {n: v.const_value.numpy() for n, v in result.graph.initializers.items()}
+    assert stored["emb.table_quantized"].dtype == np.int8
+    ids = np.random.default_rng(0).integers(0, 40, size=(3, 5)).astype(np.int64)
+    feed = {"ids": ids}
+    expected, got = run(model, feed)[0], run(result, feed)[0]
+    step = np.abs(rows).max(axis=1) / 127
+    assert np.all(np.abs(got - expected) <= step[ids][..., None] / 2 + 1e-6)
+
+
+def test_dynamic_weights_without_vnni_take_the_form_that_reproduces_them_best(monkeypatch):
+    """Without VNNI a per-column weight needs 7 bits; 8 bits per tensor are kept where they
+    reproduce the weight better (columns of like range), per column where ranges differ."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 16] x) => (float[N, 16] y) {
+            even = MatMul (x, w_even)
+            y = MatMul (even, w_uneven)
+        }"""
+    model = parse(text, seed=3, w_even=(16, 16), w_uneven=(16, 16))
+    uneven = model.graph.initializers["w_uneven"]
+    scaled = uneven.const_value.numpy() * np.logspace(-2, 0, 16, dtype=np.float32)
+    uneven.const_value = ir.tensor(scaled, name="w_uneven")
+    monkeypatch.setattr(quant_params, "cpu_has_vnni", lambda: False)
+    result, report = quantize(model, "quantize_dynamic")
+    check(result)
+    forms = {r.node: r.detail.split("weight ")[1].split(",")[0] for r in report.changed}
+    assert forms == {
+        "even": "int8 per tensor",
+        "y": f"{quant_params.weight_type(7).name} per column",
+    }
+    scales = {
+        n: v.const_value.numpy().shape
+        for n, v in result.graph.initializers.items()
+        if n.endswith("weight_scale")
+    }
+    assert scales == {"even.weight_scale": (), "y.weight_scale": (16,)}
+    assert cosine(model, result, random_feeds(model, 2, seed=4)) > 0.999
+    monkeypatch.setattr(quant_params, "cpu_has_vnni", lambda: True)
+    _, report = quantize(model, "quantize_dynamic")
+    assert {r.detail.split("weight ")[1].split(",")[0] for r in report.changed} == {
+        "int8 per column"
+    }
 
 
 # ---------------------------------------------------------------------------------------------
