@@ -225,6 +225,30 @@ def test_latency_target_prices_channels_by_measured_time(monkeypatch):
     check(pruned)
 
 
+def test_latency_target_is_planned_again_until_the_pruned_model_saves_it(monkeypatch):
+    """Times that fall less than linearly with channels (a fixed share per call, as narrow
+    layers keep): the first plan, priced linearly, saves too little when timed; the target is
+    raised until the pruned model, timed, saves what was asked."""
+    model = graph_model(TWO_BRANCHES)
+    sizes = {name: array.size for name, array in _initializers(model).items()}
+
+    def measure(model, feed, **_):
+        times = {}
+        for node in (n for n in model.graph if n.op_type == "Conv"):
+            weight = node.inputs[1].name
+            kept = node.inputs[1].const_value.numpy().size / sizes[weight]
+            times[node] = (10.0 if weight in ("wb", "wd") else 1.0) * (0.4 + 0.6 * kept)
+        return layer_times.LayerTimes(nodes=times, total=sum(times.values()))
+
+    monkeypatch.setattr(layer_times, "measure", measure)
+    pruned, report = _prune(model, latency_target=0.3, allocation="uniform", round_to=1)
+    check(pruned)
+    before, after = measure(model, None).total, measure(pruned, None).total
+    assert 1 - after / before >= 0.29
+    note = next(n for n in report.notes if "the pruned model takes" in n)
+    assert "planned for" in note, note
+
+
 def test_latency_target_on_a_measured_model():
     model = zoo_model("mobilenetv2", True)
     pruned, report = _prune(model, latency_target=0.3, allocation="uniform")
