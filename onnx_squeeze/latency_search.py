@@ -33,10 +33,12 @@ class SplitTiming:
     median_ms: float
 
 
-def _timings(
-    build: Callable[[int], ir.Model], splits: list[int], feed: Mapping[str, np.ndarray]
-) -> list[SplitTiming]:
-    sessions = [runtime.create_session(build(k), threads=1) for k in splits]
+def median_times(
+    models: list[ir.Model], feed: Mapping[str, np.ndarray], provider: str = "cpu"
+) -> list[float]:
+    """Median milliseconds per run of each model on ``feed`` (the inputs each one has), timed
+    interleaved on one thread within about ``ROUND_BUDGET_S``."""
+    sessions = [runtime.create_session(model, provider, threads=1) for model in models]
     names = [{i.name for i in s.get_inputs()} for s in sessions]
     feeds = [{k: v for k, v in feed.items() if k in wanted} for wanted in names]
     round_s = 0.0  # one timed sample of each: a single run, or a burst of at least BURST_S
@@ -45,8 +47,14 @@ def _timings(
         session.run(None, data)
         round_s += max(time.perf_counter() - start, comparison.BURST_S)
     runs = int(np.clip(ROUND_BUDGET_S / round_s, MIN_RUNS, MAX_RUNS))
-    measured = comparison.latency(sessions, feeds, warmup=2, runs=runs)
-    return [SplitTiming(k, m.median_ms) for k, m in zip(splits, measured, strict=True)]
+    return [m.median_ms for m in comparison.latency(sessions, feeds, warmup=2, runs=runs)]
+
+
+def _timings(
+    build: Callable[[int], ir.Model], splits: list[int], feed: Mapping[str, np.ndarray]
+) -> list[SplitTiming]:
+    times = median_times([build(k) for k in splits], feed)
+    return [SplitTiming(k, ms) for k, ms in zip(splits, times, strict=True)]
 
 
 def _choice(timings: list[SplitTiming]) -> SplitTiming:

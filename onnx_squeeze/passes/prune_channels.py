@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze import analysis, layer_times, runtime
+from onnx_squeeze import analysis, latency_search, layer_times, runtime
 from onnx_squeeze.calibration import RandomSource, StatisticsCollector, TensorStatistics
 from onnx_squeeze.channel_groups import (
     ChannelAnalysis,
@@ -551,7 +551,7 @@ class _Costs:
 
 # How often a latency plan is made again for a corrected target, and how far the pruned model's
 # measured saving may fall short of the target or exceed it.
-_LATENCY_CORRECTIONS = 3
+_LATENCY_CORRECTIONS = 6
 _LATENCY_TOLERANCE = 0.01
 _LATENCY_OVERSHOOT = 0.03
 
@@ -572,16 +572,17 @@ class _Timing:
         self.original = layer_times.measure(model, self.feed, provider=self.provider)
 
     def removed(self, plan: Mapping[int, np.ndarray]) -> float | None:
-        """Share of the time that a copy pruned by ``plan`` saves, measured (None when the
-        copy's channel groups do not match the model's)."""
+        """Share of the time that a copy pruned by ``plan`` saves: both timed whole, interleaved
+        on one thread, as a deployment runs them (None when the copy's channel groups do not
+        match the model's)."""
         pruned = self.model.clone()
         channels = analyze_channels(pruned, split_heads=self.settings.split_heads)
         groups = {g.id: g.channels for g in channels.groups}
         if any(groups.get(g) is None or groups[g] < len(kept) for g, kept in plan.items()):
             return None
         _Rewriter(pruned, channels, dict(plan), "remove", {}, PassReport("probe")).run()
-        times = layer_times.measure(pruned, self.feed, provider=self.provider)
-        return 1 - times.total / self.original.total
+        before, after = latency_search.median_times([self.model, pruned], self.feed, self.provider)
+        return 1 - after / before
 
     def corrected(
         self,
@@ -590,44 +591,50 @@ class _Timing:
         report: PassReport,
     ) -> dict[int, np.ndarray]:
         """The plan whose pruned model, timed, saves the target or just over it. Time does not
-        fall linearly with channels (narrow layers keep their per-call overhead), so the linear
-        estimate misjudges what pruning saves: the target the plan is made for is corrected,
-        in proportion to the measured shortfall or excess, then between the nearest plans
-        under and over it."""
+        fall linearly with channels (narrow layers keep their per-call overhead, SIMD blocks
+        round channels up), so the linear estimate misjudges what pruning saves: the target the
+        plan is made for is corrected in proportion to the measured shortfall or excess (at
+        most by half at a time), then by bisection between the nearest plans under and over.
+        Without a plan in tolerance, the one closest to the target is kept."""
         goal = self.settings.latency_target
         achieved = self.removed(plan)
         if achieved is None:
             return plan
         tried = [(goal, achieved, plan)]  # (target planned for, time saved, plan)
         for _ in range(_LATENCY_CORRECTIONS):
-            under = [t for t in tried if t[1] < goal - _LATENCY_TOLERANCE]
-            over = [t for t in tried if t[1] >= goal - _LATENCY_TOLERANCE]
-            if over and min(t[1] for t in over) <= goal + _LATENCY_OVERSHOOT:
+            if any(_in_tolerance(t[1], goal) for t in tried):
                 break
-            if under and over:  # between the nearest plans on each side
-                low, high = max(under, key=lambda t: t[1]), min(over, key=lambda t: t[1])
-                asked = low[0] + (high[0] - low[0]) * (goal - low[1]) / (high[1] - low[1])
-            else:  # savings grow about in proportion to the target planned for
+            under = [t for t in tried if t[1] < goal]
+            over = [t for t in tried if t[1] > goal]
+            if under and over:
+                low, high = max(under, key=lambda t: t[0]), min(over, key=lambda t: t[0])
+                asked = (low[0] + high[0]) / 2
+            else:
                 last = tried[-1]
-                asked = last[0] * goal / max(last[1], goal / 4)
-            asked = min(0.95, max(0.0, asked))
+                factor = min(1.5, max(2 / 3, goal / max(last[1], 1e-6)))
+                asked = min(0.95, last[0] * factor)
             again = replan(asked)
-            if any(_same_plan(again, t[2]) for t in tried):
-                break
-            measured = self.removed(again)
+            known = [t[1] for t in tried if _same_plan(again, t[2])]
+            measured = known[0] if known else self.removed(again)
             if measured is None:
                 break
-            tried.append((asked, measured, again))
-        over = [t for t in tried if t[1] >= goal - _LATENCY_TOLERANCE]
+            tried.append((asked, measured, again))  # a known plan: its target moves on
+        fitting = [t for t in tried if _in_tolerance(t[1], goal)]
         asked, achieved, plan = (
-            min(over, key=lambda t: t[1]) if over else max(tried, key=lambda t: t[1])
+            min(fitting, key=lambda t: t[1])
+            if fitting
+            else min(tried, key=lambda t: abs(t[1] - goal))
         )
         planned = f", planned for {asked:.0%}" if abs(asked - goal) > 1e-9 else ""
         report.notes.append(
             f"latency target {goal:.0%}: the pruned model takes {achieved:.1%} less time "
-            f"(onnxruntime kernels, batch {self.settings.latency_batch}, 1 thread{planned})"
+            f"(timed at batch {self.settings.latency_batch}, 1 thread{planned})"
         )
         return plan
+
+
+def _in_tolerance(achieved: float, goal: float) -> bool:
+    return goal - _LATENCY_TOLERANCE <= achieved <= goal + _LATENCY_OVERSHOOT
 
 
 def _same_plan(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray]) -> bool:
