@@ -18,6 +18,11 @@ the target is met, in rounds that are measured again on top of the channels alre
 Groups whose channels matter more than they cost (residual streams read by many layers) are
 thus pruned less than one uniform ratio would. Its cost is (groups x 3 x batches x rounds)
 inferences; ``allocation: uniform`` is the cheap one-ratio alternative.
+
+A latency target prices channels by time instead: each node's time from onnxruntime's profiler
+(:mod:`onnx_squeeze.layer_times`) scales with its kept channels as MACs would. That estimate
+misjudges narrow layers, so the plan is checked: the pruned model is timed beside the original
+and the plan made again for a corrected target until it saves what was asked.
 """
 
 from __future__ import annotations
