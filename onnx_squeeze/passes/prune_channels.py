@@ -278,9 +278,9 @@ class PruneChannelsSettings:
     of the channels already removed in each of ``sensitivity_rounds`` parts) or ``uniform`` (one
     ratio for every group). ``split_heads`` follows channels through the Reshapes that split
     them into attention heads, so the head size shrinks (same in every head; queries and keys
-    together). ``latency_target``: share of the model's measured time to remove instead of
-    MACs; each node's time (onnxruntime's profiler, ``latency_batch`` samples, 1 thread) is
-    taken to shrink with its kept channels as its MACs would."""
+    together). ``latency_target``: share of the model's time (``latency_batch`` samples, 1
+    thread) to remove instead of MACs: channels priced by each node's profiled time, the plan
+    checked by timing the pruned model and made again until it saves the target."""
 
     mode: str = "remove"
     criterion: str = "l1"
