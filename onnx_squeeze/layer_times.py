@@ -74,7 +74,12 @@ def _owner(
     """The original node a profiled node derives from, or None."""
     base = _DERIVED_NAME.sub("", name)
     node = next(
-        (found for key in (name, base) for found in (nodes.get(key), producers.get(key)) if found),
+        (
+            found
+            for key in (name, base)
+            for found in (nodes.get(key), producers.get(key))
+            if found is not None
+        ),
         None,
     )
     if node is not None and kernel in _PRODUCT_KERNELS and node.op_type not in _PRODUCTS:
