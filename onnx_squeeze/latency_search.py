@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from onnx_squeeze import comparison, runtime
 
@@ -34,11 +35,17 @@ class SplitTiming:
 
 
 def median_times(
-    models: list[ir.Model], feed: Mapping[str, np.ndarray], provider: str = "cpu"
+    models: Sequence[ir.Model | ort.InferenceSession],
+    feed: Mapping[str, np.ndarray],
+    provider: str = "cpu",
 ) -> list[float]:
     """Median milliseconds per run of each model on ``feed`` (the inputs each one has), timed
-    interleaved on one thread within about ``ROUND_BUDGET_S``."""
-    sessions = [runtime.create_session(model, provider, threads=1) for model in models]
+    interleaved on one thread within about ``ROUND_BUDGET_S``. A model may be given as a
+    session made with ``threads=1``, so one timed often is loaded once."""
+    sessions = [
+        m if isinstance(m, ort.InferenceSession) else runtime.create_session(m, provider, threads=1)
+        for m in models
+    ]
     names = [{i.name for i in s.get_inputs()} for s in sessions]
     feeds = [{k: v for k, v in feed.items() if k in wanted} for wanted in names]
     round_s = 0.0  # one timed sample of each: a single run, or a burst of at least BURST_S

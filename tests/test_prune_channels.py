@@ -215,8 +215,8 @@ def _fake_timing(monkeypatch, model: ir.Model, slow: set[str], fixed: float):
             times[node] = (10.0 if weight in slow else 1.0) * (fixed + (1 - fixed) * kept)
         return layer_times.LayerTimes(nodes=times, total=sum(times.values()))
 
-    def median_times(models, feed, provider="cpu"):
-        return [measure(m, feed).total for m in models]
+    def median_times(models, feed, provider="cpu"):  # a session stands for the original
+        return [measure(m if isinstance(m, ir.Model) else model, feed).total for m in models]
 
     monkeypatch.setattr(layer_times, "measure", measure)
     monkeypatch.setattr(latency_search, "median_times", median_times)

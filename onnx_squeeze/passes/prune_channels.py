@@ -566,15 +566,15 @@ class _Timing:
     (random data when none) resized to ``latency_batch`` samples."""
 
     def __init__(self, model: ir.Model, context: PassContext, settings: PruneChannelsSettings):
-        batch = settings.latency_batch
+        batch, specs = settings.latency_batch, runtime.input_specs(model)
         if context.calibration is not None:
             first = next(iter(context.calibration))
-            self.feed = {name: _resized(array, batch) for name, array in first.items()}
+            self.feed = {s.name: _resized(first[s.name], batch) for s in specs if s.name in first}
         else:
-            specs = runtime.input_specs(model)
             self.feed = next(iter(RandomSource(specs, count=batch, seed=1, batch_size=batch)))
         self.model, self.settings, self.provider = model, settings, context.providers[0]
         self.original = layer_times.measure(model, self.feed, provider=self.provider)
+        self.session = runtime.create_session(model, self.provider, threads=1)
 
     def removed(self, plan: Mapping[int, np.ndarray]) -> float | None:
         """Share of the time that a copy pruned by ``plan`` saves: both timed whole, interleaved
@@ -586,7 +586,9 @@ class _Timing:
         if any(groups.get(g) is None or groups[g] < len(kept) for g, kept in plan.items()):
             return None
         _Rewriter(pruned, channels, dict(plan), "remove", {}, PassReport("probe")).run()
-        before, after = latency_search.median_times([self.model, pruned], self.feed, self.provider)
+        before, after = latency_search.median_times(
+            [self.session, pruned], self.feed, self.provider
+        )
         return 1 - after / before
 
     def corrected(

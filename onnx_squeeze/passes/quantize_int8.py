@@ -160,6 +160,9 @@ class QuantizeInt8Settings:
     speed_batch: int = 1  # the batch the speed check times, for inputs with a free batch size
 
 
+DYNAMIC_OPS = ("MatMul", "Gemm", "Gather")
+
+
 @dataclasses.dataclass
 class QuantizeDynamicSettings:
     per_channel: bool = True
@@ -168,9 +171,6 @@ class QuantizeDynamicSettings:
     exclude: list[str] = dataclasses.field(default_factory=list)
     op_types: list[str] = dataclasses.field(default_factory=lambda: list(DYNAMIC_OPS))
     exclude_op_types: list[str] = dataclasses.field(default_factory=list)
-
-
-DYNAMIC_OPS = ("MatMul", "Gemm", "Gather")
 
 
 def _static_weight_type(settings: QuantizeInt8Settings, node: ir.Node) -> IntType:
@@ -1218,17 +1218,16 @@ def _dynamic_problem(node: ir.Node) -> str | None:
     return None
 
 
-# A Gather that reads no embedding table (shape arithmetic, token picking) is passed over
-# without a note.
-_NOT_AN_EMBEDDING = "not an embedding table"
+def _is_embedding(node: ir.Node) -> bool:
+    """A Gather of rows from a constant matrix by indices known at run time only (not shape
+    arithmetic or token picking, which are passed over without a note)."""
+    table = constant_array(node.inputs[0])
+    return table is not None and table.ndim == 2 and constant_array(node.inputs[1]) is None
 
 
 def _embedding_problem(node: ir.Node) -> str | None:
-    """Why a Gather cannot get an INT8 table, or None."""
-    table = constant_array(node.inputs[0])
-    if table is None or table.ndim != 2 or constant_array(node.inputs[1]) is not None:
-        return _NOT_AN_EMBEDDING
-    if table.dtype != np.float32:
+    """Why an embedding table cannot be stored as INT8, or None."""
+    if constant_array(node.inputs[0]).dtype != np.float32:
         return "embedding table is not float32"
     if attribute(node, "axis", 0) != 0:
         return "Gather along the columns of the table"
@@ -1262,10 +1261,11 @@ def _dynamic_weight(node: ir.Node) -> np.ndarray:
 
 
 def _dynamic_replacement(
-    writer: _Writer, node: ir.Node, weight: np.ndarray, qtype: IntType, axis: int | None
+    writer: _Writer, node: ir.Node, qtype: IntType, axis: int | None
 ) -> list[ir.Node]:
     """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (scales) [-> Add bias] for
-    ``node`` with its [K, N] ``weight``; onnxruntime fuses it into DynamicQuantizeMatMul."""
+    ``node``; onnxruntime fuses it into DynamicQuantizeMatMul."""
+    weight = np.ascontiguousarray(_dynamic_weight(node))
     quantized, scale, zero_point = quant_params.quantize_weight(weight, axis, qtype)
     prefix = node.name
     w_value = writer.constant(f"{prefix}.weight_quantized", quantized, qtype.dtype)
@@ -1314,25 +1314,23 @@ class QuantizeDynamic(Pass):
         _infer_types(model)
         selection = _selection(self.settings)
         writer = _Writer(model, self.name)
+        qtype, axis = _dynamic_weight_form(self.settings)
+        where = "per column" if axis is not None else "per tensor"
         for node in list(model.graph):
             if node.op_type not in DYNAMIC_OPS or node.domain not in ("", "ai.onnx"):
                 continue
             embedding = node.op_type == "Gather"
+            if embedding and not _is_embedding(node):
+                continue
             problem = _embedding_problem if embedding else _dynamic_problem
-            reason = problem(node)
-            if reason != _NOT_AN_EMBEDDING:
-                reason = selection.reason_to_skip(node) or reason
+            reason = selection.reason_to_skip(node) or problem(node)
             if reason:
-                if reason != _NOT_AN_EMBEDDING:
-                    report.skip(node, reason)
+                report.skip(node, reason)
                 continue
             if embedding:
                 nodes, detail = _embedding_replacement(writer, node)
             else:
-                weight = np.ascontiguousarray(_dynamic_weight(node))
-                qtype, axis = _dynamic_weight_form(self.settings)
-                nodes = _dynamic_replacement(writer, node, weight, qtype, axis)
-                where = "per column" if axis is not None else "per tensor"
+                nodes = _dynamic_replacement(writer, node, qtype, axis)
                 detail = f"dynamic: weight {qtype.name} {where}, uint8 activations at run time"
             last = nodes[-1].outputs[0]
             last.dtype, last.shape = node.outputs[0].dtype, node.outputs[0].shape
