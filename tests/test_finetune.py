@@ -4,6 +4,7 @@ quantized models are skipped untouched, and without PyTorch the pass says how to
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -286,6 +287,54 @@ def test_labels_from_an_npz_calibration_file_join_the_loss(tmp_path):
     assert any(not np.array_equal(trained[0.0][k], trained[1.0][k]) for k in trained[0.0])
 
 
+def test_unset_learning_rate_is_chosen_by_held_out_loss_after_trials(monkeypatch):
+    """Each rate trains from the same start (trials leave the weights as they were), the lowest
+    held-out loss wins, and the full run then trains at that rate."""
+    pytest.importorskip("torch")
+    from onnx_squeeze.passes import finetune
+
+    teacher, student = _mlp_student()
+    feeds = _feeds(teacher, 4, seed=1)
+    trials, starts, full = [], [], []
+    train = finetune._Trainer.train
+
+    def recording_train(self, data, batch, rate, steps):
+        starts.append([p.detach().clone() for p in self.parameters])
+        (trials if steps < 10 else full).append(rate)
+        train(self, data, batch, rate, steps)
+
+    monkeypatch.setattr(finetune._Trainer, "train", recording_train)
+    report = _finetune(student, teacher, feeds, steps=10)
+
+    assert trials == list(finetune.LEARNING_RATES)
+    for start in starts[1:]:
+        for a, b in zip(starts[0], start, strict=True):
+            assert bool((a == b).all())
+    note = next(n for n in report.notes if n.startswith("learning rate"))
+    losses = {
+        float(k): float(v) for k, v in (p.split(": ") for p in note.split("trials ")[1].split(", "))
+    }
+    assert full == [min(losses, key=losses.__getitem__)]
+    assert note.startswith(f"learning rate {full[0]:g},")
+
+
+def test_given_learning_rate_skips_the_trials():
+    pytest.importorskip("torch")
+    teacher, student = _mlp_student()
+    report = _finetune(student, teacher, _feeds(teacher, 3, seed=1), steps=5, learning_rate=1e-3)
+    assert not any(n.startswith("learning rate") for n in report.notes)
+
+
+def test_rate_warms_up_then_decays_to_zero():
+    from onnx_squeeze.passes.finetune import _one_cycle
+
+    factors = [_one_cycle(step, 100) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
+    assert factors[-1] < 0.001
+    assert _one_cycle(0, 1) == 1.0  # a single step trains at the full rate
+
+
 def test_guard_undoes_training_that_hurts():
     pytest.importorskip("torch")
     teacher, student = _mlp_student()
@@ -355,6 +404,12 @@ def test_bad_settings_say_how_to_fix():
         make_pass("finetune", {"train": "weights"})
     with pytest.raises(SettingsError, match="held_out must be in"):
         make_pass("finetune", {"held_out": 1.0})
+    with pytest.raises(SettingsError, match="learning_rate must be > 0"):
+        make_pass("finetune", {"learning_rate": 0})
+    with pytest.raises(SettingsError, match="learning_rate must be a number, got 'fast'"):
+        make_pass("finetune", {"learning_rate": "fast"})
+    # YAML reads 1e-3 (no dot) as text: a float setting takes it as the number
+    assert make_pass("finetune", {"learning_rate": "1e-3"}).settings.learning_rate == 1e-3
 
 
 def test_without_torch_the_pass_says_how_to_install_it(monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
+import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -114,6 +115,7 @@ class Pass(abc.ABC):
                 f"pass {self.name!r} has no setting {', '.join(unknown)}; "
                 f"its settings are: {', '.join(sorted(fields)) or 'none'}"
             )
+        settings = _numbers_read(self.name, self.Settings, settings)
         try:
             self.settings = self.Settings(**settings)
         except (TypeError, ValueError) as error:
@@ -133,6 +135,23 @@ class Pass(abc.ABC):
     @abc.abstractmethod
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         """Rewrite ``model`` in place and add records to ``report``."""
+
+
+def _numbers_read(name: str, kind: type, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with text given for a float-only setting read as a number: YAML reads
+    ``1e-3`` (no dot) as text, so ``--pass finetune:learning_rate=1e-3`` arrives as a string."""
+    hints = typing.get_type_hints(kind)
+    read = dict(settings)
+    for key, value in settings.items():
+        allowed = typing.get_args(hints[key]) or (hints[key],)
+        if isinstance(value, str) and float in allowed and str not in allowed:
+            try:
+                read[key] = float(value)
+            except ValueError:
+                raise SettingsError(
+                    f"pass {name!r}: {key} must be a number, got {value!r}"
+                ) from None
+    return read
 
 
 PASS_REGISTRY: dict[str, type[Pass]] = {}
