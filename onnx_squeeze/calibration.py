@@ -23,7 +23,7 @@ import os
 import struct
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -1304,21 +1304,31 @@ class StatisticsCollector:
 
     def _reduced(
         self, wanted: Mapping[str, stat_graph.Wanted]
-    ) -> tuple[Any, list[str], dict[str, stat_graph.Reduction]]:
-        """A session on the reduced copy, its output names and the reductions."""
-        model, reductions = stat_graph.reduced_model(self._model, wanted)
+    ) -> tuple[Any, list[str], dict[str, stat_graph.Reduction], dict[str, stat_graph.Derived]]:
+        """A session on the reduced copy, its output names, the reductions and the tensors
+        whose statistics derive from them."""
+        derived = stat_graph.derived(self._model, wanted)
+        reduced = {name: want for name, want in wanted.items() if name not in derived}
+        model, reductions = stat_graph.reduced_model(self._model, reduced, leave_out=derived)
         outputs = [value.name for value in model.graph.outputs]
-        return self._session(model, optimization="all"), outputs, reductions
+        return self._session(model, optimization="all"), outputs, reductions, derived
 
     def _count(
         self,
         statistics: TensorStatistics,
         results: Mapping[str, np.ndarray],
         reduction: stat_graph.Reduction,
+        function: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
+        """Take in one run's reductions of a tensor, or of the source it derives from through
+        the non-decreasing ``function``."""
         low, high = float(results[reduction.low]), float(results[reduction.high])
         sample = results[reduction.sample] if reduction.sample else None
         means = results[reduction.means] if reduction.means else None
+        if function is not None:
+            low, high = float(function(low)), float(function(high))
+            sample = None if sample is None else np.asarray(function(sample), np.float32)
+            means = None
         statistics.update_reduced((low, high), int(results[reduction.count]), sample, means)
 
     def _new_statistics(self, name: str, rank: int) -> TensorStatistics:
@@ -1351,7 +1361,7 @@ class StatisticsCollector:
         if progress:
             batches = track(batches, f"statistics ({label})", total=_batch_total(source, limit))
         session = self._session(self._model) if self._model is not None else None
-        outputs, reductions = self._outputs, {}
+        outputs, reductions, derived = self._outputs, {}, {}
         runs = _Runs(batches, self._batched)
         statistics: dict[str, TensorStatistics] = {}
         for index, feed in runs:
@@ -1376,12 +1386,15 @@ class StatisticsCollector:
                 if wanted:  # this run again, reduced, so every run counts alike
                     session = None  # one session at a time: each holds its own weight copies
                     arrays.clear()  # nor its whole tensors while the next one loads
-                    session, outputs, reductions = self._reduced(wanted)
+                    session, outputs, reductions, derived = self._reduced(wanted)
                     arrays = {name: feed[name] for name in self._fed}
                     arrays.update(zip(outputs, session.run(outputs, feed), strict=True))
             for name in self.names:
                 if name in reductions:
                     self._count(statistics[name], arrays, reductions[name])
+                elif name in derived:
+                    source, function = derived[name].source, derived[name].function
+                    self._count(statistics[name], arrays, reductions[source], function)
                 else:
                     statistics[name].update(arrays.pop(name))  # released once it is counted
         if not statistics:

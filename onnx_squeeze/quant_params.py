@@ -182,6 +182,28 @@ def quantize_weight(
     return quantize(weight, scale, zero_point, qtype, axis), scale, zero_point
 
 
+def pair_bounded_scale(weight: np.ndarray, axis: int | None) -> np.ndarray:
+    """INT8 scales for a [K, N] weight (per column when ``axis`` is 1, else one) at which the
+    integer weights of rows 2i and 2i+1 of a column, when of one sign, add up to at most 128.
+
+    x86 u8*s8 kernels without VNNI (vpmaddubsw) add those two products in 16 bits with
+    saturation, so 255 * (|q1| + |q2|) must stay within 32767. Rounding adds at most one step to
+    a pair scaled to 127, and a weight alone never exceeds its pair: the step is never coarser
+    than 7 bits (largest / 63.5) and close to 8 where the large weights stand apart.
+    """
+    rows = weight.astype(np.float32)
+    if rows.shape[0] % 2:
+        rows = np.vstack([rows, np.zeros((1, rows.shape[1]), np.float32)])
+    first, second = rows[0::2], rows[1::2]
+    pairs = np.where(
+        first * second > 0,
+        np.abs(first) + np.abs(second),
+        np.maximum(np.abs(first), np.abs(second)),
+    )
+    bound = pairs.max(axis=0, initial=0.0) if axis == 1 else pairs.max(initial=0.0)
+    return np.where(bound > 0, bound / INT8.qmax, 1.0).astype(np.float32)
+
+
 def largest_magnitude(array: np.ndarray, axis: int | None) -> np.ndarray:
     """The largest absolute value per slice along ``axis`` (a scalar when None; 0 if empty)."""
     others = None if axis is None else tuple(a for a in range(array.ndim) if a != axis % array.ndim)

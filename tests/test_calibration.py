@@ -713,6 +713,75 @@ def test_reduced_collection_matches_whole_tensors(opset):
     assert found["x"].histogram.total == whole["x"].histogram.total  # a fed input stays whole
 
 
+DERIVING = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4, 6, 6] x, float hi) => (float[N, 4, 6, 6] y, float[N, 4, 6, 6] z) {
+        c = Add (x, x)
+        s = Sigmoid (c)
+        m = Mul (c, s)
+        r = Relu (m)
+        t = Tanh (r)
+        lo = Constant <value = float {-0.5}> ()
+        top = Constant <value = float {0.5}> ()
+        k = Clip (m, lo, top)
+        free = Clip (m, lo, hi)
+        l = LeakyRelu <alpha = 0.1> (m)
+        h = HardSigmoid (l)
+        flip = LeakyRelu <alpha = -1.0> (m)
+        y = Add (t, h)
+        z = Add (k, free)
+    }"""
+
+
+def test_outputs_of_non_decreasing_ops_derive_from_their_input(monkeypatch):
+    """Sigmoid, Relu, Tanh (chained after Relu), Clip with constant bounds, LeakyRelu and
+    HardSigmoid outputs are left out of the reduced model: the op applied to its input's
+    extremes and sample gives what reducing them gives. A Clip with a bound known at run time,
+    a decreasing LeakyRelu and a tensor whose channel means are asked are reduced."""
+    model = parse(DERIVING)
+    names = ["c", "s", "m", "r", "t", "k", "free", "l", "h", "flip"]
+    wanted = {name: stat_graph.Wanted(rank=4, step=7) for name in names}
+    wanted["l"] = stat_graph.Wanted(rank=4, step=7, channel_axis=1)
+    found = stat_graph.derived(model, wanted)
+    assert {name: d.source for name, d in found.items()} == {
+        "s": "c",
+        "r": "m",
+        "t": "m",
+        "k": "m",
+        "h": "l",
+    }
+    assert found["t"].function(np.array([-1.0, 2.0])) == pytest.approx([0.0, np.tanh(2.0)])
+
+    rng = np.random.default_rng(3)
+    source = [
+        {"x": rng.standard_normal((2, 4, 6, 6)).astype(np.float32), "hi": np.array(0.3, np.float32)}
+        for _ in range(5)
+    ]
+    keep = ("minmax", "histogram")
+    left_out = []
+    reduced_model = stat_graph.reduced_model
+
+    def recording(model, wanted, leave_out=()):
+        left_out.append(set(leave_out))
+        return reduced_model(model, wanted, leave_out)
+
+    monkeypatch.setattr(stat_graph, "reduced_model", recording)
+    derived = StatisticsCollector(model, names, keep=keep, sample_values=20)
+    found = derived.collect(source, progress=False)
+    monkeypatch.setattr(stat_graph, "derived", lambda model, wanted: {})
+    reduced = StatisticsCollector(model, names, keep=keep, sample_values=20)
+    expected = reduced.collect(source, progress=False)
+    assert left_out == [{"s", "r", "t", "k", "l", "h"}, set()]
+    for name in names:
+        a, b = found[name], expected[name]
+        np.testing.assert_allclose(
+            [a.minmax.min, a.minmax.max], [b.minmax.min, b.minmax.max], rtol=1e-6, atol=1e-7
+        )
+        assert a.minmax.count == b.minmax.count and a.histogram.total == b.histogram.total
+        for q in (0.1, 0.5, 0.9):
+            width = (b.minmax.max - b.minmax.min) / 100
+            assert abs(a.histogram.quantile(q) - b.histogram.quantile(q)) <= width
+
+
 def test_reduced_collection_keeps_whole_tensors_where_it_must():
     """Tensors with full channel statistics, and tensors that are not float, are returned
     whole next to the reduced ones."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import platform
 import tempfile
 
 import numpy as np
@@ -597,28 +598,80 @@ def test_embedding_tables_are_stored_as_int8_rows():
     assert np.all(np.abs(got - expected) <= step[ids][..., None] / 2 + 1e-6)
 
 
-def test_dynamic_weights_take_7_bits_without_vnni(monkeypatch):
-    """Without VNNI u8s8 pairs overflow 16 bits with 8-bit weights, per column or per tensor
-    (a ViT lost its cosine to 0.85 with 8 bits per tensor): 7 bits there, 8 with VNNI."""
+def _same_sign_pair_sums(quantized: np.ndarray) -> np.ndarray:
+    """|q[2i]| + |q[2i+1]| of each same-sign pair along K of an integer [K, N] weight."""
+    q = quantized.astype(np.int64)
+    first, second = q[0::2], q[1 : len(q) : 2]
+    first = first[: len(second)]
+    return np.where(first * second > 0, np.abs(first) + np.abs(second), 0)
+
+
+def test_dynamic_weights_bound_u8s8_pairs_without_vnni(monkeypatch):
+    """Without VNNI, x86 kernels add the products of weights 2i and 2i+1 in 16 bits with
+    saturation (a ViT lost its cosine to 0.85 with plain 8-bit weights): every same-sign pair
+    stays within 128 steps, so 255 x 128 fits, at a step finer than 7 bits; with VNNI plain
+    8 bits."""
     text = """<ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, 16] x) => (float[N, 16] y) {
+        g (float[N, 17] x) => (float[N, 16] y) {
             h = MatMul (x, w1)
             y = MatMul (h, w2)
         }"""
-    model = parse(text, seed=3, w1=(16, 16), w2=(16, 16))
+    model = parse(text, seed=3, w1=(17, 16), w2=(16, 16))  # K odd: the last row pairs with 0
 
     def forms(**settings):
         result, report = quantize(model, "quantize_dynamic", **settings)
         check(result)
-        assert cosine(model, result, random_feeds(model, 2, seed=4)) > 0.98  # 7-8 bits, 2 layers
-        return {r.detail.split("weight ")[1].split(",")[0] for r in report.changed}
+        assert cosine(model, result, random_feeds(model, 2, seed=4)) > 0.98
+        forms = {r.detail.split("weight ")[1].split(",")[0] for r in report.changed}
+        return forms, result
 
-    seven = quant_params.weight_type(7).name
     monkeypatch.setattr(quant_params, "cpu_has_vnni", lambda: False)
-    assert forms() == {f"{seven} per column"}
-    assert forms(per_channel=False) == {f"{seven} per tensor"}
+    for per_channel, where in ((True, "per column"), (False, "per tensor")):
+        found, result = forms(per_channel=per_channel)
+        assert found == {f"int8 pair-bounded {where}"}
+        for node in ("h", "y"):
+            q = result.graph.initializers[f"{node}.weight_quantized"].const_value.numpy()
+            assert _same_sign_pair_sums(q).max() <= 128
+            largest = np.abs(q).max(axis=0 if per_channel else None)
+            assert np.all(largest >= 64)  # never coarser than 7 bits
     monkeypatch.setattr(quant_params, "cpu_has_vnni", lambda: True)
-    assert forms() == {"int8 per column"}
+    assert forms()[0] == {"int8 per column"}
+
+
+def _dynamic_matmul_exact(result: ir.Model, x: np.ndarray) -> np.ndarray:
+    """The single dynamic MatMul of ``result`` computed exactly from its integer operands."""
+    weights = result.graph.initializers
+    q = weights["y.weight_quantized"].const_value.numpy().astype(np.float64)
+    w_scale = weights["y.weight_scale"].const_value.numpy().astype(np.float64)
+    x_scale = (max(x.max(), 0.0) - min(x.min(), 0.0)) / 255
+    x_zero = np.clip(np.rint(-min(x.min(), 0.0) / x_scale), 0, 255)
+    x_q = np.clip(np.rint(x / np.float32(x_scale)) + x_zero, 0, 255)
+    return ((x_q - x_zero) @ q) * (np.float32(x_scale) * w_scale)
+
+
+def test_pair_bounded_weights_run_exactly_in_onnxruntime(monkeypatch):
+    """Positive weights of like size (every pair along K large and of one sign) times inputs
+    at the top of their range: onnxruntime's result is the exact product of the quantized
+    operands. Plain 8-bit weights saturate there on x86 CPUs without VNNI."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 64] x) => (float[N, 16] y) {
+            y = MatMul (x, w)
+        }"""
+    model = parse(text, seed=0, w=(64, 16))
+    rng = np.random.default_rng(0)
+    weight = rng.uniform(0.5, 1.0, size=(64, 16)).astype(np.float32)
+    model.graph.initializers["w"].const_value = ir.tensor(weight, name="w")
+    x = rng.uniform(0.9, 1.0, size=(4, 64)).astype(np.float32)
+    monkeypatch.setattr(quant_params, "cpu_has_vnni", lambda: False)
+    bounded, _ = quantize(model, "quantize_dynamic")
+    exact = _dynamic_matmul_exact(bounded, x)
+    np.testing.assert_allclose(run(bounded, {"x": x})[0], exact, rtol=1e-5)
+    plain, _ = quantize(model, "quantize_dynamic", weight_bits=8)
+    error = np.abs(run(plain, {"x": x})[0] - _dynamic_matmul_exact(plain, x)).max()
+    saturates = platform.machine().lower() in ("x86_64", "amd64")
+    monkeypatch.undo()
+    if saturates and not quant_params.cpu_has_vnni():
+        assert error > 0.01 * np.abs(exact).max()  # the overflow this form avoids
 
 
 # ---------------------------------------------------------------------------------------------

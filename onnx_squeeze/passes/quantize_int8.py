@@ -191,19 +191,34 @@ def _static_weight_type(settings: QuantizeInt8Settings, node: ir.Node) -> IntTyp
     return quant_params.weight_type(7 if saturates else 8)
 
 
-def _dynamic_weight_form(settings: QuantizeDynamicSettings) -> tuple[IntType, int | None]:
-    """The weight type and axis (1: per column, None: per tensor) of dynamic INT8.
+@dataclasses.dataclass(frozen=True)
+class _DynamicForm:
+    """How dynamic INT8 stores weights: ``axis`` 1 per column, None per tensor; ``pair_bounded``
+    scales them so that x86 u8s8 pairs cannot saturate (:func:`quant_params.pair_bounded_scale`).
+    """
 
-    x86 CPUs without VNNI multiply the UINT8 activations by INT8 weights in pairs that saturate
-    at 16 bits, so weights take 7 bits there unless bits are set. 8 bits per tensor looked
-    better on a BERT-style encoder (logits cosine 0.983 vs 0.974) but saturated on a ViT
-    (0.851 vs 0.9996, as onnxruntime's own quantize_dynamic: 0.848): how often pairs overflow
-    depends on the activations, which dynamic quantization never sees.
+    qtype: IntType
+    axis: int | None
+    pair_bounded: bool = False
+
+    def __str__(self) -> str:
+        kind = f"{self.qtype.name} pair-bounded" if self.pair_bounded else self.qtype.name
+        return f"{kind} {'per column' if self.axis is not None else 'per tensor'}"
+
+
+def _dynamic_weight_form(settings: QuantizeDynamicSettings) -> _DynamicForm:
+    """Weights of dynamic INT8: 8 bits with VNNI (or other CPUs); without, x86 CPUs multiply
+    the UINT8 activations by INT8 weights in pairs that saturate at 16 bits, so the scale bounds
+    every pair instead. How often plain 8-bit pairs overflow depends on the activations, which
+    dynamic quantization never sees: 8 bits per tensor saturated on a ViT (cosine 0.851;
+    onnxruntime's quantize_dynamic 0.848) and not on a BERT-style encoder, where 7 bits, safe
+    everywhere, lost fidelity (0.974 vs 0.983).
     """
     axis = 1 if settings.per_channel else None
     if settings.weight_bits:
-        return quant_params.weight_type(settings.weight_bits), axis
-    return quant_params.weight_type(8 if quant_params.cpu_has_vnni() else 7), axis
+        return _DynamicForm(quant_params.weight_type(settings.weight_bits), axis)
+    vnni = quant_params.cpu_has_vnni()
+    return _DynamicForm(quant_params.INT8, axis, pair_bounded=not vnni)
 
 
 def _selection(settings: Any) -> Selection:
@@ -1260,13 +1275,17 @@ def _dynamic_weight(node: ir.Node) -> np.ndarray:
     return weight.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else weight
 
 
-def _dynamic_replacement(
-    writer: _Writer, node: ir.Node, qtype: IntType, axis: int | None
-) -> list[ir.Node]:
+def _dynamic_replacement(writer: _Writer, node: ir.Node, form: _DynamicForm) -> list[ir.Node]:
     """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (scales) [-> Add bias] for
     ``node``; onnxruntime fuses it into DynamicQuantizeMatMul."""
     weight = np.ascontiguousarray(_dynamic_weight(node))
-    quantized, scale, zero_point = quant_params.quantize_weight(weight, axis, qtype)
+    qtype = form.qtype
+    if form.pair_bounded:
+        scale = quant_params.pair_bounded_scale(weight, form.axis)
+        zero_point = np.zeros(scale.shape, qtype.numpy)
+        quantized = quant_params.quantize(weight, scale, zero_point, qtype, form.axis)
+    else:
+        quantized, scale, zero_point = quant_params.quantize_weight(weight, form.axis, qtype)
     prefix = node.name
     w_value = writer.constant(f"{prefix}.weight_quantized", quantized, qtype.dtype)
     s_value = writer.constant(f"{prefix}.weight_scale", scale, ir.DataType.FLOAT)
@@ -1314,8 +1333,7 @@ class QuantizeDynamic(Pass):
         _infer_types(model)
         selection = _selection(self.settings)
         writer = _Writer(model, self.name)
-        qtype, axis = _dynamic_weight_form(self.settings)
-        where = "per column" if axis is not None else "per tensor"
+        form = _dynamic_weight_form(self.settings)
         for node in list(model.graph):
             if node.op_type not in DYNAMIC_OPS or node.domain not in ("", "ai.onnx"):
                 continue
@@ -1330,8 +1348,8 @@ class QuantizeDynamic(Pass):
             if embedding:
                 nodes, detail = _embedding_replacement(writer, node)
             else:
-                nodes = _dynamic_replacement(writer, node, qtype, axis)
-                detail = f"dynamic: weight {qtype.name} {where}, uint8 activations at run time"
+                nodes = _dynamic_replacement(writer, node, form)
+                detail = f"dynamic: weight {form}, uint8 activations at run time"
             last = nodes[-1].outputs[0]
             last.dtype, last.shape = node.outputs[0].dtype, node.outputs[0].shape
             ir.convenience.replace_nodes_and_values(
