@@ -108,7 +108,8 @@ def derived(model: ir.Model, wanted: Mapping[str, Wanted]) -> dict[str, Derived]
         output = node.outputs[0] if len(node.outputs) == 1 else None
         want = wanted.get(output.name) if output is not None else None
         function = _monotone(node) if want is not None and want.channel_axis is None else None
-        source = node.inputs[0].name if function is not None and node.inputs[0] else None
+        first = node.inputs[0] if function is not None and node.inputs else None
+        source = first.name if first is not None else None
         if source is None or source not in wanted:
             continue
         if (wanted[source].rank, wanted[source].step) != (want.rank, want.step):
