@@ -622,8 +622,7 @@ def test_dynamic_weights_bound_u8s8_pairs_without_vnni(monkeypatch):
         result, report = quantize(model, "quantize_dynamic", **settings)
         check(result)
         assert cosine(model, result, random_feeds(model, 2, seed=4)) > 0.98
-        forms = {r.detail.split("weight ")[1].split(",")[0] for r in report.changed}
-        return forms, result
+        return {r.detail.split("weight ")[1].split(",")[0] for r in report.changed}, result
 
     monkeypatch.setattr(quant_params, "cpu_has_vnni", lambda: False)
     for per_channel, where in ((True, "per column"), (False, "per tensor")):
