@@ -312,10 +312,11 @@ def test_unset_learning_rate_is_chosen_by_held_out_loss_after_trials(monkeypatch
             assert bool((a == b).all())
     note = next(n for n in report.notes if n.startswith("learning rate"))
     losses = {
-        float(k): float(v) for k, v in (p.split(": ") for p in note.split("trials ")[1].split(", "))
+        float(k): float(v)
+        for k, v in (p.split(": ") for p in note.split("(")[1].rstrip(")").split(", "))
     }
     assert full == [min(losses, key=losses.__getitem__)]
-    assert note.startswith(f"learning rate {full[0]:g},")
+    assert note.startswith(f"learning rate {full[0]:g}: the lowest held-out loss after 2-step")
 
 
 def test_given_learning_rate_skips_the_trials():

@@ -298,6 +298,10 @@ def _one_cycle(step: int, steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm_up) / max(1, steps - warm_up)))
 
 
+def _trial_steps(settings: FinetuneSettings) -> int:
+    return max(round(settings.steps * TRIAL_SHARE), 1)
+
+
 class _Trainer:
     """AdamW on the evaluator's parameters; the loss of a record as the module docstring says.
     Each training run warms the rate up over its first tenth, then decays it (one cycle): a
@@ -368,7 +372,7 @@ class _Trainer:
         """Held-out loss after a short training run at each of LEARNING_RATES, each from the
         same start, to which the weights return."""
         start = [p.detach().clone() for p in self.parameters]
-        steps = max(round(self.settings.steps * TRIAL_SHARE), 1)
+        steps = _trial_steps(self.settings)
         losses = {}
         for rate in LEARNING_RATES:
             self.train(data, batch, rate, steps)
@@ -536,7 +540,10 @@ class Finetune(Pass):
             losses = trainer.choose_rate(data, data.held_out.records(), batch)
             rate = min(losses, key=losses.__getitem__)
             tried = ", ".join(f"{r:g}: {loss:.4g}" for r, loss in losses.items())
-            report.notes.append(f"learning rate {rate:g}, of held-out losses after trials {tried}")
+            report.notes.append(
+                f"learning rate {rate:g}: the lowest held-out loss after "
+                f"{_trial_steps(settings)}-step trials ({tried})"
+            )
         trainer.train(data, batch, rate, settings.steps)
         loss_after = trainer.mean_loss(data.records, batch)
         graph.write_back(UniqueNames(model))
