@@ -48,6 +48,7 @@ JOBS: dict[str, list[str]] = {
     "none": [],
     "prune": ["--prune-channels", "0.3"],
     "prune+recover": ["--prune-channels", "0.3", "--recover"],
+    "prune+finetune": ["--prune-channels", "0.3", "--recover", "--finetune", "20"],
     "prune-latency": ["--prune-channels", "latency=0.3"],
     "low-rank": ["--low-rank", "macs=0.3"],
     "prune-weights": ["--prune-weights", "0.5"],
