@@ -107,8 +107,10 @@ class GramAccumulator:
             if self.intercept:
                 ones = np.ones((*rows.shape[:2], 1))
                 rows = np.concatenate([rows, ones], axis=2)
-            self.xtx += np.einsum("gnd,gne->gde", rows, rows)
-            self.xty += np.einsum("gnd,gne->gde", rows, targets)
+            # matmul reaches BLAS; einsum here ran its own loops, 36x slower at 2305 features
+            columns = rows.transpose(0, 2, 1)
+            self.xtx += columns @ rows
+            self.xty += columns @ targets
             self.y_sum += targets.sum(axis=1)
             self.y_squares += np.square(targets).sum(axis=1)
             self.rows += rows.shape[1]
