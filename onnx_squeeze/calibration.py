@@ -1190,6 +1190,24 @@ class _Runs:
             yield first, _join(pending)
 
 
+def free_batch(model: ir.Model) -> bool:
+    """Whether every input of ``model`` has a symbolic first (batch) dimension."""
+    return all(
+        value.shape is not None and len(value.shape) > 0 and not _static(value.shape[0])
+        for value in model.graph.inputs
+    )
+
+
+def joined(feeds: Iterable[Feed], samples: int, model: ir.Model) -> list[Feed]:
+    """Consecutive feeds of one shape joined into batches of at most ``samples`` samples when
+    ``model``'s batch dimension is free: a pass that runs over the feeds many times then pays
+    onnxruntime's per-run cost once per batch (recovery of a ResNet-18 on 16 single-sample
+    feeds: 940 runs)."""
+    runs = _Runs(feeds, free_batch(model))
+    runs.samples = samples
+    return [feed for _, feed in runs]
+
+
 def _run_samples(arrays: Mapping[str, np.ndarray], samples: int) -> int:
     """How many samples one run may hold, from the arrays that ``samples`` samples gave."""
     per_sample = max(1.0, sum(np.asarray(a).nbytes for a in arrays.values()) / max(1, samples))
@@ -1259,10 +1277,7 @@ class StatisticsCollector:
         self._outputs = (
             [v.name for v in self._model.graph.outputs] if self._model is not None else []
         )
-        self._batched = join and all(
-            value.shape is not None and len(value.shape) > 0 and not _static(value.shape[0])
-            for value in (self._model or model).graph.inputs
-        )
+        self._batched = join and free_batch(self._model or model)
 
     def _session(self, model: ir.Model, optimization: str = "extended") -> Any:
         """A session on an exposed copy, loaded from a file with external data: onnxruntime

@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
-from onnx_squeeze.calibration import ChannelStatistics, feeds_in_memory
+from onnx_squeeze.calibration import ChannelStatistics, feeds_in_memory, joined
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.grams import TensorRunner
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, set_input_constant
@@ -52,6 +52,7 @@ METHODS = ("lstsq", "bn", "bias", "head")
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 # A channel whose student output varies less than this (relative) is not rescaled by ``bn``.
 _DEAD_VARIANCE = 1e-12
+_BATCH = 8  # samples per onnxruntime run (feeds of one shape are joined up to it)
 # A layer whose output already matches the teacher's this well (1 - R²) is left as it is.
 _EXACT = 1e-10
 _SPARSE = 0.25  # share of exact zeros from which a layer's weights count as pruned
@@ -577,10 +578,11 @@ class Reconstruct(Pass):
             input_specs(teacher),
             self.settings.samples,
             seed=context.seed,
-            batch_size=8,
+            batch_size=_BATCH,
             purpose="recovery",
             notes=report.notes,
         )
+        feeds = joined(feeds, _BATCH, teacher)
         graph_outputs = [v.name for v in model.graph.outputs]
         reference = [TensorRunner(teacher, graph_outputs)(feed) for feed in feeds]
         before = _output_error(model, reference, feeds)
