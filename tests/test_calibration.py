@@ -25,6 +25,7 @@ from onnx_squeeze.calibration import (
     RandomSource,
     ReaderSource,
     StatisticsCollector,
+    joined,
     open_source,
 )
 from onnx_squeeze.errors import InputError, SettingsError
@@ -664,6 +665,21 @@ def test_collector_joins_small_batches_into_runs_with_the_same_statistics(monkey
         )
         assert a.histogram.total == b.histogram.total
         np.testing.assert_allclose(a.channels.mean, b.channels.mean, rtol=1e-6, atol=1e-7)
+
+
+def test_feeds_held_for_many_runs_are_joined_into_batches():
+    """Consecutive feeds of one shape become batches of at most the samples asked, in order;
+    a feed of another shape starts a new batch; a model with a fixed batch keeps its feeds."""
+
+    def feed(rows: int, start: int, width: int = 3) -> dict:
+        values = np.arange(start, start + rows, dtype=np.float32)[:, None]
+        return {"a": np.repeat(values, width, axis=1), "b": np.zeros((rows, 2), np.int64)}
+
+    feeds = [feed(1, i) for i in range(5)] + [feed(2, 5, width=4), feed(1, 7, width=4)]
+    batches = joined(feeds, 2, two_input_model())
+    assert [f["a"].shape for f in batches] == [(2, 3), (2, 3), (1, 3), (2, 4), (1, 4)]
+    np.testing.assert_array_equal(np.concatenate([f["a"][:, 0] for f in batches]), np.arange(8))
+    assert len(joined(feeds[:4], 8, two_input_model(batch="1"))) == 4
 
 
 def test_runs_join_only_feeds_of_the_same_shape():
