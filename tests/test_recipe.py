@@ -64,6 +64,14 @@ def test_cli_form_parses_values():
     assert recipe.to_dict()["passes"][0] == {"pass": "test_noop", "factor": 0.25}
 
 
+def test_cli_numbers_without_a_dot_reach_float_settings_as_numbers():
+    """YAML reads 1e-3 as text; a float setting takes it as the number, other text fails."""
+    assert Recipe.from_cli(["test_noop:factor=1e-3"]).steps[0].settings == {"factor": "1e-3"}
+    assert Recipe.from_cli(["test_noop:factor=1e-3"]).passes()[0].settings.factor == 1e-3
+    with pytest.raises(SettingsError, match="factor must be a number, got 'big'"):
+        Recipe.from_cli(["test_noop:factor=big"]).passes()
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -143,7 +144,9 @@ def _numbers_read(name: str, kind: type, settings: dict[str, Any]) -> dict[str, 
     hints = typing.get_type_hints(kind)
     read = dict(settings)
     for key, value in settings.items():
-        allowed = typing.get_args(hints[key]) or (hints[key],)
+        hint = hints[key]
+        union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        allowed = typing.get_args(hint) if union else (hint,)
         if isinstance(value, str) and float in allowed and str not in allowed:
             try:
                 read[key] = float(value)
