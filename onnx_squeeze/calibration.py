@@ -391,13 +391,20 @@ def _pillow() -> Any:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+    """The images under ``folder``, sorted by path within each subfolder, the subfolders taken
+    in turn (the first image of each, then the second ...): any first part of the list, be it a
+    ``limit`` or calibration that stops once its ranges settle, spans every class folder."""
+    by_folder: dict[Path, list[Path]] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            by_folder.setdefault(path.parent, []).append(path)
+    rounds = itertools.zip_longest(*by_folder.values())
+    return [path for round_ in rounds for path in round_ if path is not None]
 
 
 class ImageFolderSource:
-    """Images under a folder (jpg/png/bmp/webp, recursive, sorted by path) for a one-input model.
+    """Images under a folder (jpg/png/bmp/webp, recursive; subfolders in turn, see
+    :func:`_image_files`) for a one-input model.
 
     ``preset`` names a :data:`PRESETS` entry. The layout is NCHW or NHWC, found from which axis
     of the input has 3 channels (NCHW when neither is fixed); the height and width come from the
@@ -1142,7 +1149,7 @@ def _batch_total(source: Iterable[Feed], limit: int | None) -> int | None:
 # Concatenated feeds run together while their outputs stay under this size: fewer, larger runs
 # are faster in onnxruntime, and one run's outputs are all the collector holds at once.
 RUN_BYTES = 16 * 2**20
-_MAX_RUN_SAMPLES = 64
+_MAX_RUN_SAMPLES = 16  # beyond this a run gains little, and stop checks come later
 
 
 def _samples(feed: Feed) -> int:
@@ -1167,6 +1174,11 @@ class _Runs:
         self._feeds = feeds
         self._batched = batched
         self.samples = 1
+        self.feeds_yielded = 0  # source feeds in the runs yielded so far
+
+    def _run(self, pending: list[Feed]) -> Feed:
+        self.feeds_yielded += len(pending)
+        return _join(pending)
 
     def __iter__(self) -> Iterator[tuple[int, Feed]]:
         pending: list[Feed] = []
@@ -1178,16 +1190,16 @@ class _Runs:
                 and _mergeable(pending[0], feed)
                 and sum(map(_samples, pending)) + _samples(feed) <= self.samples
             ):
-                yield first, _join(pending)
+                yield first, self._run(pending)
                 pending = []
             if not pending:
                 first = index
             pending.append(feed)
             if not joinable:
-                yield first, _join(pending)
+                yield first, self._run(pending)
                 pending = []
         if pending:
-            yield first, _join(pending)
+            yield first, self._run(pending)
 
 
 def free_batch(model: ir.Model) -> bool:
@@ -1365,10 +1377,16 @@ class StatisticsCollector:
         return statistics
 
     def collect(
-        self, source: Iterable[Feed], *, limit: int | None = None, progress: bool = True
+        self,
+        source: Iterable[Feed],
+        *,
+        limit: int | None = None,
+        progress: bool = True,
+        stop: Callable[[int, Mapping[str, TensorStatistics]], bool] | None = None,
     ) -> dict[str, TensorStatistics]:
         """Statistics of every requested tensor over the batches of ``source`` (at most
-        ``limit`` batches), fresh for each call."""
+        ``limit`` batches), fresh for each call. After each run, ``stop`` gets the number of
+        batches counted so far and the statistics; when it says True, the rest is not read."""
         if limit is not None and limit < 1:
             raise SettingsError(f"limit must be at least 1 batch, got {limit}")
         label = getattr(source, "label", type(source).__name__)
@@ -1412,6 +1430,8 @@ class StatisticsCollector:
                     self._count(statistics[name], arrays, reductions[source], function)
                 else:
                     statistics[name].update(arrays.pop(name))  # released once it is counted
+            if stop is not None and stop(runs.feeds_yielded, statistics):
+                break
         if not statistics:
             raise InputError(f"calibration data {label} yielded no batches")
         return statistics

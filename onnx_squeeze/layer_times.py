@@ -40,16 +40,19 @@ _PRODUCT_KERNELS = frozenset(
     | {"Gemm", "FusedGemm", "QGemm", "MatMul", "FusedMatMul", "QLinearMatMul", "MatMulInteger"}
 )
 _PRODUCTS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_LAYOUT_KERNELS = frozenset({"ReorderInput", "ReorderOutput"})
 _FUSION_DEPTH = 3  # activation, residual Add, activation
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerTimes:
     """Median microseconds per run of each original node and of the whole model's kernels;
-    ``unowned`` is the part of ``total`` mapped to no node of the model."""
+    ``unowned`` is the part of ``total`` mapped to no node of the model, ``layout`` the part of
+    it that onnxruntime's own layout changes (NCHWc reorders, which no node owns) took."""
 
     nodes: dict[ir.Node, float]
     total: float
+    layout: float = 0.0
 
     @property
     def unowned(self) -> float:
@@ -145,4 +148,5 @@ def _owned_times(model: ir.Model, events: list[dict]) -> LayerTimes:
         owner = _owner(name, kernel, graph_nodes, producers)
         if owner is not None:
             owned[owner] = owned.get(owner, 0.0) + median
-    return LayerTimes(nodes=owned, total=sum(per_node.values()))
+    layout = sum(t for (_, kernel), t in per_node.items() if kernel in _LAYOUT_KERNELS)
+    return LayerTimes(nodes=owned, total=sum(per_node.values()), layout=layout)

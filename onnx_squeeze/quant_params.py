@@ -383,6 +383,27 @@ def calibrated_range(
     return _symmetric(*result) if symmetric else result
 
 
+def noise_loss_db(
+    histogram: Histogram | None,
+    candidate: tuple[float, float] | None,
+    reference: tuple[float, float],
+    qtype: IntType,
+) -> float:
+    """How much more expected quantization noise (dB; negative: less) the histogram's values
+    get with range ``candidate`` than with ``reference``: 0 for equal ranges, inf for no
+    candidate, or when they differ and the histogram cannot tell by how much."""
+    if candidate == reference:
+        return 0.0
+    if candidate is None or histogram is None or histogram.total == 0 or histogram.width == 0:
+        return math.inf
+    errors = _expected_errors(histogram, np.array([candidate, reference], np.float64), qtype)
+    if errors[1] <= 0:
+        return 0.0 if errors[0] <= 0 else math.inf
+    if errors[0] <= 0:
+        return -math.inf
+    return 10 * math.log10(errors[0] / errors[1])
+
+
 def sqnr_from_histogram(
     histogram: Histogram | None, low: float, high: float, qtype: IntType
 ) -> float | None:

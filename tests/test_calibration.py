@@ -229,6 +229,16 @@ def test_image_folder_imagenet_nchw(tmp_path):
     assert "2 images, imagenet 32x48 NCHW" in source.label
 
 
+def test_image_folders_are_taken_in_turn_so_a_limit_spans_every_class(tmp_path):
+    for folder, color in (("cat", (255, 0, 0)), ("dog", (0, 255, 0))):
+        for index in range(3):
+            write_image(tmp_path / folder / f"{index}.png", (8, 8), color)
+    source = ImageFolderSource(tmp_path, input_specs(image_model("1,3,8,8"))[0], "raw01", limit=2)
+    assert [p.relative_to(tmp_path).as_posix() for p in source.files] == ["cat/0.png", "dog/0.png"]
+    reds = [float(feed["image"][0, 0].mean()) for feed in source]
+    assert reds == pytest.approx([1.0, 0.0])
+
+
 def test_image_folder_nhwc_presets_symbolic_size_and_limit(tmp_path):
     write_image(tmp_path / "wide.jpg", (80, 40), (255, 255, 255))
     write_image(tmp_path / "z.bmp", (10, 10), (0, 0, 0))

@@ -42,7 +42,9 @@ def test_nearly_all_time_is_owned_by_nodes_of_the_model(name: str):
     times = layer_times.measure(model, random_feeds(model, 1, batch=1)[0], runs=2)
     convolutions = {node for node in model.graph if node.op_type == "Conv"}
     assert convolutions <= set(times.nodes)
-    assert times.unowned <= 0.05 * times.total
+    # the rest is onnxruntime's NCHWc reorders (more of them with AVX-512's 16-channel blocks)
+    assert 0 <= times.layout <= times.unowned
+    assert times.unowned - times.layout <= 0.05 * times.total
 
 
 @pytest.mark.parametrize(
@@ -74,7 +76,10 @@ def test_times_are_medians_without_the_warm_up_run():
     events = [
         {"cat": "Node", "name": "conv1_kernel_time", "dur": dur, "args": {"op_name": "Conv"}}
         for dur in (900, 10, 30, 20)
-    ] + [{"cat": "Node", "name": "Reorder_kernel_time", "dur": 5, "args": {"op_name": "R"}}]
+    ] + [
+        {"cat": "Node", "name": "Reorder_kernel_time", "dur": 5, "args": {"op_name": "R"}},
+        {"cat": "Node", "name": "r_kernel_time", "dur": 3, "args": {"op_name": "ReorderOutput"}},
+    ]
     times = layer_times._owned_times(model, events)
     assert times.nodes == {conv: 20}
-    assert times.total == 25 and times.unowned == 5
+    assert times.total == 28 and times.unowned == 8 and times.layout == 3

@@ -32,11 +32,12 @@ rows with one scale per row, which are gathered alongside and multiplied in afte
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,13 +45,19 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnx_squeeze import comparison, latency_search, quant_params
-from onnx_squeeze.calibration import RandomSource, StatisticsCollector, TensorStatistics
+from onnx_squeeze.calibration import (
+    ChannelMeans,
+    RandomSource,
+    StatisticsCollector,
+    TensorStatistics,
+)
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.gates import parse_gate
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, new_initializer
 from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created, register
 from onnx_squeeze.quant_params import INT8, INT32, IntType
 from onnx_squeeze.runtime import input_specs
+from onnx_squeeze.settling import RangeSettling
 
 SOURCE_KEY = "onnx_squeeze.source_node"
 
@@ -149,6 +156,9 @@ class QuantizeInt8Settings:
     sensitivity_batches: int = 4
     bias_correction: bool = True
     calibration_batches: int = 0  # 0: all batches of the source
+    # stop reading calibration batches once doubling them moves no tensor's expected
+    # quantization noise by more than this (dB); 0: read every batch
+    settle_db: float = 0.1
     random_samples: int = 16  # without calibration data: random samples (smoke tests only)
     histogram_bins: int = 2048
     # values of each tensor per calibration sample that its histogram counts (a strided sample
@@ -765,6 +775,16 @@ class QuantizeInt8(Pass):
             )
         return source
 
+    def _range(self, statistics: TensorStatistics) -> tuple[float, float]:
+        """The range one tensor is quantized to, by the calibration method."""
+        return quant_params.calibrated_range(
+            statistics,
+            self.settings.method,
+            self.activation,
+            symmetric=self.symmetric,
+            percentile=self.settings.percentile,
+        )
+
     def _statistics(
         self,
         model: ir.Model,
@@ -772,10 +792,14 @@ class QuantizeInt8(Pass):
         source: Any,
         context: PassContext,
         channel_axes: dict[str, int],
+        report: PassReport,
+        output_axes: Mapping[str, int],
     ) -> dict[str, TensorStatistics]:
         """Min/max and histograms of ``names``, and per-channel statistics along
-        ``channel_axes`` (bias correction's input means) in the same calibration run; cached per
-        model, source and bin count."""
+        ``channel_axes`` (bias correction's input means) in the same calibration run, read
+        until the ranges settle; cached per model, source and reading settings. The same run
+        keeps, for output bias correction, the channel means of ``output_axes``'s tensors over
+        its first batches."""
         key = (
             _CACHE_KEY,
             _model_fingerprint(model),
@@ -783,6 +807,7 @@ class QuantizeInt8(Pass):
             self.settings.histogram_bins,
             self.settings.histogram_values,
             self.settings.calibration_batches,
+            self.settings.settle_db,
         )
         cached: dict[str, TensorStatistics] = context.cache.setdefault(key, {})
         missing = [
@@ -791,16 +816,37 @@ class QuantizeInt8(Pass):
             if name not in cached or (name in channel_axes and cached[name].means is None)
         ]
         if missing:
+            axes = {n: channel_axes[n] for n in missing if n in channel_axes}
+            outputs = _FirstMeans({n: a for n, a in output_axes.items() if n not in axes})
             collector = StatisticsCollector(
                 model,
-                missing,
+                [*missing, *outputs.axes],
                 histogram_bins=self.settings.histogram_bins,
-                channel_axis={n: channel_axes[n] for n in missing if n in channel_axes},
+                channel_axis={**axes, **outputs.axes},
                 keep=("minmax", "histogram", "means"),
                 sample_values=self.settings.histogram_values,
             )
             limit = self.settings.calibration_batches or None
-            cached.update(collector.collect(source, limit=limit))
+            settling = RangeSettling(
+                self._range, self.activation, self.settings.settle_db, tensors=set(missing)
+            )
+            collected = collector.collect(
+                source,
+                limit=limit,
+                stop=lambda read, kept: outputs(read, kept) or settling(read, kept),
+            )
+            if outputs.axes:
+                outputs.take_last(collected, limit)
+                context.cache[_outputs_key(model, source)] = outputs
+            cached.update({name: collected[name] for name in missing})
+            if settling.stopped_at is not None:
+                _, average, worst, name = settling.checks[-1]
+                report.notes.append(
+                    f"calibration read {settling.stopped_at} batches and stopped: the ranges "
+                    f"had settled (those from the first half would have added {average:+.3f} "
+                    f"dB of noise on average, at most {worst:+.3f} dB at {name}); "
+                    "settle_db=0 reads every batch"
+                )
         return {name: cached[name] for name in names}
 
     def _ranges(self, plan: _Plan, statistics: dict[str, TensorStatistics]) -> dict[str, _Params]:
@@ -809,13 +855,7 @@ class QuantizeInt8(Pass):
         for members in plan.classes.members().values():
             low, high = 0.0, 0.0
             for name in members:
-                a, b = quant_params.calibrated_range(
-                    statistics[name],
-                    self.settings.method,
-                    self.activation,
-                    symmetric=self.symmetric,
-                    percentile=self.settings.percentile,
-                )
+                a, b = self._range(statistics[name])
                 low, high = min(low, a), max(high, b)
             scale, zero_point = quant_params.scale_zero_point(
                 low, high, self.activation, symmetric=self.symmetric
@@ -884,14 +924,17 @@ class QuantizeInt8(Pass):
         # Statistics of every tensor any plan may quantize: all anchors at once.
         full_plan = make_plan(model, anchors, self.symmetric)
         source = self._source(model, context, report)
-        channel_axes = {}
+        channel_axes, output_axes = {}, {}
         if self.settings.bias_correction:  # input means of the layers whose bias may shift
             channel_axes = {
                 node.inputs[0].name: 1 if node.op_type == "Conv" else -1
                 for node in anchors
                 if node.op_type in ("Conv", "Gemm") and node.inputs[0].name in full_plan.tensors
             }
-        statistics = self._statistics(model, list(full_plan.tensors), source, context, channel_axes)
+            output_axes = _output_axes(_final_anchors(model, {node.name for node in anchors}))
+        statistics = self._statistics(
+            model, list(full_plan.tensors), source, context, channel_axes, report, output_axes
+        )
         if self.settings.target or self.settings.sensitivity:
             anchors = self._mixed_precision(model, anchors, statistics, source, report)
         if self.settings.speed_check:
@@ -1067,12 +1110,12 @@ class QuantizeInt8(Pass):
         at the layers whose outputs reach no other quantized layer, the mean difference from
         the float model on calibration data is the model's own and can be subtracted without
         later layers compensating twice (on the transformer it lifted output cosine by 0.02)."""
-        finals = [n for n in _final_anchors(model, outcome) if n.name in outcome.biases]
+        finals = [n for n in _final_anchors(model, outcome.details) if n.name in outcome.biases]
         if not finals:
             return
-        axes = {n.outputs[0].name: 1 if n.op_type == "Conv" else -1 for n in finals}
+        axes = _output_axes(finals)
 
-        def output_means(each: ir.Model) -> dict[str, TensorStatistics]:
+        def output_means(each: ir.Model, limit: int | None) -> dict[str, TensorStatistics]:
             collector = StatisticsCollector(
                 each,
                 list(axes),
@@ -1081,24 +1124,28 @@ class QuantizeInt8(Pass):
                 sample_values=self.settings.histogram_values,
                 join=False,  # few small outputs: joined runs would hold many samples' activations
             )
-            return collector.collect(source, limit=_OUTPUT_BATCHES, progress=False)
+            return collector.collect(source, limit=limit, progress=False)
 
-        # the float model's side is the same for every method: computed once per model/source
-        key = (_CACHE_KEY, "outputs", _model_fingerprint(float_model), _source_label(source))
-        cached = context.cache.get(key)
-        if cached is None or not set(axes) <= set(cached):
-            cached = context.cache[key] = output_means(float_model)
-        measured_means = output_means(model)
+        # the float model's side is the same for every method: kept by calibration, which read
+        # it over its first batches, or measured here once per model and source
+        key = _outputs_key(float_model, source)
+        reference = context.cache.get(key)
+        if reference is None or not set(axes) <= set(reference.means):
+            reference = _FirstMeans(axes)
+            reference.take_last(output_means(float_model, _OUTPUT_BATCHES), _OUTPUT_BATCHES)
+            context.cache[key] = reference
+        measured_means = output_means(model, reference.read)
         for node in finals:
             name = node.outputs[0].name
-            reference, measured = cached[name].means, measured_means[name].means
-            if reference is None or measured is None:  # channel axis out of range
+            expected, measured = reference.means[name], measured_means[name].means
+            if expected is None or measured is None:  # channel axis out of range
                 continue
-            _shift_bias(outcome.biases[node.name], reference.mean - measured.mean)
+            _shift_bias(outcome.biases[node.name], expected.mean - measured.mean)
         listed = ", ".join(n.name for n in finals[:4]) + (" ..." if len(finals) > 4 else "")
+        batches = "all" if reference.read is None else f"the first {reference.read}"
         report.notes.append(
             f"output bias correction: mean error of {len(finals)} last layer(s) ({listed}) "
-            f"measured on up to {_OUTPUT_BATCHES} calibration batches and subtracted"
+            f"measured on {batches} calibration batches and subtracted"
         )
 
 
@@ -1136,9 +1183,9 @@ def _shift_bias(bias: ir.Value, shift: np.ndarray) -> None:
     bias.const_value = ir.tensor(corrected, dtype=ir.DataType.INT32, name=bias.name)
 
 
-def _final_anchors(model: ir.Model, outcome: _Outcome) -> list[ir.Node]:
-    """Quantized anchors from whose output no other quantized anchor can be reached."""
-    anchors = {node.name: node for node in model.graph if node.name in outcome.details}
+def _final_anchors(model: ir.Model, names: Container[str]) -> list[ir.Node]:
+    """The anchors (by name) from whose output no other of them can be reached."""
+    anchors = {node.name: node for node in model.graph if node.name in names}
     finals = []
     for node in anchors.values():
         stack, seen, reaches = list(node.outputs), set(), False
@@ -1154,6 +1201,44 @@ def _final_anchors(model: ir.Model, outcome: _Outcome) -> list[ir.Node]:
         if not reaches:
             finals.append(node)
     return finals
+
+
+def _output_axes(anchors: Iterable[ir.Node]) -> dict[str, int]:
+    """Each anchor's output and its channel axis."""
+    return {node.outputs[0].name: 1 if node.op_type == "Conv" else -1 for node in anchors}
+
+
+def _outputs_key(model: ir.Model, source: Any) -> tuple:
+    """Where the float model's output means over the first calibration batches are cached."""
+    return (_CACHE_KEY, "outputs", _model_fingerprint(model), _source_label(source))
+
+
+class _FirstMeans:
+    """The channel means of tensors (named in ``axes``, with their channel axis) over the first
+    ``read`` batches of a collection, at least ``_OUTPUT_BATCHES`` of them (None: all it read):
+    a ``stop`` callback that never stops, so that the quantized model can be measured on the
+    very same batches."""
+
+    def __init__(self, axes: Mapping[str, int]) -> None:
+        self.axes = dict(axes)
+        self.read: int | None = None
+        self.means: dict[str, ChannelMeans | None] = {}
+
+    def __call__(self, read: int, statistics: Mapping[str, TensorStatistics]) -> bool:
+        if self.axes and not self.means and read >= _OUTPUT_BATCHES:
+            self.read = read
+            self._keep(statistics)
+        return False
+
+    def take_last(self, statistics: Mapping[str, TensorStatistics], limit: int | None) -> None:
+        """Keep the means a whole collection (at most ``limit`` batches) ended with, unless
+        the first batches' were kept already."""
+        if not self.means:
+            self.read = limit
+            self._keep(statistics)
+
+    def _keep(self, statistics: Mapping[str, TensorStatistics]) -> None:
+        self.means = {name: copy.deepcopy(statistics[name].means) for name in self.axes}
 
 
 def _weight_error_times_mean(node: ir.Node, error: np.ndarray, mean: np.ndarray) -> np.ndarray:
