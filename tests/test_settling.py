@@ -166,3 +166,27 @@ def test_output_correction_measures_the_float_model_on_the_very_batches_it_read(
         np.testing.assert_allclose(reference.means[name].mean, direct[name].means.mean, rtol=1e-5)
     note = next(n for n in report.notes if n.startswith("output bias correction"))
     assert f"the first {reference.read} calibration batches" in note
+
+
+def test_one_tensor_whose_noise_would_double_keeps_reading():
+    """Forty tensors of uniform values; the first half's range of one of them is twice as wide
+    as the whole data's (four times the rounding noise, +6 dB): the average loss is within the
+    tolerance, yet that one tensor's noise would have more than doubled."""
+
+    def range_of(statistics: TensorStatistics) -> tuple[float, float]:
+        if statistics.name == "t0":
+            width = 2.0 if statistics.minmax.count <= 32 * 4096 else 1.0
+            return -width, width
+        return statistics.minmax.min, statistics.minmax.max
+
+    settling = RangeSettling(range_of, UINT8, tolerance_db=1.0)
+    rng = np.random.default_rng(0)
+    names = [f"t{index}" for index in range(40)]
+    statistics = {n: TensorStatistics(n, minmax=MinMax(), histogram=Histogram(2048)) for n in names}
+    for batch in range(1, 65):
+        for name in names:
+            statistics[name].update(rng.uniform(-1, 1, 4096).astype(np.float32))
+        assert not settling(batch, statistics)
+    [(_, average, worst, name)] = settling.checks
+    assert name == "t0" and worst == pytest.approx(10 * math.log10(4), abs=0.05)
+    assert average <= 1.0
