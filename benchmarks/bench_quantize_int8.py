@@ -2,8 +2,8 @@
 
 Per model: our static QDQ (``quantize_int8``) vs ``quantize_static`` (QDQ, per-channel, same
 calibration data and method; our defaults as a third row), and our ``quantize_dynamic`` vs
-onnxruntime's. Each quantizer runs
-in its own subprocess (wall time and peak RSS at each calibration size); latency ratios vs FP32
+onnxruntime's. Each quantizer runs in its own subprocess (wall time and peak RSS at each
+calibration size, and the samples it read: ours stops once its ranges settle); latency ratios vs FP32
 are timed interleaved at 1 and 2 threads; cosine and top-1 agreement vs FP32 on 64 held-out inputs.
 
     python benchmarks/bench_quantize_int8.py --models resnet18 --samples 64 --runs 5
@@ -41,8 +41,10 @@ def peak_rss_mib():
     return float("nan")
 
 start = time.perf_counter()
+read = None  # calibration samples the quantizer read, where it says
 {body}
-print(json.dumps({{"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib()}}))
+print(json.dumps({{"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib(),
+                  "read": read}}))
 """
 _OURS_STATIC = """
 import onnx_ir as ir
@@ -51,8 +53,10 @@ from onnx_squeeze.passes.base import PassContext, make_pass
 from onnx_squeeze.runtime import input_specs
 model = ir.load({model!r})
 source = NpzSource({calib!r}, input_specs(model), batch_size=1)
-make_pass("quantize_int8", {settings!r})(model, PassContext(calibration=source))
+report = make_pass("quantize_int8", {settings!r})(model, PassContext(calibration=source))
 ir.save(model, {out!r})
+stopped = [n for n in report.notes if n.startswith("calibration read")]
+read = int(stopped[0].split()[2]) if stopped else len(source)
 """
 _OURS_DYNAMIC = """
 import onnx_ir as ir
@@ -77,6 +81,7 @@ class Reader(CalibrationDataReader):
         return next(self.feeds, None)
 quantize_static({model!r}, {out!r}, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 calibrate_method=CalibrationMethod.{ort_method})
+read = len(source)
 """
 _ORT_DYNAMIC = """
 from onnxruntime.quantization import quantize_dynamic
@@ -122,7 +127,7 @@ def bench_model(name: str, samples: list[int], method: str, runs: int, folder: s
         runs_done.append((label, 0, _quantize(template, model=model_path, out=out), out))
     quality = _quality(name, prepared, [out for *_, out in runs_done], runs)
     return [
-        [name, label, count, stats["seconds"], stats["peak_rss_mib"], *quality[out]]
+        [name, label, count, stats["read"], stats["seconds"], stats["peak_rss_mib"], *quality[out]]
         for label, count, stats, out in runs_done
     ]
 
@@ -150,13 +155,14 @@ def _quality(name: str, prepared: ir.Model, paths: list[str], runs: int) -> dict
 def _failure_row(name: str, error: Exception) -> list:
     """A row saying a model failed, so one broken model does not lose the others' figures."""
     message = str(error).strip().splitlines()[-1][:80] if str(error).strip() else repr(error)
-    return [name, f"FAILED: {message}", None, None, None, None, None, None, None]
+    return [name, f"FAILED: {message}", None, None, None, None, None, None, None, None]
 
 
 HEADERS = [
     "model",
     "quantizer",
     "calib samples",
+    "samples read",
     "quantize s",
     "peak RSS MiB",
     "latency/FP32 t1",

@@ -1220,10 +1220,20 @@ def joined(feeds: Iterable[Feed], samples: int, model: ir.Model) -> list[Feed]:
     return [feed for _, feed in runs]
 
 
-def _run_samples(arrays: Mapping[str, np.ndarray], samples: int) -> int:
-    """How many samples one run may hold, from the arrays that ``samples`` samples gave."""
-    per_sample = max(1.0, sum(np.asarray(a).nbytes for a in arrays.values()) / max(1, samples))
+def _run_samples(nbytes: int, samples: int) -> int:
+    """How many samples one run may hold, given that ``samples`` samples made ``nbytes`` bytes
+    of collected tensors."""
+    per_sample = max(1.0, nbytes / max(1, samples))
     return int(min(_MAX_RUN_SAMPLES, max(1, RUN_BYTES // per_sample)))
+
+
+def _run(session: Any, outputs: list[str], feed: Feed, where: str) -> list[np.ndarray]:
+    """One onnxruntime run; a feed it rejects is the data's fault, reported with ``where``."""
+    try:
+        return session.run(outputs, feed)
+    except (InvalidArgument, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise InputError(f"{where}: {first_line}") from None
 
 
 def _join(feeds: list[Feed]) -> Feed:
@@ -1291,43 +1301,99 @@ class StatisticsCollector:
         )
         self._batched = join and free_batch(self._model or model)
 
-    def _session(self, model: ir.Model, optimization: str = "extended") -> Any:
-        """A session on an exposed copy, loaded from a file with external data: onnxruntime
-        then maps the weights instead of copying them out of a serialized model. Level
-        "extended" for whole tensors: the layout transforms of "all" copy every Conv weight,
-        and with every intermediate tensor an output they gain little (a reduced copy gains
-        from them: its runs are 1.5x faster at "all" on ResNet-18). Eager order: each tensor
-        is reduced, and freed, as soon as it is made."""
+    def _session(self, model: ir.Model) -> Any:
+        """A session on an exposed or reduced copy, loaded from a file with external data:
+        onnxruntime then maps the weights instead of copying them out of a serialized model.
+        Level "extended": the NCHWc layout of "all" copies every Conv weight, which peaked a
+        ResNet-50's calibration at 433 instead of 343 MiB, and every tensor that is reduced
+        or exposed has to be reordered back, so that whole calibrations ran at most 8 % faster
+        with it (ResNet-18, MobileNetV2; YOLO and ResNet-50 not at all). Eager order: each
+        tensor is reduced, and freed, as soon as it is made."""
         with tempfile.TemporaryDirectory(
             prefix="onnx-squeeze-", ignore_cleanup_errors=True
         ) as folder:
             path = os.path.join(folder, "exposed.onnx")
             ir.save(model, path, external_data="exposed.onnx.data")
-            return create_session(path, self.provider, optimization=optimization, eager=True)
+            return create_session(path, self.provider, optimization="extended", eager=True)
+
+    def _static_shapes(self, samples: int) -> dict[str, tuple[int, ...]] | None:
+        """The shape each exposed tensor takes in a run of ``samples`` samples, read from the
+        graph (a symbolic first dimension is the batch); None when any shape is not known."""
+        shapes = {}
+        for value in self._model.graph.outputs:
+            if value.shape is None:
+                return None
+            dims = [
+                samples if i == 0 and not isinstance(d, int) else d
+                for i, d in enumerate(value.shape)
+            ]
+            if not all(isinstance(d, int) and d >= 0 for d in dims):
+                return None
+            shapes[value.name] = tuple(dims)
+        return shapes
 
     def _reducible(
         self,
         statistics: Mapping[str, TensorStatistics],
-        arrays: Mapping[str, np.ndarray],
+        shapes: Mapping[str, tuple[int, ...]],
         samples: int,
     ) -> dict[str, stat_graph.Wanted]:
         """What each collected tensor that can be reduced in the graph (see ``sample_values``)
-        is reduced to, given its accumulators and its arrays from the first run (``samples``
-        samples)."""
+        is reduced to, given its accumulators and its shape in a run of ``samples`` samples."""
         wanted = {}
         for value in self._model.graph.outputs:
-            name, array, kept = value.name, arrays[value.name], statistics[value.name]
+            name, shape, kept = value.name, shapes[value.name], statistics[value.name]
             if value.dtype not in stat_graph.REDUCIBLE or kept.channels is not None:
                 continue
-            size = max(1, np.size(array) // max(1, samples))
+            size = max(1, math.prod(shape) // max(1, samples))
             wanted[name] = stat_graph.Wanted(
-                rank=np.ndim(array),
+                rank=len(shape),
                 step=None
                 if kept.histogram is None
                 else stat_graph.stride(size, self.sample_values),
                 channel_axis=kept.means.axis if kept.means is not None else None,
             )
         return wanted
+
+    def _first_run(
+        self, feed: Feed, where: str, runs: _Runs, statistics: dict[str, TensorStatistics]
+    ) -> tuple[Any, list[str], dict, dict, dict[str, np.ndarray] | None]:
+        """Set up collection on the first feed: the accumulators, the run size, and the
+        session; (session, its outputs, reductions, derived statistics, the first feed's arrays
+        if that already ran).
+
+        When the graph gives every exposed tensor's shape, the reduced copy is the only session
+        made: a run with every tensor whole (250 MiB on a 640x640 YOLO) is then never needed.
+        Otherwise the whole-tensor session runs once to learn them."""
+        samples = _samples(feed)
+        shapes = {name: np.shape(feed[name]) for name in self._fed}
+        dtypes = {name: np.asarray(feed[name]).dtype for name in self._fed}
+        session, outputs, arrays = None, self._outputs, None
+        if self._model is not None:
+            graph_shapes = self._static_shapes(samples)
+            if graph_shapes is None:
+                session = self._session(self._model)
+                arrays = dict(zip(outputs, _run(session, outputs, feed, where), strict=True))
+                graph_shapes = {name: np.shape(array) for name, array in arrays.items()}
+                dtypes.update((name, array.dtype) for name, array in arrays.items())
+            else:
+                dtypes.update((v.name, v.dtype.numpy()) for v in self._model.graph.outputs)
+            shapes.update(graph_shapes)
+        if self._batched:
+            nbytes = sum(math.prod(shapes[n]) * np.dtype(dtypes[n]).itemsize for n in shapes)
+            runs.samples = _run_samples(nbytes, samples)
+        for name in self.names:
+            statistics[name] = self._new_statistics(name, len(shapes[name]))
+        wanted = {}
+        if self.sample_values and self._model is not None:
+            wanted = self._reducible(statistics, shapes, samples)
+        if wanted:  # every run, this one too, counts from the reductions
+            session = arrays = None  # one session at a time: each holds its own weight copies
+            session, outputs, reductions, derived = self._reduced(wanted)
+            return session, outputs, reductions, derived, None
+        if session is None and self._model is not None:
+            session = self._session(self._model)
+        return session, outputs, {}, {}, arrays
 
     def _reduced(
         self, wanted: Mapping[str, stat_graph.Wanted]
@@ -1338,7 +1404,7 @@ class StatisticsCollector:
         reduced = {name: want for name, want in wanted.items() if name not in derived}
         model, reductions = stat_graph.reduced_model(self._model, reduced, leave_out=derived)
         outputs = [value.name for value in model.graph.outputs]
-        return self._session(model, optimization="all"), outputs, reductions, derived
+        return self._session(model), outputs, reductions, derived
 
     def _count(
         self,
@@ -1393,35 +1459,24 @@ class StatisticsCollector:
         batches: Iterable[Feed] = source if limit is None else itertools.islice(source, limit)
         if progress:
             batches = track(batches, f"statistics ({label})", total=_batch_total(source, limit))
-        session = self._session(self._model) if self._model is not None else None
-        outputs, reductions, derived = self._outputs, {}, {}
+        session, outputs, reductions, derived, first = None, self._outputs, {}, {}, None
         runs = _Runs(batches, self._batched)
         statistics: dict[str, TensorStatistics] = {}
         for index, feed in runs:
             absent = [name for name in self._fed if name not in feed]
             if absent:
                 raise InputError(f"batch {index} of {label} has no array for input {absent}")
+            where = f"batch {index} of {label}"
+            if not statistics:
+                session, outputs, reductions, derived, first = self._first_run(
+                    feed, where, runs, statistics
+                )
             arrays = {name: feed[name] for name in self._fed}
-            if session is not None:
-                try:
-                    arrays.update(zip(outputs, session.run(outputs, feed), strict=True))
-                except (InvalidArgument, ValueError) as error:
-                    first_line = str(error).strip().splitlines()[0]
-                    raise InputError(f"batch {index} of {label}: {first_line}") from None
-            if not statistics:  # the first run: tensor ranks, and sizes for joining and sampling
-                if self._batched:
-                    runs.samples = _run_samples(arrays, _samples(feed))
-                for name in self.names:
-                    statistics[name] = self._new_statistics(name, np.ndim(arrays[name]))
-                wanted = {}
-                if self.sample_values and self._model is not None:
-                    wanted = self._reducible(statistics, arrays, _samples(feed))
-                if wanted:  # this run again, reduced, so every run counts alike
-                    session = None  # one session at a time: each holds its own weight copies
-                    arrays.clear()  # nor its whole tensors while the next one loads
-                    session, outputs, reductions, derived = self._reduced(wanted)
-                    arrays = {name: feed[name] for name in self._fed}
-                    arrays.update(zip(outputs, session.run(outputs, feed), strict=True))
+            if first is not None:
+                arrays.update(first)
+                first = None
+            elif session is not None:
+                arrays.update(zip(outputs, _run(session, outputs, feed, where), strict=True))
             for name in self.names:
                 if name in reductions:
                     self._count(statistics[name], arrays, reductions[name])

@@ -70,7 +70,9 @@ def session_options(
     ``eager`` runs each node as soon as its inputs are ready (onnxruntime's priority-based
     order). A model whose side branches read big tensors (the calibration model's reductions)
     then frees every tensor once it is read; in the default order the branches run late and
-    hold them all: 290 vs 112 MiB of activations on a 640x640 YOLO, and slower.
+    hold them all: 290 vs 112 MiB of activations on a 640x640 YOLO, and slower. It also
+    turns off the memory pattern, the one block planned for all of a run's tensors at once:
+    calibration of a ResNet-50 peaked at 441 instead of 497 MiB without it, no slower.
     ``profile_prefix`` turns onnxruntime's profiler on, writing to files with that prefix.
     """
     levels = {
@@ -93,6 +95,7 @@ def session_options(
         options.optimized_model_filepath = optimized_model_path
     if eager:
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        options.enable_mem_pattern = False
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix

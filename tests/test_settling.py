@@ -190,3 +190,34 @@ def test_one_tensor_whose_noise_would_double_keeps_reading():
     [(_, average, worst, name)] = settling.checks
     assert name == "t0" and worst == pytest.approx(10 * math.log10(4), abs=0.05)
     assert average <= 1.0
+
+
+def test_shapes_known_in_the_graph_spare_the_run_with_every_tensor_whole(monkeypatch):
+    """With every collected tensor's shape in the graph, the reduced copy is the only session
+    made; without, a whole-tensor run comes first. The statistics are the same."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    sessions = []
+    original = StatisticsCollector._session
+    monkeypatch.setattr(
+        StatisticsCollector, "_session", lambda self, m: sessions.append(m) or original(self, m)
+    )
+    names = ["r1", "c2", "r2", "f"]
+    results = []
+    for known in (False, True):
+        model = block_model()
+        ShapeInferencePass()(model)
+        for name in names:  # element types stay known: the collector infers no shapes itself
+            model.graph.node(name).outputs[0].shape = (
+                model.graph.node(name).outputs[0].shape if known else None
+            )
+        sessions.clear()
+        collector = StatisticsCollector(
+            model, names, keep=("minmax", "histogram"), sample_values=64
+        )
+        results.append(collector.collect(_Batches(8, distinct=8), progress=False))
+        assert len(sessions) == (1 if known else 2)
+    for name in names:
+        whole, reduced = results[0][name], results[1][name]
+        assert (whole.minmax.min, whole.minmax.max) == (reduced.minmax.min, reduced.minmax.max)
+        np.testing.assert_array_equal(whole.histogram.counts, reduced.histogram.counts)
