@@ -1316,19 +1316,31 @@ class StatisticsCollector:
             ir.save(model, path, external_data="exposed.onnx.data")
             return create_session(path, self.provider, optimization="extended", eager=True)
 
-    def _static_shapes(self, samples: int) -> dict[str, tuple[int, ...]] | None:
-        """The shape each exposed tensor takes in a run of ``samples`` samples, read from the
-        graph (a symbolic first dimension is the batch); None when any shape is not known."""
+    def _static_shapes(self, feed: Feed) -> dict[str, tuple[int, ...]] | None:
+        """The shape each exposed tensor takes in a run of ``feed``, read from the graph: a
+        symbolic dimension named like one of an input's takes its size in the feed, and an
+        unnamed first one is the batch; None when any shape is not known so."""
+        sizes: dict[str, int] = {}
+        for value in self._model.graph.inputs:
+            if value.shape is not None and value.name in feed:
+                for dim, size in zip(value.shape, np.shape(feed[value.name]), strict=False):
+                    if not isinstance(dim, int) and dim.value is not None:
+                        sizes[dim.value] = int(size)
+        samples = _samples(feed)
         shapes = {}
         for value in self._model.graph.outputs:
             if value.shape is None:
                 return None
-            dims = [
-                samples if i == 0 and not isinstance(d, int) else d
-                for i, d in enumerate(value.shape)
-            ]
-            if not all(isinstance(d, int) and d >= 0 for d in dims):
-                return None
+            dims = []
+            for index, dim in enumerate(value.shape):
+                if isinstance(dim, int):
+                    dims.append(dim)
+                elif dim.value in sizes:
+                    dims.append(sizes[dim.value])
+                elif index == 0 and dim.value is None:
+                    dims.append(samples)
+                else:
+                    return None
             shapes[value.name] = tuple(dims)
         return shapes
 
@@ -1370,7 +1382,7 @@ class StatisticsCollector:
         dtypes = {name: np.asarray(feed[name]).dtype for name in self._fed}
         session, outputs, arrays = None, self._outputs, None
         if self._model is not None:
-            graph_shapes = self._static_shapes(samples)
+            graph_shapes = self._static_shapes(feed)
             if graph_shapes is None:
                 session = self._session(self._model)
                 arrays = dict(zip(outputs, _run(session, outputs, feed, where), strict=True))

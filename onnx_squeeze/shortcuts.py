@@ -86,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="activation calibration method for --int8 (default mse: least expected squared error)",
     )
     group.add_argument(
+        "--int8-calib-all",
+        action="store_true",
+        help="calibrate --int8 on every batch of --calib (by default reading stops once the "
+        "activation ranges settle; the report says after how many)",
+    )
+    group.add_argument(
         "--int8-speed-check",
         type=_positive,
         nargs="?",
@@ -136,10 +142,18 @@ def steps_from_args(args: argparse.Namespace, *, calibrated: bool) -> list[Step]
         settings: dict[str, Any] = {"method": args.int8_method} if args.int8_method else {}
         if args.int8_speed_check is not None:
             settings.update(speed_check=True, speed_batch=args.int8_speed_check)
+        if args.int8_calib_all:
+            settings["settle_db"] = 0.0
         steps.append(Step("quantize_int8", settings))
-    elif args.int8_method or args.int8_speed_check is not None:
-        flag = "--int8-method" if args.int8_method else "--int8-speed-check"
-        raise SettingsError(f"{flag} applies to --int8; add --int8")
+    else:
+        given = {
+            "--int8-method": args.int8_method,
+            "--int8-speed-check": args.int8_speed_check is not None,
+            "--int8-calib-all": args.int8_calib_all,
+        }
+        for flag, used in given.items():
+            if used:
+                raise SettingsError(f"{flag} applies to --int8; add --int8")
     if args.int8_dynamic:
         steps.append(Step("quantize_dynamic"))
     if args.fp16 or args.bf16:

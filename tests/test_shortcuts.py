@@ -58,6 +58,7 @@ def test_finetune_follows_recovery_and_precedes_quantization():
         (("--low-rank", "macs=0.5"), ("low_rank", {"macs_target": 0.5, "data_aware": False})),
         (("--sparsity", "2:4"), ("prune_weights", {"mode": "nm", "n": 2, "m": 4})),
         (("--int8", "--int8-method", "entropy"), ("quantize_int8", {"method": "entropy"})),
+        (("--int8", "--int8-calib-all"), ("quantize_int8", {"settle_db": 0.0})),
         (
             ("--int8", "--int8-speed-check"),
             ("quantize_int8", {"speed_check": True, "speed_batch": 1}),
@@ -91,6 +92,7 @@ def test_low_rank_is_data_aware_with_calibration_data():
         (("--low-rank", "rank=3"), "ENERGY"),
         (("--int8-method", "entropy"), "add --int8"),
         (("--int8-speed-check",), "--int8-speed-check applies to --int8"),
+        (("--int8-calib-all",), "--int8-calib-all applies to --int8"),
     ],
 )
 def test_bad_values_name_the_fix(flags, message):
