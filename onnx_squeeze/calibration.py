@@ -1318,8 +1318,8 @@ class StatisticsCollector:
 
     def _static_shapes(self, feed: Feed) -> dict[str, tuple[int, ...]] | None:
         """The shape each exposed tensor takes in a run of ``feed``, read from the graph: a
-        symbolic dimension named like one of an input's takes its size in the feed, and an
-        unnamed first one is the batch; None when any shape is not known so."""
+        symbolic dimension named like one of an input's takes its size in the feed, and any
+        other first one is taken for the batch; None when any shape is not known so."""
         sizes: dict[str, int] = {}
         for value in self._model.graph.inputs:
             if value.shape is not None and value.name in feed:
@@ -1337,7 +1337,7 @@ class StatisticsCollector:
                     dims.append(dim)
                 elif dim.value in sizes:
                     dims.append(sizes[dim.value])
-                elif index == 0 and dim.value is None:
+                elif index == 0:  # the batch, or counted as one (sizes only set sampling)
                     dims.append(samples)
                 else:
                     return None
