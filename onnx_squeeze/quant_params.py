@@ -283,16 +283,35 @@ def _candidates(low: float, high: float) -> np.ndarray:
 
 
 def _expected_errors(histogram: Histogram, ranges: np.ndarray, qtype: IntType) -> np.ndarray:
-    """Mean squared quantization error of the histogram's values for each candidate range:
-    clipping error outside, uniform rounding error (step²/12) inside."""
-    centers = _centers(histogram)[None, :]
-    counts = histogram.counts[None, :].astype(np.float64)
-    low, high = ranges[:, :1], ranges[:, 1:]
+    """Mean squared quantization error of the histogram's values (at their bin centers) for
+    each candidate range: clipping error outside, uniform rounding error (step²/12) inside.
+
+    From running sums of the counts n, n·c and n·c² over the bins: the clipping error of the
+    bins above ``high`` is Σn(c - high)² = Σnc² - 2·high·Σnc + high²·Σn, and likewise below
+    ``low``, so each candidate costs two binary searches instead of a pass over every bin.
+    """
+    centers = _centers(histogram)
+    counts = histogram.counts.astype(np.float64)
+    sums = [np.concatenate([[0.0], np.cumsum(counts * centers**power)]) for power in (0, 1, 2)]
+    low, high = ranges[:, 0], ranges[:, 1]
+    below = np.searchsorted(centers, low, side="left")  # bins [0, below) lie under low
+    above = np.searchsorted(centers, high, side="right")  # bins [above, end) lie over high
+
+    def part(power: int, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+        return sums[power][stop] - sums[power][start]
+
+    ends = np.full_like(above, centers.size)
+    starts = np.zeros_like(below)
+    clipped_high = (
+        part(2, above, ends) - 2 * high * part(1, above, ends) + high**2 * part(0, above, ends)
+    )
+    clipped_low = (
+        part(2, starts, below) - 2 * low * part(1, starts, below) + low**2 * part(0, starts, below)
+    )
     step = (high - low) / qtype.levels
-    clipped = np.square(centers - np.clip(centers, low, high))
-    inside = (centers >= low) & (centers <= high)
-    errors = np.where(inside, np.square(step) / 12, clipped)
-    return (errors * counts).sum(axis=1) / max(counts.sum(), 1.0)
+    inside = part(0, below, above)
+    errors = np.maximum(clipped_high, 0) + np.maximum(clipped_low, 0) + inside * step**2 / 12
+    return errors / max(counts.sum(), 1.0)
 
 
 def _kl_divergence(counts: np.ndarray, first: int, last: int, levels: int) -> float:

@@ -37,6 +37,26 @@ def test_noise_loss_is_the_db_of_expected_noise_between_two_ranges():
     assert quant_params.noise_loss_db(histogram, None, (0.0, 1.0), UINT8) == math.inf
 
 
+def test_expected_errors_from_running_sums_equal_the_sum_over_every_bin():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        values = rng.standard_normal(5000) * rng.uniform(0.1, 10) + rng.uniform(-3, 3)
+        histogram = _histogram(values.astype(np.float32))
+        low, high = min(histogram.low, 0.0), max(histogram.high, 0.0)
+        ranges = np.vstack([quant_params._candidates(low, high), [[low * 0.3, high * 0.2]]])
+        centers = histogram.low + histogram.width * (np.arange(histogram.bins) + 0.5)
+        expected = []
+        for a, b in ranges:
+            inside = (centers >= a) & (centers <= b)
+            error = np.where(
+                inside, ((b - a) / UINT8.levels) ** 2 / 12, (centers - np.clip(centers, a, b)) ** 2
+            )
+            expected.append((error * histogram.counts).sum() / histogram.total)
+        np.testing.assert_allclose(
+            quant_params._expected_errors(histogram, ranges, UINT8), expected, rtol=1e-9
+        )
+
+
 def _feed_settling(settling: RangeSettling, scale_of_batch, batches: int = 256) -> int | None:
     """Feed ``batches`` batches of normal values (scaled per batch) to fresh statistics, asking
     ``settling`` after each; the batches read when it stopped (None: never)."""
