@@ -156,8 +156,9 @@ class QuantizeInt8Settings:
     sensitivity_batches: int = 4
     bias_correction: bool = True
     calibration_batches: int = 0  # 0: all batches of the source
-    # stop reading calibration batches once doubling them moves no tensor's expected
-    # quantization noise by more than this (dB); 0: read every batch
+    # stop reading calibration batches once the ranges from half of them would have added at
+    # most this much expected quantization noise (dB, on average over the tensors, and no
+    # tensor's doubled); see onnx_squeeze.settling. 0: read every batch
     settle_db: float = 0.1
     random_samples: int = 16  # without calibration data: random samples (smoke tests only)
     histogram_bins: int = 2048
