@@ -1493,8 +1493,8 @@ class StatisticsCollector:
                 if name in reductions:
                     self._count(statistics[name], arrays, reductions[name])
                 elif name in derived:
-                    source, function = derived[name].source, derived[name].function
-                    self._count(statistics[name], arrays, reductions[source], function)
+                    origin, function = derived[name].source, derived[name].function
+                    self._count(statistics[name], arrays, reductions[origin], function)
                 else:
                     statistics[name].update(arrays.pop(name))  # released once it is counted
             if stop is not None and stop(runs.feeds_yielded, statistics):
