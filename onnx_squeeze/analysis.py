@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -35,15 +36,18 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.errors import SettingsError, ShapeUnknownError
 
 __all__ = [
     "MAC_OPS",
+    "InputShapes",
     "ModelSummary",
     "NodeCost",
     "analyze",
     "concrete_input_shapes",
+    "feed_shapes",
     "node_macs",
+    "resolve_input_shapes",
 ]
 
 Shape = tuple[int, ...]
@@ -112,12 +116,13 @@ class ModelSummary:
     once; MatMulNBits' packed weights count as ``N * K``). ``initializer_bytes`` is their size in
     memory. ``size_bytes`` is the file on disk with its external data, when the path is known.
     ``sparsity`` is the share of exact zeros over the unique weights of MAC ops (Conv, Gemm,
-    MatMul families). ``input_shapes`` are the concrete shapes MACs were counted for.
+    MatMul families). ``input_shapes`` are the concrete shapes MACs were counted for; ``macs`` is
+    None when an input dimension was given by nothing (the hint is in ``notes``).
     """
 
     nodes: list[NodeCost]
     params: int
-    macs: int
+    macs: int | None
     op_histogram: dict[str, int]
     inputs: list[tuple[str, str, tuple[int | str, ...]]]
     outputs: list[tuple[str, str, tuple[int | str, ...]]]
@@ -200,18 +205,63 @@ def _feedable_inputs(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.inputs if v.name not in model.graph.initializers]
 
 
-def concrete_input_shapes(
+@dataclasses.dataclass
+class InputShapes:
+    """The input shapes a run uses, and the dimensions nothing gave (None in ``shapes``).
+
+    Sources, in order: the caller's overrides (``--shape``, or the data's first feed), a named
+    symbolic dimension learnt from another input, the model's fixed dimensions, ``batch`` for a
+    symbolic first dimension, and ``default_dim`` (only when asked for) for any other.
+    """
+
+    shapes: dict[str, tuple[int | None, ...]]
+    declared: dict[str, tuple[int | str, ...] | None]
+
+    @property
+    def missing(self) -> list[str]:
+        """``name[axis]`` of every dimension nothing gave, and inputs with no shape at all."""
+        found = []
+        for name, shape in self.shapes.items():
+            if self.declared[name] is None:
+                found.append(f"{name} (no shape in the model)")
+            found.extend(f"{name}[{axis}]" for axis, d in enumerate(shape) if d is None)
+        return found
+
+    def hint(self) -> str:
+        """One line: which dimensions are unknown and the ``--shape`` that would give them."""
+        flags = []
+        for name, shape in self.shapes.items():
+            declared = self.declared[name]
+            if declared is None:
+                flags.append(f"--shape {name}:<its dims, e.g. 1x3x224x224>")
+            elif None in shape:
+                dims = [
+                    str(d) if d is not None else str(declared[axis]).upper().replace("?", "N")
+                    for axis, d in enumerate(shape)
+                ]
+                flags.append(f"--shape {name}:{'x'.join(dims)}")
+        return (
+            f"input dimensions {', '.join(self.missing)} are not given by the model, the data "
+            f"or the options, and are never guessed: pass {' '.join(flags)} (or give data)"
+        )
+
+    def concrete(self) -> dict[str, Shape]:
+        """The shapes, all known; a :class:`ShapeUnknownError` with the hint otherwise."""
+        if self.missing:
+            raise ShapeUnknownError(self.hint())
+        return {name: tuple(int(d) for d in shape) for name, shape in self.shapes.items()}  # type: ignore[arg-type]
+
+
+def resolve_input_shapes(
     model: ir.Model,
     shapes: Mapping[str, Sequence[int]] | None = None,
     *,
     batch: int | None = None,
-) -> dict[str, Shape]:
-    """Concrete shapes for the graph inputs.
-
-    ``shapes`` overrides whole inputs; a symbolic dimension learnt from an override (``seq``)
-    applies to every input that names it. A symbolic first dimension becomes ``batch`` (default
-    1); any other symbolic dimension becomes 1.
-    """
+    default_dim: int | None = None,
+) -> InputShapes:
+    """The input shapes from ``shapes`` (whole inputs), the model, ``batch`` (a symbolic first
+    dimension, default 1) and ``default_dim`` (any other symbolic dimension, only when given);
+    what none of them gives stays None (see :class:`InputShapes`)."""
     inputs = _feedable_inputs(model)
     shapes = dict(shapes or {})
     names = [value.name for value in inputs]
@@ -222,43 +272,64 @@ def concrete_input_shapes(
             f"its inputs are {', '.join(map(repr, names)) or 'none'}"
         )
     dim_values: dict[str, int] = {}
-    result: dict[str, Shape] = {}
+    result: dict[str, tuple[int | None, ...]] = {}
+    declared: dict[str, tuple[int | str, ...] | None] = {
+        value.name: _display_dims(value.shape) if value.shape is not None else None
+        for value in inputs
+    }
     for value in inputs:
         if value.name not in shapes:
             continue
-        declared = _display_dims(value.shape)
+        dims = declared[value.name]
         override = tuple(int(d) for d in shapes[value.name])
-        if value.shape is not None and len(override) != len(declared):
+        if dims is not None and len(override) != len(dims):
             raise SettingsError(
-                f"--shape {value.name}: got {len(override)} dims, the model input has "
-                f"{len(declared)}"
+                f"--shape {value.name}: got {len(override)} dims, the model input has {len(dims)}"
             )
         if any(d <= 0 for d in override):
             raise SettingsError(
                 f"--shape {value.name}: dimensions must be positive, got {override}"
             )
-        for dim, size in zip(declared, override, strict=False):
+        for dim, size in zip(dims or (), override, strict=False):
             if isinstance(dim, str) and dim != "?":
                 dim_values.setdefault(dim, size)
         result[value.name] = override
+        declared[value.name] = dims if dims is not None else override
     for value in inputs:
         if value.name in result:
             continue
-        dims: list[int] = []
-        for axis, dim in enumerate(_display_dims(value.shape)):
+        found: list[int | None] = []
+        for axis, dim in enumerate(declared[value.name] or ()):
             if isinstance(dim, int) and dim > 0:
-                dims.append(dim)
+                found.append(dim)
             elif isinstance(dim, str) and dim in dim_values:
-                dims.append(dim_values[dim])
+                found.append(dim_values[dim])
             elif axis == 0:
                 size = batch or 1
                 if isinstance(dim, str) and dim != "?":
                     dim_values[dim] = size
-                dims.append(size)
+                found.append(size)
             else:
-                dims.append(1)
-        result[value.name] = tuple(dims)
-    return result
+                found.append(default_dim)
+        result[value.name] = tuple(found)
+    return InputShapes(result, declared)
+
+
+def concrete_input_shapes(
+    model: ir.Model,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    batch: int | None = None,
+    default_dim: int | None = None,
+) -> dict[str, Shape]:
+    """Concrete shapes for the graph inputs (:func:`resolve_input_shapes`); a
+    :class:`ShapeUnknownError` naming the dimensions nothing gave, with the ``--shape`` hint."""
+    return resolve_input_shapes(model, shapes, batch=batch, default_dim=default_dim).concrete()
+
+
+def feed_shapes(feed: Mapping[str, Any]) -> dict[str, Shape]:
+    """The shapes of a feed's arrays: the data's own shapes."""
+    return {name: tuple(int(d) for d in np.shape(array)) for name, array in feed.items()}
 
 
 def _collect_proto_shapes(graph: onnx.GraphProto, into: dict[str, tuple[int | None, ...]]) -> None:
@@ -320,12 +391,20 @@ def _fill_from_symbolic_inference(
     sliced by a length read from the input's shape); onnxruntime's tool was written for them.
     It fails on some graphs (unknown ops): then the onnx result stands.
     """
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
-    except Exception:  # a best-effort refinement, never fatal
-        return
+    # When it cannot infer every shape, the tool saves its partial model with external data in
+    # the current folder (sym_shape_infer_temp.onnx and a uuid.data): keep that out of the
+    # user's folder.
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="onnx-squeeze-shapes-") as scratch:
+        os.chdir(scratch)
+        try:
+            inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        except Exception:  # a best-effort refinement, never fatal
+            return
+        finally:
+            os.chdir(here)
     found: dict[str, tuple[int | None, ...]] = {}
     _collect_proto_shapes(inferred.graph, found)
     for name, shape in found.items():
@@ -617,17 +696,22 @@ def analyze(
     shapes: Mapping[str, Sequence[int]] | None = None,
     path: str | os.PathLike | None = None,
     batch: int | None = None,
+    default_dim: int | None = None,
 ) -> ModelSummary:
     """Count parameters, MACs and weight sparsity per node and in total.
 
-    ``shapes`` sets concrete input shapes (symbolic dims otherwise become ``batch`` for the first
-    axis, default 1, and 1 elsewhere). ``path`` is the model's file, for its size on disk. The
-    model is not modified.
+    ``shapes`` sets concrete input shapes (a symbolic first dimension otherwise becomes
+    ``batch``, default 1; any other symbolic one ``default_dim`` if given). Where nothing gives a
+    dimension, MACs are unknown (``macs`` None, the hint in ``notes``), never counted at an
+    invented size. ``path`` is the model's file, for its size on disk. The model is not modified.
     """
     model, loaded_from = _as_ir_model(model)
     path = path if path is not None else loaded_from
     notes: list[str] = []
-    input_shapes = concrete_input_shapes(model, shapes, batch=batch)
+    resolved = resolve_input_shapes(model, shapes, batch=batch, default_dim=default_dim)
+    input_shapes = {name: shape for name, shape in resolved.shapes.items() if None not in shape}
+    if resolved.missing:
+        notes.append(f"MACs unknown: {resolved.hint()}")
     try:
         inferred = _infer_shapes(model, input_shapes)
     except Exception as error:  # onnx raises several types; MACs then use the stored shapes.
@@ -664,7 +748,7 @@ def analyze(
     return ModelSummary(
         nodes=nodes,
         params=params,
-        macs=sum(node.macs for node in nodes),
+        macs=None if resolved.missing else sum(node.macs for node in nodes),
         op_histogram=dict(sorted(histogram.items(), key=lambda item: (-item[1], item[0]))),
         inputs=[
             (v.name, _dtype_name(v.dtype), _display_dims(v.shape))

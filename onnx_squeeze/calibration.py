@@ -133,12 +133,17 @@ def feeds_in_memory(
     batch_size: int,
     purpose: str,
     notes: list[str],
+    shapes: Callable[[], Mapping[str, Sequence[int]]] | None = None,
 ) -> list[Feed]:
     """Up to ``samples`` samples of ``source`` held as feeds, for a pass that runs over them
-    several times (recovery, fine-tuning); random inputs from ``specs`` when there is no source.
-    ``purpose`` names the job in the warnings added to ``notes``."""
+    several times (recovery, fine-tuning); random inputs from ``specs`` when there is no source,
+    shaped by ``shapes()`` (the run's input shapes). ``purpose`` names the job in the warnings
+    added to ``notes``."""
     if source is None:
-        source = RandomSource(specs, count=samples, seed=seed, batch_size=batch_size)
+        overrides = shapes() if shapes else None
+        source = RandomSource(
+            specs, count=samples, seed=seed, overrides=overrides, batch_size=batch_size
+        )
         notes.append(
             f"WARNING: no calibration data given; {purpose} used RANDOM inputs, which rarely "
             "helps on real data: pass calibration data (--calib)"
@@ -516,8 +521,9 @@ class RandomSource:
     """Random data shaped by the input specs (normal floats, small integers): smoke tests only.
 
     Deterministic: every iteration, and every source with the same seed, yields the same data.
-    Each input takes its shape from ``overrides`` when given there; otherwise a symbolic first
-    dimension takes ``batch_size`` and other symbolic dimensions 1, while fixed ones stay.
+    Each input takes its shape from ``overrides`` when given there (a symbolic first dimension
+    still takes ``batch_size`` when that is given); otherwise a symbolic first dimension takes
+    ``batch_size`` and other symbolic dimensions 1, while fixed ones stay.
     ``batch_size`` defaults to the first fixed (or overridden) first dimension, else 1; ``count``
     samples are rounded up to whole batches.
     """
@@ -542,7 +548,9 @@ class RandomSource:
         batched = [
             spec.name
             for spec in self._specs
-            if spec.shape and not _static(spec.shape[0]) and spec.name not in (overrides or {})
+            if spec.shape
+            and not _static(spec.shape[0])
+            and (batch_size is not None or spec.name not in (overrides or {}))
         ]
         fixed = [shape[0] for name, shape in self._shapes.items() if shape and name not in batched]
         self.batch_size = batch_size or (fixed[0] if fixed else 1)
@@ -615,6 +623,55 @@ class ReaderSource:
         self._complete = True
 
 
+HOLDOUT_EVERY = 5  # every 5th batch (20 %) of the calibration data is kept for evaluation
+
+
+class BatchSubset:
+    """Every ``every``-th batch of a source (``held=True``) or all the others: a deterministic
+    split of one data set into a calibration part and a held-out evaluation part, so that
+    fidelity is measured on data the passes did not see."""
+
+    def __init__(self, source: CalibrationSource, every: int, *, held: bool) -> None:
+        self.source, self.every, self.held = source, every, held
+        self.is_random = getattr(source, "is_random", False)
+        part = (
+            f"every {every}th batch, held out from calibration"
+            if held
+            else f"{every - 1} of every {every} batches; every {every}th is held out for evaluation"
+        )
+        self.label = f"{source.label} ({part})"
+
+    def __len__(self) -> int:
+        total = len(self.source)  # type: ignore[arg-type]
+        held = total // self.every
+        return held if self.held else total - held
+
+    def __iter__(self) -> Iterator[Feed]:
+        for index, feed in enumerate(self.source):
+            if (index % self.every == self.every - 1) == self.held:
+                yield feed
+
+    def carrying(self, names: Sequence[str]) -> BatchSubset:
+        """The same split of the source with more arrays per feed (see NpzSource.carrying)."""
+        if not hasattr(self.source, "carrying"):
+            raise InputError(f"{self.source.label} carries no arrays besides the model's inputs")
+        return BatchSubset(self.source.carrying(names), self.every, held=self.held)
+
+
+def split_for_evaluation(
+    source: CalibrationSource, every: int = HOLDOUT_EVERY
+) -> tuple[CalibrationSource, CalibrationSource | None]:
+    """Calibration and held-out evaluation parts of ``source`` (every ``every``-th batch held
+    out); ``(source, None)`` when it has fewer than ``every`` batches to spare one."""
+    try:
+        total = len(source)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if total is not None and total < every:
+        return source, None
+    return BatchSubset(source, every, held=False), BatchSubset(source, every, held=True)
+
+
 def open_source(
     spec: Any,
     model: ir.Model,
@@ -625,6 +682,7 @@ def open_source(
     preset: str = "imagenet",
     batch_size: int | None = None,
     limit: int | None = None,
+    default_dim: int | None = None,
 ) -> CalibrationSource:
     """The calibration source that ``spec`` names, for ``model``.
 
@@ -633,10 +691,15 @@ def open_source(
     a reader with ``get_next()``; or a source already made. ``shapes`` (from
     :func:`onnx_squeeze.runtime.parse_shape_overrides`) sets symbolic dimensions for random data
     and image sizes; ``batch_size`` defaults to the model's fixed batch dimension, else 1;
-    ``limit`` caps the samples read from files or images.
+    ``limit`` caps the samples read from files or images. Random data takes its shapes from
+    :func:`analysis.concrete_input_shapes` (a :class:`ShapeUnknownError` when nothing gives a
+    dimension and no ``default_dim`` is asked for).
     """
     if spec is None or (isinstance(spec, str) and spec == "random"):
-        return RandomSource(input_specs(model), count, seed, shapes, batch_size)
+        from onnx_squeeze.analysis import concrete_input_shapes
+
+        shapes = concrete_input_shapes(model, shapes, batch=batch_size, default_dim=default_dim)
+        return RandomSource(input_specs(model), count, seed, shapes)
     if isinstance(spec, CalibrationSource):
         return spec
     if hasattr(spec, "get_next"):

@@ -39,8 +39,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnx_squeeze.analysis import ModelSummary, analyze, concrete_input_shapes
+from onnx_squeeze.analysis import ModelSummary, analyze, concrete_input_shapes, feed_shapes
 from onnx_squeeze.errors import InputError, SettingsError
+from onnx_squeeze.fidelity import OutputFidelity, accumulators, probability_outputs
 from onnx_squeeze.progress import track
 from onnx_squeeze.runtime import create_session, input_specs, random_feed, resolve_provider
 
@@ -166,101 +167,6 @@ def _iter_feeds(feeds: Any) -> Iterator[Feed]:
 # Fidelity
 
 
-@dataclasses.dataclass
-class OutputFidelity:
-    """How closely model B's output matches model A's over all feeds."""
-
-    name: str
-    max_abs: float
-    mean_abs: float
-    cosine: float
-    top1_agreement: float | None
-    nonfinite_a: int
-    nonfinite_b: int
-    samples: int
-    elements: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict; non-finite numbers become strings ("inf", "nan")."""
-        data = dataclasses.asdict(self)
-        for key in ("max_abs", "mean_abs", "cosine"):
-            if not math.isfinite(data[key]):
-                data[key] = str(data[key])
-        return data
-
-
-class _Accumulator:
-    """Streaming sums for one output."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.samples = 0
-        self.elements = 0
-        self.compared = 0
-        self.max_abs = 0.0
-        self.sum_abs = 0.0
-        self.dot = 0.0
-        self.norm_a = 0.0
-        self.norm_b = 0.0
-        self.nonfinite_a = 0
-        self.nonfinite_b = 0
-        self.mismatched = 0
-        self.classifier: bool | None = None
-        self.top1_matches = 0
-        self.rows = 0
-
-    def add(self, a: np.ndarray, b: np.ndarray) -> None:
-        if self.classifier is None:
-            self.classifier = a.ndim == 2 and a.shape[1] > 1 and np.issubdtype(a.dtype, np.floating)
-        if self.classifier:
-            self.top1_matches += int(np.count_nonzero(a.argmax(axis=1) == b.argmax(axis=1)))
-            self.rows += a.shape[0]
-        x = np.asarray(a, dtype=np.float64).ravel()
-        y = np.asarray(b, dtype=np.float64).ravel()
-        self.samples += 1
-        self.elements += x.size
-        finite_x, finite_y = np.isfinite(x), np.isfinite(y)
-        self.nonfinite_a += int(x.size - np.count_nonzero(finite_x))
-        self.nonfinite_b += int(y.size - np.count_nonzero(finite_y))
-        both = finite_x & finite_y
-        if not both.all():
-            odd_x, odd_y = x[~both], y[~both]
-            same = (odd_x == odd_y) | (np.isnan(odd_x) & np.isnan(odd_y))
-            self.mismatched += int(np.count_nonzero(~same))
-            x, y = x[both], y[both]
-        if x.size:
-            diff = np.abs(x - y)
-            self.max_abs = max(self.max_abs, float(diff.max()))
-            self.sum_abs += float(diff.sum())
-            self.dot += float(x @ y)
-            self.norm_a += float(x @ x)
-            self.norm_b += float(y @ y)
-            self.compared += x.size
-
-    def result(self) -> OutputFidelity:
-        if self.norm_a == 0.0 and self.norm_b == 0.0:
-            cosine = 1.0
-        elif self.norm_a == 0.0 or self.norm_b == 0.0:
-            cosine = 0.0
-        else:
-            cosine = max(-1.0, min(1.0, self.dot / math.sqrt(self.norm_a * self.norm_b)))
-        max_abs = self.max_abs
-        mean_abs = self.sum_abs / self.compared if self.compared else 0.0
-        if self.mismatched:
-            max_abs, mean_abs, cosine = math.inf, math.inf, math.nan
-        return OutputFidelity(
-            name=self.name,
-            max_abs=max_abs,
-            mean_abs=mean_abs,
-            cosine=cosine,
-            top1_agreement=self.top1_matches / self.rows if self.classifier and self.rows else None,
-            nonfinite_a=self.nonfinite_a,
-            nonfinite_b=self.nonfinite_b,
-            samples=self.samples,
-            elements=self.elements,
-        )
-
-
 def _check_outputs(session_a: ort.InferenceSession, session_b: ort.InferenceSession) -> list[str]:
     names_a = [o.name for o in session_a.get_outputs()]
     names_b = [o.name for o in session_b.get_outputs()]
@@ -293,12 +199,18 @@ def fidelity(
     optimization: str = "all",
     threads: int | None = None,
     total: int | None = None,
+    probabilities: set[str] | frozenset[str] = frozenset(),
+    channel_axes: Mapping[str, int | None] | None = None,
 ) -> list[OutputFidelity]:
-    """Run both models on every feed and accumulate per-output error metrics (streaming).
+    """Run both models on every feed and accumulate per-output error metrics (streaming),
+    whole and per output channel (:mod:`onnx_squeeze.fidelity`).
 
     Outputs are matched by name; different output names, or shapes that differ on a feed, are
     an :class:`InputError` naming them. ``feeds`` is any iterable of feed dicts or an object with
     onnxruntime's ``get_next()`` protocol. An unavailable provider is a :class:`SettingsError`.
+    ``probabilities`` names the outputs that carry Sigmoid/Softmax values
+    (:func:`fidelity.probability_outputs`); ``channel_axes`` sets an output's channel axis
+    (None: judged whole) instead of finding it.
     """
     try:
         session_a = _as_session(a, provider, threads, optimization)
@@ -312,7 +224,14 @@ def fidelity(
         for o in session_a.get_outputs()
         if _is_numeric_tensor(o.type) and _is_numeric_tensor(types_b[o.name])
     ]
-    accumulators = {name: _Accumulator(name) for name in numeric}
+    unknown = sorted(set(channel_axes or {}) - set(numeric))
+    if unknown:
+        raise SettingsError(
+            f"--channel-axis names {', '.join(map(repr, unknown))}, which is not a numeric "
+            f"output; the outputs are {', '.join(map(repr, numeric))}"
+        )
+    declared = {o.name: o.shape for o in session_a.get_outputs()}
+    sums = accumulators(numeric, declared, probabilities=probabilities, channel_axes=channel_axes)
     for feed in track(_iter_feeds(feeds), "fidelity", total=total):
         outputs_a = session_a.run(numeric, _select(session_a, feed))
         outputs_b = session_b.run(numeric, _select(session_b, feed))
@@ -322,8 +241,11 @@ def fidelity(
                     f"output {name!r} has shape {list(out_a.shape)} in A but "
                     f"{list(out_b.shape)} in B on the same input"
                 )
-            accumulators[name].add(out_a, out_b)
-    return [accumulators[name].result() for name in numeric]
+            try:
+                sums[name].add(out_a, out_b)
+            except ValueError as error:
+                raise SettingsError(f"--channel-axis: {error}") from None
+    return [sums[name].result() for name in numeric]
 
 
 def _is_numeric_tensor(type_name: str) -> bool:
@@ -463,12 +385,15 @@ class Comparison:
     inputs_label: str
     skipped: list[str] = dataclasses.field(default_factory=list)
     fidelity_provider: str = "cpu"
+    input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics for accuracy gates (see :mod:`onnx_squeeze.gates`).
 
-        cosine: worst (lowest) over outputs; max_abs_error / mean_abs_error: worst (highest)
-        over outputs; top1_agreement: lowest over classifier outputs (absent when none);
+        cosine, sqnr_db, worst_channel_sqnr_db, worst_channel_cosine: worst (lowest) over
+        outputs; max_abs_error / mean_abs_error: worst (highest) over outputs; top1_agreement,
+        score_cosine, argmax_agreement: lowest over the outputs that have them (absent when
+        none);
         nonfinite: non-finite values in B's outputs; latency_ratio (B/A median) and speedup
         (A/B) on the first provider/threads measured (absent when none was); size_ratio (file
         sizes when both are known, else bytes of weights), params_ratio, macs_ratio (absent
@@ -480,9 +405,17 @@ class Comparison:
             metrics["max_abs_error"] = _worst((f.max_abs for f in self.fidelity), max)
             metrics["mean_abs_error"] = _worst((f.mean_abs for f in self.fidelity), max)
             metrics["nonfinite"] = float(sum(f.nonfinite_b for f in self.fidelity))
-            top1 = [f.top1_agreement for f in self.fidelity if f.top1_agreement is not None]
-            if top1:
-                metrics["top1_agreement"] = min(top1)
+            metrics["sqnr_db"] = _worst((f.sqnr_db for f in self.fidelity), min)
+            metrics["worst_channel_sqnr_db"] = _worst(
+                (f.worst_channel_sqnr_db for f in self.fidelity), min
+            )
+            metrics["worst_channel_cosine"] = _worst(
+                (f.worst_channel_cosine for f in self.fidelity), min
+            )
+            for key in ("top1_agreement", "score_cosine", "argmax_agreement"):
+                values = [getattr(f, key) for f in self.fidelity if getattr(f, key) is not None]
+                if values:
+                    metrics[key] = _worst(values, min)
         for timings in self.latency.values():
             a, b = timings[0], timings[1]
             if a.median_ms > 0 and b.median_ms > 0:
@@ -513,6 +446,7 @@ class Comparison:
             models.append(data)
         return {
             "inputs_label": self.inputs_label,
+            "input_shapes": dict(self.input_shapes),
             "fidelity_provider": self.fidelity_provider,
             "fidelity": [f.to_dict() for f in self.fidelity],
             "latency": {key: [t.to_dict() for t in pair] for key, pair in self.latency.items()},
@@ -541,7 +475,7 @@ def compare(
     b: ModelLike,
     *,
     feeds: Iterable[Feed] | Any | None = None,
-    inputs_label: str = "random",
+    inputs_label: str | None = None,
     providers: Sequence[str] = ("cpu",),
     threads: Sequence[int | None] = (1,),
     batch: int = 1,
@@ -552,13 +486,20 @@ def compare(
     samples: int = 8,
     paths: tuple[str | os.PathLike | None, str | os.PathLike | None] | None = None,
     optimization: str = "all",
+    default_dim: int | None = None,
+    channel_axes: Mapping[str, int | None] | None = None,
 ) -> Comparison:
-    """Compare model B against model A: fidelity, latency per provider/threads, size, MACs.
+    """Compare model B against model A: fidelity (whole and per output channel, see
+    :mod:`onnx_squeeze.fidelity`), latency per provider/threads, size, MACs.
 
-    Without ``feeds``, ``samples`` random feeds are drawn from A's input spec (symbolic batch
-    dims set to ``batch``) and labelled "random". Fidelity runs on the first available provider
-    of ``providers``; latency on each available one, for each thread count (``runs=0`` skips
-    it). Unavailable providers are listed in :attr:`Comparison.skipped`.
+    Input shapes are those of the feeds' arrays. Without ``feeds``, ``samples`` random feeds
+    are drawn from A's input spec at ``shapes`` (a symbolic first dimension takes ``batch``;
+    any other symbolic one ``default_dim`` when given, else a :class:`ShapeUnknownError` with
+    the ``--shape`` hint: sizes are never guessed) and labelled "random"; given feeds are
+    labelled by ``inputs_label``, else their own ``label``. Fidelity runs on the
+    first available provider of ``providers``; latency on each available one, for each thread
+    count (``runs=0`` skips it). Unavailable providers are listed in
+    :attr:`Comparison.skipped`.
     """
     if batch < 1:
         raise SettingsError(f"batch must be at least 1, got {batch}")
@@ -566,19 +507,14 @@ def compare(
     loaded_a, loaded_b = _load(a, paths[0]), _load(b, paths[1])
     for provider in providers:
         resolve_provider(provider)  # a SettingsError for unknown names, before any work
-    input_shapes = concrete_input_shapes(loaded_a.model, shapes, batch=batch)
-    summary_a = analyze(loaded_a.model, shapes=input_shapes, path=loaded_a.path)
-    summary_b = analyze(
-        loaded_b.model,
-        shapes=_shapes_for(loaded_b.model, input_shapes),
-        path=loaded_b.path,
-        batch=batch,
-    )
-    skipped: list[str] = []
-
+    if inputs_label is None:
+        inputs_label = getattr(feeds, "label", "given feeds" if feeds is not None else "random")
     if feeds is None:
+        input_shapes = concrete_input_shapes(
+            loaded_a.model, shapes, batch=batch, default_dim=default_dim
+        )
         fidelity_feeds: Iterable[Feed] = _random_feeds(loaded_a.model, input_shapes, seed, samples)
-        latency_feed: Feed | None = next(_random_feeds(loaded_a.model, input_shapes, seed, 1))
+        latency_feed: Feed = next(_random_feeds(loaded_a.model, input_shapes, seed, 1))
         total: int | None = samples
     else:
         iterator = _iter_feeds(feeds)
@@ -588,6 +524,17 @@ def compare(
         fidelity_feeds = itertools.chain([first], iterator)
         latency_feed = first
         total = len(feeds) if isinstance(feeds, Sequence) else None
+        input_shapes = _shapes_for(loaded_a.model, feed_shapes(first))
+    summary_a = analyze(loaded_a.model, shapes=input_shapes, path=loaded_a.path)
+    summary_b = analyze(
+        loaded_b.model, shapes=_shapes_for(loaded_b.model, input_shapes), path=loaded_b.path
+    )
+    skipped: list[str] = []
+    judged = {
+        "probabilities": probability_outputs(loaded_a.model),
+        "channel_axes": channel_axes,
+        "total": total,
+    }
 
     fidelity_provider = "cpu"
     for provider in providers:
@@ -599,14 +546,12 @@ def compare(
             _session_on(loaded_a, fidelity_provider, None, optimization),
             _session_on(loaded_b, fidelity_provider, None, optimization),
             fidelity_feeds,
-            total=total,
+            **judged,
         )
     except _ProviderUnavailable as error:
         skipped.append(f"{error}; fidelity measured on cpu")
         fidelity_provider = "cpu"
-        results = fidelity(
-            loaded_a, loaded_b, fidelity_feeds, optimization=optimization, total=total
-        )
+        results = fidelity(loaded_a, loaded_b, fidelity_feeds, optimization=optimization, **judged)
 
     timings: dict[str, list[Latency]] = {}
     if runs > 0:
@@ -638,6 +583,7 @@ def compare(
         inputs_label=inputs_label,
         skipped=_unique(skipped),
         fidelity_provider=fidelity_provider,
+        input_shapes={name: list(shape) for name, shape in input_shapes.items()},
     )
 
 
@@ -660,13 +606,15 @@ def bench(
     shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
     optimization: str = "all",
+    default_dim: int | None = None,
 ) -> list[dict[str, Any]]:
     """Latency of several models, interleaved, per provider and thread count.
 
     Returns one row per model, provider and thread count: model, provider, threads, median_ms,
     p90_ms, mean_ms, runs, params, macs, size_bytes, skipped (None, or the reason the provider
     could not be used; then the timings are None and threads is None). A model given by path
-    (or keyed by an existing file's path) reports its size on disk.
+    (or keyed by an existing file's path) reports its size on disk. Inputs are random, shaped
+    as :func:`compare` shapes them (never at a guessed size).
     """
     if batch < 1:
         raise SettingsError(f"batch must be at least 1, got {batch}")
@@ -682,7 +630,7 @@ def bench(
     feeds = []
     for item in loaded:
         input_shapes = concrete_input_shapes(
-            item.model, _shapes_for(item.model, shapes), batch=batch
+            item.model, _shapes_for(item.model, shapes), batch=batch, default_dim=default_dim
         )
         summaries.append(analyze(item.model, shapes=input_shapes, path=item.path))
         feeds.append(next(_random_feeds(item.model, input_shapes, seed, 1)))

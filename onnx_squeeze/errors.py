@@ -14,6 +14,10 @@ class InputError(SqueezeError):
     """The model file, calibration data or another input cannot be used as given."""
 
 
+class ShapeUnknownError(InputError):
+    """An input dimension is given by nothing (options, data, model): it is never guessed."""
+
+
 class UnsupportedModelError(SqueezeError):
     """The model uses something this tool cannot handle (old opset, unknown op domain, ...)."""
 

@@ -34,6 +34,29 @@ METRICS: dict[str, tuple[str, str]] = {
     ),
     "max_abs_error": ("largest |A - B| over all outputs", "no numeric output was compared"),
     "mean_abs_error": ("mean |A - B|, worst output", "no numeric output was compared"),
+    "sqnr_db": (
+        "signal-to-noise ratio of B's outputs to A's in dB, whole output, worst output",
+        "no numeric output was compared",
+    ),
+    "worst_channel_sqnr_db": (
+        "SQNR in dB of the worst output channel (probabilities against at least a 1 % scale), "
+        "worst output",
+        "no numeric output was compared",
+    ),
+    "worst_channel_cosine": (
+        "cosine of the worst output channel, worst output",
+        "no numeric output was compared",
+    ),
+    "score_cosine": (
+        "cosine over the score channels (Sigmoid/Softmax probabilities), worst output",
+        "no output carries Sigmoid/Softmax probabilities",
+    ),
+    "argmax_agreement": (
+        "share of positions whose argmax along the channel axis agrees (classes per row, time "
+        "step or pixel), worst output",
+        "no output has a channel axis to take an argmax along, or its channels mix scores with "
+        "other values",
+    ),
     "top1_agreement": (
         "share of rows whose argmax agrees, worst classifier output",
         "the model has no classifier-shaped output (2-D [N, C] with C > 1)",
@@ -58,6 +81,8 @@ ALIASES = {
     "max_abs": "max_abs_error",
     "mean_abs": "mean_abs_error",
     "latency": "latency_ratio",
+    "sqnr": "sqnr_db",
+    "worst_sqnr": "worst_channel_sqnr_db",
 }
 
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {

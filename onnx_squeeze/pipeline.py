@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import onnx
@@ -15,6 +16,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnx_squeeze import model_io
+from onnx_squeeze.analysis import feed_shapes, resolve_input_shapes
+from onnx_squeeze.calibration import HOLDOUT_EVERY, split_for_evaluation
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
 from onnx_squeeze.passes.base import PassContext, PassReport
 from onnx_squeeze.prepare import PrepareSettings, prepare
@@ -26,7 +29,8 @@ _CHECKER_INLINE_LIMIT = 1_800_000_000
 
 @dataclasses.dataclass
 class CompressResult:
-    """The compressed model, the untouched original, and what every step did."""
+    """The compressed model, the untouched original, and what every step did; the data the
+    passes calibrated on and the data to judge the result on (see :func:`evaluation_data`)."""
 
     model: ir.Model
     original: ir.Model
@@ -34,6 +38,9 @@ class CompressResult:
     passes: list[PassReport]
     notes: list[str]
     seconds: float
+    calibration: Any = None
+    evaluation: Any = None
+    evaluation_warning: str | None = None
 
     @property
     def reports(self) -> list[PassReport]:
@@ -45,6 +52,9 @@ def compress(
     recipe: Recipe | None = None,
     *,
     calibration: Any = None,
+    evaluation: Any = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    default_dim: int | None = None,
     providers: tuple[str, ...] = ("cpu",),
     seed: int = 0,
     target_opset: int | None = None,
@@ -53,11 +63,17 @@ def compress(
     """Run the whole flow on a model (path, ``onnx.ModelProto`` or ``onnx_ir.Model``).
 
     ``calibration`` is a calibration source (:func:`onnx_squeeze.calibration.open_source`) for
-    passes that need data. The input model object is not modified.
+    passes that need data; ``evaluation`` is held-out data for judging the result. Without it,
+    every 5th batch of real calibration data is held out from the passes
+    (:func:`evaluation_data`); the result's ``evaluation`` is what to compare on (None: no data
+    was given). Input shapes come from ``shapes``, else the calibration data, else the model
+    (``default_dim`` for dimensions none gives, only when asked). The input model object is not
+    modified.
     """
     start = time.perf_counter()
     recipe = recipe or Recipe()
     passes = recipe.passes()
+    calibration, evaluation, evaluation_warning = evaluation_data(calibration, evaluation)
     original = model_io.load(source)
     model_io.check_runnable(original)
     notes: list[str] = []
@@ -87,14 +103,63 @@ def compress(
     # The teacher is the prepared model as it was before the passes: prepare is lossless and
     # keeps value names, so a pass can match student and teacher tensors by name.
     teacher = model.clone() if passes else original
+    if shapes is None and calibration is not None:
+        names = {value.name for value in model.graph.inputs}
+        first = next(iter(calibration))
+        shapes = {k: v for k, v in feed_shapes(first).items() if k in names}
     context = PassContext(
-        calibration=calibration, teacher=teacher, providers=tuple(providers), seed=seed
+        calibration=calibration,
+        teacher=teacher,
+        providers=tuple(providers),
+        seed=seed,
+        shapes=resolve_input_shapes(model, shapes, default_dim=default_dim),
     )
     pass_reports = [step(model, context) for step in passes]
     finalize(model, notes, check=check and not input_problem)
     return CompressResult(
-        model, original, prepare_report, pass_reports, notes, time.perf_counter() - start
+        model,
+        original,
+        prepare_report,
+        pass_reports,
+        notes,
+        time.perf_counter() - start,
+        calibration,
+        evaluation,
+        evaluation_warning,
     )
+
+
+def evaluation_data(calibration: Any, evaluation: Any) -> tuple[Any, Any, str | None]:
+    """The data the passes calibrate on, the data the result is judged on, and a warning when
+    the figures will be optimistic (judged on data the passes saw).
+
+    Given evaluation data is used as it is. Otherwise real calibration data is split: every
+    ``HOLDOUT_EVERY``-th batch (20 %) is held out from the passes and judged on; data with fewer
+    batches than that is judged on as a whole, with the warning. Random calibration data is not
+    split (the caller draws other random data to judge on), and no data gives None.
+    """
+    if evaluation is not None:
+        if evaluation is calibration:
+            return calibration, evaluation, _SAME_DATA
+        return calibration, evaluation, None
+    if calibration is None or getattr(calibration, "is_random", False):
+        return calibration, None, None
+    kept, held = split_for_evaluation(calibration)
+    if held is None:
+        return (
+            calibration,
+            calibration,
+            (
+                f"{_SAME_DATA} (the calibration data has fewer than {HOLDOUT_EVERY} batches, too "
+                "few to hold one out: pass --eval DATA)"
+            ),
+        )
+    return kept, held, None
+
+
+_SAME_DATA = (
+    "fidelity is measured on the calibration data the passes saw: the figures are optimistic"
+)
 
 
 def convert_opset(model: ir.Model, version: int) -> ir.Model:

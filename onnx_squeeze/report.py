@@ -43,11 +43,14 @@ def build_report(
     notes: Sequence[str] = (),
     comparison: dict[str, Any] | None = None,
     gates: Sequence[dict[str, Any]] = (),
+    warnings: Sequence[str] = (),
     calibration: str | None = None,
+    evaluation: str | None = None,
     recipe: dict[str, Any] | None = None,
     seconds: float | None = None,
 ) -> dict[str, Any]:
-    """Assemble the report dict of a run."""
+    """Assemble the report dict of a run. ``passed``: every gate passed (the default gate, applied
+    when no ``--check`` was given, counts here; it fails the exit code only under --strict)."""
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -61,7 +64,9 @@ def build_report(
         "command": command,
         "input": input_path,
         "output": output_path,
+        "warnings": list(warnings),
         "calibration": calibration,
+        "evaluation": evaluation,
         "recipe": recipe,
         "passes": [r.to_dict() for r in reports],
         "notes": list(notes),
@@ -184,21 +189,51 @@ def _size_rows(comparison: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+_FIDELITY_COLUMNS = (
+    "output",
+    "cosine",
+    "SQNR dB",
+    "worst ch SQNR dB",
+    "worst ch",
+    "worst ch cosine",
+    "score cosine",
+    "argmax agree",
+    "non-finite a/b",
+)
+
+
 def _fidelity_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per output: whole-output figures beside the worst channel's (named as
+    ``index/channels@axis``), the score channels' cosine and the argmax agreement."""
     rows = []
     for item in comparison.get("fidelity") or []:
-        top1 = item.get("top1_agreement")
+        axis, worst_at = item.get("channel_axis"), item.get("worst_sqnr_channel")
+        where = f"{worst_at}/{item.get('channels')}@{axis}" if axis is not None else "whole"
+        argmax = item.get("argmax_agreement")
+        scores = f" ({item['score_channels']} ch)" if item.get("score_channels") else ""
         rows.append(
             (
                 item["name"],
-                _number(item["max_abs"], 4),
-                _number(item["mean_abs"], 4),
-                _number(item["cosine"], 7),
-                "-" if top1 is None else f"{top1:.4f}",
+                _number(item["cosine"], 6),
+                _number(item.get("sqnr_db"), 3),
+                _number(item.get("worst_channel_sqnr_db"), 3),
+                where,
+                _number(item.get("worst_channel_cosine"), 4),
+                _number(item.get("score_cosine"), 4) + scores,
+                "-" if argmax is None else f"{argmax:.4f}",
                 f"{item.get('nonfinite_a', 0)}/{item.get('nonfinite_b', 0)}",
             )
         )
     return rows
+
+
+def _shapes_line(comparison: dict[str, Any]) -> str:
+    shapes = comparison.get("input_shapes") or {}
+    return ", ".join(f"{name} {'×'.join(map(str, dims))}" for name, dims in shapes.items())
+
+
+def _gate_label(gate: dict[str, Any]) -> str:
+    return f"{gate['expr']} (default gate)" if gate.get("default") else gate["expr"]
 
 
 # ---------------------------------------------------------------- terminal
@@ -207,8 +242,10 @@ def _fidelity_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
 def print_report(
     report: dict[str, Any], console: Console | None = None, *, all_nodes: bool = False
 ) -> None:
-    """Plain tables for the terminal."""
+    """Plain tables for the terminal; the warnings come first, where they cannot be missed."""
     console = console or Console()
+    for warning in report.get("warnings") or []:
+        console.print(f"[bold yellow]WARNING[/]: {warning}", markup=True, highlight=False)
     if report.get("input"):
         console.print(
             f"[bold]{report['input']}[/] → [bold]{report.get('output') or '(not written)'}[/]"
@@ -241,7 +278,9 @@ def print_report(
         print_comparison(comparison, console)
     for gate in report.get("gates") or []:
         verdict = "[green]PASS[/]" if gate["passed"] else "[red]FAIL[/]"
-        console.print(f"gate {gate['expr']}: {verdict} {gate.get('message', '')}")
+        console.print(f"gate {_gate_label(gate)}: {verdict} {gate.get('message', '')}")
+    if report.get("warnings"):
+        console.print(f"[bold yellow]{len(report['warnings'])} warning(s)[/]: see the top")
 
 
 def _summed(records: list[dict[str, Any]], key: str) -> str:
@@ -310,7 +349,9 @@ def print_comparison(comparison: dict[str, Any], console: Console | None = None)
     console = console or Console()
     names = comparison.get("names") or ["original", "result"]
     table = Table(
-        title=f"compare (inputs: {comparison.get('inputs_label', '?')})", title_justify="left"
+        title=f"compare (inputs: {comparison.get('inputs_label', '?')}; shapes: "
+        f"{_shapes_line(comparison) or '?'})",
+        title_justify="left",
     )
     table.add_column("")
     table.add_column(names[0], justify="right")
@@ -319,8 +360,8 @@ def print_comparison(comparison: dict[str, Any], console: Console | None = None)
     for row in _size_rows(comparison):
         table.add_row(*row)
     console.print(table)
-    fidelity = Table(title="fidelity", title_justify="left")
-    for column in ("output", "max |Δ|", "mean |Δ|", "cosine", "top-1 agree", "non-finite a/b"):
+    fidelity = Table(title="fidelity (whole output and per output channel)", title_justify="left")
+    for column in _FIDELITY_COLUMNS:
         fidelity.add_column(column, justify="left" if column == "output" else "right")
     for row in _fidelity_rows(comparison):
         fidelity.add_row(*row)
@@ -342,6 +383,8 @@ th:first-child,td:first-child{text-align:left} th{background:#f5f6fa;font-weight
 .card b{display:block;font-size:1.6rem} .card span{color:#667}
 .bar{background:#e4e7f0;border-radius:4px;height:10px;width:160px;display:inline-block;vertical-align:middle}
 .bar i{display:block;height:10px;border-radius:4px;background:#4a7bd0}
+.warnings{background:#fff4e5;border:2px solid #e08a00;border-radius:8px;padding:.6rem 1rem;margin:1rem 0}
+.warnings ul{margin:.3rem 0 0 1rem;padding:0}
 .pass{color:#167a3a;font-weight:600} .fail{color:#b3261e;font-weight:600} .note{color:#667}
 """
 
@@ -375,6 +418,9 @@ def to_html(report: dict[str, Any]) -> str:
     parts.append(
         f"<p class='sub'>{esc(str(report.get('input') or ''))} → {esc(str(report.get('output') or '(not written)'))} · {esc(report['created'])}</p>"
     )
+    if report.get("warnings"):
+        items = "".join(f"<li>{esc(w)}</li>" for w in report["warnings"])
+        parts.append(f"<div class='warnings'><b>Warnings</b><ul>{items}</ul></div>")
     comparison = report.get("comparison")
     if comparison:
         rows = _size_rows(comparison)
@@ -383,16 +429,9 @@ def to_html(report: dict[str, Any]) -> str:
             _card(metric.replace(" (median ms)", "") + " ratio", ratio)
             for metric, _, _, ratio in rows[3:4]
         ]
-        worst = min(
-            (
-                f["cosine"]
-                for f in comparison.get("fidelity") or []
-                if isinstance(f["cosine"], float)
-            ),
-            default=None,
-        )
+        worst = comparison.get("metrics", {}).get("worst_channel_sqnr_db")
         if worst is not None:
-            cards.append(_card("worst cosine vs original", f"{worst:.6f}"))
+            cards.append(_card("worst output channel SQNR", f"{worst:.1f} dB"))
         parts.append("<div class='cards'>" + "".join(cards) + "</div>")
         names = comparison.get("names") or ["original", "result"]
         parts.append("<h2>Size and speed</h2>")
@@ -403,11 +442,12 @@ def to_html(report: dict[str, Any]) -> str:
             )
         )
         parts.append(
-            f"<h2>Fidelity <span class='note'>(inputs: {esc(comparison.get('inputs_label', '?'))})</span></h2>"
+            f"<h2>Fidelity <span class='note'>(inputs: {esc(comparison.get('inputs_label', '?'))};"
+            f" shapes: {esc(_shapes_line(comparison) or '?')})</span></h2>"
         )
         parts.append(
             _table(
-                ["output", "max |Δ|", "mean |Δ|", "cosine", "top-1 agree", "non-finite a/b"],
+                list(_FIDELITY_COLUMNS),
                 [tuple(esc(c) for c in row) for row in _fidelity_rows(comparison)],
             )
         )
@@ -416,7 +456,7 @@ def to_html(report: dict[str, Any]) -> str:
         parts.append("<h2>Accuracy gates</h2>")
         verdict = {True: "<span class='pass'>PASS</span>", False: "<span class='fail'>FAIL</span>"}
         gate_rows = [
-            (esc(g["expr"]), esc(_number(g.get("value"))), verdict[g["passed"]]) for g in gates
+            (esc(_gate_label(g)), esc(_number(g.get("value"))), verdict[g["passed"]]) for g in gates
         ]
         parts.append(_table(["gate", "value", "result"], gate_rows))
     passes = report.get("passes") or []
@@ -495,7 +535,10 @@ def print_summary(
     )
     facts = Table(show_header=False, box=None)
     facts.add_row("parameters", human_count(data["params"]))
-    facts.add_row("MACs", f"{human_count(data['macs'])} (inputs {data['input_shapes']})")
+    if data["macs"] is None:
+        facts.add_row("MACs", "[bold red]unknown[/]: input dimensions not given (see the note)")
+    else:
+        facts.add_row("MACs", f"{human_count(data['macs'])} (inputs {data['input_shapes']})")
     facts.add_row("weights in memory", human_bytes(data["initializer_bytes"]))
     facts.add_row("file size", human_bytes(data["size_bytes"]))
     facts.add_row("weight sparsity", f"{data['sparsity']:.2%}")
@@ -531,7 +574,7 @@ def print_summary(
             column, justify="left" if column in ("node", "op", "weight shape") else "right"
         )
     for node in shown:
-        share = node["macs"] / data["macs"] if data["macs"] else 0.0
+        share = f"{node['macs'] / data['macs']:.1%}" if data["macs"] else "-"
         sparsity = "-" if node["sparsity"] is None else f"{node['sparsity']:.1%}"
         shape = "" if node["weight_shape"] is None else "×".join(map(str, node["weight_shape"]))
         table.add_row(
@@ -539,13 +582,16 @@ def print_summary(
             node["op_type"],
             human_count(node["params"]),
             human_count(node["macs"]),
-            f"{share:.1%}",
+            share,
             shape,
             sparsity,
         )
     console.print(table)
-    for name in data["unknown_macs"]:
-        console.print(f"note: MACs of {name} unknown (shape inference could not reach it)")
+    if data["macs"] is None:
+        console.print(f"note: MACs of {len(data['unknown_macs'])} nodes depend on those dimensions")
+    else:
+        for name in data["unknown_macs"]:
+            console.print(f"note: MACs of {name} unknown (shape inference could not reach it)")
     for note in data["notes"]:
         console.print(f"note: {note}")
 

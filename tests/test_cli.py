@@ -355,7 +355,7 @@ def test_demo_prunes_recovers_and_quantizes(tmp_path, capsys):
     assert code == cli.EXIT_OK, err
     assert (tmp_path / "resnet18.squeezed.onnx").exists()
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["passed"]
+    assert report["passed"] == report["gates"][0]["passed"]
     assert [p["name"] for p in report["passes"]] == [
         "prepare",
         "prune_channels",
@@ -364,8 +364,10 @@ def test_demo_prunes_recovers_and_quantizes(tmp_path, capsys):
     ]
     metrics = report["comparison"]["metrics"]
     assert metrics["macs_ratio"] <= 0.72 and metrics["size_ratio"] < 0.3
-    assert metrics["cosine"] >= 0.95
+    assert metrics["cosine"] >= 0.9  # on random images the passes did not see
     assert "latency" in stdout
+    assert "RANDOM" in report["warnings"][0] and stdout.lstrip().startswith("onnx-squeeze demo")
+    assert [g["default"] for g in report["gates"]] == [True]
 
 
 def test_inspect_groups_lists_prunable_and_frozen_groups(small_resnet, tmp_path, capsys):

@@ -9,6 +9,7 @@ import pytest
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnx_squeeze import analysis, channel_groups, latency_search, layer_times, runtime, zoo
+from onnx_squeeze.analysis import resolve_input_shapes
 from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import constant_array
@@ -19,7 +20,9 @@ from tests.test_channel_groups import FROZEN_GRAPHS, GRAPHS, graph_model, zoo_mo
 
 
 def _prune(model: ir.Model, context: PassContext | None = None, **settings):
+    """Prune a copy; symbolic dimensions (a transformer's sequence) are set to 8 explicitly."""
     pruned = model.clone()
+    context = context or PassContext(shapes=resolve_input_shapes(model, default_dim=8))
     report = PruneChannels(**settings)(pruned, context)
     return pruned, report
 

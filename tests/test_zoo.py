@@ -12,6 +12,8 @@ from onnx_squeeze.errors import SettingsError
 
 CLASSIFIERS = ("resnet18", "resnet50", "mobilenetv2", "transformer", "mlp")
 CONV_NETS = ("resnet18", "resnet50", "mobilenetv2", "yolo")
+# every model, the exported-style ones too (only in this file: they are cheap to build small)
+ALL = zoo.NAMES + zoo.EXPORTED
 SEQUENCE = 16
 
 _cache: dict[str, ir.Model] = {}
@@ -72,11 +74,19 @@ def test_names_have_builders_and_small_versions():
         assert name in zoo._SMALL
 
 
+def test_exported_models_are_buildable_but_kept_out_of_names():
+    assert zoo.EXPORTED == ("yolo_detect",)
+    assert not set(zoo.EXPORTED) & set(zoo.NAMES)
+    for name in zoo.EXPORTED:
+        assert callable(getattr(zoo, name))
+        assert name in zoo._SMALL and name in zoo._BUILDERS
+
+
 @pytest.mark.parametrize("call", [lambda: zoo.build("vgg16"), lambda: zoo.small("vgg16")])
 def test_unknown_name_lists_the_known_ones(call):
     with pytest.raises(SettingsError, match="vgg16") as error:
         call()
-    for name in zoo.NAMES:
+    for name in ALL:
         assert name in str(error.value)
 
 
@@ -102,7 +112,7 @@ def test_invalid_settings_raise_settings_error(kwargs):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", zoo.NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_full_checker_passes_and_opset_17(name):
     model = small(name)
     assert model.opset_imports == {"": 17}
@@ -110,7 +120,7 @@ def test_full_checker_passes_and_opset_17(name):
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
 
 
-@pytest.mark.parametrize("name", zoo.NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_inputs_and_outputs_are_typed_with_symbolic_batch(name):
     model = small(name)
     for value in [*model.graph.inputs, *model.graph.outputs]:
@@ -121,7 +131,7 @@ def test_inputs_and_outputs_are_typed_with_symbolic_batch(name):
             assert value.dtype is not None and value.shape is not None, value.name
 
 
-@pytest.mark.parametrize("name", zoo.NAMES)
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_runs_in_onnxruntime_with_dynamic_batch(name, batch):
     model = small(name)
@@ -129,6 +139,7 @@ def test_runs_in_onnxruntime_with_dynamic_batch(name, batch):
     expected_names = {
         "transformer": ["logits", "last_hidden_state"],
         "yolo": ["p3", "p4", "p5"],
+        "yolo_detect": ["output0"],
     }.get(name, ["logits"])
     assert [o.name for o in session.get_outputs()] == expected_names
     outputs = session.run(None, feed(model, batch, np.random.default_rng(batch)))
@@ -146,7 +157,7 @@ def test_classifier_predictions_vary_with_the_input(name):
     assert 0.3 < logits.std() < 10
 
 
-@pytest.mark.parametrize("name", zoo.NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_names_are_unique_and_follow_the_module_path(name):
     model = small(name)
     node_names = [node.name for node in model.graph]
@@ -166,7 +177,7 @@ def test_resnet18_matches_torchvision_naming():
     assert [n.op_type for n in model.graph][-3:] == ["GlobalAveragePool", "Flatten", "Gemm"]
 
 
-@pytest.mark.parametrize("name", zoo.NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_seed_determines_the_weights(name):
     same = weights(zoo.small(name, seed=0))
     reference = weights(small(name))
@@ -250,6 +261,104 @@ def test_batchnorm_scales_vary_across_channels(name):
             magnitude = np.abs(gamma)
             assert magnitude.max() / magnitude.min() > 3, node.name
             assert np.abs(node.inputs[2].const_value.numpy()).max() < 1, node.name
+
+
+# --------------------------------------------------------------------------------------------
+# yolo_detect: the YOLOv8 network with ultralytics' in-graph decode
+# --------------------------------------------------------------------------------------------
+
+DECODE_OPS = [
+    *["Reshape"] * 3,
+    "Concat",
+    "Split",
+    "Reshape",  # DFL: [N, 64, A] -> [N, 4, 16, A]
+    "Transpose",
+    "Softmax",
+    "Conv",
+    "Reshape",
+    "Split",  # dist2bbox: lt, rb
+    "Sub",
+    "Add",
+    "Add",
+    "Div",
+    "Sub",
+    "Concat",
+    "Mul",  # strides
+    "Sigmoid",
+    "Concat",
+]
+
+
+def yolo_decode(heads: list[np.ndarray], image_size: int) -> np.ndarray:
+    """ultralytics ``Detect._inference`` (DFL, make_anchors, dist2bbox xywh) in numpy."""
+    x = np.concatenate([h.reshape(h.shape[0], h.shape[1], -1) for h in heads], axis=2)
+    n, _, anchors = x.shape
+    bins = x[:, :64].reshape(n, 4, 16, anchors).astype(np.float64)
+    probs = np.exp(bins - bins.max(axis=2, keepdims=True))
+    probs /= probs.sum(axis=2, keepdims=True)
+    distance = (probs * np.arange(16)[None, None, :, None]).sum(axis=2)
+    points, strides = [], []
+    for stride in (8, 16, 32):
+        cells = image_size // stride
+        rows, cols = np.divmod(np.arange(cells * cells), cells)
+        points.append(np.stack([cols + 0.5, rows + 0.5]))
+        strides.append(np.full(cells * cells, stride))
+    point, stride = np.concatenate(points, axis=1), np.concatenate(strides)
+    x1y1, x2y2 = point - distance[:, :2], point + distance[:, 2:]
+    boxes = np.concatenate([(x1y1 + x2y2) / 2, x2y2 - x1y1], axis=1) * stride
+    scores = 1 / (1 + np.exp(-x[:, 64:].astype(np.float64)))
+    return np.concatenate([boxes, scores], axis=1)
+
+
+def test_yolo_detect_is_yolo_followed_by_the_exported_decode():
+    model, raw = small("yolo_detect"), small("yolo")
+    ops = [node.op_type for node in model.graph]
+    assert ops == [node.op_type for node in raw.graph] + DECODE_OPS
+    (output,) = model.graph.outputs
+    assert output.name == "output0"
+    assert output.shape.dims[1:] == (4 + 4, 64 + 16 + 4)  # 4 classes; anchors at 64 px
+    nodes = {node.name: node for node in model.graph}
+    dfl = nodes["model.22.dfl.conv"].inputs[1].const_value.numpy()
+    assert np.array_equal(dfl.ravel(), np.arange(16)) and dfl.shape == (1, 16, 1, 1)
+    assert nodes["model.22.dfl/Softmax"].attributes["axis"].value == 1
+    # the same seeded network: only the final box biases and class convs are set differently
+    ours, theirs = weights(model), weights(raw)
+    assert set(theirs) < set(ours)
+    changed = {name for name in theirs if not np.array_equal(ours[name], theirs[name])}
+    expected = {f"model.22.cv2.{level}.2.bias" for level in range(3)}
+    expected |= {
+        f"model.22.cv3.{level}.2.{part}" for level in range(3) for part in ("weight", "bias")
+    }
+    assert changed == expected
+
+
+def test_yolo_detect_output_is_the_decode_of_its_heads():
+    model = small("yolo_detect")
+    heads = [f"model.22/Concat_{level}_output_0" for level in range(3)]
+    values = run_with_intermediates(model, heads, feed(model, 2, np.random.default_rng(5)))
+    expected = yolo_decode([values[name] for name in heads], image_size=64)
+    np.testing.assert_allclose(values["output0"], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_yolo_detect_mixes_pixel_boxes_with_mostly_background_scores():
+    model = small("yolo_detect")
+    session = runtime.create_session(model, "cpu", optimization="none")
+    (output,) = session.run(None, feed(model, 4, np.random.default_rng(0)))
+    assert output.shape == (4, 8, 84)
+    boxes, scores = output[:, :4], output[:, 4:]
+    # boxes: pixels, centres mostly inside the 64 x 64 image, sizes at most 30 strides (DFL)
+    strides = np.repeat([8, 16, 32], [64, 16, 4])
+    centres, sizes = boxes[:, :2], boxes[:, 2:]
+    assert np.mean((centres >= 0) & (centres <= 64)) > 0.9
+    assert (sizes > 0).all() and np.mean(sizes > 4) > 0.9
+    assert (sizes <= 30 * strides + 1e-3).all()
+    assert 4 < np.median(np.abs(boxes)) < 64
+    # scores: probabilities, most anchors background, a few confident detections
+    assert (scores >= 0).all() and (scores <= 1).all()
+    assert np.mean(scores < 0.05) > 0.9
+    assert scores.max() > 0.25
+    best = scores.max(axis=1)  # per anchor
+    assert 0 < np.mean(best > 0.25) < 0.2
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
+from onnx_squeeze.analysis import InputShapes, concrete_input_shapes
 from onnx_squeeze.errors import SettingsError
 
 # Metadata key set on every node a pass creates, naming the pass (provenance).
@@ -85,8 +86,10 @@ class PassContext:
 
     ``calibration`` is a calibration source (see :mod:`onnx_squeeze.calibration`) or None;
     ``teacher`` is the prepared original model, for passes that fit the result to it;
-    ``cache`` holds statistics that several passes can share (keyed by what they measured).
-    Weight tensors are shared with the teacher: replace a value's tensor, never write into it.
+    ``cache`` holds statistics that several passes can share (keyed by what they measured);
+    ``shapes`` are the run's input shapes (from the options or the data), read through
+    :meth:`input_shapes`. Weight tensors are shared with the teacher: replace a value's tensor,
+    never write into it.
     """
 
     calibration: Any = None
@@ -94,6 +97,15 @@ class PassContext:
     providers: tuple[str, ...] = ("cpu",)
     seed: int = 0
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+    shapes: InputShapes | None = None
+
+    def input_shapes(self, model: ir.Model) -> dict[str, tuple[int, ...]]:
+        """Concrete input shapes for ``model``; a :class:`ShapeUnknownError` with the ``--shape``
+        hint when nothing gave a dimension (never a guessed 1)."""
+        if self.shapes is None:
+            return concrete_input_shapes(model)
+        names = {value.name for value in model.graph.inputs}
+        return {k: v for k, v in self.shapes.concrete().items() if k in names}
 
 
 class Pass(abc.ABC):

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.calibration import NpzSource, feeds_in_memory
+from onnx_squeeze.calibration import feeds_in_memory
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.passes.base import Pass, PassContext, PassReport, register
@@ -218,7 +218,7 @@ def _read_feeds(
     context: PassContext, teacher: ir.Model, settings: FinetuneSettings, report: PassReport
 ) -> list[Feed]:
     source = context.calibration
-    if settings.label_weight > 0 and isinstance(source, NpzSource):
+    if settings.label_weight > 0 and hasattr(source, "carrying"):
         try:
             source = source.carrying([settings.labels_key])
         except InputError as error:
@@ -231,6 +231,7 @@ def _read_feeds(
         batch_size=16,
         purpose="fine-tuning",
         notes=report.notes,
+        shapes=lambda: context.input_shapes(teacher),
     )
 
 

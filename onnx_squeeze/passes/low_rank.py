@@ -34,7 +34,7 @@ import onnx_ir as ir
 
 from onnx_squeeze import analysis, factorize, runtime
 from onnx_squeeze.blas import blas_threads
-from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.errors import SettingsError, ShapeUnknownError
 from onnx_squeeze.grams import GramSpec, Moments, collect_grams, conv_geometry
 from onnx_squeeze.graph_utils import (
     UniqueNames,
@@ -680,7 +680,14 @@ class LowRank(Pass):
                 "low_rank: data_aware=true needs calibration data: pass --calib (a .npz file, "
                 "an image folder, or 'random' for a smoke test) or set data_aware=false"
             )
-        summary = analysis.analyze(model, shapes=runtime.parse_shape_overrides(s.shapes))
+        shapes = runtime.parse_shape_overrides(s.shapes)
+        if not shapes:
+            try:
+                shapes = context.input_shapes(model)
+            except ShapeUnknownError:
+                if s.macs_target is not None:
+                    raise  # a MACs budget needs real MACs
+        summary = analysis.analyze(model, shapes=shapes)
         node_macs = {
             id(node): cost.macs
             for node, cost in zip(

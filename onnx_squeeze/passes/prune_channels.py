@@ -32,7 +32,7 @@ import functools
 import itertools
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -356,7 +356,7 @@ class PruneChannels(Pass):
         if not prunable or not (settings.ratio or target):
             return
         scores = self._scores(model, context, channels, prunable)
-        macs = _Costs.macs(model, channels)
+        macs = _Costs.macs(model, channels, context.input_shapes(model))
         timing = _Timing(model, context, settings) if settings.latency_target else None
         costs = _Costs.latency(model, channels, timing.original) if timing else macs
         planner = _Planner(channels, prunable, scores, settings, costs, macs)
@@ -427,7 +427,8 @@ class PruneChannels(Pass):
         if context.calibration is not None:
             return list(itertools.islice(iter(context.calibration), count))
         report.notes.append("sensitivity measured on random inputs (no calibration data)")
-        return list(RandomSource(runtime.input_specs(model), count=count, seed=1, batch_size=1))
+        shapes = context.input_shapes(model)
+        return list(RandomSource(runtime.input_specs(model), count=count, seed=1, overrides=shapes))
 
     def _protect(self, model: ir.Model, groups: list[ChannelGroup]) -> None:
         protect = set(self.settings.protect)
@@ -532,9 +533,12 @@ class _Costs:
         return atoms
 
     @classmethod
-    def macs(cls, model: ir.Model, channels: ChannelAnalysis) -> _Costs:
-        """MACs of the layers with weights, which scale with their weights' kept channels."""
-        summary = analysis.analyze(model)
+    def macs(
+        cls, model: ir.Model, channels: ChannelAnalysis, shapes: Mapping[str, Sequence[int]]
+    ) -> _Costs:
+        """MACs of the layers with weights, which scale with their weights' kept channels,
+        at the run's input ``shapes``."""
+        summary = analysis.analyze(model, shapes=shapes)
         nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
         macs = {id(n): float(c.macs) for n, c in zip(nodes, summary.nodes, strict=True)}
         return cls("MACs", macs, cls._weight_atoms(channels), max(float(summary.macs), 1.0))
@@ -571,7 +575,8 @@ class _Timing:
             first = next(iter(context.calibration))
             self.feed = {s.name: _resized(first[s.name], batch) for s in specs if s.name in first}
         else:
-            self.feed = next(iter(RandomSource(specs, count=batch, seed=1, batch_size=batch)))
+            shapes = {n: (batch, *d[1:]) for n, d in context.input_shapes(model).items()}
+            self.feed = next(iter(RandomSource(specs, count=batch, seed=1, overrides=shapes)))
         self.model, self.settings, self.provider = model, settings, context.providers[0]
         self.original = layer_times.measure(model, self.feed, provider=self.provider)
         self.session = runtime.create_session(model, self.provider, threads=1)

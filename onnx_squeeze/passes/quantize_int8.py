@@ -767,7 +767,10 @@ class QuantizeInt8(Pass):
         source = context.calibration
         if source is None:
             source = RandomSource(
-                input_specs(model), self.settings.random_samples, seed=context.seed
+                input_specs(model),
+                self.settings.random_samples,
+                seed=context.seed,
+                overrides=context.input_shapes(model),
             )
         if getattr(source, "is_random", False):
             report.notes.append(

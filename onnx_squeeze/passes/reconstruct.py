@@ -581,6 +581,7 @@ class Reconstruct(Pass):
             batch_size=_BATCH,
             purpose="recovery",
             notes=report.notes,
+            shapes=lambda: context.input_shapes(teacher),
         )
         feeds = joined(feeds, _BATCH, teacher)
         graph_outputs = [v.name for v in model.graph.outputs]

@@ -1,0 +1,380 @@
+"""How closely one model's outputs match a reference's: whole outputs and per output channel.
+
+A whole-output figure can hide a broken slice: a detector's output that concatenates box
+coordinates (0…640 px) with class scores (0…1) keeps a cosine of 0.9995 when every score has
+collapsed, because the boxes carry nearly all of the energy. So each output is also judged per
+channel, along its channel axis:
+
+- The channel axis is the one whose slices differ most in scale (the widest spread of the log of
+  the slices' RMS, on the first feed), among the axes of fixed size other than the batch axis
+  (axis 0 of outputs of rank 2 and more); ``channel_axes`` overrides it per output (None: the whole output is one
+  channel). An output with no such axis is one channel.
+- Per channel: SQNR in dB (reference power over error power, 200 dB when identical) and cosine.
+  Channels whose reference is zero throughout are left out (nothing to preserve). The worst
+  channel is named, and the mean over channels given.
+- Score channels: in an output that a Sigmoid or Softmax produces (through Concat, Reshape,
+  Transpose and other data-movement ops), the channels whose reference values all lie in [0, 1]
+  are probabilities. Their SQNR is measured against at least a 1 % probability scale, so that a
+  class that never fires in the data cannot decide the verdict, and ``score_cosine`` is the
+  cosine over all score channels together (what a threshold on the scores reads).
+- ``argmax_agreement``: the share of positions whose argmax along the channel axis agrees (top-1
+  per row of a classifier, per time step of a CTC/OCR sequence, per pixel of a segmentation
+  map); not given for outputs that mix score and other channels.
+
+Everything is accumulated feed by feed (sums per channel), so memory is bounded by one batch.
+Non-finite values: where both models give the same non-finite value the element is left out;
+where they differ the output's (and channel's) errors become infinite and cosines NaN, so every
+gate on it fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "IDENTICAL_DB",
+    "SCORE_FLOOR",
+    "OutputAccumulator",
+    "OutputFidelity",
+    "accumulators",
+    "channel_axis",
+    "probability_outputs",
+    "sqnr_db",
+]
+
+IDENTICAL_DB = 200.0  # SQNR reported for an exact match (float32 rounding alone gives ~140 dB)
+SCORE_FLOOR = 0.01  # probabilities: errors are measured against at least this scale
+_PROBABILITY_OPS = {"Sigmoid", "Softmax", "HardSigmoid"}
+# Ops that move or select values without changing them: a probability stays a probability.
+_MOVING_OPS = {
+    "Concat",
+    "Reshape",
+    "Transpose",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Split",
+    "Gather",
+    "GatherElements",
+    "Identity",
+    "Expand",
+    "Cast",
+    "TopK",
+}
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """Signal-to-noise ratio in dB, ``IDENTICAL_DB`` at zero noise; NaN propagates."""
+    if math.isnan(signal) or math.isnan(noise):
+        return math.nan
+    if noise <= 0.0:
+        return IDENTICAL_DB
+    if signal <= 0.0:
+        return -math.inf
+    return min(IDENTICAL_DB, 10.0 * math.log10(signal / noise))
+
+
+def _cosine(dot: float, norm_a: float, norm_b: float) -> float:
+    if norm_a == 0.0 and norm_b == 0.0:
+        return 1.0
+    if norm_a == 0.0 or norm_b == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, dot / math.sqrt(norm_a * norm_b)))
+
+
+def probability_outputs(model: ir.Model) -> set[str]:
+    """Names of the graph outputs that carry Sigmoid/Softmax values, directly or through ops
+    that only move them (a detector's Concat of boxes and scores included)."""
+    found = set()
+    for output in model.graph.outputs:
+        pending, seen = [output], set()
+        while pending:
+            value = pending.pop()
+            node = value.producer()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in _PROBABILITY_OPS:
+                found.add(output.name)
+                break
+            if node.op_type in _MOVING_OPS:
+                data = node.inputs if node.op_type == "Concat" else node.inputs[:1]
+                pending.extend(v for v in data if v is not None)
+    return found
+
+
+def channel_axis(reference: np.ndarray, fixed: Sequence[bool] | None = None) -> int | None:
+    """The axis whose slices differ most in scale: the widest spread (standard deviation) of
+    the logarithm of the slices' RMS, all-zero slices left out.
+
+    Candidates: axes of size > 1, of fixed size (``fixed[axis]``, when known), and not axis 0
+    of an output of rank 2 or more (the batch). None when there is no candidate.
+    """
+    values = np.asarray(reference, dtype=np.float64)
+    values = np.where(np.isfinite(values), values, 0.0)
+    best, best_spread = None, -1.0
+    for axis in range(values.ndim):
+        if values.shape[axis] < 2 or (axis == 0 and values.ndim > 1):
+            continue
+        if fixed is not None and axis < len(fixed) and not fixed[axis]:
+            continue
+        other = tuple(i for i in range(values.ndim) if i != axis)
+        rms = np.sqrt(np.mean(values**2, axis=other))
+        live = np.log(rms[rms > 0])
+        spread = float(live.std()) if live.size > 1 else 0.0
+        if spread > best_spread:
+            best, best_spread = axis, spread
+    return best
+
+
+@dataclasses.dataclass
+class OutputFidelity:
+    """How closely model B's output matches model A's over all feeds."""
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    top1_agreement: float | None
+    nonfinite_a: int
+    nonfinite_b: int
+    samples: int
+    elements: int = 0
+    sqnr_db: float = IDENTICAL_DB
+    channel_axis: int | None = None
+    channels: int = 1
+    worst_channel_sqnr_db: float = IDENTICAL_DB
+    worst_sqnr_channel: int | None = None
+    mean_channel_sqnr_db: float = IDENTICAL_DB
+    worst_channel_cosine: float = 1.0
+    worst_cosine_channel: int | None = None
+    mean_channel_cosine: float = 1.0
+    score_channels: int = 0
+    score_cosine: float | None = None
+    argmax_agreement: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict; non-finite numbers become strings ("inf", "nan")."""
+        data = dataclasses.asdict(self)
+        for key, value in data.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                data[key] = str(value)
+        return data
+
+
+class OutputAccumulator:
+    """Streaming sums, whole and per channel, for one output of A (reference) and B."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        fixed: Sequence[bool] | None = None,
+        axis: int | str | None = "auto",
+        probabilities: bool = False,
+    ) -> None:
+        self.name = name
+        self.fixed = fixed
+        self.axis = axis
+        self.probabilities = probabilities
+        self.samples = 0
+        self.elements = 0
+        self.compared = 0
+        self.max_abs = 0.0
+        self.sum_abs = 0.0
+        self.nonfinite_a = 0
+        self.nonfinite_b = 0
+        self.classifier: bool | None = None
+        self.top1_matches = 0
+        self.rows = 0
+        self.argmax_matches = 0
+        self.positions = 0
+        self.sums: dict[str, np.ndarray] = {}
+
+    def _resolve_axis(self, a: np.ndarray) -> int | None:
+        if self.axis == "auto":
+            self.axis = channel_axis(a, self.fixed)
+        elif self.axis is not None:
+            axis = int(self.axis)
+            if not -a.ndim <= axis < a.ndim:
+                raise ValueError(
+                    f"channel axis {axis} is out of range for output {self.name!r} of rank {a.ndim}"
+                )
+            self.axis = axis % a.ndim
+        return self.axis
+
+    def _per_channel(self, array: np.ndarray, axis: int | None) -> np.ndarray:
+        if axis is None:
+            return array.reshape(1, -1)
+        return np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
+
+    def _merge_channels(self) -> None:
+        self.axis = None
+        for key, value in self.sums.items():
+            merge = np.min if key == "low" else np.max if key == "high" else np.sum
+            self.sums[key] = np.atleast_1d(merge(value))
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        if self.classifier is None:
+            self.classifier = a.ndim == 2 and a.shape[1] > 1 and np.issubdtype(a.dtype, np.floating)
+        if self.classifier:
+            self.top1_matches += int(np.count_nonzero(a.argmax(axis=1) == b.argmax(axis=1)))
+            self.rows += a.shape[0]
+        axis = self._resolve_axis(a)
+        x = self._per_channel(np.asarray(a, dtype=np.float64), axis)
+        y = self._per_channel(np.asarray(b, dtype=np.float64), axis)
+        if self.sums and x.shape[0] != self.sums["dot"].shape[0]:
+            # The channel count changed between feeds: judge the whole output as one channel.
+            self._merge_channels()
+            axis = None
+            x, y = x.reshape(1, -1), y.reshape(1, -1)
+        self.samples += 1
+        self.elements += x.size
+        finite_x, finite_y = np.isfinite(x), np.isfinite(y)
+        self.nonfinite_a += int(x.size - np.count_nonzero(finite_x))
+        self.nonfinite_b += int(y.size - np.count_nonzero(finite_y))
+        both = finite_x & finite_y
+        same = (x == y) | (np.isnan(x) & np.isnan(y))
+        mismatched = np.count_nonzero(~both & ~same, axis=1)
+        if axis is not None and a.ndim > 1 and np.issubdtype(a.dtype, np.floating):
+            self.argmax_matches += int(np.count_nonzero(a.argmax(axis=axis) == b.argmax(axis=axis)))
+            self.positions += a.size // a.shape[axis]
+        x, y = np.where(both, x, 0.0), np.where(both, y, 0.0)
+        diff = x - y
+        if both.any():
+            self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
+        self.sum_abs += float(np.abs(diff).sum())
+        self.compared += int(np.count_nonzero(both))
+        low = np.where(both, x, np.inf).min(axis=1)
+        high = np.where(both, x, -np.inf).max(axis=1)
+        sums = {
+            "dot": np.einsum("ij,ij->i", x, y),
+            "norm_a": np.einsum("ij,ij->i", x, x),
+            "norm_b": np.einsum("ij,ij->i", y, y),
+            "noise": np.einsum("ij,ij->i", diff, diff),
+            "count": np.count_nonzero(both, axis=1).astype(np.float64),
+            "mismatched": mismatched.astype(np.float64),
+        }
+        if not self.sums:
+            self.sums = {**sums, "low": low, "high": high}
+            return
+        for key, value in sums.items():
+            self.sums[key] += value
+        self.sums["low"] = np.minimum(self.sums["low"], low)
+        self.sums["high"] = np.maximum(self.sums["high"], high)
+
+    def result(self) -> OutputFidelity:
+        s = self.sums or {
+            key: np.zeros(1) for key in ("dot", "norm_a", "norm_b", "noise", "count", "mismatched")
+        } | {"low": np.zeros(1), "high": np.zeros(1)}
+        broken = bool(s["mismatched"].sum())
+        cosine = _cosine(float(s["dot"].sum()), float(s["norm_a"].sum()), float(s["norm_b"].sum()))
+        whole_sqnr = sqnr_db(float(s["norm_a"].sum()), float(s["noise"].sum()))
+        max_abs = self.max_abs
+        mean_abs = self.sum_abs / self.compared if self.compared else 0.0
+        if broken:
+            max_abs, mean_abs, cosine, whole_sqnr = math.inf, math.inf, math.nan, math.nan
+        scores = (
+            (s["low"] >= 0.0) & (s["high"] <= 1.0)
+            if self.probabilities
+            else np.zeros_like(s["low"], dtype=bool)
+        )
+        count = np.maximum(s["count"], 1.0)
+        signal = s["norm_a"] / count
+        signal = np.where(scores, np.maximum(signal, SCORE_FLOOR**2), signal)
+        live = s["norm_a"] > 0
+        channel_sqnr = np.array(
+            [
+                math.nan if m else sqnr_db(p, n / c)
+                for p, n, c, m in zip(signal, s["noise"], count, s["mismatched"], strict=True)
+            ]
+        )
+        channel_cosine = np.array(
+            [
+                math.nan if m else _cosine(d, na, nb)
+                for d, na, nb, m in zip(
+                    s["dot"], s["norm_a"], s["norm_b"], s["mismatched"], strict=True
+                )
+            ]
+        )
+        judged = live | (s["mismatched"] > 0) | ((s["norm_b"] > 0) & scores)
+        worst_sqnr, worst_sqnr_at, mean_sqnr = _worst_and_mean(channel_sqnr, judged)
+        worst_cos, worst_cos_at, mean_cos = _worst_and_mean(channel_cosine, judged & live)
+        score_cosine = None
+        if scores.any():
+            score_cosine = _cosine(
+                float(s["dot"][scores].sum()),
+                float(s["norm_a"][scores].sum()),
+                float(s["norm_b"][scores].sum()),
+            )
+            if s["mismatched"][scores].any():
+                score_cosine = math.nan
+        mixed = scores.any() and not scores.all()
+        return OutputFidelity(
+            name=self.name,
+            max_abs=max_abs,
+            mean_abs=mean_abs,
+            cosine=cosine,
+            top1_agreement=self.top1_matches / self.rows if self.classifier and self.rows else None,
+            nonfinite_a=self.nonfinite_a,
+            nonfinite_b=self.nonfinite_b,
+            samples=self.samples,
+            elements=self.elements,
+            sqnr_db=whole_sqnr,
+            channel_axis=self.axis if isinstance(self.axis, int) else None,
+            channels=len(s["dot"]),
+            worst_channel_sqnr_db=worst_sqnr,
+            worst_sqnr_channel=worst_sqnr_at,
+            mean_channel_sqnr_db=mean_sqnr,
+            worst_channel_cosine=worst_cos,
+            worst_cosine_channel=worst_cos_at,
+            mean_channel_cosine=mean_cos,
+            score_channels=int(scores.sum()),
+            score_cosine=score_cosine,
+            argmax_agreement=(
+                self.argmax_matches / self.positions if self.positions and not mixed else None
+            ),
+        )
+
+
+def _worst_and_mean(values: np.ndarray, judged: np.ndarray) -> tuple[float, int | None, float]:
+    """The lowest value (NaN first) among the judged channels, its index, and their mean."""
+    if not judged.any():
+        return float(values.max()), None, float(values.max())
+    picked = np.flatnonzero(judged)
+    chosen = values[picked]
+    nan = np.isnan(chosen)
+    index = int(picked[np.argmax(nan)]) if nan.any() else int(picked[np.argmin(chosen)])
+    finite = chosen[np.isfinite(chosen)]
+    mean = float(finite.mean()) if finite.size == chosen.size else float(chosen.min())
+    return float(values[index]), index, mean
+
+
+def accumulators(
+    names: Sequence[str],
+    shapes: Mapping[str, Sequence[Any]],
+    *,
+    probabilities: set[str] | frozenset[str] = frozenset(),
+    channel_axes: Mapping[str, int | None] | None = None,
+) -> dict[str, OutputAccumulator]:
+    """One accumulator per output; ``shapes`` are the declared output shapes (ints for fixed
+    dimensions), which say which axes may be channel axes."""
+    channel_axes = channel_axes or {}
+    result = {}
+    for name in names:
+        declared = shapes.get(name)
+        fixed = [isinstance(d, int) and d > 0 for d in declared] if declared else None
+        result[name] = OutputAccumulator(
+            name,
+            fixed=fixed,
+            axis=channel_axes.get(name, "auto"),
+            probabilities=name in probabilities,
+        )
+    return result

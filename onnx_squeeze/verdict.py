@@ -1,0 +1,118 @@
+"""What a run must say before anything else: warnings that cannot be missed, and the default gate.
+
+Warnings are one line each, shown first in the terminal, listed in the JSON report and as a
+banner on the HTML page; ``--strict`` turns any of them into exit code 3. They are raised for:
+
+- random calibration or evaluation data (the figures are smoke-test quality), and whatever a
+  pass flagged with a ``WARNING:`` note;
+- evaluation on the data the passes calibrated on (the figures are optimistic);
+- an output channel whose SQNR falls below ``warn_sqnr_db`` (default 20 dB);
+- outputs that became non-finite where the original's are finite;
+- a result slower than the original at a measured setting: its median time above
+  ``SLOWER_MARGIN`` times the original's and even its fastest run slower than the original's
+  median, so that timing noise on an unchanged model does not raise it;
+- a result bigger than the original (by more than 1 %: a few bytes of metadata are not news);
+- a pass that changed nothing.
+
+With no ``--check``, ``DEFAULT_GATE`` judges the result: the worst output channel's SQNR. It
+separates the broken cases (a detector whose scores collapsed while the whole-output cosine
+stayed above 0.999) from healthy INT8 results on the zoo and the real-model corpus; the figures
+behind the threshold are in ``benchmarks/results/real_models.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+WARN_SQNR_DB = 20.0
+DEFAULT_GATE = "worst_channel_sqnr_db>=10"
+SLOWER_MARGIN = 1.05  # latency ratio above which the result counts as slower
+BIGGER_MARGIN = 1.01  # size ratio above which it counts as bigger (not a few bytes of metadata)
+
+__all__ = ["BIGGER_MARGIN", "DEFAULT_GATE", "SLOWER_MARGIN", "WARN_SQNR_DB", "run_warnings"]
+
+
+def run_warnings(
+    comparison: Mapping[str, Any] | None,
+    passes: Sequence[Mapping[str, Any]] = (),
+    *,
+    calibration: Any = None,
+    evaluation: Any = None,
+    overlap: str | None = None,
+    warn_sqnr_db: float = WARN_SQNR_DB,
+) -> list[str]:
+    """Every warning of a run, most fundamental first: the data (random calibration or
+    evaluation data, evaluation on data the passes saw: ``overlap``), what the passes flagged
+    (notes starting with ``WARNING:``), then the result (weak output channels, non-finite
+    outputs, slower, bigger, passes that changed nothing). ``comparison`` and ``passes`` are
+    report dicts; ``calibration`` and ``evaluation`` are the data sources."""
+    found = []
+    worked = [p for p in passes if p["name"] != "prepare"]
+    if worked and getattr(calibration, "is_random", False):
+        found.append(
+            f"calibrated on RANDOM data ({calibration.label}): pass real data with --calib for a "
+            "model you can use"
+        )
+    if comparison and getattr(evaluation, "is_random", False):
+        found.append(
+            f"fidelity measured on RANDOM inputs ({evaluation.label}): the figures say nothing "
+            "about real data; pass --eval (or --inputs) with real samples"
+        )
+    if overlap:
+        found.append(overlap)
+    said_random = bool(worked) and getattr(calibration, "is_random", False)
+    for item in worked:
+        for note in item["notes"]:
+            if note.startswith("WARNING:") and not (said_random and "random" in note.lower()):
+                found.append(f"{item['name']}: {note.removeprefix('WARNING:').strip()}")
+        if not any(record["action"] != "skipped" for record in item["records"]):
+            found.append(f"pass {item['name']} changed nothing (see its skipped nodes and notes)")
+    if not comparison:
+        return found
+    for output in comparison.get("fidelity") or []:
+        found.extend(_channel_warnings(output, warn_sqnr_db))
+    for setting, (a, b) in (comparison.get("latency") or {}).items():
+        ratio = b["median_ms"] / a["median_ms"] if a["median_ms"] > 0 else 0.0
+        if ratio > SLOWER_MARGIN and b.get("min_ms", b["median_ms"]) > a["median_ms"]:
+            found.append(
+                f"the result is SLOWER than the original: {ratio:.2f}x its time ({setting})"
+            )
+    metrics = comparison.get("metrics") or {}
+    size = metrics.get("size_ratio")
+    if size is not None and size > BIGGER_MARGIN:
+        found.append(f"the result is BIGGER than the original: {size:.3f}x its size")
+    return found
+
+
+def _channel_warnings(output: Mapping[str, Any], warn_sqnr_db: float) -> list[str]:
+    name = output["name"]
+    new_nonfinite = output.get("nonfinite_b", 0) - output.get("nonfinite_a", 0)
+    if new_nonfinite > 0:
+        return [f"output {name!r} has {new_nonfinite} more NaN/inf values than the original's"]
+    worst = _number(output.get("worst_channel_sqnr_db"))
+    if worst is None or worst >= warn_sqnr_db:
+        return []
+    channel = output.get("worst_sqnr_channel")
+    where = (
+        f"channel {channel} (axis {output.get('channel_axis')})"
+        if output.get("channel_axis") is not None
+        else "the whole output"
+    )
+    whole, cosine = _number(output.get("sqnr_db")), _number(output.get("cosine"))
+    context = (
+        f" (whole output {whole:.1f} dB, cosine {cosine:.6f})"
+        if whole is not None and cosine is not None
+        else ""
+    )
+    return [f"output {name!r} {where}: SQNR {worst:.1f} dB, below {warn_sqnr_db:g} dB{context}"]
+
+
+def _number(value: Any) -> float | None:
+    """A float from a report value (non-finite numbers are written as strings or None)."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,138 @@
+"""Per-output-channel fidelity: a small-range slice cannot hide behind a large one."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from onnx import numpy_helper
+
+from onnx_squeeze import comparison, fidelity
+from onnx_squeeze.gates import evaluate_gates
+
+# A detector-like head: 4 box rows in pixels (0…640) concatenated with 6 Sigmoid score rows over
+# 50 anchors, as YOLO exports ship it: [N, 4 + 6, 50].
+DETECTOR = """
+<ir_version: 8, opset_import: ["" : 17]>
+det (float[N, 8, 50] x) => (float[N, 10, 50] out) {
+  raw_boxes = Einsum <equation = "oc,nca->noa"> (wb, x)
+  boxes = Sigmoid (raw_boxes)
+  pixels = Mul (boxes, px)
+  logits = Einsum <equation = "oc,nca->noa"> (ws, x)
+  shifted = Add (logits, bias)
+  scores = Sigmoid (shifted)
+  out = Concat <axis = 1> (pixels, scores)
+}
+"""
+
+
+def _detector(score_bias: np.ndarray) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(DETECTOR)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "wb": rng.standard_normal((4, 8)).astype(np.float32),
+        "px": np.array(640.0, dtype=np.float32),
+        "ws": (2.0 * rng.standard_normal((6, 8))).astype(np.float32),
+        "bias": score_bias.astype(np.float32).reshape(6, 1),
+    }
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in arrays.items())
+    return model
+
+
+def _feeds(count: int = 8) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_normal((1, 8, 50)).astype(np.float32)} for _ in range(count)]
+
+
+def _compare(b: onnx.ModelProto) -> comparison.Comparison:
+    return comparison.compare(_detector(np.full(6, -2.0)), b, feeds=_feeds(), runs=0)
+
+
+def test_collapsed_scores_fail_the_channel_metrics_while_the_whole_cosine_passes():
+    # The scores drop to a third of their logit: most detections below any threshold.
+    collapsed = _compare(_detector(np.full(6, -5.0)))
+    metrics = collapsed.metrics()
+    assert metrics["cosine"] > 0.999  # boxes carry the energy: the old check passes
+    assert metrics["worst_channel_sqnr_db"] < 10
+    assert metrics["score_cosine"] < 0.95
+    failed = evaluate_gates(["worst_channel_sqnr_db>=20", "score_cosine>=0.99"], metrics)
+    assert not any(result.passed for result in failed)
+    (output,) = collapsed.fidelity
+    assert output.channel_axis == 1 and output.channels == 10
+    assert output.score_channels == 6  # the pixel rows are not probabilities
+    assert output.worst_sqnr_channel >= 4  # a score row, not a box row
+    assert output.argmax_agreement is None  # boxes and scores mixed: no class axis
+
+
+def test_a_small_error_on_every_channel_passes():
+    near = _compare(_detector(np.full(6, -2.0) + 1e-3))
+    metrics = near.metrics()
+    assert metrics["worst_channel_sqnr_db"] > 40
+    assert metrics["score_cosine"] > 0.9999
+
+
+def test_identical_outputs_score_the_identical_ceiling():
+    same = _compare(_detector(np.full(6, -2.0)))
+    metrics = same.metrics()
+    assert metrics["worst_channel_sqnr_db"] == fidelity.IDENTICAL_DB
+    assert metrics["sqnr_db"] == fidelity.IDENTICAL_DB
+    assert metrics["score_cosine"] == 1.0
+
+
+def test_the_channel_axis_is_the_one_whose_slices_differ_most_in_scale():
+    values = np.ones((2, 5, 7))
+    values[:, 0] = 300.0  # one channel on axis 1 far larger than the rest
+    assert fidelity.channel_axis(values) == 1
+    assert fidelity.channel_axis(values, fixed=[False, False, True]) == 2
+    assert fidelity.channel_axis(np.ones((4, 1))) is None  # no axis but the batch
+
+
+def test_probability_outputs_follow_data_movement_to_sigmoid():
+    from onnx_squeeze import model_io
+
+    assert fidelity.probability_outputs(model_io.load(_detector(np.zeros(6)))) == {"out"}
+
+
+def test_channel_axis_override_and_whole_output():
+    a, b = _detector(np.full(6, -2.0)), _detector(np.full(6, -5.0))
+    whole = comparison.compare(a, b, feeds=_feeds(), runs=0, channel_axes={"out": None})
+    (output,) = whole.fidelity
+    assert output.channel_axis is None and output.channels == 1
+    assert output.worst_channel_sqnr_db == pytest.approx(output.sqnr_db)
+    anchors = comparison.compare(a, b, feeds=_feeds(), runs=0, channel_axes={"out": 2})
+    assert anchors.fidelity[0].channels == 50
+
+
+def test_sequence_argmax_agreement_per_position():
+    acc = fidelity.OutputAccumulator("logits", axis=2)
+    a = np.zeros((1, 4, 3), dtype=np.float32)
+    a[0, :, 0] = 1.0
+    b = a.copy()
+    b[0, 3, 2] = 2.0  # one of four time steps decodes another class
+    acc.add(a, b)
+    assert acc.result().argmax_agreement == pytest.approx(0.75)
+
+
+def test_mismatched_nonfinite_values_fail_the_channel_metrics():
+    acc = fidelity.OutputAccumulator("y", axis=1)
+    a = np.ones((2, 3), dtype=np.float32)
+    b = a.copy()
+    b[0, 1] = np.nan
+    acc.add(a, b)
+    result = acc.result()
+    assert math.isnan(result.worst_channel_sqnr_db) and result.worst_sqnr_channel == 1
+    assert math.isnan(result.cosine)
+
+
+def test_a_channel_count_that_changes_between_feeds_is_judged_whole():
+    acc = fidelity.OutputAccumulator("y", fixed=None)
+    first = np.ones((1, 3, 2))
+    first[:, 0] = 100.0
+    acc.add(first, first)
+    acc.add(np.ones((1, 5, 2)), np.ones((1, 5, 2)) * 1.01)
+    result = acc.result()
+    assert result.channel_axis is None and result.channels == 1
+    assert 30 < result.worst_channel_sqnr_db < fidelity.IDENTICAL_DB

@@ -1,0 +1,303 @@
+"""Verification that exported models cannot fool: shapes never invented, held-out data, loud
+warnings, the default gate and --strict, end to end through the command line."""
+
+from __future__ import annotations
+
+import html
+import json
+
+import jsonschema
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from onnx import helper, numpy_helper
+
+from onnx_squeeze import analysis, cli, model_io, report, verdict, zoo
+from tests.helpers import run
+from tests.test_fidelity import _detector
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.run(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _shapeless_conv(tmp_path) -> str:
+    """A Conv whose input has no shape at all, as some exports ship ``images``."""
+    weight = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["images", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "g",
+        [
+            onnx.ValueInfoProto(
+                name="images",
+                type=onnx.TypeProto(
+                    tensor_type=onnx.TypeProto.Tensor(elem_type=onnx.TensorProto.FLOAT)
+                ),
+            )
+        ],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = tmp_path / "shapeless.onnx"
+    onnx.save(proto, path)
+    return str(path)
+
+
+@pytest.fixture
+def transformer(tmp_path) -> str:
+    path = tmp_path / "transformer.onnx"
+    model_io.save(zoo.small("transformer"), path)  # input_ids [N, sequence]
+    return str(path)
+
+
+def test_inspect_reports_unknown_macs_with_the_shape_hint_for_a_shapeless_input(tmp_path, capsys):
+    path = _shapeless_conv(tmp_path)
+    code, out, _ = run_cli(capsys, "inspect", path, "--json", str(tmp_path / "a.json"))
+    assert code == 0
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert data["macs"] is None
+    assert any("--shape images:" in note for note in data["notes"])
+    assert "unknown" in out
+    code, _, _ = run_cli(
+        capsys, "inspect", path, "--shape", "images:1x3x8x8", "--json", str(tmp_path / "b.json")
+    )
+    assert json.loads((tmp_path / "b.json").read_text())["macs"] == 4 * 3 * 9 * 64
+
+
+def test_symbolic_sequence_length_is_never_set_to_one(transformer, tmp_path, capsys):
+    summary = analysis.analyze(transformer)
+    assert summary.macs is None and "input_ids[1]" in summary.notes[0]
+    code, _, err = run_cli(capsys, "compare", transformer, transformer, "--runs", "1")
+    assert code == cli.EXIT_INPUT
+    assert "--shape input_ids:1xSEQUENCE" in err and "never guessed" in err
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli(capsys, "compress", transformer, "-o", str(out), "--int8-dynamic")
+    assert code == cli.EXIT_INPUT and not out.exists()
+    code, _, _ = run_cli(
+        capsys,
+        "compress",
+        transformer,
+        "-o",
+        str(out),
+        "--int8-dynamic",
+        "--shape",
+        "input_ids:2x24",
+        "--runs",
+        "1",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
+    assert code == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["comparison"]["input_shapes"] == {"input_ids": [2, 24]}
+    assert data["comparison"]["models"][0]["macs"] > 0
+
+
+def test_default_dim_is_an_explicit_choice(transformer, tmp_path, capsys):
+    code, _, _ = run_cli(
+        capsys,
+        "compare",
+        transformer,
+        transformer,
+        "--default-dim",
+        "16",
+        "--runs",
+        "1",
+        "--json",
+        str(tmp_path / "c.json"),
+    )
+    assert code == 0
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["comparison"]["input_shapes"] == {"input_ids": [1, 16]}
+
+
+def test_shapes_come_from_the_data(transformer, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ids.npz", input_ids=rng.integers(0, 64, (12, 20)).astype(np.int64))
+    code, _, _ = run_cli(
+        capsys,
+        "compare",
+        transformer,
+        transformer,
+        "--inputs",
+        str(tmp_path / "ids.npz"),
+        "--runs",
+        "1",
+        "--json",
+        str(tmp_path / "c.json"),
+    )
+    assert code == 0
+    comparison = json.loads((tmp_path / "c.json").read_text())["comparison"]
+    assert comparison["input_shapes"] == {"input_ids": [1, 20]}
+    assert comparison["models"][0]["macs"] > 0
+
+
+def _images(path, samples: int) -> str:
+    rng = np.random.default_rng(0)
+    np.savez(path, input=rng.standard_normal((samples, 3, 32, 32)).astype(np.float32))
+    return str(path)
+
+
+@pytest.fixture
+def small_resnet(tmp_path) -> str:
+    path = tmp_path / "resnet.onnx"
+    model_io.save(zoo.small("resnet18"), path)
+    return str(path)
+
+
+def _compress(capsys, tmp_path, model: str, *flags: str) -> tuple[int, dict, str]:
+    out, json_path = tmp_path / "out.onnx", tmp_path / "run.json"
+    out.unlink(missing_ok=True)
+    code, _, err = run_cli(
+        capsys, "compress", model, "-o", str(out), "--runs", "3", "--json", str(json_path), *flags
+    )
+    data = json.loads(json_path.read_text()) if json_path.exists() else {}
+    json_path.unlink(missing_ok=True)
+    return code, data, err
+
+
+def test_calibration_data_is_split_and_evaluation_is_held_out(small_resnet, tmp_path, capsys):
+    calib = _images(tmp_path / "calib.npz", 20)
+    code, data, _ = _compress(capsys, tmp_path, small_resnet, "--int8", "--calib", calib)
+    assert code == 0
+    assert "held out from calibration" in data["evaluation"]
+    assert "held out for evaluation" in data["calibration"]
+    assert not any("optimistic" in w for w in data["warnings"])
+    assert data["comparison"]["fidelity"][0]["samples"] == 4  # batches 5, 10, 15, 20
+
+
+def test_evaluation_on_the_calibration_data_is_flagged(small_resnet, tmp_path, capsys):
+    few = _images(tmp_path / "few.npz", 3)
+    code, data, _ = _compress(capsys, tmp_path, small_resnet, "--int8", "--calib", few)
+    assert code == 0 and any("optimistic" in w for w in data["warnings"])
+    calib = _images(tmp_path / "calib.npz", 20)
+    flags = ("--int8", "--calib", calib, "--eval", calib)
+    code, data, _ = _compress(capsys, tmp_path, small_resnet, *flags)
+    assert any("optimistic" in w for w in data["warnings"])
+    held = _images(tmp_path / "eval.npz", 6)
+    code, data, _ = _compress(
+        capsys, tmp_path, small_resnet, "--int8", "--calib", calib, "--eval", held
+    )
+    assert data["evaluation"].startswith(held) or held in data["evaluation"]
+    assert not any("optimistic" in w for w in data["warnings"])
+    assert data["comparison"]["fidelity"][0]["samples"] == 6
+
+
+def test_random_data_warns_first_and_strict_writes_nothing(small_resnet, tmp_path, capsys):
+    code, data, _ = _compress(capsys, tmp_path, small_resnet, "--int8")
+    assert code == 0 and (tmp_path / "out.onnx").exists()
+    assert "RANDOM" in data["warnings"][0] or "random" in data["warnings"][0]
+    code, out, _ = run_cli(
+        capsys, "compress", small_resnet, "-o", str(tmp_path / "s.onnx"), "--int8", "--runs", "2"
+    )
+    assert out.lstrip().startswith("WARNING")  # before any table
+    code, data, err = _compress(capsys, tmp_path, small_resnet, "--int8", "--strict")
+    assert code == cli.EXIT_GATE and "--strict" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_default_gate_fails_a_collapsed_detector_only_under_strict(tmp_path, capsys):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(_detector(np.full(6, -2.0)), a)
+    onnx.save(_detector(np.full(6, -5.0)), b)
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((8, 8, 50)).astype(np.float32))
+    flags = ("--inputs", str(tmp_path / "x.npz"), "--runs", "2", "--json", str(tmp_path / "c.json"))
+    code, out, _ = run_cli(capsys, "compare", str(a), str(b), *flags)
+    assert code == 0
+    data = json.loads((tmp_path / "c.json").read_text())
+    (gate,) = data["gates"]
+    assert gate["default"] and gate["expr"] == verdict.DEFAULT_GATE and not gate["passed"]
+    assert not data["passed"] and "FAIL" in out
+    assert data["comparison"]["metrics"]["cosine"] > 0.999
+    assert any("SQNR" in w for w in data["warnings"])
+    code, _, err = run_cli(capsys, "compare", str(a), str(b), *flags, "--strict")
+    assert code == cli.EXIT_GATE and "accuracy gate failed" in err
+    code, _, _ = run_cli(capsys, "compare", str(a), str(a), *flags, "--strict")
+    assert code == 0  # identical, real inputs: nothing to warn about
+
+
+def test_a_pass_that_changes_nothing_is_a_warning(tmp_path, capsys):
+    path = tmp_path / "det.onnx"
+    onnx.save(_detector(np.full(6, -2.0)), path)
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((8, 8, 50)).astype(np.float32))
+    flags = ("--prune-weights", "0.5", "--eval", str(tmp_path / "x.npz"))
+    code, data, _ = _compress(capsys, tmp_path, str(path), *flags)
+    assert code == 0
+    assert any("prune_weights changed nothing" in w for w in data["warnings"])
+
+
+def _latency(a: float, b: float, b_min: float) -> dict:
+    return {
+        "cpu/t1": [{"median_ms": a, "p90_ms": a}, {"median_ms": b, "p90_ms": b, "min_ms": b_min}]
+    }
+
+
+def test_slower_bigger_and_nonfinite_results_are_warnings():
+    output = {"name": "y", "nonfinite_a": 0, "nonfinite_b": 3, "worst_channel_sqnr_db": 50.0}
+    comparison = {
+        "fidelity": [output],
+        "latency": _latency(1.0, 1.5, 1.4),
+        "metrics": {"size_ratio": 1.2},
+    }
+    found = verdict.run_warnings(comparison)
+    assert any("SLOWER" in w for w in found)
+    assert any("BIGGER" in w for w in found)
+    assert any("NaN/inf" in w for w in found)
+    # Timing noise: a higher median whose fastest run beats the original's median.
+    noisy = {"fidelity": [], "latency": _latency(1.0, 1.1, 0.9), "metrics": {}}
+    assert verdict.run_warnings(noisy) == []
+
+
+def test_the_html_page_opens_with_the_warnings_and_the_json_validates(
+    tmp_path, small_resnet, capsys
+):
+    _, data, _ = _compress(capsys, tmp_path, small_resnet, "--int8")
+    schema = json.loads(report.SCHEMA_PATH.read_text())
+    jsonschema.validate(data, schema)
+    page = report.to_html(data)
+    assert page.index("class='warnings'") < page.index("<h2>")
+    for warning in data["warnings"]:
+        assert html.escape(warning) in page
+
+
+def _detections(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Anchors whose best class scores above 0.25, and that class: what a detector's NMS reads."""
+    return scores.max(axis=1) > 0.25, scores.argmax(axis=1)
+
+
+@pytest.mark.parametrize(
+    ("flags", "broken"),
+    [(("--prune-channels", "0.3"), True), (("--prune-weights", "0.1"), False)],
+)
+def test_the_default_gate_tells_lost_detections_from_kept_ones(flags, broken, tmp_path, capsys):
+    """The zoo detector as exporters ship it (pixel boxes concatenated with Sigmoid scores):
+    pruning 30 % of its MACs loses about half of the detections while the whole-output cosine
+    stays near 1; light weight pruning keeps them. The default gate must tell the two apart."""
+    path = tmp_path / "detector.onnx"
+    model_io.save(zoo.small("yolo_detect"), path)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((40, 3, 64, 64)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", images=images)
+    code, data, _ = _compress(
+        capsys, tmp_path, str(path), *flags, "--calib", str(tmp_path / "calib.npz")
+    )
+    assert code == 0
+    held_out = images[4::5]  # the batches the passes did not see
+    expected = run(model_io.load(path), {"images": held_out})[0][:, 4:]
+    actual = run(model_io.load(tmp_path / "out.onnx"), {"images": held_out})[0][:, 4:]
+    (found, label), (kept, kept_label) = _detections(expected), _detections(actual)
+    recall = np.count_nonzero(found & kept & (label == kept_label)) / np.count_nonzero(found)
+    metrics = data["comparison"]["metrics"]
+    (gate,) = data["gates"]
+    assert gate["default"] and gate["passed"] is not broken
+    if broken:
+        assert recall < 0.8 and metrics["cosine"] > 0.99
+        assert metrics["score_cosine"] < 0.9
+    else:
+        assert recall > 0.95 and metrics["score_cosine"] > 0.99
