@@ -9,14 +9,18 @@ channel, along its channel axis:
   the slices' RMS, on the first feed), among the axes of fixed size other than the batch axis
   (axis 0 of outputs of rank 2 and more); ``channel_axes`` overrides it per output (None: the whole output is one
   channel). An output with no such axis is one channel.
-- Per channel: SQNR in dB (reference power over error power, 200 dB when identical) and cosine.
+- Per channel: SQNR in dB (reference power over error power, 200 dB when identical, -200 dB
+  for values where the reference has none) and cosine.
   Channels whose reference is zero throughout are left out (nothing to preserve). The worst
   channel is named, and the mean over channels given.
 - Score channels: in an output that a Sigmoid or Softmax produces (through Concat, Reshape,
   Transpose and other data-movement ops), the channels whose reference values all lie in [0, 1]
-  are probabilities. Their SQNR is measured against at least a 1 % probability scale, so that a
-  class that never fires in the data cannot decide the verdict, and ``score_cosine`` is the
-  cosine over all score channels together (what a threshold on the scores reads).
+  are probabilities. Their SQNR is taken over the values where either model scores at least
+  ``SCORE_ACTIVE`` (5 %): what a threshold or an argmax reads. Background scores near zero in
+  both, and classes that never fire in the data, do not decide the verdict (a softmax over 6000
+  characters moves its near-zero classes by more than their own size under INT8, harmlessly),
+  while a detection whose score collapses, or a new one, does. ``score_cosine`` is the cosine
+  over all score channels together.
 - ``argmax_agreement``: the share of positions whose argmax along the channel axis agrees (top-1
   per row of a classifier, per time step of a CTC/OCR sequence, per pixel of a segmentation
   map); not given for outputs that mix score and other channels.
@@ -39,7 +43,7 @@ import onnx_ir as ir
 
 __all__ = [
     "IDENTICAL_DB",
-    "SCORE_FLOOR",
+    "SCORE_ACTIVE",
     "OutputAccumulator",
     "OutputFidelity",
     "accumulators",
@@ -49,7 +53,7 @@ __all__ = [
 ]
 
 IDENTICAL_DB = 200.0  # SQNR reported for an exact match (float32 rounding alone gives ~140 dB)
-SCORE_FLOOR = 0.01  # probabilities: errors are measured against at least this scale
+SCORE_ACTIVE = 0.05  # a probability below this in both models is background: not judged
 _PROBABILITY_OPS = {"Sigmoid", "Softmax", "HardSigmoid"}
 # Ops that move or select values without changing them: a probability stays a probability.
 _MOVING_OPS = {
@@ -71,14 +75,15 @@ _MOVING_OPS = {
 
 
 def sqnr_db(signal: float, noise: float) -> float:
-    """Signal-to-noise ratio in dB, ``IDENTICAL_DB`` at zero noise; NaN propagates."""
+    """Signal-to-noise ratio in dB within ±``IDENTICAL_DB`` (``IDENTICAL_DB`` at zero noise,
+    ``-IDENTICAL_DB`` for noise where the reference is zero); NaN propagates."""
     if math.isnan(signal) or math.isnan(noise):
         return math.nan
     if noise <= 0.0:
         return IDENTICAL_DB
     if signal <= 0.0:
-        return -math.inf
-    return min(IDENTICAL_DB, 10.0 * math.log10(signal / noise))
+        return -IDENTICAL_DB
+    return max(-IDENTICAL_DB, min(IDENTICAL_DB, 10.0 * math.log10(signal / noise)))
 
 
 def _cosine(dot: float, norm_a: float, norm_b: float) -> float:
@@ -254,6 +259,7 @@ class OutputAccumulator:
         self.compared += int(np.count_nonzero(both))
         low = np.where(both, x, np.inf).min(axis=1)
         high = np.where(both, x, -np.inf).max(axis=1)
+        active = both & (np.maximum(x, y) >= SCORE_ACTIVE) if self.probabilities else both
         sums = {
             "dot": np.einsum("ij,ij->i", x, y),
             "norm_a": np.einsum("ij,ij->i", x, x),
@@ -261,6 +267,9 @@ class OutputAccumulator:
             "noise": np.einsum("ij,ij->i", diff, diff),
             "count": np.count_nonzero(both, axis=1).astype(np.float64),
             "mismatched": mismatched.astype(np.float64),
+            "active_a": np.einsum("ij,ij->i", x * active, x),
+            "active_noise": np.einsum("ij,ij->i", diff * active, diff),
+            "active": np.count_nonzero(active, axis=1).astype(np.float64),
         }
         if not self.sums:
             self.sums = {**sums, "low": low, "high": high}
@@ -271,9 +280,7 @@ class OutputAccumulator:
         self.sums["high"] = np.maximum(self.sums["high"], high)
 
     def result(self) -> OutputFidelity:
-        s = self.sums or {
-            key: np.zeros(1) for key in ("dot", "norm_a", "norm_b", "noise", "count", "mismatched")
-        } | {"low": np.zeros(1), "high": np.zeros(1)}
+        s = self.sums or dict.fromkeys(_SUMS, np.zeros(1))
         broken = bool(s["mismatched"].sum())
         cosine = _cosine(float(s["dot"].sum()), float(s["norm_a"].sum()), float(s["norm_b"].sum()))
         whole_sqnr = sqnr_db(float(s["norm_a"].sum()), float(s["noise"].sum()))
@@ -286,14 +293,13 @@ class OutputAccumulator:
             if self.probabilities
             else np.zeros_like(s["low"], dtype=bool)
         )
-        count = np.maximum(s["count"], 1.0)
-        signal = s["norm_a"] / count
-        signal = np.where(scores, np.maximum(signal, SCORE_FLOOR**2), signal)
-        live = s["norm_a"] > 0
+        signal = np.where(scores, s["active_a"], s["norm_a"])
+        noise = np.where(scores, s["active_noise"], s["noise"])
+        live = np.where(scores, s["active"] > 0, s["norm_a"] > 0)
         channel_sqnr = np.array(
             [
-                math.nan if m else sqnr_db(p, n / c)
-                for p, n, c, m in zip(signal, s["noise"], count, s["mismatched"], strict=True)
+                math.nan if m else sqnr_db(p, n)
+                for p, n, m in zip(signal, noise, s["mismatched"], strict=True)
             ]
         )
         channel_cosine = np.array(
@@ -304,7 +310,7 @@ class OutputAccumulator:
                 )
             ]
         )
-        judged = live | (s["mismatched"] > 0) | ((s["norm_b"] > 0) & scores)
+        judged = live | (s["mismatched"] > 0)
         worst_sqnr, worst_sqnr_at, mean_sqnr = _worst_and_mean(channel_sqnr, judged)
         worst_cos, worst_cos_at, mean_cos = _worst_and_mean(channel_cosine, judged & live)
         score_cosine = None
@@ -342,6 +348,21 @@ class OutputAccumulator:
                 self.argmax_matches / self.positions if self.positions and not mixed else None
             ),
         )
+
+
+_SUMS = (
+    "dot",
+    "norm_a",
+    "norm_b",
+    "noise",
+    "count",
+    "mismatched",
+    "active_a",
+    "active_noise",
+    "active",
+    "low",
+    "high",
+)
 
 
 def _worst_and_mean(values: np.ndarray, judged: np.ndarray) -> tuple[float, int | None, float]:

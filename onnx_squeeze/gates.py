@@ -39,8 +39,8 @@ METRICS: dict[str, tuple[str, str]] = {
         "no numeric output was compared",
     ),
     "worst_channel_sqnr_db": (
-        "SQNR in dB of the worst output channel (probabilities against at least a 1 % scale), "
-        "worst output",
+        "SQNR in dB of the worst output channel (for probabilities, over the values where either "
+        "model scores at least 5 %), worst output",
         "no numeric output was compared",
     ),
     "worst_channel_cosine": (

@@ -20,6 +20,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import onnx_squeeze
@@ -245,13 +246,15 @@ def print_report(
     """Plain tables for the terminal; the warnings come first, where they cannot be missed."""
     console = console or Console()
     for warning in report.get("warnings") or []:
-        console.print(f"[bold yellow]WARNING[/]: {warning}", markup=True, highlight=False)
+        console.print(f"[bold yellow]WARNING[/]: {escape(warning)}", highlight=False)
     if report.get("input"):
         console.print(
             f"[bold]{report['input']}[/] → [bold]{report.get('output') or '(not written)'}[/]"
         )
     if report.get("calibration"):
-        console.print(f"calibration: {report['calibration']}")
+        console.print(f"calibration: {escape(report['calibration'])}")
+    if report.get("evaluation"):
+        console.print(f"judged on: {escape(report['evaluation'])}")
     passes = report.get("passes") or []
     if passes:
         table = Table(title="passes", title_justify="left")
@@ -272,13 +275,15 @@ def print_report(
         _print_records(console, passes, all_nodes)
     notes = list(report.get("notes") or []) + [n for p in passes for n in p["notes"]]
     for note in notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(note)}")
     comparison = report.get("comparison")
     if comparison:
         print_comparison(comparison, console)
     for gate in report.get("gates") or []:
         verdict = "[green]PASS[/]" if gate["passed"] else "[red]FAIL[/]"
-        console.print(f"gate {_gate_label(gate)}: {verdict} {gate.get('message', '')}")
+        console.print(
+            f"gate {escape(_gate_label(gate))}: {verdict} {escape(gate.get('message', ''))}"
+        )
     if report.get("warnings"):
         console.print(f"[bold yellow]{len(report['warnings'])} warning(s)[/]: see the top")
 
@@ -367,7 +372,7 @@ def print_comparison(comparison: dict[str, Any], console: Console | None = None)
         fidelity.add_row(*row)
     console.print(fidelity)
     for line in comparison.get("skipped") or []:
-        console.print(f"skipped: {line}")
+        console.print(f"skipped: {escape(line)}")
 
 
 # ---------------------------------------------------------------- HTML
@@ -552,7 +557,7 @@ def print_summary(
                 kind[:-1],
                 item["name"],
                 item["dtype"],
-                "[" + ", ".join(map(str, item["shape"])) + "]",
+                escape("[" + ", ".join(map(str, item["shape"])) + "]"),
             )
     console.print(io)
     histogram = Table(title="ops", title_justify="left")
@@ -593,7 +598,7 @@ def print_summary(
         for name in data["unknown_macs"]:
             console.print(f"note: MACs of {name} unknown (shape inference could not reach it)")
     for note in data["notes"]:
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(note)}")
 
 
 def print_bench(rows: Sequence[dict[str, Any]], console: Console | None = None) -> None:
