@@ -944,19 +944,25 @@ def verdict_summary(rows: list[dict[str, Any]]) -> str:
         f"(`{gate}`) missed {count['MISSED']} broken results and raised {count['FALSE ALARM']} "
         "false alarms on kept ones. Gate metrics among the judged rows:\n\n"
     )
-    table = []
+    table, ranges = [], {}
     for label, group in (("kept", kept), ("broken", broken)):
         cells: list[Any] = [label, len(group)]
         for key in SEPARATING:
-            values = [
-                r["metrics"][key] for r in group if (r.get("metrics") or {}).get(key) is not None
-            ]
+            values = [r["metrics"][key] for r in group if r["metrics"].get(key) is not None]
+            ranges[label, key] = (min(values), max(values)) if values else None
             cells.append(
                 f"{min(values):.4g} … {max(values):.4g} ({len(values)})" if values else None
             )
         table.append(cells)
     headers = ["task", "rows", *(f"{key} min … max (rows)" for key in SEPARATING)]
-    return text + common.markdown_table(headers, table)
+    split = []
+    for key in SEPARATING:  # higher is better for all three
+        good, bad = ranges["kept", key], ranges["broken", key]
+        if good and bad:
+            verdict = "any threshold between separates them" if bad[1] < good[0] else "overlap"
+            split.append(f"`{key}` broken ≤ {bad[1]:.4g}, kept ≥ {good[0]:.4g}: {verdict}")
+    tail = ("\n\nOn these rows: " + "; ".join(split) + ".") if split else ""
+    return text + common.markdown_table(headers, table) + tail
 
 
 def _cell(value: Any) -> Any:

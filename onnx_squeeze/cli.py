@@ -415,8 +415,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     calibration = _open_inputs(args.calib, model, args, args.calib_count) if args.calib else None
     evaluation = _open_inputs(args.eval, model, args, args.samples) if args.eval else None
-    if args.eval and args.calib and _same_data(args.eval, args.calib):
-        evaluation = calibration
+    if args.no_compare or (args.eval and args.calib and _same_data(args.eval, args.calib)):
+        evaluation = calibration  # nothing judged, or judged on the same data: nothing held out
     if (
         not args.no_compare
         and evaluation is None

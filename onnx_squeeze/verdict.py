@@ -59,7 +59,7 @@ def run_warnings(
             f"fidelity measured on RANDOM inputs ({evaluation.label}): the figures say nothing "
             "about real data; pass --eval (or --inputs) with real samples"
         )
-    if overlap:
+    if overlap and comparison:
         found.append(overlap)
     said_random = bool(worked) and getattr(calibration, "is_random", False)
     for item in worked:
