@@ -13,9 +13,9 @@ channel, along its channel axis:
   for values where the reference has none) and cosine.
   Channels whose reference is zero throughout are left out (nothing to preserve). The worst
   channel is named, and the mean over channels given.
-- Score channels: in an output that a Sigmoid or Softmax produces (through Concat, Reshape,
-  Transpose and other data-movement ops), the channels whose reference values all lie in [0, 1]
-  are probabilities. Their SQNR is taken over the values where either model scores at least
+- Score channels: in an output that a Sigmoid or Softmax (or Exp divided by a sum) produces
+  (through Concat, Reshape, Transpose and other data-movement ops), the channels whose reference
+  values all lie in [0, 1] are probabilities. Their SQNR is taken over the values where either model scores at least
   ``SCORE_ACTIVE`` (5 %): what a threshold or an argmax reads. Background scores near zero in
   both, and classes that never fire in the data, do not decide the verdict (a softmax over 6000
   characters moves its near-zero classes by more than their own size under INT8, harmlessly),
@@ -106,13 +106,22 @@ def probability_outputs(model: ir.Model) -> set[str]:
             if node is None or id(node) in seen:
                 continue
             seen.add(id(node))
-            if node.op_type in _PROBABILITY_OPS:
+            if node.op_type in _PROBABILITY_OPS or _is_decomposed_softmax(node):
                 found.add(output.name)
                 break
             if node.op_type in _MOVING_OPS:
                 data = node.inputs if node.op_type == "Concat" else node.inputs[:1]
                 pending.extend(v for v in data if v is not None)
     return found
+
+
+def _is_decomposed_softmax(node: ir.Node) -> bool:
+    """``Exp(x) / sum(Exp(x))`` as some exporters write a softmax (tf2onnx: Div of an Exp by
+    its ReduceSum, broadcast)."""
+    if node.op_type != "Div" or len(node.inputs) != 2 or node.inputs[0] is None:
+        return False
+    numerator = node.inputs[0].producer()
+    return numerator is not None and numerator.op_type == "Exp"
 
 
 def channel_axis(reference: np.ndarray, fixed: Sequence[bool] | None = None) -> int | None:

@@ -136,3 +136,19 @@ def test_a_channel_count_that_changes_between_feeds_is_judged_whole():
     result = acc.result()
     assert result.channel_axis is None and result.channels == 1
     assert 30 < result.worst_channel_sqnr_db < fidelity.IDENTICAL_DB
+
+
+def test_a_softmax_written_as_exp_over_its_sum_is_a_probability_output():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    clf (float[N, 5] x) => (float[N, 5] p) {
+      e = Exp (x)
+      s = ReduceSum <keepdims = 1> (e, axes)
+      p = Div (e, s)
+    }
+    """
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "axes"))
+    from onnx_squeeze import model_io
+
+    assert fidelity.probability_outputs(model_io.load(model)) == {"p"}
