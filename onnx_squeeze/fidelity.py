@@ -173,6 +173,8 @@ class OutputFidelity:
     score_channels: int = 0
     score_cosine: float | None = None
     argmax_agreement: float | None = None
+    # Σ|b - a|² / Σ|a - mean a|²: the share of A's variance that B misses (1 - R²).
+    relative_error: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict; non-finite numbers become strings ("inf", "nan")."""
@@ -271,6 +273,7 @@ class OutputAccumulator:
         active = both & (np.maximum(x, y) >= SCORE_ACTIVE) if self.probabilities else both
         sums = {
             "dot": np.einsum("ij,ij->i", x, y),
+            "sum_a": x.sum(axis=1),
             "norm_a": np.einsum("ij,ij->i", x, x),
             "norm_b": np.einsum("ij,ij->i", y, y),
             "noise": np.einsum("ij,ij->i", diff, diff),
@@ -332,6 +335,9 @@ class OutputAccumulator:
             if s["mismatched"][scores].any():
                 score_cosine = math.nan
         mixed = scores.any() and not scores.all()
+        total = float(s["count"].sum())
+        spread = float(s["norm_a"].sum()) - float(s["sum_a"].sum()) ** 2 / max(total, 1.0)
+        relative = float(s["noise"].sum()) / max(spread, 1e-30) if not broken else math.inf
         return OutputFidelity(
             name=self.name,
             max_abs=max_abs,
@@ -356,11 +362,13 @@ class OutputAccumulator:
             argmax_agreement=(
                 self.argmax_matches / self.positions if self.positions and not mixed else None
             ),
+            relative_error=relative,
         )
 
 
 _SUMS = (
     "dot",
+    "sum_a",
     "norm_a",
     "norm_b",
     "noise",
@@ -408,3 +416,25 @@ def accumulators(
             probabilities=name in probabilities,
         )
     return result
+
+
+def measure(
+    reference: Sequence[Mapping[str, np.ndarray]],
+    result: Sequence[Mapping[str, np.ndarray]],
+    *,
+    probabilities: set[str] | frozenset[str] = frozenset(),
+    channel_axes: Mapping[str, int | None] | None = None,
+) -> dict[str, OutputFidelity]:
+    """The fidelity of ``result``'s float outputs to ``reference``'s, batch by batch (outputs by
+    name, as two runs return them): the one measure that comparison, pruning sensitivity,
+    recovery, fine-tuning and INT8 checks read their figures from."""
+    names = [
+        name
+        for name in (reference[0] if reference else {})
+        if np.issubdtype(np.asarray(reference[0][name]).dtype, np.floating)
+    ]
+    found = accumulators(names, {}, probabilities=probabilities, channel_axes=channel_axes)
+    for expected, actual in zip(reference, result, strict=True):
+        for name, accumulator in found.items():
+            accumulator.add(np.asarray(expected[name]), np.asarray(actual[name]))
+    return {name: accumulator.result() for name, accumulator in found.items()}

@@ -19,9 +19,9 @@ from onnx_squeeze import model_io
 from onnx_squeeze.analysis import feed_shapes, resolve_input_shapes
 from onnx_squeeze.calibration import HOLDOUT_EVERY, split_for_evaluation
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
-from onnx_squeeze.passes.base import PassContext, PassReport
 from onnx_squeeze.prepare import PrepareSettings, prepare
 from onnx_squeeze.recipe import Recipe
+from onnx_squeeze.records import PassContext, PassReport
 
 # Above this size the checker cannot take the model as one protobuf; it is checked from a file.
 _CHECKER_INLINE_LIMIT = 1_800_000_000

@@ -69,7 +69,7 @@ from onnx_ir.passes.common import (
 
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, set_input_constant
-from onnx_squeeze.passes.base import PassReport
+from onnx_squeeze.records import PassReport
 
 __all__ = [
     "BN_SCALE_KEY",

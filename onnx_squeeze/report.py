@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import onnx_squeeze
-from onnx_squeeze.passes.base import PassReport
+from onnx_squeeze.records import PassReport
 
 SCHEMA = "onnx-squeeze/report"
 SCHEMA_VERSION = 1

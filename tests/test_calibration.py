@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_squeeze import stat_graph
 from onnx_squeeze.calibration import (
     CalibrationSource,
     ChannelStatistics,
@@ -27,6 +26,7 @@ from onnx_squeeze.calibration import (
     StatisticsCollector,
     joined,
     open_source,
+    stat_graph,
 )
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.runtime import InputSpec, input_specs
@@ -650,7 +650,7 @@ def test_collector_tensor_of_unknown_type():
 
 
 def test_collector_joins_small_batches_into_runs_with_the_same_statistics(monkeypatch):
-    from onnx_squeeze import calibration
+    from onnx_squeeze.calibration import collector as calibration
 
     model = ir.from_proto(conv_relu_proto())
     feeds = list(RandomSource(input_specs(model), count=12, seed=2, batch_size=1))
@@ -693,7 +693,7 @@ def test_feeds_held_for_many_runs_are_joined_into_batches():
 
 
 def test_runs_join_only_feeds_of_the_same_shape():
-    from onnx_squeeze.calibration import _Runs
+    from onnx_squeeze.calibration.collector import _Runs
 
     feeds = [{"x": np.zeros((1, 3))}, {"x": np.zeros((2, 3))}, {"x": np.zeros((1, 4))}]
     runs = _Runs(feeds, batched=True)
@@ -832,7 +832,7 @@ def test_statistics_sessions_run_nodes_eagerly(monkeypatch):
     """The collector's sessions run each reduction as soon as its tensor is made (priority
     order), so onnxruntime frees every tensor once it is reduced instead of holding them all
     until the reductions run at the end (twice the activation memory on a 640x640 YOLO)."""
-    import onnx_squeeze.calibration as calibration_module
+    import onnx_squeeze.calibration.runner as calibration_module
     from onnx_squeeze import runtime
 
     made = []

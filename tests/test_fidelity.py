@@ -152,3 +152,21 @@ def test_a_softmax_written_as_exp_over_its_sum_is_a_probability_output():
     from onnx_squeeze import model_io
 
     assert fidelity.probability_outputs(model_io.load(model)) == {"p"}
+
+
+def test_measure_gives_the_share_of_variance_missed():
+    """``relative_error`` is Σ|b - a|² / Σ|a - mean a|² over all batches (1 - R²): an offset
+    copy misses none of the variance only when the offset is zero, and a constant is judged by
+    its spread, not by its magnitude."""
+    from onnx_squeeze.fidelity import measure
+
+    rng = np.random.default_rng(0)
+    a = [{"y": (rng.normal(size=(4, 8)) + 3).astype(np.float32)} for _ in range(3)]
+    b = [{"y": x["y"] + rng.normal(scale=0.1, size=(4, 8)).astype(np.float32)} for x in a]
+    t = np.concatenate([x["y"] for x in a]).astype(np.float64)
+    s = np.concatenate([x["y"] for x in b]).astype(np.float64)
+    expected = np.square(s - t).sum() / np.square(t - t.mean()).sum()
+    found = measure(a, b)["y"]
+    assert found.relative_error == pytest.approx(expected, rel=1e-9)
+    assert measure(a, a)["y"].relative_error == 0.0
+    assert measure(a, [{"y": x["y"] + 1} for x in a])["y"].relative_error > 0.9

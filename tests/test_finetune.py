@@ -18,10 +18,11 @@ from onnx_squeeze import zoo
 from onnx_squeeze.calibration import NpzSource
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import constant_array
-from onnx_squeeze.passes.base import PassContext, PassReport, make_pass
+from onnx_squeeze.passes.base import make_pass
 from onnx_squeeze.passes.finetune import NO_TORCH_MESSAGE
 from onnx_squeeze.pipeline import finalize
 from onnx_squeeze.prepare import PrepareSettings, prepare
+from onnx_squeeze.records import PassContext, PassReport
 from onnx_squeeze.runtime import input_specs, random_feed
 from tests.helpers import check, random_feeds, run
 

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_squeeze.grams import collect_grams, layer_input_spec
+from onnx_squeeze.calibration.grams import collect_grams, layer_input_spec
 from tests.helpers import run
 
 RNG = np.random.default_rng(0)

@@ -13,10 +13,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_squeeze import analysis, calibration, factorize, runtime, zoo
 from onnx_squeeze.errors import SettingsError
-from onnx_squeeze.passes.base import CREATED_BY_KEY, PassContext, make_pass
+from onnx_squeeze.passes.base import make_pass
 from onnx_squeeze.passes.low_rank import SOURCE_NODE_KEY
 from onnx_squeeze.pipeline import compress
 from onnx_squeeze.recipe import Recipe, Step
+from onnx_squeeze.records import CREATED_BY_KEY, PassContext
 from tests.helpers import assert_same_outputs, check, random_feeds, run
 
 RNG = np.random.default_rng(0)

@@ -13,8 +13,8 @@ from onnx_squeeze.analysis import resolve_input_shapes
 from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import constant_array
-from onnx_squeeze.passes.base import PassContext
 from onnx_squeeze.passes.prune_channels import PruneChannels, kept_channels
+from onnx_squeeze.records import PassContext
 from tests.helpers import assert_same_outputs, check, random_feeds, run
 from tests.test_channel_groups import FROZEN_GRAPHS, GRAPHS, graph_model, zoo_model
 

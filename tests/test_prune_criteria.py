@@ -10,9 +10,10 @@ from onnx import TensorProto, helper
 
 from onnx_squeeze import zoo
 from onnx_squeeze.errors import SettingsError
-from onnx_squeeze.passes.base import PassContext, make_pass
+from onnx_squeeze.passes.base import make_pass
 from onnx_squeeze.passes.prune_channels import kept_channels
 from onnx_squeeze.pipeline import compress, finalize
+from onnx_squeeze.records import PassContext
 from tests.helpers import check, run
 
 RNG = np.random.default_rng(0)

@@ -15,9 +15,10 @@ import pytest
 from onnx_squeeze import zoo
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import constant_array
-from onnx_squeeze.passes.base import PassReport, make_pass
+from onnx_squeeze.passes.base import make_pass
 from onnx_squeeze.pipeline import compress
 from onnx_squeeze.recipe import Recipe
+from onnx_squeeze.records import PassReport
 from tests import helpers
 
 # Prune everything a test model has, tiny tensors and first/last layers included.

@@ -14,9 +14,10 @@ from onnx_squeeze import quant_params, runtime, zoo
 from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.errors import InputError, SettingsError, UnsupportedModelError
 from onnx_squeeze.passes import quantize_float
-from onnx_squeeze.passes.base import PassContext, make_pass
+from onnx_squeeze.passes.base import make_pass
 from onnx_squeeze.pipeline import compress, convert_opset, finalize
 from onnx_squeeze.recipe import Recipe
+from onnx_squeeze.records import PassContext
 from tests.helpers import check, random_feeds, run
 
 F16 = ir.DataType.FLOAT16

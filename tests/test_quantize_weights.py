@@ -14,7 +14,8 @@ import pytest
 
 from onnx_squeeze import runtime, weight_codecs, zoo
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
-from onnx_squeeze.passes.base import PassContext, make_pass
+from onnx_squeeze.passes.base import make_pass
+from onnx_squeeze.records import PassContext
 from tests.helpers import assert_same_outputs, check, random_feeds, run
 
 RNG = np.random.default_rng(0)

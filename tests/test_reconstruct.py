@@ -24,9 +24,10 @@ from onnx_squeeze.least_squares import (
     reconstruction_importance,
     select_channels,
 )
-from onnx_squeeze.passes.base import PassContext, make_pass, mark_created
+from onnx_squeeze.passes.base import make_pass
 from onnx_squeeze.passes.reconstruct import KEPT_CHANNELS_KEY, SOURCE_NODE_KEY
 from onnx_squeeze.pipeline import compress, finalize
+from onnx_squeeze.records import PassContext, mark_created
 from tests.helpers import check, run
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ import pytest
 
 from onnx_squeeze import quant_params
 from onnx_squeeze.calibration import Histogram, MinMax, StatisticsCollector, TensorStatistics
-from onnx_squeeze.passes.base import PassContext, make_pass
+from onnx_squeeze.passes.base import make_pass
 from onnx_squeeze.quant_params import UINT8
+from onnx_squeeze.records import PassContext
 from onnx_squeeze.settling import RangeSettling
 from tests.helpers import check, run
 from tests.test_quantize_int8 import block_model
@@ -217,10 +218,12 @@ def test_shapes_known_in_the_graph_spare_the_run_with_every_tensor_whole(monkeyp
     made; without, a whole-tensor run comes first. The statistics are the same."""
     from onnx_ir.passes.common import ShapeInferencePass
 
+    from onnx_squeeze.calibration import collector as collector_module
+
     sessions = []
-    original = StatisticsCollector._session
+    original = collector_module.exposed_session
     monkeypatch.setattr(
-        StatisticsCollector, "_session", lambda self, m: sessions.append(m) or original(self, m)
+        collector_module, "exposed_session", lambda m, p: sessions.append(m) or original(m, p)
     )
     names = ["r1", "c2", "r2", "f"]
     results = []

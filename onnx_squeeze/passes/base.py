@@ -1,8 +1,8 @@
-"""The pass contract: typed settings, one entry point, and a report of what changed per node.
+"""The pass contract: typed settings, one entry point, a report of what changed per node.
 
 onnx-ir's own ``PassManager`` only keeps a ``modified`` flag; our pipeline needs per-node records
 (what was done, parameters and MACs before/after, or why a node was skipped), so a pass here
-returns a :class:`PassReport` instead.
+returns a :class:`~onnx_squeeze.records.PassReport` instead.
 """
 
 from __future__ import annotations
@@ -17,95 +17,8 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
-from onnx_squeeze.analysis import InputShapes, concrete_input_shapes
 from onnx_squeeze.errors import SettingsError
-
-# Metadata key set on every node a pass creates, naming the pass (provenance).
-CREATED_BY_KEY = "onnx_squeeze.pass"
-
-
-@dataclasses.dataclass
-class NodeRecord:
-    """What a pass did to one node, or why it left the node alone."""
-
-    node: str
-    op_type: str
-    action: str  # e.g. "pruned", "factorized", "quantized", "folded", "skipped"
-    detail: str = ""
-    params_before: int | None = None
-    params_after: int | None = None
-    macs_before: int | None = None
-    macs_after: int | None = None
-
-    @property
-    def skipped(self) -> bool:
-        return self.action == "skipped"
-
-
-@dataclasses.dataclass
-class PassReport:
-    """The outcome of one pass: settings used, per-node records, free-form notes, wall time."""
-
-    name: str
-    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
-    records: list[NodeRecord] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
-    seconds: float = 0.0
-
-    def record(
-        self, node: ir.Node | str, action: str, detail: str = "", **counts: int | None
-    ) -> NodeRecord:
-        """Append a record for ``node`` (a node or its name) and return it."""
-        if isinstance(node, ir.Node):
-            name, op_type = node.name or "", node.op_type
-        else:
-            name, op_type = node, counts.pop("op_type", "")  # type: ignore[assignment]
-        entry = NodeRecord(name, str(op_type), action, detail, **counts)
-        self.records.append(entry)
-        return entry
-
-    def skip(self, node: ir.Node | str, reason: str) -> NodeRecord:
-        """Record that ``node`` was left alone and why."""
-        return self.record(node, "skipped", reason)
-
-    @property
-    def changed(self) -> list[NodeRecord]:
-        return [r for r in self.records if not r.skipped]
-
-    @property
-    def skipped(self) -> list[NodeRecord]:
-        return [r for r in self.records if r.skipped]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass
-class PassContext:
-    """What a pass may use besides the model.
-
-    ``calibration`` is a calibration source (see :mod:`onnx_squeeze.calibration`) or None;
-    ``teacher`` is the prepared original model, for passes that fit the result to it;
-    ``cache`` holds statistics that several passes can share (keyed by what they measured);
-    ``shapes`` are the run's input shapes (from the options or the data), read through
-    :meth:`input_shapes`. Weight tensors are shared with the teacher: replace a value's tensor,
-    never write into it.
-    """
-
-    calibration: Any = None
-    teacher: ir.Model | None = None
-    providers: tuple[str, ...] = ("cpu",)
-    seed: int = 0
-    cache: dict[str, Any] = dataclasses.field(default_factory=dict)
-    shapes: InputShapes | None = None
-
-    def input_shapes(self, model: ir.Model) -> dict[str, tuple[int, ...]]:
-        """Concrete input shapes for ``model``; a :class:`ShapeUnknownError` with the ``--shape``
-        hint when nothing gave a dimension (never a guessed 1)."""
-        if self.shapes is None:
-            return concrete_input_shapes(model)
-        names = {value.name for value in model.graph.inputs}
-        return {k: v for k, v in self.shapes.concrete().items() if k in names}
+from onnx_squeeze.records import PassContext, PassReport
 
 
 class Pass(abc.ABC):
@@ -140,8 +53,10 @@ class Pass(abc.ABC):
 
     def __call__(self, model: ir.Model, context: PassContext | None = None) -> PassReport:
         report = PassReport(self.name, dataclasses.asdict(self.settings))
+        context = context or PassContext()
+        context.data.draw_random_for(model, context.input_shapes, seed=context.seed)
         start = time.perf_counter()
-        self.apply(model, context or PassContext(), report)
+        self.apply(model, context, report)
         report.seconds = time.perf_counter() - start
         return report
 
@@ -188,8 +103,3 @@ def make_pass(name: str, settings: Mapping[str, Any] | None = None) -> Pass:
         known = ", ".join(sorted(PASS_REGISTRY)) or "none yet"
         raise SettingsError(f"unknown pass {name!r}; available passes: {known}")
     return PASS_REGISTRY[name](**dict(settings or {}))
-
-
-def mark_created(node: ir.Node, pass_name: str) -> None:
-    """Tag a node created by a pass with the pass's name (provenance)."""
-    node.metadata_props[CREATED_BY_KEY] = pass_name

@@ -40,7 +40,8 @@ import onnx_ir as ir
 from onnx_squeeze.calibration import feeds_in_memory
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.graph_utils import UniqueNames
-from onnx_squeeze.passes.base import Pass, PassContext, PassReport, register
+from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.records import PassContext, PassReport
 from onnx_squeeze.runtime import create_session, input_specs
 
 Feed = dict[str, np.ndarray]
@@ -217,7 +218,7 @@ class _Data:
 def _read_feeds(
     context: PassContext, teacher: ir.Model, settings: FinetuneSettings, report: PassReport
 ) -> list[Feed]:
-    source = context.calibration
+    source = context.data.source if context.data.supplied else None
     if settings.label_weight > 0 and hasattr(source, "carrying"):
         try:
             source = source.carrying([settings.labels_key])

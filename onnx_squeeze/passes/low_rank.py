@@ -34,8 +34,8 @@ import onnx_ir as ir
 
 from onnx_squeeze import analysis, factorize, runtime
 from onnx_squeeze.blas import blas_threads
+from onnx_squeeze.calibration.grams import GramSpec, Moments, collect_grams, conv_geometry
 from onnx_squeeze.errors import SettingsError, ShapeUnknownError
-from onnx_squeeze.grams import GramSpec, Moments, collect_grams, conv_geometry
 from onnx_squeeze.graph_utils import (
     UniqueNames,
     attribute,
@@ -43,9 +43,10 @@ from onnx_squeeze.graph_utils import (
     new_initializer,
     typed_attributes,
 )
-from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created, register
+from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.prepare import infer_shapes
 from onnx_squeeze.progress import track
+from onnx_squeeze.records import PassContext, PassReport, mark_created
 
 SCHEMES = ("auto", "svd", "channel", "spatial", "tucker2")
 SUPPORTED_OPS = ("Gemm", "MatMul", "Conv")
@@ -675,7 +676,7 @@ class LowRank(Pass):
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         s = self.settings
-        if s.data_aware and context.calibration is None:
+        if s.data_aware and not context.data.supplied:
             raise SettingsError(
                 "low_rank: data_aware=true needs calibration data: pass --calib (a .npz file, "
                 "an image folder, or 'random' for a smoke test) or set data_aware=false"

@@ -40,6 +40,7 @@ import onnx_ir as ir
 
 from onnx_squeeze import analysis, latency_search, layer_times, runtime
 from onnx_squeeze.calibration import RandomSource, StatisticsCollector, TensorStatistics
+from onnx_squeeze.calibration.grams import GramSpec, Moments, collect_grams, layer_input_spec
 from onnx_squeeze.channel_groups import (
     ChannelAnalysis,
     ChannelGroup,
@@ -49,11 +50,11 @@ from onnx_squeeze.channel_groups import (
     analyze_channels,
 )
 from onnx_squeeze.errors import SettingsError
-from onnx_squeeze.grams import GramSpec, Moments, collect_grams, layer_input_spec
 from onnx_squeeze.graph_utils import UniqueNames, constant_array, set_input_constant
 from onnx_squeeze.least_squares import reconstruction_importance
-from onnx_squeeze.passes.base import Pass, PassContext, PassReport, register
+from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.prepare import BN_SCALE_KEY, bn_scale
+from onnx_squeeze.records import PassContext, PassReport
 
 KEPT_CHANNELS_KEY = "onnx_squeeze.kept_channels"
 MODES = ("remove", "zero")
@@ -424,7 +425,7 @@ class PruneChannels(Pass):
     ) -> list[dict[str, np.ndarray]]:
         """The first calibration batches, or random data shaped by the inputs when none."""
         count = self.settings.sensitivity_batches
-        if context.calibration is not None:
+        if context.data.supplied:
             return list(itertools.islice(iter(context.calibration), count))
         report.notes.append("sensitivity measured on random inputs (no calibration data)")
         shapes = context.input_shapes(model)
@@ -452,7 +453,7 @@ class PruneChannels(Pass):
         entry = CRITERIA[self.settings.criterion]
         measured = None
         if entry.needs is not None:
-            if context.calibration is None:
+            if not context.data.supplied:
                 raise SettingsError(
                     f"prune_channels: criterion {self.settings.criterion!r} needs calibration "
                     "data; pass --calib DATA or use criterion l1, l2 or bn_scale"
@@ -571,7 +572,7 @@ class _Timing:
 
     def __init__(self, model: ir.Model, context: PassContext, settings: PruneChannelsSettings):
         batch, specs = settings.latency_batch, runtime.input_specs(model)
-        if context.calibration is not None:
+        if context.data.supplied:
             first = next(iter(context.calibration))
             self.feed = {s.name: _resized(first[s.name], batch) for s in specs if s.name in first}
         else:

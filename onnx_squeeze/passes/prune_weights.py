@@ -41,7 +41,8 @@ import onnx_ir as ir
 from onnx_squeeze.analysis import MAC_OPS
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
-from onnx_squeeze.passes.base import Pass, PassContext, PassReport, register
+from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.records import PassContext, PassReport
 from onnx_squeeze.report import human_bytes
 
 MODES = ("ratio", "global", "threshold", "nm")

@@ -29,7 +29,8 @@ from onnx_squeeze import quant_params, runtime
 from onnx_squeeze.calibration import StatisticsCollector
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, new_initializer
-from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created, register
+from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.records import PassContext, PassReport, mark_created
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)  # 2**-24
@@ -342,7 +343,7 @@ class ConvertFloat(Pass):
         """Calibrated largest magnitudes of the activations that the plan would convert."""
         if self.low != ir.DataType.FLOAT16 or not plan.low:
             return {}  # BF16 has FP32's exponent range
-        if context.calibration is None:
+        if not context.data.supplied:
             report.notes.append("no calibration data: activation ranges not checked against FP16")
             return {}
         names = _float_activations(plan.low)
@@ -752,7 +753,7 @@ class QuantizeFp8(Pass):
         points = {node: _quantization_point(node, chosen) for node in targets}  # before rewiring
         amax: dict[str, float] = {}
         if self.settings.activations and targets:
-            if context.calibration is None:
+            if not context.data.supplied:
                 raise SettingsError(
                     "fp8: activation scales need calibration data: pass --calib SRC, or set "
                     "activations=false to store weights only in FP8"

@@ -54,8 +54,9 @@ from onnx_squeeze.calibration import (
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.gates import parse_gate
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, new_initializer
-from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created, register
+from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.quant_params import INT8, INT32, IntType
+from onnx_squeeze.records import PassContext, PassReport, mark_created
 from onnx_squeeze.runtime import input_specs
 from onnx_squeeze.settling import RangeSettling
 
@@ -764,8 +765,8 @@ class QuantizeInt8(Pass):
     # -- calibration ----------------------------------------------------------------------
 
     def _source(self, model: ir.Model, context: PassContext, report: PassReport) -> Any:
-        source = context.calibration
-        if source is None:
+        source: Any = context.calibration
+        if not context.data.supplied:
             source = RandomSource(
                 input_specs(model),
                 self.settings.random_samples,

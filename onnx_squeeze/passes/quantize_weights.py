@@ -24,11 +24,12 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze import weight_codecs
+from onnx_squeeze.calibration.grams import collect_grams, layer_input_spec
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
-from onnx_squeeze.grams import collect_grams, layer_input_spec
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
 from onnx_squeeze.model_io import opset_version
-from onnx_squeeze.passes.base import Pass, PassContext, PassReport, mark_created, register
+from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.records import PassContext, PassReport, mark_created
 from onnx_squeeze.report import human_bytes
 
 MS_DOMAIN = "com.microsoft"
@@ -229,7 +230,7 @@ class QuantizeWeights(Pass):
                 f"DequantizeLinear), the model has {opset_version(model)}: rerun with "
                 f"--target-opset {BLOCKED_DQ_OPSET} or use format=matmulnbits"
             )
-        if s.algorithm == "gptq" and context.calibration is None:
+        if s.algorithm == "gptq" and not context.data.supplied:
             raise SettingsError(
                 "quantize_weights: algorithm=gptq needs calibration data: pass --calib, or use "
                 "algorithm=rtn"

@@ -39,11 +39,12 @@ import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
 from onnx_squeeze.calibration import ChannelStatistics, feeds_in_memory, joined
+from onnx_squeeze.calibration.grams import TensorRunner
 from onnx_squeeze.errors import SettingsError
-from onnx_squeeze.grams import TensorRunner
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, set_input_constant
 from onnx_squeeze.least_squares import GramAccumulator, RidgeFolds, conv_pads, im2col
-from onnx_squeeze.passes.base import Pass, PassContext, PassReport, register
+from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.records import PassContext, PassReport
 from onnx_squeeze.runtime import input_specs
 
 KEPT_CHANNELS_KEY = "onnx_squeeze.kept_channels"
@@ -574,7 +575,7 @@ class Reconstruct(Pass):
             report.notes.append("nothing to recover: no layer differs from the teacher")
             return
         feeds = feeds_in_memory(
-            context.calibration,
+            context.data.source if context.data.supplied else None,
             input_specs(teacher),
             self.settings.samples,
             seed=context.seed,

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.calibration import Feed, expose
+from onnx_squeeze.calibration.runner import TensorRunner
+from onnx_squeeze.calibration.sources import Feed
 from onnx_squeeze.errors import InputError
 from onnx_squeeze.graph_utils import attribute
 from onnx_squeeze.least_squares import GramAccumulator, conv_pads, im2col
 from onnx_squeeze.progress import track
-from onnx_squeeze.runtime import create_session
 
 # Gram matrices (float64) held at once while collecting; more requests take more passes.
 BUDGET_BYTES = 512 * 2**20
@@ -109,22 +109,6 @@ def input_vectors(array: np.ndarray, spec: GramSpec) -> np.ndarray:
     )
     patches = im2col(array, spec.kernel, spec.strides, spec.dilations, pads)
     return patches.reshape(-1, patches.shape[-1])
-
-
-class TensorRunner:
-    """Runs a copy of a model whose outputs are the named tensors (graph inputs among them are
-    read from the feed); the caller's model is never modified, initializers are shared."""
-
-    def __init__(self, model: ir.Model, names: Sequence[str], provider: str = "cpu") -> None:
-        copy, self.fed = expose(model, list(dict.fromkeys(names)))
-        self.outputs = [v.name for v in copy.graph.outputs] if copy is not None else []
-        self.session = create_session(copy, provider) if copy is not None else None
-
-    def __call__(self, feed: Feed) -> dict[str, np.ndarray]:
-        arrays = {name: feed[name] for name in self.fed}
-        if self.session is not None:
-            arrays.update(zip(self.outputs, self.session.run(self.outputs, feed), strict=True))
-        return arrays
 
 
 def fingerprint(model: ir.Model) -> int:

@@ -1,0 +1,53 @@
+"""Calibration: the data passes learn from and the statistics they take of it.
+
+- :mod:`.sources`: feed dicts one batch at a time (``.npz``/``.npy``, image folders, random
+  draws labelled as such, onnxruntime readers); :func:`open_source` picks one.
+- :mod:`.accumulators`: streaming min/max, histograms, per-channel statistics, fixed memory.
+- :mod:`.runner`: the one way to run a copy of a model that exposes intermediate tensors.
+- :mod:`.collector` and :mod:`.stat_graph`: statistics of chosen tensors, reduced in the graph.
+- :mod:`.grams`: input Gram matrices of weight layers.
+- :mod:`.service`: what a pass gets on its context: the data, its first batches, one cache.
+"""
+
+from onnx_squeeze.calibration.accumulators import (
+    ChannelMeans,
+    ChannelStatistics,
+    Histogram,
+    MinMax,
+    TensorStatistics,
+)
+from onnx_squeeze.calibration.collector import StatisticsCollector, joined
+from onnx_squeeze.calibration.runner import expose
+from onnx_squeeze.calibration.sources import (
+    HOLDOUT_EVERY,
+    CalibrationSource,
+    Feed,
+    ImageFolderSource,
+    NpzSource,
+    RandomSource,
+    ReaderSource,
+    feeds_in_memory,
+    open_source,
+    split_for_evaluation,
+)
+
+__all__ = [
+    "HOLDOUT_EVERY",
+    "CalibrationSource",
+    "ChannelMeans",
+    "ChannelStatistics",
+    "Feed",
+    "Histogram",
+    "ImageFolderSource",
+    "MinMax",
+    "NpzSource",
+    "RandomSource",
+    "ReaderSource",
+    "StatisticsCollector",
+    "TensorStatistics",
+    "expose",
+    "feeds_in_memory",
+    "joined",
+    "open_source",
+    "split_for_evaluation",
+]

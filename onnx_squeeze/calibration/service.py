@@ -1,0 +1,138 @@
+"""The calibration service a pass gets on its context: one source, its first batches, one cache.
+
+Every pass reads data from here, never from a source of its own: with no data given, the
+service draws random data once (marked random, from the run's seed and input shapes) and every
+pass sees the same draws. Statistics are cached under one key scheme, the model's fingerprint
+(structure and weights) and the source's identity, so a pass that changes the model never
+reads statistics measured on the model before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_squeeze.calibration.sources import CalibrationSource, Feed, RandomSource
+from onnx_squeeze.errors import InputError
+from onnx_squeeze.runtime import input_specs
+
+# Random samples drawn when no data is given (the CLI's --calib-count default).
+RANDOM_SAMPLES = 32
+
+
+class Calibration:
+    """The run's calibration data for passes.
+
+    ``source`` is what the user gave (``supplied``), or None: then random data is drawn on first
+    use (see :meth:`draw_random_for`). Iterating the service iterates the source.
+    """
+
+    def __init__(self, source: CalibrationSource | None = None) -> None:
+        self.supplied = source is not None
+        self._source = source
+        self._random: Callable[[], CalibrationSource] | None = None
+        self._store: dict[Hashable, dict[Any, Any]] = {}
+
+    def draw_random_for(
+        self,
+        model: ir.Model,
+        shapes: Callable[[ir.Model], dict[str, tuple[int, ...]]],
+        *,
+        seed: int = 0,
+        count: int = RANDOM_SAMPLES,
+    ) -> None:
+        """Without data given, draw random data for ``model`` when a pass first needs it
+        (``shapes`` is asked then, so a run that needs no data needs no shapes); the first
+        call decides, later ones change nothing."""
+        if self._source is None and self._random is None:
+            self._random = lambda: RandomSource(
+                input_specs(model), count, seed, overrides=shapes(model)
+            )
+
+    @property
+    def source(self) -> CalibrationSource:
+        if self._source is None:
+            if self._random is None:
+                raise InputError("this pass needs calibration data: pass --calib DATA")
+            self._source = self._random()
+        return self._source
+
+    @property
+    def is_random(self) -> bool:
+        return bool(getattr(self.source, "is_random", False))
+
+    @property
+    def label(self) -> str:
+        return str(getattr(self.source, "label", type(self.source).__name__))
+
+    def __iter__(self) -> Iterator[Feed]:
+        return iter(self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]
+
+    def batches(self, count: int | None = None) -> Iterator[Feed]:
+        """The first ``count`` batches one at a time (all when None)."""
+        return iter(self.source) if count is None else itertools.islice(self.source, count)
+
+    def first_batches(self, count: int | None = None) -> list[Feed]:
+        """The first ``count`` batches held in memory (all when None); an error when there are
+        none, naming the data."""
+        feeds = list(self.batches(count))
+        if not feeds:
+            raise InputError(f"calibration data {self.label} yielded no batches")
+        return feeds
+
+    def feed_at(self, index: int = 0) -> Feed:
+        """Batch ``index`` (the first by default)."""
+        for feed in self.batches(index + 1):
+            if index == 0:
+                return feed
+            index -= 1
+        raise InputError(f"calibration data {self.label} has no batch {index}")
+
+    @property
+    def identity(self) -> str:
+        """What the cache keys the data by: its label and the object (two sources with one
+        label, such as two files both named calib.npz, are kept apart)."""
+        return f"{self.label}@{id(self.source):x}"
+
+    def store(self, model: ir.Model, *kind: Hashable) -> dict[Any, Any]:
+        """The cache for statistics of ``kind`` measured on ``model`` over this data: a dict a
+        pass fills and reads, the same for the same model (structure and weights) and data."""
+        return self._store.setdefault((fingerprint(model), self.identity, kind), {})
+
+
+def fingerprint(model: ir.Model) -> str:
+    """A digest of the graph's structure and weights (shapes and a sample of values), so that
+    statistics are reused only for the model they were measured on."""
+    digest = hashlib.sha1()
+    for node in model.graph:
+        digest.update(f"{node.op_type}|{node.name}|".encode())
+        digest.update("|".join(v.name if v else "" for v in node.inputs).encode())
+    for name, value in model.graph.initializers.items():
+        digest.update(name.encode())
+        if value.const_value is not None:
+            array = value.const_value.numpy()
+            digest.update(str(array.shape).encode())
+            digest.update(np.ascontiguousarray(array.ravel()[:4096]).tobytes())
+    return digest.hexdigest()
+
+
+def resized(feed: Feed, model: ir.Model, batch: int) -> Feed:
+    """``feed`` cut or repeated along axis 0 to ``batch`` samples for inputs whose batch size
+    is free (timing at a chosen batch); inputs with a fixed first dimension stay as they are."""
+    free = {
+        spec.name
+        for spec in input_specs(model)
+        if spec.shape and not isinstance(spec.shape[0], int)
+    }
+    return {
+        name: np.take(array, np.arange(batch) % len(array), axis=0) if name in free else array
+        for name, array in feed.items()
+    }
