@@ -22,8 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common
 from onnx_squeeze import calibration, runtime
-from onnx_squeeze.passes.base import PassContext, make_pass
+from onnx_squeeze.passes.base import make_pass
 from onnx_squeeze.pipeline import finalize
+from onnx_squeeze.records import PassContext
 
 MODELS: dict[str, dict[str, Any]] = {
     "resnet50": {

@@ -27,8 +27,8 @@ from benchmarks import common
 from onnx_squeeze import runtime
 from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.channel_groups import build_groups
-from onnx_squeeze.passes.base import PassContext
 from onnx_squeeze.passes.prune_channels import PruneChannels
+from onnx_squeeze.records import PassContext
 
 MODELS = ("resnet50", "mobilenetv2", "yolo", "transformer")
 TARGETS = (0.3, 0.5)

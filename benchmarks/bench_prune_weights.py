@@ -16,7 +16,8 @@ import common
 import onnx_ir as ir
 
 from onnx_squeeze import analysis
-from onnx_squeeze.passes.base import PassReport, make_pass
+from onnx_squeeze.passes.base import make_pass
+from onnx_squeeze.records import PassReport
 
 SHAPES = {"transformer": {"input_ids": (1, 128)}}
 VARIANTS = {

@@ -49,7 +49,8 @@ print(json.dumps({{"seconds": time.perf_counter() - start, "peak_rss_mib": peak_
 _OURS_STATIC = """
 import onnx_ir as ir
 from onnx_squeeze.calibration import NpzSource
-from onnx_squeeze.passes.base import PassContext, make_pass
+from onnx_squeeze.passes.base import make_pass
+from onnx_squeeze.records import PassContext
 from onnx_squeeze.runtime import input_specs
 model = ir.load({model!r})
 source = NpzSource({calib!r}, input_specs(model), batch_size=1)
@@ -60,7 +61,8 @@ read = int(stopped[0].split()[2]) if stopped else len(source)
 """
 _OURS_DYNAMIC = """
 import onnx_ir as ir
-from onnx_squeeze.passes.base import PassContext, make_pass
+from onnx_squeeze.passes.base import make_pass
+from onnx_squeeze.records import PassContext
 model = ir.load({model!r})
 make_pass("quantize_dynamic")(model, PassContext())
 ir.save(model, {out!r})

@@ -25,8 +25,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_squeeze import analysis, comparison, runtime, zoo
-from onnx_squeeze.passes.base import PassContext, make_pass
+from onnx_squeeze.passes.base import make_pass
 from onnx_squeeze.pipeline import compress, convert_opset, finalize
+from onnx_squeeze.records import PassContext
 
 RESULTS = Path(__file__).parent / "results"
 
