@@ -512,7 +512,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     report.print_summary(summary, console, all_nodes=args.all_nodes)
     data = summary.to_dict()
     if args.groups:
-        from onnx_squeeze import channel_groups
+        from onnx_squeeze.passes.prune_channels import trace as channel_groups
         from onnx_squeeze.prepare import prepare
 
         prepared, _ = prepare(model.clone())  # the graph compress prunes, not the file's

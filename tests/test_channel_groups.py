@@ -9,7 +9,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnx_squeeze import channel_groups, zoo
+from onnx_squeeze import zoo
+from onnx_squeeze.passes.prune_channels.groups import ChannelGroup
+from onnx_squeeze.passes.prune_channels.trace import analyze_channels, build_groups, format_groups
 from onnx_squeeze.prepare import PrepareSettings, prepare
 
 _HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
@@ -302,7 +304,7 @@ def zoo_model(name: str, prepared: bool) -> ir.Model:
     return _zoo_model(name, prepared).clone()
 
 
-def _group_of(groups: list[channel_groups.ChannelGroup], producer: str):
+def _group_of(groups: list[ChannelGroup], producer: str):
     found = [g for g in groups if producer in {n.name for n in g.producers}]
     assert len(found) == 1, [g.to_dict() for g in found]
     return found[0]
@@ -319,12 +321,12 @@ def _named(model: ir.Model) -> ir.Model:
     return model
 
 
-def _members(group: channel_groups.ChannelGroup) -> set[tuple[str, str, int, tuple[int, ...]]]:
+def _members(group: ChannelGroup) -> set[tuple[str, str, int, tuple[int, ...]]]:
     return {(m.slot.node.name, m.slot.role, m.slot.input, m.offsets) for m in group.members}
 
 
 def test_residual_couples_every_producer_that_meets_at_the_adds():
-    groups = channel_groups.build_groups(_named(graph_model(RESIDUAL)))
+    groups = build_groups(_named(graph_model(RESIDUAL)))
     group = _group_of(groups, "c1")
     assert {n.name for n in group.producers} == {"c1", "p", "c2"}
     assert group.frozen is None and group.channels == 16
@@ -338,7 +340,7 @@ def test_residual_couples_every_producer_that_meets_at_the_adds():
 
 def test_concat_chains_and_split_give_offsets_and_cut_producers():
     model = _named(graph_model(CONCAT_SPLIT))
-    groups = channel_groups.build_groups(model)
+    groups = build_groups(model)
     offsets = {name: _members(_group_of(groups, name)) for name in ("a", "b", "d", "h")}
     assert ("y", "consumer", 1, (0,)) in offsets["a"]
     assert ("y", "consumer", 1, (8,)) in offsets["b"]  # Concat of Concat
@@ -356,7 +358,7 @@ def test_concat_chains_and_split_give_offsets_and_cut_producers():
 
 
 def test_depthwise_chain_passes_channels_through():
-    groups = channel_groups.build_groups(_named(graph_model(DEPTHWISE)))
+    groups = build_groups(_named(graph_model(DEPTHWISE)))
     group = _group_of(groups, "c1")
     assert [n.name for n in group.producers] == ["c1"]
     members = _members(group)
@@ -366,7 +368,7 @@ def test_depthwise_chain_passes_channels_through():
 
 
 def test_conv_transpose_consumes_on_weight_axis_0_and_produces_on_axis_1():
-    groups = channel_groups.build_groups(_named(graph_model(DECODER)))
+    groups = build_groups(_named(graph_model(DECODER)))
     assert [g.frozen is None for g in groups] == [True, True, False]  # c1, up; y is the output
 
     def axes(group):
@@ -379,7 +381,7 @@ def test_conv_transpose_consumes_on_weight_axis_0_and_produces_on_axis_1():
 
 
 def test_flatten_into_gemm_accounts_for_the_spatial_size():
-    groups = channel_groups.build_groups(_named(graph_model(FLATTEN_GEMM)))
+    groups = build_groups(_named(graph_model(FLATTEN_GEMM)))
     conv = _group_of(groups, "c1")
     (gemm_member,) = [m for m in conv.members if m.slot.node.name == "h" and m.slot.input == 1]
     assert (gemm_member.slot.axis, gemm_member.slot.repeat) == (1, 16)  # transB: rows on axis 1
@@ -390,7 +392,7 @@ def test_flatten_into_gemm_accounts_for_the_spatial_size():
 
 
 def test_transformer_mlp_hidden_units_form_one_group():
-    groups = channel_groups.build_groups(_named(graph_model(TRANSFORMER_MLP)))
+    groups = build_groups(_named(graph_model(TRANSFORMER_MLP)))
     hidden = _group_of(groups, "h")
     assert hidden.frozen is None and hidden.channels == 64
     assert {("hb", "param", 1, (0,)), ("o", "consumer", 1, (0,))} <= _members(hidden)
@@ -398,17 +400,17 @@ def test_transformer_mlp_hidden_units_form_one_group():
 
 
 def test_bad_cases_are_frozen_with_reasons():
-    groups = channel_groups.build_groups(_named(graph_model(BAD)))
+    groups = build_groups(_named(graph_model(BAD)))
     for producer in ("a", "b"):
         assert "shared with other nodes" in _group_of(groups, producer).frozen
     assert _group_of(groups, "o").frozen == "reaches graph output 'out'"
     assert "LRN" in _group_of(groups, "u").frozen
-    rows = channel_groups.format_groups(groups)
+    rows = format_groups(groups)
     assert all(row[-1].startswith("frozen: ") for row in rows)
 
 
 def test_per_channel_constants_resize_pad_slice_and_reshape_into_matmul():
-    groups = channel_groups.build_groups(_named(graph_model(SHAPE_OPS)))
+    groups = build_groups(_named(graph_model(SHAPE_OPS)))
     # the Slice takes channels 4:12, so c1 is cut in three groups of 4, 8 and 4 channels
     c1_groups = sorted((g for g in groups if g.name == "c1"), key=lambda g: g.members[0].offsets)
     assert [g.channels for g in c1_groups] == [4, 8, 4]
@@ -427,7 +429,7 @@ def test_per_channel_constants_resize_pad_slice_and_reshape_into_matmul():
 
 
 def test_unmappable_axes_are_frozen_with_reasons():
-    groups = channel_groups.build_groups(_named(graph_model(UNMAPPABLE)))
+    groups = build_groups(_named(graph_model(UNMAPPABLE)))
     reasons = {name: _group_of(groups, name).frozen for name in ("r", "s", "c", "m", "k")}
     assert reasons == {
         "r": "Reshape 'heads' reshapes the channel axis",
@@ -440,7 +442,7 @@ def test_unmappable_axes_are_frozen_with_reasons():
 
 
 def test_reductions_over_other_axes_pass_channels_on():
-    analysis = channel_groups.analyze_channels(_named(graph_model(REDUCTIONS)))
+    analysis = analyze_channels(_named(graph_model(REDUCTIONS)))
     groups = analysis.groups
     assert [g.name for g in groups if g.frozen] == ["y"]  # the model's output
     # the SE gate couples with the block's channels; its squeeze is a group of its own
@@ -455,7 +457,7 @@ def test_reductions_over_other_axes_pass_channels_on():
 
 
 def test_grouped_convolutions_couple_their_groups_channel_by_channel():
-    groups = channel_groups.build_groups(_named(graph_model(GROUPED)))
+    groups = build_groups(_named(graph_model(GROUPED)))
     assert [g.name for g in groups if g.frozen] == ["y"]  # the model's output
     # c0's 8 channels feed 2 groups of 4: channel j of each group is one channel
     c0 = _group_of(groups, "c0")
@@ -471,7 +473,7 @@ def test_grouped_convolutions_couple_their_groups_channel_by_channel():
 
 
 def test_flatten_by_a_target_computed_from_the_batch_size():
-    groups = channel_groups.build_groups(_named(graph_model(VIEW_FLATTEN)))
+    groups = build_groups(_named(graph_model(VIEW_FLATTEN)))
     c1 = _group_of(groups, "c1")
     assert c1.frozen is None
     (matmul,) = [m for m in c1.members if m.slot.node.name == "y"]
@@ -480,9 +482,9 @@ def test_flatten_by_a_target_computed_from_the_batch_size():
 
 def test_attention_heads_couple_query_with_key_and_value_with_the_output_rows():
     model = zoo_model("transformer", True)  # 2 layers, 2 heads of 16 channels
-    frozen_by_reshape = [g for g in channel_groups.build_groups(model) if g.frozen]
+    frozen_by_reshape = [g for g in build_groups(model) if g.frozen]
     assert any("Reshape" in g.frozen for g in frozen_by_reshape)
-    groups = channel_groups.build_groups(model, split_heads=True)
+    groups = build_groups(model, split_heads=True)
     prefix = "encoder.layer.0.attention."
     query = _group_of(groups, prefix + "self.query")
     assert {n.name for n in query.producers} == {prefix + "self.query", prefix + "self.key"}
@@ -495,7 +497,7 @@ def test_attention_heads_couple_query_with_key_and_value_with_the_output_rows():
     ]
     # the hidden size stays frozen: every residual Add meets a LayerNorm output
     assert "not traced" in _group_of(groups, prefix + "output.dense").frozen
-    reshapes = [s for s in channel_groups.analyze_channels(model, split_heads=True).structures]
+    reshapes = [s for s in analyze_channels(model, split_heads=True).structures]
     assert {s.kind for s in reshapes} == {"reshape"} and len(reshapes) == 8  # 3 splits, 1 merge
 
 
@@ -503,7 +505,7 @@ def test_attention_heads_couple_query_with_key_and_value_with_the_output_rows():
 @pytest.mark.parametrize("prepared", [False, True], ids=["raw", "prepared"])
 def test_zoo_models_have_prunable_groups(name: str, prepared: bool):
     model = zoo_model(name, prepared)
-    groups = channel_groups.build_groups(model)
+    groups = build_groups(model)
     prunable = [g for g in groups if not g.frozen]
     assert prunable and len(prunable) >= len(groups) // 4
     for group in groups:

@@ -150,11 +150,11 @@ def test_exported_channel_groups_are_prunable_and_removal_is_lossless(
     stays frozen, and removing zeroed channels changes no output."""
     if exporter == "dyn18":
         pytest.importorskip("onnxscript")
-    from onnx_squeeze import channel_groups
+    from onnx_squeeze.passes.prune_channels.trace import build_groups
     from onnx_squeeze.prepare import prepare
     from tests.test_prune_channels import _assert_removal_is_lossless
 
     model, _ = prepare(ir.load(str(robustness.export(name, exporter, tmp_path))))
-    groups = channel_groups.build_groups(model, split_heads=True)
+    groups = build_groups(model, split_heads=True)
     assert [g.frozen for g in groups if g.frozen] == ["reaches graph output 'output'"]
     _assert_removal_is_lossless(model, ratio=0.4)

@@ -8,12 +8,14 @@ import onnx_ir as ir
 import pytest
 from onnx_ir.passes.common import ShapeInferencePass
 
-from onnx_squeeze import analysis, channel_groups, latency_search, layer_times, runtime, zoo
+from onnx_squeeze import analysis, latency_search, runtime, zoo
 from onnx_squeeze.analysis import resolve_input_shapes
 from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import constant_array
-from onnx_squeeze.passes.prune_channels import PruneChannels, kept_channels
+from onnx_squeeze.passes.prune_channels import PruneChannels, layer_times
+from onnx_squeeze.passes.prune_channels.rewrite import kept_channels
+from onnx_squeeze.passes.prune_channels.trace import build_groups
 from onnx_squeeze.records import PassContext
 from tests.helpers import assert_same_outputs, check, random_feeds, run
 from tests.test_channel_groups import FROZEN_GRAPHS, GRAPHS, graph_model, zoo_model
@@ -285,7 +287,7 @@ def test_sensitivity_allocation_uses_calibration_data_and_beats_one_ratio():
 
 def test_global_ranking_prunes_unevenly_but_to_the_overall_share():
     model = zoo_model("resnet50", True)
-    groups = [g for g in channel_groups.build_groups(model) if not g.frozen]
+    groups = [g for g in build_groups(model) if not g.frozen]
     pruned, _ = _prune(model, ratio=0.5, global_ranking=True, round_to=1)
     out_channels = {
         n.name: n.inputs[1].const_value.shape[0] for n in pruned.graph if n.op_type == "Conv"

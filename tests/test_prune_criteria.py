@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 from onnx_squeeze import zoo
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.passes.base import make_pass
-from onnx_squeeze.passes.prune_channels import kept_channels
+from onnx_squeeze.passes.prune_channels.rewrite import kept_channels
 from onnx_squeeze.pipeline import compress, finalize
 from onnx_squeeze.records import PassContext
 from tests.helpers import check, run

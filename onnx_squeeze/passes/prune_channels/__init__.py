@@ -1,0 +1,258 @@
+"""Structured channel pruning over dependency groups.
+
+Channels that must be pruned together form groups (:mod:`.trace` walks the graph with the rules
+of :mod:`.op_rules` and :mod:`.layer_rules`; :mod:`.groups` holds what it finds). Each prunable
+group is scored by an importance criterion (:mod:`.criteria`), the channels to keep are chosen
+by a per-group ratio, a global ratio ranked across groups, or a MACs target (:mod:`.allocation`,
+spread over the groups by measured :mod:`.sensitivity` by default), or a latency target priced
+by profiled node times (:mod:`.layer_times`) and checked by timing (:mod:`.latency_plan`),
+rounded to a multiple for fast kernels, and then removed from every member at once (``remove``)
+or masked to zero with shapes unchanged (``zero``, for sensitivity studies) by :mod:`.rewrite`.
+
+A MACs target is reached in ``sensitivity_rounds`` parts: each group alone loses 25/50/75% of its
+lowest-scored channels on a few calibration batches, the cheapest steps across all groups are
+taken, and the curves are measured again on top of the channels already removed.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_squeeze import runtime
+from onnx_squeeze.calibration import RandomSource, StatisticsCollector
+from onnx_squeeze.calibration.grams import Moments, collect_grams
+from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.passes.prune_channels.allocation import Costs, Planner
+from onnx_squeeze.passes.prune_channels.criteria import (
+    CRITERIA,
+    Statistics,
+    gram_specs,
+    statistics_tensors,
+)
+from onnx_squeeze.passes.prune_channels.groups import ChannelAnalysis, ChannelGroup
+from onnx_squeeze.passes.prune_channels.latency_plan import Timing
+from onnx_squeeze.passes.prune_channels.rewrite import Rewriter
+from onnx_squeeze.passes.prune_channels.sensitivity import CachedSensitivity, Sensitivity
+from onnx_squeeze.passes.prune_channels.settings import (
+    ALLOCATIONS,
+    MODES,
+    PruneChannelsSettings,
+)
+from onnx_squeeze.passes.prune_channels.trace import analyze_channels
+from onnx_squeeze.records import PassContext, PassReport
+
+
+@register
+class PruneChannels(Pass):
+    """Remove (or zero) whole channels, group by group."""
+
+    name = "prune_channels"
+    Settings = PruneChannelsSettings
+
+    def validate(self) -> None:
+        s = self.settings
+        if s.mode not in MODES:
+            raise SettingsError(f"prune_channels: mode must be one of {MODES}, got {s.mode!r}")
+        if s.criterion not in CRITERIA:
+            known = ", ".join(sorted(CRITERIA))
+            raise SettingsError(f"prune_channels: unknown criterion {s.criterion!r}; use {known}")
+        for field in ("ratio", "macs_target", "latency_target"):
+            if not 0.0 <= float(getattr(s, field)) < 1.0:
+                raise SettingsError(
+                    f"prune_channels: {field} must be in [0, 1), got {getattr(s, field)}"
+                )
+        if s.allocation not in ALLOCATIONS:
+            raise SettingsError(
+                f"prune_channels: allocation must be one of {ALLOCATIONS}, got {s.allocation!r}"
+            )
+        if sum(1 for target in (s.ratio, s.macs_target, s.latency_target) if target) > 1:
+            raise SettingsError(
+                "prune_channels: set one of ratio, macs_target and latency_target, not several"
+            )
+        counts = (
+            s.latency_batch,
+            s.min_channels,
+            s.calibration_batches,
+            s.sensitivity_batches,
+            s.sensitivity_rounds,
+        )
+        if min(counts) < 1 or s.round_to < 0:
+            raise SettingsError(
+                "prune_channels: latency_batch, min_channels, calibration_batches, "
+                "sensitivity_batches and sensitivity_rounds must be >= 1, round_to >= 0"
+            )
+        if isinstance(s.protect, str):
+            s.protect = [s.protect]
+
+    def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
+        settings = self.settings
+        channels = analyze_channels(model, split_heads=settings.split_heads)
+        self._protect(model, channels.groups)
+        prunable = [g for g in channels.groups if not g.frozen]
+        for group in channels.groups:
+            if group.frozen:
+                report.skip(group.producers[0], f"group {group.id} frozen: {group.frozen}")
+        report.notes.append(
+            f"{len(prunable)} prunable channel groups, {len(channels.groups) - len(prunable)} frozen"
+        )
+        target = settings.macs_target or settings.latency_target
+        if not prunable or not (settings.ratio or target):
+            return
+        scores = self._scores(model, context, channels, prunable)
+        macs = Costs.macs(model, channels, context.input_shapes(model))
+        timing = Timing(model, context, settings) if settings.latency_target else None
+        costs = Costs.latency(model, channels, timing.original) if timing else macs
+        planner = Planner(channels, prunable, scores, settings, costs, macs)
+        if not target:
+            plan = planner.plan(settings.ratio)
+        elif settings.allocation == "uniform":
+            plan = planner.for_target(target, report)
+            replan = functools.partial(planner.for_target, report=PassReport(self.name))
+        else:
+            plan, replan = self._allocate(model, context, channels, planner, report)
+        if timing is not None and plan:
+            plan = timing.corrected(plan, replan, report)
+        if not plan:
+            report.notes.append("no group lost a channel at these settings")
+            return
+        Rewriter(model, channels, plan, settings.mode, macs.nodes, report).run()
+
+    def _allocate(
+        self,
+        model: ir.Model,
+        context: PassContext,
+        channels: ChannelAnalysis,
+        planner: Planner,
+        report: PassReport,
+    ) -> tuple[dict[int, np.ndarray], Callable[[float], dict[int, np.ndarray]]]:
+        """The MACs or latency target reached in ``sensitivity_rounds`` equal parts, the
+        sensitivities measured again on top of the channels already removed before each part
+        (NetAdapt-like: later parts see how earlier ones changed the network). Also returns a
+        function that plans the last part again for another target, on the same curves."""
+        s = self.settings
+        keep: dict[int, int] = {}
+        measure = CachedSensitivity(
+            functools.partial(Sensitivity, model, channels, planner, context.providers[0]),
+            lambda: self._sensitivity_feeds(model, context, report),
+            context.cache,
+            (
+                "prune_channels.sensitivity",
+                tuple((g.name, g.channels) for g in planner.groups),
+                (s.criterion, s.min_channels, s.round_to, s.sensitivity_batches),
+                id(context.calibration),
+            ),
+        )
+        goal = s.macs_target or s.latency_target
+        start: dict[int, int] = {}
+        for part in range(1, s.sensitivity_rounds + 1):
+            start, curves = keep, measure.curves(keep)
+            keep = planner.keep_for(goal * part / s.sensitivity_rounds, curves, keep)
+        plan = planner.plan_counts(keep)
+        removed = planner.removed(plan)
+        if removed < goal:
+            report.notes.append(
+                f"{planner.costs.unit} target {goal:.0%} not reachable: removed {removed:.1%}"
+            )
+        elif plan:
+            shares = [1 - len(kept) / planner.group(g).channels for g, kept in plan.items()]
+            report.notes.append(
+                f"{planner.costs.unit} target {goal:.0%} by sensitivity: {len(plan)} groups "
+                f"pruned, {min(shares):.0%}-{max(shares):.0%} of their channels, removes "
+                f"{removed:.1%}{planner.macs_note(plan)}"
+            )
+        return plan, lambda target: planner.plan_counts(planner.keep_for(target, curves, start))
+
+    def _sensitivity_feeds(
+        self, model: ir.Model, context: PassContext, report: PassReport
+    ) -> list[dict[str, np.ndarray]]:
+        """The first calibration batches, or random data shaped by the inputs when none."""
+        count = self.settings.sensitivity_batches
+        if context.data.supplied:
+            return list(itertools.islice(iter(context.calibration), count))
+        report.notes.append("sensitivity measured on random inputs (no calibration data)")
+        shapes = context.input_shapes(model)
+        return list(RandomSource(runtime.input_specs(model), count=count, seed=1, overrides=shapes))
+
+    def _protect(self, model: ir.Model, groups: list[ChannelGroup]) -> None:
+        protect = set(self.settings.protect)
+        missing = protect - {node.name for node in model.graph}
+        if missing:
+            raise SettingsError(
+                f"prune_channels: protect names {sorted(missing)}, not nodes of the main graph"
+            )
+        for group in groups:
+            hit = sorted(group.node_names() & protect)
+            if hit and not group.frozen:
+                group.frozen = f"protected ({', '.join(hit)})"
+
+    def _scores(
+        self,
+        model: ir.Model,
+        context: PassContext,
+        channels: ChannelAnalysis,
+        groups: list[ChannelGroup],
+    ) -> dict[int, np.ndarray]:
+        entry = CRITERIA[self.settings.criterion]
+        measured = None
+        if entry.needs is not None:
+            if not context.data.supplied:
+                raise SettingsError(
+                    f"prune_channels: criterion {self.settings.criterion!r} needs calibration "
+                    "data; pass --calib DATA or use criterion l1, l2 or bn_scale"
+                )
+            measure = self._statistics if entry.needs == "statistics" else self._grams
+            measured = measure(model, context, channels, groups)
+        return {g.id: np.asarray(entry.function(g, model, measured), np.float64) for g in groups}
+
+    def _statistics(
+        self,
+        model: ir.Model,
+        context: PassContext,
+        channels: ChannelAnalysis,
+        groups: list[ChannelGroup],
+    ) -> Statistics:
+        axes = statistics_tensors(groups, channels)
+        if not axes:
+            return {}
+        key = (
+            "prune_channels.channels",
+            tuple(sorted(axes.items())),
+            self.settings.calibration_batches,
+        )
+        if key not in context.cache:
+            collector = StatisticsCollector(
+                model,
+                list(axes),
+                channel_axis=axes,
+                keep=("channels",),
+                provider=context.providers[0],
+            )
+            context.cache[key] = collector.collect(
+                context.calibration, limit=self.settings.calibration_batches, progress=False
+            )
+        return context.cache[key]
+
+    def _grams(
+        self,
+        model: ir.Model,
+        context: PassContext,
+        channels: ChannelAnalysis,
+        groups: list[ChannelGroup],
+    ) -> Mapping[str, Moments]:
+        specs = gram_specs(groups)
+        moments = collect_grams(
+            model,
+            specs.values(),
+            context.calibration,
+            provider=context.providers[0],
+            batches=self.settings.calibration_batches,
+            cache=context.cache,
+            label="prune_channels consumer input Grams",
+        )
+        return {name: moments[spec] for name, spec in specs.items()}

@@ -1,0 +1,143 @@
+"""Sensitivity: the output error when one group alone loses its lowest-scored channels,
+measured on a few calibration batches with one onnxruntime session (producers' outputs masked).
+Its cost is (groups x 3 x batches x rounds) inferences; ``allocation: uniform`` is the cheap
+one-ratio alternative."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_squeeze import runtime
+from onnx_squeeze.graph_utils import constant_array
+from onnx_squeeze.passes.prune_channels.allocation import ErrorCurve, Planner
+from onnx_squeeze.passes.prune_channels.groups import ChannelAnalysis, Layout
+from onnx_squeeze.passes.prune_channels.rewrite import kept_indices
+
+_EPSILON = 1e-12
+
+
+class CachedSensitivity:
+    """Error curves kept in a cache (the pass context's) under ``key`` plus the starting
+    counts, so that other targets on the same model reuse them; the onnxruntime session and the
+    feeds are made only when a curve must be measured."""
+
+    def __init__(
+        self,
+        make: Callable[[], Sensitivity],
+        feeds: Callable[[], list[dict]],
+        cache: dict,
+        key: tuple,
+    ) -> None:
+        self.make, self.make_feeds, self.cache, self.key = make, feeds, cache, key
+        self.sensitivity: Sensitivity | None = None
+        self.feeds: list[dict] = []
+
+    def curves(self, start: Mapping[int, int]) -> dict[int, ErrorCurve]:
+        key = (*self.key, tuple(sorted(start.items())))
+        if key not in self.cache:
+            if self.sensitivity is None:
+                self.sensitivity, self.feeds = self.make(), self.make_feeds()
+            self.cache[key] = self.sensitivity.curves(self.feeds, start)
+        return self.cache[key]
+
+
+# Shares of a group's channels removed when its sensitivity is measured.
+SENSITIVITY_SHARES = (0.25, 0.5, 0.75)
+
+
+class Sensitivity:
+    """Measures, on a few calibration batches, how much the model's outputs change when one
+    group alone loses its lowest-scored channels. Each producer's output is multiplied by a 0/1
+    mask fed as a graph input, so one onnxruntime session (weights still constant) serves every
+    measurement; masking the output equals zeroing the producer's weights and biases, and
+    approximates removal where an unfused BatchNormalization adds a per-channel offset after."""
+
+    def __init__(
+        self, model: ir.Model, channels: ChannelAnalysis, planner: Planner, provider: str
+    ) -> None:
+        self.channels = channels
+        self.planner = planner
+        producers = {id(p): p for g in planner.groups for p in g.producers}
+        self.layouts = [
+            (node, channels.layouts[node.outputs[0]])
+            for node in model.graph
+            if id(node) in producers and node.outputs[0] in channels.layouts
+        ]
+        self.session = runtime.create_session(self._masked(model), provider)
+
+    def _masked(self, model: ir.Model) -> ir.Model:
+        """A clone whose producers' outputs are multiplied by inputs ``onnx_squeeze.mask.<i>``."""
+        clone = model.clone()
+        twin = dict(zip(map(id, model.graph), clone.graph, strict=True))
+        for index, (node, layout) in enumerate(self.layouts):
+            output = twin[id(node)].outputs[0]
+            uses = list(output.uses())
+            dtype = _weight_dtype(node)
+            mask = ir.Value(
+                name=f"onnx_squeeze.mask.{index}",
+                type=ir.TensorType(ir.DataType.from_numpy(dtype)),
+                shape=ir.Shape(self._mask(layout, {}).shape),
+            )
+            clone.graph.inputs.append(mask)
+            product = ir.node("Mul", [output, mask], name=f"onnx_squeeze.mask_mul.{index}")
+            clone.graph.insert_after(twin[id(node)], product)
+            for user, position in uses:
+                user.replace_input_with(position, product.outputs[0])
+        return clone
+
+    def _mask(self, layout: Layout, plan: Mapping[int, np.ndarray]) -> np.ndarray:
+        kept, length = kept_indices(self.channels, plan, layout.atoms, layout.repeat)
+        mask = np.zeros(length, dtype=np.float32)
+        mask[kept] = 1
+        return mask.reshape(length, *[1] * (-layout.axis - 1))
+
+    def _masks(self, plan: Mapping[int, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            f"onnx_squeeze.mask.{index}": self._mask(layout, plan).astype(_weight_dtype(node))
+            for index, (node, layout) in enumerate(self.layouts)
+        }
+
+    def _outputs(self, feeds: list[dict], plan: Mapping[int, np.ndarray]) -> list[list]:
+        masks = self._masks(plan)
+        return [self.session.run(None, {**feed, **masks}) for feed in feeds]
+
+    def curves(self, feeds: list[dict], start: Mapping[int, int]) -> dict[int, ErrorCurve]:
+        """Group id -> output error (squared, relative to the output energy, summed over the
+        outputs) against the share of its channels removed, each group measured alone on top
+        of the kept counts ``start``: the error it adds to theirs against the original outputs
+        (the first point is where ``start`` leaves it)."""
+        base = self.planner.plan_counts(start)
+        reference = self._outputs(feeds, {})
+        floor = _relative_error(reference, self._outputs(feeds, base)) if base else 0.0
+        curves = {}
+        for group in self.planner.groups:
+            before = start.get(group.id, group.channels)
+            shares, errors = [1 - before / group.channels], [0.0]
+            for share in SENSITIVITY_SHARES:
+                keep = self.planner.keep_count(group, round((1 - share) * before))
+                if keep >= before or 1 - keep / group.channels <= shares[-1]:
+                    continue
+                plan = {**base, group.id: self.planner.best_channels(group, keep)}
+                shares.append(1 - keep / group.channels)
+                error = _relative_error(reference, self._outputs(feeds, plan)) - floor
+                errors.append(max(errors[-1], error))
+            curves[group.id] = ErrorCurve(np.array(shares), np.array(errors))
+        return curves
+
+
+def _weight_dtype(node: ir.Node) -> np.dtype:
+    """The float type of a producer's constant weight (its output has the same)."""
+    arrays = (constant_array(value) for value in node.inputs if value is not None)
+    return next(a.dtype for a in arrays if a is not None and a.ndim >= 2)
+
+
+def _relative_error(reference: list[list], outputs: list[list]) -> float:
+    total = 0.0
+    for expected, actual in zip(reference, outputs, strict=True):
+        for e, a in zip(expected, actual, strict=True):
+            e, a = np.asarray(e, np.float64), np.asarray(a, np.float64)
+            total += float(np.sum((a - e) ** 2)) / max(float(np.sum(e**2)), _EPSILON)
+    return total / len(reference)

@@ -1,0 +1,41 @@
+"""The settings of ``prune_channels``, beside the pass so that the planning modules can read
+them without importing the pass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+MODES = ("remove", "zero")
+ALLOCATIONS = ("sensitivity", "uniform")
+
+
+@dataclasses.dataclass
+class PruneChannelsSettings:
+    """``ratio``: share of channels removed from each prunable group (ranked across all groups
+    when ``global_ranking``); ``macs_target``: share of the model's MACs to remove instead;
+    ``round_to``: kept counts are multiples of this (0: 8 for groups of 32+ channels, else 1);
+    ``protect``: node names whose groups are left alone. ``allocation`` spreads a MACs target:
+    ``sensitivity`` (each group measured alone on ``sensitivity_batches`` calibration batches,
+    random data when none is given; cheapest output error per MAC first, measured again on top
+    of the channels already removed in each of ``sensitivity_rounds`` parts) or ``uniform`` (one
+    ratio for every group). ``split_heads`` follows channels through the Reshapes that split
+    them into attention heads, so the head size shrinks (same in every head; queries and keys
+    together). ``latency_target``: share of the model's time (``latency_batch`` samples, 1
+    thread) to remove instead of MACs: channels priced by each node's profiled time, the plan
+    checked by timing the pruned model and made again until it saves the target."""
+
+    mode: str = "remove"
+    criterion: str = "l1"
+    ratio: float = 0.0
+    global_ranking: bool = False
+    macs_target: float = 0.0
+    latency_target: float = 0.0
+    latency_batch: int = 1
+    min_channels: int = 1
+    round_to: int = 0
+    protect: list[str] = dataclasses.field(default_factory=list)
+    calibration_batches: int = 8
+    allocation: str = "sensitivity"
+    sensitivity_batches: int = 4
+    sensitivity_rounds: int = 2
+    split_heads: bool = True
