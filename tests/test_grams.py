@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_squeeze.calibration.grams import collect_grams, layer_input_spec
+from onnx_squeeze.calibration.grams import collect_grams
+from onnx_squeeze.calibration.service import Calibration
+from onnx_squeeze.layers import Layer
 from tests.helpers import run
 
 RNG = np.random.default_rng(0)
@@ -44,8 +48,7 @@ def test_conv_patch_gram_reproduces_the_output_energy(geometry: dict):
     follow the Conv's geometry and the weight's (channel, tap) order."""
     model, weight = _conv_model(geometry)
     feeds = _feeds(3)
-    node = model.graph.node(1)
-    spec = layer_input_spec(node, weight.shape)
+    spec = Layer.of(model.graph.node(1)).gram_spec()
     moments = collect_grams(model, [spec], feeds, max_rows=None)[spec]
     outputs = [run(model, feed)[0] for feed in feeds]
     matrix = weight.reshape(5, -1).T.astype(np.float64)
@@ -56,9 +59,9 @@ def test_conv_patch_gram_reproduces_the_output_energy(geometry: dict):
 
 
 def test_size_is_independent_of_batch_count_and_budget_only_splits_passes():
-    model, weight = _conv_model(CONV_GEOMETRIES[0])
-    node = model.graph.node(1)
-    specs = [layer_input_spec(node, weight.shape), layer_input_spec(node, (5, 3, 1, 1))]
+    model, _ = _conv_model(CONV_GEOMETRIES[0])
+    spec = Layer.of(model.graph.node(1)).gram_spec()
+    specs = [spec, dataclasses.replace(spec, features=3, kernel=(1, 1))]  # a 1×1 kernel's
     few, many = _feeds(2), _feeds(8)
     small = collect_grams(model, specs, few)
     large = collect_grams(model, specs, many)
@@ -70,17 +73,17 @@ def test_size_is_independent_of_batch_count_and_budget_only_splits_passes():
 
 
 def test_cache_reuses_results_until_the_model_changes():
-    model, weight = _conv_model(CONV_GEOMETRIES[1])
-    spec = layer_input_spec(model.graph.node(1), weight.shape)
-    feeds, cache = _feeds(2), {}
-    first = collect_grams(model, [spec], feeds, cache=cache)[spec]
-    assert collect_grams(model, [spec], feeds, cache=cache)[spec] is first
+    model, _ = _conv_model(CONV_GEOMETRIES[1])
+    spec = Layer.of(model.graph.node(1)).gram_spec()
+    data = Calibration(_feeds(2))
+    first = collect_grams(model, [spec], data)[spec]
+    assert collect_grams(model, [spec], data)[spec] is first
     model.graph.node(0).name = "renamed"  # a pass rewired the graph: measure again
-    assert collect_grams(model, [spec], feeds, cache=cache)[spec] is not first
+    assert collect_grams(model, [spec], data)[spec] is not first
 
 
 def test_rows_are_subsampled_evenly_per_batch():
-    model, weight = _conv_model(CONV_GEOMETRIES[0])
-    spec = layer_input_spec(model.graph.node(1), weight.shape)
+    model, _ = _conv_model(CONV_GEOMETRIES[0])
+    spec = Layer.of(model.graph.node(1)).gram_spec()
     moments = collect_grams(model, [spec], _feeds(2, batch=4), max_rows=10)[spec]
     assert moments.rows <= 20

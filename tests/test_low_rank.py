@@ -11,13 +11,15 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_squeeze import analysis, calibration, factorize, runtime, zoo
+from onnx_squeeze import analysis, calibration, runtime, zoo
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.passes.base import make_pass
-from onnx_squeeze.passes.low_rank import SOURCE_NODE_KEY
+from onnx_squeeze.passes.low_rank import factorize
+from onnx_squeeze.passes.low_rank.plans import find_candidate, plans_for
+from onnx_squeeze.passes.low_rank.rewrite import factorize_layer
 from onnx_squeeze.pipeline import compress
 from onnx_squeeze.recipe import Recipe, Step
-from onnx_squeeze.records import CREATED_BY_KEY, PassContext
+from onnx_squeeze.records import CREATED_BY_KEY, SOURCE_NODE_KEY, PassContext
 from tests.helpers import assert_same_outputs, check, random_feeds, run
 
 RNG = np.random.default_rng(0)
@@ -176,15 +178,14 @@ def test_factor_nodes_follow_the_naming_conventions():
 def test_full_rank_equals_the_original():
     model = _conv_model(RNG.standard_normal((16, 12, 3, 3)))
     from onnx_squeeze.graph_utils import UniqueNames
-    from onnx_squeeze.passes import low_rank
 
     for scheme in ("channel", "spatial", "tucker2"):
         result = model.clone()
         node = next(iter(result.graph))
-        layer = low_rank.find_layer(node, 0)
-        (plan,), _ = low_rank.plans_for(layer, scheme)
+        candidate = find_candidate(node, 0)
+        (plan,), _ = plans_for(candidate, scheme)
         plan.decompose(None)
-        low_rank.factorize_layer(result, plan, plan.full, UniqueNames(result))
+        factorize_layer(result, plan, plan.full, UniqueNames(result))
         check(result)
         assert_same_outputs(model, result, random_feeds(model, 1), rtol=1e-4, atol=1e-5)
 

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze.calibration.runner import TensorRunner
+from onnx_squeeze.calibration.service import Calibration
 from onnx_squeeze.calibration.sources import Feed
 from onnx_squeeze.errors import InputError
 from onnx_squeeze.graph_utils import attribute
@@ -111,13 +112,6 @@ def input_vectors(array: np.ndarray, spec: GramSpec) -> np.ndarray:
     return patches.reshape(-1, patches.shape[-1])
 
 
-def fingerprint(model: ir.Model) -> int:
-    """Changes whenever a pass rewires nodes or replaces a weight tensor (stale statistics)."""
-    nodes = tuple((node.name, node.op_type) for node in model.graph)
-    tensors = tuple((name, id(v.const_value)) for name, v in model.graph.initializers.items())
-    return hash((nodes, tensors))
-
-
 def budget_groups(specs: Iterable[GramSpec], budget: int) -> list[list[GramSpec]]:
     """Specs in groups whose matrices together stay within ``budget`` bytes (one spec larger
     than the budget gets a group of its own)."""
@@ -138,20 +132,20 @@ def collect_grams(
     batches: int | None = None,
     max_rows: int | None = MAX_ROWS_PER_BATCH,
     budget: int = BUDGET_BYTES,
-    cache: dict[Any, Any] | None = None,
     label: str = "input Gram matrices",
 ) -> dict[GramSpec, Moments]:
     """``Σ x xᵀ`` (float64) over the first ``batches`` batches of ``source`` (all when None)
     for every spec. ``max_rows`` evenly subsamples the rows of one batch (None: all rows).
-    With ``cache`` (a pass context's), results are reused while the model is unchanged."""
+    When ``source`` is the calibration service (a pass's ``context.data``), results are kept
+    in its statistics store and reused while the model and the data are the same."""
     specs = list(dict.fromkeys(specs))
-    key = (fingerprint(model), id(source), batches, max_rows)
-    store = cache.setdefault("grams", {}) if cache is not None else {}
-    wanted = [spec for spec in specs if (key, spec) not in store]
+    store: dict[GramSpec, Moments] = (
+        source.store(model, "grams", batches, max_rows) if isinstance(source, Calibration) else {}
+    )
+    wanted = [spec for spec in specs if spec not in store]
     for group in budget_groups(wanted, budget):
-        found = _collect_group(model, group, source, provider, batches, max_rows, label)
-        store.update(((key, spec), moments) for spec, moments in found.items())
-    return {spec: store[(key, spec)] for spec in specs}
+        store.update(_collect_group(model, group, source, provider, batches, max_rows, label))
+    return {spec: store[spec] for spec in specs}
 
 
 def _collect_group(

@@ -1,0 +1,287 @@
+"""Low-rank factorization of Gemm, MatMul and Conv layers with constant weights.
+
+Each layer is replaced by a chain of smaller layers of the same kind, so that later passes
+(channel pruning, quantization) still see plain Conv/Gemm/MatMul with constant weights:
+
+- ``svd`` (Gemm/MatMul): ``X·W → (X·A)·B``; Gemm's bias, ``beta`` and ``transA/transB`` stay on
+  the right factor, ``alpha`` is folded into B; a MatMul whose constant is the first operand
+  becomes ``A·(B·X)``.
+- ``channel`` (Conv): the original kernel to r channels, then a 1×1 Conv.
+- ``spatial`` (2-D Conv): a kh×1 Conv to r channels, then a 1×kw Conv (strides, pads, dilations
+  and ``auto_pad`` split by axis, which is exact).
+- ``tucker2`` (Conv): 1×1 reduce → kh×kw core → 1×1 expand (HOSVD of the channel modes).
+- ``auto``: ``svd`` for Gemm/MatMul and 1×1 Convs (as ``channel``); for larger kernels the
+  scheme that costs the fewest MACs at the requested energy (or, under a budget, the best trade).
+
+Ranks come from one of: ``rank``, ``ratio`` (of full rank), ``energy`` (share of squared singular
+values kept; the default, 0.95) or a whole-model ``macs_target`` / ``params_target`` (fraction to
+remove), for which ranks are allocated across layers by energy lost per MAC (or parameter)
+saved. A layer is factorized only when that saves MACs. With ``data_aware``, the input second
+moments measured on the calibration data whiten the decomposition so that it minimises the
+layer's output error rather than its weight error (see :mod:`.factorize`).
+
+Modules: :mod:`.plans` (a layer's candidate schemes and their costs), :mod:`.ranks` (rank
+selection), :mod:`.rewrite` (the factor nodes swapped in), :mod:`.factorize` (the numerics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from onnx_squeeze import analysis, runtime
+from onnx_squeeze.blas import blas_threads
+from onnx_squeeze.calibration.grams import GramSpec, Moments, collect_grams
+from onnx_squeeze.errors import SettingsError, ShapeUnknownError
+from onnx_squeeze.graph_utils import UniqueNames
+from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.passes.low_rank import factorize
+from onnx_squeeze.passes.low_rank.plans import Candidate, Plan, find_candidate, plans_for
+from onnx_squeeze.passes.low_rank.ranks import (
+    Option,
+    allocate,
+    cheapest_with_energy,
+    original_cost,
+    unprofitable,
+)
+from onnx_squeeze.passes.low_rank.rewrite import factorize_layer
+from onnx_squeeze.prepare import infer_shapes
+from onnx_squeeze.progress import track
+from onnx_squeeze.records import PassContext, PassReport, unselected
+
+SCHEMES = ("auto", "svd", "channel", "spatial", "tucker2")
+SUPPORTED_OPS = ("Gemm", "MatMul", "Conv")
+DEFAULT_ENERGY = 0.95
+
+
+@dataclasses.dataclass
+class LowRankSettings:
+    scheme: str = "auto"
+    rank: int | None = None
+    ratio: float | None = None
+    energy: float | None = None
+    macs_target: float | None = None
+    params_target: float | None = None
+    data_aware: bool = False
+    damping: float = 0.01  # data-aware: fraction of the mean input energy added to the diagonal
+    round_to: int = 8
+    min_macs: int = 0
+    include: list[str] = dataclasses.field(default_factory=list)
+    exclude: list[str] = dataclasses.field(default_factory=list)
+    op_types: list[str] = dataclasses.field(default_factory=lambda: list(SUPPORTED_OPS))
+    shapes: list[str] = dataclasses.field(default_factory=list)  # NAME:1x128, for MAC counts
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+
+
+@register
+class LowRank(Pass):
+    """Factorize Gemm/MatMul/Conv weights into chains of smaller layers (see the module doc)."""
+
+    name = "low_rank"
+    Settings = LowRankSettings
+
+    def validate(self) -> None:
+        s = self.settings
+        if s.scheme not in SCHEMES:
+            raise SettingsError(
+                f"low_rank: scheme {s.scheme!r} is unknown; use one of {', '.join(SCHEMES)}"
+            )
+        chosen = [
+            key
+            for key in ("rank", "ratio", "energy", "macs_target", "params_target")
+            if getattr(s, key) is not None
+        ]
+        if len(chosen) > 1:
+            raise SettingsError(
+                f"low_rank: set only one of rank, ratio, energy, macs_target, params_target "
+                f"(got {', '.join(chosen)})"
+            )
+        checks = [
+            (s.rank is None or (isinstance(s.rank, int) and s.rank >= 1), "rank must be an integer >= 1"),
+            (s.ratio is None or 0 < s.ratio <= 1, "ratio must be in (0, 1] (share of full rank kept)"),
+            (s.energy is None or 0 < s.energy <= 1, "energy must be in (0, 1] (share kept)"),
+            (s.macs_target is None or 0 < s.macs_target < 1, "macs_target must be in (0, 1) (share of model MACs removed)"),
+            (s.params_target is None or 0 < s.params_target < 1, "params_target must be in (0, 1) (share of parameters removed)"),
+            (s.round_to >= 1, "round_to must be >= 1 (1: no rounding)"),
+            (s.damping >= 0, "damping must be >= 0"),
+            (s.min_macs >= 0, "min_macs must be >= 0"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(f"low_rank: {message}")
+        unknown = sorted(set(s.op_types) - set(SUPPORTED_OPS))
+        if unknown:
+            raise SettingsError(
+                f"low_rank: op_types {unknown} are not supported; use any of {', '.join(SUPPORTED_OPS)}"
+            )
+        runtime.parse_shape_overrides(s.shapes)
+
+    @property
+    def mode(self) -> str:
+        s = self.settings
+        for key in ("rank", "ratio", "macs_target", "params_target"):
+            if getattr(s, key) is not None:
+                return key
+        return "energy"
+
+    def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
+        s = self.settings
+        if s.data_aware and not context.data.supplied:
+            raise SettingsError(
+                "low_rank: data_aware=true needs calibration data: pass --calib (a .npz file, "
+                "an image folder, or 'random' for a smoke test) or set data_aware=false"
+            )
+        shapes = runtime.parse_shape_overrides(s.shapes)
+        if not shapes:
+            try:
+                shapes = context.input_shapes(model)
+            except ShapeUnknownError:
+                if s.macs_target is not None:
+                    raise  # a MACs budget needs real MACs
+        summary = analysis.analyze(model, shapes=shapes)
+        node_macs = {
+            id(node): cost.macs
+            for node, cost in zip(
+                ir.traversal.RecursiveGraphIterator(model.graph), summary.nodes, strict=True
+            )
+        }
+        if any(graph is not model.graph for graph in model.graphs()):
+            report.notes.append("nodes inside If/Loop/Scan bodies are not factorized")
+        layers = self._layers(model, node_macs, report)
+        plans, fallback = {}, {}
+        for layer in layers:
+            plans[layer], fallback[layer] = plans_for(layer, s.scheme)
+        self._decompose(model, plans, context)
+        if self.mode in ("macs_target", "params_target"):
+            chosen = self._budget(plans, summary, report)
+        else:
+            chosen = {
+                layer: self._per_layer(layer_plans, report) for layer, layer_plans in plans.items()
+            }
+        names = UniqueNames(model)
+        for layer, option in chosen.items():
+            if option is not None:
+                factorize_layer(model, option.plan, option.rank, names, self.name)
+                self._record(layer, option, fallback[layer], report)
+        if report.changed:
+            infer_shapes(model, report)
+
+    def _layers(
+        self, model: ir.Model, node_macs: dict[int, int], report: PassReport
+    ) -> list[Candidate]:
+        layers = []
+        for node in model.graph:
+            op = "Conv" if node.op_type == "ConvTranspose" else node.op_type
+            if node.domain not in ("", "ai.onnx") or op not in self.settings.op_types:
+                continue
+            reason = unselected(node.name or "", self.settings.include, self.settings.exclude)
+            if reason:
+                report.skip(node, reason)
+                continue
+            macs = node_macs.get(id(node), 0)
+            found = find_candidate(node, macs)
+            if isinstance(found, str):
+                report.skip(node, found)
+            elif macs < self.settings.min_macs:
+                report.skip(node, f"{macs} MACs, below min_macs={self.settings.min_macs}")
+            else:
+                layers.append(found)
+        return layers
+
+    def _decompose(
+        self, model: ir.Model, plans: dict[Candidate, list[Plan]], context: PassContext
+    ) -> None:
+        every = [plan for layer_plans in plans.values() for plan in layer_plans]
+        grams: dict[GramSpec, Moments] = {}
+        if self.settings.data_aware and every:
+            specs = [plan.gram_spec() for plan in every]
+            grams = collect_grams(
+                model,
+                [spec for spec in specs if spec is not None],
+                context.data,
+                provider=context.providers[0],
+                label="low_rank input statistics",
+            )
+        whites: dict[GramSpec, factorize.Whitening | None] = {}  # layers may share an input
+        for spec, moments in grams.items():
+            whites[spec] = factorize.whitening(moments.gram, self.settings.damping, moments.rows)
+        for plan in track(every, "low_rank decompositions"):
+            white = whites[plan.gram_spec()] if self.settings.data_aware else None
+            # Single-threaded: these matrices are small for BLAS, and OpenBLAS threads spinning
+            # on a busy machine made each SVD hundreds of times slower.
+            with blas_threads(1):
+                plan.decompose(white)
+
+    def _per_layer(self, plans: list[Plan], report: PassReport) -> Option | None:
+        s = self.settings
+        layer = plans[0].candidate
+        if self.mode == "energy":
+            energy = s.energy if s.energy is not None else DEFAULT_ENERGY
+            option = cheapest_with_energy(plans, energy, s.round_to)
+            why = f"energy {energy} needs "
+        else:
+            plan = next((p for p in plans if p.scheme == "tucker2"), plans[0])
+            rank = (
+                plan.fixed(s.rank, s.round_to)
+                if self.mode == "rank"
+                else plan.of_ratio(s.ratio, s.round_to)
+            )
+            option, why = Option.of(plan, rank), ""
+        if option.macs >= original_cost(layer)[0]:
+            report.skip(layer.node, unprofitable(option, why))
+            return None
+        return option
+
+    def _budget(
+        self, plans: dict[Candidate, list[Plan]], summary: analysis.ModelSummary, report: PassReport
+    ) -> dict[Candidate, Option | None]:
+        s = self.settings
+        metric = "macs" if self.mode == "macs_target" else "params"
+        target = s.macs_target if metric == "macs" else s.params_target
+        total = float(summary.macs if metric == "macs" else summary.params)
+        index = 0 if metric == "macs" else 1
+        candidates = {}
+        for layer, layer_plans in plans.items():
+            whole = original_cost(layer)
+            options = [
+                Option.of(plan, rank) for plan in layer_plans for rank in plan.ranks(s.round_to)
+            ]
+            candidates[layer] = [
+                o for o in options if o.macs < whole[0] and (o.macs, o.params)[index] < whole[index]
+            ]
+        fixed = total - sum(original_cost(layer)[index] for layer in candidates)
+        chosen, spent = allocate(candidates, metric, (1 - target) * total, fixed, max(total, 1.0))
+        removed = 1 - spent / total if total else 0.0
+        report.notes.append(
+            f"{metric}_target {target}: {removed:.1%} of the model's {metric} removed"
+        )
+        if spent > (1 - target) * total * (1 + 1e-6):
+            report.notes.append(
+                f"{metric}_target {target} not reached: factorizing every layer as far as it pays "
+                f"removes {removed:.1%}"
+            )
+        for layer, option in chosen.items():
+            if option is None:
+                reason = (
+                    "no rank saves MACs" if not candidates[layer] else "the budget kept it whole"
+                )
+                report.skip(layer.node, reason)
+        return chosen
+
+    def _record(self, layer: Candidate, option: Option, fallback: str, report: PassReport) -> None:
+        rank = "/".join(map(str, option.rank))
+        full = "/".join(map(str, option.plan.full))
+        detail = f"{option.plan.scheme} rank {rank} of {full}, energy kept {option.energy:.4f}"
+        if self.settings.data_aware:
+            detail += " (output energy, data-aware)"
+        if fallback:
+            detail += f"; {fallback}"
+        macs, params = original_cost(layer)
+        report.record(
+            layer.node, "factorized", detail,
+            params_before=params, params_after=option.params, macs_before=macs, macs_after=option.macs,
+        )  # fmt: skip
