@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_squeeze import runtime
-from onnx_squeeze.passes import quantize_float
+from onnx_squeeze.passes import fp8
 
 SHAPES = {"resnet50": None, "transformer": {"input_ids": (1, 128)}}
 # (label, pass name, settings, opset the model is converted to first)
@@ -68,7 +68,7 @@ def loaded_casts(model: ir.Model) -> tuple[int | None, str]:
         path = os.path.join(folder, "optimized.onnx")
         try:
             runtime.create_session(model, optimized_model_path=path)
-        except quantize_float.LOAD_ERRORS as error:
+        except fp8.LOAD_ERRORS as error:
             return None, str(error).strip().splitlines()[0]
         return sum(node.op_type == "Cast" for node in onnx.load(path).graph.node), ""
 

@@ -10,11 +10,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnx_squeeze import quant_params, runtime, zoo
+from onnx_squeeze import runtime, zoo
 from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.errors import InputError, SettingsError, UnsupportedModelError
-from onnx_squeeze.passes import quantize_float
+from onnx_squeeze.passes import fp8
 from onnx_squeeze.passes.base import make_pass
+from onnx_squeeze.passes.quantize import params as quant_params
 from onnx_squeeze.pipeline import compress, convert_opset, finalize
 from onnx_squeeze.recipe import Recipe
 from onnx_squeeze.records import PassContext
@@ -494,7 +495,7 @@ def test_fp8_without_kernel_gives_a_clear_message(monkeypatch, error):
     def no_kernel(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(quantize_float.runtime, "create_session", no_kernel)
+    monkeypatch.setattr(fp8.runtime, "create_session", no_kernel)
     report = make_pass("fp8", {"activations": False})(model, PassContext())
     assert len(report.notes) == 1 and "has no CPUExecutionProvider kernel" in report.notes[0]
     check(model)

@@ -14,10 +14,11 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnx_squeeze import comparison, quant_params, runtime, zoo
+from onnx_squeeze import comparison, runtime, zoo
 from onnx_squeeze.calibration import Histogram, RandomSource, StatisticsCollector, TensorStatistics
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.passes.base import make_pass
+from onnx_squeeze.passes.quantize import params as quant_params
 from onnx_squeeze.prepare import PrepareSettings, prepare
 from onnx_squeeze.records import PassContext
 from tests.helpers import assert_same_outputs, check, random_feeds, run

@@ -12,9 +12,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnx_squeeze import runtime, weight_codecs, zoo
+from onnx_squeeze import runtime, zoo
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
 from onnx_squeeze.passes.base import make_pass
+from onnx_squeeze.passes.quantize import weight_codecs
 from onnx_squeeze.records import PassContext
 from tests.helpers import assert_same_outputs, check, random_feeds, run
 
@@ -219,7 +220,7 @@ def test_transformer_gptq_beats_rtn():
     )
     check(gptq)
     # one Hessian per distinct input (Q/K/V share one; 4 per layer, pooler, classifier)
-    grams = list(context.cache["grams"].values())
+    grams = list(context.data.store(model, "grams")["grams"].values())
     assert len(grams) == 2 * 4 + 2
     assert sorted(moments.rows for moments in grams) == [32, 32] + [512] * 8  # pooled: token 0
 

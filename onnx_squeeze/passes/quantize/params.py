@@ -1,7 +1,7 @@
 """Integer quantization parameters: ranges to scale/zero-point, weight quantization, and the
 calibration methods that pick an activation range from a streaming histogram.
 
-Pure numpy, no graph code, so that every quantizing pass (INT8 here, INT4/FP8 elsewhere) can
+Pure numpy, no graph code, so that every quantizing pass (INT8, dynamic INT8, FP8) can
 share it. Conventions follow onnxruntime and TensorRT:
 
 - a range always contains 0 (zero must be exactly representable: padding, ReLU);

@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Mapping
 
-from onnx_squeeze import quant_params
 from onnx_squeeze.calibration import TensorStatistics
-from onnx_squeeze.quant_params import IntType
+from onnx_squeeze.passes.quantize import params as quant_params
+from onnx_squeeze.passes.quantize.params import IntType
 
 FIRST_RANGES = 32  # batches read when the ranges are first taken; the first check is at 64
 DOUBLED_NOISE_DB = 10 * math.log10(2)  # what no single tensor may lose

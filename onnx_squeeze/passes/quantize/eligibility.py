@@ -1,0 +1,111 @@
+"""Which nodes and tensors a quantizer may touch: the node selection of the settings, float
+activations, and what is already quantized (read from a DequantizeLinear or a quantized op)."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Iterable
+from typing import Any
+
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.graph_utils import attribute, constant_array
+
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "ConvInteger",
+        "MatMulInteger",
+        "MatMulNBits",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "QLinearAdd",
+        "QLinearMul",
+    }
+)
+
+
+def check_names(values: Iterable[str], known: Iterable[str], what: str) -> None:
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SettingsError(f"unknown {what} {unknown}: use any of {', '.join(sorted(known))}")
+
+
+@dataclasses.dataclass
+class Selection:
+    """Which nodes a quantizer may touch: node-name globs and op types."""
+
+    include: list[str] = dataclasses.field(default_factory=list)
+    exclude: list[str] = dataclasses.field(default_factory=list)
+    op_types: list[str] = dataclasses.field(default_factory=list)
+    exclude_op_types: list[str] = dataclasses.field(default_factory=list)
+
+    def reason_to_skip(self, node: ir.Node) -> str | None:
+        name = node.name or ""
+        if node.op_type in self.exclude_op_types:
+            return f"op type {node.op_type} excluded"
+        if self.op_types and node.op_type not in self.op_types:
+            return f"op type {node.op_type} not in op_types"
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+            return "excluded by name"
+        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return "not in include"
+        return None
+
+
+def selection_of(settings: Any) -> Selection:
+    return Selection(
+        list(settings.include),
+        list(settings.exclude),
+        list(settings.op_types),
+        list(settings.exclude_op_types),
+    )
+
+
+def weight_axis(node: ir.Node, rank: int) -> int | None:
+    """The output-channel axis of the node's weight (input 1), or None if unsupported."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1 if attribute(node, "group", 1) == 1 else None
+    if node.op_type == "Gemm":
+        return 0 if attribute(node, "transB", 0) else 1
+    if node.op_type == "MatMul":
+        return rank - 1 if rank >= 2 else None
+    return None
+
+
+def is_activation(value: ir.Value | None) -> bool:
+    return (
+        value is not None
+        and constant_array(value) is None
+        and value.dtype == ir.DataType.FLOAT
+        and not from_dequantize(value)
+    )
+
+
+def from_dequantize(value: ir.Value) -> bool:
+    producer = value.producer()
+    return producer is not None and producer.op_type in QUANTIZED_OPS
+
+
+def already_quantized(node: ir.Node) -> bool:
+    """A node that reads a DequantizeLinear output or is itself a quantized op."""
+    if node.op_type in QUANTIZED_OPS or node.domain not in ("", "ai.onnx"):
+        return node.op_type in QUANTIZED_OPS
+    return any(v is not None and from_dequantize(v) for v in node.inputs)
+
+
+def infer_types(model: ir.Model) -> None:
+    """Element types of intermediate values (the plan needs to know which are float) on a
+    model that was not prepared."""
+    if any(v.dtype is None for node in model.graph for v in node.outputs):
+        ShapeInferencePass(strict_mode=False)(model)

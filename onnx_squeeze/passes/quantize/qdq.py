@@ -1,0 +1,249 @@
+"""The QDQ writer: QuantizeLinear/DequantizeLinear pairs on activations, quantized weights and
+INT32 biases.
+
+Every tensor gets one QuantizeLinear plus one DequantizeLinear *per consumer*: onnxruntime's
+QDQ fusion wants a DequantizeLinear with a single consumer, and a shared one (a residual
+branch, q/k/v reading one tensor) leaves the float op in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_squeeze.graph_utils import UniqueNames, constant_array, new_initializer
+from onnx_squeeze.passes.quantize import params as quant_params
+from onnx_squeeze.passes.quantize.eligibility import from_dequantize, weight_axis
+from onnx_squeeze.passes.quantize.params import INT8, INT32, IntType
+from onnx_squeeze.records import mark_created
+
+SOURCE_KEY = "onnx_squeeze.source_node"
+
+
+def _tag(node: ir.Node, source: str, pass_name: str) -> ir.Node:
+    node.metadata_props[SOURCE_KEY] = source
+    mark_created(node, pass_name)
+    return node
+
+
+@dataclasses.dataclass
+class TensorParams:
+    scale: np.ndarray
+    zero_point: np.ndarray
+    low: float
+    high: float
+
+
+class QdqWriter:
+    """Inserts Q/DQ pairs and quantized weights into one graph."""
+
+    def __init__(self, model: ir.Model, pass_name: str) -> None:
+        self.graph = model.graph
+        self.names = UniqueNames(model)
+        self.pass_name = pass_name
+        self._weights: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        self._pending: list[ir.Node] = []  # nodes made since the last insertion
+
+    def constant(self, wanted: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
+        return new_initializer(self.graph, self.names, wanted, array, dtype)
+
+    def node(
+        self,
+        op_type: str,
+        name: str,
+        inputs: Sequence[ir.Value | None],
+        source: str,
+        outputs: int = 1,
+        **attributes: Any,
+    ) -> ir.Node:
+        values = [ir.Value(name=self.names.new(f"{name}_output_{i}")) for i in range(outputs)]
+        node = ir.Node(
+            "",
+            op_type,
+            inputs,
+            [ir.AttrInt64(k, v) for k, v in attributes.items()],
+            outputs=values,
+            name=self.names.new(name),
+        )
+        return _tag(node, source, self.pass_name)
+
+    def dequantize(
+        self,
+        quantized: ir.Value,
+        scale: ir.Value,
+        zero_point: ir.Value,
+        name: str,
+        source: str,
+        shape: ir.Shape | None,
+        axis: int | None = None,
+    ) -> ir.Value:
+        extra = {} if axis is None else {"axis": axis}
+        node = self.node("DequantizeLinear", name, [quantized, scale, zero_point], source, **extra)
+        node.outputs[0].dtype = ir.DataType.FLOAT
+        node.outputs[0].shape = shape
+        self._pending.append(node)
+        return node.outputs[0]
+
+    def quantize_tensor(self, value: ir.Value, params: TensorParams, qtype: IntType) -> ir.Value:
+        """QuantizeLinear after ``value`` and one DequantizeLinear per use; returns the scale."""
+        uses = list(value.uses())  # before the Q node becomes a use itself
+        producer = value.producer()
+        source = producer.name if producer is not None and producer.name else value.name
+        scale = self.constant(f"{value.name}_scale", params.scale, ir.DataType.FLOAT)
+        zero_point = self.constant(f"{value.name}_zero_point", params.zero_point, qtype.dtype)
+        quantize = self.node(
+            "QuantizeLinear", f"{source}/quantize_output", [value, scale, zero_point], source
+        )
+        quantize.outputs[0].dtype = qtype.dtype
+        quantize.outputs[0].shape = value.shape
+        self._pending = [quantize]
+        for use in uses:
+            dq = self.dequantize(
+                quantize.outputs[0],
+                scale,
+                zero_point,
+                f"{use.node.name}/dequantize_input_{use.idx}",
+                use.node.name or source,
+                value.shape,
+            )
+            use.node.replace_input_with(use.idx, dq)
+        self._insert_after(value, self._pending)
+        return scale
+
+    def _insert_after(self, value: ir.Value, nodes: list[ir.Node]) -> None:
+        producer = value.producer()
+        if producer is not None:
+            self.graph.insert_after(producer, nodes)
+        else:
+            self.graph.insert_before(self.graph[0], nodes)
+
+    def quantize_weight(
+        self,
+        node: ir.Node,
+        index: int,
+        axis: int | None,
+        qtype: IntType = INT8,
+        search_clip: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """INT8 weight (shared by every consumer of the same initializer) and a dedicated
+        DequantizeLinear for ``node``; returns the integer weight and its scales."""
+        weight = node.inputs[index]
+        assert weight is not None
+        key = (id(weight), axis, qtype.name, search_clip)
+        if key not in self._weights:
+            array = constant_array(weight)
+            assert array is not None
+            quantized, scale, zero_point = quant_params.quantize_weight(
+                array, axis, qtype, search_clip=search_clip
+            )
+            self._weights[key] = (
+                self.constant(f"{weight.name}_quantized", quantized, qtype.dtype),
+                self.constant(f"{weight.name}_scale", scale, ir.DataType.FLOAT),
+                self.constant(f"{weight.name}_zero_point", zero_point, qtype.dtype),
+            )
+        values = self._weights[key]
+        self._pending = []
+        dq = self.dequantize(
+            *values, f"{node.name}/dequantize_weight", node.name, weight.shape, axis
+        )
+        self.graph.insert_before(node, self._pending)
+        node.replace_input_with(index, dq)
+        self._drop_if_unused(weight)
+        return values[0].const_value.numpy(), values[1].const_value.numpy()
+
+    def _drop_if_unused(self, value: ir.Value) -> None:
+        """Remove a float initializer that its last consumer stopped reading: a saved model
+        does not carry both copies of a weight (graph inputs and outputs stay)."""
+        if (
+            not value.uses()
+            and self.graph.initializers.get(value.name) is value
+            and value not in self.graph.inputs
+            and value not in self.graph.outputs
+        ):
+            self.graph.initializers.pop(value.name)
+
+    def quantize_bias(self, node: ir.Node, index: int, scale: np.ndarray) -> ir.Value:
+        """INT32 bias with scale = input scale x weight scale, dequantized for ``node``."""
+        bias = node.inputs[index]
+        array = constant_array(bias)
+        assert bias is not None and array is not None
+        quantized = quant_params.quantize(array, scale, np.zeros(scale.shape), INT32)
+        q_value = self.constant(f"{node.name}.bias_quantized", quantized, ir.DataType.INT32)
+        s_value = self.constant(f"{node.name}.bias_scale", scale, ir.DataType.FLOAT)
+        zero = np.zeros(scale.shape, np.int32)
+        z_value = self.constant(f"{node.name}.bias_zero_point", zero, ir.DataType.INT32)
+        self._pending = []
+        axis = 0 if scale.ndim == 1 and scale.size > 1 else None
+        dq = self.dequantize(
+            q_value, s_value, z_value, f"{node.name}/dequantize_bias", node.name, bias.shape, axis
+        )
+        self.graph.insert_before(node, self._pending)
+        node.replace_input_with(index, dq)
+        self._drop_if_unused(bias)
+        return q_value
+
+
+def _input_dequantize(node: ir.Node) -> ir.Node | None:
+    """The DequantizeLinear feeding input 0 (None if the input is float)."""
+    first = node.inputs[0]
+    return first.producer() if first is not None and from_dequantize(first) else None
+
+
+def input_scale(node: ir.Node) -> np.ndarray | None:
+    dq = _input_dequantize(node)
+    return constant_array(dq.inputs[1]) if dq is not None else None
+
+
+def input_zero_point(node: ir.Node) -> np.ndarray | None:
+    dq = _input_dequantize(node)
+    return constant_array(dq.inputs[2]) if dq is not None else None
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What applying a plan did, per anchor: detail text and the bias it may correct."""
+
+    details: dict[str, str]
+    biases: dict[str, ir.Value]
+
+
+def anchor_weights(
+    writer: QdqWriter,
+    node: ir.Node,
+    input_scale: np.ndarray | None,
+    per_channel: bool,
+    qtype: IntType,
+    search_clip: bool,
+) -> tuple[str, ir.Value | None]:
+    """Quantize an anchor's weight (and bias); a description and the INT32 bias value."""
+    array = constant_array(node.inputs[1])
+    if array is None:
+        return "two quantized activations", None
+    axis = weight_axis(node, array.ndim) if per_channel else None
+    quantized, weight_scale = writer.quantize_weight(node, 1, axis, qtype, search_clip)
+    sqnr = quant_params.sqnr_db(array, quant_params.dequantize(quantized, weight_scale, 0, axis))
+    where = f"axis {axis}" if axis is not None else "per-tensor"
+    detail = f"weight {qtype.name} {where}"
+    detail += f" (SQNR {sqnr:.1f} dB)"
+    bias_index = 2
+    bias = node.inputs[bias_index] if len(node.inputs) > bias_index else None
+    bias_array = constant_array(bias)
+    channels = array.shape[axis] if axis is not None else None
+    quantizable_bias = (
+        bias_array is not None
+        and input_scale is not None
+        and node.op_type != "ConvTranspose"
+        and bias_array.ndim == 1
+        and (channels is None or bias_array.size == channels)
+    )
+    if not quantizable_bias:
+        return detail, None
+    scale = (input_scale.astype(np.float64) * weight_scale.astype(np.float64)).astype(np.float32)
+    if scale.size == 1 and bias_array.size > 1:
+        scale = np.full(bias_array.shape, float(scale.ravel()[0]), np.float32)
+    bias_value = writer.quantize_bias(node, bias_index, scale.reshape(-1))
+    return detail + ", bias INT32", bias_value
