@@ -31,7 +31,6 @@ records, parameters count the nonzero weights (MACs are unchanged: the kernels s
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -40,9 +39,10 @@ import onnx_ir as ir
 
 from onnx_squeeze.analysis import MAC_OPS
 from onnx_squeeze.errors import SettingsError
-from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
+from onnx_squeeze.graph_utils import UniqueNames
+from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.base import Pass, register
-from onnx_squeeze.records import PassContext, PassReport
+from onnx_squeeze.records import PassContext, PassReport, unselected
 from onnx_squeeze.report import human_bytes
 
 MODES = ("ratio", "global", "threshold", "nm")
@@ -59,7 +59,7 @@ class PruneWeightsSettings:
     threshold: float = 0.05  # threshold mode: prune |w| < threshold * max|w| of the layer
     n: int = 2  # nm mode: nonzeros kept ...
     m: int = 4  # ... in every m consecutive weights along the reduction axis
-    include: list[str] = dataclasses.field(default_factory=list)  # node names: globs/substrings
+    include: list[str] = dataclasses.field(default_factory=list)  # node-name globs
     exclude: list[str] = dataclasses.field(default_factory=list)
     op_types: list[str] = dataclasses.field(default_factory=lambda: list(SUPPORTED_OPS))
     keep_first: bool = True  # layers that see the model input before any other Conv/Gemm/MatMul
@@ -75,7 +75,7 @@ class _Weight:
     value: ir.Value
     array: np.ndarray
     dtype: ir.DataType
-    users: list[tuple[ir.Node, int]]  # (node, input index)
+    users: list[Layer]
 
     @property
     def name(self) -> str:
@@ -154,15 +154,14 @@ class PruneWeights(Pass):
         for node in graph:
             if node.op_type not in SUPPORTED_OPS:
                 continue
-            found = _weight_input(node)
+            found = _weight_layer(node)
             if found is None:
                 continue
             if isinstance(found, str):
                 report.skip(node, found)
                 continue
-            index, array, dtype = found
-            value = node.inputs[index]
-            assert value is not None
+            value, array = found.weight, found.array
+            assert array is not None and value.dtype is not None
             all_arrays[value] = array
             if node.op_type not in self.settings.op_types:
                 continue
@@ -170,20 +169,17 @@ class PruneWeights(Pass):
             if reason:
                 report.skip(node, reason)
                 continue
-            weight = chosen.setdefault(value, _Weight(value, array, dtype, []))
-            weight.users.append((node, index))
+            weight = chosen.setdefault(value, _Weight(value, array, value.dtype, []))
+            weight.users.append(found)
         return [w for w in chosen.values() if not _sharing_problem(w, report)], all_arrays
 
     def _selection_problem(
         self, node: ir.Node, array: np.ndarray, first: set[ir.Node], last: set[ir.Node]
     ) -> str | None:
         s = self.settings
-        name = node.name or ""
-        excluded = next((p for p in s.exclude if _matches(name, p)), None)
-        if excluded is not None:
-            return f"excluded by pattern {excluded!r}"
-        if s.include and not any(_matches(name, p) for p in s.include):
-            return f"not matched by include {s.include}"
+        reason = unselected(node.name or "", s.include, s.exclude)
+        if reason:
+            return reason
         if s.keep_first and node in first:
             return "first layer (sees the model input) kept; set keep_first=false to prune it"
         if s.keep_last and node in last:
@@ -223,7 +219,7 @@ class PruneWeights(Pass):
 
     def _nm_mask(self, weight: _Weight, report: PassReport) -> np.ndarray | None:
         s = self.settings
-        axes = {_reduction_axis(node, index, weight.array.ndim) for node, index in weight.users}
+        axes = {layer.reduction_axes[0] for layer in weight.users}
         problem = None
         if len(axes) > 1:
             problem = f"users of shared weight {weight.name!r} reduce over different axes {axes}"
@@ -233,8 +229,8 @@ class PruneWeights(Pass):
             if size % s.m:
                 problem = f"reduction dim (axis {axis}) is {size}, not divisible by m={s.m}"
         if problem:
-            for node, _ in weight.users:
-                report.skip(node, f"{s.n}:{s.m} not possible: {problem}")
+            for layer in weight.users:
+                report.skip(layer.node, f"{s.n}:{s.m} not possible: {problem}")
             return None
         return nm_mask(_magnitude(weight.array), axis, s.n, s.m)
 
@@ -250,19 +246,21 @@ class PruneWeights(Pass):
         )
         if nonzero_after == nonzero_before:
             detail += " (no weight changed)"
-        first, *others = weight.users
+        first, *others = (layer.node for layer in weight.users)
         if s.mode == "nm":
-            axis = _reduction_axis(*first, pruned.ndim)
+            axis = weight.users[0].reduction_axes[0]
             holds = nm_pattern_holds(pruned, axis, s.n, s.m)
             detail += f"; {s.n}:{s.m} along axis {axis}: {'holds' if holds else 'BROKEN'}"
         if others:
-            detail += f"; weight {weight.name!r} shared with {', '.join(n.name or '?' for n, _ in others)}"
+            detail += (
+                f"; weight {weight.name!r} shared with {', '.join(n.name or '?' for n in others)}"
+            )
         report.record(
-            first[0], "pruned", detail, params_before=nonzero_before, params_after=nonzero_after
+            first, "pruned", detail, params_before=nonzero_before, params_after=nonzero_after
         )
-        for node, _ in others:
+        for node in others:
             report.record(
-                node, "pruned", f"uses weight {weight.name!r}, pruned with {first[0].name!r}"
+                node, "pruned", f"uses weight {weight.name!r}, pruned with {first.name!r}"
             )
 
     def _summary(
@@ -297,34 +295,30 @@ class PruneWeights(Pass):
 # -- weights and masks ------------------------------------------------------------------------
 
 
-def _weight_input(node: ir.Node) -> tuple[int, np.ndarray, ir.DataType] | str | None:
-    """The index, array and type of a node's constant float weight, or why there is none.
+def _weight_layer(node: ir.Node) -> Layer | str | None:
+    """The layer view of a node with a constant float weight, or why it has none.
 
     None for a MatMul of two activations, which has no weight to prune.
     """
-    order = (1,) if node.op_type == "Conv" else (1, 0)
-    for index in order:
-        value = node.inputs[index] if index < len(node.inputs) else None
-        array = constant_array(value)
-        if value is None or array is None:
-            continue
-        dtype = ir.convenience.get_const_tensor(value).dtype  # type: ignore[union-attr]
-        if not dtype.is_floating_point():
-            return f"weight {value.name!r} has dtype {dtype.name}, not floating point"
-        if value.is_graph_output():
-            return f"weight {value.name!r} is also a graph output"
-        return index, array, dtype
-    producers = {v.producer().op_type for v in node.inputs[:2] if v is not None and v.producer()}
-    if "DequantizeLinear" in producers:
+    layer = Layer.of(node)
+    if isinstance(layer, NotLayer):
+        if layer.reason == "both operands are activations":
+            return None  # attention scores: nothing to prune
+        return layer.reason
+    if layer.quantized:
         return "weight is already quantized (DequantizeLinear); prune before quantizing"
-    if node.op_type == "MatMul":
-        return None  # two activations (attention scores): nothing to prune
-    return "no constant weight (computed at run time or a graph input)"
+    value = layer.weight
+    if value.dtype is None or not value.dtype.is_floating_point():
+        dtype = value.dtype.name if value.dtype is not None else "unknown"
+        return f"weight {value.name!r} has dtype {dtype}, not floating point"
+    if value.is_graph_output():
+        return f"weight {value.name!r} is also a graph output"
+    return layer
 
 
 def _sharing_problem(weight: _Weight, report: PassReport) -> bool:
     """Skip (and say why) a weight that a node outside the selection also uses."""
-    selected = set(weight.users)
+    selected = {(layer.node, layer.weight_index) for layer in weight.users}
     outside = [u for u in weight.value.uses() if (u.node, u.idx) not in selected]
     if not outside:
         return False
@@ -333,19 +327,9 @@ def _sharing_problem(weight: _Weight, report: PassReport) -> bool:
         f"weight {weight.name!r} is shared with {other.op_type} {other.name!r}, which is not "
         "pruned (pruning would change it too)"
     )
-    for node, _ in weight.users:
-        report.skip(node, reason)
+    for layer in weight.users:
+        report.skip(layer.node, reason)
     return True
-
-
-def _reduction_axis(node: ir.Node, index: int, ndim: int) -> int:
-    """The axis of the weight that the node sums over (its input channels)."""
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "Gemm":
-        transposed = attribute(node, "transB" if index == 1 else "transA", 0)
-        return (1 if transposed else 0) if index == 1 else (0 if transposed else 1)
-    return max(ndim - 2, 0) if index == 1 else ndim - 1  # MatMul
 
 
 def _magnitude(array: np.ndarray) -> np.ndarray:
@@ -388,11 +372,6 @@ def nm_pattern_holds(array: np.ndarray, axis: int, n: int, m: int) -> bool:
     return bool((np.count_nonzero(groups, axis=1) <= n).all())
 
 
-def _matches(name: str, pattern: str) -> bool:
-    """A node-name pattern: a glob (``layer1.*``) or a plain substring."""
-    return pattern in name or fnmatch.fnmatchcase(name, pattern)
-
-
 def _zeros(arrays: Sequence[np.ndarray]) -> int:
     return sum(a.size - int(np.count_nonzero(a)) for a in arrays)
 
@@ -426,8 +405,8 @@ def _replace_weight(
         const_value=ir.tensor(array, dtype=weight.dtype, name=name),
     )
     graph.register_initializer(new)
-    for node, index in weight.users:
-        node.replace_input_with(index, new)
+    for layer in weight.users:
+        layer.node.replace_input_with(layer.weight_index, new)
 
 
 def _boundary_layers(graph: ir.Graph) -> tuple[set[ir.Node], set[ir.Node]]:
