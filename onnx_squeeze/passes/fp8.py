@@ -11,19 +11,22 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from onnx_squeeze import runtime
 from onnx_squeeze.errors import InputError, SettingsError
-from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, new_initializer
+from onnx_squeeze.graph_utils import attribute, constant_array
 from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.passes.quantize import params as quant_params
+from onnx_squeeze.passes.quantize.eligibility import from_dequantize, weight_axis
+from onnx_squeeze.passes.quantize.plan import point_before_clamp
+from onnx_squeeze.passes.quantize.qdq import Fp8Weights, QdqWriter, TensorParams
 from onnx_squeeze.passes.quantize.statistics import largest_magnitudes
-from onnx_squeeze.records import PassContext, PassReport, mark_created
+from onnx_squeeze.records import PassContext, PassReport
 
 # What loading a model in onnxruntime raises when a kernel is missing (runtime.create_session
 # wraps only some of onnxruntime's errors in InputError).
 LOAD_ERRORS = (InputError, runtime.ort.capi.onnxruntime_pybind11_state.NotImplemented)
+FP8 = Fp8Weights()
 
 
 @dataclasses.dataclass
@@ -40,14 +43,6 @@ class Fp8Settings:
 
 
 FP8_OPS = frozenset({"Conv", "Gemm", "MatMul"})
-
-
-# onnxruntime's CPU rewrites of Relu -> QuantizeLinear and Clip -> QuantizeLinear (when the
-# QuantizeLinear is the activation's only consumer) assume integer types: with a float8 zero
-# point ReluQuantRewrite drops the Relu (wrong results) and ClipQuantFusion throws at load. The
-# Q/DQ pair goes before such a Relu/Clip instead: the same values, as E4M3 rounding is symmetric
-# and Relu(0) = 0.
-FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 
 
 @register
@@ -68,10 +63,9 @@ class QuantizeFp8(Pass):
             raise SettingsError("fp8: calibration_batches must be at least 1")
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
-        graph = model.graph
-        targets = [node for node in graph if self._eligible(node, report)]
+        targets = [node for node in model.graph if self._eligible(node, report)]
         chosen = set(targets)
-        points = {node: _quantization_point(node, chosen) for node in targets}  # before rewiring
+        points = {node: point_before_clamp(node, chosen) for node in targets}  # before rewiring
         amax: dict[str, float] = {}
         if self.settings.activations and targets:
             if not context.data.supplied:
@@ -81,19 +75,19 @@ class QuantizeFp8(Pass):
                 )
             names = sorted({value.name or "" for value in points.values()})
             amax = largest_magnitudes(model, names, context, self.settings.calibration_batches)
-        builder = _QdqBuilder(graph, UniqueNames(model))
+        writer = QdqWriter(model, self.name)
+        if self.settings.activations:
+            for point, uses in _point_uses(points).items():
+                writer.quantize_tensor(point, _params(amax[point.name or ""]), FP8.dtype, uses)
+        detail = "float8e4m3fn weights" + (" and activation" if self.settings.activations else "")
         for node in targets:
             weight = constant_array(_weight_of(node))
             assert weight is not None
-            builder.weight(node, self.settings.per_channel)
-            detail = "float8e4m3fn weights"
-            if self.settings.activations:
-                builder.activation(node, points[node], amax)
-                detail += " and activation"
+            axis = weight_axis(node, weight.ndim) if self.settings.per_channel else None
+            writer.quantize_weight(node, 1, axis, FP8)
             report.record(
                 node, "quantized", detail, params_before=weight.size, params_after=weight.size
             )
-        common_passes.TopologicalSortPass()(model)
         problem = fp8_kernel_problem(model, (context.providers or ("cpu",))[0])
         if problem:
             report.notes.append(problem)
@@ -112,7 +106,7 @@ class QuantizeFp8(Pass):
         if source is None or source.dtype != ir.DataType.FLOAT or weight.dtype != ir.DataType.FLOAT:
             report.skip(node, "input or weight is not FP32")
             return False
-        if any(_is_dequantized(v) for v in (source, weight)):
+        if any(from_dequantize(v) for v in (source, weight)):
             report.skip(node, "already quantized (input comes from DequantizeLinear)")
             return False
         if node.op_type == "Gemm" and attribute(node, "transA", 0):
@@ -121,109 +115,27 @@ class QuantizeFp8(Pass):
         return True
 
 
-def _quantization_point(node: ir.Node, targets: set[ir.Node]) -> ir.Value:
-    """The value whose Q/DQ pair feeds ``node``'s activation input: the input itself, or the
-    input of a Relu/Clip whose consumers are all quantized (see FUSED_ACTIVATIONS)."""
-    source = node.inputs[0]
-    assert source is not None
-    producer = source.producer()
-    if (
-        producer is not None
-        and producer.op_type in FUSED_ACTIVATIONS
-        and all(user in targets and index == 0 for user, index in source.uses())
-        and not source.is_graph_output()
-        and producer.inputs[0] is not None
-    ):
-        return producer.inputs[0]
-    return source
+def _point_uses(points: dict[ir.Node, ir.Value]) -> dict[ir.Value, list[tuple[ir.Node, int]]]:
+    """Each quantization point and the inputs its DequantizeLinear outputs feed: the quantized
+    nodes' activation inputs, or the Relu/Clip before them (other readers stay float)."""
+    uses: dict[ir.Value, list[tuple[ir.Node, int]]] = {}
+    for node, point in points.items():
+        reader = node if point is node.inputs[0] else node.inputs[0].producer()
+        assert reader is not None
+        if (reader, 0) not in uses.setdefault(point, []):
+            uses[point].append((reader, 0))
+    return uses
+
+
+def _params(amax: float) -> TensorParams:
+    """Per-tensor FP8 parameters for an activation of largest magnitude ``amax``."""
+    scale = quant_params.fp8_scale(amax).reshape(())
+    zero_point = np.zeros((), dtype=ml_dtypes.float8_e4m3fn)
+    return TensorParams(scale, zero_point, -amax, amax)
 
 
 def _weight_of(node: ir.Node) -> ir.Value | None:
     return node.inputs[1] if len(node.inputs) > 1 else None
-
-
-def _is_dequantized(value: ir.Value) -> bool:
-    producer = value.producer()
-    return producer is not None and producer.op_type == "DequantizeLinear"
-
-
-def _output_channel_axis(node: ir.Node, rank: int) -> int:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if attribute(node, "transB", 0) else 1
-    return rank - 1  # MatMul: B is (..., K, N)
-
-
-def _copy(shape: ir.Shape | None) -> ir.Shape | None:
-    return None if shape is None else ir.Shape(shape)
-
-
-class _QdqBuilder:
-    """Inserts DequantizeLinear for weights (FP8 initializers) and Q/DQ pairs for activations,
-    each shared by every quantized consumer of the same value."""
-
-    def __init__(self, graph: ir.Graph, names: UniqueNames) -> None:
-        self.graph = graph
-        self.names = names
-        self.weights: dict[tuple[int, int | None], ir.Value] = {}
-        self.activations: dict[int, ir.Value] = {}
-        self._zero: ir.Value | None = None
-
-    def _initializer(self, wanted: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
-        return new_initializer(self.graph, self.names, wanted, array, dtype)
-
-    def zero_point(self) -> ir.Value:
-        if self._zero is None:
-            zero = np.zeros((), dtype=ml_dtypes.float8_e4m3fn)
-            self._zero = self._initializer("fp8_zero_point", zero, ir.DataType.FLOAT8E4M3FN)
-        return self._zero
-
-    def _add(self, node: ir.Node, op: str, inputs: list, attributes: dict, role: str) -> ir.Value:
-        created = ir.node(op, inputs, attributes, name=self.names.new(f"{node.name}/{role}"))
-        created.outputs[0].name = self.names.new(f"{inputs[0].name}/{role}")
-        mark_created(created, "fp8", node)
-        self.graph.append(created)
-        return created.outputs[0]
-
-    def weight(self, node: ir.Node, per_channel: bool) -> None:
-        weight = _weight_of(node)
-        assert weight is not None
-        array = np.asarray(constant_array(weight), dtype=np.float32)
-        axis = _output_channel_axis(node, array.ndim) if per_channel else None
-        key = (id(weight), axis)
-        if key not in self.weights:
-            scale = quant_params.fp8_scale(quant_params.largest_magnitude(array, axis))
-            stored = self._initializer(
-                f"{weight.name}/fp8",
-                quant_params.quantize_fp8(array, scale, axis),
-                ir.DataType.FLOAT8E4M3FN,
-            )
-            scale_value = self._initializer(f"{weight.name}/scale", scale, ir.DataType.FLOAT)
-            attributes = {} if axis is None else {"axis": axis}
-            output = self._add(node, "DequantizeLinear", [stored, scale_value], attributes, "dq")
-            output.dtype, output.shape = ir.DataType.FLOAT, _copy(weight.shape)
-            self.weights[key] = output
-        node.replace_input_with(1, self.weights[key])
-
-    def activation(self, node: ir.Node, source: ir.Value, amax: dict[str, float]) -> None:
-        """Feed ``node``'s activation input through the Q/DQ pair of ``source`` (the input, or
-        the input of the Relu/Clip that produces it)."""
-        if id(source) not in self.activations:
-            scale = self._initializer(
-                f"{source.name}/scale",
-                quant_params.fp8_scale(amax[source.name or ""]).reshape(()),
-                ir.DataType.FLOAT,
-            )
-            zero = self.zero_point()
-            quantized = self._add(node, "QuantizeLinear", [source, scale, zero], {}, "q")
-            quantized.dtype, quantized.shape = ir.DataType.FLOAT8E4M3FN, _copy(source.shape)
-            output = self._add(node, "DequantizeLinear", [quantized, scale, zero], {}, "dq")
-            output.dtype, output.shape = ir.DataType.FLOAT, _copy(source.shape)
-            self.activations[id(source)] = output
-        consumer = node if source is node.inputs[0] else node.inputs[0].producer()
-        assert consumer is not None
-        consumer.replace_input_with(0, self.activations[id(source)])
 
 
 def fp8_kernel_problem(model: ir.Model, provider: str) -> str | None:

@@ -38,6 +38,7 @@ from onnx_squeeze.passes.quantize.eligibility import (
 from onnx_squeeze.passes.quantize.params import IntType
 from onnx_squeeze.passes.quantize.plan import ANCHOR_OPS, Plan, make_plan
 from onnx_squeeze.passes.quantize.qdq import (
+    IntWeights,
     Outcome,
     QdqWriter,
     TensorParams,
@@ -231,7 +232,7 @@ class QuantizeInt8(Pass):
     def _apply_plan(self, model: ir.Model, plan: Plan, params: dict[str, TensorParams]) -> Outcome:
         writer = QdqWriter(model, self.name)
         for name, value in plan.tensors.items():
-            writer.quantize_tensor(value, params[name], self.activation)
+            writer.quantize_tensor(value, params[name], self.activation.dtype)
         # each anchor's input is now a DequantizeLinear output: its scale and zero point
         input_scales = {node.name: input_scale(node) for node in plan.anchors}
         weight_types = self._weight_types(plan.anchors)
@@ -242,8 +243,7 @@ class QuantizeInt8(Pass):
                 node,
                 input_scales[node.name],
                 self.settings.per_channel,
-                weight_types[node.name],
-                self.settings.weight_range == "mse",
+                IntWeights(weight_types[node.name], self.settings.weight_range == "mse"),
             )
             details[node.name] = detail
             if bias is not None:

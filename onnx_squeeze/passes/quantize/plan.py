@@ -181,3 +181,28 @@ def _plan_follower(
     if sharing:  # with UINT8, a Relu not folded into a Conv also keeps its input's scale
         classes.join([node.inputs[0].name, *(v.name for v in outputs)])
     return True
+
+
+# onnxruntime's CPU rewrites of Relu -> QuantizeLinear and Clip -> QuantizeLinear (when the
+# QuantizeLinear is the activation's only consumer) assume integer types: with a float8 zero
+# point ReluQuantRewrite drops the Relu (wrong results) and ClipQuantFusion throws at load. The
+# FP8 Q/DQ pair goes before such a Relu/Clip instead: the same values, as E4M3 rounding is
+# symmetric and Relu(0) = 0.
+FLOAT_CLAMPS = frozenset({"Relu", "Clip"})
+
+
+def point_before_clamp(node: ir.Node, targets: set[ir.Node]) -> ir.Value:
+    """Where the FP8 Q/DQ pair that feeds ``node``'s activation input goes: the input itself,
+    or the input of a Relu/Clip whose consumers are all quantized (see FLOAT_CLAMPS)."""
+    source = node.inputs[0]
+    assert source is not None
+    producer = source.producer()
+    if (
+        producer is not None
+        and producer.op_type in FLOAT_CLAMPS
+        and all(user in targets and index == 0 for user, index in source.uses())
+        and not source.is_graph_output()
+        and producer.inputs[0] is not None
+    ):
+        return producer.inputs[0]
+    return source

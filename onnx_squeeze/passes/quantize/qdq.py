@@ -1,9 +1,12 @@
-"""The QDQ writer: QuantizeLinear/DequantizeLinear pairs on activations, quantized weights and
-INT32 biases.
+"""The one QDQ writer, for INT8 and FP8: QuantizeLinear/DequantizeLinear pairs on activations,
+quantized weights and INT32 biases.
 
 Every tensor gets one QuantizeLinear plus one DequantizeLinear *per consumer*: onnxruntime's
 QDQ fusion wants a DequantizeLinear with a single consumer, and a shared one (a residual
-branch, q/k/v reading one tensor) leaves the float op in place.
+branch, q/k/v reading one tensor) leaves the float op in place. A weight is stored once for all
+its consumers, each of which gets its own DequantizeLinear. What differs between element types
+(how a weight's scale is chosen, whether it has a zero point, how values saturate) is a
+:class:`WeightRules` setting; activation parameters come from the pass as :class:`TensorParams`.
 """
 
 from __future__ import annotations
@@ -19,23 +22,49 @@ from onnx_squeeze.graph_utils import UniqueNames, constant_array, new_initialize
 from onnx_squeeze.passes.quantize import params as quant_params
 from onnx_squeeze.passes.quantize.eligibility import from_dequantize, weight_axis
 from onnx_squeeze.passes.quantize.params import INT8, INT32, IntType
-from onnx_squeeze.records import mark_created
-
-SOURCE_KEY = "onnx_squeeze.source_node"
-
-
-def _tag(node: ir.Node, source: str, pass_name: str) -> ir.Node:
-    node.metadata_props[SOURCE_KEY] = source
-    mark_created(node, pass_name)
-    return node
+from onnx_squeeze.records import SOURCE_NODE_KEY, mark_created
 
 
 @dataclasses.dataclass
 class TensorParams:
+    """An activation's scale and zero point (in the element type), and the range they cover."""
+
     scale: np.ndarray
     zero_point: np.ndarray
     low: float
     high: float
+
+
+@dataclasses.dataclass(frozen=True)
+class IntWeights:
+    """Integer weights: symmetric per slice, saturated to ``qtype``; ``search_clip`` picks each
+    slice's clipping bound by the least squared error (:func:`params.quantize_weight`)."""
+
+    qtype: IntType = INT8
+    search_clip: bool = False
+
+    @property
+    def dtype(self) -> ir.DataType:
+        return self.qtype.dtype
+
+    def encode(self, array: np.ndarray, axis: int | None) -> tuple[np.ndarray, ...]:
+        return quant_params.quantize_weight(array, axis, self.qtype, search_clip=self.search_clip)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Weights:
+    """FLOAT8E4M3FN weights: scale ``amax / 448`` per slice, saturated to ±448, no zero point
+    (E4M3 rounding is symmetric)."""
+
+    dtype: ir.DataType = ir.DataType.FLOAT8E4M3FN
+
+    def encode(self, array: np.ndarray, axis: int | None) -> tuple[np.ndarray, ...]:
+        array = np.asarray(array, dtype=np.float32)
+        scale = quant_params.fp8_scale(quant_params.largest_magnitude(array, axis))
+        return quant_params.quantize_fp8(array, scale, axis), scale
+
+
+WeightRules = IntWeights | Fp8Weights
 
 
 class QdqWriter:
@@ -45,7 +74,7 @@ class QdqWriter:
         self.graph = model.graph
         self.names = UniqueNames(model)
         self.pass_name = pass_name
-        self._weights: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        self._weights: dict[tuple, tuple[ir.Value, ...]] = {}
         self._pending: list[ir.Node] = []  # nodes made since the last insertion
 
     def constant(self, wanted: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
@@ -69,48 +98,58 @@ class QdqWriter:
             outputs=values,
             name=self.names.new(name),
         )
-        return _tag(node, source, self.pass_name)
+        mark_created(node, self.pass_name)
+        node.metadata_props[SOURCE_NODE_KEY] = source
+        return node
 
     def dequantize(
         self,
         quantized: ir.Value,
         scale: ir.Value,
-        zero_point: ir.Value,
+        zero_point: ir.Value | None,
         name: str,
         source: str,
         shape: ir.Shape | None,
         axis: int | None = None,
     ) -> ir.Value:
         extra = {} if axis is None else {"axis": axis}
-        node = self.node("DequantizeLinear", name, [quantized, scale, zero_point], source, **extra)
+        inputs = [quantized, scale] if zero_point is None else [quantized, scale, zero_point]
+        node = self.node("DequantizeLinear", name, inputs, source, **extra)
         node.outputs[0].dtype = ir.DataType.FLOAT
         node.outputs[0].shape = shape
         self._pending.append(node)
         return node.outputs[0]
 
-    def quantize_tensor(self, value: ir.Value, params: TensorParams, qtype: IntType) -> ir.Value:
-        """QuantizeLinear after ``value`` and one DequantizeLinear per use; returns the scale."""
-        uses = list(value.uses())  # before the Q node becomes a use itself
+    def quantize_tensor(
+        self,
+        value: ir.Value,
+        params: TensorParams,
+        dtype: ir.DataType,
+        uses: Sequence[tuple[ir.Node, int]] | None = None,
+    ) -> ir.Value:
+        """QuantizeLinear (to ``dtype``) after ``value`` and one DequantizeLinear per use (the
+        ``uses`` given, as (node, input index), or all); returns the scale."""
+        uses = list(value.uses()) if uses is None else uses  # before the Q node is a use itself
         producer = value.producer()
         source = producer.name if producer is not None and producer.name else value.name
         scale = self.constant(f"{value.name}_scale", params.scale, ir.DataType.FLOAT)
-        zero_point = self.constant(f"{value.name}_zero_point", params.zero_point, qtype.dtype)
+        zero_point = self.constant(f"{value.name}_zero_point", params.zero_point, dtype)
         quantize = self.node(
             "QuantizeLinear", f"{source}/quantize_output", [value, scale, zero_point], source
         )
-        quantize.outputs[0].dtype = qtype.dtype
+        quantize.outputs[0].dtype = dtype
         quantize.outputs[0].shape = value.shape
         self._pending = [quantize]
-        for use in uses:
+        for user, index in uses:
             dq = self.dequantize(
                 quantize.outputs[0],
                 scale,
                 zero_point,
-                f"{use.node.name}/dequantize_input_{use.idx}",
-                use.node.name or source,
+                f"{user.name}/dequantize_input_{index}",
+                user.name or source,
                 value.shape,
             )
-            use.node.replace_input_with(use.idx, dq)
+            user.replace_input_with(index, dq)
         self._insert_after(value, self._pending)
         return scale
 
@@ -122,38 +161,38 @@ class QdqWriter:
             self.graph.insert_before(self.graph[0], nodes)
 
     def quantize_weight(
-        self,
-        node: ir.Node,
-        index: int,
-        axis: int | None,
-        qtype: IntType = INT8,
-        search_clip: bool = False,
+        self, node: ir.Node, index: int, axis: int | None, rules: WeightRules
     ) -> tuple[np.ndarray, np.ndarray]:
-        """INT8 weight (shared by every consumer of the same initializer) and a dedicated
-        DequantizeLinear for ``node``; returns the integer weight and its scales."""
+        """The weight stored by ``rules`` (once for every consumer of the same initializer)
+        and a dedicated DequantizeLinear for ``node``; returns the stored weight and its
+        scales."""
         weight = node.inputs[index]
         assert weight is not None
-        key = (id(weight), axis, qtype.name, search_clip)
+        key = (id(weight), axis, rules)
         if key not in self._weights:
             array = constant_array(weight)
             assert array is not None
-            quantized, scale, zero_point = quant_params.quantize_weight(
-                array, axis, qtype, search_clip=search_clip
-            )
+            stored, scale, *zero_point = rules.encode(array, axis)
             self._weights[key] = (
-                self.constant(f"{weight.name}_quantized", quantized, qtype.dtype),
+                self.constant(f"{weight.name}_quantized", stored, rules.dtype),
                 self.constant(f"{weight.name}_scale", scale, ir.DataType.FLOAT),
-                self.constant(f"{weight.name}_zero_point", zero_point, qtype.dtype),
+                *(self.constant(f"{weight.name}_zero_point", z, rules.dtype) for z in zero_point),
             )
-        values = self._weights[key]
+        stored, scale, *zero_point = self._weights[key]
         self._pending = []
         dq = self.dequantize(
-            *values, f"{node.name}/dequantize_weight", node.name, weight.shape, axis
+            stored,
+            scale,
+            zero_point[0] if zero_point else None,
+            f"{node.name}/dequantize_weight",
+            node.name,
+            weight.shape,
+            axis,
         )
         self.graph.insert_before(node, self._pending)
         node.replace_input_with(index, dq)
         self._drop_if_unused(weight)
-        return values[0].const_value.numpy(), values[1].const_value.numpy()
+        return stored.const_value.numpy(), scale.const_value.numpy()
 
     def _drop_if_unused(self, value: ir.Value) -> None:
         """Remove a float initializer that its last consumer stopped reading: a saved model
@@ -216,18 +255,17 @@ def anchor_weights(
     node: ir.Node,
     input_scale: np.ndarray | None,
     per_channel: bool,
-    qtype: IntType,
-    search_clip: bool,
+    rules: IntWeights,
 ) -> tuple[str, ir.Value | None]:
-    """Quantize an anchor's weight (and bias); a description and the INT32 bias value."""
+    """Quantize an anchor's integer weight (and bias); a description and the INT32 bias."""
     array = constant_array(node.inputs[1])
     if array is None:
         return "two quantized activations", None
     axis = weight_axis(node, array.ndim) if per_channel else None
-    quantized, weight_scale = writer.quantize_weight(node, 1, axis, qtype, search_clip)
+    quantized, weight_scale = writer.quantize_weight(node, 1, axis, rules)
     sqnr = quant_params.sqnr_db(array, quant_params.dequantize(quantized, weight_scale, 0, axis))
     where = f"axis {axis}" if axis is not None else "per-tensor"
-    detail = f"weight {qtype.name} {where}"
+    detail = f"weight {rules.qtype.name} {where}"
     detail += f" (SQNR {sqnr:.1f} dB)"
     bias_index = 2
     bias = node.inputs[bias_index] if len(node.inputs) > bias_index else None
