@@ -220,7 +220,7 @@ def test_transformer_gptq_beats_rtn():
     )
     check(gptq)
     # one Hessian per distinct input (Q/K/V share one; 4 per layer, pooler, classifier)
-    grams = list(context.data.store(model, "grams")["grams"].values())
+    grams = list(context.data.store(model, "grams", 32, None).values())  # 32 batches, all rows
     assert len(grams) == 2 * 4 + 2
     assert sorted(moments.rows for moments in grams) == [32, 32] + [512] * 8  # pooled: token 0
 

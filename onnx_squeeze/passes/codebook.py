@@ -24,7 +24,7 @@ from onnx_squeeze.passes.quantize.shared_weights import (
     in_subgraph,
     skip_all,
 )
-from onnx_squeeze.records import PassContext, PassReport, mark_created
+from onnx_squeeze.records import PassContext, PassReport, mark_created, unselected
 from onnx_squeeze.report import human_bytes
 
 # Serialized size of a few decode nodes: a codebook must save more than this to be worth it.
@@ -86,7 +86,7 @@ class CodebookWeights(Pass):
         for node in model.graph:
             if node.op_type not in s.ops or node.domain != "":
                 continue
-            found = "excluded by the settings" if node.name in s.exclude else _weight_consumer(node)
+            found = unselected(node.name or "", exclude=s.exclude) or _weight_consumer(node)
             if isinstance(found, str):
                 report.skip(node, found)
             else:

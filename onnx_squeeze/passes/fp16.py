@@ -27,7 +27,7 @@ from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
 from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.passes.quantize.statistics import largest_magnitudes
-from onnx_squeeze.records import PassContext, PassReport, mark_created
+from onnx_squeeze.records import PassContext, PassReport, mark_created, unselected
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)  # 2**-24
@@ -228,8 +228,9 @@ def _float_activations(nodes: Iterable[ir.Node]) -> list[str]:
 class FloatSettings:
     """``dtype``: float16 or bfloat16. ``provider``: whose kernels decide the block list
     (empty: the run's first provider; ``none``: no kernel-based blocks). ``block_ops`` and
-    ``block_nodes`` keep ops/nodes in FP32 on top of the defaults. ``out_of_range``: ``clamp``
-    constants to the FP16 range or ``keep_fp32`` their consumers. Activations whose calibrated
+    ``block_nodes`` (node-name globs) keep ops/nodes in FP32 on top of the defaults.
+    ``out_of_range``: ``clamp`` constants to the FP16 range or ``keep_fp32`` their consumers.
+    Activations whose calibrated
     range exceeds FP16 max / ``range_margin`` keep their ops in FP32; reductions over more than
     ``max_reduction`` elements stay FP32."""
 
@@ -417,7 +418,7 @@ class ConvertFloat(Pass):
         none: tuple[list[int], list[int]] = ([], [])
         if any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values()):
             return "has subgraphs (If/Loop/Scan): kept FP32", none
-        if node.name in self.settings.block_nodes:
+        if unselected(node.name or "", exclude=self.settings.block_nodes):
             return "in block_nodes", none
         if node.op_type in blocked_ops:
             return f"{node.op_type} is in the FP32 block list", none

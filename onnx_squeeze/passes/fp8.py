@@ -21,7 +21,7 @@ from onnx_squeeze.passes.quantize.eligibility import from_dequantize, weight_axi
 from onnx_squeeze.passes.quantize.plan import point_before_clamp
 from onnx_squeeze.passes.quantize.qdq import Fp8Weights, QdqWriter, TensorParams
 from onnx_squeeze.passes.quantize.statistics import largest_magnitudes
-from onnx_squeeze.records import PassContext, PassReport
+from onnx_squeeze.records import PassContext, PassReport, unselected
 
 # What loading a model in onnxruntime raises when a kernel is missing (runtime.create_session
 # wraps only some of onnxruntime's errors in InputError).
@@ -33,7 +33,8 @@ FP8 = Fp8Weights()
 class Fp8Settings:
     """``op_types``: ops whose weights (and activation input) are quantized to FLOAT8E4M3FN.
     ``activations``: also quantize the activation input with a calibrated scale (needs
-    calibration data); false stores weights only in FP8. ``exclude``: node names left alone."""
+    calibration data); false stores weights only in FP8. ``exclude``: node-name globs left
+    alone."""
 
     op_types: list[str] = dataclasses.field(default_factory=lambda: ["Conv", "Gemm", "MatMul"])
     activations: bool = True
@@ -95,8 +96,9 @@ class QuantizeFp8(Pass):
     def _eligible(self, node: ir.Node, report: PassReport) -> bool:
         if node.op_type not in self.settings.op_types:
             return False
-        if node.name in self.settings.exclude:
-            report.skip(node, "in exclude")
+        reason = unselected(node.name or "", exclude=self.settings.exclude)
+        if reason:
+            report.skip(node, reason)
             return False
         weight = _weight_of(node)
         if weight is None or constant_array(weight) is None:

@@ -29,7 +29,7 @@ from onnx_squeeze.passes.quantize.shared_weights import (
     in_subgraph,
     initializer,
 )
-from onnx_squeeze.records import PassContext, PassReport, mark_created
+from onnx_squeeze.records import PassContext, PassReport, mark_created, unselected
 from onnx_squeeze.report import human_bytes
 
 MS_DOMAIN = "com.microsoft"
@@ -140,7 +140,7 @@ class QuantizeWeights(Pass):
         for node in model.graph:
             if node.op_type not in ("MatMul", "Gemm") or node.domain != "":
                 continue
-            found = "excluded by the settings" if node.name in s.exclude else _linear_consumer(node)
+            found = unselected(node.name or "", exclude=s.exclude) or _linear_consumer(node)
             if isinstance(found, str):
                 report.skip(node, found)
             else:
@@ -175,7 +175,6 @@ class QuantizeWeights(Pass):
             provider=context.providers[0],
             batches=self.settings.calibration_batches,
             max_rows=None,
-            cache=context.data.store(model, "grams"),
             label="GPTQ input statistics",
         )
         grams = {name: (moments[spec].gram, moments[spec].rows) for name, spec in specs.items()}

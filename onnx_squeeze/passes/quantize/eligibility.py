@@ -4,7 +4,6 @@ activations, and what is already quantized (read from a DequantizeLinear or a qu
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,6 +12,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import attribute, constant_array
+from onnx_squeeze.records import unselected
 
 QUANTIZED_OPS = frozenset(
     {
@@ -41,7 +41,7 @@ def check_names(values: Iterable[str], known: Iterable[str], what: str) -> None:
 
 @dataclasses.dataclass
 class Selection:
-    """Which nodes a quantizer may touch: node-name globs and op types."""
+    """Which nodes a quantizer may touch: op types, and node-name globs (:func:`unselected`)."""
 
     include: list[str] = dataclasses.field(default_factory=list)
     exclude: list[str] = dataclasses.field(default_factory=list)
@@ -49,16 +49,11 @@ class Selection:
     exclude_op_types: list[str] = dataclasses.field(default_factory=list)
 
     def reason_to_skip(self, node: ir.Node) -> str | None:
-        name = node.name or ""
         if node.op_type in self.exclude_op_types:
             return f"op type {node.op_type} excluded"
         if self.op_types and node.op_type not in self.op_types:
             return f"op type {node.op_type} not in op_types"
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
-            return "excluded by name"
-        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
-            return "not in include"
-        return None
+        return unselected(node.name or "", self.include, self.exclude)
 
 
 def selection_of(settings: Any) -> Selection:
