@@ -1,0 +1,120 @@
+"""Distillation in closed form: refit the compressed model's layers to the original's outputs.
+
+The original (prepared) model is the teacher, the compressed one the student; calibration data
+needs no labels. Student and teacher tensors are matched by value name (passes keep the output
+names of the nodes they change), and a student tensor whose channel axis was shrunk carries
+``onnx_squeeze.kept_channels`` saying which teacher channels it kept.
+
+Layers (Conv, Gemm, MatMul with a constant weight) that differ from the teacher or see inputs that
+do are processed in topological order, in *waves*: the student is re-run before each wave, so a
+layer is fitted to the inputs that the corrected layers before it produce. Per layer, by method:
+
+- ``lstsq``: ridge regression of the teacher's output on the student's actual input (im2col
+  patches for Conv, per group for grouped/depthwise Conv), from Gram matrices accumulated batch
+  by batch. A factorized pair (a node made by a pass feeding a pointwise partner that keeps the
+  original output) is refitted jointly as the best rank-r map (reduced-rank regression).
+- ``bn``: per-channel output mean and variance matched to the teacher (scale the weights, shift
+  the bias); on an unfused BatchNormalization, its scale and shift.
+- ``bias``: per-channel output mean matched (bias correction); works on quantized layers too,
+  re-quantizing an INT32 bias.
+- ``head``: the final classifier/projection refitted to the teacher's logits by ridge regression
+  (soft-target distillation in closed form), even when ``lstsq`` is off.
+
+A layer takes the first method in the order lstsq (or head), bn, bias that is enabled and applies.
+With ``guard`` (default), the refit is undone when it makes the model's outputs on the
+calibration data further from the teacher's than before.
+
+Modules: :mod:`.planner` (which layers, which method, which wave), :mod:`.waves` (the fits),
+:mod:`.linear` (layers as regressions, constants written with undo), :mod:`.samples` (the
+calibration samples held in memory).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import TopologicalSortPass
+
+from onnx_squeeze import fidelity
+from onnx_squeeze.calibration import joined
+from onnx_squeeze.calibration.runner import TensorRunner
+from onnx_squeeze.calibration.sources import Feed
+from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.passes.reconstruct.linear import Edits
+from onnx_squeeze.passes.reconstruct.planner import Planner
+from onnx_squeeze.passes.reconstruct.samples import held_samples
+from onnx_squeeze.passes.reconstruct.settings import METHODS, ReconstructSettings
+from onnx_squeeze.passes.reconstruct.waves import Wave
+from onnx_squeeze.records import PassContext, PassReport
+
+_BATCH = 8  # samples per onnxruntime run (feeds of one shape are joined up to it)
+
+
+def _output_error(
+    student: ir.Model, reference: list[dict[str, np.ndarray]], feeds: list[Feed]
+) -> float:
+    """Worst relative squared error (1 - R²) over the graph outputs on ``feeds``."""
+    runner = TensorRunner(student, list(reference[0]))
+    measured = fidelity.measure(reference, [runner(feed) for feed in feeds])
+    return max((output.relative_error for output in measured.values()), default=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+
+
+@register
+class Reconstruct(Pass):
+    """Refit compressed layers to the teacher's outputs on calibration data (closed form)."""
+
+    name = "reconstruct"
+    Settings = ReconstructSettings
+
+    def validate(self) -> None:
+        s = self.settings
+        unknown = sorted(set(s.methods) - set(METHODS))
+        if unknown or not s.methods:
+            raise SettingsError(
+                f"reconstruct: unknown methods {unknown}; use some of {', '.join(METHODS)}"
+            )
+        if not s.ridge >= 0:
+            raise SettingsError(f"reconstruct: ridge must be >= 0, got {s.ridge}")
+        for field in ("samples", "positions", "refresh_every"):
+            if getattr(s, field) < 1:
+                raise SettingsError(f"reconstruct: {field} must be at least 1")
+        if s.factors not in ("both", "last"):
+            raise SettingsError(f"reconstruct: factors must be 'both' or 'last', got {s.factors!r}")
+
+    def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
+        teacher = context.teacher
+        if teacher is None:
+            raise SettingsError(
+                "reconstruct needs the original model as teacher: run it through compress() "
+                "(onnx-squeeze compress), which provides it"
+            )
+        TopologicalSortPass()(model)
+        layers = Planner(self.settings, teacher, report).plan(model, teacher)
+        if not layers:
+            report.notes.append("nothing to recover: no layer differs from the teacher")
+            return
+        feeds = held_samples(context.data, self.settings.samples, "recovery", report.notes)
+        feeds = joined(feeds, _BATCH, teacher)
+        teacher_run = TensorRunner(teacher, [v.name for v in model.graph.outputs])
+        reference = [teacher_run(feed) for feed in feeds]
+        before = _output_error(model, reference, feeds)
+        edits = Edits(model)
+        every = self.settings.refresh_every
+        for wave in sorted({layer.wave // every for layer in layers}):
+            members = [layer for layer in layers if layer.wave // every == wave]
+            Wave(members, self.settings, context.seed).fit(model, teacher, feeds, edits, report)
+        after = _output_error(model, reference, feeds)
+        summary = f"output error vs teacher (1 - R², calibration data): {before:.4g} -> {after:.4g}"
+        if self.settings.guard and after > before:
+            edits.undo()
+            report.notes.append(f"{summary}: worse, so every refit was undone")
+            for record in report.records:
+                if record.action == "refit":
+                    record.action, record.detail = "skipped", f"undone by guard; {record.detail}"
+            return
+        report.notes.append(summary)

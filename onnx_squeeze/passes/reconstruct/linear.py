@@ -1,0 +1,276 @@
+"""Linear layers seen as regressions: weights as (groups, features, outputs) matrices, rows for
+the regression, biases read and written where the layer keeps them, and every constant written
+so that it can be undone."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, set_input_constant
+from onnx_squeeze.layers import Layer, NotLayer
+from onnx_squeeze.least_squares import conv_pads, im2col
+
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
+SPARSE = 0.25  # share of exact zeros from which a layer's weights count as pruned
+
+
+class Linear:
+    """A Conv/Gemm/MatMul with a constant float weight, seen as ``groups`` regressions."""
+
+    channel_axis = -1
+    groups = 1
+
+    def __init__(self, layer: Layer) -> None:
+        assert layer.array is not None
+        self.layer = layer
+        self.node = layer.node
+        self.weight = layer.array.astype(np.float64)
+        self.dtype = layer.weight.dtype
+
+    def matrix(self) -> np.ndarray:
+        """Weights as (groups, features, outputs)."""
+        raise NotImplementedError
+
+    def to_weight(self, matrix: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def rows(
+        self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, positions: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Regression rows (groups, n, features) and targets (groups, n, outputs)."""
+        raise NotImplementedError
+
+    @property
+    def outputs(self) -> int:
+        return self.matrix().shape[0] * self.matrix().shape[2]
+
+    @property
+    def bias_slot(self) -> bool:
+        """Whether the layer has, or can be given, a bias."""
+        return True
+
+    def bias_value(self) -> ir.Value | None:
+        return self.node.inputs[2] if len(self.node.inputs) > 2 else None
+
+    def bias_index(self) -> tuple[ir.Node, int]:
+        return self.node, 2
+
+
+class ConvLinear(Linear):
+    channel_axis = 1
+
+    def __init__(self, layer: Layer) -> None:
+        super().__init__(layer)
+        self.groups = layer.groups
+        self.kernel = layer.kernel
+        geometry = layer.geometry()
+        self.strides, self.dilations = geometry["strides"], geometry["dilations"]
+        self.pads, self.auto_pad = geometry["pads"], geometry["auto_pad"]
+
+    def matrix(self) -> np.ndarray:
+        out_channels = self.weight.shape[0]
+        flat = self.weight.reshape(self.groups, out_channels // self.groups, -1)
+        return flat.transpose(0, 2, 1)
+
+    def to_weight(self, matrix: np.ndarray) -> np.ndarray:
+        return matrix.transpose(0, 2, 1).reshape(self.weight.shape)
+
+    def rows(self, x, y, rng, positions):
+        pads = conv_pads(
+            x.shape[2:], self.kernel, self.strides, self.dilations, self.pads, self.auto_pad
+        )
+        total = math.prod(y.shape[2:])
+        picked = np.sort(rng.choice(total, size=min(positions, total), replace=False))
+        patches = im2col(x, self.kernel, self.strides, self.dilations, pads, picked)
+        patches = patches.reshape(-1, self.groups, patches.shape[2] // self.groups)
+        targets = y.reshape(y.shape[0], y.shape[1], -1)[:, :, picked].transpose(0, 2, 1)
+        targets = targets.reshape(-1, self.groups, y.shape[1] // self.groups)
+        return patches.transpose(1, 0, 2), targets.transpose(1, 0, 2)
+
+    @property
+    def pointwise(self) -> bool:
+        return (
+            self.groups == 1
+            and all(k == 1 for k in self.kernel)
+            and all(s == 1 for s in self.strides)
+            and not any(self.pads or [])
+            and self.auto_pad in ("NOTSET", "VALID")
+        )
+
+
+class GemmLinear(Linear):
+    def matrix(self) -> np.ndarray:
+        return (self.weight.T if self.transposed else self.weight)[None]
+
+    def to_weight(self, matrix: np.ndarray) -> np.ndarray:
+        return matrix[0].T if self.transposed else matrix[0]
+
+    @property
+    def transposed(self) -> bool:
+        """The weight is stored (outputs, features): Gemm with transB."""
+        return self.layer.reduction_axes != (0,)
+
+    def rows(self, x, y, rng, positions):
+        return _sample_rows(x, y, rng, positions * x.shape[0])
+
+
+class MatMulLinear(Linear):
+    """MatMul by a constant 2-D weight; a following Add of a constant vector is its bias."""
+
+    def __init__(self, layer: Layer, bias_add: ir.Node | None) -> None:
+        super().__init__(layer)
+        self.bias_add = bias_add
+
+    def matrix(self) -> np.ndarray:
+        return self.weight[None]
+
+    def to_weight(self, matrix: np.ndarray) -> np.ndarray:
+        return matrix[0]
+
+    def rows(self, x, y, rng, positions):
+        return _sample_rows(x, y, rng, positions * x.shape[0])
+
+    @property
+    def bias_slot(self) -> bool:
+        return self.bias_add is not None
+
+    def bias_value(self) -> ir.Value | None:
+        return self.bias_add.inputs[self._bias_input()] if self.bias_add else None
+
+    def bias_index(self) -> tuple[ir.Node, int]:
+        assert self.bias_add is not None
+        return self.bias_add, self._bias_input()
+
+    def _bias_input(self) -> int:
+        assert self.bias_add is not None
+        return 0 if self.bias_add.inputs[1] is self.node.outputs[0] else 1
+
+
+def is_sparse(linear: Linear) -> bool:
+    return float(np.mean(linear.weight == 0)) >= SPARSE
+
+
+def _sample_rows(x, y, rng, limit):
+    x = x.reshape(-1, x.shape[-1])
+    y = y.reshape(-1, y.shape[-1])
+    if x.shape[0] > limit:
+        picked = np.sort(rng.choice(x.shape[0], size=limit, replace=False))
+        x, y = x[picked], y[picked]
+    return x[None], y[None]
+
+
+def _matmul_bias_add(node: ir.Node) -> ir.Node | None:
+    """The Add that adds a constant vector to this MatMul's output (its only use), if any."""
+    output = node.outputs[0]
+    uses = list(output.uses())
+    if len(uses) != 1 or output.is_graph_output() or uses[0].node.op_type != "Add":
+        return None
+    add = uses[0].node
+    other = add.inputs[1 - uses[0].idx]
+    bias = constant_array(other)
+    columns = node.inputs[1].shape[-1] if node.inputs[1].shape is not None else None
+    if bias is None or bias.size != columns or bias.shape[-1:] != (columns,):
+        return None
+    return add
+
+
+def linear_of(node: ir.Node) -> tuple[Linear | None, str | None]:
+    """The regression view of ``node``, or None and why it cannot be refitted."""
+    if node.op_type not in ("Conv", "Gemm", "MatMul"):
+        return None, f"{node.op_type} is not a Conv, Gemm or MatMul"
+    layer = Layer.of(node)
+    if isinstance(layer, NotLayer):
+        return None, layer.reason
+    if layer.left:
+        return None, "the weight is the first operand (only X·W is refitted)"
+    if layer.quantized:
+        return None, "weight is quantized"
+    if layer.weight.dtype not in _FLOATS:
+        return None, f"weight is {layer.weight.dtype}, not float"
+    if layer.shared:
+        return None, "weight is shared with another node"
+    if node.op_type == "Conv":
+        return ConvLinear(layer), None
+    if node.op_type == "Gemm":
+        if attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0:
+            return None, "Gemm with transA or alpha != 1"
+        if attribute(node, "beta", 1.0) != 1.0 and len(node.inputs) > 2:
+            return None, "Gemm with beta != 1"
+        return GemmLinear(layer), None
+    if len(layer.shape) != 2:
+        return None, "MatMul weight is not 2-D"
+    return MatMulLinear(layer, _matmul_bias_add(node)), None
+
+
+class Edits:
+    """Constant replacements made so far, so that they can be undone as a whole."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.graph = model.graph
+        self.names = UniqueNames(model)
+        self.undo_log: list[tuple[ir.Node, int, ir.Value | None, Any, Any, Any]] = []
+
+    def set(self, node: ir.Node, index: int, array: np.ndarray, dtype: ir.DataType, role: str):
+        old = node.inputs[index] if index < len(node.inputs) else None
+        state = (old.const_value, old.shape, old.dtype) if old is not None else (None,) * 3
+        self.undo_log.append((node, index, old, *state))
+        array = array.astype(dtype.numpy())
+        set_input_constant(node, index, array, dtype, f"{node.name}.{role}", self.graph, self.names)
+
+    def undo(self) -> None:
+        for node, index, old, const, shape, dtype in reversed(self.undo_log):
+            current = node.inputs[index]
+            if old is not None and current is old:
+                old.const_value, old.shape, old.dtype = const, shape, dtype
+            else:
+                node.replace_input_with(index, old)
+        self.undo_log.clear()
+
+
+def bias_array(node: ir.Node, linear: Linear | None) -> np.ndarray | None:
+    """The float bias of a layer (quantized INT32 biases dequantized), None when it has none."""
+    value = linear.bias_value() if linear else (node.inputs[2] if len(node.inputs) > 2 else None)
+    if value is None:
+        return None
+    array = constant_array(value)
+    if array is not None:
+        return array.astype(np.float64).reshape(-1) if value.dtype in _FLOATS else None
+    producer = value.producer()
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return None
+    integers, scale = constant_array(producer.inputs[0]), constant_array(producer.inputs[1])
+    if integers is None or scale is None or integers.dtype != np.int32:
+        return None
+    return integers.astype(np.float64) * scale.astype(np.float64)
+
+
+def write_bias(
+    edits: Edits, node: ir.Node, linear: Linear | None, bias: np.ndarray, dtype: ir.DataType
+) -> None:
+    """Store a new bias where the layer keeps it (a float constant or an INT32 DequantizeLinear)."""
+    target, index = linear.bias_index() if linear else (node, 2)
+    value = target.inputs[index] if index < len(target.inputs) else None
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        scale = constant_array(producer.inputs[1]).astype(np.float64)
+        integers = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        edits.set(producer, 0, integers, ir.DataType.INT32, "bias_quantized")
+        return
+    if value is not None and value.const_value is not None:
+        bias = bias.reshape(value.const_value.shape)
+        dtype = value.dtype
+    edits.set(target, index, bias, dtype, "bias")
+
+
+def current(linear: Linear, node: ir.Node) -> np.ndarray:
+    """The layer's weights with its bias as last feature row (when it can have one)."""
+    matrix = linear.matrix()
+    if not linear.bias_slot:
+        return matrix
+    bias = bias_array(node, linear)
+    bias = np.zeros(matrix.shape[0] * matrix.shape[2]) if bias is None else bias
+    return np.concatenate([matrix, bias.reshape(matrix.shape[0], 1, -1)], axis=1)
