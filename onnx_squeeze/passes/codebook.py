@@ -12,7 +12,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze.errors import SettingsError
-from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
+from onnx_squeeze.graph_utils import UniqueNames
+from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.passes.quantize import weight_codecs
 from onnx_squeeze.passes.quantize.shared_weights import (
@@ -42,17 +43,12 @@ class CodebookSettings:
 
 def _weight_consumer(node: ir.Node) -> Consumer | str:
     """Which input of a Conv/Gemm/MatMul is its constant weight, with its output-channel axis."""
-    if node.op_type == "Conv":
-        return Consumer(node, 1, channel_axis=0)
-    if node.op_type == "Gemm":
-        return Consumer(node, 1, channel_axis=0 if attribute(node, "transB", 0) else 1)
-    for index, axis in ((1, -1), (0, -2)):  # MatMul: constant right (…K, N) or left (M, K…)
-        operand = node.inputs[index] if len(node.inputs) > index else None
-        if operand is not None and constant_array(operand) is not None:
-            if operand.shape is None or len(operand.shape) < 2:
-                return "the constant operand is 1-D"
-            return Consumer(node, index, channel_axis=axis)
-    return "no constant weight"
+    layer = Layer.of(node)
+    if isinstance(layer, NotLayer) or layer.array is None:
+        return "no constant weight"
+    if layer.output_axis is None:
+        return "the constant operand is 1-D"
+    return Consumer(node, layer.weight_index, channel_axis=layer.output_axis)
 
 
 def _channel_rows(array: np.ndarray, axis: int, per_channel: bool) -> np.ndarray:

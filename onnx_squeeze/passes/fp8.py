@@ -7,6 +7,7 @@ activation input is quantized with a calibrated per-tensor scale.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_dtypes
 import numpy as np
@@ -14,10 +15,11 @@ import onnx_ir as ir
 
 from onnx_squeeze import runtime
 from onnx_squeeze.errors import InputError, SettingsError
-from onnx_squeeze.graph_utils import attribute, constant_array
+from onnx_squeeze.graph_utils import attribute
+from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.passes.quantize import params as quant_params
-from onnx_squeeze.passes.quantize.eligibility import from_dequantize, weight_axis
+from onnx_squeeze.passes.quantize.eligibility import from_dequantize
 from onnx_squeeze.passes.quantize.plan import point_before_clamp
 from onnx_squeeze.passes.quantize.qdq import Fp8Weights, QdqWriter, TensorParams
 from onnx_squeeze.passes.quantize.statistics import largest_magnitudes
@@ -64,7 +66,8 @@ class QuantizeFp8(Pass):
             raise SettingsError("fp8: calibration_batches must be at least 1")
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
-        targets = [node for node in model.graph if self._eligible(node, report)]
+        layers = [layer for node in model.graph if (layer := self._layer(node, report))]
+        targets = [layer.node for layer in layers]
         chosen = set(targets)
         points = {node: point_before_clamp(node, chosen) for node in targets}  # before rewiring
         amax: dict[str, float] = {}
@@ -81,40 +84,38 @@ class QuantizeFp8(Pass):
             for point, uses in _point_uses(points).items():
                 writer.quantize_tensor(point, _params(amax[point.name or ""]), FP8.dtype, uses)
         detail = "float8e4m3fn weights" + (" and activation" if self.settings.activations else "")
-        for node in targets:
-            weight = constant_array(_weight_of(node))
-            assert weight is not None
-            axis = weight_axis(node, weight.ndim) if self.settings.per_channel else None
-            writer.quantize_weight(node, 1, axis, FP8)
-            report.record(
-                node, "quantized", detail, params_before=weight.size, params_after=weight.size
-            )
+        for layer in layers:
+            axis = layer.output_axis if self.settings.per_channel else None
+            writer.quantize_weight(layer.node, layer.weight_index, axis, FP8)
+            size = math.prod(layer.shape)
+            report.record(layer.node, "quantized", detail, params_before=size, params_after=size)
         problem = fp8_kernel_problem(model, (context.providers or ("cpu",))[0])
         if problem:
             report.notes.append(problem)
 
-    def _eligible(self, node: ir.Node, report: PassReport) -> bool:
+    def _layer(self, node: ir.Node, report: PassReport) -> Layer | None:
+        """The layer view of a node to quantize, or None (skips recorded with the reason)."""
         if node.op_type not in self.settings.op_types:
-            return False
-        reason = unselected(node.name or "", exclude=self.settings.exclude)
+            return None
+        layer = Layer.of(node)
+        source = node.inputs[0]
+        if isinstance(layer, NotLayer):
+            reason = "weight is not a constant (both inputs are activations)"
+        elif layer.weight_index != 1:
+            reason = "the weight is the first operand (W·X): activation layout not handled"
+        elif layer.quantized or from_dequantize(source):
+            reason = "already quantized (input comes from DequantizeLinear)"
+        elif source.dtype != ir.DataType.FLOAT or layer.weight.dtype != ir.DataType.FLOAT:
+            reason = "input or weight is not FP32"
+        elif node.op_type == "Gemm" and attribute(node, "transA", 0):
+            reason = "Gemm with transA=1: activation layout not handled"
+        else:
+            reason = None
+        reason = unselected(node.name or "", exclude=self.settings.exclude) or reason
         if reason:
             report.skip(node, reason)
-            return False
-        weight = _weight_of(node)
-        if weight is None or constant_array(weight) is None:
-            report.skip(node, "weight is not a constant (both inputs are activations)")
-            return False
-        source = node.inputs[0]
-        if source is None or source.dtype != ir.DataType.FLOAT or weight.dtype != ir.DataType.FLOAT:
-            report.skip(node, "input or weight is not FP32")
-            return False
-        if any(from_dequantize(v) for v in (source, weight)):
-            report.skip(node, "already quantized (input comes from DequantizeLinear)")
-            return False
-        if node.op_type == "Gemm" and attribute(node, "transA", 0):
-            report.skip(node, "Gemm with transA=1: activation layout not handled")
-            return False
-        return True
+            return None
+        return layer
 
 
 def _point_uses(points: dict[ir.Node, ir.Value]) -> dict[ir.Value, list[tuple[ir.Node, int]]]:
@@ -134,10 +135,6 @@ def _params(amax: float) -> TensorParams:
     scale = quant_params.fp8_scale(amax).reshape(())
     zero_point = np.zeros((), dtype=ml_dtypes.float8_e4m3fn)
     return TensorParams(scale, zero_point, -amax, amax)
-
-
-def _weight_of(node: ir.Node) -> ir.Value | None:
-    return node.inputs[1] if len(node.inputs) > 1 else None
 
 
 def fp8_kernel_problem(model: ir.Model, provider: str) -> str | None:

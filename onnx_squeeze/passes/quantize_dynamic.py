@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze.graph_utils import attribute, constant_array
+from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.passes.quantize import params as quant_params
 from onnx_squeeze.passes.quantize.eligibility import (
@@ -76,8 +77,13 @@ def _dynamic_problem(node: ir.Node) -> str | None:
         return "already quantized (reads a DequantizeLinear or is a quantized op): left untouched"
     if not is_activation(node.inputs[0]):
         return "input 0 is not a float activation"
-    weight = constant_array(node.inputs[1])
-    if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+    layer = Layer.of(node)
+    if (
+        isinstance(layer, NotLayer)
+        or layer.array is None
+        or layer.array.ndim != 2
+        or layer.array.dtype != np.float32
+    ):
         return "weight is not a constant 2-D float32 matrix"
     if node.op_type == "Gemm":
         if attribute(node, "transA", 0):
@@ -127,9 +133,9 @@ def _embedding_replacement(writer: QdqWriter, node: ir.Node) -> tuple[list[ir.No
 
 def _dynamic_weight(node: ir.Node) -> np.ndarray:
     """The weight as a [K, N] matrix (Gemm's transB undone)."""
-    weight = constant_array(node.inputs[1])
-    assert weight is not None
-    return weight.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else weight
+    layer = Layer.of(node)
+    assert isinstance(layer, Layer)
+    return layer.matrix()
 
 
 def _dynamic_replacement(writer: QdqWriter, node: ir.Node, form: _DynamicForm) -> list[ir.Node]:

@@ -22,7 +22,8 @@ import onnx_ir as ir
 from onnx_squeeze.calibration import TensorStatistics
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.gates import parse_gate
-from onnx_squeeze.graph_utils import attribute, constant_array
+from onnx_squeeze.graph_utils import attribute
+from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.passes.quantize import bias_correction, sensitivity, speed_check
 from onnx_squeeze.passes.quantize import params as quant_params
@@ -33,7 +34,6 @@ from onnx_squeeze.passes.quantize.eligibility import (
     infer_types,
     is_activation,
     selection_of,
-    weight_axis,
 )
 from onnx_squeeze.passes.quantize.params import IntType
 from onnx_squeeze.passes.quantize.plan import ANCHOR_OPS, Plan, make_plan
@@ -109,25 +109,23 @@ def _anchor_problem(node: ir.Node) -> str | None:
         return "already quantized (reads a DequantizeLinear or is a quantized op): left untouched"
     if not is_activation(node.inputs[0]):
         return "input 0 is not a float activation"
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    array = constant_array(weight)
-    if node.op_type == "Gemm":
-        if attribute(node, "transA", 0):
-            return "Gemm with transA=1 is not fused by onnxruntime"
-        if array is None:
-            return "Gemm weight is not constant"
-    if node.op_type in ("Conv", "ConvTranspose") and array is None:
-        return f"{node.op_type} weight is not constant"
-    if node.op_type == "Conv" and array.shape[1] == 1 and attribute(node, "group", 1) == 1:
+    if node.op_type == "Gemm" and attribute(node, "transA", 0):
+        return "Gemm with transA=1 is not fused by onnxruntime"
+    layer = Layer.of(node)
+    if isinstance(layer, NotLayer):
+        if node.op_type != "MatMul":
+            return f"{node.op_type}: {layer.reason}"
+        if is_activation(node.inputs[1]):
+            return None  # two activations, both quantized
+        return "input 1 is neither a constant nor a float activation"
+    assert layer.array is not None  # input 0 is an activation, input 1 no DequantizeLinear
+    if node.op_type == "Conv" and layer.shape[1] == 1 and layer.groups == 1:
         # a grayscale stem: onnxruntime's QLinearConv runs it about 3x slower than float
         return "Conv over a single input channel is faster in float: left in float"
-    if array is not None:
-        if array.dtype != np.float32:
-            return f"weight is {array.dtype}, not float32"
-        if weight_axis(node, array.ndim) is None:
-            return "no per-channel axis for this weight (grouped ConvTranspose or 1-D MatMul)"
-    elif not is_activation(weight):
-        return "input 1 is neither a constant nor a float activation"
+    if layer.array.dtype != np.float32:
+        return f"weight is {layer.array.dtype}, not float32"
+    if layer.output_axis is None:
+        return "no per-channel axis for this weight (grouped ConvTranspose or 1-D MatMul)"
     return None
 
 

@@ -17,6 +17,7 @@ import onnx_ir as ir
 from onnx_squeeze.calibration.grams import collect_grams, layer_input_spec
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
+from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.model_io import opset_version
 from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.passes.quantize import weight_codecs
@@ -65,21 +66,20 @@ def _linear_consumer(node: ir.Node) -> Consumer | str:
         return "the input is not float32"
     if activation.shape is not None and len(activation.shape) < 2:
         return "the input is 1-D"
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    if constant_array(weight) is None:
+    layer = Layer.of(node)
+    if isinstance(layer, NotLayer) or layer.weight_index != 1 or layer.array is None:
         return "input 1 is not a constant weight"
-    if weight.shape is None or len(weight.shape) != 2:
+    if len(layer.shape) != 2 or layer.output_axis is None:
         return "the weight is not a 2-D tensor"
+    consumer = Consumer(node, 1, channel_axis=layer.output_axis)
     if node.op_type == "MatMul":
-        return Consumer(node, 1, channel_axis=1)
+        return consumer
     if attribute(node, "transA", 0):
         return "Gemm with transA=1"
-    consumer = Consumer(node, 1, channel_axis=0 if attribute(node, "transB", 0) else 1)
     consumer.alpha = float(attribute(node, "alpha", 1.0))
-    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias_value is not None:
-        bias = constant_array(bias_value)
-        outputs = weight.shape[consumer.channel_axis]
+    if layer.bias is not None:
+        bias = constant_array(layer.bias)
+        outputs = layer.shape[consumer.channel_axis]
         if (
             bias is None
             or bias.size not in (1, outputs)

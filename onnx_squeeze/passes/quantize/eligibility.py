@@ -10,27 +10,19 @@ from typing import Any
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
+from onnx_squeeze import layers
 from onnx_squeeze.errors import SettingsError
-from onnx_squeeze.graph_utils import attribute, constant_array
+from onnx_squeeze.graph_utils import constant_array
 from onnx_squeeze.records import unselected
 
-QUANTIZED_OPS = frozenset(
-    {
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "DynamicQuantizeLinear",
-        "QLinearConv",
-        "QLinearMatMul",
-        "QGemm",
-        "ConvInteger",
-        "MatMulInteger",
-        "MatMulNBits",
-        "MatMulIntegerToFloat",
-        "DynamicQuantizeMatMul",
-        "QLinearAdd",
-        "QLinearMul",
-    }
-)
+# The quantized weight ops (layers.QUANTIZED_OPS) and the Q/DQ and integer ops around them.
+QUANTIZED_OPS = layers.QUANTIZED_OPS | {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearAdd",
+    "QLinearMul",
+}
 
 
 def check_names(values: Iterable[str], known: Iterable[str], what: str) -> None:
@@ -63,19 +55,6 @@ def selection_of(settings: Any) -> Selection:
         list(settings.op_types),
         list(settings.exclude_op_types),
     )
-
-
-def weight_axis(node: ir.Node, rank: int) -> int | None:
-    """The output-channel axis of the node's weight (input 1), or None if unsupported."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1 if attribute(node, "group", 1) == 1 else None
-    if node.op_type == "Gemm":
-        return 0 if attribute(node, "transB", 0) else 1
-    if node.op_type == "MatMul":
-        return rank - 1 if rank >= 2 else None
-    return None
 
 
 def is_activation(value: ir.Value | None) -> bool:

@@ -19,8 +19,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze.graph_utils import UniqueNames, constant_array, new_initializer
+from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.quantize import params as quant_params
-from onnx_squeeze.passes.quantize.eligibility import from_dequantize, weight_axis
+from onnx_squeeze.passes.quantize.eligibility import from_dequantize
 from onnx_squeeze.passes.quantize.params import INT8, INT32, IntType
 from onnx_squeeze.records import SOURCE_NODE_KEY, mark_created
 
@@ -258,18 +259,18 @@ def anchor_weights(
     rules: IntWeights,
 ) -> tuple[str, ir.Value | None]:
     """Quantize an anchor's integer weight (and bias); a description and the INT32 bias."""
-    array = constant_array(node.inputs[1])
-    if array is None:
+    layer = Layer.of(node)
+    if isinstance(layer, NotLayer) or layer.array is None:
         return "two quantized activations", None
-    axis = weight_axis(node, array.ndim) if per_channel else None
+    array = layer.array
+    axis = layer.output_axis if per_channel else None
     quantized, weight_scale = writer.quantize_weight(node, 1, axis, rules)
     sqnr = quant_params.sqnr_db(array, quant_params.dequantize(quantized, weight_scale, 0, axis))
     where = f"axis {axis}" if axis is not None else "per-tensor"
     detail = f"weight {rules.qtype.name} {where}"
     detail += f" (SQNR {sqnr:.1f} dB)"
     bias_index = 2
-    bias = node.inputs[bias_index] if len(node.inputs) > bias_index else None
-    bias_array = constant_array(bias)
+    bias_array = constant_array(layer.bias)
     channels = array.shape[axis] if axis is not None else None
     quantizable_bias = (
         bias_array is not None
