@@ -73,7 +73,7 @@ class QuantizeInt8Settings:
     calibration_batches: int = 0  # 0: all batches of the source
     # stop reading calibration batches once the ranges from half of them would have added at
     # most this much expected quantization noise (dB, on average over the tensors, and no
-    # tensor's doubled); see onnx_squeeze.settling. 0: read every batch
+    # tensor's doubled); see passes/quantize/settling.py. 0: read every batch
     settle_db: float = 0.1
     histogram_bins: int = 2048
     # values of each tensor per calibration sample that its histogram counts (a strided sample

@@ -22,9 +22,10 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 
 from onnx_squeeze.graph_utils import constant_array
+from onnx_squeeze.layers import WEIGHT_OPS
 from onnx_squeeze.passes.quantize.eligibility import already_quantized, is_activation
 
-ANCHOR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ANCHOR_OPS = WEIGHT_OPS  # the weight layers (Conv, ConvTranspose, Gemm, MatMul)
 
 
 # Followers whose output keeps the parameters of input 0 (onnxruntime drops their Q/DQ).
