@@ -69,7 +69,7 @@ def _weights(model: ir.Model) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("name", zoo.NAMES)
 def test_evaluator_reproduces_onnxruntime_on_zoo_models(name):
     torch = pytest.importorskip("torch")
-    from onnx_squeeze.torch_graph import TorchGraph
+    from onnx_squeeze.passes.finetune.torch_graph import TorchGraph
 
     model = zoo.small(name)
     if name == "resnet50":
@@ -169,7 +169,7 @@ def _with_random_weights(text: str) -> ir.Model:
 @pytest.mark.parametrize("case", OP_CASES)
 def test_evaluator_attribute_combinations(case):
     torch = pytest.importorskip("torch")
-    from onnx_squeeze.torch_graph import TorchGraph
+    from onnx_squeeze.passes.finetune.torch_graph import TorchGraph
 
     model = _with_random_weights(OP_CASES[case])
     check(model)
@@ -292,22 +292,22 @@ def test_unset_learning_rate_is_chosen_by_held_out_loss_after_trials(monkeypatch
     """Each rate trains from the same start (trials leave the weights as they were), the lowest
     held-out loss wins, and the full run then trains at that rate."""
     pytest.importorskip("torch")
-    from onnx_squeeze.passes import finetune
+    from onnx_squeeze.passes.finetune import trainer
 
     teacher, student = _mlp_student()
     feeds = _feeds(teacher, 4, seed=1)
     trials, starts, full = [], [], []
-    train = finetune._Trainer.train
+    train = trainer.Trainer.train
 
     def recording_train(self, data, batch, rate, steps):
         starts.append([p.detach().clone() for p in self.parameters])
         (trials if steps < 10 else full).append(rate)
         train(self, data, batch, rate, steps)
 
-    monkeypatch.setattr(finetune._Trainer, "train", recording_train)
+    monkeypatch.setattr(trainer.Trainer, "train", recording_train)
     report = _finetune(student, teacher, feeds, steps=10)
 
-    assert trials == list(finetune.LEARNING_RATES)
+    assert trials == list(trainer.LEARNING_RATES)
     for start in starts[1:]:
         for a, b in zip(starts[0], start, strict=True):
             assert bool((a == b).all())
@@ -328,13 +328,13 @@ def test_given_learning_rate_skips_the_trials():
 
 
 def test_rate_warms_up_then_decays_to_zero():
-    from onnx_squeeze.passes.finetune import _one_cycle
+    from onnx_squeeze.passes.finetune.trainer import one_cycle
 
-    factors = [_one_cycle(step, 100) for step in range(100)]
+    factors = [one_cycle(step, 100) for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
     assert factors[-1] < 0.001
-    assert _one_cycle(0, 1) == 1.0  # a single step trains at the full rate
+    assert one_cycle(0, 1) == 1.0  # a single step trains at the full rate
 
 
 def test_guard_undoes_training_that_hurts():
