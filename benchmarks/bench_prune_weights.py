@@ -10,11 +10,15 @@ gzip-compressed file size (and, for 2:4, what sparse tensor cores could run).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import zlib
 
-import common
 import onnx_ir as ir
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common
 from onnx_squeeze import analysis
 from onnx_squeeze.passes.base import make_pass
 from onnx_squeeze.records import PassReport
