@@ -220,7 +220,7 @@ def compress_row(
     """The compressed model, or None and why the row is left out (a pass not installed yet, or
     a backend it needs missing)."""
     try:
-        result = compress(original, Recipe.from_dict(steps), calibration=source)
+        result = compress(original, Recipe.from_dict(steps), calibration=source, compare=False)
     except SettingsError as error:
         return None, str(error).splitlines()[0]
     notes = [n for report in result.passes for n in report.notes if n.startswith("output error")]
@@ -267,7 +267,7 @@ def print_profiles(models: dict[str, ir.Model], feeds: dict[int, dict]) -> None:
 def run_model(kind: str, args: argparse.Namespace) -> list[list[Any]]:
     train_x, train_y, test_x, test_y = load_digits(IMAGE_SIZE if kind == "cnn" else 8)
     original = train(kind, train_x, train_y, args.epochs)
-    prepared = compress(original).model
+    prepared = compress(original, compare=False).model
     folder = tempfile.mkdtemp(prefix="bench-distill-")
     path = Path(folder) / "calibration.npz"
     np.savez(path, input=train_x[: args.calibration or None])

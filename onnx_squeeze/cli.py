@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,6 @@ from onnx_squeeze import __version__, model_io, report, runtime, shortcuts, verd
 from onnx_squeeze.errors import GateFailedError, SettingsError, SqueezeError
 
 EXIT_OK, EXIT_INPUT, EXIT_INTERNAL, EXIT_GATE = 0, 1, 2, 3
-ZOO_PREFIX = "zoo:"
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one line per error, however narrow the terminal
@@ -45,15 +43,6 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from None
-
-
-def load_model(source: str) -> ir.Model:
-    """A model path, or ``zoo:NAME`` for a built-in reference model."""
-    if source.startswith(ZOO_PREFIX):
-        from onnx_squeeze import zoo
-
-        return zoo.build(source[len(ZOO_PREFIX) :])
-    return model_io.load(source)
 
 
 def _add_run_options(parser: argparse.ArgumentParser, *, runs: int = 30) -> None:
@@ -265,38 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- commands
 
 
-def _gates(expressions: Sequence[str]) -> list[str]:
-    """Validate gate expressions before any work is done."""
-    from onnx_squeeze import gates
-
-    for expression in expressions:
-        gates.parse_gates(expression)
-    return list(expressions)
-
-
-def _evaluate_gates(expressions: Sequence[str], metrics: dict[str, float]) -> list[dict[str, Any]]:
-    """The user's gates, or the default gate (marked ``default``) when none was given."""
-    from onnx_squeeze import gates
-
-    default = not expressions
-    results = gates.evaluate_gates(expressions or [verdict.DEFAULT_GATE], metrics)
-    return [{**result.to_dict(), "default": default} for result in results]
-
-
-def _blocking(gate_results: list[dict[str, Any]], warnings: list[str], strict: bool) -> str | None:
-    """Why the run fails (exit 3), or None: a user gate that failed; with --strict, also the
-    default gate and every warning."""
-    failed = [
-        f"{g['expr']}: {g['message']}"
-        for g in gate_results
-        if not g["passed"] and (strict or not g["default"])
-    ]
-    reasons = ["accuracy gate failed: " + "; ".join(failed)] if failed else []
-    if strict and warnings:
-        reasons.append(f"--strict: {len(warnings)} warning(s): " + "; ".join(warnings))
-    return " | ".join(reasons) or None
-
-
 def _channel_axes(items: Sequence[str]) -> dict[str, int | None]:
     """``--channel-axis OUTPUT:AXIS`` (AXIS an integer or 'none') into a mapping."""
     axes: dict[str, int | None] = {}
@@ -332,36 +289,6 @@ def _open_inputs(
     )
 
 
-def _compare(
-    a: ir.Model,
-    b: ir.Model,
-    source: Any,
-    args: argparse.Namespace,
-    *,
-    names: tuple[str, str],
-    paths: tuple[str | None, str | None],
-) -> dict[str, Any]:
-    from onnx_squeeze.comparison import compare
-
-    comparison = compare(
-        a,
-        b,
-        feeds=source,
-        inputs_label=source.label,
-        providers=tuple(args.providers),
-        threads=tuple(args.threads),
-        batch=args.batch or 1,
-        runs=args.runs,
-        shapes=runtime.parse_shape_overrides(args.shape),
-        paths=paths,
-        default_dim=args.default_dim,
-        channel_axes=_channel_axes(args.channel_axis),
-    )
-    result = comparison.to_dict()
-    result["names"] = list(names)
-    return result
-
-
 def _finish(run_report: dict[str, Any], args: argparse.Namespace) -> None:
     report.print_report(run_report, console)
     if getattr(args, "json", None):
@@ -372,137 +299,57 @@ def _finish(run_report: dict[str, Any], args: argparse.Namespace) -> None:
         console.print(f"HTML report: {args.report}")
 
 
-def _speed_hint(steps: list[Any], comparison: dict[str, Any] | None) -> list[str]:
-    """A pointer to the INT8 speed check when static INT8 left the model slower than the
-    original (narrow layers at small batches, CPUs without VNNI)."""
-    ratio = comparison["metrics"].get("latency_ratio") if comparison else None
-    int8 = [step for step in steps if step.name == "quantize_int8"]
-    if ratio is None or ratio <= 1.0 or not int8:
-        return []
-    if any(step.settings.get("speed_check") for step in int8):
-        return []
-    return [
-        f"the compressed model takes {ratio:.2f}x the original's time here: --int8-speed-check "
-        "keeps in float the layers that INT8 slows down on this machine"
-    ]
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
     from onnx_squeeze.pipeline import compress
     from onnx_squeeze.recipe import Recipe
 
-    start = time.perf_counter()
-    gate_exprs = _gates(args.check)
-    _channel_axes(args.channel_axis)  # validated before any work
-    if (gate_exprs or args.eval) and args.no_compare:
-        raise SettingsError("--check and --eval need the comparison; drop --no-compare")
-    if (
-        not args.model.startswith(ZOO_PREFIX)
-        and not args.force
-        and model_io.same_file(args.model, args.output)
-    ):
-        raise SettingsError(
-            f"{args.output}: refusing to overwrite the input model; choose another -o path or pass --force"
-        )
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
     recipe.steps += shortcuts.steps_from_args(args, calibrated=bool(args.calib))
     recipe.steps += Recipe.from_cli(args.passes).steps
-    recipe.passes()  # validate the whole recipe before any work is done
     if args.no_simplify:
         recipe.prepare["simplify"] = False
     if args.no_fold_bn:
         recipe.prepare["fold_batchnorm"] = False
-    model = load_model(args.model)
-    calibration = _open_inputs(args.calib, model, args, args.calib_count) if args.calib else None
-    evaluation = _open_inputs(args.eval, model, args, args.samples) if args.eval else None
-    if args.no_compare or (args.eval and args.calib and _same_data(args.eval, args.calib)):
-        evaluation = calibration  # nothing judged, or judged on the same data: nothing held out
-    if (
-        not args.no_compare
-        and evaluation is None
-        and (calibration is None or calibration.is_random)
-    ):
-        # Random data to judge on, drawn before any work (it fails fast on unknown shapes);
-        # other random draws than the calibration's.
-        evaluation = _open_inputs("random", model, args, args.samples, seed=args.seed + 1)
     result = compress(
-        model,
+        args.model,
         recipe,
-        calibration=calibration,
-        evaluation=evaluation,
+        calibration=args.calib,
+        evaluation=args.eval,
+        output=args.output,
+        compare=not args.no_compare,
+        checks=args.check,
+        strict=args.strict,
+        warn_sqnr_db=args.warn_sqnr,
+        channel_axes=_channel_axes(args.channel_axis),
         shapes=runtime.parse_shape_overrides(args.shape) or None,
         default_dim=args.default_dim,
+        batch=args.batch,
+        preset=args.preset,
+        calibration_samples=args.calib_count,
+        samples=args.samples,
         providers=tuple(args.providers),
+        threads=tuple(args.threads),
+        runs=args.runs,
         seed=args.seed,
         target_opset=args.target_opset,
+        force=args.force,
+        external_data=True if args.external_data else None,
+        write_on_fail=args.write_on_fail,
     )
-    comparison, gate_results = None, []
-    if not args.no_compare:
-        comparison = _compare(
-            result.original,
-            result.model,
-            result.evaluation,
-            args,
-            names=("original", "compressed"),
-            paths=(None if args.model.startswith(ZOO_PREFIX) else args.model, None),
-        )
-        gate_results = _evaluate_gates(gate_exprs, comparison["metrics"])
-    warnings = verdict.run_warnings(
-        comparison,
-        [r.to_dict() for r in result.reports],
-        calibration=calibration,
-        evaluation=result.evaluation,
-        overlap=result.evaluation_warning,
-        warn_sqnr_db=args.warn_sqnr,
-    )
-    blocking = _blocking(gate_results, warnings, args.strict)
-    written = None
-    if not blocking or args.write_on_fail:
-        input_path = None if args.model.startswith(ZOO_PREFIX) else args.model
-        written = str(
-            model_io.save(
-                result.model,
-                args.output,
-                input_path=input_path,
-                force=args.force,
-                external_data=True if args.external_data else None,
-            )
-        )
-        if comparison is not None:
-            comparison["models"][1]["size_bytes"] = model_io.file_size(written)
-    run_report = report.build_report(
-        command="compress",
-        input_path=args.model,
-        output_path=written,
-        reports=result.reports,
-        notes=result.notes + _speed_hint(recipe.steps, comparison),
-        comparison=comparison,
-        gates=gate_results,
-        warnings=warnings,
-        calibration=result.calibration.label if result.calibration is not None else None,
-        evaluation=comparison["inputs_label"] if comparison else None,
-        recipe=recipe.to_dict(),
-        seconds=time.perf_counter() - start,
-    )
-    _finish(run_report, args)
-    if blocking:
+    _finish(result.report, args)
+    if result.blocking:
         raise GateFailedError(
-            blocking
-            + ("" if written else " (output not written; --write-on-fail writes it anyway)")
+            result.blocking
+            + ("" if result.output else " (output not written; --write-on-fail writes it anyway)")
         )
     return EXIT_OK
-
-
-def _same_data(first: str, second: str) -> bool:
-    """Whether two data specs name the same data (the same file or folder)."""
-    return Path(first).resolve() == Path(second).resolve()
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from onnx_squeeze import analysis
 
-    model = load_model(args.model)
-    path = None if args.model.startswith(ZOO_PREFIX) else args.model
+    model = model_io.load(args.model)
+    path = model_io.input_path(args.model)
     summary = analysis.analyze(
         model,
         shapes=runtime.parse_shape_overrides(args.shape),
@@ -529,14 +376,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    gate_exprs = _gates(args.check)
-    a, b = load_model(args.a), load_model(args.b)
+    from onnx_squeeze import gates
+    from onnx_squeeze.pipeline import judge
+
+    checks = gates.validated(args.check)
+    a, b = model_io.load(args.a), model_io.load(args.b)
     source = _open_inputs(args.inputs or "random", a, args, args.samples)
-    paths = tuple(None if p.startswith(ZOO_PREFIX) else p for p in (args.a, args.b))
-    comparison = _compare(
-        a, b, source, args, names=(Path(args.a).name, Path(args.b).name), paths=paths
+    comparison = judge(
+        a,
+        b,
+        source,
+        names=(Path(args.a).name, Path(args.b).name),
+        paths=(model_io.input_path(args.a), model_io.input_path(args.b)),
+        providers=args.providers,
+        threads=args.threads,
+        batch=args.batch,
+        runs=args.runs,
+        shapes=runtime.parse_shape_overrides(args.shape),
+        default_dim=args.default_dim,
+        channel_axes=_channel_axes(args.channel_axis),
     )
-    gate_results = _evaluate_gates(gate_exprs, comparison["metrics"])
+    gate_results = gates.judged(checks, comparison["metrics"], verdict.DEFAULT_GATE)
     warnings = verdict.run_warnings(comparison, evaluation=source, warn_sqnr_db=args.warn_sqnr)
     run_report = report.build_report(
         command="compare",
@@ -548,7 +408,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         evaluation=source.label,
     )
     _finish(run_report, args)
-    blocking = _blocking(gate_results, warnings, args.strict)
+    blocking = verdict.blocking(gate_results, warnings, args.strict)
     if blocking:
         raise GateFailedError(blocking)
     return EXIT_OK
@@ -557,7 +417,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from onnx_squeeze.comparison import bench
 
-    models = {source: load_model(source) for source in args.models}
+    models = {source: model_io.load(source) for source in args.models}
     rows = bench(
         models,
         providers=tuple(args.providers),

@@ -22,8 +22,10 @@ __all__ = [
     "GateResult",
     "check_gates",
     "evaluate_gates",
+    "judged",
     "parse_gate",
     "parse_gates",
+    "validated",
 ]
 
 # Metric name -> (what it is, why it can be missing from a comparison).
@@ -225,3 +227,20 @@ def check_gates(exprs: str | Sequence[str], metrics: Mapping[str, float]) -> lis
             "accuracy gate failed: " + "; ".join(f"{r.expr}: {r.message}" for r in failed)
         )
     return results
+
+
+def validated(expressions: Sequence[str]) -> list[str]:
+    """The gate expressions, each checked (a bad one is a :class:`SettingsError` before any
+    work is done)."""
+    for expression in expressions:
+        parse_gates(expression)
+    return list(expressions)
+
+
+def judged(
+    expressions: Sequence[str], metrics: Mapping[str, float], default: str
+) -> list[dict[str, Any]]:
+    """The user's gates on ``metrics``, or the ``default`` gate (marked ``default``) when the
+    user gave none, as report dicts."""
+    results = evaluate_gates(expressions or [default], metrics)
+    return [{**result.to_dict(), "default": not expressions} for result in results]

@@ -43,12 +43,27 @@ def _check_file(path: Path) -> None:
         )
 
 
+ZOO_PREFIX = "zoo:"
+
+
+def input_path(source: ModelSource) -> str | None:
+    """The file a model source names (None for models in memory and built-in ``zoo:`` ones)."""
+    if isinstance(source, str | os.PathLike) and not str(source).startswith(ZOO_PREFIX):
+        return os.fspath(source)
+    return None
+
+
 def load(source: ModelSource) -> ir.Model:
-    """Load a model from a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (returned as is).
+    """Load a model from a path, ``zoo:NAME`` (a built-in reference model), an
+    ``onnx.ModelProto`` or an ``onnx_ir.Model`` (returned as is).
 
     External data is resolved relative to the model file and memory-mapped, not copied, so models
     over 2 GB load without holding their weights twice.
     """
+    if isinstance(source, str) and source.startswith(ZOO_PREFIX):
+        from onnx_squeeze import zoo
+
+        return zoo.build(source[len(ZOO_PREFIX) :])
     if isinstance(source, ir.Model):
         model = source
     elif isinstance(source, onnx.ModelProto):

@@ -1,23 +1,33 @@
-"""The model flow: load, prepare, run the recipe's passes, finalize.
+"""The model flow: load, prepare, the recipe's passes, finalize, compare, gate, save, report.
 
 The original model is kept unchanged (passes work on a clone that shares weight tensors, so a
 pass must replace a tensor rather than write into it) and is handed to passes as the teacher.
+The CLI only parses options into :func:`compress` and prints what it returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_squeeze import model_io
+from onnx_squeeze import gates, model_io, report, verdict
 from onnx_squeeze.analysis import feed_shapes, resolve_input_shapes
-from onnx_squeeze.calibration import HOLDOUT_EVERY, split_for_evaluation
+from onnx_squeeze.calibration import (
+    HOLDOUT_EVERY,
+    CalibrationSource,
+    open_source,
+    split_for_evaluation,
+)
+from onnx_squeeze.calibration.service import RANDOM_SAMPLES, Calibration
+from onnx_squeeze.comparison import compare as compare_models
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
 from onnx_squeeze.prepare import PrepareSettings, prepare
 from onnx_squeeze.recipe import Recipe
@@ -29,8 +39,9 @@ _CHECKER_INLINE_LIMIT = 1_800_000_000
 
 @dataclasses.dataclass
 class CompressResult:
-    """The compressed model, the untouched original, and what every step did; the data the
-    passes calibrated on and the data to judge the result on (see :func:`evaluation_data`)."""
+    """Everything a run did and found: the compressed model and the untouched original, what
+    every step did, the data the passes calibrated on and the data the result was judged on,
+    the comparison, gates and warnings, where the model was written and the report."""
 
     model: ir.Model
     original: ir.Model
@@ -38,13 +49,24 @@ class CompressResult:
     passes: list[PassReport]
     notes: list[str]
     seconds: float
-    calibration: Any = None
-    evaluation: Any = None
+    calibration: Calibration
+    evaluation: CalibrationSource | None = None
     evaluation_warning: str | None = None
+    comparison: dict[str, Any] | None = None
+    gates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    blocking: str | None = None
+    output: str | None = None
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def reports(self) -> list[PassReport]:
         return [self.prepare, *self.passes]
+
+    @property
+    def passed(self) -> bool:
+        """No user gate failed (and, under ``strict``, no default gate or warning either)."""
+        return self.blocking is None
 
 
 def compress(
@@ -53,29 +75,149 @@ def compress(
     *,
     calibration: Any = None,
     evaluation: Any = None,
+    output: str | os.PathLike | None = None,
+    compare: bool = True,
+    checks: Sequence[str] = (),
+    strict: bool = False,
+    warn_sqnr_db: float = verdict.WARN_SQNR_DB,
+    channel_axes: Mapping[str, int | None] | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
     default_dim: int | None = None,
+    batch: int | None = None,
+    preset: str = "imagenet",
+    calibration_samples: int = RANDOM_SAMPLES,
+    samples: int = 8,
     providers: tuple[str, ...] = ("cpu",),
+    threads: Sequence[int] = (1,),
+    runs: int = 30,
     seed: int = 0,
     target_opset: int | None = None,
     check: bool = True,
+    force: bool = False,
+    external_data: bool | None = None,
+    write_on_fail: bool = False,
 ) -> CompressResult:
-    """Run the whole flow on a model (path, ``onnx.ModelProto`` or ``onnx_ir.Model``).
+    """The whole flow: load, prepare, the recipe's passes, finalize, compare, gate, save, report.
 
-    ``calibration`` is a calibration source (:func:`onnx_squeeze.calibration.open_source`) for
-    passes that need data; ``evaluation`` is held-out data for judging the result. Without it,
-    every 5th batch of real calibration data is held out from the passes
-    (:func:`evaluation_data`); the result's ``evaluation`` is what to compare on (None: no data
-    was given). Input shapes come from ``shapes``, else the calibration data, else the model
-    (``default_dim`` for dimensions none gives, only when asked). The input model object is not
-    modified.
+    ``source`` is a path, ``zoo:NAME``, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (never
+    modified). ``calibration`` and ``evaluation`` are data: a source
+    (:func:`onnx_squeeze.calibration.open_source`), a path, ``"random"`` or a reader. Without
+    ``evaluation``, every 5th batch of real calibration data is held out from the passes and
+    judged on (:func:`evaluation_data`); with random or no calibration data the result is
+    judged on other random draws, and the warnings say so. Input shapes come from ``shapes``,
+    else the data, else the model (``default_dim`` for dimensions none gives, only when asked).
+
+    ``compare`` runs original and result side by side (fidelity per output channel, latency at
+    each of ``threads`` on the first of ``providers``, ``runs`` timed runs, size); ``checks``
+    are gate expressions (none: the default gate, which blocks only under ``strict``).
+    ``output`` is written atomically when nothing blocks (or with ``write_on_fail``).
     """
     start = time.perf_counter()
     recipe = recipe or Recipe()
-    passes = recipe.passes()
-    calibration, evaluation, evaluation_warning = evaluation_data(calibration, evaluation)
+    recipe.passes()  # a bad recipe fails before any work is done
+    checks = gates.validated(checks)
+    if (checks or evaluation is not None) and not compare:
+        raise SettingsError("gates and evaluation data need the comparison; keep compare on")
+    path = model_io.input_path(source)
+    if output is not None and path and not force and model_io.same_file(path, output):
+        raise SettingsError(
+            f"{output}: refusing to overwrite the input model; choose another output (-o) or "
+            "force it (--force)"
+        )
     original = model_io.load(source)
     model_io.check_runnable(original)
+
+    def data(spec: Any, count: int, data_seed: int) -> CalibrationSource:
+        return open_source(
+            spec,
+            original,
+            shapes=shapes,
+            count=count,
+            seed=data_seed,
+            preset=preset,
+            batch_size=batch,
+            default_dim=default_dim,
+        )
+
+    given = data(calibration, calibration_samples, seed) if calibration is not None else None
+    if shapes is None and given is not None:
+        shapes = _data_shapes(original, given)
+    judged = data(evaluation, samples, seed) if evaluation is not None else None
+    if not compare or (judged is not None and _same_data(calibration, evaluation)):
+        judged = given  # nothing judged, or judged on the same data: nothing held out
+    if compare and judged is None and (given is None or getattr(given, "is_random", False)):
+        # Random data to judge on, drawn before any work (it fails fast on unknown shapes);
+        # other draws than the calibration's.
+        judged = data("random", samples, seed + 1)
+    kept, judged, overlap = evaluation_data(given, judged)
+    model, prepared, passes, notes, service = _transform(
+        original, recipe, kept, shapes, default_dim, providers, seed, target_opset, check
+    )
+    result = CompressResult(model, original, prepared, passes, notes, 0.0, service, judged, overlap)
+    if compare:
+        result.comparison = judge(
+            result.original,
+            result.model,
+            judged,
+            names=("original", "compressed"),
+            paths=(path, None),
+            providers=providers,
+            threads=threads,
+            batch=batch,
+            runs=runs,
+            shapes=shapes,
+            default_dim=default_dim,
+            channel_axes=channel_axes,
+        )
+        result.gates = gates.judged(checks, result.comparison["metrics"], verdict.DEFAULT_GATE)
+    result.warnings = verdict.run_warnings(
+        result.comparison,
+        [r.to_dict() for r in result.reports],
+        calibration=result.calibration if result.calibration.used else None,
+        evaluation=judged,
+        overlap=overlap,
+        warn_sqnr_db=warn_sqnr_db,
+    )
+    result.notes += verdict.speed_hint(result.passes, result.comparison)
+    result.blocking = verdict.blocking(result.gates, result.warnings, strict)
+    if output is not None and (result.blocking is None or write_on_fail):
+        written = model_io.save(
+            result.model, output, input_path=path, force=force, external_data=external_data
+        )
+        result.output = str(written)
+        if result.comparison is not None:
+            result.comparison["models"][1]["size_bytes"] = model_io.file_size(written)
+    result.seconds = time.perf_counter() - start
+    result.report = report.build_report(
+        command="compress",
+        input_path=path or (source if isinstance(source, str) else None),
+        output_path=result.output,
+        reports=result.reports,
+        notes=result.notes,
+        comparison=result.comparison,
+        gates=result.gates,
+        warnings=result.warnings,
+        calibration=result.calibration.label if result.calibration.used else None,
+        evaluation=result.comparison["inputs_label"] if result.comparison else None,
+        recipe=recipe.to_dict(),
+        seconds=result.seconds,
+    )
+    return result
+
+
+def _transform(
+    original: ir.Model,
+    recipe: Recipe,
+    calibration: CalibrationSource | None,
+    shapes: Mapping[str, Sequence[int]] | None,
+    default_dim: int | None,
+    providers: tuple[str, ...],
+    seed: int,
+    target_opset: int | None,
+    check: bool,
+) -> tuple[ir.Model, PassReport, list[PassReport], list[str], Calibration]:
+    """Prepare, run the passes and finalize a clone of ``original``."""
+    passes = recipe.passes()
     notes: list[str] = []
     model = original.clone()
     if target_opset is not None:
@@ -103,10 +245,6 @@ def compress(
     # The teacher is the prepared model as it was before the passes: prepare is lossless and
     # keeps value names, so a pass can match student and teacher tensors by name.
     teacher = model.clone() if passes else original
-    if shapes is None and calibration is not None:
-        names = {value.name for value in model.graph.inputs}
-        first = next(iter(calibration))
-        shapes = {k: v for k, v in feed_shapes(first).items() if k in names}
     context = PassContext(
         calibration=calibration,
         teacher=teacher,
@@ -116,17 +254,56 @@ def compress(
     )
     pass_reports = [step(model, context) for step in passes]
     finalize(model, notes, check=check and not input_problem)
-    return CompressResult(
-        model,
-        original,
-        prepare_report,
-        pass_reports,
-        notes,
-        time.perf_counter() - start,
-        calibration,
-        evaluation,
-        evaluation_warning,
-    )
+    return model, prepare_report, pass_reports, notes, context.data
+
+
+def judge(
+    a: ir.Model,
+    b: ir.Model,
+    data: Any,
+    *,
+    names: tuple[str, str],
+    paths: tuple[str | None, str | None] = (None, None),
+    providers: Sequence[str] = ("cpu",),
+    threads: Sequence[int] = (1,),
+    batch: int | None = None,
+    runs: int = 30,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    default_dim: int | None = None,
+    channel_axes: Mapping[str, int | None] | None = None,
+) -> dict[str, Any]:
+    """Models ``a`` and ``b`` side by side on ``data``, as a report dict."""
+    comparison = compare_models(
+        a,
+        b,
+        feeds=data,
+        inputs_label=getattr(data, "label", None),
+        providers=tuple(providers),
+        threads=tuple(threads),
+        batch=batch or 1,
+        runs=runs,
+        shapes=shapes,
+        paths=paths,
+        default_dim=default_dim,
+        channel_axes=channel_axes,
+    ).to_dict()
+    comparison["names"] = list(names)
+    return comparison
+
+
+def _data_shapes(model: ir.Model, data: CalibrationSource) -> dict[str, tuple[int, ...]]:
+    """The input shapes of the data's first batch (the shapes a run takes from its data)."""
+    names = {value.name for value in model.graph.inputs}
+    return {k: v for k, v in feed_shapes(next(iter(data))).items() if k in names}
+
+
+def _same_data(first: Any, second: Any) -> bool:
+    """Whether two data specs name the same data (the same object, file or folder)."""
+    if first is second:
+        return True
+    if isinstance(first, str | os.PathLike) and isinstance(second, str | os.PathLike):
+        return Path(first).resolve() == Path(second).resolve()
+    return False
 
 
 def evaluation_data(calibration: Any, evaluation: Any) -> tuple[Any, Any, str | None]:

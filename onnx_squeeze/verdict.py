@@ -30,7 +30,15 @@ DEFAULT_GATE = "worst_channel_sqnr_db>=10"
 SLOWER_MARGIN = 1.05  # latency ratio above which the result counts as slower
 BIGGER_MARGIN = 1.01  # size ratio above which it counts as bigger (not a few bytes of metadata)
 
-__all__ = ["BIGGER_MARGIN", "DEFAULT_GATE", "SLOWER_MARGIN", "WARN_SQNR_DB", "run_warnings"]
+__all__ = [
+    "BIGGER_MARGIN",
+    "DEFAULT_GATE",
+    "SLOWER_MARGIN",
+    "WARN_SQNR_DB",
+    "blocking",
+    "run_warnings",
+    "speed_hint",
+]
 
 
 def run_warnings(
@@ -116,3 +124,34 @@ def _number(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def blocking(
+    gates: Sequence[Mapping[str, Any]], warnings: Sequence[str], strict: bool
+) -> str | None:
+    """Why the run fails (exit 3, output not written), or None: a user gate that failed; with
+    ``strict``, also the default gate and every warning."""
+    failed = [
+        f"{g['expr']}: {g['message']}"
+        for g in gates
+        if not g["passed"] and (strict or not g["default"])
+    ]
+    reasons = ["accuracy gate failed: " + "; ".join(failed)] if failed else []
+    if strict and warnings:
+        reasons.append(f"--strict: {len(warnings)} warning(s): " + "; ".join(warnings))
+    return " | ".join(reasons) or None
+
+
+def speed_hint(passes: Sequence[Any], comparison: Mapping[str, Any] | None) -> list[str]:
+    """A pointer to the INT8 speed check when static INT8 left the model slower than the
+    original (narrow layers at small batches, CPUs without VNNI); ``passes`` are pass reports."""
+    ratio = comparison["metrics"].get("latency_ratio") if comparison else None
+    int8 = [step for step in passes if step.name == "quantize_int8"]
+    if ratio is None or ratio <= 1.0 or not int8:
+        return []
+    if any(step.settings.get("speed_check") for step in int8):
+        return []
+    return [
+        f"the compressed model takes {ratio:.2f}x the original's time here: --int8-speed-check "
+        "keeps in float the layers that INT8 slows down on this machine"
+    ]

@@ -17,7 +17,7 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper, parser
 
-from onnx_squeeze import cli, model_io, report, runtime, zoo
+from onnx_squeeze import cli, model_io, report, runtime, verdict, zoo
 from onnx_squeeze.passes import base
 
 
@@ -438,9 +438,9 @@ def test_a_slower_int8_result_points_to_the_speed_check():
     from onnx_squeeze.recipe import Step
 
     slower = {"metrics": {"latency_ratio": 1.25}}
-    hint = cli._speed_hint([Step("prune_channels"), Step("quantize_int8")], slower)
+    hint = verdict.speed_hint([Step("prune_channels"), Step("quantize_int8")], slower)
     assert len(hint) == 1 and "1.25x" in hint[0] and "--int8-speed-check" in hint[0]
-    assert cli._speed_hint([Step("quantize_int8", {"speed_check": True})], slower) == []
-    assert cli._speed_hint([Step("quantize_int8")], {"metrics": {"latency_ratio": 0.6}}) == []
-    assert cli._speed_hint([Step("fp16")], slower) == []
-    assert cli._speed_hint([Step("quantize_int8")], None) == []
+    assert verdict.speed_hint([Step("quantize_int8", {"speed_check": True})], slower) == []
+    assert verdict.speed_hint([Step("quantize_int8")], {"metrics": {"latency_ratio": 0.6}}) == []
+    assert verdict.speed_hint([Step("fp16")], slower) == []
+    assert verdict.speed_hint([Step("quantize_int8")], None) == []

@@ -111,7 +111,7 @@ def test_every_preset_is_a_valid_recipe(name):
 def test_speed_presets_remove_macs_and_stay_close(preset, model):
     original = zoo.small(model)
     source = RandomSource(runtime.input_specs(original), count=8, seed=1, batch_size=4)
-    result = compress(original, Recipe.load(preset), calibration=source)
+    result = compress(original, Recipe.load(preset), calibration=source, compare=False)
     check(result.model)
     before = analysis.analyze(original, default_dim=16).macs
     assert analysis.analyze(result.model, default_dim=16).macs <= 0.75 * before

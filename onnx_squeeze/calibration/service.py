@@ -36,6 +36,7 @@ class Calibration:
         self.supplied = source is not None
         self._source = source
         self._random: Callable[[], CalibrationSource] | None = None
+        self.used = False  # whether a pass read the data (random data is drawn only then)
         self._store: dict[Hashable, dict[Any, Any]] = {}
 
     def draw_random_for(
@@ -56,6 +57,7 @@ class Calibration:
 
     @property
     def source(self) -> CalibrationSource:
+        self.used = True
         if self._source is None:
             if self._random is None:
                 raise InputError("this pass needs calibration data: pass --calib DATA")
@@ -64,7 +66,8 @@ class Calibration:
 
     @property
     def is_random(self) -> bool:
-        return bool(getattr(self.source, "is_random", False))
+        """Whether the data is random (given as such, or drawn for want of data)."""
+        return not self.supplied or bool(getattr(self._source, "is_random", False))
 
     @property
     def label(self) -> str:
