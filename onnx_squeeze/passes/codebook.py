@@ -26,7 +26,7 @@ from onnx_squeeze.passes.quantize.shared_weights import (
     skip_all,
 )
 from onnx_squeeze.records import PassContext, PassReport, mark_created, unselected
-from onnx_squeeze.report import human_bytes
+from onnx_squeeze.units import human_bytes
 
 # Serialized size of a few decode nodes: a codebook must save more than this to be worth it.
 DECODE_OVERHEAD_BYTES = 512

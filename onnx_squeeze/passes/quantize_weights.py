@@ -28,10 +28,9 @@ from onnx_squeeze.passes.quantize.shared_weights import (
     drop_if_unused,
     group_by_weight,
     in_subgraph,
-    initializer,
 )
 from onnx_squeeze.records import PassContext, PassReport, mark_created, unselected
-from onnx_squeeze.report import human_bytes
+from onnx_squeeze.units import human_bytes
 
 MS_DOMAIN = "com.microsoft"
 
@@ -296,12 +295,14 @@ class QuantizeWeights(Pass):
         if s.bits == 4:
             model.ir_version = max(model.ir_version or 0, INT4_IR_VERSION)
         inputs = [
-            initializer(graph, names, f"{weight.name}/q{s.bits}", _typed(codes, code_type)),
+            array_initializer(graph, names, f"{weight.name}/q{s.bits}", _typed(codes, code_type)),
             array_initializer(graph, names, f"{weight.name}/scales", scales),
         ]
         if not s.symmetric:
-            zero_tensor = _typed(zero_points, code_type)
-            inputs.append(initializer(graph, names, f"{weight.name}/zero_points", zero_tensor))
+            zero_codes = _typed(zero_points, code_type)
+            inputs.append(
+                array_initializer(graph, names, f"{weight.name}/zero_points", zero_codes)
+            )
         dequantize = ir.node(
             "DequantizeLinear",
             inputs,
@@ -327,11 +328,11 @@ def _code_type(bits: int, symmetric: bool) -> ir.DataType:
     return ir.DataType.INT8 if symmetric else ir.DataType.UINT8
 
 
-def _typed(codes: np.ndarray, dtype: ir.DataType) -> ir.Tensor:
+def _typed(codes: np.ndarray, dtype: ir.DataType) -> np.ndarray:
     numpy_type = {
         ir.DataType.INT4: ml_dtypes.int4,
         ir.DataType.UINT4: ml_dtypes.uint4,
         ir.DataType.INT8: np.int8,
         ir.DataType.UINT8: np.uint8,
     }[dtype]
-    return ir.tensor(np.ascontiguousarray(codes).astype(numpy_type), dtype=dtype)
+    return np.ascontiguousarray(codes).astype(numpy_type)

@@ -23,6 +23,7 @@ from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.quantize import params as quant_params
 from onnx_squeeze.passes.quantize.eligibility import from_dequantize
 from onnx_squeeze.passes.quantize.params import INT8, INT32, IntType
+from onnx_squeeze.passes.quantize.shared_weights import drop_if_unused
 from onnx_squeeze.records import SOURCE_NODE_KEY, mark_created
 
 
@@ -192,19 +193,8 @@ class QdqWriter:
         )
         self.graph.insert_before(node, self._pending)
         node.replace_input_with(index, dq)
-        self._drop_if_unused(weight)
+        drop_if_unused(self.graph, weight)
         return stored.const_value.numpy(), scale.const_value.numpy()
-
-    def _drop_if_unused(self, value: ir.Value) -> None:
-        """Remove a float initializer that its last consumer stopped reading: a saved model
-        does not carry both copies of a weight (graph inputs and outputs stay)."""
-        if (
-            not value.uses()
-            and self.graph.initializers.get(value.name) is value
-            and value not in self.graph.inputs
-            and value not in self.graph.outputs
-        ):
-            self.graph.initializers.pop(value.name)
 
     def quantize_bias(self, node: ir.Node, index: int, scale: np.ndarray) -> ir.Value:
         """INT32 bias with scale = input scale x weight scale, dequantized for ``node``."""
@@ -223,7 +213,7 @@ class QdqWriter:
         )
         self.graph.insert_before(node, self._pending)
         node.replace_input_with(index, dq)
-        self._drop_if_unused(bias)
+        drop_if_unused(self.graph, bias)
         return q_value
 
 

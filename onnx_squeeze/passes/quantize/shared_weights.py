@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.graph_utils import UniqueNames, constant_array
+from onnx_squeeze.graph_utils import UniqueNames, constant_array, new_initializer
 from onnx_squeeze.records import PassReport
 
 
@@ -96,20 +96,20 @@ def group_by_weight(
 
 
 def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
-    if not value.uses() and value.name in graph.initializers:
+    """Remove a float initializer that its last consumer stopped reading: a saved model does
+    not carry both copies of a weight (graph inputs and outputs stay)."""
+    if (
+        not value.uses()
+        and graph.initializers.get(value.name) is value
+        and value not in graph.inputs
+        and value not in graph.outputs
+    ):
         graph.initializers.pop(value.name)
-
-
-def initializer(graph: ir.Graph, names: UniqueNames, wanted: str, tensor: ir.Tensor) -> ir.Value:
-    name = names.new(wanted)
-    tensor.name = name
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
-    value.const_value = tensor
-    graph.register_initializer(value)
-    return value
 
 
 def array_initializer(
     graph: ir.Graph, names: UniqueNames, wanted: str, array: np.ndarray
 ) -> ir.Value:
-    return initializer(graph, names, wanted, ir.tensor(np.ascontiguousarray(array)))
+    """``array`` as a new initializer of its own element type (ml_dtypes' INT4 included)."""
+    array = np.ascontiguousarray(array)
+    return new_initializer(graph, names, wanted, array, ir.DataType.from_numpy(array.dtype))
