@@ -10,11 +10,12 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnx_squeeze import analysis, latency_search, runtime, zoo
 from onnx_squeeze.analysis import resolve_input_shapes
-from onnx_squeeze.calibration import RandomSource
+from onnx_squeeze.calibration import RandomSource, StatisticsCollector
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import constant_array
 from onnx_squeeze.passes.prune_channels import PruneChannels, layer_times
 from onnx_squeeze.passes.prune_channels.rewrite import kept_channels
+from onnx_squeeze.passes.prune_channels.sensitivity import Sensitivity
 from onnx_squeeze.passes.prune_channels.trace import build_groups
 from onnx_squeeze.records import PassContext
 from tests.helpers import assert_same_outputs, check, random_feeds, run
@@ -27,6 +28,18 @@ def _prune(model: ir.Model, context: PassContext | None = None, **settings):
     context = context or PassContext(shapes=resolve_input_shapes(model, default_dim=8))
     report = PruneChannels(**settings)(pruned, context)
     return pruned, report
+
+
+def _counted(monkeypatch, owner: type, method: str) -> list[tuple]:
+    """The calls of ``owner.method`` from now on (it still runs)."""
+    calls, original = [], getattr(owner, method)
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, method, counting)
+    return calls
 
 
 def _initializers(model: ir.Model) -> dict[str, np.ndarray]:
@@ -184,16 +197,17 @@ g (float[N, 8, 8, 8] x, float[32, 8, 1, 1] wa, float[32, 8, 1, 1] wb, float[8, 3
 """
 
 
-def test_sensitivity_allocation_prunes_the_branch_that_matters_least():
+def test_sensitivity_allocation_prunes_the_branch_that_matters_least(monkeypatch):
     """Two branches of equal MACs: the one read through weights 100x smaller costs far less
     output error per MAC, so a 25% MACs target is taken from it alone."""
     model = graph_model(TWO_BRANCHES)
     quiet = model.graph.initializers["wd"]
     quiet.const_value = ir.tensor(quiet.const_value.numpy() * 0.01, name="wd")
+    measured = _counted(monkeypatch, Sensitivity, "curves")
     context = PassContext()
     pruned, report = _prune(model, context, macs_target=0.25, sensitivity_rounds=1)
     _prune(model, context, macs_target=0.1, sensitivity_rounds=1)
-    assert len(context.cache) == 1  # the second target reuses the measured sensitivities
+    assert len(measured) == 1  # the second target reuses the measured sensitivities
     shapes = _initializers(pruned)
     assert shapes["wa"].shape[0] == 32 and shapes["wc"].shape[1] == 32
     assert shapes["wb"].shape[0] == 16 and shapes["wd"].shape[1] == 16
@@ -285,6 +299,18 @@ def test_sensitivity_allocation_uses_calibration_data_and_beats_one_ratio():
     assert errors["sensitivity"] < errors["uniform"]
 
 
+def test_a_second_pruning_in_one_run_measures_the_pruned_model(monkeypatch):
+    """The pruned model keeps its tensor names with fewer channels: a second prune_channels on
+    the same context collects its statistics again, never reusing the first pass's."""
+    model = zoo_model("resnet18", True)
+    collected = _counted(monkeypatch, StatisticsCollector, "collect")
+    source = RandomSource(runtime.input_specs(model), count=4, batch_size=2)
+    context = PassContext(calibration=source)
+    reports = [PruneChannels(ratio=0.25, criterion="activation")(model, context) for _ in "ab"]
+    assert all(report.changed for report in reports) and len(collected) == 2
+    check(model)
+
+
 def test_global_ranking_prunes_unevenly_but_to_the_overall_share():
     model = zoo_model("resnet50", True)
     groups = [g for g in build_groups(model) if not g.frozen]
@@ -328,15 +354,16 @@ def test_bn_scale_criterion_drops_the_smallest_batchnorm_scales():
 
 
 @pytest.mark.parametrize("criterion", ["activation", "apoz"])
-def test_activation_criteria_use_calibration_data(criterion: str):
+def test_activation_criteria_use_calibration_data(criterion: str, monkeypatch):
     model = zoo_model("resnet18", True)
     with pytest.raises(SettingsError, match="needs calibration data"):
         _prune(model, ratio=0.5, criterion=criterion)
+    collected = _counted(monkeypatch, StatisticsCollector, "collect")
     source = RandomSource(runtime.input_specs(model), count=4, batch_size=2)
     context = PassContext(calibration=source)
     masked, _ = _prune(model, context, ratio=0.5, criterion=criterion, mode="zero")
     removed, report = _prune(model, context, ratio=0.5, criterion=criterion)
-    assert report.changed and len(context.cache) == 1
+    assert report.changed and len(collected) == 1  # measured once for both
     assert_same_outputs(masked, removed, random_feeds(model, 1))
 
 

@@ -17,14 +17,12 @@ taken, and the curves are measured again on top of the channels already removed.
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze import runtime
-from onnx_squeeze.calibration import RandomSource, StatisticsCollector
+from onnx_squeeze.calibration import StatisticsCollector
 from onnx_squeeze.calibration.grams import Moments, collect_grams
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.passes.base import Pass, register
@@ -139,13 +137,12 @@ class PruneChannels(Pass):
         keep: dict[int, int] = {}
         measure = CachedSensitivity(
             functools.partial(Sensitivity, model, channels, planner, context.providers[0]),
-            lambda: self._sensitivity_feeds(model, context, report),
-            context.cache,
-            (
+            lambda: self._sensitivity_feeds(context, report),
+            context.data.store(
+                model,
                 "prune_channels.sensitivity",
                 tuple((g.name, g.channels) for g in planner.groups),
                 (s.criterion, s.min_channels, s.round_to, s.sensitivity_batches),
-                id(context.calibration),
             ),
         )
         goal = s.macs_target or s.latency_target
@@ -169,15 +166,13 @@ class PruneChannels(Pass):
         return plan, lambda target: planner.plan_counts(planner.keep_for(target, curves, start))
 
     def _sensitivity_feeds(
-        self, model: ir.Model, context: PassContext, report: PassReport
+        self, context: PassContext, report: PassReport
     ) -> list[dict[str, np.ndarray]]:
-        """The first calibration batches, or random data shaped by the inputs when none."""
-        count = self.settings.sensitivity_batches
-        if context.data.supplied:
-            return list(itertools.islice(iter(context.calibration), count))
-        report.notes.append("sensitivity measured on random inputs (no calibration data)")
-        shapes = context.input_shapes(model)
-        return list(RandomSource(runtime.input_specs(model), count=count, seed=1, overrides=shapes))
+        """The first calibration batches (the run's random draws when no data is given)."""
+        feeds = context.data.first_batches(self.settings.sensitivity_batches)
+        if not context.data.supplied:
+            report.notes.append("sensitivity measured on random inputs (no calibration data)")
+        return feeds
 
     def _protect(self, model: ir.Model, groups: list[ChannelGroup]) -> None:
         protect = set(self.settings.protect)
@@ -220,12 +215,10 @@ class PruneChannels(Pass):
         axes = statistics_tensors(groups, channels)
         if not axes:
             return {}
-        key = (
-            "prune_channels.channels",
-            tuple(sorted(axes.items())),
-            self.settings.calibration_batches,
-        )
-        if key not in context.cache:
+        batches = self.settings.calibration_batches
+        store = context.data.store(model, "prune_channels.channels", batches)
+        key = tuple(sorted(axes.items()))
+        if key not in store:
             collector = StatisticsCollector(
                 model,
                 list(axes),
@@ -233,10 +226,8 @@ class PruneChannels(Pass):
                 keep=("channels",),
                 provider=context.providers[0],
             )
-            context.cache[key] = collector.collect(
-                context.calibration, limit=self.settings.calibration_batches, progress=False
-            )
-        return context.cache[key]
+            store[key] = collector.collect(context.data, limit=batches, progress=False)
+        return store[key]
 
     def _grams(
         self,
@@ -249,10 +240,9 @@ class PruneChannels(Pass):
         moments = collect_grams(
             model,
             specs.values(),
-            context.calibration,
+            context.data,
             provider=context.providers[0],
             batches=self.settings.calibration_batches,
-            cache=context.cache,
             label="prune_channels consumer input Grams",
         )
         return {name: moments[spec] for name, spec in specs.items()}

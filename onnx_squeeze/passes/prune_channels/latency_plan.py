@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze import latency_search, runtime
-from onnx_squeeze.calibration import RandomSource
+from onnx_squeeze.calibration.service import resized
 from onnx_squeeze.passes.prune_channels import layer_times
 from onnx_squeeze.passes.prune_channels.rewrite import Rewriter
 from onnx_squeeze.passes.prune_channels.settings import PruneChannelsSettings
@@ -26,19 +26,16 @@ _LATENCY_OVERSHOOT = 0.03
 
 
 class Timing:
-    """Times of the model and of pruned copies, on one feed: the first calibration batch
-    (random data when none) resized to ``latency_batch`` samples."""
+    """Times of the model and of pruned copies, on one feed: the first calibration batch (the
+    run's random draws when no data is given) resized to ``latency_batch`` samples."""
 
     def __init__(self, model: ir.Model, context: PassContext, settings: PruneChannelsSettings):
-        batch, specs = settings.latency_batch, runtime.input_specs(model)
-        if context.data.supplied:
-            first = next(iter(context.calibration))
-            self.feed = {s.name: _resized(first[s.name], batch) for s in specs if s.name in first}
-        else:
-            shapes = {n: (batch, *d[1:]) for n, d in context.input_shapes(model).items()}
-            self.feed = next(iter(RandomSource(specs, count=batch, seed=1, overrides=shapes)))
+        names = {spec.name for spec in runtime.input_specs(model)}
+        first = {k: v for k, v in context.data.feed_at(0).items() if k in names}
+        self.feed = resized(first, model, settings.latency_batch)
         self.model, self.settings, self.provider = model, settings, context.providers[0]
         self.original = layer_times.measure(model, self.feed, provider=self.provider)
+        # Timing needs a plain session on one thread, as a deployment runs the model.
         self.session = runtime.create_session(model, self.provider, threads=1)
 
     def removed(self, plan: Mapping[int, np.ndarray]) -> float | None:
@@ -111,11 +108,3 @@ def _in_tolerance(achieved: float, goal: float) -> bool:
 
 def _same_plan(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray]) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-
-
-def _resized(array: np.ndarray, rows: int) -> np.ndarray:
-    """``array`` with ``rows`` entries along its first axis (repeated when it has fewer)."""
-    array = np.asarray(array)
-    if array.ndim == 0 or array.shape[0] == rows:
-        return array
-    return np.resize(array, (rows, *array.shape[1:]))

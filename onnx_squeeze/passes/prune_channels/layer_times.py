@@ -128,6 +128,7 @@ def _profile(
 ) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="onnx-squeeze-") as folder:
         prefix = os.path.join(folder, "profile")
+        # Profiling needs a plain session at the chosen thread count, with its profiler on.
         session = runtime.create_session(model, provider, threads=threads, profile_prefix=prefix)
         for _ in range(runs + 1):
             session.run(None, dict(feed))
