@@ -16,8 +16,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze.calibration import TensorStatistics
-from onnx_squeeze.calibration.grams import GramSpec, Moments, layer_input_spec
+from onnx_squeeze.calibration.grams import GramSpec, Moments
 from onnx_squeeze.graph_utils import constant_array
+from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.least_squares import reconstruction_importance
 from onnx_squeeze.passes.prune_channels.groups import ChannelAnalysis, ChannelGroup, Member, Slot
 from onnx_squeeze.prepare import bn_scale
@@ -151,42 +152,48 @@ def apoz(group: ChannelGroup, model: ir.Model, stats: Statistics | None):
     return _mean_of(parts, group.channels) if parts else l2_norm(group, model, stats)
 
 
-def _consumer_matrix(slot: Slot) -> tuple[np.ndarray, int] | None:
-    """A consumer's weight as (input features, outputs), features channel-major, and how many
-    features each input channel spans (Conv kernel taps, or ``repeat`` after a Flatten)."""
-    node = slot.node
-    weight = constant_array(node.inputs[slot.input])
-    if weight is None or slot.input != 1:
+@dataclasses.dataclass(frozen=True)
+class _Consumer:
+    """A member whose weight multiplies the group's channels on its reduction axis: the weight
+    as (input features, outputs), features channel-major, how many features each channel spans
+    (Conv kernel taps, or ``repeat`` after a Flatten), and the input Gram it needs."""
+
+    member: Member
+    matrix: np.ndarray
+    taps: int
+    spec: GramSpec
+
+
+def _consumer(member: Member) -> _Consumer | None:
+    """The member as a :class:`_Consumer` when it is a one-group Conv, a Gemm or a MatMul
+    reading the channels with its constant weight (named, so that its Gram can be kept)."""
+    slot = member.slot
+    layer = Layer.of(slot.node)
+    if slot.role != "consumer" or not slot.node.name or isinstance(layer, NotLayer):
         return None
-    if node.op_type == "Conv" and slot.axis == 1 and slot.repeat == 1:
-        return weight.reshape(weight.shape[0], -1).T, math.prod(weight.shape[2:])
-    if node.op_type in ("Gemm", "MatMul") and weight.ndim == 2:
-        matrix = weight if slot.axis == 0 else weight.T
-        return matrix, slot.repeat
+    spec = layer.gram_spec()
+    if spec is None or layer.array is None or layer.weight_index != slot.input:
+        return None
+    if layer.reduction_axes[0] != slot.axis:
+        return None
+    if layer.op_type == "Conv" and slot.repeat == 1:
+        matrix = layer.array.reshape(layer.shape[0], -1).T
+        return _Consumer(member, matrix, math.prod(layer.kernel), spec)
+    if layer.op_type in ("Gemm", "MatMul"):
+        return _Consumer(member, layer.matrix(), slot.repeat, spec)
     return None
 
 
-def _compensating_consumers(group: ChannelGroup) -> list[tuple[Member, GramSpec]]:
-    """Members whose weight multiplies the group's channels, with the input Gram they need:
-    one-group Convs, Gemms and MatMuls reading the channels on their reduction axis."""
-    found = []
-    for member in group.members:
-        slot = member.slot
-        if slot.role != "consumer" or not slot.weight or not slot.node.name:
-            continue
-        weight = constant_array(slot.node.inputs[slot.input])
-        spec = layer_input_spec(slot.node, weight.shape) if weight is not None else None
-        if spec is not None and _consumer_matrix(slot) is not None:
-            found.append((member, spec))
-    return found
+def _compensating_consumers(group: ChannelGroup) -> list[_Consumer]:
+    return [c for c in map(_consumer, group.members) if c is not None]
 
 
 def gram_specs(groups: list[ChannelGroup]) -> dict[str, GramSpec]:
     """Consumer node name -> the input Gram the ``reconstruction`` criterion reads."""
     return {
-        member.slot.node.name: spec
+        consumer.member.slot.node.name: consumer.spec
         for group in groups
-        for member, spec in _compensating_consumers(group)
+        for consumer in _compensating_consumers(group)
     }
 
 
@@ -197,14 +204,15 @@ def reconstruction(group: ChannelGroup, model: ir.Model, grams: Measurements | N
     rest first, :func:`~onnx_squeeze.least_squares.reconstruction_importance`); pair with the
     ``reconstruct`` pass, which does that refit. Groups without such a consumer use ``l2``."""
     parts = []
-    for member, _ in _compensating_consumers(group):
-        moments = (grams or {}).get(member.slot.node.name)
+    for consumer in _compensating_consumers(group):
+        moments = (grams or {}).get(consumer.member.slot.node.name)
         if moments is None:
             continue
-        matrix, taps = _consumer_matrix(member.slot)
-        ridge = _SELECTION_RIDGE * min(1.0, len(matrix) / max(moments.rows, 1))
-        scores = reconstruction_importance(moments.gram, matrix, taps=taps, ridge=ridge)
-        parts.extend(scores[o : o + group.channels] for o in member.offsets)
+        ridge = _SELECTION_RIDGE * min(1.0, len(consumer.matrix) / max(moments.rows, 1))
+        scores = reconstruction_importance(
+            moments.gram, consumer.matrix, taps=consumer.taps, ridge=ridge
+        )
+        parts.extend(scores[o : o + group.channels] for o in consumer.member.offsets)
     return _mean_of(parts, group.channels) if parts else l2_norm(group, model, grams)
 
 

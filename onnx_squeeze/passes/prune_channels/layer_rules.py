@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze.graph_utils import attribute, constant_array
+from onnx_squeeze.layers import Layer
 from onnx_squeeze.passes.prune_channels.groups import Layout, Structure
 from onnx_squeeze.passes.prune_channels.op_rules import (
     channel_axis_is_one,
@@ -123,7 +124,8 @@ def _bias_axis(node: ir.Node, index: int, units: int) -> tuple[int | None, str |
 @handles("Gemm", "MatMul")
 def _linear(tracer: Tracer, node: ir.Node, states: list[Layout | None]) -> set[int]:
     layout = states[0]
-    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    layer = Layer.of(node)
+    weight = layer.array if isinstance(layer, Layer) and layer.weight_index == 1 else None
     if weight is None and node.op_type == "MatMul" and node.inputs[1] is not None:
         _activation_product(tracer, node, states)
         return set(range(len(states)))
@@ -131,9 +133,9 @@ def _linear(tracer: Tracer, node: ir.Node, states: list[Layout | None]) -> set[i
         for state in states:
             tracer.freeze_layout(state, f"{node_label(node)} has no constant 2-D weight")
         return set(range(len(states)))
+    assert isinstance(layer, Layer) and layer.output_axis is not None
     is_gemm = node.op_type == "Gemm"
-    trans_b = is_gemm and attribute(node, "transB", 0) == 1
-    in_axis, out_axis = (1, 0) if trans_b else (0, 1)
+    (in_axis,), out_axis = layer.reduction_axes, layer.output_axis
     problem = _weight_problem(node, 1)
     if is_gemm and attribute(node, "transA", 0) == 1:
         problem = problem or f"{node_label(node)} has transA=1"

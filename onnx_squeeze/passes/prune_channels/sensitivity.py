@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze import fidelity, runtime
-from onnx_squeeze.graph_utils import constant_array
+from onnx_squeeze.layers import Layer
 from onnx_squeeze.passes.prune_channels.allocation import ErrorCurve, Planner
 from onnx_squeeze.passes.prune_channels.groups import ChannelAnalysis, Layout
 from onnx_squeeze.passes.prune_channels.rewrite import kept_indices
@@ -133,8 +133,9 @@ class Sensitivity:
 
 def _weight_dtype(node: ir.Node) -> np.dtype:
     """The float type of a producer's constant weight (its output has the same)."""
-    arrays = (constant_array(value) for value in node.inputs if value is not None)
-    return next(a.dtype for a in arrays if a is not None and a.ndim >= 2)
+    layer = Layer.of(node)
+    assert isinstance(layer, Layer) and layer.array is not None  # producers' weights are constants
+    return layer.array.dtype
 
 
 def _output_error(reference: list[dict], outputs: list[dict]) -> float:
