@@ -25,7 +25,7 @@ import onnxsim
 
 from onnx_squeeze import model_io, zoo
 from onnx_squeeze.pipeline import compress
-from onnx_squeeze.report import human_bytes, human_count
+from onnx_squeeze.units import human_bytes, human_count
 
 HERE = Path(__file__).parent
 # The order sections appear in latest.md; topics not listed follow alphabetically.

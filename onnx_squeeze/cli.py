@@ -93,7 +93,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json",
         metavar="FILE",
-        help="write the report as JSON (schema: onnx_squeeze/report_schema.json)",
+        help="write the report as JSON (schema: onnx_squeeze/report/schema.json)",
     )
     parser.add_argument("--report", metavar="FILE.html", help="write the report as an HTML page")
     parser.add_argument(

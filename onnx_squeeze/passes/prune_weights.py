@@ -43,7 +43,7 @@ from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.records import PassContext, PassReport, unselected
-from onnx_squeeze.report import human_bytes
+from onnx_squeeze.units import human_bytes
 
 MODES = ("ratio", "global", "threshold", "nm")
 SUPPORTED_OPS = ("Conv", "Gemm", "MatMul")

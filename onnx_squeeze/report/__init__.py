@@ -1,0 +1,134 @@
+"""Run reports: one JSON-able dict (versioned schema) rendered as terminal tables or an HTML page.
+
+The dict is the single source: the terminal, the JSON file and the HTML page all show it.
+Its schema is ``onnx_squeeze/report/schema.json``; bump ``SCHEMA_VERSION`` on breaking changes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+import onnx_squeeze
+from onnx_squeeze.records import PassReport
+from onnx_squeeze.report.html import to_html
+from onnx_squeeze.report.terminal import (
+    print_bench,
+    print_comparison,
+    print_groups,
+    print_report,
+    print_summary,
+)
+
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_PATH",
+    "SCHEMA_VERSION",
+    "build_report",
+    "print_bench",
+    "print_comparison",
+    "print_groups",
+    "print_report",
+    "print_summary",
+    "to_html",
+    "to_json",
+    "write",
+    "write_text_atomic",
+]
+
+SCHEMA = "onnx-squeeze/report"
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("schema.json")
+
+
+def build_report(
+    *,
+    command: str,
+    input_path: str | None,
+    output_path: str | None,
+    reports: Sequence[PassReport] = (),
+    notes: Sequence[str] = (),
+    comparison: dict[str, Any] | None = None,
+    gates: Sequence[dict[str, Any]] = (),
+    warnings: Sequence[str] = (),
+    calibration: str | None = None,
+    evaluation: str | None = None,
+    recipe: dict[str, Any] | None = None,
+    seconds: float | None = None,
+) -> dict[str, Any]:
+    """Assemble the report dict of a run. ``passed``: every gate passed (the default gate, applied
+    when no ``--check`` was given, counts here; it fails the exit code only under --strict)."""
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "tool": {
+            "onnx_squeeze": onnx_squeeze.__version__,
+            "onnx": onnx.__version__,
+            "onnx_ir": ir.__version__,
+            "onnxruntime": ort.__version__,
+        },
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "input": input_path,
+        "output": output_path,
+        "warnings": list(warnings),
+        "calibration": calibration,
+        "evaluation": evaluation,
+        "recipe": recipe,
+        "passes": [r.to_dict() for r in reports],
+        "notes": list(notes),
+        "comparison": comparison,
+        "gates": list(gates),
+        "passed": all(g["passed"] for g in gates),
+        "seconds": seconds,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return _finite_or_none(value.item())
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN/Infinity: non-finite floats become None (strict parsers reject them)."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(_finite_or_none(report), indent=2, default=_jsonable)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary file and a rename."""
+    target = Path(path)
+    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or Path("."))
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(staging, target)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+def write(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write the report as JSON, or as HTML when the path ends in .html/.htm."""
+    text = to_html(report) if str(path).lower().endswith((".html", ".htm")) else to_json(report)
+    write_text_atomic(path, text)
