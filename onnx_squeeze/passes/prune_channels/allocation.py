@@ -76,6 +76,10 @@ class Costs:
 
 
 class Planner:
+    """Kept channels of the prunable ``groups``: the highest-scored ones, in counts rounded to
+    the settings' multiple, chosen by ratio or for a share of ``costs`` (``macs`` named beside
+    it in notes when the costs are something else)."""
+
     def __init__(
         self,
         channels: ChannelAnalysis,
