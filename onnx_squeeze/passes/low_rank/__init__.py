@@ -195,22 +195,36 @@ class LowRank(Pass):
     def _decompose(
         self, model: ir.Model, plans: dict[Candidate, list[Plan]], context: PassContext
     ) -> None:
+        """Decompose every plan, whitened by its input Gram in data-aware mode. Plans that share
+        an input are decomposed together and its whitening (a Cholesky root and its inverse,
+        twice a Gram's size) is dropped before the next one is made: held for all layers at
+        once they took twice the memory of the Grams themselves."""
         every = [plan for layer_plans in plans.values() for plan in layer_plans]
+        specs: dict[Plan, GramSpec | None] = dict.fromkeys(every)
         grams: dict[GramSpec, Moments] = {}
         if self.settings.data_aware and every:
-            specs = [plan.gram_spec() for plan in every]
+            specs = {plan: plan.gram_spec() for plan in every}
             grams = collect_grams(
                 model,
-                [spec for spec in specs if spec is not None],
+                [spec for spec in specs.values() if spec is not None],
                 context.data,
                 provider=context.providers[0],
                 label="low_rank input statistics",
             )
-        whites: dict[GramSpec, factorize.Whitening | None] = {}  # layers may share an input
-        for spec, moments in grams.items():
-            whites[spec] = factorize.whitening(moments.gram, self.settings.damping, moments.rows)
-        for plan in track(every, "low_rank decompositions"):
-            white = whites[plan.gram_spec()] if self.settings.data_aware else None
+        by_input: dict[GramSpec | None, list[Plan]] = {}
+        for plan, spec in specs.items():
+            by_input.setdefault(spec, []).append(plan)
+        ordered = [plan for group in by_input.values() for plan in group]
+        white: factorize.Whitening | None = None
+        current: GramSpec | None = None
+        for plan in track(ordered, "low_rank decompositions"):
+            spec = specs[plan]
+            if spec != current:
+                white = None  # freed before the next one is made
+                if spec is not None:
+                    moments = grams[spec]
+                    white = factorize.whitening(moments.gram, self.settings.damping, moments.rows)
+                current = spec
             # Single-threaded: these matrices are small for BLAS, and OpenBLAS threads spinning
             # on a busy machine made each SVD hundreds of times slower.
             with blas_threads(1):

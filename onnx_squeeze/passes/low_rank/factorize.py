@@ -35,14 +35,15 @@ def whitening(gram: np.ndarray, damping: float, samples: int | None = None) -> W
     """
     if samples:
         damping = max(damping, (gram.shape[0] / samples) ** 2)
-    gram = (np.asarray(gram, dtype=np.float64) + np.asarray(gram, dtype=np.float64).T) / 2
-    mean = float(np.trace(gram)) / gram.shape[0]
+    gram = np.asarray(gram, dtype=np.float64)
+    symmetric = gram + gram.T  # in place from here: a 4608-feature Gram is 170 MB
+    symmetric *= 0.5
+    mean = float(np.trace(symmetric)) / symmetric.shape[0]
     if not mean > 0 or not math.isfinite(mean):
         return None
-    shift = max(damping, 1e-9) * mean
-    root = np.linalg.cholesky(
-        gram + shift * np.eye(gram.shape[0])
-    )  # several times cheaper than eigh
+    symmetric[np.diag_indices_from(symmetric)] += max(damping, 1e-9) * mean
+    root = np.linalg.cholesky(symmetric)  # several times cheaper than eigh
+    del symmetric
     return Whitening(root, np.linalg.inv(root))
 
 
