@@ -24,6 +24,9 @@ does. A share ``held_out`` of the batches is kept apart to measure fidelity in o
 ``guard``, training that makes the error worse is undone. Quantized models are skipped (run
 finetune before quantization), and so is a model with an op the evaluator does not know, naming
 the node: the model is then left unchanged.
+
+Modules: :mod:`.data` (training records, held-out feeds), :mod:`.trainer` (the optimizer, the
+rate and its trial), :mod:`.torch_graph` (the evaluator).
 """
 
 from __future__ import annotations
