@@ -19,7 +19,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnx_squeeze import gates, model_io, report, verdict
-from onnx_squeeze.analysis import feed_shapes, resolve_input_shapes
+from onnx_squeeze.analysis import concrete_input_shapes, feed_shapes, resolve_input_shapes
 from onnx_squeeze.calibration import (
     HOLDOUT_EVERY,
     CalibrationSource,
@@ -150,8 +150,15 @@ def compress(
         # other draws than the calibration's.
         judged = data("random", samples, seed + 1)
     kept, judged, overlap = evaluation_data(given, judged)
-    model, prepared, passes, notes, service = _transform(
-        original, recipe, kept, shapes, default_dim, providers, seed, target_opset, check
+    service = Calibration(kept)
+    service.draw_random_for(
+        original,
+        lambda model: concrete_input_shapes(model, shapes, batch=batch, default_dim=default_dim),
+        seed=seed,
+        count=calibration_samples,
+    )
+    model, prepared, passes, notes = _transform(
+        original, recipe, service, shapes, default_dim, providers, seed, target_opset, check
     )
     result = CompressResult(model, original, prepared, passes, notes, 0.0, service, judged, overlap)
     if compare:
@@ -208,15 +215,16 @@ def compress(
 def _transform(
     original: ir.Model,
     recipe: Recipe,
-    calibration: CalibrationSource | None,
+    calibration: Calibration,
     shapes: Mapping[str, Sequence[int]] | None,
     default_dim: int | None,
     providers: tuple[str, ...],
     seed: int,
     target_opset: int | None,
     check: bool,
-) -> tuple[ir.Model, PassReport, list[PassReport], list[str], Calibration]:
-    """Prepare, run the passes and finalize a clone of ``original``."""
+) -> tuple[ir.Model, PassReport, list[PassReport], list[str]]:
+    """Prepare, run the passes (calibrated by ``calibration``) and finalize a clone of
+    ``original``."""
     passes = recipe.passes()
     notes: list[str] = []
     model = original.clone()
@@ -254,7 +262,7 @@ def _transform(
     )
     pass_reports = [step(model, context) for step in passes]
     finalize(model, notes, check=check and not input_problem)
-    return model, prepare_report, pass_reports, notes, context.data
+    return model, prepare_report, pass_reports, notes
 
 
 def judge(
