@@ -118,7 +118,7 @@ def fingerprint(model: ir.Model) -> str:
     for node in model.graph:
         digest.update(f"{node.op_type}|{node.name}|".encode())
         digest.update("|".join(v.name if v else "" for v in node.inputs).encode())
-    for name, value in model.graph.initializers.items():
+    for name, value in sorted(model.graph.initializers.items()):  # shape inference reorders
         digest.update(name.encode())
         if value.const_value is not None:
             array = value.const_value.numpy()
