@@ -81,7 +81,7 @@ def bench_model(
         model = prepared.clone()
         start = time.perf_counter()
         report = make_pass("low_rank", settings)(model, context)
-        finalize(model, [])
+        finalize(model)
         seconds = time.perf_counter() - start
         cost = common.cost(model, shapes)
         changed = report.changed

@@ -97,7 +97,7 @@ def timed_pass(
     start = time.perf_counter()
     make_pass(name, settings)(model, PassContext(calibration=calibration, teacher=prepared))
     seconds = time.perf_counter() - start
-    finalize(model, [])
+    finalize(model)
     return model, seconds
 
 

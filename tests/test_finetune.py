@@ -53,7 +53,7 @@ def _finetune(student: ir.Model, teacher: ir.Model, feeds: list[dict], **setting
     report = make_pass("finetune", settings)(
         student, PassContext(calibration=feeds, teacher=teacher)
     )
-    finalize(student, [])
+    finalize(student)
     check(student)
     return report
 
@@ -193,7 +193,7 @@ def _pruned(name: str, feeds: list[dict]) -> tuple[ir.Model, ir.Model]:
     context = PassContext(calibration=feeds, teacher=teacher)
     settings = {"macs_target": 0.3, "criterion": "l1", "allocation": "uniform"}
     make_pass("prune_channels", settings)(student, context)
-    finalize(student, [])
+    finalize(student)
     return teacher, student
 
 

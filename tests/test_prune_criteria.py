@@ -72,7 +72,7 @@ def _prune_and_recover(teacher: ir.Model, calibration, prune: dict, recover: dic
     context = PassContext(calibration=calibration, teacher=teacher)
     make_pass("prune_channels", prune)(student, context)
     make_pass("reconstruct", recover)(student, context)
-    finalize(student, [])
+    finalize(student)
     check(student)
     return student
 
@@ -120,7 +120,7 @@ def test_beats_l1_at_the_same_macs_target_before_and_after_reconstruct():
         make_pass("prune_channels", {"criterion": criterion, **settings})(student, context)
         pruned[criterion] = _relative_error(teacher, student, held_out)
         make_pass("reconstruct", {"samples": 256})(student, context)
-        finalize(student, [])
+        finalize(student)
         check(student)
         recovered[criterion] = _relative_error(teacher, student, held_out)
     assert pruned["reconstruction"] < 0.75 * pruned["l1"], pruned

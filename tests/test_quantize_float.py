@@ -520,7 +520,7 @@ def test_full_size_zoo_models(name):
     assert serialized_size(fp16) < 0.55 * serialized_size(original)
     fp8 = convert_opset(original.clone(), 19)
     make_pass("fp8")(fp8, PassContext(calibration=calibration(fp8, 2)))
-    finalize(fp8, [])
+    finalize(fp8)
     assert serialized_size(fp8) < 0.3 * serialized_size(original)
     for out in runtime.create_session(fp8).run(None, feeds[0]):
         assert np.isfinite(out).all()

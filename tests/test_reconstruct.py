@@ -123,7 +123,7 @@ def recover(student: ir.Model, teacher: ir.Model, feeds, **settings):
     """Run the pass; returns its report. The student is finalized and checked."""
     context = PassContext(calibration=feeds, teacher=teacher)
     report = make_pass("reconstruct", settings)(student, context)
-    finalize(student, [])
+    finalize(student)
     check(student)
     return report
 
