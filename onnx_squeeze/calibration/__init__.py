@@ -26,7 +26,6 @@ from onnx_squeeze.calibration.sources import (
     NpzSource,
     RandomSource,
     ReaderSource,
-    feeds_in_memory,
     open_source,
     split_for_evaluation,
 )
@@ -46,7 +45,6 @@ __all__ = [
     "StatisticsCollector",
     "TensorStatistics",
     "expose",
-    "feeds_in_memory",
     "joined",
     "open_source",
     "split_for_evaluation",

@@ -14,8 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -24,7 +23,6 @@ from onnx_squeeze.calibration.runner import TensorRunner
 from onnx_squeeze.calibration.service import Calibration
 from onnx_squeeze.calibration.sources import Feed
 from onnx_squeeze.errors import InputError
-from onnx_squeeze.graph_utils import attribute
 from onnx_squeeze.least_squares import GramAccumulator, conv_pads, im2col
 from onnx_squeeze.progress import track
 
@@ -64,37 +62,6 @@ class Moments:
 
     gram: np.ndarray
     rows: int
-
-
-def conv_geometry(node: ir.Node, dims: int) -> dict[str, Any]:
-    """A Conv's strides, dilations, pads and auto_pad as :class:`GramSpec` fields."""
-    return {
-        "strides": tuple(attribute(node, "strides", [1] * dims)),
-        "dilations": tuple(attribute(node, "dilations", [1] * dims)),
-        "pads": tuple(attribute(node, "pads", [0] * 2 * dims)),
-        "auto_pad": str(attribute(node, "auto_pad", "NOTSET")),
-    }
-
-
-def layer_input_spec(node: ir.Node, weight_shape: Sequence[int]) -> GramSpec | None:
-    """The spec of what the constant weight (input 1) of a Conv (one group), Gemm or MatMul
-    multiplies; None for other layers."""
-    source = node.inputs[0]
-    if source is None or not source.name:
-        return None
-    if node.op_type == "Conv" and int(attribute(node, "group", 1)) == 1:
-        kernel = tuple(int(k) for k in weight_shape[2:])
-        features = int(weight_shape[1]) * math.prod(kernel)
-        return GramSpec(
-            source.name, "patches", features, kernel, **conv_geometry(node, len(kernel))
-        )
-    if node.op_type == "Gemm":
-        transposed = attribute(node, "transB", 0)
-        features = int(weight_shape[1] if transposed else weight_shape[0])
-        return GramSpec(source.name, "first" if attribute(node, "transA", 0) else "last", features)
-    if node.op_type == "MatMul" and len(weight_shape) == 2:
-        return GramSpec(source.name, "last", int(weight_shape[0]))
-    return None
 
 
 def input_vectors(array: np.ndarray, spec: GramSpec) -> np.ndarray:

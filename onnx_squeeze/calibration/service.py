@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,32 @@ class Calibration:
         feeds = list(self.batches(count))
         if not feeds:
             raise InputError(f"calibration data {self.label} yielded no batches")
+        return feeds
+
+    def first_samples(
+        self, samples: int, purpose: str, notes: list[str], source: Iterable[Feed] | None = None
+    ) -> list[Feed]:
+        """Whole batches until ``samples`` samples, held in memory for a pass that runs over
+        them many times (recovery's waves, fine-tuning's steps); ``source`` is the same data
+        read another way (with labels). ``purpose`` names the job in ``notes``, which say how
+        much was read and warn when the data is random."""
+        if self.is_random and not self.supplied:
+            notes.append(
+                f"WARNING: no calibration data given; {purpose} used RANDOM inputs, which rarely "
+                "helps on real data: pass calibration data (--calib)"
+            )
+        elif self.is_random:
+            notes.append(f"WARNING: the calibration data is random: {purpose} is a smoke test")
+        feeds: list[Feed] = []
+        count = 0
+        for feed in self if source is None else source:
+            feeds.append(dict(feed))
+            count += len(next(iter(feed.values())))
+            if count >= samples:
+                break
+        if not feeds:
+            raise InputError(f"{purpose}: the calibration data {self.label} yielded no batches")
+        notes.append(f"calibration: {count} samples in {len(feeds)} batches from {self.label}")
         return feeds
 
     def feed_at(self, index: int = 0) -> Feed:

@@ -10,7 +10,7 @@ import math
 import os
 import struct
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -106,45 +106,6 @@ def _read_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         return headers
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise InputError(f"cannot read calibration file {path}: {error}") from None
-
-
-def feeds_in_memory(
-    source: Any,
-    specs: Sequence[InputSpec],
-    samples: int,
-    *,
-    seed: int,
-    batch_size: int,
-    purpose: str,
-    notes: list[str],
-    shapes: Callable[[], Mapping[str, Sequence[int]]] | None = None,
-) -> list[Feed]:
-    """Up to ``samples`` samples of ``source`` held as feeds, for a pass that runs over them
-    several times (recovery, fine-tuning); random inputs from ``specs`` when there is no source,
-    shaped by ``shapes()`` (the run's input shapes). ``purpose`` names the job in the warnings
-    added to ``notes``."""
-    if source is None:
-        overrides = shapes() if shapes else None
-        source = RandomSource(
-            specs, count=samples, seed=seed, overrides=overrides, batch_size=batch_size
-        )
-        notes.append(
-            f"WARNING: no calibration data given; {purpose} used RANDOM inputs, which rarely "
-            "helps on real data: pass calibration data (--calib)"
-        )
-    elif getattr(source, "is_random", False):
-        notes.append(f"WARNING: the calibration data is random: {purpose} is a smoke test")
-    feeds, count = [], 0
-    for feed in source:
-        feeds.append(dict(feed))
-        count += len(next(iter(feed.values())))
-        if count >= samples:
-            break
-    if not feeds:
-        raise SettingsError(f"{purpose}: the calibration data yielded no batches")
-    label = getattr(source, "label", type(source).__name__)
-    notes.append(f"calibration: {count} samples in {len(feeds)} batches from {label}")
-    return feeds
 
 
 class _StoredArray:

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.calibration.grams import collect_grams, layer_input_spec
+from onnx_squeeze.calibration.grams import collect_grams
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
 from onnx_squeeze.layers import Layer, NotLayer
@@ -163,7 +163,7 @@ class QuantizeWeights(Pass):
         if self.settings.algorithm != "gptq":
             return {}
         specs = {
-            c.node.inputs[0].name: layer_input_spec(c.node, w.array.shape)
+            c.node.inputs[0].name: Layer.of(c.node).gram_spec()
             for w in weights
             for c in w.consumers
         }
@@ -300,9 +300,7 @@ class QuantizeWeights(Pass):
         ]
         if not s.symmetric:
             zero_codes = _typed(zero_points, code_type)
-            inputs.append(
-                array_initializer(graph, names, f"{weight.name}/zero_points", zero_codes)
-            )
+            inputs.append(array_initializer(graph, names, f"{weight.name}/zero_points", zero_codes))
         dequantize = ir.node(
             "DequantizeLinear",
             inputs,

@@ -14,7 +14,6 @@ from onnx_squeeze import fidelity
 from onnx_squeeze.calibration.runner import TensorRunner
 from onnx_squeeze.calibration.sources import Feed
 from onnx_squeeze.errors import InputError
-from onnx_squeeze.passes.reconstruct.samples import held_samples
 from onnx_squeeze.records import PassContext, PassReport
 from onnx_squeeze.runtime import input_specs
 
@@ -104,7 +103,7 @@ def read_feeds(context: PassContext, settings: FinetuneSettings, report: PassRep
             source = source.carrying([settings.labels_key])
         except InputError as error:
             report.notes.append(f"no labels read: {error}")
-    return held_samples(context.data, settings.samples, "fine-tuning", report.notes, source)
+    return context.data.first_samples(settings.samples, "fine-tuning", report.notes, source)
 
 
 def _pool(records: list[Feed]) -> list[Feed]:

@@ -43,7 +43,6 @@ from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.passes.reconstruct.linear import Edits
 from onnx_squeeze.passes.reconstruct.planner import Planner
-from onnx_squeeze.passes.reconstruct.samples import held_samples
 from onnx_squeeze.passes.reconstruct.settings import METHODS, ReconstructSettings
 from onnx_squeeze.passes.reconstruct.waves import Wave
 from onnx_squeeze.records import PassContext, PassReport
@@ -98,7 +97,7 @@ class Reconstruct(Pass):
         if not layers:
             report.notes.append("nothing to recover: no layer differs from the teacher")
             return
-        feeds = held_samples(context.data, self.settings.samples, "recovery", report.notes)
+        feeds = context.data.first_samples(self.settings.samples, "recovery", report.notes)
         feeds = joined(feeds, _BATCH, teacher)
         teacher_run = TensorRunner(teacher, [v.name for v in model.graph.outputs])
         reference = [teacher_run(feed) for feed in feeds]
