@@ -74,7 +74,7 @@ def bench_model(
     specs = runtime.input_specs(prepared)
     overrides = shapes or {s.name: (1, *s.concrete_shape()[1:]) for s in specs}
     source = calibration.RandomSource(specs, count=8, seed=1, overrides=overrides)
-    context = PassContext(calibration=source)  # one cache: statistics are shared by the rows
+    context = PassContext(calibration=source)  # one service: its store shares Grams across rows
     base = common.cost(prepared, shapes)
     rows, models = [], []
     for label, scheme, data_aware, settings in variants(name, quick, only):

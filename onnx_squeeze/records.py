@@ -87,7 +87,7 @@ class PassContext:
     ``calibration`` is the run's calibration service (a source given here is wrapped in one;
     none given: random data drawn on first use, marked random);
     ``teacher`` is the prepared original model, for passes that fit the result to it;
-    ``cache`` holds statistics that several passes can share (keyed by what they measured);
+    statistics that several passes share live in the service's store (``data.store``);
     ``shapes`` are the run's input shapes (from the options or the data), read through
     :meth:`input_shapes`. Weight tensors are shared with the teacher: replace a value's tensor,
     never write into it.
@@ -97,7 +97,6 @@ class PassContext:
     teacher: ir.Model | None = None
     providers: tuple[str, ...] = ("cpu",)
     seed: int = 0
-    cache: dict[str, Any] = dataclasses.field(default_factory=dict)
     shapes: InputShapes | None = None
 
     def __post_init__(self) -> None:
