@@ -20,17 +20,15 @@ def mlp_path(tmp_path_factory):
     return path
 
 
-def test_compress_returns_the_comparison_the_gates_the_warnings_and_the_report(
-    mlp_path, tmp_path
-):
+def _pruned(source, out, ratio: float, check: str, **options) -> sq.pipeline.CompressResult:
+    """``prune_weights`` at ``ratio`` through the whole flow, judged by ``check``."""
+    recipe = sq.Recipe.from_cli([f"prune_weights:ratio={ratio}"])
+    return sq.compress(str(source), recipe, output=out, checks=[check], runs=2, **options)
+
+
+def test_compress_returns_the_comparison_the_gates_the_warnings_and_the_report(mlp_path, tmp_path):
     out = tmp_path / "out.onnx"
-    result = sq.compress(
-        str(mlp_path),
-        sq.Recipe.from_cli(["prune_weights:ratio=0.3"]),
-        output=out,
-        checks=["cosine>=0.5"],
-        runs=2,
-    )
+    result = _pruned(mlp_path, out, 0.3, "cosine>=0.5")
     assert result.passed and result.output == str(out) and out.is_file()
     metrics = result.comparison["metrics"]
     assert 0.5 <= metrics["cosine"] < 1.0  # weights were pruned, so not identical
@@ -50,23 +48,10 @@ def test_compress_returns_the_comparison_the_gates_the_warnings_and_the_report(
 
 def test_a_failed_gate_blocks_and_writes_nothing(mlp_path, tmp_path):
     out = tmp_path / "out.onnx"
-    result = sq.compress(
-        str(mlp_path),
-        sq.Recipe.from_cli(["prune_weights:ratio=0.9"]),
-        output=out,
-        checks=["cosine>=0.99999"],
-        runs=2,
-    )
+    result = _pruned(mlp_path, out, 0.9, "cosine>=0.99999")
     assert not result.passed and "cosine>=0.99999" in result.blocking
     assert result.output is None and not out.exists()
-    written = sq.compress(
-        str(mlp_path),
-        sq.Recipe.from_cli(["prune_weights:ratio=0.9"]),
-        output=out,
-        checks=["cosine>=0.99999"],
-        runs=2,
-        write_on_fail=True,
-    )
+    written = _pruned(mlp_path, out, 0.9, "cosine>=0.99999", write_on_fail=True)
     assert written.output == str(out) and out.is_file()
 
 
