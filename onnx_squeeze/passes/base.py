@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import numbers
 import time
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import onnx_ir as ir
@@ -26,7 +27,8 @@ class Pass(abc.ABC):
 
     Subclasses set ``name`` and ``Settings`` (a dataclass whose fields are the pass's options,
     with defaults) and implement :meth:`apply`. Settings are validated when the pass is made, so
-    a bad recipe fails before any work is done.
+    a bad recipe fails before any work is done: first what the fields declare (:func:`choice`,
+    :func:`subset`, :func:`bounded`), then :meth:`validate` for what spans several fields.
     """
 
     name: ClassVar[str]
@@ -41,15 +43,17 @@ class Pass(abc.ABC):
                 f"pass {self.name!r} has no setting {', '.join(unknown)}; "
                 f"its settings are: {', '.join(sorted(fields)) or 'none'}"
             )
-        settings = _numbers_read(self.name, self.Settings, settings)
+        settings = _read(self.name, self.Settings, settings)
         try:
             self.settings = self.Settings(**settings)
         except (TypeError, ValueError) as error:
             raise SettingsError(f"pass {self.name!r}: {error}") from None
+        _check_fields(self.name, self.settings)
         self.validate()
 
     def validate(self) -> None:  # noqa: B027 - optional hook
-        """Check the settings; raise :class:`SettingsError` with the fix when they are invalid."""
+        """Check what the fields cannot declare alone (settings that depend on each other, an
+        installed package); raise :class:`SettingsError` with the fix when invalid."""
 
     def __call__(self, model: ir.Model, context: PassContext | None = None) -> PassReport:
         report = PassReport(self.name, dataclasses.asdict(self.settings))
@@ -65,23 +69,130 @@ class Pass(abc.ABC):
         """Rewrite ``model`` in place and add records to ``report``."""
 
 
-def _numbers_read(name: str, kind: type, settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` with text given for a float-only setting read as a number: YAML reads
-    ``1e-3`` (no dot) as text, so ``--pass finetune:learning_rate=1e-3`` arrives as a string."""
+# ---------------------------------------------------------------------------------------------
+# Declared settings: a field says which values it takes, and every pass reports a miss alike,
+# "<pass>: <setting> must be ..., got <value>".
+
+_CHECK = "onnx_squeeze.check"  # field metadata: (value, hinted types) -> what is wrong, or None
+_NAMES = "onnx_squeeze.names"  # field metadata: a list of names, where one name means [name]
+
+
+def choice(default: Any, options: Iterable[Any]) -> Any:
+    """A setting that takes one of ``options``."""
+    options = tuple(options)
+
+    def problem(value: Any, kinds: tuple[type, ...]) -> str | None:
+        if value in options:
+            return None
+        return f"must be one of {_listed(options)}, got {value!r}"
+
+    return dataclasses.field(default=default, metadata={_CHECK: problem})
+
+
+def subset(default: Iterable[str], options: Iterable[str], *, nonempty: bool = False) -> Any:
+    """A list setting whose names are among ``options`` (at least one when ``nonempty``); a
+    single name given alone stands for a list of one. Declare it ``Sequence[str]``: passes
+    only read it."""
+    default, options = list(default), tuple(options)
+
+    def problem(value: Any, kinds: tuple[type, ...]) -> str | None:
+        if not isinstance(value, list | tuple):
+            return f"must be a list, got {value!r}"
+        unknown = [name for name in value if name not in options]
+        if unknown:
+            return f"must hold only {_listed(options)}, got {_listed(map(repr, unknown))}"
+        if nonempty and not value:
+            return f"must hold at least one of {_listed(options)}"
+        return None
+
+    return dataclasses.field(
+        default_factory=lambda: list(default), metadata={_CHECK: problem, _NAMES: True}
+    )
+
+
+def bounded(
+    default: float | None,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+) -> Any:
+    """A number setting within bounds: ``low``/``high`` inclusive, ``above``/``below``
+    exclusive. An integer when its type is; None passes where the type allows it (unset)."""
+    assert low is None or above is None, "give low or above"
+    assert high is None or below is None, "give high or below"
+    bound = _range(low, high, above, below)
+
+    def problem(value: Any, kinds: tuple[type, ...]) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return f"must be a number, got {value!r}"
+        if int in kinds and float not in kinds and not isinstance(value, numbers.Integral):
+            return f"must be an integer, got {value!r}"
+        inside = (
+            (low is None or value >= low)
+            and (high is None or value <= high)
+            and (above is None or value > above)
+            and (below is None or value < below)
+        )
+        return None if inside else f"must be {bound}, got {value!r}"
+
+    return dataclasses.field(default=default, metadata={_CHECK: problem})
+
+
+def _range(low: float | None, high: float | None, above: float | None, below: float | None) -> str:
+    """``[0, 1)``-style words for a range; one-sided ranges as "at least 1", "> 0"."""
+    start = "[" if low is not None else "(" if above is not None else ""
+    end = "]" if high is not None else ")" if below is not None else ""
+    first = low if low is not None else above
+    last = high if high is not None else below
+    if start and end:
+        return f"in {start}{first}, {last}{end}"
+    if start:
+        return f"at least {first}" if start == "[" else f"> {first}"
+    return f"at most {last}" if end == "]" else f"< {last}"
+
+
+def _listed(items: Iterable[Any]) -> str:
+    return ", ".join(map(str, items))
+
+
+def _kinds(hint: Any) -> tuple[type, ...]:
+    """The types a settings field's hint allows (``int | None`` -> ``(int, NoneType)``)."""
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return typing.get_args(hint) if union else (hint,)
+
+
+def _read(name: str, kind: type, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as the fields take them: text given for a float-only setting read as a
+    number (YAML reads ``1e-3``, no dot, as text, so ``--pass finetune:learning_rate=1e-3``
+    arrives as a string), and one name given to a list of names as a list of one."""
     hints = typing.get_type_hints(kind)
+    names = {f.name for f in dataclasses.fields(kind) if f.metadata.get(_NAMES)}
     read = dict(settings)
     for key, value in settings.items():
-        hint = hints[key]
-        union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-        allowed = typing.get_args(hint) if union else (hint,)
-        if isinstance(value, str) and float in allowed and str not in allowed:
+        allowed = _kinds(hints[key])
+        if isinstance(value, str) and key in names:
+            read[key] = [value]
+        elif isinstance(value, str) and float in allowed and str not in allowed:
             try:
                 read[key] = float(value)
             except ValueError:
-                raise SettingsError(
-                    f"pass {name!r}: {key} must be a number, got {value!r}"
-                ) from None
+                raise SettingsError(f"{name}: {key} must be a number, got {value!r}") from None
     return read
+
+
+def _check_fields(name: str, settings: Any) -> None:
+    """Raise :class:`SettingsError` for the first field whose value its declaration refuses."""
+    hints = typing.get_type_hints(type(settings))
+    for field in dataclasses.fields(settings):
+        problem = field.metadata.get(_CHECK)
+        value = getattr(settings, field.name)
+        kinds = _kinds(hints[field.name])
+        if problem is None or (value is None and type(None) in kinds):
+            continue
+        if (message := problem(value, kinds)) is not None:
+            raise SettingsError(f"{name}: {field.name} {message}")
 
 
 PASS_REGISTRY: dict[str, type[Pass]] = {}

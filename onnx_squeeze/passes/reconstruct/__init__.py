@@ -43,7 +43,7 @@ from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.passes.reconstruct.linear import Edits
 from onnx_squeeze.passes.reconstruct.planner import Planner
-from onnx_squeeze.passes.reconstruct.settings import METHODS, ReconstructSettings
+from onnx_squeeze.passes.reconstruct.settings import ReconstructSettings
 from onnx_squeeze.passes.reconstruct.waves import Wave
 from onnx_squeeze.records import PassContext, PassReport
 
@@ -69,21 +69,6 @@ class Reconstruct(Pass):
 
     name = "reconstruct"
     Settings = ReconstructSettings
-
-    def validate(self) -> None:
-        s = self.settings
-        unknown = sorted(set(s.methods) - set(METHODS))
-        if unknown or not s.methods:
-            raise SettingsError(
-                f"reconstruct: unknown methods {unknown}; use some of {', '.join(METHODS)}"
-            )
-        if not s.ridge >= 0:
-            raise SettingsError(f"reconstruct: ridge must be >= 0, got {s.ridge}")
-        for field in ("samples", "positions", "refresh_every"):
-            if getattr(s, field) < 1:
-                raise SettingsError(f"reconstruct: {field} must be at least 1")
-        if s.factors not in ("both", "last"):
-            raise SettingsError(f"reconstruct: factors must be 'both' or 'last', got {s.factors!r}")
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         teacher = context.teacher

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+
+from onnx_squeeze.passes.base import bounded, choice, subset
 
 # On a student tensor whose channel axis was shrunk: which teacher channels it kept.
 KEPT_CHANNELS_KEY = "onnx_squeeze.kept_channels"
@@ -11,13 +14,16 @@ METHODS = ("lstsq", "bn", "bias", "head")
 
 @dataclasses.dataclass
 class ReconstructSettings:
-    methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
-    ridge: float = 1e-5  # relative to the mean input variance; pulls towards the current weights
+    methods: Sequence[str] = subset(METHODS, METHODS, nonempty=True)
+    # relative to the mean input variance; pulls towards the current weights
+    ridge: float = bounded(1e-5, low=0)
     cross_validate: bool = True  # pick the ridge among ridge × 1, 10², 10⁴, 10⁶ by 2-fold CV
-    samples: int = 64  # calibration samples used
-    positions: int = 256  # output positions (rows) sampled per sample and layer
-    refresh_every: int = 1  # waves of layers fitted per student run (1: strictly sequential)
-    factors: str = "both"  # factorized pairs: "both" (joint refit) or "last" (second only)
+    samples: int = bounded(64, low=1)  # calibration samples used
+    positions: int = bounded(256, low=1)  # output positions (rows) sampled per sample and layer
+    # waves of layers fitted per student run (1: strictly sequential)
+    refresh_every: int = bounded(1, low=1)
+    # factorized pairs: "both" (joint refit) or "last" (second only)
+    factors: str = choice("both", ("both", "last"))
     include: list[str] = dataclasses.field(default_factory=list)  # node name patterns
     exclude: list[str] = dataclasses.field(default_factory=list)
     guard: bool = True  # undo everything when the outputs end up further from the teacher
