@@ -7,6 +7,7 @@ inference runs at float speed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -14,7 +15,7 @@ import onnx_ir as ir
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.layers import Layer, NotLayer
-from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.passes.base import Pass, choice, register, subset
 from onnx_squeeze.passes.quantize import weight_codecs
 from onnx_squeeze.passes.quantize.shared_weights import (
     Consumer,
@@ -30,14 +31,15 @@ from onnx_squeeze.units import human_bytes
 
 # Serialized size of a few decode nodes: a codebook must save more than this to be worth it.
 DECODE_OVERHEAD_BYTES = 512
+CODEBOOK_OPS = ("Conv", "Gemm", "MatMul")
 
 
 @dataclasses.dataclass
 class CodebookSettings:
-    levels: str = "kmeans"  # or "pow2": 0 and ±2^-j times the scale
+    levels: str = choice("kmeans", ("kmeans", "pow2"))  # pow2: 0 and ±2^-j times the scale
     bits: int = 4  # at most 2^bits levels; indices stored 2 per byte when bits <= 4
     per_channel: bool = True  # a scale per output channel (levels shared, fitted normalized)
-    ops: list[str] = dataclasses.field(default_factory=lambda: ["Conv", "Gemm", "MatMul"])
+    ops: Sequence[str] = subset(CODEBOOK_OPS, CODEBOOK_OPS)
     exclude: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -66,14 +68,9 @@ class CodebookWeights(Pass):
 
     def validate(self) -> None:
         s = self.settings
-        if s.levels not in ("kmeans", "pow2"):
-            raise SettingsError(f"codebook: levels {s.levels!r} is unknown: use kmeans or pow2")
         low = 2 if s.levels == "pow2" else 1
         if not low <= s.bits <= 8:
             raise SettingsError(f"codebook: bits must be {low} to 8 for levels={s.levels}")
-        unknown = sorted(set(s.ops) - {"Conv", "Gemm", "MatMul"})
-        if unknown:
-            raise SettingsError(f"codebook: ops {unknown} unsupported: use Conv, Gemm, MatMul")
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         s = self.settings

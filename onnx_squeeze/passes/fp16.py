@@ -23,9 +23,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnx_squeeze import runtime
-from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
-from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.passes.base import Pass, bounded, choice, register
 from onnx_squeeze.passes.quantize.statistics import largest_magnitudes
 from onnx_squeeze.records import PassContext, PassReport, mark_created, unselected
 
@@ -234,17 +233,17 @@ class FloatSettings:
     range exceeds FP16 max / ``range_margin`` keep their ops in FP32; reductions over more than
     ``max_reduction`` elements stay FP32."""
 
-    dtype: str = "float16"
+    dtype: str = choice("float16", LOW_TYPES)
     provider: str = ""
     keep_io_types: bool = True
     block_ops: list[str] = dataclasses.field(default_factory=list)
     block_nodes: list[str] = dataclasses.field(default_factory=list)
     softmax_fp32: bool = False
     normalization_fp32: bool = False
-    out_of_range: str = "clamp"
-    range_margin: float = 2.0
-    max_reduction: int = 4096
-    calibration_batches: int = 16
+    out_of_range: str = choice("clamp", ("clamp", "keep_fp32"))
+    range_margin: float = bounded(2.0, low=1)
+    max_reduction: int = bounded(4096, low=1)
+    calibration_batches: int = bounded(16, low=1)
 
 
 @dataclasses.dataclass
@@ -267,19 +266,9 @@ class ConvertFloat(Pass):
     Settings = FloatSettings
 
     def validate(self) -> None:
-        s = self.settings
-        if s.dtype not in LOW_TYPES:
-            raise SettingsError(f"fp16: dtype must be float16 or bfloat16, got {s.dtype!r}")
-        if s.out_of_range not in ("clamp", "keep_fp32"):
-            raise SettingsError(
-                f"fp16: out_of_range must be clamp or keep_fp32, got {s.out_of_range!r}"
-            )
-        if s.range_margin < 1.0:
-            raise SettingsError(f"fp16: range_margin must be at least 1, got {s.range_margin}")
-        if s.max_reduction < 1 or s.calibration_batches < 1:
-            raise SettingsError("fp16: max_reduction and calibration_batches must be at least 1")
-        if s.provider and s.provider != "none":
-            runtime.resolve_provider(s.provider)
+        provider = self.settings.provider
+        if provider and provider != "none":
+            runtime.resolve_provider(provider)
 
     @property
     def low(self) -> ir.DataType:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import ml_dtypes
 import numpy as np
@@ -17,7 +18,7 @@ from onnx_squeeze import runtime
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.graph_utils import attribute
 from onnx_squeeze.layers import Layer, NotLayer
-from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.passes.base import Pass, bounded, register, subset
 from onnx_squeeze.passes.quantize import params as quant_params
 from onnx_squeeze.passes.quantize.eligibility import from_dequantize
 from onnx_squeeze.passes.quantize.plan import point_before_clamp
@@ -29,6 +30,7 @@ from onnx_squeeze.records import PassContext, PassReport, unselected
 # wraps only some of onnxruntime's errors in InputError).
 LOAD_ERRORS = (InputError, runtime.ort.capi.onnxruntime_pybind11_state.NotImplemented)
 FP8 = Fp8Weights()
+FP8_OPS = ("Conv", "Gemm", "MatMul")
 
 
 @dataclasses.dataclass
@@ -38,14 +40,11 @@ class Fp8Settings:
     calibration data); false stores weights only in FP8. ``exclude``: node-name globs left
     alone."""
 
-    op_types: list[str] = dataclasses.field(default_factory=lambda: ["Conv", "Gemm", "MatMul"])
+    op_types: Sequence[str] = subset(FP8_OPS, FP8_OPS)
     activations: bool = True
     per_channel: bool = True
     exclude: list[str] = dataclasses.field(default_factory=list)
-    calibration_batches: int = 16
-
-
-FP8_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+    calibration_batches: int = bounded(16, low=1)
 
 
 @register
@@ -55,15 +54,6 @@ class QuantizeFp8(Pass):
     name = "fp8"
     Settings = Fp8Settings
     min_opset = 19
-
-    def validate(self) -> None:
-        unknown = sorted(set(self.settings.op_types) - FP8_OPS)
-        if unknown:
-            raise SettingsError(
-                f"fp8: op_types {unknown} not supported; use any of Conv, Gemm, MatMul"
-            )
-        if self.settings.calibration_batches < 1:
-            raise SettingsError("fp8: calibration_batches must be at least 1")
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         layers = [layer for node in model.graph if (layer := self._layer(node, report))]

@@ -19,7 +19,7 @@ from onnx_squeeze.errors import SettingsError, UnsupportedModelError
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
 from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.model_io import opset_version
-from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.passes.base import Pass, bounded, choice, register
 from onnx_squeeze.passes.quantize import weight_codecs
 from onnx_squeeze.passes.quantize.shared_weights import (
     Consumer,
@@ -47,14 +47,17 @@ INT4_IR_VERSION = 10
 
 @dataclasses.dataclass
 class QuantizeWeightsSettings:
-    bits: int = 4
-    block_size: int = 32
+    bits: int = choice(4, (4, 8))
+    block_size: int = choice(32, BLOCK_SIZES)
     symmetric: bool = False
-    format: str = "matmulnbits"  # or "dequantizelinear" (standard ONNX, opset 21)
-    algorithm: str = "rtn"  # or "gptq" (needs calibration data)
-    accuracy_level: int = 0  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
-    damping: float = 0.01  # GPTQ: added to the Hessian diagonal, relative to its mean
-    calibration_batches: int = 32  # GPTQ: batches of calibration data to read
+    # dequantizelinear: standard ONNX, opset 21
+    format: str = choice("matmulnbits", ("matmulnbits", "dequantizelinear"))
+    algorithm: str = choice("rtn", ("rtn", "gptq"))  # gptq needs calibration data
+    # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
+    accuracy_level: int = bounded(0, low=0, high=4)
+    # GPTQ: added to the Hessian diagonal, relative to its mean (e.g. 0.01)
+    damping: float = bounded(0.01, above=0, below=1)
+    calibration_batches: int = bounded(32, low=1)  # GPTQ: batches of calibration data to read
     exclude: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -99,26 +102,7 @@ class QuantizeWeights(Pass):
     Settings = QuantizeWeightsSettings
 
     def validate(self) -> None:
-        s = self.settings
-        if s.bits not in (4, 8):
-            raise SettingsError(f"quantize_weights: bits must be 4 or 8, got {s.bits}")
-        if s.block_size not in BLOCK_SIZES:
-            sizes = ", ".join(map(str, BLOCK_SIZES))
-            raise SettingsError(f"quantize_weights: block_size must be one of {sizes}")
-        if s.format not in ("matmulnbits", "dequantizelinear"):
-            raise SettingsError(
-                f"quantize_weights: format {s.format!r} is unknown: use matmulnbits or "
-                "dequantizelinear"
-            )
-        if s.algorithm not in ("rtn", "gptq"):
-            raise SettingsError(f"quantize_weights: algorithm {s.algorithm!r}: use rtn or gptq")
-        if s.accuracy_level not in range(5):
-            raise SettingsError("quantize_weights: accuracy_level must be 0 to 4")
-        if not 0 < s.damping < 1:
-            raise SettingsError("quantize_weights: damping must be in (0, 1), e.g. 0.01")
-        if s.calibration_batches < 1:
-            raise SettingsError("quantize_weights: calibration_batches must be at least 1")
-        if s.format == "dequantizelinear":
+        if self.settings.format == "dequantizelinear":
             self.min_opset = BLOCKED_DQ_OPSET
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
