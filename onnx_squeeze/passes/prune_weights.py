@@ -41,7 +41,7 @@ from onnx_squeeze.analysis import MAC_OPS
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.layers import Layer, NotLayer
-from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.passes.base import Pass, bounded, choice, register, subset
 from onnx_squeeze.records import PassContext, PassReport, unselected
 from onnx_squeeze.units import human_bytes
 
@@ -54,17 +54,19 @@ _GZIP_LEVEL = 6  # gzip's default
 class PruneWeightsSettings:
     """Settings of :class:`PruneWeights` (see the module docstring for the modes)."""
 
-    mode: str = "ratio"
-    ratio: float = 0.5  # share of weights pruned per layer (ratio) or over all layers (global)
-    threshold: float = 0.05  # threshold mode: prune |w| < threshold * max|w| of the layer
+    mode: str = choice("ratio", MODES)
+    # share of weights pruned per layer (ratio) or over all layers (global)
+    ratio: float = bounded(0.5, low=0, below=1)
+    # threshold mode: prune |w| < threshold * max|w| of the layer
+    threshold: float = bounded(0.05, low=0, high=1)
     n: int = 2  # nm mode: nonzeros kept ...
     m: int = 4  # ... in every m consecutive weights along the reduction axis
     include: list[str] = dataclasses.field(default_factory=list)  # node-name globs
     exclude: list[str] = dataclasses.field(default_factory=list)
-    op_types: list[str] = dataclasses.field(default_factory=lambda: list(SUPPORTED_OPS))
+    op_types: Sequence[str] = subset(SUPPORTED_OPS, SUPPORTED_OPS)
     keep_first: bool = True  # layers that see the model input before any other Conv/Gemm/MatMul
     keep_last: bool = True  # layers with no Conv/Gemm/MatMul after them (classifier, heads)
-    min_params: int = 1024  # weights with fewer elements are left alone
+    min_params: int = bounded(1024, low=0)  # weights with fewer elements are left alone
     measure_gzip: bool = True  # report gzip sizes (costs a few seconds on large models)
 
 
@@ -91,39 +93,14 @@ class PruneWeights(Pass):
 
     def validate(self) -> None:
         s = self.settings
-        if s.mode not in MODES:
-            raise SettingsError(
-                f"prune_weights: mode {s.mode!r} is unknown; use {', '.join(MODES)}"
-            )
-        for field in ("ratio", "threshold"):
-            value = getattr(s, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SettingsError(f"prune_weights: {field} must be a number, got {value!r}")
-            setattr(s, field, float(value))
-        if not 0.0 <= s.ratio < 1.0:
-            raise SettingsError(f"prune_weights: ratio must be in [0, 1), got {s.ratio}")
-        if not 0.0 <= s.threshold <= 1.0:
-            raise SettingsError(
-                f"prune_weights: threshold is a share of each layer's max |w|, in [0, 1]; "
-                f"got {s.threshold}"
-            )
+        s.ratio, s.threshold = float(s.ratio), float(s.threshold)
         if not (isinstance(s.n, int) and isinstance(s.m, int) and 0 < s.n < s.m):
             raise SettingsError(
                 f"prune_weights: need integers 0 < n < m (e.g. 2:4), got {s.n}:{s.m}"
             )
-        if not isinstance(s.min_params, int) or s.min_params < 0:
-            raise SettingsError(
-                f"prune_weights: min_params must be an integer >= 0, got {s.min_params!r}"
-            )
-        for field in ("include", "exclude", "op_types"):
+        for field in ("include", "exclude"):
             value = getattr(s, field)
             setattr(s, field, [value] if isinstance(value, str) else [str(v) for v in value])
-        unsupported = sorted(set(s.op_types) - set(SUPPORTED_OPS))
-        if unsupported:
-            raise SettingsError(
-                f"prune_weights: op_types {', '.join(unsupported)} not supported; "
-                f"choose from {', '.join(SUPPORTED_OPS)}"
-            )
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         graph = model.graph

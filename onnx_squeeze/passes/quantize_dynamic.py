@@ -9,17 +9,17 @@ per row, which are gathered alongside and multiplied in after a Cast.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze.graph_utils import attribute, constant_array
 from onnx_squeeze.layers import Layer, NotLayer
-from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.passes.base import Pass, register, subset
 from onnx_squeeze.passes.quantize import params as quant_params
 from onnx_squeeze.passes.quantize.eligibility import (
     already_quantized,
-    check_names,
     infer_types,
     is_activation,
     selection_of,
@@ -37,8 +37,8 @@ class QuantizeDynamicSettings:
     weight_bits: int = 0  # 0: 8, pair-bounded on x86 CPUs without VNNI (no u8s8 overflow)
     include: list[str] = dataclasses.field(default_factory=list)
     exclude: list[str] = dataclasses.field(default_factory=list)
-    op_types: list[str] = dataclasses.field(default_factory=lambda: list(DYNAMIC_OPS))
-    exclude_op_types: list[str] = dataclasses.field(default_factory=list)
+    op_types: Sequence[str] = subset(DYNAMIC_OPS, DYNAMIC_OPS)
+    exclude_op_types: Sequence[str] = subset((), DYNAMIC_OPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +188,6 @@ class QuantizeDynamic(Pass):
     min_opset = 11  # DynamicQuantizeLinear
 
     def validate(self) -> None:
-        check_names(self.settings.op_types, DYNAMIC_OPS, "op_types")
-        check_names(self.settings.exclude_op_types, DYNAMIC_OPS, "exclude_op_types")
         _dynamic_weight_form(self.settings)  # bits out of range raise here
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:

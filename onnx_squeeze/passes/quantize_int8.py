@@ -20,17 +20,15 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze.calibration import TensorStatistics
-from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.gates import parse_gate
 from onnx_squeeze.graph_utils import attribute
 from onnx_squeeze.layers import Layer, NotLayer
-from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.passes.base import Pass, bounded, choice, register, subset
 from onnx_squeeze.passes.quantize import bias_correction, sensitivity, speed_check
 from onnx_squeeze.passes.quantize import params as quant_params
 from onnx_squeeze.passes.quantize.eligibility import (
     QUANTIZED_OPS,
     already_quantized,
-    check_names,
     infer_types,
     is_activation,
     selection_of,
@@ -54,35 +52,40 @@ WEIGHT_RANGES = ("max", "mse")
 
 @dataclasses.dataclass
 class QuantizeInt8Settings:
-    method: str = "mse"  # mse (least expected squared error) | minmax | percentile | entropy
-    percentile: float = 99.999
-    activation_type: str = "uint8"  # uint8 (asymmetric, fastest on CPU) | int8 (symmetric)
+    # mse (least expected squared error) | minmax | percentile | entropy
+    method: str = choice("mse", quant_params.METHODS)
+    percentile: float = bounded(99.999, above=50, high=100)
+    # uint8 (asymmetric, fastest on CPU) | int8 (symmetric)
+    activation_type: str = choice("uint8", ("uint8", "int8"))
     per_channel: bool = True
     # 0: 8, but 7 for Conv/ConvTranspose with a signed input on x86 CPUs without VNNI
     weight_bits: int = 0
-    weight_range: str = "mse"  # max | mse (per-channel clipping with the least squared error)
+    # max | mse (per-channel clipping with the least squared error)
+    weight_range: str = choice("mse", WEIGHT_RANGES)
     include: list[str] = dataclasses.field(default_factory=list)
     exclude: list[str] = dataclasses.field(default_factory=list)
-    op_types: list[str] = dataclasses.field(default_factory=list)
-    exclude_op_types: list[str] = dataclasses.field(default_factory=list)
+    op_types: Sequence[str] = subset((), ANCHOR_OPS)  # none: all
+    exclude_op_types: Sequence[str] = subset((), ANCHOR_OPS)
     keep_first_last: bool = False
     target: str = ""  # e.g. "top1_agreement>=0.99": keep the most sensitive layers in float
     sensitivity: bool = False  # measure per-layer sensitivity even without a target
-    sensitivity_batches: int = 4
+    sensitivity_batches: int = bounded(4, low=1)
     bias_correction: bool = True
-    calibration_batches: int = 0  # 0: all batches of the source
+    calibration_batches: int = bounded(0, low=0)  # 0: all batches of the source
     # stop reading calibration batches once the ranges from half of them would have added at
     # most this much expected quantization noise (dB, on average over the tensors, and no
     # tensor's doubled); see passes/quantize/settling.py. 0: read every batch
     settle_db: float = 0.1
-    histogram_bins: int = 2048
+    histogram_bins: int = bounded(2048, low=1)
     # values of each tensor per calibration sample that its histogram counts (a strided sample
     # taken in the graph; min/max stay exact); 0: every value
-    histogram_values: int = 16384
+    histogram_values: int = bounded(16384, low=0)
     # time the model on this machine (CPU, 1 thread) and keep the smallest layers in float while
     # that makes it faster: INT8 loses on narrow layers at small batches on CPUs without VNNI
     speed_check: bool = False
-    speed_batch: int = 1  # the batch the speed check times, for inputs with a free batch size
+    speed_batch: int = bounded(
+        1, low=1
+    )  # the batch the speed check times, for inputs with a free batch size
 
 
 def _static_weight_type(settings: QuantizeInt8Settings, node: ir.Node) -> IntType:
@@ -139,33 +142,10 @@ class QuantizeInt8(Pass):
 
     def validate(self) -> None:
         s = self.settings
-        if s.method not in quant_params.METHODS:
-            raise SettingsError(
-                f"quantize_int8: unknown method {s.method!r}; use one of "
-                f"{', '.join(quant_params.METHODS)}"
-            )
-        quant_params.int_type(s.activation_type)
         if s.weight_bits:
             quant_params.weight_type(s.weight_bits)
-        if s.weight_range not in WEIGHT_RANGES:
-            raise SettingsError(
-                f"quantize_int8: unknown weight_range {s.weight_range!r}; use one of "
-                f"{', '.join(WEIGHT_RANGES)}"
-            )
-        if not 50 < s.percentile <= 100:
-            raise SettingsError(
-                f"quantize_int8: percentile must be in (50, 100], got {s.percentile}"
-            )
-        check_names(s.op_types, ANCHOR_OPS, "op_types")
-        check_names(s.exclude_op_types, ANCHOR_OPS, "exclude_op_types")
         if s.target:
             parse_gate(s.target)
-        for field in ("sensitivity_batches", "histogram_bins", "speed_batch"):
-            if getattr(s, field) < 1:
-                raise SettingsError(f"quantize_int8: {field} must be at least 1")
-        for field in ("calibration_batches", "histogram_values"):
-            if getattr(s, field) < 0:
-                raise SettingsError(f"quantize_int8: {field} must be 0 (all) or more")
 
     @property
     def activation(self) -> IntType:

@@ -41,7 +41,7 @@ from onnx_squeeze.calibration.runner import TensorRunner
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.layers import QUANTIZED_OPS, Layer
-from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.passes.base import Pass, bounded, choice, register
 from onnx_squeeze.passes.finetune.data import (
     Feed,
     fixed_batch,
@@ -64,16 +64,22 @@ _NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization"
 
 @dataclasses.dataclass
 class FinetuneSettings:
-    steps: int = 200  # optimizer steps, one minibatch each
-    learning_rate: float | None = None  # peak rate; None: the best of LEARNING_RATES on trial
-    batch_size: int = 16  # samples per step (a model with a fixed batch dimension uses it)
-    temperature: float = 4.0  # soft targets of rank-2 outputs (logits)
-    label_weight: float = 0.0  # weight of the labels' cross-entropy, when the feeds carry labels
+    steps: int = bounded(200, low=1)  # optimizer steps, one minibatch each
+    # peak rate; None: the best of LEARNING_RATES on trial
+    learning_rate: float | None = bounded(None, above=0)
+    # samples per step (a model with a fixed batch dimension uses it)
+    batch_size: int = bounded(16, low=1)
+    temperature: float = bounded(4.0, above=0)  # soft targets of rank-2 outputs (logits)
+    # weight of the labels' cross-entropy, when the feeds carry labels
+    label_weight: float = bounded(0.0, low=0)
     labels_key: str = "labels"
-    weight_decay: float = 0.0
-    train: str = "all"  # "all" float weights, or "bias_norm": biases and norm scales only
-    samples: int = 256  # calibration samples read (training and held-out together)
-    held_out: float = 0.25  # share of the calibration batches kept apart to measure fidelity
+    weight_decay: float = bounded(0.0, low=0)
+    # "all" float weights, or "bias_norm": biases and norm scales only
+    train: str = choice("all", TRAIN_CHOICES)
+    # calibration samples read (training and held-out together)
+    samples: int = bounded(256, low=1)
+    # share of the calibration batches kept apart to measure fidelity
+    held_out: float = bounded(0.25, low=0, below=1)
     guard: bool = True  # undo the training when held-out fidelity ends up worse
     seed: int = 0
 
@@ -196,25 +202,8 @@ class Finetune(Pass):
     Settings = FinetuneSettings
 
     def validate(self) -> None:
-        s = self.settings
         if not torch_available():
             raise SettingsError(NO_TORCH_MESSAGE)
-        for field in ("steps", "batch_size", "samples"):
-            if getattr(s, field) < 1:
-                raise SettingsError(f"finetune: {field} must be at least 1")
-        if s.learning_rate is not None and not s.learning_rate > 0:
-            raise SettingsError("finetune: learning_rate must be > 0 (or unset: chosen on trial)")
-        if not s.temperature > 0:
-            raise SettingsError("finetune: temperature must be > 0")
-        for field in ("label_weight", "weight_decay"):
-            if not getattr(s, field) >= 0:
-                raise SettingsError(f"finetune: {field} must be >= 0")
-        if not 0 <= s.held_out < 1:
-            raise SettingsError(f"finetune: held_out must be in [0, 1), got {s.held_out}")
-        if s.train not in TRAIN_CHOICES:
-            raise SettingsError(
-                f"finetune: train must be one of {', '.join(TRAIN_CHOICES)}, got {s.train!r}"
-            )
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         teacher = context.teacher

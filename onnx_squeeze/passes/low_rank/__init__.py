@@ -27,6 +27,7 @@ selection), :mod:`.rewrite` (the factor nodes swapped in), :mod:`.factorize` (th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import onnx_ir as ir
 
@@ -35,7 +36,7 @@ from onnx_squeeze.blas import blas_threads
 from onnx_squeeze.calibration.grams import GramSpec, Moments, collect_grams
 from onnx_squeeze.errors import SettingsError, ShapeUnknownError
 from onnx_squeeze.graph_utils import UniqueNames
-from onnx_squeeze.passes.base import Pass, register
+from onnx_squeeze.passes.base import Pass, bounded, choice, register, subset
 from onnx_squeeze.passes.low_rank import factorize
 from onnx_squeeze.passes.low_rank.plans import Candidate, Plan, find_candidate, plans_for
 from onnx_squeeze.passes.low_rank.ranks import (
@@ -57,19 +58,21 @@ DEFAULT_ENERGY = 0.95
 
 @dataclasses.dataclass
 class LowRankSettings:
-    scheme: str = "auto"
-    rank: int | None = None
-    ratio: float | None = None
-    energy: float | None = None
-    macs_target: float | None = None
-    params_target: float | None = None
+    scheme: str = choice("auto", SCHEMES)
+    # at most one of the next five; none: energy DEFAULT_ENERGY
+    rank: int | None = bounded(None, low=1)
+    ratio: float | None = bounded(None, above=0, high=1)  # share of full rank kept
+    energy: float | None = bounded(None, above=0, high=1)  # share of squared singular values kept
+    macs_target: float | None = bounded(None, above=0, below=1)  # share of model MACs removed
+    params_target: float | None = bounded(None, above=0, below=1)  # share of parameters removed
     data_aware: bool = False
-    damping: float = 0.01  # data-aware: fraction of the mean input energy added to the diagonal
-    round_to: int = 8
-    min_macs: int = 0
+    # data-aware: fraction of the mean input energy added to the diagonal
+    damping: float = bounded(0.01, low=0)
+    round_to: int = bounded(8, low=1)  # 1: no rounding
+    min_macs: int = bounded(0, low=0)
     include: list[str] = dataclasses.field(default_factory=list)
     exclude: list[str] = dataclasses.field(default_factory=list)
-    op_types: list[str] = dataclasses.field(default_factory=lambda: list(SUPPORTED_OPS))
+    op_types: Sequence[str] = subset(SUPPORTED_OPS, SUPPORTED_OPS)
     shapes: list[str] = dataclasses.field(default_factory=list)  # NAME:1x128, for MAC counts
 
 
@@ -86,10 +89,6 @@ class LowRank(Pass):
 
     def validate(self) -> None:
         s = self.settings
-        if s.scheme not in SCHEMES:
-            raise SettingsError(
-                f"low_rank: scheme {s.scheme!r} is unknown; use one of {', '.join(SCHEMES)}"
-            )
         chosen = [
             key
             for key in ("rank", "ratio", "energy", "macs_target", "params_target")
@@ -99,24 +98,6 @@ class LowRank(Pass):
             raise SettingsError(
                 f"low_rank: set only one of rank, ratio, energy, macs_target, params_target "
                 f"(got {', '.join(chosen)})"
-            )
-        checks = [
-            (s.rank is None or (isinstance(s.rank, int) and s.rank >= 1), "rank must be an integer >= 1"),
-            (s.ratio is None or 0 < s.ratio <= 1, "ratio must be in (0, 1] (share of full rank kept)"),
-            (s.energy is None or 0 < s.energy <= 1, "energy must be in (0, 1] (share kept)"),
-            (s.macs_target is None or 0 < s.macs_target < 1, "macs_target must be in (0, 1) (share of model MACs removed)"),
-            (s.params_target is None or 0 < s.params_target < 1, "params_target must be in (0, 1) (share of parameters removed)"),
-            (s.round_to >= 1, "round_to must be >= 1 (1: no rounding)"),
-            (s.damping >= 0, "damping must be >= 0"),
-            (s.min_macs >= 0, "min_macs must be >= 0"),
-        ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise SettingsError(f"low_rank: {message}")
-        unknown = sorted(set(s.op_types) - set(SUPPORTED_OPS))
-        if unknown:
-            raise SettingsError(
-                f"low_rank: op_types {unknown} are not supported; use any of {', '.join(SUPPORTED_OPS)}"
             )
         runtime.parse_shape_overrides(s.shapes)
 
