@@ -25,6 +25,7 @@ from onnxsim.pruning import analyze_pruning_sensitivity, apply_structured_prunin
 
 from benchmarks import common
 from onnx_squeeze import runtime
+from onnx_squeeze.analysis import resolve_input_shapes
 from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.passes.prune_channels import PruneChannels
 from onnx_squeeze.passes.prune_channels.trace import build_groups
@@ -61,7 +62,7 @@ def calibration_context(prepared: ir.Model, shapes) -> PassContext:
     model so that the sensitivity measured for one target serves the others."""
     specs = runtime.input_specs(prepared)
     source = RandomSource(specs, count=_CALIBRATION_SAMPLES, seed=1, overrides=shapes, batch_size=1)
-    return PassContext(calibration=source)
+    return PassContext(calibration=source, shapes=resolve_input_shapes(prepared, shapes))
 
 
 def ours(prepared: ir.Model, target: float, allocation: str, context: PassContext) -> ir.Model:

@@ -22,6 +22,9 @@ from onnx_squeeze.calibration.sources import CalibrationSource
 # from (a factorized layer's halves, a quantized copy), for matching student and teacher.
 CREATED_BY_KEY = "onnx_squeeze.pass"
 SOURCE_NODE_KEY = "onnx_squeeze.source_node"
+# On a value whose channels a pass removed: the axis and the original indices kept (JSON), so a
+# later pass (recovery) can match the value to the teacher's.
+KEPT_CHANNELS_KEY = "onnx_squeeze.kept_channels"
 
 
 @dataclasses.dataclass

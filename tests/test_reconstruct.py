@@ -25,9 +25,8 @@ from onnx_squeeze.least_squares import (
     select_channels,
 )
 from onnx_squeeze.passes.base import make_pass
-from onnx_squeeze.passes.reconstruct.settings import KEPT_CHANNELS_KEY
 from onnx_squeeze.pipeline import compress, finalize
-from onnx_squeeze.records import SOURCE_NODE_KEY, PassContext, mark_created
+from onnx_squeeze.records import KEPT_CHANNELS_KEY, SOURCE_NODE_KEY, PassContext, mark_created
 from tests.helpers import check, run
 
 # ---------------------------------------------------------------------------------------------

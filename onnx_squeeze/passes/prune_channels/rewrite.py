@@ -14,9 +14,7 @@ import onnx_ir as ir
 from onnx_squeeze.graph_utils import UniqueNames, constant_array, set_input_constant
 from onnx_squeeze.passes.prune_channels.groups import ChannelAnalysis, Slot
 from onnx_squeeze.prepare import BN_SCALE_KEY, bn_scale
-from onnx_squeeze.records import PassReport
-
-KEPT_CHANNELS_KEY = "onnx_squeeze.kept_channels"
+from onnx_squeeze.records import KEPT_CHANNELS_KEY, PassReport
 
 
 def kept_indices(

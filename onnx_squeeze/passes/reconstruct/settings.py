@@ -1,4 +1,4 @@
-"""The reconstruct pass's settings and the metadata it reads."""
+"""The reconstruct pass's settings."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from collections.abc import Sequence
 
 from onnx_squeeze.passes.base import bounded, choice, subset
 
-# On a student tensor whose channel axis was shrunk: which teacher channels it kept.
-KEPT_CHANNELS_KEY = "onnx_squeeze.kept_channels"
 METHODS = ("lstsq", "bn", "bias", "head")
 
 

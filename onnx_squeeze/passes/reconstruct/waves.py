@@ -18,8 +18,8 @@ from onnx_squeeze.graph_utils import attribute, constant_array
 from onnx_squeeze.least_squares import GramAccumulator, RidgeFolds
 from onnx_squeeze.passes.reconstruct.linear import Edits, bias_array, current, write_bias
 from onnx_squeeze.passes.reconstruct.planner import Target
-from onnx_squeeze.passes.reconstruct.settings import KEPT_CHANNELS_KEY, ReconstructSettings
-from onnx_squeeze.records import PassReport
+from onnx_squeeze.passes.reconstruct.settings import ReconstructSettings
+from onnx_squeeze.records import KEPT_CHANNELS_KEY, PassReport
 
 # A channel whose student output varies less than this (relative) is not rescaled by ``bn``.
 _DEAD_VARIANCE = 1e-12
