@@ -94,11 +94,12 @@ def test_matrix_factorization_is_exact_at_the_true_rank_and_full_rank(whitened):
     white = factorize.whitening(samples.T @ samples, 0.01) if whitened else None
     decomposition = factorize.MatrixFactorization(weight, white)
     a, b = decomposition.factors(3)
-    np.testing.assert_allclose(a @ b, weight, atol=1e-9)
+    # exact to the float32 the factors are kept and written in
+    np.testing.assert_allclose(a @ b, weight, rtol=1e-5, atol=1e-5)
     assert decomposition.energy(3) == pytest.approx(1.0)
     assert decomposition.energy(2) < 1.0
     full = decomposition.factors(decomposition.full_rank)
-    np.testing.assert_allclose(full[0] @ full[1], weight, atol=1e-9)
+    np.testing.assert_allclose(full[0] @ full[1], weight, rtol=1e-5, atol=1e-5)
 
 
 def test_tucker2_is_exact_at_the_multilinear_rank():
@@ -106,7 +107,7 @@ def test_tucker2_is_exact_at_the_multilinear_rank():
     decomposition = factorize.Tucker2(weight)
     reduce, core, expand = decomposition.factors(3, 3)
     np.testing.assert_allclose(
-        np.einsum("ot,tsij,sc->ocij", expand, core, reduce), weight, atol=1e-9
+        np.einsum("ot,tsij,sc->ocij", expand, core, reduce), weight, rtol=1e-5, atol=1e-5
     )
     assert decomposition.energy(3, 3) == pytest.approx(1.0)
     assert decomposition.energy(2, 3) < 1.0
@@ -319,7 +320,7 @@ def test_no_op_when_nothing_pays():
 def test_bad_settings_raise_with_the_fix():
     with pytest.raises(SettingsError, match="only one of"):
         make_pass("low_rank", {"rank": 4, "energy": 0.9})
-    with pytest.raises(SettingsError, match="scheme must be one of auto, .*, got 'cp'"):
+    with pytest.raises(SettingsError, match=r"scheme must be one of auto, .*, got 'cp'"):
         make_pass("low_rank", {"scheme": "cp"})
     with pytest.raises(SettingsError, match="macs_target must be in"):
         make_pass("low_rank", {"macs_target": 1.5})

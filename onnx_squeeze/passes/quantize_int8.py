@@ -83,9 +83,8 @@ class QuantizeInt8Settings:
     # time the model on this machine (CPU, 1 thread) and keep the smallest layers in float while
     # that makes it faster: INT8 loses on narrow layers at small batches on CPUs without VNNI
     speed_check: bool = False
-    speed_batch: int = bounded(
-        1, low=1
-    )  # the batch the speed check times, for inputs with a free batch size
+    # the batch the speed check times, for inputs with a free batch size
+    speed_batch: int = bounded(1, low=1)
 
 
 def _static_weight_type(settings: QuantizeInt8Settings, node: ir.Node) -> IntType:
