@@ -85,9 +85,11 @@ class MatrixFactorization:
         weight = np.asarray(weight, dtype=np.float64)
         target = weight if white is None else white.root.T @ weight
         u, singular, vt = thin_svd(target)
-        self._left = u if white is None else white.inverse.T @ u
+        # Factors are kept in float32 (the precision they are written in): every plan of every
+        # layer holds its factors until ranks are chosen, twice the memory in float64.
+        self._left = (u if white is None else white.inverse.T @ u).astype(np.float32)
         self._singular = singular
-        self._right = vt
+        self._right = vt.astype(np.float32)
         self.cumulative = _cumulative(singular**2)
         self.shape = weight.shape
 
@@ -131,7 +133,8 @@ class Tucker2:
         u_out, s_out = _left_singular(_unfold(weight, 0))
         core = np.tensordot(u_out.T, weight, axes=([1], [0]))  # (R_out, C, *k)
         core = np.moveaxis(np.tensordot(core, u_in, axes=([1], [0])), -1, 1)  # (R_out, R_in, *k)
-        self._u_in, self._u_out, self._core = u_in, u_out, core
+        self._u_in, self._u_out = u_in.astype(np.float32), u_out.astype(np.float32)
+        self._core = core.astype(np.float32)  # float32, as MatrixFactorization's factors
         squares = np.square(core).reshape(core.shape[0], core.shape[1], -1).sum(axis=2)
         total = float(squares.sum())
         self._table = np.cumsum(np.cumsum(squares, axis=0), axis=1) / (total if total > 0 else 1)
