@@ -100,14 +100,18 @@ def collect_grams(
     max_rows: int | None = MAX_ROWS_PER_BATCH,
     budget: int = BUDGET_BYTES,
     label: str = "input Gram matrices",
+    keep: bool = True,
 ) -> dict[GramSpec, Moments]:
     """``Σ x xᵀ`` (float64) over the first ``batches`` batches of ``source`` (all when None)
     for every spec. ``max_rows`` evenly subsamples the rows of one batch (None: all rows).
-    When ``source`` is the calibration service (a pass's ``context.data``), results are kept
-    in its statistics store and reused while the model and the data are the same."""
+    When ``source`` is the calibration service (a pass's ``context.data``) and ``keep`` is set,
+    results are kept in its statistics store and reused while the model and the data are the
+    same (``keep=False``: a pass that frees each Gram once used)."""
     specs = list(dict.fromkeys(specs))
     store: dict[GramSpec, Moments] = (
-        source.store(model, "grams", batches, max_rows) if isinstance(source, Calibration) else {}
+        source.store(model, "grams", batches, max_rows)
+        if keep and isinstance(source, Calibration)
+        else {}
     )
     wanted = [spec for spec in specs if spec not in store]
     for group in budget_groups(wanted, budget):

@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from onnx_squeeze import analysis, runtime
 from onnx_squeeze.blas import blas_threads
-from onnx_squeeze.calibration.grams import GramSpec, Moments, collect_grams
+from onnx_squeeze.calibration.grams import BUDGET_BYTES, GramSpec, budget_groups, collect_grams
 from onnx_squeeze.errors import SettingsError, ShapeUnknownError
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.passes.base import Pass, bounded, choice, register, subset
@@ -176,40 +176,51 @@ class LowRank(Pass):
     def _decompose(
         self, model: ir.Model, plans: dict[Candidate, list[Plan]], context: PassContext
     ) -> None:
-        """Decompose every plan, whitened by its input Gram in data-aware mode. Plans that share
-        an input are decomposed together and its whitening (a Cholesky root and its inverse,
-        twice a Gram's size) is dropped before the next one is made: held for all layers at
-        once they took twice the memory of the Grams themselves."""
+        """Decompose every plan, whitened by its input Gram in data-aware mode.
+
+        Memory is that of one budget group of Grams (``grams.BUDGET_BYTES``) and one whitening
+        at a time: the Grams are collected group by group, and each Gram and its whitening (a
+        Cholesky root and its inverse, twice its size) is dropped once the plans that share its
+        input are decomposed. Held for every layer at once, they took a data-aware ResNet-50 to
+        2.7 GB. They are not kept in the calibration store: the rewritten model is another
+        model, so no later pass could read them."""
         every = [plan for layer_plans in plans.values() for plan in layer_plans]
         specs: dict[Plan, GramSpec | None] = dict.fromkeys(every)
-        grams: dict[GramSpec, Moments] = {}
-        if self.settings.data_aware and every:
+        if self.settings.data_aware:
             specs = {plan: plan.gram_spec() for plan in every}
-            grams = collect_grams(
-                model,
-                [spec for spec in specs.values() if spec is not None],
-                context.data,
-                provider=context.providers[0],
-                label="low_rank input statistics",
-            )
         by_input: dict[GramSpec | None, list[Plan]] = {}
         for plan, spec in specs.items():
             by_input.setdefault(spec, []).append(plan)
-        ordered = [plan for group in by_input.values() for plan in group]
-        white: factorize.Whitening | None = None
-        current: GramSpec | None = None
-        for plan in track(ordered, "low_rank decompositions"):
-            spec = specs[plan]
-            if spec != current:
-                white = None  # freed before the next one is made
-                if spec is not None:
-                    moments = grams[spec]
-                    white = factorize.whitening(moments.gram, self.settings.damping, moments.rows)
-                current = spec
-            # Single-threaded: these matrices are small for BLAS, and OpenBLAS threads spinning
-            # on a busy machine made each SVD hundreds of times slower.
-            with blas_threads(1):
-                plan.decompose(white)
+        groups = budget_groups([spec for spec in by_input if spec is not None], BUDGET_BYTES)
+        progress = iter(track(every, "low_rank decompositions"))
+        for group in [[None], *groups]:
+            wanted = [spec for spec in group if spec is not None]
+            grams = (
+                collect_grams(
+                    model,
+                    wanted,
+                    context.data,
+                    provider=context.providers[0],
+                    label="low_rank input statistics",
+                    keep=False,
+                )
+                if wanted
+                else {}
+            )
+            for spec in group:
+                moments = grams.pop(spec, None) if spec is not None else None
+                white = (
+                    factorize.whitening(moments.gram, self.settings.damping, moments.rows)
+                    if moments is not None
+                    else None
+                )
+                del moments  # the Gram is freed once its whitening is made
+                for plan in by_input.get(spec, []):
+                    # Single-threaded: these matrices are small for BLAS, and OpenBLAS threads
+                    # spinning on a busy machine made each SVD hundreds of times slower.
+                    with blas_threads(1):
+                        plan.decompose(white)
+                    next(progress, None)
 
     def _per_layer(self, plans: list[Plan], report: PassReport) -> Option | None:
         s = self.settings
