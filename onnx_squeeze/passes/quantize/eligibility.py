@@ -4,14 +4,12 @@ activations, and what is already quantized (read from a DequantizeLinear or a qu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from typing import Any
 
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnx_squeeze import layers
-from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import constant_array
 from onnx_squeeze.records import unselected
 
@@ -23,12 +21,6 @@ QUANTIZED_OPS = layers.QUANTIZED_OPS | {
     "QLinearAdd",
     "QLinearMul",
 }
-
-
-def check_names(values: Iterable[str], known: Iterable[str], what: str) -> None:
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise SettingsError(f"unknown {what} {unknown}: use any of {', '.join(sorted(known))}")
 
 
 @dataclasses.dataclass
