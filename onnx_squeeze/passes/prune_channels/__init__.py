@@ -37,11 +37,7 @@ from onnx_squeeze.passes.prune_channels.groups import ChannelAnalysis, ChannelGr
 from onnx_squeeze.passes.prune_channels.latency_plan import Timing
 from onnx_squeeze.passes.prune_channels.rewrite import Rewriter
 from onnx_squeeze.passes.prune_channels.sensitivity import CachedSensitivity, Sensitivity
-from onnx_squeeze.passes.prune_channels.settings import (
-    ALLOCATIONS,
-    MODES,
-    PruneChannelsSettings,
-)
+from onnx_squeeze.passes.prune_channels.settings import PruneChannelsSettings
 from onnx_squeeze.passes.prune_channels.trace import analyze_channels
 from onnx_squeeze.records import PassContext, PassReport
 
@@ -55,35 +51,9 @@ class PruneChannels(Pass):
 
     def validate(self) -> None:
         s = self.settings
-        if s.mode not in MODES:
-            raise SettingsError(f"prune_channels: mode must be one of {MODES}, got {s.mode!r}")
-        if s.criterion not in CRITERIA:
-            known = ", ".join(sorted(CRITERIA))
-            raise SettingsError(f"prune_channels: unknown criterion {s.criterion!r}; use {known}")
-        for field in ("ratio", "macs_target", "latency_target"):
-            if not 0.0 <= float(getattr(s, field)) < 1.0:
-                raise SettingsError(
-                    f"prune_channels: {field} must be in [0, 1), got {getattr(s, field)}"
-                )
-        if s.allocation not in ALLOCATIONS:
-            raise SettingsError(
-                f"prune_channels: allocation must be one of {ALLOCATIONS}, got {s.allocation!r}"
-            )
         if sum(1 for target in (s.ratio, s.macs_target, s.latency_target) if target) > 1:
             raise SettingsError(
                 "prune_channels: set one of ratio, macs_target and latency_target, not several"
-            )
-        counts = (
-            s.latency_batch,
-            s.min_channels,
-            s.calibration_batches,
-            s.sensitivity_batches,
-            s.sensitivity_rounds,
-        )
-        if min(counts) < 1 or s.round_to < 0:
-            raise SettingsError(
-                "prune_channels: latency_batch, min_channels, calibration_batches, "
-                "sensitivity_batches and sensitivity_rounds must be >= 1, round_to >= 0"
             )
         if isinstance(s.protect, str):
             s.protect = [s.protect]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from onnx_squeeze.passes.base import bounded, choice
+from onnx_squeeze.passes.prune_channels.criteria import CRITERIA
+
 MODES = ("remove", "zero")
 ALLOCATIONS = ("sensitivity", "uniform")
 
@@ -24,18 +27,18 @@ class PruneChannelsSettings:
     thread) to remove instead of MACs: channels priced by each node's profiled time, the plan
     checked by timing the pruned model and made again until it saves the target."""
 
-    mode: str = "remove"
-    criterion: str = "l1"
-    ratio: float = 0.0
+    mode: str = choice("remove", MODES)
+    criterion: str = choice("l1", sorted(CRITERIA))
+    ratio: float = bounded(0.0, low=0, below=1)
     global_ranking: bool = False
-    macs_target: float = 0.0
-    latency_target: float = 0.0
-    latency_batch: int = 1
-    min_channels: int = 1
-    round_to: int = 0
+    macs_target: float = bounded(0.0, low=0, below=1)
+    latency_target: float = bounded(0.0, low=0, below=1)
+    latency_batch: int = bounded(1, low=1)
+    min_channels: int = bounded(1, low=1)
+    round_to: int = bounded(0, low=0)
     protect: list[str] = dataclasses.field(default_factory=list)
-    calibration_batches: int = 8
-    allocation: str = "sensitivity"
-    sensitivity_batches: int = 4
-    sensitivity_rounds: int = 2
+    calibration_batches: int = bounded(8, low=1)
+    allocation: str = choice("sensitivity", ALLOCATIONS)
+    sensitivity_batches: int = bounded(4, low=1)
+    sensitivity_rounds: int = bounded(2, low=1)
     split_heads: bool = True
