@@ -36,7 +36,7 @@ JOBS: list[tuple[str, list | None]] = [
     ("quantize_int8", ["quantize_int8"]),
     ("quantize_dynamic", ["quantize_dynamic"]),
     ("fp16", ["fp16"]),
-    ("fp8", ["fp8"]),
+    ("fp8 (opset 19)", ["fp8"]),
     ("quantize_weights INT4", [{"quantize_weights": {"bits": 4}}]),
     ("quantize_weights INT4, GPTQ", [{"quantize_weights": {"bits": 4, "algorithm": "gptq"}}]),
     ("codebook", ["codebook"]),
@@ -58,7 +58,8 @@ steps = {steps!r}
 if steps is not None:
     recipe = Recipe.load(steps) if isinstance(steps, str) else Recipe.from_dict(steps)
     data = open_source("random", model, count={samples}, seed=0)
-    compress({path!r}, recipe, calibration=data, compare=False)
+    opset = 19 if any(step.name == "fp8" for step in recipe.steps) else None
+    compress({path!r}, recipe, calibration=data, compare=False, target_opset=opset)
 print(json.dumps({{"seconds": time.perf_counter() - start, "peak_rss_mib": self_peak_rss_mib()}}))
 """
 
