@@ -25,11 +25,11 @@ from onnxsim.pruning import analyze_pruning_sensitivity, apply_structured_prunin
 
 from benchmarks import common
 from onnx_squeeze import runtime
-from onnx_squeeze.analysis import resolve_input_shapes
 from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.passes.prune_channels import PruneChannels
 from onnx_squeeze.passes.prune_channels.trace import build_groups
 from onnx_squeeze.records import PassContext
+from onnx_squeeze.shapes import resolve_input_shapes
 
 MODELS = ("resnet50", "mobilenetv2", "yolo", "transformer")
 TARGETS = (0.3, 0.5)

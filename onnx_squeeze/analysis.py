@@ -1,7 +1,8 @@
 """Per-node parameters, multiply-accumulates (MACs) and weight sparsity, with model totals.
 
 MACs are counted from concrete shapes: symbolic input dimensions are set from the caller's
-``shapes`` (or 1, the batch), and onnx shape inference with data propagation runs on a clone of
+``shapes`` (:mod:`onnx_squeeze.shapes`: never guessed; MACs are unknown without them), and onnx
+shape inference with data propagation runs on a clone of
 the model, with its large initializers turned into typed graph inputs, so that the caller's model
 is never modified and large models are not serialized with their weights.
 
@@ -36,21 +37,16 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnx_squeeze.errors import SettingsError, ShapeUnknownError
+from onnx_squeeze.shapes import Shape, display_dims, resolve_input_shapes
 
 __all__ = [
     "MAC_OPS",
-    "InputShapes",
     "ModelSummary",
     "NodeCost",
     "analyze",
-    "concrete_input_shapes",
-    "feed_shapes",
     "node_macs",
-    "resolve_input_shapes",
 ]
 
-Shape = tuple[int, ...]
 ShapeOf = Callable[["ir.Value | None"], "Shape | None"]
 
 # Initializers larger than this are fed to shape inference as typed inputs, without their data.
@@ -179,19 +175,6 @@ def _static(shape: ir.Shape | Sequence[object] | None) -> Shape | None:
     return None
 
 
-def _display_dims(shape: ir.Shape | None) -> tuple[int | str, ...]:
-    if shape is None:
-        return ()
-    dims: list[int | str] = []
-    for dim in shape:
-        if isinstance(dim, int):
-            dims.append(dim)
-        else:
-            text = str(dim.value) if getattr(dim, "value", None) is not None else "?"
-            dims.append(text)
-    return tuple(dims)
-
-
 def _dtype_name(dtype: ir.DataType | None) -> str:
     if dtype is None:
         return "unknown"
@@ -199,137 +182,6 @@ def _dtype_name(dtype: ir.DataType | None) -> str:
         return str(np.dtype(dtype.numpy()))
     except (TypeError, ValueError, NotImplementedError):
         return dtype.name.lower()
-
-
-def _feedable_inputs(model: ir.Model) -> list[ir.Value]:
-    return [v for v in model.graph.inputs if v.name not in model.graph.initializers]
-
-
-@dataclasses.dataclass
-class InputShapes:
-    """The input shapes a run uses, and the dimensions nothing gave (None in ``shapes``).
-
-    Sources, in order: the caller's overrides (``--shape``, or the data's first feed), a named
-    symbolic dimension learnt from another input, the model's fixed dimensions, ``batch`` for a
-    symbolic first dimension, and ``default_dim`` (only when asked for) for any other.
-    """
-
-    shapes: dict[str, tuple[int | None, ...]]
-    declared: dict[str, tuple[int | str, ...] | None]
-
-    @property
-    def missing(self) -> list[str]:
-        """``name[axis]`` of every dimension nothing gave, and inputs with no shape at all."""
-        found = []
-        for name, shape in self.shapes.items():
-            if self.declared[name] is None:
-                found.append(f"{name} (no shape in the model)")
-            found.extend(f"{name}[{axis}]" for axis, d in enumerate(shape) if d is None)
-        return found
-
-    def hint(self) -> str:
-        """One line: which dimensions are unknown and the ``--shape`` that would give them."""
-        flags = []
-        for name, shape in self.shapes.items():
-            declared = self.declared[name]
-            if declared is None:
-                flags.append(f"--shape {name}:<its dims, e.g. 1x3x224x224>")
-            elif None in shape:
-                dims = [
-                    str(d) if d is not None else str(declared[axis]).upper().replace("?", "N")
-                    for axis, d in enumerate(shape)
-                ]
-                flags.append(f"--shape {name}:{'x'.join(dims)}")
-        return (
-            f"input dimensions {', '.join(self.missing)} are not given by the model, the data "
-            f"or the options, and are never guessed: pass {' '.join(flags)} (or give data)"
-        )
-
-    def concrete(self) -> dict[str, Shape]:
-        """The shapes, all known; a :class:`ShapeUnknownError` with the hint otherwise."""
-        if self.missing:
-            raise ShapeUnknownError(self.hint())
-        return {name: tuple(int(d) for d in shape) for name, shape in self.shapes.items()}  # type: ignore[arg-type]
-
-
-def resolve_input_shapes(
-    model: ir.Model,
-    shapes: Mapping[str, Sequence[int]] | None = None,
-    *,
-    batch: int | None = None,
-    default_dim: int | None = None,
-) -> InputShapes:
-    """The input shapes from ``shapes`` (whole inputs), the model, ``batch`` (a symbolic first
-    dimension, default 1) and ``default_dim`` (any other symbolic dimension, only when given);
-    what none of them gives stays None (see :class:`InputShapes`)."""
-    inputs = _feedable_inputs(model)
-    shapes = dict(shapes or {})
-    names = [value.name for value in inputs]
-    unknown = sorted(set(shapes) - set(names))
-    if unknown:
-        raise SettingsError(
-            f"--shape names {', '.join(map(repr, unknown))}, which the model does not take; "
-            f"its inputs are {', '.join(map(repr, names)) or 'none'}"
-        )
-    dim_values: dict[str, int] = {}
-    result: dict[str, tuple[int | None, ...]] = {}
-    declared: dict[str, tuple[int | str, ...] | None] = {
-        value.name: _display_dims(value.shape) if value.shape is not None else None
-        for value in inputs
-    }
-    for value in inputs:
-        if value.name not in shapes:
-            continue
-        dims = declared[value.name]
-        override = tuple(int(d) for d in shapes[value.name])
-        if dims is not None and len(override) != len(dims):
-            raise SettingsError(
-                f"--shape {value.name}: got {len(override)} dims, the model input has {len(dims)}"
-            )
-        if any(d <= 0 for d in override):
-            raise SettingsError(
-                f"--shape {value.name}: dimensions must be positive, got {override}"
-            )
-        for dim, size in zip(dims or (), override, strict=False):
-            if isinstance(dim, str) and dim != "?":
-                dim_values.setdefault(dim, size)
-        result[value.name] = override
-        declared[value.name] = dims if dims is not None else override
-    for value in inputs:
-        if value.name in result:
-            continue
-        found: list[int | None] = []
-        for axis, dim in enumerate(declared[value.name] or ()):
-            if isinstance(dim, int) and dim > 0:
-                found.append(dim)
-            elif isinstance(dim, str) and dim in dim_values:
-                found.append(dim_values[dim])
-            elif axis == 0:
-                size = batch or 1
-                if isinstance(dim, str) and dim != "?":
-                    dim_values[dim] = size
-                found.append(size)
-            else:
-                found.append(default_dim)
-        result[value.name] = tuple(found)
-    return InputShapes(result, declared)
-
-
-def concrete_input_shapes(
-    model: ir.Model,
-    shapes: Mapping[str, Sequence[int]] | None = None,
-    *,
-    batch: int | None = None,
-    default_dim: int | None = None,
-) -> dict[str, Shape]:
-    """Concrete shapes for the graph inputs (:func:`resolve_input_shapes`); a
-    :class:`ShapeUnknownError` naming the dimensions nothing gave, with the ``--shape`` hint."""
-    return resolve_input_shapes(model, shapes, batch=batch, default_dim=default_dim).concrete()
-
-
-def feed_shapes(feed: Mapping[str, Any]) -> dict[str, Shape]:
-    """The shapes of a feed's arrays: the data's own shapes."""
-    return {name: tuple(int(d) for d in np.shape(array)) for name, array in feed.items()}
 
 
 def _collect_proto_shapes(graph: onnx.GraphProto, into: dict[str, tuple[int | None, ...]]) -> None:
@@ -751,12 +603,12 @@ def analyze(
         macs=None if resolved.missing else sum(node.macs for node in nodes),
         op_histogram=dict(sorted(histogram.items(), key=lambda item: (-item[1], item[0]))),
         inputs=[
-            (v.name, _dtype_name(v.dtype), _display_dims(v.shape))
+            (v.name, _dtype_name(v.dtype), display_dims(v.shape))
             for v in model.graph.inputs
             if v.name not in initializer_names
         ],
         outputs=[
-            (v.name, _dtype_name(v.dtype), _display_dims(v.shape)) for v in model.graph.outputs
+            (v.name, _dtype_name(v.dtype), display_dims(v.shape)) for v in model.graph.outputs
         ],
         opsets=dict(model.opset_imports),
         ir_version=model.ir_version,

@@ -39,11 +39,12 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnx_squeeze.analysis import ModelSummary, analyze, concrete_input_shapes, feed_shapes
+from onnx_squeeze.analysis import ModelSummary, analyze
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.fidelity import OutputFidelity, accumulators, probability_outputs
 from onnx_squeeze.progress import track
 from onnx_squeeze.runtime import create_session, input_specs, random_feed, resolve_provider
+from onnx_squeeze.shapes import concrete_input_shapes, feed_shapes
 
 __all__ = [
     "Comparison",

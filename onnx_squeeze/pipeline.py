@@ -20,7 +20,6 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnx_squeeze import gates, model_io, report, verdict
-from onnx_squeeze.analysis import concrete_input_shapes, feed_shapes, resolve_input_shapes
 from onnx_squeeze.calibration import (
     HOLDOUT_EVERY,
     CalibrationSource,
@@ -33,6 +32,7 @@ from onnx_squeeze.errors import SettingsError, UnsupportedModelError
 from onnx_squeeze.prepare import PrepareSettings, prepare
 from onnx_squeeze.recipe import Recipe
 from onnx_squeeze.records import PassContext, PassReport
+from onnx_squeeze.shapes import concrete_input_shapes, feed_shapes, resolve_input_shapes
 
 
 @dataclasses.dataclass

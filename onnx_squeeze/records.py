@@ -14,9 +14,9 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnx_squeeze.analysis import InputShapes, concrete_input_shapes
 from onnx_squeeze.calibration.service import Calibration
 from onnx_squeeze.calibration.sources import CalibrationSource
+from onnx_squeeze.shapes import InputShapes, concrete_input_shapes
 
 # Metadata on every node a pass creates: the pass's name (provenance), and the node it was made
 # from (a factorized layer's halves, a quantized copy), for matching student and teacher.

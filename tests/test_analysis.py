@@ -9,8 +9,9 @@ import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 
-from onnx_squeeze.analysis import analyze, concrete_input_shapes
+from onnx_squeeze.analysis import analyze
 from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.shapes import concrete_input_shapes
 
 
 def _model(text: str, **initializers: np.ndarray) -> onnx.ModelProto:

@@ -9,7 +9,6 @@ import pytest
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnx_squeeze import analysis, latency_search, runtime, zoo
-from onnx_squeeze.analysis import resolve_input_shapes
 from onnx_squeeze.calibration import RandomSource, StatisticsCollector
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import constant_array
@@ -18,6 +17,7 @@ from onnx_squeeze.passes.prune_channels.rewrite import kept_channels
 from onnx_squeeze.passes.prune_channels.sensitivity import Sensitivity
 from onnx_squeeze.passes.prune_channels.trace import build_groups
 from onnx_squeeze.records import PassContext
+from onnx_squeeze.shapes import resolve_input_shapes
 from tests.helpers import assert_same_outputs, check, random_feeds, run
 from tests.test_channel_groups import FROZEN_GRAPHS, GRAPHS, graph_model, zoo_model
 

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.runtime import InputSpec, input_specs, random_feed
+from onnx_squeeze.shapes import concrete_input_shapes
 
 Feed = dict[str, np.ndarray]
 
@@ -637,12 +638,10 @@ def open_source(
     :func:`onnx_squeeze.runtime.parse_shape_overrides`) sets symbolic dimensions for random data
     and image sizes; ``batch_size`` defaults to the model's fixed batch dimension, else 1;
     ``limit`` caps the samples read from files or images. Random data takes its shapes from
-    :func:`analysis.concrete_input_shapes` (a :class:`ShapeUnknownError` when nothing gives a
+    :func:`shapes.concrete_input_shapes` (a :class:`ShapeUnknownError` when nothing gives a
     dimension and no ``default_dim`` is asked for).
     """
     if spec is None or (isinstance(spec, str) and spec == "random"):
-        from onnx_squeeze.analysis import concrete_input_shapes
-
         shapes = concrete_input_shapes(model, shapes, batch=batch_size, default_dim=default_dim)
         return RandomSource(input_specs(model), count, seed, shapes)
     if isinstance(spec, CalibrationSource):
