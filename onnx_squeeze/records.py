@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from onnx_squeeze.calibration.service import Calibration
 from onnx_squeeze.calibration.sources import CalibrationSource
+from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.shapes import InputShapes, concrete_input_shapes
 
 # Metadata on every node a pass creates: the pass's name (provenance), and the node it was made
@@ -111,6 +112,15 @@ class PassContext:
         """The calibration service, typed (``calibration`` is always one after construction)."""
         assert isinstance(self.calibration, Calibration)
         return self.calibration
+
+    def require_teacher(self, pass_name: str) -> ir.Model:
+        """The teacher, or the error that says how a pass that fits to it gets one."""
+        if self.teacher is None:
+            raise SettingsError(
+                f"{pass_name} needs the original model as teacher: run it through compress() "
+                "(onnx-squeeze compress), which provides it"
+            )
+        return self.teacher
 
     def input_shapes(self, model: ir.Model) -> dict[str, tuple[int, ...]]:
         """Concrete input shapes for ``model``; a :class:`ShapeUnknownError` with the ``--shape``

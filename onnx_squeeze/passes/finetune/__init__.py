@@ -206,12 +206,7 @@ class Finetune(Pass):
             raise SettingsError(NO_TORCH_MESSAGE)
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
-        teacher = context.teacher
-        if teacher is None:
-            raise SettingsError(
-                "finetune needs the original model as teacher: run it through compress() "
-                "(onnx-squeeze compress), which provides it"
-            )
+        teacher = context.require_teacher("finetune")
         if not self._supported(model, report):
             return
         if not _matched_float_outputs(model, teacher):

@@ -39,7 +39,6 @@ from onnx_squeeze import fidelity
 from onnx_squeeze.calibration import joined
 from onnx_squeeze.calibration.runner import TensorRunner
 from onnx_squeeze.calibration.sources import Feed
-from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.passes.reconstruct.linear import Edits
 from onnx_squeeze.passes.reconstruct.planner import Planner
@@ -71,12 +70,7 @@ class Reconstruct(Pass):
     Settings = ReconstructSettings
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
-        teacher = context.teacher
-        if teacher is None:
-            raise SettingsError(
-                "reconstruct needs the original model as teacher: run it through compress() "
-                "(onnx-squeeze compress), which provides it"
-            )
+        teacher = context.require_teacher("reconstruct")
         TopologicalSortPass()(model)
         layers = Planner(self.settings, teacher, report).plan(model, teacher)
         if not layers:
