@@ -39,7 +39,7 @@ Steps, each switchable in :class:`PrepareSettings`:
 BN scales: folding loses the BatchNormalization's per-channel scale, which the BN-scale pruning
 criterion needs. The folded node keeps ``|gamma| / sqrt(running_var + epsilon)``, one float per
 output channel, as a JSON list in its ``metadata_props`` under :data:`BN_SCALE_KEY`
-(``"onnx_squeeze.bn_scale"``); :func:`bn_scale` reads it back. It is saved with the model. A pass
+(``"onnx_squeeze.bn_scale"``); :func:`onnx_squeeze.records.bn_scale` reads it back. It is saved with the model. A pass
 that removes or reorders output channels of such a node must update the list the same way.
 """
 
@@ -69,12 +69,10 @@ from onnx_ir.passes.common import (
 
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, set_input_constant
-from onnx_squeeze.records import PassReport
+from onnx_squeeze.records import BN_SCALE_KEY, PassReport
 
 __all__ = [
-    "BN_SCALE_KEY",
     "PrepareSettings",
-    "bn_scale",
     "fold_batchnorm",
     "fold_constants",
     "infer_shapes",
@@ -84,9 +82,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# metadata_props key on a node into which a BatchNormalization was folded: JSON list of
-# |gamma| / sqrt(var + eps), one float per output channel of the node.
-BN_SCALE_KEY = "onnx_squeeze.bn_scale"
 
 # The child process that runs onnxsim: ``<command> SRC DST OPTIONS_JSON``. It writes the simplified
 # model to DST and exits 0, or exits non-zero. Tests replace this to simulate crashes and hangs.
@@ -644,14 +639,6 @@ def fold_batchnorm(model: ir.Model, report: PassReport) -> int:
         else:
             report.skip(node, f"not folded: {reason}")
     return folded
-
-
-def bn_scale(node: ir.Node) -> np.ndarray | None:
-    """The folded BatchNormalization scale ``|gamma|/sqrt(var+eps)`` kept on ``node``, or None."""
-    text = node.metadata_props.get(BN_SCALE_KEY)
-    if text is None:
-        return None
-    return np.asarray(json.loads(text), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------

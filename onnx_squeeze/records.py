@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze.calibration.service import Calibration
@@ -26,6 +28,9 @@ SOURCE_NODE_KEY = "onnx_squeeze.source_node"
 # On a value whose channels a pass removed: the axis and the original indices kept (JSON), so a
 # later pass (recovery) can match the value to the teacher's.
 KEPT_CHANNELS_KEY = "onnx_squeeze.kept_channels"
+# On a node into which prepare folded a BatchNormalization: |gamma| / sqrt(var + eps) per output
+# channel (JSON), for the BN-scale pruning criterion. Saved with the model.
+BN_SCALE_KEY = "onnx_squeeze.bn_scale"
 
 
 @dataclasses.dataclass
@@ -151,3 +156,11 @@ def unselected(name: str, include: Sequence[str] = (), exclude: Sequence[str] = 
     if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
         return "not matched by include"
     return None
+
+
+def bn_scale(node: ir.Node) -> np.ndarray | None:
+    """The folded BatchNormalization scale ``|gamma|/sqrt(var+eps)`` kept on ``node``, or None."""
+    text = node.metadata_props.get(BN_SCALE_KEY)
+    if text is None:
+        return None
+    return np.asarray(json.loads(text), dtype=np.float32)

@@ -13,7 +13,8 @@ from onnx import helper, numpy_helper
 
 from onnx_squeeze import prepare as prepare_module
 from onnx_squeeze.errors import SettingsError
-from onnx_squeeze.prepare import BN_SCALE_KEY, PrepareSettings, bn_scale, prepare
+from onnx_squeeze.prepare import PrepareSettings, prepare
+from onnx_squeeze.records import BN_SCALE_KEY, bn_scale
 from onnx_squeeze.runtime import create_session, input_specs, random_feed
 
 try:  # zoo.py is written in parallel; the zoo tests skip until it exists

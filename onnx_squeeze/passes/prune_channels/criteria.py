@@ -21,7 +21,7 @@ from onnx_squeeze.graph_utils import constant_array
 from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.least_squares import reconstruction_importance
 from onnx_squeeze.passes.prune_channels.groups import ChannelAnalysis, ChannelGroup, Member, Slot
-from onnx_squeeze.prepare import bn_scale
+from onnx_squeeze.records import bn_scale
 
 _EPSILON = 1e-12
 # Ridge (relative to the mean input variance) of the refits that rank channels for the

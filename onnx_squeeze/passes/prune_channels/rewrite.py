@@ -13,8 +13,7 @@ import onnx_ir as ir
 
 from onnx_squeeze.graph_utils import UniqueNames, constant_array, set_input_constant
 from onnx_squeeze.passes.prune_channels.groups import ChannelAnalysis, Slot
-from onnx_squeeze.prepare import BN_SCALE_KEY, bn_scale
-from onnx_squeeze.records import KEPT_CHANNELS_KEY, PassReport
+from onnx_squeeze.records import BN_SCALE_KEY, KEPT_CHANNELS_KEY, PassReport, bn_scale
 
 
 def kept_indices(
