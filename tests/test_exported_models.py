@@ -64,7 +64,9 @@ def test_int8_on_exported_vit_keeps_dynamic_batch(robustness, exported):
     """Static INT8 on a TorchScript ViT (class-token Concat, LayerNormalization, Erf GELU)."""
     path = exported("vit")
     source = calibration.open_source("random", model_io.load(path), count=4)
-    result = compress(str(path), Recipe.from_dict([{"quantize_int8": {}}]), calibration=source, compare=False)
+    result = compress(
+        str(path), Recipe.from_dict([{"quantize_int8": {}}]), calibration=source, compare=False
+    )
     helpers.check(result.model)
     assert_batch_dynamic(result.model)
     assert any(node.op_type == "QuantizeLinear" for node in result.model.graph)

@@ -350,7 +350,9 @@ def test_the_teacher_keeps_its_weights() -> None:
 
 
 def test_in_the_pipeline_with_notes_on_sparsity_and_gzip_size() -> None:
-    result = compress(zoo.small("mlp"), Recipe.from_cli(["prune_weights:mode=nm,min_params=0"]), compare=False)
+    result = compress(
+        zoo.small("mlp"), Recipe.from_cli(["prune_weights:mode=nm,min_params=0"]), compare=False
+    )
     (report,) = result.passes
     assert report.changed and any("gzip" in note for note in report.notes)
     assert any("sparsity 0.000 -> 0.500" in note for note in report.notes)
