@@ -53,9 +53,15 @@ def _output_error(
     student: ir.Model, reference: list[dict[str, np.ndarray]], feeds: list[Feed]
 ) -> float:
     """Worst relative squared error (1 - R²) over the graph outputs on ``feeds``."""
-    runner = TensorRunner(student, list(reference[0]))
-    measured = fidelity.measure(reference, [runner(feed) for feed in feeds])
+    measured = fidelity.measure(reference, _outputs(student, list(reference[0]), feeds))
     return max((output.relative_error for output in measured.values()), default=0.0)
+
+
+def _outputs(model: ir.Model, names: list[str], feeds: list[Feed]) -> list[dict[str, np.ndarray]]:
+    """The named tensors on every feed; the session goes once they are computed (a ResNet-50
+    session and its arena for a batch of 8 are ~250 MB, not to be held through the waves)."""
+    runner = TensorRunner(model, names)
+    return [runner(feed) for feed in feeds]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +84,7 @@ class Reconstruct(Pass):
             return
         feeds = context.data.first_samples(self.settings.samples, "recovery", report.notes)
         feeds = joined(feeds, _BATCH, teacher)
-        teacher_run = TensorRunner(teacher, [v.name for v in model.graph.outputs])
-        reference = [teacher_run(feed) for feed in feeds]
+        reference = _outputs(teacher, [v.name for v in model.graph.outputs], feeds)
         before = _output_error(model, reference, feeds)
         edits = Edits(model)
         every = self.settings.refresh_every
