@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from onnx_squeeze import analysis, runtime
 from onnx_squeeze.blas import blas_threads
-from onnx_squeeze.calibration.grams import BUDGET_BYTES, GramSpec, budget_groups, collect_grams
+from onnx_squeeze.calibration.grams import GramSpec, budget_groups, collect_grams
 from onnx_squeeze.errors import SettingsError, ShapeUnknownError
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.passes.base import Pass, bounded, choice, register, subset
@@ -54,6 +54,9 @@ from onnx_squeeze.records import PassContext, PassReport, unselected
 SCHEMES = ("auto", "svd", "channel", "spatial", "tucker2")
 SUPPORTED_OPS = ("Gemm", "MatMul", "Conv")
 DEFAULT_ENERGY = 0.95
+# Data-aware Grams (float64) held at once: one 3×3 Conv over 512 channels (170 MB) per
+# calibration pass, since each is held again twice while its Cholesky root is computed.
+GRAM_BUDGET = 192 * 2**20
 
 
 @dataclasses.dataclass
@@ -178,9 +181,9 @@ class LowRank(Pass):
     ) -> None:
         """Decompose every plan, whitened by its input Gram in data-aware mode.
 
-        Memory is that of one budget group of Grams (``grams.BUDGET_BYTES``) and one whitening
-        at a time: the Grams are collected group by group, and each Gram and its whitening (a
-        Cholesky root and its inverse, twice its size) is dropped once the plans that share its
+        Memory is that of one budget group of Grams (``GRAM_BUDGET``) and one whitening at a
+        time: the Grams are collected group by group, each Gram is overwritten by its damping
+        and dropped once its Cholesky root is made, and the root once the plans that share its
         input are decomposed. Held for every layer at once, they took a data-aware ResNet-50 to
         2.7 GB. They are not kept in the calibration store: the rewritten model is another
         model, so no later pass could read them."""
@@ -191,7 +194,7 @@ class LowRank(Pass):
         by_input: dict[GramSpec | None, list[Plan]] = {}
         for plan, spec in specs.items():
             by_input.setdefault(spec, []).append(plan)
-        groups = budget_groups([spec for spec in by_input if spec is not None], BUDGET_BYTES)
+        groups = budget_groups([spec for spec in by_input if spec is not None], GRAM_BUDGET)
         progress = iter(track(every, "low_rank decompositions"))
         for group in [[None], *groups]:
             wanted = [spec for spec in group if spec is not None]
@@ -210,7 +213,9 @@ class LowRank(Pass):
             for spec in group:
                 moments = grams.pop(spec, None) if spec is not None else None
                 white = (
-                    factorize.whitening(moments.gram, self.settings.damping, moments.rows)
+                    factorize.whitening(
+                        moments.gram, self.settings.damping, moments.rows, overwrite=True
+                    )
                     if moments is not None
                     else None
                 )

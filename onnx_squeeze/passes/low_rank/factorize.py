@@ -18,33 +18,41 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Whitening:
-    """``root`` L (the Cholesky factor) with ``L Lᵀ = gram + damping``, and its inverse."""
+    """``root`` L (the Cholesky factor) with ``L Lᵀ = gram + damping``.
+
+    No inverse is kept: undoing ``Lᵀ`` is a solve, which needs one copy of L for its duration
+    where an inverse would hold one for the plan's life and two more while it is computed (a
+    4608-feature Gram, a 3×3 Conv over 512 channels, is 170 MB)."""
 
     root: np.ndarray
-    inverse: np.ndarray
+
+    def unwhiten(self, matrix: np.ndarray) -> np.ndarray:
+        """``L⁻ᵀ · matrix``."""
+        return np.linalg.solve(self.root.T, matrix)
 
 
-def whitening(gram: np.ndarray, damping: float, samples: int | None = None) -> Whitening | None:
+def whitening(
+    gram: np.ndarray, damping: float, samples: int | None = None, *, overwrite: bool = False
+) -> Whitening | None:
     """The whitening of an input second-moment matrix, None when it holds no information.
 
     ``damping`` (a fraction of the mean eigenvalue, added to the diagonal) keeps directions the
     calibration data never excited from being ignored entirely, as GPTQ's ``percdamp`` does.
     With ``samples`` (input vectors summed into ``gram``) below the number of features, the
     estimate is poor and the damping grows as ``(features / samples)²``, shrinking toward plain
-    SVD rather than overfitting the few samples seen.
+    SVD rather than overfitting the few samples seen. ``overwrite``: the damping is added to
+    ``gram`` itself, which the caller then drops, rather than to a copy.
     """
     if samples:
         damping = max(damping, (gram.shape[0] / samples) ** 2)
-    gram = np.asarray(gram, dtype=np.float64)
-    symmetric = gram + gram.T  # in place from here: a 4608-feature Gram is 170 MB
-    symmetric *= 0.5
-    mean = float(np.trace(symmetric)) / symmetric.shape[0]
+    gram = np.asarray(gram, dtype=np.float64) if overwrite else np.array(gram, dtype=np.float64)
+    mean = float(np.trace(gram)) / gram.shape[0]
     if not mean > 0 or not math.isfinite(mean):
         return None
-    symmetric[np.diag_indices_from(symmetric)] += max(damping, 1e-9) * mean
-    root = np.linalg.cholesky(symmetric)  # several times cheaper than eigh
-    del symmetric
-    return Whitening(root, np.linalg.inv(root))
+    gram[np.diag_indices_from(gram)] += max(damping, 1e-9) * mean
+    # Cholesky reads one triangle, so the Gram (symmetric to rounding) is not symmetrized
+    # first; it is several times cheaper than eigh.
+    return Whitening(np.linalg.cholesky(gram))
 
 
 def rank_for_energy(cumulative: np.ndarray, energy: float) -> int:
@@ -87,7 +95,7 @@ class MatrixFactorization:
         u, singular, vt = thin_svd(target)
         # Factors are kept in float32 (the precision they are written in): every plan of every
         # layer holds its factors until ranks are chosen, twice the memory in float64.
-        self._left = (u if white is None else white.inverse.T @ u).astype(np.float32)
+        self._left = (u if white is None else white.unwhiten(u)).astype(np.float32)
         self._singular = singular
         self._right = vt.astype(np.float32)
         self.cumulative = _cumulative(singular**2)
@@ -155,7 +163,7 @@ class Tucker2:
         """(reduce (r_in, C), core (r_out, r_in, *k), expand (O, r_out))."""
         reduce = self._u_in[:, :rank_in].T
         if self._white is not None:
-            reduce = reduce @ self._white.inverse
+            reduce = self._white.unwhiten(reduce.T).T
         return reduce, self._core[:rank_out, :rank_in], self._u_out[:, :rank_out]
 
 
