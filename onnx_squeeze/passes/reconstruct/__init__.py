@@ -25,8 +25,7 @@ With ``guard`` (default), the refit is undone when it makes the model's outputs 
 calibration data further from the teacher's than before.
 
 Modules: :mod:`.planner` (which layers, which method, which wave), :mod:`.waves` (the fits),
-:mod:`.linear` (layers as regressions, constants written with undo), :mod:`.samples` (the
-calibration samples held in memory).
+:mod:`.linear` (layers as regressions, constants written with undo), :mod:`.settings`.
 """
 
 from __future__ import annotations
