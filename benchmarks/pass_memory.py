@@ -12,13 +12,14 @@ the comparison; the first rows are the floor (loading the model, then preparing 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import markdown_table, meta, run_isolated, write_results
+from common import RESULTS, markdown_table, meta, run_isolated, write_results
 
 from onnx_squeeze import model_io, zoo
 
@@ -68,9 +69,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--samples", type=int, default=16, help="random calibration samples")
-    parser.add_argument("--only", nargs="*", help="labels to run (default: all)")
+    parser.add_argument(
+        "--only", nargs="*", help="labels to run (default: all); other rows kept from the last run"
+    )
     args = parser.parse_args()
-    rows = []
+    measured: dict[str, list] = {}
     folder = tempfile.TemporaryDirectory(prefix="pass-memory-")
     path = str(Path(folder.name) / f"{args.model}.onnx")
     model_io.save(zoo.build(args.model), path)  # built here: the numpy build is not measured
@@ -84,13 +87,18 @@ def main() -> None:
             found = run_isolated(code, timeout=3600)["result"]
         except RuntimeError as error:
             print(f"{label}: failed: {str(error).strip().splitlines()[-1]}", flush=True)
-            rows.append([label, None, None, "failed"])
+            measured[label] = [label, None, None, "failed"]
             continue
         peak = found["peak_rss_mib"]
         verdict = "yes" if peak <= GOAL_MIB else "NO"
-        rows.append([label, round(peak), f"{found['seconds']:.1f}", verdict])
+        measured[label] = [label, round(peak), f"{found['seconds']:.1f}", verdict]
         print(f"{label}: {peak:.0f} MiB, {found['seconds']:.1f} s", flush=True)
     headers = ["job", "peak RSS MiB", "seconds", f"≤ {GOAL_MIB} MiB"]
+    earlier = RESULTS / f"pass_memory_{args.model}.json"
+    if args.only and earlier.exists():
+        kept = {row["job"]: list(row.values()) for row in json.loads(earlier.read_text())["rows"]}
+        measured = {**kept, **measured}
+    rows = [measured[label] for label, _ in JOBS if label in measured]
     body = (
         f"`python benchmarks/pass_memory.py --model {args.model} --samples {args.samples}`: each "
         f"row is one `compress` (no comparison) in its own process, calibrated on {args.samples} "
