@@ -115,12 +115,6 @@ class GramAccumulator:
             self.y_squares += np.square(targets).sum(axis=1)
             self.rows += rows.shape[1]
 
-    def __add__(self, other: GramAccumulator) -> GramAccumulator:
-        total = GramAccumulator(1, self.features, 1, intercept=self.intercept)
-        for name in ("xtx", "xty", "y_sum", "y_squares", "rows"):
-            setattr(total, name, getattr(self, name) + getattr(other, name))
-        return total
-
     def squared_error(self, weight: np.ndarray) -> float:
         """Sum of squared residuals of ``weight`` (groups, features [+1], outputs)."""
         fitted = float(np.sum(weight * (self.xtx @ weight)))
@@ -141,9 +135,12 @@ class GramAccumulator:
             return gram, cross, np.zeros(gram.shape[:2]), np.zeros(self.y_sum.shape)
         x_mean = self.xtx[:, d, :d] / self.rows  # the ones column sums each feature
         y_mean = self.y_sum / self.rows
-        gram = gram - self.rows * np.einsum("gd,ge->gde", x_mean, x_mean)
-        cross = cross - self.rows * np.einsum("gd,ge->gde", x_mean, y_mean)
-        return gram, cross, x_mean, y_mean
+        return (
+            _minus_outer(gram, x_mean, x_mean, self.rows),
+            _minus_outer(cross, x_mean, y_mean, self.rows),
+            x_mean,
+            y_mean,
+        )
 
     def solutions(self, ridges: Sequence[float], prior: np.ndarray) -> Iterator[np.ndarray]:
         """Weights minimising ``|XW + b - Y|² + λ|W - prior|²`` for each ridge (the bias free),
@@ -157,14 +154,20 @@ class GramAccumulator:
         gram, cross, x_mean, y_mean = self._centered()
         scale = np.maximum(np.trace(gram, axis1=1, axis2=2) / self.features, _TINY)
         prior_features = prior[:, : self.features]
+        # The ridge goes on the Gram's own diagonal, restored after each solve: no copy of a
+        # Gram that is 170 MB for a 3×3 Conv over 512 channels (np.linalg.solve copies it once).
+        diagonal = np.arange(self.features)
+        saved = gram[:, diagonal, diagonal]
         for ridge in ridges:
             strength = ridge * scale
             if ridge > 0:
-                system = gram.copy()  # the ridge on the diagonal, without an identity matrix
-                system.reshape(len(system), -1)[:, :: self.features + 1] += strength[:, None]
+                gram[:, diagonal, diagonal] = saved + strength[:, None]
                 target = cross + strength[:, None, None] * prior_features
-                weight = np.linalg.solve(system, target)
-                del system, target
+                try:
+                    weight = np.linalg.solve(gram, target)
+                finally:
+                    gram[:, diagonal, diagonal] = saved
+                del target
             else:
                 weight = np.stack(
                     [np.linalg.lstsq(g, c, rcond=None)[0] for g, c in zip(gram, cross, strict=True)]
@@ -226,7 +229,14 @@ class RidgeFolds:
         self.folds[1].update(x[:, half:], y[:, half:])
 
     def total(self) -> GramAccumulator:
-        return self.folds[0] + self.folds[1]
+        """Both halves as one, summed into the first: the second half's sums are freed."""
+        first = self.folds[0]
+        for other in self.folds[1:]:
+            for name in ("xtx", "xty", "y_sum", "y_squares"):
+                np.add(getattr(first, name), getattr(other, name), out=getattr(first, name))
+            first.rows += other.rows
+        self.folds = [first]
+        return first
 
     def choose_ridge(self, candidates: Sequence[float], prior: np.ndarray) -> float:
         """The candidate with the smallest error on the half it was not fitted on."""
@@ -238,6 +248,13 @@ class RidgeFolds:
             for index, weight in enumerate(fit.solutions(candidates, prior)):
                 errors[index] += held_out.squared_error(weight)
         return float(candidates[int(np.argmin(errors))])
+
+
+def _minus_outer(sums: np.ndarray, a: np.ndarray, b: np.ndarray, rows: int) -> np.ndarray:
+    """``sums - rows * aᵀb`` per group, in one new array (the same values as written out)."""
+    outer = np.einsum("gd,ge->gde", a, b)
+    outer *= rows
+    return np.subtract(sums, outer, out=outer)
 
 
 def _diagonal_blocks(matrix: np.ndarray, taps: int) -> np.ndarray:

@@ -73,7 +73,8 @@ class Wave:
             for index, (layer, target) in enumerate(zip(self.layers, reference, strict=True)):
                 sums[index] = self.accumulate(index, layer, student, target, sums[index])
         del student_run, targets
-        for layer, accumulated in zip(self.layers, sums, strict=True):
+        for index, layer in enumerate(self.layers):
+            accumulated, sums[index] = sums[index], None  # each layer's sums go once applied
             problem = self.mismatch(layer, accumulated)
             if problem:
                 report.skip(layer.node, problem)
