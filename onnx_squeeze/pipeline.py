@@ -29,6 +29,7 @@ from onnx_squeeze.calibration import (
 from onnx_squeeze.calibration.service import RANDOM_SAMPLES, Calibration
 from onnx_squeeze.comparison import compare as compare_models
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
+from onnx_squeeze.passes.base import Pass
 from onnx_squeeze.prepare import PrepareSettings, prepare
 from onnx_squeeze.recipe import Recipe
 from onnx_squeeze.records import PassContext, PassReport
@@ -229,13 +230,7 @@ def _transform(
     if target_opset is not None:
         model = convert_opset(model, target_opset)
         notes.append(f"converted to opset {target_opset}")
-    opset = model_io.opset_version(model)
-    for step in passes:
-        if opset < step.min_opset:
-            raise UnsupportedModelError(
-                f"pass {step.name!r} needs opset >= {step.min_opset}, the model has opset {opset}; "
-                f"rerun with --target-opset {step.min_opset}"
-            )
+    model = _opset_for(model, passes, notes)
     input_problem = checker_problem(original)
     if input_problem:
         notes.append(
@@ -261,6 +256,27 @@ def _transform(
     pass_reports = [step(model, context) for step in passes]
     finalize(model, check=check and not input_problem)
     return model, prepare_report, pass_reports, notes
+
+
+def _opset_for(model: ir.Model, passes: Sequence[Pass], notes: list[str]) -> ir.Model:
+    """``model`` at the opset its passes need: converted with onnx's version converter when
+    a pass needs a newer one (opset 11/12 exports are common for detectors and OCR)."""
+    opset = model_io.opset_version(model)
+    needed = max(passes, key=lambda step: step.min_opset, default=None)
+    if needed is None or opset >= needed.min_opset:
+        return model
+    try:
+        converted = convert_opset(model, needed.min_opset)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(
+            f"pass {needed.name!r} needs opset >= {needed.min_opset}, the model has opset "
+            f"{opset}, and {error}"
+        ) from None
+    notes.append(
+        f"converted from opset {opset} to {needed.min_opset} for pass {needed.name!r} "
+        "(onnx's version converter)"
+    )
+    return converted
 
 
 def judge(

@@ -226,10 +226,10 @@ def test_passes():
     base.PASS_REGISTRY.pop(_Crashes.name)
 
 
-def test_opset_too_old_for_a_pass(tmp_path, capsys, test_passes):
+def test_opset_too_old_for_a_pass_is_converted(tmp_path, capsys, test_passes):
     source = tmp_path / "m.onnx"
     onnx.save(matmul_proto(opset=13), source)
-    code, _, err = run_cli(
+    code, out, err = run_cli(
         capsys,
         "compress",
         str(source),
@@ -237,15 +237,18 @@ def test_opset_too_old_for_a_pass(tmp_path, capsys, test_passes):
         str(tmp_path / "o.onnx"),
         "--pass",
         "test_needs_opset19",
+        "--runs",
+        "2",
     )
-    assert code == cli.EXIT_INPUT and "--target-opset 19" in err
-    assert not (tmp_path / "o.onnx").exists()
+    assert code == cli.EXIT_OK, err
+    assert "converted from opset 13 to 19" in out
+    assert model_io.opset_version(model_io.load(tmp_path / "o.onnx")) == 19
     code, _, err = run_cli(
         capsys,
         "compress",
         str(source),
         "-o",
-        str(tmp_path / "o.onnx"),
+        str(tmp_path / "o2.onnx"),
         "--pass",
         "test_needs_opset19",
         "--target-opset",
@@ -254,7 +257,7 @@ def test_opset_too_old_for_a_pass(tmp_path, capsys, test_passes):
         "2",
     )
     assert code == cli.EXIT_OK, err
-    assert model_io.opset_version(model_io.load(tmp_path / "o.onnx")) == 19
+    assert model_io.opset_version(model_io.load(tmp_path / "o2.onnx")) == 19
 
 
 def test_internal_error_is_exit_2_with_traceback_only_in_debug(

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
+from onnx import helper, numpy_helper
 
 import onnx_squeeze as sq
 from onnx_squeeze import model_io, zoo
-from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.errors import SettingsError, UnsupportedModelError
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +79,59 @@ def test_options_that_need_the_comparison_are_refused_without_it(mlp_path):
         sq.compress(str(mlp_path), checks=["cosine>=0.9"], compare=False)
     with pytest.raises(SettingsError, match="overwrite"):
         sq.compress(str(mlp_path), output=mlp_path)
+
+
+def _conv_net(opset: int) -> onnx.ModelProto:
+    """Conv-Relu-Conv-pool-Gemm exported at ``opset`` (11 and 12 are common for detectors/OCR)."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": rng.normal(0, 0.3, (8, 3, 3, 3)),
+        "b1": rng.normal(0, 0.1, 8),
+        "w2": rng.normal(0, 0.2, (8, 8, 3, 3)),
+        "w3": rng.normal(0, 0.2, (4, 8)),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w3"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "net",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(a.astype(np.float32), k) for k, a in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_an_old_opset_is_converted_for_the_pass_that_needs_a_newer_one(opset, tmp_path):
+    """INT8 needs opset 13 (per-axis Q/DQ): an opset 11/12 export is converted, and says so."""
+    source = tmp_path / "old.onnx"
+    onnx.save(_conv_net(opset), source)
+    recipe = sq.Recipe.from_cli(["quantize_int8"])
+    result = sq.compress(str(source), recipe, output=tmp_path / "q.onnx", runs=2)
+    assert model_io.opset_version(result.model) == 13
+    assert any(f"converted from opset {opset} to 13" in note for note in result.notes)
+    quantized = {node.op_type for node in result.model.graph}
+    assert "QuantizeLinear" in quantized  # the pass ran on the converted model
+    assert result.comparison["metrics"]["worst_channel_sqnr_db"] > 20
+    assert (tmp_path / "q.onnx").is_file()
+
+
+def test_an_opset_that_cannot_be_converted_is_refused_with_the_reason(tmp_path, monkeypatch):
+    source = tmp_path / "old.onnx"
+    onnx.save(_conv_net(11), source)
+
+    def fails(*_):
+        raise RuntimeError("No Adapter From Version $11 for Conv")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", fails)
+    with pytest.raises(UnsupportedModelError, match=r"needs opset >= 13.*No Adapter"):
+        sq.compress(str(source), sq.Recipe.from_cli(["quantize_int8"]), output=tmp_path / "q.onnx")
+    assert not (tmp_path / "q.onnx").exists()
