@@ -81,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quantize.add_argument("--bf16", action="store_true", help="bfloat16 weights and activations")
     quantize.add_argument("--fp8", action="store_true", help="FP8 (E4M3FN) QDQ, opset 19+")
     group.add_argument(
+        "--fp16-for",
+        choices=("cuda", "tensorrt", "cpu"),
+        help="the execution provider --fp16/--bf16 converts for (default cuda: nearly every op "
+        "in float16, half the size, no faster on CPU; cpu: only ops with native CPU kernels, "
+        "as fast as float32 there)",
+    )
+    group.add_argument(
         "--int8-method",
         choices=("minmax", "percentile", "entropy", "mse"),
         help="activation calibration method for --int8 (default mse: least expected squared error)",
@@ -157,7 +164,12 @@ def steps_from_args(args: argparse.Namespace, *, calibrated: bool) -> list[Step]
     if args.int8_dynamic:
         steps.append(Step("quantize_dynamic"))
     if args.fp16 or args.bf16:
-        steps.append(Step("fp16", {"dtype": "float16" if args.fp16 else "bfloat16"}))
+        settings = {"dtype": "float16" if args.fp16 else "bfloat16"}
+        if args.fp16_for is not None:
+            settings["provider"] = args.fp16_for
+        steps.append(Step("fp16", settings))
+    elif args.fp16_for is not None:
+        raise SettingsError("--fp16-for applies to --fp16 or --bf16; add one of them")
     if args.fp8:  # activations need calibrated ranges; without data, weights only
         steps.append(Step("fp8", {} if calibrated else {"activations": False}))
     if args.int4:

@@ -342,21 +342,6 @@ def test_initializer_that_is_also_an_input_gets_a_cast_not_a_conversion():
     np.testing.assert_allclose(run(model, feed)[0], run(original, feed)[0], rtol=1e-3)
 
 
-def test_subgraph_nodes_stay_fp32():
-    model = parse(
-        """<ir_version: 8, opset_import: ["": 17]>
-        g (float[2] x, bool c) => (float[2] y) {
-            y = If (c) <
-                then_branch = t () => (float[2] a) { a = Relu (x) },
-                else_branch = e () => (float[2] b) { b = Neg (x) }
-            >
-        }"""
-    )
-    report = convert(model, provider="none")
-    check(model)
-    assert "subgraphs" in report.skipped[0].detail
-
-
 def test_bf16_where_the_provider_has_kernels():
     model = zoo.small("mlp")
     original = model.clone()
