@@ -314,21 +314,39 @@ def test_codebook_file_size(bits, ratio):
     assert before / after > ratio
 
 
-def test_subgraph_nodes_are_reported_and_left_alone():
+def test_weights_inside_if_branches_are_encoded_once():
+    """An If whose branches both read an outer weight and one holds its own: every MatMul is
+    encoded, the outer weight once for both branches, the inner one in its own branch; the
+    result passes the checker and runs both ways."""
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
     branchy (bool c, float[N, 64] x) => (float[N, 32] y) {
         y = If(c) <
-            then_branch = then_graph () => (float[N, 32] t) { t = MatMul(x, w) },
+            then_branch = then_graph () => (float[N, 32] t) {
+                h = MatMul(x, w)
+                t = MatMul(h, inner)
+            },
             else_branch = else_graph () => (float[N, 32] e) { e = MatMul(x, w) }
         >
     }
     """
     model = _parse(text, {"w": RNG.standard_normal((64, 32))})
-    feed = {"c": np.array(True), "x": RNG.standard_normal((2, 64)).astype(np.float32)}
-    for name in ("quantize_weights", "codebook"):
+    then_branch = model.graph.node(0).attributes["then_branch"].value
+    inner = ir.Value(name="inner", const_value=ir.tensor(RNG.standard_normal((32, 32), np.float32)))
+    then_branch.register_initializer(inner)
+    then_branch.node(1).replace_input_with(1, inner)
+    x = RNG.standard_normal((2, 64)).astype(np.float32)
+    for name, op in (("quantize_weights", "MatMulNBits"), ("codebook", "MatMul")):
         student, report = _apply(model, name)
-        assert not report.changed and len(report.skipped) == 2
-        assert all("subgraph" in r.detail for r in report.skipped)
+        assert len(report.changed) == 3 and not report.skipped and not report.notes
+        assert "w" not in student.graph.initializers
+        branches = [
+            student.graph.node(-1).attributes[b].value for b in ("then_branch", "else_branch")
+        ]
+        assert "inner" not in branches[0].initializers and branches[0].initializers  # encoded there
+        assert [n.op_type for n in branches[0]][-2:] == [op, op]
+        assert [n.op_type for n in branches[1]] == [op]
         check(student)
-        np.testing.assert_array_equal(run(student, feed)[0], run(model, feed)[0])
+        for condition in (True, False):
+            feed = {"c": np.array(condition), "x": x}
+            assert _cosine(run(model, feed)[0], run(student, feed)[0]) > 0.99

@@ -23,8 +23,9 @@ from onnx_squeeze.passes.quantize.shared_weights import (
     array_initializer,
     drop_if_unused,
     group_by_weight,
-    in_subgraph,
     skip_all,
+    unreached_compute,
+    weight_nodes,
 )
 from onnx_squeeze.records import PassContext, PassReport, mark_created, unselected
 from onnx_squeeze.units import human_bytes
@@ -74,24 +75,24 @@ class CodebookWeights(Pass):
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         s = self.settings
-        in_subgraph(model, s.ops, report)
         consumers = []
-        for node in model.graph:
-            if node.op_type not in s.ops or node.domain != "":
-                continue
+        for node in weight_nodes(model, s.ops):
             found = unselected(node.name or "", exclude=s.exclude) or _weight_consumer(node)
             if isinstance(found, str):
                 report.skip(node, found)
             else:
                 consumers.append(found)
         names = UniqueNames(model)
-        for weight in group_by_weight(model.graph, consumers, report):
-            self._encode(model.graph, weight, names, report)
+        for weight in group_by_weight(consumers, report):
+            self._encode(weight, names, report)
+        unreached = unreached_compute(model, report, s.ops)
+        if unreached:
+            report.notes.append(unreached)
 
-    def _encode(
-        self, graph: ir.Graph, weight: SharedWeight, names: UniqueNames, report: PassReport
-    ) -> None:
-        s = self.settings
+    def _encode(self, weight: SharedWeight, names: UniqueNames, report: PassReport) -> None:
+        """One decoded copy of ``weight`` for all its readers, in the graph that holds it."""
+        s, graph = self.settings, weight.value.graph
+        assert graph is not None
         axis = weight.consumers[0].channel_axis % weight.array.ndim
         rows = _channel_rows(weight.array, axis, s.per_channel)
         codebook = weight_codecs.fit_codebook(rows, s.levels, s.bits, s.per_channel)
@@ -114,6 +115,8 @@ class CodebookWeights(Pass):
             f"{', per-channel scales' if s.per_channel else ''}; weight {weight.name!r} "
             f"{human_bytes(weight.array.nbytes)} → {human_bytes(size)}, relative error {error:.2%}"
         )
+        if len(weight.consumers) > 1:
+            detail += f" (shared by {len(weight.consumers)} nodes, stored once)"
         for node in weight.nodes:
             report.record(
                 node,
@@ -152,7 +155,9 @@ class _Decoder:
     ) -> None:
         self.graph, self.names, self.pass_name = graph, names, pass_name
         self.weight = weight.name
-        self.first_user = weight.nodes[0]  # decode nodes go before it, in topological order
+        # decode nodes read initializers only: they go first, before every reader (also those
+        # in If/Loop/Scan bodies, which see the graph that holds the weight)
+        self.first_node = graph[0]
 
     def constant(self, role: str, array: np.ndarray) -> ir.Value:
         return array_initializer(self.graph, self.names, f"{self.weight}/codebook/{role}", array)
@@ -163,7 +168,7 @@ class _Decoder:
         )
         mark_created(node, self.pass_name)
         node.outputs[0].name = self.names.new(f"{self.weight}/codebook/{role}_output")
-        self.graph.insert_before(self.first_user, node)
+        self.graph.insert_before(self.first_node, node)
         return node.outputs[0]
 
     def build(

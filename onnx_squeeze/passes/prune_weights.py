@@ -42,6 +42,7 @@ from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.base import Pass, bounded, choice, register, subset
+from onnx_squeeze.passes.quantize.shared_weights import Consumer, SharedWeight, skip_all
 from onnx_squeeze.records import PassContext, PassReport, unselected
 from onnx_squeeze.units import human_bytes
 
@@ -68,20 +69,6 @@ class PruneWeightsSettings:
     keep_last: bool = True  # layers with no Conv/Gemm/MatMul after them (classifier, heads)
     min_params: int = bounded(1024, low=0)  # weights with fewer elements are left alone
     measure_gzip: bool = True  # report gzip sizes (costs a few seconds on large models)
-
-
-@dataclasses.dataclass
-class _Weight:
-    """One constant weight tensor and the selected nodes that use it (several when shared)."""
-
-    value: ir.Value
-    array: np.ndarray
-    dtype: ir.DataType
-    users: list[Layer]
-
-    @property
-    def name(self) -> str:
-        return self.value.name or "<unnamed>"
 
 
 @register
@@ -123,10 +110,10 @@ class PruneWeights(Pass):
 
     def _select(
         self, graph: ir.Graph, report: PassReport
-    ) -> tuple[list[_Weight], dict[ir.Value, np.ndarray]]:
+    ) -> tuple[list[SharedWeight], dict[ir.Value, np.ndarray]]:
         """The weights to prune, and the arrays of every constant Conv/Gemm/MatMul weight."""
         first, last = _boundary_layers(graph)
-        chosen: dict[ir.Value, _Weight] = {}
+        chosen: dict[ir.Value, SharedWeight] = {}
         all_arrays: dict[ir.Value, np.ndarray] = {}
         for node in graph:
             if node.op_type not in SUPPORTED_OPS:
@@ -146,8 +133,8 @@ class PruneWeights(Pass):
             if reason:
                 report.skip(node, reason)
                 continue
-            weight = chosen.setdefault(value, _Weight(value, array, value.dtype, []))
-            weight.users.append(found)
+            weight = chosen.setdefault(value, SharedWeight(value, array, []))
+            weight.consumers.append(_consumer(found))
         return [w for w in chosen.values() if not _sharing_problem(w, report)], all_arrays
 
     def _selection_problem(
@@ -168,8 +155,8 @@ class PruneWeights(Pass):
     # -- masks ---------------------------------------------------------------------------------
 
     def _masks(
-        self, weights: list[_Weight], report: PassReport
-    ) -> list[tuple[_Weight, np.ndarray]]:
+        self, weights: list[SharedWeight], report: PassReport
+    ) -> list[tuple[SharedWeight, np.ndarray]]:
         """For each weight, a boolean array: True where the weight is kept."""
         s = self.settings
         if s.mode == "global":
@@ -181,8 +168,8 @@ class PruneWeights(Pass):
         return [(w, _ratio_mask(_magnitude(w.array), s.ratio)) for w in weights]
 
     def _global_masks(
-        self, weights: list[_Weight], report: PassReport
-    ) -> list[tuple[_Weight, np.ndarray]]:
+        self, weights: list[SharedWeight], report: PassReport
+    ) -> list[tuple[SharedWeight, np.ndarray]]:
         normalized = [_rms_normalized(_magnitude(w.array)) for w in weights]
         total = sum(n.size for n in normalized)
         count = round(self.settings.ratio * total)
@@ -194,9 +181,9 @@ class PruneWeights(Pass):
         report.notes.append(f"global threshold: |w| <= {cut:.4g} x the layer's RMS is pruned")
         return [(w, n > cut) for w, n in zip(weights, normalized, strict=True)]
 
-    def _nm_mask(self, weight: _Weight, report: PassReport) -> np.ndarray | None:
+    def _nm_mask(self, weight: SharedWeight, report: PassReport) -> np.ndarray | None:
         s = self.settings
-        axes = {layer.reduction_axes[0] for layer in weight.users}
+        axes = {c.reduction_axes[0] for c in weight.consumers}
         problem = None
         if len(axes) > 1:
             problem = f"users of shared weight {weight.name!r} reduce over different axes {axes}"
@@ -206,14 +193,13 @@ class PruneWeights(Pass):
             if size % s.m:
                 problem = f"reduction dim (axis {axis}) is {size}, not divisible by m={s.m}"
         if problem:
-            for layer in weight.users:
-                report.skip(layer.node, f"{s.n}:{s.m} not possible: {problem}")
+            skip_all(report, weight.nodes, f"{s.n}:{s.m} not possible: {problem}")
             return None
         return nm_mask(_magnitude(weight.array), axis, s.n, s.m)
 
     # -- report --------------------------------------------------------------------------------
 
-    def _record(self, weight: _Weight, pruned: np.ndarray, report: PassReport) -> None:
+    def _record(self, weight: SharedWeight, pruned: np.ndarray, report: PassReport) -> None:
         s = self.settings
         nonzero_before = int(np.count_nonzero(weight.array))
         nonzero_after = int(np.count_nonzero(pruned))
@@ -223,9 +209,9 @@ class PruneWeights(Pass):
         )
         if nonzero_after == nonzero_before:
             detail += " (no weight changed)"
-        first, *others = (layer.node for layer in weight.users)
+        first, *others = weight.nodes
         if s.mode == "nm":
-            axis = weight.users[0].reduction_axes[0]
+            axis = weight.consumers[0].reduction_axes[0]
             holds = nm_pattern_holds(pruned, axis, s.n, s.m)
             detail += f"; {s.n}:{s.m} along axis {axis}: {'holds' if holds else 'BROKEN'}"
         if others:
@@ -293,9 +279,18 @@ def _weight_layer(node: ir.Node) -> Layer | str | None:
     return layer
 
 
-def _sharing_problem(weight: _Weight, report: PassReport) -> bool:
+def _consumer(layer: Layer) -> Consumer:
+    return Consumer(
+        layer.node,
+        layer.weight_index,
+        channel_axis=layer.output_axis if layer.output_axis is not None else -1,
+        reduction_axes=layer.reduction_axes,
+    )
+
+
+def _sharing_problem(weight: SharedWeight, report: PassReport) -> bool:
     """Skip (and say why) a weight that a node outside the selection also uses."""
-    selected = {(layer.node, layer.weight_index) for layer in weight.users}
+    selected = {(c.node, c.index) for c in weight.consumers}
     outside = [u for u in weight.value.uses() if (u.node, u.idx) not in selected]
     if not outside:
         return False
@@ -304,8 +299,7 @@ def _sharing_problem(weight: _Weight, report: PassReport) -> bool:
         f"weight {weight.name!r} is shared with {other.op_type} {other.name!r}, which is not "
         "pruned (pruning would change it too)"
     )
-    for layer in weight.users:
-        report.skip(layer.node, reason)
+    skip_all(report, weight.nodes, reason)
     return True
 
 
@@ -364,7 +358,7 @@ def _gzip_size(arrays: Sequence[np.ndarray]) -> int:
 
 
 def _replace_weight(
-    weight: _Weight, array: np.ndarray, graph: ir.Graph, names: UniqueNames
+    weight: SharedWeight, array: np.ndarray, graph: ir.Graph, names: UniqueNames
 ) -> None:
     """Give every user of the weight the pruned tensor (one tensor, also when shared).
 
@@ -372,18 +366,18 @@ def _replace_weight(
     """
     value = weight.value
     if value.is_initializer() and value.graph is graph:
-        value.const_value = ir.tensor(array, dtype=weight.dtype, name=value.name)
+        value.const_value = ir.tensor(array, dtype=value.dtype, name=value.name)
         return
     name = names.new(f"{weight.name}_pruned")
     new = ir.Value(
         name=name,
         shape=ir.Shape(array.shape),
-        type=ir.TensorType(weight.dtype),
-        const_value=ir.tensor(array, dtype=weight.dtype, name=name),
+        type=ir.TensorType(value.dtype),
+        const_value=ir.tensor(array, dtype=value.dtype, name=name),
     )
     graph.register_initializer(new)
-    for layer in weight.users:
-        layer.node.replace_input_with(layer.weight_index, new)
+    for consumer in weight.consumers:
+        consumer.node.replace_input_with(consumer.index, new)
 
 
 def _boundary_layers(graph: ir.Graph) -> tuple[set[ir.Node], set[ir.Node]]:

@@ -4,6 +4,9 @@ Writes what onnxruntime fuses into DynamicQuantizeMatMul: DynamicQuantizeLinear 
 so that each fuses on its own), MatMulInteger with INT8 weights, Cast and the scale products.
 Embedding tables (Gather of rows from a constant matrix) are stored as INT8 rows with one scale
 per row, which are gathered alongside and multiplied in after a Cast.
+
+A weight read by several nodes (an LSTM unrolled over its time steps) is quantized once and
+every node reads that one copy; nodes in If/Loop/Scan bodies are quantized like the others.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.graph_utils import attribute, constant_array
+from onnx_squeeze.graph_utils import attribute, constant_array, new_initializer
 from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.base import Pass, register, subset
 from onnx_squeeze.passes.quantize import params as quant_params
@@ -26,6 +29,14 @@ from onnx_squeeze.passes.quantize.eligibility import (
 )
 from onnx_squeeze.passes.quantize.params import IntType
 from onnx_squeeze.passes.quantize.qdq import QdqWriter
+from onnx_squeeze.passes.quantize.shared_weights import (
+    Consumer,
+    SharedWeight,
+    drop_if_unused,
+    group_by_weight,
+    unreached_compute,
+    weight_nodes,
+)
 from onnx_squeeze.records import PassContext, PassReport
 
 DYNAMIC_OPS = ("MatMul", "Gemm", "Gather")
@@ -112,47 +123,97 @@ def _embedding_problem(node: ir.Node) -> str | None:
     return None
 
 
-def _embedding_replacement(writer: QdqWriter, node: ir.Node) -> tuple[list[ir.Node], str]:
-    """Gather of INT8 rows and of their scales, Cast, Mul: symmetric per row, so that a few
-    rows of large values (frequent or special tokens) do not coarsen every other row."""
-    table = constant_array(node.inputs[0])
-    quantized, scale, _ = quant_params.quantize_weight(table, 0, quant_params.INT8)
+@dataclasses.dataclass
+class _Encoder:
+    """Quantized weights (and scaled biases), made once per weight and form and read by every
+    node that uses them: the copies go into the graph that holds the float original, which the
+    readers see (their own graph or an enclosing one), named after the first reader."""
+
+    writer: QdqWriter
+    form: _DynamicForm
+    _made: dict[tuple, ir.Value | tuple[ir.Value, ...]] = dataclasses.field(default_factory=dict)
+
+    def _constant(self, home: ir.Value, wanted: str, array: np.ndarray, dtype: ir.DataType):
+        assert home.graph is not None
+        return new_initializer(home.graph, self.writer.names, wanted, array, dtype)
+
+    def embedding(self, weight: SharedWeight) -> tuple[ir.Value, ...]:
+        """INT8 rows of a table and one scale per row: symmetric per row, so that a few rows
+        of large values (frequent or special tokens) do not coarsen every other row."""
+        key = ("embedding", id(weight.value))
+        if key not in self._made:
+            quantized, scale, _ = quant_params.quantize_weight(weight.array, 0, quant_params.INT8)
+            name, value = weight.nodes[0].name, weight.value
+            self._made[key] = (
+                self._constant(value, f"{name}.table_quantized", quantized, ir.DataType.INT8),
+                self._constant(
+                    value,
+                    f"{name}.row_scale",
+                    scale.reshape(-1, 1).astype(np.float32),
+                    ir.DataType.FLOAT,
+                ),
+            )
+        return self._made[key]  # type: ignore[return-value]
+
+    def matrix(self, weight: SharedWeight, node: ir.Node) -> tuple[ir.Value, ...]:
+        """The ``[K, N]`` matrix (Gemm's transB undone) in the dynamic form: weight, scale,
+        zero point. Readers of one weight share its layout (:func:`group_by_weight`)."""
+        key = ("matrix", id(weight.value))
+        if key not in self._made:
+            layer = Layer.of(node)
+            assert isinstance(layer, Layer)
+            matrix = np.ascontiguousarray(layer.matrix())
+            form, qtype = self.form, self.form.qtype
+            if form.pair_bounded:
+                scale = quant_params.pair_bounded_scale(matrix, form.axis)
+                zero_point = np.zeros(scale.shape, qtype.numpy)
+                quantized = quant_params.quantize(matrix, scale, zero_point, qtype, form.axis)
+            else:
+                quantized, scale, zero_point = quant_params.quantize_weight(
+                    matrix, form.axis, qtype
+                )
+            name, value = weight.nodes[0].name, weight.value
+            self._made[key] = (
+                self._constant(value, f"{name}.weight_quantized", quantized, qtype.dtype),
+                self._constant(value, f"{name}.weight_scale", scale, ir.DataType.FLOAT),
+                self._constant(value, f"{name}.weight_zero_point", zero_point, qtype.dtype),
+            )
+        return self._made[key]  # type: ignore[return-value]
+
+    def bias(self, node: ir.Node) -> ir.Value | None:
+        """Gemm's C times beta: the float bias itself when beta is 1 (it stays shared with
+        every other reader), else one scaled copy per bias and beta."""
+        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        beta = float(attribute(node, "beta", 1.0))
+        if bias is None or beta == 1.0:
+            return bias
+        key = ("bias", id(bias), beta)
+        if key not in self._made:
+            scaled = (constant_array(bias) * np.float32(beta)).astype(np.float32)
+            self._made[key] = self._constant(bias, f"{bias.name}.scaled", scaled, ir.DataType.FLOAT)
+        return self._made[key]  # type: ignore[return-value]
+
+
+def _embedding_replacement(writer: QdqWriter, node: ir.Node, table: tuple[ir.Value, ...]):
+    """Gather of INT8 rows and of their scales, Cast, Mul."""
+    q_value, s_value = table
     prefix, indices = node.name, node.inputs[1]
-    q_value = writer.constant(f"{prefix}.table_quantized", quantized, ir.DataType.INT8)
-    s_value = writer.constant(
-        f"{prefix}.row_scale", scale.reshape(-1, 1).astype(np.float32), ir.DataType.FLOAT
-    )
     rows = writer.node("Gather", f"{prefix}/gather_rows", [q_value, indices], prefix)
     scales = writer.node("Gather", f"{prefix}/gather_scales", [s_value, indices], prefix)
     cast = writer.node(
         "Cast", f"{prefix}/cast", [rows.outputs[0]], prefix, to=int(ir.DataType.FLOAT)
     )
     output = writer.node("Mul", f"{prefix}/rescale", [cast.outputs[0], scales.outputs[0]], prefix)
-    return [rows, scales, cast, output], "embedding: int8 rows, one scale per row"
+    return [rows, scales, cast, output]
 
 
-def _dynamic_weight(node: ir.Node) -> np.ndarray:
-    """The weight as a [K, N] matrix (Gemm's transB undone)."""
-    layer = Layer.of(node)
-    assert isinstance(layer, Layer)
-    return layer.matrix()
-
-
-def _dynamic_replacement(writer: QdqWriter, node: ir.Node, form: _DynamicForm) -> list[ir.Node]:
+def _dynamic_replacement(
+    writer: QdqWriter, node: ir.Node, weight: tuple[ir.Value, ...], bias: ir.Value | None
+) -> list[ir.Node]:
     """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (scales) [-> Add bias] for
     ``node``; onnxruntime fuses it into DynamicQuantizeMatMul."""
-    weight = np.ascontiguousarray(_dynamic_weight(node))
-    qtype = form.qtype
-    if form.pair_bounded:
-        scale = quant_params.pair_bounded_scale(weight, form.axis)
-        zero_point = np.zeros(scale.shape, qtype.numpy)
-        quantized = quant_params.quantize(weight, scale, zero_point, qtype, form.axis)
-    else:
-        quantized, scale, zero_point = quant_params.quantize_weight(weight, form.axis, qtype)
+    w_value, s_value, z_value = weight
     prefix = node.name
-    w_value = writer.constant(f"{prefix}.weight_quantized", quantized, qtype.dtype)
-    s_value = writer.constant(f"{prefix}.weight_scale", scale, ir.DataType.FLOAT)
-    z_value = writer.constant(f"{prefix}.weight_zero_point", zero_point, qtype.dtype)
     dynamic = writer.node(
         "DynamicQuantizeLinear", f"{prefix}/quantize_input", [node.inputs[0]], prefix, outputs=3
     )
@@ -166,16 +227,18 @@ def _dynamic_replacement(writer: QdqWriter, node: ir.Node, form: _DynamicForm) -
     scales = writer.node("Mul", f"{prefix}/scales", [x_scale, s_value], prefix)
     output = writer.node("Mul", f"{prefix}/rescale", [cast.outputs[0], scales.outputs[0]], prefix)
     nodes = [dynamic, matmul, cast, scales, output]
-    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
     if bias is not None:
-        bias_array = constant_array(bias) * np.float32(attribute(node, "beta", 1.0))
-        bias_value = writer.constant(
-            f"{prefix}.bias", bias_array.astype(np.float32), ir.DataType.FLOAT
-        )
-        nodes.append(
-            writer.node("Add", f"{prefix}/add_bias", [output.outputs[0], bias_value], prefix)
-        )
+        nodes.append(writer.node("Add", f"{prefix}/add_bias", [output.outputs[0], bias], prefix))
     return nodes
+
+
+def _consumer(node: ir.Node) -> Consumer:
+    """How an eligible node reads its weight: a table's rows, or a matrix's columns."""
+    if node.op_type == "Gather":
+        return Consumer(node, 0, channel_axis=0)
+    layer = Layer.of(node)
+    assert isinstance(layer, Layer) and layer.output_axis is not None
+    return Consumer(node, layer.weight_index, channel_axis=layer.output_axis)
 
 
 @register
@@ -193,11 +256,8 @@ class QuantizeDynamic(Pass):
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         infer_types(model)
         selection = selection_of(self.settings)
-        writer = QdqWriter(model, self.name)
-        form = _dynamic_weight_form(self.settings)
-        for node in list(model.graph):
-            if node.op_type not in DYNAMIC_OPS or node.domain not in ("", "ai.onnx"):
-                continue
+        consumers = []
+        for node in weight_nodes(model, DYNAMIC_OPS):
             embedding = node.op_type == "Gather"
             if embedding and not _is_embedding(node):
                 continue
@@ -205,15 +265,33 @@ class QuantizeDynamic(Pass):
             reason = selection.reason_to_skip(node) or problem(node)
             if reason:
                 report.skip(node, reason)
-                continue
-            if embedding:
-                nodes, detail = _embedding_replacement(writer, node)
             else:
-                nodes = _dynamic_replacement(writer, node, form)
-                detail = f"dynamic: weight {form}, uint8 activations at run time"
+                consumers.append(_consumer(node))
+        encoder = _Encoder(QdqWriter(model, self.name), _dynamic_weight_form(self.settings))
+        for weight in group_by_weight(consumers, report):
+            self._quantize(encoder, weight, report)
+        unreached = unreached_compute(model, report, DYNAMIC_OPS)
+        if unreached:
+            report.notes.append(unreached)
+
+    def _quantize(self, encoder: _Encoder, weight: SharedWeight, report: PassReport) -> None:
+        """Every reader of ``weight`` rewritten to read its one quantized copy."""
+        shared = len(weight.consumers)
+        for node in weight.nodes:
+            if node.op_type == "Gather":
+                nodes = _embedding_replacement(encoder.writer, node, encoder.embedding(weight))
+                detail = "embedding: int8 rows, one scale per row"
+            else:
+                quantized = encoder.matrix(weight, node)
+                nodes = _dynamic_replacement(encoder.writer, node, quantized, encoder.bias(node))
+                detail = f"dynamic: weight {encoder.form}, uint8 activations at run time"
+            if shared > 1:
+                detail += f"; weight {weight.name!r} shared by {shared} nodes, stored once"
             last = nodes[-1].outputs[0]
             last.dtype, last.shape = node.outputs[0].dtype, node.outputs[0].shape
+            assert node.graph is not None
             ir.convenience.replace_nodes_and_values(
-                model.graph, node, [node], nodes, [node.outputs[0]], [last]
+                node.graph, node, [node], nodes, [node.outputs[0]], [last]
             )
             report.record(node.name, "quantized", detail, op_type=node.op_type)
+        drop_if_unused(weight.value.graph, weight.value)

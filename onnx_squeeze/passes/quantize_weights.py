@@ -27,7 +27,8 @@ from onnx_squeeze.passes.quantize.shared_weights import (
     array_initializer,
     drop_if_unused,
     group_by_weight,
-    in_subgraph,
+    unreached_compute,
+    weight_nodes,
 )
 from onnx_squeeze.records import PassContext, PassReport, mark_created, unselected
 from onnx_squeeze.units import human_bytes
@@ -36,6 +37,7 @@ MS_DOMAIN = "com.microsoft"
 
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+LINEAR_OPS = ("MatMul", "Gemm")
 
 
 # Opset and IR version of DequantizeLinear with block_size and of the INT4/UINT4 types.
@@ -118,23 +120,21 @@ class QuantizeWeights(Pass):
                 "quantize_weights: algorithm=gptq needs calibration data: pass --calib, or use "
                 "algorithm=rtn"
             )
-        in_subgraph(model, ("MatMul", "Gemm"), report)
         consumers = []
-        for node in model.graph:
-            if node.op_type not in ("MatMul", "Gemm") or node.domain != "":
-                continue
+        for node in weight_nodes(model, LINEAR_OPS):
             found = unselected(node.name or "", exclude=s.exclude) or _linear_consumer(node)
             if isinstance(found, str):
                 report.skip(node, found)
             else:
                 consumers.append(found)
-        weights = group_by_weight(model.graph, consumers, report)
-        if not weights:
-            return
-        grams = self._grams(model, weights, context, report)
+        weights = group_by_weight(consumers, report)
+        grams = self._grams(model, weights, context, report) if weights else {}
         names = UniqueNames(model)
         for weight in weights:
             self._quantize(model, weight, grams, names, report)
+        unreached = unreached_compute(model, report, LINEAR_OPS)
+        if unreached:
+            report.notes.append(unreached)
 
     def _grams(
         self,
@@ -143,14 +143,19 @@ class QuantizeWeights(Pass):
         context: PassContext,
         report: PassReport,
     ) -> dict[str, np.ndarray]:
-        """Input Hessians (``XᵀX``) by activation name for GPTQ; none for round-to-nearest."""
+        """Input Hessians (``XᵀX``) by activation name for GPTQ; none for round-to-nearest.
+        Inputs inside If/Loop/Scan bodies cannot be exposed as outputs: their weights are
+        rounded to nearest (:meth:`_quantize` says so)."""
         if self.settings.algorithm != "gptq":
             return {}
         specs = {
             c.node.inputs[0].name: Layer.of(c.node).gram_spec()
             for w in weights
             for c in w.consumers
+            if c.node.graph is model.graph
         }
+        if not specs:
+            return {}
         moments = collect_grams(
             model,
             specs.values(),
@@ -181,26 +186,29 @@ class QuantizeWeights(Pass):
         s = self.settings
         transposed = weight.consumers[0].channel_axis == 1  # stored [K, N]
         matrix = weight.array.T if transposed else weight.array  # [N, K]
-        if grams:
+        algorithm = s.algorithm
+        if all(c.node.inputs[0].name in grams for c in weight.consumers):
             hessian = sum(grams[c.node.inputs[0].name] for c in weight.consumers)
             quantized = weight_codecs.quantize_blocks_gptq(
                 matrix, hessian, s.bits, s.block_size, s.symmetric, damping=s.damping
             )
         else:
+            if algorithm == "gptq":
+                algorithm = "rtn (its inputs sit in a subgraph, where GPTQ cannot observe them)"
             quantized = weight_codecs.quantize_blocks(matrix, s.bits, s.block_size, s.symmetric)
         if s.format == "matmulnbits":
             after = self._to_matmulnbits(model, weight, quantized, names)
         else:
             after = self._to_dequantize_linear(model, weight, quantized, transposed, names)
-        drop_if_unused(model.graph, weight.value)
+        drop_if_unused(weight.value.graph, weight.value)
         kind = "symmetric" if s.symmetric else "asymmetric"
         target = "MatMulNBits" if s.format == "matmulnbits" else "DequantizeLinear"
         detail = (
-            f"INT{s.bits} {kind} blocks of {s.block_size}, {s.algorithm} → {target}; weight "
+            f"INT{s.bits} {kind} blocks of {s.block_size}, {algorithm} → {target}; weight "
             f"{weight.name!r} {human_bytes(weight.array.nbytes)} → {human_bytes(after)}"
         )
         if len(weight.consumers) > 1:
-            detail += f" (shared by {len(weight.consumers)} nodes)"
+            detail += f" (shared by {len(weight.consumers)} nodes, stored once)"
         for node in weight.nodes:
             report.record(
                 node, "quantized", detail, params_before=matrix.size, params_after=matrix.size
@@ -213,9 +221,11 @@ class QuantizeWeights(Pass):
         quantized: weight_codecs.BlockQuantized,
         names: UniqueNames,
     ) -> int:
-        """Replace every consumer by a MatMulNBits node reading the shared packed weight; the
-        number of bytes the quantized weight takes."""
-        s, graph = self.settings, model.graph
+        """Replace every consumer by a MatMulNBits node reading the shared packed weight (and
+        the shared scales and bias of consumers alike); the number of bytes the quantized weight
+        takes."""
+        s, graph = self.settings, weight.value.graph
+        assert graph is not None
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         packed, packed_zero_points = weight_codecs.pack_blocks(quantized)
         n, k = quantized.codes.shape[0], quantized.k
@@ -234,16 +244,20 @@ class QuantizeWeights(Pass):
         attributes = {"K": k, "N": n, "bits": s.bits, "block_size": s.block_size}
         if s.accuracy_level:
             attributes["accuracy_level"] = s.accuracy_level
+        made: dict[tuple, ir.Value] = {(float(np.float32(1.0)),): scales}
         for consumer in weight.consumers:
             node = consumer.node
-            node_scales = scales
-            if consumer.alpha != 1.0:
+            alpha = (float(np.float32(consumer.alpha)),)
+            if alpha not in made:
                 scaled = quantized.scales * np.float32(consumer.alpha)
-                node_scales = array_initializer(graph, names, f"{node.name}/scales", scaled)
-            inputs: list[ir.Value | None] = [node.inputs[0], codes, node_scales, zero_points]
+                made[alpha] = array_initializer(graph, names, f"{node.name}/scales", scaled)
+            inputs: list[ir.Value | None] = [node.inputs[0], codes, made[alpha], zero_points]
             if consumer.bias is not None:
                 bias = consumer.bias.astype(np.float32)
-                inputs += [None, array_initializer(graph, names, f"{node.name}/bias", bias)]
+                key = ("bias", bias.tobytes())
+                if key not in made:
+                    made[key] = array_initializer(graph, names, f"{node.name}/bias", bias)
+                inputs += [None, made[key]]
             replacement = ir.node(
                 "MatMulNBits",
                 inputs,
@@ -252,8 +266,9 @@ class QuantizeWeights(Pass):
                 name=node.name,
             )
             mark_created(replacement, self.name, node)
+            assert node.graph is not None
             ir.convenience.replace_nodes_and_values(
-                graph, node, [node], [replacement], node.outputs, replacement.outputs
+                node.graph, node, [node], [replacement], node.outputs, replacement.outputs
             )
         return size
 
@@ -266,8 +281,11 @@ class QuantizeWeights(Pass):
         names: UniqueNames,
     ) -> int:
         """Feed every consumer from one blocked DequantizeLinear of the weight, in the weight's
-        own layout; the number of bytes the quantized weight takes."""
-        s, graph = self.settings, model.graph
+        own layout, first in the graph that holds the weight (which every consumer sees, in its
+        own graph or an enclosing one); the number of bytes the quantized
+        weight takes."""
+        s, graph = self.settings, weight.value.graph
+        assert graph is not None
         codes = quantized.codes[:, : quantized.k].astype(np.int16)
         zero_points = quantized.zero_points
         if s.symmetric:  # signed codes and no zero-point input
@@ -296,7 +314,7 @@ class QuantizeWeights(Pass):
         output.name = names.new(f"{weight.name}/dequantized")
         output.shape = ir.Shape(weight.array.shape)
         output.type = ir.TensorType(ir.DataType.FLOAT)
-        graph.insert_before(weight.nodes[0], dequantize)
+        graph.insert_before(graph[0], dequantize)  # it reads initializers only
         for consumer in weight.consumers:
             consumer.node.replace_input_with(consumer.index, output)
         per_code = s.bits / 8

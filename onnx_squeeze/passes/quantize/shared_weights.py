@@ -1,11 +1,15 @@
-"""Constant weights that weight-only passes encode once for every node that reads them.
+"""Constant weights that weight-rewriting passes encode once for every node that reads them.
 
-A weight shared by several nodes is encoded once for all of them (GPTQ then sums their input
-Hessians); a weight that some other op also reads is left alone and reported.
+A weight shared by several nodes (an unrolled LSTM's weight read at every step, tied layers) is
+encoded once for all of them (GPTQ then sums their input Hessians) and every reader gets the one
+copy; a weight that some other op also reads is left alone and reported, since an encoded copy
+beside the float one would grow the file. Weights and readers may sit in If/Loop/Scan bodies:
+encoded tensors go into the graph that holds the weight, which every reader can see.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Iterable, Sequence
 
@@ -15,15 +19,20 @@ import onnx_ir as ir
 from onnx_squeeze.graph_utils import UniqueNames, constant_array, new_initializer
 from onnx_squeeze.records import PassReport
 
+# Ops that hold a model's weights and compute, for the note on what a pass could not reach.
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
+
 
 @dataclasses.dataclass
 class Consumer:
     """One node reading a weight, and how: where the weight sits, which axis is the output
-    channel axis, and for Gemm the constant it scales by and the bias it adds."""
+    channel axis (and which it sums over, where a pass needs them), and for Gemm the constant it
+    scales by and the bias it adds."""
 
     node: ir.Node
     index: int
     channel_axis: int
+    reduction_axes: tuple[int, ...] = ()
     alpha: float = 1.0
     bias: np.ndarray | None = None
 
@@ -54,18 +63,45 @@ def skip_all(report: PassReport, nodes: Iterable[ir.Node], reason: str) -> None:
         report.skip(node, reason)
 
 
-def in_subgraph(model: ir.Model, ops: Sequence[str], report: PassReport) -> None:
-    """Report the candidate nodes inside If/Loop/Scan bodies, which the passes leave alone."""
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type in ops and node.graph is not model.graph and node.domain == "":
-            report.skip(node, "inside a subgraph (If/Loop/Scan): left alone")
+def weight_nodes(model: ir.Model, ops: Sequence[str]) -> list[ir.Node]:
+    """The nodes of ``ops`` (default domain) in the main graph and in every If/Loop/Scan body:
+    an exported model may hold all its compute in a subgraph."""
+    return [
+        node
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if node.op_type in ops and node.domain in ("", "ai.onnx")
+    ]
 
 
-def group_by_weight(
-    graph: ir.Graph, consumers: Iterable[Consumer], report: PassReport
-) -> list[SharedWeight]:
-    """Gather consumers by weight; weights that are not plain float32 initializers read only
-    by supported consumers are skipped with the reason."""
+def unreached_compute(model: ir.Model, report: PassReport, ops: Sequence[str]) -> str | None:
+    """A ``WARNING:`` note when a pass changed nothing in a model that has weight layers: which
+    layers they are, how many sit in If/Loop/Scan bodies and whether the pass handles their op,
+    so that an unchanged model is not read as done."""
+    if report.changed:
+        return None
+    layers = weight_nodes(model, LAYER_OPS)
+    if not layers:
+        return None
+    counts = collections.Counter(node.op_type for node in layers)
+    found = ", ".join(f"{count} {op}" for op, count in counts.most_common())
+    inside = sum(node.graph is not model.graph for node in layers)
+    where = f" ({inside} inside If/Loop/Scan bodies)" if inside else ""
+    handled = sum(counts[op] for op in ops)
+    why = (
+        "none could be changed (see the skipped nodes)"
+        if handled
+        else f"{report.name} handles only {'/'.join(ops)}"
+    )
+    return f"WARNING: the model's weight layers are {found}{where}; {why}"
+
+
+def group_by_weight(consumers: Iterable[Consumer], report: PassReport) -> list[SharedWeight]:
+    """Gather consumers by weight; weights that are not plain float32 constants read only by
+    supported consumers are skipped with the reason.
+
+    A weight read by a node outside ``consumers`` stays float for all its readers: an encoded
+    copy beside the float one would make the file larger, not smaller.
+    """
     groups: dict[int, list[Consumer]] = {}
     values: dict[int, ir.Value] = {}
     for consumer in consumers:
@@ -78,14 +114,17 @@ def group_by_weight(
         array = constant_array(value)
         claimed = {(id(c.node), c.index) for c in members}
         others = [use.node for use in value.uses() if (id(use.node), use.idx) not in claimed]
-        if array is None or not value.is_initializer() or value.graph is not graph:
-            skip_all(report, nodes, "weight is not an initializer of the main graph")
+        if array is None or value.graph is None:
+            skip_all(report, nodes, "weight is not a constant")
         elif value.is_graph_output():
             skip_all(report, nodes, f"weight {value.name!r} is also a graph output")
         elif array.dtype != np.float32:
             skip_all(report, nodes, f"weight {value.name!r} is {array.dtype}, not float32")
         elif others:
-            reason = f"weight {value.name!r} is also read by {_names(others)}"
+            reason = (
+                f"weight {value.name!r} is also read by {_names(others)}, which keep the float "
+                "weight: an encoded copy beside it would grow the file"
+            )
             skip_all(report, nodes, reason)
         elif len({c.channel_axis % array.ndim for c in members}) > 1:
             reason = f"weight {value.name!r} is read with different layouts by {_names(nodes)}"
