@@ -60,6 +60,7 @@ PASSES: dict[str, list[str]] = {
     "prune-weights": ["--prune-weights", "0.5"],
     "low-rank": ["--low-rank", "0.95"],
     "int4": ["--int4"],
+    "fast": ["--recipe", "fast"],
 }
 # metrics shown as columns when the report has them (all of them go to the JSON)
 METRIC_COLUMNS = [
@@ -841,10 +842,6 @@ def run_model(model: RealModel, passes: list[str], folder: Path) -> list[dict[st
     rows = []
     for command, args in commands.items():
         rows.append(_command(model, command, args, folder))
-        retry = re.search(r"--target-opset (\d+)", rows[-1]["error"])
-        if rows[-1]["exit"] == 1 and retry:  # what the message tells the user to do next
-            extra = ["--target-opset", retry[1]]
-            rows.append(_command(model, f"{command} @opset{retry[1]}", [*args, *extra], folder))
     return rows
 
 
@@ -1082,10 +1079,9 @@ def main() -> None:
 
 
 def _order(row: dict[str, Any]) -> tuple[int, int, str]:
-    """Rows by model (registry order), then command (inspect, compare, passes; retries after)."""
+    """Rows by model (registry order), then command (inspect, compare, passes)."""
     commands = ["inspect", "compare (self)", *PASSES]
-    base = row["pass"].split(" @")[0]
-    return list(MODELS).index(row["model"]), commands.index(base), row["pass"]
+    return list(MODELS).index(row["model"]), commands.index(row["pass"]), row["pass"]
 
 
 def _previous(
@@ -1103,8 +1099,8 @@ def _previous(
         row
         for row in earlier.get("rows", [])
         if row["model"] in MODELS
-        and row["pass"].split(" @")[0] in (*PASSES, "inspect", "compare (self)")
-        and not (row["model"] in names and row["pass"].split(" @")[0] in redo)
+        and row["pass"] in (*PASSES, "inspect", "compare (self)")
+        and not (row["model"] in names and row["pass"] in redo)
     ]
     fetched = {m["name"]: m["fetch"] for m in earlier.get("models", []) if m["name"] in MODELS}
     return rows, {**fetched, **status}
