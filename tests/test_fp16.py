@@ -159,7 +159,8 @@ g (float[2, 4] x, bool c) => (float[2, 4] y, float[2, 4] z)
         },
         else_branch = e () => (float[2, 4] b) {
             we = Constant <value = float[4, 4] {0,1,0,0, 1,0,0,0, 0,0,0,1, 0,0,1,0}> ()
-            b = If (c) <
+            nc = Not (c)
+            b = If (nc) <
                 then_branch = t2 () => (float[2, 4] p) {
                     n = MatMul (h, we)
                     p = Sigmoid (n)
@@ -225,15 +226,37 @@ def test_loop_body_converts_and_carries_float32_state():
     assert_close(original, model, feeds, 5e-3)
 
 
-def test_untyped_body_values_are_a_warning_not_a_broken_model():
+def untyped_body(model: ir.Model) -> ir.Node:
+    """Take the element type of a body's Sigmoid output, as exporters and folding leave it."""
+    sigmoid = next(n for n in every_node(model) if n.op_type == "Sigmoid")
+    sigmoid.outputs[0].type = None
+    return sigmoid
+
+
+def test_untyped_body_values_get_their_type_inferred():
     model = parse(IF_MODEL)
-    for node in every_node(model):
-        if node.graph is not model.graph and node.op_type == "Sigmoid":
-            node.outputs[0].type = None  # as exporters leave bodies without value_info
+    sigmoid = untyped_body(model)
+    report = make_pass("fp16")(model)
+    finalize(model)
+    check(model)
+    assert "element types of 1 untyped values inferred" in report.notes
+    assert sigmoid.outputs[0].dtype == F16
+
+
+def test_untyped_body_values_that_inference_misses_are_a_warning(monkeypatch):
+    from onnx_squeeze.passes.fp16 import element_types
+
+    monkeypatch.setattr(element_types, "infer_missing", lambda model: 0)
+    model = parse(IF_MODEL)
+    original = model.clone()
+    sigmoid = untyped_body(model)
     report = make_pass("fp16")(model)
     finalize(model)
     check(model)
     assert any(n.startswith("WARNING:") and "unknown element type" in n for n in report.notes)
+    assert sigmoid.name in {r.node for r in report.skipped}
+    feeds = [{"x": np.ones((2, 4), np.float32), "c": np.array(False)}]  # runs the Sigmoid
+    assert_close(original, model, feeds, 5e-3)
 
 
 # ---------------------------------------------------------------------------------------------

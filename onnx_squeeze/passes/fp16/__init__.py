@@ -23,7 +23,7 @@ import onnx_ir.passes.common as common_passes
 from onnx_squeeze import runtime
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
 from onnx_squeeze.passes.base import Pass, bounded, choice, register
-from onnx_squeeze.passes.fp16 import kernels
+from onnx_squeeze.passes.fp16 import element_types, kernels
 from onnx_squeeze.passes.fp16.quantized import quantized_values
 from onnx_squeeze.passes.fp16.rewrite import (
     FP16_MAX,
@@ -142,6 +142,9 @@ class ConvertFloat(Pass):
         return LOW_TYPES[self.settings.dtype]
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
+        typed = element_types.infer_missing(model)
+        if typed:
+            report.notes.append(f"element types of {typed} untyped values inferred")
         has_kernel = self._kernel_check(model, report)
         quantized = quantized_values(all_nodes(model))
         plan = self._plan(model, has_kernel, {}, quantized)
@@ -294,7 +297,7 @@ class ConvertFloat(Pass):
             return f"{node.op_type} is in the FP32 block list", none
         if any(v in quantized for v in (*node.inputs, *node.outputs) if v is not None):
             return "part of the model's quantized arithmetic: kept FP32", none
-        if any(v is not None and v.dtype is None for v in (*node.inputs, *node.outputs)):
+        if not all(_typed(v) for v in (*node.inputs, *node.outputs)):
             return "element type of an input or output unknown", none
         schema = kernels.schema(node, opset)
         if schema is None:
@@ -395,6 +398,15 @@ def _follows_fp32(node: ir.Node, slots: Slots, plan: Plan) -> bool:
     return node.op_type in DATA_MOVEMENT and any(
         plan.produced_fp32(node.inputs[i]) for i in slots[0]
     )
+
+
+def _typed(value: ir.Value | None) -> bool:
+    """True when ``value``'s element type is known, or it is a non-float constant (a folded
+    constant may come without a type: its tensor has one)."""
+    if value is None or value.dtype is not None:
+        return True
+    tensor = value.const_value
+    return tensor is not None and tensor.dtype != ir.DataType.FLOAT
 
 
 def _touches_float(node: ir.Node) -> bool:
