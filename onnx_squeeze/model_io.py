@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import google.protobuf.message
@@ -79,10 +80,90 @@ def load(source: ModelSource) -> ir.Model:
             ) from None
         except (OSError, ValueError, RuntimeError) as error:
             raise InputError(f"{path}: cannot be read as ONNX: {_first_line(error)}") from None
+        check_external_data(model, path.parent, path)
+        _inline_nested_external_data(model)
     _check_model(
         model, str(source) if not isinstance(source, ir.Model | onnx.ModelProto) else "model"
     )
     return model
+
+
+def _tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every tensor the model holds: initializers of every graph and tensor attributes."""
+    graphs = [model.graph, *model.graph.subgraphs()]
+    for graph in graphs:
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR:
+                    yield attr.value
+                elif attr.type == ir.AttributeType.TENSORS:
+                    yield from attr.value
+
+
+def check_external_data(model: ir.Model, folder: Path, where: str | os.PathLike) -> None:
+    """Refuse, before any byte of it is read, external data that lies outside the model's
+    folder (an absolute location, ``..``, a link leading out) or outside its file.
+
+    A model file is untrusted input: without this, a location such as ``/etc/passwd`` would be
+    read and copied into the compressed model's weights (onnx's CVE-2024-27318 class).
+    """
+    root = os.path.realpath(folder)
+    for tensor in _tensors(model):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        name, location = tensor.name, os.fspath(tensor.location)
+        problem = None
+        resolved = os.path.realpath(os.path.join(root, location))
+        if os.path.isabs(location) or os.path.commonpath([root, resolved]) != root:
+            problem = f"its external data location {location!r} lies outside the model's folder"
+        elif not os.path.isfile(resolved):
+            problem = f"its external data file {location!r} is missing"
+        else:
+            offset, length = tensor.offset or 0, tensor.length
+            available = os.path.getsize(resolved) - offset
+            needed = tensor.nbytes if length is None else length
+            if offset < 0 or (length is not None and length < 0):
+                problem = f"its external data has a negative offset or length in {location!r}"
+            elif length is not None and length != tensor.nbytes:
+                problem = (
+                    f"its external data length {length} does not match its type and shape "
+                    f"({tensor.nbytes} bytes)"
+                )
+            elif needed > available:
+                problem = (
+                    f"its external data needs {needed} bytes at offset {offset} of {location!r}, "
+                    f"which holds {max(available, 0)} from there (truncated?)"
+                )
+        if problem:
+            raise InputError(
+                f"{where}: tensor {name!r}: {problem}; refusing to read it (copy the data file "
+                "beside the model and re-export)"
+            )
+
+
+def _inline_nested_external_data(model: ir.Model) -> None:
+    """Read external tensors of subgraphs and attributes into memory.
+
+    onnx-ir writes only the main graph's initializers to a new data file on save; a nested
+    tensor would keep pointing at the input's folder, and the saved model (or the copy a
+    session runs) would not find it. Such tensors are rare and small; main-graph weights stay
+    memory-mapped.
+    """
+    for graph in model.graph.subgraphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = _in_memory(value.const_value)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for key, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                node.attributes[key] = ir.AttrTensor(key, _in_memory(attr.value))
+
+
+def _in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
+    return ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name)
 
 
 def _first_line(error: BaseException) -> str:
