@@ -7,6 +7,7 @@ and renamed into place, so an interrupted or failed run leaves no half-written m
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -239,10 +240,15 @@ def save(
     force: bool = False,
     external_data: bool | None = None,
 ) -> Path:
-    """Save atomically; weights go to ``<name>.data`` beside it when large or asked for.
+    """Save atomically; weights go to ``<name>.<token>.data`` beside it when large or asked for.
 
     Refuses to overwrite ``input_path`` (the model being compressed) unless ``force`` is set.
     ``external_data=None`` decides by size (over ~1.8 GB of weights).
+
+    The model and its data commit as one unit: the data goes to a name no other save uses, and
+    renaming the model into place is the commit. A kill at any moment, or two runs saving to the
+    same path, leave an old or a new pair, never a model beside data it was not written with.
+    The data files the replaced model used are removed after the commit.
     """
     target = Path(path)
     if input_path is not None and not force and same_file(target, input_path):
@@ -261,25 +267,58 @@ def save(
         if external_data is None
         else external_data
     )
-    data_name = target.name + ".data"
-    if use_external and not force and (folder / data_name).resolve() in _external_files(model):
-        raise SettingsError(
-            f"{folder / data_name}: the model reads its weights from this file; "
-            "choose another -o name or pass --force"
-        )
-    # Write into a temporary folder next to the target (same filesystem), then rename into place.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+    replaced = _own_data_files(target)
+    data_name = f"{target.name}.{secrets.token_hex(4)}.data"
+    staging = None
     try:
+        # Written in a temporary folder next to the target (same filesystem), renamed into place.
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
         staged_model = staging / target.name
         if use_external:
             ir.save(model, staged_model, external_data=data_name)
-            os.replace(staging / data_name, folder / data_name)
+            staged_data = staging / data_name
+            if staged_data.is_file() and staged_data.stat().st_size:  # else all tensors inline
+                os.replace(staged_data, folder / data_name)
         else:
             _save_inline(model, staged_model)
         os.replace(staged_model, target)
+    except OSError as error:
+        if use_external:
+            (folder / data_name).unlink(missing_ok=True)
+        raise SettingsError(
+            f"{target}: cannot be written ({error.strerror or _first_line(error)}); "
+            "nothing was written: free space or choose another folder"
+        ) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    for stale in replaced - _external_files(model):
+        stale.unlink(missing_ok=True)
     return target
+
+
+_GRAPH_ONLY_BYTES = 256 * 2**20
+
+
+def _own_data_files(target: Path) -> set[Path]:
+    """Data files beside ``target`` that the model now saved there reads, named as a save of
+    ``target`` names them (never another file that model happens to point at)."""
+    if not target.is_file() or target.stat().st_size > _GRAPH_ONLY_BYTES:
+        return set()  # a model saved with external data keeps little more than its graph
+    try:
+        proto = onnx.load(target, load_external_data=False)
+    except (OSError, google.protobuf.message.DecodeError):
+        return set()
+    folder = target.resolve().parent
+    own = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key != "location":
+                continue
+            name = entry.value
+            if os.path.basename(name) == name and name.startswith(target.name + "."):
+                own.add(folder / name)
+    return {path for path in own if path.name.endswith(".data")}
 
 
 def _save_inline(model: ir.Model, path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -105,7 +107,12 @@ def test_save_inline_round_trip_and_no_leftovers(tmp_path):
 def test_save_external_data_round_trip(tmp_path):
     model = model_io.load(matmul_model(256, 256))
     target = model_io.save(model, tmp_path / "ext.onnx", external_data=True)
-    assert sorted(os.listdir(tmp_path)) == ["ext.onnx", "ext.onnx.data"]
+    names = sorted(os.listdir(tmp_path))
+    assert (
+        len(names) == 2
+        and names[0] == "ext.onnx"
+        and re.fullmatch(r"ext\.onnx\.\w{8}\.data", names[1])
+    )
     assert os.path.getsize(tmp_path / "ext.onnx") < 10_000
     assert model_io.file_size(target) > 256 * 256 * 4
     loaded = model_io.load(target)
@@ -141,7 +148,7 @@ def test_failed_save_leaves_existing_target_untouched(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(model_io.ir, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SettingsError, match=r"out\.onnx: cannot be written \(disk full\); nothing"):
         model_io.save(model_io.load(matmul_model()), target)
     assert target.read_bytes() == b"previous"
     assert os.listdir(tmp_path) == ["out.onnx"]
@@ -178,10 +185,64 @@ def test_model_over_2gb_round_trips_with_external_data(tmp_path):
     model = ir.Model(graph, ir_version=9)
     target = model_io.save(model, tmp_path / "big.onnx")
     del model, weight
-    assert (tmp_path / "big.onnx.data").stat().st_size > 2**31
+    assert model_io.file_size(target) > 2**31
     loaded = model_io.load(target)
     assert model_io.initializer_bytes(loaded) > 2**31
     out = runtime.create_session(loaded).run(None, {"x": np.ones((1, rows), np.float32)})[0]
     np.testing.assert_allclose(
         out[0], np.arange(rows * 4, dtype=np.float32).reshape(rows, 4).sum(0)
     )
+
+
+def _data_files(folder):
+    return sorted(name for name in os.listdir(folder) if name.endswith(".data"))
+
+
+def test_model_and_data_commit_as_one_unit(tmp_path, monkeypatch):
+    """A kill between writing the data and committing the model leaves the old pair working;
+    a completed save replaces the old pair and removes the old data."""
+    small, large = model_io.load(matmul_model(16, 16)), model_io.load(matmul_model(16, 16))
+    large.graph.initializers["w"].const_value = ir.tensor(
+        np.full((16, 16), 2, np.float32), name="w"
+    )
+    target = model_io.save(small, tmp_path / "m.onnx", external_data=True)
+    first = _data_files(tmp_path)
+    x = np.ones((1, 16), np.float32)
+    expected = run(small, x)
+    real_replace = os.replace
+
+    def killed_at_commit(source, destination):
+        if Path(destination) == target:
+            raise KeyboardInterrupt  # the process dies after the data, before the model
+        real_replace(source, destination)
+
+    monkeypatch.setattr(model_io.os, "replace", killed_at_commit)
+    with pytest.raises(KeyboardInterrupt):
+        model_io.save(large, target, external_data=True)
+    monkeypatch.setattr(model_io.os, "replace", real_replace)
+    np.testing.assert_array_equal(run(model_io.load(target), x), expected)  # old pair intact
+    assert first[0] in _data_files(tmp_path)
+    model_io.save(large, target, external_data=True)
+    np.testing.assert_array_equal(run(model_io.load(target), x), run(large, x))
+    assert first[0] not in _data_files(tmp_path)  # the replaced pair's data is gone
+
+
+def test_two_saves_to_one_path_never_mix_their_data(tmp_path):
+    a, b = model_io.load(matmul_model(16, 16)), model_io.load(matmul_model(16, 16))
+    b.graph.initializers["w"].const_value = ir.tensor(np.full((16, 16), 3, np.float32), name="w")
+    target = tmp_path / "m.onnx"
+    model_io.save(a, target, external_data=True)
+    model_io.save(b, target, external_data=True)
+    x = np.ones((1, 16), np.float32)
+    np.testing.assert_array_equal(run(model_io.load(target), x), run(b, x))
+    assert len(_data_files(tmp_path)) == 1
+
+
+def test_unwritable_folder_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(model_io.tempfile, "mkdtemp", refused)  # a read-only folder
+    with pytest.raises(SettingsError, match=r"o\.onnx: cannot be written \(Permission denied\)"):
+        model_io.save(model_io.load(matmul_model()), tmp_path / "o.onnx")
+    assert os.listdir(tmp_path) == []
