@@ -132,6 +132,7 @@ class ConvertFloat(Pass):
 
     name = "fp16"
     Settings = FloatSettings
+    reaches_subgraphs = True  # converts inside If/Loop/Scan bodies too, not only the main graph
 
     def validate(self) -> None:
         if self.settings.provider != "none":
