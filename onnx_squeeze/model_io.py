@@ -6,6 +6,8 @@ and renamed into place, so an interrupted or failed run leaves no half-written m
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -17,6 +19,7 @@ import google.protobuf.message
 import onnx
 import onnx_ir as ir
 
+from onnx_squeeze import validation
 from onnx_squeeze.errors import InputError, SettingsError
 
 # Weights above this size go to an external data file: a protobuf cannot exceed 2 GiB.
@@ -74,7 +77,8 @@ def load(source: ModelSource) -> ir.Model:
         path = Path(source)
         _check_file(path)
         try:
-            model = ir.load(path)
+            with _quiet_deserializer():  # what it warns about, the checks below say in one line
+                model = ir.load(path)
         except google.protobuf.message.DecodeError:
             raise InputError(
                 f"{path}: not a valid ONNX protobuf (truncated or another format); re-export the model"
@@ -83,9 +87,9 @@ def load(source: ModelSource) -> ir.Model:
             raise InputError(f"{path}: cannot be read as ONNX: {_first_line(error)}") from None
         check_external_data(model, path.parent, path)
         _inline_nested_external_data(model)
-    _check_model(
-        model, str(source) if not isinstance(source, ir.Model | onnx.ModelProto) else "model"
-    )
+    where = str(source) if not isinstance(source, ir.Model | onnx.ModelProto) else "model"
+    _check_model(model, where)
+    validation.check_structure(model, where)
     return model
 
 
@@ -165,6 +169,17 @@ def _inline_nested_external_data(model: ir.Model) -> None:
 
 def _in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
     return ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name)
+
+
+@contextlib.contextmanager
+def _quiet_deserializer() -> Iterator[None]:
+    logger = logging.getLogger("onnx_ir.serde")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,0 +1,104 @@
+"""Malformed models are refused up front with one line naming the node or tensor (exit 1),
+never an internal error from deep inside cloning, a pass or onnxruntime (issue 23)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_squeeze import model_io
+
+X = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+Y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+W = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+
+
+def _model(nodes, initializers=(), inputs=(X,), ir_version=8) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", list(inputs), [Y], list(initializers))
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=ir_version
+    )
+
+
+def _short_weight() -> TensorProto:
+    tensor = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    tensor.dims[:] = [8, 4]  # 16 values for 32 places
+    return tensor
+
+
+def _nan_weight() -> TensorProto:
+    weight = np.eye(4, dtype=np.float32)
+    weight[1, 2] = np.nan
+    return numpy_helper.from_array(weight, "w")
+
+
+CASES = {
+    "cycle": (
+        _model(
+            [
+                helper.make_node("Add", ["x", "b"], ["a"], name="add"),
+                helper.make_node("Relu", ["a"], ["b"], name="relu"),
+                helper.make_node("Identity", ["a"], ["y"], name="out"),
+            ]
+        ),
+        "is on a cycle",
+    ),
+    "undefined value": (
+        _model([helper.make_node("Add", ["x", "nope"], ["y"], name="add")]),
+        "node 'add' reads 'nope', which no node, input or initializer defines",
+    ),
+    "data shorter than dims": (
+        _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [_short_weight()]),
+        "initializer 'w': its data does not fill its declared shape 8×4",
+    ),
+    "input of 2**40 elements": (
+        _model(
+            [helper.make_node("Relu", ["x"], ["y"], name="relu")],
+            inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [2**20, 2**20])],
+        ),
+        "more than this machine's memory",
+    ),
+    "NaN weight": (
+        _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [_nan_weight()]),
+        "node 'mm': its weight holds NaN or Inf",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_malformed_model_is_exit_1_one_line_nothing_written(case, tmp_path):
+    proto, message = CASES[case]
+    source = tmp_path / "m.onnx"
+    source.write_bytes(proto.SerializeToString())
+    before = hashlib.sha256(source.read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-m", "onnx_squeeze", "compress", str(source)]
+    done = subprocess.run(
+        [*command, "-o", str(out / "o.onnx"), "--prune-weights", "0.5", "--runs", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == before
+    assert list(out.iterdir()) == []
+
+
+def test_ir_version_3_is_upgraded_and_the_result_passes_the_checker(tmp_path):
+    """IR 3 wants initializers among the inputs; this export does not list them. Loading
+    lifts it to IR 4, where that is valid, so passes that add initializers stay valid."""
+    proto = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [W], ir_version=3)
+    source = tmp_path / "m.onnx"
+    source.write_bytes(proto.SerializeToString())
+    model = model_io.load(source)
+    assert model.ir_version == 4
+    saved = model_io.save(model, tmp_path / "o.onnx")
+    onnx.checker.check_model(onnx.load(saved), full_check=True)
