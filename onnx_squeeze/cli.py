@@ -17,6 +17,7 @@ import onnx_ir as ir
 from rich.console import Console
 
 from onnx_squeeze import __version__, model_io, report, runtime, shortcuts, verdict
+from onnx_squeeze.calibration.constants import parse_settings
 from onnx_squeeze.errors import GateFailedError, SettingsError, SqueezeError
 
 EXIT_OK, EXIT_INPUT, EXIT_INTERNAL, EXIT_GATE = 0, 1, 2, 3
@@ -52,6 +53,13 @@ def _add_run_options(parser: argparse.ArgumentParser, *, runs: int = 30) -> None
         action="append",
         metavar="NAME:1x3x224x224",
         help="concrete shape for an input with symbolic dims (repeatable)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="NAME=VALUE",
+        help="one value for an input in every feed (calibration, evaluation, random), typed "
+        "by the model: a sample rate, a flag (e.g. --set sr=16000; repeatable)",
     )
     parser.add_argument(
         "--providers",
@@ -286,6 +294,7 @@ def _open_inputs(
         preset=args.preset,
         batch_size=args.batch,
         default_dim=args.default_dim,
+        constants=parse_settings(args.set),
     )
 
 
@@ -315,6 +324,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         recipe,
         calibration=args.calib,
         evaluation=args.eval,
+        constants=parse_settings(args.set),
         output=args.output,
         compare=not args.no_compare,
         checks=args.check,
@@ -427,6 +437,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         shapes=runtime.parse_shape_overrides(args.shape),
         default_dim=args.default_dim,
+        constants=parse_settings(args.set),
     )
     report.print_bench(rows, console)
     if args.json:

@@ -40,10 +40,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_squeeze.analysis import ModelSummary, analyze
+from onnx_squeeze.calibration.sources import random_source
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.fidelity import OutputFidelity, accumulators, probability_outputs
 from onnx_squeeze.progress import track
-from onnx_squeeze.runtime import create_session, input_specs, random_feed, resolve_provider
+from onnx_squeeze.runtime import create_session, resolve_provider
 from onnx_squeeze.shapes import concrete_input_shapes, feed_shapes
 
 __all__ = [
@@ -457,15 +458,6 @@ class Comparison:
         }
 
 
-def _random_feeds(
-    model: ir.Model, input_shapes: Mapping[str, Sequence[int]], seed: int, count: int
-) -> Iterator[dict[str, np.ndarray]]:
-    specs = input_specs(model)
-    rng = np.random.default_rng(seed)
-    for _ in range(count):
-        yield random_feed(specs, rng, input_shapes)
-
-
 def _shapes_for(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, Any]:
     names = {v.name for v in model.graph.inputs}
     return {name: shape for name, shape in (shapes or {}).items() if name in names}
@@ -489,6 +481,7 @@ def compare(
     optimization: str = "all",
     default_dim: int | None = None,
     channel_axes: Mapping[str, int | None] | None = None,
+    constants: Mapping[str, Any] | None = None,
 ) -> Comparison:
     """Compare model B against model A: fidelity (whole and per output channel, see
     :mod:`onnx_squeeze.fidelity`), latency per provider/threads, size, MACs.
@@ -496,7 +489,9 @@ def compare(
     Input shapes are those of the feeds' arrays. Without ``feeds``, ``samples`` random feeds
     are drawn from A's input spec at ``shapes`` (a symbolic first dimension takes ``batch``;
     any other symbolic one ``default_dim`` when given, else a :class:`ShapeUnknownError` with
-    the ``--shape`` hint: sizes are never guessed) and labelled "random"; given feeds are
+    the ``--shape`` hint: sizes are never guessed), with the ``constants`` (``--set``) filled
+    in, and labelled "random" (an integer or scalar input none gives is refused, never
+    invented: :func:`calibration.sources.random_source`); given feeds are
     labelled by ``inputs_label``, else their own ``label``. Fidelity runs on the
     first available provider of ``providers``; latency on each available one, for each thread
     count (``runs=0`` skips it). Unavailable providers are listed in
@@ -514,8 +509,11 @@ def compare(
         input_shapes = concrete_input_shapes(
             loaded_a.model, shapes, batch=batch, default_dim=default_dim
         )
-        fidelity_feeds: Iterable[Feed] = _random_feeds(loaded_a.model, input_shapes, seed, samples)
-        latency_feed: Feed = next(_random_feeds(loaded_a.model, input_shapes, seed, 1))
+        drawn = random_source(
+            loaded_a.model, seed=seed, shapes=input_shapes, constants=constants, batches=samples
+        )
+        fidelity_feeds: Iterable[Feed] = drawn
+        latency_feed: Feed = next(iter(drawn))
         total: int | None = samples
     else:
         iterator = _iter_feeds(feeds)
@@ -608,6 +606,7 @@ def bench(
     seed: int = 0,
     optimization: str = "all",
     default_dim: int | None = None,
+    constants: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Latency of several models, interleaved, per provider and thread count.
 
@@ -615,7 +614,7 @@ def bench(
     p90_ms, mean_ms, runs, params, macs, size_bytes, skipped (None, or the reason the provider
     could not be used; then the timings are None and threads is None). A model given by path
     (or keyed by an existing file's path) reports its size on disk. Inputs are random, shaped
-    as :func:`compare` shapes them (never at a guessed size).
+    as :func:`compare` shapes them (never at a guessed size), with the ``constants`` filled in.
     """
     if batch < 1:
         raise SettingsError(f"batch must be at least 1, got {batch}")
@@ -634,7 +633,10 @@ def bench(
             item.model, _shapes_for(item.model, shapes), batch=batch, default_dim=default_dim
         )
         summaries.append(analyze(item.model, shapes=input_shapes, path=item.path))
-        feeds.append(next(_random_feeds(item.model, input_shapes, seed, 1)))
+        drawn = random_source(
+            item.model, seed=seed, shapes=input_shapes, constants=constants, batches=1
+        )
+        feeds.append(next(iter(drawn)))
 
     def row(
         index: int, provider: str, count: int | None, timing: Latency | None, reason: str | None

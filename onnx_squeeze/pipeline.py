@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_squeeze import gates, model_io, report, verdict
+from onnx_squeeze import gates, model_io, report, validation, verdict
 from onnx_squeeze.calibration import (
     HOLDOUT_EVERY,
     CalibrationSource,
@@ -74,6 +74,7 @@ def compress(
     *,
     calibration: Any = None,
     evaluation: Any = None,
+    constants: Mapping[str, Any] | None = None,
     output: str | os.PathLike | None = None,
     compare: bool = True,
     checks: Sequence[str] = (),
@@ -103,7 +104,9 @@ def compress(
     (:func:`onnx_squeeze.calibration.open_source`), a path, ``"random"`` or a reader. Without
     ``evaluation``, every 5th batch of real calibration data is held out from the passes and
     judged on (:func:`evaluation_data`); with random or no calibration data the result is
-    judged on other random draws, and the warnings say so. Input shapes come from ``shapes``,
+    judged on other random draws, and the warnings say so. ``constants`` (input name -> one
+    value, e.g. ``{"sr": 16000}``, or an array) go with every feed of all of them; random data
+    is refused for an integer or scalar input none gives. Input shapes come from ``shapes``,
     else the data, else the model (``default_dim`` for dimensions none gives, only when asked).
 
     ``compare`` runs original and result side by side (fidelity per output channel, latency at
@@ -136,6 +139,7 @@ def compress(
             preset=preset,
             batch_size=batch,
             default_dim=default_dim,
+            constants=constants,
         )
 
     given = data(calibration, calibration_samples, seed) if calibration is not None else None
@@ -155,6 +159,7 @@ def compress(
         lambda model: concrete_input_shapes(model, shapes, batch=batch, default_dim=default_dim),
         seed=seed,
         count=calibration_samples,
+        constants=constants,
     )
     model, prepared, passes, notes = _transform(
         original, recipe, service, shapes, default_dim, providers, seed, target_opset, check
@@ -231,6 +236,8 @@ def _transform(
         model = convert_opset(model, target_opset)
         notes.append(f"converted to opset {target_opset}")
     model = _opset_for(model, passes, notes)
+    if passes:
+        validation.check_weights(model)
     input_problem = checker_problem(original)
     if input_problem:
         notes.append(
@@ -314,7 +321,8 @@ def judge(
 
 
 def _data_shapes(model: ir.Model, data: CalibrationSource) -> dict[str, tuple[int, ...]]:
-    """The input shapes of the data's first batch (the shapes a run takes from its data)."""
+    """The input shapes of the data's first batch (the shapes a run takes from its data): the
+    source cut it on each input's batch axis, so they hold one batch there."""
     names = {value.name for value in model.graph.inputs}
     return {k: v for k, v in feed_shapes(next(iter(data))).items() if k in names}
 

@@ -1,8 +1,9 @@
 """The input shapes a run uses: from the options, else the data, else the model; never guessed.
 
-A symbolic first dimension is the batch (``batch`` sets it); any other dimension nothing gives
-stops the run with a :class:`ShapeUnknownError` that names it and the ``--shape`` to pass, unless
-``default_dim`` is asked for explicitly.
+Each input's batch axis (:func:`batch_axis`, the one rule every reader of data follows) takes
+``batch`` when it is symbolic; any other dimension nothing gives stops the run with a
+:class:`ShapeUnknownError` that names it and the ``--shape`` to pass, unless ``default_dim`` is
+asked for explicitly.
 """
 
 from __future__ import annotations
@@ -33,6 +34,46 @@ def display_dims(shape: ir.Shape | None) -> tuple[int | str, ...]:
     return tuple(dims)
 
 
+def _is_fixed(dim: Any) -> bool:
+    return isinstance(dim, int) and dim > 0
+
+
+def batch_axis(dims: Sequence[int | str | None], data: Sequence[int] | None = None) -> int | None:
+    """The axis of an input that holds its samples: None for a scalar (rank 0: the same value
+    goes with every sample); axis 0 when it is symbolic, fixed at 1 (a fixed batch of one) or
+    when no dimension is symbolic; otherwise (axis 0 fixed at n > 1 before a symbolic one, as in
+    a recurrent state ``[2, batch, 128]``) the first symbolic dimension. ``data``, the shape of
+    an array given for the input, settles that last case: an axis 0 other than n holds samples.
+
+    ``dims`` are the model's dimensions (ints; strings, None or non-positive ints for
+    symbolic ones). Sources, shapes, held-out splits and resized feeds all ask this function,
+    so the data is cut the same way everywhere.
+    """
+    if not dims or (data is not None and len(data) == 0):
+        return None
+    if not _is_fixed(dims[0]) or dims[0] == 1:
+        return 0
+    symbolic = next((axis for axis, dim in enumerate(dims) if not _is_fixed(dim)), None)
+    if symbolic is None or (data is not None and data[0] != dims[0]):
+        return 0
+    return symbolic
+
+
+def batch_axes(model: ir.Model) -> dict[str, int | None]:
+    """:func:`batch_axis` of every input the model is fed."""
+    return {value.name: batch_axis(display_dims(value.shape)) for value in _feedable_inputs(model)}
+
+
+def samples_in(feed: Mapping[str, Any], axes: Mapping[str, int | None]) -> int:
+    """The number of samples in a feed: the size of the first batch axis it holds (axis 0 for
+    an input ``axes`` does not name; 1 when every input is a scalar)."""
+    for name, array in feed.items():
+        axis = axes.get(name, 0)
+        if axis is not None and np.ndim(array) > axis:
+            return int(np.shape(array)[axis])
+    return 1
+
+
 def _feedable_inputs(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.inputs if v.name not in model.graph.initializers]
 
@@ -43,7 +84,8 @@ class InputShapes:
 
     Sources, in order: the caller's overrides (``--shape``, or the data's first feed), a named
     symbolic dimension learnt from another input, the model's fixed dimensions, ``batch`` for a
-    symbolic first dimension, and ``default_dim`` (only when asked for) for any other.
+    symbolic batch axis (:func:`batch_axis`), and ``default_dim`` (only when asked for) for any
+    other.
     """
 
     shapes: dict[str, tuple[int | None, ...]]
@@ -91,8 +133,8 @@ def resolve_input_shapes(
     batch: int | None = None,
     default_dim: int | None = None,
 ) -> InputShapes:
-    """The input shapes from ``shapes`` (whole inputs), the model, ``batch`` (a symbolic first
-    dimension, default 1) and ``default_dim`` (any other symbolic dimension, only when given);
+    """The input shapes from ``shapes`` (whole inputs), the model, ``batch`` (a symbolic batch
+    axis, default 1) and ``default_dim`` (any other symbolic dimension, only when given);
     what none of them gives stays None (see :class:`InputShapes`)."""
     inputs = _feedable_inputs(model)
     shapes = dict(shapes or {})
@@ -131,12 +173,14 @@ def resolve_input_shapes(
         if value.name in result:
             continue
         found: list[int | None] = []
-        for axis, dim in enumerate(declared[value.name] or ()):
+        dims = declared[value.name] or ()
+        batched = batch_axis(dims)
+        for axis, dim in enumerate(dims):
             if isinstance(dim, int) and dim > 0:
                 found.append(dim)
             elif isinstance(dim, str) and dim in dim_values:
                 found.append(dim_values[dim])
-            elif axis == 0:
+            elif axis == batched:
                 size = batch or 1
                 if isinstance(dim, str) and dim != "?":
                     dim_values[dim] = size

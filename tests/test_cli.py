@@ -287,11 +287,15 @@ def if_model_proto() -> onnx.ModelProto:
 
 
 def test_model_with_subgraphs_is_kept_working(tmp_path, capsys):
+    """The branch condition is a bool scalar: random data would invent it, so compress asks
+    for it (one line, nothing written) and runs with --set."""
     source = tmp_path / "if.onnx"
     onnx.save(if_model_proto(), source)
-    code, stdout, err = run_cli(
-        capsys, "compress", str(source), "-o", str(tmp_path / "o.onnx"), "--runs", "2"
-    )
+    args = ["compress", str(source), "-o", str(tmp_path / "o.onnx"), "--runs", "2"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == cli.EXIT_INPUT and not (tmp_path / "o.onnx").exists()
+    assert "input 'cond' is a bool scalar" in err and "--set cond=VALUE" in err
+    code, stdout, err = run_cli(capsys, *args, "--set", "cond=false")
     assert code == cli.EXIT_OK, err
     assert "subgraphs" in stdout
     session = runtime.create_session(tmp_path / "o.onnx")

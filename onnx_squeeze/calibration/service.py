@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.calibration.sources import CalibrationSource, Feed, RandomSource
+from onnx_squeeze.calibration.sources import CalibrationSource, Feed, random_source
 from onnx_squeeze.errors import InputError
 from onnx_squeeze.runtime import input_specs
+from onnx_squeeze.shapes import batch_axes, batch_axis, samples_in
 
 # Random samples drawn when no data is given (the CLI's --calib-count default).
 RANDOM_SAMPLES = 32
@@ -38,6 +39,7 @@ class Calibration:
         self._random: Callable[[], CalibrationSource] | None = None
         self.used = False  # whether a pass read the data (random data is drawn only then)
         self._store: dict[Hashable, dict[Any, Any]] = {}
+        self.axes: dict[str, int | None] = {}  # each input's batch axis (axis 0 when unknown)
 
     def draw_random_for(
         self,
@@ -46,13 +48,17 @@ class Calibration:
         *,
         seed: int = 0,
         count: int = RANDOM_SAMPLES,
+        constants: Mapping[str, Any] | None = None,
     ) -> None:
         """Without data given, draw random data for ``model`` when a pass first needs it
-        (``shapes`` is asked then, so a run that needs no data needs no shapes); the first
-        call decides, later ones change nothing."""
+        (``shapes`` is asked then, so a run that needs no data needs no shapes), with the
+        ``constants`` (``--set``) filled in; it refuses to invent integer and scalar inputs
+        (:func:`sources.random_source`). The first call decides, later ones change nothing.
+        The samples of a feed are counted on ``model``'s batch axes."""
+        self.axes = self.axes or batch_axes(model)
         if self._source is None and self._random is None:
-            self._random = lambda: RandomSource(
-                input_specs(model), count, seed, overrides=shapes(model)
+            self._random = lambda: random_source(
+                model, count=count, seed=seed, shapes=shapes(model), constants=constants
             )
 
     @property
@@ -109,7 +115,7 @@ class Calibration:
         count = 0
         for feed in self if source is None else source:
             feeds.append(dict(feed))
-            count += len(next(iter(feed.values())))
+            count += samples_in(feed, self.axes)
             if count >= samples:
                 break
         if not feeds:
@@ -154,14 +160,17 @@ def fingerprint(model: ir.Model) -> str:
 
 
 def resized(feed: Feed, model: ir.Model, batch: int) -> Feed:
-    """``feed`` cut or repeated along axis 0 to ``batch`` samples for inputs whose batch size
-    is free (timing at a chosen batch); inputs with a fixed first dimension stay as they are."""
-    free = {
-        spec.name
-        for spec in input_specs(model)
-        if spec.shape and not isinstance(spec.shape[0], int)
-    }
+    """``feed`` cut or repeated along each input's batch axis (:func:`shapes.batch_axis`) to
+    ``batch`` samples where the model leaves that axis free (timing at a chosen batch); inputs
+    with a fixed batch dimension, and scalars, stay as they are."""
+    free = {}
+    for spec in input_specs(model):
+        axis = batch_axis(spec.shape)
+        if axis is not None and not (isinstance(spec.shape[axis], int) and spec.shape[axis] > 0):
+            free[spec.name] = axis
     return {
-        name: np.take(array, np.arange(batch) % len(array), axis=0) if name in free else array
+        name: np.take(array, np.arange(batch) % np.shape(array)[free[name]], axis=free[name])
+        if name in free and np.ndim(array) > free[name]
+        else array
         for name, array in feed.items()
     }

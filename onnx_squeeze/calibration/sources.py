@@ -17,9 +17,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import onnx_ir as ir
 
+from onnx_squeeze.calibration.constants import describe, fill, typed_constants
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.runtime import InputSpec, input_specs, random_feed
-from onnx_squeeze.shapes import concrete_input_shapes
+from onnx_squeeze.shapes import batch_axis, concrete_input_shapes, display_dims
 
 Feed = dict[str, np.ndarray]
 
@@ -46,20 +47,23 @@ def _batch_size(
     specs: Sequence[InputSpec],
     requested: int | None,
     overrides: Mapping[str, Sequence[int]] | None = None,
+    axes: Mapping[str, int | None] | None = None,
 ) -> tuple[int, bool]:
-    """The batch size (first axis of every input) and whether the model fixes it.
+    """The batch size (the size of every input's batch axis, :func:`shapes.batch_axis`, or
+    ``axes`` where the data settled it) and whether the model fixes it.
 
     When it is fixed, a partial last batch cannot run, so sources drop it.
     """
     fixed = {}
     for spec in specs:
         shape = tuple(overrides[spec.name]) if overrides and spec.name in overrides else spec.shape
-        if shape and is_static(shape[0]):
-            fixed[spec.name] = int(shape[0])
+        axis = axes[spec.name] if axes and spec.name in axes else batch_axis(spec.shape)
+        if axis is not None and axis < len(shape) and is_static(shape[axis]):
+            fixed[spec.name] = int(shape[axis])
     if len(set(fixed.values())) > 1:
         sizes = ", ".join(f"{name}: {size}" for name, size in fixed.items())
         raise SettingsError(
-            f"the model inputs have different fixed first dimensions ({sizes}); "
+            f"the model inputs have different fixed batch dimensions ({sizes}); "
             "batches split from files cannot feed them all: pass a reader object (get_next()) "
             "that builds whole feeds"
         )
@@ -118,20 +122,46 @@ class _StoredArray:
         self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
         self.ndim = len(shape)
 
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        start, stop, _ = rows.indices(self.shape[0])
-        row = math.prod(self.shape[1:])
-        count = max(stop - start, 0) * row
-        data = np.fromfile(
-            self.path, self.dtype, count, offset=self.offset + start * row * self.dtype.itemsize
-        )
-        return data.reshape(-1, *self.shape[1:])
+    def take(self, start: int, stop: int, axis: int) -> np.ndarray:
+        """Samples ``start:stop`` along ``axis``: one read per index of the axes before it."""
+        stop = min(stop, self.shape[axis])
+        size = self.shape[axis]
+        inner = math.prod(self.shape[axis + 1 :])
+        parts = [
+            np.fromfile(
+                self.path,
+                self.dtype,
+                max(stop - start, 0) * inner,
+                offset=self.offset + (outer * size + start) * inner * self.dtype.itemsize,
+            )
+            for outer in range(math.prod(self.shape[:axis]))
+        ]
+        shape = (*self.shape[:axis], max(stop - start, 0), *self.shape[axis + 1 :])
+        return np.concatenate(parts).reshape(shape)
+
+
+def _samples_of(array: Any, axis: int | None, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of an array along its batch axis (all of it when it has none)."""
+    if axis is None or np.ndim(array) == 0:
+        return array
+    if isinstance(array, _StoredArray):
+        return array.take(start, stop, axis)
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(start, stop)
+    return array[tuple(index)]
+
+
+def _contiguous(array: Any, dtype: np.dtype) -> np.ndarray:
+    """``array`` in C order at ``dtype``, copied only when needed; a 0-d array stays 0-d
+    (``np.ascontiguousarray`` makes it 1-d)."""
+    result = np.asarray(array, dtype=dtype)
+    return result if result.flags.c_contiguous else result.copy(order="C")
 
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a zip member's local header; name, extra follow
 
 
-def _stored_arrays(path: Path, names: Sequence[str]) -> dict[str, _StoredArray] | None:
+def _stored_arrays(path: Path, names: Sequence[str]) -> dict[str, Any] | None:
     """Readers of the named members of an .npz when they are stored uncompressed in C order
     (None when one is not: the caller loads the file instead)."""
     found = {}
@@ -147,8 +177,11 @@ def _stored_arrays(path: Path, names: Sequence[str]) -> dict[str, _StoredArray] 
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
             else:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-            if fortran or not shape or dtype.hasobject:
+            if fortran or dtype.hasobject:
                 return None
+            if not shape:  # a 0-d array (one value for every sample): read it now
+                found[name] = np.frombuffer(stream.read(dtype.itemsize), dtype).reshape(())
+                continue
             found[name] = _StoredArray(path, stream.tell(), tuple(shape), dtype)
     return found
 
@@ -157,15 +190,17 @@ class NpzSource:
     """Arrays from a ``.npz`` (one array per input name), a ``.npy`` (single-input models), or a
     folder of such files (sorted by name).
 
-    The first axis of every array holds the samples; arrays are split along it into batches of
-    ``batch_size`` (default: the model's fixed batch dimension, else 1). Batches do not span
-    files. Files are checked against the model's inputs when the source is made (names, ranks,
-    fixed dimensions, dtypes that cast within their kind, e.g. float64 to float32), reading only
-    their headers. Arrays not named after a model input are ignored, unless a pass asks for
-    them by name (:meth:`carrying`, e.g. ``labels`` for fine-tuning). ``.npy`` files are memory
-    mapped and uncompressed ``.npz`` files read batch by batch, so memory does not grow with the
-    data; a compressed ``.npz`` is loaded one file at a time. ``limit`` caps the number of
-    samples.
+    Every array holds its samples on the input's batch axis (:func:`shapes.batch_axis`: axis 0,
+    or the first symbolic one after a fixed axis 0, as in a recurrent state ``[2, batch, 128]``);
+    a 0-d array is one value for every sample (a sample rate). Arrays are split along their
+    batch axes into batches of ``batch_size`` (default: the model's fixed batch dimension,
+    else 1), and must hold as many samples each. Batches do not span files. Files are checked
+    against the model's inputs when the source is made (names, ranks, fixed dimensions, dtypes
+    that cast within their kind, e.g. float64 to float32), reading only their headers. Arrays
+    not named after a model input are ignored, unless a pass asks for them by name
+    (:meth:`carrying`, e.g. ``labels`` for fine-tuning). ``.npy`` files are memory mapped and
+    uncompressed ``.npz`` files read batch by batch, so memory does not grow with the data; a
+    compressed ``.npz`` is loaded one file at a time. ``limit`` caps the number of samples.
     """
 
     is_random = False
@@ -182,7 +217,6 @@ class NpzSource:
         if not self.path.exists():
             raise InputError(f"calibration data not found: {os.fspath(path)}")
         self._specs = list(specs)
-        self.batch_size, self._fixed = _batch_size(self._specs, batch_size)
         if self.path.is_dir():
             files = sorted(
                 p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in ARRAY_SUFFIXES
@@ -191,17 +225,19 @@ class NpzSource:
                 raise InputError(f"{os.fspath(path)}: no .npz or .npy files in this folder")
         else:
             files = [self.path]
-        self._files = [(file, self._check(file)) for file in files]
+        self._files = [(file, *self._check(file)) for file in files]
+        self.batch_size, self._fixed = _batch_size(self._specs, batch_size, axes=self._files[0][2])
         self._carried: tuple[str, ...] = ()
         self._limit = limit
-        self.samples = sum(stop - start for _, start, stop in self._plan())
-        available = sum(samples for _, samples in self._files)
+        self.samples = sum(stop - start for _, _, start, stop in self._plan())
+        available = sum(samples for _, samples, _ in self._files)
         unused = f", {available - self.samples} unused" if available > self.samples else ""
         where = f"{len(files)} files, " if self.path.is_dir() else ""
         self.label = f"npz:{os.fspath(path)} ({where}{self.samples} samples{unused})"
 
-    def _check(self, file: Path) -> int:
-        """Validate one file against the input specs; return its number of samples."""
+    def _check(self, file: Path) -> tuple[int, dict[str, int | None]]:
+        """Validate one file against the input specs; return its number of samples and the
+        batch axis of each input's array."""
         headers = _read_headers(file)
         if file.suffix.lower() == ".npy":
             if len(self._specs) != 1:
@@ -215,37 +251,50 @@ class NpzSource:
         if missing:
             raise InputError(
                 f"{file}: no array for model input {', '.join(map(repr, missing))}; "
-                f"the file has {', '.join(map(repr, sorted(headers))) or 'no arrays'}"
+                f"the file has {', '.join(map(repr, sorted(headers))) or 'no arrays'} (a value "
+                "for every sample can be given with --set NAME=VALUE)"
             )
-        samples = set()
+        samples: dict[str, tuple[int, int]] = {}  # input -> (samples, axis)
+        axes: dict[str, int | None] = {}
         for spec in self._specs:
             shape, dtype = headers[spec.name]
-            if len(shape) != len(spec.shape) or any(
-                is_static(want) and got != want
-                for got, want in zip(shape[1:], spec.shape[1:], strict=True)
+            axes[spec.name] = axis = batch_axis(spec.shape, shape)
+            if shape and (
+                len(shape) != len(spec.shape)
+                or any(
+                    is_static(want) and got != want
+                    for index, (got, want) in enumerate(zip(shape, spec.shape, strict=True))
+                    if index != axis
+                )
             ):
+                where = f"axis {axis}" if axis is not None else "no axis (a scalar input)"
                 raise InputError(
                     f"{file}: array {spec.name!r} has shape {shape}, the model input needs "
-                    f"{spec.shape} (the first axis holds the samples)"
+                    f"{spec.shape} (samples on {where}; a 0-d array is one value for "
+                    "every sample)"
                 )
             if not np.can_cast(dtype, spec.dtype, casting="same_kind"):
                 raise InputError(
                     f"{file}: array {spec.name!r} is {dtype}, the model input is {spec.dtype}: "
                     f"save it with .astype(np.{spec.dtype})"
                 )
-            if shape:
-                samples.add(shape[0])
-        if len(samples) > 1:
+            if shape and axis is not None:
+                samples[spec.name] = (shape[axis], axis)
+        if len({count for count, _ in samples.values()}) > 1:
+            found = ", ".join(f"{name}: {n} on axis {axis}" for name, (n, axis) in samples.items())
             raise InputError(
-                f"{file}: the arrays hold different numbers of samples on their first axis "
-                f"({', '.join(map(str, sorted(samples)))})"
+                f"{file}: the arrays hold different numbers of samples on their batch axes "
+                f"({found}); an input's batch axis is axis 0, or its first symbolic dimension "
+                "when axis 0 is fixed above 1 (a state [2, batch, 128]): save every array with "
+                "its samples there"
             )
-        return samples.pop() if samples else 1
+        return next(iter(samples.values()), (1, None))[0], axes
 
     def carrying(self, names: Sequence[str]) -> NpzSource:
         """This source with the named arrays (not model inputs, e.g. labels) added to every
-        feed, batched alike; each file must hold them, one entry per sample."""
-        for file, samples in self._files:
+        feed, batched alike on their first axis; each file must hold them, one entry per
+        sample."""
+        for file, samples, _ in self._files:
             headers = _read_headers(file)
             for name in names:
                 shape = headers.get(name, ((), None))[0]
@@ -259,14 +308,14 @@ class NpzSource:
         carried._carried = tuple(names)
         return carried
 
-    def _plan(self) -> Iterator[tuple[Path, int, int]]:
-        """(file, first sample, end sample) of every batch, in order."""
+    def _plan(self) -> Iterator[tuple[Path, dict[str, int | None], int, int]]:
+        """(file, its batch axes, first sample, end sample) of every batch, in order."""
         left = self._limit if self._limit is not None else math.inf
-        for file, samples in self._files:
+        for file, samples, axes in self._files:
             take = int(min(samples, left))
             for index in range(_batches_in(take, self.batch_size, self._fixed)):
                 start = index * self.batch_size
-                yield file, start, min(start + self.batch_size, take)
+                yield file, axes, start, min(start + self.batch_size, take)
             left -= take
             if left <= 0:
                 return
@@ -274,7 +323,7 @@ class NpzSource:
     def __len__(self) -> int:
         return sum(1 for _ in self._plan())
 
-    def _load(self, file: Path) -> dict[str, np.ndarray]:
+    def _load(self, file: Path) -> dict[str, Any]:
         if file.suffix.lower() == ".npy":
             return {self._specs[0].name: np.load(file, mmap_mode="r")}
         names = [spec.name for spec in self._specs] + list(self._carried)
@@ -286,17 +335,25 @@ class NpzSource:
 
     def __iter__(self) -> Iterator[Feed]:
         loaded: Path | None = None
-        for file, start, stop in self._plan():
+        for file, axes, start, stop in self._plan():
             if file != loaded:
                 arrays, loaded = self._load(file), file
             feed = {
-                spec.name: np.ascontiguousarray(
-                    arrays[spec.name][start:stop] if arrays[spec.name].ndim else arrays[spec.name],
-                    dtype=spec.dtype,
+                spec.name: _contiguous(
+                    _samples_of(arrays[spec.name], axes[spec.name], start, stop), spec.dtype
                 )
                 for spec in self._specs
             }
-            feed.update((name, np.asarray(arrays[name][start:stop])) for name in self._carried)
+            values = {  # 0-d arrays for inputs of higher rank: one value, filled per feed
+                spec.name: feed.pop(spec.name)
+                for spec in self._specs
+                if spec.shape and feed[spec.name].ndim == 0
+            }
+            feed = fill(feed, values, self._specs)
+            feed.update(
+                (name, np.asarray(_samples_of(arrays[name], 0, start, stop)))
+                for name in self._carried
+            )
             yield feed
 
 
@@ -467,11 +524,12 @@ class RandomSource:
     """Random data shaped by the input specs (normal floats, small integers): smoke tests only.
 
     Deterministic: every iteration, and every source with the same seed, yields the same data.
-    Each input takes its shape from ``overrides`` when given there (a symbolic first dimension
-    still takes ``batch_size`` when that is given); otherwise a symbolic first dimension takes
-    ``batch_size`` and other symbolic dimensions 1, while fixed ones stay.
-    ``batch_size`` defaults to the first fixed (or overridden) first dimension, else 1; ``count``
-    samples are rounded up to whole batches.
+    Each input takes its shape from ``overrides`` when given there (a symbolic batch axis,
+    :func:`shapes.batch_axis`, still takes ``batch_size`` when that is given); otherwise a
+    symbolic batch axis takes ``batch_size`` and other symbolic dimensions 1, while fixed ones
+    stay. ``batch_size`` defaults to the first fixed (or overridden) batch dimension, else 1;
+    ``count`` samples are rounded up to whole batches. It draws whatever the specs ask for:
+    :func:`random_source` is what refuses to invent integer and scalar inputs.
     """
 
     is_random = True
@@ -491,17 +549,24 @@ class RandomSource:
         self._specs = list(specs)
         self.seed = seed
         self._shapes = {spec.name: spec.concrete_shape(overrides) for spec in self._specs}
+        axes = {spec.name: batch_axis(spec.shape) for spec in self._specs}
         batched = [
             spec.name
             for spec in self._specs
-            if spec.shape
-            and not is_static(spec.shape[0])
+            if axes[spec.name] is not None
+            and not is_static(spec.shape[axes[spec.name]])
             and (batch_size is not None or spec.name not in (overrides or {}))
         ]
-        fixed = [shape[0] for name, shape in self._shapes.items() if shape and name not in batched]
+        fixed = [
+            shape[axes[name]]  # type: ignore[index]
+            for name, shape in self._shapes.items()
+            if axes[name] is not None and name not in batched
+        ]
         self.batch_size = batch_size or (fixed[0] if fixed else 1)
         for name in batched:
-            self._shapes[name] = (self.batch_size, *self._shapes[name][1:])
+            shape = list(self._shapes[name])
+            shape[axes[name]] = self.batch_size  # type: ignore[index]
+            self._shapes[name] = tuple(shape)
         self._batches = math.ceil(count / self.batch_size)
         self.label = f"random ({self._batches * self.batch_size} samples, seed {seed})"
 
@@ -569,6 +634,126 @@ class ReaderSource:
         self._complete = True
 
 
+class ConstantInputs:
+    """A source whose every feed gets the constant inputs (:mod:`.constants`, ``--set``)
+    added, filled to each feed's shape; a value given this way replaces the source's own."""
+
+    def __init__(
+        self,
+        source: CalibrationSource,
+        constants: Mapping[str, np.ndarray],
+        specs: Sequence[InputSpec],
+    ) -> None:
+        self.source, self.constants, self._specs = source, dict(constants), list(specs)
+        self.is_random = getattr(source, "is_random", False)
+        self.label = f"{source.label} with {describe(self.constants)} set"
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Feed]:
+        for feed in self.source:
+            yield fill(feed, self.constants, self._specs)
+
+    def carrying(self, names: Sequence[str]) -> ConstantInputs:
+        """The source carrying more arrays per feed (see NpzSource.carrying), constants alike."""
+        if not hasattr(self.source, "carrying"):
+            raise InputError(f"{self.source.label} carries no arrays besides the model's inputs")
+        return ConstantInputs(self.source.carrying(names), self.constants, self._specs)
+
+
+def _with_constants(
+    source: CalibrationSource, constants: Mapping[str, np.ndarray], specs: Sequence[InputSpec]
+) -> CalibrationSource:
+    return ConstantInputs(source, constants, specs) if constants else source
+
+
+# Random integers are 0..7 (runtime.random_feed): valid ids for a table of at least this many rows.
+_RANDOM_IDS = 8
+
+
+def _reads_only_ids(value: ir.Value) -> bool:
+    """Whether the graph reads an integer input only for its shape or as the indices of a
+    Gather from a constant table of at least 8 rows (token ids into an embedding): random ids
+    0..7 are then values the model itself bounds, not invented ones."""
+    for node, index in value.uses():
+        if node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx"):
+            continue
+        table = node.inputs[0] if node.op_type == "Gather" and index == 1 else None
+        axis = node.attributes.get("axis")
+        constant = table is not None and (
+            table.const_value is not None
+            or (table.producer() is not None and table.producer().op_type == "Constant")
+        )
+        rows = table.shape[0] if constant and table.shape is not None and len(table.shape) else None
+        if not (
+            constant
+            and (axis is None or axis.value == 0)
+            and isinstance(rows, int)
+            and rows >= _RANDOM_IDS
+        ):
+            return False
+    return True
+
+
+def _article(dtype: np.dtype) -> str:
+    return "an" if str(dtype)[0] in "aeiou" else "a"
+
+
+def invented_inputs(model: ir.Model, given: Sequence[str] = ()) -> list[str]:
+    """Why random data for ``model`` would invent values: one line per input that is a scalar,
+    or an integer/bool tensor whose values the graph reads (other than as token ids, see
+    :func:`_reads_only_ids`), and that ``given`` (constant inputs) does not name."""
+    values = {value.name: value for value in model.graph.inputs}
+    problems = []
+    for spec in input_specs(model):
+        if spec.name in given:
+            continue
+        how = f"--set {spec.name}=VALUE or in the data"
+        if not spec.shape:
+            problems.append(
+                f"input {spec.name!r} is {_article(spec.dtype)} {spec.dtype} scalar: random values would be "
+                f"invented; give it with {how}"
+            )
+        elif not np.issubdtype(spec.dtype, np.floating) and not _reads_only_ids(values[spec.name]):
+            readers = sorted({node.op_type for node, _ in values[spec.name].uses()})
+            problems.append(
+                f"input {spec.name!r} is {spec.dtype} {list(display_dims(values[spec.name].shape))}"
+                f" read as values ({', '.join(readers)}): random values would be invented; give "
+                f"it with {how}"
+            )
+    return problems
+
+
+def random_source(
+    model: ir.Model,
+    *,
+    count: int = 32,
+    seed: int = 0,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    batch_size: int | None = None,
+    default_dim: int | None = None,
+    constants: Mapping[str, Any] | None = None,
+    batches: int | None = None,
+) -> CalibrationSource:
+    """Random data for ``model`` (:class:`RandomSource`, ``count`` samples or ``batches``
+    batches), with the constant inputs filled in; an :class:`InputError` naming the input when
+    random values would be invented (:func:`invented_inputs`). Shapes come from
+    :func:`shapes.concrete_input_shapes` (a :class:`ShapeUnknownError` when nothing gives a
+    dimension and no ``default_dim`` is asked for)."""
+    specs = input_specs(model)
+    values = typed_constants(specs, constants)
+    problems = invented_inputs(model, list(values))
+    if problems:
+        raise InputError(problems[0])
+    shapes = concrete_input_shapes(model, shapes, batch=batch_size, default_dim=default_dim)
+    drawn = [spec for spec in specs if spec.name not in values]
+    source = RandomSource(drawn, count, seed, shapes)
+    if batches is not None:
+        source = RandomSource(drawn, batches * source.batch_size, seed, shapes)
+    return _with_constants(source, values, specs)
+
+
 HOLDOUT_EVERY = 5  # every 5th batch (20 %) of the calibration data is kept for evaluation
 
 
@@ -629,25 +814,35 @@ def open_source(
     batch_size: int | None = None,
     limit: int | None = None,
     default_dim: int | None = None,
+    constants: Mapping[str, Any] | None = None,
 ) -> CalibrationSource:
-    """The calibration source that ``spec`` names, for ``model``.
+    """The calibration source that ``spec`` names, for ``model``, every feed with the
+    ``constants`` (input name -> one value or an array, ``--set``) added.
 
     ``spec``: None or "random" (random data, ``count`` samples from ``seed``); a ``.npz``/``.npy``
     file or a folder of them; a folder of images (``preset`` preprocessing, one-input models);
     a reader with ``get_next()``; or a source already made. ``shapes`` (from
     :func:`onnx_squeeze.runtime.parse_shape_overrides`) sets symbolic dimensions for random data
     and image sizes; ``batch_size`` defaults to the model's fixed batch dimension, else 1;
-    ``limit`` caps the samples read from files or images. Random data takes its shapes from
-    :func:`shapes.concrete_input_shapes` (a :class:`ShapeUnknownError` when nothing gives a
-    dimension and no ``default_dim`` is asked for).
+    ``limit`` caps the samples read from files or images. Random data is
+    :func:`random_source`'s (it refuses to invent integer and scalar inputs).
     """
     if spec is None or (isinstance(spec, str) and spec == "random"):
-        shapes = concrete_input_shapes(model, shapes, batch=batch_size, default_dim=default_dim)
-        return RandomSource(input_specs(model), count, seed, shapes)
-    if isinstance(spec, CalibrationSource):
-        return spec
-    if hasattr(spec, "get_next"):
-        return ReaderSource(spec)
+        return random_source(
+            model,
+            count=count,
+            seed=seed,
+            shapes=shapes,
+            batch_size=batch_size,
+            default_dim=default_dim,
+            constants=constants,
+        )
+    if isinstance(spec, CalibrationSource) or hasattr(spec, "get_next"):
+        made = spec if isinstance(spec, CalibrationSource) else ReaderSource(spec)
+        if not constants:
+            return made  # a made source or a reader needs no model
+        every = input_specs(model)
+        return ConstantInputs(made, typed_constants(every, constants), every)
     if not isinstance(spec, str | os.PathLike):
         raise SettingsError(
             f"calibration data must be 'random', a path or a reader with get_next(); got a "
@@ -656,9 +851,13 @@ def open_source(
     path = Path(spec)
     if not path.exists():
         raise InputError(f"calibration data not found: {os.fspath(spec)}")
-    specs = input_specs(model)
+    every = input_specs(model)
+    values = typed_constants(every, constants)
+    specs = [item for item in every if item.name not in values]  # what the files must give
     if path.is_file() and path.suffix.lower() in ARRAY_SUFFIXES:
-        return NpzSource(path, specs, batch_size=batch_size, limit=limit)
+        return _with_constants(
+            NpzSource(path, specs, batch_size=batch_size, limit=limit), values, every
+        )
     if path.is_file():
         raise InputError(
             f"calibration data {os.fspath(spec)}: unsupported file type; use a .npz or .npy file, "
@@ -671,15 +870,18 @@ def open_source(
             f"{os.fspath(spec)} holds both arrays (.npz/.npy) and images: point at a folder of one kind"
         )
     if has_arrays:
-        return NpzSource(path, specs, batch_size=batch_size, limit=limit)
+        return _with_constants(
+            NpzSource(path, specs, batch_size=batch_size, limit=limit), values, every
+        )
     if not has_images:
         raise InputError(f"{os.fspath(spec)}: no .npz/.npy files or images in this folder")
     if len(specs) != 1:
         names = ", ".join(s.name for s in specs)
         raise InputError(
-            f"image calibration needs a model with one input; this one has {len(specs)} "
-            f"({names}): save the feeds as .npz instead"
+            f"image calibration needs a model with one input besides those given by --set; "
+            f"this one has {len(specs)} ({names}): save the feeds as .npz instead"
         )
-    return ImageFolderSource(
+    images = ImageFolderSource(
         path, specs[0], preset, overrides=shapes, batch_size=batch_size, limit=limit
     )
+    return _with_constants(images, values, every)
