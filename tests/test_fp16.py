@@ -286,3 +286,32 @@ def test_dynamically_quantized_conv_keeps_its_quantized_arithmetic(tmp_path):
     # of DynamicQuantizeLinear across a step of its 8-bit grid (1/255 of the range), through 12
     # quantized layers: within 5 % of the largest logit (2.7 % measured).
     assert_close(original, model, random_feeds(original, 1), 5e-2)
+
+
+def test_qdq_graph_is_left_alone(tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    float_model = zoo.small("resnet18")
+    feeds = random_feeds(float_model, 2)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    float_path, qdq_path = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(ir.to_proto(float_model), float_path)
+    quantize_static(float_path, qdq_path, Reader(), quant_format=QuantFormat.QDQ)
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(onnx.load(qdq_path)))
+    original = model.clone()
+    report = make_pass("fp16")(model)
+    finalize(model)
+    check(model)
+    # Every float op sits between DequantizeLinear and QuantizeLinear: Casts there would
+    # break onnxruntime's QDQ fusion, so nothing converts and the outputs are the original's.
+    assert not report.changed
+    assert all("quantized arithmetic" in r.detail for r in report.skipped)
+    for a, b in zip(run(original, feeds[0]), run(model, feeds[0]), strict=True):
+        np.testing.assert_array_equal(a, b)
