@@ -214,15 +214,6 @@ def opset_version(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
 
 
-def has_subgraphs(model: ir.Model) -> bool:
-    """True when a node in the main graph carries a subgraph (If, Loop, Scan)."""
-    return any(
-        attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-        for node in model.graph
-        for attr in node.attributes.values()
-    )
-
-
 def initializer_bytes(model: ir.Model) -> int:
     """Bytes held by the main graph's initializers."""
     return sum(

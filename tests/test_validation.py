@@ -102,3 +102,34 @@ def test_ir_version_3_is_upgraded_and_the_result_passes_the_checker(tmp_path):
     assert model.ir_version == 4
     saved = model_io.save(model, tmp_path / "o.onnx")
     onnx.checker.check_model(onnx.load(saved), full_check=True)
+
+
+def test_a_pass_that_does_not_reach_subgraph_layers_warns(tmp_path):
+    """A stateful model's whole body may sit in an If branch: a pass that leaves it alone says
+    so as a warning, not a quiet 'nothing to quantize'."""
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["b"], name="mm")],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4])],
+    )
+    zero = numpy_helper.from_array(np.array(0, np.float32), "zero")
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["flag"]),  # known only at run time
+            helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=branch),
+        ],
+        "g",
+        [X],
+        [Y],
+        [zero, W],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    source = tmp_path / "m.onnx"
+    source.write_bytes(proto.SerializeToString())
+    import onnx_squeeze as sq
+
+    recipe = sq.Recipe.from_cli(["prune_weights:ratio=0.5"])
+    result = sq.compress(str(source), recipe, runs=1)
+    assert any("weight layers sit inside If/Loop/Scan bodies" in w for w in result.warnings)

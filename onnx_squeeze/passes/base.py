@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.layers import WEIGHT_OPS
 from onnx_squeeze.records import PassContext, PassReport
 
 
@@ -34,6 +35,9 @@ class Pass(abc.ABC):
     name: ClassVar[str]
     Settings: ClassVar[type]
     min_opset: ClassVar[int] = 0  # default-domain opset the pass's output needs
+    # whether the pass rewrites layers inside If/Loop/Scan bodies; one that does not warns
+    # when weight layers sit there (a stateful model's whole body can be an If branch)
+    reaches_subgraphs: ClassVar[bool] = False
 
     def __init__(self, **settings: Any) -> None:
         fields = {f.name for f in dataclasses.fields(self.Settings)}
@@ -62,11 +66,22 @@ class Pass(abc.ABC):
         start = time.perf_counter()
         self.apply(model, context, report)
         report.seconds = time.perf_counter() - start
+        unreached = 0 if self.reaches_subgraphs else _layers_in_subgraphs(model)
+        if unreached:
+            report.notes.append(
+                f"WARNING: {unreached} weight layers sit inside If/Loop/Scan bodies, which "
+                f"{self.name} does not reach: they are left as they were"
+            )
         return report
 
     @abc.abstractmethod
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         """Rewrite ``model`` in place and add records to ``report``."""
+
+
+def _layers_in_subgraphs(model: ir.Model) -> int:
+    """Weight layers (Conv, ConvTranspose, Gemm, MatMul) inside subgraph bodies."""
+    return sum(node.op_type in WEIGHT_OPS for graph in model.graph.subgraphs() for node in graph)
 
 
 # ---------------------------------------------------------------------------------------------
