@@ -32,17 +32,17 @@ def parse_settings(items: Sequence[str] | None) -> dict[str, str]:
     return settings
 
 
-def _from_text(text: str, spec: InputSpec) -> np.ndarray:
+def _from_text(text: str, spec: InputSpec) -> bool | int | float:
     """One value written on the command line, read at the input's dtype."""
     dtype = spec.dtype
     try:
         if dtype == np.bool_:
             if text.lower() not in _TRUE + _FALSE:
                 raise ValueError
-            return np.asarray(text.lower() in _TRUE)
+            return text.lower() in _TRUE
         if np.issubdtype(dtype, np.integer):
-            return np.asarray(int(text))
-        return np.asarray(float(text))
+            return int(text)
+        return float(text)
     except ValueError:
         kind = "true or false" if dtype == np.bool_ else f"a number of type {dtype}"
         raise SettingsError(f"--set {spec.name}={text}: input {spec.name!r} takes {kind}") from None
@@ -51,18 +51,21 @@ def _from_text(text: str, spec: InputSpec) -> np.ndarray:
 def _typed(value: Any, spec: InputSpec) -> np.ndarray:
     """``value`` as an array of the input's dtype; an error naming the input when it does not
     fit (a fraction or an out-of-range number for an integer input, a wrong shape)."""
-    array = _from_text(value, spec) if isinstance(value, str) else np.asarray(value)
+    value = _from_text(value, spec) if isinstance(value, str) else value
     where = f"the value given for input {spec.name!r}"
+    limits = np.iinfo(spec.dtype) if np.issubdtype(spec.dtype, np.integer) else None
+    if isinstance(value, int) and limits and not limits.min <= value <= limits.max:
+        raise SettingsError(f"{where} ({value}) does not fit in {spec.dtype}")  # before numpy
+    array = np.asarray(value)
     if array.dtype == object or not (
         np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
     ):
         raise SettingsError(f"{where} is not a number ({array.dtype})")
-    if np.issubdtype(spec.dtype, np.integer):
+    if limits:
         if not np.all(np.isfinite(array)) or not np.all(np.round(array) == array):
             raise SettingsError(
                 f"{where} ({array}) is not a whole number; the input is {spec.dtype}"
             )
-        limits = np.iinfo(spec.dtype)
         if np.any(array < limits.min) or np.any(array > limits.max):
             raise SettingsError(f"{where} ({array}) does not fit in {spec.dtype}")
     if array.ndim not in (0, len(spec.shape)) or any(
