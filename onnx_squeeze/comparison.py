@@ -154,6 +154,30 @@ def _select(session: ort.InferenceSession, feed: Feed) -> dict[str, np.ndarray]:
     return {n: np.asarray(feed[n]) for n in names}
 
 
+# What onnxruntime raises when a model cannot run on a feed (a value or shape it rejects).
+_RUN_ERRORS = (
+    ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+    ort.capi.onnxruntime_pybind11_state.RuntimeException,
+    ort.capi.onnxruntime_pybind11_state.Fail,
+)
+
+
+def _run_given(
+    session: ort.InferenceSession, names: list[str] | None, feed: Feed, model: str
+) -> list[np.ndarray]:
+    """A run of a model as the user gave it: where it rejects the feed, the inputs are at
+    fault (a value such as a sample rate that does not suit the other inputs' shapes), so it
+    is an :class:`InputError` naming the model, not an internal error."""
+    try:
+        return session.run(names, feed)
+    except _RUN_ERRORS as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise InputError(
+            f"{model} fails on these inputs: {text}; check the values and shapes given (data, "
+            "--set, --shape)"
+        ) from None
+
+
 def _iter_feeds(feeds: Any) -> Iterator[Feed]:
     """Feed dicts from an iterable, a single dict, or a ``get_next()`` data reader."""
     if isinstance(feeds, Mapping):
@@ -235,7 +259,7 @@ def fidelity(
     declared = {o.name: o.shape for o in session_a.get_outputs()}
     sums = accumulators(numeric, declared, probabilities=probabilities, channel_axes=channel_axes)
     for feed in track(_iter_feeds(feeds), "fidelity", total=total):
-        outputs_a = session_a.run(numeric, _select(session_a, feed))
+        outputs_a = _run_given(session_a, numeric, _select(session_a, feed), "model A")
         outputs_b = session_b.run(numeric, _select(session_b, feed))
         for name, out_a, out_b in zip(numeric, outputs_a, outputs_b, strict=True):
             if out_a.shape != out_b.shape:
@@ -319,7 +343,8 @@ def latency(
         return None
     selected = [_select(s, f) for s, f in zip(sessions, feeds, strict=True)]
     bursts = []
-    for session, data in zip(sessions, selected, strict=True):
+    for index, (session, data) in enumerate(zip(sessions, selected, strict=True)):
+        _run_given(session, None, data, f"model {index + 1}")
         for _ in range(warmup):
             session.run(None, data)
         once = _time_run(session, data, 1) / 1000.0
