@@ -22,6 +22,10 @@ class UnsupportedModelError(SqueezeError):
     """The model uses something this tool cannot handle (old opset, unknown op domain, ...)."""
 
 
+class RunLimitError(SqueezeError):
+    """A model run went past its time limit (a Loop of 2**40 trips, a runaway shape)."""
+
+
 class SettingsError(SqueezeError):
     """A pass, recipe or command-line setting is invalid."""
 

@@ -7,8 +7,12 @@ large models, provider fallbacks and symbolic input dimensions are handled in on
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -16,7 +20,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnx_squeeze.errors import InputError, SettingsError
+from onnx_squeeze.errors import InputError, RunLimitError, SettingsError
 
 # Serialized protobufs are limited to 2 GiB; stay well below it before switching to a file.
 _INLINE_LIMIT_BYTES = 1_500_000_000
@@ -29,6 +33,90 @@ PROVIDER_ALIASES = {
 }
 
 ModelLike = ir.Model | onnx.ModelProto | str | os.PathLike
+
+# onnxruntime's own log lines (colour-coded errors of a failed run, warnings at load) would
+# reach the user's terminal beside our one-line message; they are for --debug only.
+LOG_SEVERITY = 4 if not os.environ.get("ONNX_SQUEEZE_DEBUG") else 2
+ort.set_default_logger_severity(LOG_SEVERITY)
+
+# Seconds one run of a model may take before it is stopped (a Loop with 2**40 trips ran until
+# killed). Far above any real model's run on a CPU; set ONNX_SQUEEZE_RUN_TIMEOUT to change it.
+RUN_TIMEOUT_S = float(os.environ.get("ONNX_SQUEEZE_RUN_TIMEOUT", 600))
+
+
+class _Watchdog:
+    """One daemon thread that sets onnxruntime's terminate flag on runs past their deadline.
+
+    A run registers its RunOptions (a lock and a heap push: microseconds, so latency timing is
+    not disturbed) and the thread sleeps until the earliest deadline.
+    """
+
+    def __init__(self) -> None:
+        self._deadlines: list[tuple[float, int, ort.RunOptions]] = []
+        self._live: set[int] = set()
+        self._ticket = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, options: ort.RunOptions, seconds: float) -> int:
+        ticket = next(self._ticket)
+        with self._wake:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True)
+                self._thread.start()
+            earliest = self._deadlines[0][0] if self._deadlines else None
+            heapq.heappush(self._deadlines, (time.monotonic() + seconds, ticket, options))
+            self._live.add(ticket)
+            if earliest is None or self._deadlines[0][0] < earliest:
+                self._wake.notify()
+        return ticket
+
+    def release(self, ticket: int) -> None:
+        with self._wake:
+            self._live.discard(ticket)
+
+    def _loop(self) -> None:
+        with self._wake:
+            while True:
+                while self._deadlines and self._deadlines[0][1] not in self._live:
+                    heapq.heappop(self._deadlines)
+                if not self._deadlines:
+                    self._wake.wait()
+                    continue
+                deadline, ticket, options = self._deadlines[0]
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                heapq.heappop(self._deadlines)
+                self._live.discard(ticket)
+                options.terminate = True
+
+
+_WATCHDOG = _Watchdog()
+
+
+class BoundedSession(ort.InferenceSession):
+    """An onnxruntime session whose runs stop after ``RUN_TIMEOUT_S`` seconds with a one-line
+    :class:`RunLimitError`, instead of running until killed."""
+
+    limit_s: float = RUN_TIMEOUT_S
+
+    def run(self, output_names, input_feed, run_options=None):
+        options = run_options or ort.RunOptions()
+        ticket = _WATCHDOG.watch(options, self.limit_s)
+        try:
+            return super().run(output_names, input_feed, options)
+        except ort.capi.onnxruntime_pybind11_state.Fail:
+            if options.terminate and run_options is None:
+                raise RunLimitError(
+                    f"a run of the model took over {self.limit_s:.0f} s and was stopped (a loop "
+                    "that does not end, or inputs far larger than meant?); set "
+                    "ONNX_SQUEEZE_RUN_TIMEOUT=SECONDS to allow more"
+                ) from None
+            raise
+        finally:
+            _WATCHDOG.release(ticket)
 
 
 def resolve_provider(name: str) -> str:
@@ -89,7 +177,7 @@ def session_options(
         )
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[optimization]
-    options.log_severity_level = 3
+    options.log_severity_level = LOG_SEVERITY
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -145,17 +233,17 @@ def create_session(
     providers = _provider_chain(provider)
     try:
         if isinstance(model, str | os.PathLike):
-            return ort.InferenceSession(os.fspath(model), options, providers=providers)
+            return BoundedSession(os.fspath(model), options, providers=providers)
         if isinstance(model, onnx.ModelProto):
-            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            return BoundedSession(model.SerializeToString(), options, providers=providers)
         if _model_bytes(model) < _INLINE_LIMIT_BYTES and not _has_external_tensors(model):
             data = ir.to_proto(model).SerializeToString()
-            return ort.InferenceSession(data, options, providers=providers)
+            return BoundedSession(data, options, providers=providers)
         with tempfile.TemporaryDirectory(prefix="onnx-squeeze-") as folder:
             path = os.path.join(folder, "model.onnx")
             # Save a detached copy so that the caller's model keeps pointing at its own files.
             ir.save(model, path, external_data="model.onnx.data")
-            return ort.InferenceSession(path, options, providers=providers)
+            return BoundedSession(path, options, providers=providers)
     except (
         ort.capi.onnxruntime_pybind11_state.Fail,
         ort.capi.onnxruntime_pybind11_state.InvalidGraph,
