@@ -207,7 +207,7 @@ class ConvertFloat(Pass):
         if untyped:
             report.notes.append(
                 f"WARNING: {len(untyped)} nodes inside If/Loop/Scan bodies have values of unknown "
-                "element type and stay float32; run onnx shape inference on the model first"
+                "element type (onnx's type inference could not give one) and stay float32"
             )
 
     # -- planning ------------------------------------------------------------------------------
