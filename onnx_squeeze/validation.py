@@ -105,9 +105,8 @@ def _check_declared_inputs(model: ir.Model, where: str) -> None:
     for value in model.graph.inputs:
         if value.shape is None or value.dtype is None or value.is_initializer():
             continue
-        dims = [d for d in value.shape if isinstance(d, int)]
-        if any(d < 0 for d in dims):
-            raise InputError(f"{where}: input {value.name!r} declares a negative dimension; {_FIX}")
+        # Paddle and others write -1 for a dynamic dimension: only positive ones count
+        dims = [d for d in value.shape if isinstance(d, int) and d > 0]
         size = math.prod(dims) * max(value.dtype.itemsize, 1)
         if limit and size > limit:
             raise InputError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 import numpy as np
@@ -539,6 +540,25 @@ def test_onnxsim_hang_times_out(monkeypatch):
     prepared, report = prepare(ir.from_proto(proto), PrepareSettings(simplify_timeout=0.5))
     _check_fallback(report, "onnxsim skipped: timed out after 0.5 s", proto, prepared)
     assert report.seconds < 30
+
+
+_LIMITS_SCRIPT = """
+import ctypes, resource, sys
+death = ctypes.c_int()
+ctypes.CDLL(None).prctl(2, ctypes.byref(death))  # PR_GET_PDEATHSIG
+raise SystemExit(f"limit {resource.getrlimit(resource.RLIMIT_AS)[0]} death {death.value}")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="prctl and RLIMIT_AS are Linux's")
+def test_onnxsim_child_is_bounded_and_dies_with_the_tool(monkeypatch):
+    """Runaway folding stops at an address-space limit (30 nested Ifs took it to 6.3 GB), and
+    the kernel kills the child when the tool dies (a SIGKILLed tool left it running)."""
+    monkeypatch.setattr(prepare_module, "_SIMPLIFY_COMMAND", [sys.executable, "-c", _LIMITS_SCRIPT])
+    proto = _dynamic_model()
+    _, report = prepare(ir.from_proto(proto), PrepareSettings())
+    note = next(n for n in report.notes if n.startswith("onnxsim skipped"))
+    assert f"limit {4 << 30} death {int(signal.SIGKILL)}" in note
 
 
 def test_real_onnxsim_with_tiny_timeout():

@@ -133,3 +133,12 @@ def test_a_pass_that_does_not_reach_subgraph_layers_warns(tmp_path):
     recipe = sq.Recipe.from_cli(["prune_weights:ratio=0.5"])
     result = sq.compress(str(source), recipe, runs=1)
     assert any("weight layers sit inside If/Loop/Scan bodies" in w for w in result.warnings)
+
+
+def test_a_minus_one_dimension_is_dynamic_not_an_error(tmp_path):
+    """Paddle exports write dim_value -1 for dynamic dimensions (the corpus's ppocr_cls)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 4])
+    proto = _model([helper.make_node("Relu", ["x"], ["y"], name="relu")], inputs=[x])
+    source = tmp_path / "m.onnx"
+    source.write_bytes(proto.SerializeToString())
+    assert len(model_io.load(source).graph) == 1
