@@ -66,6 +66,7 @@ class CodebookWeights(Pass):
 
     name = "codebook"
     Settings = CodebookSettings
+    reaches_subgraphs = True  # weights in If/Loop/Scan bodies too (shared_weights)
 
     def validate(self) -> None:
         s = self.settings

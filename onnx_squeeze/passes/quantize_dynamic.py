@@ -143,7 +143,7 @@ class _Encoder:
         key = ("embedding", id(weight.value))
         if key not in self._made:
             quantized, scale, _ = quant_params.quantize_weight(weight.array, 0, quant_params.INT8)
-            name, value = weight.nodes[0].name, weight.value
+            name, value = weight.nodes[0].name or weight.name, weight.value
             self._made[key] = (
                 self._constant(value, f"{name}.table_quantized", quantized, ir.DataType.INT8),
                 self._constant(
@@ -172,7 +172,7 @@ class _Encoder:
                 quantized, scale, zero_point = quant_params.quantize_weight(
                     matrix, form.axis, qtype
                 )
-            name, value = weight.nodes[0].name, weight.value
+            name, value = weight.nodes[0].name or weight.name, weight.value
             self._made[key] = (
                 self._constant(value, f"{name}.weight_quantized", quantized, qtype.dtype),
                 self._constant(value, f"{name}.weight_scale", scale, ir.DataType.FLOAT),
@@ -249,6 +249,7 @@ class QuantizeDynamic(Pass):
     name = "quantize_dynamic"
     Settings = QuantizeDynamicSettings
     min_opset = 11  # DynamicQuantizeLinear
+    reaches_subgraphs = True  # weights in If/Loop/Scan bodies too (shared_weights)
 
     def validate(self) -> None:
         _dynamic_weight_form(self.settings)  # bits out of range raise here

@@ -102,6 +102,7 @@ class QuantizeWeights(Pass):
 
     name = "quantize_weights"
     Settings = QuantizeWeightsSettings
+    reaches_subgraphs = True  # weights in If/Loop/Scan bodies too (shared_weights)
 
     def validate(self) -> None:
         if self.settings.format == "dequantizelinear":

@@ -1,0 +1,219 @@
+"""Dynamic INT8 where exported models keep their weights: inside If/Loop bodies (outer-scope
+weights read in a body, initializers of the body itself), and a clear warning where the model's
+layers are ones dynamic INT8 does not handle."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import onnx_squeeze as sq
+from onnx_squeeze import fidelity
+from onnx_squeeze.passes.base import make_pass
+from onnx_squeeze.pipeline import finalize
+from onnx_squeeze.records import PassContext
+from tests.helpers import check, run
+
+RNG = np.random.default_rng(0)
+SILERO = "/root/.cache/onnx-squeeze/real-models/models/silero_vad.onnx"
+
+
+def _parse(text: str, **initializers: np.ndarray) -> ir.Model:
+    proto = onnx.parser.parse_model(text)
+    proto.graph.initializer.extend(
+        onnx.numpy_helper.from_array(array.astype(np.float32), name)
+        for name, array in initializers.items()
+    )
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+
+
+def _body(model: ir.Model, attribute: str, node: int = 0) -> ir.Graph:
+    return model.graph.node(node).attributes[attribute].value
+
+
+def _add_initializer(graph: ir.Graph, name: str, array: np.ndarray, reader: int, index: int):
+    """An initializer of ``graph`` itself (a body), read by its ``reader``-th node."""
+    value = ir.Value(name=name, const_value=ir.tensor(array.astype(np.float32), name=name))
+    graph.register_initializer(value)
+    graph.node(reader).replace_input_with(index, value)
+
+
+def _quantize(model: ir.Model, name: str = "quantize_dynamic"):
+    student = model.clone()
+    report = make_pass(name, {})(student, PassContext())
+    finalize(student)
+    return student, report
+
+
+def _sqnr_db(reference: np.ndarray, result: np.ndarray) -> float:
+    (measured,) = fidelity.measure([{"y": reference}], [{"y": result}]).values()
+    return measured.worst_channel_sqnr_db
+
+
+def _branch_model() -> ir.Model:
+    """An If whose branches read one outer weight ``w`` and hold a weight each: a MatMul in
+    the then branch, a Gemm with bias in the else branch."""
+    model = _parse(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        branchy (bool c, float[N, 64] x) => (float[N, 32] y) {
+            y = If(c) <
+                then_branch = g1 () => (float[N, 32] t) {
+                    h1 = MatMul(x, w)
+                    r1 = Relu(h1)
+                    t = MatMul(r1, placeholder1)
+                },
+                else_branch = g2 () => (float[N, 32] e) {
+                    h2 = MatMul(x, w)
+                    r2 = Relu(h2)
+                    e = Gemm<transB=1>(r2, placeholder2, bias)
+                }
+            >
+        }""",
+        w=RNG.standard_normal((64, 48)) / 8,
+        placeholder1=np.zeros((48, 32)),
+        placeholder2=np.zeros((32, 48)),
+        bias=RNG.standard_normal(32),
+    )
+    _add_initializer(_body(model, "then_branch"), "inner1", RNG.standard_normal((48, 32)) / 7, 2, 1)
+    _add_initializer(_body(model, "else_branch"), "inner2", RNG.standard_normal((32, 48)) / 7, 2, 1)
+    finalize(model, check=False)  # the placeholders go
+    return model
+
+
+def test_if_branches_are_quantized_with_each_weight_once():
+    model = _branch_model()
+    student, report = _quantize(model)
+    check(student)
+    assert len(report.changed) == 4 and not report.skipped and not report.notes
+    outer = {
+        v.name: v.dtype for v in student.graph.initializers.values() if v.const_value.size > 64
+    }
+    assert outer == {"w.weight_quantized": ir.DataType.INT8}  # ``w`` once, for both branches
+    for branch, name in (("then_branch", "t"), ("else_branch", "e")):
+        body = _body(student, branch)
+        assert f"inner{1 if name == 't' else 2}" not in body.initializers
+        assert [n.op_type for n in body].count("MatMulInteger") == 2
+        assert {v.dtype for v in body.initializers.values() if v.const_value.size > 64} == {
+            ir.DataType.INT8
+        }
+    x = RNG.standard_normal((8, 64)).astype(np.float32)
+    for condition in (True, False):
+        feed = {"c": np.array(condition), "x": x}
+        assert _sqnr_db(run(model, feed)[0], run(student, feed)[0]) > 25
+
+
+class _Reader:
+    """onnxruntime's calibration reader protocol over a list of feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.feeds, None)
+
+
+def test_if_model_through_the_pipeline_runs_and_passes_the_checker(tmp_path):
+    model = _branch_model()
+    feeds = [{"c": np.array(True), "x": RNG.standard_normal((4, 64)).astype(np.float32)}] * 2
+    result = sq.compress(
+        ir.to_proto(model),
+        sq.Recipe.from_cli(["quantize_dynamic"]),
+        calibration=_Reader(feeds),
+        output=tmp_path / "out.onnx",
+        compare=False,
+    )
+    saved = onnx.load(tmp_path / "out.onnx")
+    onnx.checker.check_model(saved, full_check=True)
+    session = ort.InferenceSession(saved.SerializeToString(), providers=["CPUExecutionProvider"])
+    for condition in (True, False):
+        feed = {"c": np.array(condition), "x": feeds[0]["x"]}
+        expected = run(model, feed)[0]
+        assert _sqnr_db(expected, session.run(None, feed)[0]) > 25
+    assert sum(not r.skipped for p in result.reports for r in p.records) == 4
+
+
+def test_loop_body_reads_the_outer_weight_quantized_once():
+    """A Loop applying one outer weight at every iteration: its body reads the one INT8 copy."""
+    model = _parse(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        looped (float[N, 32] x) => (float[N, 32] y) {
+            trips = Constant<value = int64 {4}>()
+            go = Constant<value = bool {1}>()
+            y = Loop(trips, go, x) <
+                body = step (int64 i, bool keep, float[N, 32] h) => (bool k, float[N, 32] out) {
+                    k = Identity(keep)
+                    m = MatMul(h, w)
+                    out = Tanh(m)
+                }
+            >
+        }""",
+        w=RNG.standard_normal((32, 32)) / 6,
+    )
+    student, report = _quantize(model)
+    check(student)
+    assert len(report.changed) == 1 and report.changed[0].op_type == "MatMul"
+    assert [v.dtype for v in student.graph.initializers.values() if v.const_value.size > 64] == [
+        ir.DataType.INT8
+    ]
+    feed = {"x": RNG.standard_normal((8, 32)).astype(np.float32)}
+    assert _sqnr_db(run(model, feed)[0], run(student, feed)[0]) > 25
+
+
+def test_a_weight_also_read_in_float_is_left_alone_with_the_reason():
+    """Quantizing ``w`` for the MatMul while the Add keeps reading it would store it twice."""
+    model = _parse(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 32] x) => (float[N, 32] y) {
+            m = MatMul(x, w)
+            d = ReduceSum<keepdims=0>(w)
+            y = Add(m, d)
+        }""",
+        w=RNG.standard_normal((32, 32)),
+    )
+    student, report = _quantize(model)
+    assert not report.changed
+    assert "would grow the file" in report.skipped[0].detail
+    assert [n.op_type for n in student.graph] == ["MatMul", "ReduceSum", "Add"]
+
+
+def test_compute_dynamic_int8_cannot_reach_is_a_warning():
+    """A model whose layers are Conv inside an If: nothing changes, and a WARNING says why."""
+    model = _parse(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        convs (bool c, float[1, 4, 8] x) => (float[1, 4, 8] y) {
+            y = If(c) <
+                then_branch = g1 () => (float[1, 4, 8] t) { t = Conv<pads = [1, 1]>(x, w) },
+                else_branch = g2 () => (float[1, 4, 8] e) { e = Identity(x) }
+            >
+        }""",
+        w=RNG.standard_normal((4, 4, 3)),
+    )
+    for name in ("quantize_dynamic", "quantize_weights"):
+        _, report = _quantize(model, name)
+        assert not report.changed
+        (note,) = report.notes
+        assert note.startswith("WARNING:") and "1 Conv (1 inside If/Loop/Scan bodies)" in note
+
+
+@pytest.mark.real_models
+def test_silero_vad_says_its_layers_are_out_of_reach():
+    """silero_vad keeps its model in If branches (Conv encoder, LSTM): dynamic INT8 and int4
+    (MatMul/Gemm only) change nothing and say so in a warning; the result still runs."""
+    try:
+        model = ir.load(SILERO)
+    except FileNotFoundError:
+        pytest.skip("silero_vad not in the real-model cache: run benchmarks/real_models.py fetch")
+    feed = {
+        "input": RNG.standard_normal((1, 576)).astype(np.float32) / 10,
+        "state": np.zeros((2, 1, 128), np.float32),
+        "sr": np.array(16000, np.int64),
+    }
+    for name in ("quantize_dynamic", "quantize_weights"):
+        student, report = _quantize(model, name)
+        assert not report.changed
+        assert any(n.startswith("WARNING:") and "If/Loop/Scan" in n for n in report.notes)
+        for a, b in zip(run(model, feed), run(student, feed), strict=True):
+            np.testing.assert_array_equal(a, b)
