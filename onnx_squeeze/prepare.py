@@ -182,6 +182,8 @@ def prepare(
         model = simplify(model, report, settings=settings, signature=signature)
     if settings.fold_constants:
         fold_constants(model, report)
+    if settings.infer_shapes and _untyped_values(model):
+        infer_shapes(model, report)  # values onnxsim or folding created, e.g. in If branches
     if settings.fold_batchnorm:
         fold_batchnorm(model, report)
     RemoveUnusedNodesPass()(model)
@@ -313,6 +315,15 @@ def _captured_warnings(logger_name: str) -> Iterator[_Collector]:
 def _first_line(error: BaseException | None) -> str:
     text = str(error).strip() if error is not None else ""
     return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _untyped_values(model: ir.Model) -> bool:
+    """Whether some node output, in any graph, has no element type (passes need it)."""
+    return any(
+        output.dtype is None
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        for output in node.outputs
+    )
 
 
 def infer_shapes(model: ir.Model, report: PassReport) -> bool:
