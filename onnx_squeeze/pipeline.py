@@ -243,8 +243,6 @@ def _transform(
         notes.append(
             f"the input model fails onnx.checker ({input_problem}); the result is not checked"
         )
-    if model_io.has_subgraphs(model):
-        notes.append("the model has If/Loop/Scan subgraphs: only the main graph is compressed")
     try:
         settings = PrepareSettings(**recipe.prepare)
     except TypeError as error:
