@@ -218,8 +218,9 @@ def test_a_value_that_does_not_fit_names_the_input(vad_npz, value, message):
         open_source(vad_npz, vad_model(), constants=value)
 
 
-def test_one_value_fills_an_input_of_higher_rank():
-    """A mask given as one value takes each feed's batch and its fixed width."""
+def test_one_value_fills_an_input_of_higher_rank(tmp_path):
+    """A mask given as one value (--set, or a 0-d array in the .npz) takes each feed's batch
+    and its fixed width."""
     model = ir.from_proto(
         onnx.parser.parse_model(
             """<ir_version: 8, opset_import: ["" : 17]>
@@ -237,6 +238,11 @@ def test_one_value_fills_an_input_of_higher_rank():
     for feed in source:
         assert feed["mask"].shape == (3, 3) and (feed["mask"] == 1).all()
         np.testing.assert_array_equal(run(model, feed)[0], feed["x"])
+    x = np.arange(15, dtype=np.float32).reshape(5, 3)
+    np.savez(tmp_path / "mask.npz", x=x, mask=np.array(2))
+    feeds = list(open_source(tmp_path / "mask.npz", model, batch_size=2))
+    assert [f["mask"].shape for f in feeds] == [(2, 3), (2, 3), (1, 3)]
+    np.testing.assert_array_equal(np.concatenate([run(model, f)[0] for f in feeds]), 2 * x)
 
 
 # ----------------------------------------------------------------------------- random data

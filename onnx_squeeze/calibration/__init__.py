@@ -1,7 +1,9 @@
 """Calibration: the data passes learn from and the statistics they take of it.
 
 - :mod:`.sources`: feed dicts one batch at a time (``.npz``/``.npy``, image folders, random
-  draws labelled as such, onnxruntime readers); :func:`open_source` picks one.
+  draws labelled as such, onnxruntime readers), cut on each input's batch axis
+  (:func:`onnx_squeeze.shapes.batch_axis`); :func:`open_source` picks one.
+- :mod:`.constants`: inputs given one value for every feed (``--set sr=16000``).
 - :mod:`.accumulators`: streaming min/max, histograms, per-channel statistics, fixed memory.
 - :mod:`.runner`: the one way to run a copy of a model that exposes intermediate tensors.
 - :mod:`.collector` and :mod:`.stat_graph`: statistics of chosen tensors, reduced in the graph.
@@ -27,6 +29,7 @@ from onnx_squeeze.calibration.sources import (
     RandomSource,
     ReaderSource,
     open_source,
+    random_source,
     split_for_evaluation,
 )
 
@@ -47,5 +50,6 @@ __all__ = [
     "expose",
     "joined",
     "open_source",
+    "random_source",
     "split_for_evaluation",
 ]
