@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -37,6 +36,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnx_squeeze import scratch
 from onnx_squeeze.shapes import Shape, display_dims, resolve_input_shapes
 
 __all__ = [
@@ -249,8 +249,8 @@ def _fill_from_symbolic_inference(
     # the current folder (sym_shape_infer_temp.onnx and a uuid.data): keep that out of the
     # user's folder.
     here = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="onnx-squeeze-shapes-") as scratch:
-        os.chdir(scratch)
+    with scratch.folder("shapes") as folder:
+        os.chdir(folder)
         try:
             inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
         except Exception:  # a best-effort refinement, never fatal

@@ -11,7 +11,6 @@ import logging
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import google.protobuf.message
 import onnx
 import onnx_ir as ir
 
-from onnx_squeeze import validation
+from onnx_squeeze import scratch, validation
 from onnx_squeeze.errors import InputError, SettingsError
 
 # Weights above this size go to an external data file: a protobuf cannot exceed 2 GiB.
@@ -278,7 +277,8 @@ def save(
     staging = None
     try:
         # Written in a temporary folder next to the target (same filesystem), renamed into place.
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+        scratch.sweep(folder)  # stagings of killed runs
+        staging = scratch.staging(target)
         staged_model = staging / target.name
         if use_external:
             ir.save(model, staged_model, external_data=data_name)

@@ -56,7 +56,6 @@ import resource
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -70,6 +69,7 @@ from onnx_ir.passes.common import (
     TopologicalSortPass,
 )
 
+from onnx_squeeze import scratch
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, set_input_constant
 from onnx_squeeze.records import BN_SCALE_KEY, PassReport
@@ -414,7 +414,7 @@ def simplify(
         # 7 KB model took the child to 5.3 GB, only to be summed away again
         "tensor_size_threshold": f"{max(_largest_tensor_bytes(model), _FOLD_FLOOR_BYTES)}B",
     }
-    with tempfile.TemporaryDirectory(prefix="onnx-squeeze-sim-") as folder:
+    with scratch.folder("sim") as folder:
         source = os.path.join(folder, "in.onnx")
         target = os.path.join(folder, "out.onnx")
         try:

@@ -10,7 +10,6 @@ import dataclasses
 import heapq
 import itertools
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnx_squeeze import scratch
 from onnx_squeeze.errors import InputError, RunLimitError, SettingsError
 
 # Serialized protobufs are limited to 2 GiB; stay well below it before switching to a file.
@@ -239,7 +239,7 @@ def create_session(
         if _model_bytes(model) < _INLINE_LIMIT_BYTES and not _has_external_tensors(model):
             data = ir.to_proto(model).SerializeToString()
             return BoundedSession(data, options, providers=providers)
-        with tempfile.TemporaryDirectory(prefix="onnx-squeeze-") as folder:
+        with scratch.folder("session") as folder:
             path = os.path.join(folder, "model.onnx")
             # Save a detached copy so that the caller's model keeps pointing at its own files.
             ir.save(model, path, external_data="model.onnx.data")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
-from onnx_squeeze import model_io, runtime
+from onnx_squeeze import model_io, runtime, scratch
 from onnx_squeeze.errors import InputError, SettingsError
 
 
@@ -242,7 +244,23 @@ def test_unwritable_folder_is_one_line_and_leaves_nothing(tmp_path, monkeypatch)
     def refused(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(model_io.tempfile, "mkdtemp", refused)  # a read-only folder
+    monkeypatch.setattr(model_io.scratch, "staging", refused)  # a read-only folder
     with pytest.raises(SettingsError, match=r"o\.onnx: cannot be written \(Permission denied\)"):
         model_io.save(model_io.load(matmul_model()), tmp_path / "o.onnx")
     assert os.listdir(tmp_path) == []
+
+
+def test_folders_of_killed_runs_are_swept_and_live_ones_kept(tmp_path):
+    """A SIGKILLed run cannot remove its temporary folders: the next run does."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    gone = int(dead.stdout)
+    (tmp_path / f"onnx-squeeze.pid{gone}.sim.abc").mkdir()
+    (tmp_path / f".o.onnx.onnx-squeeze.pid{gone}.xyz").mkdir()
+    mine = tmp_path / f"onnx-squeeze.pid{os.getpid()}.sim.def"
+    mine.mkdir()
+    users = tmp_path / "onnx-squeeze-2024-results"
+    users.mkdir()
+    scratch.sweep(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, users.name])

@@ -13,7 +13,6 @@ reordered back. Eager order frees each tensor as soon as it is reduced.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
+from onnx_squeeze import scratch
 from onnx_squeeze.calibration.sources import Feed
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.runtime import create_session
@@ -29,7 +29,7 @@ from onnx_squeeze.runtime import create_session
 
 def exposed_session(model: ir.Model, provider: str = "cpu") -> Any:
     """A session on ``model`` (an exposed or reduced copy) under the policy above."""
-    with tempfile.TemporaryDirectory(prefix="onnx-squeeze-", ignore_cleanup_errors=True) as folder:
+    with scratch.folder("exposed") as folder:
         path = os.path.join(folder, "exposed.onnx")
         ir.save(model, path, external_data="exposed.onnx.data")
         return create_session(path, provider, optimization="extended", eager=True)

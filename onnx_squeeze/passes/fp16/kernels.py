@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 
 import onnx
 import onnx_ir as ir
 
-from onnx_squeeze import runtime
+from onnx_squeeze import runtime, scratch
 
 # Kept in FP32 on every provider: indices/counters, sampling, and ops whose FP16 results are
 # known to drift (cumulative sums, box decoding, sorting on ties).
@@ -114,7 +113,7 @@ def _has_kernel(provider: str, data: bytes, is_cast: bool) -> bool:
     """True when ``provider`` runs the one-node model natively: the session loads and
     onnxruntime inserted no Cast (its CPU EP silently wraps FP16 nodes without kernels in
     Casts to float); ``is_cast`` says the probed node is itself a Cast."""
-    with tempfile.TemporaryDirectory(prefix="onnx-squeeze-probe-") as folder:
+    with scratch.folder("probe") as folder:
         path = os.path.join(folder, "optimized.onnx")
         options = runtime.session_options(optimization="none", optimized_model_path=path)
         if provider != "CPUExecutionProvider":
