@@ -80,7 +80,8 @@ def parse(text: str, seed: int = 0, **shapes: tuple[int, ...]) -> ir.Model:
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "transformer"])
 def test_zoo_models_fuse_into_integer_kernels(name):
     model = prepared(name)
-    quantized, report = quantize(model)
+    # every layer quantized (accuracy control may keep some float on these random models)
+    quantized, report = quantize(model, accuracy_control=False)
     check(quantized)
     fused = optimized_ops(quantized)
     float_macs = {op: n for op, n in fused.items() if op in FLOAT_MAC_OPS}
@@ -101,7 +102,7 @@ def test_zoo_models_fuse_into_integer_kernels(name):
 
 def test_yolo_style_model_quantizes_silu_concat_and_pools():
     model = prepared("yolo")
-    quantized, _ = quantize(model)
+    quantized, _ = quantize(model, accuracy_control=False)
     check(quantized)
     fused = optimized_ops(quantized)
     assert fused.get("Conv", 0) == 0
@@ -412,19 +413,26 @@ def test_single_channel_stem_stays_float():
     assert cosine(model, result, random_feeds(model, 2)) > 0.99
 
 
-def test_mixed_precision_keeps_sensitive_layers_in_float_until_target():
+def test_accuracy_control_keeps_harmful_layers_in_float_toward_the_target():
+    """A target beyond reach on this tiny random model: layers go back to float only where
+    that measured better, and the fused result is better than the fully quantized one."""
     model = prepared("resnet18")
-    full, _ = quantize(model)
+    full, _ = quantize(model, accuracy_control=False)
     feeds = list(calibration(model))[:4]
-    baseline = cosine(model, full, feeds)
+    baseline = cosine(model, full, feeds, "all")
     target = min(0.999, 1 - (1 - baseline) / 3)
-    result, report = quantize(model, target=f"cosine>={target}")
+    result, report = quantize(
+        model, target=f"cosine>={target}", control_float_macs=1.0, control_runs=60
+    )
     check(result)
-    kept = [r for r in report.skipped if "kept in float" in r.detail]
+    kept = [r for r in report.skipped if "kept in float by accuracy control" in r.detail]
     assert kept
-    assert any("sensitivity" in note for note in report.notes)
+    for record in kept:  # "... cosine 0.9964 -> 0.997 on ..."
+        before, after = record.detail.split("cosine ")[-1].split(" on ")[0].split(" -> ")
+        assert float(after) > float(before)
+    assert any(n.startswith(f"accuracy control: cosine>={target:g}") for n in report.notes)
     # the pass measures what onnxruntime runs: the fused graph
-    assert cosine(model, result, feeds, "all") >= target - 1e-6
+    assert cosine(model, result, feeds, "all") > baseline
 
 
 def test_bias_correction_improves_fidelity():

@@ -9,10 +9,17 @@ correction from the input means gathered in the same calibration run (then, at t
 quantized layers, the measured mean output error), and 8-bit weights except for Conv layers with
 a signed input on x86 CPUs without VNNI (see ``_static_weight_type``). A Conv over a single input
 channel stays float: onnxruntime's QLinearConv runs it slower than the float kernel.
+
+What keeps real exported models working: the ops after the last weight layer (a detector's
+decode) and Concats of differently scaled inputs stay float (:mod:`.quantize.plan`), and
+accuracy control (:mod:`.quantize.accuracy_control`) returns the layers that harm the outputs
+most to float until the fidelity gate (``target``, by default ``verdict.DEFAULT_GATE``) holds
+on calibration data.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Sequence
 
@@ -24,7 +31,7 @@ from onnx_squeeze.gates import parse_gate
 from onnx_squeeze.graph_utils import attribute
 from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.base import Pass, bounded, choice, register, subset
-from onnx_squeeze.passes.quantize import bias_correction, sensitivity, speed_check
+from onnx_squeeze.passes.quantize import accuracy_control, bias_correction, speed_check
 from onnx_squeeze.passes.quantize import params as quant_params
 from onnx_squeeze.passes.quantize.eligibility import (
     QUANTIZED_OPS,
@@ -34,7 +41,7 @@ from onnx_squeeze.passes.quantize.eligibility import (
     selection_of,
 )
 from onnx_squeeze.passes.quantize.params import IntType
-from onnx_squeeze.passes.quantize.plan import ANCHOR_OPS, Plan, make_plan
+from onnx_squeeze.passes.quantize.plan import ANCHOR_OPS, CONCAT_RANGE_RATIO, Plan, make_plan
 from onnx_squeeze.passes.quantize.qdq import (
     IntWeights,
     Outcome,
@@ -46,6 +53,7 @@ from onnx_squeeze.passes.quantize.qdq import (
 )
 from onnx_squeeze.passes.quantize.statistics import settled_statistics
 from onnx_squeeze.records import PassContext, PassReport
+from onnx_squeeze.verdict import DEFAULT_GATE
 
 WEIGHT_RANGES = ("max", "mse")
 
@@ -67,9 +75,18 @@ class QuantizeInt8Settings:
     op_types: Sequence[str] = subset((), ANCHOR_OPS)  # none: all
     exclude_op_types: Sequence[str] = subset((), ANCHOR_OPS)
     keep_first_last: bool = False
-    target: str = ""  # e.g. "top1_agreement>=0.99": keep the most sensitive layers in float
-    sensitivity: bool = False  # measure per-layer sensitivity even without a target
-    sensitivity_batches: int = bounded(4, low=1)
+    # accuracy control: return the layers that harm the outputs most to float until the gate
+    # ``target`` holds on the first ``control_batches`` calibration batches (empty: the
+    # default gate, verdict.DEFAULT_GATE), in at most ``control_runs`` runs of the model and
+    # giving at most ``control_float_macs`` of the quantized layers' MACs back to float
+    accuracy_control: bool = True
+    target: str = ""  # e.g. "top1_agreement>=0.99"
+    control_batches: int = bounded(4, low=1)
+    control_runs: int = bounded(24, low=1)
+    control_float_macs: float = bounded(0.1, low=0, high=1)
+    # a Concat whose inputs' calibrated range widths differ by more than this stays float
+    # (see passes/quantize/plan.py)
+    concat_range_ratio: float = bounded(CONCAT_RANGE_RATIO, low=1)
     bias_correction: bool = True
     calibration_batches: int = bounded(0, low=0)  # 0: all batches of the source
     # stop reading calibration batches once the ranges from half of them would have added at
@@ -143,8 +160,7 @@ class QuantizeInt8(Pass):
         s = self.settings
         if s.weight_bits:
             quant_params.weight_type(s.weight_bits)
-        if s.target:
-            parse_gate(s.target)
+        accuracy_control.check_gate(parse_gate(s.target or DEFAULT_GATE))
 
     @property
     def activation(self) -> IntType:
@@ -188,14 +204,14 @@ class QuantizeInt8(Pass):
         )
 
     def _ranges(
-        self, plan: Plan, statistics: dict[str, TensorStatistics]
+        self, plan: Plan, ranges: dict[str, tuple[float, float]]
     ) -> dict[str, TensorParams]:
-        """One set of parameters per class: the hull of its members' calibrated ranges."""
+        """One set of parameters per class: the hull of its members' calibrated ``ranges``."""
         params = {}
         for members in plan.classes.members().values():
             low, high = 0.0, 0.0
             for name in members:
-                a, b = self._range(statistics[name])
+                a, b = ranges[name]
                 low, high = min(low, a), max(high, b)
             scale, zero_point = quant_params.scale_zero_point(
                 low, high, self.activation, symmetric=self.symmetric
@@ -206,8 +222,14 @@ class QuantizeInt8(Pass):
 
     # -- applying -------------------------------------------------------------------------
 
-    def _apply_plan(self, model: ir.Model, plan: Plan, params: dict[str, TensorParams]) -> Outcome:
-        writer = QdqWriter(model, self.name)
+    def _apply_plan(
+        self,
+        model: ir.Model,
+        plan: Plan,
+        params: dict[str, TensorParams],
+        encoded: dict[tuple, tuple] | None = None,
+    ) -> Outcome:
+        writer = QdqWriter(model, self.name, encoded)
         for name, value in plan.tensors.items():
             writer.quantize_tensor(value, params[name], self.activation.dtype)
         # each anchor's input is now a DequantizeLinear output: its scale and zero point
@@ -237,16 +259,6 @@ class QuantizeInt8(Pass):
             if wanted.qmax < known.qmax:
                 narrowest[id(node.inputs[1])] = wanted
         return {node.name: narrowest[id(node.inputs[1])] for node in anchors}
-
-    def quantized_copy(
-        self, model: ir.Model, anchors: Sequence[ir.Node], statistics: dict[str, TensorStatistics]
-    ) -> ir.Model:
-        """A quantized clone of ``model`` (weights shared) with only ``anchors`` quantized."""
-        copy = model.clone()
-        by_name = {node.name: node for node in copy.graph}
-        plan = make_plan(copy, [by_name[n.name] for n in anchors], self.symmetric)
-        self._apply_plan(copy, plan, self._ranges(plan, statistics))
-        return copy
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         infer_types(model)
@@ -292,35 +304,77 @@ class QuantizeInt8(Pass):
             settle_db=s.settle_db,
         )
 
-        def quantized_copy(chosen: Sequence[ir.Node]) -> ir.Model:
-            return self.quantized_copy(model, chosen, statistics)
+        ranges = {name: self._range(statistics[name]) for name in full_plan.tensors}
+        widths = {name: high - low for name, (low, high) in ranges.items()}
+        encoded: dict[tuple, tuple] = {}  # weight encodings, made once for every copy
 
-        if s.target or s.sensitivity:
-            anchors = sensitivity.keep_sensitive_float(
+        def plan_for(target: ir.Model, chosen: Sequence[ir.Node]) -> Plan:
+            return make_plan(
+                target,
+                chosen,
+                self.symmetric,
+                widths=widths,
+                concat_range_ratio=s.concat_range_ratio,
+            )
+
+        def quantized_copy(chosen: Sequence[ir.Node]) -> ir.Model:
+            """A clone of ``model`` (weights shared) with only ``chosen`` quantized, its
+            weight rounding's mean error corrected as in the result (not the measured output
+            error: that costs a calibration run)."""
+            copy = model.clone()
+            by_name = {node.name: node for node in copy.graph}
+            plan = plan_for(copy, [by_name[node.name] for node in chosen])
+            outcome = self._apply_plan(copy, plan, self._ranges(plan, ranges), encoded)
+            if s.bias_correction:
+                unreported = PassReport(self.name)
+                bias_correction.correct_biases(model, copy, outcome, statistics, unreported)
+            return copy
+
+        if s.accuracy_control:
+            anchors = accuracy_control.keep_harmful_float(
                 model,
                 anchors,
                 quantized_copy,
                 context,
                 report,
-                target=s.target,
-                batches=s.sensitivity_batches,
+                gate=parse_gate(s.target or DEFAULT_GATE),
+                batches=s.control_batches,
+                bounds=accuracy_control.Bounds(s.control_runs, s.control_float_macs),
             )
         if s.speed_check:
             anchors = speed_check.fastest(
                 model, anchors, quantized_copy, context, report, batch=s.speed_batch
             )
         float_model = model.clone() if s.bias_correction else None
-        plan = make_plan(model, anchors, self.symmetric)
-        params = self._ranges(plan, statistics)
-        outcome = self._apply_plan(model, plan, params)
+        plan = plan_for(model, anchors)
+        params = self._ranges(plan, ranges)
+        outcome = self._apply_plan(model, plan, params, encoded)
         if float_model is not None:
             bias_correction.correct_biases(float_model, model, outcome, statistics, report)
             bias_correction.correct_outputs(
                 float_model, model, outcome, context, report, sample_values=s.histogram_values
             )
+        self._describe_float(plan, report)
         for node in anchors:
             report.record(node, "quantized", outcome.details[node.name])
         self._describe_tensors(plan, params, statistics, report)
+
+    def _describe_float(self, plan: Plan, report: PassReport) -> None:
+        """What the plan left float on purpose: Concats of unlike ranges, the tail."""
+        for node, ratio in plan.float_concats:
+            report.skip(
+                node,
+                f"Concat left float: its inputs' calibrated ranges differ {ratio:.3g}x (more "
+                f"than concat_range_ratio={self.settings.concat_range_ratio:g}); one shared "
+                "scale would crush the narrow ones",
+            )
+        if plan.tail:
+            ops = collections.Counter(node.op_type for node in plan.tail)
+            listed = ", ".join(f"{count} {op}" for op, count in ops.most_common())
+            report.notes.append(
+                f"{len(plan.tail)} ops after the last quantized layers stay float (they lead "
+                f"to no quantized layer, so an integer op would only add rounding): {listed}"
+            )
 
     def _describe_tensors(
         self,

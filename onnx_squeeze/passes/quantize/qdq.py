@@ -72,10 +72,15 @@ WeightRules = IntWeights | Fp8Weights
 class QdqWriter:
     """Inserts Q/DQ pairs and quantized weights into one graph."""
 
-    def __init__(self, model: ir.Model, pass_name: str) -> None:
+    def __init__(
+        self, model: ir.Model, pass_name: str, encoded: dict[tuple, tuple] | None = None
+    ) -> None:
+        """``encoded`` keeps weight encodings across writers on clones of one model (whose
+        weight tensors are shared): each is made once however many copies are quantized."""
         self.graph = model.graph
         self.names = UniqueNames(model)
         self.pass_name = pass_name
+        self._encoded = {} if encoded is None else encoded
         self._weights: dict[tuple, tuple[ir.Value, ...]] = {}
         self._pending: list[ir.Node] = []  # nodes made since the last insertion
 
@@ -172,9 +177,14 @@ class QdqWriter:
         assert weight is not None
         key = (id(weight), axis, rules)
         if key not in self._weights:
-            array = constant_array(weight)
-            assert array is not None
-            stored, scale, *zero_point = rules.encode(array, axis)
+            tensor = weight.const_value
+            cached = self._encoded.get((id(tensor), axis, rules))
+            if cached is None or cached[0] is not tensor:
+                array = constant_array(weight)
+                assert array is not None
+                cached = (tensor, rules.encode(array, axis))
+                self._encoded[(id(tensor), axis, rules)] = cached
+            stored, scale, *zero_point = cached[1]
             self._weights[key] = (
                 self.constant(f"{weight.name}_quantized", stored, rules.dtype),
                 self.constant(f"{weight.name}_scale", scale, ir.DataType.FLOAT),

@@ -1,0 +1,237 @@
+"""Accuracy control: return the quantized layers that harm the outputs most to float until a
+fidelity gate holds on calibration data (NNCF's accuracy control, with a cheaper ranking).
+
+The quantized model is measured against the float one on the first calibration batches, by
+the gate's metric (per output channel by default: ``verdict.DEFAULT_GATE``). While the gate
+fails, the layer whose return to float helps most is found by bisection over the remaining
+quantized layers (graph order): return each half to float, keep the half that measured
+better, until one layer is left. That costs two runs per halving, ``2·log2(N)`` per layer
+found, instead of the ``N + 1`` runs of ranking every layer alone, and it ranks by the metric
+the gate reads, so a layer that crushes one score channel is found even when the whole
+output hardly moves. The layer is returned to float and the model re-measured; if that made
+the metric no better, the step is taken back and that layer is not tried again. Work and speed
+are bounded: at most ``runs`` measured runs of the model (a search that would not fit is not
+begun), and the layers in float may hold at most ``float_macs`` of the quantized layers'
+multiply-accumulates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import onnx_ir as ir
+
+from onnx_squeeze import fidelity
+from onnx_squeeze.calibration.runner import TensorRunner
+from onnx_squeeze.calibration.sources import Feed
+from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.gates import Gate
+from onnx_squeeze.graph_utils import constant_array
+from onnx_squeeze.records import PassContext, PassReport
+
+# The gate metrics a fidelity measurement gives (the rest need latency, sizes or MACs).
+MEASURABLE = (
+    "cosine",
+    "sqnr_db",
+    "worst_channel_sqnr_db",
+    "worst_channel_cosine",
+    "max_abs_error",
+    "mean_abs_error",
+    "score_cosine",
+    "argmax_agreement",
+    "top1_agreement",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """How far the control may go: measured runs of the model (the work), and the share of the
+    quantized layers' multiply-accumulates that may return to float (the speed it gives up)."""
+
+    runs: int
+    float_macs: float
+
+
+def check_gate(gate: Gate) -> None:
+    """A :class:`SettingsError` when quantization cannot measure ``gate``'s metric."""
+    if gate.metric not in MEASURABLE:
+        raise SettingsError(
+            f"quantize_int8 target: {gate.metric} cannot be measured during quantization; "
+            f"use one of {', '.join(MEASURABLE)}"
+        )
+
+
+class _Measure:
+    """The gate's metric of the model quantized at all anchors but those named, on fixed
+    calibration feeds; counts its runs."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        anchors: Sequence[ir.Node],
+        quantized_copy: Callable[[Sequence[ir.Node]], ir.Model],
+        context: PassContext,
+        gate: Gate,
+        batches: int,
+    ) -> None:
+        self.anchors = list(anchors)
+        self.quantized_copy = quantized_copy
+        self.context = context
+        self.gate = gate
+        self.feeds = context.data.first_batches(batches)
+        self.reference = _outputs(model, self.feeds, context)
+        self.probabilities = fidelity.probability_outputs(model)
+        self.runs = 0
+
+    def __call__(self, floated: Sequence[str]) -> float:
+        self.runs += 1
+        left = set(floated)
+        chosen = [node for node in self.anchors if node.name not in left]
+        result = _outputs(self.quantized_copy(chosen), self.feeds, self.context)
+        measured = fidelity.measure(self.reference, result, probabilities=self.probabilities)
+        return metric_of(measured, self.gate.metric)
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether ``a`` is strictly closer to passing the gate than ``b`` (NaN never is)."""
+        if math.isnan(a):
+            return False
+        if math.isnan(b):
+            return True
+        if self.gate.op in (">=", ">"):
+            return a > b
+        if self.gate.op in ("<=", "<"):
+            return a < b
+        return abs(a - self.gate.threshold) < abs(b - self.gate.threshold)
+
+
+def keep_harmful_float(
+    model: ir.Model,
+    anchors: list[ir.Node],
+    quantized_copy: Callable[[Sequence[ir.Node]], ir.Model],
+    context: PassContext,
+    report: PassReport,
+    *,
+    gate: Gate,
+    batches: int,
+    bounds: Bounds,
+) -> list[ir.Node]:
+    """The anchors to quantize: all but those returned to float until ``gate`` holds on the
+    first ``batches`` calibration batches, within ``bounds`` (``quantized_copy`` quantizes the
+    given anchors of a copy)."""
+    measure = _Measure(model, anchors, quantized_copy, context, gate, batches)
+    data = f"{len(measure.feeds)} calibration batches"
+    if context.data.is_random:
+        data += f" of RANDOM data ({context.data.label})"
+    before = current = measure([])
+    if gate.passes(before):
+        report.notes.append(
+            f"accuracy control: {gate} holds with every layer quantized "
+            f"({gate.metric} = {before:.4g} on {data})"
+        )
+        return anchors
+    macs = {node.name: _macs(node) for node in anchors}
+    budget = bounds.float_macs * sum(macs.values())
+    floated: list[str] = []
+    stepped_back: list[str] = []
+    why = ""
+    while not gate.passes(current):
+        spent = sum(macs[name] for name in floated)
+        candidates = [
+            node
+            for node in anchors
+            if node.name not in floated
+            and node.name not in stepped_back
+            and spent + macs[node.name] <= budget
+        ]
+        if not candidates:
+            why = f"; no layer left to try within {bounds.float_macs:.0%} of the MACs in float"
+            break
+        if measure.runs + _search_runs(len(candidates)) > bounds.runs:
+            why = f"; stopped at its bound of {bounds.runs} runs"
+            break
+        found, value = _most_harmful(candidates, floated, measure)
+        if not measure.better(value, current):  # no better in float: step back
+            stepped_back.append(found.name)
+            continue
+        floated.append(found.name)
+        report.skip(
+            found,
+            f"kept in float by accuracy control for {gate}: {gate.metric} "
+            f"{current:.4g} -> {value:.4g} on {data}",
+        )
+        current = value
+    if stepped_back:
+        why += f"; stepped back from {', '.join(stepped_back)} (no better in float)"
+    held = "holds" if gate.passes(current) else "NOT met"
+    share = sum(macs[name] for name in floated) / max(sum(macs.values()), 1)
+    report.notes.append(
+        f"accuracy control: {gate} {held} with {len(floated)} of {len(anchors)} layers in float "
+        f"({share:.1%} of their MACs): {gate.metric} {before:.4g} -> {current:.4g} on {data}; "
+        f"{measure.runs} measured runs{why}"
+    )
+    return [node for node in anchors if node.name not in floated]
+
+
+def _search_runs(candidates: int) -> int:
+    """The runs :func:`_most_harmful` takes over ``candidates`` layers."""
+    return 2 * math.ceil(math.log2(candidates)) if candidates > 1 else 1
+
+
+def _most_harmful(
+    candidates: list[ir.Node], floated: list[str], measure: _Measure
+) -> tuple[ir.Node, float]:
+    """The candidate whose return to float (beside ``floated``) measures best, by bisection,
+    and that measurement."""
+    group = candidates
+    value = math.nan
+    while len(group) > 1:
+        half = len(group) // 2
+        first, second = group[:half], group[half:]
+        a = measure([*floated, *(n.name for n in first)])
+        b = measure([*floated, *(n.name for n in second)])
+        group, value = (second, b) if measure.better(b, a) else (first, a)
+    if len(candidates) == 1:
+        value = measure([*floated, group[0].name])
+    return group[0], value
+
+
+def metric_of(measured: Mapping[str, fidelity.OutputFidelity], metric: str) -> float:
+    """One gate metric over a measurement's outputs (worst output), as comparisons give it;
+    NaN where no output has it."""
+    results = list(measured.values())
+    worst_high = ("max_abs_error", "mean_abs_error")
+    attribute = {"max_abs_error": "max_abs", "mean_abs_error": "mean_abs"}.get(metric, metric)
+    values = [getattr(r, attribute) for r in results if getattr(r, attribute) is not None]
+    if not values:
+        return math.nan
+    if any(isinstance(v, float) and math.isnan(v) for v in values):
+        return math.nan
+    return float(max(values) if metric in worst_high else min(values))
+
+
+def _outputs(model: ir.Model, feeds: Sequence[Feed], context: PassContext) -> list[Feed]:
+    """The model's outputs on every feed, by name."""
+    runner = TensorRunner(model, [v.name for v in model.graph.outputs], context.providers[0])
+    return [runner(feed) for feed in feeds]
+
+
+def _macs(node: ir.Node) -> float:
+    """An anchor's multiply-accumulates per sample (free dimensions count as 1): what
+    returning it to float gives up, relative to the others."""
+    weight = constant_array(node.inputs[1])
+    if node.op_type == "Gemm" and weight is not None:
+        return float(weight.size)
+    if node.op_type == "ConvTranspose" and weight is not None:
+        return weight.size * _fixed(node.inputs[0].shape, 2)
+    if node.op_type == "Conv" and weight is not None:
+        return weight.size / weight.shape[0] * _fixed(node.outputs[0].shape, 1)
+    shape = node.inputs[0].shape  # MatMul: the reduced axis is input 0's last
+    depth = shape[-1] if shape is not None and len(shape) and isinstance(shape[-1], int) else 1
+    return float(depth * _fixed(node.outputs[0].shape, 1))
+
+
+def _fixed(shape: ir.Shape | None, start: int) -> int:
+    """The product of the fixed dimensions of ``shape`` from axis ``start`` on."""
+    return math.prod(d for d in (shape or [])[start:] if isinstance(d, int))

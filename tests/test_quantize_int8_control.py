@@ -1,0 +1,329 @@
+"""Static INT8 on exported models: the decode tail and Concats of unlike ranges stay float
+(placement), and accuracy control returns the layers that break the outputs to float."""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnx_squeeze import fidelity, runtime, zoo
+from onnx_squeeze.calibration import NpzSource, RandomSource
+from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.gates import parse_gate
+from onnx_squeeze.passes.base import make_pass
+from onnx_squeeze.passes.quantize import accuracy_control
+from onnx_squeeze.prepare import PrepareSettings, prepare
+from onnx_squeeze.records import PassContext, PassReport
+from tests.helpers import check, random_feeds, run
+
+
+def quantize(model: ir.Model, source, **settings) -> tuple[ir.Model, PassReport]:
+    result = model.clone()
+    report = make_pass("quantize_int8", settings)(result, PassContext(calibration=source))
+    check(result)
+    return result, report
+
+
+def measured(model: ir.Model, result: ir.Model, feeds) -> fidelity.OutputFidelity:
+    """The worst output's per-channel fidelity, probabilities judged as scores."""
+    names = [v.name for v in model.graph.outputs]
+    reference = [dict(zip(names, run(model, f), strict=True)) for f in feeds]
+    outputs = [dict(zip(names, run(result, f), strict=True)) for f in feeds]
+    found = fidelity.measure(
+        reference, outputs, probabilities=fidelity.probability_outputs(model)
+    ).values()
+    return min(found, key=lambda m: m.worst_channel_sqnr_db)
+
+
+def optimized_ops(model: ir.Model) -> collections.Counter:
+    """Op types of the graph onnxruntime runs (all optimizations on)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "optimized.onnx")
+        runtime.create_session(model, optimized_model_path=path)
+        return collections.Counter(node.op_type for node in onnx.load(path).graph.node)
+
+
+def reads_dequantized(node: ir.Node) -> bool:
+    return any(
+        v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+        for v in node.inputs
+    )
+
+
+def quantized_outputs(node: ir.Node) -> bool:
+    return any(use.node.op_type == "QuantizeLinear" for v in node.outputs for use in v.uses())
+
+
+def parse(text: str, weights: dict[str, np.ndarray]) -> ir.Model:
+    proto = onnx.parser.parse_model(text)
+    for name, array in weights.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    for node in proto.graph.node:
+        node.name = node.output[0]
+    return ir.from_proto(proto)
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement: the decode tail
+
+
+# A detector head as YOLOX exports it: box regressions (tens of pixels) from one conv, class
+# logits from another scored by a Sigmoid (0…1), concatenated, flattened and transposed into
+# the one output.
+_HEAD = """
+<ir_version: 8, opset_import: ["" : 17]>
+head (float[N, 3, 16, 16] x) => (float[N, 256, 6] y) {
+    f = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    r = Relu (f)
+    box = Conv (r, wr, br)
+    logit = Conv (r, wc, bc)
+    score = Sigmoid (logit)
+    joined = Concat <axis = 1> (box, score)
+    flat = Reshape (joined, shape)
+    y = Transpose <perm = [0, 2, 1]> (flat)
+}
+"""
+
+
+def head_model() -> ir.Model:
+    rng = np.random.default_rng(0)
+    return parse(
+        _HEAD,
+        {
+            "w1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3,
+            "b1": np.zeros(8, np.float32),
+            "wr": rng.standard_normal((4, 8, 1, 1)).astype(np.float32) * 20,
+            "br": np.zeros(4, np.float32),
+            "wc": rng.standard_normal((2, 8, 1, 1)).astype(np.float32),
+            "bc": np.full(2, -1.0, np.float32),
+            "shape": np.array([0, 6, -1], np.int64),
+        },
+    )
+
+
+def test_decode_tail_after_the_last_weight_layer_stays_float():
+    model = head_model()
+    source = RandomSource(runtime.input_specs(model), 16, seed=0, batch_size=2)
+    result, report = quantize(model, source, accuracy_control=False)
+    nodes = {node.name: node for node in result.graph}
+    assert reads_dequantized(nodes["box"]) and reads_dequantized(nodes["logit"])
+    assert not quantized_outputs(nodes["score"])  # the Sigmoid and what follows stay float
+    assert nodes["joined"].inputs[1].producer() is nodes["score"]
+    for name in ("joined", "flat", "y"):
+        assert not quantized_outputs(nodes[name]), name
+    assert not reads_dequantized(nodes["flat"]) and not reads_dequantized(nodes["y"])
+    fused = optimized_ops(result)
+    assert fused["QLinearConv"] == 3
+    assert "QLinearSigmoid" not in fused and "QLinearConcat" not in fused
+    assert any("stay float" in note and "Sigmoid" in note for note in report.notes)
+    # the scores keep their precision beside the pixels (a scale shared with the boxes rounds
+    # them in steps of 0.2: about 13 dB)
+    feeds = random_feeds(model, 4, seed=7)
+    assert measured(model, result, feeds).worst_channel_sqnr_db > 25
+
+
+def test_zoo_detector_decode_stays_float():
+    model = prepare(zoo.small("yolo_detect"), PrepareSettings(simplify=False))[0]
+    source = RandomSource(runtime.input_specs(model), 8, seed=0, batch_size=2)
+    result, report = quantize(model, source, accuracy_control=False)
+    nodes = {node.name: node for node in result.graph}
+    # after the DFL conv (the last weight layer): box arithmetic, strides, Sigmoid, the Concat
+    # of pixels and scores
+    # and the class logits that the Split gives only to the Sigmoid
+    for name in ("model.22/Sub", "model.22/Add", "model.22/Mul", "model.22/Sigmoid"):
+        assert not reads_dequantized(nodes[name]), name
+    assert not reads_dequantized(nodes["model.22/Concat_5"])
+    assert reads_dequantized(nodes["model.22.dfl.conv"])  # the DFL conv is a weight layer
+    assert any("Concat" in note and "stay float" in note for note in report.notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement: Concats of unlike ranges
+
+_CONCAT = """
+<ir_version: 8, opset_import: ["" : 17]>
+join (float[N, 4, 8, 8] x) => (float[N, 4, 8, 8] y) {
+    a = Conv (x, wa, ba)
+    b = Conv (x, wb, bb)
+    c = Concat <axis = 1> (a, b)
+    s = Sigmoid (c)
+    y = Conv (s, wc, bc)
+}
+"""
+
+
+def concat_model(gain: float) -> ir.Model:
+    """Two convs joined by a Concat, then a Sigmoid and a conv (the Concat is no tail);
+    ``gain`` scales the first one's outputs."""
+    rng = np.random.default_rng(1)
+
+    def weight(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32) * 0.3
+
+    return parse(
+        _CONCAT,
+        {
+            "wa": weight(4, 4, 1, 1) * gain,
+            "ba": np.zeros(4, np.float32),
+            "wb": weight(4, 4, 1, 1),
+            "bb": np.zeros(4, np.float32),
+            "wc": weight(4, 8, 1, 1),
+            "bc": np.zeros(4, np.float32),
+        },
+    )
+
+
+@pytest.mark.parametrize("gain", [1.0, 50.0])
+def test_concat_of_unlike_ranges_gets_no_shared_scale(gain):
+    model = concat_model(gain)
+    source = RandomSource(runtime.input_specs(model), 8, seed=0, batch_size=2)
+    result, report = quantize(model, source, accuracy_control=False)
+    concat = next(node for node in result.graph if node.op_type == "Concat")
+    fused = optimized_ops(result)
+    left = [r for r in report.skipped if r.node == "c"]
+    if gain == 1.0:  # alike: one scale, run in integer
+        assert reads_dequantized(concat) and not left
+        scales = {v.producer().inputs[1].const_value.numpy().item() for v in concat.inputs}
+        assert len(scales) == 1
+        assert fused["QLinearConcat"] == 1
+    else:  # 50x apart: float, each input dequantized with its own scale
+        assert left and "differ" in left[0].detail and "concat_range_ratio" in left[0].detail
+        scales = {v.producer().inputs[1].const_value.numpy().item() for v in concat.inputs}
+        assert len(scales) == 2
+        assert "QLinearConcat" not in fused
+        # and the setting decides: a ratio above 50 shares the scale again
+        shared, _ = quantize(model, source, accuracy_control=False, concat_range_ratio=1000)
+        assert optimized_ops(shared)["QLinearConcat"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy control
+
+_LAYERS = 8
+_HARD = 3  # the layer whose input carries one channel 1000x the others
+
+
+def chain_model() -> ir.Model:
+    """Eight MatMul+Relu layers; layer ``_HARD``'s input has one channel 1000x larger than the
+    rest (its producer's column scaled up, its own row scaled down: the same function), so a
+    per-tensor activation scale rounds every other channel of that input to zero."""
+    rng = np.random.default_rng(2)
+    lines, weights, x = [], {}, "x"
+    for i in range(_LAYERS):
+        w = rng.standard_normal((16, 16)).astype(np.float32) / 4
+        if i == _HARD - 1:
+            w[:, 0] *= 1000
+        if i == _HARD:
+            w[0, :] /= 1000
+        weights[f"w{i}"] = w
+        y = "y" if i == _LAYERS - 1 else f"r{i}"
+        lines.append(f"m{i} = MatMul ({x}, w{i})")
+        lines.append(f"{y} = Relu (m{i})" if y != "y" else f"y = Identity (m{i})")
+        x = y
+    text = (
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "chain (float[N, 16] x) => (float[N, 16] y) {\n" + "\n".join(lines) + "\n}\n"
+    )
+    return parse(text, weights)
+
+
+def chain_data(folder: str, count: int = 32) -> str:
+    path = os.path.join(folder, "calib.npz")
+    rng = np.random.default_rng(4)
+    np.savez(path, x=np.abs(rng.standard_normal((count, 16))).astype(np.float32))
+    return path
+
+
+def test_accuracy_control_returns_the_harmful_layer_to_float_until_the_gate_holds(tmp_path):
+    model = chain_model()
+    data = chain_data(str(tmp_path))
+    specs = runtime.input_specs(model)
+    feeds = [{"x": f["x"]} for f in NpzSource(data, specs, batch_size=4)]
+    plain, _ = quantize(model, NpzSource(data, specs, batch_size=4), accuracy_control=False)
+    assert measured(model, plain, feeds).worst_channel_sqnr_db < 10  # broken without control
+    result, report = quantize(model, NpzSource(data, specs, batch_size=4), control_float_macs=0.25)
+    kept = [r for r in report.skipped if "accuracy control" in r.detail]
+    assert [r.node for r in kept] == [f"m{_HARD}"]
+    assert "worst_channel_sqnr_db>=10" in kept[0].detail
+    note = next(n for n in report.notes if n.startswith("accuracy control"))
+    assert "holds with 1 of 8 layers in float" in note and "RANDOM" not in note
+    assert {r.node for r in report.changed} == {f"m{i}" for i in range(_LAYERS) if i != _HARD}
+    assert measured(model, result, feeds).worst_channel_sqnr_db >= 10
+
+
+def test_accuracy_control_respects_its_speed_bound_and_says_so(tmp_path):
+    model = chain_model()
+    data = chain_data(str(tmp_path))
+    source = NpzSource(data, runtime.input_specs(model), batch_size=4)
+    _, report = quantize(model, source, control_float_macs=0.1)  # less than one layer
+    assert not [r for r in report.skipped if "accuracy control" in r.detail]
+    note = next(n for n in report.notes if n.startswith("accuracy control"))
+    assert "NOT met with 0 of 8 layers" in note and "within 10% of the MACs" in note
+
+
+def test_accuracy_control_steps_back_when_the_best_layer_does_not_help(monkeypatch):
+    """The search as a table: returning m1 to float helps (5 -> 8 dB), every other layer makes
+    it worse. The control keeps m1 in float; each further layer it finds is stepped back (it
+    stays quantized) and not tried again, until none is left."""
+    model = chain_model()
+
+    def metric(self, floated):
+        self.runs += 1
+        return (8.0 if "m1" in floated else 5.0) - 0.5 * len(set(floated) - {"m1"})
+
+    monkeypatch.setattr(accuracy_control._Measure, "__call__", metric)
+    report = PassReport("quantize_int8")
+    anchors = [node for node in model.graph if node.op_type == "MatMul"]
+    source = RandomSource(runtime.input_specs(model), 2, seed=0, batch_size=2)
+    kept = accuracy_control.keep_harmful_float(
+        model,
+        anchors,
+        lambda chosen: model,
+        PassContext(calibration=source),
+        report,
+        gate=parse_gate("worst_channel_sqnr_db>=10"),
+        batches=1,
+        bounds=accuracy_control.Bounds(runs=100, float_macs=1.0),
+    )
+    assert [node.name for node in anchors if node not in kept] == ["m1"]
+    assert [r.node for r in report.skipped] == ["m1"]
+    note = report.notes[-1]
+    assert "NOT met with 1 of 8 layers in float" in note and "5 -> 8" in note
+    assert "no layer left to try" in note and "RANDOM" in note
+    backs = note.split("stepped back from ")[1].split(" (")[0].split(", ")
+    assert sorted(backs) == [f"m{i}" for i in range(_LAYERS) if i != 1]
+
+
+def test_target_is_the_gate_the_control_meets(tmp_path):
+    model = chain_model()
+    data = chain_data(str(tmp_path))
+    specs = runtime.input_specs(model)
+    feeds = [{"x": f["x"]} for f in NpzSource(data, specs, batch_size=4)]
+    result, report = quantize(
+        model,
+        NpzSource(data, specs, batch_size=4),
+        target="cosine>=0.999",
+        control_float_macs=0.25,
+    )
+    assert [r.node for r in report.skipped] == [f"m{_HARD}"]
+    assert measured(model, result, feeds).cosine >= 0.999
+
+
+def test_accuracy_control_measures_nothing_more_when_the_gate_holds():
+    model = chain_model()
+    source = RandomSource(runtime.input_specs(model), 8, seed=0, batch_size=2)
+    _, report = quantize(model, source, target="cosine>=0.0")
+    note = next(n for n in report.notes if n.startswith("accuracy control"))
+    assert "cosine>=0 holds with every layer quantized" in note
+    assert not report.skipped
+
+
+def test_a_target_that_quantization_cannot_measure_is_refused():
+    with pytest.raises(SettingsError, match="latency_ratio cannot be measured"):
+        make_pass("quantize_int8", {"target": "latency_ratio<=0.5"})
