@@ -116,16 +116,25 @@ def to_json(report: dict[str, Any]) -> str:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary file and a rename."""
+    """Write a text file through a temporary file and a rename, with the permissions a plain
+    ``open()`` would give (mkstemp makes its file 0600: a report nobody else could read)."""
     target = Path(path)
     handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or Path("."))
     try:
+        os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
         os.replace(staging, target)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write(report: dict[str, Any], path: str | os.PathLike) -> None:
