@@ -295,23 +295,43 @@ agraph (float[N, 4] x) => (float[N, 4] y)
     assert record.skipped and "already quantized" in record.detail
 
 
-def test_weights_inside_subgraphs_are_skipped_with_a_reason() -> None:
+def test_weights_inside_subgraphs_are_pruned_once() -> None:
+    """An If whose branches both read the outer weight ``w`` and one holds its own ``v``: both
+    are pruned, ``w`` once for both branches, and the model computes what the pruned weights
+    give, in either branch."""
     model = build(
         HEADER
         + """
 agraph (bool c, float[N, 16] x) => (float[N, 16] y) {
     y = If (c) <
-        then_branch = g1 () => (float[N, 16] t) { t = MatMul (x, w) },
-        else_branch = g2 () => (float[N, 16] e) { e = Identity (x) }
+        then_branch = g1 () => (float[N, 16] t) { h = MatMul (x, w)  t = MatMul (h, v) },
+        else_branch = g2 () => (float[N, 16] e) { e = MatMul (x, w) }
     >
 }
 """,
-        {"w": (16, 16)},
+        {"w": (16, 16), "v": (16, 16)},
     )
-    (record,) = prune(model, **EVERYTHING).records
-    assert record.op_type == "If" and record.skipped and "If/Loop/Scan" in record.detail
-    assert sparsity(model.graph.initializers["w"].const_value.numpy()) == 0
+    then_branch = model.graph.node(0).attributes["then_branch"].value
+    inner = model.graph.initializers.pop("v")  # moved into the branch that reads it
+    then_branch.register_initializer(inner)
+    original = model.clone()
+    report = prune(model, ratio=0.5, **EVERYTHING)
+    assert len(report.changed) == 3 and not report.skipped
     helpers.check(model)
+    pruned = {
+        "w": model.graph.initializers["w"].const_value.numpy(),
+        "v": then_branch.initializers["v"].const_value.numpy(),
+    }
+    assert all(sparsity(array) == 0.5 for array in pruned.values())
+    reference = original.clone()
+    reference.graph.initializers["w"].const_value = ir.tensor(pruned["w"])
+    branch = reference.graph.node(0).attributes["then_branch"].value
+    branch.initializers["v"].const_value = ir.tensor(pruned["v"])
+    x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
+    for condition in (True, False):
+        feed = {"c": np.array(condition), "x": x}
+        np.testing.assert_allclose(helpers.run(model, feed)[0], helpers.run(reference, feed)[0])
+        assert not np.allclose(helpers.run(model, feed)[0], helpers.run(original, feed)[0])
 
 
 def test_pruning_already_pruned_weights_changes_nothing() -> None:

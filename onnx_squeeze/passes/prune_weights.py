@@ -24,8 +24,9 @@ Modes:
 
 The weight is constant input 1 of Conv/Gemm/MatMul, or input 0 of Gemm/MatMul when that is the
 constant one. A weight shared by several selected nodes is pruned once and every user sees the
-same pruned tensor; a weight also used by a node that is not pruned is left alone. In the
-records, parameters count the nonzero weights (MACs are unchanged: the kernels stay dense).
+same pruned tensor; a weight also used by a node that is not pruned is left alone. Layers inside
+If/Loop/Scan bodies are pruned like the others. In the records, parameters count the nonzero
+weights (MACs are unchanged: the kernels stay dense).
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.base import Pass, bounded, choice, register, subset
-from onnx_squeeze.passes.quantize.shared_weights import Consumer, SharedWeight, skip_all
+from onnx_squeeze.passes.quantize.shared_weights import (
+    Consumer,
+    SharedWeight,
+    skip_all,
+    weight_nodes,
+)
 from onnx_squeeze.records import PassContext, PassReport, unselected
 from onnx_squeeze.units import human_bytes
 
@@ -77,6 +83,7 @@ class PruneWeights(Pass):
 
     name = "prune_weights"
     Settings = PruneWeightsSettings
+    reaches_subgraphs = True  # weights in If/Loop/Scan bodies too
 
     def validate(self) -> None:
         s = self.settings
@@ -90,9 +97,7 @@ class PruneWeights(Pass):
             setattr(s, field, [value] if isinstance(value, str) else [str(v) for v in value])
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
-        graph = model.graph
-        _skip_subgraphs(graph, report)
-        weights, all_arrays = self._select(graph, report)
+        weights, all_arrays = self._select(model, report)
         masks = self._masks(weights, report)
         names = UniqueNames(model)
         before, after = [], []
@@ -101,7 +106,7 @@ class PruneWeights(Pass):
             pruned[~keep] = 0
             self._record(weight, pruned, report)
             if np.count_nonzero(pruned) != np.count_nonzero(weight.array):
-                _replace_weight(weight, pruned, graph, names)
+                _replace_weight(weight, pruned, names)
             before.append(weight.array)
             after.append(pruned)
         report.notes.extend(self._summary(before, after, all_arrays))
@@ -109,15 +114,18 @@ class PruneWeights(Pass):
     # -- selection ---------------------------------------------------------------------------
 
     def _select(
-        self, graph: ir.Graph, report: PassReport
+        self, model: ir.Model, report: PassReport
     ) -> tuple[list[SharedWeight], dict[ir.Value, np.ndarray]]:
-        """The weights to prune, and the arrays of every constant Conv/Gemm/MatMul weight."""
-        first, last = _boundary_layers(graph)
+        """The weights to prune (in the main graph and in If/Loop/Scan bodies), and the arrays
+        of every constant Conv/Gemm/MatMul weight."""
+        first, last = set(), set()
+        for graph in model.graphs():
+            ends = _boundary_layers(graph)
+            first |= ends[0]
+            last |= ends[1]
         chosen: dict[ir.Value, SharedWeight] = {}
         all_arrays: dict[ir.Value, np.ndarray] = {}
-        for node in graph:
-            if node.op_type not in SUPPORTED_OPS:
-                continue
+        for node in weight_nodes(model, SUPPORTED_OPS):
             found = _weight_layer(node)
             if found is None:
                 continue
@@ -357,15 +365,15 @@ def _gzip_size(arrays: Sequence[np.ndarray]) -> int:
 # -- graph -----------------------------------------------------------------------------------
 
 
-def _replace_weight(
-    weight: SharedWeight, array: np.ndarray, graph: ir.Graph, names: UniqueNames
-) -> None:
-    """Give every user of the weight the pruned tensor (one tensor, also when shared).
+def _replace_weight(weight: SharedWeight, array: np.ndarray, names: UniqueNames) -> None:
+    """Give every user of the weight the pruned tensor (one tensor, also when shared), in the
+    graph that holds the weight (its readers may sit in bodies below it).
 
     The old tensor is shared with the teacher model: it is replaced, never written into.
     """
-    value = weight.value
-    if value.is_initializer() and value.graph is graph:
+    value, graph = weight.value, weight.value.graph
+    assert graph is not None
+    if value.is_initializer():
         value.const_value = ir.tensor(array, dtype=value.dtype, name=value.name)
         return
     name = names.new(f"{weight.name}_pruned")
@@ -381,10 +389,12 @@ def _replace_weight(
 
 
 def _boundary_layers(graph: ir.Graph) -> tuple[set[ir.Node], set[ir.Node]]:
-    """Nodes with no Conv/Gemm/MatMul before them (first) and none after them (last).
+    """Nodes of ``graph`` with no Conv/Gemm/MatMul before them (first) and none after them
+    (last).
 
     "Before" follows every activation input, so a residual path does not make later layers
-    "first"; nodes in subgraphs are not followed.
+    "first". A body counts on its own, its inputs and outputs as a model's: an exported model
+    may hold all its layers in an If branch.
     """
     graph.sort()  # lossless; the pipeline sorts again when it finalizes
     nodes = list(graph)
@@ -407,20 +417,3 @@ def _flags(
             for other in neighbours(node)
         )
     return flags
-
-
-def _skip_subgraphs(graph: ir.Graph, report: PassReport) -> None:
-    """Say so for each If/Loop/Scan whose bodies hold Conv/Gemm/MatMul (they are not pruned)."""
-    for node in graph:
-        bodies = [
-            body
-            for attr in node.attributes.values()
-            if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-            for body in (attr.value if attr.type == ir.AttributeType.GRAPHS else [attr.value])
-        ]
-        if any(
-            inner.op_type in SUPPORTED_OPS
-            for body in bodies
-            for inner in ir.traversal.RecursiveGraphIterator(body)
-        ):
-            report.skip(node, "Conv/Gemm/MatMul inside If/Loop/Scan bodies are not pruned")
