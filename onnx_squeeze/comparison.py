@@ -40,7 +40,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_squeeze.analysis import ModelSummary, analyze
-from onnx_squeeze.calibration.sources import random_source
+from onnx_squeeze.calibration.random_data import random_source
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.fidelity import OutputFidelity, accumulators, probability_outputs
 from onnx_squeeze.progress import track
@@ -516,7 +516,7 @@ def compare(
     any other symbolic one ``default_dim`` when given, else a :class:`ShapeUnknownError` with
     the ``--shape`` hint: sizes are never guessed), with the ``constants`` (``--set``) filled
     in, and labelled "random" (an integer or scalar input none gives is refused, never
-    invented: :func:`calibration.sources.random_source`); given feeds are
+    invented: :func:`calibration.random_data.random_source`); given feeds are
     labelled by ``inputs_label``, else their own ``label``. Fidelity runs on the
     first available provider of ``providers``; latency on each available one, for each thread
     count (``runs=0`` skips it). Unavailable providers are listed in

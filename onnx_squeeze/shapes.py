@@ -34,7 +34,8 @@ def display_dims(shape: ir.Shape | None) -> tuple[int | str, ...]:
     return tuple(dims)
 
 
-def _is_fixed(dim: Any) -> bool:
+def is_fixed(dim: Any) -> bool:
+    """Whether a dimension is a size (a positive int), not symbolic or unknown."""
     return isinstance(dim, int) and dim > 0
 
 
@@ -51,9 +52,9 @@ def batch_axis(dims: Sequence[int | str | None], data: Sequence[int] | None = No
     """
     if not dims or (data is not None and len(data) == 0):
         return None
-    if not _is_fixed(dims[0]) or dims[0] == 1:
+    if not is_fixed(dims[0]) or dims[0] == 1:
         return 0
-    symbolic = next((axis for axis, dim in enumerate(dims) if not _is_fixed(dim)), None)
+    symbolic = next((axis for axis, dim in enumerate(dims) if not is_fixed(dim)), None)
     if symbolic is None or (data is not None and data[0] != dims[0]):
         return 0
     return symbolic

@@ -4,6 +4,7 @@
   draws labelled as such, onnxruntime readers), cut on each input's batch axis
   (:func:`onnx_squeeze.shapes.batch_axis`); :func:`open_source` picks one.
 - :mod:`.constants`: inputs given one value for every feed (``--set sr=16000``).
+- :mod:`.random_data`: random inputs (smoke tests), never invented integers or scalars.
 - :mod:`.accumulators`: streaming min/max, histograms, per-channel statistics, fixed memory.
 - :mod:`.runner`: the one way to run a copy of a model that exposes intermediate tensors.
 - :mod:`.collector` and :mod:`.stat_graph`: statistics of chosen tensors, reduced in the graph.
@@ -19,6 +20,7 @@ from onnx_squeeze.calibration.accumulators import (
     TensorStatistics,
 )
 from onnx_squeeze.calibration.collector import StatisticsCollector, joined
+from onnx_squeeze.calibration.random_data import RandomSource, random_source
 from onnx_squeeze.calibration.runner import expose
 from onnx_squeeze.calibration.sources import (
     HOLDOUT_EVERY,
@@ -26,10 +28,8 @@ from onnx_squeeze.calibration.sources import (
     Feed,
     ImageFolderSource,
     NpzSource,
-    RandomSource,
     ReaderSource,
     open_source,
-    random_source,
     split_for_evaluation,
 )
 

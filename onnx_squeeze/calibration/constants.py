@@ -8,7 +8,7 @@ so they are given as one value, typed by the model's input (dtype and rank) and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -152,3 +152,38 @@ def _shape_in(
                 "data instead"
             )
     return tuple(shape)
+
+
+class ConstantInputs:
+    """A source whose every feed gets the constant inputs (:mod:`.constants`, ``--set``)
+    added, filled to each feed's shape; a value given this way replaces the source's own."""
+
+    def __init__(
+        self,
+        source: Any,
+        constants: Mapping[str, np.ndarray],
+        specs: Sequence[InputSpec],
+    ) -> None:
+        self.source, self.constants, self._specs = source, dict(constants), list(specs)
+        self.is_random = getattr(source, "is_random", False)
+        self.label = f"{source.label} with {describe(self.constants)} set"
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for feed in self.source:
+            yield fill(feed, self.constants, self._specs)
+
+    def carrying(self, names: Sequence[str]) -> ConstantInputs:
+        """The source carrying more arrays per feed (see NpzSource.carrying), constants alike."""
+        if not hasattr(self.source, "carrying"):
+            raise InputError(f"{self.source.label} carries no arrays besides the model's inputs")
+        return ConstantInputs(self.source.carrying(names), self.constants, self._specs)
+
+
+def with_constants(
+    source: Any, constants: Mapping[str, np.ndarray], specs: Sequence[InputSpec]
+) -> Any:
+    """``source`` with the constants added to its feeds (itself when there are none)."""
+    return ConstantInputs(source, constants, specs) if constants else source

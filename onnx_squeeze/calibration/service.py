@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.calibration.sources import CalibrationSource, Feed, random_source
+from onnx_squeeze.calibration.random_data import random_source
+from onnx_squeeze.calibration.sources import CalibrationSource, Feed
 from onnx_squeeze.errors import InputError
 from onnx_squeeze.runtime import input_specs
 from onnx_squeeze.shapes import batch_axes, batch_axis, samples_in
@@ -53,7 +54,7 @@ class Calibration:
         """Without data given, draw random data for ``model`` when a pass first needs it
         (``shapes`` is asked then, so a run that needs no data needs no shapes), with the
         ``constants`` (``--set``) filled in; it refuses to invent integer and scalar inputs
-        (:func:`sources.random_source`). The first call decides, later ones change nothing.
+        (:func:`random_data.random_source`). The first call decides, later ones change nothing.
         The samples of a feed are counted on ``model``'s batch axes."""
         self.axes = self.axes or batch_axes(model)
         if self._source is None and self._random is None:

@@ -17,10 +17,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.calibration.constants import describe, fill, typed_constants
+from onnx_squeeze.calibration.constants import ConstantInputs, fill, typed_constants, with_constants
+from onnx_squeeze.calibration.random_data import random_source
 from onnx_squeeze.errors import InputError, SettingsError
-from onnx_squeeze.runtime import InputSpec, input_specs, random_feed
-from onnx_squeeze.shapes import batch_axis, concrete_input_shapes, display_dims
+from onnx_squeeze.runtime import InputSpec, input_specs
+from onnx_squeeze.shapes import batch_axis, is_fixed
 
 Feed = dict[str, np.ndarray]
 
@@ -39,8 +40,7 @@ class CalibrationSource(Protocol):
     def __iter__(self) -> Iterator[Feed]: ...
 
 
-def is_static(dim: Any) -> bool:
-    return isinstance(dim, int) and dim > 0
+is_static = is_fixed  # the name the collector knows it by
 
 
 def _batch_size(
@@ -517,66 +517,7 @@ class ImageFolderSource:
 
 
 # ---------------------------------------------------------------------------------------------
-# Random data and readers
-
-
-class RandomSource:
-    """Random data shaped by the input specs (normal floats, small integers): smoke tests only.
-
-    Deterministic: every iteration, and every source with the same seed, yields the same data.
-    Each input takes its shape from ``overrides`` when given there (a symbolic batch axis,
-    :func:`shapes.batch_axis`, still takes ``batch_size`` when that is given); otherwise a
-    symbolic batch axis takes ``batch_size`` and other symbolic dimensions 1, while fixed ones
-    stay. ``batch_size`` defaults to the first fixed (or overridden) batch dimension, else 1;
-    ``count`` samples are rounded up to whole batches. It draws whatever the specs ask for:
-    :func:`random_source` is what refuses to invent integer and scalar inputs.
-    """
-
-    is_random = True
-
-    def __init__(
-        self,
-        specs: Sequence[InputSpec],
-        count: int = 32,
-        seed: int = 0,
-        overrides: Mapping[str, Sequence[int]] | None = None,
-        batch_size: int | None = None,
-    ) -> None:
-        if count < 1:
-            raise SettingsError(f"random calibration needs at least 1 sample, got {count}")
-        if batch_size is not None and batch_size < 1:
-            raise SettingsError(f"batch size must be at least 1, got {batch_size}")
-        self._specs = list(specs)
-        self.seed = seed
-        self._shapes = {spec.name: spec.concrete_shape(overrides) for spec in self._specs}
-        axes = {spec.name: batch_axis(spec.shape) for spec in self._specs}
-        batched = [
-            spec.name
-            for spec in self._specs
-            if axes[spec.name] is not None
-            and not is_static(spec.shape[axes[spec.name]])
-            and (batch_size is not None or spec.name not in (overrides or {}))
-        ]
-        fixed = [
-            shape[axes[name]]  # type: ignore[index]
-            for name, shape in self._shapes.items()
-            if axes[name] is not None and name not in batched
-        ]
-        self.batch_size = batch_size or (fixed[0] if fixed else 1)
-        for name in batched:
-            shape = list(self._shapes[name])
-            shape[axes[name]] = self.batch_size  # type: ignore[index]
-            self._shapes[name] = tuple(shape)
-        self._batches = math.ceil(count / self.batch_size)
-        self.label = f"random ({self._batches * self.batch_size} samples, seed {seed})"
-
-    def __len__(self) -> int:
-        return self._batches
-
-    def __iter__(self) -> Iterator[Feed]:
-        rng = np.random.default_rng(self.seed)
-        for _ in range(self._batches):
-            yield random_feed(self._specs, rng, self._shapes)
+# Readers
 
 
 class ReaderSource:
@@ -632,126 +573,6 @@ class ReaderSource:
                     self._cache = None
             yield feed
         self._complete = True
-
-
-class ConstantInputs:
-    """A source whose every feed gets the constant inputs (:mod:`.constants`, ``--set``)
-    added, filled to each feed's shape; a value given this way replaces the source's own."""
-
-    def __init__(
-        self,
-        source: CalibrationSource,
-        constants: Mapping[str, np.ndarray],
-        specs: Sequence[InputSpec],
-    ) -> None:
-        self.source, self.constants, self._specs = source, dict(constants), list(specs)
-        self.is_random = getattr(source, "is_random", False)
-        self.label = f"{source.label} with {describe(self.constants)} set"
-
-    def __len__(self) -> int:
-        return len(self.source)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[Feed]:
-        for feed in self.source:
-            yield fill(feed, self.constants, self._specs)
-
-    def carrying(self, names: Sequence[str]) -> ConstantInputs:
-        """The source carrying more arrays per feed (see NpzSource.carrying), constants alike."""
-        if not hasattr(self.source, "carrying"):
-            raise InputError(f"{self.source.label} carries no arrays besides the model's inputs")
-        return ConstantInputs(self.source.carrying(names), self.constants, self._specs)
-
-
-def _with_constants(
-    source: CalibrationSource, constants: Mapping[str, np.ndarray], specs: Sequence[InputSpec]
-) -> CalibrationSource:
-    return ConstantInputs(source, constants, specs) if constants else source
-
-
-# Random integers are 0..7 (runtime.random_feed): valid ids for a table of at least this many rows.
-_RANDOM_IDS = 8
-
-
-def _reads_only_ids(value: ir.Value) -> bool:
-    """Whether the graph reads an integer input only for its shape or as the indices of a
-    Gather from a constant table of at least 8 rows (token ids into an embedding): random ids
-    0..7 are then values the model itself bounds, not invented ones."""
-    for node, index in value.uses():
-        if node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx"):
-            continue
-        table = node.inputs[0] if node.op_type == "Gather" and index == 1 else None
-        axis = node.attributes.get("axis")
-        constant = table is not None and (
-            table.const_value is not None
-            or (table.producer() is not None and table.producer().op_type == "Constant")
-        )
-        rows = table.shape[0] if constant and table.shape is not None and len(table.shape) else None
-        if not (
-            constant
-            and (axis is None or axis.value == 0)
-            and isinstance(rows, int)
-            and rows >= _RANDOM_IDS
-        ):
-            return False
-    return True
-
-
-def _article(dtype: np.dtype) -> str:
-    return "an" if str(dtype)[0] in "aeiou" else "a"
-
-
-def invented_inputs(model: ir.Model, given: Sequence[str] = ()) -> list[str]:
-    """Why random data for ``model`` would invent values: one line per input that is a scalar,
-    or an integer/bool tensor whose values the graph reads (other than as token ids, see
-    :func:`_reads_only_ids`), and that ``given`` (constant inputs) does not name."""
-    values = {value.name: value for value in model.graph.inputs}
-    problems = []
-    for spec in input_specs(model):
-        if spec.name in given:
-            continue
-        how = f"--set {spec.name}=VALUE or in the data"
-        if not spec.shape:
-            problems.append(
-                f"input {spec.name!r} is {_article(spec.dtype)} {spec.dtype} scalar: random values would be "
-                f"invented; give it with {how}"
-            )
-        elif not np.issubdtype(spec.dtype, np.floating) and not _reads_only_ids(values[spec.name]):
-            readers = sorted({node.op_type for node, _ in values[spec.name].uses()})
-            problems.append(
-                f"input {spec.name!r} is {spec.dtype} {list(display_dims(values[spec.name].shape))}"
-                f" read as values ({', '.join(readers)}): random values would be invented; give "
-                f"it with {how}"
-            )
-    return problems
-
-
-def random_source(
-    model: ir.Model,
-    *,
-    count: int = 32,
-    seed: int = 0,
-    shapes: Mapping[str, Sequence[int]] | None = None,
-    batch_size: int | None = None,
-    default_dim: int | None = None,
-    constants: Mapping[str, Any] | None = None,
-    batches: int | None = None,
-) -> CalibrationSource:
-    """Random data for ``model`` (:class:`RandomSource`, ``count`` samples or ``batches``
-    batches), with the constant inputs filled in; an :class:`InputError` naming the input when
-    random values would be invented (:func:`invented_inputs`). Shapes come from
-    :func:`shapes.concrete_input_shapes` (a :class:`ShapeUnknownError` when nothing gives a
-    dimension and no ``default_dim`` is asked for)."""
-    specs = input_specs(model)
-    values = typed_constants(specs, constants)
-    problems = invented_inputs(model, list(values))
-    if problems:
-        raise InputError(problems[0])
-    shapes = concrete_input_shapes(model, shapes, batch=batch_size, default_dim=default_dim)
-    drawn = [spec for spec in specs if spec.name not in values]
-    source = RandomSource(drawn, count, seed, shapes)
-    if batches is not None:
-        source = RandomSource(drawn, batches * source.batch_size, seed, shapes)
-    return _with_constants(source, values, specs)
 
 
 HOLDOUT_EVERY = 5  # every 5th batch (20 %) of the calibration data is kept for evaluation
@@ -855,7 +676,7 @@ def open_source(
     values = typed_constants(every, constants)
     specs = [item for item in every if item.name not in values]  # what the files must give
     if path.is_file() and path.suffix.lower() in ARRAY_SUFFIXES:
-        return _with_constants(
+        return with_constants(
             NpzSource(path, specs, batch_size=batch_size, limit=limit), values, every
         )
     if path.is_file():
@@ -870,7 +691,7 @@ def open_source(
             f"{os.fspath(spec)} holds both arrays (.npz/.npy) and images: point at a folder of one kind"
         )
     if has_arrays:
-        return _with_constants(
+        return with_constants(
             NpzSource(path, specs, batch_size=batch_size, limit=limit), values, every
         )
     if not has_images:
@@ -884,4 +705,4 @@ def open_source(
     images = ImageFolderSource(
         path, specs[0], preset, overrides=shapes, batch_size=batch_size, limit=limit
     )
-    return _with_constants(images, values, every)
+    return with_constants(images, values, every)
