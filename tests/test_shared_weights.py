@@ -85,6 +85,36 @@ def _unrolled_lstm() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+@functools.cache
+def _branches() -> onnx.ModelProto:
+    """An If whose branches both apply one outer [256, 256] weight twice (the condition is
+    computed, so data need not give it)."""
+    proto = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        branches (float[N, 256] x) => (float[N, 256] y) {
+            s = ReduceSum<keepdims=0>(x)
+            zero = Constant<value = float {0}>()
+            c = Greater(s, zero)
+            y = If(c) <
+                then_branch = g1 () => (float[N, 256] t) {
+                    a1 = MatMul(x, w)
+                    b1 = Tanh(a1)
+                    a2 = MatMul(b1, w)
+                    t = Tanh(a2)
+                },
+                else_branch = g2 () => (float[N, 256] e) {
+                    c1 = MatMul(x, w)
+                    d1 = Relu(c1)
+                    e = MatMul(d1, w)
+                }
+            >
+        }"""
+    )
+    weight = np.random.default_rng(2).standard_normal((256, 256)) / 16
+    proto.graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), "w"))
+    return proto
+
+
 MODELS = {"repeated_layer": _repeated_layer, "unrolled_lstm": _unrolled_lstm}
 # How many float weight tensors each model holds (one per distinct weight).
 WEIGHTS = {"repeated_layer": 1, "unrolled_lstm": 2}
@@ -92,7 +122,8 @@ WEIGHTS = {"repeated_layer": 1, "unrolled_lstm": 2}
 
 def _model(name: str) -> ir.Model:
     """The model with its intermediate types inferred, as the pipeline's prepare leaves it."""
-    return ir.from_proto(onnx.shape_inference.infer_shapes(MODELS[name]()))
+    build = MODELS.get(name, _branches)
+    return ir.from_proto(onnx.shape_inference.infer_shapes(build()))
 
 
 def _size(model: ir.Model) -> int:
@@ -167,7 +198,7 @@ def _weight_rewriting_passes() -> list[str]:
     return sorted(set(PASS_REGISTRY) - {"finetune", "reconstruct"})  # recovery: refits only
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [*MODELS, "branches"])
 @pytest.mark.parametrize("pass_name", _weight_rewriting_passes())
 def test_no_pass_grows_a_model_with_shared_weights(name, pass_name):
     """Every pass that rewrites weights, at its defaults with calibration data (random here):
