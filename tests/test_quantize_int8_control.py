@@ -269,8 +269,8 @@ def test_accuracy_control_respects_its_speed_bound_and_says_so(tmp_path):
 
 def test_accuracy_control_steps_back_when_the_best_layer_does_not_help(monkeypatch):
     """The search as a table: returning m1 to float helps (5 -> 8 dB), every other layer makes
-    it worse. The control keeps m1 in float; each further layer it finds is stepped back (it
-    stays quantized) and not tried again, until none is left."""
+    it worse. The control keeps m1 in float, then takes back the next layer it finds (it stays
+    quantized) and stops."""
     model = chain_model()
 
     def metric(self, floated):
@@ -295,9 +295,7 @@ def test_accuracy_control_steps_back_when_the_best_layer_does_not_help(monkeypat
     assert [r.node for r in report.skipped] == ["m1"]
     note = report.notes[-1]
     assert "NOT met with 1 of 8 layers in float" in note and "5 -> 8" in note
-    assert "no layer left to try" in note and "RANDOM" in note
-    backs = note.split("stepped back from ")[1].split(" (")[0].split(", ")
-    assert sorted(backs) == [f"m{i}" for i in range(_LAYERS) if i != 1]
+    assert "stepped back from m" in note and "RANDOM" in note
 
 
 def test_target_is_the_gate_the_control_meets(tmp_path):

@@ -9,7 +9,10 @@ better, until one layer is left. That costs two runs per halving, ``2·log2(N)``
 found, instead of the ``N + 1`` runs of ranking every layer alone, and it ranks by the metric
 the gate reads, so a layer that crushes one score channel is found even when the whole
 output hardly moves. The layer is returned to float and the model re-measured; if that made
-the metric no better, the step is taken back and that layer is not tried again. Work and speed
+the metric no better (by less than ``MIN_GAIN`` of what separates it from the gate), the step
+is taken back and the search ends: when the layer whose return helps most does not help, the
+error is spread over many layers, and more searches would cost runs and then speed for
+crumbs. Work and speed
 are bounded: at most ``runs`` measured runs of the model (a search that would not fit is not
 begun), and the layers in float may hold at most ``float_macs`` of the quantized layers'
 multiply-accumulates.
@@ -43,6 +46,11 @@ MEASURABLE = (
     "argmax_agreement",
     "top1_agreement",
 )
+
+
+# The share of the gap to the gate that a layer returned to float must close to stay float
+# (e.g. 10 % of 10 dB: 1 dB); a smaller gain is within the noise of a few calibration batches.
+MIN_GAIN = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,17 +101,30 @@ class _Measure:
         measured = fidelity.measure(self.reference, result, probabilities=self.probabilities)
         return metric_of(measured, self.gate.metric)
 
-    def better(self, a: float, b: float) -> bool:
-        """Whether ``a`` is strictly closer to passing the gate than ``b`` (NaN never is)."""
-        if math.isnan(a):
-            return False
-        if math.isnan(b):
-            return True
+    def gap(self, value: float) -> float:
+        """How far ``value`` is from passing the gate (0 when it passes; NaN is infinitely
+        far)."""
+        if math.isnan(value):
+            return math.inf
         if self.gate.op in (">=", ">"):
-            return a > b
+            return max(self.gate.threshold - value, 0.0)
         if self.gate.op in ("<=", "<"):
+            return max(value - self.gate.threshold, 0.0)
+        return abs(value - self.gate.threshold)
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether ``a`` is strictly closer to passing the gate than ``b``."""
+        if self.gate.op in (">=", ">") and not math.isnan(a) and not math.isnan(b):
+            return a > b  # also beyond the threshold, for the bisection's choice
+        if self.gate.op in ("<=", "<") and not math.isnan(a) and not math.isnan(b):
             return a < b
-        return abs(a - self.gate.threshold) < abs(b - self.gate.threshold)
+        return self.gap(a) < self.gap(b)
+
+    def worth(self, value: float, current: float) -> bool:
+        """Whether ``value`` (a layer back in float) closes at least ``MIN_GAIN`` of the gap
+        that ``current`` leaves: a layer in float costs speed, a crumb of fidelity is not
+        worth it."""
+        return self.gap(value) <= (1 - MIN_GAIN) * self.gap(current) and self.better(value, current)
 
 
 def keep_harmful_float(
@@ -134,16 +155,13 @@ def keep_harmful_float(
     macs = {node.name: _macs(node) for node in anchors}
     budget = bounds.float_macs * sum(macs.values())
     floated: list[str] = []
-    stepped_back: list[str] = []
     why = ""
     while not gate.passes(current):
         spent = sum(macs[name] for name in floated)
         candidates = [
             node
             for node in anchors
-            if node.name not in floated
-            and node.name not in stepped_back
-            and spent + macs[node.name] <= budget
+            if node.name not in floated and spent + macs[node.name] <= budget
         ]
         if not candidates:
             why = f"; no layer left to try within {bounds.float_macs:.0%} of the MACs in float"
@@ -152,9 +170,12 @@ def keep_harmful_float(
             why = f"; stopped at its bound of {bounds.runs} runs"
             break
         found, value = _most_harmful(candidates, floated, measure)
-        if not measure.better(value, current):  # no better in float: step back
-            stepped_back.append(found.name)
-            continue
+        if not measure.worth(value, current):
+            why = (
+                f"; stepped back from {found.name} ({gate.metric} {value:.4g} with it in float "
+                "too): the error is spread over many layers"
+            )
+            break
         floated.append(found.name)
         report.skip(
             found,
@@ -162,8 +183,6 @@ def keep_harmful_float(
             f"{current:.4g} -> {value:.4g} on {data}",
         )
         current = value
-    if stepped_back:
-        why += f"; stepped back from {', '.join(stepped_back)} (no better in float)"
     held = "holds" if gate.passes(current) else "NOT met"
     share = sum(macs[name] for name in floated) / max(sum(macs.values()), 1)
     report.notes.append(
