@@ -217,3 +217,44 @@ def test_silero_vad_says_its_layers_are_out_of_reach():
         assert any(n.startswith("WARNING:") and "If/Loop/Scan" in n for n in report.notes)
         for a, b in zip(run(model, feed), run(student, feed), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_table_tied_to_the_output_projection_is_stored_in_int8_only():
+    """Token embedding tied to the logits (Gather rows, Gemm transB=1 over the same table):
+    both readers are quantized, rows and columns each once, and no float copy stays."""
+    model = _parse(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        tied (int64[N] ids) => (float[N, 300] logits) {
+            emb = Gather(table, ids)
+            h = Tanh(emb)
+            logits = Gemm<transB=1>(h, table)
+        }""",
+        table=RNG.standard_normal((300, 64)),
+    )
+    student, report = _quantize(model)
+    check(student)
+    assert sorted(r.op_type for r in report.changed) == ["Gather", "Gemm"]
+    stored = {
+        v.name: v.dtype for v in student.graph.initializers.values() if v.const_value.size > 1000
+    }
+    assert sorted(stored.values()) == [ir.DataType.INT8, ir.DataType.INT8]
+    feed = {"ids": RNG.integers(0, 300, 16).astype(np.int64)}
+    assert _sqnr_db(run(model, feed)[0], run(student, feed)[0]) > 25
+
+
+def test_a_table_also_picked_by_constant_indices_stays_float():
+    """A Gather of constant indices is not an embedding lookup and stays float: quantizing the
+    table for the other reader would keep both copies."""
+    model = _parse(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] ids) => (float[N, 16] y) {
+            emb = Gather(table, ids)
+            two = Constant<value = int64 {2}>()
+            first = Gather(table, two)
+            y = Add(emb, first)
+        }""",
+        table=RNG.standard_normal((40, 16)),
+    )
+    student, report = _quantize(model)
+    assert not report.changed and "would grow the file" in report.skipped[0].detail
+    assert student.graph.initializers["table"].dtype == ir.DataType.FLOAT
