@@ -66,12 +66,9 @@ def nice_ticks(low: float, high: float, count: int = 4) -> list[float]:
 
 
 def _clip(label: str) -> str:
-    """Long names lose their middle: both the start and the end (conv1 or conv2, a channel's
-    number) tell layers apart."""
-    if len(label) <= _LABEL_CHARS:
-        return label
-    head = (_LABEL_CHARS - 1) // 2
-    return label[:head] + "…" + label[-(_LABEL_CHARS - 1 - head) :]
+    """Long names keep their end: in an exported model's hierarchical names (model.22.cv2.0.conv)
+    the end tells layers apart, the start is shared. The tooltip has the whole name."""
+    return label if len(label) <= _LABEL_CHARS else "…" + label[-(_LABEL_CHARS - 1) :]
 
 
 def legend(series: Sequence[Series], extra: str = "") -> str:
@@ -88,14 +85,17 @@ def bar_chart(
     series: Sequence[Series],
     *,
     fmt: Callable[[float], str],
+    tick_fmt: Callable[[float], str] | None = None,
     reference: float | None = None,
     reference_label: str = "",
     low: float | None = None,
     high: float | None = None,
     title: str,
 ) -> str:
-    """Horizontal grouped bars, one group per row, on a shared axis with ticks formatted by
-    ``fmt``. The axis starts at 0 unless a value (or ``low``) is below it."""
+    """Horizontal grouped bars, one group per row, on a shared axis; values are written with
+    ``fmt``, ticks with ``tick_fmt`` (default ``fmt``). The axis starts at 0 unless a value (or
+    ``low``) is below it."""
+    tick_fmt = tick_fmt or fmt
     values = [v for row in rows for v in row.values if v is not None and math.isfinite(v)]
     marks = [*values, *(x for x in (reference, low, high) if x is not None)]
     lo = min([0.0, *marks])
@@ -120,7 +120,7 @@ def bar_chart(
         tx = x(tick)
         parts.append(
             f"<line x1='{tx:.1f}' y1='4' x2='{tx:.1f}' y2='{axis_y}' class='grid'/>"
-            f"<text x='{tx:.1f}' y='{axis_y + 13}' class='tick'>{html.escape(fmt(tick))}</text>"
+            f"<text x='{tx:.1f}' y='{axis_y + 13}' class='tick'>{html.escape(tick_fmt(tick))}</text>"
         )
     zero = x(0.0)
     for index, row in enumerate(rows):

@@ -73,7 +73,11 @@ esc = html.escape
 
 
 def _db(value: float) -> str:
-    return f"{value:.3g} dB"
+    return f"{value:.1f} dB"
+
+
+def _db_tick(value: float) -> str:
+    return f"{value:g} dB"
 
 
 def _count(value: float) -> str:
@@ -175,7 +179,7 @@ def _size_section(comparison: dict[str, Any]) -> list[str]:
         "<div class='cards'>" + "".join(cards) + "</div>",
         "<h2>Size and speed</h2><div class='charts'>",
         _figure(
-            "Ratios, result / original",
+            f"Ratios, {names[1]} / {names[0]}",
             chart,
             charts.legend(
                 [
@@ -278,6 +282,7 @@ def _fidelity_section(report: dict[str, Any], comparison: dict[str, Any]) -> lis
             rows,
             [Series("SQNR", charts.RESULT)],
             fmt=_db,
+            tick_fmt=_db_tick,
             reference=threshold[0] if threshold else None,
             reference_label=threshold[1] if threshold else "",
             title="output SQNR per channel",
@@ -356,7 +361,7 @@ def _layer_section(report: dict[str, Any]) -> list[str]:
         chart = charts.bar_chart(
             rows,
             [Series("removed", charts.RESULT)],
-            fmt=lambda v: f"{v:g}%",
+            fmt=lambda v: f"{v:.3g}%",
             high=100.0,
             title=f"{name}: parameters removed per layer",
         )
@@ -378,6 +383,7 @@ def _layer_section(report: dict[str, Any]) -> list[str]:
             rows,
             [Series("weight SQNR", charts.RESULT)],
             fmt=_db,
+            tick_fmt=_db_tick,
             title=f"{name}: weight SQNR per layer",
         )
         caption = f"{more}<span class='legend'>lowest: {esc(low.node)} {low.sqnr_db:.1f} dB"
