@@ -44,16 +44,22 @@ import onnx_ir as ir
 __all__ = [
     "IDENTICAL_DB",
     "SCORE_ACTIVE",
+    "SPREAD_FLOOR",
     "OutputAccumulator",
     "OutputFidelity",
     "accumulators",
     "channel_axis",
+    "channel_error",
     "probability_outputs",
     "sqnr_db",
 ]
 
 IDENTICAL_DB = 200.0  # SQNR reported for an exact match (float32 rounding alone gives ~140 dB)
 SCORE_ACTIVE = 0.05  # a probability below this in both models is background: not judged
+# Floors of a channel's spread in ``channel_error``: a share of its mean square (a constant
+# channel's error counts against its size), and for score channels a spread of SCORE_ACTIVE (a
+# class that never fires does not count its harmless wiggles in millionths).
+SPREAD_FLOOR = 1e-6
 _PROBABILITY_OPS = {"Sigmoid", "Softmax", "HardSigmoid"}
 # Ops that move or select values without changing them: a probability stays a probability.
 _MOVING_OPS = {
@@ -291,6 +297,26 @@ class OutputAccumulator:
         self.sums["low"] = np.minimum(self.sums["low"], low)
         self.sums["high"] = np.maximum(self.sums["high"], high)
 
+    def channel_errors(self) -> np.ndarray:
+        """Per channel: squared error over the reference's spread about its mean (1 - R² of
+        the channel), so that a channel of scores in [0, 1] counts as much as one of pixel
+        coordinates. The spread is floored (see ``SPREAD_FLOOR``); channels whose reference is
+        zero throughout count 0, as in the per-channel SQNR; NaN where the models disagree on
+        non-finite values."""
+        s = self.sums
+        if not s:
+            return np.zeros(0)
+        count = np.maximum(s["count"], 1.0)
+        spread = s["norm_a"] - np.square(s["sum_a"]) / count
+        floor = SPREAD_FLOOR * s["norm_a"]
+        if self.probabilities:
+            scores = (s["low"] >= 0.0) & (s["high"] <= 1.0)
+            floor = np.where(scores, np.maximum(floor, SCORE_ACTIVE**2 * count), floor)
+        spread = np.maximum(spread, floor)
+        live = s["norm_a"] > 0
+        errors = np.where(live, s["noise"] / np.where(live, spread, 1.0), 0.0)
+        return np.where(s["mismatched"] > 0, math.nan, errors)
+
     def result(self) -> OutputFidelity:
         s = self.sums or dict.fromkeys(_SUMS, np.zeros(1))
         broken = bool(s["mismatched"].sum())
@@ -428,6 +454,17 @@ def measure(
     """The fidelity of ``result``'s float outputs to ``reference``'s, batch by batch (outputs by
     name, as two runs return them): the one measure that comparison, pruning sensitivity,
     recovery, fine-tuning and INT8 checks read their figures from."""
+    found = _accumulated(reference, result, probabilities, channel_axes)
+    return {name: accumulator.result() for name, accumulator in found.items()}
+
+
+def _accumulated(
+    reference: Sequence[Mapping[str, np.ndarray]],
+    result: Sequence[Mapping[str, np.ndarray]],
+    probabilities: set[str] | frozenset[str],
+    channel_axes: Mapping[str, int | None] | None,
+) -> dict[str, OutputAccumulator]:
+    """One accumulator per float output, fed every pair of runs."""
     names = [
         name
         for name in (reference[0] if reference else {})
@@ -437,4 +474,22 @@ def measure(
     for expected, actual in zip(reference, result, strict=True):
         for name, accumulator in found.items():
             accumulator.add(np.asarray(expected[name]), np.asarray(actual[name]))
-    return {name: accumulator.result() for name, accumulator in found.items()}
+    return found
+
+
+def channel_error(
+    reference: Sequence[Mapping[str, np.ndarray]],
+    result: Sequence[Mapping[str, np.ndarray]],
+    *,
+    probabilities: set[str] | frozenset[str] = frozenset(),
+    channel_axes: Mapping[str, int | None] | None = None,
+) -> dict[str, float]:
+    """Per float output, the mean over its channels of each channel's error relative to that
+    channel's own spread over all feeds (:meth:`OutputAccumulator.channel_errors`; the channel
+    axis as :func:`measure` chooses it). What passes minimise where a whole-output error would
+    let large-valued channels (pixel boxes) hide small-valued ones (scores) beside them."""
+    found = _accumulated(reference, result, probabilities, channel_axes)
+    return {
+        name: float(np.mean(errors)) if (errors := acc.channel_errors()).size else 0.0
+        for name, acc in found.items()
+    }

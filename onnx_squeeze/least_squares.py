@@ -5,7 +5,9 @@ patch of a Conv). Refitting ``W`` so that the student's inputs reproduce the tea
 a ridge regression whose normal equations need only ``XᵀX``, ``XᵀY`` and a few per-output sums,
 accumulated batch by batch (:class:`GramAccumulator`): memory depends on the layer's size, never
 on the number of samples. Grouped Convs are independent regressions, one per group, kept side by
-side on a leading group axis.
+side on a leading group axis. A layer whose outputs are the model's (a detector's pixel boxes
+beside its class logits) is judged per output, each output's error relative to its own spread
+(``per_output``), so that large-valued outputs do not decide the ridge or the rank for all.
 
 :func:`select_channels` is the reconstruction-driven (ThiNet / He et al. 2017) channel selection:
 greedily drop the input channel whose removal the layer can best compensate by refitting the
@@ -19,6 +21,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from onnx_squeeze.fidelity import SPREAD_FLOOR
 
 # Rows handed to one float64 Gram update, to bound the temporary copies.
 _CHUNK_ROWS = 4096
@@ -84,10 +88,15 @@ class GramAccumulator:
     ``update(x, y)`` takes rows ``x`` (groups, n, features) and targets ``y`` (groups, n,
     outputs). With ``intercept`` a constant feature is appended (the bias), stored last. The
     arrays are allocated once, so :attr:`nbytes` does not grow with the number of batches.
+    With ``per_output`` each output's squared error counts relative to its targets' spread
+    (floored as :func:`onnx_squeeze.fidelity.channel_error` floors it); otherwise all count alike.
     """
 
-    def __init__(self, groups: int, features: int, outputs: int, *, intercept: bool) -> None:
+    def __init__(
+        self, groups: int, features: int, outputs: int, *, intercept: bool, per_output: bool = False
+    ) -> None:
         self.intercept = intercept
+        self.per_output = per_output
         self.features = features
         width = features + int(intercept)
         self.xtx = np.zeros((groups, width, width))
@@ -115,15 +124,35 @@ class GramAccumulator:
             self.y_squares += np.square(targets).sum(axis=1)
             self.rows += rows.shape[1]
 
+    def _output_errors(self, weight: np.ndarray) -> np.ndarray:
+        """Sum of squared residuals of ``weight`` (groups, features [+1], outputs), per output."""
+        fitted = np.einsum("gdo,gdo->go", weight, self.xtx @ weight)
+        cross = np.einsum("gdo,gdo->go", weight, self.xty)
+        return np.maximum(fitted - 2 * cross + self.y_squares, 0.0)
+
+    def _spreads(self) -> np.ndarray:
+        """Each output's sum of squares about its mean (groups, outputs)."""
+        return self.y_squares - np.square(self.y_sum) / max(self.rows, 1)
+
+    def output_weights(self) -> np.ndarray:
+        """What one unit of squared error weighs per output (groups, outputs): one, or with
+        ``per_output`` one over the output's floored spread (0 for outputs that are zero)."""
+        if not self.per_output:
+            return np.ones_like(self.y_sum)
+        spread = np.maximum(self._spreads(), SPREAD_FLOOR * self.y_squares)
+        return np.where(spread > 0, 1.0 / np.where(spread > 0, spread, 1.0), 0.0)
+
     def squared_error(self, weight: np.ndarray) -> float:
-        """Sum of squared residuals of ``weight`` (groups, features [+1], outputs)."""
-        fitted = float(np.sum(weight * (self.xtx @ weight)))
-        cross = np.einsum("gde,gde->", weight, self.xty)
-        return max(0.0, float(fitted - 2 * cross + self.y_squares.sum()))
+        """Sum of squared residuals of ``weight`` (groups, features [+1], outputs), each output's
+        weighed by :meth:`output_weights`."""
+        return float(np.sum(self.output_weights() * self._output_errors(weight)))
 
     def relative_error(self, weight: np.ndarray) -> float:
-        """Squared error over the targets' variance (1 - R²); 0 when the targets are constant."""
-        spread = float((self.y_squares - np.square(self.y_sum) / max(self.rows, 1)).sum())
+        """Squared error over the targets' variance (1 - R²), or with ``per_output`` the mean of
+        each output's; 0 when the targets are constant."""
+        if self.per_output:
+            return self.squared_error(weight) / self.y_sum.size
+        spread = float(self._spreads().sum())
         return self.squared_error(weight) / spread if spread > 0 else 0.0
 
     def _centered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -192,10 +221,14 @@ class GramAccumulator:
         """
         features = self.solve(ridge, prior)[0, : self.features]
         gram, _, x_mean, y_mean = self._centered()
-        fitted = features.T @ gram[0] @ features
+        # the projection that keeps the most fitted variance, measured with the outputs'
+        # weights (for per_output: in units of each output's spread)
+        scale = np.sqrt(self.output_weights()[0])
+        fitted = (features * scale).T @ gram[0] @ (features * scale)
         _, vectors = np.linalg.eigh((fitted + fitted.T) / 2)
         top = vectors[:, ::-1][:, :rank]
-        first, second = features @ top, top.T
+        unscale = np.where(scale > 0, 1.0 / np.where(scale > 0, scale, 1.0), 0.0)
+        first, second = (features * scale) @ top, top.T * unscale
         balance = np.sqrt(np.linalg.norm(first, axis=0) + _TINY)
         first, second = first / balance, second * balance[:, None]
         bias = y_mean[0] - x_mean[0] @ first @ second
@@ -211,9 +244,12 @@ class RidgeFolds:
     per unknown from fitting the calibration samples instead of the function.
     """
 
-    def __init__(self, groups: int, features: int, outputs: int, *, intercept: bool) -> None:
+    def __init__(
+        self, groups: int, features: int, outputs: int, *, intercept: bool, per_output: bool = False
+    ) -> None:
         self.folds = [
-            GramAccumulator(groups, features, outputs, intercept=intercept) for _ in range(2)
+            GramAccumulator(groups, features, outputs, intercept=intercept, per_output=per_output)
+            for _ in range(2)
         ]
 
     @property

@@ -1,5 +1,8 @@
 """Sensitivity: the output error when one group alone loses its lowest-scored channels,
 measured on a few calibration batches with one onnxruntime session (producers' outputs masked).
+The error is judged per output channel, each relative to its own spread
+(:func:`fidelity.channel_error`): a detector whose one output holds pixel boxes beside class
+scores would otherwise spend its pruning on the score branch, whose error the boxes drown.
 Its cost is (groups x 3 x batches x rounds) inferences; ``allocation: uniform`` is the cheap
 one-ratio alternative."""
 
@@ -67,6 +70,7 @@ class Sensitivity:
         # session at full optimization runs it about twice as fast as the runner's policy.
         self.session = runtime.create_session(self._masked(model), provider)
         self.names = [output.name for output in self.session.get_outputs()]
+        self.probabilities = fidelity.probability_outputs(model)
 
     def _masked(self, model: ir.Model) -> ir.Model:
         """A clone whose producers' outputs are multiplied by inputs ``onnx_squeeze.mask.<i>``."""
@@ -107,14 +111,19 @@ class Sensitivity:
             for feed in feeds
         ]
 
+    def error(self, reference: list[dict], outputs: list[dict]) -> float:
+        """Squared error relative to each output channel's spread over the feeds, averaged over
+        the channels and summed over the outputs."""
+        found = fidelity.channel_error(reference, outputs, probabilities=self.probabilities)
+        return sum(found.values())
+
     def curves(self, feeds: list[dict], start: Mapping[int, int]) -> dict[int, ErrorCurve]:
-        """Group id -> output error (squared, relative to the output energy, summed over the
-        outputs) against the share of its channels removed, each group measured alone on top
-        of the kept counts ``start``: the error it adds to theirs against the original outputs
-        (the first point is where ``start`` leaves it)."""
+        """Group id -> output error (:meth:`error`) against the share of its channels removed,
+        each group measured alone on top of the kept counts ``start``: the error it adds to
+        theirs against the original outputs (the first point is where ``start`` leaves it)."""
         base = self.planner.plan_counts(start)
         reference = self._outputs(feeds, {})
-        floor = _output_error(reference, self._outputs(feeds, base)) if base else 0.0
+        floor = self.error(reference, self._outputs(feeds, base)) if base else 0.0
         curves = {}
         for group in self.planner.groups:
             before = start.get(group.id, group.channels)
@@ -125,7 +134,7 @@ class Sensitivity:
                     continue
                 plan = {**base, group.id: self.planner.best_channels(group, keep)}
                 shares.append(1 - keep / group.channels)
-                error = _output_error(reference, self._outputs(feeds, plan)) - floor
+                error = self.error(reference, self._outputs(feeds, plan)) - floor
                 errors.append(max(errors[-1], error))
             curves[group.id] = ErrorCurve(np.array(shares), np.array(errors))
         return curves
@@ -136,13 +145,3 @@ def _weight_dtype(node: ir.Node) -> np.dtype:
     layer = Layer.of(node)
     assert isinstance(layer, Layer) and layer.array is not None  # producers' weights are constants
     return layer.array.dtype
-
-
-def _output_error(reference: list[dict], outputs: list[dict]) -> float:
-    """Squared error relative to the output's energy, summed over the outputs, averaged over
-    the feeds (each feed weighs the same, whatever its energy)."""
-    total = 0.0
-    for expected, actual in zip(reference, outputs, strict=True):
-        found = fidelity.measure([expected], [actual], channel_axes=dict.fromkeys(expected))
-        total += sum(10 ** (-output.sqnr_db / 10) for output in found.values())
-    return total / len(reference)

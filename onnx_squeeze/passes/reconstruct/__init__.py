@@ -22,7 +22,10 @@ layer is fitted to the inputs that the corrected layers before it produce. Per l
 
 A layer takes the first method in the order lstsq (or head), bn, bias that is enabled and applies.
 With ``guard`` (default), the refit is undone when it makes the model's outputs on the
-calibration data further from the teacher's than before.
+calibration data further from the teacher's than before. Output errors are judged per output
+channel, each relative to its own spread, and so are the refits of the layers with no weight
+layer after them (their ridge, their rank, whether they help): a detector's class scores count
+as much as the pixel boxes concatenated beside them.
 
 Modules: :mod:`.planner` (which layers, which method, which wave), :mod:`.waves` (the fits),
 :mod:`.linear` (layers as regressions, constants written with undo), :mod:`.settings`.
@@ -49,11 +52,16 @@ _BATCH = 8  # samples per onnxruntime run (feeds of one shape are joined up to i
 
 
 def _output_error(
-    student: ir.Model, reference: list[dict[str, np.ndarray]], feeds: list[Feed]
+    student: ir.Model,
+    reference: list[dict[str, np.ndarray]],
+    feeds: list[Feed],
+    probabilities: set[str],
 ) -> float:
-    """Worst relative squared error (1 - R²) over the graph outputs on ``feeds``."""
-    measured = fidelity.measure(reference, _outputs(student, list(reference[0]), feeds))
-    return max((output.relative_error for output in measured.values()), default=0.0)
+    """The worst graph output's error on ``feeds``: the mean over its channels of each channel's
+    1 - R² (:func:`fidelity.channel_error`), so that scores beside pixel boxes count."""
+    outputs = _outputs(student, list(reference[0]), feeds)
+    found = fidelity.channel_error(reference, outputs, probabilities=probabilities)
+    return max(found.values(), default=0.0)
 
 
 def _outputs(model: ir.Model, names: list[str], feeds: list[Feed]) -> list[dict[str, np.ndarray]]:
@@ -84,14 +92,18 @@ class Reconstruct(Pass):
         feeds = context.data.first_samples(self.settings.samples, "recovery", report.notes)
         feeds = joined(feeds, _BATCH, teacher)
         reference = _outputs(teacher, [v.name for v in model.graph.outputs], feeds)
-        before = _output_error(model, reference, feeds)
+        probabilities = fidelity.probability_outputs(teacher)
+        before = _output_error(model, reference, feeds, probabilities)
         edits = Edits(model)
         every = self.settings.refresh_every
         for wave in sorted({layer.wave // every for layer in layers}):
             members = [layer for layer in layers if layer.wave // every == wave]
             Wave(members, self.settings, context.seed).fit(model, teacher, feeds, edits, report)
-        after = _output_error(model, reference, feeds)
-        summary = f"output error vs teacher (1 - R², calibration data): {before:.4g} -> {after:.4g}"
+        after = _output_error(model, reference, feeds, probabilities)
+        summary = (
+            "output error vs teacher (worst output's mean per-channel 1 - R², calibration data): "
+            f"{before:.4g} -> {after:.4g}"
+        )
         if self.settings.guard and after > before:
             edits.undo()
             report.notes.append(f"{summary}: worse, so every refit was undone")

@@ -32,6 +32,8 @@ class Target:
     linear: Linear | None = None  # the layer (lowrank: the second factor)
     first: Linear | None = None  # lowrank: the first factor, whose input is the regression's
     wave: int = 0
+    # no weight layer after it: its outputs are judged at the graph outputs, per channel
+    output_layer: bool = False
 
     @property
     def input(self) -> ir.Value:
@@ -164,7 +166,7 @@ class Planner:
             if self.settings.factors == "both":
                 first = _first_factor(linear, self.teacher_names)
             method = "lowrank" if first is not None else "lstsq"
-            return Target(node.name, method, output, node, linear, first)
+            return Target(node.name, method, output, node, linear, first, output_layer=head)
         if linear is not None and "bn" in methods:
             return Target(node.name, "bn", output, node, linear)
         if "bias" in methods and bias_array(node, linear) is not None:

@@ -101,7 +101,13 @@ class Wave:
             )
             if sums is None:
                 intercept = layer.linear.bias_slot
-                sums = RidgeFolds(x.shape[0], x.shape[2], y.shape[2], intercept=intercept)
+                sums = RidgeFolds(
+                    x.shape[0],
+                    x.shape[2],
+                    y.shape[2],
+                    intercept=intercept,
+                    per_output=layer.output_layer,
+                )
             sums.update(x, y)
             return sums
         observed = student[layer.input.name if layer.method == "batchnorm" else layer.output.name]
@@ -184,8 +190,9 @@ class Wave:
         self, method: str, before: float, after: float, sums: GramAccumulator, ridge: float
     ) -> str:
         unknowns = sums.xtx.shape[1]
+        measure = "mean of each output's 1 - R²" if sums.per_output else "1 - R²"
         text = (
-            f"{method}: error {before:.4g} -> {after:.4g} (1 - R², calibration), "
+            f"{method}: error {before:.4g} -> {after:.4g} ({measure}, calibration), "
             f"{sums.rows} rows, ridge {ridge:.3g}"
         )
         if sums.rows < unknowns:
