@@ -323,6 +323,14 @@ def _largest(rows: list[Row]) -> tuple[list[Row], str]:
 
 
 def _layer_section(report: dict[str, Any]) -> list[str]:
+    figures = _size_figures(report) + _pruning_figures(report) + _quantization_figures(report)
+    if not figures:
+        return []
+    return ["<h2>Per layer</h2><div class='charts'>", *figures, "</div>"]
+
+
+def _size_figures(report: dict[str, Any]) -> list[str]:
+    """Parameters, MACs and measured time per layer, before and after."""
     names = (report.get("comparison") or {}).get("names") or ["original", "result"]
     series = [Series(names[0], charts.ORIGINAL), Series(names[1], charts.RESULT)]
     layers = layer_changes(report)
@@ -347,6 +355,11 @@ def _layer_section(report: dict[str, Any]) -> list[str]:
             rows, more = _largest(rows)
             chart = charts.bar_chart(rows, series, fmt=fmt, title=title)
             figures.append(_figure(title, chart, more + charts.legend(series)))
+    return figures
+
+
+def _pruning_figures(report: dict[str, Any]) -> list[str]:
+    figures = []
     for name, pruned in pruned_layers(report).items():
         rows = [
             Row(
@@ -366,6 +379,12 @@ def _layer_section(report: dict[str, Any]) -> list[str]:
             title=f"{name}: parameters removed per layer",
         )
         figures.append(_figure(f"{name}: parameters removed per layer", chart, more))
+    return figures
+
+
+def _quantization_figures(report: dict[str, Any]) -> list[str]:
+    """Each quantized layer's weight SQNR; the lowest named, the layers kept in float counted."""
+    figures = []
     for name, quantized in quantized_layers(report).items():
         rows = [
             Row(q.node, [q.sqnr_db], f"{q.node} ({q.op_type}): {q.detail}", note="float")
@@ -393,9 +412,7 @@ def _layer_section(report: dict[str, Any]) -> list[str]:
         figures.append(
             _figure(f"{name}: weight quantization SQNR per layer (dB)", chart, caption + "</span>")
         )
-    if not figures:
-        return []
-    return ["<h2>Per layer</h2><div class='charts'>", *figures, "</div>"]
+    return figures
 
 
 def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
