@@ -28,6 +28,7 @@ def check_structure(model: ir.Model, where: str) -> None:
         # reads the same graph and lets initializers stand alone.
         model.ir_version = 4
     for graph in (model.graph, *model.graph.subgraphs()):
+        _check_text(graph, where)
         _check_defined(graph, where)
         _check_acyclic(graph, where)
         _check_tensors(graph, where)
@@ -36,6 +37,18 @@ def check_structure(model: ir.Model, where: str) -> None:
 
 def _node_name(node: ir.Node) -> str:
     return node.name or f"{node.op_type} producing {node.outputs[0].name!r}"
+
+
+def _check_text(graph: ir.Graph, where: str) -> None:
+    """Names and op types that are not text: protobuf hands back bytes for invalid UTF-8."""
+    for index, node in enumerate(graph):
+        names = [node.op_type, node.domain, node.name or ""]
+        names += [value.name or "" for value in (*node.inputs, *node.outputs) if value is not None]
+        if not all(isinstance(name, str) for name in names):
+            raise InputError(
+                f"{where}: node {index} of graph {graph.name!r} has a name or op type that is "
+                f"not valid UTF-8: the file is corrupt; {_FIX}"
+            )
 
 
 def _check_defined(graph: ir.Graph, where: str) -> None:
