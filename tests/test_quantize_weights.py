@@ -350,3 +350,6 @@ def test_weights_inside_if_branches_are_encoded_once():
         for condition in (True, False):
             feed = {"c": np.array(condition), "x": x}
             assert _cosine(run(model, feed)[0], run(student, feed)[0]) > 0.99
+    feeds = [{"c": np.array(True), "x": x}] * 2
+    _, report = _apply(model, "quantize_weights", calibration=feeds, algorithm="gptq")
+    assert len(report.changed) == 3 and all("rounded to nearest" in n for n in report.notes)

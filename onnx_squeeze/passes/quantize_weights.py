@@ -131,8 +131,14 @@ class QuantizeWeights(Pass):
         weights = group_by_weight(consumers, report)
         grams = self._grams(model, weights, context, report) if weights else {}
         names = UniqueNames(model)
+        unobserved = [w.name for w in weights if not _observed(w, grams)]
         for weight in weights:
             self._quantize(model, weight, grams, names, report)
+        if s.algorithm == "gptq" and unobserved:
+            report.notes.append(
+                f"GPTQ: {len(unobserved)} weights (e.g. {unobserved[0]!r}) are read inside "
+                "If/Loop/Scan bodies, whose inputs cannot be observed: rounded to nearest"
+            )
         unreached = unreached_compute(model, report, LINEAR_OPS)
         if unreached:
             report.notes.append(unreached)
@@ -188,7 +194,7 @@ class QuantizeWeights(Pass):
         transposed = weight.consumers[0].channel_axis == 1  # stored [K, N]
         matrix = weight.array.T if transposed else weight.array  # [N, K]
         algorithm = s.algorithm
-        if all(c.node.inputs[0].name in grams for c in weight.consumers):
+        if _observed(weight, grams):
             hessian = sum(grams[c.node.inputs[0].name] for c in weight.consumers)
             quantized = weight_codecs.quantize_blocks_gptq(
                 matrix, hessian, s.bits, s.block_size, s.symmetric, damping=s.damping
@@ -321,6 +327,11 @@ class QuantizeWeights(Pass):
         per_code = s.bits / 8
         zero_bytes = 0 if s.symmetric else zero_points.size * per_code
         return int(codes.size * per_code + scales.nbytes + zero_bytes)
+
+
+def _observed(weight: SharedWeight, grams: dict[str, np.ndarray]) -> bool:
+    """Whether GPTQ has the input Hessian of every reader of ``weight``."""
+    return bool(grams) and all(c.node.inputs[0].name in grams for c in weight.consumers)
 
 
 def _code_type(bits: int, symmetric: bool) -> ir.DataType:
