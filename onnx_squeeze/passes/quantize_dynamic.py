@@ -1,9 +1,11 @@
-"""Dynamic INT8 for MatMul/Gemm and embedding tables (``quantize_dynamic``): no calibration.
+"""Dynamic INT8 for MatMul/Gemm, LSTM and embedding tables (``quantize_dynamic``): no calibration.
 
 Writes what onnxruntime fuses into DynamicQuantizeMatMul: DynamicQuantizeLinear (one per MatMul,
 so that each fuses on its own), MatMulInteger with INT8 weights, Cast and the scale products.
 Embedding tables (Gather of rows from a constant matrix) are stored as INT8 rows with one scale
-per row, which are gathered alongside and multiplied in after a Cast.
+per row, which are gathered alongside and multiplied in after a Cast. An LSTM with constant W
+and R becomes onnxruntime's DynamicQuantizeLSTM (INT8 W and R, inputs and states quantized at
+run time), as onnxruntime's own quantize_dynamic writes it.
 
 A weight read by several nodes (an LSTM unrolled over its time steps) is quantized once and
 every node reads that one copy; nodes in If/Loop/Scan bodies are quantized like the others.
@@ -34,12 +36,14 @@ from onnx_squeeze.passes.quantize.shared_weights import (
     SharedWeight,
     drop_if_unused,
     group_by_weight,
+    skip_all,
     unreached_compute,
     weight_nodes,
 )
-from onnx_squeeze.records import PassContext, PassReport
+from onnx_squeeze.records import PassContext, PassReport, mark_created
 
-DYNAMIC_OPS = ("MatMul", "Gemm", "Gather")
+DYNAMIC_OPS = ("MatMul", "Gemm", "Gather", "LSTM")
+MS_DOMAIN = "com.microsoft"
 
 
 @dataclasses.dataclass
@@ -107,6 +111,39 @@ def _dynamic_problem(node: ir.Node) -> str | None:
     return None
 
 
+def _lstm_problem(node: ir.Node) -> str | None:
+    """Why an LSTM cannot become com.microsoft.DynamicQuantizeLSTM, or None."""
+    if not is_activation(node.inputs[0]):
+        return "input X is not a float activation"
+    for index, role in ((1, "W"), (2, "R")):
+        array = constant_array(node.inputs[index])
+        if array is None or array.ndim != 3 or array.dtype != np.float32:
+            return f"{role} is not a constant 3-D float32 tensor"
+    if attribute(node, "layout", 0) != 0:
+        return "LSTM with layout=1 (DynamicQuantizeLSTM has no layout attribute)"
+    return None
+
+
+def _lstm_replacement(
+    node: ir.Node, w: tuple[ir.Value, ...], r: tuple[ir.Value, ...], pass_name: str
+) -> ir.Node:
+    """DynamicQuantizeLSTM with the LSTM's inputs, attributes and outputs: INT8 W and R
+    (transposed to ``[D, in, 4H]``) with their scales; X and H quantized at run time."""
+    optional = [node.inputs[i] if i < len(node.inputs) else None for i in range(3, 8)]
+    inputs = [node.inputs[0], w[0], r[0], *optional, w[1], w[2], r[1], r[2]]
+    attributes = [a for name, a in node.attributes.items() if name != "layout"]
+    replacement = ir.Node(
+        MS_DOMAIN,
+        "DynamicQuantizeLSTM",
+        inputs,
+        attributes,
+        num_outputs=len(node.outputs),
+        name=node.name,
+    )
+    mark_created(replacement, pass_name, node)
+    return replacement
+
+
 def _is_embedding(node: ir.Node) -> bool:
     """A Gather of rows from a constant matrix by indices known at run time only (not shape
     arithmetic or token picking, which are passed over without a note)."""
@@ -155,6 +192,28 @@ class _Encoder:
             )
         return self._made[key]  # type: ignore[return-value]
 
+    def _quantized(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A ``[K, N]`` matrix in the dynamic form: integer weight, scale, zero point."""
+        form, qtype = self.form, self.form.qtype
+        if form.pair_bounded:
+            scale = quant_params.pair_bounded_scale(matrix, form.axis)
+            zero_point = np.zeros(scale.shape, qtype.numpy)
+            return (
+                quant_params.quantize(matrix, scale, zero_point, qtype, form.axis),
+                scale,
+                zero_point,
+            )
+        return quant_params.quantize_weight(matrix, form.axis, qtype)
+
+    def _store(self, weight: SharedWeight, arrays: tuple[np.ndarray, ...]) -> tuple[ir.Value, ...]:
+        name, value, qtype = weight.nodes[0].name or weight.name, weight.value, self.form.qtype
+        quantized, scale, zero_point = arrays
+        return (
+            self._constant(value, f"{name}.weight_quantized", quantized, qtype.dtype),
+            self._constant(value, f"{name}.weight_scale", scale, ir.DataType.FLOAT),
+            self._constant(value, f"{name}.weight_zero_point", zero_point, qtype.dtype),
+        )
+
     def matrix(self, weight: SharedWeight, node: ir.Node) -> tuple[ir.Value, ...]:
         """The ``[K, N]`` matrix (Gemm's transB undone) in the dynamic form: weight, scale,
         zero point. Readers of one weight share its layout (:func:`group_by_weight`)."""
@@ -163,21 +222,21 @@ class _Encoder:
             layer = Layer.of(node)
             assert isinstance(layer, Layer)
             matrix = np.ascontiguousarray(layer.matrix())
-            form, qtype = self.form, self.form.qtype
-            if form.pair_bounded:
-                scale = quant_params.pair_bounded_scale(matrix, form.axis)
-                zero_point = np.zeros(scale.shape, qtype.numpy)
-                quantized = quant_params.quantize(matrix, scale, zero_point, qtype, form.axis)
-            else:
-                quantized, scale, zero_point = quant_params.quantize_weight(
-                    matrix, form.axis, qtype
-                )
-            name, value = weight.nodes[0].name or weight.name, weight.value
-            self._made[key] = (
-                self._constant(value, f"{name}.weight_quantized", quantized, qtype.dtype),
-                self._constant(value, f"{name}.weight_scale", scale, ir.DataType.FLOAT),
-                self._constant(value, f"{name}.weight_zero_point", zero_point, qtype.dtype),
-            )
+            self._made[key] = self._store(weight, self._quantized(matrix))
+        return self._made[key]  # type: ignore[return-value]
+
+    def recurrent(self, weight: SharedWeight) -> tuple[ir.Value, ...]:
+        """An LSTM's W ``[D, 4H, I]`` or R ``[D, 4H, H]`` as DynamicQuantizeLSTM reads it:
+        each direction's ``[I, 4H]`` matrix in the dynamic form, stacked (scales ``[D, 4H]``
+        per column, ``[D]`` per tensor)."""
+        key = ("recurrent", id(weight.value))
+        if key not in self._made:
+            parts = [self._quantized(np.ascontiguousarray(w.T)) for w in weight.array]
+            quantized = np.stack([p[0] for p in parts])
+            scale, zero_point = (np.stack([np.reshape(p[i], -1) for p in parts]) for i in (1, 2))
+            if self.form.axis is None:
+                scale, zero_point = scale[:, 0], zero_point[:, 0]
+            self._made[key] = self._store(weight, (quantized, scale, zero_point))
         return self._made[key]  # type: ignore[return-value]
 
     def bias(self, node: ir.Node) -> ir.Value | None:
@@ -232,19 +291,22 @@ def _dynamic_replacement(
     return nodes
 
 
-def _consumer(node: ir.Node) -> Consumer:
-    """How an eligible node reads its weight: a table's rows, or a matrix's columns."""
+def _consumers(node: ir.Node) -> list[Consumer]:
+    """How an eligible node reads its weights: a table's rows, a matrix's columns, an LSTM's
+    W and R (gates on axis 1)."""
     if node.op_type == "Gather":
-        return Consumer(node, 0, channel_axis=0)
+        return [Consumer(node, 0, channel_axis=0)]
+    if node.op_type == "LSTM":
+        return [Consumer(node, 1, channel_axis=1), Consumer(node, 2, channel_axis=1)]
     layer = Layer.of(node)
     assert isinstance(layer, Layer) and layer.output_axis is not None
-    return Consumer(node, layer.weight_index, channel_axis=layer.output_axis)
+    return [Consumer(node, layer.weight_index, channel_axis=layer.output_axis)]
 
 
 @register
 class QuantizeDynamic(Pass):
-    """Dynamic INT8 for MatMul/Gemm with constant weights: INT8 weights per output column,
-    activations quantized at run time (no calibration data needed)."""
+    """Dynamic INT8 for MatMul/Gemm/LSTM with constant weights: INT8 weights per output
+    column, activations quantized at run time (no calibration data needed)."""
 
     name = "quantize_dynamic"
     Settings = QuantizeDynamicSettings
@@ -257,42 +319,80 @@ class QuantizeDynamic(Pass):
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         infer_types(model)
         selection = selection_of(self.settings)
+        problems = {"Gather": _embedding_problem, "LSTM": _lstm_problem}
         consumers = []
         for node in weight_nodes(model, DYNAMIC_OPS):
-            embedding = node.op_type == "Gather"
-            if embedding and not _is_embedding(node):
+            if node.op_type == "Gather" and not _is_embedding(node):
                 continue
-            problem = _embedding_problem if embedding else _dynamic_problem
+            problem = problems.get(node.op_type, _dynamic_problem)
             reason = selection.reason_to_skip(node) or problem(node)
             if reason:
                 report.skip(node, reason)
             else:
-                consumers.append(_consumer(node))
+                consumers.extend(_consumers(node))
+        weights = _whole_lstms(group_by_weight(consumers, report), report)
         encoder = _Encoder(QdqWriter(model, self.name), _dynamic_weight_form(self.settings))
-        for weight in group_by_weight(consumers, report):
-            self._quantize(encoder, weight, report)
+        readers: dict[ir.Node, dict[int, SharedWeight]] = {}
+        for weight in weights:
+            for consumer in weight.consumers:
+                readers.setdefault(consumer.node, {})[consumer.index] = weight
+        if any(node.op_type == "LSTM" for node in readers):
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        for node, read in readers.items():
+            self._rewrite(encoder, node, read, report)
+        for weight in weights:
+            drop_if_unused(weight.value.graph, weight.value)
         unreached = unreached_compute(model, report, DYNAMIC_OPS)
         if unreached:
             report.notes.append(unreached)
 
-    def _quantize(self, encoder: _Encoder, weight: SharedWeight, report: PassReport) -> None:
-        """Every reader of ``weight`` rewritten to read its one quantized copy."""
-        shared = len(weight.consumers)
-        for node in weight.nodes:
-            if node.op_type == "Gather":
-                nodes = _embedding_replacement(encoder.writer, node, encoder.embedding(weight))
-                detail = "embedding: int8 rows, one scale per row"
-            else:
-                quantized = encoder.matrix(weight, node)
-                nodes = _dynamic_replacement(encoder.writer, node, quantized, encoder.bias(node))
-                detail = f"dynamic: weight {encoder.form}, uint8 activations at run time"
-            if shared > 1:
-                detail += f"; weight {weight.name!r} shared by {shared} nodes, stored once"
-            last = nodes[-1].outputs[0]
-            last.dtype, last.shape = node.outputs[0].dtype, node.outputs[0].shape
-            assert node.graph is not None
-            ir.convenience.replace_nodes_and_values(
-                node.graph, node, [node], nodes, [node.outputs[0]], [last]
+    def _rewrite(
+        self, encoder: _Encoder, node: ir.Node, read: dict[int, SharedWeight], report: PassReport
+    ) -> None:
+        """``node`` rewritten to read the one quantized copy of each of its weights."""
+        if node.op_type == "LSTM":
+            replacement = _lstm_replacement(
+                node, encoder.recurrent(read[1]), encoder.recurrent(read[2]), self.name
             )
-            report.record(node.name, "quantized", detail, op_type=node.op_type)
-        drop_if_unused(weight.value.graph, weight.value)
+            nodes = [replacement]
+            detail = f"DynamicQuantizeLSTM: W and R {encoder.form}, uint8 X and H at run time"
+        elif node.op_type == "Gather":
+            nodes = _embedding_replacement(encoder.writer, node, encoder.embedding(read[0]))
+            detail = "embedding: int8 rows, one scale per row"
+        else:
+            (weight,) = read.values()
+            quantized = encoder.matrix(weight, node)
+            nodes = _dynamic_replacement(encoder.writer, node, quantized, encoder.bias(node))
+            detail = f"dynamic: weight {encoder.form}, uint8 activations at run time"
+        for weight in read.values():
+            if len(weight.consumers) > 1:
+                detail += (
+                    f"; weight {weight.name!r} shared by {len(weight.consumers)} nodes, stored once"
+                )
+        outputs = nodes[-1].outputs
+        for old, new in zip(node.outputs, outputs, strict=True):
+            new.dtype, new.shape = old.dtype, old.shape
+        assert node.graph is not None
+        ir.convenience.replace_nodes_and_values(
+            node.graph, node, [node], nodes, list(node.outputs), list(outputs)
+        )
+        report.record(node.name, "quantized", detail, op_type=node.op_type)
+
+
+def _whole_lstms(weights: list[SharedWeight], report: PassReport) -> list[SharedWeight]:
+    """The weights to quantize, less those of an LSTM whose other weight stays float (W and R
+    become DynamicQuantizeLSTM together or not at all)."""
+    kept = {(id(c.node), c.index) for w in weights for c in w.consumers}
+    halves = {
+        id(c.node)
+        for w in weights
+        for c in w.consumers
+        if c.node.op_type == "LSTM" and {(id(c.node), 1), (id(c.node), 2)} - kept
+    }
+    whole = []
+    for weight in weights:
+        if any(id(node) in halves for node in weight.nodes):
+            skip_all(report, weight.nodes, "W and R of an LSTM are quantized together")
+        else:
+            whole.append(weight)
+    return whole
