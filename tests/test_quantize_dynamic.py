@@ -13,6 +13,7 @@ import pytest
 import onnx_squeeze as sq
 from onnx_squeeze import fidelity
 from onnx_squeeze.passes.base import make_pass
+from onnx_squeeze.passes.quantize import params as quant_params
 from onnx_squeeze.pipeline import finalize
 from onnx_squeeze.records import PassContext
 from tests.helpers import check, run
@@ -309,3 +310,23 @@ def test_lstm_with_a_recurrent_weight_from_the_inputs_is_left_alone():
     assert not report.changed
     assert report.skipped[0].detail == "R is not a constant 3-D float32 tensor"
     assert [n.op_type for n in student.graph] == ["LSTM"]
+
+
+def test_lstm_weights_bound_u8s8_pairs_without_vnni(monkeypatch):
+    """Without VNNI, x86 kernels add the products of weights 2i and 2i+1 along the input axis
+    in 16 bits with saturation: every same-sign pair of W and R stays within 128 steps."""
+    monkeypatch.setattr(quant_params, "cpu_has_vnni", lambda: False)
+    model = _lstm_model()
+    student, report = _quantize(model)
+    assert "pair-bounded" in report.changed[0].detail
+    for value in student.graph.initializers.values():
+        q = value.const_value.numpy()
+        if value.dtype != ir.DataType.INT8 or q.ndim != 3:
+            continue
+        q = q.astype(np.int64)  # [D, in, 4H]: pairs along axis 1
+        first, second = q[:, 0::2], q[:, 1::2]
+        pairs = np.where(first * second > 0, np.abs(first) + np.abs(second), 0)
+        assert pairs.max() <= 128 and np.abs(q).max() >= 64
+    feed = {"x": RNG.standard_normal((7, 3, 24)).astype(np.float32)}
+    for expected, got in zip(run(model, feed), run(student, feed), strict=True):
+        assert _sqnr_db(expected, got) > 25
