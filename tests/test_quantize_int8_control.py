@@ -273,7 +273,7 @@ def test_accuracy_control_steps_back_when_the_best_layer_does_not_help(monkeypat
     quantized) and stops."""
     model = chain_model()
 
-    def metric(self, floated):
+    def metric(self, floated, on="search"):
         self.runs += 1
         return (8.0 if "m1" in floated else 5.0) - 0.5 * len(set(floated) - {"m1"})
 
