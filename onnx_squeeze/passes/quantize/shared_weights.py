@@ -86,9 +86,10 @@ def unreached_compute(model: ir.Model, report: PassReport, ops: Sequence[str]) -
     found = ", ".join(f"{count} {op}" for op, count in counts.most_common())
     inside = sum(node.graph is not model.graph for node in layers)
     where = f" ({inside} inside If/Loop/Scan bodies)" if inside else ""
-    handled = sum(counts[op] for op in ops)
+    handled = [r for r in report.skipped if r.op_type in ops]
     why = (
-        "none could be changed (see the skipped nodes)"
+        f"none of the {'/'.join(ops)} could be changed, e.g. {handled[0].op_type} "
+        f"{handled[0].node!r}: {handled[0].detail}"
         if handled
         else f"{report.name} handles only {'/'.join(ops)}"
     )
