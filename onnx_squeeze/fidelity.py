@@ -56,9 +56,7 @@ __all__ = [
 
 IDENTICAL_DB = 200.0  # SQNR reported for an exact match (float32 rounding alone gives ~140 dB)
 SCORE_ACTIVE = 0.05  # a probability below this in both models is background: not judged
-# Floors of a channel's spread in ``channel_error``: a share of its mean square (a constant
-# channel's error counts against its size), and for score channels a spread of SCORE_ACTIVE (a
-# class that never fires does not count its harmless wiggles in millionths).
+# A channel's spread, in per-channel errors, is at least this share of its mean square.
 SPREAD_FLOOR = 1e-6
 _PROBABILITY_OPS = {"Sigmoid", "Softmax", "HardSigmoid"}
 # Ops that move or select values without changing them: a probability stays a probability.
@@ -297,24 +295,33 @@ class OutputAccumulator:
         self.sums["low"] = np.minimum(self.sums["low"], low)
         self.sums["high"] = np.maximum(self.sums["high"], high)
 
-    def channel_errors(self) -> np.ndarray:
-        """Per channel: squared error over the reference's spread about its mean (1 - R² of
-        the channel), so that a channel of scores in [0, 1] counts as much as one of pixel
-        coordinates. The spread is floored (see ``SPREAD_FLOOR``); channels whose reference is
-        zero throughout count 0, as in the per-channel SQNR; NaN where the models disagree on
-        non-finite values."""
+    def channel_spreads(self) -> np.ndarray:
+        """Per channel: the reference's variance about its mean (per value), floored at a
+        share ``SPREAD_FLOOR`` of its mean square (a constant channel's error counts against
+        its size) and, for score channels, at ``SCORE_ACTIVE``² (a class that never fires does
+        not count its harmless wiggles in millionths)."""
         s = self.sums
         if not s:
             return np.zeros(0)
         count = np.maximum(s["count"], 1.0)
-        spread = s["norm_a"] - np.square(s["sum_a"]) / count
-        floor = SPREAD_FLOOR * s["norm_a"]
+        variance = (s["norm_a"] - np.square(s["sum_a"]) / count) / count
+        floor = SPREAD_FLOOR * s["norm_a"] / count
         if self.probabilities:
             scores = (s["low"] >= 0.0) & (s["high"] <= 1.0)
-            floor = np.where(scores, np.maximum(floor, SCORE_ACTIVE**2 * count), floor)
-        spread = np.maximum(spread, floor)
+            floor = np.where(scores, np.maximum(floor, SCORE_ACTIVE**2), floor)
+        return np.maximum(variance, floor)
+
+    def channel_errors(self) -> np.ndarray:
+        """Per channel: mean squared error over the reference's spread (:meth:`channel_spreads`;
+        1 - R² of the channel), so that a channel of scores in [0, 1] counts as much as one of
+        pixel coordinates. Channels whose reference is zero throughout count 0, as in the
+        per-channel SQNR; NaN where the models disagree on non-finite values."""
+        s = self.sums
+        if not s:
+            return np.zeros(0)
+        scale = np.maximum(s["count"], 1.0) * self.channel_spreads()
         live = s["norm_a"] > 0
-        errors = np.where(live, s["noise"] / np.where(live, spread, 1.0), 0.0)
+        errors = np.where(live, s["noise"] / np.where(live, scale, 1.0), 0.0)
         return np.where(s["mismatched"] > 0, math.nan, errors)
 
     def result(self) -> OutputFidelity:

@@ -11,6 +11,7 @@ from onnx_squeeze import fidelity, runtime
 from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.least_squares import GramAccumulator
 from onnx_squeeze.passes.base import make_pass
+from onnx_squeeze.passes.finetune.data import output_spreads
 from onnx_squeeze.passes.prune_channels import PruneChannels
 from onnx_squeeze.records import PassContext
 from onnx_squeeze.shapes import resolve_input_shapes
@@ -124,3 +125,21 @@ def test_per_output_weights_change_only_what_is_judged():
     shares = (residual**2).sum(0) / ((y[0] - y[0].mean(0)) ** 2).sum(0)
     assert np.isclose(sums[True].relative_error(each), shares.mean())
     assert np.isclose(sums[False].relative_error(whole), shares[0], rtol=1e-3)
+
+
+def test_finetune_divides_each_channel_by_its_own_spread():
+    """Fine-tuning's loss weights: per channel of the axis fidelity judges (boxes ±100 and
+    scores in [0, 1] on axis 1), each channel's variance over all the records, a never-firing
+    score floored at SCORE_ACTIVE²."""
+    rng = np.random.default_rng(0)
+    records = []
+    for _ in range(3):
+        boxes = 100 * rng.standard_normal((4, 2, 50))
+        scores = np.concatenate([rng.uniform(0, 1, (4, 1, 50)), np.full((4, 1, 50), 1e-4)], 1)
+        records.append({"teacher:y": np.concatenate([boxes, scores], 1), "x": boxes})
+    spreads = output_spreads(records, {"y"})
+    assert list(spreads) == ["y"] and spreads["y"].axis == 1
+    stacked = np.concatenate([r["teacher:y"] for r in records])
+    expected = stacked.transpose(1, 0, 2).reshape(4, -1).var(axis=1)
+    expected[3] = fidelity.SCORE_ACTIVE**2
+    np.testing.assert_allclose(spreads["y"].variance, expected, rtol=1e-9)

@@ -10,8 +10,10 @@ rates ten times apart). The loss:
 
 - every float graph output of rank 2 (a classifier's logits) contributes the soft-target loss
   KL(teacher_T || student_T)·T² at temperature ``temperature``;
-- every other float output (feature maps, hidden states, detection heads) contributes its mean
-  squared error divided by the teacher output's variance, so outputs of any scale weigh alike;
+- every other float output (feature maps, hidden states, detection heads) contributes the mean
+  over its channels (along the axis fidelity judges it on) of each channel's mean squared error
+  divided by that channel's variance over the training data, so outputs and channels of any
+  scale weigh alike (a detector's scores as much as its pixel boxes);
 - when the calibration feeds carry labels under ``labels_key`` (a key that is not a model input:
   from a reader's ``get_next()``, or an array of that name in the ``.npz`` calibration files)
   and ``label_weight`` > 0, the cross-entropy of the first rank-2 output against them is added
@@ -20,10 +22,10 @@ rates ten times apart). The loss:
 Teacher outputs are computed once per calibration batch in onnxruntime and kept (only outputs,
 no activations); the calibration inputs read (``samples``) are held in memory as ``reconstruct``
 does. A share ``held_out`` of the batches is kept apart to measure fidelity in onnxruntime
-(worst cosine and worst relative squared error over the outputs) before and after; with
-``guard``, training that makes the error worse is undone. Quantized models are skipped (run
-finetune before quantization), and so is a model with an op the evaluator does not know, naming
-the node: the model is then left unchanged.
+(worst cosine and worst mean per-channel relative squared error over the outputs) before and
+after; with ``guard``, training that makes the error worse is undone. Quantized models are
+skipped (run finetune before quantization), and so is a model with an op the evaluator does not
+know, naming the node: the model is then left unchanged.
 
 Modules: :mod:`.data` (training records, held-out feeds), :mod:`.trainer` (the optimizer, the
 rate and its trial), :mod:`.torch_graph` (the evaluator).
@@ -265,7 +267,7 @@ class Finetune(Pass):
             report.notes.append(f"skipped: {mismatch}; the model is left unchanged")
             return
         batch = fixed_batch(model) or settings.batch_size
-        trainer = Trainer(graph, settings)
+        trainer = Trainer(graph, settings, data.spreads)
         cosine_before, error_before = data.held_out.fidelity(model)
         loss_before = trainer.mean_loss(data.records, batch)
         rate = settings.learning_rate

@@ -47,12 +47,37 @@ def model_inputs(model: ir.Model) -> list[str]:
     return [v.name for v in graph.inputs if v.name not in graph.initializers]
 
 
+@dataclasses.dataclass(frozen=True)
+class Spread:
+    """An output's channel axis (None: one channel) and each channel's variance over the
+    training data, floored as :meth:`fidelity.OutputAccumulator.channel_spreads` floors it: the
+    loss divides each channel's mean squared error by it, so scores beside pixel boxes count."""
+
+    axis: int | None
+    variance: np.ndarray
+
+
+def output_spreads(records: list[Feed], probabilities: set[str]) -> dict[str, Spread]:
+    """The :class:`Spread` of every float teacher output in ``records`` (one batch at a time)."""
+    names = [key[len(TARGET) :] for key in records[0] if key.startswith(TARGET)]
+    names = [n for n in names if np.issubdtype(records[0][TARGET + n].dtype, np.floating)]
+    found = fidelity.accumulators(names, {}, probabilities=probabilities)
+    for record in records:
+        for name, accumulator in found.items():
+            accumulator.add(record[TARGET + name], record[TARGET + name])
+    return {
+        name: Spread(acc.axis if isinstance(acc.axis, int) else None, acc.channel_spreads())
+        for name, acc in found.items()
+    }
+
+
 @dataclasses.dataclass
 class HeldOut:
     """Held-out feeds and the teacher's outputs on them, to measure the student's fidelity."""
 
     feeds: list[Feed]
     outputs: list[dict[str, np.ndarray]]
+    probabilities: set[str] = dataclasses.field(default_factory=set)
 
     @property
     def samples(self) -> int:
@@ -66,13 +91,15 @@ class HeldOut:
         ]
 
     def fidelity(self, student: ir.Model) -> tuple[float, float]:
-        """Worst cosine and worst relative squared error (Σ|s - t|² / Σ|t - mean t|²) over the
-        float outputs, in onnxruntime."""
+        """Worst cosine and worst relative squared error (the mean over an output's channels of
+        each one's Σ|s - t|² / Σ|t - mean t|², :func:`fidelity.channel_error`) over the float
+        outputs, in onnxruntime."""
         student_run = TensorRunner(student, list(self.outputs[0]))
-        measured = fidelity.measure(self.outputs, [student_run(feed) for feed in self.feeds])
+        results = [student_run(feed) for feed in self.feeds]
+        measured = fidelity.measure(self.outputs, results)
+        errors = fidelity.channel_error(self.outputs, results, probabilities=self.probabilities)
         cosines = [output.cosine for output in measured.values()]
-        errors = [output.relative_error for output in measured.values()]
-        return min(cosines, default=1.0), max(errors, default=0.0)
+        return min(cosines, default=1.0), max(errors.values(), default=0.0)
 
 
 @dataclasses.dataclass
@@ -82,6 +109,7 @@ class Data:
 
     records: list[Feed]
     held_out: HeldOut
+    spreads: dict[str, Spread]
 
     @property
     def samples(self) -> int:
@@ -148,8 +176,9 @@ def prepare_data(
             record[LABELS] = np.asarray(feed[settings.labels_key])
         records.append(record)
     held_feeds = [{name: feed[name] for name in inputs} for feed in held_out]
-    held = HeldOut(held_feeds, [teacher_run(feed) for feed in held_feeds])
-    return Data(_pool(records), held)
+    probabilities = fidelity.probability_outputs(teacher)
+    held = HeldOut(held_feeds, [teacher_run(feed) for feed in held_feeds], probabilities)
+    return Data(_pool(records), held, output_spreads(records, probabilities))
 
 
 def fixed_batch(model: ir.Model) -> int | None:

@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from onnx_squeeze.passes.finetune.data import LABELS, TARGET, Data, Feed, chunks, samples_in
+from onnx_squeeze.passes.finetune.data import (
+    LABELS,
+    TARGET,
+    Data,
+    Feed,
+    Spread,
+    chunks,
+    samples_in,
+)
 
 if TYPE_CHECKING:
     from onnx_squeeze.passes.finetune import FinetuneSettings
@@ -38,12 +46,13 @@ class Trainer:
     Each training run warms the rate up over its first tenth, then decays it (one cycle): a
     peak high enough to move a heavily pruned student, an end low enough to settle."""
 
-    def __init__(self, graph: Any, settings: FinetuneSettings) -> None:
+    def __init__(self, graph: Any, settings: FinetuneSettings, spreads: dict[str, Spread]) -> None:
         import torch
 
         self.torch = torch
         self.graph = graph
         self.settings = settings
+        self.spreads = spreads
         self.parameters = list(graph.parameters.values())
 
     def loss(self, record: Feed) -> Any:
@@ -64,13 +73,22 @@ class Trainer:
                 total = total + divergence * t * t
                 classifier = classifier or name
             else:
-                spread = teacher.var(unbiased=False).clamp_min(1e-12)
-                total = total + functional.mse_loss(student, teacher) / spread
+                total = total + self.channel_loss(student, teacher, self.spreads[name])
         if LABELS in record and classifier is not None:
             labels = self.torch.from_numpy(record[LABELS]).long()
             cross_entropy = functional.cross_entropy(outputs[classifier], labels)
             total = total + self.settings.label_weight * cross_entropy
         return total
+
+    def channel_loss(self, student: Any, teacher: Any, spread: Spread) -> Any:
+        """Mean over the output's channels of each one's mean squared error over its spread."""
+        squared = (student - teacher).square()
+        if spread.axis is None:
+            rows = squared.reshape(1, -1)
+        else:
+            rows = squared.movedim(spread.axis, 0).reshape(spread.variance.size, -1)
+        variance = self.torch.from_numpy(spread.variance).to(student.dtype)
+        return (rows.mean(dim=1) / variance).mean()
 
     def mean_loss(self, records: list[Feed], batch: int) -> float:
         """The loss over every sample of ``records`` (weighted by chunk size), without
