@@ -122,18 +122,23 @@ class Recipe:
 
     @classmethod
     def from_cli(cls, items: Iterable[str]) -> Recipe:
-        """Steps from ``--pass NAME[:key=value,key=value]`` flags; values parsed as YAML scalars."""
+        """Steps from ``--pass NAME[:key=value,key=value]`` flags.
+
+        Values are YAML scalars (``0.3``, ``true``, ``mse``); a list is ``[a,b]``; a value
+        YAML cannot read (a glob such as ``*stft*``) is taken as the text written.
+        """
         steps = []
         for item in items:
             name, _, settings_text = item.partition(":")
             settings: dict[str, Any] = {}
-            for pair in filter(None, settings_text.split(",")):
+            for pair in _split_top_level(settings_text):
                 key, sep, value = pair.partition("=")
-                if not sep:
+                if not sep or not key.strip():
                     raise SettingsError(
-                        f"--pass {item!r}: write settings as key=value, e.g. {name}:ratio=0.3"
+                        f"--pass {item!r}: write settings as key=value, e.g. {name}:ratio=0.3 "
+                        "(a list as key=[a,b])"
                     )
-                settings[key.strip()] = yaml.safe_load(value)
+                settings[key.strip()] = _cli_value(value.strip())
             steps.append(Step(name.strip(), settings))
         return cls(steps=steps)
 
@@ -142,6 +147,40 @@ class Recipe:
             "prepare": dict(self.prepare),
             "passes": [{"pass": s.name, **s.settings} for s in self.steps],
         }
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``text`` cut at the commas outside brackets and quotes, empty pieces dropped."""
+    pieces, depth, quote, current = [], 0, "", []
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth <= 0:
+            pieces.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    pieces.append("".join(current))
+    return [piece for piece in pieces if piece.strip()]
+
+
+def _cli_value(text: str) -> Any:
+    """One ``--pass`` value: a YAML scalar, a ``[a,b]`` list of them, or the text itself."""
+    if text.startswith("[") and text.endswith("]"):
+        return [_cli_value(piece.strip()) for piece in _split_top_level(text[1:-1])]
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if isinstance(value, dict) else value  # 'a: b' is text, not a mapping
 
 
 def _parse_step(item: Any, where: str) -> Step:

@@ -121,3 +121,27 @@ def test_speed_presets_remove_macs_and_stay_close(preset, model):
             np.linalg.norm(expected) * np.linalg.norm(actual)
         )
         assert cosine > 0.7, cosine
+
+
+@pytest.mark.parametrize(
+    ("text", "settings"),
+    [
+        (
+            "quantize_int8:exclude=[fc1,fc2],method=minmax",
+            {"exclude": ["fc1", "fc2"], "method": "minmax"},
+        ),
+        ("prune_weights:exclude=*stft*", {"exclude": "*stft*"}),  # YAML: * starts an alias
+        (
+            'prune_weights:include=["layer*.conv1", "*fc*"],ratio=0.3',
+            {"include": ["layer*.conv1", "*fc*"], "ratio": 0.3},
+        ),
+        ("prune_weights:include=[*conv*, 'a,b']", {"include": ["*conv*", "a,b"]}),
+        ("prune_weights:exclude=[]", {"exclude": []}),
+    ],
+)
+def test_cli_lists_and_globs(text, settings):
+    """--pass takes lists (exclude=[a,b]) and unquoted globs; before, a comma inside a list cut
+    the setting in two and '*stft*' was an internal error (exit 2)."""
+    recipe = Recipe.from_cli([text])
+    assert recipe.steps[0].settings == settings
+    recipe.passes()  # the pass takes them

@@ -130,7 +130,7 @@ def test_a_pass_that_does_not_reach_subgraph_layers_warns(tmp_path):
     source.write_bytes(proto.SerializeToString())
     import onnx_squeeze as sq
 
-    recipe = sq.Recipe.from_cli(["prune_weights:ratio=0.5"])
+    recipe = sq.Recipe.from_cli(["prune_channels:ratio=0.5"])
     result = sq.compress(str(source), recipe, runs=1)
     assert any("weight layers sit inside If/Loop/Scan bodies" in w for w in result.warnings)
 
