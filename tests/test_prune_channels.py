@@ -10,12 +10,14 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnx_squeeze import analysis, latency_search, runtime, zoo
 from onnx_squeeze.calibration import RandomSource, StatisticsCollector
-from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.errors import SettingsError, ShapeUnknownError
 from onnx_squeeze.graph_utils import constant_array
 from onnx_squeeze.passes.prune_channels import PruneChannels, layer_times
 from onnx_squeeze.passes.prune_channels.rewrite import kept_channels
 from onnx_squeeze.passes.prune_channels.sensitivity import Sensitivity
 from onnx_squeeze.passes.prune_channels.trace import build_groups
+from onnx_squeeze.pipeline import compress
+from onnx_squeeze.recipe import Recipe
 from onnx_squeeze.records import PassContext
 from onnx_squeeze.shapes import resolve_input_shapes
 from tests.helpers import assert_same_outputs, check, random_feeds, run
@@ -417,3 +419,29 @@ def test_removing_zero_head_channels_is_lossless(prepared: bool):
         weights[f"{prefix}.key.weight"].shape == weights[f"{prefix}.value.weight"].shape == (32, 16)
     )
     assert weights["encoder.layer.0.attention.output.dense.weight"].shape == (16, 32)
+
+
+SYMBOLIC_SPATIAL = """
+g (float[N, 8, H, W] x, float[32, 8, 3, 3] wa, float[4, 32, 1, 1] wc) => (float[N, 4, H, W] y) {
+    a = Conv <pads = [1, 1, 1, 1]> (x, wa)
+    ra = Relu (a)
+    y = Conv (ra, wc)
+}
+"""
+
+
+def test_macs_are_counted_at_the_datas_shapes_never_at_invented_ones(tmp_path):
+    """A MACs target on a model with symbolic height and width: MACs are those of the
+    calibration data's 12×10 maps; with no data and no --shape the pass stops and says so."""
+    model = graph_model(SYMBOLIC_SPATIAL)
+    for node in model.graph:
+        node.name = node.outputs[0].name
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((5, 8, 12, 10)).astype(np.float32))
+    recipe = Recipe.from_cli(["prune_channels:macs_target=0.3,allocation=uniform"])
+    result = compress(model, recipe, calibration=str(tmp_path / "calib.npz"), runs=1)
+    records = {r.node: r for r in result.reports[-1].records if r.action == "pruned"}
+    assert records["a"].macs_before == 32 * 8 * 9 * 12 * 10
+    assert records["y"].macs_before == 4 * 32 * 12 * 10
+    with pytest.raises(ShapeUnknownError, match="never guessed"):
+        PruneChannels(macs_target=0.3, allocation="uniform")(model.clone(), PassContext())
