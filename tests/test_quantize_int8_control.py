@@ -322,6 +322,14 @@ def test_accuracy_control_measures_nothing_more_when_the_gate_holds():
     assert not report.skipped
 
 
+def test_a_target_no_output_has_leaves_every_layer_quantized():
+    model = chain_model()  # no Sigmoid/Softmax output: no score channels
+    source = RandomSource(runtime.input_specs(model), 8, seed=0, batch_size=2)
+    _, report = quantize(model, source, target="score_cosine>=0.99")
+    assert any("no output of this model has score_cosine" in note for note in report.notes)
+    assert not report.skipped and len(report.changed) == _LAYERS
+
+
 def test_a_target_that_quantization_cannot_measure_is_refused():
     with pytest.raises(SettingsError, match="latency_ratio cannot be measured"):
         make_pass("quantize_int8", {"target": "latency_ratio<=0.5"})

@@ -102,12 +102,21 @@ class _Measure:
         self.runs = 0
 
     def __call__(self, floated: Sequence[str], on: str = "search") -> float:
+        """The metric with the ``floated`` anchors in float (NaN where no output has it)."""
         self.runs += 1
         left = set(floated)
         chosen = [node for node in self.anchors if node.name not in left]
         result = _outputs(self.quantized_copy(chosen), self.feeds[on], self.context)
         measured = fidelity.measure(self.reference[on], result, probabilities=self.probabilities)
-        return metric_of(measured, self.gate.metric)
+        value = metric_of(measured, self.gate.metric)
+        return math.nan if value is None else value
+
+    def measurable(self) -> bool:
+        """Whether some output of the model has the gate's metric (float outputs, a classifier
+        for top-1, probabilities for score_cosine ...)."""
+        reference = self.reference["check"]
+        measured = fidelity.measure(reference, reference, probabilities=self.probabilities)
+        return metric_of(measured, self.gate.metric) is not None
 
     def gap(self, value: float) -> float:
         """How far ``value`` is from passing the gate (0 when it passes; NaN is infinitely
@@ -153,6 +162,12 @@ def keep_harmful_float(
     data = f"{len(measure.feeds['check'])} calibration batches"
     if context.data.is_random:
         data += f" of RANDOM data ({context.data.label})"
+    if not measure.measurable():
+        report.notes.append(
+            f"accuracy control: no output of this model has {gate.metric}; every layer stays "
+            "quantized"
+        )
+        return anchors
     before = current = measure([], on="check")
     if gate.passes(before):
         report.notes.append(
@@ -220,18 +235,18 @@ def _most_harmful(candidates: list[ir.Node], floated: list[str], measure: _Measu
     return group[0]
 
 
-def metric_of(measured: Mapping[str, fidelity.OutputFidelity], metric: str) -> float:
+def metric_of(measured: Mapping[str, fidelity.OutputFidelity], metric: str) -> float | None:
     """One gate metric over a measurement's outputs (worst output), as comparisons give it;
-    NaN where no output has it."""
-    results = list(measured.values())
+    None where no output has it."""
     worst_high = ("max_abs_error", "mean_abs_error")
     attribute = {"max_abs_error": "max_abs", "mean_abs_error": "mean_abs"}.get(metric, metric)
-    values = [getattr(r, attribute) for r in results if getattr(r, attribute) is not None]
+    values = [getattr(r, attribute) for r in measured.values()]
+    values = [float(v) for v in values if v is not None]
     if not values:
+        return None
+    if any(math.isnan(v) for v in values):
         return math.nan
-    if any(isinstance(v, float) and math.isnan(v) for v in values):
-        return math.nan
-    return float(max(values) if metric in worst_high else min(values))
+    return max(values) if metric in worst_high else min(values)
 
 
 def _outputs(model: ir.Model, feeds: Sequence[Feed], context: PassContext) -> list[Feed]:
