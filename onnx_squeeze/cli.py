@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import onnx_ir as ir
 from rich.console import Console
 
-from onnx_squeeze import __version__, model_io, report, runtime, shortcuts, verdict
+from onnx_squeeze import __version__, model_io, report, runtime, scratch, shortcuts, verdict
 from onnx_squeeze.calibration.constants import parse_settings
 from onnx_squeeze.errors import GateFailedError, SettingsError, SqueezeError
 
@@ -192,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the output even when a --check gate fails",
     )
     compress.add_argument(
-        "--external-data", action="store_true", help="store weights in OUT.data beside the model"
+        "--external-data",
+        action="store_true",
+        help="store weights in a data file beside the model (OUT.<token>.data: model and data are replaced together)",
     )
     compress.add_argument("--seed", type=int, default=0)
     shortcuts.add_arguments(compress)
@@ -463,8 +464,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Build ResNet-18, save it, then run compress on it exactly as a user would."""
     from onnx_squeeze import zoo
 
-    with tempfile.TemporaryDirectory(prefix="onnx-squeeze-demo-") as scratch:
-        folder = Path(args.out or scratch)
+    with scratch.folder("demo") as temporary:
+        folder = Path(args.out or temporary)
         folder.mkdir(parents=True, exist_ok=True)
         original = folder / "resnet18.onnx"
         console.print(
@@ -512,6 +513,9 @@ COMMANDS = {
 def run(argv: Sequence[str]) -> int:
     """Parse and run a command; map errors to exit codes with one-line messages."""
     debug = "--debug" in argv
+    if debug:
+        runtime.show_onnxruntime_log()
+    scratch.sweep()  # temporary folders of runs that were killed
     try:
         args = build_parser().parse_args(list(argv))
         return COMMANDS[args.command](args)

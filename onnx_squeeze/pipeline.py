@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_squeeze import gates, model_io, report, validation, verdict
+from onnx_squeeze import gates, model_io, report, scratch, validation, verdict
 from onnx_squeeze.calibration import (
     HOLDOUT_EVERY,
     CalibrationSource,
@@ -389,7 +388,7 @@ def checker_problem(model: ir.Model) -> str | None:
     copy of them (a ResNet-50 in memory peaked 200 MB higher) and models over 2 GB are checked
     too.
     """
-    with tempfile.TemporaryDirectory(prefix="onnx-squeeze-", ignore_cleanup_errors=True) as folder:
+    with scratch.folder("check") as folder:
         path = os.path.join(folder, "checked.onnx")
         ir.save(model, path, external_data="checked.onnx.data")
         try:

@@ -39,6 +39,14 @@ ModelLike = ir.Model | onnx.ModelProto | str | os.PathLike
 LOG_SEVERITY = 4 if not os.environ.get("ONNX_SQUEEZE_DEBUG") else 2
 ort.set_default_logger_severity(LOG_SEVERITY)
 
+
+def show_onnxruntime_log() -> None:
+    """Let onnxruntime's warnings and errors through (``--debug``)."""
+    global LOG_SEVERITY
+    LOG_SEVERITY = 2
+    ort.set_default_logger_severity(LOG_SEVERITY)
+
+
 # Seconds one run of a model may take before it is stopped (a Loop with 2**40 trips ran until
 # killed). Far above any real model's run on a CPU; set ONNX_SQUEEZE_RUN_TIMEOUT to change it.
 RUN_TIMEOUT_S = float(os.environ.get("ONNX_SQUEEZE_RUN_TIMEOUT", 600))
