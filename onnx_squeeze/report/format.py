@@ -99,7 +99,9 @@ def fidelity_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def shapes_line(comparison: dict[str, Any]) -> str:
     shapes = comparison.get("input_shapes") or {}
-    return ", ".join(f"{name} {'×'.join(map(str, dims))}" for name, dims in shapes.items())
+    return ", ".join(
+        f"{name} {'×'.join(map(str, dims)) if dims else 'scalar'}" for name, dims in shapes.items()
+    )
 
 
 def gate_label(gate: dict[str, Any]) -> str:
