@@ -21,9 +21,10 @@ Two rules keep outputs intact (a detector's decode head is the case they are for
   and scores) and a classifier's Softmax.
 - A Concat whose inputs' calibrated ranges differ by more than ``concat_range_ratio`` stays
   float, its inputs dequantized: one shared scale would cost the narrow input
-  ``20·log10(ratio)`` dB, crushing scores beside pixel coordinates. The ranges are known only
-  after calibration, so the plan is made twice: without them (which tensors to calibrate),
-  then with them (what to quantize).
+  ``20·log10(ratio)`` dB, crushing scores beside pixel coordinates (unless a weight layer
+  reads the Concat directly: its quantized input is one scale anyway). The ranges are known
+  only after calibration, so the plan is made twice: without them (which tensors to
+  calibrate), then with them (what to quantize).
 """
 
 from __future__ import annotations
@@ -189,7 +190,8 @@ def make_plan(
             tail.update(id(v) for v in node.outputs)
             continue
         ratio = _width_ratio(node, widths)
-        if ratio > concat_range_ratio:
+        # (a Concat read by an anchor gets the one scale at that anchor's input anyway)
+        if ratio > concat_range_ratio and node.outputs[0].name not in tensors:
             plan.float_concats.append((node, ratio))
             continue
         if _plan_follower(node, outputs, tensors, classes, want, symmetric):
