@@ -39,11 +39,12 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnx_squeeze.analysis import ModelSummary, analyze
+from onnx_squeeze.analysis import MAC_OPS, ModelSummary, NodeCost, analyze
 from onnx_squeeze.calibration.random_data import random_source
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.fidelity import OutputFidelity, accumulators, probability_outputs
 from onnx_squeeze.progress import track
+from onnx_squeeze.records import SOURCE_NODE_KEY
 from onnx_squeeze.runtime import create_session, resolve_provider
 from onnx_squeeze.shapes import concrete_input_shapes, feed_shapes
 
@@ -297,6 +298,7 @@ class Latency:
     mean_ms: float
     runs: int
     min_ms: float = 0.0
+    times_ms: list[float] = dataclasses.field(default_factory=list)  # every timed run, in order
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -382,6 +384,7 @@ def _latency(provider: str, threads: int | None, samples: Sequence[float]) -> La
         mean_ms=float(values.mean()),
         runs=len(values),
         min_ms=float(values.min()),
+        times_ms=[float(v) for v in values],
     )
 
 
@@ -413,6 +416,7 @@ class Comparison:
     skipped: list[str] = dataclasses.field(default_factory=list)
     fidelity_provider: str = "cpu"
     input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics for accuracy gates (see :mod:`onnx_squeeze.gates`).
@@ -480,6 +484,7 @@ class Comparison:
             "models": models,
             "skipped": list(self.skipped),
             "metrics": self.metrics(),
+            "layers": [dict(layer) for layer in self.layers],
         }
 
 
@@ -608,7 +613,38 @@ def compare(
         skipped=_unique(skipped),
         fidelity_provider=fidelity_provider,
         input_shapes={name: list(shape) for name, shape in input_shapes.items()},
+        layers=layer_costs(summary_a, summary_b, loaded_b.model),
     )
+
+
+def layer_costs(a: ModelSummary, b: ModelSummary, model_b: ir.Model) -> list[dict[str, Any]]:
+    """Parameters and MACs of every weight layer of A beside B's: ``{node, op_type, params: [a,
+    b], macs: [a, b]}``. B's figures are those of its node of the same name plus every node a
+    pass made from it (``records.SOURCE_NODE_KEY``: the two factors of a low-rank layer); None
+    where B has no such node (a pass renamed it without saying where it came from)."""
+    sources = {
+        node.name: node.metadata_props.get(SOURCE_NODE_KEY)
+        for node in ir.traversal.RecursiveGraphIterator(model_b.graph)
+        if node.name
+    }
+    in_b: dict[str, list[NodeCost]] = {}
+    for cost in b.nodes:
+        for key in {cost.name, sources.get(cost.name)} - {None}:
+            in_b.setdefault(key, []).append(cost)
+    layers = []
+    for cost in a.nodes:
+        if cost.weight is None or cost.op_type not in MAC_OPS:
+            continue
+        matched = in_b.get(cost.name)
+        layers.append(
+            {
+                "node": cost.name,
+                "op_type": cost.op_type,
+                "params": [cost.params, sum(c.params for c in matched) if matched else None],
+                "macs": [cost.macs, sum(c.macs for c in matched) if matched else None],
+            }
+        )
+    return layers
 
 
 def _unique(items: Iterable[str]) -> list[str]:
