@@ -1,0 +1,317 @@
+"""The search: Optuna's TPE over the space, each candidate ranked on a subset of the
+evaluation data and only the best ``1/eta`` judged on all of it (successive halving), then a
+bisection on the pruning fraction of the best candidate (the smallest fraction that meets the
+targets). Quantization's own accuracy control (INT8 ``target``) sends the layers that hurt the
+metric most back to float inside each trial.
+
+Every trial goes through the store first, and TPE is seeded, so a rerun after a crash asks for
+the same candidates in the same order and finds the finished ones there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from onnx_squeeze import model_io
+from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.recipe import Recipe
+from onnx_squeeze.tune import results as results_module
+from onnx_squeeze.tune.executors import Executor, make_executor
+from onnx_squeeze.tune.space import Space, build_space, family_of, recipe_for
+from onnx_squeeze.tune.store import Store
+from onnx_squeeze.tune.targets import Budget, Target, distance
+
+FULL, SUBSET, BISECT, REFERENCE = "full", "subset", "bisect", "reference"
+
+
+@dataclasses.dataclass
+class Trial:
+    """One candidate as run: its number, stage, parameters, recipe, where its model is, and
+    what it measured (``result``)."""
+
+    number: int
+    stage: str
+    params: dict[str, Any]
+    recipe: Recipe
+    key: str
+    result: dict[str, Any]
+    cached: bool
+    model_path: str
+
+    @property
+    def ok(self) -> bool:
+        return self.result.get("status") == "ok"
+
+    @property
+    def metrics(self) -> dict[str, float] | None:
+        return self.result.get("metrics") if self.ok else None
+
+    @property
+    def value(self) -> float | None:
+        return self.result.get("value") if self.ok else None
+
+
+@dataclasses.dataclass
+class Search:
+    """What a search needs besides the space: the targets, the budget, the store, where trials
+    run, and the jobs' common part."""
+
+    targets: list[Target]
+    budget: Budget
+    store: Store
+    executor: Executor
+    base_job: dict[str, Any]
+    gate: str | None
+    echo: Callable[[str], None]
+    trials: list[Trial] = dataclasses.field(default_factory=list)
+    executed: int = 0
+    floor: float = math.nan
+    scale: float = 1.0
+
+    def run(
+        self, points: Sequence[tuple[str, dict[str, Any]]], limit: int | None = None
+    ) -> list[Trial]:
+        """Run (or find in the store) one trial per (stage, params)."""
+        jobs, keys, pending = [], [], []
+        for stage, params in points:
+            job = dict(self.base_job, recipe=recipe_for(params, self.gate).to_dict())
+            if stage == SUBSET:
+                job["eval_limit"] = limit
+            if stage == REFERENCE:
+                job["reference"] = True
+            key = self.store.key(job)
+            job["folder"] = os.fspath(self.store.folder(key))
+            jobs.append(job)
+            keys.append(key)
+            if self.store.get(key) is None:
+                pending.append(job)
+        fresh = dict(
+            zip((job["folder"] for job in pending), self.executor.run(pending), strict=True)
+        )
+        self.executed += len(pending)
+        made = []
+        for (stage, params), job, key in zip(points, jobs, keys, strict=True):
+            result = fresh.get(job["folder"])
+            if result is not None:
+                self.store.put(key, result)
+            trial = Trial(
+                number=len(self.trials),
+                stage=stage,
+                params=dict(params),
+                recipe=Recipe.from_dict(job["recipe"]),
+                key=key,
+                result=result if result is not None else self.store.get(key) or {},
+                cached=result is None,
+                model_path=os.fspath(self.store.model_path(key)),
+            )
+            self.trials.append(trial)
+            made.append(trial)
+            self.echo(results_module.trial_line(trial, self))
+        return made
+
+    def distance(self, trial: Trial) -> tuple[float, float]:
+        return distance(trial.metrics, trial.value, self.targets, self.floor, self.scale)
+
+    def objective(self, trial: Trial) -> float:
+        """What TPE minimizes: how far the targets and the budget are missed, or, once both
+        hold, minus the metric's margin above the floor."""
+        missed, below = self.distance(trial)
+        if missed + below > 0:
+            return min(missed + below, 1e6)
+        assert trial.value is not None
+        return -(trial.value - self.floor) / self.scale
+
+    def meets(self, trial: Trial) -> bool:
+        return self.distance(trial) == (0.0, 0.0)
+
+
+def _bisect(search: Search, space: Space, best: Trial, steps: int) -> None:
+    """The smallest pruning fraction, the other parameters as ``best``'s, at which the targets
+    are met (or the budget broken): the fraction where the budget is just spent."""
+    param = space.param("prune")
+    if param is None or steps <= 0:
+        return
+    same = [
+        t
+        for t in search.trials
+        if t.stage in (FULL, BISECT)
+        and t.ok
+        and {k: v for k, v in t.params.items() if k != "prune"}
+        == {k: v for k, v in best.params.items() if k != "prune"}
+    ]
+
+    def settled(trial: Trial) -> bool:  # targets met, or budget broken: no higher fraction
+        missed, below = search.distance(trial)
+        return missed == 0 or below > 0
+
+    lows = [t.params.get("prune", 0.0) for t in same if not settled(t)]
+    highs = [t.params.get("prune", 0.0) for t in same if settled(t)]
+    low = max(lows, default=param.low)
+    high = min((h for h in highs if h > low), default=param.high)
+    for _ in range(steps):
+        middle = round(round((low + high) / 2 / param.step) * param.step, 4)
+        if not low < middle < high:
+            break
+        (trial,) = search.run([(BISECT, {**best.params, "prune": middle})])
+        if trial.ok and not settled(trial):
+            low = middle
+        else:
+            high = middle
+
+
+def tune(
+    model: model_io.ModelSource,
+    output: str | os.PathLike | None,
+    *,
+    targets: Sequence[Target],
+    budget: Budget,
+    calibration: Any,
+    evaluation: Any = None,
+    trials: int = 20,
+    time_budget: float | None = None,
+    executor: str | Executor = "local",
+    ray_address: str | None = None,
+    jobs: int = 1,
+    trial_timeout: float | None = None,
+    work_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    family: str | None = None,
+    space: Space | None = None,
+    finetune: bool = False,
+    subset: float = 0.25,
+    eta: int = 3,
+    bisect_steps: int = 3,
+    providers: Sequence[str] = ("cpu",),
+    threads: Sequence[int] = (1,),
+    runs: int = 10,
+    batch: int | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    default_dim: int | None = None,
+    constants: Mapping[str, Any] | None = None,
+    preset: str = "imagenet",
+    calibration_samples: int = 32,
+    samples: int = 8,
+    seed: int = 0,
+    echo: Callable[[str], None] = print,
+) -> results_module.TuneResult:
+    """Search recipes for one that meets every target (``latency=0.5``: half the original's
+    time here) within the accuracy ``budget``; write it to ``output``.
+
+    ``calibration`` is required (``"random"`` only when asked for, and said so); without
+    ``evaluation`` every 5th calibration batch is held out, as in ``compress``. Trials and
+    their models are kept in ``work_dir`` (default ``OUTPUT.tune/``) under content hashes:
+    a rerun, or ``resume`` after a crash or Ctrl-C, skips the finished ones. Returns the
+    chosen trial (the best that meets everything, else the closest), all trials and the
+    Pareto front; nothing is written to ``output`` when no trial meets everything.
+    """
+    if calibration is None:
+        raise SettingsError(
+            "tune needs calibration data: --calib DATA (and --eval HELD_OUT); random inputs "
+            "only when asked for: --calib random"
+        )
+    if evaluation is None and budget.metric == "top1":
+        raise SettingsError("--metric top1 needs --eval DATA.npz holding a 'labels' array")
+    if not isinstance(model, str | os.PathLike):
+        raise SettingsError("tune reads the model from a file: pass its path (or zoo:NAME)")
+    source = os.fspath(model)
+    original = model_io.load(source)
+    work = Path(work_dir) if work_dir else Path(os.fspath(output or source) + ".tune")
+    if resume and not (work / "trials").is_dir():
+        raise SettingsError(f"--resume: no earlier search in {work}; run without --resume")
+    space = space or build_space(family or family_of(original), providers, finetune)
+    for line in space.describe():
+        echo(line)
+    runner = (
+        executor
+        if not isinstance(executor, str)
+        else make_executor(executor, jobs=jobs, address=ray_address, timeout=trial_timeout)
+    )
+    base_job = {
+        "model": source,
+        "calibration": os.fspath(calibration)
+        if isinstance(calibration, os.PathLike)
+        else calibration,
+        "evaluation": os.fspath(evaluation) if isinstance(evaluation, os.PathLike) else evaluation,
+        "metric": budget.metric,
+        "run": {
+            "providers": list(providers),
+            "threads": list(threads),
+            "runs": runs,
+            "batch": batch,
+            "shapes": {k: list(v) for k, v in shapes.items()} if shapes else None,
+            "default_dim": default_dim,
+            "constants": dict(constants) if constants else None,
+            "preset": preset,
+            "calibration_samples": calibration_samples,
+            "samples": samples,
+            "seed": seed,
+        },
+    }
+    search = Search(list(targets), budget, Store(work), runner, base_job, budget.gate, echo)
+    start = time.monotonic()
+    (reference,) = search.run([(REFERENCE, {})])
+    if not reference.ok:
+        raise SettingsError(
+            f"the original model cannot be measured: {reference.result.get('error')}"
+        )
+    baseline = float(reference.value)  # type: ignore[arg-type]
+    search.floor = budget.floor(baseline)
+    search.scale = max(abs(baseline - search.floor), 1e-3 * abs(baseline), 1e-6)
+    echo(f"original {budget.metric} = {baseline:.4g}; budget {budget}: floor {search.floor:.4g}")
+
+    limit = _subset_samples(search, original, evaluation, subset)
+    stage = SUBSET if limit else FULL
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+    )
+
+    def out_of_time() -> bool:
+        return time_budget is not None and time.monotonic() - start > time_budget
+
+    drawn = 0
+    while drawn < trials and not out_of_time():
+        asked = [study.ask() for _ in range(min(max(1, jobs), trials - drawn))]
+        points = [space.draw(ask) for ask in asked]
+        for ask, trial in zip(asked, search.run([(stage, p) for p in points], limit), strict=True):
+            study.tell(ask, search.objective(trial))
+        drawn += len(asked)
+    if stage == SUBSET:  # successive halving: the best 1/eta ranked on the subset, on all data
+        ranked = sorted(
+            (t for t in search.trials if t.stage == SUBSET and t.ok), key=search.objective
+        )
+        keep = ranked[: max(1, math.ceil(len(ranked) / eta))]
+        search.run([(FULL, t.params) for t in keep])
+    judged = [t for t in search.trials if t.stage in (FULL, BISECT) and t.ok]
+    if judged and not out_of_time():
+        _bisect(search, space, min(judged, key=search.objective), bisect_steps)
+    return results_module.finish(
+        search,
+        reference=reference,
+        output=output,
+        work=work,
+        seconds=time.monotonic() - start,
+        where=getattr(runner, "where", "this machine"),
+        echo=echo,
+    )
+
+
+def _subset_samples(search: Search, original: Any, evaluation: Any, subset: float) -> int | None:
+    """Samples of the evaluation data candidates are ranked on (None: rank on all of it:
+    no separate evaluation file, or too little data to split)."""
+    if evaluation is None or not 0 < subset < 1 or not isinstance(evaluation, str):
+        return None
+    from onnx_squeeze.tune.trial import opener
+
+    total = getattr(opener(search.base_job, None)(evaluation, original), "samples", None)
+    if not total or total * subset < 2:
+        return None
+    return max(2, int(total * subset))

@@ -1,0 +1,154 @@
+"""Search spaces: which passes and settings a search may combine, per model family, and how one
+point of a space becomes a recipe.
+
+A space is a list of parameters drawn by Optuna (define-by-run: a parameter that only matters
+when another is set, such as the INT8 method, is drawn only then). ``prune`` is the fraction
+the search bisects on (:mod:`onnx_squeeze.tune.search`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.recipe import Recipe, Step
+from onnx_squeeze.shortcuts import PASS_ORDER
+
+FAMILIES = ("cnn", "detector", "transformer")
+GPU_PROVIDERS = ("cuda", "tensorrt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One dimension: a float in [low, high] on a grid of ``step``, or one of ``choices``;
+    drawn only when ``when`` (parameter -> values it must have) holds."""
+
+    name: str
+    choices: tuple[Any, ...] = ()
+    low: float = 0.0
+    high: float = 0.0
+    step: float = 0.05
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def active(self, params: Mapping[str, Any]) -> bool:
+        return all(params.get(name) in values for name, values in self.when)
+
+    def describe(self) -> str:
+        values = (
+            "{" + ", ".join(map(str, self.choices)) + "}"
+            if self.choices
+            else f"[{self.low:g}, {self.high:g}] step {self.step:g}"
+        )
+        condition = " and ".join(f"{n} in {{{', '.join(map(str, v))}}}" for n, v in self.when)
+        return f"{self.name} {values}" + (f"  (when {condition})" if condition else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    family: str
+    params: tuple[Param, ...]
+
+    def draw(self, suggest: Any) -> dict[str, Any]:
+        """A point: ``suggest`` is an Optuna trial (``suggest_float``/``suggest_categorical``)."""
+        params: dict[str, Any] = {}
+        for param in self.params:
+            if not param.active(params):
+                continue
+            if param.choices:
+                params[param.name] = suggest.suggest_categorical(param.name, list(param.choices))
+            else:
+                params[param.name] = round(
+                    suggest.suggest_float(param.name, param.low, param.high, step=param.step), 4
+                )
+        return params
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def describe(self) -> list[str]:
+        return [f"search space ({self.family}):", *(f"  {p.describe()}" for p in self.params)]
+
+
+def family_of(model: ir.Model) -> str:
+    """cnn, detector (convolutions, outputs that are not one score per class) or transformer
+    (matrix products, no convolutions: MLPs too)."""
+    ops = Counter(node.op_type for node in model.graph)
+    convs = ops["Conv"] + ops["ConvTranspose"]
+    if convs >= ops["MatMul"] + ops["Gemm"]:
+        outputs = [len(o.shape) if o.shape is not None else 0 for o in model.graph.outputs]
+        return "detector" if any(rank != 2 for rank in outputs) else "cnn"
+    return "transformer"
+
+
+def build_space(family: str, providers: Sequence[str] = ("cpu",), finetune: bool = False) -> Space:
+    """The preset space of a family; FP16 joins where the first provider is a GPU's,
+    fine-tuning (PyTorch) when asked."""
+    if family not in FAMILIES:
+        raise SettingsError(f"unknown model family {family!r}: use one of {', '.join(FAMILIES)}")
+    gpu = bool(providers) and providers[0] in GPU_PROVIDERS
+    structural = family != "transformer"
+    quantizers = ("none", "int8") if structural else ("none", "int8", "int8_dynamic", "int4")
+    if gpu:
+        quantizers += ("fp16",)
+    prune_high = {"cnn": 0.7, "detector": 0.5, "transformer": 0.5}[family]
+    pruned = tuple(round(x * 0.05, 2) for x in range(1, int(prune_high / 0.05) + 1))
+    params = [Param("prune", low=0.0, high=prune_high)]
+    if structural:
+        params += [
+            Param("steer", ("macs", "latency"), when=(("prune", pruned),)),
+            Param(
+                "criterion", ("l1", "l2", "activation", "reconstruction"), when=(("prune", pruned),)
+            ),
+        ]
+    else:
+        params.append(Param("low_rank", low=0.0, high=0.5))
+    params.append(Param("recover", (True, False)))
+    if finetune:
+        params.append(Param("finetune", (0, 100, 300)))
+    params += [
+        Param("quantize", quantizers),
+        Param("int8_method", ("mse", "percentile", "minmax"), when=(("quantize", ("int8",)),)),
+        Param("speed_check", (False, True), when=(("quantize", ("int8",)),)),
+    ]
+    return Space(family, tuple(params))
+
+
+def recipe_for(params: Mapping[str, Any], gate: str | None = None) -> Recipe:
+    """The recipe of one point; ``gate``: the target of INT8's accuracy control (the layers that
+    harm the metric most go back to float until it holds)."""
+    steps: list[Step] = []
+    prune = float(params.get("prune") or 0)
+    if prune > 0:
+        key = "latency_target" if params.get("steer") == "latency" else "macs_target"
+        settings: dict[str, Any] = {key: prune}
+        if params.get("criterion"):
+            settings["criterion"] = params["criterion"]
+        steps.append(Step("prune_channels", settings))
+    low_rank = float(params.get("low_rank") or 0)
+    if low_rank > 0:
+        steps.append(Step("low_rank", {"macs_target": low_rank, "data_aware": True}))
+    if steps and params.get("recover"):
+        steps.append(Step("reconstruct"))
+    if params.get("finetune"):
+        steps.append(Step("finetune", {"steps": int(params["finetune"])}))
+    quantize = params.get("quantize", "none")
+    if quantize == "int8":
+        settings = {"method": params.get("int8_method", "mse")}
+        if params.get("speed_check"):
+            settings["speed_check"] = True
+        if gate:
+            settings["target"] = gate
+        steps.append(Step("quantize_int8", settings))
+    elif quantize == "int8_dynamic":
+        steps.append(Step("quantize_dynamic"))
+    elif quantize == "int4":
+        steps.append(Step("quantize_weights", {"bits": 4, "algorithm": "gptq"}))
+    elif quantize == "fp16":
+        steps.append(Step("fp16"))
+    steps.sort(key=lambda step: PASS_ORDER.index(step.name))
+    return Recipe(steps=steps)

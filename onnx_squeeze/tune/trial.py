@@ -1,0 +1,122 @@
+"""One candidate of a search: ``compress()`` with its recipe, then its measurements (latency,
+size and MACs against the original on this machine, the metric).
+
+A trial is a JSON-able job run in its own process (``python -m onnx_squeeze.tune.trial
+JOB.json``, or a Ray task), so that a trial that brings its process down (an onnxruntime
+abort, memory) costs that trial only; it writes ``model.onnx`` and ``result.json`` to the
+job's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from onnx_squeeze import model_io
+from onnx_squeeze.calibration import open_source
+from onnx_squeeze.errors import SqueezeError
+from onnx_squeeze.recipe import Recipe
+from onnx_squeeze.tune import metrics
+
+MODEL_FILE = "model.onnx"
+RESULT_FILE = "result.json"
+
+
+def opener(job: dict[str, Any], limit: int | None) -> Any:
+    """``open(spec, model)``: data opened as compress opens it, the first ``limit`` samples."""
+    run = job["run"]
+
+    def open_data(spec: Any, model: Any) -> Any:
+        return open_source(
+            spec,
+            model,
+            shapes=run.get("shapes"),
+            count=run.get("samples", 8),
+            seed=run.get("seed", 0),
+            preset=run.get("preset", "imagenet"),
+            batch_size=run.get("batch"),
+            limit=limit,
+            default_dim=run.get("default_dim"),
+            constants=run.get("constants"),
+        )
+
+    return open_data
+
+
+def run_trial(job: dict[str, Any]) -> dict[str, Any]:
+    """Compress, measure and judge one recipe; the result as a dict (``status`` ok or failed,
+    with the reason for a failure the tool explains, e.g. a pass refusing the model)."""
+    start = time.perf_counter()
+    folder = Path(job["folder"])
+    folder.mkdir(parents=True, exist_ok=True)
+    run = job["run"]
+    limit = job.get("eval_limit")
+    open_data = opener(job, limit)
+    original = model_io.load(job["model"])
+    evaluation = job.get("evaluation")
+    judged = open_data(evaluation, original) if evaluation is not None and limit else evaluation
+    output = folder / MODEL_FILE
+    from onnx_squeeze.pipeline import compress  # the heavy import, in the worker only
+
+    try:
+        result = compress(
+            job["model"],
+            Recipe.from_dict(job["recipe"]),
+            calibration=job.get("calibration"),
+            evaluation=judged,
+            constants=run.get("constants"),
+            output=output,
+            shapes=run.get("shapes"),
+            default_dim=run.get("default_dim"),
+            batch=run.get("batch"),
+            preset=run.get("preset", "imagenet"),
+            calibration_samples=run.get("calibration_samples", 32),
+            samples=run.get("samples", 8),
+            providers=tuple(run.get("providers", ("cpu",))),
+            threads=tuple(run.get("threads", (1,))),
+            runs=run.get("runs", 10),
+            seed=run.get("seed", 0),
+            force=True,
+            write_on_fail=True,
+        )
+        assert result.comparison is not None
+        measured = dict(result.comparison["metrics"])
+        data = evaluation if evaluation is not None else job.get("calibration")
+        scored = job["model"] if job.get("reference") else os.fspath(output)
+        value = metrics.value(job["metric"], scored, data, measured, open_data)
+    except SqueezeError as error:
+        return {"status": "failed", "error": str(error), "seconds": time.perf_counter() - start}
+    return {
+        "status": "ok",
+        "metrics": measured,
+        "value": value,
+        "warnings": list(result.warnings),
+        "evaluation": result.report.get("evaluation"),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Run the job in ``argv[0]``; write its result beside the model."""
+    job = json.loads(Path(argv[0]).read_text())
+    try:
+        result = run_trial(job)
+    except Exception as error:  # an internal error in a trial is that trial's failure
+        result = {
+            "status": "failed",
+            "error": f"internal error: {type(error).__name__}: {error}",
+            "traceback": traceback.format_exc(),
+        }
+    staging = Path(job["folder"]) / (RESULT_FILE + ".part")
+    staging.write_text(json.dumps(result, default=str))
+    staging.replace(staging.with_name(RESULT_FILE))  # a result is whole or absent
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
