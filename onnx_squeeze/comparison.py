@@ -629,7 +629,9 @@ def layer_costs(a: ModelSummary, b: ModelSummary, model_b: ir.Model) -> list[dic
     }
     in_b: dict[str, list[NodeCost]] = {}
     for cost in b.nodes:
-        for key in {cost.name, sources.get(cost.name)} - {None}:
+        if cost.name not in sources:
+            continue  # an unnamed node: its label is its position, which names nothing in A
+        for key in {cost.name, sources[cost.name]} - {None}:
             in_b.setdefault(key, []).append(cost)
     layers = []
     for cost in a.nodes:

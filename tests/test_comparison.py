@@ -170,6 +170,10 @@ def test_latency_measures_every_model_interleaved_or_not():
             assert timing.provider == "cpu" and timing.threads == 1
             assert 0 < timing.min_ms <= timing.median_ms <= timing.p90_ms
             assert timing.mean_ms > 0
+            # every timed run is kept (the HTML report draws their distribution)
+            assert len(timing.times_ms) == 5 and timing.to_dict()["times_ms"] == timing.times_ms
+            assert min(timing.times_ms) == timing.min_ms
+            assert np.median(timing.times_ms) == pytest.approx(timing.median_ms)
     with pytest.raises(SettingsError, match="runs"):
         cmp.latency([_net()], feed, runs=0)
 
@@ -329,3 +333,40 @@ def test_a_scalar_bool_input_is_never_drawn_at_random_but_takes_a_set_value():
     comparison = cmp.compare(proto, proto, runs=1, warmup=0, samples=2, constants={"flag": "false"})
     assert comparison.metrics()["max_abs_error"] == 0.0
     assert comparison.input_shapes == {"flag": [], "x": [1, 3]}
+
+
+def test_layers_pair_each_weight_layer_with_its_pruned_and_factorized_versions():
+    """comparison["layers"]: params/MACs per weight layer of A beside B's, matched by name, or
+    by the source-node metadata a pass leaves on the nodes it makes (the two factors of a
+    low-rank MatMul count together); None where B has no such layer."""
+    from onnx_squeeze.records import mark_created
+
+    a, b = ir.from_proto(_net()), ir.from_proto(_net())
+    for model in (a, b):
+        next(n for n in model.graph if n.op_type == "MatMul").name = "proj"
+    node = next(n for n in b.graph if n.op_type == "MatMul")
+    w = node.inputs[1].const_value.numpy()
+    u, v = ir.Value(name="u"), ir.Value(name="v")
+    u.const_value, v.const_value = (
+        ir.tensor(w[:, :2].copy()),
+        ir.tensor(np.eye(2, 5, dtype=np.float32)),
+    )
+    b.graph.initializers["u"], b.graph.initializers["v"] = u, v
+    first = ir.node("MatMul", [node.inputs[0], u], name="mm_a")
+    second = ir.node("MatMul", [first.outputs[0], v], name="mm_b")
+    for made in (first, second):
+        mark_created(made, "low_rank", node)
+    b.graph.insert_before(node, [first, second])
+    node.outputs[0].replace_all_uses_with(second.outputs[0])
+    b.graph.remove(node, safe=True)
+    node_name = "proj"
+    result = cmp.compare(a, b, runs=0, shapes={"x": (3, 6)}, batch=3).to_dict()
+    layers = {layer["node"]: layer for layer in result["layers"]}
+    assert list(layers) == [node_name] and layers[node_name]["op_type"] == "MatMul"
+    assert layers[node_name]["params"] == [30, 6 * 2 + 2 * 5]
+    assert layers[node_name]["macs"] == [3 * 6 * 5, 3 * 6 * 2 + 3 * 2 * 5]
+    # without provenance, the layer has no counterpart in B
+    for made in (first, second):
+        made.metadata_props.clear()
+    unmatched = cmp.compare(a, b, runs=0, shapes={"x": (3, 6)}, batch=3).to_dict()["layers"]
+    assert unmatched[0]["params"] == [30, None]
