@@ -6,8 +6,11 @@ Exit codes: 0 success, 1 usage or input error, 2 internal error, 3 an accuracy g
 from __future__ import annotations
 
 import argparse
+import logging
+import shlex
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,21 +18,21 @@ from typing import Any
 import onnx_ir as ir
 from rich.console import Console
 
-from onnx_squeeze import __version__, model_io, report, runtime, scratch, shortcuts, verdict
+from onnx_squeeze import __version__, log, model_io, report, runtime, scratch, shortcuts, verdict
 from onnx_squeeze.calibration.constants import parse_settings
 from onnx_squeeze.errors import GateFailedError, SettingsError, SqueezeError
 
 EXIT_OK, EXIT_INPUT, EXIT_INTERNAL, EXIT_GATE = 0, 1, 2, 3
 
-console = Console()
-errors = Console(stderr=True, soft_wrap=True)  # one line per error, however narrow the terminal
+console = Console()  # made again by run() for where its output goes
+errors = Console(stderr=True, soft_wrap=True)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as SettingsError (exit code 1, one line)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise SettingsError(f"{self.prog}: {message} (see --help)")
+        raise SettingsError(f"{message} (see {self.prog} --help)")
 
 
 def _csv(text: str) -> list[str]:
@@ -45,13 +48,21 @@ def _ints(text: str) -> list[int]:
         ) from None
 
 
+def _shape(text: str) -> str:
+    """``NAME:1x3x224x224`` as given, or onnxsim's ``NAME:1,3,224,224`` written so."""
+    name, sep, dims = text.rpartition(":")
+    return f"{name}{sep}{dims.replace(',', 'x')}"
+
+
 def _add_run_options(parser: argparse.ArgumentParser, *, runs: int = 30) -> None:
     """Options shared by commands that run models: inputs, providers, threads, latency runs."""
     parser.add_argument(
         "--shape",
         action="append",
+        type=_shape,
         metavar="NAME:1x3x224x224",
-        help="concrete shape for an input with symbolic dims (repeatable)",
+        help="concrete shape for an input with symbolic dims, as 1x3x224x224 or 1,3,224,224 "
+        "(repeatable)",
     )
     parser.add_argument(
         "--set",
@@ -100,7 +111,8 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json",
         metavar="FILE",
-        help="write the report as JSON (schema: onnx_squeeze/report/schema.json)",
+        help="write the report as JSON (schema: onnx_squeeze/report/schema.json); '-': to "
+        "stdout, and everything else to stderr",
     )
     parser.add_argument("--report", metavar="FILE.html", help="write the report as an HTML page")
     parser.add_argument(
@@ -133,16 +145,45 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_log_options(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
+    """--debug, -q, -v, --log-level: before the command, and after it (where an option not
+    given must not reset one given before: SUPPRESS)."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if after_command else value
+
+    parser.add_argument(
+        "--debug", action="store_true", default=default(False), help="show tracebacks on errors"
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default(False),
+        help="log only errors (no progress lines)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=default(0), help="log more (debug)"
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=default(None),
+        help="level of the onnx_squeeze logger on stderr (default info: progress lines; "
+        "-q: error, -v: debug)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnx-squeeze",
         description="Make exported ONNX models smaller and faster, and check what it cost.",
     )
     parser.add_argument("--version", action="version", version=f"onnx-squeeze {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    _add_log_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     anywhere = argparse.ArgumentParser(add_help=False)  # also accepted after the command
-    anywhere.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    _add_log_options(anywhere, after_command=True)
 
     def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[anywhere], **kwargs)
@@ -202,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = command("inspect", help="ops, parameters, MACs, inputs and outputs of a model")
     inspect.add_argument("model")
-    inspect.add_argument("--shape", action="append", metavar="NAME:1x3x224x224")
+    inspect.add_argument("--shape", action="append", type=_shape, metavar="NAME:1x3x224x224")
     inspect.add_argument(
         "--default-dim",
         type=int,
@@ -217,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list channel dependency groups: what channel pruning can remove, what is frozen",
     )
-    inspect.add_argument("--json", metavar="FILE", help="write the analysis as JSON")
+    inspect.add_argument("--json", metavar="FILE", help="write the analysis as JSON ('-': stdout)")
 
     compare = command("compare", help="fidelity, size and latency of B against A")
     compare.add_argument("a")
@@ -234,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = command("bench", help="latency of one or more models across execution providers")
     bench.add_argument("models", nargs="+")
-    bench.add_argument("--json", metavar="FILE")
+    bench.add_argument("--json", metavar="FILE", help="write the rows as JSON ('-': stdout)")
     bench.add_argument("--warmup", type=int, default=5)
     _add_run_options(bench)
 
@@ -249,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--width", type=float, default=1.0, help="channel width multiplier of the ResNet-18"
     )
+
+    passes = command("passes", help="every pass and its settings: type, default, values, doc")
+    passes.add_argument("name", nargs="?", help="one pass (default: all)")
+    passes.add_argument("--json", metavar="FILE", help="write the list as JSON ('-': stdout)")
 
     zoo_cmd = command("zoo", help="save a built-in reference model to a file")
     zoo_cmd.add_argument("name")
@@ -300,13 +345,23 @@ def _open_inputs(
 
 
 def _finish(run_report: dict[str, Any], args: argparse.Namespace) -> None:
+    run_report["command_line"] = shlex.join(["onnx-squeeze", *args.argv])
     report.print_report(run_report, console)
-    if getattr(args, "json", None):
-        report.write(run_report, args.json)
-        console.print(f"JSON report: {args.json}")
     if getattr(args, "report", None):
         report.write(run_report, args.report)
         console.print(f"HTML report: {args.report}")
+    if getattr(args, "json", None):
+        _write_json(args.json, report.to_json(run_report), "JSON report")
+
+
+def _write_json(target: str, text: str, what: str) -> None:
+    """JSON to a file, or to stdout for '-' (where nothing else is written: see :func:`run`)."""
+    if target == STDOUT:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        return
+    report.write_text_atomic(target, text)
+    console.print(f"{what}: {target}")
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -381,8 +436,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         )
         data["channel_groups"] = [group.to_dict() for group in groups]
     if args.json:
-        report.write_text_atomic(args.json, report.to_json(data))
-        console.print(f"JSON: {args.json}")
+        _write_json(args.json, report.to_json(data), "JSON")
     return EXIT_OK
 
 
@@ -442,10 +496,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     report.print_bench(rows, console)
     if args.json:
-        report.write_text_atomic(
-            args.json,
-            report.to_json({"schema": "onnx-squeeze/bench", "schema_version": 1, "rows": rows}),
-        )
+        data = {"schema": "onnx-squeeze/bench", "schema_version": 1, "rows": rows}
+        _write_json(args.json, report.to_json(data), "JSON")
+    return EXIT_OK
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from onnx_squeeze import pass_docs
+
+    every = pass_docs.all_passes()
+    if args.name:
+        every = [doc for doc in every if doc.name == args.name]
+        if not every:
+            known = ", ".join(doc.name for doc in pass_docs.all_passes())
+            raise SettingsError(f"unknown pass {args.name!r}; available passes: {known}")
+    report.print_passes(every, console)
+    if args.json:
+        _write_json(args.json, report.to_json({"passes": [d.to_dict() for d in every]}), "JSON")
     return EXIT_OK
 
 
@@ -506,19 +573,50 @@ COMMANDS = {
     "compare": cmd_compare,
     "bench": cmd_bench,
     "demo": cmd_demo,
+    "passes": cmd_passes,
     "zoo": cmd_zoo,
 }
+
+STDOUT = "-"  # --json - writes to stdout
+
+# Columns for output that is not a terminal (a log, a pipe): wide enough that rich never cuts
+# a table (it assumes 80 there, and 'resnet18.onnx' became 'resnet1…').
+UNLIMITED_WIDTH = 10_000
+
+
+def _console(stream: Any) -> Console:
+    """A console on ``stream``: the terminal's width there, else one that never cuts."""
+    terminal = stream.isatty()
+    return Console(file=stream, width=None if terminal else UNLIMITED_WIDTH, soft_wrap=not terminal)
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    if getattr(args, "log_level", None):
+        return logging.getLevelName(args.log_level.upper())
+    if getattr(args, "quiet", False):
+        return logging.ERROR
+    if getattr(args, "verbose", 0):
+        return logging.DEBUG
+    return logging.INFO
 
 
 def run(argv: Sequence[str]) -> int:
     """Parse and run a command; map errors to exit codes with one-line messages."""
+    global console, errors
     debug = "--debug" in argv
     if debug:
         runtime.show_onnxruntime_log()
+    errors = Console(stderr=True, soft_wrap=True)  # one line per error, however narrow
     scratch.sweep()  # temporary folders of runs that were killed
     try:
         args = build_parser().parse_args(list(argv))
-        return COMMANDS[args.command](args)
+        args.argv = list(argv)
+        console = _console(sys.stderr if getattr(args, "json", None) == STDOUT else sys.stdout)
+        log.configure(_log_level(args))
+        with warnings.catch_warnings():
+            # run warnings are in the report the command prints: not a second time on stderr
+            warnings.simplefilter("ignore", log.SqueezeWarning)
+            return COMMANDS[args.command](args)
     except GateFailedError as error:
         errors.print(f"onnx-squeeze: {error}", markup=False, highlight=False)
         return EXIT_GATE

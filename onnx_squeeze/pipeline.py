@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_squeeze import gates, model_io, report, scratch, validation, verdict
+from onnx_squeeze import gates, log, model_io, report, scratch, validation, verdict
 from onnx_squeeze.calibration import (
     HOLDOUT_EVERY,
     CalibrationSource,
@@ -57,9 +57,28 @@ class CompressResult:
     output: str | None = None
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    input_path: str | None = None
+
     @property
     def reports(self) -> list[PassReport]:
         return [self.prepare, *self.passes]
+
+    def model_proto(self) -> onnx.ModelProto:
+        """The compressed model as an ``onnx.ModelProto`` (weights in memory)."""
+        return ir.to_proto(self.model)
+
+    def save(
+        self, path: str | os.PathLike, *, external_data: bool | None = None, force: bool = False
+    ) -> Path:
+        """Write the compressed model atomically (never over the input model unless ``force``);
+        ``external_data`` as :func:`onnx_squeeze.model_io.save` takes it. Returns the path."""
+        return model_io.save(
+            self.model,
+            path,
+            input_path=self.input_path,
+            force=force,
+            external_data=external_data,
+        )
 
     @property
     def passed(self) -> bool:
@@ -160,11 +179,17 @@ def compress(
         count=calibration_samples,
         constants=constants,
     )
+    log.logger.info(
+        "prepare, then %s",
+        ", ".join(step.name for step in recipe.passes()) or "no passes",
+    )
     model, prepared, passes, notes = _transform(
         original, recipe, service, shapes, default_dim, providers, seed, target_opset, check
     )
     result = CompressResult(model, original, prepared, passes, notes, 0.0, service, judged, overlap)
+    result.input_path = path
     if compare:
+        log.logger.info("comparing with the original on %s", getattr(judged, "label", "random"))
         result.comparison = judge(
             result.original,
             result.model,
@@ -189,6 +214,8 @@ def compress(
         warn_sqnr_db=warn_sqnr_db,
     )
     result.notes += verdict.speed_hint(result.passes, result.comparison)
+    for warning in result.warnings:
+        log.warn(warning)
     result.blocking = verdict.blocking(result.gates, result.warnings, strict)
     if output is not None and (result.blocking is None or write_on_fail):
         written = model_io.save(
@@ -211,6 +238,7 @@ def compress(
         evaluation=result.comparison["inputs_label"] if result.comparison else None,
         recipe=recipe.to_dict(),
         seconds=result.seconds,
+        input_shapes=shapes,
     )
     return result
 

@@ -10,7 +10,7 @@ import math
 import os
 import struct
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -96,8 +96,23 @@ def _read_header(stream: Any) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), dtype
 
 
-def _read_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+class GivenArrays:
+    """Arrays given in memory (input name -> samples on its batch axis), read as an .npz file
+    holding them would be: :class:`NpzSource` takes one where it takes a path."""
+
+    suffix = ".npz"
+
+    def __init__(self, arrays: Mapping[str, Any]) -> None:
+        self.arrays = {str(name): np.asarray(value) for name, value in arrays.items()}
+
+    def __str__(self) -> str:
+        return "the given arrays"
+
+
+def _read_headers(path: Path | GivenArrays) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shapes and dtypes of the arrays in a .npy/.npz file, read without loading the data."""
+    if isinstance(path, GivenArrays):
+        return {name: (array.shape, array.dtype) for name, array in path.arrays.items()}
     try:
         if path.suffix.lower() == ".npy":
             with open(path, "rb") as stream:
@@ -186,6 +201,18 @@ def _stored_arrays(path: Path, names: Sequence[str]) -> dict[str, Any] | None:
     return found
 
 
+def _array_files(path: Path) -> list[Path]:
+    """The .npz/.npy file at ``path``, or those in the folder, sorted by name."""
+    if not path.exists():
+        raise InputError(f"calibration data not found: {os.fspath(path)}")
+    if not path.is_dir():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in ARRAY_SUFFIXES)
+    if not files:
+        raise InputError(f"{os.fspath(path)}: no .npz or .npy files in this folder")
+    return files
+
+
 class NpzSource:
     """Arrays from a ``.npz`` (one array per input name), a ``.npy`` (single-input models), or a
     folder of such files (sorted by name).
@@ -207,24 +234,15 @@ class NpzSource:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike | GivenArrays,
         specs: Sequence[InputSpec],
         *,
         batch_size: int | None = None,
         limit: int | None = None,
     ) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            raise InputError(f"calibration data not found: {os.fspath(path)}")
         self._specs = list(specs)
-        if self.path.is_dir():
-            files = sorted(
-                p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in ARRAY_SUFFIXES
-            )
-            if not files:
-                raise InputError(f"{os.fspath(path)}: no .npz or .npy files in this folder")
-        else:
-            files = [self.path]
+        self.path = None if isinstance(path, GivenArrays) else Path(path)
+        files = [path] if isinstance(path, GivenArrays) else _array_files(self.path)
         self._files = [(file, *self._check(file)) for file in files]
         self.batch_size, self._fixed = _batch_size(self._specs, batch_size, axes=self._files[0][2])
         self._carried: tuple[str, ...] = ()
@@ -232,8 +250,9 @@ class NpzSource:
         self.samples = sum(stop - start for _, _, start, stop in self._plan())
         available = sum(samples for _, samples, _ in self._files)
         unused = f", {available - self.samples} unused" if available > self.samples else ""
-        where = f"{len(files)} files, " if self.path.is_dir() else ""
-        self.label = f"npz:{os.fspath(path)} ({where}{self.samples} samples{unused})"
+        where = f"{len(files)} files, " if self.path and self.path.is_dir() else ""
+        name = f"npz:{os.fspath(path)}" if self.path else "arrays"
+        self.label = f"{name} ({where}{self.samples} samples{unused})"
 
     def _check(self, file: Path) -> tuple[int, dict[str, int | None]]:
         """Validate one file against the input specs; return its number of samples and the
@@ -323,7 +342,9 @@ class NpzSource:
     def __len__(self) -> int:
         return sum(1 for _ in self._plan())
 
-    def _load(self, file: Path) -> dict[str, Any]:
+    def _load(self, file: Path | GivenArrays) -> dict[str, Any]:
+        if isinstance(file, GivenArrays):
+            return file.arrays
         if file.suffix.lower() == ".npy":
             return {self._specs[0].name: np.load(file, mmap_mode="r")}
         names = [spec.name for spec in self._specs] + list(self._carried)
@@ -575,6 +596,45 @@ class ReaderSource:
         self._complete = True
 
 
+class FeedsSource:
+    """Feed dicts given as a list (iterated again at will) or any other iterable (a generator:
+    read once, through :class:`ReaderSource`'s bounded cache)."""
+
+    is_random = False
+
+    def __init__(self, feeds: Iterable[Mapping[str, Any]]) -> None:
+        if isinstance(feeds, Sequence):
+            self._feeds: Any = feeds
+            self.label = f"feeds ({len(feeds)} batches)"
+        else:
+            self._feeds = ReaderSource(_Reader(iter(feeds)))
+            self.label = "feeds (an iterable)"
+
+    def __len__(self) -> int:
+        if isinstance(self._feeds, Sequence):
+            return len(self._feeds)
+        raise TypeError("an iterable of feeds has no length")
+
+    def __iter__(self) -> Iterator[Feed]:
+        for feed in self._feeds:
+            if not isinstance(feed, Mapping):
+                raise InputError(
+                    f"{self.label}: an item is a {type(feed).__name__}; each must be a dict "
+                    "{input name: array}"
+                )
+            yield dict(feed)
+
+
+class _Reader:
+    """``get_next()`` over an iterator."""
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self._items = items
+
+    def get_next(self) -> Any:
+        return next(self._items, None)
+
+
 HOLDOUT_EVERY = 5  # every 5th batch (20 %) of the calibration data is kept for evaluation
 
 
@@ -641,8 +701,10 @@ def open_source(
     ``constants`` (input name -> one value or an array, ``--set``) added.
 
     ``spec``: None or "random" (random data, ``count`` samples from ``seed``); a ``.npz``/``.npy``
-    file or a folder of them; a folder of images (``preset`` preprocessing, one-input models);
-    a reader with ``get_next()``; or a source already made. ``shapes`` (from
+    file or a folder of them; a dict {input name: samples stacked on the batch axis}, read as
+    such a file; a folder of images (``preset`` preprocessing, one-input models); a reader with
+    ``get_next()`` (onnxruntime's ``CalibrationDataReader``); feed dicts (a list, or any
+    iterable: read once and replayed as :class:`ReaderSource` does); or a source already made. ``shapes`` (from
     :func:`onnx_squeeze.runtime.parse_shape_overrides`) sets symbolic dimensions for random data
     and image sizes; ``batch_size`` defaults to the model's fixed batch dimension, else 1;
     ``limit`` caps the samples read from files or images. Random data is
@@ -658,23 +720,34 @@ def open_source(
             default_dim=default_dim,
             constants=constants,
         )
-    if isinstance(spec, CalibrationSource) or hasattr(spec, "get_next"):
-        made = spec if isinstance(spec, CalibrationSource) else ReaderSource(spec)
+    if isinstance(spec, Mapping):
+        spec = GivenArrays(spec)
+    elif not isinstance(spec, str | os.PathLike | CalibrationSource | GivenArrays):
+        if hasattr(spec, "get_next"):
+            spec = ReaderSource(spec)
+        elif isinstance(spec, Iterable):
+            spec = FeedsSource(spec)
+        else:
+            raise SettingsError(
+                "calibration data must be 'random', a path, a dict {input name: samples}, "
+                "feed dicts or a reader with get_next(); got a "
+                f"{type(spec).__name__}"
+            )
+    if isinstance(spec, CalibrationSource):
         if not constants:
-            return made  # a made source or a reader needs no model
+            return spec  # a made source or a reader needs no model
         every = input_specs(model)
-        return ConstantInputs(made, typed_constants(every, constants), every)
-    if not isinstance(spec, str | os.PathLike):
-        raise SettingsError(
-            f"calibration data must be 'random', a path or a reader with get_next(); got a "
-            f"{type(spec).__name__}"
+        return ConstantInputs(spec, typed_constants(every, constants), every)
+    every = input_specs(model)
+    values = typed_constants(every, constants)
+    specs = [item for item in every if item.name not in values]  # what the files must give
+    if isinstance(spec, GivenArrays):
+        return with_constants(
+            NpzSource(spec, specs, batch_size=batch_size, limit=limit), values, every
         )
     path = Path(spec)
     if not path.exists():
         raise InputError(f"calibration data not found: {os.fspath(spec)}")
-    every = input_specs(model)
-    values = typed_constants(every, constants)
-    specs = [item for item in every if item.name not in values]  # what the files must give
     if path.is_file() and path.suffix.lower() in ARRAY_SUFFIXES:
         return with_constants(
             NpzSource(path, specs, batch_size=batch_size, limit=limit), values, every

@@ -9,8 +9,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import platform
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from onnx_squeeze.report.terminal import (
     print_bench,
     print_comparison,
     print_groups,
+    print_passes,
     print_report,
     print_summary,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "print_bench",
     "print_comparison",
     "print_groups",
+    "print_passes",
     "print_report",
     "print_summary",
     "to_html",
@@ -65,9 +68,14 @@ def build_report(
     evaluation: str | None = None,
     recipe: dict[str, Any] | None = None,
     seconds: float | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    command_line: str | None = None,
 ) -> dict[str, Any]:
     """Assemble the report dict of a run. ``passed``: every gate passed (the default gate, applied
-    when no ``--check`` was given, counts here; it fails the exit code only under --strict)."""
+    when no ``--check`` was given, counts here; it fails the exit code only under --strict).
+    What makes it reproducible is recorded too: the ``command_line`` (the CLI sets it), the
+    versions, the machine, the input shapes (``input_shapes``, else the comparison's) and the
+    data (``calibration``, ``evaluation``: labels that name the file or say random)."""
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -76,7 +84,11 @@ def build_report(
             "onnx": onnx.__version__,
             "onnx_ir": ir.__version__,
             "onnxruntime": ort.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
         },
+        "machine": machine(),
+        "command_line": command_line,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "input": input_path,
@@ -84,6 +96,12 @@ def build_report(
         "warnings": list(warnings),
         "calibration": calibration,
         "evaluation": evaluation,
+        "input_shapes": {
+            name: list(shape)
+            for name, shape in (
+                input_shapes or (comparison or {}).get("input_shapes") or {}
+            ).items()
+        },
         "recipe": recipe,
         "passes": [r.to_dict() for r in reports],
         "notes": list(notes),
@@ -91,6 +109,17 @@ def build_report(
         "gates": list(gates),
         "passed": all(g["passed"] for g in gates),
         "seconds": seconds,
+    }
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures were measured: OS, CPU, cores, onnxruntime's providers."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "providers": list(ort.get_available_providers()),
     }
 
 

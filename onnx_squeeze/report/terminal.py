@@ -25,6 +25,12 @@ _TERMINAL_NODE_ROWS = 12
 _TERMINAL_SKIPS = 8
 
 
+def _add(table: Table, *cells: Any) -> None:
+    """A row of data: names, shapes and details shown as written, never read as markup
+    (rich took a shape ``[batch, 3]`` for a tag and printed nothing)."""
+    table.add_row(*(escape(str(cell)) for cell in cells))
+
+
 def print_report(
     report: dict[str, Any], console: Console | None = None, *, all_nodes: bool = False
 ) -> None:
@@ -34,7 +40,8 @@ def print_report(
         console.print(f"[bold yellow]WARNING[/]: {escape(warning)}", highlight=False)
     if report.get("input"):
         console.print(
-            f"[bold]{report['input']}[/] → [bold]{report.get('output') or '(not written)'}[/]"
+            f"[bold]{escape(report['input'])}[/] → "
+            f"[bold]{escape(report.get('output') or '(not written)')}[/]"
         )
     if report.get("calibration"):
         console.print(f"calibration: {escape(report['calibration'])}")
@@ -48,7 +55,8 @@ def print_report(
         for item in passes:
             records = item["records"]
             skipped = sum(r["action"] == "skipped" for r in records)
-            table.add_row(
+            _add(
+                table,
                 item["name"],
                 str(len(records) - skipped),
                 str(skipped),
@@ -93,7 +101,8 @@ def _print_records(console: Console, passes: list[dict[str, Any]], all_nodes: bo
         for column in ("pass", "node", "op", "action", "params", "MACs", "detail"):
             table.add_column(column)
         for name, record in shown:
-            table.add_row(
+            _add(
+                table,
                 name,
                 record["node"],
                 record["op_type"],
@@ -106,7 +115,7 @@ def _print_records(console: Console, passes: list[dict[str, Any]], all_nodes: bo
     hidden = len(changed) - len(shown)
     for name, record in skipped if all_nodes else skipped[:_TERMINAL_SKIPS]:
         console.print(
-            f"skipped by {name}: {record['node']} ({record['op_type']}): {record['detail']}"
+            escape(f"skipped by {name}: {record['node']} ({record['op_type']}): {record['detail']}")
         )
     hidden_skips = 0 if all_nodes else max(0, len(skipped) - _TERMINAL_SKIPS)
     if hidden or hidden_skips:
@@ -121,28 +130,27 @@ def print_comparison(comparison: dict[str, Any], console: Console | None = None)
     console = console or Console()
     names = comparison.get("names") or ["original", "result"]
     table = Table(
-        title=f"compare (inputs: {comparison.get('inputs_label', '?')}; shapes: "
-        f"{shapes_line(comparison) or '?'})",
+        title=escape(
+            f"compare (inputs: {comparison.get('inputs_label', '?')}; shapes: "
+            f"{shapes_line(comparison) or '?'})"
+        ),
         title_justify="left",
     )
     table.add_column("")
-    table.add_column(names[0], justify="right")
-    table.add_column(names[1], justify="right")
+    table.add_column(escape(names[0]), justify="right")
+    table.add_column(escape(names[1]), justify="right")
     table.add_column("ratio", justify="right")
     for row in size_rows(comparison):
-        table.add_row(*row)
+        _add(table, *row)
     console.print(table)
     fidelity = Table(title="fidelity (whole output and per output channel)", title_justify="left")
     for column in FIDELITY_COLUMNS:
         fidelity.add_column(column, justify="left" if column == "output" else "right")
     for row in fidelity_rows(comparison):
-        fidelity.add_row(*row)
+        _add(fidelity, *row)
     console.print(fidelity)
     for line in comparison.get("skipped") or []:
         console.print(f"skipped: {escape(line)}")
-
-
-# ---------------------------------------------------------------- HTML
 
 
 def print_groups(rows: Sequence[Sequence[str]], console: Console | None = None) -> None:
@@ -156,7 +164,7 @@ def print_groups(rows: Sequence[Sequence[str]], console: Console | None = None) 
     for column in ("id", "first producer", "channels", "producers/params/consumers", "status"):
         table.add_column(column, justify="right" if column in ("id", "channels") else "left")
     for row in rows:
-        table.add_row(*row)
+        _add(table, *row)
     console.print(table)
 
 
@@ -177,7 +185,9 @@ def print_summary(
     if data["macs"] is None:
         facts.add_row("MACs", "[bold red]unknown[/]: input dimensions not given (see the note)")
     else:
-        facts.add_row("MACs", f"{human_count(data['macs'])} (inputs {data['input_shapes']})")
+        facts.add_row(
+            "MACs", escape(f"{human_count(data['macs'])} (inputs {data['input_shapes']})")
+        )
     facts.add_row("weights in memory", human_bytes(data["initializer_bytes"]))
     facts.add_row("file size", human_bytes(data["size_bytes"]))
     facts.add_row("weight sparsity", f"{data['sparsity']:.2%}")
@@ -187,18 +197,19 @@ def print_summary(
         io.add_column(column)
     for kind in ("inputs", "outputs"):
         for item in data[kind]:
-            io.add_row(
+            _add(
+                io,
                 kind[:-1],
                 item["name"],
                 item["dtype"],
-                escape("[" + ", ".join(map(str, item["shape"])) + "]"),
+                "[" + ", ".join(map(str, item["shape"])) + "]",
             )
     console.print(io)
     histogram = Table(title="ops", title_justify="left")
     histogram.add_column("op")
     histogram.add_column("count", justify="right")
     for op, count in sorted(data["op_histogram"].items(), key=lambda kv: (-kv[1], kv[0])):
-        histogram.add_row(op, str(count))
+        _add(histogram, op, str(count))
     console.print(histogram)
     nodes = [n for n in data["nodes"] if n["macs"] or n["params"]]
     nodes.sort(key=lambda n: -n["macs"])
@@ -216,7 +227,8 @@ def print_summary(
         share = f"{node['macs'] / data['macs']:.1%}" if data["macs"] else "-"
         sparsity = "-" if node["sparsity"] is None else f"{node['sparsity']:.1%}"
         shape = "" if node["weight_shape"] is None else "×".join(map(str, node["weight_shape"]))
-        table.add_row(
+        _add(
+            table,
             node["name"],
             node["op_type"],
             human_count(node["params"]),
@@ -243,9 +255,10 @@ def print_bench(rows: Sequence[dict[str, Any]], console: Console | None = None) 
         table.add_column(column, justify="left" if column in ("model", "provider") else "right")
     for row in rows:
         if row.get("skipped"):
-            console.print(f"skipped: {row['model']} on {row['provider']}: {row['skipped']}")
+            console.print(escape(f"skipped: {row['model']} on {row['provider']}: {row['skipped']}"))
             continue
-        table.add_row(
+        _add(
+            table,
             str(row["model"]),
             str(row["provider"]),
             str(row["threads"]),
@@ -256,3 +269,33 @@ def print_bench(rows: Sequence[dict[str, Any]], console: Console | None = None) 
             human_bytes(row.get("size_bytes")),
         )
     console.print(table)
+
+
+def print_passes(passes: Sequence[Any], console: Console | None = None) -> None:
+    """What ``passes`` prints: per pass (:class:`onnx_squeeze.pass_docs.PassDoc`), its
+    settings with type, default, the values taken and what the setting does."""
+    console = console or Console()
+    for item in passes:
+        table = Table(title=escape(f"{item.name}: {item.summary}"), title_justify="left")
+        for column in ("setting", "type", "default", "values", "what it does"):
+            table.add_column(column)
+        for setting in item.settings:
+            _add(
+                table,
+                setting.name,
+                setting.type,
+                _setting_value(setting.default),
+                setting.values,
+                setting.doc,
+            )
+        console.print(table)
+    console.print(
+        escape("set them with --pass NAME:key=value,key=[a,b] or in a recipe file (YAML/JSON)"),
+        highlight=False,
+    )
+
+
+def _setting_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(map(str, value)) + "]"
+    return '""' if value == "" else str(value)
