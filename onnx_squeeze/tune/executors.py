@@ -5,10 +5,9 @@ failed result and the search goes on; an interrupt (Ctrl-C) stops the search."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from typing import Any, Protocol
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.tune.trial import MODEL_FILE, RESULT_FILE
 
-JOB_FILE = "job.json"
+JOB_FILE, LOG_FILE = "job.json", "trial.log"
 
 
 class Executor(Protocol):
@@ -31,41 +30,62 @@ def _failure(error: str) -> dict[str, Any]:
     return {"status": "failed", "error": error}
 
 
+def _child(job_path: str, environment: dict[str, str], log: str) -> None:
+    """A trial process: the search's environment (the fork server keeps the one it started
+    with), its error output into the trial's log, the trial."""
+    os.environ.clear()
+    os.environ.update(environment)
+    stream = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(stream, 2)
+    from onnx_squeeze.tune.trial import main
+
+    main([job_path])
+
+
 class LocalExecutor:
-    """Each trial in a fresh ``python -m onnx_squeeze.tune.trial`` process, ``jobs`` at once
-    (1 by default: trials running side by side slow each other's latency measurements)."""
+    """Each trial in a process of its own, ``jobs`` at once (1 by default: trials running side
+    by side slow each other's latency measurements). Processes are forked from a server that
+    imported onnx-squeeze once (``forkserver``; ``spawn`` where there is none)."""
 
     where = "this machine"
 
     def __init__(self, jobs: int = 1, timeout: float | None = None) -> None:
         self.jobs = max(1, jobs)
         self.timeout = timeout
+        methods = multiprocessing.get_all_start_methods()
+        self._context = multiprocessing.get_context(
+            "forkserver" if "forkserver" in methods else "spawn"
+        )
+        if "forkserver" in methods:
+            self._context.set_forkserver_preload(
+                ["onnx_squeeze.tune.trial", "onnx_squeeze.pipeline"]
+            )
 
     def _one(self, job: dict[str, Any]) -> dict[str, Any]:
         folder = Path(job["folder"])
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / RESULT_FILE).unlink(missing_ok=True)
         (folder / JOB_FILE).write_text(json.dumps(job, default=str))
-        # the search's import path, so a --metric module:function found here is found there
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        try:
-            done = subprocess.run(
-                [sys.executable, "-m", "onnx_squeeze.tune.trial", str(folder / JOB_FILE)],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=self.timeout,
-            )
-        except subprocess.TimeoutExpired:
+        log = folder / LOG_FILE
+        process = self._context.Process(
+            target=_child, args=(str(folder / JOB_FILE), dict(os.environ), str(log))
+        )
+        process.start()
+        process.join(self.timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
             return _failure(f"the trial ran past its limit of {self.timeout:g} s")
-        if done.returncode == -signal.SIGINT:
+        if process.exitcode == -signal.SIGINT:
             raise KeyboardInterrupt
         result_path = folder / RESULT_FILE
         if result_path.is_file():
             return json.loads(result_path.read_text())
-        last = (done.stderr or "").strip().splitlines()[-1:] or ["no message"]
-        code = done.returncode
+        lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+        code = process.exitcode or 0
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        return _failure(f"the trial process died ({how}): {last[0][:300]}")
+        last = f": {lines[-1][:300]}" if lines else ""
+        return _failure(f"the trial process died ({how}){last}; its log: {log}")
 
     def run(self, jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.jobs == 1 or len(jobs) == 1:

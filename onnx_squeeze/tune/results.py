@@ -86,6 +86,7 @@ def _trial_dict(trial: Trial, search: Search, recipe_file: str) -> dict[str, Any
         "status": trial.result.get("status", "failed"),
         "error": trial.result.get("error"),
         "metric": trial.value,
+        "objective": search.objective(trial) if trial.ok else None,  # what TPE minimized
         "metrics": trial.metrics,
         "meets_targets": missed == 0,
         "within_budget": below == 0,
@@ -104,7 +105,7 @@ def _write_recipe(trial: Trial, search: Search, work: Path) -> str:
     )
     header = (
         f"# onnx-squeeze tune, trial {trial.number} ({trial.stage}): {_describe(trial)}\n"
-        f"# reproduce: onnx-squeeze compress {data['model']} -o OUT.onnx --recipe {path.name} {flags}\n"
+        f"# reproduce: onnx-squeeze compress {search.source} -o OUT.onnx --recipe {path.name} {flags}\n"
     )
     path.write_text(header + yaml.safe_dump(trial.recipe.to_dict(), sort_keys=False))
     return os.fspath(path)
@@ -134,7 +135,9 @@ def finish(
     if feasible:
         chosen = max(feasible, key=lambda t: (t.value, -_ratio(t, "latency_ratio")))
     else:
-        chosen = min(judged, key=lambda t: sum(search.distance(t)), default=None)
+        # the closest keeps the budget first (a model that lost the accuracy is no answer),
+        # then misses the targets least
+        chosen = min(judged, key=lambda t: search.distance(t)[::-1], default=None)
     met = bool(feasible)
     targets = ", ".join(map(str, search.targets))
     recipes = {t.number: _write_recipe(t, search, work) for t in search.trials}
@@ -161,7 +164,7 @@ def finish(
     data = {
         "schema": "onnx-squeeze/tune",
         "schema_version": 1,
-        "model": search.base_job["model"],
+        "model": search.source,
         "targets": [str(t) for t in search.targets],
         "budget": str(search.budget),
         "metric": search.budget.metric,
@@ -194,8 +197,9 @@ def finish(
         "<title>onnx-squeeze tune</title><style>body{font-family:sans-serif;max-width:720px;"
         "margin:auto;padding:8px}svg{width:100%;height:auto}</style>"
         f"<h1>tune: {html.escape(os.path.basename(str(data['model'])))}</h1>"
-        f"<p>{html.escape(reason)}</p><p>latency measured on {html.escape(where)}: a latency "
-        "target holds on that hardware only.</p>" + chart
+        f"<p>{html.escape(reason)}</p><p>Latency measured on {html.escape(where)}: a latency "
+        "target holds on that hardware only. Trials are compared with the original as prepared "
+        "(simplified, BatchNorm folded; trial 0 compares it with the file).</p>" + chart
     )
     echo(("chosen: " if met else "NOT MET: ") + reason)
     return TuneResult(

@@ -64,6 +64,7 @@ class Search:
     """What a search needs besides the space: the targets, the budget, the store, where trials
     run, and the jobs' common part."""
 
+    source: str
     targets: list[Target]
     budget: Budget
     store: Store
@@ -255,13 +256,17 @@ def tune(
             "seed": seed,
         },
     }
-    search = Search(list(targets), budget, Store(work), runner, base_job, budget.gate, echo)
+    search = Search(source, list(targets), budget, Store(work), runner, base_job, budget.gate, echo)
     start = time.monotonic()
     (reference,) = search.run([(REFERENCE, {})])
     if not reference.ok:
         raise SettingsError(
             f"the original model cannot be measured: {reference.result.get('error')}"
         )
+    # the reference's model is the original prepared (simplified, BatchNorm folded: lossless,
+    # what every compress run starts from): the trials start from it rather than each running
+    # onnxsim again, and are compared with it
+    search.base_job = dict(base_job, model=reference.model_path, prepared=True)
     baseline = float(reference.value)  # type: ignore[arg-type]
     search.floor = budget.floor(baseline)
     search.scale = max(abs(baseline - search.floor), 1e-3 * abs(baseline), 1e-6)

@@ -1,8 +1,8 @@
 """One candidate of a search: ``compress()`` with its recipe, then its measurements (latency,
 size and MACs against the original on this machine, the metric).
 
-A trial is a JSON-able job run in its own process (``python -m onnx_squeeze.tune.trial
-JOB.json``, or a Ray task), so that a trial that brings its process down (an onnxruntime
+A trial is a JSON-able job run in its own process (forked by the local executor, ``python -m
+onnx_squeeze.tune.trial JOB.json`` by hand, or a Ray task), so that a trial that brings its process down (an onnxruntime
 abort, memory) costs that trial only; it writes ``model.onnx`` and ``result.json`` to the
 job's folder.
 """
@@ -64,9 +64,12 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
     from onnx_squeeze.pipeline import compress  # the heavy import, in the worker only
 
     try:
+        recipe = Recipe.from_dict(job["recipe"])
+        if job.get("prepared"):  # the search's reference prepared the model (onnxsim) once
+            recipe.prepare.setdefault("simplify", False)
         result = compress(
             job["model"],
-            Recipe.from_dict(job["recipe"]),
+            recipe,
             calibration=job.get("calibration"),
             evaluation=judged,
             constants=run.get("constants"),

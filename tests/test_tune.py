@@ -1,0 +1,442 @@
+"""``onnx-squeeze tune``: targets and budgets, the search's logic on a synthetic executor
+(choice, bisection, successive halving, resume), and real searches on a tiny MLP in trial
+processes (a recipe that reproduces its model, a crashing trial, exit 3, Ray)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_squeeze import cli, model_io, zoo
+from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.pipeline import compress
+from onnx_squeeze.recipe import Recipe
+from onnx_squeeze.tune import cli as tune_cli
+from onnx_squeeze.tune import parse_budget, parse_targets, tune
+from onnx_squeeze.tune.results import pareto_front
+from onnx_squeeze.tune.space import Param, Space, build_space, family_of, recipe_for
+from onnx_squeeze.tune.trial import RESULT_FILE
+from tests.helpers import run
+
+SAMPLES = 32
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    """A tiny MLP with calibration and held-out data (random, labelled as such by its name)."""
+    folder = tmp_path_factory.mktemp("tune")
+    model = zoo.small("mlp")
+    path = folder / "mlp.onnx"
+    model_io.save(model, path)
+    spec = model.graph.inputs[0]
+    width = spec.shape[1]
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((SAMPLES * 2, width)).astype(np.float32)
+    np.savez(folder / "random_calib.npz", **{spec.name: data[:SAMPLES]})
+    np.savez(folder / "random_eval.npz", **{spec.name: data[SAMPLES:]})
+    return {
+        "model": str(path),
+        "calib": str(folder / "random_calib.npz"),
+        "eval": str(folder / "random_eval.npz"),
+        "folder": str(folder),
+    }
+
+
+# ----------------------------------------------------------------- targets, budgets, spaces
+
+
+def test_targets_and_budgets_parse_and_refuse():
+    targets = parse_targets(["latency=0.5,size=0.3", "macs=0.4"])
+    assert [str(t) for t in targets] == ["latency=0.5", "size=0.3", "macs=0.4"]
+    assert targets[0].shortfall({"latency_ratio": 0.5}) == 0
+    assert targets[0].shortfall({"latency_ratio": 1.0}) == pytest.approx(math.log(2))
+    speedup = parse_targets(["speedup=2"])[0]
+    assert speedup.shortfall({"speedup": 2.5}) == 0 and speedup.shortfall({"speedup": 1.0}) > 0
+    for bad in (["latency=2"], ["speedup=0.5"], ["fast=1"], ["latency=0.5", "speedup=2"], []):
+        with pytest.raises(SettingsError):
+            parse_targets(bad)
+    assert parse_budget("top1", "1%", None).floor(0.9) == pytest.approx(0.891)
+    assert parse_budget("top1", "0.01", None).floor(0.9) == pytest.approx(0.89)
+    assert parse_budget("cosine", "0.01", None).gate == "cosine>=0.99"
+    assert parse_budget("top1", "0.02", None).gate == "top1_agreement>=0.98"
+    with pytest.raises(SettingsError, match="min-metric"):
+        parse_budget("worst_channel_sqnr_db", "3", None).floor(math.inf)
+    assert parse_budget("worst_channel_sqnr_db", None, 30).floor(math.inf) == 30
+    with pytest.raises(SettingsError, match="unknown --metric"):
+        parse_budget("accuracy", "0.01", None)
+
+
+def test_spaces_per_family_and_recipes():
+    assert family_of(zoo.small("resnet18")) == "cnn"
+    assert family_of(zoo.small("yolo")) == "detector"
+    assert family_of(zoo.small("transformer")) == "transformer"
+    cnn = {p.name for p in build_space("cnn").params}
+    assert {"prune", "criterion", "quantize", "int8_method"} <= cnn and "low_rank" not in cnn
+    transformer = build_space("transformer")
+    assert "low_rank" in {p.name for p in transformer.params}
+    assert "int8_dynamic" in transformer.param("quantize").choices
+    assert "fp16" not in transformer.param("quantize").choices
+    assert "fp16" in build_space("cnn", providers=("cuda",)).param("quantize").choices
+    recipe = recipe_for(
+        {
+            "prune": 0.3,
+            "steer": "latency",
+            "recover": True,
+            "quantize": "int8",
+            "int8_method": "mse",
+        },
+        gate="top1_agreement>=0.99",
+    )
+    assert [s.name for s in recipe.steps] == ["prune_channels", "reconstruct", "quantize_int8"]
+    assert recipe.steps[0].settings["latency_target"] == 0.3
+    assert recipe.steps[2].settings["target"] == "top1_agreement>=0.99"  # accuracy control
+    assert recipe_for({"prune": 0.0, "recover": True, "quantize": "none"}).steps == []
+
+
+def test_pareto_front_keeps_only_undominated_trials():
+    class T:
+        def __init__(self, number, latency, value):
+            self.number, self.value, self.ok = number, value, True
+            self.metrics = {"latency_ratio": latency}
+
+    trials = [T(0, 1.0, 1.0), T(1, 0.5, 0.9), T(2, 0.6, 0.85), T(3, 0.3, 0.7), T(4, 0.5, 0.95)]
+    assert sorted(pareto_front(trials, "latency_ratio")) == [0, 3, 4]
+
+
+# ----------------------------------------------------------------- the search, synthetic
+
+
+class Synthetic:
+    """Trials measured by formula: latency and MACs fall with the pruning fraction (INT8 takes
+    another 40 % of the time), the metric falls with its square."""
+
+    where = "synthetic"
+
+    def __init__(self) -> None:
+        self.jobs: list[dict[str, Any]] = []
+
+    def run(self, jobs):
+        results = []
+        for job in jobs:
+            self.jobs.append(job)
+            folder = Path(job["folder"])
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "model.onnx").write_bytes(Path(job["model"]).read_bytes())
+            steps = {s["pass"]: s for s in job["recipe"]["passes"]}
+            prune = steps.get("prune_channels", {}).get("macs_target", 0.0)
+            int8 = "quantize_int8" in steps
+            latency = (1 - prune) * (0.6 if int8 else 1.0)
+            value = (
+                1
+                - 0.2 * prune**2
+                - (0.005 if int8 else 0)
+                - (0.002 if job.get("eval_limit") else 0)
+            )
+            metrics = {
+                "latency_ratio": latency,
+                "speedup": 1 / latency,
+                "size_ratio": (1 - prune) * (0.25 if int8 else 1),
+                "macs_ratio": 1 - prune,
+                "top1_agreement": value,
+            }
+            results.append({"status": "ok", "metrics": metrics, "value": value, "seconds": 0})
+        return results
+
+
+PRUNE_ONLY = Space("cnn", (Param("prune", low=0.0, high=0.7, step=0.05),))
+PRUNE_INT8 = Space(
+    "cnn", (Param("prune", low=0.0, high=0.7, step=0.05), Param("quantize", ("none", "int8")))
+)
+
+
+def _search(files, tmp_path, executor, **kwargs):
+    settings = dict(
+        targets=parse_targets(["latency=0.5"]),
+        budget=parse_budget("top1_agreement", "0.05", None),
+        calibration=files["calib"],
+        evaluation=files["eval"],
+        trials=4,
+        executor=executor,
+        work_dir=tmp_path / "work",
+        space=PRUNE_ONLY,
+        subset=0,
+        echo=lambda line: None,
+    )
+    settings.update(kwargs)
+    return tune(files["model"], tmp_path / "out.onnx", **settings)
+
+
+def test_bisection_finds_the_smallest_fraction_that_meets_the_target(files, tmp_path):
+    found = _search(files, tmp_path, Synthetic(), trials=1, bisect_steps=6)
+    assert found.met
+    # latency = 1 - prune: 0.5 is the smallest fraction at 0.5x, and keeps the most metric
+    assert found.chosen.params["prune"] == pytest.approx(0.5)
+    assert any(t.stage == "bisect" for t in found.trials)
+
+
+def test_choice_meets_target_and_budget_and_is_the_best_judged(files, tmp_path):
+    found = _search(
+        files,
+        tmp_path,
+        Synthetic(),
+        space=PRUNE_INT8,
+        trials=8,
+        targets=parse_targets(["speedup=2.5"]),
+    )
+    assert found.met
+    chosen = found.chosen
+    assert chosen.metrics["speedup"] >= 2.5 and chosen.value >= found.floor
+    feasible = [
+        t
+        for t in found.trials
+        if t.stage in ("full", "bisect") and t.metrics["speedup"] >= 2.5 and t.value >= found.floor
+    ]
+    assert chosen.value == max(t.value for t in feasible)
+    # the best in the space: INT8 with the least pruning that gives 2.5x (0.6 * (1 - p) <= 0.4)
+    assert chosen.params["quantize"] == "int8" and chosen.params["prune"] <= 0.4
+
+
+def test_impossible_target_gives_the_closest_trial_and_writes_nothing(files, tmp_path):
+    found = _search(files, tmp_path, Synthetic(), targets=parse_targets(["latency=0.1"]))
+    assert not found.met and found.output is None and not (tmp_path / "out.onnx").exists()
+    judged = [t for t in found.trials if t.stage in ("full", "bisect")]
+    kept = [t for t in judged if t.value >= found.floor]  # the closest keeps the budget
+    assert found.chosen in kept
+    assert found.chosen.metrics["latency_ratio"] == min(t.metrics["latency_ratio"] for t in kept)
+    assert f"closest is trial {found.chosen.number}" in found.reason
+
+
+def test_successive_halving_judges_the_best_third_on_all_data(files, tmp_path):
+    executor = Synthetic()
+    found = _search(files, tmp_path, executor, trials=6, subset=0.25, bisect_steps=0)
+    subset = [t for t in found.trials if t.stage == "subset"]
+    full = [t for t in found.trials if t.stage == "full"]
+    assert len(subset) == 6 and len(full) == 2
+    limits = {job.get("eval_limit") for job in executor.jobs if not job.get("reference")}
+    assert limits == {SAMPLES // 4, None}
+    # the two promoted are the two best on the subset
+    ranked = sorted(
+        (entry for entry in found.data["trials"] if entry["stage"] == "subset"),
+        key=lambda entry: entry["objective"],
+    )
+    assert [t.params for t in full] == [entry["params"] for entry in ranked[:2]]
+
+
+def test_rerun_and_resume_skip_finished_trials(files, tmp_path):
+    first = Synthetic()
+    found = _search(files, tmp_path, first, bisect_steps=2)
+    assert found.executed == len(first.jobs) > 3
+    again = Synthetic()
+    rerun = _search(files, tmp_path, again, bisect_steps=2, resume=True)
+    assert again.jobs == [] and rerun.executed == 0
+    assert [t.params for t in rerun.trials] == [t.params for t in found.trials]
+    assert rerun.chosen.number == found.chosen.number
+    # a trial cut off before its result was written runs again, alone
+    (Path(found.trials[2].model_path).parent / RESULT_FILE).unlink()
+    third = Synthetic()
+    _search(files, tmp_path, third, bisect_steps=2)
+    assert len(third.jobs) == 1
+    with pytest.raises(SettingsError, match="--resume"):
+        _search(files, tmp_path / "elsewhere", Synthetic(), resume=True)
+
+
+def test_tune_refuses_to_invent_data(files, tmp_path):
+    with pytest.raises(SettingsError, match="--calib"):
+        _search(files, tmp_path, Synthetic(), calibration=None)
+    with pytest.raises(SettingsError, match="labels"):
+        _search(
+            files, tmp_path, Synthetic(), evaluation=None, budget=parse_budget("top1", "0.01", None)
+        )
+
+
+# ----------------------------------------------------------------- real trials, in processes
+
+PRUNE_GRID = Space("cnn", (Param("prune", low=0.0, high=0.5, step=0.25),))
+
+
+@pytest.fixture(scope="module")
+def searched(files, tmp_path_factory):
+    """A real search: the MLP pruned in trial processes, 25 % of its MACs to remove."""
+    work = tmp_path_factory.mktemp("searched")
+    settings = dict(
+        targets=parse_targets(["macs=0.8"]),
+        budget=parse_budget("cosine", "0.2", None),
+        calibration=files["calib"],
+        evaluation=files["eval"],
+        trials=2,
+        work_dir=work / "work",
+        space=PRUNE_GRID,
+        subset=0,
+        bisect_steps=1,
+        runs=2,
+        echo=lambda line: None,
+    )
+    found = tune(files["model"], work / "out.onnx", **settings)
+    return found, settings, work
+
+
+def test_real_search_meets_the_target_and_its_recipe_reproduces_the_model(files, searched):
+    found, _, work = searched
+    assert found.met, found.reason
+    chosen = found.chosen
+    assert chosen.metrics["macs_ratio"] <= 0.8 and chosen.value >= found.floor
+    assert chosen.params["prune"] > 0 and found.executed == len(found.trials)
+    written = model_io.load(work / "out.onnx")
+    # the recipe file alone (with the same data) makes the same model
+    recipe_file = found.data["trials"][chosen.number]["recipe"]
+    assert "compress" in Path(recipe_file).read_text()
+    again = compress(
+        files["model"],
+        Recipe.load(recipe_file),
+        calibration=files["calib"],
+        evaluation=files["eval"],
+        runs=1,
+    )
+    name = written.graph.inputs[0].name
+    feed = {name: np.load(files["eval"])[name][:4]}
+    (expected,), (reproduced,) = run(written, feed), run(again.model, feed)
+    np.testing.assert_allclose(reproduced, expected, rtol=1e-5, atol=1e-6)
+    original = run(model_io.load(files["model"]), feed)[0]
+    assert not np.allclose(expected, original)  # it was compressed, not copied
+    data = json.loads((found.work / "tune.json").read_text())
+    assert data["chosen"] == chosen.number and data["met"]
+    judged = {t["number"] for t in data["trials"] if t["status"] == "ok"}
+    assert data["pareto"]["latency"] and set(data["pareto"]["latency"]) <= judged
+    # on the size front the most pruned trial is undominated (smallest, whatever its metric)
+    smallest = min(
+        (t for t in data["trials"] if t["status"] == "ok"), key=lambda t: t["metrics"]["size_ratio"]
+    )
+    assert smallest["number"] in data["pareto"]["size"]
+    page = (found.work / "tune.html").read_text()
+    assert "<svg" in page and f"trial {chosen.number}" in page and "budget" in page
+
+
+def test_real_rerun_runs_no_trial_again(files, searched):
+    found, settings, work = searched
+    rerun = tune(files["model"], work / "out2.onnx", **{**settings, "resume": True})
+    assert rerun.executed == 0 and all(t.cached for t in rerun.trials)
+    assert rerun.chosen.key == found.chosen.key
+    assert (work / "out2.onnx").read_bytes() == (work / "out.onnx").read_bytes()
+
+
+def test_a_crashing_trial_is_recorded_and_the_search_goes_on(files, tmp_path, monkeypatch):
+    proto = onnx.load(files["model"])
+    weights = sum(onnx.numpy_helper.to_array(t).size for t in proto.graph.initializer)
+    monkeypatch.setenv("TUNE_TEST_ORIGINAL_WEIGHTS", str(weights))
+    found = tune(
+        files["model"],
+        tmp_path / "out.onnx",
+        targets=parse_targets(["macs=1.0"]),
+        budget=parse_budget("tests.tune_metrics:abort_when_pruned", "0.1", None),
+        calibration=files["calib"],
+        evaluation=files["eval"],
+        trials=3,
+        work_dir=tmp_path / "work",
+        space=PRUNE_GRID,
+        subset=0,
+        bisect_steps=0,
+        runs=1,
+        seed=1,  # draws 0.25, 0.5, then 0: two crashes before a trial that runs
+        echo=lambda line: None,
+    )
+    failed = [t for t in found.trials if not t.ok]
+    kept = [t for t in found.trials[1:] if t.ok]
+    assert failed and kept, [t.params for t in found.trials]
+    assert all("SIGABRT" in t.result["error"] for t in failed)
+    assert all(t.params["prune"] > 0 for t in failed) and all(t.params["prune"] == 0 for t in kept)
+    assert len(found.trials) == 4  # the reference and three draws: none stopped the search
+    assert found.met and found.chosen.params["prune"] == 0
+    entry = found.data["trials"][failed[0].number]
+    assert entry["status"] == "failed" and "SIGABRT" in entry["error"]
+
+
+def test_cli_exit_3_names_the_closest_trial(files, searched, monkeypatch, capsys):
+    _, settings, work = searched
+
+    def parser() -> argparse.ArgumentParser:  # tune wired in as the lead will wire it
+        built = build_parser()
+        commands = next(a for a in built._actions if isinstance(a, argparse._SubParsersAction))
+        tune_cli.add_parser(commands)
+        return built
+
+    build_parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", parser)
+    monkeypatch.setitem(cli.COMMANDS, "tune", tune_cli.run)
+    argv = [
+        "tune",
+        files["model"],
+        "-o",
+        str(work / "impossible.onnx"),
+        "--target",
+        "size=0.01",
+        "--metric",
+        "cosine",
+        "--max-drop",
+        "0.2",
+        "--calib",
+        files["calib"],
+        "--eval",
+        files["eval"],
+        "--trials",
+        "1",
+        "--subset",
+        "0",
+        "--bisect-steps",
+        "0",
+        "--runs",
+        "2",
+        "--work-dir",
+        str(settings["work_dir"]),
+        "--family",
+        "cnn",
+    ]
+    assert cli.run(argv) == 3
+    err = capsys.readouterr().err
+    assert "no trial met size=0.01" in err and "closest is trial" in err
+    assert not (work / "impossible.onnx").exists()
+    assert cli.run([*argv[:4], "--target", "latency=2", *argv[6:]]) == 1  # a usage error
+
+
+def test_ray_executor_runs_trials_on_a_local_instance(files, tmp_path):
+    ray = pytest.importorskip(
+        "ray", reason="Ray is not installed (pip install 'onnx-squeeze[ray]')"
+    )
+    from onnx_squeeze.tune.executors import RayExecutor
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        executor = RayExecutor()
+        found = tune(
+            files["model"],
+            tmp_path / "out.onnx",
+            targets=parse_targets(["macs=0.8"]),
+            budget=parse_budget("cosine", "0.2", None),
+            calibration=files["calib"],
+            evaluation=files["eval"],
+            trials=1,
+            executor=executor,
+            work_dir=tmp_path / "work",
+            space=Space("cnn", (Param("prune", low=0.25, high=0.25, step=0.25),)),
+            subset=0,
+            bisect_steps=0,
+            runs=1,
+            echo=lambda line: None,
+        )
+    finally:
+        ray.shutdown()
+    assert found.met and "Ray" in found.where and "Ray" in found.data["measured_on"]
+    assert found.executed == 2
+    written = model_io.load(tmp_path / "out.onnx")
+    feed = {written.graph.inputs[0].name: np.load(files["eval"])[written.graph.inputs[0].name][:2]}
+    # the model came back from the worker: pruned, and as close to the original as measured
+    pruned, original = run(written, feed)[0], run(model_io.load(files["model"]), feed)[0]
+    assert found.chosen.metrics["macs_ratio"] <= 0.8
+    cosine = float((pruned * original).sum() / np.linalg.norm(pruned) / np.linalg.norm(original))
+    assert cosine == pytest.approx(found.chosen.value, abs=0.2) and cosine >= found.floor - 0.1
