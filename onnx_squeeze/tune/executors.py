@@ -5,9 +5,11 @@ failed result and the search goes on; an interrupt (Ctrl-C) stops the search."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
+import select
 import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,41 +27,59 @@ class Executor(Protocol):
 
     def run(self, jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]: ...
 
+    def close(self) -> None: ...
+
 
 def _failure(error: str) -> dict[str, Any]:
     return {"status": "failed", "error": error}
 
 
-def _child(job_path: str, environment: dict[str, str], log: str) -> None:
-    """A trial process: the search's environment (the fork server keeps the one it started
-    with), its error output into the trial's log, the trial."""
-    os.environ.clear()
-    os.environ.update(environment)
-    stream = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(stream, 2)
-    from onnx_squeeze.tune.trial import main
+class _Launcher:
+    """One :mod:`onnx_squeeze.tune.forker` process (started on first use, again if it died)."""
 
-    main([job_path])
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[str] | None = None
+
+    def run(self, job_path: Path, log: Path, timeout: float | None) -> int | None:
+        """The trial's exit code (negative: a signal), None when it ran past ``timeout``."""
+        if self._process is None or self._process.poll() is not None:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "onnx_squeeze.tune.forker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                # the search's import path, so a --metric module:function found here is found there
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            )
+        assert self._process.stdin is not None and self._process.stdout is not None
+        message = {"job": str(job_path), "env": dict(os.environ), "log": str(log)}
+        self._process.stdin.write(json.dumps(message) + "\n")
+        self._process.stdin.flush()
+        pid = int(self._process.stdout.readline().split()[1])
+        ready, _, _ = select.select([self._process.stdout], [], [], timeout)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            self._process.stdout.readline()
+            return None
+        return int(self._process.stdout.readline().split()[1])
+
+    def close(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.stdin.close()  # type: ignore[union-attr]
+            self._process.wait()
 
 
 class LocalExecutor:
     """Each trial in a process of its own, ``jobs`` at once (1 by default: trials running side
-    by side slow each other's latency measurements). Processes are forked from a server that
-    imported onnx-squeeze once (``forkserver``; ``spawn`` where there is none)."""
+    by side slow each other's latency measurements), forked by launchers that imported
+    onnx-squeeze once (:mod:`onnx_squeeze.tune.forker`)."""
 
     where = "this machine"
 
     def __init__(self, jobs: int = 1, timeout: float | None = None) -> None:
         self.jobs = max(1, jobs)
         self.timeout = timeout
-        methods = multiprocessing.get_all_start_methods()
-        self._context = multiprocessing.get_context(
-            "forkserver" if "forkserver" in methods else "spawn"
-        )
-        if "forkserver" in methods:
-            self._context.set_forkserver_preload(
-                ["onnx_squeeze.tune.trial", "onnx_squeeze.pipeline"]
-            )
+        self._idle = [_Launcher() for _ in range(self.jobs)]
 
     def _one(self, job: dict[str, Any]) -> dict[str, Any]:
         folder = Path(job["folder"])
@@ -67,22 +87,19 @@ class LocalExecutor:
         (folder / RESULT_FILE).unlink(missing_ok=True)
         (folder / JOB_FILE).write_text(json.dumps(job, default=str))
         log = folder / LOG_FILE
-        process = self._context.Process(
-            target=_child, args=(str(folder / JOB_FILE), dict(os.environ), str(log))
-        )
-        process.start()
-        process.join(self.timeout)
-        if process.is_alive():
-            process.kill()
-            process.join()
+        launcher = self._idle.pop()
+        try:
+            code = launcher.run(folder / JOB_FILE, log, self.timeout)
+        finally:
+            self._idle.append(launcher)
+        if code is None:
             return _failure(f"the trial ran past its limit of {self.timeout:g} s")
-        if process.exitcode == -signal.SIGINT:
+        if code == -signal.SIGINT:
             raise KeyboardInterrupt
         result_path = folder / RESULT_FILE
         if result_path.is_file():
             return json.loads(result_path.read_text())
         lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
-        code = process.exitcode or 0
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         last = f": {lines[-1][:300]}" if lines else ""
         return _failure(f"the trial process died ({how}){last}; its log: {log}")
@@ -92,6 +109,10 @@ class LocalExecutor:
             return [self._one(job) for job in jobs]
         with ThreadPoolExecutor(self.jobs) as pool:
             return list(pool.map(self._one, jobs))
+
+    def close(self) -> None:
+        for launcher in self._idle:
+            launcher.close()
 
 
 def _ray_trial(job: dict[str, Any], shared: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
@@ -127,8 +148,9 @@ class RayExecutor:
                 "--executor ray needs Ray: pip install 'onnx-squeeze[ray]'"
             ) from None
         self._ray = ray
-        if not ray.is_initialized():
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        self._started = not ray.is_initialized()
+        if self._started:
+            ray.init(address=address, log_to_driver=False)
         self._task = ray.remote(num_cpus=cpus_per_trial, max_retries=0)(_ray_trial)
         self._refs: dict[str, Any] = {}
         self.where = f"Ray workers ({address or 'local instance'})"
@@ -161,6 +183,10 @@ class RayExecutor:
                 (folder / MODEL_FILE).write_bytes(model)
             results.append(result)
         return results
+
+    def close(self) -> None:
+        if self._started:  # a connection (or local instance) this executor made
+            self._ray.shutdown()
 
 
 def make_executor(

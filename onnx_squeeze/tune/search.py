@@ -258,6 +258,50 @@ def tune(
     }
     search = Search(source, list(targets), budget, Store(work), runner, base_job, budget.gate, echo)
     start = time.monotonic()
+    try:
+        reference = _strategy(
+            search,
+            space,
+            original=original,
+            evaluation=evaluation,
+            trials=trials,
+            deadline=start + time_budget if time_budget is not None else math.inf,
+            jobs=jobs,
+            subset=subset,
+            eta=eta,
+            bisect_steps=bisect_steps,
+            seed=seed,
+        )
+    finally:
+        if isinstance(executor, str):  # made here: its processes (or Ray connection) end here
+            runner.close()
+    return results_module.finish(
+        search,
+        reference=reference,
+        output=output,
+        work=work,
+        seconds=time.monotonic() - start,
+        where=runner.where,
+        echo=echo,
+    )
+
+
+def _strategy(
+    search: Search,
+    space: Space,
+    *,
+    original: Any,
+    evaluation: Any,
+    trials: int,
+    deadline: float,
+    jobs: int,
+    subset: float,
+    eta: int,
+    bisect_steps: int,
+    seed: int,
+) -> Trial:
+    """The reference, TPE's draws (on the subset), the promotions, the bisection; returns the
+    reference trial."""
     (reference,) = search.run([(REFERENCE, {})])
     if not reference.ok:
         raise SettingsError(
@@ -266,24 +310,22 @@ def tune(
     # the reference's model is the original prepared (simplified, BatchNorm folded: lossless,
     # what every compress run starts from): the trials start from it rather than each running
     # onnxsim again, and are compared with it
-    search.base_job = dict(base_job, model=reference.model_path, prepared=True)
+    search.base_job = dict(search.base_job, model=reference.model_path, prepared=True)
     baseline = float(reference.value)  # type: ignore[arg-type]
-    search.floor = budget.floor(baseline)
+    search.floor = search.budget.floor(baseline)
     search.scale = max(abs(baseline - search.floor), 1e-3 * abs(baseline), 1e-6)
-    echo(f"original {budget.metric} = {baseline:.4g}; budget {budget}: floor {search.floor:.4g}")
-
+    search.echo(
+        f"original {search.budget.metric} = {baseline:.4g}; budget {search.budget}: "
+        f"floor {search.floor:.4g}"
+    )
     limit = _subset_samples(search, original, evaluation, subset)
     stage = SUBSET if limit else FULL
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     )
-
-    def out_of_time() -> bool:
-        return time_budget is not None and time.monotonic() - start > time_budget
-
     drawn = 0
-    while drawn < trials and not out_of_time():
+    while drawn < trials and time.monotonic() < deadline:
         asked = [study.ask() for _ in range(min(max(1, jobs), trials - drawn))]
         points = [space.draw(ask) for ask in asked]
         for ask, trial in zip(asked, search.run([(stage, p) for p in points], limit), strict=True):
@@ -296,17 +338,9 @@ def tune(
         keep = ranked[: max(1, math.ceil(len(ranked) / eta))]
         search.run([(FULL, t.params) for t in keep])
     judged = [t for t in search.trials if t.stage in (FULL, BISECT) and t.ok]
-    if judged and not out_of_time():
+    if judged and time.monotonic() < deadline:
         _bisect(search, space, min(judged, key=search.objective), bisect_steps)
-    return results_module.finish(
-        search,
-        reference=reference,
-        output=output,
-        work=work,
-        seconds=time.monotonic() - start,
-        where=getattr(runner, "where", "this machine"),
-        echo=echo,
-    )
+    return reference
 
 
 def _subset_samples(search: Search, original: Any, evaluation: Any, subset: float) -> int | None:
