@@ -39,6 +39,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnx_squeeze import layer_times
 from onnx_squeeze.analysis import MAC_OPS, ModelSummary, NodeCost, analyze
 from onnx_squeeze.calibration.random_data import random_source
 from onnx_squeeze.errors import InputError, SettingsError
@@ -605,6 +606,9 @@ def compare(
                 timings[f"{provider}/t{count}"] = measured
     else:
         skipped.append("latency: not measured (runs=0)")
+    times = None
+    if runs > 0 and "cpu" in providers:
+        times = _layer_times((loaded_a.model, loaded_b.model), latency_feed, threads[0] or 1)
     return Comparison(
         fidelity=results,
         latency=timings,
@@ -613,15 +617,43 @@ def compare(
         skipped=_unique(skipped),
         fidelity_provider=fidelity_provider,
         input_shapes={name: list(shape) for name, shape in input_shapes.items()},
-        layers=layer_costs(summary_a, summary_b, loaded_b.model),
+        layers=layer_costs(summary_a, summary_b, loaded_b.model, times),
     )
 
 
-def layer_costs(a: ModelSummary, b: ModelSummary, model_b: ir.Model) -> list[dict[str, Any]]:
+LAYER_TIME_RUNS = 10  # profiled runs per model for the per-layer times (their medians)
+
+
+def _layer_times(
+    models: Sequence[ir.Model], feed: Feed, threads: int
+) -> tuple[dict[str, float], ...]:
+    """Median milliseconds per run of each named node of each model: onnxruntime's profiler on
+    CPU, its kernels given back to the nodes they came from (:mod:`onnx_squeeze.layer_times`)."""
+    timed = []
+    for model in models:
+        inputs = {value.name for value in model.graph.inputs}
+        measured = layer_times.measure(
+            model,
+            {name: array for name, array in feed.items() if name in inputs},
+            threads=threads,
+            runs=LAYER_TIME_RUNS,
+        )
+        timed.append({node.name: us / 1000.0 for node, us in measured.nodes.items() if node.name})
+    return tuple(timed)
+
+
+def layer_costs(
+    a: ModelSummary,
+    b: ModelSummary,
+    model_b: ir.Model,
+    times: tuple[Mapping[str, float], Mapping[str, float]] | None = None,
+) -> list[dict[str, Any]]:
     """Parameters and MACs of every weight layer of A beside B's: ``{node, op_type, params: [a,
-    b], macs: [a, b]}``. B's figures are those of its node of the same name plus every node a
+    b], macs: [a, b]}``, and ``time_ms: [a, b]`` from ``times`` (node name -> milliseconds, per
+    model) when given. B's figures are those of its node of the same name plus every node a
     pass made from it (``records.SOURCE_NODE_KEY``: the two factors of a low-rank layer); None
-    where B has no such node (a pass renamed it without saying where it came from)."""
+    where B has no such node (a pass renamed it without saying where it came from) or the
+    profiler gave it no time."""
     sources = {
         node.name: node.metadata_props.get(SOURCE_NODE_KEY)
         for node in ir.traversal.RecursiveGraphIterator(model_b.graph)
@@ -637,15 +669,17 @@ def layer_costs(a: ModelSummary, b: ModelSummary, model_b: ir.Model) -> list[dic
     for cost in a.nodes:
         if cost.weight is None or cost.op_type not in MAC_OPS:
             continue
-        matched = in_b.get(cost.name)
-        layers.append(
-            {
-                "node": cost.name,
-                "op_type": cost.op_type,
-                "params": [cost.params, sum(c.params for c in matched) if matched else None],
-                "macs": [cost.macs, sum(c.macs for c in matched) if matched else None],
-            }
-        )
+        matched = in_b.get(cost.name) or []
+        layer = {
+            "node": cost.name,
+            "op_type": cost.op_type,
+            "params": [cost.params, sum(c.params for c in matched) if matched else None],
+            "macs": [cost.macs, sum(c.macs for c in matched) if matched else None],
+        }
+        if times is not None:
+            found = [times[1][c.name] for c in matched if c.name in times[1]]
+            layer["time_ms"] = [times[0].get(cost.name), sum(found) if found else None]
+        layers.append(layer)
     return layers
 
 

@@ -365,6 +365,11 @@ def test_layers_pair_each_weight_layer_with_its_pruned_and_factorized_versions()
     assert list(layers) == [node_name] and layers[node_name]["op_type"] == "MatMul"
     assert layers[node_name]["params"] == [30, 6 * 2 + 2 * 5]
     assert layers[node_name]["macs"] == [3 * 6 * 5, 3 * 6 * 2 + 3 * 2 * 5]
+    assert "time_ms" not in layers[node_name]  # no timed runs, no profile
+    # with timed runs, each layer's time from onnxruntime's profiler, B's two factors together
+    timed = cmp.compare(a, b, runs=2, warmup=0, shapes={"x": (3, 6)}, batch=3).to_dict()
+    time_a, time_b = timed["layers"][0]["time_ms"]
+    assert 0 < time_a < 1000 and 0 < time_b < 1000
     # without provenance, the layer has no counterpart in B
     for made in (first, second):
         made.metadata_props.clear()
