@@ -89,7 +89,7 @@ class GramAccumulator:
     outputs). With ``intercept`` a constant feature is appended (the bias), stored last. The
     arrays are allocated once, so :attr:`nbytes` does not grow with the number of batches.
     With ``per_output`` each output's squared error counts relative to its targets' spread
-    (floored as :func:`onnx_squeeze.fidelity.channel_error` floors it); otherwise all count alike.
+    (floored at ``fidelity.SPREAD_FLOOR`` of its mean square); otherwise all count alike.
     """
 
     def __init__(
