@@ -64,7 +64,13 @@ def value(
     """The metric of the model at ``model_path`` (``comparison``: its metrics against the
     original; ``open_data(spec, model)`` opens the evaluation data for it)."""
     if metric in FIDELITY_METRICS:
-        return float(comparison[metric])
+        measured = comparison.get(metric)
+        if measured is None:
+            raise InputError(
+                f"the comparison measures no {metric} for this model (top1_agreement needs "
+                "[N, classes] outputs): choose another --metric, e.g. cosine"
+            )
+        return float(measured)
     if metric == "top1":
         return top1(model_path, data, open_data)
     return float(user_function(metric)(model_path, data))

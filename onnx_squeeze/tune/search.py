@@ -73,6 +73,7 @@ class Search:
     gate: str | None
     echo: Callable[[str], None]
     trials: list[Trial] = dataclasses.field(default_factory=list)
+    reference: Trial | None = None
     executed: int = 0
     floor: float = math.nan
     scale: float = 1.0
@@ -103,13 +104,14 @@ class Search:
             result = fresh.get(job["folder"])
             if result is not None:
                 self.store.put(key, result)
+            found = result if result is not None else self.store.get(key) or {}
             trial = Trial(
                 number=len(self.trials),
                 stage=stage,
                 params=dict(params),
                 recipe=Recipe.from_dict(job["recipe"]),
                 key=key,
-                result=result if result is not None else self.store.get(key) or {},
+                result=self._against_original(found) if job.get("prepared") else found,
                 cached=result is None,
                 model_path=os.fspath(self.store.model_path(key)),
             )
@@ -117,6 +119,20 @@ class Search:
             made.append(trial)
             self.echo(results_module.trial_line(trial, self))
         return made
+
+    def _against_original(self, result: dict[str, Any]) -> dict[str, Any]:
+        """A result measured against the prepared original, with its size, parameter and MAC
+        ratios against the file (exact: the prepared model's own ratios multiply them in).
+        Latency stays against the prepared model: onnxruntime's optimizer does at load time
+        what onnxsim did, and a product of two timings is only noisier."""
+        if result.get("status") != "ok" or self.reference is None or not self.reference.ok:
+            return result
+        base = self.reference.metrics or {}
+        metrics = dict(result["metrics"])
+        for key in ("size_ratio", "params_ratio", "macs_ratio"):
+            if metrics.get(key) is not None and base.get(key) is not None:
+                metrics[key] = metrics[key] * base[key]
+        return {**result, "metrics": metrics}
 
     def distance(self, trial: Trial) -> tuple[float, float]:
         return distance(trial.metrics, trial.value, self.targets, self.floor, self.scale)
@@ -128,7 +144,7 @@ class Search:
         if missed + below > 0:
             return min(missed + below, 1e6)
         assert trial.value is not None
-        return -(trial.value - self.floor) / self.scale
+        return max(-(trial.value - self.floor) / self.scale, -1e6)
 
     def meets(self, trial: Trial) -> bool:
         return self.distance(trial) == (0.0, 0.0)
@@ -303,6 +319,7 @@ def _strategy(
     """The reference, TPE's draws (on the subset), the promotions, the bisection; returns the
     reference trial."""
     (reference,) = search.run([(REFERENCE, {})])
+    search.reference = reference
     if not reference.ok:
         raise SettingsError(
             f"the original model cannot be measured: {reference.result.get('error')}"
@@ -313,7 +330,10 @@ def _strategy(
     search.base_job = dict(search.base_job, model=reference.model_path, prepared=True)
     baseline = float(reference.value)  # type: ignore[arg-type]
     search.floor = search.budget.floor(baseline)
-    search.scale = max(abs(baseline - search.floor), 1e-3 * abs(baseline), 1e-6)
+    # the unit a shortfall is counted in: the drop allowed (the floor itself when the
+    # original's value is infinite, as the SQNR of identical outputs)
+    spread = baseline - search.floor if math.isfinite(baseline) else abs(search.floor)
+    search.scale = max(abs(spread), 1e-3 * abs(search.floor), 1e-6)
     search.echo(
         f"original {search.budget.metric} = {baseline:.4g}; budget {search.budget}: "
         f"floor {search.floor:.4g}"

@@ -171,8 +171,8 @@ def distance(
 ) -> tuple[float, float]:
     """(how far the targets are missed, how far below the floor the metric is in units of
     ``scale``): (0, 0) for a trial that meets everything."""
-    if metrics is None or value is None or not math.isfinite(value):
-        return math.inf, math.inf
+    if metrics is None or value is None or math.isnan(value):
+        return math.inf, math.inf  # +inf is a value: the SQNR of identical outputs
     missed = sum(target.shortfall(metrics) for target in targets)
     below = max(0.0, (floor - value) / scale) if scale > 0 else float(value < floor)
     return missed, below
