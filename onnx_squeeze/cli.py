@@ -17,6 +17,7 @@ from typing import Any
 
 import onnx_ir as ir
 from rich.console import Console
+from rich.markup import escape
 
 from onnx_squeeze import __version__, log, model_io, report, runtime, scratch, shortcuts, verdict
 from onnx_squeeze.calibration.constants import parse_settings
@@ -549,16 +550,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
             str(args.runs),
             "--threads",
             ",".join(map(str, args.threads)),
-            "--json",
-            str(folder / "report.json"),
-            "--report",
-            str(folder / "report.html"),
         ]
-        console.print("[dim]$ onnx-squeeze " + " ".join(argv) + "[/]")
-        code = run(argv)
+        if args.out:  # reports only where they are kept, never paths to a deleted folder
+            argv += ["--json", str(folder / "report.json"), "--report", str(folder / "report.html")]
+        console.print(escape("$ onnx-squeeze " + shlex.join(argv)), style="dim")
+        code = run([*argv, *_log_options(args)])
         if not args.out:
-            console.print("[dim](pass --out DIR to keep the models and reports)[/]")
+            console.print(
+                "(the models were in a temporary folder, now removed: pass --out DIR to keep "
+                "them with the JSON and HTML reports)",
+                style="dim",
+            )
         return code
+
+
+def _log_options(args: argparse.Namespace) -> list[str]:
+    """The logging options of ``args`` as command-line words, for a command run from another."""
+    if args.log_level:
+        return ["--log-level", args.log_level]
+    return ["-q"] if args.quiet else ["-v"] * args.verbose
 
 
 # The demo's job: remove 30% of the MACs by channel pruning, refit the pruned layers to the
@@ -584,10 +594,13 @@ STDOUT = "-"  # --json - writes to stdout
 UNLIMITED_WIDTH = 10_000
 
 
-def _console(stream: Any) -> Console:
-    """A console on ``stream``: the terminal's width there, else one that never cuts."""
-    terminal = stream.isatty()
-    return Console(file=stream, width=None if terminal else UNLIMITED_WIDTH, soft_wrap=not terminal)
+def _console(*, stderr: bool) -> Console:
+    """A console on stdout or stderr (whichever stream is current when it prints): the
+    terminal's width there, else one that never cuts."""
+    terminal = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(
+        stderr=stderr, width=None if terminal else UNLIMITED_WIDTH, soft_wrap=not terminal
+    )
 
 
 def _log_level(args: argparse.Namespace) -> int:
@@ -611,7 +624,7 @@ def run(argv: Sequence[str]) -> int:
     try:
         args = build_parser().parse_args(list(argv))
         args.argv = list(argv)
-        console = _console(sys.stderr if getattr(args, "json", None) == STDOUT else sys.stdout)
+        console = _console(stderr=getattr(args, "json", None) == STDOUT)
         log.configure(_log_level(args))
         with warnings.catch_warnings():
             # run warnings are in the report the command prints: not a second time on stderr

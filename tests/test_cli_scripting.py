@@ -229,3 +229,14 @@ def test_tables_are_not_cut_and_symbolic_dims_are_shown_where_no_terminal_is(sym
     assert LONG_NAME in out  # rich would cut it to 80 columns: 'backbone.stage4…'
     assert "…" not in out
     assert "[batch, seq, 8]" in out and "[batch, seq, 4]" in out  # not read as markup
+
+
+def test_demo_without_out_names_no_report_in_the_folder_it_removes(monkeypatch, capsys):
+    inner: list[list[str]] = []
+    monkeypatch.setattr(cli, "run", lambda argv: inner.append(list(argv)) or cli.EXIT_OK)
+    args = cli.build_parser().parse_args(["-q", "demo", "--width", "0.25", "--runs", "2"])
+    assert cli.cmd_demo(args) == cli.EXIT_OK
+    (argv,) = inner
+    assert argv[0] == "compress" and "--json" not in argv and "--report" not in argv
+    assert argv[-1] == "-q"  # the logging options reach the compress it runs
+    assert "pass --out DIR to keep" in capsys.readouterr().out

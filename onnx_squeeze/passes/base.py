@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 import numbers
 import time
 import types
@@ -21,6 +22,8 @@ import onnx_ir as ir
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.layers import WEIGHT_OPS
 from onnx_squeeze.records import PassContext, PassReport
+
+logger = logging.getLogger(__name__)  # under onnx_squeeze: the CLI's -q/-v reach it
 
 
 class Pass(abc.ABC):
@@ -64,8 +67,10 @@ class Pass(abc.ABC):
         context = context or PassContext()
         context.data.draw_random_for(model, context.input_shapes, seed=context.seed)
         start = time.perf_counter()
+        logger.info("%s: running", self.name)
         self.apply(model, context, report)
         report.seconds = time.perf_counter() - start
+        logger.info("%s: done in %.1f s", self.name, report.seconds)
         unreached = 0 if self.reaches_subgraphs else _layers_in_subgraphs(model)
         if unreached:
             report.notes.append(
