@@ -76,13 +76,14 @@ class QuantizeInt8Settings:
     exclude_op_types: Sequence[str] = subset((), ANCHOR_OPS)
     keep_first_last: bool = False
     # accuracy control: return the layers that harm the outputs most to float until the gate
-    # ``target`` holds on the first ``control_batches`` calibration batches (empty: the
-    # default gate, verdict.DEFAULT_GATE), in at most ``control_runs`` runs of the model and
-    # giving at most ``control_float_macs`` of the quantized layers' MACs back to float
+    # ``target`` holds on calibration data (passes/quantize/accuracy_control.py)
     accuracy_control: bool = True
-    target: str = ""  # e.g. "top1_agreement>=0.99"
-    control_batches: int = bounded(4, low=1)
-    control_runs: int = bounded(24, low=1)
+    # the gate accuracy control meets, e.g. "top1_agreement>=0.99"; empty: the default gate
+    # (verdict.DEFAULT_GATE)
+    target: str = ""
+    control_batches: int = bounded(4, low=1)  # calibration batches its search measures on
+    control_runs: int = bounded(24, low=1)  # model runs it may measure, at most
+    # the share of the quantized layers' MACs it may return to float, at most
     control_float_macs: float = bounded(0.1, low=0, high=1)
     # a Concat whose inputs' calibrated range widths differ by more than this stays float
     # (see passes/quantize/plan.py)
