@@ -118,8 +118,10 @@ def compress(
     """The whole flow: load, prepare, the recipe's passes, finalize, compare, gate, save, report.
 
     ``source`` is a path, ``zoo:NAME``, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (never
-    modified). ``calibration`` and ``evaluation`` are data: a source
-    (:func:`onnx_squeeze.calibration.open_source`), a path, ``"random"`` or a reader. Without
+    modified). ``calibration`` and ``evaluation`` are data (:func:`onnx_squeeze.calibration.
+    open_source`): a path (.npz/.npy, a folder of them or of images), ``"random"``, a dict
+    {input name: samples stacked on the batch axis}, a list or other iterable of feed dicts,
+    an onnxruntime ``CalibrationDataReader`` (anything with ``get_next()``), or a source. Without
     ``evaluation``, every 5th batch of real calibration data is held out from the passes and
     judged on (:func:`evaluation_data`); with random or no calibration data the result is
     judged on other random draws, and the warnings say so. ``constants`` (input name -> one
@@ -130,7 +132,9 @@ def compress(
     ``compare`` runs original and result side by side (fidelity per output channel, latency at
     each of ``threads`` on the first of ``providers``, ``runs`` timed runs, size); ``checks``
     are gate expressions (none: the default gate, which blocks only under ``strict``).
-    ``output`` is written atomically when nothing blocks (or with ``write_on_fail``).
+    ``output`` is written atomically when nothing blocks (or with ``write_on_fail``); else
+    :meth:`CompressResult.save` writes the model later. Run warnings are also issued as
+    :class:`onnx_squeeze.SqueezeWarning` and logged to the ``onnx_squeeze`` logger.
     """
     start = time.perf_counter()
     recipe = recipe or Recipe()
