@@ -247,6 +247,15 @@ def test_rerun_and_resume_skip_finished_trials(files, tmp_path):
         _search(files, tmp_path / "elsewhere", Synthetic(), resume=True)
 
 
+def test_a_point_drawn_twice_in_one_batch_runs_once(files, tmp_path):
+    executor = Synthetic()
+    one_point = Space("cnn", (Param("prune", low=0.25, high=0.25, step=0.05),))
+    found = _search(files, tmp_path, executor, space=one_point, trials=2, jobs=2, bisect_steps=0)
+    assert [t.params for t in found.trials[1:]] == [{"prune": 0.25}] * 2
+    assert len(executor.jobs) == 2 == found.executed  # the reference and the point, once
+    assert found.trials[1].ok and found.trials[2].ok
+
+
 def test_tune_refuses_to_invent_data(files, tmp_path):
     with pytest.raises(SettingsError, match="--calib"):
         _search(files, tmp_path, Synthetic(), calibration=None)

@@ -91,17 +91,17 @@ class Search:
                 job["reference"] = True
             key = self.store.key(job)
             job["folder"] = os.fspath(self.store.folder(key))
+            if self.store.get(key) is None and key not in keys:  # TPE may draw a point twice
+                pending.append(job)
             jobs.append(job)
             keys.append(key)
-            if self.store.get(key) is None:
-                pending.append(job)
         fresh = dict(
             zip((job["folder"] for job in pending), self.executor.run(pending), strict=True)
         )
         self.executed += len(pending)
         made = []
         for (stage, params), job, key in zip(points, jobs, keys, strict=True):
-            result = fresh.get(job["folder"])
+            result = fresh.pop(job["folder"], None)  # a point drawn twice ran once
             if result is not None:
                 self.store.put(key, result)
             found = result if result is not None else self.store.get(key) or {}
