@@ -256,6 +256,22 @@ def test_a_point_drawn_twice_in_one_batch_runs_once(files, tmp_path):
     assert found.trials[1].ok and found.trials[2].ok
 
 
+def test_the_api_takes_targets_and_budget_as_text(files, tmp_path):
+    found = _search(
+        files,
+        tmp_path,
+        Synthetic(),
+        targets=["latency=0.5"],
+        budget=None,
+        metric="top1_agreement",
+        max_drop="6%",
+    )
+    assert found.met and found.floor == pytest.approx(0.94)
+    assert found.chosen.metrics["latency_ratio"] <= 0.5
+    with pytest.raises(SettingsError, match="--target"):
+        _search(files, tmp_path, Synthetic(), targets=[])
+
+
 def test_tune_refuses_to_invent_data(files, tmp_path):
     with pytest.raises(SettingsError, match="--calib"):
         _search(files, tmp_path, Synthetic(), calibration=None)

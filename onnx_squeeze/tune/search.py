@@ -27,7 +27,7 @@ from onnx_squeeze.tune import results as results_module
 from onnx_squeeze.tune.executors import Executor, make_executor
 from onnx_squeeze.tune.space import Space, build_space, family_of, recipe_for
 from onnx_squeeze.tune.store import Store
-from onnx_squeeze.tune.targets import Budget, Target, distance
+from onnx_squeeze.tune.targets import Budget, Target, distance, parse_budget, parse_targets
 
 FULL, SUBSET, BISECT, REFERENCE = "full", "subset", "bisect", "reference"
 
@@ -188,9 +188,12 @@ def tune(
     model: model_io.ModelSource,
     output: str | os.PathLike | None,
     *,
-    targets: Sequence[Target],
-    budget: Budget,
-    calibration: Any,
+    targets: Sequence[Target | str],
+    budget: Budget | None = None,
+    metric: str = "top1_agreement",
+    max_drop: float | str | None = None,
+    min_metric: float | None = None,
+    calibration: Any = None,
     evaluation: Any = None,
     trials: int = 20,
     time_budget: float | None = None,
@@ -219,8 +222,10 @@ def tune(
     seed: int = 0,
     echo: Callable[[str], None] = print,
 ) -> results_module.TuneResult:
-    """Search recipes for one that meets every target (``latency=0.5``: half the original's
-    time here) within the accuracy ``budget``; write it to ``output``.
+    """Search recipes for one that meets every target (``"latency=0.5"``: half the original's
+    time here; :class:`Target` objects or their text) within the accuracy budget (``budget``,
+    or ``metric`` with ``max_drop``, e.g. ``0.01`` or ``"1%"``, or ``min_metric``); write it to
+    ``output``.
 
     ``calibration`` is required (``"random"`` only when asked for, and said so); without
     ``evaluation`` every 5th calibration batch is held out, as in ``compress``. Trials and
@@ -229,6 +234,12 @@ def tune(
     chosen trial (the best that meets everything, else the closest), all trials and the
     Pareto front; nothing is written to ``output`` when no trial meets everything.
     """
+    targets = [
+        one for t in targets for one in ([t] if isinstance(t, Target) else parse_targets([t]))
+    ]
+    if not targets:
+        parse_targets([])  # the one error that says how to give a target
+    budget = budget or parse_budget(metric, None if max_drop is None else str(max_drop), min_metric)
     if calibration is None:
         raise SettingsError(
             "tune needs calibration data: --calib DATA (and --eval HELD_OUT); random inputs "
