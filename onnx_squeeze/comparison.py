@@ -526,7 +526,9 @@ def compare(
     labelled by ``inputs_label``, else their own ``label``. Fidelity runs on the
     first available provider of ``providers``; latency on each available one, for each thread
     count (``runs=0`` skips it). Unavailable providers are listed in
-    :attr:`Comparison.skipped`.
+    :attr:`Comparison.skipped`. :attr:`Comparison.layers` pairs each weight layer's parameters
+    and MACs in both models, with its time from onnxruntime's profiler when latency was timed
+    on CPU (:func:`layer_costs`).
     """
     if batch < 1:
         raise SettingsError(f"batch must be at least 1, got {batch}")
@@ -607,8 +609,14 @@ def compare(
     else:
         skipped.append("latency: not measured (runs=0)")
     times = None
-    if runs > 0 and "cpu" in providers:
-        times = _layer_times((loaded_a.model, loaded_b.model), latency_feed, threads[0] or 1)
+    timed_on_cpu = next((pair for key, pair in timings.items() if key.startswith("cpu/")), None)
+    if timed_on_cpu is not None:
+        times = _layer_times(
+            (loaded_a.model, loaded_b.model),
+            latency_feed,
+            timed_on_cpu[0].threads or 1,
+            [timing.median_ms for timing in timed_on_cpu],
+        )
     return Comparison(
         fidelity=results,
         latency=timings,
@@ -621,22 +629,26 @@ def compare(
     )
 
 
-LAYER_TIME_RUNS = 10  # profiled runs per model for the per-layer times (their medians)
+# Profiled runs per model for the per-layer times (their medians): at most this many, and no
+# more than fit in LAYER_TIME_BUDGET_MS of the model's median latency (at least one).
+LAYER_TIME_RUNS = 10
+LAYER_TIME_BUDGET_MS = 2000.0
 
 
 def _layer_times(
-    models: Sequence[ir.Model], feed: Feed, threads: int
+    models: Sequence[ir.Model], feed: Feed, threads: int, medians_ms: Sequence[float]
 ) -> tuple[dict[str, float], ...]:
     """Median milliseconds per run of each named node of each model: onnxruntime's profiler on
     CPU, its kernels given back to the nodes they came from (:mod:`onnx_squeeze.layer_times`)."""
     timed = []
-    for model in models:
+    for model, median_ms in zip(models, medians_ms, strict=True):
         inputs = {value.name for value in model.graph.inputs}
+        runs = int(min(LAYER_TIME_RUNS, max(1, LAYER_TIME_BUDGET_MS // max(median_ms, 1e-3))))
         measured = layer_times.measure(
             model,
             {name: array for name, array in feed.items() if name in inputs},
             threads=threads,
-            runs=LAYER_TIME_RUNS,
+            runs=runs,
         )
         timed.append({node.name: us / 1000.0 for node, us in measured.nodes.items() if node.name})
     return tuple(timed)
