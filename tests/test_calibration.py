@@ -157,34 +157,61 @@ def test_npy_for_a_model_with_two_inputs_is_refused(tmp_path):
         open_source(tmp_path / "x.npy", two_input_model())
 
 
-@pytest.mark.parametrize(
-    ("arrays", "message"),
-    [
-        ({"a": np.zeros((2, 3), np.float32)}, r"no array for model input 'b'; the file has 'a'"),
-        (
-            {"a": np.zeros((2, 4), np.float32), "b": np.zeros((2, 2), np.int64)},
-            r"array 'a' has shape \(2, 4\), the model input needs \('N', 3\)",
-        ),
-        (
-            {"a": np.zeros(3, np.float32), "b": np.zeros((2, 2), np.int64)},
-            r"array 'a' has shape \(3,\)",
-        ),
-        (
-            {"a": np.zeros((2, 3), np.float32), "b": np.zeros((2, 2), np.float32)},
-            r"array 'b' is float32, the model input is int64: save it with \.astype\(np\.int64\)",
-        ),
-        (
-            {"a": np.zeros((2, 3), np.float32), "b": np.zeros((3, 2), np.int64)},
-            r"different numbers of samples",
-        ),
-    ],
-)
+MISMATCHES = [
+    ({"a": np.zeros((2, 3), np.float32)}, r"no array for model input 'b'; the file has 'a'"),
+    (
+        {"a": np.zeros((2, 4), np.float32), "b": np.zeros((2, 2), np.int64)},
+        r"array 'a' has shape \(2, 4\), the model input needs \('N', 3\)",
+    ),
+    (
+        {"a": np.zeros(3, np.float32), "b": np.zeros((2, 2), np.int64)},
+        r"array 'a' has shape \(3,\)",
+    ),
+    (
+        {"a": np.zeros((2, 3), np.float32), "b": np.zeros((2, 2), np.float32)},
+        r"array 'b' is float32, the model input is int64: save it with \.astype\(np\.int64\)",
+    ),
+    (
+        {"a": np.zeros((2, 3), np.float32), "b": np.zeros((3, 2), np.int64)},
+        r"different numbers of samples",
+    ),
+]
+
+
+@pytest.mark.parametrize(("arrays", "message"), MISMATCHES)
 def test_npz_mismatch_names_the_file_and_the_problem(tmp_path, arrays, message):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
     with pytest.raises(InputError, match=message) as error:
         NpzSource(path, input_specs(two_input_model()))
     assert "bad.npz" in str(error.value)
+
+
+@pytest.mark.parametrize(("arrays", "message"), MISMATCHES)
+def test_arrays_given_in_memory_are_checked_as_a_file_is(arrays, message):
+    with pytest.raises(InputError, match=message) as error:
+        open_source(arrays, two_input_model())
+    assert str(error.value).startswith("the given arrays: ")
+
+
+def test_arrays_in_memory_and_feed_lists_are_batched_like_a_file(tmp_path):
+    a = np.arange(30, dtype=np.float64).reshape(10, 3)
+    b = np.arange(20).reshape(10, 2)
+    np.savez(tmp_path / "calib.npz", a=a, b=b)
+    model = two_input_model()
+    from_file = list(open_source(tmp_path / "calib.npz", model, batch_size=4))
+    from_arrays = open_source({"a": a, "b": b}, model, batch_size=4)
+    assert from_arrays.label == "arrays (10 samples)" and len(from_arrays) == 3
+    feeds = open_source(from_file, model)
+    assert feeds.label == "feeds (3 batches)" and len(feeds) == 3
+    once = open_source(iter(from_file), model)  # an iterator: read once, replayed
+    for source in (from_arrays, feeds, once, once):
+        got = list(source)
+        assert [sorted(f) for f in got] == [["a", "b"]] * 3
+        for mine, theirs in zip(got, from_file, strict=True):
+            for name in ("a", "b"):
+                assert mine[name].dtype == theirs[name].dtype
+                np.testing.assert_array_equal(mine[name], theirs[name])
 
 
 def test_missing_path_and_unknown_file_type(tmp_path):
