@@ -49,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-drop", help="largest drop of the metric: 0.01 (absolute) or 1%%")
     parser.add_argument(
-        "--min-metric", type=float, metavar="VALUE", help="a floor for the metric instead"
+        "--min-metric",
+        type=float,
+        metavar="VALUE",
+        help="a floor for the metric instead of --max-drop (e.g. 30 for worst_channel_sqnr_db)",
     )
     parser.add_argument(
         "--calib", metavar="SRC", help="calibration data (required; 'random' only when asked)"
@@ -61,7 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--trials", type=int, default=20, help="candidates to draw (default 20)")
     parser.add_argument(
-        "--time-budget", type=duration, metavar="30m", help="stop drawing after this"
+        "--time-budget",
+        type=duration,
+        metavar="30m",
+        help="stop drawing candidates after this; the best drawn is still judged on all --eval",
     )
     parser.add_argument("--executor", choices=("local", "ray"), default="local")
     parser.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster")
@@ -80,7 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--finetune", action="store_true", help="add fine-tuning to the space (PyTorch)"
     )
     parser.add_argument(
-        "--subset", type=float, default=0.25, help="share of --eval candidates are ranked on"
+        "--subset",
+        type=float,
+        default=0.25,
+        help="share of --eval that candidates are ranked on before the best third is judged on all of it (default 0.25; 0: all)",
     )
     parser.add_argument(
         "--bisect-steps", type=int, default=3, help="pruning-fraction bisection steps (default 3)"
@@ -89,7 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", default="imagenet", help="image preprocessing for image folders"
     )
-    parser.add_argument("--calib-count", type=int, default=32, help="random calibration samples")
+    parser.add_argument(
+        "--calib-count", type=int, default=32, help="samples of --calib random (default 32)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 

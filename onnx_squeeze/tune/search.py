@@ -366,7 +366,9 @@ def _strategy(
         ranked = sorted(
             (t for t in search.trials if t.stage == SUBSET and t.ok), key=search.objective
         )
-        keep = ranked[: max(1, math.ceil(len(ranked) / eta))]
+        # out of time: the best one only, so that something is judged on all the data
+        share = math.ceil(len(ranked) / eta) if time.monotonic() < deadline else 1
+        keep = ranked[: max(1, share)]
         search.run([(FULL, t.params) for t in keep])
     judged = [t for t in search.trials if t.stage in (FULL, BISECT) and t.ok]
     if judged and time.monotonic() < deadline:
