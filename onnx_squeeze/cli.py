@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME[:key=value,...]",
-        help="add a pass after the recipe's (repeatable)",
+        help="add a pass after the recipe's (repeatable); 'onnx-squeeze passes' lists every "
+        "pass and setting",
     )
     compress.add_argument(
         "--calib",
