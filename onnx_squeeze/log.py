@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from typing import Any
 
 logger = logging.getLogger("onnx_squeeze")
 
@@ -42,14 +43,26 @@ class _Format(logging.Formatter):
         return text if record.levelno == logging.INFO else f"{record.levelname.lower()}: {text}"
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record comes (not the one it was made
+    with: a caller that swaps stderr, as test runners do, gets the lines)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure(level: int | str) -> logging.Handler:
     """Send the ``onnx_squeeze`` logger to stderr at ``level`` (the CLI's handler, replacing a
     previous one); returns the handler."""
     for handler in list(logger.handlers):
-        if getattr(handler, "_onnx_squeeze_cli", False):
+        if isinstance(handler, _Stderr):
             logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._onnx_squeeze_cli = True  # type: ignore[attr-defined]
+    handler = _Stderr()
     handler.setFormatter(_Format("%(message)s"))
     handler.addFilter(_NotInReport())
     logger.addHandler(handler)
