@@ -257,14 +257,20 @@ def test_a_point_drawn_twice_in_one_batch_runs_once(files, tmp_path):
 
 
 def test_the_api_takes_targets_and_budget_as_text(files, tmp_path):
-    found = _search(
-        files,
-        tmp_path,
-        Synthetic(),
+    import onnx_squeeze.tune
+
+    found = onnx_squeeze.tune(  # the package is callable: onnx_squeeze.tune(...) is the search
+        files["model"],
+        tmp_path / "out.onnx",
         targets=["latency=0.5"],
-        budget=None,
         metric="top1_agreement",
         max_drop="6%",
+        calibration=files["calib"],
+        evaluation=files["eval"],
+        executor=Synthetic(),
+        work_dir=tmp_path / "work",
+        space=PRUNE_ONLY,
+        echo=lambda line: None,
     )
     assert found.met and found.floor == pytest.approx(0.94)
     assert found.chosen.metrics["latency_ratio"] <= 0.5
