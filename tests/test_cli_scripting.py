@@ -218,6 +218,9 @@ def test_json_to_stdout_leaves_stdout_to_the_json_and_records_the_run(tmp_path, 
     assert data["calibration"] is None or "random" in data["calibration"]
     assert "random" in data["evaluation"]
     assert "compare" in err and LONG_NAME in err  # the tables went to stderr, uncut
+    # each warning once: in the report, not again as a log line or a Python warning
+    assert err.count("fidelity measured on RANDOM") == 1
+    assert "prune_weights: done in" in err  # what runs is logged
     # the compressed model is the one the JSON describes: half of the weights are zero
     weight = numpy_helper.to_array(onnx.load(out_path).graph.initializer[0])
     assert np.count_nonzero(weight == 0) == weight.size // 2
