@@ -143,6 +143,7 @@ def test_the_collector_reads_no_further_than_stop_says():
 
 
 def _quantized(model, source, **settings):
+    settings.setdefault("accuracy_control", False)  # it re-reads the first batches
     result = model.clone()
     context = PassContext(calibration=source)
     report = make_pass("quantize_int8", settings)(result, context)

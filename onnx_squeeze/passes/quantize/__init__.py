@@ -7,6 +7,6 @@ it: ``quantize_int8``, ``quantize_dynamic``, ``fp16``, ``fp8``, ``quantize_weigh
 - :mod:`.plan`: where Q/DQ pairs go and which tensors share parameters.
 - :mod:`.qdq`: the one writer of QuantizeLinear/DequantizeLinear pairs and quantized weights.
 - :mod:`.statistics` and :mod:`.settling`: calibration statistics, read until ranges settle.
-- :mod:`.bias_correction`, :mod:`.sensitivity`, :mod:`.speed_check`: what static INT8 adds.
+- :mod:`.bias_correction`, :mod:`.accuracy_control`, :mod:`.speed_check`: what static INT8 adds.
 - :mod:`.shared_weights` and :mod:`.weight_codecs`: weight-only encodings.
 """
