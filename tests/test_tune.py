@@ -22,7 +22,7 @@ from onnx_squeeze.tune import cli as tune_cli
 from onnx_squeeze.tune import parse_budget, parse_targets, tune
 from onnx_squeeze.tune.results import pareto_front
 from onnx_squeeze.tune.space import Param, Space, build_space, family_of, recipe_for
-from onnx_squeeze.tune.trial import RESULT_FILE
+from onnx_squeeze.tune.trial import RESULT_FILE, run_trial
 from tests.helpers import run
 
 SAMPLES = 32
@@ -227,6 +227,10 @@ def test_successive_halving_judges_the_best_third_on_all_data(files, tmp_path):
         key=lambda entry: entry["objective"],
     )
     assert [t.params for t in full] == [entry["params"] for entry in ranked[:2]]
+    # promoted models are judged again, not made again
+    promoted = {t.params["prune"]: t.model_path for t in subset}
+    again = [job for job in executor.jobs if job.get("model_from")]
+    assert [job["model_from"] for job in again] == [promoted[t.params["prune"]] for t in full]
 
 
 def test_rerun_and_resume_skip_finished_trials(files, tmp_path):
@@ -350,6 +354,19 @@ def test_real_search_meets_the_target_and_its_recipe_reproduces_the_model(files,
     assert smallest["number"] in data["pareto"]["size"]
     page = (found.work / "tune.html").read_text()
     assert "<svg" in page and f"trial {chosen.number}" in page and "budget" in page
+
+
+def test_a_model_judged_again_measures_as_when_it_was_made(files, searched, tmp_path):
+    found, _, _ = searched
+    chosen = found.chosen
+    job = json.loads((Path(chosen.model_path).parent / "job.json").read_text())
+    again = run_trial({**job, "model_from": chosen.model_path, "folder": str(tmp_path / "again")})
+    assert again["status"] == "ok"
+    assert (tmp_path / "again" / "model.onnx").read_bytes() == Path(chosen.model_path).read_bytes()
+    made = json.loads((Path(chosen.model_path).parent / RESULT_FILE).read_text())
+    for key in ("cosine", "top1_agreement", "worst_channel_sqnr_db", "macs_ratio"):
+        assert again["metrics"][key] == pytest.approx(made["metrics"][key], rel=1e-6)
+    assert again["value"] == pytest.approx(made["value"], rel=1e-6)
 
 
 def test_real_rerun_runs_no_trial_again(files, searched):

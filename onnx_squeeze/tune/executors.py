@@ -157,7 +157,7 @@ class RayExecutor:
 
     def _shared(self, job: dict[str, Any]) -> dict[str, Any]:
         shared = {}
-        for key in ("model", "calibration", "evaluation"):
+        for key in ("model", "calibration", "evaluation", "model_from"):
             spec = job.get(key)
             if isinstance(spec, str) and Path(spec).is_file():
                 if spec not in self._refs:

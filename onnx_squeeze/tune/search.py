@@ -1,8 +1,8 @@
 """The search: Optuna's TPE over the space, each candidate ranked on a subset of the
-evaluation data and only the best ``1/eta`` judged on all of it (successive halving), then a
-bisection on the pruning fraction of the best candidate (the smallest fraction that meets the
-targets). Quantization's own accuracy control (INT8 ``target``) sends the layers that hurt the
-metric most back to float inside each trial.
+evaluation data and only the best ``1/eta`` judged on all of it (successive halving; their
+models are judged again, not made again), then a bisection on the pruning fraction of the best
+candidate (the smallest fraction that meets the targets). Quantization's own accuracy control
+(INT8 ``target``) sends the layers that hurt the metric most back to float inside each trial.
 
 Every trial goes through the store first, and TPE is seeded, so a rerun after a crash asks for
 the same candidates in the same order and finds the finished ones there.
@@ -79,12 +79,18 @@ class Search:
     scale: float = 1.0
 
     def run(
-        self, points: Sequence[tuple[str, dict[str, Any]]], limit: int | None = None
+        self,
+        points: Sequence[tuple[str, dict[str, Any]]],
+        limit: int | None = None,
+        models: Sequence[str] | None = None,
     ) -> list[Trial]:
-        """Run (or find in the store) one trial per (stage, params)."""
+        """Run (or find in the store) one trial per (stage, params); ``models``: the models
+        earlier trials made for these points, to be judged again rather than made again."""
         jobs, keys, pending = [], [], []
-        for stage, params in points:
+        for index, (stage, params) in enumerate(points):
             job = dict(self.base_job, recipe=recipe_for(params, self.gate).to_dict())
+            if models is not None:
+                job["model_from"] = models[index]
             if stage == SUBSET:
                 job["eval_limit"] = limit
             if stage == REFERENCE:
@@ -369,7 +375,7 @@ def _strategy(
         # out of time: the best one only, so that something is judged on all the data
         share = math.ceil(len(ranked) / eta) if time.monotonic() < deadline else 1
         keep = ranked[: max(1, share)]
-        search.run([(FULL, t.params) for t in keep])
+        search.run([(FULL, t.params) for t in keep], models=[t.model_path for t in keep])
     judged = [t for t in search.trials if t.stage in (FULL, BISECT) and t.ok]
     if judged and time.monotonic() < deadline:
         _bisect(search, space, min(judged, key=search.objective), bisect_steps)

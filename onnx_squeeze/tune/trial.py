@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -48,47 +49,85 @@ def opener(job: dict[str, Any], limit: int | None) -> Any:
     return open_data
 
 
+def _compress(job: dict[str, Any], judged: Any, output: Path) -> tuple[dict[str, Any], list[str]]:
+    """The recipe run on the job's model: the comparison's metrics and the run's warnings."""
+    from onnx_squeeze.pipeline import compress  # the heavy import, in the worker only
+
+    run = job["run"]
+    recipe = Recipe.from_dict(job["recipe"])
+    if job.get("prepared"):  # the search's reference prepared the model (onnxsim) once
+        recipe.prepare.setdefault("simplify", False)
+    result = compress(
+        job["model"],
+        recipe,
+        calibration=job.get("calibration"),
+        evaluation=judged,
+        constants=run.get("constants"),
+        output=output,
+        shapes=run.get("shapes"),
+        default_dim=run.get("default_dim"),
+        batch=run.get("batch"),
+        preset=run.get("preset", "imagenet"),
+        calibration_samples=run.get("calibration_samples", 32),
+        samples=run.get("samples", 8),
+        providers=tuple(run.get("providers", ("cpu",))),
+        threads=tuple(run.get("threads", (1,))),
+        runs=run.get("runs", 10),
+        seed=run.get("seed", 0),
+        force=True,
+        write_on_fail=True,
+    )
+    assert result.comparison is not None
+    return dict(result.comparison["metrics"]), list(result.warnings)
+
+
+def _judge_again(
+    job: dict[str, Any], original: Any, judged: Any, output: Path
+) -> tuple[dict[str, Any], list[str]]:
+    """A model an earlier trial made with the same recipe and calibration data (the passes never
+    read the evaluation data), compared with the original again on other evaluation data."""
+    from onnx_squeeze.pipeline import judge
+
+    run = job["run"]
+    shutil.copyfile(job["model_from"], output)
+    comparison = judge(
+        original,
+        model_io.load(output),
+        judged,
+        names=("original", "compressed"),
+        paths=(job["model"], os.fspath(output)),
+        providers=tuple(run.get("providers", ("cpu",))),
+        threads=tuple(run.get("threads", (1,))),
+        batch=run.get("batch"),
+        runs=run.get("runs", 10),
+        shapes=run.get("shapes"),
+        default_dim=run.get("default_dim"),
+    )
+    return dict(comparison["metrics"]), []
+
+
 def run_trial(job: dict[str, Any]) -> dict[str, Any]:
-    """Compress, measure and judge one recipe; the result as a dict (``status`` ok or failed,
-    with the reason for a failure the tool explains, e.g. a pass refusing the model)."""
+    """Compress, measure and judge one recipe (or judge again the model of a trial ranked on
+    part of the evaluation data, ``model_from``); the result as a dict (``status`` ok or
+    failed, with the reason for a failure the tool explains, e.g. a pass refusing the model)."""
     start = time.perf_counter()
     folder = Path(job["folder"])
     folder.mkdir(parents=True, exist_ok=True)
-    run = job["run"]
     limit = job.get("eval_limit")
     open_data = opener(job, limit)
     original = model_io.load(job["model"])
     evaluation = job.get("evaluation")
-    judged = open_data(evaluation, original) if evaluation is not None and limit else evaluation
     output = folder / MODEL_FILE
-    from onnx_squeeze.pipeline import compress  # the heavy import, in the worker only
-
     try:
-        recipe = Recipe.from_dict(job["recipe"])
-        if job.get("prepared"):  # the search's reference prepared the model (onnxsim) once
-            recipe.prepare.setdefault("simplify", False)
-        result = compress(
-            job["model"],
-            recipe,
-            calibration=job.get("calibration"),
-            evaluation=judged,
-            constants=run.get("constants"),
-            output=output,
-            shapes=run.get("shapes"),
-            default_dim=run.get("default_dim"),
-            batch=run.get("batch"),
-            preset=run.get("preset", "imagenet"),
-            calibration_samples=run.get("calibration_samples", 32),
-            samples=run.get("samples", 8),
-            providers=tuple(run.get("providers", ("cpu",))),
-            threads=tuple(run.get("threads", (1,))),
-            runs=run.get("runs", 10),
-            seed=run.get("seed", 0),
-            force=True,
-            write_on_fail=True,
-        )
-        assert result.comparison is not None
-        measured = dict(result.comparison["metrics"])
+        if job.get("model_from"):
+            measured, warnings = _judge_again(
+                job, original, open_data(evaluation, original), output
+            )
+        else:
+            judged = (
+                open_data(evaluation, original) if evaluation is not None and limit else evaluation
+            )
+            measured, warnings = _compress(job, judged, output)
         data = evaluation if evaluation is not None else job.get("calibration")
         scored = job["model"] if job.get("reference") else os.fspath(output)
         value = metrics.value(job["metric"], scored, data, measured, open_data)
@@ -98,8 +137,7 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
         "status": "ok",
         "metrics": measured,
         "value": value,
-        "warnings": list(result.warnings),
-        "evaluation": result.report.get("evaluation"),
+        "warnings": warnings,
         "seconds": time.perf_counter() - start,
     }
 
