@@ -9,7 +9,7 @@ with the original; target latency 0.5). Rows whose model or peer cannot be built
 torch, no nncf) are left out with a note.
 
     python benchmarks/bench_tune.py [--models transformer,resnet50,digits_cnn] [--trials 12]
-        [--time-budget 900] [--runs 10] [--zoo-drop 0.1] [--no-nncf]
+        [--time-budget 900] [--runs 10] [--zoo-drop 0.1] [--no-nncf] [--work DIR]
 """
 
 from __future__ import annotations
@@ -57,9 +57,12 @@ def zoo_case(name: str, folder: Path) -> dict[str, Any]:
     in the table: the zoo has synthetic weights and no data set)."""
     model = zoo.build(name)
     path = folder / f"{name}.onnx"
-    model_io.save(model, path)
     shapes = {"input_ids": TRANSFORMER_SHAPE} if name == "transformer" else None
+    if not path.exists():  # kept (--work): the same files, so the trials cached under them count
+        model_io.save(model, path)
     for split, seed in (("calib", 1), ("eval", 2)):
+        if (folder / f"{name}_{split}.npz").exists():
+            continue
         feeds = common.feeds(model, SAMPLES, seed=seed, shapes=shapes)
         np.savez(
             folder / f"{name}_{split}.npz",
@@ -277,10 +280,14 @@ def main() -> None:
     parser.add_argument("--zoo-drop", type=float, default=0.1, help="top1_agreement budget")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--no-nncf", action="store_true")
+    parser.add_argument(
+        "--work", metavar="DIR", help="keep models, data and trials here: a rerun resumes"
+    )
     args = parser.parse_args()
     rows, notes, cases = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as scratch:
-        folder = Path(scratch)
+        folder = Path(args.work or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
         for name in args.models.split(","):
             try:
                 cases.append(
