@@ -21,26 +21,14 @@ from onnx_squeeze.passes import base, load_all
 # Settings nothing documents yet (no comment beside or above the field, no clause in the
 # settings docstring): this list may only shrink, and a new setting must come documented.
 UNDOCUMENTED = {
-    ("codebook", "ops"),
     ("finetune", "labels_key"),
     ("finetune", "weight_decay"),
-    ("fp16", "keep_io_types"),
-    ("fp16", "softmax_fp32"),
-    ("fp16", "normalization_fp32"),
     ("low_rank", "scheme"),
     ("low_rank", "data_aware"),
     ("low_rank", "min_macs"),
     ("prune_channels", "mode"),
     ("prune_channels", "criterion"),
     ("prune_channels", "min_channels"),
-    ("prune_weights", "mode"),
-    ("quantize_int8", "percentile"),
-    ("quantize_int8", "keep_first_last"),
-    ("quantize_int8", "bias_correction"),
-    ("quantize_int8", "histogram_bins"),
-    ("quantize_weights", "bits"),
-    ("quantize_weights", "block_size"),
-    ("quantize_weights", "symmetric"),
     ("reconstruct", "methods"),
 }
 

@@ -40,7 +40,7 @@ class CodebookSettings:
     levels: str = choice("kmeans", ("kmeans", "pow2"))  # pow2: 0 and ±2^-j times the scale
     bits: int = 4  # at most 2^bits levels; indices stored 2 per byte when bits <= 4
     per_channel: bool = True  # a scale per output channel (levels shared, fitted normalized)
-    ops: Sequence[str] = subset(CODEBOOK_OPS, CODEBOOK_OPS)
+    ops: Sequence[str] = subset(CODEBOOK_OPS, CODEBOOK_OPS)  # op types whose weights are encoded
     exclude: list[str] = dataclasses.field(default_factory=list)
 
 

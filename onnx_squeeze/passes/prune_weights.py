@@ -61,6 +61,8 @@ _GZIP_LEVEL = 6  # gzip's default
 class PruneWeightsSettings:
     """Settings of :class:`PruneWeights` (see the module docstring for the modes)."""
 
+    # ratio: per layer; global: one magnitude threshold over all layers; threshold: relative
+    # to each layer's largest weight; nm: N nonzeros in every M (e.g. 2:4)
     mode: str = choice("ratio", MODES)
     # share of weights pruned per layer (ratio) or over all layers (global)
     ratio: float = bounded(0.5, low=0, below=1)

@@ -62,7 +62,7 @@ WEIGHT_RANGES = ("max", "mse")
 class QuantizeInt8Settings:
     # mse (least expected squared error) | minmax | percentile | entropy
     method: str = choice("mse", quant_params.METHODS)
-    percentile: float = bounded(99.999, above=50, high=100)
+    percentile: float = bounded(99.999, above=50, high=100)  # the percentile method's cut
     # uint8 (asymmetric, fastest on CPU) | int8 (symmetric)
     activation_type: str = choice("uint8", ("uint8", "int8"))
     per_channel: bool = True
@@ -74,7 +74,7 @@ class QuantizeInt8Settings:
     exclude: list[str] = dataclasses.field(default_factory=list)
     op_types: Sequence[str] = subset((), ANCHOR_OPS)  # none: all
     exclude_op_types: Sequence[str] = subset((), ANCHOR_OPS)
-    keep_first_last: bool = False
+    keep_first_last: bool = False  # the first and last weight layers stay float
     # accuracy control: return the layers that harm the outputs most to float until the gate
     # ``target`` holds on calibration data (passes/quantize/accuracy_control.py)
     accuracy_control: bool = True
@@ -88,13 +88,13 @@ class QuantizeInt8Settings:
     # a Concat whose inputs' calibrated range widths differ by more than this stays float
     # (see passes/quantize/plan.py)
     concat_range_ratio: float = bounded(CONCAT_RANGE_RATIO, low=1)
-    bias_correction: bool = True
+    bias_correction: bool = True  # shift biases by the mean error quantization adds
     calibration_batches: int = bounded(0, low=0)  # 0: all batches of the source
     # stop reading calibration batches once the ranges from half of them would have added at
     # most this much expected quantization noise (dB, on average over the tensors, and no
     # tensor's doubled); see passes/quantize/settling.py. 0: read every batch
     settle_db: float = 0.1
-    histogram_bins: int = bounded(2048, low=1)
+    histogram_bins: int = bounded(2048, low=1)  # bins of each activation's histogram
     # values of each tensor per calibration sample that its histogram counts (a strided sample
     # taken in the graph; min/max stay exact); 0: every value
     histogram_values: int = bounded(16384, low=0)

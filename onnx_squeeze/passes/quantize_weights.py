@@ -49,9 +49,9 @@ INT4_IR_VERSION = 10
 
 @dataclasses.dataclass
 class QuantizeWeightsSettings:
-    bits: int = choice(4, (4, 8))
-    block_size: int = choice(32, BLOCK_SIZES)
-    symmetric: bool = False
+    bits: int = choice(4, (4, 8))  # bits per weight
+    block_size: int = choice(32, BLOCK_SIZES)  # weights along K sharing one scale
+    symmetric: bool = False  # no zero point (symmetric range around 0)
     # dequantizelinear: standard ONNX, opset 21
     format: str = choice("matmulnbits", ("matmulnbits", "dequantizelinear"))
     algorithm: str = choice("rtn", ("rtn", "gptq"))  # gptq needs calibration data

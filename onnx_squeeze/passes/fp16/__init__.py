@@ -115,11 +115,11 @@ class FloatSettings:
 
     dtype: str = choice("float16", LOW_TYPES)
     provider: str = "cuda"
-    keep_io_types: bool = True
+    keep_io_types: bool = True  # graph inputs/outputs stay FP32 (Casts at the border)
     block_ops: list[str] = dataclasses.field(default_factory=list)
     block_nodes: list[str] = dataclasses.field(default_factory=list)
-    softmax_fp32: bool = False
-    normalization_fp32: bool = False
+    softmax_fp32: bool = False  # keep Softmax/LogSoftmax in FP32
+    normalization_fp32: bool = False  # keep LayerNorm/BatchNorm/InstanceNorm/GroupNorm FP32
     out_of_range: str = choice("clamp", ("clamp", "keep_fp32"))
     range_margin: float = bounded(2.0, low=1)
     max_reduction: int = bounded(4096, low=1)
