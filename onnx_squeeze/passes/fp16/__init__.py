@@ -119,7 +119,7 @@ class FloatSettings:
     block_ops: list[str] = dataclasses.field(default_factory=list)
     block_nodes: list[str] = dataclasses.field(default_factory=list)
     softmax_fp32: bool = False  # keep Softmax/LogSoftmax in FP32
-    normalization_fp32: bool = False  # keep LayerNorm/BatchNorm/InstanceNorm/GroupNorm FP32
+    normalization_fp32: bool = False  # keep Layer/Instance/Group/Lp normalization in FP32
     out_of_range: str = choice("clamp", ("clamp", "keep_fp32"))
     range_margin: float = bounded(2.0, low=1)
     max_reduction: int = bounded(4096, low=1)
