@@ -29,8 +29,9 @@ from onnx_squeeze.calibration.service import RANDOM_SAMPLES, Calibration
 from onnx_squeeze.comparison import compare as compare_models
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
 from onnx_squeeze.passes.base import Pass
+from onnx_squeeze.passes.quantize import accuracy_control
 from onnx_squeeze.prepare import PrepareSettings, prepare
-from onnx_squeeze.recipe import Recipe
+from onnx_squeeze.recipe import Recipe, Step
 from onnx_squeeze.records import PassContext, PassReport
 from onnx_squeeze.shapes import concrete_input_shapes, feed_shapes, resolve_input_shapes
 
@@ -140,6 +141,7 @@ def compress(
     recipe = recipe or Recipe()
     recipe.passes()  # a bad recipe fails before any work is done
     checks = gates.validated(checks)
+    recipe = _aimed_at(recipe, checks)
     if (checks or evaluation is not None) and not compare:
         raise SettingsError("gates and evaluation data need the comparison; keep compare on")
     path = model_io.input_path(source)
@@ -292,6 +294,21 @@ def _transform(
     pass_reports = [step(model, context) for step in passes]
     finalize(model, check=check and not input_problem)
     return model, prepare_report, pass_reports, notes
+
+
+def _aimed_at(recipe: Recipe, checks: Sequence[str]) -> Recipe:
+    """The recipe with INT8's accuracy control aimed at the user's first check it can measure
+    during quantization (else it aims at the default gate), unless a step sets its own target."""
+    aims = [c for c in checks if gates.parse_gate(c).metric in accuracy_control.MEASURABLE]
+    if not aims:
+        return recipe
+    steps = [
+        Step(step.name, {"target": aims[0], **step.settings})
+        if step.name == "quantize_int8"
+        else step
+        for step in recipe.steps
+    ]
+    return dataclasses.replace(recipe, steps=steps)
 
 
 def _opset_for(model: ir.Model, passes: Sequence[Pass], notes: list[str]) -> ir.Model:

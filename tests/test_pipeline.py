@@ -135,3 +135,20 @@ def test_an_opset_that_cannot_be_converted_is_refused_with_the_reason(tmp_path, 
     with pytest.raises(UnsupportedModelError, match=r"needs opset >= 13.*No Adapter"):
         sq.compress(str(source), sq.Recipe.from_cli(["quantize_int8"]), output=tmp_path / "q.onnx")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_int8_accuracy_control_aims_at_the_users_check(mlp_path):
+    """--check top1_agreement>=0.99 is what INT8's accuracy control works towards (the default
+    gate otherwise); a check it cannot measure while quantizing (latency) is left to the gate,
+    and a target the recipe sets stays."""
+    result = sq.compress(
+        str(mlp_path),
+        sq.Recipe.from_cli(["quantize_int8"]),
+        checks=["latency_ratio<=2", "top1_agreement>=0.5"],
+        runs=2,
+    )
+    settings = result.report["recipe"]["passes"][0]
+    assert settings["target"] == "top1_agreement>=0.5"
+    own = sq.Recipe.from_cli(["quantize_int8:target=cosine>=0.9"])
+    result = sq.compress(str(mlp_path), own, checks=["top1_agreement>=0.5"], runs=2)
+    assert result.report["recipe"]["passes"][0]["target"] == "cosine>=0.9"
