@@ -439,7 +439,7 @@ def test_macs_are_counted_at_the_datas_shapes_never_at_invented_ones(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((5, 8, 12, 10)).astype(np.float32))
     recipe = Recipe.from_cli(["prune_channels:macs_target=0.3,allocation=uniform"])
-    result = compress(model, recipe, calibration=str(tmp_path / "calib.npz"), runs=1)
+    result = compress(model, recipe, calibration=str(tmp_path / "calib.npz"), compare=False)
     records = {r.node: r for r in result.reports[-1].records if r.action == "pruned"}
     assert records["a"].macs_before == 32 * 8 * 9 * 12 * 10
     assert records["y"].macs_before == 4 * 32 * 12 * 10
