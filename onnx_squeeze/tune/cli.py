@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         echo=lambda line: console.print(line, markup=False, highlight=False),
     )
     table = Table(title=f"tune: {found.data['model']} (latency measured on {found.where})")
-    for column in ("trial", "stage", "parameters", "latency", "size", "MACs", args.metric, "meets"):
+    for column in (*results.COLUMNS[:-2], args.metric, results.COLUMNS[-1]):
         table.add_column(column)
     for row in results.table_rows(found):
         table.add_row(*row)

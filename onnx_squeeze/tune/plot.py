@@ -20,11 +20,13 @@ def scatter(
     front: Sequence[int],
     *,
     chosen: int | None,
+    original: int | None = None,
     floor: float,
     target: float | None,
     metric: str,
 ) -> str:
-    """``points``: (trial number, latency ratio, metric value)."""
+    """``points``: (trial number, latency ratio, metric value); ``original``: the trial that
+    measured the original itself."""
     finite = [(n, x, y) for n, x, y in points if math.isfinite(x) and math.isfinite(y)]
     xs = [x for _, x, _ in finite] + [target or 1.0, 1.0]
     ys = [y for _, _, y in finite] + ([floor] if math.isfinite(floor) else [])
@@ -65,8 +67,8 @@ def scatter(
     if target is not None:
         parts.append(
             f"<line x1='{px(target):.1f}' x2='{px(target):.1f}' y1='{TOP}' y2='{HEIGHT - BOTTOM}' "
-            f"stroke='{BAD}' stroke-dasharray='2 3'/><text x='{px(target) + 3:.1f}' y='{TOP + 9}' "
-            f"font-size='9' fill='{BAD}'>target {target:g}×</text>"
+            f"stroke='{BAD}' stroke-dasharray='2 3'/><text x='{px(target) + 3:.1f}' "
+            f"y='{HEIGHT - BOTTOM - 4}' font-size='9' fill='{BAD}'>target {target:.3g}×</text>"
         )
     by_number = {n: (x, y) for n, x, y in finite}
     path = [by_number[n] for n in front if n in by_number]
@@ -78,6 +80,11 @@ def scatter(
         parts.append(
             f"<circle cx='{px(x):.1f}' cy='{py(y):.1f}' r='3' fill='{color}'>"
             f"<title>trial {number}: {x:.3g}×, {html.escape(metric)} {y:.4g}</title></circle>"
+        )
+    if original is not None and original in by_number:
+        x, y = by_number[original]
+        parts.append(
+            f"<text x='{px(x) + 5:.1f}' y='{py(y) + 12:.1f}' font-size='9'>original</text>"
         )
     if chosen is not None and chosen in by_number:
         x, y = by_number[chosen]

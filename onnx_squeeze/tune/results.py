@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from onnx_squeeze.tune.search import Search, Trial
 
 JSON_FILE, HTML_FILE = "tune.json", "tune.html"
+COLUMNS = ("trial", "stage", "parameters", "latency", "size", "MACs", "metric", "meets")
 
 
 @dataclasses.dataclass
@@ -188,6 +189,7 @@ def finish(
         points,
         pareto["latency"],
         chosen=chosen.number if chosen else None,
+        original=reference.number,
         floor=search.floor,
         target=latency or (1 / speedup if speedup else None),
         metric=search.budget.metric,
@@ -199,7 +201,9 @@ def finish(
         f"<h1>tune: {html.escape(os.path.basename(str(data['model'])))}</h1>"
         f"<p>{html.escape(reason)}</p><p>Latency measured on {html.escape(where)}: a latency "
         "target holds on that hardware only. Trials are compared with the original as prepared "
-        "(simplified, BatchNorm folded; trial 0 compares it with the file).</p>" + chart
+        "(simplified, BatchNorm folded; trial 0 compares it with the file).</p>"
+        + chart
+        + _html_table(data, pareto)
     )
     echo(("chosen: " if met else "NOT MET: ") + reason)
     return TuneResult(
@@ -219,16 +223,29 @@ def finish(
     )
 
 
+def _html_table(data: dict[str, Any], pareto: dict[str, list[int]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+        for row in _rows(data, pareto)
+    )
+    return f"<div style='overflow-x:auto'><table><tr>{head}</tr>{body}</table></div>"
+
+
 def table_rows(result: TuneResult) -> list[list[str]]:
-    """The judged trials, front first: number, stage, parameters, latency, size, MACs, metric,
-    verdict."""
-    front = set(result.pareto["latency"]) | set(result.pareto["size"])
+    """The judged trials (not those ranked on the subset only): number, stage, parameters,
+    latency, size, MACs, metric, verdict."""
+    return _rows(result.data, result.pareto)
+
+
+def _rows(data: dict[str, Any], pareto: dict[str, list[int]]) -> list[list[str]]:
+    front = set(pareto["latency"]) | set(pareto["size"])
     rows = []
-    for entry in result.data["trials"]:
+    for entry in data["trials"]:
         if entry["stage"] == "subset" or entry["status"] != "ok":
             continue
         m = entry["metrics"] or {}
-        mark = "chosen" if entry["number"] == result.data["chosen"] else ""
+        mark = "chosen" if entry["number"] == data["chosen"] else ""
         mark = mark or ("front" if entry["number"] in front else "")
         ok = entry["meets_targets"] and entry["within_budget"]
         rows.append(

@@ -369,9 +369,8 @@ def _strategy(
             study.tell(ask, search.objective(trial))
         drawn += len(asked)
     if stage == SUBSET:  # successive halving: the best 1/eta ranked on the subset, on all data
-        ranked = sorted(
-            (t for t in search.trials if t.stage == SUBSET and t.ok), key=search.objective
-        )
+        distinct = {t.key: t for t in search.trials if t.stage == SUBSET and t.ok}
+        ranked = sorted(distinct.values(), key=search.objective)  # a point drawn twice counts once
         # out of time: the best one only, so that something is judged on all the data
         share = math.ceil(len(ranked) / eta) if time.monotonic() < deadline else 1
         keep = ranked[: max(1, share)]
