@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 
 def _child(message: dict) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends a trial without a traceback
     os.environ.clear()
     os.environ.update(message["env"])
     stream = os.open(message["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -30,6 +32,9 @@ def serve() -> None:
     import onnx_squeeze.pipeline
     import onnx_squeeze.tune.trial  # noqa: F401
 
+    # Ctrl-C reaches the whole process group: the trial ends, the search stops and closes
+    # this launcher's input, which ends it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for line in sys.stdin:
         message = json.loads(line)
         pid = os.fork()
