@@ -287,6 +287,15 @@ def test_the_api_takes_targets_and_budget_as_text(files, tmp_path):
 def test_tune_refuses_to_invent_data(files, tmp_path):
     with pytest.raises(SettingsError, match="--calib"):
         _search(files, tmp_path, Synthetic(), calibration=None)
+    with pytest.raises(SettingsError, match="overwrite the input"):
+        tune(
+            files["model"],
+            files["model"],
+            targets=["latency=0.5"],
+            max_drop=0.1,
+            calibration=files["calib"],
+            executor=Synthetic(),
+        )
     with pytest.raises(SettingsError, match="labels"):
         _search(
             files, tmp_path, Synthetic(), evaluation=None, budget=parse_budget("top1", "0.01", None)

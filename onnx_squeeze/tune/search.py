@@ -256,6 +256,8 @@ def tune(
     if not isinstance(model, str | os.PathLike):
         raise SettingsError("tune reads the model from a file: pass its path (or zoo:NAME)")
     source = os.fspath(model)
+    if output is not None and model_io.same_file(source, output):
+        raise SettingsError(f"{output}: refusing to overwrite the input model; choose another -o")
     original = model_io.load(source)
     work = Path(work_dir) if work_dir else Path(os.fspath(output or source) + ".tune")
     if resume and not (work / "trials").is_dir():
