@@ -9,7 +9,7 @@ with the original; target latency 0.5). Rows whose model or peer cannot be built
 torch, no nncf) are left out with a note.
 
     python benchmarks/bench_tune.py [--models transformer,resnet50,digits_cnn] [--trials 12]
-        [--time-budget 900] [--runs 10] [--zoo-drop 0.1] [--no-nncf] [--work DIR]
+        [--time-budget 900] [--runs 10] [--bisect-steps 3] [--zoo-drop 0.1] [--no-nncf] [--work DIR]
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ def tune_row(case, target, max_drop, args, folder) -> list[Any]:
         trials=args.trials,
         time_budget=args.time_budget,
         family=case["family"],
+        bisect_steps=args.bisect_steps,
         runs=args.runs,
         shapes={"input_ids": TRANSFORMER_SHAPE} if case["name"] == "transformer" else None,
         work_dir=folder / f"{case['name']}_{target}.tune",
@@ -281,6 +282,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--time-budget", type=float, default=900, help="seconds per search")
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--bisect-steps", type=int, default=3)
     parser.add_argument("--zoo-drop", type=float, default=0.1, help="top1_agreement budget")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--no-nncf", action="store_true")
