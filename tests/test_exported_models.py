@@ -120,8 +120,9 @@ def test_recover_after_low_rank_of_bias_less_matmul():
     result = compress(proto, recipe, calibration=source, compare=False)
     helpers.check(result.model)
     assert {r.action for r in result.passes[1].records} == {"refit"}
-    errors = re.search(r"-> ([0-9.]+)\n?$", result.passes[1].notes[-1])
-    assert errors and float(errors.group(1)) < 0.6
+    # the refit removes at least a third of the error (per output channel, against its spread)
+    errors = re.search(r"([0-9.]+) -> ([0-9.]+)\n?$", result.passes[1].notes[-1])
+    assert errors and float(errors.group(2)) < 0.67 * float(errors.group(1))
 
 
 def test_recover_after_weight_pruning_of_bias_less_matmul():

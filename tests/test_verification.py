@@ -273,12 +273,18 @@ def _detections(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize(
     ("flags", "broken"),
-    [(("--prune-channels", "0.3"), True), (("--prune-weights", "0.1"), False)],
+    [
+        (("--prune-channels", "0.6"), True),
+        (("--prune-channels", "0.3"), False),
+        (("--prune-weights", "0.1"), False),
+    ],
 )
 def test_the_default_gate_tells_lost_detections_from_kept_ones(flags, broken, tmp_path, capsys):
     """The zoo detector as exporters ship it (pixel boxes concatenated with Sigmoid scores):
-    pruning 30 % of its MACs loses about half of the detections while the whole-output cosine
-    stays near 1; light weight pruning keeps them. The default gate must tell the two apart."""
+    pruning 60 % of its MACs loses more than half of the detections while the whole-output
+    cosine stays above 0.95; pruning 30 % (sensitivity and recovery weigh each output channel
+    against its own spread; weighed whole, the boxes hid the scores and half the detections
+    went) and light weight pruning keep them. The default gate must tell them apart."""
     path = tmp_path / "detector.onnx"
     model_io.save(zoo.small("yolo_detect"), path)
     rng = np.random.default_rng(0)
@@ -297,7 +303,7 @@ def test_the_default_gate_tells_lost_detections_from_kept_ones(flags, broken, tm
     (gate,) = data["gates"]
     assert gate["default"] and gate["passed"] is not broken
     if broken:
-        assert recall < 0.8 and metrics["cosine"] > 0.99
+        assert recall < 0.8 and metrics["cosine"] > 0.95
         assert metrics["score_cosine"] < 0.9
     else:
         assert recall > 0.95 and metrics["score_cosine"] > 0.99
