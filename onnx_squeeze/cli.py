@@ -22,6 +22,7 @@ from rich.markup import escape
 from onnx_squeeze import __version__, log, model_io, report, runtime, scratch, shortcuts, verdict
 from onnx_squeeze.calibration.constants import parse_settings
 from onnx_squeeze.errors import GateFailedError, SettingsError, SqueezeError
+from onnx_squeeze.tune import cli as tune_cli
 
 EXIT_OK, EXIT_INPUT, EXIT_INTERNAL, EXIT_GATE = 0, 1, 2, 3
 
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     passes = command("passes", help="every pass and its settings: type, default, values, doc")
     passes.add_argument("name", nargs="?", help="one pass (default: all)")
     passes.add_argument("--json", metavar="FILE", help="write the list as JSON ('-': stdout)")
+
+    tune_cli.add_parser(commands, parents=[anywhere])
 
     zoo_cmd = command("zoo", help="save a built-in reference model to a file")
     zoo_cmd.add_argument("name")
@@ -585,6 +588,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "demo": cmd_demo,
     "passes": cmd_passes,
+    "tune": tune_cli.run,
     "zoo": cmd_zoo,
 }
 
