@@ -4,7 +4,6 @@ processes (a recipe that reproduces its model, a crashing trial, exit 3, Ray).""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -18,7 +17,6 @@ from onnx_squeeze import cli, model_io, zoo
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.pipeline import compress
 from onnx_squeeze.recipe import Recipe
-from onnx_squeeze.tune import cli as tune_cli
 from onnx_squeeze.tune import parse_budget, parse_targets, tune
 from onnx_squeeze.tune.results import pareto_front
 from onnx_squeeze.tune.space import Param, Space, build_space, family_of, recipe_for
@@ -419,18 +417,8 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(files, tmp_path, mo
     assert entry["status"] == "failed" and "SIGABRT" in entry["error"]
 
 
-def test_cli_exit_3_names_the_closest_trial(files, searched, monkeypatch, capsys):
+def test_cli_exit_3_names_the_closest_trial(files, searched, capsys):
     _, settings, work = searched
-
-    def parser() -> argparse.ArgumentParser:  # tune wired in as the lead will wire it
-        built = build_parser()
-        commands = next(a for a in built._actions if isinstance(a, argparse._SubParsersAction))
-        tune_cli.add_parser(commands)
-        return built
-
-    build_parser = cli.build_parser
-    monkeypatch.setattr(cli, "build_parser", parser)
-    monkeypatch.setitem(cli.COMMANDS, "tune", tune_cli.run)
     argv = [
         "tune",
         files["model"],
