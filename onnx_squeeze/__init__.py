@@ -17,7 +17,7 @@ warnings are also issued as :class:`SqueezeWarning` and logged to the ``onnx_squ
 
 __version__ = "0.1.0"
 
-from onnx_squeeze import report
+from onnx_squeeze import report, tune
 from onnx_squeeze.calibration import open_source
 from onnx_squeeze.comparison import compare
 from onnx_squeeze.log import SqueezeWarning
@@ -36,4 +36,5 @@ __all__ = [
     "open_source",
     "report",
     "save",
+    "tune",
 ]
