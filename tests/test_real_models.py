@@ -23,22 +23,6 @@ pytestmark = pytest.mark.real_models
 
 SAMPLES = 2
 EMPTY = "real-model cache empty: run python benchmarks/real_models.py fetch"
-# Known failures of the tool on these models, kept visible (XPASS once fixed) without failing CI.
-STATE_AXIS = (
-    "silero's state is [2, batch, 128]: data files take axis 0 of every input for the samples, "
-    "so the model's real feeds cannot be given (exit 1; see benchmarks/results/real_models.md)"
-)
-KNOWN = {("compare", "silero_vad"): STATE_AXIS, ("prepare", "silero_vad"): STATE_AXIS}
-
-
-def _models(test: str) -> list:
-    """Every registered model, the known failures of ``test`` marked as expected."""
-    return [
-        pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN[test, name], strict=False))
-        if (test, name) in KNOWN
-        else name
-        for name in real_models.MODELS
-    ]
 
 
 def _cached(name: str) -> real_models.RealModel:
@@ -71,7 +55,7 @@ def _run(capsys, args: list[str], report: Path) -> dict:
     return json.loads(report.read_text())
 
 
-@pytest.mark.parametrize("name", _models("inspect"))
+@pytest.mark.parametrize("name", list(real_models.MODELS))
 def test_inspect(name, tmp_path, capsys):
     model = _cached(name)
     report = _run(
@@ -80,7 +64,7 @@ def test_inspect(name, tmp_path, capsys):
     assert report["params"] > 0
 
 
-@pytest.mark.parametrize("name", _models("compare"))
+@pytest.mark.parametrize("name", list(real_models.MODELS))
 def test_compare_with_itself(name, tmp_path, capsys):
     model = _cached(name)
     path, data = str(model.path), _smoke_data(model, tmp_path)
@@ -89,7 +73,7 @@ def test_compare_with_itself(name, tmp_path, capsys):
     assert report["comparison"]["metrics"]["cosine"] == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("name", _models("prepare"))
+@pytest.mark.parametrize("name", list(real_models.MODELS))
 def test_prepare_only(name, tmp_path, capsys):
     model = _cached(name)
     out = tmp_path / "out.onnx"
