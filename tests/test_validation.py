@@ -144,3 +144,31 @@ def test_a_minus_one_dimension_is_dynamic_not_an_error(tmp_path):
     source = tmp_path / "m.onnx"
     source.write_bytes(proto.SerializeToString())
     assert len(model_io.load(source).graph) == 1
+
+
+@pytest.mark.parametrize(
+    ("samples", "message"),
+    [
+        (10, "input 'x' holds NaN or Inf values (in the batch from sample 3)"),
+        (0, "holds no samples"),
+    ],
+)
+def test_nan_or_empty_calibration_data_is_one_line_exit_1(tmp_path, samples, message):
+    """NaN in calibration data broke the histograms (exit 2); empty data ended in StopIteration."""
+    source = tmp_path / "m.onnx"
+    proto = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [W])
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    source.write_bytes(proto.SerializeToString())
+    data = np.random.default_rng(0).standard_normal((samples, 4)).astype(np.float32)
+    if samples:
+        data[3, 1] = np.nan
+    np.savez(tmp_path / "calib.npz", x=data)
+    out = tmp_path / "o.onnx"
+    command = [sys.executable, "-m", "onnx_squeeze", "compress", str(source), "-o", str(out)]
+    done = subprocess.run(
+        [*command, "--int8", "--calib", str(tmp_path / "calib.npz"), "--runs", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and message in done.stderr.strip().splitlines()[-1], done.stderr
+    assert not out.exists()

@@ -213,6 +213,16 @@ def _array_files(path: Path) -> list[Path]:
     return files
 
 
+def _check_finite(feed: Feed, label: str, start: int) -> None:
+    """NaN or Inf in float data would turn into ranges, Grams and errors that crash or lie."""
+    for name, array in feed.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InputError(
+                f"calibration data {label}: input {name!r} holds NaN or Inf values (in the "
+                f"batch from sample {start}); clean the data or leave those samples out"
+            )
+
+
 class NpzSource:
     """Arrays from a ``.npz`` (one array per input name), a ``.npy`` (single-input models), or a
     folder of such files (sorted by name).
@@ -356,6 +366,7 @@ class NpzSource:
 
     def __iter__(self) -> Iterator[Feed]:
         loaded: Path | None = None
+        empty = True
         for file, axes, start, stop in self._plan():
             if file != loaded:
                 arrays, loaded = self._load(file), file
@@ -365,6 +376,8 @@ class NpzSource:
                 )
                 for spec in self._specs
             }
+            _check_finite(feed, self.label, start)
+            empty = False
             values = {  # 0-d arrays for inputs of higher rank: one value, filled per feed
                 spec.name: feed.pop(spec.name)
                 for spec in self._specs
@@ -376,6 +389,8 @@ class NpzSource:
                 for name in self._carried
             )
             yield feed
+        if empty:
+            raise InputError(f"calibration data {self.label}: holds no samples")
 
 
 # ---------------------------------------------------------------------------------------------
