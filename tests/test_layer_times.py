@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from onnx_squeeze.passes.prune_channels import layer_times
+from onnx_squeeze import layer_times
 from tests.helpers import random_feeds
 from tests.test_channel_groups import graph_model, zoo_model
 

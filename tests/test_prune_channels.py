@@ -8,11 +8,11 @@ import onnx_ir as ir
 import pytest
 from onnx_ir.passes.common import ShapeInferencePass
 
-from onnx_squeeze import analysis, latency_search, runtime, zoo
+from onnx_squeeze import analysis, latency_search, layer_times, runtime, zoo
 from onnx_squeeze.calibration import RandomSource, StatisticsCollector
 from onnx_squeeze.errors import SettingsError, ShapeUnknownError
 from onnx_squeeze.graph_utils import constant_array
-from onnx_squeeze.passes.prune_channels import PruneChannels, layer_times
+from onnx_squeeze.passes.prune_channels import PruneChannels
 from onnx_squeeze.passes.prune_channels.rewrite import kept_channels
 from onnx_squeeze.passes.prune_channels.sensitivity import Sensitivity
 from onnx_squeeze.passes.prune_channels.trace import build_groups

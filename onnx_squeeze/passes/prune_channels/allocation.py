@@ -19,8 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze import analysis
-from onnx_squeeze.passes.prune_channels import layer_times
+from onnx_squeeze import analysis, layer_times
 from onnx_squeeze.passes.prune_channels.groups import ChannelAnalysis, ChannelGroup
 from onnx_squeeze.passes.prune_channels.settings import PruneChannelsSettings
 from onnx_squeeze.records import PassReport

@@ -10,9 +10,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze import latency_search, runtime
+from onnx_squeeze import latency_search, layer_times, runtime
 from onnx_squeeze.calibration.service import resized
-from onnx_squeeze.passes.prune_channels import layer_times
 from onnx_squeeze.passes.prune_channels.rewrite import Rewriter
 from onnx_squeeze.passes.prune_channels.settings import PruneChannelsSettings
 from onnx_squeeze.passes.prune_channels.trace import analyze_channels
