@@ -15,9 +15,11 @@ torch, no nncf) are left out with a note.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +86,17 @@ def digits_case(folder: Path, epochs: int) -> dict[str, Any]:
     """bench_distill's residual CNN trained on digits; held-out images carry their labels."""
     from benchmarks import bench_distill
 
-    train_x, train_y, test_x, test_y = bench_distill.load_digits(bench_distill.IMAGE_SIZE)
-    model = bench_distill.train("cnn", train_x, train_y, epochs)
     path = folder / "digits_cnn.onnx"
-    model_io.save(model, path)
-    name = model.graph.inputs[0].name
-    np.savez(folder / "digits_calib.npz", **{name: np.asarray(train_x, np.float32)})
-    np.savez(
-        folder / "digits_eval.npz",
-        **{name: np.asarray(test_x, np.float32), "labels": np.asarray(test_y, np.int64)},
-    )
+    train_x, train_y, test_x, test_y = bench_distill.load_digits(bench_distill.IMAGE_SIZE)
+    if not path.exists():  # kept (--work): training takes minutes, and the trials key on it
+        model = bench_distill.train("cnn", train_x, train_y, epochs)
+        model_io.save(model, path)
+        name = model.graph.inputs[0].name
+        np.savez(folder / "digits_calib.npz", **{name: np.asarray(train_x, np.float32)})
+        np.savez(
+            folder / "digits_eval.npz",
+            **{name: np.asarray(test_x, np.float32), "labels": np.asarray(test_y, np.int64)},
+        )
     return {
         "name": "digits_cnn",
         "path": str(path),
@@ -112,7 +115,7 @@ def _metric(case: dict[str, Any], model_path: str, comparison: dict[str, Any]) -
     return float(comparison["metrics"][case["metric"]])
 
 
-def tune_row(case, target, max_drop, args, folder) -> list[Any]:
+def tune_row(case, target, max_drop, args, folder, notes: list[str]) -> list[Any]:
     start = time.perf_counter()
     found = tune(
         case["path"],
@@ -132,6 +135,18 @@ def tune_row(case, target, max_drop, args, folder) -> list[Any]:
     )
     chosen = found.chosen
     metrics = chosen.metrics if chosen else {}
+    spent, first = 0.0, None
+    for number, entry in enumerate(found.data["trials"]):
+        spent += entry.get("seconds") or 0.0
+        if entry["stage"] != "reference" and entry["meets_targets"] and entry["within_budget"]:
+            first = f"trial {number} ({entry['stage']}), after {spent:.0f} s of trials"
+            break
+    notes.append(
+        f"{case['name']}, tune {target}: {len(found.trials)} trials "
+        f"({', '.join(f'{n} {s}' for s, n in Counter(t.stage for t in found.trials).items())}); "
+        f"first to meet target and budget: {first or 'none'}; chosen: trial "
+        f"{chosen.number if chosen else '-'} {chosen.params if chosen else ''}"
+    )
     return [
         case["name"],
         "onnx-squeeze tune" + (f" ({chosen.recipe.to_dict()['passes']})" if chosen else ""),
@@ -314,9 +329,9 @@ def main() -> None:
             notes.append(f"{case['name']}: {case['data']}; metric {case['metric']}")
             for target in case["targets"]:
                 print(f"{case['name']} {target}", flush=True)
-                row = tune_row(case, target, max_drop, args, folder)
+                row = tune_row(case, target, max_drop, args, folder, notes)
                 made = [row, hand_written_row(case, target, max_drop, args, folder, row[8])]
-                print(common.markdown_table(HEADERS, made), flush=True)  # kept if cut short
+                print(common.markdown_table(HEADERS, made), flush=True)
                 if not args.no_nncf:
                     peer = nncf_row(case, target, max_drop, args, folder, row[8])
                     if isinstance(peer, str):
@@ -325,23 +340,37 @@ def main() -> None:
                         made.append(peer)
                         print(common.markdown_table(HEADERS, [peer]), flush=True)
                 rows += made
+                print(_write(rows, notes, args), flush=True)  # kept if the run is cut short
+
+
+def _write(rows: list[list[Any]], notes: list[str], args: argparse.Namespace) -> Path:
+    """The table: these rows, and those of other models from earlier runs (each model is run on
+    its own, one after the other, on a shared machine), with their notes."""
+    fresh = {r[0] for r in rows}
+    earlier = common.RESULTS / "tune.json"
+    kept_rows, kept_notes = [], []
+    if earlier.exists():
+        previous = json.loads(earlier.read_text())
+        kept_rows = [list(r.values()) for r in previous["rows"] if r["model"] not in fresh]
+        kept_notes = [
+            n for n in previous["notes"] if n.split(":")[0].split(",")[0].strip() not in fresh
+        ]
+    everything, all_notes = kept_rows + rows, kept_notes + notes
     body = (
         "Ratios against the original on this machine (CPU, 1 thread, batch 1); 'search s' is the "
         "whole search (tune) or the one run (peers). The chosen trial meets every target within "
         "the budget, else it is the closest that keeps the budget.\n\n"
-        + common.markdown_table(HEADERS, rows)
+        + common.markdown_table(HEADERS, everything)
         + "\n\n"
-        + "\n".join(f"- {note}" for note in notes)
+        + "\n".join(f"- {note}" for note in all_notes)
     )
     data = {
         "meta": common.meta(args.runs, [1]),
-        "rows": [dict(zip(HEADERS, r, strict=True)) for r in rows],
-        "notes": notes,
+        "rows": [dict(zip(HEADERS, r, strict=True)) for r in everything],
+        "notes": all_notes,
     }
-    print(
-        common.write_results(
-            "tune", "tune: a target within an accuracy budget, searched", body, data
-        )
+    return common.write_results(
+        "tune", "tune: a target within an accuracy budget, searched", body, data
     )
 
 

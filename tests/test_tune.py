@@ -4,6 +4,7 @@ processes (a recipe that reproduces its model, a crashing trial, exit 3, Ray).""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -98,6 +99,28 @@ def test_spaces_per_family_and_recipes():
     assert recipe_for({"prune": 0.0, "recover": True, "quantize": "none"}).steps == []
 
 
+def test_the_pilot_is_the_presets_recipe_at_a_pruning_fraction():
+    cnn = build_space("cnn")
+    timed = cnn.pilot_point(0.4, timed=True)
+    assert timed == {
+        "prune": 0.4,
+        "steer": "latency",
+        "criterion": "reconstruction",
+        "recover": True,
+        "quantize": "int8",
+        "int8_method": "mse",
+        "speed_check": True,
+    }
+    assert cnn.pilot_point(0.4, timed=False)["steer"] == "macs"
+    # no pruning: the settings of pruning are not drawn, INT8 alone under accuracy control
+    alone = recipe_for(cnn.pilot_point(0.0, timed=True), gate="top1_agreement>=0.9")
+    assert [(s.name, s.settings) for s in alone.steps] == [
+        ("quantize_int8", {"method": "mse", "speed_check": True, "target": "top1_agreement>=0.9"})
+    ]
+    assert build_space("transformer").pilot_point(0.0, timed=True)["low_rank"] == 0.0
+    assert any(line.startswith("  first: prune bisected") for line in cnn.describe())
+
+
 def test_pareto_front_keeps_only_undominated_trials():
     class T:
         def __init__(self, number, latency, value):
@@ -128,7 +151,8 @@ class Synthetic:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "model.onnx").write_bytes(Path(job["model"]).read_bytes())
             steps = {s["pass"]: s for s in job["recipe"]["passes"]}
-            prune = steps.get("prune_channels", {}).get("macs_target", 0.0)
+            pruning = steps.get("prune_channels", {})
+            prune = pruning.get("macs_target", pruning.get("latency_target", 0.0))
             int8 = "quantize_int8" in steps
             latency = (1 - prune) * (0.6 if int8 else 1.0)
             value = (
@@ -209,6 +233,41 @@ def test_impossible_target_gives_the_closest_trial_and_writes_nothing(files, tmp
     assert found.chosen in kept
     assert found.chosen.metrics["latency_ratio"] == min(t.metrics["latency_ratio"] for t in kept)
     assert f"closest is trial {found.chosen.number}" in found.reason
+
+
+PILOTED = dataclasses.replace(PRUNE_INT8, pilot={"quantize": "int8"})
+
+
+def test_the_pilot_bisects_the_presets_pruning_before_tpe_draws(files, tmp_path):
+    # 2.5x: INT8 alone gives 1/0.6; the smallest fraction on the grid with 0.6 (1 - p) <= 0.4
+    # is 0.35
+    found = _search(
+        files,
+        tmp_path,
+        Synthetic(),
+        space=PILOTED,
+        trials=5,
+        bisect_steps=0,
+        targets=parse_targets(["speedup=2.5"]),
+    )
+    drawn = [(t.params["prune"], t.params["quantize"]) for t in found.trials[1:6]]
+    # INT8 alone (misses), the middle of [0, 0.7] (meets), then halves: 0.15, 0.25, 0.3 miss
+    assert drawn == [(p, "int8") for p in (0.0, 0.35, 0.15, 0.25, 0.3)]
+    assert found.met and found.chosen.params == {"prune": 0.35, "quantize": "int8"}
+
+
+def test_the_pilot_stops_when_quantization_alone_breaks_the_budget(files, tmp_path):
+    found = _search(  # INT8 costs 0.005 of the metric: over a budget of 0.004 at any fraction
+        files,
+        tmp_path,
+        Synthetic(),
+        space=PILOTED,
+        trials=3,
+        bisect_steps=0,
+        budget=parse_budget("top1_agreement", "0.004", None),
+    )
+    assert found.trials[1].params == {"prune": 0.0, "quantize": "int8"}
+    assert found.trials[2].params != {"prune": 0.35, "quantize": "int8"}  # TPE's, not the pilot's
 
 
 def test_successive_halving_judges_the_best_third_on_all_data(files, tmp_path):

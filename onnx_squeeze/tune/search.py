@@ -1,8 +1,10 @@
-"""The search: Optuna's TPE over the space, each candidate ranked on a subset of the
-evaluation data and only the best ``1/eta`` judged on all of it (successive halving; their
-models are judged again, not made again), then a bisection on the pruning fraction of the best
-candidate (the smallest fraction that meets the targets). Quantization's own accuracy control
-(INT8 ``target``) sends the layers that hurt the metric most back to float inside each trial.
+"""The search: first the family's preset recipe with its pruning fraction bisected (the pilot:
+quantization alone, then the smallest fraction that meets the targets), then Optuna's TPE over
+the space, told what the pilot found. Each candidate is ranked on a subset of the evaluation
+data and only the best ``1/eta`` judged on all of it (successive halving; their models are
+judged again, not made again), then a bisection on the pruning fraction of the best candidate
+(the smallest fraction that meets the targets). Quantization's own accuracy control (INT8
+``target``) sends the layers that hurt the metric most back to float inside each trial.
 
 Every trial goes through the store first, and TPE is seeded, so a rerun after a crash asks for
 the same candidates in the same order and finds the finished ones there.
@@ -335,8 +337,8 @@ def _strategy(
     bisect_steps: int,
     seed: int,
 ) -> Trial:
-    """The reference, TPE's draws (on the subset), the promotions, the bisection; returns the
-    reference trial."""
+    """The reference, the pilot and TPE's draws (on the subset), the promotions, the
+    bisection; returns the reference trial."""
     (reference,) = search.run([(REFERENCE, {})])
     search.reference = reference
     if not reference.ok:
@@ -363,7 +365,7 @@ def _strategy(
     study = optuna.create_study(
         direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     )
-    drawn = 0
+    drawn = _pilot(search, space, study, stage, limit, trials, deadline)
     while drawn < trials and time.monotonic() < deadline:
         asked = [study.ask() for _ in range(min(max(1, jobs), trials - drawn))]
         points = [space.draw(ask) for ask in asked]
@@ -381,6 +383,53 @@ def _strategy(
     if judged and time.monotonic() < deadline:
         _bisect(search, space, min(judged, key=search.objective), bisect_steps)
     return reference
+
+
+def _pilot(
+    search: Search,
+    space: Space,
+    study: optuna.Study,
+    stage: str,
+    limit: int | None,
+    trials: int,
+    deadline: float,
+) -> int:
+    """The family's preset recipe with the pruning fraction bisected, before TPE draws: first
+    without pruning (quantization alone may do), then the smallest fraction that meets the
+    targets, a halving of the interval per trial. Without it, TPE's random start-up draws can
+    all land on recipes too aggressive for the budget and leave no time to move back (the zoo
+    transformer: four draws at 0.26-0.50x latency, none within it). The trials are told to TPE,
+    which goes on from what they found. Returns how many trials it ran."""
+    param = space.param("prune")
+    if param is None or not space.pilot or trials < 1:
+        return 0
+    timed = any(t.name in ("latency", "speedup") for t in search.targets)
+    ran = 0
+
+    def settled(fraction: float) -> bool:
+        """Run the pilot at ``fraction``: True when no higher fraction is needed (the targets
+        are met) or can help (the budget is spent already; a failed trial counts so too)."""
+        nonlocal ran
+        study.enqueue_trial(space.pilot_point(fraction, timed))
+        ask = study.ask()
+        (trial,) = search.run([(stage, space.draw(ask))], limit)
+        study.tell(ask, search.objective(trial))
+        ran += 1
+        missed, below = search.distance(trial)
+        return missed == 0 or below > 0
+
+    low, high = param.low, param.high
+    if settled(low):
+        return ran
+    while ran < trials and time.monotonic() < deadline:
+        middle = round(round((low + high) / 2 / param.step) * param.step, 4)
+        if not low < middle < high:
+            break
+        if settled(middle):
+            high = middle
+        else:
+            low = middle
+    return ran
 
 
 def _subset_samples(search: Search, original: Any, evaluation: Any, subset: float) -> int | None:

@@ -3,7 +3,8 @@ point of a space becomes a recipe.
 
 A space is a list of parameters drawn by Optuna (define-by-run: a parameter that only matters
 when another is set, such as the INT8 method, is drawn only then). ``prune`` is the fraction
-the search bisects on (:mod:`onnx_squeeze.tune.search`).
+the search bisects on (:mod:`onnx_squeeze.tune.search`); a family's ``pilot`` is its preset
+recipe with that fraction left open, which the search bisects first, before TPE's draws.
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ class Param:
 
 @dataclasses.dataclass(frozen=True)
 class Space:
+    """The parameters, and ``pilot``: the values of the others in the family's preset recipe,
+    at which the search bisects ``prune`` first (empty: no pilot)."""
+
     family: str
     params: tuple[Param, ...]
+    pilot: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def draw(self, suggest: Any) -> dict[str, Any]:
         """A point: ``suggest`` is an Optuna trial (``suggest_float``/``suggest_categorical``)."""
@@ -70,8 +75,20 @@ class Space:
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
+    def pilot_point(self, fraction: float, timed: bool) -> dict[str, Any]:
+        """The pilot recipe at a pruning fraction, pruning steered by time for a latency target
+        (``timed``), by MACs otherwise."""
+        point = {**self.pilot, "prune": fraction}
+        if self.param("steer") is not None and fraction > 0:
+            point["steer"] = "latency" if timed else "macs"
+        return {p.name: point[p.name] for p in self.params if p.name in point and p.active(point)}
+
     def describe(self) -> list[str]:
-        return [f"search space ({self.family}):", *(f"  {p.describe()}" for p in self.params)]
+        lines = [f"search space ({self.family}):", *(f"  {p.describe()}" for p in self.params)]
+        if self.pilot:
+            fixed = ", ".join(f"{k}={v}" for k, v in self.pilot.items())
+            lines.append(f"  first: prune bisected with {fixed}")
+        return lines
 
 
 def family_of(model: ir.Model) -> str:
@@ -115,7 +132,18 @@ def build_space(family: str, providers: Sequence[str] = ("cpu",), finetune: bool
         Param("int8_method", ("mse", "percentile", "minmax"), when=(("quantize", ("int8",)),)),
         Param("speed_check", (False, True), when=(("quantize", ("int8",)),)),
     ]
-    return Space(family, tuple(params))
+    # the mild end first: INT8 under accuracy control (its own fallback to float keeps the
+    # budget), speed-checked, after pruning with recovery; the reconstruction criterion kept the
+    # most accuracy at high fractions on the trained digits CNN (benchmarks/results/distill.md)
+    pilot: dict[str, Any] = {
+        "recover": True,
+        "finetune": 0,
+        "quantize": "int8",
+        "int8_method": "mse",
+        "speed_check": True,
+        **({"criterion": "reconstruction"} if structural else {"low_rank": 0.0}),
+    }
+    return Space(family, tuple(params), pilot)
 
 
 def recipe_for(params: Mapping[str, Any], gate: str | None = None) -> Recipe:
