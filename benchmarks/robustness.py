@@ -14,6 +14,12 @@ a dynamic batch axis, then runs ``onnx-squeeze compress MODEL -o OUT <job> --cal
   outputs.
 
 Usage: ``python benchmarks/robustness.py [--models vit,bert] [--jobs none,int8] [--exporters ts17]``
+
+``--hostile`` runs the hostile and malformed inputs of issue 23 instead
+(:mod:`benchmarks.hostile_cases`, judged by :mod:`benchmarks.hostile_judge`) and prints the
+closing note's table: cases tried, handled cleanly, exit 2 left, invalid outputs, files read
+outside the model's folder (``--markdown FILE`` writes it; the committed one is
+``benchmarks/results/robustness.md``). Without torch: ``python -m benchmarks.hostile_judge``.
 """
 
 from __future__ import annotations
@@ -878,7 +884,14 @@ def main() -> None:
     parser.add_argument("--jobs", default=",".join(JOBS))
     parser.add_argument("--exporters", default=",".join(EXPORTERS))
     parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument("--hostile", action="store_true", help="run the hostile inputs instead")
+    parser.add_argument("--markdown", help="with --hostile: write the table here")
     args = parser.parse_args()
+    if args.hostile:
+        from benchmarks import hostile_judge
+
+        hostile_judge.main(["--markdown", args.markdown] if args.markdown else [])
+        return
     jobs = args.jobs.split(",")
     with tempfile.TemporaryDirectory() as folder:
         rows = sweep(args.models.split(","), jobs, args.exporters.split(","), Path(folder))

@@ -92,21 +92,6 @@ def load(source: ModelSource) -> ir.Model:
     return model
 
 
-def _tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
-    """Every tensor the model holds: initializers of every graph and tensor attributes."""
-    graphs = [model.graph, *model.graph.subgraphs()]
-    for graph in graphs:
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                yield value.const_value
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.TENSOR:
-                    yield attr.value
-                elif attr.type == ir.AttributeType.TENSORS:
-                    yield from attr.value
-
-
 def check_external_data(model: ir.Model, folder: Path, where: str | os.PathLike) -> None:
     """Refuse, before any byte of it is read, external data that lies outside the model's
     folder (an absolute location, ``..``, a link leading out) or outside its file.
@@ -115,7 +100,7 @@ def check_external_data(model: ir.Model, folder: Path, where: str | os.PathLike)
     read and copied into the compressed model's weights (onnx's CVE-2024-27318 class).
     """
     root = os.path.realpath(folder)
-    for tensor in _tensors(model):
+    for tensor in validation.model_tensors(model):
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         name, location = tensor.name, os.fspath(tensor.location)

@@ -10,6 +10,7 @@ import dataclasses
 import heapq
 import itertools
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -105,8 +106,10 @@ _WATCHDOG = _Watchdog()
 
 
 class BoundedSession(ort.InferenceSession):
-    """An onnxruntime session whose runs stop after ``RUN_TIMEOUT_S`` seconds with a one-line
-    :class:`RunLimitError`, instead of running until killed."""
+    """An onnxruntime session whose runs stop after ``RUN_TIMEOUT_S`` seconds, or fail to get
+    memory, with a one-line :class:`RunLimitError`, instead of running until killed or
+    crashing. (Tensors whose size is known before a run are bounded earlier, at load:
+    ``validation.check_tensor_sizes``.)"""
 
     limit_s: float = RUN_TIMEOUT_S
 
@@ -115,16 +118,36 @@ class BoundedSession(ort.InferenceSession):
         ticket = _WATCHDOG.watch(options, self.limit_s)
         try:
             return super().run(output_names, input_feed, options)
-        except ort.capi.onnxruntime_pybind11_state.Fail:
+        except ort.capi.onnxruntime_pybind11_state.Fail as error:
             if options.terminate and run_options is None:
                 raise RunLimitError(
                     f"a run of the model took over {self.limit_s:.0f} s and was stopped (a loop "
                     "that does not end, or inputs far larger than meant?); set "
                     "ONNX_SQUEEZE_RUN_TIMEOUT=SECONDS to allow more"
                 ) from None
+            if _ALLOCATION_FAILED in str(error):
+                raise _out_of_memory(str(error)) from None
             raise
+        except MemoryError:
+            raise _out_of_memory("") from None
         finally:
             _WATCHDOG.release(ticket)
+
+
+_ALLOCATION_FAILED = "Failed to allocate memory"
+
+
+def _out_of_memory(message: str) -> RunLimitError:
+    """A one-line error for a run that could not get memory, naming the node and size when
+    onnxruntime says them."""
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", message)
+    size = re.search(r"buffer of size (\d+)", message)
+    where = f" in node {node[2] or '(unnamed)'!r} ({node[1]})" if node else ""
+    amount = f" ({int(size[1]) / 2**30:.1f} GiB for one tensor)" if size else ""
+    return RunLimitError(
+        f"a run of the model ran out of memory{where}{amount}: a shape computed from the "
+        "inputs is far larger than this machine holds; check the input data and --shape"
+    )
 
 
 def resolve_provider(name: str) -> str:

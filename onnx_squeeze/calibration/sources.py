@@ -9,6 +9,7 @@ import itertools
 import math
 import os
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -421,6 +422,11 @@ PRESETS = {
 }
 
 _CROP_FRACTION = 0.875
+
+# The most pixels an image may have; its header is read before any pixel is decoded. A PNG of
+# a few KB can claim 2**32 pixels (a decompression bomb); 64 MP is over a 8K frame's 33 MP.
+# ONNX_SQUEEZE_MAX_IMAGE_PIXELS sets it.
+MAX_IMAGE_PIXELS = int(os.environ.get("ONNX_SQUEEZE_MAX_IMAGE_PIXELS", 64_000_000))
 _LETTERBOX_GRAY = (114, 114, 114)
 
 
@@ -521,9 +527,19 @@ class ImageFolderSource:
         height, width = self.size
         bilinear = self._image.Resampling.BILINEAR
         try:
-            with self._image.open(path) as opened:
-                image = self._image_ops.exif_transpose(opened).convert("RGB")
-        except OSError as error:
+            with warnings.catch_warnings():
+                # Pillow warns past its own limit; ours below is checked first and said once
+                warnings.simplefilter("ignore", self._image.DecompressionBombWarning)
+                with self._image.open(path) as opened:
+                    pixels = opened.width * opened.height
+                    if pixels > MAX_IMAGE_PIXELS:
+                        raise InputError(
+                            f"image {path} is {opened.width}x{opened.height} ({pixels / 1e6:.0f} M "
+                            f"pixels), above the {MAX_IMAGE_PIXELS / 1e6:.0f} M pixels an image "
+                            "may have; resize it, or set ONNX_SQUEEZE_MAX_IMAGE_PIXELS"
+                        )
+                    image = self._image_ops.exif_transpose(opened).convert("RGB")
+        except (OSError, self._image.DecompressionBombError) as error:
             raise InputError(f"cannot read image {path}: {error}") from None
         geometry = self.preprocessing.geometry
         if geometry == "crop":
