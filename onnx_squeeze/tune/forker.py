@@ -112,6 +112,8 @@ def serve() -> None:
             os.waitpid(pid, 0)
             scratch.sweep()
             return
+        if code < 0:  # killed (a timeout, an abort): what it had in the temp folder goes
+            scratch.sweep()
         print(f"exit {code}", flush=True)
 
 
