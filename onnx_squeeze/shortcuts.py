@@ -37,9 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--prune-channels",
         type=_prune_target,
+        nargs="?",
+        const={},
         metavar="FRACTION|latency=FRACTION",
         help="remove channels until FRACTION of the MACs is gone (e.g. 0.3), or FRACTION of "
-        "the time the model takes here, each layer timed at batch 1 (latency=0.5)",
+        "the time the model takes here, each layer timed at batch 1 (latency=0.5); without "
+        "FRACTION, up to 30%% of the MACs, as much as still meets the accuracy gate (judged "
+        "after recovery when recovery runs), else the model is left unchanged with a warning",
     )
     group.add_argument(
         "--low-rank",
@@ -125,7 +129,7 @@ def steps_from_args(args: argparse.Namespace, *, calibrated: bool) -> list[Step]
     """The recipe steps the shortcut flags ask for, in :data:`PASS_ORDER`."""
     steps: list[Step] = []
     if args.prune_channels is not None:
-        steps.append(Step("prune_channels", args.prune_channels))
+        steps.append(Step("prune_channels", dict(args.prune_channels)))
     if args.low_rank is not None:
         steps.append(
             Step("low_rank", {**_low_rank_target(args.low_rank), "data_aware": calibrated})
@@ -137,9 +141,11 @@ def steps_from_args(args: argparse.Namespace, *, calibrated: bool) -> list[Step]
         steps.append(Step("prune_weights", {"mode": "nm", "n": n, "m": m}))
     lossy = any(step.name in LOSSY_STRUCTURE for step in steps)
     recover = args.recover if args.recover is not None else calibrated and lossy
-    if recover:
-        if not calibrated:
-            raise SettingsError("--recover needs calibration data: add --calib SRC")
+    if recover and not calibrated:
+        raise SettingsError("--recover needs calibration data: add --calib SRC")
+    if args.prune_channels == {}:  # the default judges its candidates as recovery leaves them
+        steps[0].settings["recover"] = recover
+    if recover and any(s.name in LOSSY_STRUCTURE and not s.settings.get("recover") for s in steps):
         steps.append(Step("reconstruct"))
     if args.finetune is not None:
         if not calibrated:

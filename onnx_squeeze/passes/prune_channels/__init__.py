@@ -12,6 +12,9 @@ or masked to zero with shapes unchanged (``zero``, for sensitivity studies) by :
 A MACs target is reached in ``sensitivity_rounds`` parts: each group alone loses 25/50/75% of its
 lowest-scored channels on a few calibration batches, the cheapest steps across all groups are
 taken, and the curves are measured again on top of the channels already removed.
+
+With no ratio or target, the pass removes up to 30 % of the MACs, as much as still meets the
+fidelity gate, or leaves the model unchanged with a warning (:mod:`.gate_search`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from onnx_squeeze.passes.prune_channels.criteria import (
     gram_specs,
     statistics_tensors,
 )
+from onnx_squeeze.passes.prune_channels.gate_search import DEFAULT_MACS, GateSearch
 from onnx_squeeze.passes.prune_channels.groups import ChannelAnalysis, ChannelGroup
 from onnx_squeeze.passes.prune_channels.latency_plan import Timing
 from onnx_squeeze.passes.prune_channels.rewrite import Rewriter
@@ -60,30 +64,89 @@ class PruneChannels(Pass):
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         settings = self.settings
-        channels = analyze_channels(model, split_heads=settings.split_heads)
-        self._protect(model, channels.groups)
-        prunable = [g for g in channels.groups if not g.frozen]
+        channels, prunable = self._groups(model)
         for group in channels.groups:
             if group.frozen:
                 report.skip(group.producers[0], f"group {group.id} frozen: {group.frozen}")
         report.notes.append(
             f"{len(prunable)} prunable channel groups, {len(channels.groups) - len(prunable)} frozen"
         )
-        target = settings.macs_target or settings.latency_target
-        if not prunable or not (settings.ratio or target):
+        if not prunable:
             return
+        if {settings.ratio, settings.macs_target, settings.latency_target} != {None}:
+            self._prune(model, context, channels, prunable, report, settings.macs_target or 0.0)
+        else:
+            self._up_to_gate(model, context, report)
+
+    def _groups(self, model: ir.Model) -> tuple[ChannelAnalysis, list[ChannelGroup]]:
+        """The channel groups of ``model`` (protected ones frozen), and the prunable ones."""
+        channels = analyze_channels(model, split_heads=self.settings.split_heads)
+        self._protect(model, channels.groups)
+        return channels, [g for g in channels.groups if not g.frozen]
+
+    def _up_to_gate(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
+        """The default: the largest share of the MACs up to ``DEFAULT_MACS`` whose pruned
+        (and, with ``recover``, recovered) copy meets the gate; the model is replaced by that
+        copy's graph, or left unchanged with a warning."""
+
+        def prune(copy: ir.Model, fraction: float, notes: PassReport) -> None:
+            self._prune(copy, context, *self._groups(copy), notes, fraction)
+
+        s = self.settings
+        search = GateSearch(model, context, prune, target=s.target, recover=s.recover)
+        best, tried = search.search(s.gate_steps)
+        steps = ", ".join(
+            f"{c.fraction:.1%} {'meets' if c.passed else 'misses' if c.said else 'prunes nothing'}"
+            for c in tried
+        )
+        recovered = " and recovered" if s.recover else ""
+        if best is None:
+            smallest = min(tried, key=lambda c: c.fraction)
+            why = (
+                f"misses the gate {search.gate}: {smallest.said}"
+                if smallest.said
+                else ("removes no channel")
+            )
+            report.notes.append(
+                f"WARNING: prune_channels left the model unchanged: pruned{recovered} at "
+                f"{smallest.fraction:.1%} of the MACs, the smallest share tried, the model {why} "
+                f"(on {search.data}; tried {steps}); give a MACs target (--prune-channels "
+                "FRACTION) to prune anyway"
+            )
+            return
+        model.graph = best.model.graph  # the chosen copy, pruned and recovered, as it was judged
+        report.records.extend(best.report.records)
+        report.notes.extend(best.report.notes)
+        report.notes.append(
+            f"default: up to {DEFAULT_MACS:.0%} of the MACs within the gate {search.gate}: "
+            f"{best.fraction:.1%} pruned{recovered} meets it ({best.said} on {search.data}; "
+            f"tried {steps})"
+        )
+
+    def _prune(
+        self,
+        model: ir.Model,
+        context: PassContext,
+        channels: ChannelAnalysis,
+        prunable: list[ChannelGroup],
+        report: PassReport,
+        macs_target: float,
+    ) -> None:
+        """Prune ``model`` in place by the ratio, ``macs_target`` or the latency target."""
+        settings = self.settings
+        target = macs_target or settings.latency_target
         scores = self._scores(model, context, channels, prunable)
         macs = Costs.macs(model, channels, context.input_shapes(model))
         timing = Timing(model, context, settings) if settings.latency_target else None
         costs = Costs.latency(model, channels, timing.original) if timing else macs
         planner = Planner(channels, prunable, scores, settings, costs, macs)
         if not target:
-            plan = planner.plan(settings.ratio)
+            plan = planner.plan(settings.ratio or 0.0)
         elif settings.allocation == "uniform":
             plan = planner.for_target(target, report)
             replan = functools.partial(planner.for_target, report=PassReport(self.name))
         else:
-            plan, replan = self._allocate(model, context, channels, planner, report)
+            plan, replan = self._allocate(model, context, channels, planner, report, target)
         if timing is not None and plan:
             plan = timing.corrected(plan, replan, report)
         if not plan:
@@ -98,6 +161,7 @@ class PruneChannels(Pass):
         channels: ChannelAnalysis,
         planner: Planner,
         report: PassReport,
+        goal: float,
     ) -> tuple[dict[int, np.ndarray], Callable[[float], dict[int, np.ndarray]]]:
         """The MACs or latency target reached in ``sensitivity_rounds`` equal parts, the
         sensitivities measured again on top of the channels already removed before each part
@@ -115,7 +179,6 @@ class PruneChannels(Pass):
                 (s.criterion, s.min_channels, s.round_to, s.sensitivity_batches),
             ),
         )
-        goal = s.macs_target or s.latency_target
         start: dict[int, int] = {}
         for part in range(1, s.sensitivity_rounds + 1):
             start, curves = keep, measure.curves(keep)

@@ -16,6 +16,8 @@ ALLOCATIONS = ("sensitivity", "uniform")
 class PruneChannelsSettings:
     """``ratio``: share of channels removed from each prunable group (ranked across all groups
     when ``global_ranking``); ``macs_target``: share of the model's MACs to remove instead;
+    with none of ``ratio``, ``macs_target`` and ``latency_target`` given, the default removes up
+    to 30 % of the MACs, as much as still meets the fidelity gate (:mod:`.gate_search`);
     ``round_to``: kept counts are multiples of this (0: 8 for groups of 32+ channels, else 1);
     ``protect``: node names whose groups are left alone. ``allocation`` spreads a MACs target:
     ``sensitivity`` (each group measured alone on ``sensitivity_batches`` calibration batches,
@@ -29,10 +31,10 @@ class PruneChannelsSettings:
 
     mode: str = choice("remove", MODES)
     criterion: str = choice("l1", sorted(CRITERIA))
-    ratio: float = bounded(0.0, low=0, below=1)
+    ratio: float | None = bounded(None, low=0, below=1)
     global_ranking: bool = False
-    macs_target: float = bounded(0.0, low=0, below=1)
-    latency_target: float = bounded(0.0, low=0, below=1)
+    macs_target: float | None = bounded(None, low=0, below=1)
+    latency_target: float | None = bounded(None, low=0, below=1)
     latency_batch: int = bounded(1, low=1)
     min_channels: int = bounded(1, low=1)
     round_to: int = bounded(0, low=0)
@@ -40,5 +42,12 @@ class PruneChannelsSettings:
     calibration_batches: int = bounded(8, low=1)
     allocation: str = choice("sensitivity", ALLOCATIONS)
     sensitivity_batches: int = bounded(4, low=1)
-    sensitivity_rounds: int = bounded(2, low=1)
+    sensitivity_rounds: int = bounded(1, low=1)
     split_heads: bool = True
+    # the default's gate, a --check expression (empty: verdict.DEFAULT_GATE; the run aims it
+    # at the user's first --check)
+    target: str = ""
+    # the default judges its candidates recovered by reconstruct (on the calibration data but
+    # the batches held back to judge on) and keeps the one recovered: set when recovery follows
+    recover: bool = False
+    gate_steps: int = bounded(3, low=1)  # candidates the default tries: 30 %, then bisection

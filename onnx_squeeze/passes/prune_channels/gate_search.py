@@ -1,0 +1,123 @@
+"""The default fraction: with no ratio, MACs or latency target given, ``prune_channels`` removes
+up to ``DEFAULT_MACS`` of the MACs, as much as still meets the fidelity gate.
+
+A fraction is judged on a pruned copy, recovered by ``reconstruct`` first when the pass is told
+that recovery follows (``recover``): pruning alone breaks far more than pruning and recovery,
+so judging it unrecovered would step back much too far. The copy is compared with the original
+on the calibration batches recovery did not fit on (every 5th, split as the run splits its
+evaluation data) by the gate the run aims at (``target``, else ``verdict.DEFAULT_GATE``).
+``DEFAULT_MACS`` is tried first; when it misses the gate, the fraction is bisected below it
+for ``steps`` candidates in all, and the largest that meets the gate is kept. When none does,
+the model is left as it came and a warning says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import onnx_ir as ir
+
+from onnx_squeeze import fidelity, gates
+from onnx_squeeze.calibration.runner import TensorRunner
+from onnx_squeeze.calibration.service import Calibration
+from onnx_squeeze.calibration.sources import Feed, split_for_evaluation
+from onnx_squeeze.passes.base import make_pass
+from onnx_squeeze.records import PassContext, PassReport
+from onnx_squeeze.verdict import DEFAULT_GATE
+
+DEFAULT_MACS = 0.3  # the share of the MACs the default removes at most
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A pruned (and recovered) copy at one fraction of the MACs, with what its pruning and
+    recovery reported and what the gate measured."""
+
+    fraction: float
+    model: ir.Model
+    report: PassReport
+    passed: bool
+    said: str
+
+
+class GateCheck:
+    """Whether a copy meets the gate against ``reference``'s outputs on ``feeds``."""
+
+    def __init__(
+        self, reference: ir.Model, feeds: Sequence[Feed], target: str, provider: str
+    ) -> None:
+        self.feeds, self.target, self.provider = list(feeds), target, provider
+        self.probabilities = fidelity.probability_outputs(reference)
+        self.reference = self._outputs(reference)
+
+    def _outputs(self, model: ir.Model) -> list[Feed]:
+        runner = TensorRunner(model, [value.name for value in model.graph.outputs], self.provider)
+        return [runner(feed) for feed in self.feeds]
+
+    def __call__(self, model: ir.Model) -> tuple[bool, str]:
+        """(passed, what was measured)."""
+        measured = fidelity.measure(
+            self.reference, self._outputs(model), probabilities=self.probabilities
+        )
+        metrics = fidelity.gate_metrics(measured.values())
+        results = gates.judged([self.target] if self.target else [], metrics, DEFAULT_GATE)
+        return all(r["passed"] for r in results), "; ".join(r["message"] for r in results)
+
+
+class GateSearch:
+    """Prunes copies of ``model`` at candidate fractions (``prune(copy, fraction, report)``),
+    recovers them when ``recover``, and judges them by the gate."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        context: PassContext,
+        prune: Callable[[ir.Model, float, PassReport], None],
+        *,
+        target: str,
+        recover: bool,
+    ) -> None:
+        self.model, self.prune, self.recover = model, prune, recover
+        self.teacher = context.teacher or model.clone()
+        fit, held = split_for_evaluation(context.data.source)
+        feeds = list(held or fit)
+        self.data = f"{len(feeds)} calibration batches"
+        if held is None:
+            self.data += " (too few to hold any back from recovery)"
+        else:
+            self.data += " held back from recovery"
+        if context.data.is_random:
+            self.data += f" of RANDOM data ({context.data.label})"
+        self.fitting = dataclasses.replace(context, calibration=Calibration(fit))
+        self.fitting.data.axes = context.data.axes
+        self.fitting.teacher = self.teacher
+        self.check = GateCheck(self.teacher, feeds, target, context.providers[0])
+        self.gate = target or DEFAULT_GATE
+
+    def candidate(self, fraction: float) -> Candidate:
+        copy = self.model.clone()
+        report = PassReport("prune_channels")
+        self.prune(copy, fraction, report)
+        if self.recover and report.changed:
+            recovery = make_pass("reconstruct")(copy, self.fitting)
+            report.records.extend(recovery.records)
+            report.notes.extend(f"recovery: {note}" for note in recovery.notes)
+        passed, said = self.check(copy) if report.changed else (False, "")
+        return Candidate(fraction, copy, report, passed, said)
+
+    def search(self, steps: int) -> tuple[Candidate | None, list[Candidate]]:
+        """The candidate at the largest fraction tried that meets the gate (None when none
+        does), and every candidate tried, in order: ``DEFAULT_MACS``, then bisection below it
+        (a fraction that prunes nothing counts as missing)."""
+        tried = [self.candidate(DEFAULT_MACS)]
+        low, high = 0.0, DEFAULT_MACS
+        best = tried[0] if tried[0].passed else None
+        while best is not tried[0] and len(tried) < steps:
+            middle = (low + high) / 2
+            tried.append(self.candidate(middle))
+            if tried[-1].passed:
+                low, best = middle, tried[-1]
+            else:
+                high = middle
+        return best, tried
