@@ -43,7 +43,7 @@ from onnx_squeeze import layer_times
 from onnx_squeeze.analysis import MAC_OPS, ModelSummary, NodeCost, analyze
 from onnx_squeeze.calibration.random_data import random_source
 from onnx_squeeze.errors import InputError, SettingsError
-from onnx_squeeze.fidelity import OutputFidelity, accumulators, probability_outputs
+from onnx_squeeze.fidelity import OutputFidelity, accumulators, gate_metrics, probability_outputs
 from onnx_squeeze.progress import track
 from onnx_squeeze.records import SOURCE_NODE_KEY
 from onnx_squeeze.runtime import create_session, resolve_provider
@@ -399,13 +399,6 @@ def _ratio(b: float | None, a: float | None) -> float | None:
     return b / a
 
 
-def _worst(values: Iterable[float], pick: Any) -> float:
-    values = list(values)
-    if any(math.isnan(v) for v in values):
-        return math.nan
-    return pick(values)
-
-
 @dataclasses.dataclass
 class Comparison:
     """The result of :func:`compare`: model A (the reference) against model B."""
@@ -420,34 +413,13 @@ class Comparison:
     layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        """Flat metrics for accuracy gates (see :mod:`onnx_squeeze.gates`).
-
-        cosine, sqnr_db, worst_channel_sqnr_db, worst_channel_cosine: worst (lowest) over
-        outputs; max_abs_error / mean_abs_error: worst (highest) over outputs; top1_agreement,
-        score_cosine, argmax_agreement: lowest over the outputs that have them (absent when
-        none);
-        nonfinite: non-finite values in B's outputs; latency_ratio (B/A median) and speedup
-        (A/B) on the first provider/threads measured (absent when none was); size_ratio (file
-        sizes when both are known, else bytes of weights), params_ratio, macs_ratio (absent
-        when A has none).
+        """Flat metrics for accuracy gates (see :mod:`onnx_squeeze.gates`): the fidelity
+        metrics of :func:`fidelity.gate_metrics`; latency_ratio (B/A median) and speedup (A/B)
+        on the first provider/threads measured (absent when none was); size_ratio (file sizes
+        when both are known, else bytes of weights), params_ratio, macs_ratio (absent when A
+        has none).
         """
-        metrics: dict[str, float] = {}
-        if self.fidelity:
-            metrics["cosine"] = _worst((f.cosine for f in self.fidelity), min)
-            metrics["max_abs_error"] = _worst((f.max_abs for f in self.fidelity), max)
-            metrics["mean_abs_error"] = _worst((f.mean_abs for f in self.fidelity), max)
-            metrics["nonfinite"] = float(sum(f.nonfinite_b for f in self.fidelity))
-            metrics["sqnr_db"] = _worst((f.sqnr_db for f in self.fidelity), min)
-            metrics["worst_channel_sqnr_db"] = _worst(
-                (f.worst_channel_sqnr_db for f in self.fidelity), min
-            )
-            metrics["worst_channel_cosine"] = _worst(
-                (f.worst_channel_cosine for f in self.fidelity), min
-            )
-            for key in ("top1_agreement", "score_cosine", "argmax_agreement"):
-                values = [getattr(f, key) for f in self.fidelity if getattr(f, key) is not None]
-                if values:
-                    metrics[key] = _worst(values, min)
+        metrics = gate_metrics(self.fidelity)
         for timings in self.latency.values():
             a, b = timings[0], timings[1]
             if a.median_ms > 0 and b.median_ms > 0:

@@ -24,6 +24,10 @@ channel, along its channel axis:
 - ``argmax_agreement``: the share of positions whose argmax along the channel axis agrees (top-1
   per row of a classifier, per time step of a CTC/OCR sequence, per pixel of a segmentation
   map); not given for outputs that mix score and other channels.
+- Class probabilities: a probability output whose channels sum to 1 at every position (a
+  softmax over classes) is read by its argmax, not by its values: ``class_probabilities`` marks
+  it, and the default gate judges it by ``argmax_agreement`` alone (the rare classes of a
+  softmax over 214 file types move by more than their own size, harmlessly).
 
 Everything is accumulated feed by feed (sums per channel), so memory is bounded by one batch.
 Non-finite values: where both models give the same non-finite value the element is left out;
@@ -35,13 +39,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "DISTRIBUTION_TOLERANCE",
     "IDENTICAL_DB",
     "SCORE_ACTIVE",
     "SPREAD_FLOOR",
@@ -50,6 +55,7 @@ __all__ = [
     "accumulators",
     "channel_axis",
     "channel_error",
+    "gate_metrics",
     "probability_outputs",
     "sqnr_db",
 ]
@@ -58,6 +64,8 @@ IDENTICAL_DB = 200.0  # SQNR reported for an exact match (float32 rounding alone
 SCORE_ACTIVE = 0.05  # a probability below this in both models is background: not judged
 # A channel's spread, in per-channel errors, is at least this share of its mean square.
 SPREAD_FLOOR = 1e-6
+# Channels that sum to 1 within this at every position are a distribution over classes.
+DISTRIBUTION_TOLERANCE = 1e-3
 _PROBABILITY_OPS = {"Sigmoid", "Softmax", "HardSigmoid"}
 # Ops that move or select values without changing them: a probability stays a probability.
 _MOVING_OPS = {
@@ -177,6 +185,8 @@ class OutputFidelity:
     score_channels: int = 0
     score_cosine: float | None = None
     argmax_agreement: float | None = None
+    # A softmax over classes (see the module doc): read by its argmax.
+    class_probabilities: bool = False
     # Σ|b - a|² / Σ|a - mean a|²: the share of A's variance that B misses (1 - R²).
     relative_error: float = 0.0
 
@@ -216,6 +226,7 @@ class OutputAccumulator:
         self.rows = 0
         self.argmax_matches = 0
         self.positions = 0
+        self.sum_gap = 0.0  # the largest |Σ over channels - 1| of the reference, per position
         self.sums: dict[str, np.ndarray] = {}
 
     def _resolve_axis(self, a: np.ndarray) -> int | None:
@@ -266,6 +277,10 @@ class OutputAccumulator:
         if axis is not None and a.ndim > 1 and np.issubdtype(a.dtype, np.floating):
             self.argmax_matches += int(np.count_nonzero(a.argmax(axis=axis) == b.argmax(axis=axis)))
             self.positions += a.size // a.shape[axis]
+            if self.probabilities:
+                totals = np.sum(a, axis=axis, dtype=np.float64)
+                gap = np.abs(totals - 1.0)
+                self.sum_gap = max(self.sum_gap, float(gap.max()) if gap.size else 0.0)
         x, y = np.where(both, x, 0.0), np.where(both, y, 0.0)
         diff = x - y
         if both.any():
@@ -368,6 +383,7 @@ class OutputAccumulator:
             if s["mismatched"][scores].any():
                 score_cosine = math.nan
         mixed = scores.any() and not scores.all()
+        argmax = self.argmax_matches / self.positions if self.positions and not mixed else None
         total = float(s["count"].sum())
         spread = float(s["norm_a"].sum()) - float(s["sum_a"].sum()) ** 2 / max(total, 1.0)
         relative = float(s["noise"].sum()) / max(spread, 1e-30) if not broken else math.inf
@@ -392,8 +408,9 @@ class OutputAccumulator:
             mean_channel_cosine=mean_cos,
             score_channels=int(scores.sum()),
             score_cosine=score_cosine,
-            argmax_agreement=(
-                self.argmax_matches / self.positions if self.positions and not mixed else None
+            argmax_agreement=argmax,
+            class_probabilities=(
+                argmax is not None and bool(scores.all()) and self.sum_gap <= DISTRIBUTION_TOLERANCE
             ),
             relative_error=relative,
         )
@@ -413,6 +430,36 @@ _SUMS = (
     "low",
     "high",
 )
+
+
+def gate_metrics(outputs: Iterable[OutputFidelity]) -> dict[str, float]:
+    """The fidelity metrics that gates read, over all outputs (see :mod:`onnx_squeeze.gates`):
+    cosine, sqnr_db, worst_channel_sqnr_db, worst_channel_cosine: worst (lowest) output;
+    worst_value_channel_sqnr_db: the same over the outputs read by value (all but class
+    probabilities); max_abs_error, mean_abs_error: worst (highest); top1_agreement,
+    score_cosine, argmax_agreement: lowest over the outputs that have them; nonfinite: the
+    non-finite values in B's outputs. A metric no output has is absent; NaN anywhere is NaN."""
+    outputs = list(outputs)
+    if not outputs:
+        return {}
+    metrics = {"nonfinite": float(sum(f.nonfinite_b for f in outputs))}
+    by_value = [f for f in outputs if not f.class_probabilities]
+    for key, attribute, pick, among in (
+        ("cosine", "cosine", min, outputs),
+        ("max_abs_error", "max_abs", max, outputs),
+        ("mean_abs_error", "mean_abs", max, outputs),
+        ("sqnr_db", "sqnr_db", min, outputs),
+        ("worst_channel_sqnr_db", "worst_channel_sqnr_db", min, outputs),
+        ("worst_value_channel_sqnr_db", "worst_channel_sqnr_db", min, by_value),
+        ("worst_channel_cosine", "worst_channel_cosine", min, outputs),
+        ("top1_agreement", "top1_agreement", min, outputs),
+        ("score_cosine", "score_cosine", min, outputs),
+        ("argmax_agreement", "argmax_agreement", min, outputs),
+    ):
+        values = [float(v) for f in among if (v := getattr(f, attribute)) is not None]
+        if values:
+            metrics[key] = math.nan if any(map(math.isnan, values)) else pick(values)
+    return metrics
 
 
 def _worst_and_mean(values: np.ndarray, judged: np.ndarray) -> tuple[float, int | None, float]:

@@ -45,6 +45,11 @@ METRICS: dict[str, tuple[str, str]] = {
         "model scores at least 5 %), worst output",
         "no numeric output was compared",
     ),
+    "worst_value_channel_sqnr_db": (
+        "worst_channel_sqnr_db over the outputs read by value: every output but class "
+        "probabilities (a softmax over classes, which argmax_agreement judges)",
+        "every output is a softmax over classes",
+    ),
     "worst_channel_cosine": (
         "cosine of the worst output channel, worst output",
         "no numeric output was compared",
@@ -240,7 +245,11 @@ def validated(expressions: Sequence[str]) -> list[str]:
 def judged(
     expressions: Sequence[str], metrics: Mapping[str, float], default: str
 ) -> list[dict[str, Any]]:
-    """The user's gates on ``metrics``, or the ``default`` gate (marked ``default``) when the
-    user gave none, as report dicts."""
-    results = evaluate_gates(expressions or [default], metrics)
-    return [{**result.to_dict(), "default": not expressions} for result in results]
+    """The user's gates on ``metrics``, or the ``default`` gates (marked ``default``) when the
+    user gave none, as report dicts. A default gate whose metric does not apply to the model
+    (``argmax_agreement`` on a detector's boxes) is left out, unless none applies."""
+    if expressions:
+        return [{**r.to_dict(), "default": False} for r in evaluate_gates(expressions, metrics)]
+    applicable = [g.expr for g in parse_gates(default) if g.metric in metrics]
+    results = evaluate_gates(applicable or [default], metrics)
+    return [{**result.to_dict(), "default": True} for result in results]

@@ -377,7 +377,11 @@ def test_demo_prunes_recovers_and_quantizes(tmp_path, capsys):
     assert metrics["cosine"] >= 0.85
     assert "latency" in stdout
     assert "RANDOM" in report["warnings"][0] and stdout.lstrip().startswith("onnx-squeeze demo")
-    assert [g["default"] for g in report["gates"]] == [True]
+    # a classifier's logits: the default gate's argmax and value conditions both apply
+    assert [(g["expr"], g["default"]) for g in report["gates"]] == [
+        ("argmax_agreement>=0.98", True),
+        ("worst_value_channel_sqnr_db>=12", True),
+    ]
 
 
 def test_inspect_groups_lists_prunable_and_frozen_groups(small_resnet, tmp_path, capsys):

@@ -210,8 +210,9 @@ def test_the_default_gate_fails_a_collapsed_detector_only_under_strict(tmp_path,
     code, out, _ = run_cli(capsys, "compare", str(a), str(b), *flags)
     assert code == 0
     data = json.loads((tmp_path / "c.json").read_text())
-    (gate,) = data["gates"]
-    assert gate["default"] and gate["expr"] == verdict.DEFAULT_GATE and not gate["passed"]
+    (gate,) = data["gates"]  # no classes to take an argmax of: only the value gate applies
+    assert gate["default"] and gate["expr"] == "worst_value_channel_sqnr_db>=12"
+    assert gate["expr"] in verdict.DEFAULT_GATE and not gate["passed"]
     assert not data["passed"] and "FAIL" in out
     assert data["comparison"]["metrics"]["cosine"] > 0.999
     assert any("SQNR" in w for w in data["warnings"])
@@ -307,3 +308,56 @@ def test_the_default_gate_tells_lost_detections_from_kept_ones(flags, broken, tm
         assert metrics["score_cosine"] < 0.9
     else:
         assert recall > 0.95 and metrics["score_cosine"] > 0.99
+
+
+def _softmax_classifier(bias: np.ndarray) -> onnx.ModelProto:
+    """x [N, 8] -> MatMul -> Add(bias) -> Softmax over 6 classes (a distribution per row)."""
+    rng = np.random.default_rng(7)
+    weight = numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")
+    b = numpy_helper.from_array(bias.astype(np.float32), "b")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"]),
+            helper.make_node("Add", ["m", "b"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+        ],
+        "classifier",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["N", 6])],
+        [weight, b],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_default_gate_reads_class_probabilities_by_their_argmax(tmp_path, capsys):
+    # A rare class's probability shrinks 4x where it is active (its own SQNR collapses) while
+    # the chosen class never changes: kept (as magika's 214-way softmax after pruning). Moving
+    # the classes enough to change the choice on more than 2 % of rows fails.
+    bias = np.array([0.0, 0.5, -0.5, 0.2, -0.2, -3.0])
+    paths = {}
+    for name, shift in (("a", 0.0), ("rare", -1.4), ("flip", 1.2)):
+        moved = bias + np.array([0, 0, 0, 0, shift if name == "flip" else 0, 0])
+        moved[5] += shift if name == "rare" else 0.0
+        paths[name] = tmp_path / f"{name}.onnx"
+        onnx.save(_softmax_classifier(moved), paths[name])
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((256, 8)).astype(np.float32))
+    flags = ("--inputs", str(tmp_path / "x.npz"), "--runs", "0", "--json", str(tmp_path / "c.json"))
+    verdicts = {}
+    for name in ("rare", "flip"):
+        code, _, _ = run_cli(capsys, "compare", str(paths["a"]), str(paths[name]), *flags)
+        assert code == 0
+        data = json.loads((tmp_path / "c.json").read_text())
+        (output,) = data["comparison"]["fidelity"]
+        assert output["class_probabilities"]
+        assert "worst_value_channel_sqnr_db" not in data["comparison"]["metrics"]
+        (gate,) = data["gates"]
+        assert gate["expr"] == "argmax_agreement>=0.98"
+        verdicts[name] = (gate["passed"], data["comparison"]["metrics"], data["warnings"])
+    passed, metrics, warnings = verdicts["rare"]
+    assert passed and metrics["argmax_agreement"] == 1.0
+    assert metrics["worst_channel_sqnr_db"] < 10  # what the old default gate failed on
+    assert not any("class" in w for w in warnings)
+    passed, metrics, warnings = verdicts["flip"]
+    assert not passed and metrics["argmax_agreement"] < 0.98
+    assert any("top class agrees" in w for w in warnings)

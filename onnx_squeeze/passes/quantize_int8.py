@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze.calibration import TensorStatistics
-from onnx_squeeze.gates import parse_gate
+from onnx_squeeze.gates import parse_gates
 from onnx_squeeze.graph_utils import attribute
 from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.base import Pass, bounded, choice, register, subset
@@ -161,7 +161,8 @@ class QuantizeInt8(Pass):
         s = self.settings
         if s.weight_bits:
             quant_params.weight_type(s.weight_bits)
-        accuracy_control.check_gate(parse_gate(s.target or DEFAULT_GATE))
+        for gate in parse_gates(s.target or DEFAULT_GATE):
+            accuracy_control.check_gate(gate)
 
     @property
     def activation(self) -> IntType:
@@ -338,7 +339,7 @@ class QuantizeInt8(Pass):
                 quantized_copy,
                 context,
                 report,
-                gate=parse_gate(s.target or DEFAULT_GATE),
+                gates=parse_gates(s.target or DEFAULT_GATE),
                 batches=s.control_batches,
                 bounds=accuracy_control.Bounds(s.control_runs, s.control_float_macs),
             )

@@ -223,10 +223,10 @@ def _size_section(comparison: dict[str, Any]) -> list[str]:
     return parts
 
 
-def _gate_threshold(report: dict[str, Any], metric: str) -> tuple[float, str] | None:
+def _gate_threshold(report: dict[str, Any], metrics: tuple[str, ...]) -> tuple[float, str] | None:
     for gate in report.get("gates") or []:
         match = _GATE.match(gate["expr"])
-        if match and match.group(1) == metric:
+        if match and match.group(1) in metrics:
             return float(match.group(3)), f"gate {match.group(2)} {match.group(3)} dB"
     return None
 
@@ -277,7 +277,9 @@ def _fidelity_section(report: dict[str, Any], comparison: dict[str, Any]) -> lis
     ]
     rows = _fidelity_rows(comparison)
     if rows:
-        threshold = _gate_threshold(report, "worst_channel_sqnr_db")
+        threshold = _gate_threshold(
+            report, ("worst_channel_sqnr_db", "worst_value_channel_sqnr_db")
+        )
         chart = charts.bar_chart(
             rows,
             [Series("SQNR", charts.RESULT)],

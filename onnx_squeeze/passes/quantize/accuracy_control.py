@@ -45,6 +45,7 @@ MEASURABLE = (
     "cosine",
     "sqnr_db",
     "worst_channel_sqnr_db",
+    "worst_value_channel_sqnr_db",
     "worst_channel_cosine",
     "max_abs_error",
     "mean_abs_error",
@@ -164,34 +165,57 @@ def keep_harmful_float(
     context: PassContext,
     report: PassReport,
     *,
-    gate: Gate,
+    gates: Sequence[Gate],
     batches: int,
     bounds: Bounds,
 ) -> list[ir.Node]:
-    """The anchors to quantize: all but those returned to float until ``gate`` holds on the
-    first ``batches`` calibration batches, within ``bounds`` (``quantized_copy`` quantizes the
-    given anchors of a copy)."""
-    measure = _Measure(model, anchors, quantized_copy, context, gate, batches)
+    """The anchors to quantize: all but those returned to float until every one of ``gates``
+    that the model's outputs can measure holds on the first ``batches`` calibration batches
+    (the gates in turn, sharing ``bounds``; ``quantized_copy`` quantizes the given anchors of
+    a copy)."""
+    measure = _Measure(model, anchors, quantized_copy, context, gates[0], batches)
     data = f"{len(measure.feeds['check'])} calibration batches"
     if context.data.is_random:
         data += f" of RANDOM data ({context.data.label})"
-    if not measure.measurable():
+    floated: list[str] = []
+    measured = False
+    for gate in gates:
+        measure.gate = gate
+        if measure.measurable():
+            measured = True
+            floated = _float_until_held(measure, anchors, floated, report, bounds, data)
+    if not measured:
+        metrics = ", ".join(gate.metric for gate in gates)
         report.notes.append(
-            f"accuracy control: no output of this model has {gate.metric}; every layer stays "
-            "quantized"
+            f"accuracy control: no output of this model has {metrics}; every layer stays quantized"
         )
-        return anchors
-    before = current = measure([], on="check")
-    spread = math.nan
+    return [node for node in anchors if node.name not in floated]
+
+
+def _float_until_held(
+    measure: _Measure,
+    anchors: list[ir.Node],
+    floated: list[str],
+    report: PassReport,
+    bounds: Bounds,
+    data: str,
+) -> list[str]:
+    """``floated`` and the anchors returned to float, most harmful first, until
+    ``measure.gate`` holds, within ``bounds``."""
+    gate = measure.gate
+    before = current = measure(floated, on="check")
     if gate.passes(before):
         report.notes.append(
-            f"accuracy control: {gate} holds with every layer quantized "
-            f"({gate.metric} = {before:.4g} on {data})"
+            f"accuracy control: {gate} holds with "
+            + (f"{len(floated)} layers in float" if floated else "every layer quantized")
+            + f" ({gate.metric} = {before:.4g} on {data})"
         )
-        return anchors
+        return floated
     macs = {node.name: _macs(node) for node in anchors}
     budget = bounds.float_macs * sum(macs.values())
-    floated: list[str] = []
+    floated = list(floated)
+    first = len(floated)
+    spread = math.nan
     why = ""
     while not gate.passes(current):
         spent = sum(macs[name] for name in floated)
@@ -208,7 +232,7 @@ def keep_harmful_float(
             why = f"; stopped at its bound of {bounds.runs} runs"
             break
         if math.isnan(spread):  # the metric's noise: the same model on the search's batches
-            spread = abs(measure([]) - before)
+            spread = abs(measure(floated) - before)
             spread = spread if math.isfinite(spread) else 0.0
         found = _most_harmful(candidates, floated, measure)
         value = measure([*floated, found.name], on="check")
@@ -229,10 +253,10 @@ def keep_harmful_float(
     share = sum(macs[name] for name in floated) / max(sum(macs.values()), 1)
     report.notes.append(
         f"accuracy control: {gate} {held} with {len(floated)} of {len(anchors)} layers in float "
-        f"({share:.1%} of their MACs): {gate.metric} {before:.4g} -> {current:.4g} on {data}; "
-        f"{measure.runs} measured runs{why}"
+        f"({share:.1%} of their MACs; {len(floated) - first} for this gate): {gate.metric} "
+        f"{before:.4g} -> {current:.4g} on {data}; {measure.runs} measured runs{why}"
     )
-    return [node for node in anchors if node.name not in floated]
+    return floated
 
 
 def _search_runs(candidates: int) -> int:
@@ -254,17 +278,9 @@ def _most_harmful(candidates: list[ir.Node], floated: list[str], measure: _Measu
 
 
 def metric_of(measured: Mapping[str, fidelity.OutputFidelity], metric: str) -> float | None:
-    """One gate metric over a measurement's outputs (worst output), as comparisons give it;
-    None where no output has it."""
-    worst_high = ("max_abs_error", "mean_abs_error")
-    attribute = {"max_abs_error": "max_abs", "mean_abs_error": "mean_abs"}.get(metric, metric)
-    values = [getattr(r, attribute) for r in measured.values()]
-    values = [float(v) for v in values if v is not None]
-    if not values:
-        return None
-    if any(math.isnan(v) for v in values):
-        return math.nan
-    return max(values) if metric in worst_high else min(values)
+    """One gate metric over a measurement's outputs, as comparisons give it; None where no
+    output has it."""
+    return fidelity.gate_metrics(measured.values()).get(metric)
 
 
 def _channel_values(outputs: Sequence[Feed]) -> float:
