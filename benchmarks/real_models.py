@@ -66,6 +66,7 @@ PASSES: dict[str, list[str]] = {
 METRIC_COLUMNS = [
     "cosine",
     "worst_channel_sqnr_db",
+    "worst_value_channel_sqnr_db",
     "worst_channel_cosine",
     "score_cosine",
     "argmax_agreement",
@@ -820,8 +821,8 @@ def _summary(command: str, report: dict[str, Any]) -> dict[str, Any]:
         "metrics": comparison.get("metrics") or {},
         "warnings": warnings,
         "passed": report.get("passed"),
-        "gate": ("PASS" if default[0]["passed"] else "FAIL") if default else None,
-        "gate_expr": default[0]["expr"] if default else None,
+        "gate": ("PASS" if all(g["passed"] for g in default) else "FAIL") if default else None,
+        "gate_expr": ", ".join(g["expr"] for g in default) if default else None,
         "notes": report.get("notes", []),
         "calibration": report.get("calibration"),
     }
@@ -921,7 +922,12 @@ JUDGE_TEXT = {
     "yolox": "box recall ≥ 0.9 at IoU 0.5, extra ≤ 10 %",
     "vad": "speech (p ≥ 0.5) ≥ 0.95",
 }
-SEPARATING = ["worst_channel_sqnr_db", "score_cosine", "argmax_agreement"]
+SEPARATING = [
+    "worst_channel_sqnr_db",
+    "worst_value_channel_sqnr_db",
+    "score_cosine",
+    "argmax_agreement",
+]
 
 
 def verdict_summary(rows: list[dict[str, Any]]) -> str:
@@ -932,7 +938,7 @@ def verdict_summary(rows: list[dict[str, Any]]) -> str:
     kept = [row for row in judged if row["task_kept"]]
     broken = [row for row in judged if not row["task_kept"]]
     count = {v: sum(row.get("verdict") == v for row in judged) for v in ("MISSED", "FALSE ALARM")}
-    gate = next((row["gate_expr"] for row in judged if row.get("gate_expr")), "?")
+    gate = ", ".join(sorted({row["gate_expr"] for row in judged if row.get("gate_expr")})) or "?"
     text = (
         f"**Task judges.** Each compress output was run in onnxruntime against the original on "
         f"the held-out samples (every 5th of `--calib`) and read as its package reads it (CTC "
@@ -953,7 +959,7 @@ def verdict_summary(rows: list[dict[str, Any]]) -> str:
         table.append(cells)
     headers = ["task", "rows", *(f"{key} min … max (rows)" for key in SEPARATING)]
     split = []
-    for key in SEPARATING:  # higher is better for all three
+    for key in SEPARATING:  # higher is better for all of them
         good, bad = ranges["kept", key], ranges["broken", key]
         if good and bad:
             verdict = "any threshold between separates them" if bad[1] < good[0] else "overlap"
