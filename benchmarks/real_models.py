@@ -42,6 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common
+from onnx_squeeze.verdict import DEFAULT_GATE
 
 CACHE = Path(
     os.environ.get("ONNX_SQUEEZE_REAL_MODELS")
@@ -938,13 +939,13 @@ def verdict_summary(rows: list[dict[str, Any]]) -> str:
     kept = [row for row in judged if row["task_kept"]]
     broken = [row for row in judged if not row["task_kept"]]
     count = {v: sum(row.get("verdict") == v for row in judged) for v in ("MISSED", "FALSE ALARM")}
-    gate = ", ".join(sorted({row["gate_expr"] for row in judged if row.get("gate_expr")})) or "?"
+    gate = DEFAULT_GATE
     text = (
         f"**Task judges.** Each compress output was run in onnxruntime against the original on "
         f"the held-out samples (every 5th of `--calib`) and read as its package reads it (CTC "
         f"strings, top-1, masks, boxes, diacritics; model table, last column): {len(judged)} "
         f"rows judged, {len(kept)} kept the task, {len(broken)} broke it. The default gate "
-        f"(`{gate}`) missed {count['MISSED']} broken results and raised {count['FALSE ALARM']} "
+        f"(`{gate}`, the conditions that apply to the model) missed {count['MISSED']} broken results and raised {count['FALSE ALARM']} "
         "false alarms on kept ones. Gate metrics among the judged rows:\n\n"
     )
     table, ranges = [], {}
