@@ -51,13 +51,14 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import resource
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -713,6 +714,9 @@ def fold_constants(model: ir.Model, report: PassReport) -> int:
         arrays = _foldable_inputs(node)
         if arrays is None:
             continue
+        input_bytes = sum(a.nbytes for a in arrays.values())
+        if _known_bytes(node.outputs) > max(input_bytes, _FOLD_GROWTH_LIMIT_BYTES):
+            continue  # known too large before it is made (a ConstantOfShape of 400 MB)
         try:
             proto = ir.serde.serialize_node(node)
             evaluator = ReferenceEvaluator(proto, opsets={"": opset})
@@ -722,7 +726,6 @@ def fold_constants(model: ir.Model, report: PassReport) -> int:
             logger.debug("not folding %s %s: %s", node.op_type, node.name, error)
             failed += 1
             continue
-        input_bytes = sum(a.nbytes for a in arrays.values())
         results = [np.asarray(r) for r in results]
         if sum(r.nbytes for r in results) > max(input_bytes, _FOLD_GROWTH_LIMIT_BYTES):
             continue
@@ -748,6 +751,17 @@ def fold_constants(model: ir.Model, report: PassReport) -> int:
             f"constant folding: {failed} node(s) with constant inputs could not be evaluated"
         )
     return folded
+
+
+def _known_bytes(values: Sequence[ir.Value]) -> int:
+    """Bytes of the values whose shapes inference settled (0 for the others)."""
+    total = 0
+    for value in values:
+        shape = value.shape
+        if shape is None or value.dtype is None or not all(isinstance(d, int) for d in shape):
+            continue
+        total += math.prod(shape) * max(value.dtype.itemsize, 1)
+    return total
 
 
 def _foldable_inputs(node: ir.Node) -> dict[ir.Value, np.ndarray] | None:
