@@ -156,6 +156,14 @@ def _external_case(name: str, location: str, data: bytes | None = None, **kwargs
     return Case(name, build, (_cmd(INSPECT), _cmd(SIMPLIFY)))
 
 
+def _inside_external(root: Path) -> None:
+    """w1's bytes in ``w.bin`` beside the model, where they belong."""
+    (root / "model").mkdir(parents=True, exist_ok=True)
+    model = _mlp()
+    (root / "model" / "w.bin").write_bytes(model.graph.initializer[0].raw_data)
+    _save(root, _mutated(_external("w.bin"))())
+
+
 def _symlink_case() -> Case:
     def build(root: Path) -> None:
         (root / "model").mkdir(parents=True, exist_ok=True)
@@ -719,7 +727,17 @@ CASES: tuple[Case, ...] = (
     ),
     # a valid model for contrast: every command works
     _model_case(
-        "valid: the plain model", _mlp, _cmd(INSPECT, 0), _cmd(COMPRESS, 0), _cmd(SIMPLIFY, 0)
+        "valid: the plain model",
+        _mlp,
+        _cmd(INSPECT, 0),
+        _cmd(COMPRESS, 0),
+        _cmd(SIMPLIFY, 0),
+        _cmd((*COMPRESS, "--external-data"), 0),
+    ),
+    Case(
+        "valid: external data inside the folder",
+        _inside_external,
+        (_cmd(INSPECT, 0), _cmd(SIMPLIFY, 0), _cmd((*COMPRESS, "--external-data"), 0)),
     ),
 )
 
