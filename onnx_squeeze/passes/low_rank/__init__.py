@@ -13,15 +13,20 @@ Each layer is replaced by a chain of smaller layers of the same kind, so that la
 - ``auto``: ``svd`` for Gemm/MatMul and 1×1 Convs (as ``channel``); for larger kernels the
   scheme that costs the fewest MACs at the requested energy (or, under a budget, the best trade).
 
-Ranks come from one of: ``rank``, ``ratio`` (of full rank), ``energy`` (share of squared singular
-values kept; the default, 0.95) or a whole-model ``macs_target`` / ``params_target`` (fraction to
-remove), for which ranks are allocated across layers by energy lost per MAC (or parameter)
-saved. A layer is factorized only when that saves MACs. With ``data_aware``, the input second
-moments measured on the calibration data whiten the decomposition so that it minimises the
-layer's output error rather than its weight error (see :mod:`.factorize`).
+Ranks come from one of: ``rank``, ``ratio`` (of full rank), ``energy`` (share of the spectrum
+kept: one minus the mean over output channels of each channel's relative error) or a
+whole-model ``macs_target`` / ``params_target`` (fraction to remove), for which ranks are
+allocated across layers by energy lost per MAC (or parameter) saved; each is honoured as given.
+With none of them (the default), the ranks are the lowest at which the factorized model still
+meets the fidelity gate on calibration data, and layers whose factors do not run faster stay
+whole; when nothing can be factorized so, the model is left unchanged with a warning
+(:mod:`.gate_search`). A layer is factorized only when that saves MACs. With ``data_aware``,
+the input second moments measured on the calibration data whiten the decomposition so that it
+minimises the layer's output error rather than its weight error (see :mod:`.factorize`).
 
 Modules: :mod:`.plans` (a layer's candidate schemes and their costs), :mod:`.ranks` (rank
-selection), :mod:`.rewrite` (the factor nodes swapped in), :mod:`.factorize` (the numerics).
+selection), :mod:`.gate_search` (the default: ranks by the gate), :mod:`.rewrite` (the factor
+nodes swapped in), :mod:`.factorize` (the numerics).
 """
 
 from __future__ import annotations
@@ -31,13 +36,13 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
-from onnx_squeeze import analysis, runtime
+from onnx_squeeze import analysis, gates, runtime
 from onnx_squeeze.blas import blas_threads
 from onnx_squeeze.calibration.grams import GramSpec, budget_groups, collect_grams
 from onnx_squeeze.errors import SettingsError, ShapeUnknownError
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.passes.base import Pass, bounded, choice, register, subset
-from onnx_squeeze.passes.low_rank import factorize
+from onnx_squeeze.passes.low_rank import factorize, gate_search
 from onnx_squeeze.passes.low_rank.plans import Candidate, Plan, find_candidate, plans_for
 from onnx_squeeze.passes.low_rank.ranks import (
     Option,
@@ -53,16 +58,15 @@ from onnx_squeeze.records import PassContext, PassReport, unselected
 
 SCHEMES = ("auto", "svd", "channel", "spatial", "tucker2")
 SUPPORTED_OPS = ("Gemm", "MatMul", "Conv")
-DEFAULT_ENERGY = 0.95
 # Data-aware Grams (float64) held at once: one 3×3 Conv over 512 channels (170 MB) per
-# calibration pass, since each is held again twice while its Cholesky root is computed.
+# calibration pass, since the factors of every layer decomposed before are held beside them.
 GRAM_BUDGET = 192 * 2**20
 
 
 @dataclasses.dataclass
 class LowRankSettings:
     scheme: str = choice("auto", SCHEMES)
-    # at most one of the next five; none: energy DEFAULT_ENERGY
+    # at most one of the next five; none: the lowest ranks that keep the gate ``target``
     rank: int | None = bounded(None, low=1)
     ratio: float | None = bounded(None, above=0, high=1)  # share of full rank kept
     energy: float | None = bounded(None, above=0, high=1)  # share of squared singular values kept
@@ -77,6 +81,10 @@ class LowRankSettings:
     exclude: list[str] = dataclasses.field(default_factory=list)
     op_types: Sequence[str] = subset(SUPPORTED_OPS, SUPPORTED_OPS)
     shapes: list[str] = dataclasses.field(default_factory=list)  # NAME:1x128, for MAC counts
+    # the gate the default ranks keep, e.g. "top1_agreement>=0.99"; empty: the default gate
+    # (verdict.DEFAULT_GATE)
+    target: str = ""
+    check_batches: int = bounded(8, low=1)  # calibration batches the default's gate is checked on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,14 +111,16 @@ class LowRank(Pass):
                 f"(got {', '.join(chosen)})"
             )
         runtime.parse_shape_overrides(s.shapes)
+        if s.target:
+            gates.parse_gates(s.target)
 
     @property
     def mode(self) -> str:
         s = self.settings
-        for key in ("rank", "ratio", "macs_target", "params_target"):
+        for key in ("rank", "ratio", "energy", "macs_target", "params_target"):
             if getattr(s, key) is not None:
                 return key
-        return "energy"
+        return "gate"
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         s = self.settings
@@ -142,6 +152,20 @@ class LowRank(Pass):
         self._decompose(model, plans, context)
         if self.mode in ("macs_target", "params_target"):
             chosen = self._budget(plans, summary, report)
+        elif self.mode == "gate":
+            chosen = gate_search.search(
+                model,
+                lambda level: self._at_level(plans, level),
+                context,
+                report,
+                target=s.target,
+                batches=s.check_batches,
+                pass_name=self.name,
+            )
+            recorded = {record.node for record in report.records}
+            for layer in plans:
+                if layer not in chosen and layer.name not in recorded:
+                    report.skip(layer.node, "kept whole: no rank the gate allows saves MACs")
         else:
             chosen = {
                 layer: self._per_layer(layer_plans, report) for layer, layer_plans in plans.items()
@@ -181,12 +205,13 @@ class LowRank(Pass):
     ) -> None:
         """Decompose every plan, whitened by its input Gram in data-aware mode.
 
-        Memory is that of one budget group of Grams (``GRAM_BUDGET``) and one whitening at a
-        time: the Grams are collected group by group, each Gram is overwritten by its damping
-        and dropped once its Cholesky root is made, and the root once the plans that share its
-        input are decomposed. Held for every layer at once, they took a data-aware ResNet-50 to
-        2.7 GB. They are not kept in the calibration store: the rewritten model is another
-        model, so no later pass could read them."""
+        Memory is that of one budget group of Grams (``GRAM_BUDGET``), largest first, beside
+        the factors of the plans decomposed so far (each kept only up to the ranks that save
+        MACs): the Grams are collected group by group, each is overwritten by its damping and
+        dropped once the plans that share its input are decomposed (a large Gram needs no
+        Cholesky root: :class:`.factorize.Whitening`). Held for every layer at once, they took
+        a data-aware ResNet-50 to 2.7 GB. They are not kept in the calibration store: the
+        rewritten model is another model, so no later pass could read them."""
         every = [plan for layer_plans in plans.values() for plan in layer_plans]
         specs: dict[Plan, GramSpec | None] = dict.fromkeys(every)
         if self.settings.data_aware:
@@ -195,6 +220,8 @@ class LowRank(Pass):
         for plan, spec in specs.items():
             by_input.setdefault(spec, []).append(plan)
         groups = budget_groups([spec for spec in by_input if spec is not None], GRAM_BUDGET)
+        # Largest Grams first, while the fewest factors are held beside them.
+        groups.sort(key=lambda group: -max(spec.nbytes for spec in group))
         progress = iter(track(every, "low_rank decompositions"))
         for group in [[None], *groups]:
             wanted = [spec for spec in group if spec is not None]
@@ -219,21 +246,32 @@ class LowRank(Pass):
                     if moments is not None
                     else None
                 )
-                del moments  # the Gram is freed once its whitening is made
+                del moments  # the damped Gram lives on in the whitening alone
                 for plan in by_input.get(spec, []):
                     # Single-threaded: these matrices are small for BLAS, and OpenBLAS threads
                     # spinning on a busy machine made each SVD hundreds of times slower.
                     with blas_threads(1):
-                        plan.decompose(white)
+                        plan.decompose(white, paying_only=True)
                     next(progress, None)
+                del white  # before the next Gram is made or collected
+
+    def _at_level(
+        self, plans: dict[Candidate, list[Plan]], energy: float
+    ) -> dict[Candidate, Option]:
+        """Per layer, the cheapest option that keeps ``energy``, where it saves MACs."""
+        found = {}
+        for layer, layer_plans in plans.items():
+            option = cheapest_with_energy(layer_plans, energy, self.settings.round_to)
+            if option.macs < original_cost(layer)[0]:
+                found[layer] = option
+        return found
 
     def _per_layer(self, plans: list[Plan], report: PassReport) -> Option | None:
         s = self.settings
         layer = plans[0].candidate
         if self.mode == "energy":
-            energy = s.energy if s.energy is not None else DEFAULT_ENERGY
-            option = cheapest_with_energy(plans, energy, s.round_to)
-            why = f"energy {energy} needs "
+            option = cheapest_with_energy(plans, s.energy, s.round_to)
+            why = f"energy {s.energy} needs "
         else:
             plan = next((p for p in plans if p.scheme == "tucker2"), plans[0])
             rank = (

@@ -79,6 +79,11 @@ class Candidate:
         return self.layer.matrix()
 
 
+def original_cost(layer: Candidate) -> tuple[int, int]:
+    """(MACs, parameters) of the layer as it is."""
+    return layer.macs or round(layer.positions * layer.weight.size), layer.params
+
+
 def _static_spatial(value: ir.Value | None) -> tuple[int, ...] | None:
     if value is None or value.shape is None or len(value.shape) < 3:
         return None
@@ -173,7 +178,9 @@ class Plan:
     def gram_spec(self) -> GramSpec | None:
         raise NotImplementedError
 
-    def decompose(self, white: factorize.Whitening | None) -> None:
+    def decompose(self, white: factorize.Whitening | None, *, paying_only: bool = False) -> None:
+        """Decompose the weight (whitened by ``white``); ``paying_only``: keep no factors
+        beyond the ranks that save MACs, which are never written."""
         raise NotImplementedError
 
     @property
@@ -208,11 +215,22 @@ class Plan:
 class MatrixPlan(Plan):
     """Schemes that factor one matrix unfolding of the weight: ``W ≈ A·B`` at rank r."""
 
-    def decompose(self, white: factorize.Whitening | None) -> None:
-        self.factors = factorize.MatrixFactorization(self.matrix(), white)
+    group = 1  # columns of the matrix per output channel
+
+    def decompose(self, white: factorize.Whitening | None, *, paying_only: bool = False) -> None:
+        keep = self.paying() if paying_only else None
+        self.factors = factorize.MatrixFactorization(
+            self.matrix(), white, group=self.group, keep=keep
+        )
 
     def matrix(self) -> np.ndarray:
         raise NotImplementedError
+
+    def paying(self) -> int:
+        """The largest rank whose factors cost fewer MACs than the layer (at least 1)."""
+        whole = original_cost(self.candidate)[0]
+        ranks = range(1, min(self.matrix().shape) + 1)
+        return max((r for r in ranks if self.cost((r,))[0] < whole), default=1)
 
     @property
     def full(self) -> Rank:
@@ -239,7 +257,7 @@ class SvdPlan(MatrixPlan):
         return rank[0] * (k + n), rank[0] * (k + n)
 
     def build(self, rank: Rank, builder: Builder) -> list[ir.Node]:
-        a, b = self.factors.factors(rank[0])
+        a, b = self.factors.factors(rank[0], self.matrix())
         node, kind = self.candidate.node, self.candidate.kind
         if kind == "matmul":
             first = builder.node("lowrank_a", "MatMul", [node.inputs[0], builder.weight("a", a)])
@@ -284,7 +302,7 @@ class ChannelPlan(MatrixPlan):
         return params, params
 
     def build(self, rank: Rank, builder: Builder) -> list[ir.Node]:
-        a, b = self.factors.factors(rank[0])
+        a, b = self.factors.factors(rank[0], self.matrix())
         first_kernel, second_kernel = factorize.channel_kernels(a, b, self.candidate.weight.shape)
         geometry = self.candidate.layer.geometry()
         first = builder.conv("lowrank_a", self.candidate.node.inputs[0], first_kernel, geometry)
@@ -293,6 +311,10 @@ class ChannelPlan(MatrixPlan):
 
 class SpatialPlan(MatrixPlan):
     scheme = "spatial"
+
+    @property
+    def group(self) -> int:  # type: ignore[override]
+        return self.candidate.weight.shape[3]
 
     def matrix(self) -> np.ndarray:
         return factorize.spatial_matrix(self.candidate.weight)
@@ -318,7 +340,7 @@ class SpatialPlan(MatrixPlan):
         return first * self.candidate.mid_ratio + second, first + second
 
     def build(self, rank: Rank, builder: Builder) -> list[ir.Node]:
-        a, b = self.factors.factors(rank[0])
+        a, b = self.factors.factors(rank[0], self.matrix())
         first_kernel, second_kernel = factorize.spatial_kernels(a, b, self.candidate.weight.shape)
         vertical, horizontal = self._split()
         first = builder.conv("lowrank_a", self.candidate.node.inputs[0], first_kernel, vertical)
@@ -343,7 +365,7 @@ class TuckerPlan(Plan):
             ones,
         )
 
-    def decompose(self, white: factorize.Whitening | None) -> None:
+    def decompose(self, white: factorize.Whitening | None, *, paying_only: bool = False) -> None:
         self.factors = factorize.Tucker2(self.candidate.weight, white)
 
     @property
@@ -369,7 +391,7 @@ class TuckerPlan(Plan):
         return reduce * self.candidate.in_ratio + core + expand, reduce + core + expand
 
     def build(self, rank: Rank, builder: Builder) -> list[ir.Node]:
-        reduce, core, expand = self.factors.factors(*rank)
+        reduce, core, expand = self.factors.factors(*rank, self.candidate.weight)
         node, ones = self.candidate.node, (1,) * len(self.candidate.kernel)
         first = builder.conv("lowrank_a", node.inputs[0], reduce.reshape(*reduce.shape, *ones))
         geometry = self.candidate.layer.geometry()

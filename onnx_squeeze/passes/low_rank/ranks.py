@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from onnx_squeeze.passes.low_rank.plans import Candidate, Plan, Rank
+from onnx_squeeze.passes.low_rank.plans import Candidate, Plan, Rank, original_cost
 
 
 @dataclasses.dataclass
@@ -22,10 +22,6 @@ class Option:
     @classmethod
     def of(cls, plan: Plan, rank: Rank) -> Option:
         return cls(plan, rank, plan.energy(rank), *plan.cost(rank))
-
-
-def original_cost(layer: Candidate) -> tuple[int, int]:
-    return layer.macs or round(layer.positions * layer.weight.size), layer.params
 
 
 def unprofitable(option: Option, why: str = "") -> str:
