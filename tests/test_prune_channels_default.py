@@ -80,7 +80,7 @@ def test_default_leaves_the_model_unchanged_with_a_warning_when_no_step_meets_th
 
 def test_default_bisects_to_the_largest_share_that_meets_the_gate(monkeypatch):
     """A gate that holds while at most 20 % of the MACs are gone: 30 % misses, 15 % meets,
-    22.5 % misses, so 15 % is kept."""
+    22.5 % misses, so 15 % is kept; the sensitivities are measured once for all three."""
     model = _two_branches(1.0)
     total = analysis.analyze(model).macs
 
@@ -89,8 +89,10 @@ def test_default_bisects_to_the_largest_share_that_meets_the_gate(monkeypatch):
         return removed <= 0.2, f"removed {removed:.3f}"
 
     monkeypatch.setattr(gate_search_module.GateCheck, "__call__", within_20_percent)
+    measured = _counted(monkeypatch, Sensitivity, "curves")
     pruned, report = _prune(model, round_to=1)
     check(pruned)
+    assert len(measured) == 1  # the candidates share one measurement of the sensitivities
     assert 0.8 <= _macs_ratio(pruned, model) <= 0.85
     note = next(n for n in report.notes if n.startswith("default:"))
     assert "tried 30.0% misses, 15.0% meets, 22.5% misses" in note, note
@@ -146,13 +148,13 @@ def test_the_bare_flag_asks_for_the_default_and_folds_recovery_into_it():
 
 
 def test_sensitivity_reads_only_the_batches_its_output_channels_need():
-    """A map output gives every channel many values per batch: one batch is enough; a
+    """A map output gives every channel many values per batch: two batches are enough; a
     classifier's [N, C] output gives one per sample: all the batches are read (up to 32
     values per channel)."""
     rng = np.random.default_rng(0)
     feeds = [{"x": np.zeros(1)}] * 4
     sensitivity = object.__new__(Sensitivity)  # only its outputs are needed here
-    for shape, read in (((2, 8, 8, 8), 1), ((1, 10), 4)):
+    for shape, read in (((2, 8, 8, 8), 2), ((1, 10), 4)):
         output = {"y": rng.standard_normal(shape).astype(np.float32)}
         sensitivity._outputs = lambda feeds, plan, output=output: [output] * len(feeds)
         assert len(sensitivity.enough(feeds)) == read, shape

@@ -102,7 +102,7 @@ class GateSearch:
         if self.recover and report.changed:
             recovery = make_pass("reconstruct")(copy, self.fitting)
             report.records.extend(recovery.records)
-            report.notes.extend(f"recovery: {note}" for note in recovery.notes)
+            report.notes.extend(_prefixed("recovery", note) for note in recovery.notes)
         passed, said = self.check(copy) if report.changed else (False, "")
         return Candidate(fraction, copy, report, passed, said)
 
@@ -121,3 +121,10 @@ class GateSearch:
             else:
                 high = middle
         return best, tried
+
+
+def _prefixed(who: str, note: str) -> str:
+    """``note`` attributed to ``who``, a warning still a warning."""
+    if note.startswith("WARNING:"):
+        return f"WARNING: {who}: {note.removeprefix('WARNING:').strip()}"
+    return f"{who}: {note}"

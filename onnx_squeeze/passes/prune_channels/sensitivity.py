@@ -4,7 +4,7 @@ The error is judged per output channel, each relative to its own spread
 (:func:`fidelity.channel_error`): a detector whose one output holds pixel boxes beside class
 scores would otherwise spend its pruning on the score branch, whose error the boxes drown.
 Its cost is (groups x 3 x batches x rounds) inferences, so it reads only as many batches as
-give every output channel ``CHANNEL_VALUES`` values (one for a detector's or a segmenter's
+give every output channel ``CHANNEL_VALUES`` values (two for a detector's or a segmenter's
 map, up to ``sensitivity_batches`` for a classifier) and skips the groups whose channels cost
 nothing; ``allocation: uniform`` is the cheap one-ratio alternative."""
 
@@ -53,8 +53,11 @@ SENSITIVITY_SHARES = (0.25, 0.5, 0.75)
 
 # The values per output channel that the measured batches give at least (a classifier's logit
 # has one per sample; a detector's score map thousands in one batch, where more batches only
-# cost runs: ppocr_det's 36 groups took 888 runs, 720 s, on 4 batches and 2 rounds).
+# cost runs: ppocr_det's 36 groups took 888 runs, 720 s, on 4 batches and 2 rounds), from at
+# least MIN_BATCHES batches: one image is no measure of a channel's spread (the zoo detector
+# pruned by one image's curves lost 14 % of its detections, by two's none).
 CHANNEL_VALUES = 32
+MIN_BATCHES = 2
 
 
 class Sensitivity:
@@ -121,11 +124,11 @@ class Sensitivity:
         ]
 
     def enough(self, feeds: list[dict]) -> list[dict]:
-        """The first of ``feeds`` that give every output channel ``CHANNEL_VALUES`` values
-        (all of them when they give fewer)."""
+        """The first of ``feeds`` that give every output channel ``CHANNEL_VALUES`` values,
+        at least ``MIN_BATCHES`` (all of them when they give fewer)."""
         first = fidelity.measure(*[self._outputs(feeds[:1], {})] * 2).values()
         values = min((m.elements / max(m.channels, 1) for m in first), default=1.0)
-        return feeds[: max(1, math.ceil(CHANNEL_VALUES / max(values, 1.0)))]
+        return feeds[: max(MIN_BATCHES, math.ceil(CHANNEL_VALUES / max(values, 1.0)))]
 
     def error(self, reference: list[dict], outputs: list[dict]) -> float:
         """Squared error relative to each output channel's spread over the feeds, averaged over
