@@ -9,13 +9,15 @@ with the original; target latency 0.5). Rows whose model or peer cannot be built
 torch, no nncf) are left out with a note.
 
     python benchmarks/bench_tune.py [--models transformer,resnet50,digits_cnn] [--trials 12]
-        [--time-budget 900] [--runs 10] [--bisect-steps 3] [--zoo-drop 0.1] [--no-nncf] [--work DIR]
+        [--time-budget 900] [--trial-timeout S] [--runs 10] [--bisect-steps 3] [--zoo-drop 0.1]
+        [--no-nncf] [--nncf-iterations 20] [--work DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -33,7 +35,7 @@ from onnx_squeeze import model_io, zoo
 from onnx_squeeze.calibration import open_source
 from onnx_squeeze.pipeline import compress, judge
 from onnx_squeeze.recipe import Recipe
-from onnx_squeeze.tune import parse_budget, parse_targets, tune
+from onnx_squeeze.tune import parse_budget, parse_targets, timing, tune
 from onnx_squeeze.tune.metrics import top1
 
 SAMPLES = 64  # calibration and held-out samples of the zoo models (random inputs)
@@ -51,7 +53,9 @@ HEADERS = [
     "original metric",
     "trials (run)",
     "search s",
+    "CPU-time ratio, timed together",
 ]
+RETIME_RUNS = 100  # interleaved rounds when the models are timed again, side by side
 
 
 def zoo_case(name: str, folder: Path) -> dict[str, Any]:
@@ -109,6 +113,29 @@ def digits_case(folder: Path, epochs: int) -> dict[str, Any]:
     }
 
 
+def model_file(folder: Path, case: dict[str, Any], method: str, target: str) -> Path:
+    """Where a row's model is kept: tune's per target; the peers' do not depend on it."""
+    if method.startswith("onnx-squeeze tune"):
+        return folder / f"{case['name']}_{target}.onnx"
+    if method.startswith("NNCF"):
+        return folder / f"{case['name']}_nncf.onnx"
+    return folder / f"{case['name']}_{HAND_WRITTEN[case['family']]}.onnx"
+
+
+def retime(case: dict[str, Any], rows: list[list[Any]], folder: Path) -> None:
+    """Each row's model timed again beside the original, interleaved, in the CPU time of one
+    thread (:mod:`onnx_squeeze.tune.timing`): wall-clock ratios measured at different times on
+    a machine six jobs share are not comparable; these are. Sets the last column."""
+    paths = [model_file(folder, case, row[1], row[2]) for row in rows]
+    present = [p for p in paths if p.exists()]
+    original = model_io.load(case["path"])
+    feed = next(iter(open_source(case["eval"], original)))
+    base, *times = timing.cpu_ms([Path(case["path"]), *present], feed, runs=RETIME_RUNS)
+    measured = dict(zip(present, times, strict=True))
+    for row, path in zip(rows, paths, strict=True):
+        row[len(HEADERS) - 1 :] = [measured[path] / base if path in measured else None]
+
+
 def _metric(case: dict[str, Any], model_path: str, comparison: dict[str, Any]) -> float:
     if case["metric"] == "top1":
         return top1(model_path, case["eval"], lambda spec, model: open_source(spec, model))
@@ -128,6 +155,7 @@ def tune_row(case, target, max_drop, args, folder, notes: list[str]) -> list[Any
         time_budget=args.time_budget,
         family=case["family"],
         bisect_steps=args.bisect_steps,
+        trial_timeout=args.trial_timeout,
         runs=args.runs,
         shapes={"input_ids": TRANSFORMER_SHAPE} if case["name"] == "transformer" else None,
         work_dir=folder / f"{case['name']}_{target}.tune",
@@ -135,6 +163,9 @@ def tune_row(case, target, max_drop, args, folder, notes: list[str]) -> list[Any
     )
     chosen = found.chosen
     metrics = chosen.metrics if chosen else {}
+    kept = model_file(folder, case, "onnx-squeeze tune", target)
+    if chosen and not found.met:  # tune writes only a model that meets everything
+        shutil.copyfile(chosen.model_path, kept)
     spent, first = 0.0, None
     for number, entry in enumerate(found.data["trials"]):
         spent += entry.get("seconds") or 0.0
@@ -171,7 +202,7 @@ def _judged(case, original_path, result_path, args) -> dict[str, Any]:
 def hand_written_row(case, target, max_drop, args, folder, baseline) -> list[Any]:
     preset = HAND_WRITTEN[case["family"]]
     start = time.perf_counter()
-    output = folder / f"{case['name']}_{preset}.onnx"
+    output = model_file(folder, case, "hand-written", target)
     result = compress(
         case["path"],
         Recipe.load(preset),
@@ -275,7 +306,7 @@ def nncf_row(case, target, max_drop, args, folder, baseline) -> list[Any] | str:
             f"{type(error).__name__}: {str(error)[:200]}"
         )
     seconds = time.perf_counter() - start
-    output = folder / f"{case['name']}_nncf.onnx"
+    output = model_file(folder, case, "NNCF", target)
     onnx.save(quantized, output)
     comparison = _judged(case, case["path"], str(output), args)
     value = _metric(case, str(output), comparison)
@@ -298,6 +329,7 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=900, help="seconds per search")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--bisect-steps", type=int, default=3)
+    parser.add_argument("--trial-timeout", type=float, help="seconds: a trial past it fails")
     parser.add_argument("--zoo-drop", type=float, default=0.1, help="top1_agreement budget")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--no-nncf", action="store_true")
@@ -309,6 +341,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--work", metavar="DIR", help="keep models, data and trials here: a rerun resumes"
+    )
+    parser.add_argument(
+        "--retime",
+        action="store_true",
+        help="only time again, side by side, the models of the table's rows for --models "
+        "(kept in --work)",
     )
     args = parser.parse_args()
     rows, notes, cases = [], [], []
@@ -324,14 +362,21 @@ def main() -> None:
                 )
             except ImportError as error:
                 notes.append(f"{name}: left out ({error}; pip install -e '.[bench,torch]')")
+        if args.retime:
+            kept_rows, notes = _earlier()
+            for case in cases:
+                retime(case, [r for r in kept_rows if r[0] == case["name"]], folder)
+            print(_write(kept_rows, notes, args, replace=False), flush=True)
+            return
         for case in cases:
             max_drop = 0.01 if case["metric"] == "top1" else args.zoo_drop
             notes.append(f"{case['name']}: {case['data']}; metric {case['metric']}")
+            made: list[list[Any]] = []
             for target in case["targets"]:
                 print(f"{case['name']} {target}", flush=True)
                 row = tune_row(case, target, max_drop, args, folder, notes)
-                made = [row, hand_written_row(case, target, max_drop, args, folder, row[8])]
-                print(common.markdown_table(HEADERS, made), flush=True)
+                made += [row, hand_written_row(case, target, max_drop, args, folder, row[8])]
+                print(common.markdown_table(HEADERS, made[-2:]), flush=True)
                 if not args.no_nncf:
                     peer = nncf_row(case, target, max_drop, args, folder, row[8])
                     if isinstance(peer, str):
@@ -339,27 +384,44 @@ def main() -> None:
                     else:
                         made.append(peer)
                         print(common.markdown_table(HEADERS, [peer]), flush=True)
-                rows += made
-                print(_write(rows, notes, args), flush=True)  # kept if the run is cut short
+                print(_write(rows + made, notes, args), flush=True)  # kept if cut short
+            retime(case, made, folder)
+            rows += made
+            print(_write(rows, notes, args), flush=True)
 
 
-def _write(rows: list[list[Any]], notes: list[str], args: argparse.Namespace) -> Path:
-    """The table: these rows, and those of other models from earlier runs (each model is run on
-    its own, one after the other, on a shared machine), with their notes."""
-    fresh = {r[0] for r in rows}
+def _earlier() -> tuple[list[list[Any]], list[str]]:
+    """The rows and notes of the committed table (columns an older run lacks are empty)."""
     earlier = common.RESULTS / "tune.json"
+    if not earlier.exists():
+        return [], []
+    previous = json.loads(earlier.read_text())
+    return [[r.get(h) for h in HEADERS] for r in previous["rows"]], previous["notes"]
+
+
+def _write(
+    rows: list[list[Any]], notes: list[str], args: argparse.Namespace, replace: bool = True
+) -> Path:
+    """The table: these rows, and (``replace``) those of other models from earlier runs (each
+    model is run on its own, one after the other, on a shared machine), with their notes."""
     kept_rows, kept_notes = [], []
-    if earlier.exists():
-        previous = json.loads(earlier.read_text())
-        kept_rows = [list(r.values()) for r in previous["rows"] if r["model"] not in fresh]
-        kept_notes = [
-            n for n in previous["notes"] if n.split(":")[0].split(",")[0].strip() not in fresh
-        ]
+    if replace:
+        fresh = {r[0] for r in rows}
+        previous_rows, previous_notes = _earlier()
+        kept_rows = [r for r in previous_rows if r[0] not in fresh]
+        kept_notes = [n for n in previous_notes if n.split(":")[0].split(",")[0] not in fresh]
+    rows = [[*r, *[None] * (len(HEADERS) - len(r))] for r in rows]
     everything, all_notes = kept_rows + rows, kept_notes + notes
     body = (
         "Ratios against the original on this machine (CPU, 1 thread, batch 1); 'search s' is the "
         "whole search (tune) or the one run (peers). The chosen trial meets every target within "
-        "the budget, else it is the closest that keeps the budget.\n\n"
+        "the budget, else it is the closest that keeps the budget. 'latency ratio' is wall-clock, "
+        "measured when the model was made (by the search, or after the peer's run) on a machine "
+        "shared with other jobs (load 12-18 on 2 cores): noisy by up to 2x. 'CPU-time ratio, "
+        "timed together' times each row's model again after the searches, beside the original, "
+        f"interleaved, in the thread's CPU time (median of {RETIME_RUNS} rounds; "
+        "onnxruntime computes in the calling thread at 1 thread): the figure to compare across "
+        "rows; the 'met' column reads the search's own (wall-clock) measurement.\n\n"
         + common.markdown_table(HEADERS, everything)
         + "\n\n"
         + "\n".join(f"- {note}" for note in all_notes)

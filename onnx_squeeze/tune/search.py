@@ -26,6 +26,7 @@ from onnx_squeeze import model_io
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.recipe import Recipe
 from onnx_squeeze.tune import results as results_module
+from onnx_squeeze.tune import timing
 from onnx_squeeze.tune.executors import Executor, make_executor
 from onnx_squeeze.tune.space import Space, build_space, family_of, recipe_for
 from onnx_squeeze.tune.store import Store
@@ -291,8 +292,11 @@ def tune(
             "calibration_samples": calibration_samples,
             "samples": samples,
             "seed": seed,
+            "clock": "cpu" if timing.cpu_clock(providers, threads) else "wall",
         },
     }
+    if base_job["run"]["clock"] == "cpu":
+        echo("latency: CPU time of the one thread that runs the model (other jobs do not move it)")
     search = Search(source, list(targets), budget, Store(work), runner, base_job, budget.gate, echo)
     start = time.monotonic()
     try:

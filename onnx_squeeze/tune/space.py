@@ -86,7 +86,7 @@ class Space:
     def describe(self) -> list[str]:
         lines = [f"search space ({self.family}):", *(f"  {p.describe()}" for p in self.params)]
         if self.pilot:
-            fixed = ", ".join(f"{k}={v}" for k, v in self.pilot.items())
+            fixed = ", ".join(f"{k}={v}" for k, v in self.pilot.items() if self.param(k))
             lines.append(f"  first: prune bisected with {fixed}")
         return lines
 
@@ -113,7 +113,7 @@ def build_space(family: str, providers: Sequence[str] = ("cpu",), finetune: bool
     if gpu:
         quantizers += ("fp16",)
     prune_high = {"cnn": 0.7, "detector": 0.5, "transformer": 0.5}[family]
-    pruned = tuple(round(x * 0.05, 2) for x in range(1, int(prune_high / 0.05) + 1))
+    pruned = tuple(round(x * 0.05, 2) for x in range(1, round(prune_high / 0.05) + 1))
     params = [Param("prune", low=0.0, high=prune_high)]
     if structural:
         params += [

@@ -4,7 +4,8 @@ size and MACs against the original on this machine, the metric).
 A trial is a JSON-able job run in its own process (forked by the local executor, ``python -m
 onnx_squeeze.tune.trial JOB.json`` by hand, or a Ray task), so that a trial that brings its process down (an onnxruntime
 abort, memory) costs that trial only; it writes ``model.onnx`` and ``result.json`` to the
-job's folder.
+job's folder. At one thread on the CPU the latency is timed again in CPU time
+(:mod:`onnx_squeeze.tune.timing`), which other jobs on the machine do not move.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from onnx_squeeze import model_io
 from onnx_squeeze.calibration import open_source
 from onnx_squeeze.errors import SqueezeError
 from onnx_squeeze.recipe import Recipe
-from onnx_squeeze.tune import metrics
+from onnx_squeeze.tune import metrics, timing
 
 MODEL_FILE = "model.onnx"
 RESULT_FILE = "result.json"
@@ -106,6 +107,22 @@ def _judge_again(
     return dict(comparison["metrics"]), []
 
 
+def _timed_in_cpu(
+    job: dict[str, Any], measured: dict[str, Any], output: Path, data: Any
+) -> dict[str, Any]:
+    """The latency ratio and speed-up in CPU time against the job's model (the search's
+    prepared reference), on the first sample (:mod:`onnx_squeeze.tune.timing`); the comparison's
+    wall-clock ratio is kept beside them."""
+    feed = next(iter(data))
+    reference, model = timing.cpu_ms([job["model"], output], feed, job["run"].get("runs", 10))
+    return {
+        **measured,
+        "wall_latency_ratio": measured.get("latency_ratio"),
+        "latency_ratio": model / reference,
+        "speedup": reference / model,
+    }
+
+
 def run_trial(job: dict[str, Any]) -> dict[str, Any]:
     """Compress, measure and judge one recipe (or judge again the model of a trial ranked on
     part of the evaluation data, ``model_from``); the result as a dict (``status`` ok or
@@ -129,6 +146,8 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
             )
             measured, warnings = _compress(job, judged, output)
         data = evaluation if evaluation is not None else job.get("calibration")
+        if job["run"].get("clock") == "cpu" and not job.get("reference"):
+            measured = _timed_in_cpu(job, measured, output, open_data(data, original))
         scored = job["model"] if job.get("reference") else os.fspath(output)
         value = metrics.value(job["metric"], scored, data, measured, open_data)
     except SqueezeError as error:
