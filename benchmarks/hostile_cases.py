@@ -489,9 +489,9 @@ def _calib(kind: str) -> Callable[[Path], None]:
     return write
 
 
-def _pickled(suffix: str) -> Callable[[Path], None]:
+def _pickled(suffix: str, shape: tuple[int, ...]) -> Callable[[Path], None]:
     def write(root: Path) -> None:
-        payload = np.empty((4, 8), dtype=object)  # the shape the model's input wants
+        payload = np.empty(shape, dtype=object)
         payload[:] = _Payload(str(root / PICKLE_RAN))
         path = root / (DATA if suffix == ".npz" else NPY)
         with path.open("wb") as handle:
@@ -572,17 +572,30 @@ PICKLE_COMMANDS = (
 )
 
 
-def _pickle_case(suffix: str) -> Case:
+def _strings() -> onnx.ModelProto:
+    """y = x for 4 strings: numpy's object arrays are what such an input's data would be."""
+    return _graph(
+        [helper.make_node("Identity", ["x"], ["y"], name="identity")],
+        [helper.make_tensor_value_info("x", TensorProto.STRING, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.STRING, [4])],
+    )
+
+
+def _pickle_case(suffix: str, strings: bool) -> Case:
+    """Pickled objects shaped as the model's input wants: 4 samples of 8 floats, or the one
+    sample of 4 strings of a string input (no dtype mismatch stops it first)."""
+
     def build(root: Path) -> None:
-        _save(root, _mlp())
-        _pickled(suffix)(root)
+        _save(root, _strings() if strings else _mlp())
+        _pickled(suffix, (4,) if strings else (4, 8))(root)
 
     placeholder = "{d}" if suffix == ".npz" else "{n}"
     commands = tuple(
         _cmd([placeholder if word == "{d}" else word for word in command])
         for command in PICKLE_COMMANDS
     )
-    return Case(f"data: a pickled object in {suffix} (code on unpickling)", build, commands)
+    model = "a string" if strings else "a float"
+    return Case(f"data: pickled objects in {suffix} for {model} input", build, commands)
 
 
 # ----------------------------------------------------------------------------- the cases
@@ -634,6 +647,7 @@ CASES: tuple[Case, ...] = (
         "input: a zero batch", _mutated(_batch_zero), _cmd(INSPECT, 0, 1), _cmd(COMPRESS, 0, 1)
     ),
     _model_case("input: a dim of 2**40", _mutated(_input_dim(2**40))),
+    _model_case("input: strings", _strings, _cmd(INSPECT, 0), _cmd(COMPRESS, 0, 1)),
     _model_case("weights: NaN", _mutated(_weights(np.nan)), _cmd(INSPECT, 0), _cmd(COMPRESS)),
     _model_case("weights: Inf", _mutated(_weights(np.inf)), _cmd(INSPECT, 0), _cmd(COMPRESS)),
     _model_case(
@@ -697,8 +711,10 @@ CASES: tuple[Case, ...] = (
         _calib("truncated"),
         ("compress", "{m}", "-o", "{o}", "--int8", "--calib", "{d}", "--no-simplify"),
     ),
-    _pickle_case(".npz"),
-    _pickle_case(".npy"),
+    _pickle_case(".npz", strings=False),
+    _pickle_case(".npy", strings=False),
+    _pickle_case(".npz", strings=True),
+    _pickle_case(".npy", strings=True),
     _image_case("images: a decompression bomb (2**32 pixels)", _png(65536, 65536)),
     _image_case("images: 100 M pixels (above our limit, below Pillow's)", _png(10000, 10000)),
     _image_case("images: not an image", b"GIF89a but not really"),

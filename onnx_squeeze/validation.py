@@ -125,7 +125,7 @@ def _check_declared_inputs(model: ir.Model, where: str) -> None:
             continue
         # Paddle and others write -1 for a dynamic dimension: only positive ones count
         dims = [d for d in value.shape if isinstance(d, int) and d > 0]
-        size = math.prod(dims) * max(value.dtype.itemsize, 1)
+        size = math.prod(dims) * _itemsize(value.dtype)
         if limit and size > limit:
             raise InputError(
                 f"{where}: input {value.name!r} is declared {value.shape} "
@@ -164,7 +164,7 @@ def _static_bytes(value: ir.Value) -> int:
     if value.shape is None or value.dtype is None:
         return 0
     dims = [d if isinstance(d, int) and d > 0 else 1 for d in value.shape]
-    return math.prod(dims) * max(value.dtype.itemsize, 1)
+    return math.prod(dims) * _itemsize(value.dtype)
 
 
 def check_tensor_sizes(model: ir.Model, where: str, limit: int | None = None) -> None:
@@ -174,7 +174,7 @@ def check_tensor_sizes(model: ir.Model, where: str, limit: int | None = None) ->
     settle (symbolic dims) are bounded at run time instead (``runtime.BoundedSession``)."""
     limit = limit if limit is not None else tensor_limit_bytes(model)
     for name, dtype, dims, producer in _inferred_values(model):
-        size = math.prod(dims) * max(dtype.itemsize, 1)
+        size = math.prod(dims) * _itemsize(dtype)
         if size <= limit:
             continue
         maker = f"node {_node_name(producer)!r} ({producer.op_type})"
@@ -254,6 +254,14 @@ def _proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
             elif attribute.type == onnx.AttributeProto.GRAPHS:
                 for subgraph in attribute.graphs:
                     yield from _proto_graphs(subgraph)
+
+
+def _itemsize(dtype: ir.DataType) -> int:
+    """Bytes per element, 1 for strings (a lower bound) and sub-byte types."""
+    try:
+        return max(dtype.itemsize, 1)
+    except TypeError:  # STRING has no fixed width
+        return 1
 
 
 def _memory_bytes() -> int | None:

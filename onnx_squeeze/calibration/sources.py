@@ -117,16 +117,24 @@ def _read_headers(path: Path | GivenArrays) -> dict[str, tuple[tuple[int, ...], 
     try:
         if path.suffix.lower() == ".npy":
             with open(path, "rb") as stream:
-                return {"": _read_header(stream)}
-        headers = {}
-        with zipfile.ZipFile(path) as archive:
-            for member in archive.namelist():
-                if member.endswith(".npy"):
-                    with archive.open(member) as stream:
-                        headers[member[: -len(".npy")]] = _read_header(stream)
-        return headers
+                headers = {"": _read_header(stream)}
+        else:
+            headers = {}
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    if member.endswith(".npy"):
+                        with archive.open(member) as stream:
+                            headers[member[: -len(".npy")]] = _read_header(stream)
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise InputError(f"cannot read calibration file {path}: {error}") from None
+    for name, (_, dtype) in headers.items():
+        if dtype.hasobject:  # numpy would need allow_pickle, which runs the file's code
+            array = f"array {name!r}" if name else "its array"
+            raise InputError(
+                f"{path}: {array} holds Python objects (a pickle, which could run code): "
+                "never loaded; save plain numeric or string arrays"
+            )
+    return headers
 
 
 class _StoredArray:
