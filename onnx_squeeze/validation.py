@@ -186,16 +186,21 @@ def check_tensor_sizes(model: ir.Model, where: str, limit: int | None = None) ->
         )
 
 
+# Integer initializers up to this size stay in the copy shape inference reads (shapes, axes,
+# position tables); larger ones (INT8 weights) are left out like float weights.
+_SHAPE_DATA_BYTES = 64 << 10
+
+
 def _inferred_values(model: ir.Model) -> Iterator[tuple[str, ir.DataType, list[int], ir.Node]]:
     """(name, dtype, dims, producing node) of every value onnx's shape inference gives a
-    shape, subgraphs included. Float weights are left out of the inferred copy (their
-    dims are enough; tensors are shared, not copied); integer ones stay, as shapes may be
-    read from them."""
+    shape, subgraphs included. Weights are left out of the inferred copy (their dims are
+    enough; tensors are shared, not copied); small integer ones stay, as shapes may be read
+    from them."""
     clone = model.clone()
     for graph in (clone.graph, *clone.graph.subgraphs()):
         for name, value in list(graph.initializers.items()):
             tensor = value.const_value
-            if tensor is None or not tensor.dtype.is_floating_point():
+            if tensor is None or (tensor.dtype.is_integer() and tensor.nbytes <= _SHAPE_DATA_BYTES):
                 continue
             value.shape, value.dtype = ir.Shape(tensor.shape), tensor.dtype
             value.const_value = None
