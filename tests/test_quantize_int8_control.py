@@ -279,7 +279,8 @@ def test_accuracy_control_steps_back_when_the_best_layer_does_not_help(monkeypat
 
     def metric(self, floated, on="search"):
         self.runs += 1
-        return (8.0 if "m1" in floated else 5.0) - 0.5 * len(set(floated) - {"m1"})
+        value = (8.0 if "m1" in floated else 5.0) - 0.5 * len(set(floated) - {"m1"})
+        return accuracy_control.Reading(value, value)
 
     monkeypatch.setattr(accuracy_control._Measure, "__call__", metric)
     report = PassReport("quantize_int8")
@@ -300,6 +301,40 @@ def test_accuracy_control_steps_back_when_the_best_layer_does_not_help(monkeypat
     note = report.notes[-1]
     assert "NOT met with 1 of 8 layers in float" in note and "5 -> 8" in note
     assert "stepped back from m" in note and "RANDOM" in note
+
+
+def test_an_agreement_gate_is_searched_by_sqnr_and_checked_on_enough_positions(monkeypatch):
+    """The search as a table: the agreement is the same whichever half is in float (a few
+    positions either way), the read output's SQNR names m6. The control follows the SQNR to m6
+    and checks it on at least AGREEMENT_POSITIONS positions (one per batch here: 32 batches),
+    where the agreement rises to the gate."""
+    model = chain_model()
+    checked = []
+
+    def metric(self, floated, on="search"):
+        self.runs += 1
+        checked.append(len(self.feeds[on]))
+        fixed = "m6" in floated
+        value = 0.99 if fixed and on == "check" else 0.95
+        return accuracy_control.Reading(value, 20.0 if fixed else 10.0 + 0.1 * len(floated))
+
+    monkeypatch.setattr(accuracy_control._Measure, "__call__", metric)
+    report = PassReport("quantize_int8")
+    anchors = [node for node in model.graph if node.op_type == "MatMul"]
+    source = RandomSource(runtime.input_specs(model), 40, seed=0, batch_size=1)
+    kept = accuracy_control.keep_harmful_float(
+        model,
+        anchors,
+        lambda chosen: model,
+        PassContext(calibration=source),
+        report,
+        gates=[parse_gate("argmax_agreement>=0.98")],
+        batches=4,
+        bounds=accuracy_control.Bounds(runs=100, float_macs=1.0),
+    )
+    assert [node.name for node in anchors if node not in kept] == ["m6"]
+    assert "0.95 -> 0.99" in report.notes[-1] and "holds with 1 of 8" in report.notes[-1]
+    assert max(checked) == 32 and min(checked) == 4  # the check's batches, the search's
 
 
 def test_target_is_the_gate_the_control_meets(tmp_path):
