@@ -747,7 +747,6 @@ CASES: tuple[Case, ...] = (
         _mlp,
         _cmd(INSPECT, 0),
         _cmd(COMPRESS, 0),
-        _cmd(SIMPLIFY, 0),
         _cmd((*COMPRESS, "--external-data"), 0),
     ),
     Case(
