@@ -888,6 +888,7 @@ def main() -> None:
     parser.add_argument("--markdown", help="with --hostile: write the table here")
     args = parser.parse_args()
     if args.hostile:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
         from benchmarks import hostile_judge
 
         hostile_judge.main(["--markdown", args.markdown] if args.markdown else [])
