@@ -646,6 +646,15 @@ def run(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         errors.print("onnx-squeeze: interrupted; nothing was written", markup=False)
         return EXIT_INPUT
+    except MemoryError:
+        if debug:
+            traceback.print_exc()
+        errors.print(
+            "onnx-squeeze: error: ran out of memory (the model or its data needs more than this "
+            "machine has; ONNX_SQUEEZE_MAX_TENSOR_BYTES bounds one tensor); nothing was written",
+            markup=False,
+        )
+        return EXIT_INPUT
     except Exception as error:  # an internal bug: say so, and keep the traceback for --debug
         if debug:
             traceback.print_exc()

@@ -458,3 +458,13 @@ def test_a_slower_int8_result_points_to_the_speed_check():
     assert verdict.speed_hint([Step("quantize_int8")], {"metrics": {"latency_ratio": 0.6}}) == []
     assert verdict.speed_hint([Step("fp16")], slower) == []
     assert verdict.speed_hint([Step("quantize_int8")], None) == []
+
+
+def test_running_out_of_memory_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    def exhausted(args):
+        raise MemoryError
+
+    monkeypatch.setitem(cli.COMMANDS, "inspect", exhausted)
+    code, out, err = run_cli(capsys, "inspect", "zoo:mlp")
+    assert code == cli.EXIT_INPUT and not out
+    assert err.strip().count("\n") == 0 and "ran out of memory" in err
