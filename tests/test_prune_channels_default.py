@@ -150,11 +150,14 @@ def test_the_bare_flag_asks_for_the_default_and_folds_recovery_into_it():
 def test_sensitivity_reads_only_the_batches_its_output_channels_need():
     """A map output gives every channel many values per batch: two batches are enough; a
     classifier's [N, C] output gives one per sample: all the batches are read (up to 32
-    values per channel)."""
+    values per channel). They are joined into one run (the batch axis is free)."""
     rng = np.random.default_rng(0)
-    feeds = [{"x": np.zeros(1)}] * 4
-    sensitivity = object.__new__(Sensitivity)  # only its outputs are needed here
-    for shape, read in (((2, 8, 8, 8), 2), ((1, 10), 4)):
+    model = _two_branches(1.0)
+    feeds = _context(model).data.first_batches(4)  # 2 samples each
+    sensitivity = object.__new__(Sensitivity)  # only its outputs and model are needed here
+    sensitivity.model = model
+    for shape, samples in (((2, 8, 8, 8), 4), ((1, 10), 8)):
         output = {"y": rng.standard_normal(shape).astype(np.float32)}
         sensitivity._outputs = lambda feeds, plan, output=output: [output] * len(feeds)
-        assert len(sensitivity.enough(feeds)) == read, shape
+        (joined,) = sensitivity.enough(feeds)
+        assert joined["x"].shape[0] == samples, shape

@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze import fidelity, runtime
+from onnx_squeeze.calibration import joined
 from onnx_squeeze.layers import Layer
 from onnx_squeeze.passes.prune_channels.allocation import ErrorCurve, Planner
 from onnx_squeeze.passes.prune_channels.groups import ChannelAnalysis, Layout
@@ -58,6 +59,7 @@ SENSITIVITY_SHARES = (0.25, 0.5, 0.75)
 # pruned by one image's curves lost 14 % of its detections, by two's none).
 CHANNEL_VALUES = 32
 MIN_BATCHES = 2
+_JOINED_SAMPLES = 8  # samples per measured run at most
 
 
 class Sensitivity:
@@ -72,6 +74,7 @@ class Sensitivity:
     ) -> None:
         self.channels = channels
         self.planner = planner
+        self.model = model  # its batch axes say whether feeds may be joined into one run
         producers = {id(p): p for g in planner.groups for p in g.producers}
         self.layouts = [
             (node, channels.layouts[node.outputs[0]])
@@ -125,10 +128,12 @@ class Sensitivity:
 
     def enough(self, feeds: list[dict]) -> list[dict]:
         """The first of ``feeds`` that give every output channel ``CHANNEL_VALUES`` values,
-        at least ``MIN_BATCHES`` (all of them when they give fewer)."""
+        at least ``MIN_BATCHES`` (all of them when they give fewer), joined into one run where
+        the batch axis is free (each measurement then pays onnxruntime's per-run cost once)."""
         first = fidelity.measure(*[self._outputs(feeds[:1], {})] * 2).values()
         values = min((m.elements / max(m.channels, 1) for m in first), default=1.0)
-        return feeds[: max(MIN_BATCHES, math.ceil(CHANNEL_VALUES / max(values, 1.0)))]
+        count = max(MIN_BATCHES, math.ceil(CHANNEL_VALUES / max(values, 1.0)))
+        return joined(feeds[:count], _JOINED_SAMPLES, self.model)
 
     def error(self, reference: list[dict], outputs: list[dict]) -> float:
         """Squared error relative to each output channel's spread over the feeds, averaged over
