@@ -6,7 +6,8 @@ energy being one minus the mean over the layer's output channels of each channel
 relative to its own energy (:mod:`.factorize`), so a level means the same error in every layer.
 The level is the lowest of ``LEVELS`` at which a factorized copy still meets the gate
 (``verdict.DEFAULT_GATE``, or the pass's ``target``) against the model as it came, on the first
-calibration batches, found by bisection (fidelity falls as the level falls). A layer whose
+calibration batches, found by bisection (fidelity falls as the level falls), then checked on the
+last batches, which data-aware Grams do not see, stepping back to gentler levels while it fails. A layer whose
 factors do not run faster than the layer, as onnxruntime's profiler times them at batch 1
 (:mod:`onnx_squeeze.layer_times`), stays whole: fewer MACs in two thin Convs can take longer than
 one wide one. When no level both meets the gate and changes a layer, the model is left as it
@@ -18,13 +19,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable
 
 import onnx_ir as ir
 
 from onnx_squeeze import fidelity, gates, layer_times, runtime
 from onnx_squeeze.calibration.runner import TensorRunner
-from onnx_squeeze.calibration.service import resized
+from onnx_squeeze.calibration.service import Calibration, resized
 from onnx_squeeze.calibration.sources import Feed
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.layers import Layer
@@ -57,18 +59,21 @@ def factorized_copy(model: ir.Model, chosen: Choice, pass_name: str) -> ir.Model
 
 class GateCheck:
     """Whether a candidate model meets the gate against ``model``: on the first ``batches``
-    calibration batches (``search``), or on the next ones (``check``: the level the search
-    picked, the lowest that passed among several noisy measurements, is judged on batches it
-    was not picked on; captcha_crnn's held 13.4 dB on the search's batches and 10.7 on
-    held-out ones)."""
+    calibration batches (``search``), or on as many from ``check_from`` on (``check``: the level
+    the search picked, the lowest that passed among several noisy measurements, is judged on
+    batches it was not picked on; captcha_crnn's held 13.4 dB on the search's batches and 10.7
+    on held-out ones)."""
 
-    def __init__(self, model: ir.Model, context: PassContext, target: str, batches: int) -> None:
+    def __init__(
+        self, model: ir.Model, context: PassContext, target: str, batches: int, check_from: int
+    ) -> None:
         self.target, self.provider = target, context.providers[0]
         self.probabilities = fidelity.probability_outputs(model)
-        feeds = context.data.first_batches(2 * batches)
-        self.feeds = {"search": feeds[:batches], "check": feeds[batches:] or feeds[:batches]}
+        search = context.data.first_batches(batches)
+        check = list(itertools.islice(context.data.batches(), check_from, check_from + batches))
+        self.feeds = {"search": search, "check": check or search}
         self.reference = {key: self._outputs(model, key) for key in self.feeds}
-        self.data = f"{len(feeds)} calibration batches"
+        self.data = f"{len(search)} + {len(check)} calibration batches"
         if context.data.is_random:
             self.data += f" of RANDOM data ({context.data.label})"
 
@@ -85,6 +90,18 @@ class GateCheck:
         results = gates.judged([self.target] if self.target else [], metrics, DEFAULT_GATE)
         said = "; ".join(result["message"] for result in results)
         return all(result["passed"] for result in results), said
+
+
+def split(data: Calibration, batches: int) -> tuple[int | None, int]:
+    """(the batches data-aware Grams are collected on, None for all; the first batch the gate's
+    check reads): the check's batches are the last ones, up to ``batches`` and a quarter of the
+    data, kept from the Grams so that a whitening fitted to them cannot flatter the check."""
+    try:
+        total = len(data)
+    except TypeError:  # a reader of unknown length: the check follows the search's batches
+        return None, batches
+    held = min(batches, total // 4)
+    return (total - held, total - held) if held else (None, batches)
 
 
 class LayerTiming:
@@ -122,11 +139,14 @@ def search(
     *,
     target: str,
     batches: int,
+    check_from: int,
     pass_name: str,
 ) -> Choice:
-    """The layers to factorize and how, by the gate and the profiler (the module doc)."""
+    """The layers to factorize and how, by the gate and the profiler (the module doc); the
+    search reads the first ``batches`` calibration batches, the check as many from
+    ``check_from`` on."""
     gate = target or DEFAULT_GATE
-    check = GateCheck(model, context, target, batches)
+    check = GateCheck(model, context, target, batches, check_from)
     timing = LayerTiming(model, context)
     deepest = at_level(LEVELS[-1])
     if not deepest:
@@ -157,7 +177,7 @@ def search(
             else "no layer's factors both cost fewer MACs and run faster than the layer"
         )
         report.notes.append(
-            f"WARNING: low_rank left the model unchanged: {why} ({check.data} in all); "
+            f"WARNING: low_rank left the model unchanged: {why} (on {check.data}); "
             "give an energy, rank or macs_target to factorize anyway"
         )
         return {}
@@ -177,7 +197,7 @@ def search(
     report.notes.append(
         f"ranks by the gate {gate}: energy {level} per layer (of {', '.join(map(str, LEVELS))}), "
         f"the lowest at which it holds on the search's batches and then the check's ({said}; "
-        f"{check.data} in all); {len(chosen)} layers factorized"
+        f"on {check.data}); {len(chosen)} layers factorized"
     )
     return chosen
 
