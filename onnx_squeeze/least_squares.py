@@ -26,6 +26,8 @@ from onnx_squeeze.fidelity import SPREAD_FLOOR
 
 # Rows handed to one float64 Gram update, to bound the temporary copies.
 _CHUNK_ROWS = 4096
+# Features of kept rows widened to float64 at once (4096 rows × 1024 features: 32 MB).
+_CHUNK_FEATURES = 1024
 _TINY = np.finfo(np.float64).tiny
 # Greedy elimination removes at most this share (1/n) of the remaining channels per step.
 _BATCH_DIVISOR = 32
@@ -82,14 +84,124 @@ def im2col(
     return picked.reshape(picked.shape[0], picked.shape[1], -1)
 
 
-class GramAccumulator:
-    """Sums for the ridge regressions of ``groups`` independent layers (one per Conv group).
+class Regression:
+    """What the two forms of the sums share: the errors, their weights per output and the
+    reduced-rank map, from hooks that read either the Gram sums or the rows themselves.
+
+    A layer computes ``y = Wᵀ x + b``; the sums are for ridge regressions of ``groups``
+    independent layers (one per Conv group) with ``features`` inputs and ``outputs`` outputs.
+    With ``intercept`` the bias is an unknown too, stored after the features. With
+    ``per_output`` each output's squared error counts relative to its targets' spread (floored
+    at ``fidelity.SPREAD_FLOOR`` of its mean square); otherwise all count alike.
+    """
+
+    intercept: bool
+    per_output: bool
+    features: int
+    rows: int
+    y_sum: np.ndarray  # (groups, outputs)
+    y_squares: np.ndarray  # (groups, outputs)
+
+    @property
+    def unknowns(self) -> int:
+        """Unknowns per output and group: the features, and the bias with ``intercept``."""
+        return self.features + int(self.intercept)
+
+    def _output_errors(self, weight: np.ndarray) -> np.ndarray:
+        """Sum of squared residuals of ``weight`` (groups, features [+1], outputs), per output."""
+        raise NotImplementedError
+
+    def _x_mean(self) -> np.ndarray:
+        """Each feature's mean (groups, features), zero without intercept."""
+        raise NotImplementedError
+
+    def _covariance_of(self, matrix: np.ndarray) -> np.ndarray:
+        """``Mᵀ Σ M`` for group 0, Σ the features' second moment (about their means with
+        intercept)."""
+        raise NotImplementedError
+
+    def solutions(self, ridges: Sequence[float], prior: np.ndarray) -> Iterator[np.ndarray]:
+        """Weights minimising ``|XW + b - Y|² + λ|W - prior|²`` for each ridge (the bias free),
+        one at a time: a Gemm head over 2048 features holds one 16 MB solution, not four.
+
+        λ is ``ridge`` × the mean feature variance of the group. Pulling towards the current
+        weights rather than zero keeps directions that the calibration data never excited
+        where they were. Ridge 0 gives the least-squares solution nearest the current weights
+        (the limit of the others), which exists even when ``XᵀX`` is singular.
+        """
+        raise NotImplementedError
+
+    def _y_mean(self) -> np.ndarray:
+        if not self.intercept or self.rows == 0:
+            return np.zeros(self.y_sum.shape)
+        return self.y_sum / self.rows
+
+    def _spreads(self) -> np.ndarray:
+        """Each output's sum of squares about its mean (groups, outputs)."""
+        return self.y_squares - np.square(self.y_sum) / max(self.rows, 1)
+
+    def output_weights(self) -> np.ndarray:
+        """What one unit of squared error weighs per output (groups, outputs): one, or with
+        ``per_output`` one over the output's floored spread (0 for outputs that are zero)."""
+        if not self.per_output:
+            return np.ones_like(self.y_sum)
+        spread = np.maximum(self._spreads(), SPREAD_FLOOR * self.y_squares)
+        return np.where(spread > 0, 1.0 / np.where(spread > 0, spread, 1.0), 0.0)
+
+    def squared_error(self, weight: np.ndarray) -> float:
+        """Sum of squared residuals of ``weight`` (groups, features [+1], outputs), each output's
+        weighed by :meth:`output_weights`."""
+        return float(np.sum(self.output_weights() * self._output_errors(weight)))
+
+    def relative_error(self, weight: np.ndarray) -> float:
+        """Squared error over the targets' variance (1 - R²), or with ``per_output`` the mean of
+        each output's; 0 when the targets are constant."""
+        if self.per_output:
+            return self.squared_error(weight) / self.y_sum.size
+        spread = float(self._spreads().sum())
+        return self.squared_error(weight) / spread if spread > 0 else 0.0
+
+    def _with_bias(self, weight: np.ndarray) -> np.ndarray:
+        """``weight`` (groups, features, outputs) with the bias that goes with it appended."""
+        if not self.intercept:
+            return weight
+        bias = self._y_mean() - np.einsum("gd,gde->ge", self._x_mean(), weight)
+        return np.concatenate([weight, bias[:, None]], axis=1)
+
+    def solve(self, ridge: float, prior: np.ndarray) -> np.ndarray:
+        return next(self.solutions([ridge], prior))
+
+    def reduced_rank(
+        self, ridge: float, prior: np.ndarray, rank: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The best map of rank ``rank`` (reduced-rank regression) as two factors and a bias.
+
+        The full solution is projected on the ``rank`` output directions that carry the most
+        fitted variance; the bias is refitted to the projected map. One group only. Returns
+        ``first`` (features, rank), ``second`` (rank, outputs) with balanced column norms, and
+        the bias (outputs,).
+        """
+        features = self.solve(ridge, prior)[0, : self.features]
+        # the projection that keeps the most fitted variance, measured with the outputs'
+        # weights (for per_output: in units of each output's spread)
+        scale = np.sqrt(self.output_weights()[0])
+        fitted = self._covariance_of(features * scale)
+        _, vectors = np.linalg.eigh((fitted + fitted.T) / 2)
+        top = vectors[:, ::-1][:, :rank]
+        unscale = np.where(scale > 0, 1.0 / np.where(scale > 0, scale, 1.0), 0.0)
+        first, second = (features * scale) @ top, top.T * unscale
+        balance = np.sqrt(np.linalg.norm(first, axis=0) + _TINY)
+        first, second = first / balance, second * balance[:, None]
+        bias = self._y_mean()[0] - self._x_mean()[0] @ first @ second
+        return first, second, bias
+
+
+class GramAccumulator(Regression):
+    """The regression's sums ``XᵀX``, ``XᵀY`` and per-output sums, batch by batch.
 
     ``update(x, y)`` takes rows ``x`` (groups, n, features) and targets ``y`` (groups, n,
-    outputs). With ``intercept`` a constant feature is appended (the bias), stored last. The
+    outputs); with ``intercept`` a constant feature is appended (the bias), stored last. The
     arrays are allocated once, so :attr:`nbytes` does not grow with the number of batches.
-    With ``per_output`` each output's squared error counts relative to its targets' spread
-    (floored at ``fidelity.SPREAD_FLOOR`` of its mean square); otherwise all count alike.
     """
 
     def __init__(
@@ -124,63 +236,42 @@ class GramAccumulator:
             self.y_squares += np.square(targets).sum(axis=1)
             self.rows += rows.shape[1]
 
+    def add(self, other: GramAccumulator) -> None:
+        """Add ``other``'s sums to these."""
+        for name in ("xtx", "xty", "y_sum", "y_squares"):
+            np.add(getattr(self, name), getattr(other, name), out=getattr(self, name))
+        self.rows += other.rows
+
     def _output_errors(self, weight: np.ndarray) -> np.ndarray:
-        """Sum of squared residuals of ``weight`` (groups, features [+1], outputs), per output."""
         fitted = np.einsum("gdo,gdo->go", weight, self.xtx @ weight)
         cross = np.einsum("gdo,gdo->go", weight, self.xty)
         return np.maximum(fitted - 2 * cross + self.y_squares, 0.0)
 
-    def _spreads(self) -> np.ndarray:
-        """Each output's sum of squares about its mean (groups, outputs)."""
-        return self.y_squares - np.square(self.y_sum) / max(self.rows, 1)
+    def _x_mean(self) -> np.ndarray:
+        d = self.features
+        if not self.intercept or self.rows == 0:
+            return np.zeros((len(self.xtx), d))
+        return self.xtx[:, d, :d] / self.rows  # the ones column sums each feature
 
-    def output_weights(self) -> np.ndarray:
-        """What one unit of squared error weighs per output (groups, outputs): one, or with
-        ``per_output`` one over the output's floored spread (0 for outputs that are zero)."""
-        if not self.per_output:
-            return np.ones_like(self.y_sum)
-        spread = np.maximum(self._spreads(), SPREAD_FLOOR * self.y_squares)
-        return np.where(spread > 0, 1.0 / np.where(spread > 0, spread, 1.0), 0.0)
-
-    def squared_error(self, weight: np.ndarray) -> float:
-        """Sum of squared residuals of ``weight`` (groups, features [+1], outputs), each output's
-        weighed by :meth:`output_weights`."""
-        return float(np.sum(self.output_weights() * self._output_errors(weight)))
-
-    def relative_error(self, weight: np.ndarray) -> float:
-        """Squared error over the targets' variance (1 - R²), or with ``per_output`` the mean of
-        each output's; 0 when the targets are constant."""
-        if self.per_output:
-            return self.squared_error(weight) / self.y_sum.size
-        spread = float(self._spreads().sum())
-        return self.squared_error(weight) / spread if spread > 0 else 0.0
-
-    def _centered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Feature covariance and cross sums about the means, and the means (zero without
-        intercept): a ridge on centered sums leaves the bias free."""
+    def _centered(self) -> tuple[np.ndarray, np.ndarray]:
+        """Feature covariance and cross sums about the means (as they are without intercept):
+        a ridge on centered sums leaves the bias free."""
         d = self.features
         gram, cross = self.xtx[:, :d, :d], self.xty[:, :d]
         if not self.intercept or self.rows == 0:
-            return gram, cross, np.zeros(gram.shape[:2]), np.zeros(self.y_sum.shape)
-        x_mean = self.xtx[:, d, :d] / self.rows  # the ones column sums each feature
-        y_mean = self.y_sum / self.rows
+            return gram, cross
+        x_mean = self._x_mean()
         return (
             _minus_outer(gram, x_mean, x_mean, self.rows),
-            _minus_outer(cross, x_mean, y_mean, self.rows),
-            x_mean,
-            y_mean,
+            _minus_outer(cross, x_mean, self._y_mean(), self.rows),
         )
 
-    def solutions(self, ridges: Sequence[float], prior: np.ndarray) -> Iterator[np.ndarray]:
-        """Weights minimising ``|XW + b - Y|² + λ|W - prior|²`` for each ridge (the bias free),
-        one at a time: a Gemm head over 2048 features holds one 16 MB solution, not four.
+    def _covariance_of(self, matrix: np.ndarray) -> np.ndarray:
+        gram, _ = self._centered()
+        return matrix.T @ gram[0] @ matrix
 
-        λ is ``ridge`` × the mean feature variance of the group. Pulling towards the current
-        weights rather than zero keeps directions that the calibration data never excited
-        where they were. Ridge 0 gives the minimum-norm least-squares solution, which exists
-        even when ``XᵀX`` is singular.
-        """
-        gram, cross, x_mean, y_mean = self._centered()
+    def solutions(self, ridges: Sequence[float], prior: np.ndarray) -> Iterator[np.ndarray]:
+        gram, cross = self._centered()
         scale = np.maximum(np.trace(gram, axis1=1, axis2=2) / self.features, _TINY)
         prior_features = prior[:, : self.features]
         # The ridge goes on the Gram's own diagonal, restored after each solve: no copy of a
@@ -198,57 +289,164 @@ class GramAccumulator:
                     gram[:, diagonal, diagonal] = saved
                 del target
             else:
-                weight = np.stack(
-                    [np.linalg.lstsq(g, c, rcond=None)[0] for g, c in zip(gram, cross, strict=True)]
+                residual = cross - gram @ prior_features
+                weight = prior_features + np.stack(
+                    [
+                        np.linalg.lstsq(g, r, rcond=None)[0]
+                        for g, r in zip(gram, residual, strict=True)
+                    ]
                 )
-            if self.intercept:
-                bias = y_mean - np.einsum("gd,gde->ge", x_mean, weight)
-                weight = np.concatenate([weight, bias[:, None]], axis=1)
-            yield weight
-
-    def solve(self, ridge: float, prior: np.ndarray) -> np.ndarray:
-        return next(self.solutions([ridge], prior))
-
-    def reduced_rank(
-        self, ridge: float, prior: np.ndarray, rank: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The best map of rank ``rank`` (reduced-rank regression) as two factors and a bias.
-
-        The full solution is projected on the ``rank`` output directions that carry the most
-        fitted variance; the bias is refitted to the projected map. One group only. Returns
-        ``first`` (features, rank), ``second`` (rank, outputs) with balanced column norms, and
-        the bias (outputs,).
-        """
-        features = self.solve(ridge, prior)[0, : self.features]
-        gram, _, x_mean, y_mean = self._centered()
-        # the projection that keeps the most fitted variance, measured with the outputs'
-        # weights (for per_output: in units of each output's spread)
-        scale = np.sqrt(self.output_weights()[0])
-        fitted = (features * scale).T @ gram[0] @ (features * scale)
-        _, vectors = np.linalg.eigh((fitted + fitted.T) / 2)
-        top = vectors[:, ::-1][:, :rank]
-        unscale = np.where(scale > 0, 1.0 / np.where(scale > 0, scale, 1.0), 0.0)
-        first, second = (features * scale) @ top, top.T * unscale
-        balance = np.sqrt(np.linalg.norm(first, axis=0) + _TINY)
-        first, second = first / balance, second * balance[:, None]
-        bias = y_mean[0] - x_mean[0] @ first @ second
-        return first, second, bias
+            yield self._with_bias(weight)
 
 
-class RidgeFolds:
-    """Two :class:`GramAccumulator` halves of the data, to choose the ridge by cross-validation.
+class RowAccumulator(Regression):
+    """The same regression kept as its rows while they are no more than its unknowns.
 
-    Each batch's rows are split in a first and a second half (rows are sample-major, so halves
-    hold different samples where the batch has several). A ridge that fits one half and
-    predicts the other best is then used on both together; this keeps layers with few rows
-    per unknown from fitting the calibration samples instead of the function.
+    Then ``XXᵀ`` (rows × rows) is smaller than ``XᵀX`` and the ridge solutions come from it
+    (``W = P + Xᵀ(XXᵀ + λI)⁻¹(Y - XP)``, the same weights): on the demo's ResNet-18, the last
+    stage's layers have 784 rows for up to 4609 unknowns, and their nine solves of 4609
+    unknowns were half of recovery's time. Rows are kept as given (float32 activations) and
+    widened to float64 a block of features at a time.
     """
 
     def __init__(
         self, groups: int, features: int, outputs: int, *, intercept: bool, per_output: bool = False
     ) -> None:
-        self.folds = [
-            GramAccumulator(groups, features, outputs, intercept=intercept, per_output=per_output)
+        self.intercept = intercept
+        self.per_output = per_output
+        self.features = features
+        self.outputs = outputs
+        self.x: list[np.ndarray] = []  # (groups, n, features) per batch
+        self.y: list[np.ndarray] = []  # (groups, n, outputs) per batch
+        self.x_sum = np.zeros((groups, features))
+        self.y_sum = np.zeros((groups, outputs))
+        self.y_squares = np.zeros((groups, outputs))
+        self.rows = 0
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (*self.x, *self.y, self.x_sum, self.y_sum, self.y_squares)
+        return sum(a.nbytes for a in arrays)
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x.append(np.ascontiguousarray(x))
+        self.y.append(np.ascontiguousarray(y))
+        self.x_sum += x.sum(axis=1, dtype=np.float64)
+        targets = y.astype(np.float64)
+        self.y_sum += targets.sum(axis=1)
+        self.y_squares += np.square(targets).sum(axis=1)
+        self.rows += x.shape[1]
+
+    def add(self, other: RowAccumulator) -> None:
+        """Take ``other``'s rows beside these."""
+        self.x += other.x
+        self.y += other.y
+        for name in ("x_sum", "y_sum", "y_squares"):
+            np.add(getattr(self, name), getattr(other, name), out=getattr(self, name))
+        self.rows += other.rows
+
+    def to_gram(self) -> GramAccumulator:
+        """The sums of these rows (which are freed as they are added)."""
+        sums = GramAccumulator(
+            len(self.x_sum),
+            self.features,
+            self.outputs,
+            intercept=self.intercept,
+            per_output=self.per_output,
+        )
+        while self.x:
+            sums.update(self.x.pop(0), self.y.pop(0))
+        return sums
+
+    def _stacked(self) -> tuple[np.ndarray, np.ndarray]:
+        """All rows (groups, rows, features) and targets (groups, rows, outputs)."""
+        if len(self.x) > 1:
+            self.x, self.y = [np.concatenate(self.x, axis=1)], [np.concatenate(self.y, axis=1)]
+        return self.x[0], self.y[0]
+
+    def _x_mean(self) -> np.ndarray:
+        if not self.intercept or self.rows == 0:
+            return np.zeros(self.x_sum.shape)
+        return self.x_sum / self.rows
+
+    def _blocks(self, centered: bool = True) -> Iterator[tuple[slice, np.ndarray]]:
+        """The rows a block of features at a time, in float64 (about their means when
+        ``centered`` and with intercept)."""
+        x, _ = self._stacked()
+        mean = self._x_mean()
+        for start in range(0, self.features, _CHUNK_FEATURES):
+            block = slice(start, start + _CHUNK_FEATURES)
+            values = x[:, :, block].astype(np.float64)
+            if centered:
+                values -= mean[:, None, block]
+            yield block, values
+
+    def _times(self, matrix: np.ndarray, centered: bool = True) -> np.ndarray:
+        """``X M`` (groups, rows, columns) for ``M`` (groups, features, columns)."""
+        product = np.zeros((len(self.x_sum), self.rows, matrix.shape[2]))
+        for block, values in self._blocks(centered):
+            product += values @ matrix[:, block]
+        return product
+
+    def _output_errors(self, weight: np.ndarray) -> np.ndarray:
+        _, y = self._stacked()
+        residual = self._times(weight[:, : self.features], centered=False)
+        if self.intercept:
+            residual += weight[:, self.features][:, None, :]
+        residual -= y
+        return np.square(residual).sum(axis=1)
+
+    def _covariance_of(self, matrix: np.ndarray) -> np.ndarray:
+        projected = self._times(matrix[None])[0]
+        return projected.T @ projected
+
+    def solutions(self, ridges: Sequence[float], prior: np.ndarray) -> Iterator[np.ndarray]:
+        _, y = self._stacked()
+        kernel = np.zeros((len(self.x_sum), self.rows, self.rows))
+        for _, values in self._blocks():
+            kernel += values @ values.transpose(0, 2, 1)
+        prior_features = prior[:, : self.features]
+        residual = y - self._y_mean()[:, None, :] - self._times(prior_features)
+        # the trace of XXᵀ is that of XᵀX: the same λ as the Gram form
+        scale = np.maximum(np.trace(kernel, axis1=1, axis2=2) / self.features, _TINY)
+        diagonal = np.arange(self.rows)
+        saved = kernel[:, diagonal, diagonal]
+        for ridge in ridges:
+            if ridge > 0:
+                kernel[:, diagonal, diagonal] = saved + (ridge * scale)[:, None]
+                try:
+                    dual = np.linalg.solve(kernel, residual)
+                finally:
+                    kernel[:, diagonal, diagonal] = saved
+            else:
+                dual = np.stack(
+                    [
+                        np.linalg.lstsq(k, r, rcond=None)[0]
+                        for k, r in zip(kernel, residual, strict=True)
+                    ]
+                )
+            weight = prior_features.copy()
+            for block, values in self._blocks():
+                weight[:, block] += values.transpose(0, 2, 1) @ dual
+            yield self._with_bias(weight)
+
+
+class RidgeFolds:
+    """Two halves of the data, to choose the ridge by cross-validation.
+
+    Each batch's rows are split in a first and a second half (rows are sample-major, so halves
+    hold different samples where the batch has several). A ridge that fits one half and
+    predicts the other best is then used on both together; this keeps layers with few rows
+    per unknown from fitting the calibration samples instead of the function. Each half keeps
+    its rows (:class:`RowAccumulator`) until they outnumber the unknowns, then their sums
+    (:class:`GramAccumulator`): the smaller of the two, and the cheaper to solve.
+    """
+
+    def __init__(
+        self, groups: int, features: int, outputs: int, *, intercept: bool, per_output: bool = False
+    ) -> None:
+        self.folds: list[RowAccumulator | GramAccumulator] = [
+            RowAccumulator(groups, features, outputs, intercept=intercept, per_output=per_output)
             for _ in range(2)
         ]
 
@@ -259,18 +457,30 @@ class RidgeFolds:
     def update(self, x: np.ndarray, y: np.ndarray) -> None:
         half = x.shape[1] // 2
         if half == 0:
-            self.folds[0].update(x, y)
+            self._add(0, x, y)
             return
-        self.folds[0].update(x[:, :half], y[:, :half])
-        self.folds[1].update(x[:, half:], y[:, half:])
+        self._add(0, x[:, :half], y[:, :half])
+        self._add(1, x[:, half:], y[:, half:])
 
-    def total(self) -> GramAccumulator:
-        """Both halves as one, summed into the first: the second half's sums are freed."""
-        first = self.folds[0]
-        for other in self.folds[1:]:
-            for name in ("xtx", "xty", "y_sum", "y_squares"):
-                np.add(getattr(first, name), getattr(other, name), out=getattr(first, name))
-            first.rows += other.rows
+    def _add(self, index: int, x: np.ndarray, y: np.ndarray) -> None:
+        fold = self.folds[index]
+        if isinstance(fold, RowAccumulator) and fold.rows + x.shape[1] > fold.unknowns:
+            fold = self.folds[index] = fold.to_gram()
+        fold.update(x, y)
+
+    def total(self) -> RowAccumulator | GramAccumulator:
+        """Both halves as one, in the first (the smaller form for all the rows); the second
+        half's rows or sums are freed."""
+        first, second = self.folds
+        rows = isinstance(first, RowAccumulator) and isinstance(second, RowAccumulator)
+        if rows and first.rows + second.rows <= first.unknowns:
+            first.add(second)
+            self.folds = [first]
+            return first
+        first, second = (
+            f.to_gram() if isinstance(f, RowAccumulator) else f for f in (first, second)
+        )
+        first.add(second)
         self.folds = [first]
         return first
 

@@ -6,8 +6,9 @@ names of the nodes they change), and a student tensor whose channel axis was shr
 ``onnx_squeeze.kept_channels`` saying which teacher channels it kept.
 
 Layers (Conv, Gemm, MatMul with a constant weight) that differ from the teacher or see inputs that
-do are processed in topological order, in *waves*: the student is re-run before each wave, so a
-layer is fitted to the inputs that the corrected layers before it produce. Per layer, by method:
+do are processed in topological order, in *waves*: the student is re-run before each wave (up to
+the wave's inputs only), so a layer is fitted to the inputs that the corrected layers before it
+produce; the teacher runs once per chunk of waves (:mod:`.targets`). Per layer, by method:
 
 - ``lstsq``: ridge regression of the teacher's output on the student's actual input (im2col
   patches for Conv, per group for grouped/depthwise Conv), from Gram matrices accumulated batch
@@ -27,8 +28,9 @@ channel, each relative to its own spread, and so are the refits of the layers wi
 layer after them (their ridge, their rank, whether they help): a detector's class scores count
 as much as the pixel boxes concatenated beside them.
 
-Modules: :mod:`.planner` (which layers, which method, which wave), :mod:`.waves` (the fits),
-:mod:`.linear` (layers as regressions, constants written with undo), :mod:`.settings`.
+Modules: :mod:`.planner` (which layers, which method, which wave), :mod:`.targets` (the teacher's
+side), :mod:`.waves` (the student's side and the fits), :mod:`.linear` (layers as regressions,
+constants written with undo), :mod:`.settings`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.passes.reconstruct.linear import Edits
 from onnx_squeeze.passes.reconstruct.planner import Planner
 from onnx_squeeze.passes.reconstruct.settings import ReconstructSettings
+from onnx_squeeze.passes.reconstruct.targets import Targets, chunks
 from onnx_squeeze.passes.reconstruct.waves import Wave
 from onnx_squeeze.records import PassContext, PassReport
 
@@ -96,9 +99,17 @@ class Reconstruct(Pass):
         before = _output_error(model, reference, feeds, probabilities)
         edits = Edits(model)
         every = self.settings.refresh_every
-        for wave in sorted({layer.wave // every for layer in layers}):
-            members = [layer for layer in layers if layer.wave // every == wave]
-            Wave(members, self.settings, context.seed).fit(model, teacher, feeds, edits, report)
+        waves = [
+            [layer for layer in layers if layer.wave // every == wave]
+            for wave in sorted({layer.wave // every for layer in layers})
+        ]
+        positions = self.settings.positions
+        for chunk in chunks(waves, teacher, feeds, positions):
+            members = [layer for wave in chunk for layer in wave]
+            targets = Targets(teacher, members, feeds, positions, context.seed)
+            for wave in chunk:
+                Wave(wave, self.settings).fit(model, feeds, targets, edits, report)
+            del targets
         after = _output_error(model, reference, feeds, probabilities)
         summary = (
             "output error vs teacher (worst output's mean per-channel 1 - R², calibration data): "

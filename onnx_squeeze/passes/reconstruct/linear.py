@@ -38,11 +38,26 @@ class Linear:
     def to_weight(self, matrix: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def rows(
-        self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, positions: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Regression rows (groups, n, features) and targets (groups, n, outputs)."""
-        raise NotImplementedError
+    def pick(
+        self, shape: tuple[int, ...], rng: np.random.Generator, positions: int
+    ) -> np.ndarray | None:
+        """Which rows of a batch whose output has ``shape`` enter the regression (sorted
+        indices; None: all): ``positions`` per sample, drawn from ``rng``. The same picks serve
+        the teacher's targets and, a run later, the student's inputs."""
+        rows = math.prod(shape[:-1])
+        limit = positions * shape[0]
+        if rows <= limit:
+            return None
+        return np.sort(rng.choice(rows, size=limit, replace=False))
+
+    def inputs(self, x: np.ndarray, picked: np.ndarray | None) -> np.ndarray:
+        """Regression rows (groups, n, features) of the layer's input ``x``."""
+        x = x.reshape(-1, x.shape[-1])
+        return (x if picked is None else x[picked])[None]
+
+    def targets(self, y: np.ndarray, picked: np.ndarray | None) -> np.ndarray:
+        """Regression targets (groups, n, outputs) of the layer's output ``y``."""
+        return self.inputs(y, picked)
 
     @property
     def outputs(self) -> int:
@@ -79,17 +94,22 @@ class ConvLinear(Linear):
     def to_weight(self, matrix: np.ndarray) -> np.ndarray:
         return matrix.transpose(0, 2, 1).reshape(self.weight.shape)
 
-    def rows(self, x, y, rng, positions):
+    def pick(self, shape, rng, positions):
+        total = math.prod(shape[2:])
+        return np.sort(rng.choice(total, size=min(positions, total), replace=False))
+
+    def inputs(self, x, picked):
         pads = conv_pads(
             x.shape[2:], self.kernel, self.strides, self.dilations, self.pads, self.auto_pad
         )
-        total = math.prod(y.shape[2:])
-        picked = np.sort(rng.choice(total, size=min(positions, total), replace=False))
         patches = im2col(x, self.kernel, self.strides, self.dilations, pads, picked)
         patches = patches.reshape(-1, self.groups, patches.shape[2] // self.groups)
+        return np.ascontiguousarray(patches.transpose(1, 0, 2))
+
+    def targets(self, y, picked):
         targets = y.reshape(y.shape[0], y.shape[1], -1)[:, :, picked].transpose(0, 2, 1)
         targets = targets.reshape(-1, self.groups, y.shape[1] // self.groups)
-        return patches.transpose(1, 0, 2), targets.transpose(1, 0, 2)
+        return np.ascontiguousarray(targets.transpose(1, 0, 2))
 
     @property
     def pointwise(self) -> bool:
@@ -114,9 +134,6 @@ class GemmLinear(Linear):
         """The weight is stored (outputs, features): Gemm with transB."""
         return self.layer.reduction_axes != (0,)
 
-    def rows(self, x, y, rng, positions):
-        return _sample_rows(x, y, rng, positions * x.shape[0])
-
 
 class MatMulLinear(Linear):
     """MatMul by a constant 2-D weight; a following Add of a constant vector is its bias."""
@@ -130,9 +147,6 @@ class MatMulLinear(Linear):
 
     def to_weight(self, matrix: np.ndarray) -> np.ndarray:
         return matrix[0]
-
-    def rows(self, x, y, rng, positions):
-        return _sample_rows(x, y, rng, positions * x.shape[0])
 
     @property
     def bias_slot(self) -> bool:
@@ -152,15 +166,6 @@ class MatMulLinear(Linear):
 
 def is_sparse(linear: Linear) -> bool:
     return float(np.mean(linear.weight == 0)) >= SPARSE
-
-
-def _sample_rows(x, y, rng, limit):
-    x = x.reshape(-1, x.shape[-1])
-    y = y.reshape(-1, y.shape[-1])
-    if x.shape[0] > limit:
-        picked = np.sort(rng.choice(x.shape[0], size=limit, replace=False))
-        x, y = x[picked], y[picked]
-    return x[None], y[None]
 
 
 def _matmul_bias_add(node: ir.Node) -> ir.Node | None:

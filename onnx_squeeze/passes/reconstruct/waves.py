@@ -1,11 +1,9 @@
-"""Fitting: one run of student and teacher over the calibration feeds per wave of layers, then
-each layer refitted by its method (least squares, joint low rank, per-channel statistics)."""
+"""Fitting: one run of the student over the calibration feeds per wave of layers, then each
+layer refitted by its method (least squares, joint low rank, per-channel statistics)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import zlib
 from typing import Any
 
 import numpy as np
@@ -15,10 +13,11 @@ from onnx_squeeze.calibration import ChannelStatistics
 from onnx_squeeze.calibration.runner import TensorRunner
 from onnx_squeeze.calibration.sources import Feed
 from onnx_squeeze.graph_utils import attribute, constant_array
-from onnx_squeeze.least_squares import GramAccumulator, RidgeFolds
+from onnx_squeeze.least_squares import Regression, RidgeFolds
 from onnx_squeeze.passes.reconstruct.linear import Edits, bias_array, current, write_bias
 from onnx_squeeze.passes.reconstruct.planner import Target
 from onnx_squeeze.passes.reconstruct.settings import ReconstructSettings
+from onnx_squeeze.passes.reconstruct.targets import FITTED, LayerTargets, Targets, channel_axis
 from onnx_squeeze.records import KEPT_CHANNELS_KEY, PassReport
 
 # A channel whose student output varies less than this (relative) is not rescaled by ``bn``.
@@ -27,24 +26,13 @@ _DEAD_VARIANCE = 1e-12
 _EXACT = 1e-10
 
 
-def teacher_target(array: np.ndarray, value: ir.Value) -> np.ndarray:
-    """The teacher's tensor restricted to the channels the student kept."""
-    kept = value.metadata_props.get(KEPT_CHANNELS_KEY)
-    if kept is None:
-        return array
-    entry = json.loads(kept)
-    return np.take(array, entry["kept"], axis=entry["axis"])
-
-
 class Wave:
-    """Layers fitted from one run of student and teacher over the calibration feeds."""
+    """Layers fitted from one run of the student over the calibration feeds, against the
+    teacher's side already taken (:class:`~.targets.Targets`)."""
 
-    def __init__(self, layers: list[Target], settings: ReconstructSettings, seed: int) -> None:
+    def __init__(self, layers: list[Target], settings: ReconstructSettings) -> None:
         self.layers = layers
         self.settings = settings
-        self.rngs = [
-            np.random.default_rng([seed, zlib.crc32(layer.name.encode())]) for layer in layers
-        ]
 
     def student_names(self) -> list[str]:
         names = []
@@ -57,66 +45,55 @@ class Wave:
     def fit(
         self,
         model: ir.Model,
-        teacher: ir.Model,
         feeds: list[Feed],
+        targets: Targets,
         edits: Edits,
         report: PassReport,
     ) -> None:
-        # One session at a time: the teacher's targets first (the wave's layer outputs, a few
-        # tens of MB), then the student. Both sessions alive, each with its weights and its
-        # arena for a batch, took ResNet-50's recovery 250 MB higher.
-        targets = self.targets(teacher, feeds)
         student_run = TensorRunner(model, self.student_names())
         sums: list[Any] = [None] * len(self.layers)
-        for feed, reference in zip(feeds, targets, strict=True):
+        for batch, feed in enumerate(feeds):
             student = student_run(feed)
-            for index, (layer, target) in enumerate(zip(self.layers, reference, strict=True)):
-                sums[index] = self.accumulate(index, layer, student, target, sums[index])
-        del student_run, targets
+            for index, layer in enumerate(self.layers):
+                sums[index] = self.accumulate(layer, student, targets[layer], batch, sums[index])
+            del student
+        del student_run
         for index, layer in enumerate(self.layers):
             accumulated, sums[index] = sums[index], None  # each layer's sums go once applied
             problem = self.mismatch(layer, accumulated)
             if problem:
                 report.skip(layer.node, problem)
                 continue
+            if layer.method not in FITTED:
+                accumulated = (accumulated, targets[layer].statistics)
             getattr(self, f"apply_{layer.method}")(layer, accumulated, edits, report)
 
-    def targets(self, teacher: ir.Model, feeds: list[Feed]) -> list[list[np.ndarray]]:
-        """Per feed, the teacher's tensor for each layer, restricted to the kept channels."""
-        run = TensorRunner(teacher, [layer.output.name for layer in self.layers])
-        return [
-            [teacher_target(found[layer.output.name], layer.output) for layer in self.layers]
-            for found in map(run, feeds)
-        ]
-
-    def accumulate(self, index, layer, student, target, sums):
-        """Add one batch to the layer's sums (None until a batch matched the layer's shape)."""
-        axis = 1 if layer.node.op_type in ("Conv", "BatchNormalization") else -1
-        if layer.method in ("lstsq", "lowrank"):
-            if target.shape[axis] != layer.linear.outputs:
+    def accumulate(self, layer, student, teacher: LayerTargets, batch: int, sums):
+        """Add one batch to the layer's sums (None until a batch matched the layer's shape):
+        the regression's sums, or the student's output statistics."""
+        if layer.method in FITTED:
+            target = teacher.rows[batch]
+            if target is None:
                 return sums
             fitted = layer.first or layer.linear
-            x, y = fitted.rows(
-                student[layer.input.name], target, self.rngs[index], self.settings.positions
-            )
+            x = fitted.inputs(student[layer.input.name], teacher.picks[batch])
             if sums is None:
-                intercept = layer.linear.bias_slot
                 sums = RidgeFolds(
                     x.shape[0],
                     x.shape[2],
-                    y.shape[2],
-                    intercept=intercept,
+                    target.shape[2],
+                    intercept=layer.linear.bias_slot,
                     per_output=layer.output_layer,
                 )
-            sums.update(x, y)
+            sums.update(x, target)
             return sums
         observed = student[layer.input.name if layer.method == "batchnorm" else layer.output.name]
-        if target.shape[axis] != observed.shape[axis]:
+        axis = channel_axis(layer)
+        if teacher.statistics is None or teacher.statistics.channels != observed.shape[axis]:
             return sums
         if sums is None:
-            sums = (ChannelStatistics(axis), ChannelStatistics(axis))
-        sums[0].update(observed)
-        sums[1].update(target)
+            sums = ChannelStatistics(axis)
+        sums.update(observed)
         return sums
 
     def mismatch(self, layer: Target, sums: Any) -> str | None:
@@ -187,9 +164,9 @@ class Wave:
         report.record(layer.node, "refit", detail)
 
     def detail(
-        self, method: str, before: float, after: float, sums: GramAccumulator, ridge: float
+        self, method: str, before: float, after: float, sums: Regression, ridge: float
     ) -> str:
-        unknowns = sums.xtx.shape[1]
+        unknowns = sums.unknowns
         measure = "mean of each output's 1 - R²" if sums.per_output else "1 - R²"
         text = (
             f"{method}: error {before:.4g} -> {after:.4g} ({measure}, calibration), "
