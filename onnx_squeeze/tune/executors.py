@@ -150,7 +150,14 @@ class RayExecutor:
         self._ray = ray
         self._started = not ray.is_initialized()
         if self._started:
-            ray.init(address=address, log_to_driver=False)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except Exception as error:  # Ray raises ConnectionError, ValueError, RuntimeError...
+                lines = str(error).strip().splitlines() or [type(error).__name__]
+                raise SettingsError(
+                    f"--executor ray: cannot start or reach Ray at {address or 'a local instance'}"
+                    f": {lines[0]}"
+                ) from None
         self._task = ray.remote(num_cpus=cpus_per_trial, max_retries=0)(_ray_trial)
         self._refs: dict[str, Any] = {}
         self.where = f"Ray workers ({address or 'local instance'})"
