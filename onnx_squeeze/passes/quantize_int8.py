@@ -78,8 +78,8 @@ class QuantizeInt8Settings:
     # accuracy control: return the layers that harm the outputs most to float until the gate
     # ``target`` holds on calibration data (passes/quantize/accuracy_control.py)
     accuracy_control: bool = True
-    # the gate accuracy control meets, e.g. "top1_agreement>=0.99"; empty: the default gate
-    # (verdict.DEFAULT_GATE)
+    # the gates accuracy control meets in turn, e.g. "top1_agreement>=0.99" (comma-separated
+    # for several); empty: the default gate's conditions (verdict.DEFAULT_GATE)
     target: str = ""
     control_batches: int = bounded(4, low=1)  # calibration batches its search measures on
     control_runs: int = bounded(24, low=1)  # model runs it may measure, at most
