@@ -418,3 +418,33 @@ def test_bias_correction_after_int8_quantization():
     biases = [nodes[r.node].inputs[2].producer() for r in refit if len(nodes[r.node].inputs) > 2]
     assert any(b is not None and b.op_type == "DequantizeLinear" for b in biases)
     assert output_error(student, teacher, held_out) < before
+
+
+def test_one_teacher_run_serves_a_chunk_of_waves(monkeypatch):
+    """The teacher's targets are taken once for as many waves as fit the budget; with no budget
+    (one wave per teacher run, as before) the refits are the same, bit for bit."""
+    from onnx_squeeze.passes.reconstruct import targets
+
+    runs: list[int] = []
+
+    class Counted(targets.TensorRunner):
+        def __init__(self, model, names, *args):
+            runs.append(len(names))
+            super().__init__(model, names, *args)
+
+    monkeypatch.setattr(targets, "TensorRunner", Counted)
+    teacher = _prepared("resnet18")
+    results = []
+    for budget in (targets.BUDGET_BYTES, 1):
+        monkeypatch.setattr(targets, "BUDGET_BYTES", budget)
+        runs.clear()
+        student = teacher.clone()
+        prune_pair(student, "layer1.0.conv1", "layer1.0.conv2", 0.5)
+        report = recover(student, teacher, data(teacher, 2), methods=["lstsq", "bias"])
+        weights = {n: v.const_value.numpy() for n, v in student.graph.initializers.items()}
+        results.append(({r.node: r.detail for r in report.records}, weights, list(runs)))
+    (details, weights, chunked), (alone_details, alone_weights, alone) = results
+    assert len(chunked) == 1 and sum(alone) == chunked[0] > 10 and len(alone) > 5  # one per wave
+    assert details == alone_details and weights.keys() == alone_weights.keys()
+    for name, array in weights.items():
+        np.testing.assert_array_equal(array, alone_weights[name], err_msg=name)
