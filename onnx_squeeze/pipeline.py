@@ -28,7 +28,7 @@ from onnx_squeeze.calibration import (
 from onnx_squeeze.calibration.service import RANDOM_SAMPLES, Calibration
 from onnx_squeeze.comparison import compare as compare_models
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
-from onnx_squeeze.passes.base import Pass
+from onnx_squeeze.passes.base import PASS_REGISTRY, Pass
 from onnx_squeeze.passes.quantize import accuracy_control
 from onnx_squeeze.prepare import PrepareSettings, prepare
 from onnx_squeeze.recipe import Recipe, Step
@@ -297,18 +297,24 @@ def _transform(
 
 
 def _aimed_at(recipe: Recipe, checks: Sequence[str]) -> Recipe:
-    """The recipe with INT8's accuracy control aimed at the user's first check it can measure
-    during quantization (else it aims at the default gate), unless a step sets its own target."""
-    aims = [c for c in checks if gates.parse_gate(c).metric in accuracy_control.MEASURABLE]
+    """The recipe with every pass that works towards a gate (a ``target`` setting: INT8's
+    accuracy control, the default pruning and low-rank searches) aimed at the user's checks it
+    can measure from outputs (else at the default gate), unless a step sets its own target."""
+    aims = [g.expr for g in gates.parse_gates(checks) if g.metric in accuracy_control.MEASURABLE]
     if not aims:
         return recipe
+    target = ", ".join(aims)
     steps = [
-        Step(step.name, {"target": aims[0], **step.settings})
-        if step.name == "quantize_int8"
-        else step
+        Step(step.name, {"target": target, **step.settings}) if _aims(step.name) else step
         for step in recipe.steps
     ]
     return dataclasses.replace(recipe, steps=steps)
+
+
+def _aims(name: str) -> bool:
+    """Whether the pass ``name`` has a gate ``target`` setting."""
+    settings = getattr(PASS_REGISTRY.get(name), "Settings", None)
+    return settings is not None and any(f.name == "target" for f in dataclasses.fields(settings))
 
 
 def _opset_for(model: ir.Model, passes: Sequence[Pass], notes: list[str]) -> ir.Model:

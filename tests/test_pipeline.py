@@ -11,7 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnx_squeeze as sq
-from onnx_squeeze import model_io, zoo
+from onnx_squeeze import model_io, pipeline, zoo
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
 
 
@@ -138,17 +138,26 @@ def test_an_opset_that_cannot_be_converted_is_refused_with_the_reason(tmp_path, 
 
 
 def test_int8_accuracy_control_aims_at_the_users_check(mlp_path):
-    """--check top1_agreement>=0.99 is what INT8's accuracy control works towards (the default
-    gate otherwise); a check it cannot measure while quantizing (latency) is left to the gate,
-    and a target the recipe sets stays."""
+    """The user's checks are what INT8's accuracy control works towards (the default gate
+    otherwise), every one it can measure while quantizing; one it cannot (latency) is left to
+    the gate, and a target the recipe sets stays."""
     result = sq.compress(
         str(mlp_path),
         sq.Recipe.from_cli(["quantize_int8"]),
-        checks=["latency_ratio<=2", "top1_agreement>=0.5"],
+        checks=["latency_ratio<=2", "top1_agreement>=0.5", "cosine>=0.5"],
         runs=2,
     )
     settings = result.report["recipe"]["passes"][0]
-    assert settings["target"] == "top1_agreement>=0.5"
+    assert settings["target"] == "top1_agreement>=0.5, cosine>=0.5"
+    # every pass with a gate search gets the same aim; the others are left as they were
+    recipe = sq.Recipe.from_cli(["prune_channels", "reconstruct", "low_rank", "quantize_int8"])
+    aimed = pipeline._aimed_at(recipe, ["cosine>=0.9", "latency_ratio<=2"])
+    assert [step.settings.get("target") for step in aimed.steps] == [
+        "cosine>=0.9",
+        None,
+        "cosine>=0.9",
+        "cosine>=0.9",
+    ]
     own = sq.Recipe.from_cli(["quantize_int8:target=cosine>=0.9"])
     result = sq.compress(str(mlp_path), own, checks=["top1_agreement>=0.5"], runs=2)
     assert result.report["recipe"]["passes"][0]["target"] == "cosine>=0.9"
