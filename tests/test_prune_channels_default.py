@@ -84,7 +84,7 @@ def test_default_bisects_to_the_largest_share_that_meets_the_gate(monkeypatch):
     model = _two_branches(1.0)
     total = analysis.analyze(model).macs
 
-    def within_20_percent(self, copy):
+    def within_20_percent(self, copy, on):
         removed = 1 - analysis.analyze(copy).macs / total
         return removed <= 0.2, f"removed {removed:.3f}"
 

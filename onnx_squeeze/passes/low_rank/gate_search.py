@@ -24,17 +24,15 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
-from onnx_squeeze import fidelity, gates, layer_times, runtime
-from onnx_squeeze.calibration.runner import TensorRunner
+from onnx_squeeze import layer_times, runtime
 from onnx_squeeze.calibration.service import Calibration, resized
-from onnx_squeeze.calibration.sources import Feed
+from onnx_squeeze.gate_check import GateCheck
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.layers import Layer
 from onnx_squeeze.passes.low_rank.plans import Candidate
 from onnx_squeeze.passes.low_rank.ranks import Option
 from onnx_squeeze.passes.low_rank.rewrite import factorize_layer
 from onnx_squeeze.records import SOURCE_NODE_KEY, PassContext, PassReport
-from onnx_squeeze.verdict import DEFAULT_GATE
 
 # Energy levels tried, gentlest first (1 - mean relative channel error of each layer).
 LEVELS = (0.9999, 0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8)
@@ -57,39 +55,21 @@ def factorized_copy(model: ir.Model, chosen: Choice, pass_name: str) -> ir.Model
     return clone
 
 
-class GateCheck:
-    """Whether a candidate model meets the gate against ``model``: on the first ``batches``
-    calibration batches (``search``), or on as many from ``check_from`` on (``check``: the level
-    the search picked, the lowest that passed among several noisy measurements, is judged on
-    batches it was not picked on; captcha_crnn's held 13.4 dB on the search's batches and 10.7
-    on held-out ones)."""
-
-    def __init__(
-        self, model: ir.Model, context: PassContext, target: str, batches: int, check_from: int
-    ) -> None:
-        self.target, self.provider = target, context.providers[0]
-        self.probabilities = fidelity.probability_outputs(model)
-        search = context.data.first_batches(batches)
-        check = list(itertools.islice(context.data.batches(), check_from, check_from + batches))
-        self.feeds = {"search": search, "check": check or search}
-        self.reference = {key: self._outputs(model, key) for key in self.feeds}
-        self.data = f"{len(search)} + {len(check)} calibration batches"
-        if context.data.is_random:
-            self.data += f" of RANDOM data ({context.data.label})"
-
-    def _outputs(self, model: ir.Model, on: str) -> list[Feed]:
-        runner = TensorRunner(model, [value.name for value in model.graph.outputs], self.provider)
-        return [runner(feed) for feed in self.feeds[on]]
-
-    def __call__(self, model: ir.Model, on: str = "search") -> tuple[bool, str]:
-        """(passed, what was measured)."""
-        measured = fidelity.measure(
-            self.reference[on], self._outputs(model, on), probabilities=self.probabilities
-        )
-        metrics = fidelity.gate_metrics(measured.values())
-        results = gates.judged([self.target] if self.target else [], metrics, DEFAULT_GATE)
-        said = "; ".join(result["message"] for result in results)
-        return all(result["passed"] for result in results), said
+def gate_check(
+    model: ir.Model, context: PassContext, target: str, batches: int, check_from: int
+) -> tuple[GateCheck, str]:
+    """The gate's check against ``model`` on the first ``batches`` calibration batches
+    (``search``) and as many from ``check_from`` on (``check``: the level the search picked, the
+    lowest that passed among several noisy measurements, is judged on batches it was not picked
+    on; captcha_crnn's held 13.4 dB on the search's batches and 10.7 on held-out ones), and a
+    description of that data."""
+    search = context.data.first_batches(batches)
+    held = list(itertools.islice(context.data.batches(), check_from, check_from + batches))
+    feeds = {"search": search, "check": held or search}
+    data = f"{len(search)} + {len(held)} calibration batches"
+    if context.data.is_random:
+        data += f" of RANDOM data ({context.data.label})"
+    return GateCheck(model, feeds, target, context.providers[0]), data
 
 
 def split(data: Calibration, batches: int) -> tuple[int | None, int]:
@@ -145,8 +125,8 @@ def search(
     """The layers to factorize and how, by the gate and the profiler (the module doc); the
     search reads the first ``batches`` calibration batches, the check as many from
     ``check_from`` on."""
-    gate = target or DEFAULT_GATE
-    check = GateCheck(model, context, target, batches, check_from)
+    check, data = gate_check(model, context, target, batches, check_from)
+    gate = check.gate
     timing = LayerTiming(model, context)
     deepest = at_level(LEVELS[-1])
     if not deepest:
@@ -177,7 +157,7 @@ def search(
             else "no layer's factors both cost fewer MACs and run faster than the layer"
         )
         report.notes.append(
-            f"WARNING: low_rank left the model unchanged: {why} (on {check.data}); "
+            f"WARNING: low_rank left the model unchanged: {why} (on {data}); "
             "give an energy, rank or macs_target to factorize anyway"
         )
         return {}
@@ -197,7 +177,7 @@ def search(
     report.notes.append(
         f"ranks by the gate {gate}: energy {level} per layer (of {', '.join(map(str, LEVELS))}), "
         f"the lowest at which it holds on the search's batches and then the check's ({said}; "
-        f"on {check.data}); {len(chosen)} layers factorized"
+        f"on {data}); {len(chosen)} layers factorized"
     )
     return chosen
 

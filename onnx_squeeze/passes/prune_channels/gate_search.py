@@ -14,17 +14,15 @@ the model is left as it came and a warning says why.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import onnx_ir as ir
 
-from onnx_squeeze import fidelity, gates
-from onnx_squeeze.calibration.runner import TensorRunner
 from onnx_squeeze.calibration.service import Calibration
-from onnx_squeeze.calibration.sources import Feed, split_for_evaluation
+from onnx_squeeze.calibration.sources import split_for_evaluation
+from onnx_squeeze.gate_check import GateCheck
 from onnx_squeeze.passes.base import make_pass
 from onnx_squeeze.records import PassContext, PassReport
-from onnx_squeeze.verdict import DEFAULT_GATE
 
 DEFAULT_MACS = 0.3  # the share of the MACs the default removes at most
 
@@ -39,30 +37,6 @@ class Candidate:
     report: PassReport
     passed: bool
     said: str
-
-
-class GateCheck:
-    """Whether a copy meets the gate against ``reference``'s outputs on ``feeds``."""
-
-    def __init__(
-        self, reference: ir.Model, feeds: Sequence[Feed], target: str, provider: str
-    ) -> None:
-        self.feeds, self.target, self.provider = list(feeds), target, provider
-        self.probabilities = fidelity.probability_outputs(reference)
-        self.reference = self._outputs(reference)
-
-    def _outputs(self, model: ir.Model) -> list[Feed]:
-        runner = TensorRunner(model, [value.name for value in model.graph.outputs], self.provider)
-        return [runner(feed) for feed in self.feeds]
-
-    def __call__(self, model: ir.Model) -> tuple[bool, str]:
-        """(passed, what was measured)."""
-        measured = fidelity.measure(
-            self.reference, self._outputs(model), probabilities=self.probabilities
-        )
-        metrics = fidelity.gate_metrics(measured.values())
-        results = gates.judged([self.target] if self.target else [], metrics, DEFAULT_GATE)
-        return all(r["passed"] for r in results), "; ".join(r["message"] for r in results)
 
 
 class GateSearch:
@@ -92,8 +66,8 @@ class GateSearch:
         self.fitting = dataclasses.replace(context, calibration=Calibration(fit))
         self.fitting.data.axes = context.data.axes
         self.fitting.teacher = self.teacher
-        self.check = GateCheck(self.teacher, feeds, target, context.providers[0])
-        self.gate = target or DEFAULT_GATE
+        self.check = GateCheck(self.teacher, {"held": feeds}, target, context.providers[0])
+        self.gate = self.check.gate
 
     def candidate(self, fraction: float) -> Candidate:
         copy = self.model.clone()
@@ -103,7 +77,7 @@ class GateSearch:
             recovery = make_pass("reconstruct")(copy, self.fitting)
             report.records.extend(recovery.records)
             report.notes.extend(_prefixed("recovery", note) for note in recovery.notes)
-        passed, said = self.check(copy) if report.changed else (False, "")
+        passed, said = self.check(copy, "held") if report.changed else (False, "")
         return Candidate(fraction, copy, report, passed, said)
 
     def search(self, steps: int) -> tuple[Candidate | None, list[Candidate]]:

@@ -1,0 +1,52 @@
+"""Whether a candidate model meets the fidelity gate against a reference: the one check that the
+passes' default searches (how much to prune, how low to factorize) judge their candidates by.
+
+The reference's outputs are computed once per named set of feeds (``search``, ``check``...); a
+candidate is run on a set, measured per output channel (:mod:`fidelity`) and judged by the
+gate the run aims at (``target``, else ``verdict.DEFAULT_GATE``: the conditions that apply to
+the model's outputs), as the final comparison will judge the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import onnx_ir as ir
+
+from onnx_squeeze import fidelity, gates
+from onnx_squeeze.calibration.runner import TensorRunner
+from onnx_squeeze.calibration.sources import Feed
+from onnx_squeeze.verdict import DEFAULT_GATE
+
+__all__ = ["GateCheck"]
+
+
+class GateCheck:
+    """Judges candidates against ``reference`` on each named set of ``feeds``."""
+
+    def __init__(
+        self,
+        reference: ir.Model,
+        feeds: Mapping[str, Sequence[Feed]],
+        target: str,
+        provider: str,
+    ) -> None:
+        self.target, self.provider = target, provider
+        self.gate = target or DEFAULT_GATE
+        self.feeds = {name: list(batch) for name, batch in feeds.items()}
+        self.probabilities = fidelity.probability_outputs(reference)
+        self.reference = {name: self._outputs(reference, name) for name in self.feeds}
+
+    def _outputs(self, model: ir.Model, on: str) -> list[Feed]:
+        runner = TensorRunner(model, [value.name for value in model.graph.outputs], self.provider)
+        return [runner(feed) for feed in self.feeds[on]]
+
+    def __call__(self, model: ir.Model, on: str) -> tuple[bool, str]:
+        """(whether ``model`` meets the gate on the feeds named ``on``, what was measured)."""
+        measured = fidelity.measure(
+            self.reference[on], self._outputs(model, on), probabilities=self.probabilities
+        )
+        metrics = fidelity.gate_metrics(measured.values())
+        results = gates.judged([self.target] if self.target else [], metrics, DEFAULT_GATE)
+        said = "; ".join(result["message"] for result in results)
+        return all(result["passed"] for result in results), said
