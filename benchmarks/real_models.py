@@ -57,9 +57,9 @@ PASSES: dict[str, list[str]] = {
     "int8": ["--int8"],
     "int8-dynamic": ["--int8-dynamic"],
     "fp16": ["--fp16"],
-    "prune-channels": ["--prune-channels", "0.3"],
+    "prune-channels": ["--prune-channels"],
     "prune-weights": ["--prune-weights", "0.5"],
-    "low-rank": ["--low-rank", "0.95"],
+    "low-rank": ["--low-rank"],
     "int4": ["--int4"],
     "fast": ["--recipe", "fast"],
 }

@@ -47,9 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--low-rank",
+        nargs="?",
+        const="",
         metavar="ENERGY|macs=FRACTION",
         help="factorize Conv/Gemm/MatMul keeping ENERGY of the spectrum (e.g. 0.95), "
-        "or remove FRACTION of the MACs (macs=0.5); data-aware with --calib",
+        "or remove FRACTION of the MACs (macs=0.5); without a value, the lowest ranks that "
+        "still meet the accuracy gate, only where the factors run faster, else the model is "
+        "left unchanged with a warning; data-aware with --calib",
     )
     group.add_argument(
         "--prune-weights",
@@ -219,6 +223,8 @@ def _positive(text: str) -> int:
 
 
 def _low_rank_target(text: str) -> dict[str, float]:
+    if not text:
+        return {}  # the pass's default: ranks chosen by the gate
     key, sep, value = text.partition("=")
     if not sep:
         key, value = "energy", text

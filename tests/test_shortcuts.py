@@ -56,6 +56,7 @@ def test_finetune_follows_recovery_and_precedes_quantization():
     [
         (("--low-rank", "0.9"), ("low_rank", {"energy": 0.9, "data_aware": False})),
         (("--low-rank", "macs=0.5"), ("low_rank", {"macs_target": 0.5, "data_aware": False})),
+        (("--low-rank",), ("low_rank", {"data_aware": False})),
         (("--sparsity", "2:4"), ("prune_weights", {"mode": "nm", "n": 2, "m": 4})),
         (("--int8", "--int8-method", "entropy"), ("quantize_int8", {"method": "entropy"})),
         (("--int8", "--int8-calib-all"), ("quantize_int8", {"settle_db": 0.0})),
