@@ -112,16 +112,16 @@ def measure(
     """Kernel time per node of ``model`` on ``feed``: medians over ``runs`` runs after one
     warm-up, with the graph optimizations deployment runs with (level "all"). Unnamed nodes
     are named for the measurement only, so that their times can be told apart."""
-    unnamed = [node for node in model.graph if not node.name]
+    unnamed = [(node, node.name) for node in model.graph if not node.name]
     names = UniqueNames(model)
     names.used.update(node.name for node in model.graph if node.name)
-    for node in unnamed:
+    for node, _ in unnamed:
         node.name = names.new(f"{node.op_type}_timed")
     try:
         return _owned_times(model, _profile(model, feed, provider, threads, runs))
     finally:
-        for node in unnamed:
-            node.name = None
+        for node, name in unnamed:  # as it was: "" and None differ to onnx-ir's naming
+            node.name = name
 
 
 def _profile(
