@@ -20,17 +20,7 @@ from onnx_squeeze.passes import base, load_all
 
 # Settings nothing documents yet (no comment beside or above the field, no clause in the
 # settings docstring): this list may only shrink, and a new setting must come documented.
-UNDOCUMENTED = {
-    ("finetune", "labels_key"),
-    ("finetune", "weight_decay"),
-    ("low_rank", "scheme"),
-    ("low_rank", "data_aware"),
-    ("low_rank", "min_macs"),
-    ("prune_channels", "mode"),
-    ("prune_channels", "criterion"),
-    ("prune_channels", "min_channels"),
-    ("reconstruct", "methods"),
-}
+UNDOCUMENTED: set[tuple[str, str]] = set()
 
 LONG_NAME = "backbone.stage4.block3.attention.output_projection.weight_layer_with_a_long_name"
 

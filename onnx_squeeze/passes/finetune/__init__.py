@@ -74,8 +74,8 @@ class FinetuneSettings:
     temperature: float = bounded(4.0, above=0)  # soft targets of rank-2 outputs (logits)
     # weight of the labels' cross-entropy, when the feeds carry labels
     label_weight: float = bounded(0.0, low=0)
-    labels_key: str = "labels"
-    weight_decay: float = bounded(0.0, low=0)
+    labels_key: str = "labels"  # the feeds' key holding labels (not a model input)
+    weight_decay: float = bounded(0.0, low=0)  # AdamW's decoupled weight decay
     # "all" float weights, or "bias_norm": biases and norm scales only
     train: str = choice("all", TRAIN_CHOICES)
     # calibration samples read (training and held-out together)

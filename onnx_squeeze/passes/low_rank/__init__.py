@@ -67,6 +67,8 @@ GRAM_BUDGET = 170 * 2**20
 
 @dataclasses.dataclass
 class LowRankSettings:
+    # factorization: "auto" (per layer, the cheapest at the energy asked), "svd" (Gemm/MatMul
+    # and 1x1 Conv), "channel" or "spatial" SVD of a Conv, or "tucker2"
     scheme: str = choice("auto", SCHEMES)
     # at most one of the next five; none: the lowest ranks that keep the gate ``target``
     rank: int | None = bounded(None, low=1)
@@ -74,11 +76,11 @@ class LowRankSettings:
     energy: float | None = bounded(None, above=0, high=1)  # share of squared singular values kept
     macs_target: float | None = bounded(None, above=0, below=1)  # share of model MACs removed
     params_target: float | None = bounded(None, above=0, below=1)  # share of parameters removed
-    data_aware: bool = False
+    data_aware: bool = False  # whiten by each layer's input Gram (calibration data): output error
     # data-aware: fraction of the mean input energy added to the diagonal
     damping: float = bounded(0.01, low=0)
     round_to: int = bounded(8, low=1)  # 1: no rounding
-    min_macs: int = bounded(0, low=0)
+    min_macs: int = bounded(0, low=0)  # layers with fewer MACs per sample stay whole
     include: list[str] = dataclasses.field(default_factory=list)
     exclude: list[str] = dataclasses.field(default_factory=list)
     op_types: Sequence[str] = subset(SUPPORTED_OPS, SUPPORTED_OPS)

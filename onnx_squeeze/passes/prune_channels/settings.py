@@ -29,14 +29,16 @@ class PruneChannelsSettings:
     thread) to remove instead of MACs: channels priced by each node's profiled time, the plan
     checked by timing the pruned model and made again until it saves the target."""
 
-    mode: str = choice("remove", MODES)
+    mode: str = choice("remove", MODES)  # "remove" channels, or "zero" their weights in place
+    # which channels go first: weight norms (l1, l2), BN scale, activation statistics, or
+    # reconstruction (those the next layer can best make up for)
     criterion: str = choice("l1", sorted(CRITERIA))
     ratio: float | None = bounded(None, low=0, below=1)
     global_ranking: bool = False
     macs_target: float | None = bounded(None, low=0, below=1)
     latency_target: float | None = bounded(None, low=0, below=1)
     latency_batch: int = bounded(1, low=1)
-    min_channels: int = bounded(1, low=1)
+    min_channels: int = bounded(1, low=1)  # the fewest channels a group keeps
     round_to: int = bounded(0, low=0)
     protect: list[str] = dataclasses.field(default_factory=list)
     calibration_batches: int = bounded(8, low=1)
@@ -45,7 +47,7 @@ class PruneChannelsSettings:
     sensitivity_rounds: int = bounded(1, low=1)
     split_heads: bool = True
     # the default's gate, a --check expression (empty: verdict.DEFAULT_GATE; the run aims it
-    # at the user's first --check)
+    # at the checks the user gives)
     target: str = ""
     # the default judges its candidates recovered by reconstruct (on the calibration data but
     # the batches held back to judge on) and keeps the one recovered: set when recovery follows

@@ -12,6 +12,8 @@ METHODS = ("lstsq", "bn", "bias", "head")
 
 @dataclasses.dataclass
 class ReconstructSettings:
+    # refits allowed, tried in this order per layer: lstsq (ridge regression of the weights),
+    # head (the last classifier/projection), bn (per-channel mean and variance), bias (mean)
     methods: Sequence[str] = subset(METHODS, METHODS, nonempty=True)
     # relative to the mean input variance; pulls towards the current weights
     ridge: float = bounded(1e-5, low=0)
