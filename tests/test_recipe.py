@@ -109,12 +109,20 @@ def test_every_preset_is_a_valid_recipe(name):
     ("preset", "model"), [("fast", "resnet18"), ("fast-transformer", "transformer")]
 )
 def test_speed_presets_remove_macs_and_stay_close(preset, model):
+    """fast-transformer removes 30 % of the MACs; fast removes up to 30 %, as much as the
+    default gate allows after recovery (on this random model, less than all of it)."""
     original = zoo.small(model)
     source = RandomSource(runtime.input_specs(original), count=8, seed=1, batch_size=4)
     result = compress(original, Recipe.load(preset), calibration=source, compare=False)
     check(result.model)
     before = analysis.analyze(original, default_dim=16).macs
-    assert analysis.analyze(result.model, default_dim=16).macs <= 0.75 * before
+    after = analysis.analyze(result.model, default_dim=16).macs
+    if preset == "fast":
+        assert 0.69 * before <= after < 0.9 * before
+        (note,) = [n for r in result.reports for n in r.notes if n.startswith("default:")]
+        assert "meets" in note, note
+    else:
+        assert after <= 0.75 * before
     for feed in random_feeds(original, seed=2):
         expected, actual = run(original, feed)[0], run(result.model, feed)[0]
         cosine = np.dot(expected.ravel(), actual.ravel()) / (
