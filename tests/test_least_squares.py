@@ -115,3 +115,15 @@ def test_small_folds_stay_rows_when_summed():
         folds.update(rng.standard_normal((1, 6, 30)), rng.standard_normal((1, 6, 3)))
     total = folds.total()
     assert isinstance(total, RowAccumulator) and total.rows == 12
+
+
+def test_gram_sums_cross_column_blocks_exactly():
+    """Wider than one accumulation block (512 columns), with the intercept column last."""
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((2, 40, 1100)), rng.standard_normal((2, 40, 3))
+    sums = GramAccumulator(2, 1100, 3, intercept=True)
+    sums.update(x[:, :25], y[:, :25])
+    sums.update(x[:, 25:], y[:, 25:])
+    rows = np.concatenate([x, np.ones((2, 40, 1))], axis=2)
+    np.testing.assert_allclose(sums.xtx, rows.transpose(0, 2, 1) @ rows, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(sums.xty, rows.transpose(0, 2, 1) @ y, rtol=1e-12, atol=1e-9)
