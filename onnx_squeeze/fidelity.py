@@ -56,6 +56,7 @@ __all__ = [
     "channel_axis",
     "channel_error",
     "gate_metrics",
+    "output_shapes",
     "probability_outputs",
     "sqnr_db",
 ]
@@ -104,6 +105,15 @@ def _cosine(dot: float, norm_a: float, norm_b: float) -> float:
     if norm_a == 0.0 or norm_b == 0.0:
         return 0.0
     return max(-1.0, min(1.0, dot / math.sqrt(norm_a * norm_b)))
+
+
+def output_shapes(model: ir.Model) -> dict[str, list[Any]]:
+    """The graph outputs' declared shapes (ints for fixed dimensions), for :func:`measure`."""
+    return {
+        value.name: [d if isinstance(d, int) else None for d in value.shape]
+        for value in model.graph.outputs
+        if value.shape is not None
+    }
 
 
 def probability_outputs(model: ir.Model) -> set[str]:
@@ -504,11 +514,14 @@ def measure(
     *,
     probabilities: set[str] | frozenset[str] = frozenset(),
     channel_axes: Mapping[str, int | None] | None = None,
+    shapes: Mapping[str, Sequence[Any]] | None = None,
 ) -> dict[str, OutputFidelity]:
     """The fidelity of ``result``'s float outputs to ``reference``'s, batch by batch (outputs by
     name, as two runs return them): the one measure that comparison, pruning sensitivity,
-    recovery, fine-tuning and INT8 checks read their figures from."""
-    found = _accumulated(reference, result, probabilities, channel_axes)
+    recovery, fine-tuning and INT8 checks read their figures from. ``shapes``: the outputs'
+    declared shapes (:func:`output_shapes`), which say which axes may be channel axes, as in
+    the comparison (without them a mask's height or width could be taken for classes)."""
+    found = _accumulated(reference, result, probabilities, channel_axes, shapes)
     return {name: accumulator.result() for name, accumulator in found.items()}
 
 
@@ -517,6 +530,7 @@ def _accumulated(
     result: Sequence[Mapping[str, np.ndarray]],
     probabilities: set[str] | frozenset[str],
     channel_axes: Mapping[str, int | None] | None,
+    shapes: Mapping[str, Sequence[Any]] | None = None,
 ) -> dict[str, OutputAccumulator]:
     """One accumulator per float output, fed every pair of runs."""
     names = [
@@ -524,7 +538,9 @@ def _accumulated(
         for name in (reference[0] if reference else {})
         if np.issubdtype(np.asarray(reference[0][name]).dtype, np.floating)
     ]
-    found = accumulators(names, {}, probabilities=probabilities, channel_axes=channel_axes)
+    found = accumulators(
+        names, shapes or {}, probabilities=probabilities, channel_axes=channel_axes
+    )
     for expected, actual in zip(reference, result, strict=True):
         for name, accumulator in found.items():
             accumulator.add(np.asarray(expected[name]), np.asarray(actual[name]))
@@ -537,12 +553,13 @@ def channel_error(
     *,
     probabilities: set[str] | frozenset[str] = frozenset(),
     channel_axes: Mapping[str, int | None] | None = None,
+    shapes: Mapping[str, Sequence[Any]] | None = None,
 ) -> dict[str, float]:
     """Per float output, the mean over its channels of each channel's error relative to that
     channel's own spread over all feeds (:meth:`OutputAccumulator.channel_errors`; the channel
     axis as :func:`measure` chooses it). What passes minimise where a whole-output error would
     let large-valued channels (pixel boxes) hide small-valued ones (scores) beside them."""
-    found = _accumulated(reference, result, probabilities, channel_axes)
+    found = _accumulated(reference, result, probabilities, channel_axes, shapes)
     return {
         name: float(np.mean(errors)) if (errors := acc.channel_errors()).size else 0.0
         for name, acc in found.items()

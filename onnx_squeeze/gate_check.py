@@ -35,6 +35,7 @@ class GateCheck:
         self.gate = target or DEFAULT_GATE
         self.feeds = {name: list(batch) for name, batch in feeds.items()}
         self.probabilities = fidelity.probability_outputs(reference)
+        self.shapes = fidelity.output_shapes(reference)
         self.reference = {name: self._outputs(reference, name) for name in self.feeds}
 
     def _outputs(self, model: ir.Model, on: str) -> list[Feed]:
@@ -44,7 +45,10 @@ class GateCheck:
     def __call__(self, model: ir.Model, on: str) -> tuple[bool, str]:
         """(whether ``model`` meets the gate on the feeds named ``on``, what was measured)."""
         measured = fidelity.measure(
-            self.reference[on], self._outputs(model, on), probabilities=self.probabilities
+            self.reference[on],
+            self._outputs(model, on),
+            probabilities=self.probabilities,
+            shapes=self.shapes,
         )
         metrics = fidelity.gate_metrics(measured.values())
         results = gates.judged([self.target] if self.target else [], metrics, DEFAULT_GATE)

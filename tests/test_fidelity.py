@@ -170,3 +170,18 @@ def test_measure_gives_the_share_of_variance_missed():
     assert found.relative_error == pytest.approx(expected, rel=1e-9)
     assert measure(a, a)["y"].relative_error == 0.0
     assert measure(a, [{"y": x["y"] + 1} for x in a])["y"].relative_error > 0.9
+
+
+def test_declared_shapes_keep_a_masks_height_and_width_from_being_classes():
+    """A text detector's probability map [1, 1, H, W] with symbolic H and W: the comparison
+    judges it as one channel with no argmax; a measurement inside a pass, given the model's
+    declared shapes, judges it the same way (without them, W was taken for 16 classes)."""
+    rng = np.random.default_rng(0)
+    mask = [{"m": rng.uniform(size=(1, 1, 8, 16)).astype(np.float32)} for _ in range(2)]
+    moved = [{"m": np.clip(f["m"] + rng.normal(0, 0.05, f["m"].shape), 0, 1)} for f in mask]
+    declared = fidelity.measure(mask, moved, probabilities={"m"}, shapes={"m": [1, 1, None, None]})[
+        "m"
+    ]
+    assert declared.argmax_agreement is None and declared.channel_axis is None
+    guessed = fidelity.measure(mask, moved, probabilities={"m"})["m"]
+    assert guessed.argmax_agreement is not None  # what the in-pass checks used to see

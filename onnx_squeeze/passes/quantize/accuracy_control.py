@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import onnx_ir as ir
 
@@ -133,10 +133,11 @@ class _Measure:
         self.context = context
         self.gate = gates[0]
         self.probabilities = fidelity.probability_outputs(model)
+        self.shapes = fidelity.output_shapes(model)
         first = _outputs(model, context.data.first_batches(1), context)
         agreement = any(gate.metric in AGREEMENT_METRICS for gate in gates)
         needed = AGREEMENT_POSITIONS if agreement else CHANNEL_VALUES
-        checks = min(max(batches, math.ceil(needed / _channel_values(first))), 32)
+        checks = min(max(batches, math.ceil(needed / _channel_values(first, self.shapes))), 32)
         feeds = context.data.first_batches(batches + checks)
         self.feeds = {"search": feeds[:batches], "check": feeds[batches:] or feeds[:batches]}
         self.reference = {key: _outputs(model, f, context) for key, f in self.feeds.items()}
@@ -148,7 +149,9 @@ class _Measure:
         left = set(floated)
         chosen = [node for node in self.anchors if node.name not in left]
         result = _outputs(self.quantized_copy(chosen), self.feeds[on], self.context)
-        measured = fidelity.measure(self.reference[on], result, probabilities=self.probabilities)
+        measured = fidelity.measure(
+            self.reference[on], result, probabilities=self.probabilities, shapes=self.shapes
+        )
         value = metric_of(measured, self.gate.metric)
         value = math.nan if value is None else value
         if self.ranked_by_sqnr:
@@ -168,7 +171,9 @@ class _Measure:
         """Whether some output of the model has the gate's metric (float outputs, a classifier
         for top-1, probabilities for score_cosine ...)."""
         reference = self.reference["check"]
-        measured = fidelity.measure(reference, reference, probabilities=self.probabilities)
+        measured = fidelity.measure(
+            reference, reference, probabilities=self.probabilities, shapes=self.shapes
+        )
         return metric_of(measured, self.gate.metric) is not None
 
     def gap(self, value: float) -> float:
@@ -331,10 +336,10 @@ def metric_of(measured: Mapping[str, fidelity.OutputFidelity], metric: str) -> f
     return fidelity.gate_metrics(measured.values()).get(metric)
 
 
-def _channel_values(outputs: Sequence[Feed]) -> float:
+def _channel_values(outputs: Sequence[Feed], shapes: Mapping[str, Sequence[Any]]) -> float:
     """The fewest values per output channel that one batch of ``outputs`` gives (as the
     fidelity measure finds channels)."""
-    measured = fidelity.measure(outputs, outputs).values()
+    measured = fidelity.measure(outputs, outputs, shapes=shapes).values()
     return max(min((m.elements / m.channels for m in measured), default=1.0), 1.0)
 
 
