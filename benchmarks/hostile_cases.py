@@ -71,7 +71,7 @@ def _rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-def _mlp(opset: int = 17, ir_version: int = 8) -> onnx.ModelProto:
+def mlp(opset: int = 17, ir_version: int = 8) -> onnx.ModelProto:
     """x[1,8] -> MatMul w1 -> Add b1 -> Relu -> MatMul w2 -> y[1,4]."""
     rng = _rng()
     graph = helper.make_graph(
@@ -105,9 +105,11 @@ def _model_case(name: str, make: Callable[[], onnx.ModelProto | bytes], *command
     return Case(name, lambda root: _save(root, make()), tuple(commands) or REFUSED)
 
 
-def _mutated(change: Callable[[onnx.ModelProto], None], **mlp) -> Callable[[], onnx.ModelProto]:
+def _mutated(
+    change: Callable[[onnx.ModelProto], None], **settings
+) -> Callable[[], onnx.ModelProto]:
     def make() -> onnx.ModelProto:
-        model = _mlp(**mlp)
+        model = mlp(**settings)
         change(model)
         return model
 
@@ -159,7 +161,7 @@ def _external_case(name: str, location: str, data: bytes | None = None, **kwargs
 def _inside_external(root: Path) -> None:
     """w1's bytes in ``w.bin`` beside the model, where they belong."""
     (root / "model").mkdir(parents=True, exist_ok=True)
-    model = _mlp()
+    model = mlp()
     (root / "model" / "w.bin").write_bytes(model.graph.initializer[0].raw_data)
     _save(root, _mutated(_external("w.bin"))())
 
@@ -235,7 +237,7 @@ def _no_opset(model: onnx.ModelProto) -> None:
 
 def _ir3() -> onnx.ModelProto:
     """IR version 3, opset 8: every initializer also listed among the graph inputs."""
-    model = _mlp(opset=8, ir_version=3)
+    model = mlp(opset=8, ir_version=3)
     for tensor in model.graph.initializer:
         model.graph.input.append(
             helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
@@ -244,7 +246,7 @@ def _ir3() -> onnx.ModelProto:
 
 
 def _not_utf8() -> bytes:
-    data = _mlp().SerializeToString()
+    data = mlp().SerializeToString()
     at = data.index(b"Relu")
     return data[:at] + b"\xff\xfe" + data[at + 2 :]
 
@@ -344,7 +346,7 @@ def _expand_at_run_time() -> onnx.ModelProto:
     )
 
 
-def _loop() -> onnx.ModelProto:
+def endless_loop() -> onnx.ModelProto:
     """y = x + 2**40, one Add per trip of a Loop."""
     body = helper.make_graph(
         [
@@ -461,7 +463,7 @@ class _Payload:
 
 def _data_case(name: str, write: Callable[[Path], None], *commands) -> Case:
     def build(root: Path) -> None:
-        _save(root, _mlp())
+        _save(root, mlp())
         write(root)
 
     return Case(name, build, tuple(_cmd(c) for c in commands))
@@ -586,7 +588,7 @@ def _pickle_case(suffix: str, strings: bool) -> Case:
     sample of 4 strings of a string input (no dtype mismatch stops it first)."""
 
     def build(root: Path) -> None:
-        _save(root, _strings() if strings else _mlp())
+        _save(root, _strings() if strings else mlp())
         _pickled(suffix, (4,) if strings else (4, 8))(root)
 
     placeholder = "{d}" if suffix == ".npz" else "{n}"
@@ -615,7 +617,7 @@ CASES: tuple[Case, ...] = (
     # broken files
     _model_case("file: empty", lambda: b""),
     _model_case("file: not a protobuf", lambda: b"hello, this is text\n" * 10),
-    _model_case("file: truncated protobuf", lambda: _mlp().SerializeToString()[:150]),
+    _model_case("file: truncated protobuf", lambda: mlp().SerializeToString()[:150]),
     _model_case("file: git-LFS pointer", lambda: b"version https://git-lfs.github.com/spec/v1\n"),
     _model_case("file: op type not UTF-8", _not_utf8),
     Case("file: a folder", lambda root: (root / MODEL).mkdir(parents=True), REFUSED),
@@ -685,7 +687,7 @@ CASES: tuple[Case, ...] = (
     ),
     Case(
         "Loop of 2**40 trips",
-        lambda root: _save(root, _loop()),
+        lambda root: _save(root, endless_loop()),
         (_cmd(COMPRESS), _cmd(COMPARE)),
         run_timeout=2,
     ),
@@ -721,12 +723,12 @@ CASES: tuple[Case, ...] = (
     # output (must have 4)
     Case(
         "output: the input itself",
-        lambda root: _save(root, _mlp()),
+        lambda root: _save(root, mlp()),
         (_cmd(("compress", "{m}", "-o", "{m}", "--prune-weights", "0.5", "--no-simplify")),),
     ),
     Case(
         "output: folder missing",
-        lambda root: _save(root, _mlp()),
+        lambda root: _save(root, mlp()),
         (
             _cmd(
                 (
@@ -744,7 +746,7 @@ CASES: tuple[Case, ...] = (
     # a valid model for contrast: every command works
     _model_case(
         "valid: the plain model",
-        _mlp,
+        mlp,
         _cmd(INSPECT, 0),
         _cmd(COMPRESS, 0),
         _cmd((*COMPRESS, "--external-data"), 0),

@@ -13,31 +13,9 @@ import onnx
 import onnxruntime as ort
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.hostile_cases import mlp
 from onnx_squeeze import cli
-
-
-def _valid() -> onnx.ModelProto:
-    """x[1,8] -> MatMul -> Add -> Relu -> MatMul -> y[1,4]."""
-    rng = np.random.default_rng(0)
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-            helper.make_node("Add", ["h", "b1"], ["a"], name="add"),
-            helper.make_node("Relu", ["a"], ["r"], name="relu"),
-            helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
-        ],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [
-            numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
-            numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b1"),
-            numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w2"),
-        ],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def _drop_input(proto, _):
@@ -83,7 +61,7 @@ MUTATIONS = [
 
 
 def _bytes_of(mutation, index: int, corrupt: int | None) -> bytes:
-    proto = _valid()
+    proto = mlp()
     mutation(proto, index)
     data = proto.SerializeToString()
     if corrupt is not None:  # flip one byte, or cut the file there

@@ -11,50 +11,19 @@ import time
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from benchmarks.hostile_cases import endless_loop
 from onnx_squeeze import runtime
 from onnx_squeeze.errors import RunLimitError
 
 
-def _endless_loop() -> onnx.ModelProto:
-    """y = x + 2**40: a Loop adding one per trip."""
-    body = helper.make_graph(
-        [
-            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-        ],
-        "body",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1]),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1]),
-        ],
-    )
-    graph = helper.make_graph(
-        [helper.make_node("Loop", ["trip", "cond", "x"], ["y"], body=body, name="loop")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-        [
-            numpy_helper.from_array(np.array(2**40, np.int64), "trip"),
-            numpy_helper.from_array(np.array(True), "cond"),
-            numpy_helper.from_array(np.ones(1, np.float32), "one"),
-        ],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
 def test_a_run_past_its_limit_is_stopped_and_later_runs_are_not(monkeypatch):
     monkeypatch.setattr(runtime.BoundedSession, "limit_s", 0.5)
-    session = runtime.create_session(_endless_loop())
+    session = runtime.create_session(endless_loop())
     start = time.perf_counter()
     with pytest.raises(RunLimitError, match="took over 0 s and was stopped"):
-        session.run(None, {"x": np.zeros(1, np.float32)})
+        session.run(None, {"x": np.zeros((1, 8), np.float32)})
     assert time.perf_counter() - start < 5
     relu = helper.make_model(
         helper.make_graph(
@@ -76,7 +45,7 @@ def test_a_run_past_its_limit_is_stopped_and_later_runs_are_not(monkeypatch):
 
 def test_cli_stops_the_endless_loop_with_one_line(tmp_path):
     source = tmp_path / "loop.onnx"
-    onnx.save(_endless_loop(), source)
+    onnx.save(endless_loop(), source)
     env = {**os.environ, "ONNX_SQUEEZE_RUN_TIMEOUT": "2"}
     done = subprocess.run(
         [sys.executable, "-m", "onnx_squeeze", "compare", str(source), str(source), "--runs", "1"],
