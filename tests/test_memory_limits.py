@@ -26,9 +26,9 @@ def test_a_huge_constant_shape_is_refused_at_load_naming_the_node(tmp_path):
 
 
 def test_the_tensor_limit_scales_with_the_model_and_is_settable(monkeypatch, tmp_path):
-    small = ir.from_proto(hostile_cases._mlp())
+    small = ir.from_proto(hostile_cases.mlp())
     assert validation.tensor_limit_bytes(small) == validation.TENSOR_FLOOR_BYTES
-    weights = ir.from_proto(hostile_cases._mlp())
+    weights = ir.from_proto(hostile_cases.mlp())
     big = np.zeros((1024, 1024, 4), np.float32)  # 16 MiB of weights: 64x is 1 GiB
     weights.graph.initializers["w1"].const_value = ir.tensor(big, name="w1")
     assert validation.tensor_limit_bytes(weights) >= 2**30
