@@ -96,12 +96,15 @@ class Regression:
     at ``fidelity.SPREAD_FLOOR`` of its mean square); otherwise all count alike.
     """
 
-    intercept: bool
-    per_output: bool
-    features: int
-    rows: int
-    y_sum: np.ndarray  # (groups, outputs)
-    y_squares: np.ndarray  # (groups, outputs)
+    def __init__(
+        self, groups: int, features: int, outputs: int, *, intercept: bool, per_output: bool = False
+    ) -> None:
+        self.intercept = intercept
+        self.per_output = per_output
+        self.features = features
+        self.y_sum = np.zeros((groups, outputs))
+        self.y_squares = np.zeros((groups, outputs))
+        self.rows = 0
 
     @property
     def unknowns(self) -> int:
@@ -208,15 +211,10 @@ class GramAccumulator(Regression):
     def __init__(
         self, groups: int, features: int, outputs: int, *, intercept: bool, per_output: bool = False
     ) -> None:
-        self.intercept = intercept
-        self.per_output = per_output
-        self.features = features
+        super().__init__(groups, features, outputs, intercept=intercept, per_output=per_output)
         width = features + int(intercept)
         self.xtx = np.zeros((groups, width, width))
         self.xty = np.zeros((groups, width, outputs))
-        self.y_sum = np.zeros((groups, outputs))
-        self.y_squares = np.zeros((groups, outputs))
-        self.rows = 0
 
     @property
     def nbytes(self) -> int:
@@ -317,16 +315,11 @@ class RowAccumulator(Regression):
     def __init__(
         self, groups: int, features: int, outputs: int, *, intercept: bool, per_output: bool = False
     ) -> None:
-        self.intercept = intercept
-        self.per_output = per_output
-        self.features = features
+        super().__init__(groups, features, outputs, intercept=intercept, per_output=per_output)
         self.outputs = outputs
         self.x: list[np.ndarray] = []  # (groups, n, features) per batch
         self.y: list[np.ndarray] = []  # (groups, n, outputs) per batch
         self.x_sum = np.zeros((groups, features))
-        self.y_sum = np.zeros((groups, outputs))
-        self.y_squares = np.zeros((groups, outputs))
-        self.rows = 0
 
     @property
     def nbytes(self) -> int:
