@@ -284,17 +284,8 @@ def test_accuracy_control_steps_back_when_the_best_layer_does_not_help(monkeypat
 
     monkeypatch.setattr(accuracy_control._Measure, "__call__", metric)
     report = PassReport("quantize_int8")
-    anchors = [node for node in model.graph if node.op_type == "MatMul"]
-    source = RandomSource(runtime.input_specs(model), 2, seed=0, batch_size=2)
-    kept = accuracy_control.keep_harmful_float(
-        model,
-        anchors,
-        lambda chosen: model,
-        PassContext(calibration=source),
-        report,
-        gates=[parse_gate("worst_channel_sqnr_db>=10")],
-        batches=1,
-        bounds=accuracy_control.Bounds(runs=100, float_macs=1.0),
+    anchors, kept = _controlled(
+        model, report, "worst_channel_sqnr_db>=10", samples=2, batch=2, batches=1
     )
     assert [node.name for node in anchors if node not in kept] == ["m1"]
     assert [r.node for r in report.skipped] == ["m1"]
@@ -320,17 +311,8 @@ def test_an_agreement_gate_is_searched_by_sqnr_and_checked_on_enough_positions(m
 
     monkeypatch.setattr(accuracy_control._Measure, "__call__", metric)
     report = PassReport("quantize_int8")
-    anchors = [node for node in model.graph if node.op_type == "MatMul"]
-    source = RandomSource(runtime.input_specs(model), 40, seed=0, batch_size=1)
-    kept = accuracy_control.keep_harmful_float(
-        model,
-        anchors,
-        lambda chosen: model,
-        PassContext(calibration=source),
-        report,
-        gates=[parse_gate("argmax_agreement>=0.98")],
-        batches=4,
-        bounds=accuracy_control.Bounds(runs=100, float_macs=1.0),
+    anchors, kept = _controlled(
+        model, report, "argmax_agreement>=0.98", samples=40, batch=1, batches=4
     )
     assert [node.name for node in anchors if node not in kept] == ["m6"]
     assert "0.95 -> 0.99" in report.notes[-1] and "holds with 1 of 8" in report.notes[-1]
@@ -372,3 +354,21 @@ def test_a_target_no_output_has_leaves_every_layer_quantized():
 def test_a_target_that_quantization_cannot_measure_is_refused():
     with pytest.raises(SettingsError, match="latency_ratio cannot be measured"):
         make_pass("quantize_int8", {"target": "latency_ratio<=0.5"})
+
+
+def _controlled(model, report, gate: str, *, samples: int, batch: int, batches: int):
+    """Accuracy control over ``model``'s MatMuls (copies quantize nothing: the tests replace
+    the measurement), towards ``gate`` on random feeds: (anchors, those kept quantized)."""
+    anchors = [node for node in model.graph if node.op_type == "MatMul"]
+    source = RandomSource(runtime.input_specs(model), samples, seed=0, batch_size=batch)
+    kept = accuracy_control.keep_harmful_float(
+        model,
+        anchors,
+        lambda chosen: model,
+        PassContext(calibration=source),
+        report,
+        gates=[parse_gate(gate)],
+        batches=batches,
+        bounds=accuracy_control.Bounds(runs=100, float_macs=1.0),
+    )
+    return anchors, kept
