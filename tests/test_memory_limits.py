@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks import hostile_cases
 from onnx_squeeze import model_io, prepare, runtime, validation
-from onnx_squeeze.calibration import sources
+from onnx_squeeze.calibration import images as sources
 from onnx_squeeze.errors import InputError, RunLimitError
 from onnx_squeeze.records import PassReport
 

@@ -1,8 +1,10 @@
 """Calibration: the data passes learn from and the statistics they take of it.
 
-- :mod:`.sources`: feed dicts one batch at a time (``.npz``/``.npy``, image folders, random
-  draws labelled as such, onnxruntime readers), cut on each input's batch axis
-  (:func:`onnx_squeeze.shapes.batch_axis`); :func:`open_source` picks one.
+- :mod:`.feeds`: what every source yields (``Feed``, :class:`CalibrationSource`) and the
+  batch-size rule; files are cut on each input's batch axis (:func:`onnx_squeeze.shapes.batch_axis`).
+- :mod:`.sources`: onnxruntime readers, feed lists, the held-out split; :func:`open_source`
+  picks the source a spec names: :mod:`.arrays` (``.npz``/``.npy``), :mod:`.images` (image
+  folders, preset preprocessing), :mod:`.random_data` or a reader.
 - :mod:`.constants`: inputs given one value for every feed (``--set sr=16000``).
 - :mod:`.random_data`: random inputs (smoke tests), never invented integers or scalars.
 - :mod:`.accumulators`: streaming min/max, histograms, per-channel statistics, fixed memory.
@@ -19,15 +21,14 @@ from onnx_squeeze.calibration.accumulators import (
     MinMax,
     TensorStatistics,
 )
+from onnx_squeeze.calibration.arrays import NpzSource
 from onnx_squeeze.calibration.collector import StatisticsCollector, joined
+from onnx_squeeze.calibration.feeds import CalibrationSource, Feed
+from onnx_squeeze.calibration.images import ImageFolderSource
 from onnx_squeeze.calibration.random_data import RandomSource, random_source
 from onnx_squeeze.calibration.runner import expose
 from onnx_squeeze.calibration.sources import (
     HOLDOUT_EVERY,
-    CalibrationSource,
-    Feed,
-    ImageFolderSource,
-    NpzSource,
     ReaderSource,
     open_source,
     split_for_evaluation,

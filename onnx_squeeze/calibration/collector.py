@@ -19,10 +19,11 @@ from onnx_squeeze.calibration.accumulators import (
     MinMax,
     TensorStatistics,
 )
+from onnx_squeeze.calibration.feeds import Feed
 from onnx_squeeze.calibration.runner import expose, exposed_session, run_checked
-from onnx_squeeze.calibration.sources import Feed, is_static
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.progress import track
+from onnx_squeeze.shapes import is_fixed as is_static
 
 # ---------------------------------------------------------------------------------------------
 # Collection
