@@ -22,8 +22,12 @@ channel, along its channel axis:
   while a detection whose score collapses, or a new one, does. ``score_cosine`` is the cosine
   over all score channels together.
 - ``argmax_agreement``: the share of positions whose argmax along the channel axis agrees (top-1
-  per row of a classifier, per time step of a CTC/OCR sequence, per pixel of a segmentation
-  map); not given for outputs that mix score and other channels.
+  per row of a classifier, per pixel of a segmentation map, per step of a tagger's sequence);
+  not given for outputs that mix score and other channels. A sequence output read as CTC (its
+  most frequent top class, the blank, fills half the steps: :mod:`onnx_squeeze.sequences`) is
+  judged on its decoded strings instead: the share of tokens that agree (one minus the edit
+  distance over the length); ``position_agreement`` keeps the share of steps, ``ctc_blank`` the
+  class read as the blank.
 - Class probabilities: a probability output whose channels sum to 1 at every position (a
   softmax over classes) is read by its argmax, not by its values: ``class_probabilities`` marks
   it, and the default gate judges it by ``argmax_agreement`` alone (the rare classes of a
@@ -44,6 +48,8 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
+from onnx_squeeze import sequences
 
 __all__ = [
     "DISTRIBUTION_TOLERANCE",
@@ -195,6 +201,9 @@ class OutputFidelity:
     score_channels: int = 0
     score_cosine: float | None = None
     argmax_agreement: float | None = None
+    # Per step, where argmax_agreement reads decoded CTC strings; the class read as the blank.
+    position_agreement: float | None = None
+    ctc_blank: int | None = None
     # A softmax over classes (see the module doc): read by its argmax.
     class_probabilities: bool = False
     # Σ|b - a|² / Σ|a - mean a|²: the share of A's variance that B misses (1 - R²).
@@ -236,6 +245,8 @@ class OutputAccumulator:
         self.rows = 0
         self.argmax_matches = 0
         self.positions = 0
+        # Top classes per sequence ([sequences, steps] per feed) of rank-3 outputs, for CTC.
+        self.steps: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
         self.sum_gap = 0.0  # the largest |Σ over channels - 1| of the reference, per position
         self.sums: dict[str, np.ndarray] = {}
 
@@ -285,8 +296,14 @@ class OutputAccumulator:
         same = (x == y) | (np.isnan(x) & np.isnan(y))
         mismatched = np.count_nonzero(~both & ~same, axis=1)
         if axis is not None and a.ndim > 1 and np.issubdtype(a.dtype, np.floating):
-            self.argmax_matches += int(np.count_nonzero(a.argmax(axis=axis) == b.argmax(axis=axis)))
-            self.positions += a.size // a.shape[axis]
+            top_a, top_b = a.argmax(axis=axis), b.argmax(axis=axis)
+            self.argmax_matches += int(np.count_nonzero(top_a == top_b))
+            self.positions += top_a.size
+            if a.ndim == 3:
+                time = sequences.time_axis(a.shape, axis, self.fixed)
+                time -= time > axis
+                for kept, top in zip(self.steps, (top_a, top_b), strict=True):
+                    kept.append(np.moveaxis(top, time, -1).astype(np.int64))
             if self.probabilities:
                 totals = np.sum(a, axis=axis, dtype=np.float64)
                 gap = np.abs(totals - 1.0)
@@ -393,7 +410,13 @@ class OutputAccumulator:
             if s["mismatched"][scores].any():
                 score_cosine = math.nan
         mixed = scores.any() and not scores.all()
-        argmax = self.argmax_matches / self.positions if self.positions and not mixed else None
+        position = self.argmax_matches / self.positions if self.positions and not mixed else None
+        blank = (
+            sequences.ctc_blank(self.steps[0])
+            if position is not None and isinstance(self.axis, int)
+            else None
+        )
+        argmax = position if blank is None else sequences.token_agreement(*self.steps, blank)
         total = float(s["count"].sum())
         spread = float(s["norm_a"].sum()) - float(s["sum_a"].sum()) ** 2 / max(total, 1.0)
         relative = float(s["noise"].sum()) / max(spread, 1e-30) if not broken else math.inf
@@ -419,6 +442,8 @@ class OutputAccumulator:
             score_channels=int(scores.sum()),
             score_cosine=score_cosine,
             argmax_agreement=argmax,
+            position_agreement=position if blank is not None else None,
+            ctc_blank=blank,
             class_probabilities=(
                 argmax is not None and bool(scores.all()) and self.sum_gap <= DISTRIBUTION_TOLERANCE
             ),

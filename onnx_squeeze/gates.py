@@ -60,7 +60,7 @@ METRICS: dict[str, tuple[str, str]] = {
     ),
     "argmax_agreement": (
         "share of positions whose argmax along the channel axis agrees (classes per row, time "
-        "step or pixel), worst output",
+        "step or pixel; for a CTC sequence, of its decoded tokens), worst output",
         "no output has a channel axis to take an argmax along, or its channels mix scores with "
         "other values",
     ),

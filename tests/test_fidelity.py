@@ -10,7 +10,7 @@ import onnx.parser
 import pytest
 from onnx import numpy_helper
 
-from onnx_squeeze import comparison, fidelity
+from onnx_squeeze import comparison, fidelity, sequences
 from onnx_squeeze.gates import evaluate_gates
 
 # A detector-like head: 4 box rows in pixels (0…640) concatenated with 6 Sigmoid score rows over
@@ -106,14 +106,57 @@ def test_channel_axis_override_and_whole_output():
     assert anchors.fidelity[0].channels == 50
 
 
-def test_sequence_argmax_agreement_per_position():
+def _one_hot_steps(rows: list[list[int]], classes: int = 6) -> np.ndarray:
+    """[sequences, steps, classes] scores whose top class per step is ``rows``."""
+    steps = np.array(rows)
+    return (np.arange(classes) == steps[..., None]).astype(np.float32)
+
+
+def test_tagger_sequence_agreement_is_per_step():
+    # A tagger (no class fills half the steps): every step is read, one of four differs.
+    a = _one_hot_steps([[0, 1, 2, 3]])
+    b = _one_hot_steps([[0, 1, 2, 2]])
     acc = fidelity.OutputAccumulator("logits", axis=2)
-    a = np.zeros((1, 4, 3), dtype=np.float32)
-    a[0, :, 0] = 1.0
-    b = a.copy()
-    b[0, 3, 2] = 2.0  # one of four time steps decodes another class
     acc.add(a, b)
-    assert acc.result().argmax_agreement == pytest.approx(0.75)
+    result = acc.result()
+    assert result.argmax_agreement == pytest.approx(0.75)
+    assert result.ctc_blank is None and result.position_agreement is None
+
+
+def test_ctc_sequence_is_judged_on_its_decoded_strings():
+    # Blank 0 fills most steps. Moving a character's edge by a step (blank <-> character)
+    # keeps the strings: decoded agreement 1 though 2 of 16 steps differ. A changed or an
+    # extra character lowers it by its share of the tokens.
+    a = _one_hot_steps([[0, 1, 1, 0, 0, 2, 0, 0], [0, 3, 0, 0, 4, 0, 0, 5]])
+    edges = _one_hot_steps([[0, 0, 1, 0, 0, 2, 2, 0], [0, 3, 0, 0, 4, 0, 0, 5]])
+    wrong = _one_hot_steps([[0, 1, 1, 0, 0, 3, 0, 0], [0, 3, 0, 0, 4, 0, 2, 5]])
+    for b, agreement, steps in ((edges, 1.0, 14 / 16), (wrong, 1 - 2 / 6, 14 / 16)):
+        acc = fidelity.OutputAccumulator("probs", axis=2)
+        acc.add(a, b)
+        result = acc.result()
+        assert result.ctc_blank == 0
+        assert result.argmax_agreement == pytest.approx(agreement)
+        assert result.position_agreement == pytest.approx(steps)
+
+
+def test_ctc_time_axis_of_time_major_outputs():
+    # T×N×C (captcha CRNNs, ddddocr): time is the fixed axis beside a symbolic batch, or the
+    # axis beside a batch of one; decoding across the batch would read other strings.
+    a = np.moveaxis(_one_hot_steps([[0, 1, 0, 2, 0, 0], [0, 0, 3, 0, 4, 0]]), 0, 1)
+    b = np.moveaxis(_one_hot_steps([[1, 1, 0, 2, 0, 0], [0, 3, 3, 0, 4, 0]]), 0, 1)
+    acc = fidelity.OutputAccumulator("logits", fixed=[True, False, True], axis=2)
+    acc.add(a, b)
+    assert acc.result().argmax_agreement == 1.0  # edges moved, strings kept
+    assert sequences.time_axis((22, 1, 8210), 2, [True, False]) == 0
+    assert sequences.time_axis((1, 40, 6625), 2, None) == 1
+    assert sequences.time_axis((4, 40, 6625), 2, [False, False, True]) == 1
+
+
+def test_edit_distance_counts_insertions_deletions_substitutions():
+    assert sequences.edit_distance([1, 2, 3], [1, 2, 3]) == 0
+    assert sequences.edit_distance([1, 2, 3], [1, 3]) == 1
+    assert sequences.edit_distance([1, 2, 3], [1, 4, 3, 5]) == 2
+    assert sequences.edit_distance([], [7, 7]) == 2
 
 
 def test_mismatched_nonfinite_values_fail_the_channel_metrics():

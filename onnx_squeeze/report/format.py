@@ -74,7 +74,8 @@ FIDELITY_COLUMNS = (
 
 def fidelity_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
     """One row per output: whole-output figures beside the worst channel's (named as
-    ``index/channels@axis``), the score channels' cosine and the argmax agreement."""
+    ``index/channels@axis``), the score channels' cosine and the argmax agreement (of the
+    decoded tokens for a CTC output)."""
     rows = []
     for item in comparison.get("fidelity") or []:
         axis, worst_at = item.get("channel_axis"), item.get("worst_sqnr_channel")
@@ -90,11 +91,18 @@ def fidelity_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
                 where,
                 number(item.get("worst_channel_cosine"), 4),
                 number(item.get("score_cosine"), 4) + scores,
-                "-" if argmax is None else f"{argmax:.4f}",
+                "-" if argmax is None else f"{argmax:.4f}" + _ctc(item),
                 f"{item.get('nonfinite_a', 0)}/{item.get('nonfinite_b', 0)}",
             )
         )
     return rows
+
+
+def _ctc(item: dict[str, Any]) -> str:
+    """How a CTC output's agreement was read: decoded tokens, beside the share of steps."""
+    if item.get("ctc_blank") is None:
+        return ""
+    return f" CTC tokens (blank {item['ctc_blank']}; steps {item['position_agreement']:.4f})"
 
 
 def shapes_line(comparison: dict[str, Any]) -> str:
