@@ -36,6 +36,7 @@ COMPRESS = (
     "--no-simplify",
 )
 SIMPLIFY = ("compress", "{m}", "-o", "{o}", "--fp16", "--no-compare")
+INT8 = ("compress", "{m}", "-o", "{o}", "--int8", "--calib", "{d}", "--no-simplify")
 COMPARE = ("compare", "{m}", "{m}", "--runs", "1")
 BENCH = ("bench", "{m}", "--runs", "1", "--warmup", "0")
 
@@ -540,23 +541,12 @@ def _image_case(name: str, image: bytes) -> Case:
         (root / IMAGES).mkdir(parents=True, exist_ok=True)
         (root / IMAGES / "a.png").write_bytes(image)
 
-    compress = (
-        "compress",
-        "{m}",
-        "-o",
-        "{o}",
-        "--int8",
-        "--calib",
-        "{i}",
-        "--no-simplify",
-        "--runs",
-        "1",
-    )
+    compress = ("{i}" if word == "{d}" else word for word in (*INT8, "--runs", "1"))
     return Case(name, build, (_cmd(compress),))
 
 
 PICKLE_COMMANDS = (
-    ("compress", "{m}", "-o", "{o}", "--int8", "--calib", "{d}", "--no-simplify", "--runs", "1"),
+    (*INT8, "--runs", "1"),
     (
         "compress",
         "{m}",
@@ -693,25 +683,14 @@ CASES: tuple[Case, ...] = (
     ),
     _model_case("30 nested Ifs through the simplifier", _nested_ifs, _cmd(SIMPLIFY, 0, 1)),
     # data files (must have 5)
-    _data_case(
-        "calibration: NaN",
-        _calib("nan"),
-        ("compress", "{m}", "-o", "{o}", "--int8", "--calib", "{d}", "--no-simplify"),
-    ),
-    _data_case(
-        "calibration: Inf",
-        _calib("inf"),
-        ("compress", "{m}", "-o", "{o}", "--int8", "--calib", "{d}", "--no-simplify"),
-    ),
-    _data_case(
-        "calibration: no samples",
-        _calib("empty"),
-        ("compress", "{m}", "-o", "{o}", "--int8", "--calib", "{d}", "--no-simplify"),
-    ),
-    _data_case(
-        "calibration: truncated .npz",
-        _calib("truncated"),
-        ("compress", "{m}", "-o", "{o}", "--int8", "--calib", "{d}", "--no-simplify"),
+    *(
+        _data_case(f"calibration: {what}", _calib(kind), INT8)
+        for what, kind in (
+            ("NaN", "nan"),
+            ("Inf", "inf"),
+            ("no samples", "empty"),
+            ("truncated .npz", "truncated"),
+        )
     ),
     _pickle_case(".npz", strings=False),
     _pickle_case(".npy", strings=False),
