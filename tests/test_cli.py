@@ -153,8 +153,7 @@ def test_compress_empty_recipe_writes_valid_model_and_reports(small_resnet, tmp_
 
 def test_gate_failure_is_exit_3_and_writes_nothing(small_resnet, tmp_path, capsys):
     out = tmp_path / "o.onnx"
-    code, _, err = run_cli(
-        capsys,
+    failing = (
         "compress",
         str(small_resnet),
         "-o",
@@ -164,20 +163,10 @@ def test_gate_failure_is_exit_3_and_writes_nothing(small_resnet, tmp_path, capsy
         "--check",
         "max_abs_error<0",
     )
+    code, _, err = run_cli(capsys, *failing)
     assert code == cli.EXIT_GATE and "gate failed" in err
     assert not out.exists()
-    code, _, _ = run_cli(
-        capsys,
-        "compress",
-        str(small_resnet),
-        "-o",
-        str(out),
-        "--runs",
-        "2",
-        "--check",
-        "max_abs_error<0",
-        "--write-on-fail",
-    )
+    code, _, _ = run_cli(capsys, *failing, "--write-on-fail")
     assert code == cli.EXIT_GATE and out.exists()
 
 
