@@ -547,19 +547,7 @@ def _image_case(name: str, image: bytes) -> Case:
 
 PICKLE_COMMANDS = (
     (*INT8, "--runs", "1"),
-    (
-        "compress",
-        "{m}",
-        "-o",
-        "{o}",
-        "--prune-weights",
-        "0.5",
-        "--eval",
-        "{d}",
-        "--no-simplify",
-        "--runs",
-        "1",
-    ),
+    (*COMPRESS, "--eval", "{d}"),
     ("compare", "{m}", "{m}", "--inputs", "{d}", "--runs", "1"),
 )
 
