@@ -11,9 +11,7 @@ it (it wraps every FP16 node without a CPU kernel in Casts); fidelity on held-ou
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -144,23 +142,15 @@ def markdown(rows: list[dict], threads: list[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(SHAPES))
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--runs", type=int, default=20)
-    args = parser.parse_args(argv)
-    threads = [int(t) for t in args.threads.split(",")]
-    rows = []
-    for name in args.models.split(","):
-        print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-        rows += bench_model(name, threads, args.runs)
-    common.write_results(
+    common.run_per_model(
+        argv,
+        __doc__,
+        SHAPES,
         "quantize_float",
         "Float quantization: FP16/BF16 and FP8",
-        markdown(rows, threads),
-        {"meta": common.meta(args.runs, threads), "rows": rows},
+        bench_model,
+        markdown,
     )
-    print(markdown(rows, threads))
 
 
 if __name__ == "__main__":

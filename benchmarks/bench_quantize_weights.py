@@ -11,8 +11,6 @@ on held-out inputs (GPTQ calibrates on other inputs).
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 
 import common
@@ -104,23 +102,15 @@ def markdown(rows: list[dict], threads: list[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(VARIANTS))
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--runs", type=int, default=20)
-    args = parser.parse_args(argv)
-    threads = [int(t) for t in args.threads.split(",")]
-    rows = []
-    for name in args.models.split(","):
-        print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-        rows += bench_model(name, threads, args.runs)
-    common.write_results(
+    common.run_per_model(
+        argv,
+        __doc__,
+        VARIANTS,
         "quantize_weights",
         "Weight-only quantization: INT4/INT8 blocks and codebooks",
-        markdown(rows, threads),
-        {"meta": common.meta(args.runs, threads), "rows": rows},
+        bench_model,
+        markdown,
     )
-    print(markdown(rows, threads))
 
 
 if __name__ == "__main__":

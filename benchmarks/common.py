@@ -7,6 +7,7 @@ peers, and writes ``benchmarks/results/<topic>.md`` (committed) plus ``<topic>.j
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -15,7 +16,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,29 @@ def write_results(topic: str, title: str, body: str, data: dict[str, Any]) -> Pa
     markdown.write_text(header + body.rstrip() + "\n")
     (RESULTS / f"{topic}.json").write_text(json.dumps(data, indent=2, default=float))
     return markdown
+
+
+def run_per_model(
+    argv: list[str] | None,
+    doc: str,
+    models: Iterable[str],
+    topic: str,
+    title: str,
+    bench_model: Callable[[str, list[int], int], list[dict]],
+    markdown: Callable[[list[dict], list[int]], str],
+) -> None:
+    """The command line of a benchmark whose rows come from ``bench_model(name, threads, runs)``
+    for each of ``--models``: writes ``results/<topic>`` with ``markdown(rows, threads)``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--models", default=",".join(models))
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+    rows = []
+    for name in args.models.split(","):
+        print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+        rows += bench_model(name, threads, args.runs)
+    data = {"meta": meta(args.runs, threads), "rows": rows}
+    write_results(topic, title, markdown(rows, threads), data)
+    print(markdown(rows, threads))
