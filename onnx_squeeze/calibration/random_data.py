@@ -16,11 +16,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_squeeze.calibration.constants import typed_constants, with_constants
+from onnx_squeeze.calibration.feeds import Feed
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.runtime import InputSpec, input_specs, random_feed
 from onnx_squeeze.shapes import batch_axis, concrete_input_shapes, display_dims, is_fixed
-
-Feed = dict[str, np.ndarray]
 
 
 class RandomSource:
