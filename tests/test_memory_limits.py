@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks import hostile_cases
 from onnx_squeeze import model_io, prepare, runtime, validation
-from onnx_squeeze.calibration import images as sources
+from onnx_squeeze.calibration import images
 from onnx_squeeze.errors import InputError, RunLimitError
 from onnx_squeeze.records import PassReport
 
@@ -80,8 +80,8 @@ def test_images_past_the_pixel_limit_are_refused_by_their_header(monkeypatch, tm
     image = pytest.importorskip("PIL.Image")
     image.new("RGB", (40, 30)).save(tmp_path / "a.png")
     spec = runtime.InputSpec("x", np.dtype(np.float32), (1, 3, 16, 16))
-    source = sources.ImageFolderSource(tmp_path, spec)
+    source = images.ImageFolderSource(tmp_path, spec)
     assert next(iter(source))["x"].shape == (1, 3, 16, 16)
-    monkeypatch.setattr(sources, "MAX_IMAGE_PIXELS", 40 * 30 - 1)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 40 * 30 - 1)
     with pytest.raises(InputError, match=r"40x30 .* above the 0 M pixels"):
         next(iter(source))
