@@ -10,13 +10,16 @@ torch, no nncf) are left out with a note.
 
     python benchmarks/bench_tune.py [--models transformer,resnet50,digits_cnn] [--trials 12]
         [--time-budget 900] [--trial-timeout S] [--runs 10] [--bisect-steps 3] [--zoo-drop 0.1]
-        [--no-nncf] [--nncf-iterations 20] [--work DIR]
+        [--first] [--no-nncf] [--nncf-iterations 20] [--work DIR]
+
+Fine-tuning joins the search space where PyTorch is installed (the digits CNN's 3x needs it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -56,6 +59,11 @@ HEADERS = [
     "CPU-time ratio, timed together",
 ]
 RETIME_RUNS = 100  # interleaved rounds when the models are timed again, side by side
+LOADS: list[float] = []  # the 1-minute load average after each row of this run
+
+
+def _load_range() -> str:
+    return f"{min(LOADS):.1f}-{max(LOADS):.1f}" if LOADS else "not sampled"
 
 
 def zoo_case(name: str, folder: Path) -> dict[str, Any]:
@@ -142,6 +150,14 @@ def _metric(case: dict[str, Any], model_path: str, comparison: dict[str, Any]) -
     return float(comparison["metrics"][case["metric"]])
 
 
+def _torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def tune_row(case, target, max_drop, args, folder, notes: list[str]) -> list[Any]:
     start = time.perf_counter()
     found = tune(
@@ -159,6 +175,8 @@ def tune_row(case, target, max_drop, args, folder, notes: list[str]) -> list[Any
         runs=args.runs,
         shapes={"input_ids": TRANSFORMER_SHAPE} if case["name"] == "transformer" else None,
         work_dir=folder / f"{case['name']}_{target}.tune",
+        finetune=_torch(),
+        first=args.first,
         echo=lambda line: print(f"  {line}", flush=True),
     )
     chosen = found.chosen
@@ -199,6 +217,14 @@ def _judged(case, original_path, result_path, args) -> dict[str, Any]:
     return judge(original, result, data, names=("original", "result"), runs=args.runs)
 
 
+def _in_cpu_time(case, path, metrics, args) -> dict[str, Any]:
+    """A peer's latency ratio timed as the search times its trials (CPU time of one thread,
+    beside the original, interleaved), so that 'met' means the same on every row."""
+    feed = next(iter(open_source(case["eval"], model_io.load(case["path"]))))
+    base, model = timing.cpu_ms([case["path"], path], feed, runs=args.runs)
+    return {**metrics, "latency_ratio": model / base, "speedup": base / model}
+
+
 def hand_written_row(case, target, max_drop, args, folder, baseline) -> list[Any]:
     preset = HAND_WRITTEN[case["family"]]
     start = time.perf_counter()
@@ -213,7 +239,7 @@ def hand_written_row(case, target, max_drop, args, folder, baseline) -> list[Any
         write_on_fail=True,
     )
     seconds = time.perf_counter() - start
-    metrics = result.comparison["metrics"]
+    metrics = _in_cpu_time(case, output, result.comparison["metrics"], args)
     value = _metric(case, str(output), result.comparison)
     return _peer_row(
         case,
@@ -315,7 +341,7 @@ def nncf_row(case, target, max_drop, args, folder, baseline) -> list[Any] | str:
         "NNCF quantize_with_accuracy_control",
         target,
         max_drop,
-        comparison["metrics"],
+        _in_cpu_time(case, output, comparison["metrics"], args),
         value,
         baseline,
         seconds,
@@ -332,6 +358,11 @@ def main() -> None:
     parser.add_argument("--trial-timeout", type=float, help="seconds: a trial past it fails")
     parser.add_argument("--zoo-drop", type=float, default=0.1, help="top1_agreement budget")
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument(
+        "--first",
+        action="store_true",
+        help="tune stops at its first candidate that meets everything on all the data",
+    )
     parser.add_argument("--no-nncf", action="store_true")
     parser.add_argument(
         "--nncf-iterations",
@@ -384,6 +415,7 @@ def main() -> None:
                     else:
                         made.append(peer)
                         print(common.markdown_table(HEADERS, [peer]), flush=True)
+                LOADS.append(os.getloadavg()[0])
                 print(_write(rows + made, notes, args), flush=True)  # kept if cut short
             retime(case, made, folder)
             rows += made
@@ -413,15 +445,18 @@ def _write(
     rows = [[*r, *[None] * (len(HEADERS) - len(r))] for r in rows]
     everything, all_notes = kept_rows + rows, kept_notes + notes
     body = (
-        "Ratios against the original on this machine (CPU, 1 thread, batch 1); 'search s' is the "
-        "whole search (tune) or the one run (peers). The chosen trial meets every target within "
-        "the budget, else it is the closest that keeps the budget. 'latency ratio' is wall-clock, "
-        "measured when the model was made (by the search, or after the peer's run) on a machine "
-        "shared with other jobs (load 12-18 on 2 cores): noisy by up to 2x. 'CPU-time ratio, "
-        "timed together' times each row's model again after the searches, beside the original, "
-        f"interleaved, in the thread's CPU time (median of {RETIME_RUNS} rounds; "
-        "onnxruntime computes in the calling thread at 1 thread): the figure to compare across "
-        "rows; the 'met' column reads the search's own (wall-clock) measurement.\n\n"
+        "Ratios against the original on this machine (CPU, 1 thread, batch 1), a machine shared "
+        f"with other jobs (2 cores; load average {_load_range()} while this run's rows were "
+        "made): 'search s' (wall time) is the "
+        "whole search (tune) or the one run (peers), and moves with the load. The chosen trial "
+        "meets every target within "
+        "the budget, else it is the closest that keeps the budget. 'latency ratio' is measured "
+        "when the model was made (by the search's trial, or after the peer's run) in the CPU "
+        "time of the one thread that runs it, beside the original, interleaved (onnxruntime "
+        "computes in the calling thread at 1 thread, so other jobs do not move it much); the "
+        "'met' column reads it. 'CPU-time ratio, timed together' times each row's model again "
+        f"after the searches, all beside the original (median of {RETIME_RUNS} rounds): the "
+        "figure to compare across rows.\n\n"
         + common.markdown_table(HEADERS, everything)
         + "\n\n"
         + "\n".join(f"- {note}" for note in all_notes)

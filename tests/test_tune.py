@@ -101,7 +101,8 @@ def test_spaces_per_family_and_recipes():
 
 def test_the_pilot_is_the_presets_recipe_at_a_pruning_fraction():
     cnn = build_space("cnn")
-    timed = cnn.pilot_point(0.4, timed=True)
+    int8_arm, pruned_arm = cnn.pilots
+    timed = cnn.pilot_point(int8_arm, 0.4, timed=True)
     assert timed == {
         "prune": 0.4,
         "steer": "latency",
@@ -111,15 +112,26 @@ def test_the_pilot_is_the_presets_recipe_at_a_pruning_fraction():
         "int8_method": "mse",
         "speed_check": True,
     }
-    assert cnn.pilot_point(0.4, timed=False)["steer"] == "macs"
+    assert cnn.pilot_point(int8_arm, 0.4, timed=False)["steer"] == "macs"
     # no pruning: the settings of pruning are not drawn, INT8 alone under accuracy control
-    alone = recipe_for(cnn.pilot_point(0.0, timed=True), gate="top1_agreement>=0.9")
+    alone = recipe_for(cnn.pilot_point(int8_arm, 0.0, timed=True), gate="top1_agreement>=0.9")
     assert [(s.name, s.settings) for s in alone.steps] == [
         ("quantize_int8", {"method": "mse", "speed_check": True, "target": "top1_agreement>=0.9"})
     ]
-    assert build_space("transformer").pilot_point(0.0, timed=True)["low_rank"] == 0.0
-    (first,) = [line for line in cnn.describe() if line.startswith("  first: prune bisected")]
+    # the second arm prunes the same way without INT8; its lowest fraction is no recipe at all
+    pruned = recipe_for(cnn.pilot_point(pruned_arm, 0.6, timed=True))
+    assert [s.name for s in pruned.steps] == ["prune_channels", "reconstruct"]
+    assert recipe_for(cnn.pilot_point(pruned_arm, 0.0, timed=True)).steps == []
+    transformer = build_space("transformer")
+    assert transformer.pilot_point(transformer.pilots[0], 0.0, timed=True)["low_rank"] == 0.0
+    lines = cnn.describe()
+    (first,) = [line for line in lines if line.startswith("  first: prune bisected")]
     assert "finetune" not in first  # not in this space (fine-tuning not asked for)
+    assert any(line.startswith("  then: prune bisected") for line in lines)
+    # asked for, fine-tuning is a third arm: the second's pruning, fine-tuned
+    tuned = build_space("cnn", finetune=True).pilots
+    assert len(tuned) == 3 and {**tuned[1], "finetune": tuned[2]["finetune"]} == tuned[2]
+    assert tuned[2]["finetune"] > 0
     # the highest fraction is a pruning fraction too: its steering and criterion are drawn
     assert cnn.param("criterion").active({"prune": 0.7})
 
@@ -139,7 +151,7 @@ def test_pareto_front_keeps_only_undominated_trials():
 
 class Synthetic:
     """Trials measured by formula: latency and MACs fall with the pruning fraction (INT8 takes
-    another 40 % of the time), the metric falls with its square."""
+    another 40 % of the time), the metric falls with its square (half as fast fine-tuned)."""
 
     where = "synthetic"
 
@@ -160,7 +172,7 @@ class Synthetic:
             latency = (1 - prune) * (0.6 if int8 else 1.0)
             value = (
                 1
-                - 0.2 * prune**2
+                - 0.2 * prune**2 * (0.5 if "finetune" in steps else 1)
                 - (0.005 if int8 else 0)
                 - (0.002 if job.get("eval_limit") else 0)
             )
@@ -181,20 +193,24 @@ PRUNE_INT8 = Space(
 )
 
 
-def _search(files, tmp_path, executor, **kwargs):
+def _settings(files, tmp_path, **kwargs) -> dict[str, Any]:
+    """tune's arguments for a search of the MLP into ``tmp_path``, ``kwargs`` over these."""
     settings = dict(
         targets=parse_targets(["latency=0.5"]),
         budget=parse_budget("top1_agreement", "0.05", None),
         calibration=files["calib"],
         evaluation=files["eval"],
         trials=4,
-        executor=executor,
         work_dir=tmp_path / "work",
         space=PRUNE_ONLY,
         subset=0,
         echo=lambda line: None,
     )
-    settings.update(kwargs)
+    return {**settings, **kwargs}
+
+
+def _search(files, tmp_path, executor, **kwargs):
+    settings = _settings(files, tmp_path, executor=executor, **kwargs)
     return tune(files["model"], tmp_path / "out.onnx", **settings)
 
 
@@ -238,7 +254,7 @@ def test_impossible_target_gives_the_closest_trial_and_writes_nothing(files, tmp
     assert f"closest is trial {found.chosen.number}" in found.reason
 
 
-PILOTED = dataclasses.replace(PRUNE_INT8, pilot={"quantize": "int8"})
+PILOTED = dataclasses.replace(PRUNE_INT8, pilots=({"quantize": "int8"},))
 
 
 def test_the_pilot_bisects_the_presets_pruning_before_tpe_draws(files, tmp_path):
@@ -271,6 +287,66 @@ def test_the_pilot_stops_when_quantization_alone_breaks_the_budget(files, tmp_pa
     )
     assert found.trials[1].params == {"prune": 0.0, "quantize": "int8"}
     assert found.trials[2].params != {"prune": 0.35, "quantize": "int8"}  # TPE's, not the pilot's
+
+
+ARMED = Space(
+    "cnn",
+    (*PRUNE_INT8.params, Param("finetune", (0, 300))),
+    pilots=(
+        {"quantize": "int8", "finetune": 0},
+        {"quantize": "none", "finetune": 0},
+        {"quantize": "none", "finetune": 300},
+    ),
+)
+
+
+def test_the_pilot_goes_on_to_the_next_arm_where_one_cannot_meet_the_target(
+    files, tmp_path, monkeypatch
+):
+    # 0.31x within 0.05: INT8 needs 0.5 of pruning (the metric 0.945), pruning alone 0.7 (0.902),
+    # pruning fine-tuned 0.7 at 0.951
+    import onnx_squeeze.passes.finetune as finetune_pass
+
+    monkeypatch.setattr(finetune_pass, "torch_available", lambda: True)  # the recipe's check
+    found = _search(
+        files,
+        tmp_path,
+        Synthetic(),
+        space=ARMED,
+        trials=11,
+        bisect_steps=0,
+        targets=parse_targets(["latency=0.31"]),
+    )
+    drawn = [
+        (t.params["prune"], t.params["quantize"], t.params["finetune"]) for t in found.trials[1:]
+    ]
+    # each arm bisected to its end, in order; pruning alone skips its lowest fraction (the
+    # original); fine-tuned, it starts above every fraction that missed the target untuned, at
+    # the top (none met it untuned), then halves down: coarse to fine
+    assert drawn == [
+        *((p, "int8", 0) for p in (0.0, 0.35, 0.5, 0.4, 0.45)),
+        *((p, "none", 0) for p in (0.35, 0.5, 0.6, 0.55)),
+        *((p, "none", 300) for p in (0.7, 0.65)),
+    ]
+    assert found.met and found.chosen.params == {"prune": 0.7, "quantize": "none", "finetune": 300}
+
+
+def test_first_stops_at_the_first_candidate_that_meets_everything_on_all_data(files, tmp_path):
+    found = _search(
+        files,
+        tmp_path,
+        Synthetic(),
+        space=PILOTED,
+        trials=8,
+        subset=0.25,
+        targets=parse_targets(["speedup=2.5"]),
+        first=True,
+    )
+    # INT8 alone misses; at 0.35 it meets on the subset, is judged on all the data at once,
+    # meets there too, and nothing else runs: no more pilot, TPE, promotion or bisection
+    stages = [(t.stage, t.params.get("prune")) for t in found.trials]
+    assert stages == [("reference", None), ("subset", 0.0), ("subset", 0.35), ("full", 0.35)]
+    assert found.met and found.chosen is found.trials[-1]
 
 
 def test_successive_halving_judges_the_best_third_on_all_data(files, tmp_path):
@@ -371,18 +447,15 @@ PRUNE_GRID = Space("cnn", (Param("prune", low=0.0, high=0.5, step=0.25),))
 def searched(files, tmp_path_factory):
     """A real search: the MLP pruned in trial processes, 25 % of its MACs to remove."""
     work = tmp_path_factory.mktemp("searched")
-    settings = dict(
+    settings = _settings(
+        files,
+        work,
         targets=parse_targets(["macs=0.8"]),
         budget=parse_budget("cosine", "0.2", None),
-        calibration=files["calib"],
-        evaluation=files["eval"],
         trials=2,
-        work_dir=work / "work",
         space=PRUNE_GRID,
-        subset=0,
         bisect_steps=1,
         runs=2,
-        echo=lambda line: None,
     )
     found = tune(files["model"], work / "out.onnx", **settings)
     return found, settings, work
@@ -471,21 +544,17 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(files, tmp_path, mo
     proto = onnx.load(files["model"])
     weights = sum(onnx.numpy_helper.to_array(t).size for t in proto.graph.initializer)
     monkeypatch.setenv("TUNE_TEST_ORIGINAL_WEIGHTS", str(weights))
-    found = tune(
-        files["model"],
-        tmp_path / "out.onnx",
+    found = _search(
+        files,
+        tmp_path,
+        "local",
         targets=parse_targets(["macs=1.0"]),
         budget=parse_budget("tests.tune_metrics:abort_when_pruned", "0.1", None),
-        calibration=files["calib"],
-        evaluation=files["eval"],
         trials=3,
-        work_dir=tmp_path / "work",
         space=PRUNE_GRID,
-        subset=0,
         bisect_steps=0,
         runs=1,
         seed=1,  # draws 0.25, 0.5, then 0: two crashes before a trial that runs
-        echo=lambda line: None,
     )
     failed = [t for t in found.trials if not t.ok]
     kept = [t for t in found.trials[1:] if t.ok]
@@ -544,21 +613,16 @@ def test_ray_executor_runs_trials_on_a_local_instance(files, tmp_path):
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         executor = RayExecutor()
-        found = tune(
-            files["model"],
-            tmp_path / "out.onnx",
+        found = _search(
+            files,
+            tmp_path,
+            executor,
             targets=parse_targets(["macs=0.8"]),
             budget=parse_budget("cosine", "0.2", None),
-            calibration=files["calib"],
-            evaluation=files["eval"],
             trials=1,
-            executor=executor,
-            work_dir=tmp_path / "work",
             space=Space("cnn", (Param("prune", low=0.25, high=0.25, step=0.25),)),
-            subset=0,
             bisect_steps=0,
             runs=1,
-            echo=lambda line: None,
         )
     finally:
         ray.shutdown()

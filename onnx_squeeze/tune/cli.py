@@ -102,6 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--calib-count", type=int, default=32, help="samples of --calib random (default 32)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--first",
+        action="store_true",
+        help="stop at the first candidate that meets every target within the budget on all "
+        "--eval (the search's time, not the most metric kept)",
+    )
 
 
 def add_parser(subparsers: Any, **kwargs: Any) -> argparse.ArgumentParser:
@@ -154,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         calibration_samples=args.calib_count,
         samples=args.samples,
         seed=args.seed,
+        first=args.first,
         echo=lambda line: console.print(line, markup=False, highlight=False),
     )
     table = Table(title=f"tune: {found.data['model']} (latency measured on {found.where})")

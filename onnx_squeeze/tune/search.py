@@ -1,5 +1,6 @@
-"""The search: first the family's preset recipe with its pruning fraction bisected (the pilot:
-quantization alone, then the smallest fraction that meets the targets), then Optuna's TPE over
+"""The search: first the family's preset recipes with their pruning fraction bisected (the pilot:
+INT8 alone, then the smallest fraction that meets the targets; then pruning alone, then pruning
+fine-tuned, until one arm meets them within the budget), then Optuna's TPE over
 the space, told what the pilot found. Each candidate is ranked on a subset of the evaluation
 data and only the best ``1/eta`` judged on all of it (successive halving; their models are
 judged again, not made again), then a bisection on the pruning fraction of the best candidate
@@ -80,6 +81,8 @@ class Search:
     executed: int = 0
     floor: float = math.nan
     scale: float = 1.0
+    first: bool = False  # stop at the first candidate that meets everything on all the data
+    done: bool = False  # ... and one has
 
     def run(
         self,
@@ -127,6 +130,13 @@ class Search:
             self.trials.append(trial)
             made.append(trial)
             self.echo(results_module.trial_line(trial, self))
+        met = [t for t in made if t.stage != REFERENCE and self.meets(t)]
+        if self.first and met and not self.done:
+            best = min(met, key=self.objective)
+            if best.stage == SUBSET:  # judged on all the data at once: it may end the search
+                self.run([(FULL, best.params)], models=[best.model_path])
+            else:
+                self.done = True
         return made
 
     def _against_original(self, result: dict[str, Any]) -> dict[str, Any]:
@@ -229,6 +239,7 @@ def tune(
     calibration_samples: int = 32,
     samples: int = 8,
     seed: int = 0,
+    first: bool = False,
     echo: Callable[[str], None] = print,
 ) -> results_module.TuneResult:
     """Search recipes for one that meets every target (``"latency=0.5"``: half the original's
@@ -241,7 +252,10 @@ def tune(
     their models are kept in ``work_dir`` (default ``OUTPUT.tune/``) under content hashes:
     a rerun, or ``resume`` after a crash or Ctrl-C, skips the finished ones. Returns the
     chosen trial (the best that meets everything, else the closest), all trials and the
-    Pareto front; nothing is written to ``output`` when no trial meets everything.
+    Pareto front; nothing is written to ``output`` when no trial meets everything. ``first``:
+    stop at the first candidate that meets everything on all the evaluation data (a candidate
+    ranked on the subset that does is judged on all of it at once), for the search's time
+    rather than the most metric kept.
     """
     targets = [
         one for t in targets for one in ([t] if isinstance(t, Target) else parse_targets([t]))
@@ -298,6 +312,7 @@ def tune(
     if base_job["run"]["clock"] == "cpu":
         echo("latency: CPU time of the one thread that runs the model (other jobs do not move it)")
     search = Search(source, list(targets), budget, Store(work), runner, base_job, budget.gate, echo)
+    search.first = first
     start = time.monotonic()
     try:
         reference = _strategy(
@@ -370,13 +385,15 @@ def _strategy(
         direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     )
     drawn = _pilot(search, space, study, stage, limit, trials, deadline)
-    while drawn < trials and time.monotonic() < deadline:
+    while drawn < trials and time.monotonic() < deadline and not search.done:
         asked = [study.ask() for _ in range(min(max(1, jobs), trials - drawn))]
         points = [space.draw(ask) for ask in asked]
         for ask, trial in zip(asked, search.run([(stage, p) for p in points], limit), strict=True):
             study.tell(ask, search.objective(trial))
         drawn += len(asked)
-    if stage == SUBSET:  # successive halving: the best 1/eta ranked on the subset, on all data
+    if (
+        stage == SUBSET and not search.done
+    ):  # successive halving: the best 1/eta ranked on the subset, on all data
         distinct = {t.key: t for t in search.trials if t.stage == SUBSET and t.ok}
         ranked = sorted(distinct.values(), key=search.objective)  # a point drawn twice counts once
         # out of time: the best one only, so that something is judged on all the data
@@ -384,7 +401,7 @@ def _strategy(
         keep = ranked[: max(1, share)]
         search.run([(FULL, t.params) for t in keep], models=[t.model_path for t in keep])
     judged = [t for t in search.trials if t.stage in (FULL, BISECT) and t.ok]
-    if judged and time.monotonic() < deadline:
+    if judged and time.monotonic() < deadline and not search.done:
         _bisect(search, space, min(judged, key=search.objective), bisect_steps)
     return reference
 
@@ -398,42 +415,85 @@ def _pilot(
     trials: int,
     deadline: float,
 ) -> int:
-    """The family's preset recipe with the pruning fraction bisected, before TPE draws: first
-    without pruning (quantization alone may do), then the smallest fraction that meets the
-    targets, a halving of the interval per trial. Without it, TPE's random start-up draws can
-    all land on recipes too aggressive for the budget and leave no time to move back (the zoo
-    transformer: four draws at 0.26-0.50x latency, none within it). The trials are told to TPE,
-    which goes on from what they found. Returns how many trials it ran."""
+    """The family's preset recipes (arms) with the pruning fraction bisected, before TPE draws,
+    one arm after the other until one meets the targets within the budget. Without it, TPE's
+    random start-up draws can all land on recipes too aggressive for the budget and leave no
+    time to move back (the zoo transformer: four draws at 0.26-0.50x latency, none within it);
+    with one arm only, a recipe whose speed stalls (INT8 on the pruned digits CNN: 0.40x at any
+    fraction past 0.5) leaves a target past it to TPE's luck. The trials are told to TPE, which
+    goes on from what they found. Returns how many trials it ran."""
     param = space.param("prune")
-    if param is None or not space.pilot or trials < 1:
+    if param is None or not space.pilots or trials < 1:
         return 0
     timed = any(t.name in ("latency", "speedup") for t in search.targets)
-    ran = 0
+    ran: list[Trial] = []
 
-    def settled(fraction: float) -> bool:
-        """Run the pilot at ``fraction``: True when no higher fraction is needed (the targets
-        are met) or can help (the budget is spent already; a failed trial counts so too)."""
-        nonlocal ran
-        study.enqueue_trial(space.pilot_point(fraction, timed))
+    def probe(point: dict[str, Any]) -> tuple[float, float]:
+        """Run the pilot at ``point``: how far it misses the targets and the budget (a failed
+        trial misses both)."""
+        study.enqueue_trial(point)
         ask = study.ask()
         (trial,) = search.run([(stage, space.draw(ask))], limit)
         study.tell(ask, search.objective(trial))
-        ran += 1
-        missed, below = search.distance(trial)
-        return missed == 0 or below > 0
+        ran.append(trial)
+        return search.distance(trial)
 
-    low, high = param.low, param.high
-    if settled(low):
-        return ran
-    while ran < trials and time.monotonic() < deadline:
+    for arm in space.pilots:
+        if len(ran) >= trials or time.monotonic() >= deadline or search.done:
+            break
+        if _pilot_arm(space, param, arm, timed, probe, ran, search, trials, deadline):
+            break
+    return len(ran)
+
+
+def _pilot_arm(
+    space: Space,
+    param: Any,
+    arm: Mapping[str, Any],
+    timed: bool,
+    probe: Callable[[dict[str, Any]], tuple[float, float]],
+    ran: list[Trial],
+    search: Search,
+    trials: int,
+    deadline: float,
+) -> bool:
+    """One arm's bisection on the pruning fraction: the smallest fraction that meets the targets
+    (or where the budget breaks). First its lowest fraction (quantization alone may do), unless
+    that is no recipe at all (the original) or an earlier arm pruned the same way: fine-tuning
+    moves the metric, not the latency, size or MACs, so that arm's fractions that missed the
+    targets bound this one's from below, and the smallest that met them (else the highest) is
+    tried first (coarse to fine: a fine-tuned trial costs minutes, a pruned one seconds).
+    Returns whether a trial met the targets within the budget."""
+
+    def at(fraction: float) -> dict[str, Any]:
+        return space.pilot_point(arm, fraction, timed)
+
+    def shape(params: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in params.items() if k not in ("prune", "finetune")}
+
+    same = [t for t in ran if t.ok and shape(t.params) == shape(at(t.params.get("prune", 0.0)))]
+    missed = [t.params.get("prune", 0.0) for t in same if search.distance(t)[0] > 0]
+    low, high, found = max(missed, default=param.low), param.high, False
+    if same:
+        met = [t.params.get("prune", 0.0) for t in same if search.distance(t)[0] == 0]
+        top = min((f for f in met if f > low), default=param.high)
+        if top <= low or probe(at(top)) != (0.0, 0.0):
+            return False  # the targets missed at the top, or the budget broken where they hold
+        high, found = top, True
+    elif recipe_for(at(low)).steps:
+        short, below = probe(at(low))
+        if short == 0 or below > 0:  # met already, or the budget spent with no pruning
+            return (short, below) == (0.0, 0.0)
+    while len(ran) < trials and time.monotonic() < deadline and not search.done:
         middle = round(round((low + high) / 2 / param.step) * param.step, 4)
         if not low < middle < high:
             break
-        if settled(middle):
-            high = middle
+        short, below = probe(at(middle))
+        if short == 0 or below > 0:  # no higher fraction needed, or none can help
+            high, found = middle, found or below == 0
         else:
             low = middle
-    return ran
+    return found
 
 
 def _subset_samples(search: Search, original: Any, evaluation: Any, subset: float) -> int | None:
