@@ -137,7 +137,7 @@ def test_finetune_divides_each_channel_by_its_own_spread():
         boxes = 100 * rng.standard_normal((4, 2, 50))
         scores = np.concatenate([rng.uniform(0, 1, (4, 1, 50)), np.full((4, 1, 50), 1e-4)], 1)
         records.append({"teacher:y": np.concatenate([boxes, scores], 1), "x": boxes})
-    spreads = output_spreads(records, {"y"})
+    spreads = output_spreads(records, {"y"}, {})
     assert list(spreads) == ["y"] and spreads["y"].axis == 1
     stacked = np.concatenate([r["teacher:y"] for r in records])
     expected = stacked.transpose(1, 0, 2).reshape(4, -1).var(axis=1)
