@@ -39,8 +39,9 @@ class GateCheck:
         self.reference = {name: self._outputs(reference, name) for name in self.feeds}
 
     def _outputs(self, model: ir.Model, on: str) -> list[Feed]:
-        runner = TensorRunner(model, [value.name for value in model.graph.outputs], self.provider)
-        return [runner(feed) for feed in self.feeds[on]]
+        names = [value.name for value in model.graph.outputs]
+        with TensorRunner(model, names, self.provider) as runner:
+            return [runner(feed) for feed in self.feeds[on]]
 
     def __call__(self, model: ir.Model, on: str) -> tuple[bool, str]:
         """(whether ``model`` meets the gate on the feeds named ``on``, what was measured)."""

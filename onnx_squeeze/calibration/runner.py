@@ -26,7 +26,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from onnx_squeeze import scratch
 from onnx_squeeze.calibration.sources import Feed
 from onnx_squeeze.errors import InputError, SettingsError
-from onnx_squeeze.runtime import create_session
+from onnx_squeeze.runtime import create_session, release_memory
 
 
 def exposed_session(model: ir.Model, provider: str = "cpu") -> Any:
@@ -89,7 +89,11 @@ def run_checked(session: Any, outputs: list[str], feed: Feed, where: str) -> lis
 
 class TensorRunner:
     """Runs a copy of a model whose outputs are the named tensors (graph inputs among them are
-    read from the feed); the caller's model is never modified, initializers are shared."""
+    read from the feed); the caller's model is never modified, initializers are shared.
+
+    Used as a context manager (or with :meth:`close`), the session and the memory its runs
+    used go back to the system as soon as the caller is done (:func:`runtime.release_memory`).
+    """
 
     def __init__(self, model: ir.Model, names: Sequence[str], provider: str = "cpu") -> None:
         copy, self.fed = expose(model, list(dict.fromkeys(names)))
@@ -107,3 +111,14 @@ class TensorRunner:
                 )
             )
         return arrays
+
+    def close(self) -> None:
+        """Drop the session and hand its memory back to the system."""
+        self.session = None
+        release_memory()
+
+    def __enter__(self) -> TensorRunner:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

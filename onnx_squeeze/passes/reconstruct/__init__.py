@@ -47,11 +47,17 @@ from onnx_squeeze.passes.base import Pass, register
 from onnx_squeeze.passes.reconstruct.linear import Edits
 from onnx_squeeze.passes.reconstruct.planner import Planner
 from onnx_squeeze.passes.reconstruct.settings import ReconstructSettings
-from onnx_squeeze.passes.reconstruct.targets import Targets, chunks
+from onnx_squeeze.passes.reconstruct.targets import Targets, activation_bytes, chunks, run_shapes
 from onnx_squeeze.passes.reconstruct.waves import Wave
 from onnx_squeeze.records import PassContext, PassReport
+from onnx_squeeze.shapes import samples_in
 
 _BATCH = 8  # samples per onnxruntime run (feeds of one shape are joined up to it)
+# Activations that one pass of the model over the recovery samples may write: every wave runs
+# the student over all of them, so this bounds recovery's time on large inputs (PP-OCR's text
+# detector at 736×736 writes 876 MiB per sample, a ResNet-50 at 224×224 143 MiB).
+ACTIVATION_BUDGET = 4 * 2**30
+_MIN_SAMPLES = 2  # recovery keeps at least this many samples, whatever their size
 
 
 def _output_error(
@@ -70,8 +76,37 @@ def _output_error(
 def _outputs(model: ir.Model, names: list[str], feeds: list[Feed]) -> list[dict[str, np.ndarray]]:
     """The named tensors on every feed; the session goes once they are computed (a ResNet-50
     session and its arena for a batch of 8 are ~250 MB, not to be held through the waves)."""
-    runner = TensorRunner(model, names)
-    return [runner(feed) for feed in feeds]
+    with TensorRunner(model, names) as runner:
+        return [runner(feed) for feed in feeds]
+
+
+def _affordable(
+    feeds: list[Feed], teacher: ir.Model, context: PassContext, positions: int, report: PassReport
+) -> tuple[list[Feed], int]:
+    """The first feeds whose activations fit :data:`ACTIVATION_BUDGET`, and the output positions
+    per sample that keep each layer's regression about as many rows as all the feeds would
+    have given (sampled positions of one large image are nearly as informative as those of
+    another image, and far cheaper: the image is run once per wave)."""
+    counts = [samples_in(feed, context.data.axes) for feed in feeds]
+    per_sample = activation_bytes(teacher, run_shapes(teacher, feeds[0])) / max(counts[0], 1)
+    total = sum(counts)
+    allowed = max(_MIN_SAMPLES, int(ACTIVATION_BUDGET // per_sample)) if per_sample else total
+    if total <= allowed:
+        return feeds, positions
+    kept, count = [], 0
+    for feed, samples in zip(feeds, counts, strict=True):
+        if count >= allowed:
+            break
+        kept.append(feed)
+        count += samples
+    more = -(-positions * total // count)
+    report.notes.append(
+        f"recovery fitted on the first {count} of {total} samples (each writes "
+        f"{per_sample / 2**20:.0f} MiB of activations, {ACTIVATION_BUDGET / 2**30:.0f} GiB at "
+        f"most per pass over them) at {more} output positions per sample and layer instead of "
+        f"{positions}, so that every fit keeps about as many rows"
+    )
+    return kept, more
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +128,7 @@ class Reconstruct(Pass):
             report.notes.append("nothing to recover: no layer differs from the teacher")
             return
         feeds = context.data.first_samples(self.settings.samples, "recovery", report.notes)
+        feeds, positions = _affordable(feeds, teacher, context, self.settings.positions, report)
         feeds = joined(feeds, _BATCH, teacher)
         reference = _outputs(teacher, [v.name for v in model.graph.outputs], feeds)
         probabilities = fidelity.probability_outputs(teacher)
@@ -103,7 +139,6 @@ class Reconstruct(Pass):
             [layer for layer in layers if layer.wave // every == wave]
             for wave in sorted({layer.wave // every for layer in layers})
         ]
-        positions = self.settings.positions
         for chunk in chunks(waves, teacher, feeds, positions):
             members = [layer for wave in chunk for layer in wave]
             targets = Targets(teacher, members, feeds, positions, context.seed)

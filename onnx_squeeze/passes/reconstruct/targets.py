@@ -17,6 +17,7 @@ import zlib
 import numpy as np
 import onnx_ir as ir
 
+from onnx_squeeze.analysis import _infer_shapes
 from onnx_squeeze.calibration import ChannelStatistics
 from onnx_squeeze.calibration.runner import TensorRunner
 from onnx_squeeze.calibration.sources import Feed
@@ -60,46 +61,73 @@ class Targets:
         self, teacher: ir.Model, layers: list[Target], feeds: list[Feed], positions: int, seed: int
     ) -> None:
         self.layers: dict[str, LayerTargets] = {layer.name: LayerTargets() for layer in layers}
-        run = TensorRunner(teacher, [layer.output.name for layer in layers])
+        self.positions = positions
         rngs = {
             layer.name: np.random.default_rng([seed, zlib.crc32(layer.name.encode())])
             for layer in layers
         }
-        for feed in feeds:
-            found = run(feed)
-            for layer in layers:
-                target = teacher_target(found[layer.output.name], layer.output)
-                side = self.layers[layer.name]
-                if layer.method not in FITTED:
-                    side.statistics = side.statistics or ChannelStatistics(channel_axis(layer))
-                    side.statistics.update(target)
-                elif target.shape[channel_axis(layer)] != layer.linear.outputs:
-                    side.picks.append(None)
-                    side.rows.append(None)
-                else:
-                    fitted = layer.first or layer.linear
-                    picked = fitted.pick(target.shape, rngs[layer.name], positions)
-                    side.picks.append(picked)
-                    side.rows.append(fitted.targets(target, picked))
-            del found
+        with TensorRunner(teacher, [layer.output.name for layer in layers]) as run:
+            for feed in feeds:
+                found = run(feed)
+                for layer in layers:
+                    target = teacher_target(found[layer.output.name], layer.output)
+                    self._add(layer, target, rngs[layer.name])
+                del found
+
+    def _add(self, layer: Target, target: np.ndarray, rng: np.random.Generator) -> None:
+        """One feed's teacher tensor for ``layer``: its statistics, or its sampled rows."""
+        side = self.layers[layer.name]
+        if layer.method not in FITTED:
+            side.statistics = side.statistics or ChannelStatistics(channel_axis(layer))
+            side.statistics.update(target)
+        elif target.shape[channel_axis(layer)] != layer.linear.outputs:
+            side.picks.append(None)
+            side.rows.append(None)
+        else:
+            fitted = layer.first or layer.linear
+            picked = fitted.pick(target.shape, rng, self.positions)
+            side.picks.append(picked)
+            side.rows.append(fitted.targets(target, picked))
 
     def __getitem__(self, layer: Target) -> LayerTargets:
         return self.layers[layer.name]
+
+
+def run_shapes(model: ir.Model, feed: Feed) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of ``model`` in a run on ``feed`` (those fully known): onnx
+    shape inference with the feed's input shapes, so that free dimensions (a detector's height
+    and width) do not leave the sizes unknown."""
+    try:
+        inferred = _infer_shapes(model, {name: array.shape for name, array in feed.items()})
+    except Exception:  # onnx raises several types; the sizes then stay unknown
+        return {}
+    return {name: shape for name, shape in inferred.items() if None not in shape}  # type: ignore[misc]
+
+
+def activation_bytes(model: ir.Model, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Bytes of every node output in a run whose shapes are ``shapes`` (unknown ones left out)."""
+    total = 0
+    for node in model.graph:
+        for value in node.outputs:
+            shape = shapes.get(value.name)
+            if shape is not None and value.dtype is not None:
+                total += math.prod(shape) * value.dtype.itemsize
+    return total
 
 
 def chunks(
     waves: list[list[Target]], teacher: ir.Model, feeds: list[Feed], positions: int
 ) -> list[list[list[Target]]]:
     """Consecutive waves grouped so that one teacher run serves each group within
-    :data:`BUDGET_BYTES`; a wave whose size is unknown (symbolic dimensions) is a group alone."""
-    values = {out.name: out for node in teacher.graph for out in node.outputs if out.name}
-    batch = max((a.shape[0] for feed in feeds for a in feed.values() if a.ndim), default=1)
+    :data:`BUDGET_BYTES`, sized with the shapes of a run on the first (largest) feed; a wave
+    whose size stays unknown is a group alone. (With the sizes read from the model, a detector
+    with free height and width ran its teacher once per wave: 16 times instead of 4.)"""
+    shapes = run_shapes(teacher, feeds[0])
     groups: list[list[list[Target]]] = []
     used = BUDGET_BYTES + 1
     for wave in waves:
         sizes = [
-            _bytes(layer, values.get(layer.output.name), batch, len(feeds), positions)
-            for layer in wave
+            _bytes(layer, shapes.get(layer.output.name), len(feeds), positions) for layer in wave
         ]
         size = None if None in sizes else sum(sizes)
         if size is None or used + size > BUDGET_BYTES:
@@ -110,23 +138,18 @@ def chunks(
     return groups
 
 
-def _bytes(
-    layer: Target, value: ir.Value | None, batch: int, feeds: int, positions: int
-) -> int | None:
-    """What a layer's teacher side costs: its tensor fetched per run and its target rows kept
-    over all feeds (None when the teacher's shape leaves it unknown)."""
-    if value is None or value.shape is None or value.dtype is None:
+def _bytes(layer: Target, shape: tuple[int, ...] | None, feeds: int, positions: int) -> int | None:
+    """What a layer's teacher side costs: its tensor fetched per run (of ``shape``) and its
+    target rows kept over all feeds (None when the shape is unknown)."""
+    if shape is None or not shape or layer.output.dtype is None:
         return None
-    dims = list(value.shape)
-    if not dims or not all(isinstance(d, int) for d in dims[1:]):
-        return None
-    first = dims[0] if isinstance(dims[0], int) else batch
-    itemsize = value.dtype.itemsize
-    fetched = first * math.prod(dims[1:]) * itemsize
+    itemsize = layer.output.dtype.itemsize
+    fetched = math.prod(shape) * itemsize
     if layer.method not in FITTED:
         return fetched
+    first = shape[0]
     if layer.node.op_type == "Conv":
-        rows = first * min(positions, math.prod(dims[2:]))
+        rows = first * min(positions, math.prod(shape[2:]))
     else:
-        rows = min(positions * first, first * math.prod(dims[1:-1]))
+        rows = min(positions * first, first * math.prod(shape[1:-1]))
     return fetched + feeds * rows * layer.linear.outputs * itemsize

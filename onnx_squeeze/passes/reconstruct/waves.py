@@ -50,14 +50,15 @@ class Wave:
         edits: Edits,
         report: PassReport,
     ) -> None:
-        student_run = TensorRunner(model, self.student_names())
         sums: list[Any] = [None] * len(self.layers)
-        for batch, feed in enumerate(feeds):
-            student = student_run(feed)
-            for index, layer in enumerate(self.layers):
-                sums[index] = self.accumulate(layer, student, targets[layer], batch, sums[index])
-            del student
-        del student_run
+        with TensorRunner(model, self.student_names()) as student_run:
+            for batch, feed in enumerate(feeds):
+                student = student_run(feed)
+                for index, layer in enumerate(self.layers):
+                    sums[index] = self.accumulate(
+                        layer, student, targets[layer], batch, sums[index]
+                    )
+                del student
         for index, layer in enumerate(self.layers):
             accumulated, sums[index] = sums[index], None  # each layer's sums go once applied
             problem = self.mismatch(layer, accumulated)
