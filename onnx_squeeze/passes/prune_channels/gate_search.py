@@ -8,12 +8,16 @@ on the calibration batches recovery did not fit on (every 5th, split as the run 
 evaluation data) by the gate the run aims at (``target``, else ``verdict.DEFAULT_GATE``).
 ``DEFAULT_MACS`` is tried first; when it misses the gate, the fraction is bisected below it
 for ``steps`` candidates in all, and the largest that meets the gate is kept. When none does,
-the model is left as it came and a warning says why.
+the model is left as it came and a warning says why. A candidate costs about what the first
+did (pruning, recovery, the check), so the bisection stops before a candidate that would take
+the search past ``SEARCH_SECONDS`` (PP-OCR's text detector at 736×736: about 160 s a candidate
+on 2 busy cores), and :attr:`GateSearch.notes` says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import onnx_ir as ir
@@ -25,6 +29,7 @@ from onnx_squeeze.passes.base import make_pass
 from onnx_squeeze.records import PassContext, PassReport
 
 DEFAULT_MACS = 0.3  # the share of the MACs the default removes at most
+SEARCH_SECONDS = 120.0  # no further candidate once the search would likely take longer
 
 
 @dataclasses.dataclass
@@ -68,6 +73,7 @@ class GateSearch:
         self.fitting.teacher = self.teacher
         self.check = GateCheck(self.teacher, {"held": feeds}, target, context.providers[0])
         self.gate = self.check.gate
+        self.notes: list[str] = []  # what the search left out, for the pass report
 
     def candidate(self, fraction: float) -> Candidate:
         copy = self.model.clone()
@@ -84,10 +90,19 @@ class GateSearch:
         """The candidate at the largest fraction tried that meets the gate (None when none
         does), and every candidate tried, in order: ``DEFAULT_MACS``, then bisection below it
         (a fraction that prunes nothing counts as missing)."""
+        start = time.perf_counter()
         tried = [self.candidate(DEFAULT_MACS)]
+        each = time.perf_counter() - start
         low, high = 0.0, DEFAULT_MACS
         best = tried[0] if tried[0].passed else None
         while best is not tried[0] and len(tried) < steps:
+            if time.perf_counter() - start + each > SEARCH_SECONDS:
+                self.notes.append(
+                    f"the search stopped after {len(tried)} of {steps} candidates: the first "
+                    f"took {each:.0f} s and another would pass the {SEARCH_SECONDS:.0f} s "
+                    "bound; give a MACs target (--prune-channels FRACTION) to skip the search"
+                )
+                break
             middle = (low + high) / 2
             tried.append(self.candidate(middle))
             if tried[-1].passed:

@@ -101,7 +101,7 @@ def _affordable(
         count += samples
     more = -(-positions * total // count)
     report.notes.append(
-        f"recovery fitted on the first {count} of {total} samples (each writes "
+        f"fitted on the first {count} of {total} samples (each writes "
         f"{per_sample / 2**20:.0f} MiB of activations, {ACTIVATION_BUDGET / 2**30:.0f} GiB at "
         f"most per pass over them) at {more} output positions per sample and layer instead of "
         f"{positions}, so that every fit keeps about as many rows"

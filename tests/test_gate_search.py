@@ -1,0 +1,57 @@
+"""The default's search over pruned fractions: bisection below 30 % of the MACs, bounded in time
+by what the first candidate cost. Candidates are judged numerically in onnxruntime against the
+original (the gate check)."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from onnx_squeeze.passes.prune_channels import gate_search
+from onnx_squeeze.records import PassReport
+from tests.test_prune_channels_default import _context, _two_branches
+
+
+def _scale_weights(copy: ir.Model, fraction: float, report: PassReport) -> None:
+    """A stand-in for pruning that any strict gate notices: one weight scaled by 1 - fraction."""
+    value = copy.graph.initializers["wd"]
+    value.const_value = ir.tensor(value.const_value.numpy() * (1 - fraction), name="wd")
+    report.record(value.uses()[0].node, "pruned", "weights scaled")
+
+
+def _search(model: ir.Model) -> gate_search.GateSearch:
+    return gate_search.GateSearch(
+        model, _context(model), _scale_weights, target="worst_channel_sqnr_db>=80", recover=False
+    )
+
+
+def test_bisection_tries_every_step_within_the_time_bound():
+    model = _two_branches(1.0)
+    search = _search(model)
+    best, tried = search.search(3)
+    assert best is None and [c.fraction for c in tried] == [0.3, 0.15, 0.075]
+    assert all("worst_channel_sqnr_db" in c.said for c in tried)
+    assert not search.notes
+
+
+def test_the_search_stops_before_a_candidate_that_would_pass_the_time_bound(monkeypatch):
+    """With a bound the first candidate already used up, no second one is tried, and the notes
+    say so and how to skip the search."""
+    monkeypatch.setattr(gate_search, "SEARCH_SECONDS", 0.0)
+    model = _two_branches(1.0)
+    search = _search(model)
+    best, tried = search.search(3)
+    assert best is None and [c.fraction for c in tried] == [0.3]
+    assert not tried[0].passed
+    (note,) = search.notes
+    assert "stopped after 1 of 3 candidates" in note and "--prune-channels FRACTION" in note
+
+
+def test_a_first_candidate_that_meets_the_gate_ends_the_search_without_a_note(monkeypatch):
+    monkeypatch.setattr(gate_search, "SEARCH_SECONDS", 0.0)
+    model = _two_branches(1.0)
+    search = gate_search.GateSearch(
+        model, _context(model), _scale_weights, target="worst_channel_sqnr_db>=1", recover=False
+    )
+    best, tried = search.search(3)
+    assert best is tried[0] and best.passed and len(tried) == 1
+    assert not search.notes
