@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from onnx_squeeze import zoo
 from onnx_squeeze.calibration.runner import TensorRunner, expose
@@ -24,3 +25,16 @@ def test_exposed_copy_keeps_only_the_nodes_its_outputs_need():
     found = TensorRunner(model, [early, model.graph.outputs[0].name])(feed)
     np.testing.assert_allclose(found[model.graph.outputs[0].name], run(model, feed)[0], rtol=1e-4)
     assert found[early].shape[0] == feed[model.graph.inputs[0].name].shape[0]
+
+
+def test_a_runner_used_as_a_context_manager_drops_its_session_on_exit():
+    """Inside the block it computes what a plain run does; after it, the session is gone (its
+    memory handed back) and a call is an error, not a silent empty result."""
+    model = zoo.small("resnet18")
+    feed = random_feeds(model, 1)[0]
+    name = model.graph.outputs[0].name
+    with TensorRunner(model, [name]) as runner:
+        np.testing.assert_allclose(runner(feed)[name], run(model, feed)[0], rtol=1e-4)
+    assert runner.session is None
+    with pytest.raises(RuntimeError, match="after close"):
+        runner(feed)

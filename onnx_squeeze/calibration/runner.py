@@ -99,8 +99,11 @@ class TensorRunner:
         copy, self.fed = expose(model, list(dict.fromkeys(names)))
         self.outputs = [v.name for v in copy.graph.outputs] if copy is not None else []
         self.session = exposed_session(copy, provider) if copy is not None else None
+        self.closed = False
 
     def __call__(self, feed: Feed) -> dict[str, np.ndarray]:
+        if self.closed:
+            raise RuntimeError("TensorRunner called after close()")
         arrays = {name: feed[name] for name in self.fed}
         if self.session is not None:
             arrays.update(
@@ -114,7 +117,7 @@ class TensorRunner:
 
     def close(self) -> None:
         """Drop the session and hand its memory back to the system."""
-        self.session = None
+        self.session, self.closed = None, True
         release_memory()
 
     def __enter__(self) -> TensorRunner:
