@@ -5,6 +5,7 @@ original (the gate check)."""
 from __future__ import annotations
 
 import onnx_ir as ir
+import pytest
 
 from onnx_squeeze.passes.prune_channels import gate_search
 from onnx_squeeze.records import PassReport
@@ -31,6 +32,7 @@ def test_bisection_tries_every_step_within_the_time_bound():
     assert best is None and [c.fraction for c in tried] == [0.3, 0.15, 0.075]
     assert all("worst_channel_sqnr_db" in c.said for c in tried)
     assert not search.notes
+    assert all(c.model is None for c in tried)  # none kept: no pruned copy held
 
 
 def test_the_search_stops_before_a_candidate_that_would_pass_the_time_bound(monkeypatch):
@@ -54,4 +56,7 @@ def test_a_first_candidate_that_meets_the_gate_ends_the_search_without_a_note(mo
     )
     best, tried = search.search(3)
     assert best is tried[0] and best.passed and len(tried) == 1
+    assert best.model.graph.initializers["wd"].const_value.numpy() == pytest.approx(
+        model.graph.initializers["wd"].const_value.numpy() * 0.7
+    )
     assert not search.notes

@@ -35,10 +35,11 @@ SEARCH_SECONDS = 120.0  # no further candidate once the search would likely take
 @dataclasses.dataclass
 class Candidate:
     """A pruned (and recovered) copy at one fraction of the MACs, with what its pruning and
-    recovery reported and what the gate measured."""
+    recovery reported and what the gate measured. The search drops the model of a candidate
+    that is not kept (None): each is a whole pruned copy."""
 
     fraction: float
-    model: ir.Model
+    model: ir.Model | None
     report: PassReport
     passed: bool
     said: str
@@ -95,6 +96,8 @@ class GateSearch:
         each = time.perf_counter() - start
         low, high = 0.0, DEFAULT_MACS
         best = tried[0] if tried[0].passed else None
+        if best is None:
+            tried[0].model = None
         while best is not tried[0] and len(tried) < steps:
             if time.perf_counter() - start + each > SEARCH_SECONDS:
                 self.notes.append(
@@ -106,9 +109,11 @@ class GateSearch:
             middle = (low + high) / 2
             tried.append(self.candidate(middle))
             if tried[-1].passed:
+                if best is not None:
+                    best.model = None
                 low, best = middle, tried[-1]
             else:
-                high = middle
+                high, tried[-1].model = middle, None
         return best, tried
 
 
