@@ -25,9 +25,10 @@ channel, along its channel axis:
   per row of a classifier, per pixel of a segmentation map, per step of a tagger's sequence);
   not given for outputs that mix score and other channels. A sequence output read as CTC (its
   most frequent top class, the blank, fills half the steps: :mod:`onnx_squeeze.sequences`) is
-  judged on its decoded strings instead: the share of tokens that agree (one minus the edit
-  distance over the length); ``position_agreement`` keeps the share of steps, ``ctc_blank`` the
-  class read as the blank.
+  judged on its decoded strings instead: the share of sequences that read exactly the same;
+  ``token_agreement`` gives the share of tokens that agree (one minus the edit distance over
+  the length, for long transcripts), ``position_agreement`` the share of steps, ``ctc_blank``
+  the class read as the blank.
 - Class probabilities: a probability output whose channels sum to 1 at every position (a
   softmax over classes) is read by its argmax, not by its values: ``class_probabilities`` marks
   it, and the default gate judges it by ``argmax_agreement`` alone (the rare classes of a
@@ -201,7 +202,9 @@ class OutputFidelity:
     score_channels: int = 0
     score_cosine: float | None = None
     argmax_agreement: float | None = None
-    # Per step, where argmax_agreement reads decoded CTC strings; the class read as the blank.
+    # Where argmax_agreement reads decoded CTC strings: the share of their tokens that agree,
+    # the share of steps, and the class read as the blank.
+    token_agreement: float | None = None
     position_agreement: float | None = None
     ctc_blank: int | None = None
     # A softmax over classes (see the module doc): read by its argmax.
@@ -416,7 +419,8 @@ class OutputAccumulator:
             if position is not None and isinstance(self.axis, int)
             else None
         )
-        argmax = position if blank is None else sequences.token_agreement(*self.steps, blank)
+        argmax = position if blank is None else sequences.string_agreement(*self.steps, blank)
+        tokens = None if blank is None else sequences.token_agreement(*self.steps, blank)
         total = float(s["count"].sum())
         spread = float(s["norm_a"].sum()) - float(s["sum_a"].sum()) ** 2 / max(total, 1.0)
         relative = float(s["noise"].sum()) / max(spread, 1e-30) if not broken else math.inf
@@ -442,6 +446,7 @@ class OutputAccumulator:
             score_channels=int(scores.sum()),
             score_cosine=score_cosine,
             argmax_agreement=argmax,
+            token_agreement=tokens,
             position_agreement=position if blank is not None else None,
             ctc_blank=blank,
             class_probabilities=(
@@ -472,7 +477,7 @@ def gate_metrics(outputs: Iterable[OutputFidelity]) -> dict[str, float]:
     cosine, sqnr_db, worst_channel_sqnr_db, worst_channel_cosine: worst (lowest) output;
     worst_value_channel_sqnr_db: the same over the outputs read by value (all but class
     probabilities); max_abs_error, mean_abs_error: worst (highest); top1_agreement,
-    score_cosine, argmax_agreement: lowest over the outputs that have them; nonfinite: the
+    score_cosine, argmax_agreement, token_agreement: lowest over the outputs that have them; nonfinite: the
     non-finite values in B's outputs. A metric no output has is absent; NaN anywhere is NaN."""
     outputs = list(outputs)
     if not outputs:
@@ -490,6 +495,7 @@ def gate_metrics(outputs: Iterable[OutputFidelity]) -> dict[str, float]:
         ("top1_agreement", "top1_agreement", min, outputs),
         ("score_cosine", "score_cosine", min, outputs),
         ("argmax_agreement", "argmax_agreement", min, outputs),
+        ("token_agreement", "token_agreement", min, outputs),
     ):
         values = [float(v) for f in among if (v := getattr(f, attribute)) is not None]
         if values:

@@ -60,9 +60,15 @@ METRICS: dict[str, tuple[str, str]] = {
     ),
     "argmax_agreement": (
         "share of positions whose argmax along the channel axis agrees (classes per row, time "
-        "step or pixel; for a CTC sequence, of its decoded tokens), worst output",
+        "step or pixel; for a CTC sequence, of its decoded strings: the share that read "
+        "exactly the same), worst output",
         "no output has a channel axis to take an argmax along, or its channels mix scores with "
         "other values",
+    ),
+    "token_agreement": (
+        "share of a CTC sequence's decoded tokens that agree (1 - edit distance / length: a "
+        "character error rate), worst output",
+        "no output is read as CTC (a sequence whose most frequent class fills half the steps)",
     ),
     "top1_agreement": (
         "share of rows whose argmax agrees, worst classifier output",

@@ -7,9 +7,11 @@ character's edge by one step (blank ↔ character) without changing the string; 
 agreeing steps calls that a disagreement (PP-OCRv4's recognizer after INT8: 96.7 % of steps
 agree, every string is kept). So a sequence output whose most frequent top class fills at least
 ``CTC_BLANK_SHARE`` of the reference's steps is read as CTC with that class as the blank, and
-its agreement is taken on the decoded tokens: one minus the edit distance between the decoded
-strings over the longer one's length, summed over sequences. Per-token taggers (a diacritic or
-entity per character) have no class filling half their steps and keep per-step agreement.
+judged on its decoded strings: the share of sequences that read exactly the same (what an OCR
+line's reader gets right or wrong), and the share of tokens that agree (one minus the edit
+distance over the longer string's length, summed over sequences: a character error rate, what
+long speech transcripts are judged by). Per-token taggers (a diacritic or entity per character)
+have no class filling half their steps and keep per-step agreement.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "ctc_blank",
     "decode",
     "edit_distance",
+    "string_agreement",
     "time_axis",
     "token_agreement",
 ]
@@ -79,15 +82,31 @@ def edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
     return previous[-1]
 
 
+def _decoded_pairs(
+    reference: Sequence[np.ndarray], result: Sequence[np.ndarray], blank: int
+) -> list[tuple[list[int], list[int]]]:
+    """The decoded strings of each pair of sequences (rows of the ``[sequences, T]`` arrays of
+    top classes, one array per feed)."""
+    return [
+        (decode(a, blank), decode(b, blank))
+        for a_rows, b_rows in zip(reference, result, strict=True)
+        for a, b in zip(a_rows, b_rows, strict=True)
+    ]
+
+
+def string_agreement(
+    reference: Sequence[np.ndarray], result: Sequence[np.ndarray], blank: int
+) -> float:
+    """The share of sequences whose decoded strings are identical."""
+    pairs = _decoded_pairs(reference, result, blank)
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else 1.0
+
+
 def token_agreement(
     reference: Sequence[np.ndarray], result: Sequence[np.ndarray], blank: int
 ) -> float:
-    """1 - Σ edit distance / Σ longer decoded length over pairs of sequences (rows of the
-    ``[sequences, T]`` arrays of top classes): 1 when every string reads the same."""
-    distance = longest = 0
-    for a_rows, b_rows in zip(reference, result, strict=True):
-        for a, b in zip(a_rows, b_rows, strict=True):
-            da, db = decode(a, blank), decode(b, blank)
-            distance += edit_distance(da, db)
-            longest += max(len(da), len(db))
-    return 1.0 - distance / longest if longest else 1.0
+    """1 - Σ edit distance / Σ longer decoded length over pairs of sequences: 1 when every
+    string reads the same."""
+    pairs = _decoded_pairs(reference, result, blank)
+    longest = sum(max(len(a), len(b)) for a, b in pairs)
+    return 1.0 - sum(edit_distance(a, b) for a, b in pairs) / longest if longest else 1.0

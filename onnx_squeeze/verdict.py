@@ -18,7 +18,7 @@ banner on the HTML page; ``--strict`` turns any of them into exit code 3. They a
 
 With no ``--check``, ``DEFAULT_GATE`` judges the result as the output's reader reads it: the
 class chosen where an output has classes along a channel axis (``argmax_agreement``: top-1 of a
-classifier, each pixel of a segmentation map, the decoded tokens of a CTC sequence), and the worst
+classifier, each pixel of a segmentation map, the decoded strings of a CTC sequence), and the worst
 channel's SQNR on every output read by its values (boxes, scores, masks, logits, state; a
 softmax over classes is read only by its argmax). A condition whose metric does not apply to
 the model is left out. On the real-model corpus, argmax agreement separates kept (>= 0.985)
@@ -113,7 +113,7 @@ def _channel_warnings(output: Mapping[str, Any], warn_sqnr_db: float) -> list[st
             return []
         blank = output.get("ctc_blank")
         read = (
-            f"the decoded CTC strings agree at {agreement:.1%} of tokens (blank class {blank})"
+            f"{agreement:.1%} of the decoded CTC strings read the same (blank class {blank})"
             if blank is not None
             else f"the top class agrees at {agreement:.1%} of positions"
         )

@@ -121,22 +121,27 @@ def test_tagger_sequence_agreement_is_per_step():
     result = acc.result()
     assert result.argmax_agreement == pytest.approx(0.75)
     assert result.ctc_blank is None and result.position_agreement is None
+    assert result.token_agreement is None
 
 
 def test_ctc_sequence_is_judged_on_its_decoded_strings():
     # Blank 0 fills most steps. Moving a character's edge by a step (blank <-> character)
-    # keeps the strings: decoded agreement 1 though 2 of 16 steps differ. A changed or an
-    # extra character lowers it by its share of the tokens.
+    # keeps the strings: agreement 1 though 2 of 16 steps differ. A changed character in one
+    # string and an extra one in the other: no string reads the same, 2 of 6 tokens differ.
     a = _one_hot_steps([[0, 1, 1, 0, 0, 2, 0, 0], [0, 3, 0, 0, 4, 0, 0, 5]])
     edges = _one_hot_steps([[0, 0, 1, 0, 0, 2, 2, 0], [0, 3, 0, 0, 4, 0, 0, 5]])
     wrong = _one_hot_steps([[0, 1, 1, 0, 0, 3, 0, 0], [0, 3, 0, 0, 4, 0, 2, 5]])
-    for b, agreement, steps in ((edges, 1.0, 14 / 16), (wrong, 1 - 2 / 6, 14 / 16)):
+    for b, strings, tokens in ((edges, 1.0, 1.0), (wrong, 0.0, 1 - 2 / 6)):
         acc = fidelity.OutputAccumulator("probs", axis=2)
         acc.add(a, b)
         result = acc.result()
         assert result.ctc_blank == 0
-        assert result.argmax_agreement == pytest.approx(agreement)
-        assert result.position_agreement == pytest.approx(steps)
+        assert result.argmax_agreement == pytest.approx(strings)
+        assert result.token_agreement == pytest.approx(tokens)
+        assert result.position_agreement == pytest.approx(14 / 16)
+        metrics = fidelity.gate_metrics([result])
+        assert metrics["argmax_agreement"] == pytest.approx(strings)
+        assert metrics["token_agreement"] == pytest.approx(tokens)
 
 
 def test_ctc_time_axis_of_time_major_outputs():

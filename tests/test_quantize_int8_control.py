@@ -267,7 +267,7 @@ def test_accuracy_control_respects_its_speed_bound_and_says_so(tmp_path):
     source = NpzSource(data, runtime.input_specs(model), batch_size=4)
     _, report = quantize(model, source, control_float_macs=0.1)  # less than one layer
     assert not [r for r in report.skipped if "accuracy control" in r.detail]
-    note = next(n for n in report.notes if n.startswith("accuracy control"))
+    note = next(n for n in report.notes if n.startswith("WARNING: accuracy control"))
     assert "NOT met with 0 of 8 layers" in note and "within 10% of the MACs" in note
 
 

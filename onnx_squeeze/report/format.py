@@ -75,7 +75,7 @@ FIDELITY_COLUMNS = (
 def fidelity_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
     """One row per output: whole-output figures beside the worst channel's (named as
     ``index/channels@axis``), the score channels' cosine and the argmax agreement (of the
-    decoded tokens for a CTC output)."""
+    decoded strings for a CTC output)."""
     rows = []
     for item in comparison.get("fidelity") or []:
         axis, worst_at = item.get("channel_axis"), item.get("worst_sqnr_channel")
@@ -99,10 +99,14 @@ def fidelity_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 def _ctc(item: dict[str, Any]) -> str:
-    """How a CTC output's agreement was read: decoded tokens, beside the share of steps."""
+    """How a CTC output's agreement was read: decoded strings, beside the shares of their
+    tokens and of the steps that agree."""
     if item.get("ctc_blank") is None:
         return ""
-    return f" CTC tokens (blank {item['ctc_blank']}; steps {item['position_agreement']:.4f})"
+    return (
+        f" CTC strings (blank {item['ctc_blank']}; tokens {item['token_agreement']:.4f}, "
+        f"steps {item['position_agreement']:.4f})"
+    )
 
 
 def shapes_line(comparison: dict[str, Any]) -> str:
