@@ -206,6 +206,8 @@ class OutputFidelity:
     # the share of steps, and the class read as the blank.
     token_agreement: float | None = None
     position_agreement: float | None = None
+    # What argmax_agreement counts: positions, or the sequences of a CTC output.
+    reads: int = 0
     ctc_blank: int | None = None
     # A softmax over classes (see the module doc): read by its argmax.
     class_probabilities: bool = False
@@ -447,6 +449,7 @@ class OutputAccumulator:
             score_cosine=score_cosine,
             argmax_agreement=argmax,
             token_agreement=tokens,
+            reads=self.positions if blank is None else sum(len(s) for s in self.steps[0]),
             position_agreement=position if blank is not None else None,
             ctc_blank=blank,
             class_probabilities=(

@@ -361,3 +361,26 @@ def test_the_default_gate_reads_class_probabilities_by_their_argmax(tmp_path, ca
     passed, metrics, warnings = verdicts["flip"]
     assert not passed and metrics["argmax_agreement"] < 0.98
     assert any("top class agrees" in w for w in warnings)
+
+
+def test_an_agreement_on_too_few_reads_is_flagged(tmp_path, capsys):
+    # The same classifier twice: its top class agrees everywhere, but on 6 rows one
+    # disagreement would move the agreement by 17 %, so the verdict is flagged as weak; on 64
+    # rows it is not.
+    path = tmp_path / "a.onnx"
+    onnx.save(_softmax_classifier(np.array([0.0, 0.5, -0.5, 0.2, -0.2, -3.0])), path)
+    rng = np.random.default_rng(4)
+    found = {}
+    for rows in (6, 64):
+        np.savez(tmp_path / "x.npz", x=rng.standard_normal((rows, 8)).astype(np.float32))
+        code, _, _ = run_cli(
+            capsys, "compare", str(path), str(path), "--inputs", str(tmp_path / "x.npz"),
+            "--runs", "0", "--json", str(tmp_path / "c.json"),
+        )  # fmt: skip
+        assert code == 0
+        data = json.loads((tmp_path / "c.json").read_text())
+        (output,) = data["comparison"]["fidelity"]
+        assert output["reads"] == rows and output["argmax_agreement"] == 1.0
+        found[rows] = [w for w in data["warnings"] if "too few" in w]
+    assert len(found[6]) == 1 and "only 6 positions" in found[6][0] and "17%" in found[6][0]
+    assert found[64] == []
