@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_squeeze.calibration.grams import collect_grams
+from onnx_squeeze.calibration.grams import collect_grams, summed_grams
 from onnx_squeeze.calibration.service import Calibration
 from onnx_squeeze.layers import Layer
 from tests.helpers import run
@@ -87,3 +87,17 @@ def test_rows_are_subsampled_evenly_per_batch():
     spec = Layer.of(model.graph.node(1)).gram_spec()
     moments = collect_grams(model, [spec], _feeds(2, batch=4), max_rows=10)[spec]
     assert moments.rows <= 20
+
+
+def test_summed_grams_add_several_inputs_into_one_matrix():
+    # Two readers of one weight (the Relu's input and output, both 3 channels): one matrix, the
+    # sum of the two collected apart, in one calibration pass; the same specs share it.
+    model, _ = _conv_model(CONV_GEOMETRIES[0])
+    spec = Layer.of(model.graph.node(1)).gram_spec()
+    other = dataclasses.replace(spec, tensor="input")
+    feeds = _feeds(3)
+    apart = collect_grams(model, [spec, other], feeds, max_rows=None)
+    summed = summed_grams(model, {"w": [spec, other], "v": [spec, other]}, feeds, max_rows=None)
+    assert summed["w"] is summed["v"]
+    np.testing.assert_allclose(summed["w"].gram, apart[spec].gram + apart[other].gram)
+    assert summed["w"].rows == apart[spec].rows + apart[other].rows

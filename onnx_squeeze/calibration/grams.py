@@ -7,6 +7,10 @@ runs onnxruntime once per group of requested tensors on a copy of the model that
 (:class:`TensorRunner`), and adds each batch to a :class:`~onnx_squeeze.least_squares.GramAccumulator`,
 so memory is that of the matrices plus one batch, whatever the number of batches. Requests are
 split into groups whose matrices fit a byte budget, one calibration pass per group.
+:func:`summed_grams` sums several layers' inputs into one matrix: a weight read by many nodes
+(an LSTM unrolled over 20 steps, 40 Gemms over two 4096-wide weights in captcha_crnn) needs the
+sum, and one 134 MB matrix per weight instead of one per node takes one calibration pass
+instead of fourteen.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -107,38 +111,85 @@ def collect_grams(
     When ``source`` is the calibration service (a pass's ``context.data``) and ``keep`` is set,
     results are kept in its statistics store and reused while the model and the data are the
     same (``keep=False``: a pass that frees each Gram once used)."""
-    specs = list(dict.fromkeys(specs))
-    store: dict[GramSpec, Moments] = (
+    return summed_grams(
+        model,
+        {spec: [spec] for spec in specs},
+        source,
+        provider=provider,
+        batches=batches,
+        max_rows=max_rows,
+        budget=budget,
+        label=label,
+        keep=keep,
+    )
+
+
+def summed_grams(
+    model: ir.Model,
+    sums: Mapping[Hashable, Sequence[GramSpec]],
+    source: Iterable[Feed],
+    *,
+    provider: str = "cpu",
+    batches: int | None = None,
+    max_rows: int | None = MAX_ROWS_PER_BATCH,
+    budget: int = BUDGET_BYTES,
+    label: str = "input Gram matrices",
+    keep: bool = True,
+) -> dict[Hashable, Moments]:
+    """Per key, ``Σ x xᵀ`` over the input vectors of all its specs (of one width), collected
+    and kept as :func:`collect_grams` does; keys with the same specs share one matrix."""
+
+    def stored_as(specs: Sequence[GramSpec]) -> Hashable:
+        return specs[0] if len(specs) == 1 else tuple(specs)
+
+    store: dict[Hashable, Moments] = (
         source.store(model, "grams", batches, max_rows)
         if keep and isinstance(source, Calibration)
         else {}
     )
-    wanted = [spec for spec in specs if spec not in store]
-    for group in budget_groups(wanted, budget):
-        store.update(_collect_group(model, group, source, provider, batches, max_rows, label))
-    return {spec: store[spec] for spec in specs}
+    wanted = {stored_as(specs): specs for specs in sums.values()}
+    missing = [key for key in wanted if key not in store]
+    while missing:
+        group, held = [], 0
+        for key in list(missing):
+            size = wanted[key][0].nbytes
+            if group and held + size > budget:
+                continue
+            group.append(key)
+            held += size
+            missing.remove(key)
+        found = {k: wanted[k] for k in group}
+        store.update(_collect_group(model, found, source, provider, batches, max_rows, label))
+    return {key: store[stored_as(specs)] for key, specs in sums.items()}
 
 
 def _collect_group(
     model: ir.Model,
-    specs: list[GramSpec],
+    sums: Mapping[Hashable, Sequence[GramSpec]],
     source: Iterable[Feed],
     provider: str,
     batches: int | None,
     max_rows: int | None,
     label: str,
-) -> dict[GramSpec, Moments]:
-    runner = TensorRunner(model, [spec.tensor for spec in specs], provider)
-    sums = {spec: GramAccumulator(1, spec.features, 0, intercept=False) for spec in specs}
+) -> dict[Hashable, Moments]:
+    tensors = list(dict.fromkeys(spec.tensor for specs in sums.values() for spec in specs))
+    runner = TensorRunner(model, tensors, provider)
+    accumulators = {
+        key: GramAccumulator(1, specs[0].features, 0, intercept=False)
+        for key, specs in sums.items()
+    }
     feeds = source if batches is None else itertools.islice(source, batches)
     for feed in track(feeds, label, total=batches):
         arrays = runner(feed)
-        for spec, accumulator in sums.items():
-            rows = input_vectors(np.asarray(arrays[spec.tensor]), spec)
-            if max_rows is not None and len(rows) > max_rows:
-                rows = rows[:: math.ceil(len(rows) / max_rows)]
+        for key, accumulator in accumulators.items():
+            parts = [input_vectors(np.asarray(arrays[spec.tensor]), spec) for spec in sums[key]]
+            if max_rows is not None:
+                parts = [
+                    r[:: math.ceil(len(r) / max_rows)] if len(r) > max_rows else r for r in parts
+                ]
+            rows = np.concatenate(parts) if len(parts) > 1 else parts[0]  # one update: one XᵀX
             accumulator.update(rows[None], np.empty((1, len(rows), 0)))
-    if not next(iter(sums.values())).rows:
+    if not next(iter(accumulators.values())).rows:
         name = getattr(source, "label", type(source).__name__)
         raise InputError(f"calibration data {name} yielded no batches")
-    return {spec: Moments(acc.xtx[0], acc.rows) for spec, acc in sums.items()}
+    return {key: Moments(acc.xtx[0], acc.rows) for key, acc in accumulators.items()}

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.calibration.grams import collect_grams
+from onnx_squeeze.calibration.grams import summed_grams
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
 from onnx_squeeze.layers import Layer, NotLayer
@@ -131,7 +131,7 @@ class QuantizeWeights(Pass):
         weights = group_by_weight(consumers, report)
         grams = self._grams(model, weights, context, report) if weights else {}
         names = UniqueNames(model)
-        unobserved = [w.name for w in weights if not _observed(w, grams)]
+        unobserved = [w.name for w in weights if w.name not in grams]
         for weight in weights:
             self._quantize(model, weight, grams, names, report)
         if s.algorithm == "gptq" and unobserved:
@@ -150,37 +150,35 @@ class QuantizeWeights(Pass):
         context: PassContext,
         report: PassReport,
     ) -> dict[str, np.ndarray]:
-        """Input Hessians (``XᵀX``) by activation name for GPTQ; none for round-to-nearest.
-        Inputs inside If/Loop/Scan bodies cannot be exposed as outputs: their weights are
-        rounded to nearest (:meth:`_quantize` says so)."""
+        """Input Hessians (``XᵀX``, summed over the weight's readers) by weight name for GPTQ;
+        none for round-to-nearest. Inputs inside If/Loop/Scan bodies cannot be exposed as
+        outputs: a weight read there is rounded to nearest (:meth:`_quantize` says so)."""
         if self.settings.algorithm != "gptq":
             return {}
-        specs = {
-            c.node.inputs[0].name: Layer.of(c.node).gram_spec()
+        sums = {
+            w.name: [Layer.of(c.node).gram_spec() for c in w.consumers]
             for w in weights
-            for c in w.consumers
-            if c.node.graph is model.graph
+            if all(c.node.graph is model.graph for c in w.consumers)
         }
-        if not specs:
+        if not sums:
             return {}
-        moments = collect_grams(
+        moments = summed_grams(
             model,
-            specs.values(),
+            sums,
             context.data,
             provider=context.providers[0],
             batches=self.settings.calibration_batches,
             max_rows=None,
             label="GPTQ input statistics",
         )
-        grams = {name: (moments[spec].gram, moments[spec].rows) for name, spec in specs.items()}
-        short = sorted(name for name, (gram, rows) in grams.items() if rows < len(gram))
+        short = sorted(name for name, m in moments.items() if m.rows < len(m.gram))
         if short:
             report.notes.append(
-                f"GPTQ: {len(short)} inputs had fewer calibration rows than features (e.g. "
-                f"{short[0]!r}), so their Hessians are rank-deficient and GPTQ may fit the "
+                f"GPTQ: {len(short)} weights had fewer calibration rows than input features "
+                f"(e.g. {short[0]!r}), so their Hessians are rank-deficient and GPTQ may fit the "
                 "calibration data rather than the task: give more calibration data or raise damping"
             )
-        return {name: gram for name, (gram, _) in grams.items()}
+        return {name: m.gram for name, m in moments.items()}
 
     def _quantize(
         self,
@@ -194,10 +192,9 @@ class QuantizeWeights(Pass):
         transposed = weight.consumers[0].channel_axis == 1  # stored [K, N]
         matrix = weight.array.T if transposed else weight.array  # [N, K]
         algorithm = s.algorithm
-        if _observed(weight, grams):
-            hessian = sum(grams[c.node.inputs[0].name] for c in weight.consumers)
+        if weight.name in grams:
             quantized = weight_codecs.quantize_blocks_gptq(
-                matrix, hessian, s.bits, s.block_size, s.symmetric, damping=s.damping
+                matrix, grams[weight.name], s.bits, s.block_size, s.symmetric, damping=s.damping
             )
         else:
             if algorithm == "gptq":
@@ -327,11 +324,6 @@ class QuantizeWeights(Pass):
         per_code = s.bits / 8
         zero_bytes = 0 if s.symmetric else zero_points.size * per_code
         return int(codes.size * per_code + scales.nbytes + zero_bytes)
-
-
-def _observed(weight: SharedWeight, grams: dict[str, np.ndarray]) -> bool:
-    """Whether GPTQ has the input Hessian of every reader of ``weight``."""
-    return bool(grams) and all(c.node.inputs[0].name in grams for c in weight.consumers)
 
 
 def _code_type(bits: int, symmetric: bool) -> ir.DataType:
