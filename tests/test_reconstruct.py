@@ -245,6 +245,28 @@ def test_refit_improves_fidelity_after_channel_pruning(fraction):
     assert any("calibration: 48 samples" in note for note in report.notes)
 
 
+def test_large_inputs_are_fitted_on_fewer_samples_at_more_positions(monkeypatch):
+    """Past the activation budget, recovery keeps the first samples that fit it and samples
+    more output positions of each, says so, and still recovers fidelity on held-out data
+    (here 16 of 48 samples at 48 positions: 0.040 -> 0.027; all 48 at 16 positions: 0.026)."""
+    from onnx_squeeze.passes import reconstruct
+
+    teacher = _prepared("resnet18")
+    student = teacher.clone()
+    prune_pair(student, "layer1.0.conv1", "layer1.0.conv2", 0.5)
+    calibration, held_out = data(teacher, 6), data(teacher, 3, seed=1)
+    shapes = reconstruct.run_shapes(teacher, calibration[0])
+    per_sample = reconstruct.activation_bytes(teacher, shapes) / 8
+    assert per_sample > 0
+    monkeypatch.setattr(reconstruct, "ACTIVATION_BUDGET", 16 * per_sample)
+    before = output_error(student, teacher, held_out)
+    report = recover(student, teacher, calibration, positions=16)
+    assert output_error(student, teacher, held_out) < 0.8 * before
+    note = next(n for n in report.notes if n.startswith("fitted on the first"))
+    assert "first 16 of 48 samples" in note and "at 48 output positions" in note, note
+    assert "instead of 16" in note
+
+
 def test_linearly_dependent_channels_are_compensated_exactly():
     teacher = _prepared("mlp")
     nodes = _nodes(teacher)

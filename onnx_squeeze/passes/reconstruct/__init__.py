@@ -51,6 +51,7 @@ from onnx_squeeze.passes.reconstruct.targets import Targets, activation_bytes, c
 from onnx_squeeze.passes.reconstruct.waves import Wave
 from onnx_squeeze.records import PassContext, PassReport
 from onnx_squeeze.shapes import samples_in
+from onnx_squeeze.units import human_bytes
 
 _BATCH = 8  # samples per onnxruntime run (feeds of one shape are joined up to it)
 # Activations that one pass of the model over the recovery samples may write: every wave runs
@@ -102,8 +103,8 @@ def _affordable(
     more = -(-positions * total // count)
     report.notes.append(
         f"fitted on the first {count} of {total} samples (each writes "
-        f"{per_sample / 2**20:.0f} MiB of activations, {ACTIVATION_BUDGET / 2**30:.0f} GiB at "
-        f"most per pass over them) at {more} output positions per sample and layer instead of "
+        f"{human_bytes(per_sample)} of activations, {human_bytes(ACTIVATION_BUDGET)} at most "
+        f"per pass over them) at {more} output positions per sample and layer instead of "
         f"{positions}, so that every fit keeps about as many rows"
     )
     return kept, more
