@@ -955,7 +955,9 @@ def _task(
 ) -> dict[str, Any]:
     """The task judge on a row's output (``output``, else the command's ``-o``; None where
     there is none: a non-zero exit, no output), and its verdict on the default gate: ok,
-    MISSED (broken but PASS) or FALSE ALARM (kept but FAIL)."""
+    MISSED (broken but PASS), WARNED (broken and PASS, but a warning says the check could not
+    tell: too few reads, or a pass that missed the gate on calibration data) or FALSE ALARM
+    (kept but FAIL)."""
     if output is None and "-o" in args:
         output = Path(args[args.index("-o") + 1])
     found: dict[str, Any] = {"task_metric": None, "task_kept": None, "verdict": None}
@@ -970,6 +972,10 @@ def _task(
     if row.get("gate"):
         passed = row["gate"] == "PASS"
         found["verdict"] = "ok" if kept == passed else "MISSED" if passed else "FALSE ALARM"
+        if found["verdict"] == "MISSED" and any(
+            "too few to tell" in w or "NOT met" in w for w in row.get("warnings") or []
+        ):
+            found["verdict"] = "WARNED"
     return found
 
 
@@ -1020,7 +1026,10 @@ def verdict_summary(rows: list[dict[str, Any]]) -> str:
     judged = [r for r in rows if r.get("task_kept") is not None and r["pass"] not in PEERS]
     kept = [row for row in judged if row["task_kept"]]
     broken = [row for row in judged if not row["task_kept"]]
-    count = {v: sum(row.get("verdict") == v for row in judged) for v in ("MISSED", "FALSE ALARM")}
+    count = {
+        v: sum(row.get("verdict") == v for row in judged)
+        for v in ("MISSED", "WARNED", "FALSE ALARM")
+    }
     gate = DEFAULT_GATE
     text = (
         f"**Task judges.** Each compress output was run in onnxruntime against the original on "
@@ -1028,7 +1037,7 @@ def verdict_summary(rows: list[dict[str, Any]]) -> str:
         f"as its package reads it (CTC "
         f"strings, top-1, masks, boxes, diacritics; model table, last column): {len(judged)} "
         f"rows judged, {len(kept)} kept the task, {len(broken)} broke it. The default gate "
-        f"(`{gate}`, the conditions that apply to the model) missed {count['MISSED']} broken results and raised {count['FALSE ALARM']} "
+        f"(`{gate}`, the conditions that apply to the model) missed {count['MISSED']} broken results, passed {count['WARNED']} more with a warning that it could not tell (too few reads, or a pass that missed the gate on calibration data), and raised {count['FALSE ALARM']} "
         "false alarms on kept ones. Gate metrics among the judged rows:\n\n"
     )
     table, ranges = [], {}
