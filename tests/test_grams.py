@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_squeeze.calibration.grams import collect_grams, summed_grams
+from onnx_squeeze.calibration.grams import collect_grams
 from onnx_squeeze.calibration.service import Calibration
 from onnx_squeeze.layers import Layer
 from tests.helpers import run
@@ -97,7 +97,7 @@ def test_summed_grams_add_several_inputs_into_one_matrix():
     other = dataclasses.replace(spec, tensor="input")
     feeds = _feeds(3)
     apart = collect_grams(model, [spec, other], feeds, max_rows=None)
-    summed = summed_grams(model, {"w": [spec, other], "v": [spec, other]}, feeds, max_rows=None)
+    summed = collect_grams(model, {"w": [spec, other], "v": [spec, other]}, feeds, max_rows=None)
     assert summed["w"] is summed["v"]
     np.testing.assert_allclose(summed["w"].gram, apart[spec].gram + apart[other].gram)
     assert summed["w"].rows == apart[spec].rows + apart[other].rows

@@ -6,11 +6,11 @@ multiplies: rows of a Gemm/MatMul input, im2col patches of a Conv input. :func:`
 runs onnxruntime once per group of requested tensors on a copy of the model that exposes them
 (:class:`TensorRunner`), and adds each batch to a :class:`~onnx_squeeze.least_squares.GramAccumulator`,
 so memory is that of the matrices plus one batch, whatever the number of batches. Requests are
-split into groups whose matrices fit a byte budget, one calibration pass per group.
-:func:`summed_grams` sums several layers' inputs into one matrix: a weight read by many nodes
-(an LSTM unrolled over 20 steps, 40 Gemms over two 4096-wide weights in captcha_crnn) needs the
-sum, and one 134 MB matrix per weight instead of one per node takes one calibration pass
-instead of fourteen.
+split into groups whose matrices fit a byte budget, one calibration pass per group. Given keys
+with several specs each, it sums their inputs into one matrix per key: a weight read by many
+nodes (an LSTM unrolled over 20 steps: 40 Gemms over two 4096-wide weights in captcha_crnn)
+needs the sum, and one 134 MB matrix per weight instead of one per node takes one calibration
+pass instead of fourteen.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -96,7 +97,7 @@ def budget_groups(specs: Iterable[GramSpec], budget: int) -> list[list[GramSpec]
 
 def collect_grams(
     model: ir.Model,
-    specs: Iterable[GramSpec],
+    specs: Iterable[GramSpec] | Mapping[Hashable, Sequence[GramSpec]],
     source: Iterable[Feed],
     *,
     provider: str = "cpu",
@@ -105,39 +106,15 @@ def collect_grams(
     budget: int = BUDGET_BYTES,
     label: str = "input Gram matrices",
     keep: bool = True,
-) -> dict[GramSpec, Moments]:
+) -> dict[Any, Moments]:
     """``Σ x xᵀ`` (float64) over the first ``batches`` batches of ``source`` (all when None)
-    for every spec. ``max_rows`` evenly subsamples the rows of one batch (None: all rows).
-    When ``source`` is the calibration service (a pass's ``context.data``) and ``keep`` is set,
-    results are kept in its statistics store and reused while the model and the data are the
-    same (``keep=False``: a pass that frees each Gram once used)."""
-    return summed_grams(
-        model,
-        {spec: [spec] for spec in specs},
-        source,
-        provider=provider,
-        batches=batches,
-        max_rows=max_rows,
-        budget=budget,
-        label=label,
-        keep=keep,
-    )
-
-
-def summed_grams(
-    model: ir.Model,
-    sums: Mapping[Hashable, Sequence[GramSpec]],
-    source: Iterable[Feed],
-    *,
-    provider: str = "cpu",
-    batches: int | None = None,
-    max_rows: int | None = MAX_ROWS_PER_BATCH,
-    budget: int = BUDGET_BYTES,
-    label: str = "input Gram matrices",
-    keep: bool = True,
-) -> dict[Hashable, Moments]:
-    """Per key, ``Σ x xᵀ`` over the input vectors of all its specs (of one width), collected
-    and kept as :func:`collect_grams` does; keys with the same specs share one matrix."""
+    for every spec, by spec; or, given a mapping of keys to specs (of one width), over the
+    input vectors of all of a key's specs, by key (keys with the same specs share one matrix).
+    ``max_rows`` evenly subsamples the rows of one batch (None: all rows). When ``source`` is
+    the calibration service (a pass's ``context.data``) and ``keep`` is set, results are kept
+    in its statistics store and reused while the model and the data are the same
+    (``keep=False``: a pass that frees each Gram once used)."""
+    sums = specs if isinstance(specs, Mapping) else {spec: [spec] for spec in specs}
 
     def stored_as(specs: Sequence[GramSpec]) -> Hashable:
         return specs[0] if len(specs) == 1 else tuple(specs)

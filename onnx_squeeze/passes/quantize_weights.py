@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.calibration.grams import summed_grams
+from onnx_squeeze.calibration.grams import collect_grams
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
 from onnx_squeeze.layers import Layer, NotLayer
@@ -162,7 +162,7 @@ class QuantizeWeights(Pass):
         }
         if not sums:
             return {}
-        moments = summed_grams(
+        moments = collect_grams(
             model,
             sums,
             context.data,
