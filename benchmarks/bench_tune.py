@@ -401,7 +401,10 @@ def main() -> None:
             return
         for case in cases:
             max_drop = 0.01 if case["metric"] == "top1" else args.zoo_drop
-            notes.append(f"{case['name']}: {case['data']}; metric {case['metric']}")
+            notes.append(
+                f"{case['name']}: {case['data']}; metric {case['metric']}; run as "
+                f"`bench_tune.py {' '.join(sys.argv[1:])}`"
+            )
             made: list[list[Any]] = []
             for target in case["targets"]:
                 print(f"{case['name']} {target}", flush=True)
