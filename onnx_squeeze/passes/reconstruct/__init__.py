@@ -134,7 +134,7 @@ class Reconstruct(Pass):
         reference = _outputs(teacher, [v.name for v in model.graph.outputs], feeds)
         probabilities = fidelity.probability_outputs(teacher)
         before = _output_error(model, reference, feeds, probabilities)
-        edits = Edits(model)
+        edits = Edits(model, teacher)
         every = self.settings.refresh_every
         waves = [
             [layer for layer in layers if layer.wave // every == wave]

@@ -5,17 +5,21 @@ so that it can be undone."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from onnx_squeeze import scratch
 from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, set_input_constant
 from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.least_squares import conv_pads, im2col
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 SPARSE = 0.25  # share of exact zeros from which a layer's weights count as pruned
+SPILL_BYTES = 2**20  # replaced constants this large wait on disk for an undo (:class:`Edits`)
+_SPILLABLE = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 
 
 class Linear:
@@ -211,23 +215,51 @@ def linear_of(node: ir.Node) -> tuple[Linear | None, str | None]:
     return MatMulLinear(layer, _matmul_bias_add(node)), None
 
 
-class Edits:
-    """Constant replacements made so far, so that they can be undone as a whole."""
+class _Spilled:
+    """A replaced constant kept on disk until an undo reads it back."""
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, tensor: ir.TensorProtocol, path: str) -> None:
+        np.save(path, tensor.numpy())
+        self.path, self.dtype, self.name = path, tensor.dtype, tensor.name
+
+    def tensor(self) -> ir.Tensor:
+        return ir.tensor(np.load(self.path), dtype=self.dtype, name=self.name)
+
+
+class Edits:
+    """Constant replacements made so far, so that they can be undone as a whole.
+
+    Replaced float constants of ``SPILL_BYTES`` or more that the teacher does not hold too
+    wait in a scratch folder, read back only to undo: held in memory, every refit weight was
+    there twice (recovery of a ResNet-50 after weight pruning grew by 90 MiB over its waves)."""
+
+    def __init__(self, model: ir.Model, teacher: ir.Model) -> None:
         self.graph = model.graph
         self.names = UniqueNames(model)
+        self.teacher_tensors = {id(v.const_value) for v in teacher.graph.initializers.values()}
         self.undo_log: list[tuple[ir.Node, int, ir.Value | None, Any, Any, Any]] = []
+        self.folder = scratch.folder("undo")  # removed with this object
+
+    def _kept(self, tensor: ir.TensorProtocol | None) -> Any:
+        if (
+            tensor is None
+            or tensor.nbytes < SPILL_BYTES
+            or tensor.dtype not in _SPILLABLE
+            or id(tensor) in self.teacher_tensors
+        ):
+            return tensor
+        return _Spilled(tensor, os.path.join(self.folder.name, f"{len(self.undo_log)}.npy"))
 
     def set(self, node: ir.Node, index: int, array: np.ndarray, dtype: ir.DataType, role: str):
         old = node.inputs[index] if index < len(node.inputs) else None
-        state = (old.const_value, old.shape, old.dtype) if old is not None else (None,) * 3
+        state = (None,) * 3 if old is None else (self._kept(old.const_value), old.shape, old.dtype)
         self.undo_log.append((node, index, old, *state))
         array = array.astype(dtype.numpy())
         set_input_constant(node, index, array, dtype, f"{node.name}.{role}", self.graph, self.names)
 
     def undo(self) -> None:
         for node, index, old, const, shape, dtype in reversed(self.undo_log):
+            const = const.tensor() if isinstance(const, _Spilled) else const
             current = node.inputs[index]
             if old is not None and current is old:
                 old.const_value, old.shape, old.dtype = const, shape, dtype
