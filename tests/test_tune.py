@@ -255,20 +255,13 @@ def test_impossible_target_gives_the_closest_trial_and_writes_nothing(files, tmp
 
 
 PILOTED = dataclasses.replace(PRUNE_INT8, pilots=({"quantize": "int8"},))
+AT_2_5X = dict(space=PILOTED, targets=parse_targets(["speedup=2.5"]))  # the pilot's INT8 arm
 
 
 def test_the_pilot_bisects_the_presets_pruning_before_tpe_draws(files, tmp_path):
     # 2.5x: INT8 alone gives 1/0.6; the smallest fraction on the grid with 0.6 (1 - p) <= 0.4
     # is 0.35
-    found = _search(
-        files,
-        tmp_path,
-        Synthetic(),
-        space=PILOTED,
-        trials=5,
-        bisect_steps=0,
-        targets=parse_targets(["speedup=2.5"]),
-    )
+    found = _search(files, tmp_path, Synthetic(), trials=5, bisect_steps=0, **AT_2_5X)
     drawn = [(t.params["prune"], t.params["quantize"]) for t in found.trials[1:6]]
     # INT8 alone (misses), the middle of [0, 0.7] (meets), then halves: 0.15, 0.25, 0.3 miss
     assert drawn == [(p, "int8") for p in (0.0, 0.35, 0.15, 0.25, 0.3)]
@@ -300,26 +293,31 @@ ARMED = Space(
 )
 
 
-def test_the_pilot_goes_on_to_the_next_arm_where_one_cannot_meet_the_target(
-    files, tmp_path, monkeypatch
-):
-    # 0.31x within 0.05: INT8 needs 0.5 of pruning (the metric 0.945), pruning alone 0.7 (0.902),
-    # pruning fine-tuned 0.7 at 0.951
+def _armed_search(files, tmp_path, monkeypatch, executor, trials):
+    """A search of ARMED's three arms for 0.31x within 0.05: the search and the points it drew
+    (fraction, quantization, fine-tuning steps)."""
     import onnx_squeeze.passes.finetune as finetune_pass
 
     monkeypatch.setattr(finetune_pass, "torch_available", lambda: True)  # the recipe's check
     found = _search(
         files,
         tmp_path,
-        Synthetic(),
+        executor,
         space=ARMED,
-        trials=11,
+        trials=trials,
         bisect_steps=0,
         targets=parse_targets(["latency=0.31"]),
     )
-    drawn = [
-        (t.params["prune"], t.params["quantize"], t.params["finetune"]) for t in found.trials[1:]
-    ]
+    params = [t.params for t in found.trials[1:]]
+    return found, [(p["prune"], p["quantize"], p["finetune"]) for p in params]
+
+
+def test_the_pilot_goes_on_to_the_next_arm_where_one_cannot_meet_the_target(
+    files, tmp_path, monkeypatch
+):
+    # INT8 needs 0.5 of pruning (the metric 0.945), pruning alone 0.7 (0.902), pruning
+    # fine-tuned 0.7 at 0.951
+    found, drawn = _armed_search(files, tmp_path, monkeypatch, Synthetic(), trials=11)
     # each arm bisected to its end, in order; pruning alone skips its lowest fraction (the
     # original); fine-tuned, it starts above every fraction that missed the target untuned, at
     # the top (none met it untuned), then halves down: coarse to fine
@@ -331,17 +329,28 @@ def test_the_pilot_goes_on_to_the_next_arm_where_one_cannot_meet_the_target(
     assert found.met and found.chosen.params == {"prune": 0.7, "quantize": "none", "finetune": 300}
 
 
+class SlowPruning(Synthetic):
+    """Pruning without INT8 runs past the trial time limit."""
+
+    def run(self, jobs):
+        results = super().run(jobs)
+        for index, job in enumerate(jobs):
+            steps = {s["pass"] for s in job["recipe"]["passes"]}
+            if "prune_channels" in steps and "quantize_int8" not in steps:
+                results[index] = {"status": "failed", "error": "past the limit", "timed_out": True}
+        return results
+
+
+def test_a_trial_past_the_time_limit_ends_its_pilot_arm(files, tmp_path, monkeypatch):
+    found, drawn = _armed_search(files, tmp_path, monkeypatch, SlowPruning(), trials=7)
+    # pruning alone times out at its first fraction and its arm ends there (no 0.15 next); the
+    # fine-tuned arm skips fraction 0 (fine-tuning alone changes no time), and times out too
+    assert drawn[5:] == [(0.35, "none", 0), (0.35, "none", 300)]
+    assert [t.result.get("timed_out") for t in found.trials[6:]] == [True, True]
+
+
 def test_first_stops_at_the_first_candidate_that_meets_everything_on_all_data(files, tmp_path):
-    found = _search(
-        files,
-        tmp_path,
-        Synthetic(),
-        space=PILOTED,
-        trials=8,
-        subset=0.25,
-        targets=parse_targets(["speedup=2.5"]),
-        first=True,
-    )
+    found = _search(files, tmp_path, Synthetic(), trials=8, subset=0.25, first=True, **AT_2_5X)
     # INT8 alone misses; at 0.35 it meets on the subset, is judged on all the data at once,
     # meets there too, and nothing else runs: no more pilot, TPE, promotion or bisection
     stages = [(t.stage, t.params.get("prune")) for t in found.trials]

@@ -30,8 +30,8 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def _failure(error: str) -> dict[str, Any]:
-    return {"status": "failed", "error": error}
+def _failure(error: str, timed_out: bool = False) -> dict[str, Any]:
+    return {"status": "failed", "error": error, **({"timed_out": True} if timed_out else {})}
 
 
 class _Launcher:
@@ -93,7 +93,7 @@ class LocalExecutor:
         finally:
             self._idle.append(launcher)
         if code is None:
-            return _failure(f"the trial ran past its limit of {self.timeout:g} s")
+            return _failure(f"the trial ran past its limit of {self.timeout:g} s", timed_out=True)
         if code == -signal.SIGINT:
             raise KeyboardInterrupt
         result_path = folder / RESULT_FILE
