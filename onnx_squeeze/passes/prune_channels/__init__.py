@@ -95,6 +95,7 @@ class PruneChannels(Pass):
         s = self.settings
         search = GateSearch(model, context, prune, target=s.target, recover=s.recover)
         best, tried = search.search(s.gate_steps)
+        report.notes.extend(search.notes)  # what the search left out (its time bound)
         steps = ", ".join(
             f"{c.fraction:.1%} {'meets' if c.passed else 'misses' if c.said else 'prunes nothing'}"
             for c in tried
