@@ -45,6 +45,7 @@ __all__ = [
     "NodeCost",
     "analyze",
     "node_macs",
+    "value_shapes",
 ]
 
 ShapeOf = Callable[["ir.Value | None"], "Shape | None"]
@@ -201,7 +202,7 @@ def _collect_proto_shapes(graph: onnx.GraphProto, into: dict[str, tuple[int | No
                     _collect_proto_shapes(subgraph, into)
 
 
-def _infer_shapes(
+def value_shapes(
     model: ir.Model, input_shapes: Mapping[str, Shape]
 ) -> dict[str, tuple[int | None, ...]]:
     """Shapes of every value, from onnx shape inference on a clone with concrete inputs."""
@@ -565,7 +566,7 @@ def analyze(
     if resolved.missing:
         notes.append(f"MACs unknown: {resolved.hint()}")
     try:
-        inferred = _infer_shapes(model, input_shapes)
+        inferred = value_shapes(model, input_shapes)
     except Exception as error:  # onnx raises several types; MACs then use the stored shapes.
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         notes.append(

@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze.analysis import _infer_shapes
+from onnx_squeeze.analysis import value_shapes
 from onnx_squeeze.calibration import ChannelStatistics
 from onnx_squeeze.calibration.runner import TensorRunner
 from onnx_squeeze.calibration.sources import Feed
@@ -98,7 +98,7 @@ def run_shapes(model: ir.Model, feed: Feed) -> dict[str, tuple[int, ...]]:
     shape inference with the feed's input shapes, so that free dimensions (a detector's height
     and width) do not leave the sizes unknown."""
     try:
-        inferred = _infer_shapes(model, {name: array.shape for name, array in feed.items()})
+        inferred = value_shapes(model, {name: array.shape for name, array in feed.items()})
     except Exception:  # onnx raises several types; the sizes then stay unknown
         return {}
     return {name: shape for name, shape in inferred.items() if None not in shape}  # type: ignore[misc]
