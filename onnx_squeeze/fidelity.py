@@ -23,7 +23,9 @@ channel, along its channel axis:
   over all score channels together.
 - ``argmax_agreement``: the share of positions whose argmax along the channel axis agrees (top-1
   per row of a classifier, per pixel of a segmentation map, per step of a tagger's sequence);
-  not given for outputs that mix score and other channels. A sequence output read as CTC (its
+  not given for outputs that mix score and other channels. A probability output with no
+  classes beside it (one sigmoid per position: voice activity, a binary head, a text map) is
+  read where it crosses 0.5. A sequence output read as CTC (its
   most frequent top class, the blank, fills half the steps: :mod:`onnx_squeeze.sequences`) is
   judged on its decoded strings instead: the share of sequences that read exactly the same;
   ``token_agreement`` gives the share of tokens that agree (one minus the edit distance over
@@ -313,6 +315,11 @@ class OutputAccumulator:
                 totals = np.sum(a, axis=axis, dtype=np.float64)
                 gap = np.abs(totals - 1.0)
                 self.sum_gap = max(self.sum_gap, float(gap.max()) if gap.size else 0.0)
+        elif self.probabilities and np.issubdtype(a.dtype, np.floating):
+            # One probability per position, no classes beside it (a sigmoid's binary decision,
+            # voice activity, a text map): read where it crosses 0.5.
+            self.argmax_matches += int(np.count_nonzero((a >= 0.5) == (b >= 0.5)))
+            self.positions += a.size
         x, y = np.where(both, x, 0.0), np.where(both, y, 0.0)
         diff = x - y
         if both.any():
@@ -415,7 +422,9 @@ class OutputAccumulator:
             if s["mismatched"][scores].any():
                 score_cosine = math.nan
         mixed = scores.any() and not scores.all()
-        position = self.argmax_matches / self.positions if self.positions and not mixed else None
+        decisions = not isinstance(self.axis, int)  # counted at 0.5, read only if probabilities
+        readable = scores.all() if decisions else not mixed
+        position = self.argmax_matches / self.positions if self.positions and readable else None
         blank = (
             sequences.ctc_blank(self.steps[0])
             if position is not None and isinstance(self.axis, int)
@@ -453,7 +462,10 @@ class OutputAccumulator:
             position_agreement=position if blank is not None else None,
             ctc_blank=blank,
             class_probabilities=(
-                argmax is not None and bool(scores.all()) and self.sum_gap <= DISTRIBUTION_TOLERANCE
+                argmax is not None
+                and not decisions
+                and bool(scores.all())
+                and self.sum_gap <= DISTRIBUTION_TOLERANCE
             ),
             relative_error=relative,
         )

@@ -222,14 +222,32 @@ def test_measure_gives_the_share_of_variance_missed():
 
 def test_declared_shapes_keep_a_masks_height_and_width_from_being_classes():
     """A text detector's probability map [1, 1, H, W] with symbolic H and W: the comparison
-    judges it as one channel with no argmax; a measurement inside a pass, given the model's
-    declared shapes, judges it the same way (without them, W was taken for 16 classes)."""
+    judges it as one channel, read per pixel where it crosses 0.5; a measurement inside a pass,
+    given the model's declared shapes, judges it the same way (without them, W was taken for
+    16 classes)."""
     rng = np.random.default_rng(0)
     mask = [{"m": rng.uniform(size=(1, 1, 8, 16)).astype(np.float32)} for _ in range(2)]
     moved = [{"m": np.clip(f["m"] + rng.normal(0, 0.05, f["m"].shape), 0, 1)} for f in mask]
     declared = fidelity.measure(mask, moved, probabilities={"m"}, shapes={"m": [1, 1, None, None]})[
         "m"
     ]
-    assert declared.argmax_agreement is None and declared.channel_axis is None
+    pixels = np.concatenate(
+        [(f["m"] >= 0.5) == (g["m"] >= 0.5) for f, g in zip(mask, moved, strict=True)]
+    )
+    assert declared.channel_axis is None and declared.reads == pixels.size
+    assert declared.argmax_agreement == pytest.approx(pixels.mean())
+    assert not declared.class_probabilities  # its values are still judged
     guessed = fidelity.measure(mask, moved, probabilities={"m"})["m"]
-    assert guessed.argmax_agreement is not None  # what the in-pass checks used to see
+    assert guessed.channel_axis == 3  # what the in-pass checks used to see
+
+
+def test_a_single_sigmoid_is_read_where_it_crosses_one_half():
+    # Voice activity: one probability per chunk. Moving 0.45 to 0.55 flips a decision; moving
+    # 0.9 to 0.7 does not. Outputs that are not probabilities get no such reading.
+    a = np.array([[0.45], [0.9], [0.1], [0.8]], dtype=np.float32)
+    b = np.array([[0.55], [0.7], [0.1], [0.8]], dtype=np.float32)
+    speech = fidelity.measure([{"p": a}], [{"p": b}], probabilities={"p"})["p"]
+    assert speech.argmax_agreement == pytest.approx(0.75) and speech.reads == 4
+    assert not speech.class_probabilities
+    values = fidelity.measure([{"p": a}], [{"p": b}])["p"]
+    assert values.argmax_agreement is None
