@@ -430,8 +430,9 @@ class OutputAccumulator:
             if position is not None and isinstance(self.axis, int)
             else None
         )
-        argmax = position if blank is None else sequences.string_agreement(*self.steps, blank)
-        tokens = None if blank is None else sequences.token_agreement(*self.steps, blank)
+        argmax, tokens = position, None
+        if blank is not None:
+            argmax, tokens = sequences.agreements(*self.steps, blank)
         total = float(s["count"].sum())
         spread = float(s["norm_a"].sum()) - float(s["sum_a"].sum()) ** 2 / max(total, 1.0)
         relative = float(s["noise"].sum()) / max(spread, 1e-30) if not broken else math.inf

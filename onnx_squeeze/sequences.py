@@ -22,12 +22,11 @@ import numpy as np
 
 __all__ = [
     "CTC_BLANK_SHARE",
+    "agreements",
     "ctc_blank",
     "decode",
     "edit_distance",
-    "string_agreement",
     "time_axis",
-    "token_agreement",
 ]
 
 # A CTC blank fills most steps (62-82 % on the corpus's OCR models; a diacritizer's commonest
@@ -82,31 +81,20 @@ def edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
     return previous[-1]
 
 
-def _decoded_pairs(
+def agreements(
     reference: Sequence[np.ndarray], result: Sequence[np.ndarray], blank: int
-) -> list[tuple[list[int], list[int]]]:
-    """The decoded strings of each pair of sequences (rows of the ``[sequences, T]`` arrays of
-    top classes, one array per feed)."""
-    return [
+) -> tuple[float, float]:
+    """Over pairs of sequences (rows of the ``[sequences, T]`` arrays of top classes, one array
+    per feed): the share whose decoded strings are identical, and 1 - Σ edit distance / Σ
+    longer decoded length (1 when every string reads the same)."""
+    pairs = [
         (decode(a, blank), decode(b, blank))
         for a_rows, b_rows in zip(reference, result, strict=True)
         for a, b in zip(a_rows, b_rows, strict=True)
     ]
-
-
-def string_agreement(
-    reference: Sequence[np.ndarray], result: Sequence[np.ndarray], blank: int
-) -> float:
-    """The share of sequences whose decoded strings are identical."""
-    pairs = _decoded_pairs(reference, result, blank)
-    return sum(a == b for a, b in pairs) / len(pairs) if pairs else 1.0
-
-
-def token_agreement(
-    reference: Sequence[np.ndarray], result: Sequence[np.ndarray], blank: int
-) -> float:
-    """1 - Σ edit distance / Σ longer decoded length over pairs of sequences: 1 when every
-    string reads the same."""
-    pairs = _decoded_pairs(reference, result, blank)
+    if not pairs:
+        return 1.0, 1.0
+    strings = sum(a == b for a, b in pairs) / len(pairs)
     longest = sum(max(len(a), len(b)) for a, b in pairs)
-    return 1.0 - sum(edit_distance(a, b) for a, b in pairs) / longest if longest else 1.0
+    distance = sum(edit_distance(a, b) for a, b in pairs)
+    return strings, 1.0 - distance / longest if longest else 1.0
