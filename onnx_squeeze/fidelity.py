@@ -93,6 +93,10 @@ _MOVING_OPS = {
     "Expand",
     "Cast",
     "TopK",
+    # a mean, largest or smallest of probabilities is still one (silero-vad averages its frames)
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
 }
 
 
@@ -127,7 +131,8 @@ def output_shapes(model: ir.Model) -> dict[str, list[Any]]:
 
 def probability_outputs(model: ir.Model) -> set[str]:
     """Names of the graph outputs that carry Sigmoid/Softmax values, directly or through ops
-    that only move them (a detector's Concat of boxes and scores included)."""
+    that only move them (a detector's Concat of boxes and scores included) and through the
+    branches of an If (silero-vad's body sits in one)."""
     found = set()
     for output in model.graph.outputs:
         pending, seen = [output], set()
@@ -143,6 +148,13 @@ def probability_outputs(model: ir.Model) -> set[str]:
             if node.op_type in _MOVING_OPS:
                 data = node.inputs if node.op_type == "Concat" else node.inputs[:1]
                 pending.extend(v for v in data if v is not None)
+            elif node.op_type == "If":
+                index = list(node.outputs).index(value)
+                pending.extend(
+                    branch.value.outputs[index]
+                    for branch in node.attributes.values()
+                    if branch.type == ir.AttributeType.GRAPH
+                )
     return found
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import onnx
 import onnx.parser
+import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 
@@ -251,3 +252,34 @@ def test_a_single_sigmoid_is_read_where_it_crosses_one_half():
     assert not speech.class_probabilities
     values = fidelity.measure([{"p": a}], [{"p": b}])["p"]
     assert values.argmax_agreement is None
+
+
+def test_probabilities_are_traced_through_if_branches_and_means():
+    # silero-vad's output: the mean over frames of a sigmoid computed inside an If's branches.
+    def branch(name: str) -> onnx.GraphProto:
+        nodes = [
+            onnx.helper.make_node("Sigmoid", ["x"], [f"{name}_s"]),
+            onnx.helper.make_node("ReduceMean", [f"{name}_s"], [f"{name}_out"], keepdims=1),
+        ]
+        out = onnx.helper.make_tensor_value_info(f"{name}_out", onnx.TensorProto.FLOAT, None)
+        return onnx.helper.make_graph(nodes, name, [], [out])
+
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node(
+                "If", ["c"], ["p"], then_branch=branch("then"), else_branch=branch("else")
+            ),
+            onnx.helper.make_node("Identity", ["x"], ["raw"]),
+        ],
+        "g",
+        [
+            onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]),
+        ],
+        [
+            onnx.helper.make_tensor_value_info("p", onnx.TensorProto.FLOAT, None),
+            onnx.helper.make_tensor_value_info("raw", onnx.TensorProto.FLOAT, [1, 4]),
+        ],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    assert fidelity.probability_outputs(ir.from_proto(model)) == {"p"}
