@@ -25,12 +25,12 @@ channel, along its channel axis:
   per row of a classifier, per pixel of a segmentation map, per step of a tagger's sequence);
   not given for outputs that mix score and other channels. A probability output with no
   classes beside it (one sigmoid per position: voice activity, a binary head, a text map) is
-  read where it crosses 0.5. A sequence output read as CTC (its
-  most frequent top class, the blank, fills half the steps: :mod:`onnx_squeeze.sequences`) is
-  judged on its decoded strings instead: the share of sequences that read exactly the same;
-  ``token_agreement`` gives the share of tokens that agree (one minus the edit distance over
-  the length, for long transcripts), ``position_agreement`` the share of steps, ``ctc_blank``
-  the class read as the blank.
+  read where it crosses 0.5. A sequence output read as CTC (its most frequent top class, the
+  blank, fills half the steps: :mod:`onnx_squeeze.sequences`) is judged on its decoded
+  strings instead: the share of sequences that read exactly the same; ``token_agreement``
+  gives the share of tokens that agree (one minus the edit distance over the length, for long
+  transcripts), ``position_agreement`` the share of steps, ``ctc_blank`` the class read as the
+  blank.
 - Class probabilities: a probability output whose channels sum to 1 at every position (a
   softmax over classes) is read by its argmax, not by its values: ``class_probabilities`` marks
   it, and the default gate judges it by ``argmax_agreement`` alone (the rare classes of a
@@ -505,8 +505,8 @@ def gate_metrics(outputs: Iterable[OutputFidelity]) -> dict[str, float]:
     cosine, sqnr_db, worst_channel_sqnr_db, worst_channel_cosine: worst (lowest) output;
     worst_value_channel_sqnr_db: the same over the outputs read by value (all but class
     probabilities); max_abs_error, mean_abs_error: worst (highest); top1_agreement,
-    score_cosine, argmax_agreement, token_agreement: lowest over the outputs that have them; nonfinite: the
-    non-finite values in B's outputs. A metric no output has is absent; NaN anywhere is NaN."""
+    score_cosine, argmax_agreement, token_agreement: lowest over the outputs that have them;
+    nonfinite: the non-finite values in B's outputs. A metric no output has is absent; NaN anywhere is NaN."""
     outputs = list(outputs)
     if not outputs:
         return {}
