@@ -35,6 +35,8 @@ constants written with undo), :mod:`.settings`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
@@ -66,11 +68,13 @@ def _output_error(
     reference: list[dict[str, np.ndarray]],
     feeds: list[Feed],
     probabilities: set[str],
+    shapes: dict[str, list[Any]],
 ) -> float:
     """The worst graph output's error on ``feeds``: the mean over its channels of each channel's
-    1 - R² (:func:`fidelity.channel_error`), so that scores beside pixel boxes count."""
+    1 - R² (:func:`fidelity.channel_error`, channel axes among the declared ``shapes``' fixed
+    ones, as the final comparison chooses them), so that scores beside pixel boxes count."""
     outputs = _outputs(student, list(reference[0]), feeds)
-    found = fidelity.channel_error(reference, outputs, probabilities=probabilities)
+    found = fidelity.channel_error(reference, outputs, probabilities=probabilities, shapes=shapes)
     return max(found.values(), default=0.0)
 
 
@@ -133,7 +137,8 @@ class Reconstruct(Pass):
         feeds = joined(feeds, _BATCH, teacher)
         reference = _outputs(teacher, [v.name for v in model.graph.outputs], feeds)
         probabilities = fidelity.probability_outputs(teacher)
-        before = _output_error(model, reference, feeds, probabilities)
+        shapes = fidelity.output_shapes(teacher)
+        before = _output_error(model, reference, feeds, probabilities, shapes)
         edits = Edits(model, teacher)
         every = self.settings.refresh_every
         waves = [
@@ -146,7 +151,7 @@ class Reconstruct(Pass):
             for wave in chunk:
                 Wave(wave, self.settings).fit(model, feeds, targets, edits, report)
             del targets
-        after = _output_error(model, reference, feeds, probabilities)
+        after = _output_error(model, reference, feeds, probabilities, shapes)
         summary = (
             "output error vs teacher (worst output's mean per-channel 1 - R², calibration data): "
             f"{before:.4g} -> {after:.4g}"
