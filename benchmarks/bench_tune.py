@@ -34,11 +34,11 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common
-from onnx_squeeze import model_io, zoo
+from onnx_squeeze import clocks, model_io, zoo
 from onnx_squeeze.calibration import open_source
 from onnx_squeeze.pipeline import compress, judge
 from onnx_squeeze.recipe import Recipe
-from onnx_squeeze.tune import parse_budget, parse_targets, timing, tune
+from onnx_squeeze.tune import parse_budget, parse_targets, tune
 from onnx_squeeze.tune.metrics import top1
 
 SAMPLES = 64  # calibration and held-out samples of the zoo models (random inputs)
@@ -132,13 +132,13 @@ def model_file(folder: Path, case: dict[str, Any], method: str, target: str) -> 
 
 def retime(case: dict[str, Any], rows: list[list[Any]], folder: Path) -> None:
     """Each row's model timed again beside the original, interleaved, in the CPU time of one
-    thread (:mod:`onnx_squeeze.tune.timing`): wall-clock ratios measured at different times on
+    thread (:mod:`onnx_squeeze.clocks`): wall-clock ratios measured at different times on
     a machine six jobs share are not comparable; these are. Sets the last column."""
     paths = [model_file(folder, case, row[1], row[2]) for row in rows]
     present = [p for p in paths if p.exists()]
     original = model_io.load(case["path"])
     feed = next(iter(open_source(case["eval"], original)))
-    base, *times = timing.cpu_ms([Path(case["path"]), *present], feed, runs=RETIME_RUNS)
+    base, *times = clocks.cpu_ms([Path(case["path"]), *present], feed, runs=RETIME_RUNS)
     measured = dict(zip(present, times, strict=True))
     for row, path in zip(rows, paths, strict=True):
         row[len(HEADERS) - 1 :] = [measured[path] / base if path in measured else None]
@@ -221,7 +221,7 @@ def _in_cpu_time(case, path, metrics, args) -> dict[str, Any]:
     """A peer's latency ratio timed as the search times its trials (CPU time of one thread,
     beside the original, interleaved), so that 'met' means the same on every row."""
     feed = next(iter(open_source(case["eval"], model_io.load(case["path"]))))
-    base, model = timing.cpu_ms([case["path"], path], feed, runs=args.runs)
+    base, model = clocks.cpu_ms([case["path"], path], feed, runs=args.runs)
     return {**metrics, "latency_ratio": model / base, "speedup": base / model}
 
 

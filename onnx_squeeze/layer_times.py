@@ -17,19 +17,21 @@ reorders, fusions named after no original node) is time no node of the model own
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
+import math
 import os
 import re
 import statistics
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from onnx_squeeze import runtime
+from onnx_squeeze import clocks, runtime
 from onnx_squeeze.graph_utils import UniqueNames
 
 # suffixes onnxruntime's optimizer appends to the names of the nodes it rewrites
@@ -91,13 +93,19 @@ def _owner(
     return node
 
 
-def _kernel_times(events: list[dict]) -> dict[tuple[str, str], list[float]]:
-    """Per profiled node (name, kernel), its kernel time in each run (microseconds)."""
-    times: dict[tuple[str, str], list[float]] = {}
+def _kernel_times(events: list[dict]) -> dict[tuple[str, str], dict[int, float]]:
+    """Per profiled node (name, kernel), its kernel time (microseconds) in each run, by the
+    run's index (a node run several times in one run, inside a loop, counts its sum)."""
+    starts = sorted(
+        e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"
+    )
+    times: dict[tuple[str, str], dict[int, float]] = {}
     for event in events:
         if event.get("cat") == "Node" and event.get("name", "").endswith(_KERNEL_SUFFIX):
             key = (event["name"][: -len(_KERNEL_SUFFIX)], event["args"].get("op_name", ""))
-            times.setdefault(key, []).append(float(event["dur"]))
+            run = max(bisect.bisect_right(starts, event["ts"]) - 1, 0)
+            runs = times.setdefault(key, {})
+            runs[run] = runs.get(run, 0.0) + float(event["dur"])
     return times
 
 
@@ -110,15 +118,21 @@ def measure(
     runs: int = 20,
 ) -> LayerTimes:
     """Kernel time per node of ``model`` on ``feed``: medians over ``runs`` runs after one
-    warm-up, with the graph optimizations deployment runs with (level "all"). Unnamed nodes
-    are named for the measurement only, so that their times can be told apart."""
+    warm-up, with the graph optimizations deployment runs with (level "all"). At one thread on
+    the CPU (:mod:`onnx_squeeze.clocks`) the medians are over the half of the runs that other
+    jobs interrupted least, so that a kernel's time is its own and not a share of the load.
+    Unnamed nodes are named for the measurement only, so that their times can be told apart."""
     unnamed = [(node, node.name) for node in model.graph if not node.name]
     names = UniqueNames(model)
     names.used.update(node.name for node in model.graph if node.name)
     for node, _ in unnamed:
         node.name = names.new(f"{node.op_type}_timed")
     try:
-        return _owned_times(model, _profile(model, feed, provider, threads, runs))
+        events, interrupted = _profile(model, feed, provider, threads, runs)
+        timed = range(1, len(interrupted))  # run 0 warms up
+        if clocks.cpu_clock([provider], [threads]):
+            timed = _quiet_runs(interrupted, timed)
+        return _owned_times(model, events, timed)
     finally:
         for node, name in unnamed:  # as it was: "" and None differ to onnx-ir's naming
             node.name = name
@@ -126,22 +140,29 @@ def measure(
 
 def _profile(
     model: ir.Model, feed: Mapping[str, np.ndarray], provider: str, threads: int, runs: int
-) -> list[dict]:
+) -> tuple[list[dict], list[float]]:
+    """The profiler's events of ``runs`` runs after one warm-up, and how long each run was
+    interrupted (microseconds)."""
     with tempfile.TemporaryDirectory(prefix="onnx-squeeze-") as folder:
         prefix = os.path.join(folder, "profile")
         # Profiling needs a plain session at the chosen thread count, with its profiler on.
         session = runtime.create_session(model, provider, threads=threads, profile_prefix=prefix)
-        for _ in range(runs + 1):
-            session.run(None, dict(feed))
-        return json.loads(Path(session.end_profiling()).read_text())
+        interrupted = [clocks.interrupted_us(session, feed) for _ in range(runs + 1)]
+        return json.loads(Path(session.end_profiling()).read_text()), interrupted
 
 
-def _owned_times(model: ir.Model, events: list[dict]) -> LayerTimes:
-    """Median time per run of each profiled node (the warm-up run left out), given to the
-    original node it derives from."""
+def _quiet_runs(interrupted: list[float], timed: Sequence[int]) -> list[int]:
+    """The half of the ``timed`` runs that other jobs interrupted least."""
+    quiet = sorted(timed, key=lambda run: interrupted[run])
+    return quiet[: max(1, math.ceil(len(quiet) / 2))]
+
+
+def _owned_times(model: ir.Model, events: list[dict], timed: Sequence[int]) -> LayerTimes:
+    """Median time over the ``timed`` runs of each profiled node (absent from a run, a branch
+    not taken: no time in it), given to the original node it derives from."""
     per_node = {
-        key: statistics.median(durations[1:] or durations)
-        for key, durations in _kernel_times(events).items()
+        key: statistics.median(by_run.get(run, 0.0) for run in timed)
+        for key, by_run in _kernel_times(events).items()
     }
     graph_nodes = {node.name: node for node in model.graph if node.name}
     producers = {value.name: node for node in model.graph for value in node.outputs if value.name}

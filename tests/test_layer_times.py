@@ -69,17 +69,71 @@ def test_profiled_names_map_to_the_node_they_derive_from(profiled, kernel, owner
     assert (found.name if found is not None else None) == owner
 
 
-def test_times_are_medians_without_the_warm_up_run():
+def _runs(conv_times, others=()):
+    """Profiler events: one model_run per entry of ``conv_times``, conv1's kernel in each,
+    ``others`` (name, op, microseconds) in the first timed run only."""
+    events = []
+    for run, duration in enumerate(conv_times):
+        events += [
+            {"cat": "Session", "name": "model_run", "ts": 1000 * run, "dur": 999},
+            {
+                "cat": "Node",
+                "name": "conv1_kernel_time",
+                "ts": 1000 * run + 1,
+                "dur": duration,
+                "args": {"op_name": "Conv"},
+            },
+        ]
+    events += [
+        {"cat": "Node", "name": f"{n}_kernel_time", "ts": 1002, "dur": d, "args": {"op_name": op}}
+        for n, op, d in others
+    ]
+    return events
+
+
+def _named_model():
     model = graph_model(CHAIN)
     conv = next(iter(model.graph))
     conv.name = "conv1"
-    events = [
-        {"cat": "Node", "name": "conv1_kernel_time", "dur": dur, "args": {"op_name": "Conv"}}
-        for dur in (900, 10, 30, 20)
-    ] + [
-        {"cat": "Node", "name": "Reorder_kernel_time", "dur": 5, "args": {"op_name": "R"}},
-        {"cat": "Node", "name": "r_kernel_time", "dur": 3, "args": {"op_name": "ReorderOutput"}},
-    ]
-    times = layer_times._owned_times(model, events)
+    return model, conv
+
+
+def test_times_are_medians_without_the_warm_up_run():
+    model, conv = _named_model()
+    events = _runs((900, 10, 30, 20), [("Reorder", "R", 5), ("r", "ReorderOutput", 3)])
+    times = layer_times._owned_times(model, events, range(1, 4))
+    # a kernel absent from a run (the reorders outside run 1) took no time in it
     assert times.nodes == {conv: 20}
-    assert times.total == 28 and times.unowned == 8 and times.layout == 3
+    assert times.total == 20 and times.unowned == 0 and times.layout == 0
+    times = layer_times._owned_times(model, events, [1])
+    assert times.nodes == {conv: 10}
+    assert times.total == 18 and times.unowned == 8 and times.layout == 3
+
+
+def test_cpu_clock_keeps_the_runs_other_jobs_interrupted_least():
+    """Run 2 was preempted for 5 ms, run 4 for 1 ms: the medians are over runs 1 and 3 (the
+    warm-up, run 0, never counts)."""
+    model, conv = _named_model()
+    interrupted = [0.0, 2.0, 5000.0, 1.0, 1000.0]
+    quiet = layer_times._quiet_runs(interrupted, range(1, 5))
+    assert sorted(quiet) == [1, 3]
+    times = layer_times._owned_times(model, _runs((900, 10, 5010, 12, 1020)), quiet)
+    assert times.nodes == {conv: 11}
+
+
+def test_a_profile_on_one_cpu_thread_reads_half_the_runs(monkeypatch):
+    """measure() at one CPU thread keeps the quiet half of its runs; at two threads, all."""
+    model = graph_model(CHAIN)
+    feed = random_feeds(model, 1, batch=1)[0]
+    chosen = []
+    original = layer_times._owned_times
+
+    def owned(model, events, timed):
+        chosen.append(list(timed))
+        return original(model, events, timed)
+
+    monkeypatch.setattr(layer_times, "_owned_times", owned)
+    layer_times.measure(model, feed, runs=6)
+    layer_times.measure(model, feed, runs=6, threads=2)
+    assert len(chosen[0]) == 3 and set(chosen[0]) <= set(range(1, 7))
+    assert chosen[1] == list(range(1, 7))

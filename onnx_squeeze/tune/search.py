@@ -23,11 +23,10 @@ from typing import Any
 
 import optuna
 
-from onnx_squeeze import model_io
+from onnx_squeeze import clocks, model_io
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.recipe import Recipe
 from onnx_squeeze.tune import results as results_module
-from onnx_squeeze.tune import timing
 from onnx_squeeze.tune.executors import Executor, make_executor
 from onnx_squeeze.tune.space import Space, build_space, family_of, recipe_for
 from onnx_squeeze.tune.store import Store
@@ -306,7 +305,7 @@ def tune(
             "calibration_samples": calibration_samples,
             "samples": samples,
             "seed": seed,
-            "clock": "cpu" if timing.cpu_clock(providers, threads) else "wall",
+            "clock": "cpu" if clocks.cpu_clock(providers, threads) else "wall",
         },
     }
     if base_job["run"]["clock"] == "cpu":

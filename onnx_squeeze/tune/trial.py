@@ -5,7 +5,7 @@ A trial is a JSON-able job run in its own process (forked by the local executor,
 onnx_squeeze.tune.trial JOB.json`` by hand, or a Ray task), so that a trial that brings its process down (an onnxruntime
 abort, memory) costs that trial only; it writes ``model.onnx`` and ``result.json`` to the
 job's folder. At one thread on the CPU the latency is timed again in CPU time
-(:mod:`onnx_squeeze.tune.timing`), which other jobs on the machine do not move.
+(:mod:`onnx_squeeze.clocks`), which other jobs on the machine do not move.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from onnx_squeeze import model_io
+from onnx_squeeze import clocks, model_io
 from onnx_squeeze.calibration import open_source
 from onnx_squeeze.errors import SqueezeError
 from onnx_squeeze.recipe import Recipe
-from onnx_squeeze.tune import metrics, timing
+from onnx_squeeze.tune import metrics
 
 MODEL_FILE = "model.onnx"
 RESULT_FILE = "result.json"
@@ -111,10 +111,10 @@ def _timed_in_cpu(
     job: dict[str, Any], measured: dict[str, Any], output: Path, data: Any
 ) -> dict[str, Any]:
     """The latency ratio and speed-up in CPU time against the job's model (the search's
-    prepared reference), on the first sample (:mod:`onnx_squeeze.tune.timing`); the comparison's
+    prepared reference), on the first sample (:mod:`onnx_squeeze.clocks`); the comparison's
     wall-clock ratio is kept beside them."""
     feed = next(iter(data))
-    reference, model = timing.cpu_ms([job["model"], output], feed, job["run"].get("runs", 10))
+    reference, model = clocks.cpu_ms([job["model"], output], feed, job["run"].get("runs", 10))
     return {
         **measured,
         "wall_latency_ratio": measured.get("latency_ratio"),
