@@ -457,24 +457,31 @@ def _pilot_arm(
     """One arm's bisection on the pruning fraction: the smallest fraction that meets the targets
     (or where the budget breaks). First its lowest fraction (quantization alone may do), unless
     that is no recipe at all (the original) or an earlier arm pruned the same way: fine-tuning
-    moves the metric, not the latency, size or MACs, so that arm's fractions that missed the
-    targets bound this one's from below, and the smallest that met them (else the highest) is
-    tried first (coarse to fine: a fine-tuned trial costs minutes, a pruned one seconds). A
-    trial past the time limit ends the arm: another fraction of its recipe costs about as much
-    (ResNet-50: pruning alone ran past 600 s at 0.35 of the time, then again at 0.15).
+    and the criterion move the metric, not the latency, size or MACs (pruning is steered to its
+    fraction of the time or MACs whichever channels it scores lowest), so that arm's fractions
+    that missed the targets bound this one's from below, and the smallest that met them (else
+    the highest) is tried first (coarse to fine: a fine-tuned trial costs minutes, a pruned one
+    seconds). A trial past the time limit ends the arm: another fraction of its recipe costs
+    about as much (ResNet-50: pruning alone ran past 600 s at 0.35 of the time, then again at
+    0.15). At each fraction the arm's pruning scores channels with the space's cheap criterion
+    first (:data:`.space.CHEAP_CRITERION`) and with its own only where that breaks the budget.
     Returns whether a trial met the targets within the budget."""
 
-    def at(fraction: float) -> dict[str, Any]:
-        return space.pilot_point(arm, fraction, timed)
+    def at(fraction: float, cheap: bool = False) -> dict[str, Any]:
+        return space.pilot_point(arm, fraction, timed, cheap)
 
     def run(fraction: float) -> tuple[float, float] | None:
         """How far the arm at ``fraction`` misses the targets and the budget (a failed trial
-        misses both); None when it ran past the time limit."""
-        trial = probe(at(fraction))
+        misses both); None when it ran past the time limit. The cheap criterion first; where
+        it breaks the budget, the arm's own decides."""
+        cheap, own = at(fraction, cheap=True), at(fraction)
+        trial = probe(cheap)
+        if cheap != own and not trial.result.get("timed_out") and search.distance(trial)[1] > 0:
+            trial = probe(own)
         return None if trial.result.get("timed_out") else search.distance(trial)
 
-    def shape(params: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in params.items() if k not in ("prune", "finetune")}
+    def shape(params: Mapping[str, Any]) -> dict[str, Any]:  # what moves the time and size
+        return {k: v for k, v in params.items() if k not in ("prune", "finetune", "criterion")}
 
     same = [t for t in ran if t.ok and shape(t.params) == shape(at(t.params.get("prune", 0.0)))]
     missed = [t.params.get("prune", 0.0) for t in same if search.distance(t)[0] > 0]
