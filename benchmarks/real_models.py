@@ -565,6 +565,12 @@ MODELS: dict[str, RealModel] = {
 
 HOLDOUT = 5  # compress judges on every 5th batch of --calib (one sample each here): 4, 9, 14, ...
 FRESH = 32  # fresh samples the judges read besides the held-out ones (another seed)
+# Judges that read one decision per sample (a string, a top class, a speech decision) read more
+# fresh samples: on 32 alone one disagreement moves the share by 3 %, and results near the bar
+# (ddddocr beta's dynamic INT8 and INT4 both read 96-97 % of 64 strings the same) come out
+# kept or broken by chance.
+FRESH_DECISIONS = 128
+KEPT, BROKEN = 0.98, 0.95  # per-sample decisions: kept at the default gate's bar, broken below 0.95
 Judge = Callable[[RealModel, list[Feed], list[np.ndarray], list[np.ndarray]], dict[str, Any]]
 _ORIGINAL: dict[str, tuple[list[Feed], list[np.ndarray]]] = {}  # name -> held-out feeds, outputs
 
@@ -606,7 +612,8 @@ def first_outputs(path: Path, feeds: list[Feed]) -> list[np.ndarray]:
 def judge(model: RealModel, result: Path) -> dict[str, Any]:
     """The model's task judge on the result at ``result`` against the original."""
     if model.name not in _ORIGINAL:
-        feeds = held_out(model) + model.make(model, FRESH, np.random.default_rng(SEED + 1))
+        fresh = FRESH_DECISIONS if model.judge in DECISION_JUDGES else FRESH
+        feeds = held_out(model) + model.make(model, fresh, np.random.default_rng(SEED + 1))
         _ORIGINAL[model.name] = feeds, first_outputs(model.path, feeds)
     feeds, original = _ORIGINAL[model.name]
     return JUDGES[str(model.judge)](model, feeds, original, first_outputs(result, feeds))
@@ -618,20 +625,27 @@ def _ctc(ids: np.ndarray, blank: int) -> tuple[int, ...]:
     return tuple(c for k, c in enumerate(seq) if c != blank and (k == 0 or c != seq[k - 1]))
 
 
+def _decisions(name: str, value: float) -> dict[str, Any]:
+    """A share of per-sample decisions that agree: kept at ``KEPT`` (the default gate's bar),
+    broken below ``BROKEN``; in between the task still works but below the gate's bar
+    (degraded): a FAIL there is no false alarm and a PASS no miss."""
+    return {"name": name, "value": value, "kept": value >= BROKEN, "degraded": value < KEPT}
+
+
 def _strings(decode: Callable[[np.ndarray], tuple[int, ...]]) -> Judge:
-    """OCR: share of samples whose decoded string is identical; kept at 0.95."""
+    """OCR: share of samples whose decoded string is identical (:func:`_decisions`)."""
 
     def strings(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> dict:
         value = float(np.mean([decode(x) == decode(y) for x, y in zip(a, b, strict=True)]))
-        return {"name": "strings", "value": value, "kept": value >= 0.95}
+        return _decisions("strings", value)
 
     return strings
 
 
 def _top1(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> dict:
-    """Classifier: share of samples with the same top class; kept at 0.95."""
+    """Classifier: share of samples with the same top class (:func:`_decisions`)."""
     value = float(np.mean([x.argmax() == y.argmax() for x, y in zip(a, b, strict=True)]))
-    return {"name": "top-1", "value": value, "kept": value >= 0.95}
+    return _decisions("top-1", value)
 
 
 def _tashkeel(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> dict:
@@ -706,10 +720,10 @@ def _yolox(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> d
 
 
 def _vad(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> dict:
-    """Voice activity: share of chunks with the same speech decision (prob >= 0.5)."""
+    """Voice activity: share of chunks with the same speech decision (prob >= 0.5;
+    :func:`_decisions`)."""
     speech = [np.concatenate(outputs).ravel() >= 0.5 for outputs in (a, b)]
-    value = float(np.mean(speech[0] == speech[1]))
-    return {"name": "speech", "value": value, "kept": value >= 0.95}
+    return _decisions("speech", float(np.mean(speech[0] == speech[1])))
 
 
 JUDGES: dict[str, Judge] = {
@@ -723,6 +737,7 @@ JUDGES: dict[str, Judge] = {
     "yolox": _yolox,
     "vad": _vad,
 }
+DECISION_JUDGES = {"ctc_ddddocr", "ctc_captcha", "ctc_ppocr", "top1", "vad"}
 
 
 # ---------------------------------------------------------------------------- fetch
@@ -968,10 +983,13 @@ def _task(
     except Exception as error:  # a written result that onnxruntime cannot run
         return {**found, "task_error": f"{type(error).__name__}: {error}"[:300]}
     kept = bool(metric.pop("kept"))
-    found.update(task_metric=metric, task_kept=kept)
+    degraded = kept and bool(metric.pop("degraded", False))
+    found.update(task_metric=metric, task_kept=kept, task_degraded=degraded)
     if row.get("gate"):
         passed = row["gate"] == "PASS"
-        found["verdict"] = "ok" if kept == passed else "MISSED" if passed else "FALSE ALARM"
+        found["verdict"] = (
+            "ok" if kept == passed or degraded else "MISSED" if passed else "FALSE ALARM"
+        )
         if found["verdict"] == "MISSED" and any(
             "too few to tell" in w or "NOT met" in w for w in row.get("warnings") or []
         ):
@@ -985,9 +1003,8 @@ def _task_cell(row: dict[str, Any]) -> str | None:
     if not metric:
         return row.get("task_error")
     extra = f" +{metric['extra']}/{metric['boxes']}" if "extra" in metric else ""
-    return (
-        f"{metric['name']} {metric['value']:.3g}{extra} {'kept' if row['task_kept'] else 'BROKEN'}"
-    )
+    state = "degraded" if row.get("task_degraded") else "kept" if row["task_kept"] else "BROKEN"
+    return f"{metric['name']} {metric['value']:.3g}{extra} {state}"
 
 
 def _revision() -> str:
@@ -1002,14 +1019,14 @@ def _revision() -> str:
 
 
 JUDGE_TEXT = {
-    "ctc_ddddocr": "strings ≥ 0.95 (CTC, blank 0)",
-    "ctc_captcha": "strings ≥ 0.95 (CTC, blank 36)",
-    "ctc_ppocr": "strings ≥ 0.95 (CTC, blank 0)",
-    "top1": "top-1 ≥ 0.95",
+    "ctc_ddddocr": "strings ≥ 0.98 kept, < 0.95 broken (CTC, blank 0)",
+    "ctc_captcha": "strings ≥ 0.98 kept, < 0.95 broken (CTC, blank 36)",
+    "ctc_ppocr": "strings ≥ 0.98 kept, < 0.95 broken (CTC, blank 0)",
+    "top1": "top-1 ≥ 0.98 kept, < 0.95 broken",
     "tashkeel": "letters' class ≥ 0.98",
     "db_mask": "mask IoU at 0.3 ≥ 0.9",
     "yolox": "box recall ≥ 0.9 at IoU 0.5, extra ≤ 10 %",
-    "vad": "speech (p ≥ 0.5) ≥ 0.95",
+    "vad": "speech (p ≥ 0.5) ≥ 0.98 kept, < 0.95 broken",
 }
 SEPARATING = [
     "worst_channel_sqnr_db",
@@ -1024,7 +1041,8 @@ def verdict_summary(rows: list[dict[str, Any]]) -> str:
     alarms, and the gate metrics' ranges among kept and broken results (a threshold between
     them separates the two)."""
     judged = [r for r in rows if r.get("task_kept") is not None and r["pass"] not in PEERS]
-    kept = [row for row in judged if row["task_kept"]]
+    kept = [row for row in judged if row["task_kept"] and not row.get("task_degraded")]
+    degraded = [row for row in judged if row.get("task_degraded")]
     broken = [row for row in judged if not row["task_kept"]]
     count = {
         v: sum(row.get("verdict") == v for row in judged)
@@ -1033,10 +1051,14 @@ def verdict_summary(rows: list[dict[str, Any]]) -> str:
     gate = DEFAULT_GATE
     text = (
         f"**Task judges.** Each compress output was run in onnxruntime against the original on "
-        f"the held-out samples (every 5th of `--calib`) and {FRESH} fresh ones (another seed) and read "
-        f"as its package reads it (CTC "
-        f"strings, top-1, masks, boxes, diacritics; model table, last column): {len(judged)} "
-        f"rows judged, {len(kept)} kept the task, {len(broken)} broke it. The default gate "
+        f"the held-out samples (every 5th of `--calib`) and fresh ones (another seed: "
+        f"{FRESH_DECISIONS} where each sample is one decision, a string, a top class or a "
+        f"speech decision; {FRESH} for masks, boxes and diacritics) and read as its package "
+        f"reads it (CTC strings, top-1, masks, boxes, diacritics; model table, last column): "
+        f"{len(judged)} rows judged, {len(kept)} kept the task, {len(broken)} broke it, and "
+        f"{len(degraded)} still do it below the default gate's bar (per-sample decisions that "
+        f"agree at {BROKEN:.0%} to {KEPT:.0%}: degraded, where FAIL and PASS are both right). "
+        f"The default gate "
         f"(`{gate}`, the conditions that apply to the model) missed {count['MISSED']} broken results, passed {count['WARNED']} more with a warning that it could not tell (too few reads, or a pass that missed the gate on calibration data), and raised {count['FALSE ALARM']} "
         "false alarms on kept ones. Gate metrics among the judged rows:\n\n"
     )

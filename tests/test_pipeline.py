@@ -57,9 +57,10 @@ def test_a_failed_gate_blocks_and_writes_nothing(mlp_path, tmp_path):
     assert written.output == str(out) and out.is_file()
 
 
-def test_calibration_data_gives_the_shapes_and_a_held_out_fifth(tmp_path):
+def test_calibration_data_gives_the_shapes_and_is_all_judged_when_no_pass_reads_it(tmp_path):
     """A model with a symbolic sequence length is compared at the data's shapes (never at an
-    invented 1), on the batches the passes did not see."""
+    invented 1); dynamic INT8 reads no data, so all ten batches are unseen and judged on (a
+    data-reading pass is judged on the held-out fifth: test_verification)."""
     model = zoo.build("transformer", width=0.25, depth=0.25)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", input_ids=rng.integers(0, 100, (10, 7)).astype(np.int64))
@@ -70,8 +71,9 @@ def test_calibration_data_gives_the_shapes_and_a_held_out_fifth(tmp_path):
         runs=2,
     )
     assert result.comparison["input_shapes"] == {"input_ids": [1, 7]}
-    assert "every 5th batch, held out" in result.comparison["inputs_label"]
-    assert not any("RANDOM" in w for w in result.warnings)
+    assert "no pass read the calibration data" in result.comparison["inputs_label"]
+    assert result.comparison["fidelity"][0]["samples"] == 10
+    assert not any("RANDOM" in w or "optimistic" in w for w in result.warnings)
 
 
 def test_options_that_need_the_comparison_are_refused_without_it(mlp_path):
@@ -161,3 +163,41 @@ def test_int8_accuracy_control_aims_at_the_users_check(mlp_path):
     own = sq.Recipe.from_cli(["quantize_int8:target=cosine>=0.9"])
     result = sq.compress(str(mlp_path), own, checks=["top1_agreement>=0.5"], runs=2)
     assert result.report["recipe"]["passes"][0]["target"] == "cosine>=0.9"
+
+
+def _near_tie_classifier() -> onnx.ModelProto:
+    """Two logits that differ only by -0.002·x0: INT8 weights (per column, scaled by its largest
+    value, 1) round both columns to ones, so the logits tie and argmax reads class 0; every
+    sample that the original put in class 1 (x0 < 0) flips."""
+    weight = np.ones((8, 2), np.float32)
+    weight[0, 1] -= 0.002
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"], name="head")],
+        "tie",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 2])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_too_few_held_out_reads_are_backed_by_the_data_the_passes_saw(tmp_path):
+    """Ten samples: the two held out (every 5th) are class 0 and keep it, the eight seen by
+    INT8 are class 1 by a hair and flip. Two reads cannot tell, so the gates are also
+    checked on the seen data, where the result fails (figures there are optimistic)."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 1.0, (10, 8)).astype(np.float32)
+    x[4::5, 0] = 1.0  # held out: class 0 in both models
+    x[np.arange(10) % 5 != 4, 0] = -1.0  # seen: class 1 by 0.002, a tie after INT8
+    np.savez(tmp_path / "calib.npz", x=x)
+    recipe = sq.Recipe.from_cli(["quantize_int8:accuracy_control=false"])
+    calib = str(tmp_path / "calib.npz")
+    result = sq.compress(_near_tie_classifier(), recipe, calibration=calib, runs=1)
+    assert result.comparison["metrics"]["argmax_agreement"] == 1.0  # 2 of 2 held out agree
+    assert any("only 2 positions" in w for w in result.warnings)
+    seen = result.comparison["seen"]
+    assert "seen by the passes" in seen["inputs_label"]
+    assert seen["metrics"]["argmax_agreement"] < 0.5
+    failed = [g for g in result.gates if not g["passed"]]
+    assert failed and all(g["seen"] for g in failed) and not result.report["passed"]
+    assert "argmax_agreement" in failed[0]["expr"]

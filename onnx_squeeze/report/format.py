@@ -117,7 +117,8 @@ def shapes_line(comparison: dict[str, Any]) -> str:
 
 
 def gate_label(gate: dict[str, Any]) -> str:
-    return f"{gate['expr']} (default gate)" if gate.get("default") else gate["expr"]
+    label = f"{gate['expr']} (default gate)" if gate.get("default") else gate["expr"]
+    return f"{label} on the data the passes saw" if gate.get("seen") else label
 
 
 # ---------------------------------------------------------------- terminal
