@@ -409,6 +409,11 @@ def _seen_gates(
     )
     metrics = comparison["metrics"]
     result.comparison["seen"] = {"inputs_label": label, "metrics": metrics}
+    reads = sum(int(f.get("reads") or 0) for f in comparison["fidelity"])
+    result.notes.append(
+        f"too few held-out reads: on the data the passes saw ({reads} reads), argmax_agreement "
+        f"= {metrics.get('argmax_agreement', float('nan')):.4g} (optimistic: the passes fit it)"
+    )
     failed = [g for g in gates.judged(checks, metrics, verdict.DEFAULT_GATE) if not g["passed"]]
     return [{**g, "seen": True} for g in failed]
 

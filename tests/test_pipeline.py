@@ -198,6 +198,7 @@ def test_too_few_held_out_reads_are_backed_by_the_data_the_passes_saw(tmp_path):
     seen = result.comparison["seen"]
     assert "seen by the passes" in seen["inputs_label"]
     assert seen["metrics"]["argmax_agreement"] < 0.5
+    assert any("on the data the passes saw (8 reads)" in note for note in result.notes)
     failed = [g for g in result.gates if not g["passed"]]
     assert failed and all(g["seen"] for g in failed) and not result.report["passed"]
     assert "argmax_agreement" in failed[0]["expr"]
