@@ -18,8 +18,10 @@ Fine-tuning joins the search space where PyTorch is installed (the digits CNN's 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -60,6 +62,13 @@ HEADERS = [
 ]
 RETIME_RUNS = 100  # interleaved rounds when the models are timed again, side by side
 LOADS: list[float] = []  # the 1-minute load average after each row of this run
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and of its children that ended (tune's trial launcher ends
+    with its search): what a method cost, less moved by other jobs than its wall time."""
+    usage = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
 def _load_range() -> str:
@@ -408,16 +417,25 @@ def main() -> None:
             made: list[list[Any]] = []
             for target in case["targets"]:
                 print(f"{case['name']} {target}", flush=True)
+                spent = [_cpu_s()]
                 row = tune_row(case, target, max_drop, args, folder, notes)
+                spent.append(_cpu_s())
                 made += [row, hand_written_row(case, target, max_drop, args, folder, row[8])]
+                spent.append(_cpu_s())
                 print(common.markdown_table(HEADERS, made[-2:]), flush=True)
                 if not args.no_nncf:
                     peer = nncf_row(case, target, max_drop, args, folder, row[8])
+                    spent.append(_cpu_s())
                     if isinstance(peer, str):
                         notes.append(peer)
                     else:
                         made.append(peer)
                         print(common.markdown_table(HEADERS, [peer]), flush=True)
+                costs = [f"{b - a:.0f}" for a, b in itertools.pairwise(spent)]
+                notes.append(
+                    f"{case['name']}, CPU seconds at {target} (tune, hand-written"
+                    f"{', NNCF' if len(costs) > 2 else ''}): {', '.join(costs)}"
+                )
                 LOADS.append(os.getloadavg()[0])
                 print(_write(rows + made, notes, args), flush=True)  # kept if cut short
             retime(case, made, folder)
