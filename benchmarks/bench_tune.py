@@ -10,7 +10,7 @@ torch, no nncf) are left out with a note.
 
     python benchmarks/bench_tune.py [--models transformer,resnet50,digits_cnn] [--trials 12]
         [--time-budget 900] [--trial-timeout S] [--runs 10] [--bisect-steps 3] [--zoo-drop 0.1]
-        [--first] [--no-nncf] [--nncf-iterations 20] [--work DIR]
+        [--first] [--no-nncf] [--no-hand-written] [--nncf-iterations 20] [--work DIR]
 
 Fine-tuning joins the search space where PyTorch is installed (the digits CNN's 3x needs it).
 """
@@ -374,6 +374,11 @@ def main() -> None:
     )
     parser.add_argument("--no-nncf", action="store_true")
     parser.add_argument(
+        "--no-hand-written",
+        action="store_true",
+        help="leave out the preset recipe's row (ResNet-50's --recipe fast ran past 17 minutes)",
+    )
+    parser.add_argument(
         "--nncf-iterations",
         type=int,
         default=20,
@@ -417,12 +422,14 @@ def main() -> None:
             made: list[list[Any]] = []
             for target in case["targets"]:
                 print(f"{case['name']} {target}", flush=True)
-                spent = [_cpu_s()]
+                spent, fresh = [_cpu_s()], len(made)
                 row = tune_row(case, target, max_drop, args, folder, notes)
                 spent.append(_cpu_s())
-                made += [row, hand_written_row(case, target, max_drop, args, folder, row[8])]
-                spent.append(_cpu_s())
-                print(common.markdown_table(HEADERS, made[-2:]), flush=True)
+                made.append(row)
+                if not args.no_hand_written:
+                    made.append(hand_written_row(case, target, max_drop, args, folder, row[8]))
+                    spent.append(_cpu_s())
+                print(common.markdown_table(HEADERS, made[fresh:]), flush=True)
                 if not args.no_nncf:
                     peer = nncf_row(case, target, max_drop, args, folder, row[8])
                     spent.append(_cpu_s())
@@ -431,10 +438,12 @@ def main() -> None:
                     else:
                         made.append(peer)
                         print(common.markdown_table(HEADERS, [peer]), flush=True)
+                methods = ["tune"] + ([] if args.no_hand_written else ["hand-written"])
+                methods += [] if args.no_nncf else ["NNCF"]
                 costs = [f"{b - a:.0f}" for a, b in itertools.pairwise(spent)]
                 notes.append(
-                    f"{case['name']}, CPU seconds at {target} (tune, hand-written"
-                    f"{', NNCF' if len(costs) > 2 else ''}): {', '.join(costs)}"
+                    f"{case['name']}, CPU seconds at {target} ({', '.join(methods)}): "
+                    + ", ".join(costs)
                 )
                 LOADS.append(os.getloadavg()[0])
                 print(_write(rows + made, notes, args), flush=True)  # kept if cut short
