@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -39,33 +39,65 @@ def cpu_ms(
     runs: int = 10,
 ) -> list[float]:
     """Each model's CPU milliseconds per run of ``feed`` (the inputs each one has) at one
-    thread: the median of ``runs`` rounds, the models interleaved and the order rotated each
-    round, a fast model's round being a burst of back-to-back runs (the mean counts). A model
-    may be given as a session made with ``threads=1``."""
+    thread: the median of ``runs`` interleaved rounds (:func:`timed_runs`) after three warm-up
+    runs. A model may be given as a session made with ``threads=1``."""
     sessions = [
         m if isinstance(m, ort.InferenceSession) else runtime.create_session(m, "cpu", threads=1)
         for m in models
     ]
     feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
-    bursts = []
     for session, inputs in zip(sessions, feeds, strict=True):
         for _ in range(3):
             session.run(None, inputs)
-        once = _cpu_run(session, inputs, 1)
-        bursts.append(max(1, math.ceil(BURST_S * 1000 / max(once, 1e-6))))
+    return [float(np.median(t)) for t in timed_runs(sessions, feeds, runs, cpu=True)]
+
+
+def timed_runs(
+    sessions: Sequence[ort.InferenceSession],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    runs: int,
+    *,
+    cpu: bool,
+    interleaved: bool = True,
+    rounds: Callable[[Iterable[int], int | None], Iterable[int]] | None = None,
+) -> list[list[float]]:
+    """Milliseconds per run of each warmed-up session on its feed, ``runs`` samples each, on
+    the thread's CPU clock (``cpu``) or the wall clock. Rounds are interleaved, the order
+    rotated each round, unless ``interleaved=False`` (each model's runs in a row). A model
+    faster than ``BURST_S`` is run back to back within each sample until that much time has
+    passed and the mean counts: a single run after the other models' would time it with cold
+    caches and the timer's own overhead, not as a serving loop runs it. ``rounds`` wraps the
+    loops (a progress bar)."""
+    clock = time.thread_time_ns if cpu else time.perf_counter_ns
+    step = rounds or (lambda values, total: values)
+    bursts = [
+        max(1, math.ceil(BURST_S * 1000 / max(_run_ms(s, f, 1, clock), 1e-6)))
+        for s, f in zip(sessions, feeds, strict=True)
+    ]
     times: list[list[float]] = [[] for _ in sessions]
-    for round_index in range(max(1, runs)):
-        for offset in range(len(sessions)):
-            index = (round_index + offset) % len(sessions)
-            times[index].append(_cpu_run(sessions[index], feeds[index], bursts[index]))
-    return [float(np.median(t)) for t in times]
+    count = len(sessions)
+    if interleaved:
+        for round_index in step(range(max(1, runs)), runs):
+            for offset in range(count):
+                index = (round_index + offset) % count
+                times[index].append(_run_ms(sessions[index], feeds[index], bursts[index], clock))
+    else:
+        for index in range(count):
+            for _ in step(range(max(1, runs)), runs):
+                times[index].append(_run_ms(sessions[index], feeds[index], bursts[index], clock))
+    return times
 
 
-def _cpu_run(session: ort.InferenceSession, feed: Mapping[str, np.ndarray], count: int) -> float:
-    start = time.thread_time_ns()
+def _run_ms(
+    session: ort.InferenceSession,
+    feed: Mapping[str, np.ndarray],
+    count: int,
+    clock: Callable[[], int],
+) -> float:
+    start = clock()
     for _ in range(count):
         session.run(None, feed)
-    return (time.thread_time_ns() - start) / 1e6 / count
+    return (clock() - start) / 1e6 / count
 
 
 def interrupted_us(session: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> float:

@@ -49,3 +49,7 @@ def test_latency_checks_on_the_cpu_read_the_cpu_clock(monkeypatch):
     slept = latency_search.median_times([session], feed)[0]
     assert slept < plain + 0.5  # 2 ms of sleep per run, not counted
     assert clocks.interrupted_us(session, feed) >= 1500
+    # the one timing loop, on either clock: the wall clock counts the sleep
+    (wall,), (cpu,) = (clocks.timed_runs([session], [feed], 3, cpu=c) for c in (False, True))
+    assert len(wall) == len(cpu) == 3
+    assert min(wall) >= 2.0 and max(cpu) < 1.5
