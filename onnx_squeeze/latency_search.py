@@ -45,8 +45,8 @@ def median_times(
     """Median milliseconds per run of each model on ``feed`` (the inputs each one has), timed
     interleaved on one thread within about ``ROUND_BUDGET_S``; on the CPU in the thread's CPU
     time (:mod:`onnx_squeeze.clocks`, within ``CPU_ROUND_BUDGET_S``), as the search that asks
-    for a latency target measures it. A model may be given as a session made with ``threads=1``, so one timed often is
-    loaded once."""
+    for a latency target measures it. A model may be given as a session made with
+    ``threads=1``, so one timed often is loaded once."""
     sessions = [
         m if isinstance(m, ort.InferenceSession) else runtime.create_session(m, provider, threads=1)
         for m in models
