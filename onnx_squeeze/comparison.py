@@ -41,6 +41,7 @@ import onnxruntime as ort
 
 from onnx_squeeze import layer_times
 from onnx_squeeze.analysis import MAC_OPS, ModelSummary, NodeCost, analyze
+from onnx_squeeze.calibration.feeds import Feed
 from onnx_squeeze.calibration.random_data import random_source
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.fidelity import OutputFidelity, accumulators, gate_metrics, probability_outputs
@@ -61,7 +62,6 @@ __all__ = [
 ]
 
 ModelLike = ir.Model | onnx.ModelProto | str | os.PathLike
-Feed = Mapping[str, np.ndarray]
 
 
 # ---------------------------------------------------------------------------------------------
