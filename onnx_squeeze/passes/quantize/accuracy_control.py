@@ -140,10 +140,15 @@ class _Measure:
         self.gate = gates[0]
         self.probabilities = fidelity.probability_outputs(model)
         self.shapes = fidelity.output_shapes(model)
-        first = _outputs(model, context.data.first_batches(1), context)
+        first = _outputs(model, context.data.first_batches(batches), context)
         agreement = any(gate.metric in AGREEMENT_METRICS for gate in gates)
+        per_batch = (
+            _reads(first, self.shapes, self.probabilities)
+            if agreement
+            else _channel_values(first, self.shapes)
+        )
         needed = AGREEMENT_POSITIONS if agreement else CHANNEL_VALUES
-        checks = min(max(batches, math.ceil(needed / _channel_values(first, self.shapes))), 32)
+        checks = min(max(batches, math.ceil(needed / per_batch)), 32)
         feeds = context.data.first_batches(batches + checks)
         self.feeds = {"search": feeds[:batches], "check": feeds[batches:] or feeds[:batches]}
         self.reference = {key: _outputs(model, f, context) for key, f in self.feeds.items()}
@@ -285,7 +290,8 @@ def _float_until_held(
         groups = _descent(candidates, floated, measure)
         found = groups[-1][0]
         chosen, new = groups[-1], measure([*floated, found.name], on="check")
-        if not gate.passes(new.value):  # the error is spread: the fewest layers that hold it
+        if not (gate.passes(new.value) and measure.worth(new, current, spread)):
+            # the error is spread: the fewest layers that hold it
             fitting = [g for g in groups[:-1] if spent + sum(macs[n.name] for n in g) <= budget]
             held_by = _smallest_holding(fitting, floated, measure, bounds.runs - measure.runs)
             if held_by is not None:
@@ -380,10 +386,21 @@ def metric_of(measured: Mapping[str, fidelity.OutputFidelity], metric: str) -> f
 
 
 def _channel_values(outputs: Sequence[Feed], shapes: Mapping[str, Sequence[Any]]) -> float:
-    """The fewest values per output channel that one batch of ``outputs`` gives (as the
+    """The fewest values per output channel that a batch of ``outputs`` gives (as the
     fidelity measure finds channels)."""
     measured = fidelity.measure(outputs, outputs, shapes=shapes).values()
-    return max(min((m.elements / m.channels for m in measured), default=1.0), 1.0)
+    values = min((m.elements / m.channels for m in measured), default=1.0)
+    return max(values / len(outputs), 1.0)
+
+
+def _reads(
+    outputs: Sequence[Feed], shapes: Mapping[str, Sequence[Any]], probabilities: Any
+) -> float:
+    """The fewest reads an agreement counts per batch of ``outputs``, over the outputs that
+    have one: positions, or for a CTC sequence the lines (ppocr_rec: 40 steps, one line)."""
+    measured = fidelity.measure(outputs, outputs, probabilities=probabilities, shapes=shapes)
+    reads = [m.reads for m in measured.values() if m.argmax_agreement is not None]
+    return max(min(reads, default=1) / len(outputs), 1.0)
 
 
 def _outputs(model: ir.Model, feeds: Sequence[Feed], context: PassContext) -> list[Feed]:
