@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import os
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +37,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnx_squeeze import layer_times
+from onnx_squeeze import clocks, layer_times
 from onnx_squeeze.analysis import MAC_OPS, ModelSummary, NodeCost, analyze
 from onnx_squeeze.calibration.feeds import Feed
 from onnx_squeeze.calibration.random_data import random_source
@@ -285,9 +283,6 @@ def _is_numeric_tensor(type_name: str) -> bool:
 # Latency
 
 
-BURST_S = 0.005  # a timed sample lasts at least this long (back-to-back runs of a fast model)
-
-
 @dataclasses.dataclass
 class Latency:
     """Wall time of ``session.run`` for one model on one provider and thread count."""
@@ -319,12 +314,11 @@ def latency(
 ) -> list[Latency] | None:
     """Time every model on ``provider`` with ``threads`` intra-op threads.
 
-    ``feed`` is one feed for all models or one per model. Runs are interleaved (the order
-    rotated each round) unless ``interleaved=False``. A model faster than ``BURST_S`` is run
-    back to back within each round until that much time has passed and the mean counts as the
-    round's run: a single run after the other models' would time it with cold caches and the
-    timer's own overhead, not as a serving loop runs it. Returns None when the provider is not
-    available or the session does not get it; the reason is appended to ``skipped``.
+    ``feed`` is one feed for all models or one per model. Runs are timed on the wall clock by
+    :func:`clocks.timed_runs`: interleaved (the order rotated each round) unless
+    ``interleaved=False``, a fast model run back to back within each round as a serving loop
+    runs it. Returns None when the provider is not available or the session does not get it;
+    the reason is appended to ``skipped``.
     """
     if runs < 1:
         raise SettingsError(f"runs must be at least 1, got {runs}")
@@ -345,34 +339,20 @@ def latency(
             skipped.append(str(error))
         return None
     selected = [_select(s, f) for s, f in zip(sessions, feeds, strict=True)]
-    bursts = []
     for index, (session, data) in enumerate(zip(sessions, selected, strict=True)):
         _run_given(session, None, data, f"model {index + 1}")
         for _ in range(warmup):
             session.run(None, data)
-        once = _time_run(session, data, 1) / 1000.0
-        bursts.append(max(1, math.ceil(BURST_S / max(once, 1e-6))))
-    times: list[list[float]] = [[] for _ in sessions]
-    count = len(sessions)
     label = f"latency {provider}/t{threads}"
-    if interleaved:
-        for round_index in track(range(runs), label, total=runs):
-            for offset in range(count):
-                index = (round_index + offset) % count
-                times[index].append(_time_run(sessions[index], selected[index], bursts[index]))
-    else:
-        for index in range(count):
-            for _ in track(range(runs), f"{label} model {index + 1}", total=runs):
-                times[index].append(_time_run(sessions[index], selected[index], bursts[index]))
+    times = clocks.timed_runs(
+        sessions,
+        selected,
+        runs,
+        cpu=False,
+        interleaved=interleaved,
+        rounds=lambda values, total: track(values, label, total=total),
+    )
     return [_latency(provider, threads, samples) for samples in times]
-
-
-def _time_run(session: ort.InferenceSession, data: Mapping[str, np.ndarray], count: int) -> float:
-    """Milliseconds per run, over ``count`` runs back to back."""
-    start = time.perf_counter()
-    for _ in range(count):
-        session.run(None, data)
-    return (time.perf_counter() - start) * 1000.0 / count
 
 
 def _latency(provider: str, threads: int | None, samples: Sequence[float]) -> Latency:

@@ -57,7 +57,7 @@ def median_times(
     for session, data in zip(sessions, feeds, strict=True):
         start = time.perf_counter()
         session.run(None, data)
-        round_s += max(time.perf_counter() - start, comparison.BURST_S)
+        round_s += max(time.perf_counter() - start, clocks.BURST_S)
     cpu = clocks.cpu_clock([provider], [1])
     budget = CPU_ROUND_BUDGET_S if cpu else ROUND_BUDGET_S
     runs = int(np.clip(budget / round_s, MIN_RUNS, MAX_RUNS))

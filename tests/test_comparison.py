@@ -12,6 +12,7 @@ import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 
+from onnx_squeeze import clocks
 from onnx_squeeze import comparison as cmp
 from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.gates import evaluate_gates
@@ -179,19 +180,22 @@ def test_latency_measures_every_model_interleaved_or_not():
 
 
 def test_fast_models_are_timed_in_warm_bursts(monkeypatch):
-    """A model faster than BURST_S runs back to back within each timed sample (the first call
-    is the single probe run that sizes the burst); with no burst time, every sample is one run."""
+    """A model faster than clocks.BURST_S runs back to back within each timed sample (the
+    first call is the single probe run that sizes the burst); with no burst time, every sample
+    is one run."""
     counts: list[int] = []
-    real = cmp._time_run
-    monkeypatch.setattr(cmp, "_time_run", lambda s, d, n: counts.append(n) or real(s, d, n))
+    real = clocks._run_ms
+    monkeypatch.setattr(
+        clocks, "_run_ms", lambda s, d, n, clock: counts.append(n) or real(s, d, n, clock)
+    )
     feed = _feeds(batches=(1,))[0]
-    monkeypatch.setattr(cmp, "BURST_S", 0.05)
+    monkeypatch.setattr(clocks, "BURST_S", 0.05)
     timing = cmp.latency([_net()], feed, runs=3, warmup=1)
     assert timing is not None and timing[0].runs == 3
     assert counts[0] == 1 and len(counts) == 4
     assert len(set(counts[1:])) == 1 and counts[1] > 1
     counts.clear()
-    monkeypatch.setattr(cmp, "BURST_S", 0.0)
+    monkeypatch.setattr(clocks, "BURST_S", 0.0)
     cmp.latency([_net()], feed, runs=3, warmup=1)
     assert counts == [1, 1, 1, 1]
 
