@@ -56,6 +56,12 @@ def _model(nodes, inputs, outputs, initializers, opset: int = OPSET) -> onnx.Mod
     return proto
 
 
+def _same_shape_model(nodes, shape: list, initializers) -> onnx.ModelProto:
+    """A model from ``nodes`` whose input ``x`` and output ``y`` have the same float shape."""
+    x, y = (helper.make_tensor_value_info(name, FLOAT, shape) for name in "xy")
+    return _model(nodes, [x], [y], initializers)
+
+
 def _run(model: ir.Model | onnx.ModelProto, feed: dict) -> list[np.ndarray]:
     return create_session(model, "cpu", optimization="none").run(None, feed)
 
@@ -244,12 +250,7 @@ def test_shared_weight_is_copied_and_both_fold():
         helper.make_node("Conv", ["a_bn", "shared.weight"], ["b"], name="conv_b", pads=[1] * 4),
         _bn_node("b", "y", "bn_b"),
     ]
-    proto = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", FLOAT, ["N", 4, 6, 6])],
-        [helper.make_tensor_value_info("y", FLOAT, ["N", 4, 6, 6])],
-        initializers,
-    )
+    proto = _same_shape_model(nodes, ["N", 4, 6, 6], initializers)
     prepared, report = _prepare_and_compare(proto)
     assert _ops(prepared) == ["Conv", "Conv"]
     assert [(r.node, r.action) for r in report.records] == [
@@ -273,12 +274,7 @@ def test_bn_after_add_or_graph_input_is_skipped():
         helper.make_node("Add", ["n", "x"], ["s"], name="add"),
         _bn_node("s", "y", "bn_add"),
     ]
-    proto = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", FLOAT, ["N", 3, 4, 4])],
-        [helper.make_tensor_value_info("y", FLOAT, ["N", 3, 4, 4])],
-        initializers,
-    )
+    proto = _same_shape_model(nodes, ["N", 3, 4, 4], initializers)
     prepared, report = _prepare_and_compare(proto)
     assert _ops(prepared) == ["BatchNormalization", "Add", "BatchNormalization"]
     reasons = {r.node: r.detail for r in report.records if r.skipped}
