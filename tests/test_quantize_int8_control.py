@@ -311,10 +311,72 @@ def test_accuracy_control_respects_its_speed_bound_and_says_so(tmp_path):
     model = chain_model()
     data = chain_data(str(tmp_path))
     source = NpzSource(data, runtime.input_specs(model), batch_size=4)
-    _, report = quantize(model, source, control_float_macs=0.1)  # less than one layer
+    # less than one layer, and no timing beyond it
+    _, report = quantize(model, source, control_float_macs=0.1, control_latency_ratio=0)
     assert not [r for r in report.skipped if "accuracy control" in r.detail]
     note = next(n for n in report.notes if n.startswith("WARNING: accuracy control"))
     assert "NOT met with 0 of 8 layers" in note and "within 10% of the MACs" in note
+
+
+@pytest.mark.parametrize("bound", [0.9, 10.0])
+def test_accuracy_control_times_a_step_beyond_its_mac_share(tmp_path, bound):
+    """The harmful layer is 12.5 % of the MACs, beyond a 10 % share: the step is timed. INT8
+    16x16 MatMuls run slower than float (QDQ around tiny kernels), so a 0.9x latency bound
+    refuses it, and a generous bound lets the layer return to float and the gate hold."""
+    model = chain_model()
+    data = chain_data(str(tmp_path))
+    specs = runtime.input_specs(model)
+    feeds = [{"x": f["x"]} for f in NpzSource(data, specs, batch_size=4)]
+    source = NpzSource(data, specs, batch_size=4)
+    result, report = quantize(model, source, control_float_macs=0.1, control_latency_ratio=bound)
+    kept = [r for r in report.skipped if "accuracy control" in r.detail]
+    note = next(n for n in report.notes if "accuracy control" in n)
+    if bound < 1:
+        assert not kept and note.startswith("WARNING") and "NOT met with 0 of 8" in note
+        assert f"the original's latency, beyond its bound of {bound:g}x" in note
+        assert measured(model, result, feeds).worst_channel_sqnr_db < 10
+    else:
+        assert [r.node for r in kept] == [f"m{_HARD}"]
+        assert "x the original's latency" in kept[0].detail and "holds with 1 of 8" in note
+        assert measured(model, result, feeds).worst_channel_sqnr_db >= 12
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_step_that_does_not_pay_gives_way_to_the_half_passed_over(monkeypatch, slow):
+    """The search as a table: the later half (m4-m7) in float ranks best and holds the gate,
+    but the result would run at 0.95x the original's latency, beyond the 0.9x bound; the early
+    half, which the bisection passed over, holds it too at 0.7x and returns to float instead.
+    Where that half would not pay either, the control stops and says why."""
+    model = chain_model()
+    early, late = {"m0", "m1", "m2", "m3"}, {"m4", "m5", "m6", "m7"}
+
+    def metric(self, floated, on="search"):
+        self.runs += 1
+        value = 5.0 + 0.1 * len(floated)
+        if late <= set(floated):
+            value = 12.0
+        elif early <= set(floated):
+            value = 11.0 if on == "check" else 8.0
+        return accuracy_control.Reading(value, value)
+
+    def slowdown(quantized):  # the copies are the names quantized (see _controlled)
+        timed.append(set(quantized))
+        return 0.95 if slow or not late & set(quantized) else 0.7
+
+    timed = []
+    monkeypatch.setattr(accuracy_control._Measure, "__call__", metric)
+    report = PassReport("quantize_int8")
+    bounds = accuracy_control.Bounds(runs=100, float_macs=0.0, latency_ratio=0.9, slowdown=slowdown)
+    anchors, kept = _controlled(
+        model, report, "worst_channel_sqnr_db>=10", samples=8, batch=1, batches=2, bounds=bounds
+    )
+    assert timed[0] == early  # the later half in float: timed first
+    if slow:
+        assert kept == anchors and "NOT met with 0 of 8" in report.notes[-1]
+        assert "0.95x the original's latency, beyond its bound of 0.9x" in report.notes[-1]
+    else:
+        assert [n.name for n in anchors if n not in kept] == sorted(early)
+        assert "holds with 4 of 8" in report.notes[-1] and "0.7x" in report.notes[-1]
 
 
 def test_accuracy_control_steps_back_when_the_best_layer_does_not_help(monkeypatch):
@@ -402,19 +464,21 @@ def test_a_target_that_quantization_cannot_measure_is_refused():
         make_pass("quantize_int8", {"target": "latency_ratio<=0.5"})
 
 
-def _controlled(model, report, gate: str, *, samples: int, batch: int, batches: int):
-    """Accuracy control over ``model``'s MatMuls (copies quantize nothing: the tests replace
-    the measurement), towards ``gate`` on random feeds: (anchors, those kept quantized)."""
+def _controlled(model, report, gate: str, *, samples: int, batch: int, batches: int, bounds=None):
+    """Accuracy control over ``model``'s MatMuls (copies are the names of the anchors they
+    quantize: the tests replace the measurement and the timing), towards ``gate`` on random
+    feeds, within ``bounds`` (by default any MAC share, untimed): (anchors, those kept
+    quantized)."""
     anchors = [node for node in model.graph if node.op_type == "MatMul"]
     source = RandomSource(runtime.input_specs(model), samples, seed=0, batch_size=batch)
     kept = accuracy_control.keep_harmful_float(
         model,
         anchors,
-        lambda chosen: model,
+        lambda chosen: [node.name for node in chosen],
         PassContext(calibration=source),
         report,
         gates=[parse_gate(gate)],
         batches=batches,
-        bounds=accuracy_control.Bounds(runs=100, float_macs=1.0),
+        bounds=bounds or accuracy_control.Bounds(runs=100, float_macs=1.0),
     )
     return anchors, kept

@@ -83,8 +83,12 @@ class QuantizeInt8Settings:
     target: str = ""
     control_batches: int = bounded(4, low=1)  # calibration batches its search measures on
     control_runs: int = bounded(24, low=1)  # model runs it may measure, at most
-    # the share of the quantized layers' MACs it may return to float, at most
+    # the share of the quantized layers' MACs it may return to float untimed
     control_float_macs: float = bounded(0.1, low=0, high=1)
+    # beyond that share, layers return to float while the result, timed (CPU, 1 thread, batch
+    # speed_batch), runs in at most this share of the original's latency; 0: the MAC share
+    # is the bound
+    control_latency_ratio: float = bounded(0.9, low=0)
     # a Concat whose inputs' calibrated range widths differ by more than this stays float
     # (see passes/quantize/plan.py)
     concat_range_ratio: float = bounded(CONCAT_RANGE_RATIO, low=1)
@@ -341,7 +345,12 @@ class QuantizeInt8(Pass):
                 report,
                 gates=parse_gates(s.target or DEFAULT_GATE),
                 batches=s.control_batches,
-                bounds=accuracy_control.Bounds(s.control_runs, s.control_float_macs),
+                bounds=accuracy_control.Bounds(
+                    s.control_runs,
+                    s.control_float_macs,
+                    s.control_latency_ratio,
+                    speed_check.Slowdown(model, context, batch=s.speed_batch),
+                ),
             )
         if s.speed_check:
             anchors = speed_check.fastest(

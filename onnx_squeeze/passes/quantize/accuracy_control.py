@@ -22,8 +22,12 @@ from the gate, or by no more than the metric of the fully quantized model differ
 two sets of batches: its noise), the step is taken back and the search ends: the error is
 spread over more layers than the bounds allow, and more searches would cost runs and then
 speed for crumbs. Work and speed are bounded: at most ``runs`` measured runs of the model (a
-search that would not fit is not begun), and the layers in float may hold at most
-``float_macs`` of the quantized layers' multiply-accumulates.
+search that would not fit is not begun), and the layers in float may hold ``float_macs`` of the
+quantized layers' multiply-accumulates untimed; a step beyond that share is timed against the
+original (CPU, one thread) and kept while the result still pays, at most ``latency_ratio`` of
+the original's latency (ddddocr_beta: its 10 early Convs, 20 % of the MACs, hold the gate at
+0.67x; a MAC share alone either stops short of them or lets a model that gains little from
+INT8 float layers it cannot spare).
 
 A gate on the agreement of the top class (``argmax_agreement``, ``top1_agreement``) counts
 positions, a whole number of them: the search ranks by the SQNR of the outputs that the gate
@@ -103,11 +107,21 @@ class Reading(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Bounds:
-    """How far the control may go: measured runs of the model (the work), and the share of the
-    quantized layers' multiply-accumulates that may return to float (the speed it gives up)."""
+    """How far the control may go: measured runs of the model (the work); the share of the
+    quantized layers' multiply-accumulates that may return to float untimed (the speed it gives
+    up, estimated); and beyond that share, the latency over the original's that the result may
+    reach, timed by ``slowdown`` (a model's latency over the original's; without it, or with
+    ``latency_ratio`` 0, the MAC share is the bound)."""
 
     runs: int
     float_macs: float
+    latency_ratio: float = 0.0
+    slowdown: Callable[[ir.Model], float] | None = None
+
+    @property
+    def timed(self) -> bool:
+        """Whether steps beyond the MAC share are timed rather than refused."""
+        return self.latency_ratio > 0 and self.slowdown is not None
 
 
 def check_gate(gate: Gate) -> None:
@@ -156,12 +170,15 @@ class _Measure:
         self.reference = {key: _outputs(model, f, context) for key, f in self.feeds.items()}
         self.runs = 0
 
+    def copy(self, floated: Sequence[str]) -> ir.Model:
+        """The model quantized with the ``floated`` anchors in float."""
+        left = set(floated)
+        return self.quantized_copy([node for node in self.anchors if node.name not in left])
+
     def __call__(self, floated: Sequence[str], on: str = "search") -> Reading:
         """The metric with the ``floated`` anchors in float (NaN where no output has it)."""
         self.runs += 1
-        left = set(floated)
-        chosen = [node for node in self.anchors if node.name not in left]
-        result = _outputs(self.quantized_copy(chosen), self.feeds[on], self.context)
+        result = _outputs(self.copy(floated), self.feeds[on], self.context)
         measured = fidelity.measure(
             self.reference[on], result, probabilities=self.probabilities, shapes=self.shapes
         )
@@ -174,6 +191,15 @@ class _Measure:
             return Reading(value, _oriented(min(read, default=math.nan), 1.0))
         sign = {">=": 1.0, ">": 1.0, "<=": -1.0, "<": -1.0}.get(self.gate.op)
         return Reading(value, _oriented(value, sign) if sign else -self.gap(value))
+
+    @property
+    def check_share(self) -> float:
+        """The share of what one model's rank differs by between the search's batches and the
+        check's that is the check's own noise, taking noise to fall as one over the root of
+        the batches: a gain is measured on the check's batches alone (nudenet: 4 search
+        batches against 22 differed 7.7 dB, of which 3.0 dB are the check's)."""
+        search, check = len(self.feeds["search"]), len(self.feeds["check"])
+        return math.sqrt(search / (search + check)) if check > search else 1.0
 
     @property
     def ranked_by_sqnr(self) -> bool:
@@ -210,7 +236,7 @@ class _Measure:
             kept = self.gap(new.value) <= self.gap(current.value)
             return kept and new.rank - current.rank > spread
         gain = self.gap(current.value) - self.gap(new.value)
-        return gain >= MIN_GAIN * self.gap(current.value) and gain > spread
+        return gain >= MIN_GAIN * self.gap(current.value) and new.rank - current.rank > spread
 
 
 def keep_harmful_float(
@@ -271,13 +297,13 @@ def _float_until_held(
     floated = list(floated)
     first = len(floated)
     spread = math.nan
-    why = ""
+    why = latency = ""
     while not gate.passes(current.value):
         spent = sum(macs[name] for name in floated)
         candidates = [
             node
             for node in anchors
-            if node.name not in floated and spent + macs[node.name] <= budget
+            if node.name not in floated and (bounds.timed or spent + macs[node.name] <= budget)
         ]
         if not candidates:
             why = f"; no layer left to try within {bounds.float_macs:.0%} of the MACs in float"
@@ -287,18 +313,29 @@ def _float_until_held(
             why = f"; stopped at its bound of {bounds.runs} runs"
             break
         if math.isnan(spread):  # the rank's noise: the same model on the search's batches
-            spread = abs(measure(floated).rank - before.rank)
+            spread = abs(measure(floated).rank - before.rank) * measure.check_share
             spread = spread if math.isfinite(spread) else 0.0
         groups = _descent(candidates, floated, measure)
         found = groups[-1][0]
         chosen, new = groups[-1], measure([*floated, found.name], on="check")
-        if not (gate.passes(new.value) and measure.worth(new, current, spread)):
+
+        def worth(reading: Reading, current: Reading = current, spread: float = spread) -> bool:
+            return measure.worth(reading, current, spread)
+
+        def holds(reading: Reading) -> bool:
+            return gate.passes(reading.value) and worth(reading)
+
+        if not holds(new):
             # the error is spread: the fewest layers that hold it
-            fitting = [g for g in groups[:-1] if spent + sum(macs[n.name] for n in g) <= budget]
-            held_by = _smallest_holding(fitting, floated, measure, bounds.runs - measure.runs)
+            fitting = [
+                g
+                for g in groups[:-1]
+                if bounds.timed or spent + sum(macs[n.name] for n in g) <= budget
+            ]
+            held_by = _smallest_holding(fitting, floated, measure, holds, bounds.runs)
             if held_by is not None:
                 chosen, new = held_by
-        if not measure.worth(new, current, spread):
+        if not worth(new):
             noise = (
                 f"the read outputs' SQNR's noise {spread:.3g} dB"
                 if measure.ranked_by_sqnr
@@ -310,13 +347,26 @@ def _float_until_held(
                 "within the bounds"
             )
             break
+        if spent + sum(macs[n.name] for n in chosen) > budget:  # beyond the MAC share: timed
+            paying = _paying(chosen, new, candidates, groups, floated, measure, worth, bounds)
+            if isinstance(paying, float):
+                why = (
+                    f"; stepped back from {len(chosen)} layers from {chosen[0].name} on "
+                    f"({gate.metric} {new.value:.4g} with them in float too): the result "
+                    f"would run at {paying:.3g}x the original's latency, beyond its bound of "
+                    f"{bounds.latency_ratio:g}x, and no half the search passed over gains "
+                    "within it"
+                )
+                break
+            chosen, new, ratio = paying
+            latency = f", {ratio:.3g}x the original's latency"
         group = f" (one of {len(chosen)} layers returned together)" if len(chosen) > 1 else ""
         for node in chosen:
             floated.append(node.name)
             report.skip(
                 node,
                 f"kept in float by accuracy control for {gate}{group}: {gate.metric} "
-                f"{current.value:.4g} -> {new.value:.4g} on {data}",
+                f"{current.value:.4g} -> {new.value:.4g} on {data}{latency}",
             )
         current = new
     held = gate.passes(current.value)
@@ -327,8 +377,8 @@ def _float_until_held(
         f"{'' if held else 'WARNING: '}accuracy control: {gate} "
         f"{'holds' if held else 'NOT met'} with {len(floated)} of {len(anchors)} layers in float "
         f"({share:.1%} of their MACs; {len(floated) - first} for this gate): {gate.metric} "
-        f"{before.value:.4g} -> {current.value:.4g} on {data}; {measure.runs} measured "
-        f"runs{why}"
+        f"{before.value:.4g} -> {current.value:.4g} on {data}{latency}; {measure.runs} "
+        f"measured runs{why}"
     )
     return floated
 
@@ -355,19 +405,62 @@ def _descent(
     return groups or [group]
 
 
+def _paying(
+    chosen: list[ir.Node],
+    new: Reading,
+    candidates: list[ir.Node],
+    groups: list[list[ir.Node]],
+    floated: list[str],
+    measure: _Measure,
+    worth: Callable[[Reading], bool],
+    bounds: Bounds,
+) -> tuple[list[ir.Node], Reading, float] | float:
+    """``chosen`` (measured ``new``) with its latency ratio where the result still pays with it
+    in float; otherwise, of the halves that the bisection of ``candidates`` into ``groups``
+    passed over (each checked, smallest first, while runs are left), the best ranked that is
+    ``worth`` it and pays, even where the gate does not hold with it yet (the next step goes on
+    from there); otherwise ``chosen``'s ratio. The half not taken is the other place the error
+    may sit (ddddocr_beta: the later half ranked best and would cost 0.90x the original's
+    latency; the early Convs gain less, at 0.7x)."""
+    assert bounds.slowdown is not None
+    ratio = bounds.slowdown(measure.copy([*floated, *(n.name for n in chosen)]))
+    if ratio <= bounds.latency_ratio:
+        return chosen, new, ratio
+    siblings = [
+        [n for n in parent if n not in group]
+        for parent, group in zip([candidates, *groups[:-1]], groups, strict=True)
+    ]
+    worthy = []
+    for sibling in sorted((s for s in siblings if s), key=len):
+        if measure.runs >= bounds.runs:
+            break
+        reading = measure([*floated, *(n.name for n in sibling)], on="check")
+        if worth(reading):
+            worthy.append((sibling, reading))
+    for sibling, reading in sorted(worthy, key=lambda pair: -pair[1].rank):
+        other = bounds.slowdown(measure.copy([*floated, *(n.name for n in sibling)]))
+        if other <= bounds.latency_ratio:
+            return sibling, reading, other
+    return ratio
+
+
 def _smallest_holding(
-    groups: list[list[ir.Node]], floated: list[str], measure: _Measure, runs: int
+    groups: list[list[ir.Node]],
+    floated: list[str],
+    measure: _Measure,
+    holds: Callable[[Reading], bool],
+    runs: int,
 ) -> tuple[list[ir.Node], Reading] | None:
-    """The smallest of the nested ``groups`` (largest first) whose return to float makes the
-    gate hold on the check batches, by bisection over their sizes within ``runs`` runs; None
-    when the largest does not (or no run is left)."""
+    """The smallest of the nested ``groups`` (largest first) whose return to float ``holds``
+    on the check batches (the gate, by more than its noise), by bisection over their sizes
+    until the measure has made ``runs`` runs; None when the largest does not (or no run is
+    left)."""
     found = None
     low, high = 0, len(groups) - 1  # the candidates: groups[low..high], larger ones held
-    while low <= high and runs > 0:
+    while low <= high and measure.runs < runs:
         middle = low if found is None else (low + high + 1) // 2
         reading = measure([*floated, *(n.name for n in groups[middle])], on="check")
-        runs -= 1
-        if measure.gate.passes(reading.value):
+        if holds(reading):
             found, low = (groups[middle], reading), middle + 1
         elif found is None:
             return None

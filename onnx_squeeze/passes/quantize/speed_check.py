@@ -1,6 +1,6 @@
 """The speed check: time the model on this machine and keep the smallest quantized layers in
 float for as many as makes the whole model fastest (INT8 loses on narrow layers at small batches
-on CPUs without VNNI)."""
+on CPUs without VNNI); and the latency ratio that bounds accuracy control (:class:`Slowdown`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import math
 from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
+import onnxruntime as ort
 
-from onnx_squeeze import latency_search
+from onnx_squeeze import latency_search, runtime
 from onnx_squeeze.calibration.service import resized
 from onnx_squeeze.records import PassContext, PassReport
 
@@ -45,6 +46,26 @@ def fastest(
         f"k: ms: {stages}; kept the {left_out} smallest of {len(by_size)} in float"
     )
     return [node for node in anchors if node not in by_size[:left_out]]
+
+
+class Slowdown:
+    """A model's latency over the original's, timed interleaved on one thread at ``batch`` (as
+    the speed check and the latency search time them); the original's session is made once."""
+
+    def __init__(self, model: ir.Model, context: PassContext, *, batch: int) -> None:
+        self.provider = context.providers[0]
+        self.feed = resized(context.data.feed_at(0), model, batch)
+        self.batch = batch
+        self._original: ort.InferenceSession | None = None
+        self._model = model
+
+    def __call__(self, candidate: ir.Model) -> float:
+        if self._original is None:
+            self._original = runtime.create_session(self._model, self.provider, threads=1)
+        original, timed = latency_search.median_times(
+            [self._original, candidate], self.feed, self.provider
+        )
+        return timed / original
 
 
 def _weight_size(node: ir.Node) -> float:
