@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from onnx_squeeze import latency_search, runtime
 from onnx_squeeze.calibration.service import resized
+from onnx_squeeze.calibration.sources import Feed
 from onnx_squeeze.records import PassContext, PassReport
 
 
@@ -50,21 +51,21 @@ def fastest(
 
 class Slowdown:
     """A model's latency over the original's, timed interleaved on one thread at ``batch`` (as
-    the speed check and the latency search time them); the original's session is made once."""
+    the speed check and the latency search time them); the original's session and the feed
+    are made at the first timing, so that a control that never times pays nothing."""
 
     def __init__(self, model: ir.Model, context: PassContext, *, batch: int) -> None:
-        self.provider = context.providers[0]
-        self.feed = resized(context.data.feed_at(0), model, batch)
-        self.batch = batch
-        self._original: ort.InferenceSession | None = None
-        self._model = model
+        self._model, self._context, self._batch = model, context, batch
+        self._original: tuple[ort.InferenceSession, Feed] | None = None
 
     def __call__(self, candidate: ir.Model) -> float:
+        provider = self._context.providers[0]
         if self._original is None:
-            self._original = runtime.create_session(self._model, self.provider, threads=1)
-        original, timed = latency_search.median_times(
-            [self._original, candidate], self.feed, self.provider
-        )
+            feed = resized(self._context.data.feed_at(0), self._model, self._batch)
+            session = runtime.create_session(self._model, provider, threads=1)
+            self._original = session, feed
+        session, feed = self._original
+        original, timed = latency_search.median_times([session, candidate], feed, provider)
         return timed / original
 
 
