@@ -307,22 +307,25 @@ def _transform(
 def _aimed_at(recipe: Recipe, checks: Sequence[str]) -> Recipe:
     """The recipe with every pass that works towards a gate (a ``target`` setting: INT8's
     accuracy control, the default pruning and low-rank searches) aimed at the user's checks it
-    can measure from outputs (else at the default gate), unless a step sets its own target."""
-    aims = [g.expr for g in gates.parse_gates(checks) if g.metric in accuracy_control.MEASURABLE]
-    if not aims:
-        return recipe
-    target = ", ".join(aims)
+    can measure from outputs (else at the default gate), and INT8's accuracy control bounded by
+    the user's ``latency_ratio<=X`` (``control_latency_ratio``), unless a step sets its own."""
+    parsed = gates.parse_gates(checks)
+    aims = {}
+    if measurable := [g.expr for g in parsed if g.metric in accuracy_control.MEASURABLE]:
+        aims["target"] = ", ".join(measurable)
+    if latency := [g.threshold for g in parsed if g.metric == "latency_ratio" and "<" in g.op]:
+        aims["control_latency_ratio"] = min(latency)
     steps = [
-        Step(step.name, {"target": target, **step.settings}) if _aims(step.name) else step
-        for step in recipe.steps
+        Step(step.name, {**_settings_of(step.name, aims), **step.settings}) for step in recipe.steps
     ]
     return dataclasses.replace(recipe, steps=steps)
 
 
-def _aims(name: str) -> bool:
-    """Whether the pass ``name`` has a gate ``target`` setting."""
+def _settings_of(name: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that the pass ``name`` has settings for."""
     settings = getattr(PASS_REGISTRY.get(name), "Settings", None)
-    return settings is not None and any(f.name == "target" for f in dataclasses.fields(settings))
+    fields = {f.name for f in dataclasses.fields(settings)} if settings is not None else set()
+    return {key: value for key, value in values.items() if key in fields}
 
 
 def _opset_for(model: ir.Model, passes: Sequence[Pass], notes: list[str]) -> ir.Model:

@@ -160,6 +160,14 @@ def test_int8_accuracy_control_aims_at_the_users_check(mlp_path):
         "cosine>=0.9",
         "cosine>=0.9",
     ]
+    # a latency gate bounds INT8's accuracy control; a bound the step sets stays
+    assert aimed.steps[3].settings["control_latency_ratio"] == 2.0
+    assert "control_latency_ratio" not in aimed.steps[0].settings
+    bounded = sq.Recipe.from_cli(["quantize_int8:control_latency_ratio=0.5"])
+    kept = pipeline._aimed_at(bounded, ["latency_ratio<=0.8", "latency_ratio<0.7"])
+    assert kept.steps[0].settings["control_latency_ratio"] == 0.5
+    loose = pipeline._aimed_at(sq.Recipe.from_cli(["quantize_int8"]), ["latency<=0.8"])
+    assert loose.steps[0].settings == {"control_latency_ratio": 0.8}
     own = sq.Recipe.from_cli(["quantize_int8:target=cosine>=0.9"])
     result = sq.compress(str(mlp_path), own, checks=["top1_agreement>=0.5"], runs=2)
     assert result.report["recipe"]["passes"][0]["target"] == "cosine>=0.9"
