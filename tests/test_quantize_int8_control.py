@@ -214,15 +214,22 @@ def chain_model() -> ir.Model:
     rest (its producer's column scaled up, its own row scaled down: the same function), so a
     per-tensor activation scale rounds every other channel of that input to zero."""
     rng = np.random.default_rng(2)
-    lines, weights, x = [], {}, "x"
+    weights = []
     for i in range(_LAYERS):
         w = rng.standard_normal((16, 16)).astype(np.float32) / 4
         if i == _HARD - 1:
             w[:, 0] *= 1000
         if i == _HARD:
             w[0, :] /= 1000
-        weights[f"w{i}"] = w
-        y = "y" if i == _LAYERS - 1 else f"r{i}"
+        weights.append(w)
+    return _relu_chain(weights)
+
+
+def _relu_chain(weights: list[np.ndarray]) -> ir.Model:
+    """MatMul layers on ``weights`` (16x16 each), a Relu after every one but the last."""
+    lines, x = [], "x"
+    for i in range(len(weights)):
+        y = "y" if i == len(weights) - 1 else f"r{i}"
         lines.append(f"m{i} = MatMul ({x}, w{i})")
         lines.append(f"{y} = Relu (m{i})" if y != "y" else f"y = Identity (m{i})")
         x = y
@@ -230,7 +237,7 @@ def chain_model() -> ir.Model:
         '<ir_version: 8, opset_import: ["" : 17]>\n'
         "chain (float[N, 16] x) => (float[N, 16] y) {\n" + "\n".join(lines) + "\n}\n"
     )
-    return parse(text, weights)
+    return parse(text, {f"w{i}": w for i, w in enumerate(weights)})
 
 
 def chain_data(folder: str, count: int = 32) -> str:
@@ -266,23 +273,15 @@ def spread_model(layers: int = 12, spread: int = 5, ratio: float = 40.0) -> ir.M
     ``ratio`` times the others (as ``chain_model``, milder and in five places): the error of a
     CNN's early high-resolution layers in ppocr_rec, where no one layer in float helps."""
     rng = np.random.default_rng(2)
-    lines, weights, x = [], {}, "x"
+    weights = []
     for i in range(layers):
         w = (rng.standard_normal((16, 16)) / 4 + np.eye(16) * 0.8).astype(np.float32)
         if i < spread:
             w[:, 0] *= ratio
         if 0 < i <= spread:
             w[0, :] /= ratio
-        weights[f"w{i}"] = w
-        y = "y" if i == layers - 1 else f"r{i}"
-        lines.append(f"m{i} = MatMul ({x}, w{i})")
-        lines.append(f"{y} = Relu (m{i})" if y != "y" else f"y = Identity (m{i})")
-        x = y
-    text = (
-        '<ir_version: 8, opset_import: ["" : 17]>\n'
-        "chain (float[N, 16] x) => (float[N, 16] y) {\n" + "\n".join(lines) + "\n}\n"
-    )
-    return parse(text, weights)
+        weights.append(w)
+    return _relu_chain(weights)
 
 
 def test_accuracy_control_returns_a_group_when_no_one_layer_holds_the_error(tmp_path):
