@@ -125,10 +125,11 @@ def compress(
     an onnxruntime ``CalibrationDataReader`` (anything with ``get_next()``), or a source. Without
     ``evaluation``, every 5th batch of real calibration data is held out from the passes and
     judged on (:func:`evaluation_data`), or all of it when no pass read it; with random or no
-    calibration data the result is judged on other random draws, and the warnings say so. ``constants`` (input name -> one
-    value, e.g. ``{"sr": 16000}``, or an array) go with every feed of all of them; random data
-    is refused for an integer or scalar input none gives. Input shapes come from ``shapes``,
-    else the data, else the model (``default_dim`` for dimensions none gives, only when asked).
+    calibration data the result is judged on other random draws, and the warnings say so.
+    ``constants`` (input name -> one value, e.g. ``{"sr": 16000}``, or an array) go with every
+    feed of all of them; random data is refused for an integer or scalar input none gives.
+    Input shapes come from ``shapes``, else the data, else the model (``default_dim`` for
+    dimensions none gives, only when asked).
 
     ``compare`` runs original and result side by side (fidelity per output channel, latency at
     each of ``threads`` on the first of ``providers``, ``runs`` timed runs, size); ``checks``
