@@ -11,8 +11,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_squeeze import latency_search, runtime
+from onnx_squeeze.calibration.feeds import Feed
 from onnx_squeeze.calibration.service import resized
-from onnx_squeeze.calibration.sources import Feed
 from onnx_squeeze.records import PassContext, PassReport
 
 
@@ -62,6 +62,8 @@ class Slowdown:
         provider = self._context.providers[0]
         if self._original is None:
             feed = resized(self._context.data.feed_at(0), self._model, self._batch)
+            # Timing needs a plain session on one thread, as a deployment runs the model (not
+            # the calibration runner's copy that exposes tensors).
             session = runtime.create_session(self._model, provider, threads=1)
             self._original = session, feed
         session, feed = self._original
