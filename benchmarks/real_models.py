@@ -1059,7 +1059,7 @@ def _task(
     except Exception as error:  # a written result that onnxruntime cannot run
         return {**found, "task_error": f"{type(error).__name__}: {error}"[:300]}
     kept = bool(metric.pop("kept"))
-    degraded = kept and bool(metric.pop("degraded", False))
+    degraded = bool(metric.pop("degraded", False)) and kept
     found.update(task_metric=metric, task_kept=kept, task_degraded=degraded)
     if row.get("gate"):
         passed = row["gate"] == "PASS"
