@@ -215,6 +215,9 @@ class OutputFidelity:
     mean_channel_cosine: float = 1.0
     score_channels: int = 0
     score_cosine: float | None = None
+    # Where the worst SQNR channel holds scores: the values it was measured on (those at
+    # least SCORE_ACTIVE in either model); a rare class's few detections decide it.
+    worst_channel_reads: int | None = None
     argmax_agreement: float | None = None
     # Where argmax_agreement reads decoded CTC strings: the share of their tokens that agree,
     # the share of steps, and the class read as the blank.
@@ -469,6 +472,11 @@ class OutputAccumulator:
             mean_channel_cosine=mean_cos,
             score_channels=int(scores.sum()),
             score_cosine=score_cosine,
+            worst_channel_reads=(
+                int(s["active"][worst_sqnr_at])
+                if worst_sqnr_at is not None and scores[worst_sqnr_at]
+                else None
+            ),
             argmax_agreement=argmax,
             token_agreement=tokens,
             reads=self.positions if blank is None else sum(len(s) for s in self.steps[0]),

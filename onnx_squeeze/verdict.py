@@ -6,7 +6,9 @@ banner on the HTML page; ``--strict`` turns any of them into exit code 3. They a
 - random calibration or evaluation data (the figures are smoke-test quality), and whatever a
   pass flagged with a ``WARNING:`` note;
 - evaluation on the data the passes calibrated on (the figures are optimistic);
-- an output channel whose SQNR falls below ``warn_sqnr_db`` (default 20 dB), or, for class
+- an output channel whose SQNR falls below ``warn_sqnr_db`` (default 20 dB; where that channel
+  holds scores measured on fewer than ``ENOUGH_READS`` values, the warning says so: a rare
+  class's few detections decide it), or, for class
   probabilities (a softmax over classes, read by its argmax), a top class that agrees at fewer
   than ``WARN_ARGMAX`` of the positions;
 - outputs that became non-finite where the original's are finite;
@@ -37,6 +39,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from onnx_squeeze.fidelity import SCORE_ACTIVE
 
 WARN_SQNR_DB = 20.0
 WARN_ARGMAX = 0.99  # class probabilities: the top class should agree at least this often
@@ -188,7 +192,16 @@ def _weak_channels(output: Mapping[str, Any], warn_sqnr_db: float) -> list[str]:
         if whole is not None and cosine is not None
         else ""
     )
-    return [f"output {name!r} {where}: SQNR {worst:.1f} dB, below {warn_sqnr_db:g} dB{context}"]
+    reads = output.get("worst_channel_reads")
+    few = (
+        f"; measured on only {reads} scores of at least {SCORE_ACTIVE:.0%}: too few to tell a "
+        f"kept task from a broken one, evaluate on more (--eval)"
+        if reads is not None and reads < ENOUGH_READS
+        else ""
+    )
+    return [
+        f"output {name!r} {where}: SQNR {worst:.1f} dB, below {warn_sqnr_db:g} dB{context}{few}"
+    ]
 
 
 def _number(value: Any) -> float | None:

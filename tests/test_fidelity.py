@@ -283,3 +283,25 @@ def test_probabilities_are_traced_through_if_branches_and_means():
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     assert fidelity.probability_outputs(ir.from_proto(model)) == {"p"}
+
+
+def test_a_rare_class_deciding_the_worst_channel_is_flagged_as_too_few_to_tell():
+    from onnx_squeeze import verdict
+
+    def warnings(shift: float, rare: float) -> tuple[fidelity.OutputFidelity, list[str]]:
+        bias = np.full(6, -2.0)
+        bias[5] = rare
+        moved = bias.copy()
+        moved[5] += shift
+        result = comparison.compare(_detector(bias), _detector(moved), feeds=_feeds(), runs=0)
+        (output,) = result.fidelity
+        return output, verdict.run_warnings({"fidelity": [output.to_dict()]})
+
+    # The rare class fires on a few of 400 anchors; its scores halve.
+    output, said = warnings(-0.7, -15.0)
+    assert output.worst_sqnr_channel == 9 and output.worst_channel_reads < verdict.ENOUGH_READS
+    assert len(said) == 1 and "too few to tell" in said[0]
+    # The same loss on a class that fires often is judged on enough values: no caveat.
+    output, said = warnings(-0.7, -2.0)
+    assert output.worst_channel_reads >= verdict.ENOUGH_READS
+    assert len(said) == 1 and "too few to tell" not in said[0]
