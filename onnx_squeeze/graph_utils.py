@@ -119,3 +119,18 @@ def attribute(node: ir.Node, name: str, default: Any) -> Any:
     if attr is None or attr.is_ref():
         return default
     return attr.value
+
+
+def remove_unused_initializers(model: ir.Model) -> int:
+    """Remove the initializers of If/Loop/Scan bodies that nothing reads (onnx-ir's
+    RemoveUnusedNodesPass sweeps the main graph's only), e.g. a body's weight that constant
+    folding replaced. Returns how many went."""
+    removed = 0
+    for graph in model.graphs():
+        if graph is model.graph:
+            continue
+        for name, value in list(graph.initializers.items()):
+            if not value.uses() and value not in graph.inputs and value not in graph.outputs:
+                graph.initializers.pop(name)
+                removed += 1
+    return removed

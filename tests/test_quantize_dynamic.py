@@ -330,3 +330,96 @@ def test_lstm_weights_bound_u8s8_pairs_without_vnni(monkeypatch):
     feed = {"x": RNG.standard_normal((7, 3, 24)).astype(np.float32)}
     for expected, got in zip(run(model, feed), run(student, feed), strict=True):
         assert _sqnr_db(expected, got) > 25
+
+
+def _lstm_branches() -> ir.Model:
+    """silero_vad's layout once its weights are constants: an If whose branches each run an
+    LSTM over one outer W and R (stored once for both), each with a bias of its own body."""
+    model = _parse(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        branchy (bool c, float[5, N, 16] x) => (float[N, 32] y) {
+            y = If(c) <
+                then_branch = g1 () => (float[N, 32] t) {
+                    s1, h1 = LSTM<hidden_size = 32>(x, W, R, placeholder)
+                    t = Squeeze(h1, axis0)
+                },
+                else_branch = g2 () => (float[N, 32] e) {
+                    n2 = Neg(x)
+                    s2, h2 = LSTM<hidden_size = 32>(n2, W, R, placeholder)
+                    e = Squeeze(h2, axis0)
+                }
+            >
+        }""",
+        W=RNG.standard_normal((1, 128, 16)) / 4,
+        R=RNG.standard_normal((1, 128, 32)) / 5,
+        placeholder=np.zeros((1, 256)),
+    )
+    axis = ir.Value(name="axis0", const_value=ir.tensor(np.array([0], np.int64), name="axis0"))
+    model.graph.register_initializer(axis)
+    for branch, name in (("then_branch", "bias1"), ("else_branch", "bias2")):
+        body = _body(model, branch)
+        lstm = next(n for n in body if n.op_type == "LSTM")
+        _add_initializer(body, name, RNG.standard_normal((1, 256)) / 5, body.index(lstm), 3)
+        body.node(body.index(lstm) + 1).replace_input_with(1, axis)
+    finalize(model, check=False)  # the placeholder goes
+    return model
+
+
+def test_lstms_in_if_branches_read_one_int8_copy_of_their_outer_weights():
+    model = _lstm_branches()
+    student, report = _quantize(model)
+    check(student)
+    assert len(report.changed) == 2 and not report.skipped and not report.notes
+    for branch in ("then_branch", "else_branch"):
+        ops = [(n.domain, n.op_type) for n in _body(student, branch)]
+        assert ("com.microsoft", "DynamicQuantizeLSTM") in ops and ("", "LSTM") not in ops
+    stored = {
+        (tuple(v.const_value.shape), v.dtype)
+        for v in student.graph.initializers.values()
+        if v.const_value.size > 256
+    }
+    assert stored == {((1, 16, 128), ir.DataType.INT8), ((1, 32, 128), ir.DataType.INT8)}
+    x = RNG.standard_normal((5, 3, 16)).astype(np.float32)
+    for condition in (True, False):
+        feed = {"c": np.array(condition), "x": x}
+        assert _sqnr_db(run(model, feed)[0], run(student, feed)[0]) > 25
+
+
+def test_scan_body_weights_are_quantized_in_the_body():
+    """An RNN cell written as a Scan: the body's own input and recurrent matrices become
+    MatMulInteger there, and the body keeps no float copy."""
+    model = _parse(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        scanned (float[N, 32] h0, float[6, N, 24] xs) => (float[N, 32] h, float[6, N, 32] ys) {
+            h, ys = Scan(h0, xs) <
+                num_scan_inputs = 1,
+                body = cell (float[N, 32] state, float[N, 24] x) => (float[N, 32] n, float[N, 32] o) {
+                    a = MatMul(x, placeholder_x)
+                    b = MatMul(state, placeholder_h)
+                    s = Add(a, b)
+                    n = Tanh(s)
+                    o = Identity(n)
+                }
+            >
+        }""",
+        placeholder_x=np.zeros((24, 32)),
+        placeholder_h=np.zeros((32, 32)),
+    )
+    body = _body(model, "body")
+    _add_initializer(body, "wx", RNG.standard_normal((24, 32)) / 5, 0, 1)
+    _add_initializer(body, "wh", RNG.standard_normal((32, 32)) / 6, 1, 1)
+    finalize(model, check=False)
+    student, report = _quantize(model)
+    check(student)
+    assert len(report.changed) == 2
+    body = _body(student, "body")
+    assert [n.op_type for n in body].count("MatMulInteger") == 2
+    assert {v.dtype for v in body.initializers.values() if v.const_value.size > 64} == {
+        ir.DataType.INT8
+    }
+    feed = {
+        "h0": np.zeros((3, 32), np.float32),
+        "xs": RNG.standard_normal((6, 3, 24)).astype(np.float32),
+    }
+    for expected, got in zip(run(model, feed), run(student, feed), strict=True):
+        assert _sqnr_db(expected.reshape(-1, 32), got.reshape(-1, 32)) > 25
