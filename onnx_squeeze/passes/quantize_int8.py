@@ -8,7 +8,9 @@ error (``mse``, from the histograms), weight ranges per channel likewise (``weig
 correction from the input means gathered in the same calibration run (then, at the last
 quantized layers, the measured mean output error), and 8-bit weights except for Conv layers with
 a signed input on x86 CPUs without VNNI (see ``_static_weight_type``). A Conv over a single input
-channel stays float: onnxruntime's QLinearConv runs it slower than the float kernel.
+channel stays float: onnxruntime's QLinearConv runs it slower than the float kernel. The result
+is timed once against the model before INT8 (``speed_check`` unset); where it runs slower, the
+speed check keeps the layers that do not pay in float, or all of them, and says so.
 
 What keeps real exported models working: the ops after the last weight layer (a detector's
 decode) and Concats of differently scaled inputs stay float (:mod:`.quantize.plan`), and
@@ -103,8 +105,10 @@ class QuantizeInt8Settings:
     # taken in the graph; min/max stay exact); 0: every value
     histogram_values: int = bounded(16384, low=0)
     # time the model on this machine (CPU, 1 thread) and keep the smallest layers in float while
-    # that makes it faster: INT8 loses on narrow layers at small batches on CPUs without VNNI
-    speed_check: bool = False
+    # that makes it faster (INT8 loses on narrow and depthwise layers at small batches): true,
+    # always; unset, only where the quantized model, timed once, runs slower than the model
+    # before INT8 (beyond verdict.SLOWER_MARGIN); false, never (placement by the plan alone)
+    speed_check: bool | None = None
     # the batch the speed check times, for inputs with a free batch size
     speed_batch: int = bounded(1, low=1)
 
@@ -336,6 +340,7 @@ class QuantizeInt8(Pass):
                 bias_correction.correct_biases(model, copy, outcome, statistics, unreported)
             return copy
 
+        slowdown = speed_check.Slowdown(model, context, batch=s.speed_batch)
         if s.accuracy_control:
             anchors = accuracy_control.keep_harmful_float(
                 model,
@@ -349,12 +354,22 @@ class QuantizeInt8(Pass):
                     s.control_runs,
                     s.control_float_macs,
                     s.control_latency_ratio,
-                    speed_check.Slowdown(model, context, batch=s.speed_batch),
+                    slowdown,
                 ),
             )
         if s.speed_check:
             anchors = speed_check.fastest(
                 model, anchors, quantized_copy, context, report, batch=s.speed_batch
+            )
+        elif s.speed_check is None:
+            anchors = speed_check.unless_slower(
+                model,
+                anchors,
+                quantized_copy,
+                context,
+                report,
+                batch=s.speed_batch,
+                slowdown=slowdown,
             )
         float_model = model.clone() if s.bias_correction else None
         plan = plan_for(model, anchors)

@@ -1,6 +1,16 @@
 """The speed check: time the model on this machine and keep the smallest quantized layers in
 float for as many as makes the whole model fastest (INT8 loses on narrow layers at small batches
-on CPUs without VNNI); and the latency ratio that bounds accuracy control (:class:`Slowdown`)."""
+on CPUs without VNNI); by default only where the quantized model, timed once, runs slower than
+the float one (:func:`unless_slower`); and the latency ratio that bounds accuracy control
+(:class:`Slowdown`).
+
+Where INT8 runs slower is a matter of onnxruntime's kernels on this CPU, not of placement alone:
+ppocr_cls (MobileNetV3, 48x192 lines, 0.7 ms in float) ran 1.85x the float model's latency in
+INT8 with AVX-512 VNNI. Its 5x5 depthwise QLinearConvs take 30-80 us each against 5-10 us for
+the float NCHWc kernels, and every switch between the integer layers and the float HardSwish
+and squeeze-excite ops adds a QuantizeLinear/DequantizeLinear and an NHWC Transpose; with
+every depthwise Conv and the stem in float it still ran 1.13x.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +24,7 @@ from onnx_squeeze import latency_search, runtime
 from onnx_squeeze.calibration.feeds import Feed
 from onnx_squeeze.calibration.service import resized
 from onnx_squeeze.records import PassContext, PassReport
+from onnx_squeeze.verdict import SLOWER_MARGIN
 
 
 def fastest(
@@ -47,6 +58,41 @@ def fastest(
         f"k: ms: {stages}; kept the {left_out} smallest of {len(by_size)} in float"
     )
     return [node for node in anchors if node not in by_size[:left_out]]
+
+
+def unless_slower(
+    model: ir.Model,
+    anchors: Sequence[ir.Node],
+    quantized_copy: Callable[[Sequence[ir.Node]], ir.Model],
+    context: PassContext,
+    report: PassReport,
+    *,
+    batch: int,
+    slowdown: Callable[[ir.Model], float],
+) -> list[ir.Node]:
+    """The ``anchors`` to quantize: all of them where the model with them quantized runs at most
+    ``SLOWER_MARGIN`` times the float ``model``'s latency (``slowdown``, one timing); otherwise
+    those :func:`fastest` keeps, with a warning where INT8 pays for none of them."""
+    if not anchors:
+        return []
+    ratio = slowdown(quantized_copy(anchors))
+    timed = f"{ratio:.3g}x the float model's latency; CPU time, 1 thread, batch {batch}"
+    if ratio <= SLOWER_MARGIN:
+        report.notes.append(f"speed check: the quantized model runs faster here ({timed})")
+        return list(anchors)
+    kept = fastest(model, anchors, quantized_copy, context, report, batch=batch)
+    slower = f"INT8 runs slower than float on this CPU for this model ({timed})"
+    if kept:
+        report.notes.append(
+            f"{slower}: the speed check left {len(anchors) - len(kept)} of {len(anchors)} "
+            "layers float, the smallest, where the model runs fastest so"
+        )
+    else:
+        report.notes.append(
+            f"WARNING: {slower}: all {len(anchors)} layers left float, the model is unchanged "
+            "(speed_check=false quantizes it anyway)"
+        )
+    return kept
 
 
 class Slowdown:
