@@ -23,6 +23,13 @@ class UniqueNames:
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             self.used.update(v.name for v in node.outputs if v.name)
 
+    @classmethod
+    def among(cls, used: set[str]) -> UniqueNames:
+        """New names unique among ``used`` only (e.g. the names one graph sees)."""
+        names = cls.__new__(cls)
+        names.used = set(used)
+        return names
+
     def new(self, wanted: str) -> str:
         name, counter = wanted, 1
         while name in self.used:
