@@ -147,3 +147,30 @@ def test_layers_in_a_loop_body_are_named_in_a_warning():
         "WARNING: 1 weight layers sit inside Loop/Scan bodies, which quantize_int8 does not "
         "reach: they are left as they were"
     ]
+
+
+def test_branches_sharing_a_main_graph_weight_stay_float_with_a_warning():
+    """Both branches read the main graph's ``w``: quantized in one, its INT8 copy would sit
+    beside the float one that the other reads."""
+    proto = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        shared (bool c, float[N, 32] x) => (float[N, 32] y) {
+            y = If(c) <
+                then_branch = g1 () => (float[N, 32] t) { t = MatMul(x, w) },
+                else_branch = g2 () => (float[N, 32] e) { h = Relu(x)  e = MatMul(h, w) }
+            >
+        }"""
+    )
+    proto.graph.initializer.append(
+        onnx.numpy_helper.from_array(RNG.standard_normal((32, 32)).astype(np.float32), "w")
+    )
+    model = ir.from_proto(proto)
+    feeds = [{"c": np.array(c), "x": np.ones((2, 32), np.float32)} for c in (True, False)]
+    student, report = _quantize(model, feeds)
+    assert not report.changed
+    assert [n.split(": it reads")[0] for n in report.notes] == [
+        "WARNING: then_branch of If '' stays float",
+        "WARNING: else_branch of If '' stays float",
+    ]
+    assert "weight 'w', which nodes outside it read too" in report.notes[0]
+    assert ir.to_proto(student).SerializeToString() == ir.to_proto(model).SerializeToString()

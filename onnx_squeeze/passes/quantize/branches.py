@@ -42,6 +42,18 @@ class Branch:
     def label(self) -> str:
         return f"{self.attribute} of If {self.node.name!r}"
 
+    def shared_weight(self, ops: tuple[str, ...]) -> ir.Value | None:
+        """A main-graph constant that a node of ``ops`` here reads and a node outside the
+        branch reads too: quantized here, its INT8 copy would sit beside the float one."""
+        inside = _graphs_within(self.body)
+        for value in self.constants:
+            users = [use.node for use in value.uses()]
+            if any(u.op_type in ops and id(u.graph) in inside for u in users) and any(
+                id(u.graph) not in inside for u in users
+            ):
+                return value
+        return None
+
     def as_model(self, model: ir.Model, feed: dict[str, np.ndarray]) -> ir.Model:
         """A copy of the branch as a model: what it reads are its inputs (typed as in ``feed``
         where the main graph does not say), constants its initializers (the same tensors), its
@@ -66,7 +78,10 @@ class Branch:
             ],
             ir_version=model.ir_version,
         )
-        return ir.serde.deserialize_model(proto)
+        copy = ir.serde.deserialize_model(proto)
+        for index, node in enumerate(copy.graph):  # the pass tells layers apart by name
+            node.name = node.name or f"{self.body.name}/{node.op_type}_{index}"
+        return copy
 
     def replace_with(self, quantized: ir.Model, names: UniqueNames) -> None:
         """The branch's nodes, initializers and outputs become ``quantized``'s (taken out of
@@ -196,7 +211,16 @@ def quantize_branches(
             f"WARNING: {len(unreached)} weight layers sit inside Loop/Scan bodies, which "
             f"{report.name} does not reach: they are left as they were"
         )
-    found = branches(model, ops)
+    found = []
+    for branch in branches(model, ops):
+        shared = branch.shared_weight(ops)
+        if shared is None:
+            found.append(branch)
+            continue
+        report.notes.append(
+            f"WARNING: {branch.label} stays float: it reads weight {shared.name!r}, which "
+            "nodes outside it read too (an INT8 copy beside the float one would grow the file)"
+        )
     if not found:
         return
     feeds = _captured_feeds(model, found, context)
@@ -216,4 +240,6 @@ def quantize_branches(
         quantize(sub_model, sub_context, sub_report)
         branch.replace_with(sub_model, names)
         report.records.extend(sub_report.records)
-        report.notes.extend(f"{branch.label}: {note}" for note in sub_report.notes)
+        for note in sub_report.notes:  # a warning stays one
+            warning, text = note.startswith("WARNING: "), note.removeprefix("WARNING: ")
+            report.notes.append(f"{'WARNING: ' if warning else ''}{branch.label}: {text}")
