@@ -237,6 +237,8 @@ def quantize_branches(
         sub_context = dataclasses.replace(
             context, calibration=FeedsSource(feeds[id(branch)]), teacher=None, shapes=None
         )
+        # as Pass.__call__ does: the data's batch axes, those of the branch model's inputs
+        sub_context.data.draw_random_for(sub_model, sub_context.input_shapes, seed=context.seed)
         quantize(sub_model, sub_context, sub_report)
         branch.replace_with(sub_model, names)
         report.records.extend(sub_report.records)
