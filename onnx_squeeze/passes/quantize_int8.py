@@ -340,8 +340,24 @@ class QuantizeInt8(Pass):
                 bias_correction.correct_biases(model, copy, outcome, statistics, unreported)
             return copy
 
+        # Speed first (which layers pay in INT8 here at all), then accuracy among those: a
+        # control that ran first would time its steps against a model INT8 only slows down.
         slowdown = speed_check.Slowdown(model, context, batch=s.speed_batch)
-        if s.accuracy_control:
+        if s.speed_check:
+            anchors = speed_check.fastest(
+                model, anchors, quantized_copy, context, report, batch=s.speed_batch
+            )
+        elif s.speed_check is None:
+            anchors = speed_check.unless_slower(
+                model,
+                anchors,
+                quantized_copy,
+                context,
+                report,
+                batch=s.speed_batch,
+                slowdown=slowdown,
+            )
+        if s.accuracy_control and anchors:
             anchors = accuracy_control.keep_harmful_float(
                 model,
                 anchors,
@@ -356,20 +372,6 @@ class QuantizeInt8(Pass):
                     s.control_latency_ratio,
                     slowdown,
                 ),
-            )
-        if s.speed_check:
-            anchors = speed_check.fastest(
-                model, anchors, quantized_copy, context, report, batch=s.speed_batch
-            )
-        elif s.speed_check is None:
-            anchors = speed_check.unless_slower(
-                model,
-                anchors,
-                quantized_copy,
-                context,
-                report,
-                batch=s.speed_batch,
-                slowdown=slowdown,
             )
         float_model = model.clone() if s.bias_correction else None
         plan = plan_for(model, anchors)
