@@ -64,6 +64,7 @@ def test_int8_slower_than_float_leaves_the_model_float_and_warns(timed):
     warning = [n for n in report.notes if n.startswith("WARNING: INT8 runs slower than float")]
     assert len(warning) == 1 and "1.85x" in warning[0] and "all 3 layers left float" in warning[0]
     assert {r.node for r in report.skipped} == {"a", "b", "y"}
+    assert not any("accuracy control" in n for n in report.notes)  # nothing left to control
 
 
 def test_int8_slower_than_float_keeps_the_layers_that_pay(timed):
