@@ -13,17 +13,19 @@ when a consumer wants it. With UINT8 activations a Relu (or Clip from 0) after a
 to onnxruntime's Relu/Clip-QuantizeLinear fusion (zero point 0 makes the clamp free); with
 symmetric INT8 activations it keeps its input's parameters. Graph outputs stay float.
 
+An Add/Mul with a float input (its producer runs in float) is integer only when what reads it
+can be too: otherwise the integer op costs a QuantizeLinear on that input and a
+DequantizeLinear on its output, and saves nothing. MobileNetV3's HardSwish (Paddle's export:
+``x * Clip(x + 3, 0, 6) / 6``) is the case: ppocr_cls with every layer quantized ran 1.77-1.88x
+the float model's latency with those Muls integer, 1.67-1.74x with them float (CPU time, one
+thread, three interleaved rounds).
+
 Two rules keep outputs intact (a detector's decode head is the case they are for):
 
 - The *tail*, the ops from which no quantized weight layer can be reached, stays float: after
   the last weight layer an integer op saves nothing (no integer kernel follows) and only adds a
   rounding. It holds a detector's decode (Split, Sigmoid, box arithmetic, the Concat of boxes
   and scores) and a classifier's Softmax.
-- An Add/Mul with a float input (its producer runs in float) is integer only when what reads
-  it can be too: otherwise QLinearMul costs a QuantizeLinear on that input and a
-  DequantizeLinear on its output, and saves nothing. MobileNetV3's HardSwish (Paddle's export:
-  ``x * Clip(x + 3, 0, 6) / 6``) is the case: ppocr_cls ran 1.87x the float model's latency
-  with its Mul integer, 1.75x with it float (CPU time, one thread, all layers quantized).
 - A Concat whose inputs' calibrated ranges differ by more than ``concat_range_ratio`` stays
   float, its inputs dequantized: one shared scale would cost the narrow input
   ``20·log10(ratio)`` dB, crushing scores beside pixel coordinates (unless a weight layer
