@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 
 from onnx_squeeze import fidelity
 from onnx_squeeze.calibration.sources import FeedsSource
@@ -13,10 +14,13 @@ from onnx_squeeze.passes.base import make_pass
 from onnx_squeeze.passes.quantize.branches import quantize_branches
 from onnx_squeeze.passes.quantize.plan import ANCHOR_OPS
 from onnx_squeeze.pipeline import finalize
+from onnx_squeeze.prepare import prepare
 from onnx_squeeze.records import PassContext, PassReport
 from tests.helpers import check, run
 
 RNG = np.random.default_rng(5)
+SILERO = "/root/.cache/onnx-squeeze/real-models/models/silero_vad.onnx"
+SILERO_DATA = "/root/.cache/onnx-squeeze/real-models/data/silero_vad.npz"
 FIXED = {"accuracy_control": False, "speed_check": False}  # every layer, whatever it measures
 
 
@@ -174,3 +178,30 @@ def test_branches_sharing_a_main_graph_weight_stay_float_with_a_warning():
     ]
     assert "weight 'w', which nodes outside it read too" in report.notes[0]
     assert ir.to_proto(student).SerializeToString() == ir.to_proto(model).SerializeToString()
+
+
+@pytest.mark.real_models
+def test_silero_vad_16_khz_branch_is_quantized_on_16_khz_data():
+    """silero_vad's model sits in an If on the sample rate; its data is at 16 kHz: that branch's
+    Convs get INT8 (its STFT Conv over one channel stays float, as in a main graph), calibrated
+    on 24 chunks, the 8 kHz branch stays float with a WARNING and gives the very same outputs."""
+    try:
+        model = ir.load(SILERO)
+        data = dict(np.load(SILERO_DATA))
+    except FileNotFoundError:
+        pytest.skip("silero_vad not in the real-model cache: run benchmarks/real_models.py fetch")
+    prepared, _ = prepare(model)
+    feeds = [
+        {"input": data["input"][i : i + 1], "state": data["state"][:, i : i + 1], "sr": data["sr"]}
+        for i in range(24)
+    ]
+    student, report = _quantize(prepared, feeds)
+    check(student)
+    assert [r.op_type for r in report.changed] == ["Conv"] * 5
+    assert any(n.startswith("WARNING: else_branch of If") for n in report.notes)
+    for i in range(24, 32):  # held out (the speech probability moved 0.011 at most, 32 chunks)
+        feed = {"input": data["input"][i : i + 1], "state": data["state"][:, i : i + 1]}
+        at_16k = {**feed, "sr": np.array(16000, np.int64)}
+        np.testing.assert_allclose(run(student, at_16k)[0], run(prepared, at_16k)[0], atol=0.05)
+        at_8k = {"input": feed["input"][:, :288], "state": feed["state"], "sr": np.array(8000)}
+        np.testing.assert_array_equal(run(student, at_8k)[0], run(prepared, at_8k)[0])
