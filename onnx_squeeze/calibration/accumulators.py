@@ -69,6 +69,21 @@ def _invert(xs: np.ndarray, ys: np.ndarray, target: float) -> float:
     return float(xs[k - 1] + fraction * (xs[k] - xs[k - 1]))
 
 
+def _spread_below(first: int, last: int, factor: int, bins: int) -> int:
+    """Where a histogram that grew below (old bins ``first`` to ``last`` must fit in ``bins``
+    bins of ``factor`` old ones) starts: the spare room goes to the sides in proportion to their
+    growth (a side that kept its edge counts one bin), so that a SiLU's minimum moving by a
+    rounding does not get most of it and its bins lie over values never seen (nudenet: a
+    [-0.28, 48] tensor's histogram reached -78); the old lowest edge stays an edge where the
+    new bins allow it (a ReLU's 0 when it grows upwards only)."""
+    slack = first + factor * bins - last
+    target = first - slack * -first // (max(last - bins, 1) - first)
+    fewest, most = math.ceil(-first / factor), (factor * bins - last) // factor
+    if fewest > most:
+        return target
+    return -factor * min(max(round(-target / factor), fewest), most)
+
+
 class Histogram:
     """Counts of the (signed) finite values in ``bins`` equal bins from ``low`` to ``high``.
 
@@ -137,9 +152,8 @@ class Histogram:
         first = min(0, math.floor((low - self.low) / self.width))
         last = max(self.bins, math.ceil((high - self.low) / self.width))
         factor = math.ceil((last - first) / self.bins)
-        slack = first + factor * self.bins - last
-        if first < 0:  # spare room goes to the side(s) that grew, keeping e.g. ReLU's 0 an edge
-            first -= slack if last == self.bins else slack // 2
+        if first < 0:
+            first = _spread_below(first, last, factor, self.bins)
         merged = np.zeros_like(self.counts)
         np.add.at(merged, (np.arange(self.bins) - first) // factor, self.counts)
         self.counts = merged
