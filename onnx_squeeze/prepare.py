@@ -29,10 +29,13 @@ Steps, each switchable in :class:`PrepareSettings`:
    recorded as ``"folded"`` on the producer; each BN left alone is recorded as skipped with the
    reason. Only the main graph is folded; subgraphs of If/Loop/Scan are left as they are.
 4. **Constants**: Constant nodes become initializers, and nodes whose inputs are all constant are
-   evaluated once (with onnx's reference evaluator) and replaced by initializers. onnxsim folds far
-   more (shape arithmetic with known shapes, etc.); this step only matters when onnxsim was
-   skipped. Quantize/Dequantize and random ops are never folded.
-5. **Cleanup**: unused nodes and initializers are removed and the graph is sorted topologically.
+   evaluated once (with onnx's reference evaluator) and replaced by initializers, in If/Loop/Scan
+   bodies too (onnxsim leaves those: silero_vad rebuilds its LSTM weights by Slice/Concat in each
+   branch); results go into the main graph, one per distinct content, so that bodies rebuilding
+   one weight share it. onnxsim folds far more in the main graph (shape arithmetic with known
+   shapes, etc.). Quantize/Dequantize and random ops are never folded.
+5. **Cleanup**: unused nodes and initializers (of bodies too) are removed and the graph is sorted
+   topologically.
    The graph inputs and outputs keep their original names, element types and declared shapes
    (symbolic dimension names included), whatever the steps above inferred.
 
@@ -49,6 +52,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -72,7 +76,13 @@ from onnx_ir.passes.common import (
 
 from onnx_squeeze import scratch
 from onnx_squeeze.errors import SettingsError
-from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array, set_input_constant
+from onnx_squeeze.graph_utils import (
+    UniqueNames,
+    attribute,
+    constant_array,
+    remove_unused_initializers,
+    set_input_constant,
+)
 from onnx_squeeze.records import BN_SCALE_KEY, PassReport
 
 __all__ = [
@@ -188,6 +198,7 @@ def prepare(
     if settings.fold_batchnorm:
         fold_batchnorm(model, report)
     RemoveUnusedNodesPass()(model)
+    remove_unused_initializers(model)  # RemoveUnusedNodesPass sweeps the main graph only
     TopologicalSortPass()(model)
     signature.restore(model, report)
 
@@ -693,7 +704,7 @@ def fold_batchnorm(model: ir.Model, report: PassReport) -> int:
 
 
 def fold_constants(model: ir.Model, report: PassReport) -> int:
-    """Turn Constant nodes into initializers and evaluate main-graph nodes with constant inputs.
+    """Turn Constant nodes into initializers and evaluate nodes with constant inputs, in every graph.
 
     A deliberately small folder: one pass in graph order with onnx's reference evaluator, no
     shape-based folding (onnxsim does that). Returns the number of nodes folded.
@@ -705,12 +716,16 @@ def fold_constants(model: ir.Model, report: PassReport) -> int:
 
     from onnx.reference import ReferenceEvaluator
 
-    graph = model.graph
-    opset = graph.opset_imports.get("", None) or graph.opset_imports.get("ai.onnx", None)
+    main = model.graph
+    opset = main.opset_imports.get("", None) or main.opset_imports.get("ai.onnx", None)
     if opset is None:
         return 0
     folded, failed = 0, 0
-    for node in list(graph):
+    made: dict[tuple, ir.Value] = {}  # one initializer per folded content
+    names = UniqueNames(model)
+    for node in [node for graph in list(model.graphs()) for node in list(graph)]:
+        graph = node.graph
+        assert graph is not None
         arrays = _foldable_inputs(node)
         if arrays is None:
             continue
@@ -733,15 +748,22 @@ def fold_constants(model: ir.Model, report: PassReport) -> int:
             continue
         for output, result in zip(node.outputs, results, strict=True):
             dtype = output.dtype or ir.DataType.from_numpy(result.dtype)
-            value = ir.Value(
-                name=output.name,
-                shape=ir.Shape(result.shape),
-                type=ir.TensorType(dtype),
-                const_value=ir.tensor(result, dtype=dtype, name=output.name),
-            )
-            output.replace_all_uses_with(value)
+            # Results go into the main graph, which every If/Loop/Scan body sees: two bodies that
+            # rebuild one weight (silero_vad's LSTM gates, reordered in each branch) share it.
+            key = (dtype, result.shape, hashlib.sha256(result.tobytes()).digest())
+            new = key not in made
+            if new:  # a body's name may recur in a sibling body, the main graph sees all
+                name = output.name if graph is main else names.new(output.name or "folded")
+                made[key] = ir.Value(
+                    name=name,
+                    shape=ir.Shape(result.shape),
+                    type=ir.TensorType(dtype),
+                    const_value=ir.tensor(result, dtype=dtype, name=name),
+                )
+            output.replace_all_uses_with(made[key])
             output.name = None
-            graph.register_initializer(value)
+            if new:
+                main.register_initializer(made[key])
         graph.remove(node, safe=True)
         folded += 1
     if folded:
