@@ -109,3 +109,14 @@ def test_mse_scores_the_grid_that_the_zero_point_makes():
     ranges = np.array([[low, high]])
     grid = quant_params._grids(ranges, UINT8, False)[0]
     np.testing.assert_allclose(grid[:2], [low, high], rtol=1e-12)
+
+
+def test_a_histogram_that_grows_below_by_a_rounding_keeps_its_bins_over_the_values():
+    """A SiLU's minimum moves by a float rounding while its maximum quadruples: the spare bins
+    go where the values grew (above), not half of them below the minimum (old: 21 bins below)."""
+    histogram = Histogram(2048)
+    histogram.update(np.array([-0.2784, 10.0], np.float32))
+    histogram.update(np.array([-0.2785, 40.0], np.float32))
+    assert -0.2785 - histogram.width <= histogram.low <= -0.2785
+    assert histogram.high >= 40.0 and histogram.total == 4
+    assert abs(histogram.quantile(0.0) - -0.2785) <= histogram.width

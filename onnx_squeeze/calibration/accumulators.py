@@ -75,7 +75,7 @@ def _spread_below(first: int, last: int, factor: int, bins: int) -> int:
     growth (a side that kept its edge counts one bin), so that a SiLU's minimum moving by a
     rounding does not get most of it and its bins lie over values never seen (nudenet: a
     [-0.28, 48] tensor's histogram reached -78); the old lowest edge stays an edge where the
-    new bins allow it (a ReLU's 0 when it grows upwards only)."""
+    new bins allow it."""
     slack = first + factor * bins - last
     target = first - slack * -first // (max(last - bins, 1) - first)
     fewest, most = math.ceil(-first / factor), (factor * bins - last) // factor
