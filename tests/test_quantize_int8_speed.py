@@ -31,17 +31,18 @@ class FakeSlowdown:
 @pytest.fixture
 def timed(monkeypatch):
     """Set the quantized model's latency ratio to the float one; the speed check's search times
-    the split ``fastest`` (k smallest layers in float) fastest; both record what they timed."""
+    the splits in ``fastest`` (k smallest layers in float) fastest, the others at twice their
+    time; both record what they timed."""
     searched: list[int] = []
 
-    def set_timing(ratio: float, fastest: int | None = None) -> list[int]:
+    def set_timing(ratio: float, fastest: tuple[int, ...] = ()) -> list[int]:
         FakeSlowdown.ratio, FakeSlowdown.calls = ratio, []
 
         def timings(build, splits, feed):
             for k in splits:
                 check(build(k))
                 searched.append(k)
-            return [latency_search.SplitTiming(k, 1.0 if k == fastest else 2.0) for k in splits]
+            return [latency_search.SplitTiming(k, 1.0 if k in fastest else 2.0) for k in splits]
 
         monkeypatch.setattr(speed_check, "Slowdown", FakeSlowdown)
         monkeypatch.setattr(latency_search, "_timings", timings)
@@ -54,7 +55,7 @@ def test_int8_slower_than_float_leaves_the_model_float_and_warns(timed):
     """The ppocr_cls case: INT8 timed at 1.85x the float model, and no mix of float and INT8
     layers faster than float: every layer stays float, and the report says why."""
     model = narrow_then_wide_model()
-    searched = timed(1.85, fastest=3)
+    searched = timed(1.85, fastest=(3,))
     result, report = quantize(model, speed_check=None)  # the default
     check(result)
     assert ops(result)["QuantizeLinear"] == 0
@@ -70,13 +71,26 @@ def test_int8_slower_than_float_leaves_the_model_float_and_warns(timed):
 def test_int8_slower_than_float_keeps_the_layers_that_pay(timed):
     """Slower at first, but faster with the smallest layer in float: that one stays float."""
     model = narrow_then_wide_model()
-    timed(1.3, fastest=1)
+    timed(1.3, fastest=(1,))
     result, report = quantize(model, speed_check=None)
     check(result)
     assert [r.node for r in report.skipped] == ["b"]
     assert not any(n.startswith("WARNING: INT8") for n in report.notes)
-    assert any("1.3x" in n and "left 1 of 3 layers float" in n for n in report.notes)
+    assert any("1.3x" in n and "1 of 3 layers left float" in n for n in report.notes)
     assert cosine(model, result, random_feeds(model, 2)) > 0.99
+
+
+def test_a_mix_no_faster_than_float_is_kept_for_its_size_and_warned_about(timed):
+    """The smallest layer in float ties with the float model: the rest stays INT8 (smaller),
+    and the report says that it buys no speed."""
+    model = narrow_then_wide_model()
+    timed(1.85, fastest=(1, 3))
+    result, report = quantize(model, speed_check=None)
+    check(result)
+    assert [r.node for r in report.skipped] == ["b"]
+    assert ops(result)["QuantizeLinear"] > 0
+    warning = [n for n in report.notes if n.startswith("WARNING: INT8 runs slower than float")]
+    assert len(warning) == 1 and "no faster than float (1x)" in warning[0]
 
 
 def test_int8_that_pays_is_timed_once_and_kept_whole(timed):
@@ -91,11 +105,11 @@ def test_int8_that_pays_is_timed_once_and_kept_whole(timed):
 
 def test_speed_check_false_never_times_and_true_always_searches(timed):
     model = narrow_then_wide_model()
-    searched = timed(1.85, fastest=3)
+    searched = timed(1.85, fastest=(3,))
     _, report = quantize(model, speed_check=False)  # placement by the plan alone
     assert not FakeSlowdown.calls and not searched
     assert [r.node for r in report.changed] == ["a", "b", "y"]
-    timed(0.6, fastest=1)
+    timed(0.6, fastest=(1,))
     _, report = quantize(model, speed_check=True)  # the search, whatever one timing says
     assert not FakeSlowdown.calls and searched
     assert [r.node for r in report.skipped] == ["b"]

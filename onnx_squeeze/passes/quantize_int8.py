@@ -344,7 +344,7 @@ class QuantizeInt8(Pass):
         # control that ran first would time its steps against a model INT8 only slows down.
         slowdown = speed_check.Slowdown(model, context, batch=s.speed_batch)
         if s.speed_check:
-            anchors = speed_check.fastest(
+            anchors, _ = speed_check.fastest(
                 model, anchors, quantized_copy, context, report, batch=s.speed_batch
             )
         elif s.speed_check is None:

@@ -35,10 +35,11 @@ def fastest(
     report: PassReport,
     *,
     batch: int,
-) -> list[ir.Node]:
+) -> tuple[list[ir.Node], float | None]:
     """The ``anchors`` to quantize: all but the smallest layers (by weight size) kept in float,
     as many as makes the model fastest at ``batch`` (``quantized_copy`` quantizes the given
-    anchors of a copy)."""
+    anchors of a copy); and the model's latency with them over the float model's, where one
+    stage of the search timed both (None otherwise)."""
     by_size = sorted(anchors, key=_weight_size)
     feed = resized(context.data.feed_at(0), model, batch)
 
@@ -57,7 +58,12 @@ def fastest(
         f"speed check (batch {batch}, 1 thread), ms with the k smallest layers in float, "
         f"k: ms: {stages}; kept the {left_out} smallest of {len(by_size)} in float"
     )
-    return [node for node in anchors if node not in by_size[:left_out]]
+    kept = [node for node in anchors if node not in by_size[:left_out]]
+    for stage in reversed(timings):
+        median = {t.left_out: t.median_ms for t in stage}
+        if left_out in median and len(by_size) in median:
+            return kept, median[left_out] / median[len(by_size)]
+    return kept, None
 
 
 def unless_slower(
@@ -80,13 +86,16 @@ def unless_slower(
     if ratio <= SLOWER_MARGIN:
         report.notes.append(f"speed check: the quantized model runs faster here ({timed})")
         return list(anchors)
-    kept = fastest(model, anchors, quantized_copy, context, report, batch=batch)
+    kept, mixed = fastest(model, anchors, quantized_copy, context, report, batch=batch)
     slower = f"INT8 runs slower than float on this CPU for this model ({timed})"
-    if kept:
+    floated = f"{len(anchors) - len(kept)} of {len(anchors)} layers left float, the smallest"
+    if kept and mixed is not None and mixed >= 1.0:  # a tie with float, within the tolerance
         report.notes.append(
-            f"{slower}: the speed check left {len(anchors) - len(kept)} of {len(anchors)} "
-            "layers float, the smallest, where the model runs fastest so"
+            f"WARNING: {slower}: {floated}; the rest run no faster than float ({mixed:.3g}x): "
+            "INT8 buys size here, not speed"
         )
+    elif kept:
+        report.notes.append(f"{slower}: {floated}, where the model runs fastest")
     else:
         report.notes.append(
             f"WARNING: {slower}: all {len(anchors)} layers left float, the model is unchanged "
