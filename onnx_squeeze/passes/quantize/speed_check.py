@@ -98,8 +98,8 @@ def unless_slower(
         report.notes.append(f"{slower}: {floated}, where the model runs fastest")
     else:
         report.notes.append(
-            f"WARNING: {slower}: all {len(anchors)} layers left float, the model is unchanged "
-            "(speed_check=false quantizes it anyway)"
+            f"WARNING: {slower}: all {len(anchors)} layers left float (speed_check=false "
+            "quantizes them anyway)"
         )
     return kept
 
