@@ -33,7 +33,7 @@ from onnx_squeeze.gates import parse_gates
 from onnx_squeeze.graph_utils import attribute
 from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.base import Pass, bounded, choice, register, subset
-from onnx_squeeze.passes.quantize import accuracy_control, bias_correction, speed_check
+from onnx_squeeze.passes.quantize import accuracy_control, bias_correction, branches, speed_check
 from onnx_squeeze.passes.quantize import params as quant_params
 from onnx_squeeze.passes.quantize.eligibility import (
     QUANTIZED_OPS,
@@ -164,6 +164,7 @@ class QuantizeInt8(Pass):
     name = "quantize_int8"
     Settings = QuantizeInt8Settings
     min_opset = 13  # per-axis QuantizeLinear/DequantizeLinear
+    reaches_subgraphs = True  # If branches as models of their own (quantize/branches.py)
 
     def validate(self) -> None:
         s = self.settings
@@ -278,9 +279,11 @@ class QuantizeInt8(Pass):
                 f"the model already holds {present} quantized nodes (QDQ/QOperator/"
                 "MatMulNBits): they and the nodes reading them are left untouched"
             )
+        branches.quantize_branches(model, context, report, self.apply, ANCHOR_OPS)
         anchors = self._anchors(model, report)
         if not anchors:
-            report.notes.append("nothing to quantize")
+            if not report.changed:
+                report.notes.append("nothing to quantize")
             return
         # Statistics of every tensor any plan may quantize: all anchors at once.
         full_plan = make_plan(model, anchors, self.symmetric)
