@@ -437,16 +437,19 @@ def test_shortcut_flags_compress_and_report(small_resnet, tmp_path, capsys):
     assert out.is_file()
 
 
-def test_a_slower_int8_result_points_to_the_speed_check():
+def test_a_slower_untimed_int8_result_points_to_the_speed_check():
     from onnx_squeeze.recipe import Step
 
     slower = {"metrics": {"latency_ratio": 1.25}}
-    hint = verdict.speed_hint([Step("prune_channels"), Step("quantize_int8")], slower)
-    assert len(hint) == 1 and "1.25x" in hint[0] and "--int8-speed-check" in hint[0]
+    untimed = Step("quantize_int8", {"speed_check": False})
+    hint = verdict.speed_hint([Step("prune_channels"), untimed], slower)
+    assert len(hint) == 1 and "1.25x" in hint[0] and "--int8-no-speed-check" in hint[0]
+    # INT8 timed itself (the default, or the full search): it already fell back where slower
+    assert verdict.speed_hint([Step("quantize_int8")], slower) == []
     assert verdict.speed_hint([Step("quantize_int8", {"speed_check": True})], slower) == []
-    assert verdict.speed_hint([Step("quantize_int8")], {"metrics": {"latency_ratio": 0.6}}) == []
+    assert verdict.speed_hint([untimed], {"metrics": {"latency_ratio": 0.6}}) == []
     assert verdict.speed_hint([Step("fp16")], slower) == []
-    assert verdict.speed_hint([Step("quantize_int8")], None) == []
+    assert verdict.speed_hint([untimed], None) == []
 
 
 def test_running_out_of_memory_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):

@@ -389,7 +389,7 @@ def test_combines_with_channel_pruning_before_and_int8_after():
         [
             Step("prune_channels", {"ratio": 0.25}),
             Step("low_rank", {"energy": 0.9}),
-            Step("quantize_int8", {}),
+            Step("quantize_int8", {"speed_check": False}),  # INT8 slows this toy
         ],
         prepare={"simplify": False},
     )

@@ -116,7 +116,7 @@ def test_an_old_opset_is_converted_for_the_pass_that_needs_a_newer_one(opset, tm
     """INT8 needs opset 13 (per-axis Q/DQ): an opset 11/12 export is converted, and says so."""
     source = tmp_path / "old.onnx"
     onnx.save(_conv_net(opset), source)
-    recipe = sq.Recipe.from_cli(["quantize_int8"])
+    recipe = sq.Recipe.from_cli(["quantize_int8:speed_check=false"])  # INT8 slows this toy
     result = sq.compress(str(source), recipe, output=tmp_path / "q.onnx", runs=2)
     assert model_io.opset_version(result.model) == 13
     assert any(f"converted from opset {opset} to 13" in note for note in result.notes)
@@ -197,7 +197,7 @@ def _int8_on_ties(tmp_path, ties: int) -> sq.pipeline.CompressResult:
     x[:, 0] = 1.0  # class 0 in both models
     x[[i for i in range(10) if i % 5 != 4][:ties], 0] = -1.0  # class 1 by 0.002: ties after INT8
     np.savez(tmp_path / "calib.npz", x=x)
-    recipe = sq.Recipe.from_cli(["quantize_int8:accuracy_control=false"])
+    recipe = sq.Recipe.from_cli(["quantize_int8:accuracy_control=false,speed_check=false"])
     return sq.compress(
         _near_tie_classifier(), recipe, calibration=str(tmp_path / "calib.npz"), runs=1
     )

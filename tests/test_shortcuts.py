@@ -68,6 +68,7 @@ def test_finetune_follows_recovery_and_precedes_quantization():
             ("--int8", "--int8-speed-check", "8"),
             ("quantize_int8", {"speed_check": True, "speed_batch": 8}),
         ),
+        (("--int8", "--int8-no-speed-check"), ("quantize_int8", {"speed_check": False})),
         (("--int8-dynamic",), ("quantize_dynamic", {})),
         (("--bf16",), ("fp16", {"dtype": "bfloat16"})),
         (("--fp8",), ("fp8", {"activations": False})),
@@ -94,6 +95,8 @@ def test_low_rank_is_data_aware_with_calibration_data():
         (("--int8-method", "entropy"), "add --int8"),
         (("--int8-speed-check",), "--int8-speed-check applies to --int8"),
         (("--int8-calib-all",), "--int8-calib-all applies to --int8"),
+        (("--int8-no-speed-check",), "--int8-no-speed-check applies to --int8"),
+        (("--int8", "--int8-speed-check", "--int8-no-speed-check"), "exclude each other"),
     ],
 )
 def test_bad_values_name_the_fix(flags, message):
