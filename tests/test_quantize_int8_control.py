@@ -484,3 +484,30 @@ def _controlled(model, report, gate: str, *, samples: int, batch: int, batches: 
         bounds=bounds or accuracy_control.Bounds(runs=100, float_macs=1.0),
     )
     return anchors, kept
+
+
+def test_a_group_the_search_passed_gains_where_its_last_layer_does_not():
+    """Where the error is spread (ddddocr_beta), the single layer a bisection ends on can gain
+    nothing; the best ranked group it passed through that gains goes back to float instead of
+    the search ending with every layer INT8."""
+    Reading = accuracy_control.Reading
+    layers = {name: ir.Node("", "Conv", [], name=name) for name in "abcd"}
+    ranks = {"b": 5.0, "ab": 12.0, "cd": 9.0}  # what each set in float measures (SQNR rank)
+
+    class Measure:
+        runs = 0
+
+        def __call__(self, floated, on="search"):
+            self.runs += 1
+            return Reading(0.95, ranks.get("".join(floated), 0.0))
+
+    def worth(reading):
+        return reading.rank > 8.0  # the noise a gain must beat
+
+    groups = [[layers["a"], layers["b"]], [layers["c"], layers["d"]], [layers["b"]]]
+    single = ([layers["b"]], Reading(0.95, 5.0))
+    chosen, reading = accuracy_control._best_gaining(groups, single, [], Measure(), worth, 24)
+    assert [n.name for n in chosen] == ["a", "b"] and reading.rank == 12.0
+    ranks.update(ab=1.0, cd=2.0)  # no group gains beyond the noise: the search stops there
+    assert accuracy_control._best_gaining(groups, single, [], Measure(), worth, 24) == single
+    assert accuracy_control._best_gaining(groups, single, [], Measure(), worth, 0) == single
