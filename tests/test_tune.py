@@ -261,6 +261,40 @@ def test_impossible_target_gives_the_closest_trial_and_writes_nothing(files, tmp
     assert f"closest is trial {found.chosen.number}" in found.reason
 
 
+class PruningSlows(Synthetic):
+    """As on PP-OCRv4's recognizer: pruning makes the model slower (1 + the fraction here;
+    1.75x its time at 0.1 there), so the trials that keep the budget are all slower than the
+    original."""
+
+    def run(self, jobs):
+        results = super().run(jobs)
+        for job, result in zip(jobs, results, strict=True):
+            steps = {s["pass"]: s for s in job["recipe"]["passes"]}
+            prune = steps.get("prune_channels", {}).get("macs_target", 0.0)
+            if prune:
+                result["metrics"]["latency_ratio"] = 1 + prune
+                result["metrics"]["speedup"] = 1 / (1 + prune)
+        return results
+
+
+def test_no_trial_closer_than_the_original_chooses_the_original(files, tmp_path):
+    found = _search(  # INT8 (0.6x) breaks a budget of 0.004; every pruned trial is slower
+        files,
+        tmp_path,
+        PruningSlows(),
+        space=Space(
+            "cnn", (Param("prune", low=0.05, high=0.7), Param("quantize", ("none", "int8")))
+        ),
+        trials=6,
+        budget=parse_budget("top1_agreement", "0.004", None),
+    )
+    judged = [t for t in found.trials if t.stage in ("full", "bisect")]
+    assert judged and all(t.metrics["latency_ratio"] > 1 or t.value < found.floor for t in judged)
+    assert not found.met and found.output is None
+    assert found.chosen is found.trials[0] and found.chosen.stage == "reference"
+    assert "closer to the targets than the original itself" in found.reason
+
+
 PILOTED = dataclasses.replace(PRUNE_INT8, pilots=({"quantize": "int8"},))
 AT_2_5X = dict(space=PILOTED, targets=parse_targets(["speedup=2.5"]))  # the pilot's INT8 arm
 
