@@ -5,11 +5,15 @@ the best hand-written recipe (a preset, run through ``compress`` on the same dat
 Models: the digits CNN of ``bench_distill.py`` (trained with PyTorch on scikit-learn's digits;
 labels, so the metric is top-1 accuracy; targets speedup 2x and 3x within 1 point), the zoo
 ResNet-50 and transformer (synthetic weights, random inputs, so the metric is top-1 agreement
-with the original; target latency 0.5). Rows whose model or peer cannot be built here (no
-torch, no nncf) are left out with a note.
+with the original; target latency 0.5), and trained models of the real-model corpus
+(``benchmarks/real_models.py``: ppocr_rec, magika, ...), judged by the corpus's task judge as a
+user metric (``--metric benchmarks.task_metrics:NAME``, the same function NNCF validates with).
+Rows whose model or peer cannot be built here (no torch, no nncf, the corpus not fetched) are
+left out with a note.
 
-    python benchmarks/bench_tune.py [--models transformer,resnet50,digits_cnn] [--trials 12]
-        [--time-budget 900] [--trial-timeout S] [--runs 10] [--bisect-steps 3] [--zoo-drop 0.1]
+    python benchmarks/bench_tune.py [--models transformer,resnet50,digits_cnn,ppocr_rec]
+        [--trials 12] [--time-budget 900] [--trial-timeout S] [--runs 10] [--bisect-steps 3]
+        [--zoo-drop 0.1] [--real-drop 0.02] [--real-targets latency=0.7] [--generated 128]
         [--first] [--no-nncf] [--no-hand-written] [--nncf-iterations 20] [--work DIR]
 
 Fine-tuning joins the search space where PyTorch is installed (the digits CNN's 3x needs it).
@@ -35,17 +39,18 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common
+from benchmarks import common, task_metrics
+from benchmarks import real_models as rm
 from onnx_squeeze import clocks, model_io, zoo
 from onnx_squeeze.calibration import open_source
 from onnx_squeeze.pipeline import compress, judge
 from onnx_squeeze.recipe import Recipe
 from onnx_squeeze.tune import parse_budget, parse_targets, tune
-from onnx_squeeze.tune.metrics import top1
+from onnx_squeeze.tune.metrics import top1, user_function
 
 SAMPLES = 64  # calibration and held-out samples of the zoo models (random inputs)
 TRANSFORMER_SHAPE = (1, 128)
-HAND_WRITTEN = {"cnn": "fast", "transformer": "fast-transformer"}  # recipes.py presets
+HAND_WRITTEN = {"cnn": ["fast"], "transformer": ["fast-transformer"]}  # recipe.py presets
 HEADERS = [
     "model",
     "method",
@@ -100,6 +105,31 @@ def zoo_case(name: str, folder: Path) -> dict[str, Any]:
         "metric": "top1_agreement",
         "targets": ["latency=0.5"],
         "data": f"random inputs ({SAMPLES} calibration, {SAMPLES} held out), synthetic weights",
+        "hand_written": HAND_WRITTEN["transformer" if name == "transformer" else "cnn"],
+    }
+
+
+def real_case(name: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A trained model of the real-model corpus, its task judge as the metric (the share of
+    decisions, e.g. decoded strings, kept), its own data; the hand-written recipes are the
+    corpus's default INT8 and the ``fast`` preset. The family is tune's to detect."""
+    model = rm.MODELS[name]
+    if not model.path.exists() or not model.data.exists():
+        raise ImportError(
+            f"{model.path} or its data missing: python benchmarks/real_models.py fetch"
+        )
+    calib, held, line = task_metrics.write_data(name, folder, args.generated)
+    return {
+        "name": name,
+        "path": str(model.path),
+        "calib": str(calib),
+        "eval": str(held),
+        "family": None,
+        "metric": f"benchmarks.task_metrics:{name}",
+        "max_drop": args.real_drop,
+        "targets": args.real_targets.split(","),
+        "data": f"trained ({model.wheel}): {line}",
+        "hand_written": ["int8", "fast"],
     }
 
 
@@ -127,6 +157,7 @@ def digits_case(folder: Path, epochs: int) -> dict[str, Any]:
         "metric": "top1",
         "targets": ["speedup=2", "speedup=3"],
         "data": f"scikit-learn digits: {len(train_x)} training images (calibration), {len(test_x)} test images with labels",
+        "hand_written": HAND_WRITTEN["cnn"],
     }
 
 
@@ -136,7 +167,7 @@ def model_file(folder: Path, case: dict[str, Any], method: str, target: str) -> 
         return folder / f"{case['name']}_{target}.onnx"
     if method.startswith("NNCF"):
         return folder / f"{case['name']}_nncf.onnx"
-    return folder / f"{case['name']}_{HAND_WRITTEN[case['family']]}.onnx"
+    return folder / f"{case['name']}_{method.rsplit(' ', 1)[-1]}.onnx"  # the preset's name
 
 
 def retime(case: dict[str, Any], rows: list[list[Any]], folder: Path) -> None:
@@ -156,6 +187,8 @@ def retime(case: dict[str, Any], rows: list[list[Any]], folder: Path) -> None:
 def _metric(case: dict[str, Any], model_path: str, comparison: dict[str, Any]) -> float:
     if case["metric"] == "top1":
         return top1(model_path, case["eval"], lambda spec, model: open_source(spec, model))
+    if ":" in case["metric"]:
+        return float(user_function(case["metric"])(model_path, case["eval"]))
     return float(comparison["metrics"][case["metric"]])
 
 
@@ -205,9 +238,15 @@ def tune_row(case, target, max_drop, args, folder, notes: list[str]) -> list[Any
         f"first to meet target and budget: {first or 'none'}; chosen: trial "
         f"{chosen.number if chosen else '-'} {chosen.params if chosen else ''}"
     )
+    if chosen is None:
+        method = "onnx-squeeze tune"
+    elif chosen.stage == "reference":  # nothing within the budget came closer than the original
+        method = "onnx-squeeze tune (none closer than the original: keep it)"
+    else:
+        method = f"onnx-squeeze tune ({chosen.recipe.to_dict()['passes']})"
     return [
         case["name"],
-        "onnx-squeeze tune" + (f" ({chosen.recipe.to_dict()['passes']})" if chosen else ""),
+        method,
         target,
         str(found.data["budget"]),
         "yes" if found.met else "no",
@@ -234,10 +273,9 @@ def _in_cpu_time(case, path, metrics, args) -> dict[str, Any]:
     return {**metrics, "latency_ratio": model / base, "speedup": base / model}
 
 
-def hand_written_row(case, target, max_drop, args, folder, baseline) -> list[Any]:
-    preset = HAND_WRITTEN[case["family"]]
+def hand_written_row(case, preset, target, max_drop, args, folder, baseline) -> list[Any]:
     start = time.perf_counter()
-    output = model_file(folder, case, "hand-written", target)
+    output = model_file(folder, case, f"hand-written recipe: --recipe {preset}", target)
     result = compress(
         case["path"],
         Recipe.load(preset),
@@ -282,7 +320,8 @@ def _peer_row(case, method, target, max_drop, metrics, value, baseline, seconds)
 
 def nncf_row(case, target, max_drop, args, folder, baseline) -> list[Any] | str:
     """NNCF's accuracy control: INT8 with the layers that hurt most reverted until the drop
-    holds, judged by the same metric (labels, or agreement with the original's top 1)."""
+    holds, judged by the same metric (labels, agreement with the original's top 1, or the
+    user metric that tune was given, on the samples NNCF hands its ``validation_fn``)."""
     try:
         import nncf
         import onnxruntime as ort
@@ -299,17 +338,21 @@ def nncf_row(case, target, max_drop, args, folder, baseline) -> list[Any] | str:
     items = []
     for feed in held:
         inputs_only = {k: v for k, v in feed.items() if k in inputs}
-        truth = (
-            np.asarray(feed["labels"]).reshape(-1)
-            if case["metric"] == "top1"
-            else reference.run(None, inputs_only)[0].argmax(-1).reshape(-1)
-        )
+        if case["metric"] == "top1":
+            truth = np.asarray(feed["labels"]).reshape(-1)
+        elif ":" in case["metric"]:
+            truth = None  # the task judge runs the original itself
+        else:
+            truth = reference.run(None, inputs_only)[0].argmax(-1).reshape(-1)
         items.append({"feed": inputs_only, "truth": truth})
     calibration = [
         {k: v for k, v in f.items() if k in inputs} for f in open_source(case["calib"], ir_model)
     ]
 
     def validate(model: onnx.ModelProto, data) -> tuple[float, None]:
+        if ":" in case["metric"]:  # the task judge, on the samples given, against the original
+            name = case["metric"].rsplit(":", 1)[1]
+            return task_metrics.agreement(name, model, [item["feed"] for item in data]), None
         session = ort.InferenceSession(
             model.SerializeToString(), providers=["CPUExecutionProvider"]
         )
@@ -366,6 +409,19 @@ def main() -> None:
     parser.add_argument("--bisect-steps", type=int, default=3)
     parser.add_argument("--trial-timeout", type=float, help="seconds: a trial past it fails")
     parser.add_argument("--zoo-drop", type=float, default=0.1, help="top1_agreement budget")
+    parser.add_argument(
+        "--real-drop", type=float, default=0.02, help="corpus models: budget on the task judge"
+    )
+    parser.add_argument(
+        "--real-targets", default="latency=0.7", help="corpus models: targets, comma-separated"
+    )
+    parser.add_argument(
+        "--generated",
+        type=int,
+        default=128,
+        help="corpus models: evaluation samples made by the model's feed maker, besides the "
+        "corpus's held-out ones",
+    )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument(
         "--first",
@@ -388,6 +444,12 @@ def main() -> None:
         "--work", metavar="DIR", help="keep models, data and trials here: a rerun resumes"
     )
     parser.add_argument(
+        "--rechoose",
+        action="store_true",
+        help="choose again from the trials kept in --work (the search replayed from its store, "
+        "for a change to how tune chooses), keeping each tune row's search time and trials",
+    )
+    parser.add_argument(
         "--retime",
         action="store_true",
         help="only time again, side by side, the models of the table's rows for --models "
@@ -400,21 +462,24 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for name in args.models.split(","):
             try:
-                cases.append(
-                    digits_case(folder, args.epochs)
-                    if name == "digits_cnn"
-                    else zoo_case(name, folder)
-                )
+                if name == "digits_cnn":
+                    cases.append(digits_case(folder, args.epochs))
+                elif name in rm.MODELS:
+                    cases.append(real_case(name, folder, args))
+                else:
+                    cases.append(zoo_case(name, folder))
             except ImportError as error:
                 notes.append(f"{name}: left out ({error}; pip install -e '.[bench,torch]')")
-        if args.retime:
+        if args.retime or args.rechoose:
             kept_rows, notes = _earlier()
             for case in cases:
+                if args.rechoose:
+                    notes = rechoose(case, kept_rows, notes, args, folder)
                 retime(case, [r for r in kept_rows if r[0] == case["name"]], folder)
             print(_write(kept_rows, notes, args, replace=False), flush=True)
             return
         for case in cases:
-            max_drop = 0.01 if case["metric"] == "top1" else args.zoo_drop
+            max_drop = case.get("max_drop", 0.01 if case["metric"] == "top1" else args.zoo_drop)
             notes.append(
                 f"{case['name']}: {case['data']}; metric {case['metric']}; run as "
                 f"`bench_tune.py {' '.join(sys.argv[1:])}`"
@@ -426,8 +491,10 @@ def main() -> None:
                 row = tune_row(case, target, max_drop, args, folder, notes)
                 spent.append(_cpu_s())
                 made.append(row)
-                if not args.no_hand_written:
-                    made.append(hand_written_row(case, target, max_drop, args, folder, row[8]))
+                for preset in [] if args.no_hand_written else case["hand_written"]:
+                    made.append(
+                        hand_written_row(case, preset, target, max_drop, args, folder, row[8])
+                    )
                     spent.append(_cpu_s())
                 print(common.markdown_table(HEADERS, made[fresh:]), flush=True)
                 if not args.no_nncf:
@@ -438,7 +505,7 @@ def main() -> None:
                     else:
                         made.append(peer)
                         print(common.markdown_table(HEADERS, [peer]), flush=True)
-                methods = ["tune"] + ([] if args.no_hand_written else ["hand-written"])
+                methods = ["tune"] + ([] if args.no_hand_written else case["hand_written"])
                 methods += [] if args.no_nncf else ["NNCF"]
                 costs = [f"{b - a:.0f}" for a, b in itertools.pairwise(spent)]
                 notes.append(
@@ -450,6 +517,28 @@ def main() -> None:
             retime(case, made, folder)
             rows += made
             print(_write(rows, notes, args), flush=True)
+
+
+def rechoose(case, rows, notes, args, folder) -> list[str]:
+    """The table's tune rows of ``case`` chosen again from the same trials (``rows`` updated;
+    'search s' and trials stay the run's); returns the notes with the choice's note replaced."""
+    max_drop = case.get("max_drop", 0.01 if case["metric"] == "top1" else args.zoo_drop)
+    for target in case["targets"]:
+        fresh: list[str] = []
+        row = tune_row(case, target, max_drop, args, folder, fresh)
+        for index, old in enumerate(rows):
+            if old[0] == case["name"] and old[2] == target and old[1].startswith("onnx-squeeze"):
+                rows[index] = [*row[:9], *old[9:11], None]
+        prefix = f"{case['name']}, tune {target}:"
+        replayed = row[9].split("(")[1].rstrip(")")
+        notes = [
+            f"{fresh[0]} (chosen again from the same trials, replayed from the store with "
+            f"{replayed} trials run again: bench_tune.py --rechoose)"
+            if note.startswith(prefix)
+            else note
+            for note in notes
+        ]
+    return notes
 
 
 def _earlier() -> tuple[list[list[Any]], list[str]]:
