@@ -47,6 +47,7 @@ from onnx_squeeze.pipeline import compress, judge
 from onnx_squeeze.recipe import Recipe
 from onnx_squeeze.tune import parse_budget, parse_targets, tune
 from onnx_squeeze.tune.metrics import top1, user_function
+from onnx_squeeze.tune.space import family_of
 
 SAMPLES = 64  # calibration and held-out samples of the zoo models (random inputs)
 TRANSFORMER_SHAPE = (1, 128)
@@ -112,7 +113,7 @@ def zoo_case(name: str, folder: Path) -> dict[str, Any]:
 def real_case(name: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """A trained model of the real-model corpus, its task judge as the metric (the share of
     decisions, e.g. decoded strings, kept), its own data; the hand-written recipes are the
-    corpus's default INT8 and the ``fast`` preset. The family is tune's to detect."""
+    corpus's default INT8 and the family's fast preset. The family is tune's to detect."""
     model = rm.MODELS[name]
     if not model.path.exists() or not model.data.exists():
         raise ImportError(
@@ -129,7 +130,7 @@ def real_case(name: str, folder: Path, args: argparse.Namespace) -> dict[str, An
         "max_drop": args.real_drop,
         "targets": args.real_targets.split(","),
         "data": f"trained ({model.wheel}): {line}",
-        "hand_written": ["int8", "fast"],
+        "hand_written": ["int8", *HAND_WRITTEN.get(family_of(model_io.load(model.path)), ["fast"])],
     }
 
 
@@ -444,6 +445,12 @@ def main() -> None:
         "--work", metavar="DIR", help="keep models, data and trials here: a rerun resumes"
     )
     parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a line for the table's notes: what the run found (repeatable)",
+    )
+    parser.add_argument(
         "--rechoose",
         action="store_true",
         help="choose again from the trials kept in --work (the search replayed from its store, "
@@ -562,7 +569,7 @@ def _write(
         kept_rows = [r for r in previous_rows if r[0] not in fresh]
         kept_notes = [n for n in previous_notes if n.split(":")[0].split(",")[0] not in fresh]
     rows = [[*r, *[None] * (len(HEADERS) - len(r))] for r in rows]
-    everything, all_notes = kept_rows + rows, kept_notes + notes
+    everything, all_notes = kept_rows + rows, kept_notes + notes + args.note
     body = (
         "Ratios against the original on this machine (CPU, 1 thread, batch 1), a machine shared "
         f"with other jobs (2 cores; load average {_load_range()} while this run's rows were "

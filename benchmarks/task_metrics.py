@@ -10,6 +10,7 @@ the corpus's original model: a trial's value is the task agreement, 1.0 for the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import onnx
 
 from benchmarks import real_models as rm
 
-_ORIGINAL: dict[tuple[str, str], list[np.ndarray]] = {}  # (model, eval file) -> its outputs
+_ORIGINAL: dict[tuple[str, str], list[np.ndarray]] = {}  # (model, samples' hash) -> outputs
 
 
 def feeds(model: rm.RealModel, path: str | os.PathLike) -> list[rm.Feed]:
@@ -41,14 +42,14 @@ def agreement(name: str, result: str | os.PathLike | onnx.ModelProto, eval_data:
     at ``result`` (or in memory, as NNCF's ``validation_fn`` gets it) on ``eval_data`` (an .npz,
     or the feeds themselves)."""
     model = rm.MODELS[name]
-    if isinstance(eval_data, list):
-        samples, original = eval_data, rm.first_outputs(model.path, eval_data)
-    else:
-        samples = feeds(model, eval_data)
-        key = (name, os.fspath(eval_data))
-        if key not in _ORIGINAL:
-            _ORIGINAL[key] = rm.first_outputs(model.path, samples)
-        original = _ORIGINAL[key]
+    samples = eval_data if isinstance(eval_data, list) else feeds(model, eval_data)
+    digest = hashlib.sha1()  # the original's outputs, once per set of samples
+    for feed in samples:
+        for key in sorted(feed):
+            digest.update(np.ascontiguousarray(feed[key]).tobytes())
+    if (name, digest.hexdigest()) not in _ORIGINAL:
+        _ORIGINAL[name, digest.hexdigest()] = rm.first_outputs(model.path, samples)
+    original = _ORIGINAL[name, digest.hexdigest()]
     if isinstance(result, onnx.ModelProto):
         with tempfile.TemporaryDirectory(prefix="task-metric-") as folder:
             path = Path(folder) / "model.onnx"
