@@ -141,3 +141,30 @@ def remove_unused_initializers(model: ir.Model) -> int:
                 graph.initializers.pop(name)
                 removed += 1
     return removed
+
+
+def flush_subnormals(model: ir.Model) -> int:
+    """Set float32/float64 initializer values below the smallest normal number to 0, in every
+    graph; returns how many. CPUs compute with subnormal numbers many times slower: two 1x1
+    Convs of PP-OCRv4 rec ran 15x and 5x slower after pruning with recovery (1.67 -> 25.4 ms),
+    and batch-norm folding left 31,347 of them in its prepared graph. Their contribution to any
+    output is below float32's resolution."""
+    flushed = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if value.is_graph_input() or tensor is None:
+                continue
+            if tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
+                continue
+            array = tensor.numpy()
+            tiny = (array != 0) & (np.abs(array) < np.finfo(array.dtype).tiny)
+            count = int(np.count_nonzero(tiny))
+            if count:
+                value.const_value = ir.tensor(
+                    np.where(tiny, 0, array).astype(array.dtype),
+                    dtype=tensor.dtype,
+                    name=value.name,
+                )
+                flushed += count
+    return flushed

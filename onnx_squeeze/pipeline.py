@@ -28,6 +28,7 @@ from onnx_squeeze.calibration import (
 from onnx_squeeze.calibration.service import RANDOM_SAMPLES, Calibration
 from onnx_squeeze.comparison import compare as compare_models
 from onnx_squeeze.errors import SettingsError, UnsupportedModelError
+from onnx_squeeze.graph_utils import flush_subnormals
 from onnx_squeeze.passes.base import PASS_REGISTRY, Pass
 from onnx_squeeze.passes.quantize import accuracy_control
 from onnx_squeeze.prepare import PrepareSettings, prepare
@@ -301,7 +302,11 @@ def _transform(
         shapes=resolve_input_shapes(model, shapes, default_dim=default_dim),
     )
     pass_reports = [step(model, context) for step in passes]
-    finalize(model, check=check and not input_problem)
+    if flushed := finalize(model, check=check and not input_problem):
+        notes.append(
+            f"{flushed} subnormal weight values the passes left set to 0 (CPUs compute with "
+            "them many times slower)"
+        )
     return model, prepare_report, pass_reports, notes
 
 
@@ -515,16 +520,17 @@ def checker_problem(model: ir.Model) -> str | None:
     return None
 
 
-def finalize(model: ir.Model, *, check: bool = True) -> None:
-    """Remove what is unused, sort topologically and run the full checker.
+def finalize(model: ir.Model, *, check: bool = True) -> int:
+    """Remove what is unused, set subnormal weights to 0 (recovery's refits leave some, which
+    slow CPUs many times), sort topologically and run the full checker; returns how many
+    weight values were subnormal.
 
     A result that fails the checker is a bug in a pass, so it raises rather than being saved.
     """
+    flushed = flush_subnormals(model)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedOpsetsPass()(model)
     common_passes.TopologicalSortPass()(model)
-    if not check:
-        return
-    problem = checker_problem(model)
-    if problem:
+    if check and (problem := checker_problem(model)):
         raise RuntimeError(f"the compressed model fails onnx.checker: {problem}")
+    return flushed

@@ -80,6 +80,7 @@ from onnx_squeeze.graph_utils import (
     UniqueNames,
     attribute,
     constant_array,
+    flush_subnormals,
     remove_unused_initializers,
     set_input_constant,
 )
@@ -197,6 +198,11 @@ def prepare(
         infer_shapes(model, report)  # values onnxsim or folding created, e.g. in If branches
     if settings.fold_batchnorm:
         fold_batchnorm(model, report)
+    if flushed := flush_subnormals(model):
+        report.notes.append(
+            f"{flushed} subnormal weight values set to 0 (CPUs compute with them many times "
+            "slower; they are below float precision in any output)"
+        )
     RemoveUnusedNodesPass()(model)
     remove_unused_initializers(model)  # RemoveUnusedNodesPass sweeps the main graph only
     TopologicalSortPass()(model)

@@ -52,3 +52,30 @@ def test_unused_body_initializers_go_and_read_ones_stay():
     for condition, expected in zip((True, False), before, strict=True):
         np.testing.assert_array_equal(run(model, {**feed, "c": np.array(condition)})[0], expected)
     assert remove_unused_initializers(model) == 0
+
+
+def test_subnormal_weights_become_zero_and_the_outputs_stay_the_same():
+    """Subnormal weights (recovery's refits, batch-norm folding) slow CPUs many times; set to
+    0 they change no output beyond float32's resolution, and normal values are untouched."""
+    import onnx_squeeze as sq
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 8)).astype(np.float32)
+    spots = rng.choice(64, 23, replace=False)  # a few among normal weights, as refits leave them
+    weight.flat[spots] = np.float32(1e-40) * rng.standard_normal(23).astype(np.float32)
+    weight.flat[np.setdiff1d(np.arange(64), spots)[0]] = np.finfo(np.float32).tiny  # stays
+    proto = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        dense (float[N, 8] x) => (float[N, 8] y) { y = MatMul(x, w) }"""
+    )
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, "w"))
+    result = sq.compress(ir.from_proto(proto), sq.Recipe.from_cli([]), runs=0)
+    kept = result.model.graph.initializers["w"].const_value.numpy()
+    subnormal = (weight != 0) & (np.abs(weight) < np.finfo(np.float32).tiny)
+    assert subnormal.sum() == 23 and not kept[subnormal].any()
+    np.testing.assert_array_equal(kept[~subnormal], weight[~subnormal])
+    assert any("23 subnormal weight values set to 0" in n for n in result.reports[0].notes)
+    feed = {"x": rng.standard_normal((4, 8)).astype(np.float32)}
+    expected = run(ir.from_proto(proto), feed)[0]
+    np.testing.assert_allclose(run(result.model, feed)[0], expected, rtol=1e-6, atol=1e-30)
+    check(result.model)
