@@ -619,9 +619,10 @@ Judge = Callable[[RealModel, list[Feed], list[np.ndarray], list[np.ndarray]], di
 _ORIGINAL: dict[str, tuple[list[Feed], list[np.ndarray]]] = {}  # name -> held-out feeds, outputs
 
 
-def samples(model: RealModel) -> list[Feed]:
-    """The samples of the model's ``--calib`` file, one feed each."""
-    with np.load(model.data) as data:
+def samples(model: RealModel, path: str | os.PathLike | None = None) -> list[Feed]:
+    """The samples of the model's ``--calib`` file (or another .npz stacked on its batch axes
+    at ``path``), one feed each."""
+    with np.load(path or model.data) as data:
         arrays = {name: data[name] for name in data.files}
     axes = {name: model.batch_axes.get(name, 0) for name in arrays}
     count = next(arrays[n].shape[a] for n, a in axes.items() if a is not None)

@@ -25,24 +25,12 @@ from benchmarks import real_models as rm
 _ORIGINAL: dict[tuple[str, str], list[np.ndarray]] = {}  # (model, samples' hash) -> outputs
 
 
-def feeds(model: rm.RealModel, path: str | os.PathLike) -> list[rm.Feed]:
-    """The samples of an .npz stacked on the model's batch axes, one feed each."""
-    with np.load(path) as data:
-        arrays = {name: data[name] for name in data.files}
-    axes = {name: model.batch_axes.get(name, 0) for name in arrays}
-    count = next(arrays[n].shape[a] for n, a in axes.items() if a is not None)
-    return [
-        {n: v if axes[n] is None else np.take(v, [i], axis=axes[n]) for n, v in arrays.items()}
-        for i in range(count)
-    ]
-
-
 def agreement(name: str, result: str | os.PathLike | onnx.ModelProto, eval_data: Any) -> float:
     """The task judge's value (share of samples whose decision is the original's) for the model
     at ``result`` (or in memory, as NNCF's ``validation_fn`` gets it) on ``eval_data`` (an .npz,
     or the feeds themselves)."""
     model = rm.MODELS[name]
-    samples = eval_data if isinstance(eval_data, list) else feeds(model, eval_data)
+    samples = eval_data if isinstance(eval_data, list) else rm.samples(model, eval_data)
     digest = hashlib.sha1()  # the original's outputs, once per set of samples
     for feed in samples:
         for key in sorted(feed):
