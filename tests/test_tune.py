@@ -730,3 +730,25 @@ def test_ray_executor_runs_trials_on_a_local_instance(files, tmp_path):
     assert found.chosen.metrics["macs_ratio"] <= 0.8
     cosine = float((pruned * original).sum() / np.linalg.norm(pruned) / np.linalg.norm(original))
     assert cosine == pytest.approx(found.chosen.value, abs=0.2) and cosine >= found.floor - 0.1
+
+
+class NothingToPrune(Synthetic):
+    """A dense model (magika): pruning removes nothing, whatever the fraction."""
+
+    def run(self, jobs):
+        results = super().run(jobs)
+        for job, result in zip(jobs, results, strict=True):
+            if any(s["pass"] == "prune_channels" for s in job["recipe"]["passes"]):
+                int8 = any(s["pass"] == "quantize_int8" for s in job["recipe"]["passes"])
+                latency = 0.6 if int8 else 1.0
+                result["metrics"].update(latency_ratio=latency, speedup=1 / latency, macs_ratio=1.0)
+        return results
+
+
+def test_a_pilot_arm_whose_pruning_removes_nothing_ends_there(files, tmp_path, monkeypatch):
+    _, drawn = _armed_search(files, tmp_path, monkeypatch, NothingToPrune(), trials=12)
+    # each arm's first pruned fraction leaves the MACs whole: no bisection over fractions
+    # that cannot prune (magika bisected 6 of its 12 trials so); TPE draws the rest
+    pilot = [d for d in drawn if d[0] > 0][:3]
+    assert pilot == [(0.35, "int8", 0), (0.35, "none", 0), (0.7, "none", 300)]
+    assert (0.175, "int8", 0) not in drawn[:4] and (0.525, "int8", 0) not in drawn[:4]

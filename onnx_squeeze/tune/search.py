@@ -443,6 +443,10 @@ def _pilot(
     return len(ran)
 
 
+# A MACs ratio at which a pruned trial removed nothing (metadata and rounding aside).
+WHOLE = 0.999
+
+
 def _pilot_arm(
     space: Space,
     param: Any,
@@ -463,7 +467,8 @@ def _pilot_arm(
     the highest) is tried first (coarse to fine: a fine-tuned trial costs minutes, a pruned one
     seconds). A trial past the time limit ends the arm: another fraction of its recipe costs
     about as much (ResNet-50: pruning alone ran past 600 s at 0.35 of the time, then again at
-    0.15). At each fraction the arm's pruning scores channels with the space's cheap criterion
+    0.15); so does one whose pruning removed nothing: the model has no channels it can prune
+    (magika: 6 of 12 trials bisected fractions that all left its MACs whole). At each fraction the arm's pruning scores channels with the space's cheap criterion
     first (:data:`.space.CHEAP_CRITERION`) and with its own only where that breaks the budget.
     Returns whether a trial met the targets within the budget."""
 
@@ -472,13 +477,14 @@ def _pilot_arm(
 
     def run(fraction: float) -> tuple[float, float] | None:
         """How far the arm at ``fraction`` misses the targets and the budget (a failed trial
-        misses both); None when it ran past the time limit. The cheap criterion first; where
-        it breaks the budget, the arm's own decides."""
+        misses both); None when it ran past the time limit or pruned nothing. The cheap
+        criterion first; where it breaks the budget, the arm's own decides."""
         cheap, own = at(fraction, cheap=True), at(fraction)
         trial = probe(cheap)
         if cheap != own and not trial.result.get("timed_out") and search.distance(trial)[1] > 0:
             trial = probe(own)
-        return None if trial.result.get("timed_out") else search.distance(trial)
+        whole = fraction > 0 and trial.ok and (trial.metrics.get("macs_ratio") or 0) >= WHOLE
+        return None if trial.result.get("timed_out") or whole else search.distance(trial)
 
     def shape(params: Mapping[str, Any]) -> dict[str, Any]:  # what moves the time and size
         return {k: v for k, v in params.items() if k not in ("prune", "finetune", "criterion")}
