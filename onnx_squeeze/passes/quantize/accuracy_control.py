@@ -336,19 +336,20 @@ def _float_until_held(
         def holds(reading: Reading) -> bool:
             return gate.passes(reading.value) and worth(reading)
 
+        def fits(group: list[ir.Node], spent: float = spent) -> bool:  # untimed: the MAC share
+            return bool(group) and (
+                bounds.timed or spent + sum(macs[n.name] for n in group) <= budget
+            )
+
         if not holds(new):
             # the error is spread: the fewest layers that hold it
-            fitting = [
-                g
-                for g in groups[:-1]
-                if bounds.timed or spent + sum(macs[n.name] for n in g) <= budget
-            ]
+            fitting = [g for g in groups[:-1] if fits(g)]
             held_by = _smallest_holding(fitting, floated, measure, holds, bounds.runs)
             if held_by is not None:
                 chosen, new = held_by
         if not worth(new):  # the layer found gains nothing: some group the search passed may
             chosen, new = _best_gaining(
-                [g for g in [*groups[:-1], *_passed_over(candidates, groups)] if g],
+                [g for g in [*groups[:-1], *_passed_over(candidates, groups)] if fits(g)],
                 (chosen, new),
                 floated,
                 measure,
