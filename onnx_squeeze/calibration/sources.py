@@ -123,13 +123,15 @@ class BatchSubset:
     split of one data set into a calibration part and a held-out evaluation part, so that
     fidelity is measured on data the passes did not see."""
 
-    def __init__(self, source: CalibrationSource, every: int, *, held: bool) -> None:
-        self.source, self.every, self.held = source, every, held
+    def __init__(
+        self, source: CalibrationSource, every: int, *, held: bool, purpose: str = "evaluation"
+    ) -> None:
+        self.source, self.every, self.held, self.purpose = source, every, held, purpose
         self.is_random = getattr(source, "is_random", False)
         part = (
-            f"every {every}th batch, held out from calibration"
+            f"every {every}th batch, held out for {purpose}"
             if held
-            else f"{every - 1} of every {every} batches; every {every}th is held out for evaluation"
+            else f"{every - 1} of every {every} batches; every {every}th is held out for {purpose}"
         )
         self.label = f"{source.label} ({part})"
 
@@ -147,21 +149,27 @@ class BatchSubset:
         """The same split of the source with more arrays per feed (see NpzSource.carrying)."""
         if not hasattr(self.source, "carrying"):
             raise InputError(f"{self.source.label} carries no arrays besides the model's inputs")
-        return BatchSubset(self.source.carrying(names), self.every, held=self.held)
+        return BatchSubset(
+            self.source.carrying(names), self.every, held=self.held, purpose=self.purpose
+        )
 
 
 def split_for_evaluation(
-    source: CalibrationSource, every: int = HOLDOUT_EVERY
+    source: CalibrationSource, every: int = HOLDOUT_EVERY, purpose: str = "evaluation"
 ) -> tuple[CalibrationSource, CalibrationSource | None]:
     """Calibration and held-out evaluation parts of ``source`` (every ``every``-th batch held
-    out); ``(source, None)`` when it has fewer than ``every`` batches to spare one."""
+    out for ``purpose``, which the labels name); ``(source, None)`` when it has fewer than
+    ``every`` batches to spare one."""
     try:
         total = len(source)  # type: ignore[arg-type]
     except TypeError:
         total = None
     if total is not None and total < every:
         return source, None
-    return BatchSubset(source, every, held=False), BatchSubset(source, every, held=True)
+    return (
+        BatchSubset(source, every, held=False, purpose=purpose),
+        BatchSubset(source, every, held=True, purpose=purpose),
+    )
 
 
 def open_source(

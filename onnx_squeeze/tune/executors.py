@@ -164,7 +164,7 @@ class RayExecutor:
 
     def _shared(self, job: dict[str, Any]) -> dict[str, Any]:
         shared = {}
-        for key in ("model", "calibration", "evaluation", "model_from"):
+        for key in ("model", "calibration", "evaluation", "evaluation_subset", "model_from"):
             spec = job.get(key)
             if isinstance(spec, str) and Path(spec).is_file():
                 if spec not in self._refs:

@@ -1,6 +1,12 @@
 """The value of a trial's metric: read from the comparison with the original (``top1_agreement``,
 ``cosine``, ``worst_channel_sqnr_db``), top-1 accuracy on labelled evaluation data, or a user's
-``module:function(model_path, eval_data) -> float`` (mAP, WER...)."""
+``module:function(model_path, eval_data) -> float`` (mAP, WER...).
+
+A user function is given the model's path and the evaluation data as given to tune (``--eval``,
+else ``--calib``): all of it for the reference and at the full stage, and at the subset stage,
+where candidates are ranked on part of the data, a file of the same kind (.npz or .npy) in the
+tune work folder holding only that part: the first samples, every array with one entry per
+sample (``labels`` too) cut alike (:mod:`onnx_squeeze.tune.subset`)."""
 
 from __future__ import annotations
 
@@ -15,6 +21,11 @@ from onnx_squeeze.errors import InputError, SettingsError
 from onnx_squeeze.tune.targets import FIDELITY_METRICS
 
 LABELS = "labels"
+
+
+def is_user(metric: str) -> bool:
+    """Whether ``metric`` names a user function (``module:function``)."""
+    return ":" in metric
 
 
 def user_function(spec: str) -> Callable[[str, Any], float]:
@@ -62,7 +73,8 @@ def value(
     open_data: Callable[..., Any],
 ) -> float:
     """The metric of the model at ``model_path`` (``comparison``: its metrics against the
-    original; ``open_data(spec, model)`` opens the evaluation data for it)."""
+    original; ``open_data(spec, model)`` opens the evaluation data for it; ``data``: what a
+    user function is given)."""
     if metric in FIDELITY_METRICS:
         measured = comparison.get(metric)
         if measured is None:

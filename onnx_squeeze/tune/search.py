@@ -2,8 +2,8 @@
 INT8 alone, then the smallest fraction that meets the targets; then pruning alone, then pruning
 fine-tuned, until one arm meets them within the budget), then Optuna's TPE over
 the space, told what the pilot found. Each candidate is ranked on a subset of the evaluation
-data and only the best ``1/eta`` judged on all of it (successive halving; their models are
-judged again, not made again), then a bisection on the pruning fraction of the best candidate
+data (a user metric is given a file of that subset: :mod:`.subset`) and only the best ``1/eta``
+judged on all of it (successive halving; their models are judged again, not made again), then a bisection on the pruning fraction of the best candidate
 (the smallest fraction that meets the targets). Quantization's own accuracy control (INT8
 ``target``) sends the layers that hurt the metric most back to float inside each trial.
 
@@ -28,8 +28,10 @@ from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.recipe import Recipe
 from onnx_squeeze.tune import results as results_module
 from onnx_squeeze.tune.executors import Executor, make_executor
+from onnx_squeeze.tune.metrics import is_user
 from onnx_squeeze.tune.space import Space, build_space, family_of, recipe_for
 from onnx_squeeze.tune.store import Store
+from onnx_squeeze.tune.subset import subset_samples, write_subset
 from onnx_squeeze.tune.targets import Budget, Target, distance, parse_budget, parse_targets
 
 FULL, SUBSET, BISECT, REFERENCE = "full", "subset", "bisect", "reference"
@@ -82,6 +84,7 @@ class Search:
     scale: float = 1.0
     first: bool = False  # stop at the first candidate that meets everything on all the data
     done: bool = False  # ... and one has
+    subset_file: str | None = None  # the subset's samples, for a user metric
 
     def run(
         self,
@@ -98,6 +101,8 @@ class Search:
                 job["model_from"] = models[index]
             if stage == SUBSET:
                 job["eval_limit"] = limit
+                if self.subset_file:
+                    job["evaluation_subset"] = self.subset_file
             if stage == REFERENCE:
                 job["reference"] = True
             key = self.store.key(job)
@@ -377,7 +382,16 @@ def _strategy(
         f"original {search.budget.metric} = {baseline:.4g}; budget {search.budget}: "
         f"floor {search.floor:.4g}"
     )
-    limit = _subset_samples(search, original, evaluation, subset)
+    limit = subset_samples(search.base_job, original, evaluation, subset)
+    if limit and is_user(search.budget.metric):  # it reads the data itself: give it the subset
+        written = write_subset(evaluation, original, limit, search.store.root)
+        if written is None:
+            search.echo(
+                f"{search.budget.metric} reads {evaluation} itself, and a subset is written only "
+                "from one .npz/.npy file: candidates are ranked on all of it"
+            )
+            limit = None
+        search.subset_file = os.fspath(written) if written else None
     stage = SUBSET if limit else FULL
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
@@ -516,16 +530,3 @@ def _pilot_arm(
         else:
             low = middle
     return found
-
-
-def _subset_samples(search: Search, original: Any, evaluation: Any, subset: float) -> int | None:
-    """Samples of the evaluation data candidates are ranked on (None: rank on all of it:
-    no separate evaluation file, or too little data to split)."""
-    if evaluation is None or not 0 < subset < 1 or not isinstance(evaluation, str):
-        return None
-    from onnx_squeeze.tune.trial import opener
-
-    total = getattr(opener(search.base_job, None)(evaluation, original), "samples", None)
-    if not total or total * subset < 2:
-        return None
-    return max(2, int(total * subset))

@@ -14,6 +14,8 @@ from typing import Any
 from onnx_squeeze.tune.trial import MODEL_FILE, RESULT_FILE
 
 CHUNK = 1 << 20
+# the job's files, keyed by their content, not by where they are
+DATA_KEYS = ("model", "calibration", "evaluation", "evaluation_subset")
 
 
 def content_hash(spec: Any) -> str:
@@ -55,14 +57,9 @@ class Store:
     def key(self, job: Mapping[str, Any]) -> str:
         """The hash of everything that decides a trial's outcome (not where it is written)."""
         identity = {
-            "model": self.data_hash(job["model"]),
-            "calibration": self.data_hash(job.get("calibration")),
-            "evaluation": self.data_hash(job.get("evaluation")),
-            **{
-                k: v
-                for k, v in job.items()
-                if k not in ("model", "calibration", "evaluation", "folder")
-            },
+            key: self.data_hash(value) if key in DATA_KEYS else value
+            for key, value in job.items()
+            if key != "folder"
         }
         text = json.dumps(identity, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:20]

@@ -149,7 +149,8 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
         if job["run"].get("clock") == "cpu" and not job.get("reference"):
             measured = _timed_in_cpu(job, measured, output, open_data(data, original))
         scored = job["model"] if job.get("reference") else os.fspath(output)
-        value = metrics.value(job["metric"], scored, data, measured, open_data)
+        given = job.get("evaluation_subset") or data  # a user metric reads only the subset
+        value = metrics.value(job["metric"], scored, given, measured, open_data)
     except SqueezeError as error:
         return {"status": "failed", "error": str(error), "seconds": time.perf_counter() - start}
     return {

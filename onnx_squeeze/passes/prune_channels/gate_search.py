@@ -60,7 +60,7 @@ class GateSearch:
     ) -> None:
         self.model, self.prune, self.recover = model, prune, recover
         self.teacher = context.teacher or model.clone()
-        fit, held = split_for_evaluation(context.data.source)
+        fit, held = split_for_evaluation(context.data.source, purpose="the pruning gate")
         feeds = list(held or fit)
         self.data = f"{len(feeds)} calibration batches"
         if held is None:
