@@ -16,6 +16,7 @@ import onnx_ir as ir
 from onnx_squeeze.calibration.arrays import ARRAY_SUFFIXES
 from onnx_squeeze.runtime import input_specs
 from onnx_squeeze.shapes import batch_axis
+from onnx_squeeze.tune.trial import opener
 
 SUBSET_NAME = "evaluation-subset"
 
@@ -29,8 +30,6 @@ def subset_samples(
     split)."""
     if evaluation is None or not 0 < share < 1 or not isinstance(evaluation, str):
         return None
-    from onnx_squeeze.tune.trial import opener
-
     total = getattr(opener(job, None)(evaluation, original), "samples", None)
     if not total or total * share < 2:
         return None
