@@ -58,6 +58,12 @@ METRICS: dict[str, tuple[str, str]] = {
         "cosine over the score channels (Sigmoid/Softmax probabilities), worst output",
         "no output carries Sigmoid/Softmax probabilities",
     ),
+    "score_agreement": (
+        "score channels along a channel axis (a detector's classes, multi-label heads) read "
+        "against thresholds 0.1…0.9: the scores at or above one in both models over those at "
+        "or above it in either, at the worst threshold with 50 such scores, worst output",
+        "no output has score channels along a channel axis outside a softmax over classes",
+    ),
     "argmax_agreement": (
         "share of positions whose argmax along the channel axis agrees (classes per row, time "
         "step or pixel; for a CTC sequence, of its decoded strings: the share that read "

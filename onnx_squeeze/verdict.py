@@ -40,12 +40,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from onnx_squeeze.fidelity import SCORE_ACTIVE
+from onnx_squeeze.fidelity import ENOUGH_READS, SCORE_ACTIVE
 
 WARN_SQNR_DB = 20.0
 WARN_ARGMAX = 0.99  # class probabilities: the top class should agree at least this often
 DEFAULT_GATE = "argmax_agreement>=0.98, worst_value_channel_sqnr_db>=12"
-ENOUGH_READS = 50  # reads an agreement needs before one disagreement stays within 2 %
 SLOWER_MARGIN = 1.05  # latency ratio above which the result counts as slower
 BIGGER_MARGIN = 1.01  # size ratio above which it counts as bigger (not a few bytes of metadata)
 

@@ -305,3 +305,35 @@ def test_a_rare_class_deciding_the_worst_channel_is_flagged_as_too_few_to_tell()
     output, said = warnings(-0.7, -2.0)
     assert output.worst_channel_reads >= verdict.ENOUGH_READS
     assert len(said) == 1 and "too few to tell" not in said[0]
+
+
+def test_score_decisions_flip_where_the_scores_sqnr_still_passes():
+    """Every score logit moved by 0.5: the scores' SQNR stays above the default gate's 12 dB,
+    while a tenth of the scores above some threshold in either model are no longer above it in
+    both; a shift of 0.001 keeps them."""
+    shifted = _compare(_detector(np.full(6, -2.0) + 0.5))
+    metrics = shifted.metrics()
+    assert metrics["worst_value_channel_sqnr_db"] > 12
+    assert metrics["score_agreement"] < 0.95
+    assert not evaluate_gates(["score_agreement>=0.95"], metrics)[0].passed
+    (output,) = shifted.fidelity
+    assert output.score_threshold in fidelity.SCORE_THRESHOLDS
+    assert output.score_reads >= fidelity.ENOUGH_READS
+    assert _compare(_detector(np.full(6, -2.0) + 1e-3)).metrics()["score_agreement"] > 0.99
+    assert _compare(_detector(np.full(6, -2.0))).metrics()["score_agreement"] == 1.0
+
+
+def test_score_decisions_need_scores_along_a_channel_axis_outside_a_softmax():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((8, 5))
+    softmax = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    classes = fidelity.OutputAccumulator("p", axis=1, probabilities=True)
+    classes.add(softmax, softmax * 0.9)
+    assert classes.result().class_probabilities and classes.result().score_agreement is None
+    values = fidelity.OutputAccumulator("y", axis=1)  # not a probability output
+    values.add(softmax, softmax * 0.9)
+    assert values.result().score_agreement is None
+    labels = fidelity.OutputAccumulator("s", axis=1, probabilities=True)
+    sigmoid = 1 / (1 + np.exp(-logits))
+    labels.add(sigmoid, sigmoid)  # multi-label scores: read against thresholds
+    assert labels.result().score_agreement == 1.0

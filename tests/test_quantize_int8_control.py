@@ -212,7 +212,7 @@ _LAYERS = 8
 _HARD = 3  # the layer whose input carries one channel 1000x the others
 
 
-def chain_model() -> ir.Model:
+def chain_model(last: str = "Identity") -> ir.Model:
     """Eight MatMul+Relu layers; layer ``_HARD``'s input has one channel 1000x larger than the
     rest (its producer's column scaled up, its own row scaled down: the same function), so a
     per-tensor activation scale rounds every other channel of that input to zero."""
@@ -225,16 +225,17 @@ def chain_model() -> ir.Model:
         if i == _HARD:
             w[0, :] /= 1000
         weights.append(w)
-    return _relu_chain(weights)
+    return _relu_chain(weights, last)
 
 
-def _relu_chain(weights: list[np.ndarray]) -> ir.Model:
-    """MatMul layers on ``weights`` (16x16 each), a Relu after every one but the last."""
+def _relu_chain(weights: list[np.ndarray], last: str = "Identity") -> ir.Model:
+    """MatMul layers on ``weights`` (16x16 each), a Relu after every one but the last, whose
+    output goes through ``last`` (Sigmoid: 16 score channels)."""
     lines, x = [], "x"
     for i in range(len(weights)):
         y = "y" if i == len(weights) - 1 else f"r{i}"
         lines.append(f"m{i} = MatMul ({x}, w{i})")
-        lines.append(f"{y} = Relu (m{i})" if y != "y" else f"y = Identity (m{i})")
+        lines.append(f"{y} = Relu (m{i})" if y != "y" else f"y = {last} (m{i})")
         x = y
     text = (
         '<ir_version: 8, opset_import: ["" : 17]>\n'
@@ -427,6 +428,26 @@ def test_an_agreement_gate_is_searched_by_sqnr_and_checked_on_enough_positions(m
     assert [node.name for node in anchors if node not in kept] == ["m6"]
     assert "0.95 -> 0.99" in report.notes[-1] and "holds with 1 of 8" in report.notes[-1]
     assert max(checked) == 32 and min(checked) == 4  # the check's batches, the search's
+
+
+def test_a_score_decision_gate_floats_the_layer_that_flips_decisions(tmp_path):
+    """Sigmoid scores over 16 channels (a multi-label head): INT8 everywhere flips decisions at
+    the thresholds; ``score_agreement`` is searched by the scores' SQNR and met with the
+    harmful layer in float."""
+    model = chain_model("Sigmoid")
+    data = chain_data(str(tmp_path))
+    specs = runtime.input_specs(model)
+    feeds = [{"x": f["x"]} for f in NpzSource(data, specs, batch_size=4)]
+    plain, _ = quantize(model, NpzSource(data, specs, batch_size=4), accuracy_control=False)
+    assert measured(model, plain, feeds).score_agreement < 0.95
+    result, report = quantize(
+        model,
+        NpzSource(data, specs, batch_size=4),
+        target="score_agreement>=0.95",
+        control_float_macs=0.25,
+    )
+    assert [r.node for r in report.skipped] == [f"m{_HARD}"]
+    assert measured(model, result, feeds).score_agreement >= 0.95
 
 
 def test_target_is_the_gate_the_control_meets(tmp_path):

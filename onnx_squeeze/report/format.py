@@ -67,6 +67,7 @@ FIDELITY_COLUMNS = (
     "worst ch",
     "worst ch cosine",
     "score cosine",
+    "score decisions",
     "argmax agree",
     "non-finite a/b",
 )
@@ -74,8 +75,9 @@ FIDELITY_COLUMNS = (
 
 def fidelity_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
     """One row per output: whole-output figures beside the worst channel's (named as
-    ``index/channels@axis``), the score channels' cosine and the argmax agreement (of the
-    decoded strings for a CTC output)."""
+    ``index/channels@axis``), the score channels' cosine and decisions (agreement at the worst
+    threshold, and the scores read there) and the argmax agreement (of the decoded strings for
+    a CTC output)."""
     rows = []
     for item in comparison.get("fidelity") or []:
         axis, worst_at = item.get("channel_axis"), item.get("worst_sqnr_channel")
@@ -91,11 +93,22 @@ def fidelity_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
                 where,
                 number(item.get("worst_channel_cosine"), 4),
                 number(item.get("score_cosine"), 4) + scores,
+                _decisions(item),
                 "-" if argmax is None else f"{argmax:.4f}" + _ctc(item),
                 f"{item.get('nonfinite_a', 0)}/{item.get('nonfinite_b', 0)}",
             )
         )
     return rows
+
+
+def _decisions(item: dict[str, Any]) -> str:
+    """Score decisions: the agreement, at which threshold, on how many scores."""
+    if item.get("score_agreement") is None:
+        return "-"
+    return (
+        f"{number(item['score_agreement'], 4)} at {item['score_threshold']:g} "
+        f"({item['score_reads']})"
+    )
 
 
 def _ctc(item: dict[str, Any]) -> str:

@@ -77,6 +77,7 @@ MEASURABLE = (
     "max_abs_error",
     "mean_abs_error",
     "score_cosine",
+    "score_agreement",
     "argmax_agreement",
     "top1_agreement",
 )
@@ -103,8 +104,11 @@ CHANNEL_VALUES = 32
 # search ranks by the SQNR of the outputs the gate reads instead: the agreement of one half
 # of the layers against the other is a handful of positions either way, while the SQNR moves
 # with every change of the probabilities that decide them.
+# Score decisions (a detector's classes against thresholds) rank by the worst channel's SQNR,
+# which for scores reads the values where either model scores at least 5 %: the boxes beside
+# them would decide the whole output's.
 AGREEMENT_POSITIONS = 400
-AGREEMENT_METRICS = ("argmax_agreement", "top1_agreement")
+AGREEMENT_METRICS = ("argmax_agreement", "top1_agreement", "score_agreement")
 
 
 class Reading(NamedTuple):
@@ -195,8 +199,11 @@ class _Measure:
         value = metric_of(measured, self.gate.metric)
         value = math.nan if value is None else value
         if self.ranked_by_sqnr:
+            scores = self.gate.metric == "score_agreement"
             read = [
-                m.sqnr_db for m in measured.values() if getattr(m, self.gate.metric) is not None
+                m.worst_channel_sqnr_db if scores else m.sqnr_db
+                for m in measured.values()
+                if getattr(m, self.gate.metric) is not None
             ]
             return Reading(value, _oriented(min(read, default=math.nan), 1.0))
         sign = {">=": 1.0, ">": 1.0, "<=": -1.0, "<": -1.0}.get(self.gate.op)
@@ -540,9 +547,11 @@ def _reads(
     outputs: Sequence[Feed], shapes: Mapping[str, Sequence[Any]], probabilities: Any
 ) -> float:
     """The fewest reads an agreement counts per batch of ``outputs``, over the outputs that
-    have one: positions, or for a CTC sequence the lines (ppocr_rec: 40 steps, one line)."""
+    have one: positions, or for a CTC sequence the lines (ppocr_rec: 40 steps, one line), or
+    the scores above a threshold."""
     measured = fidelity.measure(outputs, outputs, probabilities=probabilities, shapes=shapes)
     reads = [m.reads for m in measured.values() if m.argmax_agreement is not None]
+    reads += [m.score_reads for m in measured.values() if m.score_agreement is not None]
     return max(min(reads, default=1) / len(outputs), 1.0)
 
 
