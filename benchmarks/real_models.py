@@ -107,6 +107,7 @@ METRIC_COLUMNS = [
     "worst_value_channel_sqnr_db",
     "worst_channel_cosine",
     "score_cosine",
+    "score_agreement",
     "argmax_agreement",
     "top1_agreement",
 ]
@@ -1120,6 +1121,7 @@ SEPARATING = [
     "worst_channel_sqnr_db",
     "worst_value_channel_sqnr_db",
     "score_cosine",
+    "score_agreement",
     "argmax_agreement",
 ]
 
