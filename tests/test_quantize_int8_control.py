@@ -251,14 +251,23 @@ def chain_data(folder: str, count: int = 32) -> str:
     return path
 
 
-def test_accuracy_control_returns_the_harmful_layer_to_float_until_the_gate_holds(tmp_path):
-    model = chain_model()
-    data = chain_data(str(tmp_path))
+def _without_and_with_control(model: ir.Model, folder, **settings):
+    """The chain's feeds, ``model`` quantized without accuracy control, and with it (the result
+    and its report) under ``settings``."""
+    data = chain_data(str(folder))
     specs = runtime.input_specs(model)
     feeds = [{"x": f["x"]} for f in NpzSource(data, specs, batch_size=4)]
     plain, _ = quantize(model, NpzSource(data, specs, batch_size=4), accuracy_control=False)
+    result, report = quantize(model, NpzSource(data, specs, batch_size=4), **settings)
+    return feeds, plain, result, report
+
+
+def test_accuracy_control_returns_the_harmful_layer_to_float_until_the_gate_holds(tmp_path):
+    model = chain_model()
+    feeds, plain, result, report = _without_and_with_control(
+        model, tmp_path, control_float_macs=0.25
+    )
     assert measured(model, plain, feeds).worst_channel_sqnr_db < 10  # broken without control
-    result, report = quantize(model, NpzSource(data, specs, batch_size=4), control_float_macs=0.25)
     kept = [r for r in report.skipped if "accuracy control" in r.detail]
     assert [r.node for r in kept] == [f"m{_HARD}"]
     # The default gate's conditions in turn: 16 value channels with an argmax each (the argmax
@@ -292,17 +301,10 @@ def test_accuracy_control_returns_a_group_when_no_one_layer_holds_the_error(tmp_
     """Five layers share the error: one at a time, the search ran out of runs with two in
     float (15.9 dB); the group its bisection passed through holds the gate."""
     model = spread_model()
-    data = chain_data(str(tmp_path))
-    specs = runtime.input_specs(model)
-    feeds = [{"x": f["x"]} for f in NpzSource(data, specs, batch_size=4)]
-    plain, _ = quantize(model, NpzSource(data, specs, batch_size=4), accuracy_control=False)
-    assert measured(model, plain, feeds).worst_channel_sqnr_db < 12
-    result, report = quantize(
-        model,
-        NpzSource(data, specs, batch_size=4),
-        target="worst_channel_sqnr_db>=18",
-        control_float_macs=0.6,
+    feeds, plain, result, report = _without_and_with_control(
+        model, tmp_path, target="worst_channel_sqnr_db>=18", control_float_macs=0.6
     )
+    assert measured(model, plain, feeds).worst_channel_sqnr_db < 12
     note = next(n for n in report.notes if "accuracy control" in n)
     assert not note.startswith("WARNING") and "holds with 6 of 12 layers in float" in note
     floated = {r.node for r in report.skipped if "returned together" in r.detail}
@@ -435,17 +437,10 @@ def test_a_score_decision_gate_floats_the_layer_that_flips_decisions(tmp_path):
     the thresholds; ``score_agreement`` is searched by the scores' SQNR and met with the
     harmful layer in float."""
     model = chain_model("Sigmoid")
-    data = chain_data(str(tmp_path))
-    specs = runtime.input_specs(model)
-    feeds = [{"x": f["x"]} for f in NpzSource(data, specs, batch_size=4)]
-    plain, _ = quantize(model, NpzSource(data, specs, batch_size=4), accuracy_control=False)
-    assert measured(model, plain, feeds).score_agreement < 0.95
-    result, report = quantize(
-        model,
-        NpzSource(data, specs, batch_size=4),
-        target="score_agreement>=0.95",
-        control_float_macs=0.25,
+    feeds, plain, result, report = _without_and_with_control(
+        model, tmp_path, target="score_agreement>=0.95", control_float_macs=0.25
     )
+    assert measured(model, plain, feeds).score_agreement < 0.95
     assert [r.node for r in report.skipped] == [f"m{_HARD}"]
     assert measured(model, result, feeds).score_agreement >= 0.95
 
