@@ -475,8 +475,8 @@ class OutputAccumulator:
             read = _score_decisions(
                 s["above_both"][scores].sum(axis=0), s["above_either"][scores].sum(axis=0)
             )
-            if read is not None and s["mismatched"][scores].any():
-                read = (math.nan, *read[1:])
+            if s["mismatched"][scores].any():  # non-finite where the reference is not
+                read = (math.nan, *(read[1:] if read else (float(SCORE_THRESHOLDS[0]), 0)))
         position = self.argmax_matches / self.positions if self.positions and readable else None
         blank = (
             sequences.ctc_blank(self.steps[0])
@@ -598,7 +598,7 @@ def _score_decisions(both: np.ndarray, either: np.ndarray) -> tuple[float, float
     enough = np.flatnonzero(either >= ENOUGH_READS)
     candidates = enough if enough.size else [int(np.argmax(either))]
     shares = {int(i): both[i] / either[i] for i in candidates}
-    worst = min(shares, key=shares.__getitem__)
+    worst = min(reversed(shares), key=shares.__getitem__)  # ties: the fewest reads
     return float(shares[worst]), float(SCORE_THRESHOLDS[worst]), int(either[worst])
 
 

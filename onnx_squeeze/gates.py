@@ -61,8 +61,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "score_agreement": (
         "score channels along a channel axis (a detector's classes, multi-label heads) read "
         "against thresholds 0.1…0.9: the scores at or above one in both models over those at "
-        "or above it in either, at the worst threshold with 50 such scores, worst output",
-        "no output has score channels along a channel axis outside a softmax over classes",
+        "or above it in either, at the worst threshold with at least 50 such scores (else the "
+        "one with the most), worst output",
+        "no output has score channels along a channel axis outside a softmax over classes, or "
+        "no score reached 0.1 in either model",
     ),
     "argmax_agreement": (
         "share of positions whose argmax along the channel axis agrees (classes per row, time "

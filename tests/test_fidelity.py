@@ -337,3 +337,15 @@ def test_score_decisions_need_scores_along_a_channel_axis_outside_a_softmax():
     sigmoid = 1 / (1 + np.exp(-logits))
     labels.add(sigmoid, sigmoid)  # multi-label scores: read against thresholds
     assert labels.result().score_agreement == 1.0
+
+
+def test_score_decisions_fail_where_the_result_is_not_finite():
+    scores = 1 / (1 + np.exp(-np.random.default_rng(0).standard_normal((4, 6, 50))))
+    acc = fidelity.OutputAccumulator("s", axis=1, probabilities=True)
+    acc.add(scores, np.full_like(scores, np.nan))
+    assert math.isnan(acc.result().score_agreement)
+    same = fidelity.OutputAccumulator("s", axis=1, probabilities=True)
+    same.add(scores, scores)
+    # ties: read at the highest threshold that enough scores reach (the fewest reads)
+    enough = [t for t in fidelity.SCORE_THRESHOLDS if (scores >= t).sum() >= fidelity.ENOUGH_READS]
+    assert same.result().score_threshold == max(enough) < 0.9

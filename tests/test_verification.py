@@ -164,8 +164,8 @@ def test_calibration_data_is_split_and_evaluation_is_held_out(small_resnet, tmp_
     calib = _images(tmp_path / "calib.npz", 20)
     code, data, _ = _compress(capsys, tmp_path, small_resnet, "--int8", "--calib", calib)
     assert code == 0
-    assert "held out for evaluation" in data["evaluation"]
-    assert "held out for evaluation" in data["calibration"]
+    assert "every 5th batch, held out for evaluation" in data["evaluation"]
+    assert "4 of every 5 batches" in data["calibration"]
     assert not any("optimistic" in w for w in data["warnings"])
     assert data["comparison"]["fidelity"][0]["samples"] == 4  # batches 5, 10, 15, 20
 

@@ -104,9 +104,10 @@ CHANNEL_VALUES = 32
 # search ranks by the SQNR of the outputs the gate reads instead: the agreement of one half
 # of the layers against the other is a handful of positions either way, while the SQNR moves
 # with every change of the probabilities that decide them.
-# Score decisions (a detector's classes against thresholds) rank by the worst channel's SQNR,
-# which for scores reads the values where either model scores at least 5 %: the boxes beside
-# them would decide the whole output's.
+# Score decisions (a detector's classes against thresholds) rank by the worst channel's SQNR
+# (for score channels, over the values where either model scores at least 5 %): the boxes
+# beside them would decide the whole output's, and only a box channel worse than every score
+# channel decides it.
 AGREEMENT_POSITIONS = 400
 AGREEMENT_METRICS = ("argmax_agreement", "top1_agreement", "score_agreement")
 
@@ -548,7 +549,7 @@ def _reads(
 ) -> float:
     """The fewest reads an agreement counts per batch of ``outputs``, over the outputs that
     have one: positions, or for a CTC sequence the lines (ppocr_rec: 40 steps, one line), or
-    the scores above a threshold."""
+    the scores at or above a threshold."""
     measured = fidelity.measure(outputs, outputs, probabilities=probabilities, shapes=shapes)
     reads = [m.reads for m in measured.values() if m.argmax_agreement is not None]
     reads += [m.score_reads for m in measured.values() if m.score_agreement is not None]
