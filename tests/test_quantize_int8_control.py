@@ -410,8 +410,8 @@ def test_accuracy_control_steps_back_when_the_best_layer_does_not_help(monkeypat
 def test_an_agreement_gate_is_searched_by_sqnr_and_checked_on_enough_positions(monkeypatch):
     """The search as a table: the agreement is the same whichever half is in float (a few
     positions either way), the read output's SQNR names m6. The control follows the SQNR to m6
-    and checks it on at least AGREEMENT_POSITIONS positions (one per batch here: 32 batches),
-    where the agreement rises to the gate."""
+    and checks it on AGREEMENT_POSITIONS positions (one per batch here), at most CHECK_BATCHES
+    batches, where the agreement rises to the gate."""
     model = chain_model()
     checked = []
 
@@ -425,11 +425,12 @@ def test_an_agreement_gate_is_searched_by_sqnr_and_checked_on_enough_positions(m
     monkeypatch.setattr(accuracy_control._Measure, "__call__", metric)
     report = PassReport("quantize_int8")
     anchors, kept = _controlled(
-        model, report, "argmax_agreement>=0.98", samples=40, batch=1, batches=4
+        model, report, "argmax_agreement>=0.98", samples=200, batch=1, batches=4
     )
     assert [node.name for node in anchors if node not in kept] == ["m6"]
     assert "0.95 -> 0.99" in report.notes[-1] and "holds with 1 of 8" in report.notes[-1]
-    assert max(checked) == 32 and min(checked) == 4  # the check's batches, the search's
+    assert max(checked) == accuracy_control.CHECK_BATCHES == 128  # the check's batches
+    assert min(checked) == 4  # the search's
 
 
 def test_a_score_decision_gate_floats_the_layer_that_flips_decisions(tmp_path):
