@@ -189,8 +189,8 @@ def _collect_proto_shapes(graph: onnx.GraphProto, into: dict[str, tuple[int | No
     for info in [*graph.input, *graph.value_info, *graph.output]:
         if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
             continue
-        into[info.name] = tuple(
-            d.dim_value if d.HasField("dim_value") else None
+        into[info.name] = tuple(  # Paddle's exporters write -1 for a dimension they do not know
+            d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
             for d in info.type.tensor_type.shape.dim
         )
     for node in graph.node:

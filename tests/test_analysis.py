@@ -303,3 +303,22 @@ def test_any_kernel_rank_gemm_trans_a_and_attention():
     assert conv1d.macs == 6 * 9 * 3 * 3
     assert conv3d.macs == 5 * 2 * 2 * 2 * 2 * 27
     assert gemm.macs == 2 * 4 * 3
+
+
+def test_a_dimension_declared_as_minus_one_is_unknown():
+    """Paddle's exporters declare a dimension they do not know as -1: a size of -1 gave
+    recovery a negative memory size per sample and an internal error on ppocr_cls."""
+    from onnx_squeeze.analysis import value_shapes
+
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 4] x, int64[2] s) => (float[M, 8] y) {
+          r = Reshape (x, s)
+          y = Relu (r)
+        }
+        """
+    )
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("r", 1, [-1, 8]))
+    shapes = value_shapes(ir.from_proto(model), {"x": [2, 4], "s": [2]})
+    assert shapes["r"] == (None, 8)
