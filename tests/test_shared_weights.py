@@ -210,3 +210,17 @@ def test_no_pass_grows_a_model_with_shared_weights(name, pass_name):
     student, report = _apply(model, pass_name, calibration=random_feeds(model, count=4))
     check(student)
     assert _size(student) <= _size(model), (report.notes, report.records[:3])
+
+
+def test_static_int8_floats_every_reader_of_a_weight_one_reader_keeps_in_float():
+    """One reader of the shared weight left float (here by the selection; the speed check and
+    accuracy control do the same): its siblings stay float too, or the weight would be stored
+    in float and in INT8."""
+    model = _model("repeated_layer")
+    settings = {"exclude": ["matmul_3"], "speed_check": False, "accuracy_control": False}
+    student, report = _apply(model, "quantize_int8", random_feeds(model, count=4), **settings)
+    check(student)
+    assert _size(student) <= _size(model)
+    assert not report.changed
+    shared = [r for r in report.skipped if "also read in float by 'matmul_3'" in r.detail]
+    assert len(shared) == STEPS - 1

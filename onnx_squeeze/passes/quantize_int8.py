@@ -157,6 +157,32 @@ def _anchor_problem(node: ir.Node) -> str | None:
     return None
 
 
+def _whole_shared_weights(anchors: Sequence[ir.Node], report: PassReport) -> list[ir.Node]:
+    """``anchors`` less those whose constant weight another node reads in float: where the
+    speed check, accuracy control or the selection kept one reader of a shared weight float,
+    quantizing the others would store the weight twice (an unrolled layer whose readers all
+    took the same time grew 1.26x when the speed check floated some of them)."""
+    chosen = {id(node) for node in anchors}
+    kept = []
+    for node in anchors:
+        weight = node.inputs[1]
+        floated = [
+            use.node
+            for use in weight.uses()
+            if id(use.node) not in chosen and weight.const_value is not None
+        ]
+        if floated:
+            report.skip(
+                node,
+                f"kept in float: its weight {weight.name!r} is also read in float by "
+                f"{floated[0].name!r}{' and others' if len(floated) > 1 else ''}, and one "
+                "INT8 copy beside the float one would grow the file",
+            )
+        else:
+            kept.append(node)
+    return kept
+
+
 @register
 class QuantizeInt8(Pass):
     """Static INT8 QDQ quantization with calibrated activation ranges."""
@@ -376,6 +402,7 @@ class QuantizeInt8(Pass):
                     slowdown,
                 ),
             )
+        anchors = _whole_shared_weights(anchors, report)
         float_model = model.clone() if s.bias_correction else None
         plan = plan_for(model, anchors)
         params = self._ranges(plan, ranges)
