@@ -2,9 +2,10 @@
 INT8 alone, then the smallest fraction that meets the targets; then pruning alone, then pruning
 fine-tuned, until one arm meets them within the budget), then Optuna's TPE over
 the space, told what the pilot found. Each candidate is ranked on a subset of the evaluation
-data (a user metric is given a file of that subset: :mod:`.subset`) and only the best ``1/eta``
-judged on all of it (successive halving; their models are judged again, not made again), then a bisection on the pruning fraction of the best candidate
-(the smallest fraction that meets the targets). Quantization's own accuracy control (INT8
+data (a user metric is given a file of that subset: :mod:`.subset`) and only the best
+``1/eta`` judged on all of it (successive halving; their models are judged again, not made
+again), then a bisection on the pruning fraction of the best candidate (the smallest fraction
+that meets the targets). Quantization's own accuracy control (INT8
 ``target``) sends the layers that hurt the metric most back to float inside each trial.
 
 Every trial goes through the store first, and TPE is seeded, so a rerun after a crash asks for
@@ -482,8 +483,9 @@ def _pilot_arm(
     seconds). A trial past the time limit ends the arm: another fraction of its recipe costs
     about as much (ResNet-50: pruning alone ran past 600 s at 0.35 of the time, then again at
     0.15); so does one whose pruning removed nothing: the model has no channels it can prune
-    (magika: 6 of 12 trials bisected fractions that all left its MACs whole). At each fraction the arm's pruning scores channels with the space's cheap criterion
-    first (:data:`.space.CHEAP_CRITERION`) and with its own only where that breaks the budget.
+    (magika: 6 of 12 trials bisected fractions that all left its MACs whole). At each fraction
+    the arm's pruning scores channels with the space's cheap criterion first
+    (:data:`.space.CHEAP_CRITERION`) and with its own only where that breaks the budget.
     Returns whether a trial met the targets within the budget."""
 
     def at(fraction: float, cheap: bool = False) -> dict[str, Any]:

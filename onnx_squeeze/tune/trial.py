@@ -2,8 +2,8 @@
 size and MACs against the original on this machine, the metric).
 
 A trial is a JSON-able job run in its own process (forked by the local executor, ``python -m
-onnx_squeeze.tune.trial JOB.json`` by hand, or a Ray task), so that a trial that brings its process down (an onnxruntime
-abort, memory) costs that trial only; it writes ``model.onnx`` and ``result.json`` to the
+onnx_squeeze.tune.trial JOB.json`` by hand, or a Ray task), so that a trial that brings its
+process down (an onnxruntime abort, memory) costs that trial only; it writes ``model.onnx`` and ``result.json`` to the
 job's folder. At one thread on the CPU the latency is timed again in CPU time
 (:mod:`onnx_squeeze.clocks`), which other jobs on the machine do not move.
 """
@@ -111,8 +111,8 @@ def _timed_in_cpu(
     job: dict[str, Any], measured: dict[str, Any], output: Path, data: Any
 ) -> dict[str, Any]:
     """The latency ratio and speed-up in CPU time against the job's model (the search's
-    prepared reference; for the reference itself, the original file), on the first sample (:mod:`onnx_squeeze.clocks`); the comparison's
-    wall-clock ratio is kept beside them."""
+    prepared reference; for the reference itself, the original file), on the first sample
+    (:mod:`onnx_squeeze.clocks`); the comparison's wall-clock ratio is kept beside them."""
     feed = next(iter(data))
     reference, model = clocks.cpu_ms([job["model"], output], feed, job["run"].get("runs", 10))
     return {

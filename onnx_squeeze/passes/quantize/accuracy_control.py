@@ -160,8 +160,7 @@ class _Measure:
     the layer the search picked as best among many noisy measurements is judged on data it was
     not picked on; as many as give every output channel ``CHANNEL_VALUES`` values, or
     ``AGREEMENT_POSITIONS`` positions for an agreement gate among ``gates``, at most
-    ``CHECK_BATCHES``); counts
-    its runs."""
+    ``CHECK_BATCHES``); counts its runs."""
 
     def __init__(
         self,
