@@ -323,6 +323,52 @@ def test_the_pilot_stops_when_quantization_alone_breaks_the_budget(files, tmp_pa
     assert found.trials[2].params != {"prune": 0.35, "quantize": "int8"}  # TPE's, not the pilot's
 
 
+class PresetPrunesWell(Synthetic):
+    """As ``--recipe fast`` on ppocr_cls: the preset's own pruning (as much as its gate holds,
+    no fraction given) reaches 0.3x at 0.99 of the metric, further than any fraction of the
+    arms within the budget."""
+
+    def run(self, jobs):
+        results = super().run(jobs)
+        for job, result in zip(jobs, results, strict=True):
+            pruning = {s["pass"]: s for s in job["recipe"]["passes"]}.get("prune_channels", {})
+            if pruning and not {"macs_target", "latency_target"} & set(pruning):
+                result["metrics"].update(latency_ratio=0.3, speedup=1 / 0.3, macs_ratio=0.5)
+                result["metrics"]["top1_agreement"] = result["value"] = 0.99
+        return results
+
+
+def test_the_presets_run_as_they_are_after_the_pilot_and_before_tpe(files, tmp_path):
+    executor = PresetPrunesWell()
+    space = dataclasses.replace(PILOTED, presets=("fast",))
+    assert "  then: --recipe fast, aimed at the budget" in space.describe()
+    found = _search(  # the INT8 arm reaches 0.35x only past the budget of 0.02
+        files,
+        tmp_path,
+        executor,
+        space=space,
+        targets=parse_targets(["latency=0.35"]),
+        budget=parse_budget("top1_agreement", "0.02", None),
+        trials=8,
+        bisect_steps=3,
+    )
+    preset = next(t for t in found.trials if t.params == {"preset": "fast"})
+    pilot = found.trials[1 : preset.number]
+    assert pilot and all(t.params.get("quantize") == "int8" for t in pilot)
+    assert all(t.metrics["latency_ratio"] > 0.35 or t.value < found.floor for t in pilot)
+    # aimed at the budget: as much pruning, and INT8's accuracy control, as its gate holds
+    steps = {s["pass"]: s for s in executor.jobs[preset.number]["recipe"]["passes"]}
+    assert steps["prune_channels"] == {
+        "pass": "prune_channels",
+        "recover": True,
+        "target": "top1_agreement>=0.98",
+    }
+    assert steps["quantize_int8"]["target"] == "top1_agreement>=0.98"
+    assert found.met and found.chosen.params == {"preset": "fast"}
+    # its pruning finds its own fraction: nothing bisects one onto it
+    assert not any("preset" in t.params for t in found.trials if t.stage == "bisect")
+
+
 ARMED = Space(
     "cnn",
     (*PRUNE_INT8.params, Param("finetune", (0, 300))),

@@ -1,7 +1,8 @@
 """The search: first the family's preset recipes with their pruning fraction bisected (the pilot:
 INT8 alone, then the smallest fraction that meets the targets; then pruning alone, then pruning
-fine-tuned, until one arm meets them within the budget), then Optuna's TPE over
-the space, told what the pilot found. Each candidate is ranked on a subset of the evaluation
+fine-tuned, until one arm meets them within the budget), then the family's named recipes as
+they are (``--recipe fast``, aimed at the budget), then Optuna's TPE over the space, told what
+the pilot found. Each candidate is ranked on a subset of the evaluation
 data (a user metric is given a file of that subset: :mod:`.subset`) and only the best
 ``1/eta`` judged on all of it (successive halving; their models are judged again, not made
 again), then a bisection on the pruning fraction of the best candidate (the smallest fraction
@@ -178,7 +179,7 @@ def _bisect(search: Search, space: Space, best: Trial, steps: int) -> None:
     """The smallest pruning fraction, the other parameters as ``best``'s, at which the targets
     are met (or the budget broken): the fraction where the budget is just spent."""
     param = space.param("prune")
-    if param is None or steps <= 0:
+    if param is None or steps <= 0 or "preset" in best.params:  # a preset finds its own
         return
     same = [
         t
@@ -399,6 +400,7 @@ def _strategy(
         direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     )
     drawn = _pilot(search, space, study, stage, limit, trials, deadline)
+    drawn += _presets(search, space, stage, limit, trials - drawn, deadline)
     while drawn < trials and time.monotonic() < deadline and not search.done:
         asked = [study.ask() for _ in range(min(max(1, jobs), trials - drawn))]
         points = [space.draw(ask) for ask in asked]
@@ -456,6 +458,19 @@ def _pilot(
         if _pilot_arm(space, param, arm, timed, probe, ran, search, trials, deadline):
             break
     return len(ran)
+
+
+def _presets(
+    search: Search, space: Space, stage: str, limit: int | None, room: int, deadline: float
+) -> int:
+    """The family's named recipes as they are, aimed at the budget (:attr:`.Space.presets`),
+    unless the search is over; not told to TPE, whose space holds no such point. Returns how
+    many trials ran."""
+    points = [{"preset": name} for name in space.presets][: max(0, room)]
+    if not points or search.done or time.monotonic() >= deadline:
+        return 0
+    search.run([(stage, point) for point in points], limit)
+    return len(points)
 
 
 # A MACs ratio at which a pruned trial removed nothing (metadata and rounding aside).
