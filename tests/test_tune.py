@@ -28,6 +28,7 @@ from onnx_squeeze.tune.space import (
     family_of,
     recipe_for,
 )
+from onnx_squeeze.tune.subset import least_samples
 from onnx_squeeze.tune.trial import RESULT_FILE, run_trial
 from tests.helpers import run
 
@@ -491,8 +492,36 @@ def test_a_trial_past_the_time_limit_ends_its_pilot_arm(files, tmp_path, monkeyp
     assert [t.result.get("timed_out") for t in found.trials[6:]] == [True, True]
 
 
+# A metric that does not count samples: a quarter of the 32 resolves it as well as all of them.
+SMOOTH = parse_budget("cosine", "0.05", None)
+
+
+def test_a_subset_holds_enough_samples_for_the_budget_to_let_two_flip(files, tmp_path):
+    assert least_samples("top1", 0.01) == 200 and least_samples("top1_agreement", 0.1) == 20
+    assert least_samples("cosine", 0.01) == 2 and least_samples("top1", 0.0) == 2
+    executor, lines = Synthetic(), []
+    # 0.2 of top-1 agreement: 10 samples, more than a quarter of 32
+    _search(
+        files,
+        tmp_path / "wide",
+        executor,
+        trials=3,
+        subset=0.25,
+        budget=parse_budget("top1_agreement", "0.2", None),
+    )
+    limits = {job.get("eval_limit") for job in executor.jobs if not job.get("reference")}
+    assert limits == {10, None}
+    # 0.05: 40 samples, more than the 32 there are: every candidate is ranked on all of them
+    executor = Synthetic()
+    _search(files, tmp_path / "narrow", executor, trials=3, subset=0.25, echo=lines.append)
+    assert not any(job.get("eval_limit") for job in executor.jobs)
+    assert any("a subset of it would need 40 samples" in line for line in lines), lines
+
+
 def test_first_stops_at_the_first_candidate_that_meets_everything_on_all_data(files, tmp_path):
-    found = _search(files, tmp_path, Synthetic(), trials=8, subset=0.25, first=True, **AT_2_5X)
+    found = _search(
+        files, tmp_path, Synthetic(), trials=8, subset=0.25, first=True, budget=SMOOTH, **AT_2_5X
+    )
     # INT8 alone misses; at 0.35 it meets on the subset, is judged on all the data at once,
     # meets there too, and nothing else runs: no more pilot, TPE, promotion or bisection
     stages = [(t.stage, t.params.get("prune")) for t in found.trials]
@@ -502,7 +531,7 @@ def test_first_stops_at_the_first_candidate_that_meets_everything_on_all_data(fi
 
 def test_successive_halving_judges_the_best_third_on_all_data(files, tmp_path):
     executor = Synthetic()
-    found = _search(files, tmp_path, executor, trials=6, subset=0.25, bisect_steps=0)
+    found = _search(files, tmp_path, executor, trials=6, subset=0.25, bisect_steps=0, budget=SMOOTH)
     subset = [t for t in found.trials if t.stage == "subset"]
     full = [t for t in found.trials if t.stage == "full"]
     distinct = {t.key for t in subset}  # a point TPE drew twice is promoted once

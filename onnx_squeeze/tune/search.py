@@ -33,7 +33,7 @@ from onnx_squeeze.tune.executors import Executor, make_executor
 from onnx_squeeze.tune.metrics import is_user
 from onnx_squeeze.tune.space import Space, build_space, family_of, recipe_for
 from onnx_squeeze.tune.store import Store
-from onnx_squeeze.tune.subset import subset_samples, write_subset
+from onnx_squeeze.tune.subset import FLIPS, least_samples, subset_samples, write_subset
 from onnx_squeeze.tune.targets import Budget, Target, distance, parse_budget, parse_targets
 
 FULL, SUBSET, BISECT, REFERENCE = "full", "subset", "bisect", "reference"
@@ -384,7 +384,13 @@ def _strategy(
         f"original {search.budget.metric} = {baseline:.4g}; budget {search.budget}: "
         f"floor {search.floor:.4g}"
     )
-    limit = subset_samples(search.base_job, original, evaluation, subset)
+    least = least_samples(search.budget.metric, baseline - search.floor)
+    limit = subset_samples(search.base_job, original, evaluation, subset, least)
+    if limit is None and least > 2 and 0 < subset < 1 and isinstance(evaluation, str):
+        search.echo(
+            f"candidates are ranked on all of the evaluation data: a subset of it would need "
+            f"{least} samples for the budget to let {FLIPS} of them flip"
+        )
     if limit and is_user(search.budget.metric):  # it reads the data itself: give it the subset
         written = write_subset(evaluation, original, limit, search.store.root)
         if written is None:
