@@ -405,7 +405,8 @@ def _strategy(
     study = optuna.create_study(
         direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     )
-    drawn = _pilot(search, space, study, stage, limit, trials, deadline)
+    # the presets' trials are kept from the pilot's count: its arms can spend any number
+    drawn = _pilot(search, space, study, stage, limit, trials - len(space.presets), deadline)
     drawn += _presets(search, space, stage, limit, trials - drawn, deadline)
     while drawn < trials and time.monotonic() < deadline and not search.done:
         asked = [study.ask() for _ in range(min(max(1, jobs), trials - drawn))]
