@@ -26,11 +26,18 @@ channel, along its channel axis:
   thresholds with at least ``ENOUGH_READS`` such values (else the one with the most). Given for
   score channels along a channel axis (a detector's classes, multi-label heads) outside a
   softmax over classes; a lone probability per position is read at 0.5 by
-  ``argmax_agreement``. It is for ``--check`` where the channels are read as they are
-  (YOLOv8's class scores: nudenet's INT8 at 14 dB kept 86 % of its detections and 84 % of
-  its scores' decisions; FP16 99 % of both), not in the default gate: a YOLOX head's class
-  channels are conditional on its objectness, and ddddocr_det's INT8 kept 98 % of its
-  detections and 69 % of its raw class decisions.
+  ``argmax_agreement``. It reads decisions that are events, as a detector's class scores at
+  its anchors are (YOLOv8's: nudenet's INT8 at 14 dB kept 86 % of its detections and 84 % of
+  its scores' decisions; FP16 99 % of both; its classes reach 0.5 at 0.1 % of the anchors at
+  most). Where a score channel is at or above 0.5 at more than ``DENSE_DECISIONS`` of its
+  positions in the reference (at ``DENSE_EVIDENCE`` of them at least), the output's scores
+  are not read (``dense_score_channel`` names
+  that channel): such decisions are not events but conditional on another channel, as a YOLOX
+  or YOLOv5 head's class scores are on its objectness (nothing trains them outside objects:
+  ddddocr_det's class channel is at 0.5 or above at 13 % of its anchors, its objectness at
+  0.5 %; its INT8 kept 98 % of its detections and 41 % of its raw class decisions, 74 % with
+  each class score multiplied by the objectness, still far from what the detections keep),
+  or a dense map read some other way.
 - ``argmax_agreement``: the share of positions whose argmax along the channel axis agrees (top-1
   per row of a classifier, per pixel of a segmentation map, per step of a tagger's sequence);
   not given for outputs that mix score and other channels. A probability output with no
@@ -88,6 +95,11 @@ SCORE_ACTIVE = 0.05  # a probability below this in both models is background: no
 # DBNet's 0.3, 0.5 ...).
 SCORE_THRESHOLDS = np.round(np.arange(0.1, 0.95, 0.1), 2)
 ENOUGH_READS = 50  # reads an agreement needs before one disagreement stays within 2 %
+# The share of its positions at which a score channel may reach 0.5 for its decisions to be
+# events (see the module doc), and the values at 0.5 that show it: fewer say nothing on few
+# positions (2 of 32 rows is no density).
+DENSE_DECISIONS = 0.05
+DENSE_EVIDENCE = 10
 # A channel's spread, in per-channel errors, is at least this share of its mean square.
 SPREAD_FLOOR = 1e-6
 # Channels that sum to 1 within this at every position are a distribution over classes.
@@ -236,6 +248,9 @@ class OutputFidelity:
     score_agreement: float | None = None
     score_threshold: float | None = None
     score_reads: int = 0
+    # A score channel whose decisions are dense (at or above 0.5 at more than DENSE_DECISIONS
+    # of its positions): the output's score decisions are then not read.
+    dense_score_channel: int | None = None
     # Where the worst SQNR channel holds scores: the values it was measured on (those at
     # least SCORE_ACTIVE in either model); a rare class's few detections decide it.
     worst_channel_reads: int | None = None
@@ -369,6 +384,9 @@ class OutputAccumulator:
         sums = {
             "above_both": above_both,
             "above_either": above_either,
+            "half_a": np.count_nonzero(x >= 0.5, axis=1).astype(np.float64)
+            if self.probabilities
+            else np.zeros(x.shape[0]),
             "dot": np.einsum("ij,ij->i", x, y),
             "sum_a": x.sum(axis=1),
             "norm_a": np.einsum("ij,ij->i", x, x),
@@ -470,8 +488,12 @@ class OutputAccumulator:
             and bool(scores.all())
             and self.sum_gap <= DISTRIBUTION_TOLERANCE
         )
-        read = None
+        read = dense = None
         if scores.any() and not decisions and not class_probabilities:
+            share = s["half_a"] > DENSE_DECISIONS * np.maximum(s["count"], 1.0)
+            crowded = scores & share & (s["half_a"] >= DENSE_EVIDENCE)
+            dense = int(np.argmax(crowded)) if crowded.any() else None
+        if dense is None and scores.any() and not decisions and not class_probabilities:
             read = _score_decisions(
                 s["above_both"][scores].sum(axis=0), s["above_either"][scores].sum(axis=0)
             )
@@ -524,6 +546,7 @@ class OutputAccumulator:
             score_agreement=read[0] if read else None,
             score_threshold=read[1] if read else None,
             score_reads=read[2] if read else 0,
+            dense_score_channel=dense,
             relative_error=relative,
         )
 
@@ -541,6 +564,7 @@ _SUMS = (
     "active",
     "above_both",
     "above_either",
+    "half_a",
     "low",
     "high",
 )

@@ -63,8 +63,10 @@ METRICS: dict[str, tuple[str, str]] = {
         "against thresholds 0.1…0.9: the scores at or above one in both models over those at "
         "or above it in either, at the worst threshold with at least 50 such scores (else the "
         "one with the most), worst output",
-        "no output has score channels along a channel axis outside a softmax over classes, or "
-        "no score reached 0.1 in either model",
+        "no output has score channels along a channel axis outside a softmax over classes, "
+        "no score reached 0.1 in either model, or a score channel reaches 0.5 at more than 5 % "
+        "of its positions (decisions conditional on another channel, as YOLOX's classes on "
+        "its objectness)",
     ),
     "argmax_agreement": (
         "share of positions whose argmax along the channel axis agrees (classes per row, time "

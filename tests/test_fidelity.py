@@ -13,6 +13,8 @@ from onnx import numpy_helper
 
 from onnx_squeeze import comparison, fidelity, sequences
 from onnx_squeeze.gates import evaluate_gates
+from onnx_squeeze.gates import judged as judged_gates
+from onnx_squeeze.verdict import DEFAULT_GATE
 
 # A detector-like head: 4 box rows in pixels (0…640) concatenated with 6 Sigmoid score rows over
 # 50 anchors, as YOLO exports ship it: [N, 4 + 6, 50].
@@ -48,8 +50,18 @@ def _feeds(count: int = 8) -> list[dict[str, np.ndarray]]:
     return [{"x": rng.standard_normal((1, 8, 50)).astype(np.float32)} for _ in range(count)]
 
 
-def _compare(b: onnx.ModelProto) -> comparison.Comparison:
-    return comparison.compare(_detector(np.full(6, -2.0)), b, feeds=_feeds(), runs=0)
+def _compare(b: onnx.ModelProto, bias: np.ndarray | None = None) -> comparison.Comparison:
+    reference = _detector(np.full(6, -2.0) if bias is None else bias)
+    return comparison.compare(reference, b, feeds=_feeds(), runs=0)
+
+
+def _sparse_bias() -> np.ndarray:
+    """Score biases at which each class reaches 0.5 at about 2 % of the anchors (two standard
+    deviations of its logit), as a detector's classes do; at -2 they reach it at about a
+    third, and their decisions are not events (``fidelity.DENSE_DECISIONS``)."""
+    rng = np.random.default_rng(0)
+    rng.standard_normal((4, 8))  # the box weights, drawn first in _detector
+    return -2.0 * np.linalg.norm(2.0 * rng.standard_normal((6, 8)), axis=1)
 
 
 def test_collapsed_scores_fail_the_channel_metrics_while_the_whole_cosine_passes():
@@ -309,18 +321,26 @@ def test_a_rare_class_deciding_the_worst_channel_is_flagged_as_too_few_to_tell()
 
 def test_score_decisions_flip_where_the_scores_sqnr_still_passes():
     """Every score logit moved by 0.5: the scores' SQNR stays above the default gate's 12 dB,
-    while a tenth of the scores above some threshold in either model are no longer above it in
-    both; a shift of 0.001 keeps them."""
-    shifted = _compare(_detector(np.full(6, -2.0) + 0.5))
+    while a fifth of the scores above some threshold in either model are no longer above it in
+    both, and the default gate fails; a shift of 0.0001 keeps them. Dense decisions (a third of
+    the anchors at 0.5) are not read."""
+    bias = _sparse_bias()
+    shifted = _compare(_detector(bias + 0.5), bias)
     metrics = shifted.metrics()
     assert metrics["worst_value_channel_sqnr_db"] > 12
-    assert metrics["score_agreement"] < 0.95
-    assert not evaluate_gates(["score_agreement>=0.95"], metrics)[0].passed
+    assert metrics["score_agreement"] < 0.875
+    judged = {g["expr"].split(">")[0]: g["passed"] for g in judged_gates([], metrics, DEFAULT_GATE)}
+    # the SQNR holds, the decisions do not (the mixed output has no argmax to read)
+    assert judged == {"worst_value_channel_sqnr_db": True, "score_agreement": False}
     (output,) = shifted.fidelity
-    assert output.score_threshold in fidelity.SCORE_THRESHOLDS
+    assert (
+        output.score_threshold in fidelity.SCORE_THRESHOLDS and output.dense_score_channel is None
+    )
     assert output.score_reads >= fidelity.ENOUGH_READS
-    assert _compare(_detector(np.full(6, -2.0) + 1e-3)).metrics()["score_agreement"] > 0.99
-    assert _compare(_detector(np.full(6, -2.0))).metrics()["score_agreement"] == 1.0
+    assert _compare(_detector(bias + 1e-4), bias).metrics()["score_agreement"] > 0.99
+    assert _compare(_detector(bias), bias).metrics()["score_agreement"] == 1.0
+    (dense,) = _compare(_detector(np.full(6, -2.0) + 0.5)).fidelity
+    assert dense.score_agreement is None and dense.dense_score_channel is not None
 
 
 def test_score_decisions_need_scores_along_a_channel_axis_outside_a_softmax():
@@ -334,13 +354,13 @@ def test_score_decisions_need_scores_along_a_channel_axis_outside_a_softmax():
     values.add(softmax, softmax * 0.9)
     assert values.result().score_agreement is None
     labels = fidelity.OutputAccumulator("s", axis=1, probabilities=True)
-    sigmoid = 1 / (1 + np.exp(-logits))
-    labels.add(sigmoid, sigmoid)  # multi-label scores: read against thresholds
+    sparse = 1 / (1 + np.exp(4 - np.random.default_rng(1).standard_normal((400, 5))))
+    labels.add(sparse, sparse)  # multi-label scores that are events: read against thresholds
     assert labels.result().score_agreement == 1.0
 
 
 def test_score_decisions_fail_where_the_result_is_not_finite():
-    scores = 1 / (1 + np.exp(-np.random.default_rng(0).standard_normal((4, 6, 50))))
+    scores = 1 / (1 + np.exp(3 - np.random.default_rng(0).standard_normal((4, 6, 50))))
     acc = fidelity.OutputAccumulator("s", axis=1, probabilities=True)
     acc.add(scores, np.full_like(scores, np.nan))
     assert math.isnan(acc.result().score_agreement)
@@ -349,3 +369,17 @@ def test_score_decisions_fail_where_the_result_is_not_finite():
     # ties: read at the highest threshold that enough scores reach (the fewest reads)
     enough = [t for t in fidelity.SCORE_THRESHOLDS if (scores >= t).sum() >= fidelity.ENOUGH_READS]
     assert same.result().score_threshold == max(enough) < 0.9
+
+
+def test_score_decisions_on_few_scores_are_flagged_as_too_few_to_tell():
+    from onnx_squeeze import verdict
+
+    bias = _sparse_bias()
+    few = comparison.compare(_detector(bias), _detector(bias + 0.5), feeds=_feeds(1), runs=0)
+    (output,) = few.fidelity
+    assert 0 < output.score_reads < verdict.ENOUGH_READS
+    said = verdict.run_warnings({"fidelity": [output.to_dict()]})
+    assert any("score decisions were compared on only" in line for line in said), said
+    (enough,) = _compare(_detector(bias + 0.5), bias).fidelity
+    said = verdict.run_warnings({"fidelity": [enough.to_dict()]})
+    assert not any("score decisions" in line for line in said)

@@ -104,7 +104,8 @@ def fidelity_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
 def _decisions(item: dict[str, Any]) -> str:
     """Score decisions: the agreement, at which threshold, on how many scores."""
     if item.get("score_agreement") is None:
-        return "-"
+        dense = item.get("dense_score_channel")
+        return "-" if dense is None else f"- (ch {dense} dense)"
     return (
         f"{number(item['score_agreement'], 4)} at {item['score_threshold']:g} "
         f"({item['score_reads']})"
