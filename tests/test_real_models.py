@@ -96,7 +96,7 @@ def test_task_judge(name):
     judge = real_models.JUDGES[model.judge]
     feeds = real_models.held_out(model)
     assert len(feeds) == len(range(4, model.samples, 5))
-    outputs = real_models.first_outputs(model.path, feeds, model.output)
+    outputs = real_models.first_outputs(model.path, feeds, model.read)
     same = judge(model, feeds, outputs, outputs)
     assert same["kept"] and same["value"] == 1.0, same
     assert not judge(model, feeds, outputs, [1 - x for x in outputs])["kept"]
