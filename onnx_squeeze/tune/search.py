@@ -405,9 +405,11 @@ def _strategy(
     study = optuna.create_study(
         direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     )
-    # the presets' trials are kept from the pilot's count: its arms can spend any number
-    drawn = _pilot(search, space, study, stage, limit, trials - len(space.presets), deadline)
-    drawn += _presets(search, space, stage, limit, trials - drawn, deadline)
+    # the presets' trials are kept from the pilot's count: its arms can spend any number, and
+    # one more where a fraction's cheap criterion breaks the budget and the arm's own runs
+    kept = min(len(space.presets), trials)
+    drawn = _pilot(search, space, study, stage, limit, trials - kept, deadline)
+    drawn += _presets(search, space, stage, limit, kept, deadline)
     while drawn < trials and time.monotonic() < deadline and not search.done:
         asked = [study.ask() for _ in range(min(max(1, jobs), trials - drawn))]
         points = [space.draw(ask) for ask in asked]
