@@ -544,3 +544,131 @@ def test_a_group_the_search_passed_gains_where_its_last_layer_does_not():
     ranks.update(ab=1.0, cd=2.0)  # no group gains beyond the noise: the search stops there
     assert accuracy_control._best_gaining(groups, single, [], Measure(), worth, 24) == single
     assert accuracy_control._best_gaining(groups, single, [], Measure(), worth, 0) == single
+
+
+def test_halves_split_by_cost_isolate_a_costly_layer():
+    """The bisection halves by the time INT8 saves per layer where it has it: a layer that
+    saves as much as all the others (ddddocr_beta's Gemm_97 against its 20 Convs) is a half of
+    its own; without costs, or with like costs, it halves by count as before."""
+    nodes = [ir.Node("", "Conv", [], name=f"c{i}") for i in range(21)]
+    costs = {node.name: 100.0 for node in nodes} | {"c20": 2100.0}
+    assert accuracy_control._half(nodes, costs) == 20
+    assert accuracy_control._half(nodes, None) == 10
+    assert accuracy_control._half(nodes, dict.fromkeys(costs, 1.0)) == 10  # a tie: the shorter
+    assert accuracy_control._search_runs(nodes, None) == 2 * 5  # 2 per halving, log2(21) up
+    assert accuracy_control._search_runs(nodes, dict.fromkeys(costs, 1.0)) == 2 * 5
+    assert accuracy_control._search_runs(nodes, costs) == 2 * 6  # 20, then 10, 5, 3, 2, 1
+    assert accuracy_control._search_runs(nodes[:1], costs) == 0
+
+
+def test_a_costly_layer_that_gains_nothing_stays_int8_while_the_cheap_ones_hold_the_gate(
+    monkeypatch,
+):
+    """The search as a table (ddddocr_beta): m7 saves as much as the seven layers before it
+    together and gains nothing in float; the error is spread over m0-m6, which hold the gate
+    only together. Halved by count, no group the bisection passes through holds it, and the
+    control ends with every layer INT8. Halved by what INT8 saves per layer (profiled by the
+    slowdown), m0-m6 are one half: they hold the gate and return to float at 0.7x the
+    original's latency, and m7 stays INT8."""
+    model = chain_model()
+    cheap = {f"m{i}" for i in range(7)}
+
+    def metric(self, floated, on="search"):
+        self.runs += 1
+        value = 12.0 if cheap <= set(floated) else 5.0 + 0.1 * len(cheap & set(floated))
+        return accuracy_control.Reading(value, value)
+
+    class Slowdown:
+        def __call__(self, quantized):  # the copies are the names quantized (see _controlled)
+            return 0.7 if "m7" in quantized else 0.95
+
+        def layer_savings(self, quantized, names):
+            assert sorted(quantized) == sorted(names)  # profiled with every layer quantized
+            return {name: 700.0 if name == "m7" else 100.0 for name in names}
+
+    def control(slowdown) -> tuple[list[str], str]:
+        report = PassReport("quantize_int8")
+        bounds = accuracy_control.Bounds(
+            runs=100, float_macs=0.0, latency_ratio=0.9, slowdown=slowdown
+        )
+        anchors, kept = _controlled(
+            model, report, "worst_channel_sqnr_db>=10", samples=8, batch=1, batches=2, bounds=bounds
+        )
+        return [n.name for n in anchors if n not in kept], report.notes[-1]
+
+    monkeypatch.setattr(accuracy_control._Measure, "__call__", metric)
+    floated, note = control(Slowdown().__call__)  # a function: no profile, halves by count
+    assert not floated and "NOT met with 0 of 8" in note
+    floated, note = control(Slowdown())
+    assert floated == sorted(cheap) and "holds with 7 of 8" in note and "0.7x" in note
+    assert "halves of like profiled INT8 savings" in note
+
+
+def test_with_few_reads_a_smaller_holding_group_must_keep_the_larger_ones_sqnr():
+    """An agreement gate counted on fewer than AGREEMENT_POSITIONS reads: of two nested
+    groups that both hold it, the smaller goes back to float only while it keeps
+    HOLDING_SHARE of the larger's SQNR gain (ddddocr_beta: 20 Convs at +20 dB read 98 of 99
+    check strings the same, their later 11 all 99 at +7.4 dB, and 0.980 against 0.961 of 153
+    others); with enough reads, the smallest that holds."""
+    Reading = accuracy_control.Reading
+    layers = [ir.Node("", "Conv", [], name=f"c{i}") for i in range(4)]
+    groups = [layers, layers[2:], layers[3:]]
+    ranks = {4: Reading(0.99, 48.7), 2: Reading(1.0, 36.0), 1: Reading(0.93, 28.7)}
+    current = Reading(0.96, 28.7)
+
+    class Measure:
+        runs = 0
+
+        def __call__(self, floated, on="search"):
+            self.runs += 1
+            return ranks[len(floated)]
+
+    def holds(reading):
+        return reading.value >= 0.98 and reading.rank > current.rank
+
+    def keeps(few):
+        def keeps(reading, largest):
+            gain = reading.rank - current.rank
+            share = accuracy_control.HOLDING_SHARE
+            return not few or gain >= share * (largest.rank - current.rank)
+
+        return keeps
+
+    found = accuracy_control._smallest_holding(groups, [], Measure(), holds, keeps(True), 24)
+    assert found == (layers, ranks[4])
+    found = accuracy_control._smallest_holding(groups, [], Measure(), holds, keeps(False), 24)
+    assert found == (layers[2:], ranks[2])
+
+
+def test_slowdown_profiles_what_int8_saves_per_layer():
+    """The slowdown profiles the original and a quantized copy in onnxruntime: a saving per
+    layer named, none below zero; None for a name that no profile times."""
+    from onnx_squeeze.passes.quantize import speed_check
+
+    model = chain_model()
+    source = RandomSource(runtime.input_specs(model), 4, seed=0, batch_size=1)
+    quantized, _ = quantize(model, source, accuracy_control=False)
+    slowdown = speed_check.Slowdown(model, PassContext(calibration=source), batch=1)
+    names = [f"m{i}" for i in range(_LAYERS)]
+    savings = slowdown.layer_savings(quantized, names)
+    assert savings is not None and sorted(savings) == names
+    assert all(value >= 0 for value in savings.values())
+    assert slowdown.layer_savings(quantized, [*names, "not_a_node"]) is None
+
+
+def test_a_timing_near_the_latency_bound_is_timed_again():
+    """One timing within NEAR_BOUND of the bound is noise's to decide: the median of three
+    does; one far from it stands alone."""
+    timings = iter([0.91, 0.88, 0.89])
+    bounds = accuracy_control.Bounds(
+        runs=1, float_macs=0.0, latency_ratio=0.9, slowdown=lambda model: next(timings)
+    )
+    assert (
+        accuracy_control._latency(ir.Model(ir.Graph([], [], nodes=[]), ir_version=8), bounds)
+        == 0.89
+    )
+    timings = iter([0.95, 0.5])
+    assert (
+        accuracy_control._latency(ir.Model(ir.Graph([], [], nodes=[]), ir_version=8), bounds)
+        == 0.95
+    )

@@ -34,10 +34,20 @@ multiply-accumulates untimed, and a step beyond that share is timed against the 
 (CPU, one thread) and kept while the result still pays, at most ``latency_ratio`` of the
 original's latency. A step that would not pay gives way to the best ranked of the halves the
 bisection passed over that gains beyond the noise and pays, even where the gate does not hold
-with it yet (ddddocr_beta: its later half ranked best and would run at 0.90x the original's
-latency, its 10 early Convs, 20 % of the MACs, gain less at 0.72x and keep more of the strings
-held out). A MAC share alone either stops short of such a group or lets a model that gains
+with it yet. A MAC share alone either stops short of such a group or lets a model that gains
 little from INT8 float layers it cannot spare.
+
+Where steps are timed, the bisection halves the candidates by cost, not by count: by the time
+INT8 saves per layer, from onnxruntime's profiles of the original and of the model with every
+candidate quantized (:meth:`speed_check.Slowdown.layer_savings`). Halves of like count bundle
+cheap layers with a costly one, and the half that gains most is then the one that gives up
+most speed for it: ddddocr_beta's Gemm_97 (8210 classes at every time step) saves 2.2 of the
+4.3 ms that INT8 saves, and in float it gains 0.2 dB. By count it shared the later half with
+10 Convs, which held the gate at 0.88-0.904x the original's latency against the 0.9x bound, so
+that the timing decided between that half (0.967 of 153 fresh strings read the same) and
+nothing in float (0.941) from run to run; by cost it is a half of its own, and all 20 Convs
+return to float at 0.75x (0.980; the profile put their savings 80-300 us under the Gemm's in
+every run, more than the 16 us of the last Conv that the halves could trade).
 
 A gate on the agreement of the top class (``argmax_agreement``, ``top1_agreement``) counts
 positions, a whole number of them: the search ranks by the SQNR of the outputs that the gate
@@ -54,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -116,6 +127,17 @@ AGREEMENT_POSITIONS = 400
 # ddddocr_beta's went from 0.94 to 0.97 the same way.
 CHECK_BATCHES = 128
 AGREEMENT_METRICS = ("argmax_agreement", "top1_agreement", "score_agreement")
+# Where the check counts fewer reads than AGREEMENT_POSITIONS, a smaller group that holds the
+# agreement gate goes back to float instead of a larger one only while it keeps this share of
+# the larger's gain in the read outputs' SQNR (dB): on 99 strings, one read is half of what a
+# 0.98 gate allows, and which of two groups reads one more string the same is the luck of the
+# check. ddddocr_beta: all 20 Convs in float read 98 of the 99 check strings the same at
+# +20.0 dB, their later 11 all 99 at +7.4 dB; 0.980 and 0.961 of 153 others.
+HOLDING_SHARE = 0.5
+# A timed ratio this close to the latency bound (relatively) is timed twice more and the median
+# decides: one timing of ddddocr_beta's later half in float read 0.882x and 0.904x the
+# original's latency in two runs, against a 0.9x bound.
+NEAR_BOUND = 0.03
 
 
 class Reading(NamedTuple):
@@ -143,6 +165,12 @@ class Bounds:
     def timed(self) -> bool:
         """Whether steps beyond the MAC share are timed rather than refused."""
         return self.latency_ratio > 0 and self.slowdown is not None
+
+    @property
+    def layer_savings(self) -> Callable[[ir.Model, Sequence[str]], dict[str, float] | None] | None:
+        """Where steps are timed, what profiles the time INT8 saves per layer (the slowdown's
+        ``layer_savings``, :class:`speed_check.Slowdown`); None otherwise."""
+        return getattr(self.slowdown, "layer_savings", None) if self.timed else None
 
 
 def check_gate(gate: Gate) -> None:
@@ -188,6 +216,8 @@ class _Measure:
         checks = min(max(batches, math.ceil(needed / per_batch)), CHECK_BATCHES)
         feeds = context.data.first_batches(batches + checks)
         self.feeds = {"search": feeds[:batches], "check": feeds[batches:] or feeds[:batches]}
+        # the reads an agreement gate counts on the check (none counted otherwise)
+        self.check_reads = per_batch * len(self.feeds["check"]) if agreement else math.inf
         self.reference = {key: _outputs(model, f, context) for key, f in self.feeds.items()}
         self.runs = 0
 
@@ -229,6 +259,12 @@ class _Measure:
     def ranked_by_sqnr(self) -> bool:
         """Whether the search ranks by the read outputs' SQNR (agreement gates)."""
         return self.gate.metric in AGREEMENT_METRICS
+
+    @property
+    def counts_few(self) -> bool:
+        """Whether the gate counts agreements on fewer reads than ``AGREEMENT_POSITIONS`` (the
+        data had no more): too few to tell two models that both pass it apart."""
+        return self.ranked_by_sqnr and self.check_reads < AGREEMENT_POSITIONS
 
     def measurable(self) -> bool:
         """Whether some output of the model has the gate's metric (float outputs, a classifier
@@ -319,6 +355,8 @@ def _float_until_held(
         return floated
     macs = {node.name: _macs(node) for node in anchors}
     budget = bounds.float_macs * sum(macs.values())
+    costs = _costs(measure, anchors, bounds)
+    by_cost = False  # whether a bisection halved by cost
     floated = list(floated)
     first = len(floated)
     spread = math.nan
@@ -333,14 +371,19 @@ def _float_until_held(
         if not candidates:
             why = f"; no layer left to try within {bounds.float_macs:.0%} of the MACs in float"
             break
-        needed = _search_runs(len(candidates)) + 1 + math.isnan(spread)
+        split = costs
+        needed = _search_runs(candidates, split) + 1 + math.isnan(spread)
+        if costs is not None and measure.runs + needed > bounds.runs:
+            split = None  # halves of like cost would take more runs: halves of like count
+            needed = _search_runs(candidates, split) + 1 + math.isnan(spread)
         if measure.runs + needed > bounds.runs:
             why = f"; stopped at its bound of {bounds.runs} runs"
             break
         if math.isnan(spread):  # the rank's noise: the same model on the search's batches
             spread = abs(measure(floated).rank - before.rank) * measure.check_share
             spread = spread if math.isfinite(spread) else 0.0
-        groups = _descent(candidates, floated, measure)
+        groups = _descent(candidates, floated, measure, split)
+        by_cost = by_cost or split is not None
         found = groups[-1][0]
         chosen, new = groups[-1], measure([*floated, found.name], on="check")
 
@@ -350,6 +393,10 @@ def _float_until_held(
         def holds(reading: Reading) -> bool:
             return gate.passes(reading.value) and worth(reading)
 
+        def keeps(reading: Reading, largest: Reading, current: Reading = current) -> bool:
+            gain = reading.rank - current.rank
+            return not measure.counts_few or gain >= HOLDING_SHARE * (largest.rank - current.rank)
+
         def fits(group: list[ir.Node], spent: float = spent) -> bool:  # untimed: the MAC share
             return bool(group) and (
                 bounds.timed or spent + sum(macs[n.name] for n in group) <= budget
@@ -358,7 +405,7 @@ def _float_until_held(
         if not holds(new):
             # the error is spread: the fewest layers that hold it
             fitting = [g for g in groups[:-1] if fits(g)]
-            held_by = _smallest_holding(fitting, floated, measure, holds, bounds.runs)
+            held_by = _smallest_holding(fitting, floated, measure, holds, keeps, bounds.runs)
             if held_by is not None:
                 chosen, new = held_by
         if not worth(new):  # the layer found gains nothing: some group the search passed may
@@ -413,25 +460,63 @@ def _float_until_held(
         f"{'holds' if held else 'NOT met'} with {len(floated)} of {len(anchors)} layers in float "
         f"({share:.1%} of their MACs; {len(floated) - first} for this gate): {gate.metric} "
         f"{before.value:.4g} -> {current.value:.4g} on {data}{latency}; {measure.runs} "
-        f"measured runs{why}"
+        f"measured runs{' (halves of like profiled INT8 savings)' if by_cost else ''}{why}"
     )
     return floated
 
 
-def _search_runs(candidates: int) -> int:
-    """The runs :func:`_most_harmful` takes over ``candidates`` layers."""
-    return 2 * math.ceil(math.log2(candidates)) if candidates > 1 else 0
+def _costs(measure: _Measure, anchors: list[ir.Node], bounds: Bounds) -> dict[str, float] | None:
+    """The time INT8 saves per anchor, profiled in the original and with every anchor
+    quantized, where steps are timed and both profiles time every anchor; None otherwise (the
+    bisection then halves by count)."""
+    if bounds.layer_savings is None or len(anchors) < 2:
+        return None
+    savings = bounds.layer_savings(measure.copy([]), [node.name for node in anchors])
+    return savings if savings and sum(savings.values()) > 0 else None
+
+
+def _search_runs(candidates: list[ir.Node], costs: Mapping[str, float] | None) -> int:
+    """The runs :func:`_descent` takes over ``candidates`` at most (two per halving, along
+    its deepest path)."""
+
+    def depth(group: list[ir.Node]) -> int:
+        if len(group) < 2:
+            return 0
+        half = _half(group, costs)
+        return 1 + max(depth(group[:half]), depth(group[half:]))
+
+    return 2 * depth(candidates)
+
+
+def _half(group: list[ir.Node], costs: Mapping[str, float] | None) -> int:
+    """Where the bisection splits ``group`` (2 layers or more): the first half's length that
+    brings its ``costs`` closest to half of the group's (the shorter on a tie), or half the
+    count without costs."""
+    if costs is None:
+        return len(group) // 2
+    total, spent = sum(costs[node.name] for node in group), 0.0
+    best, best_miss = 1, math.inf
+    for length in range(1, len(group)):
+        spent += costs[group[length - 1].name]
+        miss = abs(spent - total / 2)
+        if miss < best_miss - 1e-9 * total:
+            best, best_miss = length, miss
+    return best
 
 
 def _descent(
-    candidates: list[ir.Node], floated: list[str], measure: _Measure
+    candidates: list[ir.Node],
+    floated: list[str],
+    measure: _Measure,
+    costs: Mapping[str, float] | None = None,
 ) -> list[list[ir.Node]]:
-    """The groups a bisection over ``candidates`` (graph order) passes through, each half of
-    the one before and the one whose return to float (beside ``floated``) measured better on
-    the search batches, down to the single most harmful layer (last)."""
+    """The groups a bisection over ``candidates`` (graph order) passes through, each a half
+    of the one before (of like ``costs``, or count) and the one whose return to float (beside
+    ``floated``) measured better on the search batches, down to the single most harmful layer
+    (last)."""
     groups, group = [], candidates
     while len(group) > 1:
-        half = len(group) // 2
+        half = _half(group, costs)
         first, second = group[:half], group[half:]
         a = measure([*floated, *(n.name for n in first)])
         b = measure([*floated, *(n.name for n in second)])
@@ -457,8 +542,7 @@ def _paying(
     from there); otherwise ``chosen``'s ratio. The half not taken is the other place the error
     may sit (ddddocr_beta: the later half ranked best and would cost 0.90x the original's
     latency; the early Convs gain less, at 0.7x)."""
-    assert bounds.slowdown is not None
-    ratio = bounds.slowdown(measure.copy([*floated, *(n.name for n in chosen)]))
+    ratio = _latency(measure.copy([*floated, *(n.name for n in chosen)]), bounds)
     if ratio <= bounds.latency_ratio:
         return chosen, new, ratio
     worthy = []
@@ -469,9 +553,19 @@ def _paying(
         if worth(reading):
             worthy.append((sibling, reading))
     for sibling, reading in sorted(worthy, key=lambda pair: -pair[1].rank):
-        other = bounds.slowdown(measure.copy([*floated, *(n.name for n in sibling)]))
+        other = _latency(measure.copy([*floated, *(n.name for n in sibling)]), bounds)
         if other <= bounds.latency_ratio:
             return sibling, reading, other
+    return ratio
+
+
+def _latency(model: ir.Model, bounds: Bounds) -> float:
+    """``model``'s latency over the original's; timed twice more, and the median taken, where
+    one timing is within ``NEAR_BOUND`` of the bound."""
+    assert bounds.slowdown is not None
+    ratio = bounds.slowdown(model)
+    if abs(ratio - bounds.latency_ratio) <= NEAR_BOUND * bounds.latency_ratio:
+        ratio = statistics.median([ratio, bounds.slowdown(model), bounds.slowdown(model)])
     return ratio
 
 
@@ -511,18 +605,21 @@ def _smallest_holding(
     floated: list[str],
     measure: _Measure,
     holds: Callable[[Reading], bool],
+    keeps: Callable[[Reading, Reading], bool],
     runs: int,
 ) -> tuple[list[ir.Node], Reading] | None:
     """The smallest of the nested ``groups`` (largest first) whose return to float ``holds``
-    on the check batches (the gate, by more than its noise), by bisection over their sizes
-    until the measure has made ``runs`` runs; None when the largest does not (or no run is
+    on the check batches (the gate, by more than its noise) and ``keeps`` what the largest's
+    measured (its reading, then the largest's), by bisection over their sizes until the
+    measure has made ``runs`` runs; None when the largest does not hold (or no run is
     left)."""
-    found = None
+    found = largest = None
     low, high = 0, len(groups) - 1  # the candidates: groups[low..high], larger ones held
     while low <= high and measure.runs < runs:
         middle = low if found is None else (low + high + 1) // 2
         reading = measure([*floated, *(n.name for n in groups[middle])], on="check")
-        if holds(reading):
+        largest = largest or reading
+        if holds(reading) and keeps(reading, largest):
             found, low = (groups[middle], reading), middle + 1
         elif found is None:
             return None

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnx_squeeze import latency_search, runtime
+from onnx_squeeze import latency_search, layer_times, runtime
 from onnx_squeeze.calibration.feeds import Feed
 from onnx_squeeze.calibration.service import resized
 from onnx_squeeze.records import PassContext, PassReport
@@ -104,6 +104,10 @@ def unless_slower(
     return kept
 
 
+# Runs of each model that :meth:`Slowdown.layer_savings` profiles (after one warm-up).
+PROFILE_RUNS = 20
+
+
 class Slowdown:
     """A model's latency over the original's, timed interleaved on one thread at ``batch`` (as
     the speed check and the latency search time them); the original's session and the feed
@@ -114,16 +118,39 @@ class Slowdown:
         self._original: tuple[ort.InferenceSession, Feed] | None = None
 
     def __call__(self, candidate: ir.Model) -> float:
+        session, feed = self._session()
         provider = self._context.providers[0]
+        original, timed = latency_search.median_times([session, candidate], feed, provider)
+        return timed / original
+
+    def _session(self) -> tuple[ort.InferenceSession, Feed]:
         if self._original is None:
             feed = resized(self._context.data.feed_at(0), self._model, self._batch)
             # Timing needs a plain session on one thread, as a deployment runs the model (not
             # the calibration runner's copy that exposes tensors).
-            session = runtime.create_session(self._model, provider, threads=1)
+            session = runtime.create_session(self._model, self._context.providers[0], threads=1)
             self._original = session, feed
-        session, feed = self._original
-        original, timed = latency_search.median_times([session, candidate], feed, provider)
-        return timed / original
+        return self._original
+
+    def layer_savings(self, quantized: ir.Model, names: Sequence[str]) -> dict[str, float] | None:
+        """Per layer named, the microseconds per run that INT8 saves: its kernel time in the
+        original less in ``quantized`` (onnxruntime's profiles of both, one thread, at the
+        timing's batch; :mod:`onnx_squeeze.layer_times`), none below 0; None where a profile
+        times not every layer named (a kernel named after no node of the model)."""
+        _, feed = self._session()
+        provider = self._context.providers[0]
+        times = [
+            {
+                node.name: t
+                for node, t in layer_times.measure(
+                    m, feed, provider=provider, threads=1, runs=PROFILE_RUNS
+                ).nodes.items()
+            }
+            for m in (self._model, quantized)
+        ]
+        if not all(name in found for found in times for name in names):
+            return None
+        return {name: max(times[0][name] - times[1][name], 0.0) for name in names}
 
 
 def _weight_size(node: ir.Node) -> float:
