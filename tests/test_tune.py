@@ -133,9 +133,9 @@ def test_the_pilot_is_the_presets_recipe_at_a_pruning_fraction():
     transformer = build_space("transformer")
     assert transformer.pilot_point(transformer.pilots[0], 0.0, timed=True)["low_rank"] == 0.0
     lines = cnn.describe()
-    (first,) = [line for line in lines if line.startswith("  first: prune bisected")]
-    assert "finetune" not in first  # not in this space (fine-tuning not asked for)
-    assert any(line.startswith("  then: prune bisected") for line in lines)
+    assert "  first: --recipe fast, aimed at the budget" in lines  # the family's preset
+    arms = [line for line in lines if line.startswith("  then: prune bisected")]
+    assert len(arms) == 2 and "finetune" not in arms[0]  # fine-tuning not asked for
     # asked for, fine-tuning is a third arm: the second's pruning, fine-tuned
     tuned = build_space("cnn", finetune=True).pilots
     assert len(tuned) == 3 and {**tuned[1], "finetune": tuned[2]["finetune"]} == tuned[2]
@@ -339,10 +339,13 @@ class PresetPrunesWell(Synthetic):
         return results
 
 
-def test_the_presets_run_as_they_are_after_the_pilot_and_before_tpe(files, tmp_path):
+def test_the_presets_run_as_they_are_before_the_pilot(files, tmp_path):
     executor = PresetPrunesWell()
     space = dataclasses.replace(PILOTED, presets=("fast",))
-    assert "  then: --recipe fast, aimed at the budget" in space.describe()
+    assert space.describe()[-2:] == [
+        "  first: --recipe fast, aimed at the budget",
+        "  then: prune bisected with quantize=int8",
+    ]
     found = _search(  # the INT8 arm reaches 0.35x only past the budget of 0.02
         files,
         tmp_path,
@@ -350,13 +353,11 @@ def test_the_presets_run_as_they_are_after_the_pilot_and_before_tpe(files, tmp_p
         space=space,
         targets=parse_targets(["latency=0.35"]),
         budget=parse_budget("top1_agreement", "0.02", None),
-        trials=4,  # the pilot's arm would spend all of them: the preset's one is kept from it
+        trials=4,
         bisect_steps=3,
     )
-    preset = next(t for t in found.trials if t.params == {"preset": "fast"})
-    pilot = found.trials[1 : preset.number]
-    assert pilot and all(t.params.get("quantize") == "int8" for t in pilot)
-    assert all(t.metrics["latency_ratio"] > 0.35 or t.value < found.floor for t in pilot)
+    preset = found.trials[1]
+    assert preset.params == {"preset": "fast"}
     # aimed at the budget: as much pruning, and INT8's accuracy control, as its gate holds
     steps = {s["pass"]: s for s in executor.jobs[preset.number]["recipe"]["passes"]}
     assert steps["prune_channels"] == {
@@ -365,9 +366,22 @@ def test_the_presets_run_as_they_are_after_the_pilot_and_before_tpe(files, tmp_p
         "target": "top1_agreement>=0.98",
     }
     assert steps["quantize_int8"]["target"] == "top1_agreement>=0.98"
-    assert found.met and found.chosen.params == {"preset": "fast"}
+    pilot = found.trials[2:]
+    assert len(pilot) == 3 and all(t.params.get("quantize") == "int8" for t in pilot)
+    assert found.met and found.chosen is preset
     # its pruning finds its own fraction: nothing bisects one onto it
     assert not any("preset" in t.params for t in found.trials if t.stage == "bisect")
+    # where the search stops at the first that meets everything, nothing runs after it
+    first = _search(
+        files,
+        tmp_path / "first",
+        PresetPrunesWell(),
+        space=space,
+        first=True,
+        targets=parse_targets(["latency=0.35"]),
+        trials=4,
+    )
+    assert [t.params for t in first.trials[1:]] == [{"preset": "fast"}]
 
 
 ARMED = Space(

@@ -1,8 +1,9 @@
 """The search: first the family's preset recipes with their pruning fraction bisected (the pilot:
 INT8 alone, then the smallest fraction that meets the targets; then pruning alone, then pruning
-fine-tuned, until one arm meets them within the budget), then the family's named recipes as
-they are (``--recipe fast``, aimed at the budget), then Optuna's TPE over the space, told what
-the pilot found. Each candidate is ranked on a subset of the evaluation
+fine-tuned, until one arm meets them within the budget), then Optuna's TPE over the space,
+told what the pilot found. Before all of them, the family's named recipes as they are
+(``--recipe fast``, aimed at the budget): under a time budget, whatever comes after may not
+run (ppocr_cls at 2 cores shared by 4 jobs: the pilot's 10 trials spent 900 s). Each candidate is ranked on a subset of the evaluation
 data (a user metric is given a file of that subset: :mod:`.subset`) and only the best
 ``1/eta`` judged on all of it (successive halving; their models are judged again, not made
 again), then a bisection on the pruning fraction of the best candidate (the smallest fraction
@@ -405,11 +406,8 @@ def _strategy(
     study = optuna.create_study(
         direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     )
-    # the presets' trials are kept from the pilot's count: its arms can spend any number, and
-    # one more where a fraction's cheap criterion breaks the budget and the arm's own runs
-    kept = min(len(space.presets), trials)
-    drawn = _pilot(search, space, study, stage, limit, trials - kept, deadline)
-    drawn += _presets(search, space, stage, limit, kept, deadline)
+    drawn = _presets(search, space, stage, limit, trials, deadline)
+    drawn += _pilot(search, space, study, stage, limit, trials - drawn, deadline)
     while drawn < trials and time.monotonic() < deadline and not search.done:
         asked = [study.ask() for _ in range(min(max(1, jobs), trials - drawn))]
         points = [space.draw(ask) for ask in asked]
@@ -473,13 +471,15 @@ def _presets(
     search: Search, space: Space, stage: str, limit: int | None, room: int, deadline: float
 ) -> int:
     """The family's named recipes as they are, aimed at the budget (:attr:`.Space.presets`),
-    unless the search is over; not told to TPE, whose space holds no such point. Returns how
-    many trials ran."""
-    points = [{"preset": name} for name in space.presets][: max(0, room)]
-    if not points or search.done or time.monotonic() >= deadline:
-        return 0
-    search.run([(stage, point) for point in points], limit)
-    return len(points)
+    at most ``room``, one at a time until one meets everything where the search stops at the
+    first; not told to TPE, whose space holds no such point. Returns how many trials ran."""
+    ran = 0
+    for name in space.presets[: max(0, room)]:
+        if search.done or time.monotonic() >= deadline:
+            break
+        search.run([(stage, {"preset": name})], limit)
+        ran += 1
+    return ran
 
 
 # A MACs ratio at which a pruned trial removed nothing (metadata and rounding aside).

@@ -6,10 +6,10 @@ when another is set, such as the INT8 method, is drawn only then). ``prune`` is 
 the search bisects on (:mod:`onnx_squeeze.tune.search`); a family's ``pilots`` are its preset
 recipes (arms) with that fraction left open, which the search bisects first, one arm after the
 other, before TPE's draws. Its ``presets`` are the named recipes (``--recipe NAME``) a user would
-try by hand, run as they are (aimed at the budget) after the pilot: their pruning finds its own
-fraction, so no point of the space is quite one of them, and a search should not end behind
-one (ppocr_cls: ``fast`` met latency=0.8 at 0.75x within a point of top-1, the arms ended at
-0.83x).
+try by hand, run as they are (aimed at the budget) before the pilot: their pruning finds its
+own fraction, so no point of the space is quite one of them, and a search should not end
+behind one (ppocr_cls: ``fast`` met latency=0.8 at 0.75x within a point of top-1, the arms
+ended at 0.83x).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Param:
 class Space:
     """The parameters, ``pilots``: the arms, each the values of the other parameters in one of
     the family's preset recipes, at which the search bisects ``prune`` first, in this order
-    (none: no pilot), and ``presets``: the named recipes tried as they are after the pilot."""
+    (none: no pilot), and ``presets``: the named recipes tried as they are before it."""
 
     family: str
     params: tuple[Param, ...]
@@ -108,17 +108,18 @@ class Space:
 
     def describe(self) -> list[str]:
         lines = [f"search space ({self.family}):", *(f"  {p.describe()}" for p in self.params)]
+        if self.presets:
+            named = ", ".join(f"--recipe {name}" for name in self.presets)
+            lines.append(f"  first: {named}, aimed at the budget")
         for number, arm in enumerate(self.pilots):
             fixed = ", ".join(f"{k}={v}" for k, v in arm.items() if self.param(k))
-            lines.append(f"  {'then' if number else 'first'}: prune bisected with {fixed}")
+            first = not number and not self.presets
+            lines.append(f"  {'first' if first else 'then'}: prune bisected with {fixed}")
         if any("criterion" in arm and not arm.get("finetune") for arm in self.pilots):
             lines.append(
                 f"  (an arm tries criterion={CHEAP_CRITERION} first at each fraction, its own "
                 "where that breaks the budget; fine-tuned arms their own only)"
             )
-        if self.presets:
-            named = ", ".join(f"--recipe {name}" for name in self.presets)
-            lines.append(f"  then: {named}, aimed at the budget")
         return lines
 
 
