@@ -83,6 +83,7 @@ __all__ = [
     "accumulators",
     "channel_axis",
     "channel_error",
+    "feature_outputs",
     "gate_metrics",
     "output_shapes",
     "probability_outputs",
@@ -186,6 +187,47 @@ def probability_outputs(model: ir.Model) -> set[str]:
     return found
 
 
+# Ops whose outputs are features read by their values, not classes: a sentence embedding
+# pooled (ReduceMean, or Div of a masked ReduceSum by the token count), token embeddings
+# normalized (LayerNormalization), a vector scaled to unit length. An argmax over their
+# channels reads noise among near-ties: FP16 kept paraphrase-MiniLM's embeddings at a cosine of
+# 0.9999997 and every sentence's nearest neighbour, while the top dimension of 7 % of them
+# moved, and an outlier dimension on top of most tokens was taken for a CTC blank.
+_FEATURE_OPS = {
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "LpNormalization",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceL2",
+    "Div",
+}
+
+
+def feature_outputs(model: ir.Model) -> set[str]:
+    """Names of the graph outputs that a pooling or normalization (``_FEATURE_OPS``) produces,
+    directly or through ops that only move values and through affine ops with constant
+    operands (a LayerNorm's scale and shift written out): read by value (SQNR, cosine), never by
+    argmax, top-1 or as CTC. Probability outputs are not among them."""
+    probabilities = probability_outputs(model)
+    found = set()
+    for output in model.graph.outputs:
+        if output.name in probabilities:
+            continue
+        value, seen = output, set()
+        while (node := value.producer()) is not None and id(node) not in seen:
+            seen.add(id(node))
+            if node.op_type in _FEATURE_OPS:
+                found.add(output.name)
+                break
+            data = [v for v in node.inputs if v is not None and v.const_value is None]
+            if node.op_type in _MOVING_OPS or (node.op_type in ("Add", "Mul") and len(data) == 1):
+                value = data[0] if data else node.inputs[0]
+                continue
+            break
+    return found
+
+
 def _is_decomposed_softmax(node: ir.Node) -> bool:
     """``Exp(x) / sum(Exp(x))`` as some exporters write a softmax (tf2onnx: Div of an Exp by
     its ReduceSum, broadcast)."""
@@ -286,11 +328,13 @@ class OutputAccumulator:
         fixed: Sequence[bool] | None = None,
         axis: int | str | None = "auto",
         probabilities: bool = False,
+        features: bool = False,
     ) -> None:
         self.name = name
         self.fixed = fixed
         self.axis = axis
         self.probabilities = probabilities
+        self.features = features  # read by value only (see feature_outputs)
         self.samples = 0
         self.elements = 0
         self.compared = 0
@@ -333,7 +377,12 @@ class OutputAccumulator:
 
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
         if self.classifier is None:
-            self.classifier = a.ndim == 2 and a.shape[1] > 1 and np.issubdtype(a.dtype, np.floating)
+            self.classifier = (
+                not self.features
+                and a.ndim == 2
+                and a.shape[1] > 1
+                and np.issubdtype(a.dtype, np.floating)
+            )
         if self.classifier:
             self.top1_matches += int(np.count_nonzero(a.argmax(axis=1) == b.argmax(axis=1)))
             self.rows += a.shape[0]
@@ -353,7 +402,12 @@ class OutputAccumulator:
         both = finite_x & finite_y
         same = (x == y) | (np.isnan(x) & np.isnan(y))
         mismatched = np.count_nonzero(~both & ~same, axis=1)
-        if axis is not None and a.ndim > 1 and np.issubdtype(a.dtype, np.floating):
+        if (
+            axis is not None
+            and a.ndim > 1
+            and np.issubdtype(a.dtype, np.floating)
+            and not self.features
+        ):
             top_a, top_b = a.argmax(axis=axis), b.argmax(axis=axis)
             self.argmax_matches += int(np.count_nonzero(top_a == top_b))
             self.positions += top_a.size
@@ -645,9 +699,11 @@ def accumulators(
     *,
     probabilities: set[str] | frozenset[str] = frozenset(),
     channel_axes: Mapping[str, int | None] | None = None,
+    features: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, OutputAccumulator]:
     """One accumulator per output; ``shapes`` are the declared output shapes (ints for fixed
-    dimensions), which say which axes may be channel axes."""
+    dimensions), which say which axes may be channel axes; ``features`` the outputs read by
+    value only (:func:`feature_outputs`)."""
     channel_axes = channel_axes or {}
     result = {}
     for name in names:
@@ -658,6 +714,7 @@ def accumulators(
             fixed=fixed,
             axis=channel_axes.get(name, "auto"),
             probabilities=name in probabilities,
+            features=name in features,
         )
     return result
 
@@ -669,13 +726,15 @@ def measure(
     probabilities: set[str] | frozenset[str] = frozenset(),
     channel_axes: Mapping[str, int | None] | None = None,
     shapes: Mapping[str, Sequence[Any]] | None = None,
+    features: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, OutputFidelity]:
     """The fidelity of ``result``'s float outputs to ``reference``'s, batch by batch (outputs by
     name, as two runs return them): the one measure that comparison, pruning sensitivity,
     recovery, fine-tuning and INT8 checks read their figures from. ``shapes``: the outputs'
     declared shapes (:func:`output_shapes`), which say which axes may be channel axes, as in
-    the comparison (without them a mask's height or width could be taken for classes)."""
-    found = _accumulated(reference, result, probabilities, channel_axes, shapes)
+    the comparison (without them a mask's height or width could be taken for classes);
+    ``features``: the outputs read by value only (:func:`feature_outputs`)."""
+    found = _accumulated(reference, result, probabilities, channel_axes, shapes, features)
     return {name: accumulator.result() for name, accumulator in found.items()}
 
 
@@ -685,6 +744,7 @@ def _accumulated(
     probabilities: set[str] | frozenset[str],
     channel_axes: Mapping[str, int | None] | None,
     shapes: Mapping[str, Sequence[Any]] | None = None,
+    features: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, OutputAccumulator]:
     """One accumulator per float output, fed every pair of runs."""
     names = [
@@ -693,7 +753,11 @@ def _accumulated(
         if np.issubdtype(np.asarray(reference[0][name]).dtype, np.floating)
     ]
     found = accumulators(
-        names, shapes or {}, probabilities=probabilities, channel_axes=channel_axes
+        names,
+        shapes or {},
+        probabilities=probabilities,
+        channel_axes=channel_axes,
+        features=features,
     )
     for expected, actual in zip(reference, result, strict=True):
         for name, accumulator in found.items():

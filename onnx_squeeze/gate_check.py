@@ -35,6 +35,7 @@ class GateCheck:
         self.gate = target or DEFAULT_GATE
         self.feeds = {name: list(batch) for name, batch in feeds.items()}
         self.probabilities = fidelity.probability_outputs(reference)
+        self.features = fidelity.feature_outputs(reference)
         self.shapes = fidelity.output_shapes(reference)
         self.reference = {name: self._outputs(reference, name) for name in self.feeds}
 
@@ -50,6 +51,7 @@ class GateCheck:
             self._outputs(model, on),
             probabilities=self.probabilities,
             shapes=self.shapes,
+            features=self.features,
         )
         metrics = fidelity.gate_metrics(measured.values())
         results = gates.judged([self.target] if self.target else [], metrics, DEFAULT_GATE)

@@ -15,6 +15,7 @@ from onnx_squeeze import comparison, fidelity, sequences
 from onnx_squeeze.gates import evaluate_gates
 from onnx_squeeze.gates import judged as judged_gates
 from onnx_squeeze.verdict import DEFAULT_GATE
+from tests.helpers import run
 
 # A detector-like head: 4 box rows in pixels (0…640) concatenated with 6 Sigmoid score rows over
 # 50 anchors, as YOLO exports ship it: [N, 4 + 6, 50].
@@ -383,3 +384,46 @@ def test_score_decisions_on_few_scores_are_flagged_as_too_few_to_tell():
     (enough,) = _compare(_detector(bias + 0.5), bias).fidelity
     said = verdict.run_warnings({"fidelity": [enough.to_dict()]})
     assert not any("score decisions" in line for line in said)
+
+
+def test_pooled_and_normalized_outputs_are_read_by_value_not_by_argmax():
+    """A sentence encoder's outputs: token embeddings out of a LayerNormalization, and their
+    mean over the tokens; logits of a MatMul beside them. An argmax over an embedding's
+    channels reads near-ties (and an outlier dimension on top of most tokens passes for a CTC
+    blank): the embeddings are judged by their values only, the logits keep their argmax."""
+    model = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        enc (float[N, T, 8] x) => (float[N, T, 8] tokens, float[N, 8] pooled, float[N, T, 8] logits) {
+          normed = LayerNormalization <axis = -1> (x, gamma, beta)
+          tokens = Mul (normed, scale)
+          pooled = ReduceMean <axes = [1], keepdims = 0> (tokens)
+          logits = MatMul (x, w)
+        }"""
+    )
+    rng = np.random.default_rng(0)
+    arrays = {
+        "gamma": np.ones(8, np.float32),
+        "beta": np.zeros(8, np.float32),
+        "scale": np.full(8, 2.0, np.float32),
+        "w": rng.standard_normal((8, 8)).astype(np.float32),
+    }
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in arrays.items())
+    assert fidelity.feature_outputs(ir.from_proto(model)) == {"tokens", "pooled"}
+    x = rng.standard_normal((16, 6, 8)).astype(np.float32)
+    x[..., 3] += 4.0  # an outlier dimension on top of every token
+    feeds = [{"x": x}]
+    moved = [{"x": x + 1e-3 * rng.standard_normal(x.shape).astype(np.float32)}]
+    reference = [
+        dict(zip(("tokens", "pooled", "logits"), run(model, f), strict=True)) for f in feeds
+    ]
+    result = [dict(zip(("tokens", "pooled", "logits"), run(model, f), strict=True)) for f in moved]
+    shapes = fidelity.output_shapes(ir.from_proto(model))
+    judged = fidelity.measure(
+        reference, result, shapes=shapes, features=fidelity.feature_outputs(ir.from_proto(model))
+    )
+    for name in ("tokens", "pooled"):
+        assert judged[name].argmax_agreement is None and judged[name].top1_agreement is None
+        assert judged[name].ctc_blank is None and judged[name].worst_channel_sqnr_db > 30
+    assert judged["logits"].argmax_agreement is not None
+    plain = fidelity.measure(reference, result, shapes=shapes)  # without: argmax read
+    assert plain["pooled"].top1_agreement is not None

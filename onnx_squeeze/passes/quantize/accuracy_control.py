@@ -204,11 +204,12 @@ class _Measure:
         self.context = context
         self.gate = gates[0]
         self.probabilities = fidelity.probability_outputs(model)
+        self.features = fidelity.feature_outputs(model)
         self.shapes = fidelity.output_shapes(model)
         first = _outputs(model, context.data.first_batches(batches), context)
         agreement = any(gate.metric in AGREEMENT_METRICS for gate in gates)
         per_batch = (
-            _reads(first, self.shapes, self.probabilities)
+            _reads(first, self.shapes, self.probabilities, self.features)
             if agreement
             else _channel_values(first, self.shapes)
         )
@@ -231,7 +232,11 @@ class _Measure:
         self.runs += 1
         result = _outputs(self.copy(floated), self.feeds[on], self.context)
         measured = fidelity.measure(
-            self.reference[on], result, probabilities=self.probabilities, shapes=self.shapes
+            self.reference[on],
+            result,
+            probabilities=self.probabilities,
+            shapes=self.shapes,
+            features=self.features,
         )
         value = metric_of(measured, self.gate.metric)
         value = math.nan if value is None else value
@@ -271,7 +276,11 @@ class _Measure:
         for top-1, probabilities for score_cosine ...)."""
         reference = self.reference["check"]
         measured = fidelity.measure(
-            reference, reference, probabilities=self.probabilities, shapes=self.shapes
+            reference,
+            reference,
+            probabilities=self.probabilities,
+            shapes=self.shapes,
+            features=self.features,
         )
         return metric_of(measured, self.gate.metric) is not None
 
@@ -648,12 +657,17 @@ def _channel_values(outputs: Sequence[Feed], shapes: Mapping[str, Sequence[Any]]
 
 
 def _reads(
-    outputs: Sequence[Feed], shapes: Mapping[str, Sequence[Any]], probabilities: Any
+    outputs: Sequence[Feed],
+    shapes: Mapping[str, Sequence[Any]],
+    probabilities: Any,
+    features: Any = frozenset(),
 ) -> float:
     """The fewest reads an agreement counts per batch of ``outputs``, over the outputs that
     have one: positions, or for a CTC sequence the lines (ppocr_rec: 40 steps, one line), or
     the scores at or above a threshold."""
-    measured = fidelity.measure(outputs, outputs, probabilities=probabilities, shapes=shapes)
+    measured = fidelity.measure(
+        outputs, outputs, probabilities=probabilities, shapes=shapes, features=features
+    )
     reads = [m.reads for m in measured.values() if m.argmax_agreement is not None]
     reads += [m.score_reads for m in measured.values() if m.score_agreement is not None]
     return max(min(reads, default=1) / len(outputs), 1.0)
