@@ -1217,10 +1217,11 @@ def cli(args: list[str], timeout: float = TIMEOUT_S) -> dict[str, Any]:
     return _process([sys.executable, "-m", "onnx_squeeze", *args], timeout)
 
 
-def _process(argv: list[str], timeout: float) -> dict[str, Any]:
+def _process(argv: list[str], timeout: float, cwd: Path | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     process = subprocess.Popen(
         argv,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -1299,7 +1300,9 @@ def _peer(model: RealModel, name: str, folder: Path) -> dict[str, Any]:
         out=str(out),
         ops=PEERS[name],
     )
-    made = _process([sys.executable, "-c", code], TIMEOUT_S)
+    # in the scratch folder: onnxruntime's quant_pre_process leaves its shape inference's
+    # partial model and a uuid-named .data file in the current folder
+    made = _process([sys.executable, "-c", code], TIMEOUT_S, cwd=folder)
     if made["exit"] != 0:
         row = {"model": model.name, "pass": name, "args": ["quantize_static"], **made}
         row.update(revision=_revision(), **_summary(name, {}), **_task(model, [], row))
