@@ -48,6 +48,12 @@ channel, along its channel axis:
   gives the share of tokens that agree (one minus the edit distance over the length, for long
   transcripts), ``position_agreement`` the share of steps, ``ctc_blank`` the class read as the
   blank.
+- Features: an output a pooling or a normalization produces (:func:`feature_outputs`: a
+  sentence embedding, token embeddings) is read by its values only, never by argmax, top-1 or
+  as CTC. A pooled embedding (one vector per sample) is also read as a similarity search reads
+  it: ``neighbour_agreement``, the share of the distinct samples whose nearest other sample by
+  cosine is the same in both models (paraphrase-MiniLM's INT8 kept a cosine of 0.996 and 13 dB
+  on its worst dimension, and moved the nearest neighbour of 11 % of its sentences).
 - Class probabilities: a probability output whose channels sum to 1 at every position (a
   softmax over classes) is read by its argmax, not by its values: ``class_probabilities`` marks
   it, and the default gate judges it by ``argmax_agreement`` alone (the rare classes of a
@@ -96,6 +102,7 @@ SCORE_ACTIVE = 0.05  # a probability below this in both models is background: no
 # DBNet's 0.3, 0.5 ...).
 SCORE_THRESHOLDS = np.round(np.arange(0.1, 0.95, 0.1), 2)
 ENOUGH_READS = 50  # reads an agreement needs before one disagreement stays within 2 %
+NEIGHBOUR_SAMPLES = 4096  # the most vectors a pooled embedding's neighbours are read among
 # The share of its positions at which a score channel may reach 0.5 for its decisions to be
 # events (see the module doc), and the values at 0.5 that show it: fewer say nothing on few
 # positions (2 of 32 rows is no density).
@@ -306,6 +313,10 @@ class OutputFidelity:
     ctc_blank: int | None = None
     # A softmax over classes (see the module doc): read by its argmax.
     class_probabilities: bool = False
+    # A pooled embedding (one vector per sample, read by value): the share of its distinct
+    # samples whose nearest other sample by cosine is the same in both models, and how many.
+    neighbour_agreement: float | None = None
+    neighbour_reads: int = 0
     # Σ|b - a|² / Σ|a - mean a|²: the share of A's variance that B misses (1 - R²).
     relative_error: float = 0.0
 
@@ -349,6 +360,8 @@ class OutputAccumulator:
         self.positions = 0
         # Top classes per sequence ([sequences, steps] per feed) of rank-3 outputs, for CTC.
         self.steps: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+        # A pooled embedding's vectors ([samples, dims] per feed), for nearest neighbours.
+        self.vectors: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
         self.sum_gap = 0.0  # the largest |Σ over channels - 1| of the reference, per position
         self.sums: dict[str, np.ndarray] = {}
 
@@ -425,6 +438,14 @@ class OutputAccumulator:
             # voice activity, a text map): read where it crosses 0.5.
             self.argmax_matches += int(np.count_nonzero((a >= 0.5) == (b >= 0.5)))
             self.positions += a.size
+        elif (
+            self.features
+            and a.ndim == 2
+            and np.issubdtype(a.dtype, np.floating)
+            and sum(len(v) for v in self.vectors[0]) < NEIGHBOUR_SAMPLES
+        ):
+            for kept, vectors in zip(self.vectors, (a, b), strict=True):
+                kept.append(np.asarray(vectors, dtype=np.float64))
         x, y = np.where(both, x, 0.0), np.where(both, y, 0.0)
         diff = x - y
         if both.any():
@@ -602,6 +623,7 @@ class OutputAccumulator:
             score_reads=read[2] if read else 0,
             dense_score_channel=dense,
             relative_error=relative,
+            **_neighbours(self.vectors),
         )
 
 
@@ -650,6 +672,7 @@ def gate_metrics(outputs: Iterable[OutputFidelity]) -> dict[str, float]:
         ("score_agreement", "score_agreement", min, outputs),
         ("argmax_agreement", "argmax_agreement", min, outputs),
         ("token_agreement", "token_agreement", min, outputs),
+        ("neighbour_agreement", "neighbour_agreement", min, outputs),
     ):
         values = [float(v) for f in among if (v := getattr(f, attribute)) is not None]
         if values:
@@ -678,6 +701,29 @@ def _score_decisions(both: np.ndarray, either: np.ndarray) -> tuple[float, float
     shares = {int(i): both[i] / either[i] for i in candidates}
     worst = min(reversed(shares), key=shares.__getitem__)  # ties: the fewest reads
     return float(shares[worst]), float(SCORE_THRESHOLDS[worst]), int(either[worst])
+
+
+def _neighbours(vectors: tuple[list[np.ndarray], list[np.ndarray]]) -> dict[str, Any]:
+    """``neighbour_agreement`` and its reads from a pooled embedding's vectors (see
+    :class:`OutputFidelity`): what a similarity search reads. Samples repeated in the
+    reference count once (a repeated sentence is its own nearest neighbour in both)."""
+    if not vectors[0]:
+        return {}
+    a, b = (np.concatenate(v) for v in vectors)
+    _, first = np.unique(a, axis=0, return_index=True)
+    keep = np.sort(first)
+    if keep.size < 3:
+        return {}
+    nearest = []
+    for x in (a[keep], b[keep]):
+        unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+        similarity = unit @ unit.T
+        np.fill_diagonal(similarity, -np.inf)
+        nearest.append(similarity.argmax(axis=1))
+    if not np.isfinite(b).all():
+        return {"neighbour_agreement": math.nan, "neighbour_reads": int(keep.size)}
+    agreement = float(np.mean(nearest[0] == nearest[1]))
+    return {"neighbour_agreement": agreement, "neighbour_reads": int(keep.size)}
 
 
 def _worst_and_mean(values: np.ndarray, judged: np.ndarray) -> tuple[float, int | None, float]:

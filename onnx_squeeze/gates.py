@@ -80,6 +80,12 @@ METRICS: dict[str, tuple[str, str]] = {
         "character error rate), worst output",
         "no output is read as CTC (a sequence whose most frequent class fills half the steps)",
     ),
+    "neighbour_agreement": (
+        "pooled embeddings (one vector per sample, out of a pooling or a normalization): share "
+        "of the distinct samples whose nearest other sample by cosine is the same in both "
+        "models (what a similarity search reads), worst output",
+        "no output is a pooled embedding, or fewer than 3 distinct samples were compared",
+    ),
     "top1_agreement": (
         "share of rows whose argmax agrees, worst classifier output",
         "the model has no classifier-shaped output (2-D [N, C] with C > 1)",

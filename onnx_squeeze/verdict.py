@@ -46,7 +46,10 @@ from onnx_squeeze.fidelity import ENOUGH_READS, SCORE_ACTIVE
 
 WARN_SQNR_DB = 20.0
 WARN_ARGMAX = 0.99  # class probabilities: the top class should agree at least this often
-DEFAULT_GATE = "argmax_agreement>=0.98, worst_value_channel_sqnr_db>=12, score_agreement>=0.875"
+DEFAULT_GATE = (
+    "argmax_agreement>=0.98, worst_value_channel_sqnr_db>=12, score_agreement>=0.875, "
+    "neighbour_agreement>=0.98"
+)
 SLOWER_MARGIN = 1.05  # latency ratio above which the result counts as slower
 BIGGER_MARGIN = 1.01  # size ratio above which it counts as bigger (not a few bytes of metadata)
 
@@ -165,16 +168,24 @@ def _weak_agreement(output: Mapping[str, Any]) -> list[str]:
 
 
 def _few_score_reads(output: Mapping[str, Any]) -> list[str]:
-    """Score decisions compared on too few scores to mean anything."""
+    """Score decisions, or nearest neighbours, compared on too few reads to mean anything."""
+    said = []
     reads = int(output.get("score_reads") or 0)
-    if _number(output.get("score_agreement")) is None or not 0 < reads < ENOUGH_READS:
-        return []
-    return [
-        f"output {output['name']!r}: its score decisions were compared on only {reads} scores "
-        f"at or above {output.get('score_threshold')}, where one disagreement moves "
-        f"score_agreement by {1 / reads:.0%}: too few to tell a kept task from a broken one; "
-        f"evaluate on more (--eval)"
-    ]
+    if _number(output.get("score_agreement")) is not None and 0 < reads < ENOUGH_READS:
+        said.append(
+            f"output {output['name']!r}: its score decisions were compared on only {reads} "
+            f"scores at or above {output.get('score_threshold')}, where one disagreement moves "
+            f"score_agreement by {1 / reads:.0%}: too few to tell a kept task from a broken one; "
+            f"evaluate on more (--eval)"
+        )
+    reads = int(output.get("neighbour_reads") or 0)
+    if _number(output.get("neighbour_agreement")) is not None and 0 < reads < ENOUGH_READS:
+        said.append(
+            f"output {output['name']!r}: its nearest neighbours were compared among only "
+            f"{reads} samples, where one that moves moves neighbour_agreement by {1 / reads:.0%}: "
+            f"too few to tell a kept task from a broken one; evaluate on more (--eval)"
+        )
+    return said
 
 
 def _weak_channels(output: Mapping[str, Any], warn_sqnr_db: float) -> list[str]:

@@ -427,3 +427,15 @@ def test_pooled_and_normalized_outputs_are_read_by_value_not_by_argmax():
     assert judged["logits"].argmax_agreement is not None
     plain = fidelity.measure(reference, result, shapes=shapes)  # without: argmax read
     assert plain["pooled"].top1_agreement is not None
+    # the pooled vectors are read as a similarity search reads them: nearest neighbours
+    assert judged["pooled"].neighbour_agreement == 1.0 and judged["pooled"].neighbour_reads == 16
+    assert judged["tokens"].neighbour_agreement is None  # one vector per token, not per sample
+    noisy = [{"x": x + 0.5 * rng.standard_normal(x.shape).astype(np.float32)}]
+    far = [dict(zip(("tokens", "pooled", "logits"), run(model, f), strict=True)) for f in noisy]
+    moved = fidelity.measure(
+        reference, far, shapes=shapes, features=fidelity.feature_outputs(ir.from_proto(model))
+    )
+    assert moved["pooled"].neighbour_agreement < 0.98
+    metrics = fidelity.gate_metrics(moved.values())
+    gates = {g["expr"].split(">")[0]: g["passed"] for g in judged_gates([], metrics, DEFAULT_GATE)}
+    assert gates["neighbour_agreement"] is False

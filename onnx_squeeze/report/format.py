@@ -83,6 +83,7 @@ def fidelity_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
         axis, worst_at = item.get("channel_axis"), item.get("worst_sqnr_channel")
         where = f"{worst_at}/{item.get('channels')}@{axis}" if axis is not None else "whole"
         argmax = item.get("argmax_agreement")
+        neighbours = item.get("neighbour_agreement")
         scores = f" ({item['score_channels']} ch)" if item.get("score_channels") else ""
         rows.append(
             (
@@ -94,7 +95,11 @@ def fidelity_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
                 number(item.get("worst_channel_cosine"), 4),
                 number(item.get("score_cosine"), 4) + scores,
                 _decisions(item),
-                "-" if argmax is None else f"{argmax:.4f}" + _ctc(item),
+                f"{argmax:.4f}" + _ctc(item)
+                if argmax is not None
+                else "-"
+                if neighbours is None
+                else f"{number(neighbours, 4)} (nearest neighbours)",
                 f"{item.get('nonfinite_a', 0)}/{item.get('nonfinite_b', 0)}",
             )
         )

@@ -91,6 +91,7 @@ MEASURABLE = (
     "score_agreement",
     "argmax_agreement",
     "top1_agreement",
+    "neighbour_agreement",
 )
 
 
@@ -126,7 +127,7 @@ AGREEMENT_POSITIONS = 400
 # showed 0.91 and two layers in float (0.0 % of the MACs) brought it to 0.99 (0.97 on the 153);
 # ddddocr_beta's went from 0.94 to 0.97 the same way.
 CHECK_BATCHES = 128
-AGREEMENT_METRICS = ("argmax_agreement", "top1_agreement", "score_agreement")
+AGREEMENT_METRICS = ("argmax_agreement", "top1_agreement", "score_agreement", "neighbour_agreement")
 # Where the check counts fewer reads than AGREEMENT_POSITIONS, a smaller group that holds the
 # agreement gate goes back to float instead of a larger one only while it keeps this share of
 # the larger's gain in the read outputs' SQNR (dB): on 99 strings, one read is half of what a
@@ -670,6 +671,7 @@ def _reads(
     )
     reads = [m.reads for m in measured.values() if m.argmax_agreement is not None]
     reads += [m.score_reads for m in measured.values() if m.score_agreement is not None]
+    reads += [m.neighbour_reads for m in measured.values() if m.neighbour_agreement is not None]
     return max(min(reads, default=1) / len(outputs), 1.0)
 
 
