@@ -555,14 +555,15 @@ class OutputAccumulator:
                 score_cosine = math.nan
         mixed = scores.any() and not scores.all()
         decisions = not isinstance(self.axis, int)  # counted at 0.5, read only if probabilities
-        readable = scores.all() if decisions else not mixed
-        class_probabilities = (
-            readable
-            and bool(self.positions)
-            and not decisions
-            and bool(scores.all())
-            and self.sum_gap <= DISTRIBUTION_TOLERANCE
+        distribution = (
+            not decisions and bool(scores.all()) and self.sum_gap <= DISTRIBUTION_TOLERANCE
         )
+        # independent scores along a channel axis (sigmoids that do not sum to 1) are read
+        # against thresholds (score_agreement), not by their top channel: PP-PicoDet's score
+        # maps took the anchors for the channel axis (they differ more in scale than its 10
+        # classes), and FP16, keeping every region, moved one top anchor of 30
+        readable = scores.all() if decisions else not mixed and (distribution or not scores.any())
+        class_probabilities = readable and bool(self.positions) and distribution
         read = dense = None
         if scores.any() and not decisions and not class_probabilities:
             share = s["half_a"] > DENSE_DECISIONS * np.maximum(s["count"], 1.0)

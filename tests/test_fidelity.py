@@ -358,6 +358,9 @@ def test_score_decisions_need_scores_along_a_channel_axis_outside_a_softmax():
     sparse = 1 / (1 + np.exp(4 - np.random.default_rng(1).standard_normal((400, 5))))
     labels.add(sparse, sparse)  # multi-label scores that are events: read against thresholds
     assert labels.result().score_agreement == 1.0
+    # ... and not by their top channel, which a distribution over classes is read by
+    assert labels.result().argmax_agreement is None
+    assert classes.result().argmax_agreement == 1.0
 
 
 def test_score_decisions_fail_where_the_result_is_not_finite():
