@@ -169,22 +169,28 @@ def _weak_agreement(output: Mapping[str, Any]) -> list[str]:
 
 def _few_score_reads(output: Mapping[str, Any]) -> list[str]:
     """Score decisions, or nearest neighbours, compared on too few reads to mean anything."""
+    counted = (
+        (
+            "score_agreement",
+            "score_reads",
+            f"its score decisions were compared on only {{}} scores at or above "
+            f"{output.get('score_threshold')}",
+        ),
+        (
+            "neighbour_agreement",
+            "neighbour_reads",
+            "its nearest neighbours were compared among only {} samples",
+        ),
+    )
     said = []
-    reads = int(output.get("score_reads") or 0)
-    if _number(output.get("score_agreement")) is not None and 0 < reads < ENOUGH_READS:
-        said.append(
-            f"output {output['name']!r}: its score decisions were compared on only {reads} "
-            f"scores at or above {output.get('score_threshold')}, where one disagreement moves "
-            f"score_agreement by {1 / reads:.0%}: too few to tell a kept task from a broken one; "
-            f"evaluate on more (--eval)"
-        )
-    reads = int(output.get("neighbour_reads") or 0)
-    if _number(output.get("neighbour_agreement")) is not None and 0 < reads < ENOUGH_READS:
-        said.append(
-            f"output {output['name']!r}: its nearest neighbours were compared among only "
-            f"{reads} samples, where one that moves moves neighbour_agreement by {1 / reads:.0%}: "
-            f"too few to tell a kept task from a broken one; evaluate on more (--eval)"
-        )
+    for metric, key, what in counted:
+        reads = int(output.get(key) or 0)
+        if _number(output.get(metric)) is not None and 0 < reads < ENOUGH_READS:
+            said.append(
+                f"output {output['name']!r}: {what.format(reads)}, where one read moves {metric} "
+                f"by {1 / reads:.0%}: too few to tell a kept task from a broken one; evaluate on "
+                f"more (--eval)"
+            )
     return said
 
 
