@@ -31,13 +31,12 @@ channel, along its channel axis:
   its scores' decisions; FP16 99 % of both; its classes reach 0.5 at 0.1 % of the anchors at
   most). Where a score channel is at or above 0.5 at more than ``DENSE_DECISIONS`` of its
   positions in the reference (at ``DENSE_EVIDENCE`` of them at least), the output's scores
-  are not read (``dense_score_channel`` names
-  that channel): such decisions are not events but conditional on another channel, as a YOLOX
-  or YOLOv5 head's class scores are on its objectness (nothing trains them outside objects:
-  ddddocr_det's class channel is at 0.5 or above at 13 % of its anchors, its objectness at
-  0.5 %; its INT8 kept 98 % of its detections and 41 % of its raw class decisions, 74 % with
-  each class score multiplied by the objectness, still far from what the detections keep),
-  or a dense map read some other way.
+  are not read (``dense_score_channel`` names that channel): such decisions are not events
+  but conditional on another channel, as a YOLOX or YOLOv5 head's class scores are on its
+  objectness (nothing trains them outside objects: ddddocr_det's class channel is at 0.5 or
+  above at 13 % of its anchors, its objectness at 0.5 %; its INT8 kept 98 % of its
+  detections and 41 % of its raw class decisions, 74 % with each class score multiplied by the
+  objectness, still far from what the detections keep), or a dense map read some other way.
 - ``argmax_agreement``: the share of positions whose argmax along the channel axis agrees (top-1
   per row of a classifier, per pixel of a segmentation map, per step of a tagger's sequence);
   not given for outputs that mix score and other channels. A probability output with no
@@ -715,14 +714,14 @@ def _neighbours(vectors: tuple[list[np.ndarray], list[np.ndarray]]) -> dict[str,
     keep = np.sort(first)
     if keep.size < 3:
         return {}
+    if not np.isfinite(b[keep]).all():
+        return {"neighbour_agreement": math.nan, "neighbour_reads": int(keep.size)}
     nearest = []
     for x in (a[keep], b[keep]):
         unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
         similarity = unit @ unit.T
         np.fill_diagonal(similarity, -np.inf)
         nearest.append(similarity.argmax(axis=1))
-    if not np.isfinite(b).all():
-        return {"neighbour_agreement": math.nan, "neighbour_reads": int(keep.size)}
     agreement = float(np.mean(nearest[0] == nearest[1]))
     return {"neighbour_agreement": agreement, "neighbour_reads": int(keep.size)}
 
