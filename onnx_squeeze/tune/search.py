@@ -1,14 +1,14 @@
-"""The search: first the family's preset recipes with their pruning fraction bisected (the pilot:
-INT8 alone, then the smallest fraction that meets the targets; then pruning alone, then pruning
-fine-tuned, until one arm meets them within the budget), then Optuna's TPE over the space,
-told what the pilot found. Before all of them, the family's named recipes as they are
-(``--recipe fast``, aimed at the budget): under a time budget, whatever comes after may not
-run (ppocr_cls at 2 cores shared by 4 jobs: the pilot's 10 trials spent 900 s). Each candidate is ranked on a subset of the evaluation
-data (a user metric is given a file of that subset: :mod:`.subset`) and only the best
-``1/eta`` judged on all of it (successive halving; their models are judged again, not made
-again), then a bisection on the pruning fraction of the best candidate (the smallest fraction
-that meets the targets). Quantization's own accuracy control (INT8
-``target``) sends the layers that hurt the metric most back to float inside each trial.
+"""The search: first the family's named recipes as they are (``--recipe fast``, aimed at the
+budget: under a time budget whatever comes later may not run, as on ppocr_cls at 2 cores shared
+by 4 jobs, where the pilot's 10 trials spent 900 s); then its preset recipes with their pruning
+fraction bisected (the pilot: INT8 alone, then the smallest fraction that meets the targets;
+then pruning alone, then pruning fine-tuned, until one arm meets them within the budget); then
+Optuna's TPE over the space, told what the pilot found. Each candidate is ranked on a subset
+of the evaluation data (a user metric is given a file of that subset: :mod:`.subset`) and only
+the best ``1/eta`` judged on all of it (successive halving; their models are judged again, not
+made again), then a bisection on the pruning fraction of the best candidate (the smallest
+fraction that meets the targets). Quantization's own accuracy control (INT8 ``target``) sends
+the layers that hurt the metric most back to float inside each trial.
 
 Every trial goes through the store first, and TPE is seeded, so a rerun after a crash asks for
 the same candidates in the same order and finds the finished ones there.
