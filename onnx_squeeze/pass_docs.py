@@ -74,7 +74,11 @@ def describe(cls: type[Pass]) -> PassDoc:
     """The documentation of one pass class."""
     settings = cls.Settings
     hints = typing.get_type_hints(settings)
-    comments = _field_comments(settings)
+    comments = {  # a base's fields (accuracy control's) documented where they are declared
+        name: text
+        for cls in reversed(settings.__mro__)
+        for name, text in _field_comments(cls).items()
+    }
     docstring = inspect.getdoc(settings) or ""
     rows = []
     for field in dataclasses.fields(settings):

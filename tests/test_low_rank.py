@@ -389,7 +389,8 @@ def test_combines_with_channel_pruning_before_and_int8_after():
         [
             Step("prune_channels", {"ratio": 0.25}),
             Step("low_rank", {"energy": 0.9}),
-            Step("quantize_int8", {"speed_check": False}),  # INT8 slows this toy
+            # INT8 slows this toy; on 4 random samples it misses the gate: written anyway
+            Step("quantize_int8", {"speed_check": False, "if_missed": "quantize"}),
         ],
         prepare={"simplify": False},
     )

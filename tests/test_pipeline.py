@@ -59,14 +59,15 @@ def test_a_failed_gate_blocks_and_writes_nothing(mlp_path, tmp_path):
 
 def test_calibration_data_gives_the_shapes_and_is_all_judged_when_no_pass_reads_it(tmp_path):
     """A model with a symbolic sequence length is compared at the data's shapes (never at an
-    invented 1); dynamic INT8 reads no data, so all ten batches are unseen and judged on (a
-    data-reading pass is judged on the held-out fifth: test_verification)."""
+    invented 1); dynamic INT8 without its accuracy control reads no data, so all ten batches
+    are unseen and judged on (a data-reading pass is judged on the held-out fifth:
+    test_verification)."""
     model = zoo.build("transformer", width=0.25, depth=0.25)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", input_ids=rng.integers(0, 100, (10, 7)).astype(np.int64))
     result = sq.compress(
         model,
-        sq.Recipe.from_cli(["quantize_dynamic"]),
+        sq.Recipe.from_cli(["quantize_dynamic:accuracy_control=false"]),
         calibration=str(tmp_path / "calib.npz"),
         runs=2,
     )

@@ -328,10 +328,50 @@ def test_accuracy_control_respects_its_speed_bound_and_says_so(tmp_path):
     data = chain_data(str(tmp_path))
     source = NpzSource(data, runtime.input_specs(model), batch_size=4)
     # less than one layer, and no timing beyond it
-    _, report = quantize(model, source, control_float_macs=0.1, control_latency_ratio=0)
+    _, report = quantize(
+        model, source, control_float_macs=0.1, control_latency_ratio=0, if_missed="quantize"
+    )
     assert not [r for r in report.skipped if "accuracy control" in r.detail]
     note = next(n for n in report.notes if n.startswith("WARNING: accuracy control"))
     assert "NOT met with 0 of 8 layers" in note and "within 10% of the MACs" in note
+
+
+def test_a_missed_gate_leaves_the_model_float_and_says_why(tmp_path):
+    """By default, an INT8 model that misses the gate is not written: every layer stays float
+    and the warning names the gate, what was measured and how to quantize anyway."""
+    model = chain_model()
+    data = chain_data(str(tmp_path))
+    source = NpzSource(data, runtime.input_specs(model), batch_size=4)
+    result, report = quantize(model, source, control_float_macs=0.1, control_latency_ratio=0)
+    assert not report.changed
+    assert not any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in result.graph)
+    feeds = [{"x": f["x"]} for f in NpzSource(data, runtime.input_specs(model), batch_size=4)]
+    assert measured(model, result, feeds).worst_channel_sqnr_db > 100  # float as it was
+    note = next(n for n in report.notes if n.startswith("WARNING: every layer left float"))
+    assert "could not hold argmax_agreement>=0.98 (argmax_agreement = " in note
+    assert "reads" in note and "if_missed=quantize" in note
+
+
+@pytest.mark.parametrize(
+    ("share", "reads", "holds"),
+    [
+        (0.99, 100, False),
+        (1.0, 100, True),
+        (1.0, 10, True),
+        (0.9899, 99, False),
+        (0.995, 800, True),
+    ],
+)
+def test_an_agreement_holds_at_its_lower_bound_or_where_every_read_agrees(share, reads, holds):
+    """The control keeps the best of many noisy candidates: an agreement gate holds where the
+    Wilson bound one standard error below the share counted meets it, or where every read
+    agreed (too few reads for any bound to reach the gate)."""
+    measure = object.__new__(accuracy_control._Measure)
+    measure.gate = parse_gate("argmax_agreement>=0.98")
+    assert measure.holds(accuracy_control.Reading(share, 0.0, reads)) is holds
+    assert measure.holds(accuracy_control.Reading(share, 0.0)) is (share >= 0.98)  # no count
+    bound = accuracy_control.agreement_bound(share, reads)
+    assert bound < share  # one standard error below, even where every read agrees
 
 
 @pytest.mark.parametrize("bound", [0.9, 10.0])
@@ -344,7 +384,13 @@ def test_accuracy_control_times_a_step_beyond_its_mac_share(tmp_path, bound):
     specs = runtime.input_specs(model)
     feeds = [{"x": f["x"]} for f in NpzSource(data, specs, batch_size=4)]
     source = NpzSource(data, specs, batch_size=4)
-    result, report = quantize(model, source, control_float_macs=0.1, control_latency_ratio=bound)
+    result, report = quantize(
+        model,
+        source,
+        control_float_macs=0.1,
+        control_latency_ratio=bound,
+        if_missed="quantize",
+    )
     kept = [r for r in report.skipped if "accuracy control" in r.detail]
     note = next(n for n in report.notes if "accuracy control" in n)
     if bound < 1:
@@ -515,7 +561,7 @@ def _controlled(model, report, gate: str, *, samples: int, batch: int, batches: 
         gates=[parse_gate(gate)],
         batches=batches,
         bounds=bounds or accuracy_control.Bounds(runs=100, float_macs=1.0),
-    )
+    ).anchors
     return anchors, kept
 
 

@@ -22,6 +22,7 @@ import onnx_ir as ir
 from onnx_squeeze.graph_utils import attribute, constant_array, new_initializer
 from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.passes.base import Pass, register, subset
+from onnx_squeeze.passes.quantize import accuracy_control
 from onnx_squeeze.passes.quantize import params as quant_params
 from onnx_squeeze.passes.quantize.eligibility import (
     already_quantized,
@@ -47,7 +48,7 @@ MS_DOMAIN = "com.microsoft"
 
 
 @dataclasses.dataclass
-class QuantizeDynamicSettings:
+class QuantizeDynamicSettings(accuracy_control.ControlSettings):
     per_channel: bool = True
     weight_bits: int = 0  # 0: 8, pair-bounded on x86 CPUs without VNNI (no u8s8 overflow)
     include: list[str] = dataclasses.field(default_factory=list)
@@ -315,9 +316,29 @@ class QuantizeDynamic(Pass):
 
     def validate(self) -> None:
         _dynamic_weight_form(self.settings)  # bits out of range raise here
+        accuracy_control.check_settings(self.settings)
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         infer_types(model)
+        weights = accuracy_control.controlled_weights(
+            model,
+            self._weights(model, report),
+            context,
+            report,
+            self.settings,
+            self._weights,
+            self._quantize,
+        )
+        if weights is None:  # a missed gate: the model stays float
+            return
+        self._quantize(model, weights, report)
+        unreached = unreached_compute(model, report, DYNAMIC_OPS)
+        if unreached:
+            report.notes.append(unreached)
+
+    def _weights(self, model: ir.Model, report: PassReport) -> list[SharedWeight]:
+        """The weights to quantize, each with every node that reads it (an LSTM's W and R
+        together); the nodes left out are recorded as skipped."""
         selection = selection_of(self.settings)
         problems = {"Gather": _embedding_problem, "LSTM": _lstm_problem}
         consumers = []
@@ -330,7 +351,10 @@ class QuantizeDynamic(Pass):
                 report.skip(node, reason)
             else:
                 consumers.extend(_consumers(node))
-        weights = _whole_lstms(group_by_weight(consumers, report), report)
+        return _whole_lstms(group_by_weight(consumers, report), report)
+
+    def _quantize(self, model: ir.Model, weights: list[SharedWeight], report: PassReport) -> None:
+        """``weights`` stored in INT8, and their readers rewritten to read them."""
         encoder = _Encoder(QdqWriter(model, self.name), _dynamic_weight_form(self.settings))
         readers: dict[ir.Node, dict[int, SharedWeight]] = {}
         for weight in weights:
@@ -342,9 +366,6 @@ class QuantizeDynamic(Pass):
             self._rewrite(encoder, node, read, report)
         for weight in weights:
             drop_if_unused(weight.value.graph, weight.value)
-        unreached = unreached_compute(model, report, DYNAMIC_OPS)
-        if unreached:
-            report.notes.append(unreached)
 
     def _rewrite(
         self, encoder: _Encoder, node: ir.Node, read: dict[int, SharedWeight], report: PassReport

@@ -20,7 +20,7 @@ from onnx_squeeze.graph_utils import UniqueNames, attribute, constant_array
 from onnx_squeeze.layers import Layer, NotLayer
 from onnx_squeeze.model_io import opset_version
 from onnx_squeeze.passes.base import Pass, bounded, choice, register
-from onnx_squeeze.passes.quantize import weight_codecs
+from onnx_squeeze.passes.quantize import accuracy_control, weight_codecs
 from onnx_squeeze.passes.quantize.shared_weights import (
     Consumer,
     SharedWeight,
@@ -48,7 +48,7 @@ INT4_IR_VERSION = 10
 
 
 @dataclasses.dataclass
-class QuantizeWeightsSettings:
+class QuantizeWeightsSettings(accuracy_control.ControlSettings):
     bits: int = choice(4, (4, 8))  # bits per weight
     block_size: int = choice(32, BLOCK_SIZES)  # weights along K sharing one scale
     symmetric: bool = False  # no zero point (symmetric range around 0)
@@ -107,6 +107,7 @@ class QuantizeWeights(Pass):
     def validate(self) -> None:
         if self.settings.format == "dequantizelinear":
             self.min_opset = BLOCKED_DQ_OPSET
+        accuracy_control.check_settings(self.settings)
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         s = self.settings
@@ -121,19 +122,24 @@ class QuantizeWeights(Pass):
                 "quantize_weights: algorithm=gptq needs calibration data: pass --calib, or use "
                 "algorithm=rtn"
             )
-        consumers = []
-        for node in weight_nodes(model, LINEAR_OPS):
-            found = unselected(node.name or "", exclude=s.exclude) or _linear_consumer(node)
-            if isinstance(found, str):
-                report.skip(node, found)
-            else:
-                consumers.append(found)
-        weights = group_by_weight(consumers, report)
+        weights = self._weights(model, report)
         grams = self._grams(model, weights, context, report) if weights else {}
-        names = UniqueNames(model)
-        unobserved = [w.name for w in weights if w.name not in grams]
-        for weight in weights:
-            self._quantize(model, weight, grams, names, report)
+        blocks: dict[str, tuple[weight_codecs.BlockQuantized, str]] = {}
+
+        def quantize(target: ir.Model, chosen: list[SharedWeight], notes: PassReport) -> None:
+            names = UniqueNames(target)
+            for weight in chosen:  # each weight's blocks found once, for every copy
+                if weight.name not in blocks:
+                    blocks[weight.name] = self._blocks(weight, grams)
+                self._quantize(target, weight, *blocks[weight.name], names, notes)
+
+        chosen = accuracy_control.controlled_weights(
+            model, weights, context, report, s, self._weights, quantize
+        )
+        if chosen is None:  # a missed gate: the model stays float
+            return
+        quantize(model, chosen, report)
+        unobserved = [w.name for w in chosen if w.name not in grams]
         if s.algorithm == "gptq" and unobserved:
             report.notes.append(
                 f"GPTQ: {len(unobserved)} weights (e.g. {unobserved[0]!r}) are read inside "
@@ -142,6 +148,19 @@ class QuantizeWeights(Pass):
         unreached = unreached_compute(model, report, LINEAR_OPS)
         if unreached:
             report.notes.append(unreached)
+
+    def _weights(self, model: ir.Model, report: PassReport) -> list[SharedWeight]:
+        """The weights to quantize, each with every node that reads it; the nodes left out are
+        recorded as skipped."""
+        consumers = []
+        for node in weight_nodes(model, LINEAR_OPS):
+            found = unselected(node.name or "", exclude=self.settings.exclude)
+            found = found or _linear_consumer(node)
+            if isinstance(found, str):
+                report.skip(node, found)
+            else:
+                consumers.append(found)
+        return group_by_weight(consumers, report)
 
     def _grams(
         self,
@@ -180,26 +199,37 @@ class QuantizeWeights(Pass):
             )
         return {name: m.gram for name, m in moments.items()}
 
-    def _quantize(
-        self,
-        model: ir.Model,
-        weight: SharedWeight,
-        grams: dict[str, np.ndarray],
-        names: UniqueNames,
-        report: PassReport,
-    ) -> None:
+    def _blocks(
+        self, weight: SharedWeight, grams: dict[str, np.ndarray]
+    ) -> tuple[weight_codecs.BlockQuantized, str]:
+        """``weight``'s blocks (by GPTQ where ``grams`` has its inputs' Hessian), and the
+        algorithm in words."""
         s = self.settings
         transposed = weight.consumers[0].channel_axis == 1  # stored [K, N]
         matrix = weight.array.T if transposed else weight.array  # [N, K]
-        algorithm = s.algorithm
         if weight.name in grams:
             quantized = weight_codecs.quantize_blocks_gptq(
                 matrix, grams[weight.name], s.bits, s.block_size, s.symmetric, damping=s.damping
             )
-        else:
-            if algorithm == "gptq":
-                algorithm = "rtn (its inputs sit in a subgraph, where GPTQ cannot observe them)"
-            quantized = weight_codecs.quantize_blocks(matrix, s.bits, s.block_size, s.symmetric)
+            return quantized, s.algorithm
+        algorithm = s.algorithm
+        if algorithm == "gptq":
+            algorithm = "rtn (its inputs sit in a subgraph, where GPTQ cannot observe them)"
+        return weight_codecs.quantize_blocks(matrix, s.bits, s.block_size, s.symmetric), algorithm
+
+    def _quantize(
+        self,
+        model: ir.Model,
+        weight: SharedWeight,
+        quantized: weight_codecs.BlockQuantized,
+        algorithm: str,
+        names: UniqueNames,
+        report: PassReport,
+    ) -> None:
+        """``weight`` replaced by its ``quantized`` blocks, in the configured format."""
+        s = self.settings
+        transposed = weight.consumers[0].channel_axis == 1  # stored [K, N]
+        matrix = weight.array.T if transposed else weight.array  # [N, K]
         if s.format == "matmulnbits":
             after = self._to_matmulnbits(model, weight, quantized, names)
         else:
