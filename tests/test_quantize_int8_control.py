@@ -336,6 +336,31 @@ def test_accuracy_control_respects_its_speed_bound_and_says_so(tmp_path):
     assert "NOT met with 0 of 8 layers" in note and "within 10% of the MACs" in note
 
 
+@pytest.mark.parametrize("teacher_misses", [False, True])
+def test_accuracy_control_judges_against_the_original(tmp_path, teacher_misses):
+    """In a pipeline the gate judges the result against the original (the teacher), so the
+    control does too: the passes before quantization err as well. Where the model before
+    quantization already misses the gate against it (a pruning the user asked for), no layer
+    in float could hold it, and the layers are held to the error they add instead."""
+    model = chain_model()
+    teacher = model.clone()
+    if teacher_misses:  # the last layer's output channels permuted: every top class moves
+        weight = teacher.graph.initializers[f"w{_LAYERS - 1}"]
+        weight.const_value = ir.tensor(weight.const_value.numpy()[:, ::-1].copy())
+    data = chain_data(str(tmp_path))
+    source = NpzSource(data, runtime.input_specs(model), batch_size=4)
+    result = model.clone()
+    settings = {"speed_check": False, "control_float_macs": 0.25}
+    report = make_pass("quantize_int8", settings)(
+        result, PassContext(calibration=source, teacher=teacher)
+    )
+    before = [n for n in report.notes if "before quantization already misses" in n]
+    assert bool(before) is teacher_misses
+    floated = [r.node for r in report.skipped if "accuracy control" in r.detail]
+    assert floated == [f"m{_HARD}"]  # against its own error, as without a teacher
+    assert not any(n.startswith("WARNING: every layer left float") for n in report.notes)
+
+
 def test_a_missed_gate_leaves_the_model_float_and_says_why(tmp_path):
     """By default, an INT8 model that misses the gate is not written: every layer stays float
     and the warning names the gate, what was measured and how to quantize anyway."""

@@ -350,8 +350,20 @@ class _Measure:
         self.feeds = {"search": feeds[:batches], "check": feeds[batches:] or feeds[:batches]}
         # the reads an agreement gate counts on the check (none counted otherwise)
         self.check_reads = per_batch * len(self.feeds["check"]) if agreement else math.inf
-        self.reference = {key: _outputs(model, f, context) for key, f in self.feeds.items()}
+        # the original's outputs where the pipeline gives it (the passes before this one err
+        # too, and the gate judges the result against the original), else the model's own
+        original = context.teacher if context.teacher is not None else model
+        self.reference = {key: _outputs(original, f, context) for key, f in self.feeds.items()}
+        self.against_original = original is not model
+        self.model = model
         self.runs = 0
+
+    def held_to_own_error(self) -> None:
+        """Measure against the model before quantization, not the original."""
+        self.reference = {
+            key: _outputs(self.model, f, self.context) for key, f in self.feeds.items()
+        }
+        self.against_original = False
 
     def copy(self, floated: Sequence[str]) -> ir.Model:
         """The model quantized with the ``floated`` anchors in float."""
@@ -361,7 +373,11 @@ class _Measure:
     def __call__(self, floated: Sequence[str], on: str = "search") -> Reading:
         """The metric with the ``floated`` anchors in float (NaN where no output has it)."""
         self.runs += 1
-        result = _outputs(self.copy(floated), self.feeds[on], self.context)
+        return self.reading(self.copy(floated), on)
+
+    def reading(self, model: ir.Model, on: str) -> Reading:
+        """The metric of ``model``'s outputs on the feeds named ``on`` (no run counted)."""
+        result = _outputs(model, self.feeds[on], self.context)
         measured = fidelity.measure(
             self.reference[on],
             result,
@@ -484,6 +500,8 @@ def keep_harmful_float(
     data = f"{len(measure.feeds['check'])} calibration batches"
     if context.data.is_random:
         data += f" of RANDOM data ({context.data.label})"
+    if measure.against_original:
+        _against_what_came_before(measure, gates, report)
     floated: list[str] = []
     measured = False
     missed: dict[Gate, tuple[int, Reading]] = {}  # each gate not held: layers float, reading
@@ -507,6 +525,25 @@ def keep_harmful_float(
         if not measure.holds(reading):
             said.append(f"{gate} ({measure.said(reading)})")
     return Control([node for node in anchors if node.name not in floated], said)
+
+
+def _against_what_came_before(measure: _Measure, gates: Sequence[Gate], report: PassReport) -> None:
+    """Hold the layers to the error they add where the model before quantization already
+    misses a gate against the original (a pruning the user asked for): no layer in float
+    could then hold it."""
+    for gate in gates:
+        measure.gate = gate
+        if not measure.measurable():
+            continue
+        reading = measure.reading(measure.model, "check")
+        if not measure.holds(reading):
+            report.notes.append(
+                f"accuracy control: the model before quantization already misses {gate} "
+                f"against the original ({measure.said(reading)}): the quantized layers are "
+                "held to the error they add"
+            )
+            measure.held_to_own_error()
+            return
 
 
 def _float_until_held(
