@@ -828,3 +828,12 @@ def channel_error(
         name: float(np.mean(errors)) if (errors := acc.channel_errors()).size else 0.0
         for name, acc in found.items()
     }
+
+
+def counted_reads(outputs: Iterable[OutputFidelity], metric: str) -> float:
+    """The fewest reads that agreement ``metric`` counted over the ``outputs`` that have it:
+    positions (or CTC lines), score decisions, neighbours or rows; infinite where none has it."""
+    field = {"score_agreement": "score_reads", "neighbour_agreement": "neighbour_reads"}
+    name = field.get(metric, "samples" if metric == "top1_agreement" else "reads")
+    counts = [getattr(m, name) for m in outputs if getattr(m, metric, None) is not None]
+    return float(min(counts)) if counts and min(counts) > 0 else math.inf

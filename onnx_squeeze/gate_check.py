@@ -4,7 +4,9 @@ passes' default searches (how much to prune, how low to factorize) judge their c
 The reference's outputs are computed once per named set of feeds (``search``, ``check``...); a
 candidate is run on a set, measured per output channel (:mod:`fidelity`) and judged by the
 gate the run aims at (``target``, else ``verdict.DEFAULT_GATE``: the conditions that apply to
-the model's outputs), as the final comparison will judge the result.
+the model's outputs), as the final comparison will judge the result, but an agreement only as
+far as a search may count on it (:func:`gates.counted_on`: the searches keep the best of
+several candidates measured on a few reads).
 """
 
 from __future__ import annotations
@@ -54,6 +56,17 @@ class GateCheck:
             features=self.features,
         )
         metrics = fidelity.gate_metrics(measured.values())
-        results = gates.judged([self.target] if self.target else [], metrics, DEFAULT_GATE)
+        reads = {m: fidelity.counted_reads(measured.values(), m) for m in gates.AGREEMENT_METRICS}
+        counted = gates.counted_metrics(metrics, reads)
+        results = gates.judged([self.target] if self.target else [], counted, DEFAULT_GATE)
         said = "; ".join(result["message"] for result in results)
+        if bounded := [m for m in counted if counted[m] != metrics[m]]:
+            said += (
+                " ("
+                + ", ".join(
+                    f"{m} {metrics[m]:.4g} of {reads[m]:.0f} reads at its lower bound"
+                    for m in bounded
+                )
+                + ")"
+            )
         return all(result["passed"] for result in results), said

@@ -9,7 +9,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onnx_squeeze.errors import GateFailedError, SettingsError
-from onnx_squeeze.gates import METRICS, Gate, check_gates, evaluate_gates, parse_gate, parse_gates
+from onnx_squeeze.gates import (
+    METRICS,
+    Gate,
+    check_gates,
+    counted_metrics,
+    counted_on,
+    evaluate_gates,
+    parse_gate,
+    parse_gates,
+)
 
 
 @pytest.mark.parametrize(
@@ -121,3 +130,20 @@ def test_gate_agrees_with_python_comparison(metric, op, threshold, value):
         "==": value == gate.threshold,
     }[op]
     assert evaluate_gates(gate.expr, {metric: value})[0].passed == expected
+
+
+@pytest.mark.parametrize(
+    ("share", "reads", "counted"),
+    [(0.99, 100, 0.9741), (1.0, 10, 1.0), (0.9, math.inf, 0.9), (0.995, 800, 0.9918)],
+)
+def test_a_search_counts_on_an_agreement_as_far_as_its_lower_bound(share, reads, counted):
+    """One standard error below the share (Wilson), unless every read agreed or none was
+    counted: 99 of 100 reads do not show a 0.98 agreement, 796 of 800 do."""
+    assert counted_on(share, reads) == pytest.approx(counted, abs=1e-4)
+
+
+def test_only_agreements_are_counted_on_their_reads():
+    metrics = {"argmax_agreement": 0.99, "worst_channel_sqnr_db": 20.0, "cosine": 0.99}
+    counted = counted_metrics(metrics, {"argmax_agreement": 100, "cosine": 100})
+    assert counted["argmax_agreement"] < 0.98
+    assert counted["worst_channel_sqnr_db"] == 20.0 and counted["cosine"] == 0.99

@@ -58,8 +58,10 @@ def _worst_channel_sqnr(model: ir.Model, pruned: ir.Model) -> float:
 
 def test_default_prunes_up_to_30_percent_where_the_gate_holds():
     """The quiet branch costs little output error: the first candidate (30 % of the MACs)
-    meets the default gate and is kept, and the result meets it on other data too."""
-    model = _two_branches(0.01)
+    meets the default gate and is kept, and the result meets it on other data too. (With the
+    branch scaled by 0.01, 1.6 % of the 256 positions' top channels move: 0.984 does not show
+    a 0.98 gate at its lower bound, and the search rightly keeps the model.)"""
+    model = _two_branches(0.003)
     pruned, report = _prune(model)
     check(pruned)
     assert 0.6 <= _macs_ratio(pruned, model) <= 0.7

@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnx_squeeze import fidelity, runtime, zoo
+from onnx_squeeze import fidelity, gates, runtime, zoo
 from onnx_squeeze.calibration import NpzSource, RandomSource
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.gates import parse_gate
@@ -395,7 +395,7 @@ def test_an_agreement_holds_at_its_lower_bound_or_where_every_read_agrees(share,
     measure.gate = parse_gate("argmax_agreement>=0.98")
     assert measure.holds(accuracy_control.Reading(share, 0.0, reads)) is holds
     assert measure.holds(accuracy_control.Reading(share, 0.0)) is (share >= 0.98)  # no count
-    bound = accuracy_control.agreement_bound(share, reads)
+    bound = gates.agreement_bound(share, reads)
     assert bound < share  # one standard error below, even where every read agrees
 
 

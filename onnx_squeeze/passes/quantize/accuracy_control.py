@@ -74,7 +74,7 @@ from onnx_squeeze import fidelity
 from onnx_squeeze.calibration.runner import TensorRunner
 from onnx_squeeze.calibration.sources import Feed
 from onnx_squeeze.errors import InputError, SettingsError
-from onnx_squeeze.gates import Gate, parse_gates
+from onnx_squeeze.gates import AGREEMENT_METRICS, Gate, agreement_bound, counted_on, parse_gates
 from onnx_squeeze.graph_utils import constant_array
 from onnx_squeeze.passes.base import bounded, choice
 from onnx_squeeze.passes.quantize import speed_check
@@ -131,7 +131,6 @@ AGREEMENT_POSITIONS = 400
 # showed 0.91 and two layers in float (0.0 % of the MACs) brought it to 0.99 (0.97 on the 153);
 # ddddocr_beta's went from 0.94 to 0.97 the same way.
 CHECK_BATCHES = 128
-AGREEMENT_METRICS = ("argmax_agreement", "top1_agreement", "score_agreement", "neighbour_agreement")
 # Where the check counts fewer reads than AGREEMENT_POSITIONS, a smaller group that holds the
 # agreement gate goes back to float instead of a larger one only while it keeps this share of
 # the larger's gain in the read outputs' SQNR (dB): on 99 strings, one read is half of what a
@@ -139,12 +138,6 @@ AGREEMENT_METRICS = ("argmax_agreement", "top1_agreement", "score_agreement", "n
 # check. ddddocr_beta: all 20 Convs in float read 98 of the 99 check strings the same at
 # +20.0 dB, their later 11 all 99 at +7.4 dB; 0.980 and 0.961 of 153 others.
 HOLDING_SHARE = 0.5
-# An agreement counts reads, and the control keeps the best of many noisy candidates, which
-# reads better on the check than it will on other data: it holds an agreement gate where the
-# gate holds at the Wilson score interval's lower bound, this many standard errors below the
-# share counted. nudenet's INT8 held score_agreement>=0.875 at 0.906 of the check's score
-# decisions and read 0.845 held out, keeping 86 % of its detections.
-AGREEMENT_Z = 1.0
 # A timed ratio this close to the latency bound (relatively) is timed twice more and the median
 # decides: one timing of ddddocr_beta's later half in float read 0.882x and 0.904x the
 # original's latency in two runs, against a 0.9x bound.
@@ -391,20 +384,18 @@ class _Measure:
             scores = self.gate.metric == "score_agreement"
             having = [m for m in measured.values() if getattr(m, self.gate.metric) is not None]
             read = [m.worst_channel_sqnr_db if scores else m.sqnr_db for m in having]
-            reads = min((_reads_of(m, self.gate.metric) for m in having), default=math.inf)
+            reads = fidelity.counted_reads(having, self.gate.metric)
             return Reading(value, _oriented(min(read, default=math.nan), 1.0), reads)
         sign = {">=": 1.0, ">": 1.0, "<=": -1.0, "<": -1.0}.get(self.gate.op)
         return Reading(value, _oriented(value, sign) if sign else -self.gap(value))
 
     def holds(self, reading: Reading) -> bool:
         """Whether the gate holds on ``reading``; an agreement counted on ``reading.reads``
-        only where it holds at its lower bound (:func:`agreement_bound`), or where every read
-        agrees (too few reads for the bound to reach the gate: nothing more to gain)."""
+        only where it holds at its lower bound, or where every read agrees
+        (:func:`counted_on`)."""
         if not self.gate.passes(reading.value):
             return False
-        if self.gate.op not in (">=", ">") or not math.isfinite(reading.reads):
-            return True
-        return reading.value >= 1 or self.gate.passes(agreement_bound(reading.value, reading.reads))
+        return self.gate.passes(counted_on(reading.value, reading.reads))
 
     def said(self, reading: Reading, named: bool = True) -> str:
         """``reading`` in words: the gate's metric, and for an agreement the reads it counted
@@ -850,28 +841,6 @@ def metric_of(measured: Mapping[str, fidelity.OutputFidelity], metric: str) -> f
     """One gate metric over a measurement's outputs, as comparisons give it; None where no
     output has it."""
     return fidelity.gate_metrics(measured.values()).get(metric)
-
-
-def agreement_bound(share: float, reads: float, z: float = AGREEMENT_Z) -> float:
-    """The lower bound of the Wilson score interval of an agreement ``share`` counted on
-    ``reads``: what the agreement can be trusted to reach on other data of its kind."""
-    if reads <= 0 or not math.isfinite(reads):
-        return share
-    z2 = z * z / reads
-    centre = share + z2 / 2
-    spread = z * math.sqrt(share * (1 - share) / reads + z2 / (4 * reads))
-    return (centre - spread) / (1 + z2)
-
-
-def _reads_of(measured: fidelity.OutputFidelity, metric: str) -> float:
-    """The reads ``metric`` counted on one output: its positions (or CTC lines), score
-    decisions, neighbours or samples."""
-    reads = {
-        "argmax_agreement": measured.reads,
-        "score_agreement": measured.score_reads,
-        "neighbour_agreement": measured.neighbour_reads,
-    }.get(metric, measured.samples)
-    return float(reads) if reads else math.inf
 
 
 def _channel_values(outputs: Sequence[Feed], shapes: Mapping[str, Sequence[Any]]) -> float:
