@@ -377,6 +377,18 @@ def test_a_missed_gate_leaves_the_model_float_and_says_why(tmp_path):
     assert "reads" in note and "if_missed=quantize" in note
 
 
+def test_a_gate_missed_on_random_data_is_reported_and_the_model_quantized():
+    """A gate measured on random data says nothing about the task: the model is quantized as
+    far as the control went, and the warning says to pass real data."""
+    model = chain_model()
+    source = RandomSource(runtime.input_specs(model), 32, seed=0, batch_size=4)
+    _, report = quantize(model, source, control_float_macs=0.0, control_latency_ratio=0)
+    assert len(report.changed) == _LAYERS
+    note = next(n for n in report.notes if "on RANDOM data, which says nothing" in n)
+    assert "not left float" in note and "--calib" in note
+    assert not any(n.startswith("WARNING: every layer left float") for n in report.notes)
+
+
 @pytest.mark.parametrize(
     ("share", "reads", "holds"),
     [

@@ -187,8 +187,9 @@ def controlled(
     slowdown: speed_check.Slowdown | None = None,
 ) -> list[ir.Node] | None:
     """The anchors to quantize under ``settings`` (every one where accuracy control is off);
-    None where a gate was missed and ``if_missed`` leaves the model float, which the report
-    then says. ``quantized_copy`` quantizes the given anchors of a copy of ``model``;
+    None where a gate was missed on real data and ``if_missed`` leaves the model float, which
+    the report then says (on random data a miss says nothing about the task: it is reported
+    and the model quantized). ``quantized_copy`` quantizes the given anchors of a copy of ``model``;
     ``slowdown`` times a copy against ``model`` (made here where not given)."""
     s = settings
     if not s.accuracy_control or not anchors:
@@ -210,7 +211,13 @@ def controlled(
             f"WARNING: accuracy control skipped, every layer quantized unchecked: {error}"
         )
         return anchors
-    if control.missed and s.if_missed == "float":
+    if control.missed and context.data.is_random:
+        report.notes.append(
+            f"WARNING: accuracy control could not hold {'; '.join(control.missed)} on RANDOM "
+            "data, which says nothing about the task: quantized as far as it went, not left "
+            "float; pass real calibration data (--calib) for a model the gate can vouch for"
+        )
+    elif control.missed and s.if_missed == "float":
         report.notes.append(
             f"WARNING: every layer left float ({len(anchors)} would have been quantized): "
             f"accuracy control could not hold {'; '.join(control.missed)} within its bounds "
