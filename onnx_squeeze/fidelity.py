@@ -57,6 +57,16 @@ channel, along its channel axis:
   softmax over classes) is read by its argmax, not by its values: ``class_probabilities`` marks
   it, and the default gate judges it by ``argmax_agreement`` alone (the rare classes of a
   softmax over 214 file types move by more than their own size, harmlessly).
+- Box distributions: an output of raw logits (a Conv, Gemm or MatMul's, through data-movement
+  ops) whose last axis holds 4 × ``bins`` values, beside a probability output with the same
+  positions (:func:`box_distribution_outputs`), is a detector's box regression as a
+  distribution over ``bins`` distances per side (Generalized Focal Loss: PP-PicoDet, NanoDet,
+  GFL; decoded outside the model by a softmax per side and its expectation). It is read as
+  that decoder reads it: the expected bin of each side, its channels the 4 sides, by value.
+  An argmax over its 4 × ``bins`` logits mixes the sides, and the channel axis found by scale
+  was the anchors (argmax: which anchor tops each bin): on PP-PicoDet's INT8 that argmax read
+  0.38 where its box maps, decoded with float scores, kept 92 % of the regions, and 0.53-0.60
+  where they kept 99.6 %; the decoded sides' worst SQNR read 7 dB and 14-18 dB.
 
 Everything is accumulated feed by feed (sums per channel), so memory is bounded by one batch.
 Non-finite values: where both models give the same non-finite value the element is left out;
@@ -86,8 +96,10 @@ __all__ = [
     "OutputAccumulator",
     "OutputFidelity",
     "accumulators",
+    "box_distribution_outputs",
     "channel_axis",
     "channel_error",
+    "expected_bins",
     "feature_outputs",
     "gate_metrics",
     "output_shapes",
@@ -112,6 +124,12 @@ SPREAD_FLOOR = 1e-6
 # Channels that sum to 1 within this at every position are a distribution over classes.
 DISTRIBUTION_TOLERANCE = 1e-3
 _PROBABILITY_OPS = {"Sigmoid", "Softmax", "HardSigmoid"}
+BOX_SIDES = 4  # a box distribution's sides (left, top, right, bottom)
+# The bins per side a box distribution may have: PP-PicoDet's and NanoDet's 8, YOLOv8's 16,
+# GFL's 17. Fewer are not distributions (4 values are a box, 8 two points).
+BOX_BINS = range(4, 33)
+# Ops whose outputs are raw logits (no activation): what a box distribution comes from.
+_LOGIT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}
 # Ops that move or select values without changing them: a probability stays a probability.
 _MOVING_OPS = {
     "Concat",
@@ -234,6 +252,53 @@ def feature_outputs(model: ir.Model) -> set[str]:
     return found
 
 
+def box_distribution_outputs(model: ir.Model) -> dict[str, int]:
+    """The graph outputs that are box distributions (see the module doc), with their bins per
+    side: raw logits (a ``_LOGIT_OPS`` output through ops that only move values) whose last
+    axis, of fixed size, holds ``BOX_SIDES`` × bins (bins in ``BOX_BINS``), beside a
+    probability output whose other axes are the same (the scores of the same positions).
+    Mask coefficients beside scores (YOLACT's 32 after a Tanh) are no logits: not among
+    them."""
+    probabilities = probability_outputs(model)
+
+    def positions(value: ir.Value) -> tuple[Any, ...] | None:
+        shape = value.shape
+        return tuple(shape.dims[:-1]) if shape is not None and len(shape) >= 2 else None
+
+    scored = {positions(v) for v in model.graph.outputs if v.name in probabilities} - {None}
+    found = {}
+    for output in model.graph.outputs:
+        if output.name in probabilities or positions(output) not in scored:
+            continue
+        last = output.shape.dims[-1] if output.shape is not None else None
+        if not isinstance(last, int) or last % BOX_SIDES or last // BOX_SIDES not in BOX_BINS:
+            continue
+        if _source(output) in _LOGIT_OPS:
+            found[output.name] = last // BOX_SIDES
+    return found
+
+
+def _source(value: ir.Value) -> str | None:
+    """The op type of the first producer of ``value`` that does more than move values."""
+    seen: set[int] = set()
+    while (node := value.producer()) is not None and id(node) not in seen:
+        seen.add(id(node))
+        if node.op_type not in _MOVING_OPS or node.inputs[0] is None:
+            return node.op_type
+        value = node.inputs[0]
+    return None
+
+
+def expected_bins(logits: np.ndarray, bins: int) -> np.ndarray:
+    """A box distribution decoded as a GFL decoder does: the last axis (``BOX_SIDES`` ×
+    ``bins`` logits) becomes ``BOX_SIDES`` expected bins (softmax per side, then its mean)."""
+    sides = np.asarray(logits, dtype=np.float64).reshape(*logits.shape[:-1], BOX_SIDES, bins)
+    with np.errstate(invalid="ignore", over="ignore"):
+        weights = np.exp(sides - sides.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+    return weights @ np.arange(bins, dtype=np.float64)
+
+
 def _is_decomposed_softmax(node: ir.Node) -> bool:
     """``Exp(x) / sum(Exp(x))`` as some exporters write a softmax (tf2onnx: Div of an Exp by
     its ReduceSum, broadcast)."""
@@ -318,6 +383,9 @@ class OutputFidelity:
     neighbour_reads: int = 0
     # Σ|b - a|² / Σ|a - mean a|²: the share of A's variance that B misses (1 - R²).
     relative_error: float = 0.0
+    # A box distribution (see the module doc): its bins per side; the figures are those of
+    # the decoded sides (expected bins), its channels the sides.
+    box_bins: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict; non-finite numbers become strings ("inf", "nan")."""
@@ -339,12 +407,14 @@ class OutputAccumulator:
         axis: int | str | None = "auto",
         probabilities: bool = False,
         features: bool = False,
+        box_bins: int | None = None,
     ) -> None:
         self.name = name
         self.fixed = fixed
         self.axis = axis
         self.probabilities = probabilities
         self.features = features  # read by value only (see feature_outputs)
+        self.box_bins = box_bins  # a box distribution, decoded (see box_distribution_outputs)
         self.samples = 0
         self.elements = 0
         self.compared = 0
@@ -388,6 +458,8 @@ class OutputAccumulator:
             self.sums[key] = merge(value, axis=0, keepdims=True)
 
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        if self.box_bins:
+            a, b = expected_bins(a, self.box_bins), expected_bins(b, self.box_bins)
         if self.classifier is None:
             self.classifier = (
                 not self.features
@@ -439,6 +511,7 @@ class OutputAccumulator:
             self.positions += a.size
         elif (
             self.features
+            and not self.box_bins
             and a.ndim == 2
             and np.issubdtype(a.dtype, np.floating)
             and sum(len(v) for v in self.vectors[0]) < NEIGHBOUR_SAMPLES
@@ -623,6 +696,7 @@ class OutputAccumulator:
             score_reads=read[2] if read else 0,
             dense_score_channel=dense,
             relative_error=relative,
+            box_bins=self.box_bins,
             **_neighbours(self.vectors),
         )
 
@@ -746,21 +820,27 @@ def accumulators(
     probabilities: set[str] | frozenset[str] = frozenset(),
     channel_axes: Mapping[str, int | None] | None = None,
     features: set[str] | frozenset[str] = frozenset(),
+    box_distributions: Mapping[str, int] | None = None,
 ) -> dict[str, OutputAccumulator]:
     """One accumulator per output; ``shapes`` are the declared output shapes (ints for fixed
     dimensions), which say which axes may be channel axes; ``features`` the outputs read by
-    value only (:func:`feature_outputs`)."""
+    value only (:func:`feature_outputs`); ``box_distributions`` the box distributions and
+    their bins (:func:`box_distribution_outputs`): decoded, their sides (the last axis) the
+    channels, read by value."""
     channel_axes = channel_axes or {}
+    box_distributions = box_distributions or {}
     result = {}
     for name in names:
         declared = shapes.get(name)
         fixed = [isinstance(d, int) and d > 0 for d in declared] if declared else None
+        bins = box_distributions.get(name)
         result[name] = OutputAccumulator(
             name,
             fixed=fixed,
-            axis=channel_axes.get(name, "auto"),
+            axis=channel_axes.get(name, "auto" if bins is None else -1),
             probabilities=name in probabilities,
-            features=name in features,
+            features=name in features or bins is not None,
+            box_bins=bins,
         )
     return result
 
@@ -773,14 +853,18 @@ def measure(
     channel_axes: Mapping[str, int | None] | None = None,
     shapes: Mapping[str, Sequence[Any]] | None = None,
     features: set[str] | frozenset[str] = frozenset(),
+    box_distributions: Mapping[str, int] | None = None,
 ) -> dict[str, OutputFidelity]:
     """The fidelity of ``result``'s float outputs to ``reference``'s, batch by batch (outputs by
     name, as two runs return them): the one measure that comparison, pruning sensitivity,
     recovery, fine-tuning and INT8 checks read their figures from. ``shapes``: the outputs'
     declared shapes (:func:`output_shapes`), which say which axes may be channel axes, as in
     the comparison (without them a mask's height or width could be taken for classes);
-    ``features``: the outputs read by value only (:func:`feature_outputs`)."""
-    found = _accumulated(reference, result, probabilities, channel_axes, shapes, features)
+    ``features``: the outputs read by value only (:func:`feature_outputs`);
+    ``box_distributions``: those decoded first (:func:`box_distribution_outputs`)."""
+    found = _accumulated(
+        reference, result, probabilities, channel_axes, shapes, features, box_distributions
+    )
     return {name: accumulator.result() for name, accumulator in found.items()}
 
 
@@ -791,6 +875,7 @@ def _accumulated(
     channel_axes: Mapping[str, int | None] | None,
     shapes: Mapping[str, Sequence[Any]] | None = None,
     features: set[str] | frozenset[str] = frozenset(),
+    box_distributions: Mapping[str, int] | None = None,
 ) -> dict[str, OutputAccumulator]:
     """One accumulator per float output, fed every pair of runs."""
     names = [
@@ -804,6 +889,7 @@ def _accumulated(
         probabilities=probabilities,
         channel_axes=channel_axes,
         features=features,
+        box_distributions=box_distributions,
     )
     for expected, actual in zip(reference, result, strict=True):
         for name, accumulator in found.items():
@@ -818,12 +904,15 @@ def channel_error(
     probabilities: set[str] | frozenset[str] = frozenset(),
     channel_axes: Mapping[str, int | None] | None = None,
     shapes: Mapping[str, Sequence[Any]] | None = None,
+    box_distributions: Mapping[str, int] | None = None,
 ) -> dict[str, float]:
     """Per float output, the mean over its channels of each channel's error relative to that
     channel's own spread over all feeds (:meth:`OutputAccumulator.channel_errors`; the channel
     axis as :func:`measure` chooses it). What passes minimise where a whole-output error would
     let large-valued channels (pixel boxes) hide small-valued ones (scores) beside them."""
-    found = _accumulated(reference, result, probabilities, channel_axes, shapes)
+    found = _accumulated(
+        reference, result, probabilities, channel_axes, shapes, box_distributions=box_distributions
+    )
     return {
         name: float(np.mean(errors)) if (errors := acc.channel_errors()).size else 0.0
         for name, acc in found.items()

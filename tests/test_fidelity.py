@@ -442,3 +442,74 @@ def test_pooled_and_normalized_outputs_are_read_by_value_not_by_argmax():
     metrics = fidelity.gate_metrics(moved.values())
     gates = {g["expr"].split(">")[0]: g["passed"] for g in judged_gates([], metrics, DEFAULT_GATE)}
     assert gates["neighbour_agreement"] is False
+
+
+# A GFL detector head as PP-PicoDet exports it: one Conv gives 3 class logits and 4 sides × 8
+# bins of box logits per position; the scores get a Sigmoid, the box distributions leave the
+# model as logits (decoded outside it: a softmax per side and its expectation), and YOLACT-like
+# mask coefficients (a Tanh of 32 values per position) sit beside them.
+GFL_HEAD = """
+<ir_version: 8, opset_import: ["" : 17]>
+head (float[1, 8, 4, 4] x) => (float[1, 16, 3] scores, float[1, 16, 32] boxes, float[1, 16, 32] masks) {
+  logits = Conv (x, w)
+  cls, reg = Split <axis = 1> (logits, sizes)
+  probabilities = Sigmoid (cls)
+  flat_scores = Reshape (probabilities, score_shape)
+  scores = Transpose <perm = [0, 2, 1]> (flat_scores)
+  flat_boxes = Reshape (reg, box_shape)
+  boxes = Transpose <perm = [0, 2, 1]> (flat_boxes)
+  mask_logits = Conv (x, wm)
+  bounded = Tanh (mask_logits)
+  flat_masks = Reshape (bounded, box_shape)
+  masks = Transpose <perm = [0, 2, 1]> (flat_masks)
+}
+"""
+
+
+def _gfl_head() -> onnx.ModelProto:
+    model = onnx.parser.parse_model(GFL_HEAD)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w": (2.0 * rng.standard_normal((35, 8, 1, 1))).astype(np.float32),
+        "wm": rng.standard_normal((32, 8, 1, 1)).astype(np.float32),
+        "sizes": np.array([3, 32], np.int64),
+        "score_shape": np.array([1, 3, 16], np.int64),
+        "box_shape": np.array([1, 32, 16], np.int64),
+    }
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in arrays.items())
+    return model
+
+
+def test_box_distributions_are_read_as_their_decoder_reads_them():
+    """The box logits are judged by each side's expected bin, not by an argmax over 4 sides ×
+    8 bins (nor over the anchors, which differ more in scale): a shift of a side's logits,
+    which the softmax does not see, leaves them identical; bins swapped within a side, which
+    move the box, fail them; the mask coefficients (after a Tanh) are no box distribution."""
+    model = _gfl_head()
+    loaded = ir.from_proto(model)
+    assert fidelity.box_distribution_outputs(loaded) == {"boxes": 8}
+    names = ("scores", "boxes", "masks")
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((1, 8, 4, 4)).astype(np.float32)} for _ in range(4)]
+    reference = [dict(zip(names, run(model, feed), strict=True)) for feed in feeds]
+    shifted = [{**r, "boxes": r["boxes"] + np.repeat(rng.normal(0, 3, 4), 8)} for r in reference]
+    swapped = [
+        {**r, "boxes": r["boxes"].reshape(1, 16, 4, 8)[..., ::-1].reshape(1, 16, 32)}
+        for r in reference
+    ]
+    options = {
+        "shapes": fidelity.output_shapes(loaded),
+        "probabilities": fidelity.probability_outputs(loaded),
+        "box_distributions": fidelity.box_distribution_outputs(loaded),
+    }
+    same = fidelity.measure(reference, shifted, **options)["boxes"]
+    assert same.box_bins == 8 and same.channel_axis == 2 and same.channels == 4
+    assert same.argmax_agreement is None
+    assert same.worst_channel_sqnr_db > 100.0
+    moved = fidelity.measure(reference, swapped, **options)["boxes"]
+    assert moved.worst_channel_sqnr_db < 12.0  # below the default gate's bar
+    decoded = fidelity.expected_bins(reference[0]["boxes"], 8)
+    assert decoded.shape == (1, 16, 4) and np.all((decoded >= 0) & (decoded <= 7))
+    # without the decoding the logits' shift reads as an error
+    raw = fidelity.measure(reference, shifted, shapes=options["shapes"])["boxes"]
+    assert raw.worst_channel_sqnr_db < 20.0
