@@ -42,13 +42,7 @@ from onnx_squeeze.analysis import MAC_OPS, ModelSummary, NodeCost, analyze
 from onnx_squeeze.calibration.feeds import Feed
 from onnx_squeeze.calibration.random_data import random_source
 from onnx_squeeze.errors import InputError, SettingsError
-from onnx_squeeze.fidelity import (
-    OutputFidelity,
-    accumulators,
-    feature_outputs,
-    gate_metrics,
-    probability_outputs,
-)
+from onnx_squeeze.fidelity import OutputFidelity, OutputKinds, accumulators, gate_metrics
 from onnx_squeeze.progress import track
 from onnx_squeeze.records import SOURCE_NODE_KEY
 from onnx_squeeze.runtime import create_session, resolve_provider
@@ -231,9 +225,8 @@ def fidelity(
     optimization: str = "all",
     threads: int | None = None,
     total: int | None = None,
-    probabilities: set[str] | frozenset[str] = frozenset(),
+    kinds: OutputKinds | None = None,
     channel_axes: Mapping[str, int | None] | None = None,
-    features: set[str] | frozenset[str] = frozenset(),
 ) -> list[OutputFidelity]:
     """Run both models on every feed and accumulate per-output error metrics (streaming),
     whole and per output channel (:mod:`onnx_squeeze.fidelity`).
@@ -241,10 +234,9 @@ def fidelity(
     Outputs are matched by name; different output names, or shapes that differ on a feed, are
     an :class:`InputError` naming them. ``feeds`` is any iterable of feed dicts or an object with
     onnxruntime's ``get_next()`` protocol. An unavailable provider is a :class:`SettingsError`.
-    ``probabilities`` names the outputs that carry Sigmoid/Softmax values
-    (:func:`fidelity.probability_outputs`), ``features`` those read by value only
-    (:func:`fidelity.feature_outputs`); ``channel_axes`` sets an output's channel axis (None:
-    judged whole) instead of finding it.
+    ``kinds`` says how A's outputs are read (:meth:`fidelity.OutputKinds.of`; without it, as
+    plain values along the axes A's session declares fixed); ``channel_axes`` sets an output's
+    channel axis (None: judged whole) instead of finding it.
     """
     try:
         session_a = _as_session(a, provider, threads, optimization)
@@ -264,14 +256,8 @@ def fidelity(
             f"--channel-axis names {', '.join(map(repr, unknown))}, which is not a numeric "
             f"output; the outputs are {', '.join(map(repr, numeric))}"
         )
-    declared = {o.name: o.shape for o in session_a.get_outputs()}
-    sums = accumulators(
-        numeric,
-        declared,
-        probabilities=probabilities,
-        channel_axes=channel_axes,
-        features=features,
-    )
+    kinds = kinds or OutputKinds(shapes={o.name: o.shape for o in session_a.get_outputs()})
+    sums = accumulators(numeric, kinds=kinds, channel_axes=channel_axes)
     for feed in track(_iter_feeds(feeds), "fidelity", total=total):
         outputs_a = _run_given(session_a, numeric, _select(session_a, feed), "model A")
         outputs_b = session_b.run(numeric, _select(session_b, feed))
@@ -529,8 +515,7 @@ def compare(
     )
     skipped: list[str] = []
     judged = {
-        "probabilities": probability_outputs(loaded_a.model),
-        "features": feature_outputs(loaded_a.model),
+        "kinds": OutputKinds.of(loaded_a.model),
         "channel_axes": channel_axes,
         "total": total,
     }

@@ -95,6 +95,7 @@ __all__ = [
     "SPREAD_FLOOR",
     "OutputAccumulator",
     "OutputFidelity",
+    "OutputKinds",
     "accumulators",
     "box_distribution_outputs",
     "channel_axis",
@@ -813,33 +814,52 @@ def _worst_and_mean(values: np.ndarray, judged: np.ndarray) -> tuple[float, int 
     return float(values[index]), index, mean
 
 
+@dataclasses.dataclass(frozen=True)
+class OutputKinds:
+    """How a reference model's graph outputs are read, found once from its graph (what the
+    outputs carry cannot be told from their values): every measure of outputs against that
+    reference reads them alike. The default knows nothing: no declared shapes, every output
+    read as plain values."""
+
+    shapes: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+    probabilities: frozenset[str] = frozenset()
+    features: frozenset[str] = frozenset()
+    box_distributions: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: ir.Model) -> OutputKinds:
+        """The kinds of ``model``'s outputs: :func:`output_shapes`,
+        :func:`probability_outputs`, :func:`feature_outputs`, :func:`box_distribution_outputs`."""
+        return cls(
+            shapes=output_shapes(model),
+            probabilities=frozenset(probability_outputs(model)),
+            features=frozenset(feature_outputs(model)),
+            box_distributions=box_distribution_outputs(model),
+        )
+
+
 def accumulators(
     names: Sequence[str],
-    shapes: Mapping[str, Sequence[Any]],
     *,
-    probabilities: set[str] | frozenset[str] = frozenset(),
+    kinds: OutputKinds | None = None,
     channel_axes: Mapping[str, int | None] | None = None,
-    features: set[str] | frozenset[str] = frozenset(),
-    box_distributions: Mapping[str, int] | None = None,
 ) -> dict[str, OutputAccumulator]:
-    """One accumulator per output; ``shapes`` are the declared output shapes (ints for fixed
-    dimensions), which say which axes may be channel axes; ``features`` the outputs read by
-    value only (:func:`feature_outputs`); ``box_distributions`` the box distributions and
-    their bins (:func:`box_distribution_outputs`): decoded, their sides (the last axis) the
-    channels, read by value."""
+    """One accumulator per output, reading it as ``kinds`` says: the declared shapes say which
+    axes may be channel axes, features are read by value only, box distributions decoded
+    (their sides, the last axis, the channels)."""
+    kinds = kinds or OutputKinds()
     channel_axes = channel_axes or {}
-    box_distributions = box_distributions or {}
     result = {}
     for name in names:
-        declared = shapes.get(name)
+        declared = kinds.shapes.get(name)
         fixed = [isinstance(d, int) and d > 0 for d in declared] if declared else None
-        bins = box_distributions.get(name)
+        bins = kinds.box_distributions.get(name)
         result[name] = OutputAccumulator(
             name,
             fixed=fixed,
             axis=channel_axes.get(name, "auto" if bins is None else -1),
-            probabilities=name in probabilities,
-            features=name in features or bins is not None,
+            probabilities=name in kinds.probabilities,
+            features=name in kinds.features or bins is not None,
             box_bins=bins,
         )
     return result
@@ -849,33 +869,23 @@ def measure(
     reference: Sequence[Mapping[str, np.ndarray]],
     result: Sequence[Mapping[str, np.ndarray]],
     *,
-    probabilities: set[str] | frozenset[str] = frozenset(),
+    kinds: OutputKinds | None = None,
     channel_axes: Mapping[str, int | None] | None = None,
-    shapes: Mapping[str, Sequence[Any]] | None = None,
-    features: set[str] | frozenset[str] = frozenset(),
-    box_distributions: Mapping[str, int] | None = None,
 ) -> dict[str, OutputFidelity]:
     """The fidelity of ``result``'s float outputs to ``reference``'s, batch by batch (outputs by
     name, as two runs return them): the one measure that comparison, pruning sensitivity,
-    recovery, fine-tuning and INT8 checks read their figures from. ``shapes``: the outputs'
-    declared shapes (:func:`output_shapes`), which say which axes may be channel axes, as in
-    the comparison (without them a mask's height or width could be taken for classes);
-    ``features``: the outputs read by value only (:func:`feature_outputs`);
-    ``box_distributions``: those decoded first (:func:`box_distribution_outputs`)."""
-    found = _accumulated(
-        reference, result, probabilities, channel_axes, shapes, features, box_distributions
-    )
+    recovery, fine-tuning and INT8 checks read their figures from. ``kinds``: the reference
+    model's (:meth:`OutputKinds.of`), so that each reads them as the comparison does (without
+    declared shapes a mask's height or width could be taken for classes)."""
+    found = _accumulated(reference, result, kinds, channel_axes)
     return {name: accumulator.result() for name, accumulator in found.items()}
 
 
 def _accumulated(
     reference: Sequence[Mapping[str, np.ndarray]],
     result: Sequence[Mapping[str, np.ndarray]],
-    probabilities: set[str] | frozenset[str],
+    kinds: OutputKinds | None,
     channel_axes: Mapping[str, int | None] | None,
-    shapes: Mapping[str, Sequence[Any]] | None = None,
-    features: set[str] | frozenset[str] = frozenset(),
-    box_distributions: Mapping[str, int] | None = None,
 ) -> dict[str, OutputAccumulator]:
     """One accumulator per float output, fed every pair of runs."""
     names = [
@@ -883,14 +893,7 @@ def _accumulated(
         for name in (reference[0] if reference else {})
         if np.issubdtype(np.asarray(reference[0][name]).dtype, np.floating)
     ]
-    found = accumulators(
-        names,
-        shapes or {},
-        probabilities=probabilities,
-        channel_axes=channel_axes,
-        features=features,
-        box_distributions=box_distributions,
-    )
+    found = accumulators(names, kinds=kinds, channel_axes=channel_axes)
     for expected, actual in zip(reference, result, strict=True):
         for name, accumulator in found.items():
             accumulator.add(np.asarray(expected[name]), np.asarray(actual[name]))
@@ -901,18 +904,14 @@ def channel_error(
     reference: Sequence[Mapping[str, np.ndarray]],
     result: Sequence[Mapping[str, np.ndarray]],
     *,
-    probabilities: set[str] | frozenset[str] = frozenset(),
+    kinds: OutputKinds | None = None,
     channel_axes: Mapping[str, int | None] | None = None,
-    shapes: Mapping[str, Sequence[Any]] | None = None,
-    box_distributions: Mapping[str, int] | None = None,
 ) -> dict[str, float]:
     """Per float output, the mean over its channels of each channel's error relative to that
     channel's own spread over all feeds (:meth:`OutputAccumulator.channel_errors`; the channel
     axis as :func:`measure` chooses it). What passes minimise where a whole-output error would
     let large-valued channels (pixel boxes) hide small-valued ones (scores) beside them."""
-    found = _accumulated(
-        reference, result, probabilities, channel_axes, shapes, box_distributions=box_distributions
-    )
+    found = _accumulated(reference, result, kinds, channel_axes)
     return {
         name: float(np.mean(errors)) if (errors := acc.channel_errors()).size else 0.0
         for name, acc in found.items()

@@ -36,9 +36,7 @@ class GateCheck:
         self.target, self.provider = target, provider
         self.gate = target or DEFAULT_GATE
         self.feeds = {name: list(batch) for name, batch in feeds.items()}
-        self.probabilities = fidelity.probability_outputs(reference)
-        self.features = fidelity.feature_outputs(reference)
-        self.shapes = fidelity.output_shapes(reference)
+        self.kinds = fidelity.OutputKinds.of(reference)
         self.reference = {name: self._outputs(reference, name) for name in self.feeds}
 
     def _outputs(self, model: ir.Model, on: str) -> list[Feed]:
@@ -48,13 +46,7 @@ class GateCheck:
 
     def __call__(self, model: ir.Model, on: str) -> tuple[bool, str]:
         """(whether ``model`` meets the gate on the feeds named ``on``, what was measured)."""
-        measured = fidelity.measure(
-            self.reference[on],
-            self._outputs(model, on),
-            probabilities=self.probabilities,
-            shapes=self.shapes,
-            features=self.features,
-        )
+        measured = fidelity.measure(self.reference[on], self._outputs(model, on), kinds=self.kinds)
         metrics = fidelity.gate_metrics(measured.values())
         reads = {m: fidelity.counted_reads(measured.values(), m) for m in gates.AGREEMENT_METRICS}
         counted = gates.counted_metrics(metrics, reads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -242,16 +243,15 @@ def test_declared_shapes_keep_a_masks_height_and_width_from_being_classes():
     rng = np.random.default_rng(0)
     mask = [{"m": rng.uniform(size=(1, 1, 8, 16)).astype(np.float32)} for _ in range(2)]
     moved = [{"m": np.clip(f["m"] + rng.normal(0, 0.05, f["m"].shape), 0, 1)} for f in mask]
-    declared = fidelity.measure(mask, moved, probabilities={"m"}, shapes={"m": [1, 1, None, None]})[
-        "m"
-    ]
+    kinds = fidelity.OutputKinds(shapes={"m": [1, 1, None, None]}, probabilities=frozenset({"m"}))
+    declared = fidelity.measure(mask, moved, kinds=kinds)["m"]
     pixels = np.concatenate(
         [(f["m"] >= 0.5) == (g["m"] >= 0.5) for f, g in zip(mask, moved, strict=True)]
     )
     assert declared.channel_axis is None and declared.reads == pixels.size
     assert declared.argmax_agreement == pytest.approx(pixels.mean())
     assert not declared.class_probabilities  # its values are still judged
-    guessed = fidelity.measure(mask, moved, probabilities={"m"})["m"]
+    guessed = fidelity.measure(mask, moved, kinds=dataclasses.replace(kinds, shapes={}))["m"]
     assert guessed.channel_axis == 3  # what the in-pass checks used to see
 
 
@@ -260,7 +260,8 @@ def test_a_single_sigmoid_is_read_where_it_crosses_one_half():
     # 0.9 to 0.7 does not. Outputs that are not probabilities get no such reading.
     a = np.array([[0.45], [0.9], [0.1], [0.8]], dtype=np.float32)
     b = np.array([[0.55], [0.7], [0.1], [0.8]], dtype=np.float32)
-    speech = fidelity.measure([{"p": a}], [{"p": b}], probabilities={"p"})["p"]
+    kinds = fidelity.OutputKinds(probabilities=frozenset({"p"}))
+    speech = fidelity.measure([{"p": a}], [{"p": b}], kinds=kinds)["p"]
     assert speech.argmax_agreement == pytest.approx(0.75) and speech.reads == 4
     assert not speech.class_probabilities
     values = fidelity.measure([{"p": a}], [{"p": b}])["p"]
@@ -420,24 +421,22 @@ def test_pooled_and_normalized_outputs_are_read_by_value_not_by_argmax():
         dict(zip(("tokens", "pooled", "logits"), run(model, f), strict=True)) for f in feeds
     ]
     result = [dict(zip(("tokens", "pooled", "logits"), run(model, f), strict=True)) for f in moved]
-    shapes = fidelity.output_shapes(ir.from_proto(model))
-    judged = fidelity.measure(
-        reference, result, shapes=shapes, features=fidelity.feature_outputs(ir.from_proto(model))
-    )
+    kinds = fidelity.OutputKinds.of(ir.from_proto(model))
+    judged = fidelity.measure(reference, result, kinds=kinds)
     for name in ("tokens", "pooled"):
         assert judged[name].argmax_agreement is None and judged[name].top1_agreement is None
         assert judged[name].ctc_blank is None and judged[name].worst_channel_sqnr_db > 30
     assert judged["logits"].argmax_agreement is not None
-    plain = fidelity.measure(reference, result, shapes=shapes)  # without: argmax read
+    plain = fidelity.measure(  # without: argmax read
+        reference, result, kinds=dataclasses.replace(kinds, features=frozenset())
+    )
     assert plain["pooled"].top1_agreement is not None
     # the pooled vectors are read as a similarity search reads them: nearest neighbours
     assert judged["pooled"].neighbour_agreement == 1.0 and judged["pooled"].neighbour_reads == 16
     assert judged["tokens"].neighbour_agreement is None  # one vector per token, not per sample
     noisy = [{"x": x + 0.5 * rng.standard_normal(x.shape).astype(np.float32)}]
     far = [dict(zip(("tokens", "pooled", "logits"), run(model, f), strict=True)) for f in noisy]
-    moved = fidelity.measure(
-        reference, far, shapes=shapes, features=fidelity.feature_outputs(ir.from_proto(model))
-    )
+    moved = fidelity.measure(reference, far, kinds=kinds)
     assert moved["pooled"].neighbour_agreement < 0.98
     metrics = fidelity.gate_metrics(moved.values())
     gates = {g["expr"].split(">")[0]: g["passed"] for g in judged_gates([], metrics, DEFAULT_GATE)}
@@ -497,19 +496,25 @@ def test_box_distributions_are_read_as_their_decoder_reads_them():
         {**r, "boxes": r["boxes"].reshape(1, 16, 4, 8)[..., ::-1].reshape(1, 16, 32)}
         for r in reference
     ]
-    options = {
-        "shapes": fidelity.output_shapes(loaded),
-        "probabilities": fidelity.probability_outputs(loaded),
-        "box_distributions": fidelity.box_distribution_outputs(loaded),
-    }
-    same = fidelity.measure(reference, shifted, **options)["boxes"]
+    kinds = fidelity.OutputKinds.of(loaded)
+    assert kinds.probabilities == {"scores"} and kinds.box_distributions == {"boxes": 8}
+    same = fidelity.measure(reference, shifted, kinds=kinds)["boxes"]
     assert same.box_bins == 8 and same.channel_axis == 2 and same.channels == 4
     assert same.argmax_agreement is None
     assert same.worst_channel_sqnr_db > 100.0
-    moved = fidelity.measure(reference, swapped, **options)["boxes"]
+    moved = fidelity.measure(reference, swapped, kinds=kinds)["boxes"]
     assert moved.worst_channel_sqnr_db < 12.0  # below the default gate's bar
     decoded = fidelity.expected_bins(reference[0]["boxes"], 8)
     assert decoded.shape == (1, 16, 4) and np.all((decoded >= 0) & (decoded <= 7))
     # without the decoding the logits' shift reads as an error
-    raw = fidelity.measure(reference, shifted, shapes=options["shapes"])["boxes"]
-    assert raw.worst_channel_sqnr_db < 20.0
+    raw = fidelity.measure(reference, shifted, kinds=fidelity.OutputKinds(shapes=kinds.shapes))
+    assert raw["boxes"].worst_channel_sqnr_db < 20.0
+
+
+def test_the_comparison_reads_box_distributions_decoded():
+    """compare() reads the reference's output kinds, box distributions among them: the boxes
+    are judged by their 4 decoded sides."""
+    model = _gfl_head()
+    found = {f.name: f for f in comparison.compare(model, model, runs=0).fidelity}
+    assert found["boxes"].box_bins == 8 and found["boxes"].channels == 4
+    assert found["masks"].box_bins is None and found["scores"].box_bins is None

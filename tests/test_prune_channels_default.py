@@ -156,9 +156,9 @@ def test_sensitivity_reads_only_the_batches_its_output_channels_need():
     rng = np.random.default_rng(0)
     model = _two_branches(1.0)
     feeds = _context(model).data.first_batches(4)  # 2 samples each
-    sensitivity = object.__new__(Sensitivity)  # only its outputs, model and shapes are needed
+    sensitivity = object.__new__(Sensitivity)  # only its outputs, model and kinds are needed
     sensitivity.model = model
-    sensitivity.shapes = {}  # the stand-in outputs below have no declared shapes
+    sensitivity.kinds = fidelity.OutputKinds()  # the stand-in outputs declare nothing
     for shape, samples in (((2, 8, 8, 8), 4), ((1, 10), 8)):
         output = {"y": rng.standard_normal(shape).astype(np.float32)}
         sensitivity._outputs = lambda feeds, plan, output=output: [output] * len(feeds)

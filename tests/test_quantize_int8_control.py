@@ -38,9 +38,7 @@ def measured(model: ir.Model, result: ir.Model, feeds) -> fidelity.OutputFidelit
     names = [v.name for v in model.graph.outputs]
     reference = [dict(zip(names, run(model, f), strict=True)) for f in feeds]
     outputs = [dict(zip(names, run(result, f), strict=True)) for f in feeds]
-    found = fidelity.measure(
-        reference, outputs, probabilities=fidelity.probability_outputs(model)
-    ).values()
+    found = fidelity.measure(reference, outputs, kinds=fidelity.OutputKinds.of(model)).values()
     return min(found, key=lambda m: m.worst_channel_sqnr_db)
 
 

@@ -48,7 +48,7 @@ def _channel_errors(reference: ir.Model, model: ir.Model, feeds) -> np.ndarray:
     """Each output channel's error relative to its spread (1 - R²), on ``feeds``."""
     expected = [{"y": run(reference, feed)[0]} for feed in feeds]
     actual = [{"y": run(model, feed)[0]} for feed in feeds]
-    accumulator = fidelity.accumulators(["y"], {}, channel_axes={"y": 1})["y"]
+    accumulator = fidelity.accumulators(["y"], channel_axes={"y": 1})["y"]
     for a, b in zip(expected, actual, strict=True):
         accumulator.add(a["y"], b["y"])
     return accumulator.channel_errors()
@@ -137,9 +137,25 @@ def test_finetune_divides_each_channel_by_its_own_spread():
         boxes = 100 * rng.standard_normal((4, 2, 50))
         scores = np.concatenate([rng.uniform(0, 1, (4, 1, 50)), np.full((4, 1, 50), 1e-4)], 1)
         records.append({"teacher:y": np.concatenate([boxes, scores], 1), "x": boxes})
-    spreads = output_spreads(records, {"y"}, {})
+    spreads = output_spreads(records, fidelity.OutputKinds(probabilities=frozenset({"y"})))
     assert list(spreads) == ["y"] and spreads["y"].axis == 1
     stacked = np.concatenate([r["teacher:y"] for r in records])
     expected = stacked.transpose(1, 0, 2).reshape(4, -1).var(axis=1)
     expected[3] = fidelity.SCORE_ACTIVE**2
     np.testing.assert_allclose(spreads["y"].variance, expected, rtol=1e-9)
+
+
+def test_finetune_spreads_box_distributions_as_the_raw_logits_its_loss_compares():
+    """A box distribution is measured decoded (4 sides), but the loss compares its raw 4 × 8
+    logits: their spreads are per raw channel, as many as the logits have along the axis."""
+    rng = np.random.default_rng(0)
+    scale = np.geomspace(0.1, 10, 32)  # the last axis differs most in scale: the channel axis
+    records = [{"teacher:boxes": scale * rng.standard_normal((2, 16, 32))} for _ in range(2)]
+    kinds = fidelity.OutputKinds(box_distributions={"boxes": 8})
+    spreads = output_spreads(records, kinds)["boxes"]
+    assert spreads.axis == 2 and spreads.variance.size == 32
+    stacked = np.concatenate([r["teacher:boxes"] for r in records]).reshape(-1, 32)
+    np.testing.assert_allclose(spreads.variance, stacked.var(axis=0), rtol=1e-9)
+    decoded = fidelity.accumulators(["boxes"], kinds=kinds)["boxes"]
+    decoded.add(records[0]["teacher:boxes"], records[0]["teacher:boxes"])
+    assert decoded.channel_spreads().size == 4  # what a measure reads instead

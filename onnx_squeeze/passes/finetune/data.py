@@ -4,7 +4,7 @@ held-out feeds to measure fidelity on, and random minibatches."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,14 +57,14 @@ class Spread:
     variance: np.ndarray
 
 
-def output_spreads(
-    records: list[Feed], probabilities: set[str], shapes: Mapping[str, Sequence[Any]]
-) -> dict[str, Spread]:
+def output_spreads(records: list[Feed], kinds: fidelity.OutputKinds) -> dict[str, Spread]:
     """The :class:`Spread` of every float teacher output in ``records`` (one batch at a time;
-    ``shapes``: the declared output shapes, which say which axes may be channel axes)."""
+    ``kinds``: the teacher's, whose declared shapes say which axes may be channel axes). Box
+    distributions are spread as raw logits, undecoded: the loss compares those."""
     names = [key[len(TARGET) :] for key in records[0] if key.startswith(TARGET)]
     names = [n for n in names if np.issubdtype(records[0][TARGET + n].dtype, np.floating)]
-    found = fidelity.accumulators(names, shapes, probabilities=probabilities)
+    raw = dataclasses.replace(kinds, box_distributions={})
+    found = fidelity.accumulators(names, kinds=raw)
     for record in records:
         for name, accumulator in found.items():
             accumulator.add(record[TARGET + name], record[TARGET + name])
@@ -80,8 +80,7 @@ class HeldOut:
 
     feeds: list[Feed]
     outputs: list[dict[str, np.ndarray]]
-    probabilities: set[str] = dataclasses.field(default_factory=set)
-    shapes: dict[str, list[Any]] = dataclasses.field(default_factory=dict)  # declared outputs
+    kinds: fidelity.OutputKinds = dataclasses.field(default_factory=fidelity.OutputKinds)
 
     @property
     def samples(self) -> int:
@@ -100,10 +99,8 @@ class HeldOut:
         outputs, in onnxruntime."""
         student_run = TensorRunner(student, list(self.outputs[0]))
         results = [student_run(feed) for feed in self.feeds]
-        measured = fidelity.measure(self.outputs, results, shapes=self.shapes)
-        errors = fidelity.channel_error(
-            self.outputs, results, probabilities=self.probabilities, shapes=self.shapes
-        )
+        measured = fidelity.measure(self.outputs, results, kinds=self.kinds)
+        errors = fidelity.channel_error(self.outputs, results, kinds=self.kinds)
         cosines = [output.cosine for output in measured.values()]
         return min(cosines, default=1.0), max(errors.values(), default=0.0)
 
@@ -182,10 +179,9 @@ def prepare_data(
             record[LABELS] = np.asarray(feed[settings.labels_key])
         records.append(record)
     held_feeds = [{name: feed[name] for name in inputs} for feed in held_out]
-    probabilities = fidelity.probability_outputs(teacher)
-    shapes = fidelity.output_shapes(teacher)
-    held = HeldOut(held_feeds, [teacher_run(feed) for feed in held_feeds], probabilities, shapes)
-    return Data(_pool(records), held, output_spreads(records, probabilities, shapes))
+    kinds = fidelity.OutputKinds.of(teacher)
+    held = HeldOut(held_feeds, [teacher_run(feed) for feed in held_feeds], kinds)
+    return Data(_pool(records), held, output_spreads(records, kinds))
 
 
 def fixed_batch(model: ir.Model) -> int | None:

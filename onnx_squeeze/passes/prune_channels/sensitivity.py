@@ -85,8 +85,7 @@ class Sensitivity:
         # session at full optimization runs it about twice as fast as the runner's policy.
         self.session = runtime.create_session(self._masked(model), provider)
         self.names = [output.name for output in self.session.get_outputs()]
-        self.probabilities = fidelity.probability_outputs(model)
-        self.shapes = fidelity.output_shapes(model)
+        self.kinds = fidelity.OutputKinds.of(model)
 
     def _masked(self, model: ir.Model) -> ir.Model:
         """A clone whose producers' outputs are multiplied by inputs ``onnx_squeeze.mask.<i>``."""
@@ -131,7 +130,7 @@ class Sensitivity:
         """The first of ``feeds`` that give every output channel ``CHANNEL_VALUES`` values,
         at least ``MIN_BATCHES`` (all of them when they give fewer), joined into one run where
         the batch axis is free (each measurement then pays onnxruntime's per-run cost once)."""
-        first = fidelity.measure(*[self._outputs(feeds[:1], {})] * 2, shapes=self.shapes).values()
+        first = fidelity.measure(*[self._outputs(feeds[:1], {})] * 2, kinds=self.kinds).values()
         values = min((m.elements / max(m.channels, 1) for m in first), default=1.0)
         count = max(MIN_BATCHES, math.ceil(CHANNEL_VALUES / max(values, 1.0)))
         return joined(feeds[:count], _JOINED_SAMPLES, self.model)
@@ -139,10 +138,7 @@ class Sensitivity:
     def error(self, reference: list[dict], outputs: list[dict]) -> float:
         """Squared error relative to each output channel's spread over the feeds, averaged over
         the channels and summed over the outputs."""
-        found = fidelity.channel_error(
-            reference, outputs, probabilities=self.probabilities, shapes=self.shapes
-        )
-        return sum(found.values())
+        return sum(fidelity.channel_error(reference, outputs, kinds=self.kinds).values())
 
     def curves(self, feeds: list[dict], start: Mapping[int, int]) -> dict[int, ErrorCurve]:
         """Group id -> output error (:meth:`error`) against the share of its channels removed,

@@ -66,7 +66,7 @@ import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import onnx_ir as ir
 
@@ -334,16 +334,10 @@ class _Measure:
         self.quantized_copy = quantized_copy
         self.context = context
         self.gate = gates[0]
-        self.probabilities = fidelity.probability_outputs(model)
-        self.features = fidelity.feature_outputs(model)
-        self.shapes = fidelity.output_shapes(model)
+        self.kinds = fidelity.OutputKinds.of(model)
         first = _outputs(model, context.data.first_batches(batches), context)
         agreement = any(gate.metric in AGREEMENT_METRICS for gate in gates)
-        per_batch = (
-            _reads(first, self.shapes, self.probabilities, self.features)
-            if agreement
-            else _channel_values(first, self.shapes)
-        )
+        per_batch = _reads(first, self.kinds) if agreement else _channel_values(first, self.kinds)
         needed = AGREEMENT_POSITIONS if agreement else CHANNEL_VALUES
         checks = min(max(batches, math.ceil(needed / per_batch)), CHECK_BATCHES)
         feeds = context.data.first_batches(batches + checks)
@@ -378,13 +372,7 @@ class _Measure:
     def reading(self, model: ir.Model, on: str) -> Reading:
         """The metric of ``model``'s outputs on the feeds named ``on`` (no run counted)."""
         result = _outputs(model, self.feeds[on], self.context)
-        measured = fidelity.measure(
-            self.reference[on],
-            result,
-            probabilities=self.probabilities,
-            shapes=self.shapes,
-            features=self.features,
-        )
+        measured = fidelity.measure(self.reference[on], result, kinds=self.kinds)
         value = metric_of(measured, self.gate.metric)
         value = math.nan if value is None else value
         if self.ranked_by_sqnr:
@@ -437,13 +425,7 @@ class _Measure:
         """Whether some output of the model has the gate's metric (float outputs, a classifier
         for top-1, probabilities for score_cosine ...)."""
         reference = self.reference["check"]
-        measured = fidelity.measure(
-            reference,
-            reference,
-            probabilities=self.probabilities,
-            shapes=self.shapes,
-            features=self.features,
-        )
+        measured = fidelity.measure(reference, reference, kinds=self.kinds)
         return metric_of(measured, self.gate.metric) is not None
 
     def gap(self, value: float) -> float:
@@ -850,26 +832,19 @@ def metric_of(measured: Mapping[str, fidelity.OutputFidelity], metric: str) -> f
     return fidelity.gate_metrics(measured.values()).get(metric)
 
 
-def _channel_values(outputs: Sequence[Feed], shapes: Mapping[str, Sequence[Any]]) -> float:
+def _channel_values(outputs: Sequence[Feed], kinds: fidelity.OutputKinds) -> float:
     """The fewest values per output channel that a batch of ``outputs`` gives (as the
     fidelity measure finds channels)."""
-    measured = fidelity.measure(outputs, outputs, shapes=shapes).values()
+    measured = fidelity.measure(outputs, outputs, kinds=kinds).values()
     values = min((m.elements / m.channels for m in measured), default=1.0)
     return max(values / len(outputs), 1.0)
 
 
-def _reads(
-    outputs: Sequence[Feed],
-    shapes: Mapping[str, Sequence[Any]],
-    probabilities: Any,
-    features: Any = frozenset(),
-) -> float:
+def _reads(outputs: Sequence[Feed], kinds: fidelity.OutputKinds) -> float:
     """The fewest reads an agreement counts per batch of ``outputs``, over the outputs that
     have one: positions, or for a CTC sequence the lines (ppocr_rec: 40 steps, one line), or
     the scores at or above a threshold."""
-    measured = fidelity.measure(
-        outputs, outputs, probabilities=probabilities, shapes=shapes, features=features
-    )
+    measured = fidelity.measure(outputs, outputs, kinds=kinds)
     reads = [m.reads for m in measured.values() if m.argmax_agreement is not None]
     reads += [m.score_reads for m in measured.values() if m.score_agreement is not None]
     reads += [m.neighbour_reads for m in measured.values() if m.neighbour_agreement is not None]

@@ -35,8 +35,6 @@ constants written with undo), :mod:`.settings`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
@@ -67,14 +65,13 @@ def _output_error(
     student: ir.Model,
     reference: list[dict[str, np.ndarray]],
     feeds: list[Feed],
-    probabilities: set[str],
-    shapes: dict[str, list[Any]],
+    kinds: fidelity.OutputKinds,
 ) -> float:
     """The worst graph output's error on ``feeds``: the mean over its channels of each channel's
-    1 - R² (:func:`fidelity.channel_error`, channel axes among the declared ``shapes``' fixed
-    ones, as the final comparison chooses them), so that scores beside pixel boxes count."""
+    1 - R² (:func:`fidelity.channel_error`, the outputs read as the final comparison reads the
+    teacher's ``kinds``), so that scores beside pixel boxes count."""
     outputs = _outputs(student, list(reference[0]), feeds)
-    found = fidelity.channel_error(reference, outputs, probabilities=probabilities, shapes=shapes)
+    found = fidelity.channel_error(reference, outputs, kinds=kinds)
     return max(found.values(), default=0.0)
 
 
@@ -136,9 +133,8 @@ class Reconstruct(Pass):
         feeds, positions = _affordable(feeds, teacher, context, self.settings.positions, report)
         feeds = joined(feeds, _BATCH, teacher)
         reference = _outputs(teacher, [v.name for v in model.graph.outputs], feeds)
-        probabilities = fidelity.probability_outputs(teacher)
-        shapes = fidelity.output_shapes(teacher)
-        before = _output_error(model, reference, feeds, probabilities, shapes)
+        kinds = fidelity.OutputKinds.of(teacher)
+        before = _output_error(model, reference, feeds, kinds)
         edits = Edits(model, teacher)
         every = self.settings.refresh_every
         waves = [
@@ -151,7 +147,7 @@ class Reconstruct(Pass):
             for wave in chunk:
                 Wave(wave, self.settings).fit(model, feeds, targets, edits, report)
             del targets
-        after = _output_error(model, reference, feeds, probabilities, shapes)
+        after = _output_error(model, reference, feeds, kinds)
         summary = (
             "output error vs teacher (worst output's mean per-channel 1 - R², calibration data): "
             f"{before:.4g} -> {after:.4g}"
