@@ -388,9 +388,18 @@ class OutputFidelity:
     # the decoded sides (expected bins), its channels the sides.
     box_bins: int | None = None
 
+    @property
+    def read_by_value(self) -> bool:
+        """Whether the output is read by its values: not a distribution over classes (read by
+        its argmax) nor a map of scores only, read by their decisions (score_agreement):
+        PP-PicoDet's score maps took the anchors for channels, and an anchor that scores in
+        one model only read -200 dB where the regions hardly moved."""
+        scores_only = self.score_agreement is not None and self.score_channels == self.channels
+        return not self.class_probabilities and not scores_only
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict; non-finite numbers become strings ("inf", "nan")."""
-        data = dataclasses.asdict(self)
+        data = {**dataclasses.asdict(self), "read_by_value": self.read_by_value}
         for key, value in data.items():
             if isinstance(value, float) and not math.isfinite(value):
                 data[key] = str(value)
@@ -725,7 +734,8 @@ def gate_metrics(outputs: Iterable[OutputFidelity]) -> dict[str, float]:
     """The fidelity metrics that gates read, over all outputs (see :mod:`onnx_squeeze.gates`):
     cosine, sqnr_db, worst_channel_sqnr_db, worst_channel_cosine: worst (lowest) output;
     worst_value_channel_sqnr_db: the same over the outputs read by value (all but class
-    probabilities); max_abs_error, mean_abs_error: worst (highest); top1_agreement,
+    probabilities and maps of scores only: :attr:`OutputFidelity.read_by_value`);
+    max_abs_error, mean_abs_error: worst (highest); top1_agreement,
     score_cosine, score_agreement, argmax_agreement, token_agreement: lowest over the outputs
     that have them;
     nonfinite: the non-finite values in B's outputs. A metric no output has is absent; NaN anywhere is NaN."""
@@ -733,7 +743,7 @@ def gate_metrics(outputs: Iterable[OutputFidelity]) -> dict[str, float]:
     if not outputs:
         return {}
     metrics = {"nonfinite": float(sum(f.nonfinite_b for f in outputs))}
-    by_value = [f for f in outputs if not f.class_probabilities]
+    by_value = [f for f in outputs if f.read_by_value]
     for key, attribute, pick, among in (
         ("cosine", "cosine", min, outputs),
         ("max_abs_error", "max_abs", max, outputs),

@@ -51,8 +51,9 @@ METRICS: dict[str, tuple[str, str]] = {
     ),
     "worst_value_channel_sqnr_db": (
         "worst_channel_sqnr_db over the outputs read by value: every output but class "
-        "probabilities (a softmax over classes, which argmax_agreement judges)",
-        "every output is a softmax over classes",
+        "probabilities (a softmax over classes, which argmax_agreement judges) and maps of "
+        "scores only (which score_agreement judges)",
+        "every output is a softmax over classes or a map of scores",
     ),
     "worst_channel_cosine": (
         "cosine of the worst output channel, worst output",

@@ -195,8 +195,8 @@ def _few_score_reads(output: Mapping[str, Any]) -> list[str]:
 
 
 def _weak_channels(output: Mapping[str, Any], warn_sqnr_db: float) -> list[str]:
-    """Class probabilities whose top class agrees too rarely, or a value channel below
-    ``warn_sqnr_db``."""
+    """Class probabilities whose top class agrees too rarely, or a channel of an output read by
+    value below ``warn_sqnr_db``."""
     name = output["name"]
     if output.get("class_probabilities"):
         agreement = _number(output.get("argmax_agreement"))
@@ -213,8 +213,8 @@ def _weak_channels(output: Mapping[str, Any], warn_sqnr_db: float) -> list[str]:
             f"{output.get('channel_axis')})"
         ]
     worst = _number(output.get("worst_channel_sqnr_db"))
-    if worst is None or worst >= warn_sqnr_db:
-        return []
+    if worst is None or worst >= warn_sqnr_db or output.get("read_by_value") is False:
+        return []  # a map of scores only is read by its decisions (score_agreement)
     channel = output.get("worst_sqnr_channel")
     where = (
         f"channel {channel} (axis {output.get('channel_axis')})"

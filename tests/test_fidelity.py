@@ -518,3 +518,27 @@ def test_the_comparison_reads_box_distributions_decoded():
     found = {f.name: f for f in comparison.compare(model, model, runs=0).fidelity}
     assert found["boxes"].box_bins == 8 and found["boxes"].channels == 4
     assert found["masks"].box_bins is None and found["scores"].box_bins is None
+
+
+def test_a_map_of_scores_only_is_judged_by_its_decisions_not_by_value():
+    """A detector's score map beside its boxes: a new detection at one anchor is a lost
+    decision (score_agreement), while the per-channel SQNR of a map of near-zero scores
+    swings on it; the value gate reads the boxes alone, the score map by its decisions."""
+    rng = np.random.default_rng(0)
+    scores = (rng.random((1, 300, 4)) * 0.03).astype(np.float32)
+    scores[0, 10:14, 1], scores[0, 100:103, 2], scores[0, 200, 0] = 0.9, 0.8, 0.7
+    moved = scores.copy()
+    moved[0, 50, 3] = 0.6  # a detection only the result makes
+    boxes = (rng.random((1, 300, 4)) * 100).astype(np.float32)
+    kinds = fidelity.OutputKinds(probabilities=frozenset({"scores"}))
+    measured = fidelity.measure(
+        [{"scores": scores, "boxes": boxes}] * 4,
+        [{"scores": moved, "boxes": boxes + 0.01}] * 4,
+        kinds=kinds,
+    )
+    assert not measured["scores"].read_by_value and measured["boxes"].read_by_value
+    assert measured["scores"].to_dict()["read_by_value"] is False
+    metrics = fidelity.gate_metrics(measured.values())
+    assert metrics["worst_channel_sqnr_db"] < 0  # the score map's, read by value
+    assert metrics["worst_value_channel_sqnr_db"] == measured["boxes"].worst_channel_sqnr_db
+    assert metrics["score_agreement"] < 0.9
