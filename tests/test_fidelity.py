@@ -542,3 +542,32 @@ def test_a_map_of_scores_only_is_judged_by_its_decisions_not_by_value():
     assert metrics["worst_channel_sqnr_db"] < 0  # the score map's, read by value
     assert metrics["worst_value_channel_sqnr_db"] == measured["boxes"].worst_channel_sqnr_db
     assert metrics["score_agreement"] < 0.9
+
+
+def test_a_rectified_feature_map_is_read_by_value_not_by_its_top_channel():
+    """A YOLO segmentation head's mask prototypes come out of a SiLU (``x * Sigmoid(x)``): a
+    feature map, whose top channel per pixel is no class. Segmentation logits straight out of
+    a Conv are still read by their argmax."""
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        heads (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] protos, float[1, 4, 8, 8] logits) {
+            p = Conv (x, w)
+            s = Sigmoid (p)
+            protos = Mul (p, s)
+            logits = Conv (x, w)
+        }
+    """
+    proto = onnx.parser.parse_model(text)
+    weight = np.random.default_rng(0).standard_normal((4, 3, 1, 1)).astype(np.float32)
+    proto.graph.initializer.append(numpy_helper.from_array(weight, "w"))
+    model = ir.from_proto(proto)
+    assert fidelity.feature_outputs(model) == {"protos"}
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    b = a + rng.standard_normal(a.shape).astype(np.float32) * 0.3  # top channels move
+    kinds = fidelity.OutputKinds.of(model)
+    measured = fidelity.measure(
+        [{"protos": a, "logits": a}], [{"protos": b, "logits": b}], kinds=kinds
+    )
+    assert measured["protos"].argmax_agreement is None
+    assert measured["logits"].argmax_agreement is not None
