@@ -4,9 +4,9 @@ passes' default searches (how much to prune, how low to factorize) judge their c
 The reference's outputs are computed once per named set of feeds (``search``, ``check``...); a
 candidate is run on a set, measured per output channel (:mod:`fidelity`) and judged by the
 gate the run aims at (``target``, else ``verdict.DEFAULT_GATE``: the conditions that apply to
-the model's outputs), as the final comparison will judge the result, but an agreement only as
-far as a search may count on it (:func:`gates.counted_on`: the searches keep the best of
-several candidates measured on a few reads).
+the model's outputs), as the final comparison will judge the result, but an agreement as a
+decision (:func:`gates.decided`: at its lower bound where the gate allows enough disagreements
+among the reads, since the searches keep the best of several candidates measured on a few).
 """
 
 from __future__ import annotations
@@ -48,17 +48,14 @@ class GateCheck:
         """(whether ``model`` meets the gate on the feeds named ``on``, what was measured)."""
         measured = fidelity.measure(self.reference[on], self._outputs(model, on), kinds=self.kinds)
         metrics = fidelity.gate_metrics(measured.values())
-        reads = {m: fidelity.counted_reads(measured.values(), m) for m in gates.AGREEMENT_METRICS}
-        counted = gates.counted_metrics(metrics, reads)
-        results = gates.judged([self.target] if self.target else [], counted, DEFAULT_GATE)
+        results = gates.judged([self.target] if self.target else [], metrics, DEFAULT_GATE)
         said = "; ".join(result["message"] for result in results)
-        if bounded := [m for m in counted if counted[m] != metrics[m]]:
-            said += (
-                " ("
-                + ", ".join(
-                    f"{m} {metrics[m]:.4g} of {reads[m]:.0f} reads at its lower bound"
-                    for m in bounded
-                )
-                + ")"
-            )
-        return all(result["passed"] for result in results), said
+        passed = all(result["passed"] for result in results)
+        for gate in gates.parse_gates([r["expr"] for r in results if r["passed"]]):
+            if gate.metric in gates.AGREEMENT_METRICS:
+                reads = fidelity.counted_reads(measured.values(), gate.metric)
+                if not gates.decided(gate, metrics[gate.metric], reads):
+                    bound = gates.counted_on(metrics[gate.metric], reads)
+                    said += f" ({gate.metric} of {reads:.0f} reads: {bound:.4g} at its lower bound)"
+                    passed = False
+        return passed, said
