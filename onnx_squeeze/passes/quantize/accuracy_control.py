@@ -374,11 +374,10 @@ class _Measure:
     def __call__(self, floated: Sequence[str], on: str = "search") -> Reading:
         """The metric with the ``floated`` anchors in float (NaN where no output has it)."""
         self.runs += 1
-        return self.reading(self.copy(floated), on)
+        return self.reading(_outputs(self.copy(floated), self.feeds[on], self.context), on)
 
-    def reading(self, model: ir.Model, on: str) -> Reading:
-        """The metric of ``model``'s outputs on the feeds named ``on`` (no run counted)."""
-        result = _outputs(model, self.feeds[on], self.context)
+    def reading(self, result: Sequence[Feed], on: str) -> Reading:
+        """The metric of a model's outputs ``result`` on the feeds named ``on``."""
         measured = fidelity.measure(self.reference[on], result, kinds=self.kinds)
         value = metric_of(measured, self.gate.metric)
         value = math.nan if value is None else value
@@ -524,11 +523,12 @@ def _against_what_came_before(measure: _Measure, gates: Sequence[Gate], report: 
     """Hold the layers to the error they add where the model before quantization already
     misses a gate against the original (a pruning the user asked for): no layer in float
     could then hold it."""
+    outputs = _outputs(measure.model, measure.feeds["check"], measure.context)  # once
     for gate in gates:
         measure.gate = gate
         if not measure.measurable():
             continue
-        reading = measure.reading(measure.model, "check")
+        reading = measure.reading(outputs, "check")
         if not measure.holds(reading):
             report.notes.append(
                 f"accuracy control: the model before quantization already misses {gate} "
