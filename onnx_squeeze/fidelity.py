@@ -394,6 +394,9 @@ class OutputFidelity:
     score_agreement: float | None = None
     score_threshold: float | None = None
     score_reads: int = 0
+    # The reads above counted as independent ones (see :func:`independent_reads`): the
+    # anchors around one object in one image decide together.
+    score_independent_reads: float = 0.0
     # A score channel whose decisions are dense (at or above 0.5 at more than DENSE_DECISIONS
     # of its positions): the output's score decisions are then not read.
     dense_score_channel: int | None = None
@@ -405,8 +408,10 @@ class OutputFidelity:
     # the share of steps, and the class read as the blank.
     token_agreement: float | None = None
     position_agreement: float | None = None
-    # What argmax_agreement counts: positions, or the sequences of a CTC output.
+    # What argmax_agreement counts: positions, or the sequences of a CTC output; and as many
+    # independent ones (see :func:`independent_reads`): the pixels of one image move together.
     reads: int = 0
+    independent_reads: float = 0.0
     ctc_blank: int | None = None
     # A softmax over classes (see the module doc): read by its argmax.
     class_probabilities: bool = False
@@ -469,6 +474,9 @@ class OutputAccumulator:
         self.rows = 0
         self.argmax_matches = 0
         self.positions = 0
+        # Σ over feeds of matches², matches·positions, positions² and the feeds that had any:
+        # the spread of the agreement between feeds (see independent_reads).
+        self.argmax_moments = np.zeros((4, 1))
         # Top classes per sequence ([sequences, steps] per feed) of rank-3 outputs, for CTC.
         self.steps: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
         # A pooled embedding's vectors ([samples, dims] per feed), for nearest neighbours.
@@ -498,6 +506,11 @@ class OutputAccumulator:
         for key, value in self.sums.items():
             merge = np.min if key == "low" else np.max if key == "high" else np.sum
             self.sums[key] = merge(value, axis=0, keepdims=True)
+
+    def _count_positions(self, matches: int, positions: int) -> None:
+        self.argmax_matches += matches
+        self.positions += positions
+        self.argmax_moments += _moments(np.array([matches]), np.array([positions]))
 
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
         if self.box_bins:
@@ -535,8 +548,7 @@ class OutputAccumulator:
             and not self.features
         ):
             top_a, top_b = a.argmax(axis=axis), b.argmax(axis=axis)
-            self.argmax_matches += int(np.count_nonzero(top_a == top_b))
-            self.positions += top_a.size
+            self._count_positions(int(np.count_nonzero(top_a == top_b)), top_a.size)
             if a.ndim == 3:
                 time = sequences.time_axis(a.shape, axis, self.fixed)
                 time -= time > axis
@@ -549,8 +561,7 @@ class OutputAccumulator:
         elif self.probabilities and np.issubdtype(a.dtype, np.floating):
             # One probability per position, no classes beside it (a sigmoid's binary decision,
             # voice activity, a text map): read where it crosses 0.5.
-            self.argmax_matches += int(np.count_nonzero((a >= 0.5) == (b >= 0.5)))
-            self.positions += a.size
+            self._count_positions(int(np.count_nonzero((a >= 0.5) == (b >= 0.5))), a.size)
         elif (
             self.features
             and not self.box_bins
@@ -573,6 +584,7 @@ class OutputAccumulator:
         sums = {
             "above_both": above_both,
             "above_either": above_either,
+            "above_moments": _moments(above_both, above_either),
             "half_a": np.count_nonzero(x >= 0.5, axis=1).astype(np.float64)
             if self.probabilities
             else np.zeros(x.shape[0]),
@@ -685,10 +697,12 @@ class OutputAccumulator:
             dense = int(np.argmax(crowded)) if crowded.any() else None
         if dense is None and scores.any() and not decisions and not class_probabilities:
             read = _score_decisions(
-                s["above_both"][scores].sum(axis=0), s["above_either"][scores].sum(axis=0)
+                s["above_both"][scores].sum(axis=0),
+                s["above_either"][scores].sum(axis=0),
+                s["above_moments"][scores].sum(axis=0),
             )
             if s["mismatched"][scores].any():  # non-finite where the reference is not
-                read = (math.nan, *(read[1:] if read else (float(SCORE_THRESHOLDS[0]), 0)))
+                read = (math.nan, *(read[1:] if read else (float(SCORE_THRESHOLDS[0]), 0, 0.0)))
         position = self.argmax_matches / self.positions if self.positions and readable else None
         blank = (
             sequences.ctc_blank(self.steps[0])
@@ -696,6 +710,7 @@ class OutputAccumulator:
             else None
         )
         argmax, tokens = position, None
+        sequences_read = sum(len(s) for s in self.steps[0])  # a CTC output reads lines
         if blank is not None:
             argmax, tokens = sequences.agreements(*self.steps, blank)
         total = float(s["count"].sum())
@@ -729,13 +744,19 @@ class OutputAccumulator:
             ),
             argmax_agreement=argmax,
             token_agreement=tokens,
-            reads=self.positions if blank is None else sum(len(s) for s in self.steps[0]),
+            reads=self.positions if blank is None else sequences_read,
+            independent_reads=(
+                independent_reads(self.argmax_matches, self.positions, self.argmax_moments[:, 0])
+                if blank is None
+                else float(sequences_read)
+            ),
             position_agreement=position if blank is not None else None,
             ctc_blank=blank,
             class_probabilities=class_probabilities,
             score_agreement=read[0] if read else None,
             score_threshold=read[1] if read else None,
             score_reads=read[2] if read else 0,
+            score_independent_reads=read[3] if read else 0.0,
             dense_score_channel=dense,
             relative_error=relative,
             box_bins=self.box_bins,
@@ -756,6 +777,7 @@ _SUMS = (
     "active",
     "above_both",
     "above_either",
+    "above_moments",
     "half_a",
     "low",
     "high",
@@ -808,16 +830,48 @@ def _above(x: np.ndarray, y: np.ndarray, thresholds: Sequence[float]) -> tuple[n
     return both, either
 
 
-def _score_decisions(both: np.ndarray, either: np.ndarray) -> tuple[float, float, int] | None:
-    """score_agreement, its threshold and reads from the counts pooled over the score channels
-    (see the module doc); None when no score reaches the lowest threshold."""
+def _score_decisions(
+    both: np.ndarray, either: np.ndarray, moments: np.ndarray
+) -> tuple[float, float, int, float] | None:
+    """score_agreement, its threshold, its reads and as many independent ones from the counts
+    pooled over the score channels (see the module doc; ``moments``: :func:`_moments` per
+    threshold); None when no score reaches the lowest threshold."""
     if not either.any():
         return None
     enough = np.flatnonzero(either >= ENOUGH_READS)
     candidates = enough if enough.size else [int(np.argmax(either))]
     shares = {int(i): both[i] / either[i] for i in candidates}
     worst = min(reversed(shares), key=shares.__getitem__)  # ties: the fewest reads
-    return float(shares[worst]), float(SCORE_THRESHOLDS[worst]), int(either[worst])
+    independent = independent_reads(both[worst], either[worst], moments[..., worst])
+    return float(shares[worst]), float(SCORE_THRESHOLDS[worst]), int(either[worst]), independent
+
+
+def _moments(agreed: np.ndarray, reads: np.ndarray) -> np.ndarray:
+    """The sums :func:`independent_reads` needs from one group of reads (one feed of one
+    channel): agreed², agreed·reads, reads², and 1 where it had any, stacked on axis -2 of
+    what ``agreed`` and ``reads`` hold per channel and threshold."""
+    agreed, reads = np.asarray(agreed, np.float64), np.asarray(reads, np.float64)
+    return np.stack([agreed * agreed, agreed * reads, reads * reads, (reads > 0) * 1.0], axis=-2)
+
+
+def independent_reads(agreed: float, reads: float, moments: np.ndarray) -> float:
+    """How many independent reads an agreement ``agreed`` / ``reads`` is worth, from how much
+    it differs between the groups its reads came in (``moments``: :func:`_moments` summed
+    over the groups): the reads of one group (the anchors around one object, the pixels of one
+    image) often decide together, and counted one by one they promise a bound that other data
+    will not keep. nudenet's INT8 read 0.906 of 266 score decisions on 32 calibration images
+    (0.887 at the bound) and 0.845 of 58 on 26 others. The ratio estimator's variance over
+    groups (cluster sampling) gives share·(1 - share) / variance reads, never more than
+    counted; as counted where every read agrees, or with fewer than 2 groups."""
+    squared, cross, squares, groups = (float(m) for m in moments)
+    if reads <= 0:
+        return 0.0
+    share = agreed / reads
+    residual = squared - 2 * share * cross + share * share * squares
+    if not 0 < share < 1 or groups < 2 or residual <= 0:
+        return float(reads)
+    variance = residual * groups / (groups - 1) / (reads * reads)
+    return float(min(reads, share * (1 - share) / variance))
 
 
 def _neighbours(vectors: tuple[list[np.ndarray], list[np.ndarray]]) -> dict[str, Any]:
@@ -963,7 +1017,11 @@ def channel_error(
 def counted_reads(outputs: Iterable[OutputFidelity], metric: str) -> float:
     """The fewest reads that agreement ``metric`` counted over the ``outputs`` that have it:
     positions (or CTC lines), score decisions, neighbours or rows; infinite where none has it."""
-    field = {"score_agreement": "score_reads", "neighbour_agreement": "neighbour_reads"}
+    field = {
+        "score_agreement": "score_independent_reads",
+        "neighbour_agreement": "neighbour_reads",
+        "argmax_agreement": "independent_reads",
+    }
     name = field.get(metric, "samples" if metric == "top1_agreement" else "reads")
     counts = [getattr(m, name) for m in outputs if getattr(m, metric, None) is not None]
     return float(min(counts)) if counts and min(counts) > 0 else math.inf

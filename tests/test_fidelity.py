@@ -364,6 +364,42 @@ def test_score_decisions_need_scores_along_a_channel_axis_outside_a_softmax():
     assert classes.result().argmax_agreement == 1.0
 
 
+def test_decisions_that_move_together_count_as_fewer_reads():
+    """An object lights several anchors of one class in one image, and they keep or lose their
+    decision together: 40 images of 10 such anchors each, a fifth of the images losing theirs,
+    count as about 40 reads, not 400 (the bound a search aims at widens); anchors that decide
+    one by one count as many reads as they are. The same for a segmentation map's pixels."""
+    rng = np.random.default_rng(0)
+    grouped = fidelity.OutputAccumulator("s", axis=1, probabilities=True)
+    alone = fidelity.OutputAccumulator("s", axis=1, probabilities=True)
+    pixels = fidelity.OutputAccumulator("p", axis=1)
+    for image in range(40):
+        scores = np.full((1, 3, 100), 0.01)
+        scores[0, image % 3, :10] = 0.9  # one object, 10 anchors of its class
+        lost = scores.copy()
+        if image % 5 == 0:  # a fifth of the images lose their object
+            lost[0, image % 3, :10] = 0.01
+        grouped.add(scores, lost)
+        single = scores.copy()
+        single[0, image % 3, 10:] = 0.01
+        flip = single.copy()
+        flip[0, image % 3, rng.choice(10, 2, replace=False)] = 0.01  # 2 of 10 at random
+        alone.add(single, flip)
+        classes = np.zeros((1, 2, 20, 20))
+        classes[0, 1] = 1.0
+        pixels.add(classes, classes[:, ::-1] if image % 5 == 0 else classes)
+    together, apart, maps = grouped.result(), alone.result(), pixels.result()
+    assert together.score_agreement == pytest.approx(0.8) and together.score_reads == 400
+    assert 30 <= together.score_independent_reads <= 50
+    assert apart.score_agreement == pytest.approx(0.8)
+    assert apart.score_independent_reads >= 0.8 * apart.score_reads
+    assert maps.argmax_agreement == pytest.approx(0.8) and maps.reads == 40 * 400
+    assert 30 <= maps.independent_reads <= 50
+    assert fidelity.counted_reads([together], "score_agreement") == pytest.approx(
+        together.score_independent_reads
+    )
+
+
 def test_score_decisions_fail_where_the_result_is_not_finite():
     scores = 1 / (1 + np.exp(3 - np.random.default_rng(0).standard_normal((4, 6, 50))))
     acc = fidelity.OutputAccumulator("s", axis=1, probabilities=True)
