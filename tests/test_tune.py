@@ -842,3 +842,33 @@ def test_a_pilot_arm_whose_pruning_removes_nothing_ends_there(files, tmp_path, m
     pilot = [d for d in drawn if d[0] > 0][:3]
     assert pilot == [(0.35, "int8", 0), (0.35, "none", 0), (0.7, "none", 300)]
     assert (0.175, "int8", 0) not in drawn[:4] and (0.525, "int8", 0) not in drawn[:4]
+
+
+def test_drawing_stops_after_patience_draws_that_come_no_closer(files, tmp_path):
+    """An out-of-reach target: after ``patience`` draws in a row that come no closer, the
+    search stops drawing (and still judges the best on all the data)."""
+    lines: list[str] = []
+    found = _search(
+        files,
+        tmp_path,
+        Synthetic(),
+        space=PRUNE_INT8,
+        trials=40,
+        patience=3,
+        targets=parse_targets(["latency=0.01"]),
+        echo=lines.append,
+    )
+    assert not found.met
+    drawn = [t for t in found.trials if t.stage == "full"]
+    assert len(drawn) < 40
+    assert any("no closer in the last 3 draws" in line for line in lines)
+    unlimited = _search(
+        files,
+        tmp_path / "all",
+        Synthetic(),
+        space=PRUNE_INT8,
+        trials=12,
+        patience=0,
+        targets=parse_targets(["latency=0.01"]),
+    )
+    assert len([t for t in unlimited.trials if t.stage == "full"]) >= 12

@@ -64,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--trials", type=int, default=20, help="candidates to draw (default 20)")
     parser.add_argument(
+        "--patience",
+        type=int,
+        default=6,
+        metavar="N",
+        help="stop drawing after N draws in a row that come no closer (default 6; 0: draw --trials)",
+    )
+    parser.add_argument(
         "--time-budget",
         type=duration,
         metavar="30m",
@@ -161,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         samples=args.samples,
         seed=args.seed,
         first=args.first,
+        patience=args.patience,
         echo=lambda line: console.print(line, markup=False, highlight=False),
     )
     table = Table(title=f"tune: {found.data['model']} (latency measured on {found.where})")

@@ -247,6 +247,7 @@ def tune(
     samples: int = 8,
     seed: int = 0,
     first: bool = False,
+    patience: int = 6,
     echo: Callable[[str], None] = print,
 ) -> results_module.TuneResult:
     """Search recipes for one that meets every target (``"latency=0.5"``: half the original's
@@ -262,7 +263,9 @@ def tune(
     Pareto front; nothing is written to ``output`` when no trial meets everything. ``first``:
     stop at the first candidate that meets everything on all the evaluation data (a candidate
     ranked on the subset that does is judged on all of it at once), for the search's time
-    rather than the most metric kept.
+    rather than the most metric kept. ``patience``: stop drawing after that many draws in a row
+    that come no closer to the targets, nor keep more of the metric where they are met (0:
+    draw ``trials``); the best drawn is still judged on all the data.
     """
     targets = [
         one for t in targets for one in ([t] if isinstance(t, Target) else parse_targets([t]))
@@ -334,6 +337,7 @@ def tune(
             eta=eta,
             bisect_steps=bisect_steps,
             seed=seed,
+            patience=patience,
         )
     finally:
         if isinstance(executor, str):  # made here: its processes (or Ray connection) end here
@@ -362,9 +366,10 @@ def _strategy(
     eta: int,
     bisect_steps: int,
     seed: int,
+    patience: int = 0,
 ) -> Trial:
-    """The reference, the pilot and TPE's draws (on the subset), the promotions, the
-    bisection; returns the reference trial."""
+    """The reference, the pilot and TPE's draws (on the subset; ``patience``: see
+    :func:`tune`), the promotions, the bisection; returns the reference trial."""
     (reference,) = search.run([(REFERENCE, {})])
     search.reference = reference
     if not reference.ok:
@@ -408,11 +413,22 @@ def _strategy(
     )
     drawn = _presets(search, space, stage, limit, trials, deadline)
     drawn += _pilot(search, space, study, stage, limit, trials - drawn, deadline)
+    drawn_trials = [t for t in search.trials if t.stage == stage and t.ok]
+    best = min(map(search.objective, drawn_trials), default=math.inf)
+    stale = 0  # draws in a row that came no closer (patience)
     while drawn < trials and time.monotonic() < deadline and not search.done:
+        if patience and stale >= patience:
+            search.echo(
+                f"no closer in the last {stale} draws: drawing stops at {drawn} of {trials}"
+            )
+            break
         asked = [study.ask() for _ in range(min(max(1, jobs), trials - drawn))]
         points = [space.draw(ask) for ask in asked]
         for ask, trial in zip(asked, search.run([(stage, p) for p in points], limit), strict=True):
-            study.tell(ask, search.objective(trial))
+            objective = search.objective(trial)
+            study.tell(ask, objective)
+            stale = 0 if objective < best else stale + 1
+            best = min(best, objective)
         drawn += len(asked)
     if (
         stage == SUBSET and not search.done
