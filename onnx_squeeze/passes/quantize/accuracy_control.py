@@ -362,7 +362,13 @@ class _Measure:
         # the original's outputs where the pipeline gives it (the passes before this one err
         # too, and the gate judges the result against the original), else the model's own
         original = context.teacher if context.teacher is not None else model
-        self.reference = {key: _outputs(original, f, context) for key, f in self.feeds.items()}
+        if original is model and len(first) >= len(feeds):  # measured already
+            self.reference = {
+                "search": first[:batches],
+                "check": first[batches : len(feeds)] or first[:batches],
+            }
+        else:
+            self.reference = {key: _outputs(original, f, context) for key, f in self.feeds.items()}
         self.against_original = original is not model
         self.model = model
         self.runs = 0
