@@ -388,6 +388,22 @@ def test_accuracy_control_is_skipped_on_random_data():
     assert not any("left float" in n or "holds with" in n for n in report.notes)
 
 
+def test_a_target_asked_for_on_random_data_is_worked_towards_and_a_miss_reported():
+    """A target asked for (tune's searches of synthetic models) is held on random data as far
+    as the bounds allow; a miss there says nothing about the task: the model is quantized as
+    far as the control went, and the warning says to pass real data."""
+    model = chain_model()
+    source = RandomSource(runtime.input_specs(model), 32, seed=0, batch_size=4)
+    _, report = quantize(
+        model, source, target="cosine>=0.99999", control_float_macs=0.0, control_latency_ratio=0
+    )
+    assert len(report.changed) == _LAYERS
+    note = next(n for n in report.notes if "on RANDOM data, which says nothing" in n)
+    assert "not left float" in note and "--calib" in note
+    assert any("calibration batches of RANDOM data" in n for n in report.notes)
+    assert not any(n.startswith("WARNING: every layer left float") for n in report.notes)
+
+
 @pytest.mark.parametrize(
     ("share", "reads", "holds"),
     [
@@ -497,7 +513,7 @@ def test_accuracy_control_steps_back_when_the_best_layer_does_not_help(monkeypat
     assert [r.node for r in report.skipped] == ["m1"]
     note = report.notes[-1]
     assert "NOT met with 1 of 8 layers in float" in note and "5 -> 8" in note
-    assert "stepped back from m" in note
+    assert "stepped back from m" in note and "RANDOM" in note
 
 
 def test_an_agreement_gate_is_searched_by_sqnr_and_checked_on_enough_positions(monkeypatch):
