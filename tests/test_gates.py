@@ -150,11 +150,16 @@ def test_a_search_counts_on_an_agreement_as_far_as_its_lower_bound(share, reads,
         ("score_agreement>=0.875", 127 / 141, 141, False),  # allows 17.6: at its bound (0.873)
         ("score_agreement>=0.875", 0.95, 141, True),
         ("worst_channel_sqnr_db>=12", 13.0, math.inf, True),  # no count
+        ("score_agreement>=0.875", 0.886, 4.2, False),  # too few to count: at its bound
+        ("argmax_agreement>=0.98", 24 / 25, 25, False),
+        ("argmax_agreement>=0.98", 1.0, 25, True),  # every read agreed
     ],
 )
 def test_a_decision_reads_the_bound_only_where_the_gate_allows_several_misses(
     gate, share, reads, holds
 ):
     """One disagreement in 99 is what a 0.98 gate allows: kept. Where a gate allows many,
-    the count's noise is judged (the bound), as nudenet's broken INT8 showed."""
+    the count's noise is judged (the bound), as nudenet's broken INT8 showed; so it is where
+    the reads are too few to count (pp_layout's pruning: 0.886 of the score decisions of 2
+    pages, 0.31 of others)."""
     assert decided(parse_gate(gate), share, reads) is holds
