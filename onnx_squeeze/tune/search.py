@@ -366,7 +366,7 @@ def _strategy(
     eta: int,
     bisect_steps: int,
     seed: int,
-    patience: int = 0,
+    patience: int,
 ) -> Trial:
     """The reference, the pilot and TPE's draws (on the subset; ``patience``: see
     :func:`tune`), the promotions, the bisection; returns the reference trial."""
@@ -413,8 +413,9 @@ def _strategy(
     )
     drawn = _presets(search, space, stage, limit, trials, deadline)
     drawn += _pilot(search, space, study, stage, limit, trials - drawn, deadline)
-    drawn_trials = [t for t in search.trials if t.stage == stage and t.ok]
-    best = min(map(search.objective, drawn_trials), default=math.inf)
+    best = min(
+        (search.objective(t) for t in search.trials if t.stage == stage and t.ok), default=math.inf
+    )
     stale = 0  # draws in a row that came no closer (patience)
     while drawn < trials and time.monotonic() < deadline and not search.done:
         if patience and stale >= patience:

@@ -365,17 +365,14 @@ class _Measure:
         needed = AGREEMENT_POSITIONS if agreement else CHANNEL_VALUES
         checks = min(max(batches, math.ceil(needed / per_batch)), CHECK_BATCHES)
         feeds = context.data.first_batches(batches + checks)
-        self.feeds = {"search": feeds[:batches], "check": feeds[batches:] or feeds[:batches]}
+        self.feeds = _split(feeds, batches)
         # the reads an agreement gate counts on the check (none counted otherwise)
         self.check_reads = per_batch * len(self.feeds["check"]) if agreement else math.inf
         # the original's outputs where the pipeline gives it (the passes before this one err
         # too, and the gate judges the result against the original), else the model's own
         original = context.teacher if context.teacher is not None else model
         if original is model and len(first) >= len(feeds):  # measured already
-            self.reference = {
-                "search": first[:batches],
-                "check": first[batches : len(feeds)] or first[:batches],
-            }
+            self.reference = _split(first[: len(feeds)], batches)
         else:
             self.reference = {key: _outputs(original, f, context) for key, f in self.feeds.items()}
         self.against_original = original is not model
@@ -892,6 +889,12 @@ def _reads(outputs: Sequence[Feed], kinds: fidelity.OutputKinds) -> float:
     reads += [m.score_reads for m in measured.values() if m.score_agreement is not None]
     reads += [m.neighbour_reads for m in measured.values() if m.neighbour_agreement is not None]
     return max(min(reads, default=1) / len(outputs), 1.0)
+
+
+def _split(items: Sequence[Feed], batches: int) -> dict[str, Sequence[Feed]]:
+    """The search's first ``batches`` of ``items`` and the check's rest (the search's where
+    none are left)."""
+    return {"search": items[:batches], "check": items[batches:] or items[:batches]}
 
 
 def _outputs(model: ir.Model, feeds: Sequence[Feed], context: PassContext) -> list[Feed]:
