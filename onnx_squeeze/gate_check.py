@@ -7,11 +7,18 @@ gate the run aims at (``target``, else ``verdict.DEFAULT_GATE``: the conditions 
 the model's outputs), as the final comparison will judge the result, but an agreement as a
 decision (:func:`gates.decided`: at its lower bound where the gate allows enough disagreements
 among the reads, since the searches keep the best of several candidates measured on a few).
+
+Each set is read as far as its agreement gates need: at least ``least`` batches of it, more
+while the reads counted on the reference fall short of :func:`gates.reads_to_decide` (a 0.98
+gate: 50 where every read agrees). Where the set holds too few, a candidate that meets the gate
+on them is not taken to meet it, and :meth:`GateCheck.short` says what more data would decide.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+import math
+from collections.abc import Iterable, Mapping
 
 import onnx_ir as ir
 
@@ -24,28 +31,83 @@ __all__ = ["GateCheck"]
 
 
 class GateCheck:
-    """Judges candidates against ``reference`` on each named set of ``feeds``."""
+    """Judges candidates against ``reference`` on each named set of ``feeds``, reading at least
+    ``least`` batches of each (all when None) and as many more as its agreements need."""
 
     def __init__(
         self,
         reference: ir.Model,
-        feeds: Mapping[str, Sequence[Feed]],
+        feeds: Mapping[str, Iterable[Feed]],
         target: str,
         provider: str,
+        least: int | None = None,
     ) -> None:
         self.target, self.provider = target, provider
         self.gate = target or DEFAULT_GATE
-        self.feeds = {name: list(batch) for name, batch in feeds.items()}
         self.kinds = fidelity.OutputKinds.of(reference)
-        self.reference = {name: self._outputs(reference, name) for name in self.feeds}
+        self.model, self.names = reference, [value.name for value in reference.graph.outputs]
+        self.feeds: dict[str, list[Feed]] = {}
+        self.reference: dict[str, list[Feed]] = {}
+        self.reads: dict[str, dict[str, tuple[float, float]]] = {}  # set -> gate -> (had, needed)
+        for name, pool in feeds.items():
+            self.add(name, pool, least)
+
+    def add(self, name: str, pool: Iterable[Feed], least: int | None = None) -> None:
+        """Read the set ``name`` from ``pool``: ``least`` batches (all when None), then as many
+        more as its agreement gates need, by the reads the first ones gave."""
+        batches = iter(pool)
+        with TensorRunner(self.model, self.names, self.provider) as runner:
+            feeds = list(batches if least is None else itertools.islice(batches, max(least, 1)))
+            outputs = [runner(feed) for feed in feeds]
+            self.feeds[name], self.reference[name] = feeds, outputs
+            self.reads[name] = self._needed(outputs)
+            for feed in itertools.islice(batches, self.batches_to_decide(name) - len(feeds)):
+                feeds.append(feed)
+                outputs.append(runner(feed))
+        self.reads[name] = self._needed(outputs)
+
+    def batches_to_decide(self, on: str) -> int:
+        """The batches like those of the set ``on`` that give every agreement gate the reads
+        that decide it, by the reads per batch the set gave (at least its own batches)."""
+        count = len(self.feeds[on])
+        wanted = [
+            math.ceil(needed / (had / count)) if had > 0 else count
+            for had, needed in self.reads[on].values()
+            if math.isfinite(needed)
+        ]
+        return max([count, *wanted])
+
+    def _needed(self, outputs: list[Feed]) -> dict[str, tuple[float, float]]:
+        """The agreement gates that apply, by expression: (reads ``outputs`` give, reads
+        needed to decide)."""
+        if not outputs:
+            return {}
+        measured = fidelity.measure(outputs, outputs, kinds=self.kinds)
+        metrics = fidelity.gate_metrics(measured.values())
+        results = gates.judged([self.target] if self.target else [], metrics, DEFAULT_GATE)
+        needed = {}
+        for gate in gates.parse_gates([result["expr"] for result in results]):
+            if gate.metric in gates.AGREEMENT_METRICS and gate.metric in metrics:
+                reads = fidelity.counted_reads(measured.values(), gate.metric)
+                needed[gate.expr] = (reads, gates.reads_to_decide(gate))
+        return needed
+
+    def short(self, on: str) -> str:
+        """What the set ``on`` lacks to decide its agreement gates (empty when nothing)."""
+        lacking = [
+            f"{expr} needs {needed:.0f} reads, {len(self.feeds[on])} batches gave {had:.0f}"
+            for expr, (had, needed) in self.reads[on].items()
+            if had < needed
+        ]
+        return "; ".join(lacking)
 
     def _outputs(self, model: ir.Model, on: str) -> list[Feed]:
-        names = [value.name for value in model.graph.outputs]
-        with TensorRunner(model, names, self.provider) as runner:
+        with TensorRunner(model, self.names, self.provider) as runner:
             return [runner(feed) for feed in self.feeds[on]]
 
     def __call__(self, model: ir.Model, on: str) -> tuple[bool, str]:
-        """(whether ``model`` meets the gate on the feeds named ``on``, what was measured)."""
+        """(whether ``model`` meets the gate on the feeds named ``on``, what was measured); an
+        agreement counted on fewer reads than decide it does not meet it."""
         measured = fidelity.measure(self.reference[on], self._outputs(model, on), kinds=self.kinds)
         metrics = fidelity.gate_metrics(measured.values())
         results = gates.judged([self.target] if self.target else [], metrics, DEFAULT_GATE)
@@ -57,5 +119,11 @@ class GateCheck:
                 if not gates.decided(gate, metrics[gate.metric], reads):
                     bound = gates.counted_on(metrics[gate.metric], reads)
                     said += f" ({gate.metric} of {reads:.0f} reads: {bound:.4g} at its lower bound)"
+                    passed = False
+                elif reads < gates.reads_to_decide(gate):
+                    said += (
+                        f" ({gate.metric} of {reads:.0f} reads: too few to decide {gate}, which "
+                        f"needs {gates.reads_to_decide(gate):.0f})"
+                    )
                     passed = False
         return passed, said

@@ -29,6 +29,7 @@ __all__ = [
     "judged",
     "parse_gate",
     "parse_gates",
+    "reads_to_decide",
     "validated",
 ]
 
@@ -220,6 +221,23 @@ def decided(gate: Gate, share: float, reads: float) -> bool:
     return (reads >= COUNTED_FROM and allowed < DECIDED_BELOW) or gate.passes(
         counted_on(share, reads)
     )
+
+
+def reads_to_decide(gate: Gate) -> float:
+    """The fewest reads on which ``gate``, an agreement at least a share, is decided by them
+    all agreeing (:func:`decided` without its pass for every read agreeing): a search that
+    picks its most aggressive candidate among several passes a few reads that all agree by
+    luck. magika's factorization read 8 of 8 held-back files the same and 0.961 of 154 others;
+    a 0.98 gate needs 49. Zero for other gates; infinite where no count decides."""
+    if gate.op not in (">=", ">") or gate.threshold <= 0:
+        return 0.0
+    for reads in range(1, 100_000):
+        allowed = reads * (1 - gate.threshold)
+        if (reads >= COUNTED_FROM and allowed < DECIDED_BELOW) or gate.passes(
+            agreement_bound(1.0, reads)
+        ):
+            return float(reads)
+    return math.inf
 
 
 def _metric_list() -> str:

@@ -7,8 +7,11 @@ from __future__ import annotations
 import onnx_ir as ir
 import pytest
 
+from onnx_squeeze import runtime
+from onnx_squeeze.calibration import RandomSource
 from onnx_squeeze.passes.prune_channels import gate_search
-from onnx_squeeze.records import PassReport
+from onnx_squeeze.records import PassContext, PassReport
+from tests.test_gate_check import GATE, WEIGHT, _classifier
 from tests.test_prune_channels_default import _context, _two_branches
 
 
@@ -60,3 +63,16 @@ def test_a_first_candidate_that_meets_the_gate_ends_the_search_without_a_note(mo
         model.graph.initializers["wd"].const_value.numpy() * 0.7
     )
     assert not search.notes
+
+
+@pytest.mark.parametrize(("batches", "held"), [(100, 50), (300, 60)])
+def test_recovery_gives_up_batches_to_the_reads_the_gate_needs(batches, held):
+    """A classifier at batch 1 reads one row a batch: a 0.98 gate needs 50, so of 100 batches
+    every 2nd is held back from recovery; of 300, every 5th as usual."""
+    model = _classifier(WEIGHT)
+    source = RandomSource(runtime.input_specs(model), count=batches, batch_size=1, seed=1)
+    context = PassContext(calibration=source, teacher=model.clone())
+    search = gate_search.GateSearch(model, context, _scale_weights, target=GATE, recover=False)
+    assert len(search.check.feeds["held"]) == held
+    assert search.data.startswith(f"{held} calibration batches held back from recovery")
+    assert len(search.fitting.data) == batches - held

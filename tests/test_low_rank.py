@@ -14,13 +14,14 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_squeeze import analysis, calibration, fidelity, runtime, zoo
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.passes.base import make_pass
-from onnx_squeeze.passes.low_rank import factorize
+from onnx_squeeze.passes.low_rank import factorize, gate_search
 from onnx_squeeze.passes.low_rank.plans import find_candidate, plans_for
 from onnx_squeeze.passes.low_rank.rewrite import factorize_layer
 from onnx_squeeze.pipeline import compress
 from onnx_squeeze.recipe import Recipe, Step
 from onnx_squeeze.records import CREATED_BY_KEY, SOURCE_NODE_KEY, PassContext
 from tests.helpers import assert_same_outputs, check, random_feeds, run
+from tests.test_gate_check import GATE, WEIGHT, _classifier
 
 RNG = np.random.default_rng(0)
 
@@ -422,7 +423,7 @@ def _two_matmuls(rank: int, size: int = 768) -> ir.Model:
     return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
-def _random_context(model: ir.Model, count: int = 8, seed: int = 1) -> PassContext:
+def _random_context(model: ir.Model, count: int = 256, seed: int = 1) -> PassContext:
     specs = runtime.input_specs(model)
     return PassContext(
         calibration=calibration.RandomSource(
@@ -442,6 +443,20 @@ def test_default_cuts_ranks_as_far_as_the_gate_holds():
     expected = [{"y": run(model, feed)[0]} for feed in held_out]
     got = [{"y": run(result, feed)[0]} for feed in held_out]
     assert fidelity.measure(expected, got)["y"].worst_channel_sqnr_db >= 12
+
+
+@pytest.mark.parametrize(("batches", "searched", "held"), [(200, 50, 50), (60, 30, 30)])
+def test_the_gate_search_and_check_read_the_batches_an_agreement_needs(batches, searched, held):
+    """A classifier at batch 1 reads one row a batch: the search and the check each read the 50
+    a 0.98 gate needs where the data has them, at most half of it each; the Grams read every
+    batch before the check's."""
+    model = _classifier(WEIGHT)
+    source = calibration.RandomSource(runtime.input_specs(model), count=batches, seed=1)
+    check, gram_batches, data = gate_search.gate_check(model, PassContext(source), GATE, 8)
+    assert (len(check.feeds["search"]), len(check.feeds["check"])) == (searched, held)
+    assert gram_batches == batches - held
+    assert data.startswith(f"{searched} + {held} calibration batches")
+    assert bool(check.short("check")) == (held < 50)
 
 
 def test_default_leaves_the_model_unchanged_with_a_warning_when_the_gate_fails():

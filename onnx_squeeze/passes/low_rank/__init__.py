@@ -88,7 +88,9 @@ class LowRankSettings:
     # the gate the default ranks keep, e.g. "top1_agreement>=0.99"; empty: the default gate
     # (verdict.DEFAULT_GATE)
     target: str = ""
-    check_batches: int = bounded(8, low=1)  # calibration batches the default's gate is checked on
+    # calibration batches the default's gate search and its check each read at least (more
+    # where its agreements need more reads to be decided)
+    check_batches: int = bounded(8, low=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,11 +158,11 @@ class LowRank(Pass):
         # The default's gate check reads the last batches, kept from the Grams: a whitening
         # fitted to them flattered it (ddddocr_beta: argmax agreement 0.994 on batches the
         # Grams had seen, 0.977 held out).
-        gram_batches, check_from = (
-            gate_search.split(context.data, s.check_batches)
-            if self.mode == "gate" and s.data_aware
-            else (None, s.check_batches)
-        )
+        gram_batches = None
+        if self.mode == "gate":
+            check, gram_batches, data = gate_search.gate_check(
+                model, context, s.target, s.check_batches
+            )
         self._decompose(model, plans, context, gram_batches)
         if self.mode in ("macs_target", "params_target"):
             chosen = self._budget(plans, summary, report)
@@ -170,9 +172,8 @@ class LowRank(Pass):
                 lambda level: self._at_level(plans, level),
                 context,
                 report,
-                target=s.target,
-                batches=s.check_batches,
-                check_from=check_from,
+                check=check,
+                data=data,
                 pass_name=self.name,
             )
             recorded = {record.node for record in report.records}

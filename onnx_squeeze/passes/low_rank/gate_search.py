@@ -7,8 +7,10 @@ relative to its own energy (:mod:`.factorize`), so a level means the same error 
 The level is the lowest of ``LEVELS`` at which a factorized copy still meets the gate
 (``verdict.DEFAULT_GATE``, or the pass's ``target``) against the model as it came, on the first
 calibration batches, found by bisection (fidelity falls as the level falls), then checked on the
-last batches, which data-aware Grams do not see, stepping back to gentler levels while it fails. A layer whose
-factors do not run faster than the layer, as onnxruntime's profiler times them at batch 1
+last batches, which data-aware Grams do not see, stepping back to gentler levels while it fails.
+Each reads as many batches as its agreement gates need to be decided (:mod:`onnx_squeeze.gate_check`:
+50 reads for a 0.98 gate, at most half the data each); on fewer, no level is taken to meet them,
+and the warning says how many reads the gate needs. A layer whose factors do not run faster than the layer, as onnxruntime's profiler times them at batch 1
 (:mod:`onnx_squeeze.layer_times`), stays whole: fewer MACs in two thin Convs can take longer than
 one wide one. When no level both meets the gate and changes a layer, the model is left as it
 came and a warning says why.
@@ -25,7 +27,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from onnx_squeeze import layer_times, runtime
-from onnx_squeeze.calibration.service import Calibration, resized
+from onnx_squeeze.calibration.service import resized
 from onnx_squeeze.gate_check import GateCheck
 from onnx_squeeze.graph_utils import UniqueNames
 from onnx_squeeze.layers import Layer
@@ -56,32 +58,36 @@ def factorized_copy(model: ir.Model, chosen: Choice, pass_name: str) -> ir.Model
 
 
 def gate_check(
-    model: ir.Model, context: PassContext, target: str, batches: int, check_from: int
-) -> tuple[GateCheck, str]:
-    """The gate's check against ``model`` on the first ``batches`` calibration batches
-    (``search``) and as many from ``check_from`` on (``check``: the level the search picked, the
-    lowest that passed among several noisy measurements, is judged on batches it was not picked
-    on; captcha_crnn's held 13.4 dB on the search's batches and 10.7 on held-out ones), and a
-    description of that data."""
-    search = context.data.first_batches(batches)
-    held = list(itertools.islice(context.data.batches(), check_from, check_from + batches))
-    feeds = {"search": search, "check": held or search}
-    data = f"{len(search)} + {len(held)} calibration batches"
+    model: ir.Model, context: PassContext, target: str, batches: int
+) -> tuple[GateCheck, int | None, str]:
+    """The gate's check against ``model``: on the first calibration batches (``search``: at
+    least ``batches``, as many as its agreements need) and on as many of the last (``check``:
+    the level the search picked, the lowest that passed among several noisy measurements, is
+    judged on batches it was not picked on; captcha_crnn's held 13.4 dB on the search's batches
+    and 10.7 on held-out ones), at most half the data each; the batches before the check's,
+    which data-aware Grams may read (None: all, for data of unknown length, whose check
+    follows the search's batches); and a description of that data."""
+    try:
+        total: int | None = len(context.data)
+    except TypeError:
+        total = None
+    half = total // 2 if total is not None and total >= 2 else None
+    first = context.data.batches(half)
+    check = GateCheck(model, {"search": first}, target, context.providers[0], least=batches)
+    searched = len(check.feeds["search"])
+    if half is None:
+        check.add("check", itertools.islice(context.data.batches(), searched, None), searched)
+        gram_batches = None
+    else:
+        held = min(check.batches_to_decide("search"), total - half)
+        gram_batches = total - held
+        check.add("check", itertools.islice(context.data.batches(), gram_batches, None), held)
+    if not check.feeds["check"]:
+        check.add("check", check.feeds["search"])
+    data = f"{searched} + {len(check.feeds['check'])} calibration batches"
     if context.data.is_random:
         data += f" of RANDOM data ({context.data.label})"
-    return GateCheck(model, feeds, target, context.providers[0]), data
-
-
-def split(data: Calibration, batches: int) -> tuple[int | None, int]:
-    """(the batches data-aware Grams are collected on, None for all; the first batch the gate's
-    check reads): the check's batches are the last ones, up to ``batches`` and a quarter of the
-    data, kept from the Grams so that a whitening fitted to them cannot flatter the check."""
-    try:
-        total = len(data)
-    except TypeError:  # a reader of unknown length: the check follows the search's batches
-        return None, batches
-    held = min(batches, total // 4)
-    return (total - held, total - held) if held else (None, batches)
+    return check, gram_batches, data
 
 
 class LayerTiming:
@@ -117,15 +123,12 @@ def search(
     context: PassContext,
     report: PassReport,
     *,
-    target: str,
-    batches: int,
-    check_from: int,
+    check: GateCheck,
+    data: str,
     pass_name: str,
 ) -> Choice:
-    """The layers to factorize and how, by the gate and the profiler (the module doc); the
-    search reads the first ``batches`` calibration batches, the check as many from
-    ``check_from`` on."""
-    check, data = gate_check(model, context, target, batches, check_from)
+    """The layers to factorize and how, by the gate and the profiler (the module doc), judged
+    by ``check`` (:func:`gate_check`) on ``data``."""
     gate = check.gate
     timing = LayerTiming(model, context)
     deepest = at_level(LEVELS[-1])
