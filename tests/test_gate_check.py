@@ -15,15 +15,16 @@ from onnx_squeeze.gate_check import GateCheck
 GATE = "argmax_agreement>=0.98"
 
 
-def _classifier(weight: np.ndarray) -> ir.Model:
+def _classifier(weight: np.ndarray, bias: np.ndarray | None = None) -> ir.Model:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])
+    bias = np.zeros(10) if bias is None else bias
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
         "g",
         [x],
         [y],
-        [numpy_helper.from_array(weight.astype("f4"), "w")],
+        [numpy_helper.from_array(a.astype("f4"), n) for n, a in (("w", weight), ("b", bias))],
     )
     return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
@@ -72,3 +73,20 @@ def test_a_candidate_that_moves_decisions_fails_on_the_reads_that_decide():
     moved[:, 1:] *= 0.2
     passed, said = check(_classifier(moved), "search")
     assert not passed and "which is not >= 0.98" in said
+
+
+def test_one_disagreement_is_judged_at_the_lower_bound():
+    """Class 0 raised just past the smallest margin of the rows it does not top: one row of 51
+    changes its top class. The count (0.980) meets a 0.98 gate, as accuracy control would let
+    it decide; the search's check holds it to the bound (0.949 on its 50 independent reads)
+    and it does not pass."""
+    feeds = _feeds(51)
+    logits = np.concatenate([feed["x"] for feed in feeds]) @ WEIGHT
+    margins = np.sort((logits.max(axis=1) - logits[:, 0])[logits.argmax(axis=1) != 0])
+    bias = np.zeros(10)
+    bias[0] = (margins[0] + margins[1]) / 2
+    check = GateCheck(_classifier(WEIGHT), {"held": feeds}, GATE, "cpu")
+    passed, said = check(_classifier(WEIGHT, bias), "held")
+    assert gates.decided(gates.parse_gate(GATE), 50 / 51, 51)
+    assert not passed and "argmax_agreement = 0.980392 >= 0.98" in said
+    assert "of 50 reads: 0.9494 at its lower bound" in said
