@@ -210,7 +210,7 @@ COUNTED_FROM = 50.0
 
 def decided(gate: Gate, share: float, reads: float) -> bool:
     """Whether ``gate`` holds on an agreement ``share`` counted on ``reads`` (independent
-    ones), as a decision to keep or drop a result: at its lower bound (:func:`counted_on`),
+    ones), as accuracy control decides to keep or drop a result: at its lower bound (:func:`counted_on`),
     unless at least ``COUNTED_FROM`` reads were counted and the gate allows fewer than
     ``DECIDED_BELOW`` disagreements among them, where the count itself is judged."""
     if not gate.passes(share):
@@ -228,7 +228,7 @@ def reads_to_decide(gate: Gate) -> float:
     all agreeing (:func:`decided` without its pass for every read agreeing): a search that
     picks its most aggressive candidate among several passes a few reads that all agree by
     luck. magika's factorization read 8 of 8 held-back files the same and 0.961 of 154 others;
-    a 0.98 gate needs 49. Zero for other gates; infinite where no count decides."""
+    a 0.98 gate needs 50. Zero for other gates; infinite where no count decides."""
     if gate.op not in (">=", ">") or gate.threshold <= 0:
         return 0.0
     for reads in range(1, 100_000):
