@@ -417,6 +417,31 @@ def test_shared_and_quantized_weights_are_skipped_with_reason():
     assert "shared" in skipped["fc3"]
 
 
+def test_a_bias_shared_by_several_nodes_is_not_shifted_per_node():
+    """An unrolled LSTM's Gemms read one weight and one bias: a mean shift per node would store
+    the bias once per node, so the shift is skipped and the nodes keep reading one tensor."""
+    teacher = _prepared("mlp")
+    nodes = _nodes(teacher)
+    extra = ir.node("Gemm", list(nodes["fc3"].inputs), {"transB": 1}, name="extra")
+    teacher.graph.append(extra)
+    teacher.graph.outputs.append(extra.outputs[0])
+    extra.outputs[0].name, extra.outputs[0].dtype = "extra_out", ir.DataType.FLOAT
+    extra.outputs[0].shape = ir.Shape(["N", 32])
+    student = teacher.clone()
+    _prune_gemm_pair(student, "fc1", "fc2", list(range(0, 128, 2)))
+    report = recover(student, teacher, data(teacher, 2), methods=["bias"])
+    skipped = {r.node: r.detail for r in report.records if r.skipped}
+    assert skipped["fc3"] == skipped["extra"]
+    assert (
+        skipped["fc3"]
+        == "bias shared with 1 other node(s): a shift per node would store it 2 times"
+    )
+    nodes = _nodes(student)
+    assert nodes["fc3"].inputs[2] is nodes["extra"].inputs[2]
+    assert any(r.node == "fc2" and not r.skipped for r in report.records)  # its own bias shifts
+    check(student)
+
+
 def test_bad_settings_say_how_to_fix():
     with pytest.raises(SettingsError, match="methods"):
         make_pass("reconstruct", {"methods": ["magic"]})

@@ -170,6 +170,16 @@ class Planner:
         if linear is not None and "bn" in methods:
             return Target(node.name, "bn", output, node, linear)
         if "bias" in methods and bias_array(node, linear) is not None:
+            others = _bias_sharers(node, linear)
+            if others:
+                # captcha_crnn's unrolled LSTM: 20 Gemms read one bias, and a shift per node
+                # stored it 20 times (the file grew by 0.5 %)
+                self.report.skip(
+                    node,
+                    f"bias shared with {others} other node(s): a shift per node would "
+                    f"store it {others + 1} times",
+                )
+                return None
             return Target(node.name, "bias", output, node, linear)
         if "lstsq" in methods or "bn" in methods:
             self.report.skip(node, f"cannot refit: {reason or 'no enabled method applies'}")
@@ -186,3 +196,14 @@ class Planner:
                 depth += 1
             for out in node.outputs:
                 level[out.name] = depth
+
+
+def _bias_sharers(node: ir.Node, linear: Linear | None) -> int:
+    """How many other nodes read the layer's bias (or the tensor it is dequantized from)."""
+    value = linear.bias_value() if linear else (node.inputs[2] if len(node.inputs) > 2 else None)
+    if value is None:
+        return 0
+    producer = value.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        value = producer.inputs[0]
+    return len({use.node for use in value.uses()}) - 1
