@@ -206,6 +206,30 @@ def test_compute_dynamic_int8_cannot_reach_is_a_warning():
         assert note.startswith("WARNING:") and "1 Conv (1 inside If/Loop/Scan bodies)" in note
 
 
+def test_a_pass_that_reaches_little_of_the_weights_says_so():
+    """A Conv of 36864 weights before a 64x10 classifier, as a ResNet's: dynamic INT8 and INT4
+    quantize the classifier alone (1.7 % of the weights), and a WARNING says what is left."""
+    model = _parse(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        net (float[1, 64, 8, 8] x) => (float[1, 10] y) {
+            c = Conv<pads = [1, 1, 1, 1]>(x, w)
+            p = GlobalAveragePool(c)
+            f = Flatten(p)
+            y = MatMul(f, fc)
+        }""",
+        w=np.random.default_rng(1).standard_normal((64, 64, 3, 3)),
+        fc=np.random.default_rng(2).standard_normal((64, 10)),
+    )
+    model.graph.node(0).name, model.graph.node(3).name = "conv", "fc"
+    for name in ("quantize_dynamic", "quantize_weights"):
+        student, report = _quantize(model, name)
+        assert [r.node for r in report.changed] == ["fc"]
+        (note,) = [n for n in report.notes if n.startswith("WARNING:")]
+        assert f"{name} changed layers holding 1.7% of the model's weights" in note
+        assert "the rest sit in 1 Conv" in note and "static INT8 (--int8) quantizes Conv" in note
+        check(student)
+
+
 @pytest.mark.real_models
 def test_silero_vad_says_its_layers_are_out_of_reach():
     """silero_vad keeps its model in If branches (Conv encoder, LSTM): dynamic INT8 and int4

@@ -23,6 +23,7 @@ from onnx_squeeze.passes.quantize.shared_weights import (
     array_initializer,
     drop_if_unused,
     group_by_weight,
+    layer_weights,
     skip_all,
     unreached_compute,
     weight_nodes,
@@ -76,6 +77,7 @@ class CodebookWeights(Pass):
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
         s = self.settings
+        layers = layer_weights(model)
         consumers = []
         for node in weight_nodes(model, s.ops):
             found = unselected(node.name or "", exclude=s.exclude) or _weight_consumer(node)
@@ -86,7 +88,7 @@ class CodebookWeights(Pass):
         names = UniqueNames(model)
         for weight in group_by_weight(consumers, report):
             self._encode(weight, names, report)
-        unreached = unreached_compute(model, report, s.ops)
+        unreached = unreached_compute(model, report, s.ops, layers)
         if unreached:
             report.notes.append(unreached)
 

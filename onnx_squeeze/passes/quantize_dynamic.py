@@ -37,6 +37,7 @@ from onnx_squeeze.passes.quantize.shared_weights import (
     SharedWeight,
     drop_if_unused,
     group_by_weight,
+    layer_weights,
     skip_all,
     unreached_compute,
     weight_nodes,
@@ -319,6 +320,7 @@ class QuantizeDynamic(Pass):
         accuracy_control.check_settings(self.settings)
 
     def apply(self, model: ir.Model, context: PassContext, report: PassReport) -> None:
+        layers = layer_weights(model)
         infer_types(model)
         weights = accuracy_control.controlled_weights(
             model,
@@ -332,7 +334,7 @@ class QuantizeDynamic(Pass):
         if weights is None:  # a missed gate: the model stays float
             return
         self._quantize(model, weights, report)
-        unreached = unreached_compute(model, report, DYNAMIC_OPS)
+        unreached = unreached_compute(model, report, DYNAMIC_OPS, layers)
         if unreached:
             report.notes.append(unreached)
 

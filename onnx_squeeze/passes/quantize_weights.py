@@ -27,6 +27,7 @@ from onnx_squeeze.passes.quantize.shared_weights import (
     array_initializer,
     drop_if_unused,
     group_by_weight,
+    layer_weights,
     unreached_compute,
     weight_nodes,
 )
@@ -122,6 +123,7 @@ class QuantizeWeights(Pass):
                 "quantize_weights: algorithm=gptq needs calibration data: pass --calib, or use "
                 "algorithm=rtn"
             )
+        layers = layer_weights(model)
         weights = self._weights(model, report)
         grams = self._grams(model, weights, context, report) if weights else {}
         blocks: dict[str, tuple[weight_codecs.BlockQuantized, str]] = {}
@@ -145,7 +147,7 @@ class QuantizeWeights(Pass):
                 f"GPTQ: {len(unobserved)} weights (e.g. {unobserved[0]!r}) are read inside "
                 "If/Loop/Scan bodies, whose inputs cannot be observed: rounded to nearest"
             )
-        unreached = unreached_compute(model, report, LINEAR_OPS)
+        unreached = unreached_compute(model, report, LINEAR_OPS, layers)
         if unreached:
             report.notes.append(unreached)
 
