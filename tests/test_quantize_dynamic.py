@@ -208,7 +208,7 @@ def test_compute_dynamic_int8_cannot_reach_is_a_warning():
 
 def test_a_pass_that_reaches_little_of_the_weights_says_so():
     """A Conv of 36864 weights before a 64x10 classifier, as a ResNet's: dynamic INT8 and INT4
-    quantize the classifier alone (1.7 % of the weights), and a WARNING says what is left."""
+    quantize the classifier alone (1.71 % of the weights), and a WARNING says what is left."""
     model = _parse(
         """<ir_version: 8, opset_import: ["" : 17]>
         net (float[1, 64, 8, 8] x) => (float[1, 10] y) {
@@ -225,7 +225,7 @@ def test_a_pass_that_reaches_little_of_the_weights_says_so():
         student, report = _quantize(model, name)
         assert [r.node for r in report.changed] == ["fc"]
         (note,) = [n for n in report.notes if n.startswith("WARNING:")]
-        assert f"{name} changed layers holding 1.7% of the model's weights" in note
+        assert f"{name} changed layers holding 1.71% of the model's weights" in note
         assert "the rest sit in 1 Conv" in note and "static INT8 (--int8) quantizes Conv" in note
         check(student)
 

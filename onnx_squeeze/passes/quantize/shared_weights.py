@@ -116,7 +116,7 @@ def unreached_compute(
         found = ", ".join(f"{count} {op}" for op, count in rest.most_common())
         hint = "; static INT8 (--int8) quantizes Conv" if "Conv" in rest else ""
         return (
-            f"WARNING: {report.name} changed layers holding {share:.1%} of the model's weights; "
+            f"WARNING: {report.name} changed layers holding {share:.2%} of the model's weights; "
             f"the rest sit in {found}, which it left as they were (it handles "
             f"{'/'.join(ops)}){hint}"
         )
