@@ -14,7 +14,7 @@ read 50 of 51 held-back lines the same, 0.92 of the 52 it was recovered on and 0
 Each set is read as far as its agreement gates need: at least ``least`` batches of it, more
 while the reads counted on the reference fall short of :func:`gates.reads_to_decide` (a 0.98
 gate: 50 where every read agrees). Where the set holds too few, a candidate that meets the gate
-on them is not taken to meet it, and :meth:`GateCheck.short` says what more data would decide.
+on them is not taken to meet it, and what it measured says how many reads the gate needs.
 """
 
 from __future__ import annotations
@@ -64,10 +64,12 @@ class GateCheck:
             outputs = [runner(feed) for feed in feeds]
             self.feeds[name], self.reference[name] = feeds, outputs
             self.reads[name] = self._needed(outputs)
-            for feed in itertools.islice(batches, self.batches_to_decide(name) - len(feeds)):
+            read = len(feeds)
+            for feed in itertools.islice(batches, self.batches_to_decide(name) - read):
                 feeds.append(feed)
                 outputs.append(runner(feed))
-        self.reads[name] = self._needed(outputs)
+        if len(feeds) > read:
+            self.reads[name] = self._needed(outputs)
 
     def batches_to_decide(self, on: str) -> int:
         """The batches like those of the set ``on`` that give every agreement gate the reads
@@ -94,15 +96,6 @@ class GateCheck:
                 reads = fidelity.counted_reads(measured.values(), gate.metric)
                 needed[gate.expr] = (reads, gates.reads_to_decide(gate))
         return needed
-
-    def short(self, on: str) -> str:
-        """What the set ``on`` lacks to decide its agreement gates (empty when nothing)."""
-        lacking = [
-            f"{expr} needs {needed:.0f} reads, {len(self.feeds[on])} batches gave {had:.0f}"
-            for expr, (had, needed) in self.reads[on].items()
-            if had < needed
-        ]
-        return "; ".join(lacking)
 
     def _outputs(self, model: ir.Model, on: str) -> list[Feed]:
         with TensorRunner(model, self.names, self.provider) as runner:

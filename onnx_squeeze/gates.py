@@ -210,8 +210,8 @@ COUNTED_FROM = 50.0
 
 def decided(gate: Gate, share: float, reads: float) -> bool:
     """Whether ``gate`` holds on an agreement ``share`` counted on ``reads`` (independent
-    ones), as accuracy control decides to keep or drop a result: at its lower bound (:func:`counted_on`),
-    unless at least ``COUNTED_FROM`` reads were counted and the gate allows fewer than
+    ones), as accuracy control decides to keep or drop a result: at its lower bound
+    (:func:`counted_on`), unless at least ``COUNTED_FROM`` reads were counted and the gate allows fewer than
     ``DECIDED_BELOW`` disagreements among them, where the count itself is judged."""
     if not gate.passes(share):
         return False

@@ -50,7 +50,7 @@ def test_a_set_reads_as_many_batches_as_its_agreement_needs():
     model = _classifier(WEIGHT)
     check = GateCheck(model, {"search": _feeds(200)}, GATE, "cpu", least=8)
     assert len(check.feeds["search"]) == check.batches_to_decide("search") == 50
-    assert check.short("search") == ""
+    assert check.reads["search"] == {GATE: (50, 50)}
     passed, said = check(_classifier(WEIGHT), "search")
     assert passed and "argmax_agreement = 1 >= 0.98" in said
 
@@ -59,7 +59,7 @@ def test_every_read_agreeing_on_too_few_reads_does_not_pass():
     model = _classifier(WEIGHT)
     check = GateCheck(model, {"held": _feeds(20)}, GATE, "cpu")
     assert len(check.feeds["held"]) == 20
-    assert "needs 50 reads" in check.short("held")
+    assert check.reads["held"] == {GATE: (20, 50)}
     passed, said = check(_classifier(WEIGHT), "held")
     assert not passed and "argmax_agreement = 1" in said
     assert "of 20 reads: too few to decide argmax_agreement>=0.98, which needs 50" in said

@@ -8,12 +8,13 @@ The level is the lowest of ``LEVELS`` at which a factorized copy still meets the
 (``verdict.DEFAULT_GATE``, or the pass's ``target``) against the model as it came, on the first
 calibration batches, found by bisection (fidelity falls as the level falls), then checked on the
 last batches, which data-aware Grams do not see, stepping back to gentler levels while it fails.
-Each reads as many batches as its agreement gates need to be decided (:mod:`onnx_squeeze.gate_check`:
-50 reads for a 0.98 gate, at most half the data each); on fewer, no level is taken to meet them,
-and the warning says how many reads the gate needs. A layer whose factors do not run faster than the layer, as onnxruntime's profiler times them at batch 1
-(:mod:`onnx_squeeze.layer_times`), stays whole: fewer MACs in two thin Convs can take longer than
-one wide one. When no level both meets the gate and changes a layer, the model is left as it
-came and a warning says why.
+Each reads as many batches as its agreement gates need to be decided
+(:mod:`onnx_squeeze.gate_check`: 50 reads for a 0.98 gate, at most half the data each); on
+fewer, no level is taken to meet them, and the warning says how many reads the gate needs. A
+layer whose factors do not run faster than the layer, as onnxruntime's profiler times them at
+batch 1 (:mod:`onnx_squeeze.layer_times`), stays whole: fewer MACs in two thin Convs can take
+longer than one wide one. When no level both meets the gate and changes a layer, the model is
+left as it came and a warning says why.
 """
 
 from __future__ import annotations
