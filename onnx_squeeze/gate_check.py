@@ -55,9 +55,11 @@ class GateCheck:
         for name, pool in feeds.items():
             self.add(name, pool, least)
 
-    def add(self, name: str, pool: Iterable[Feed], least: int | None = None) -> None:
+    def add(
+        self, name: str, pool: Iterable[Feed], least: int | None = None, most: int | None = None
+    ) -> None:
         """Read the set ``name`` from ``pool``: ``least`` batches (all when None), then as many
-        more as its agreement gates need, by the reads the first ones gave."""
+        more as its agreement gates need, by the reads the first ones gave, ``most`` in all."""
         batches = iter(pool)
         with TensorRunner(self.model, self.names, self.provider) as runner:
             feeds = list(batches if least is None else itertools.islice(batches, max(least, 1)))
@@ -65,7 +67,10 @@ class GateCheck:
             self.feeds[name], self.reference[name] = feeds, outputs
             self.reads[name] = self._needed(outputs)
             read = len(feeds)
-            for feed in itertools.islice(batches, self.batches_to_decide(name) - read):
+            wanted = self.batches_to_decide(name)
+            if most is not None:
+                wanted = min(wanted, most)
+            for feed in itertools.islice(batches, max(wanted - read, 0)):
                 feeds.append(feed)
                 outputs.append(runner(feed))
         if len(feeds) > read:
@@ -73,14 +78,15 @@ class GateCheck:
 
     def batches_to_decide(self, on: str) -> int:
         """The batches like those of the set ``on`` that give every agreement gate the reads
-        that decide it, by the reads per batch the set gave (at least its own batches)."""
+        that decide it, by the reads per batch the set gave (0 where no agreement gate
+        applies)."""
         count = len(self.feeds[on])
         wanted = [
             math.ceil(needed / (had / count)) if had > 0 else count
             for had, needed in self.reads[on].values()
             if math.isfinite(needed)
         ]
-        return max([count, *wanted])
+        return max(wanted, default=0)
 
     def _needed(self, outputs: list[Feed]) -> dict[str, tuple[float, float]]:
         """The agreement gates that apply, by expression: (reads ``outputs`` give, reads

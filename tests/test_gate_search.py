@@ -76,3 +76,13 @@ def test_recovery_gives_up_batches_to_the_reads_the_gate_needs(batches, held):
     assert len(search.check.feeds["held"]) == held
     assert search.data.startswith(f"{held} calibration batches held back from recovery")
     assert len(search.fitting.data) == batches - held
+
+
+def test_without_an_agreement_every_5th_batch_is_held_back():
+    model = _classifier(WEIGHT)
+    source = RandomSource(runtime.input_specs(model), count=13, batch_size=1, seed=1)
+    context = PassContext(calibration=source, teacher=model.clone())
+    search = gate_search.GateSearch(
+        model, context, _scale_weights, target="worst_channel_sqnr_db>=20", recover=False
+    )
+    assert (len(search.check.feeds["held"]), len(search.fitting.data)) == (2, 11)

@@ -459,6 +459,17 @@ def test_the_gate_search_and_check_read_the_batches_an_agreement_needs(batches, 
     assert check.reads["check"] == {GATE: (held, 50)}
 
 
+def test_without_an_agreement_the_check_holds_the_last_quarter_up_to_its_batches():
+    """A gate on values needs no count of reads: of 13 batches the search reads 8 and the check
+    the last 3, and the Grams the 10 before them."""
+    model = _classifier(WEIGHT)
+    source = calibration.RandomSource(runtime.input_specs(model), count=13, seed=1)
+    check, gram_batches, _ = gate_search.gate_check(
+        model, PassContext(source), "worst_channel_sqnr_db>=20", 8
+    )
+    assert (len(check.feeds["search"]), len(check.feeds["check"]), gram_batches) == (8, 3, 10)
+
+
 def test_default_leaves_the_model_unchanged_with_a_warning_when_the_gate_fails():
     model = zoo.small("mlp")  # random weights: a flat spectrum, no rank keeps the gate
     specs = runtime.input_specs(model)

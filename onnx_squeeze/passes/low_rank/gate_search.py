@@ -9,7 +9,7 @@ The level is the lowest of ``LEVELS`` at which a factorized copy still meets the
 calibration batches, found by bisection (fidelity falls as the level falls), then checked on the
 last batches, which data-aware Grams do not see, stepping back to gentler levels while it fails.
 Each reads as many batches as its agreement gates need to be decided
-(:mod:`onnx_squeeze.gate_check`: 50 reads for a 0.98 gate, at most half the data each); on
+(:mod:`onnx_squeeze.gate_check`: 50 reads for a 0.98 gate, up to half the data each); on
 fewer, no level is taken to meet them, and the warning says how many reads the gate needs. A
 layer whose factors do not run faster than the layer, as onnxruntime's profiler times them at
 batch 1 (:mod:`onnx_squeeze.layer_times`), stays whole: fewer MACs in two thin Convs can take
@@ -62,27 +62,34 @@ def gate_check(
     model: ir.Model, context: PassContext, target: str, batches: int
 ) -> tuple[GateCheck, int | None, str]:
     """The gate's check against ``model``: on the first calibration batches (``search``: at
-    least ``batches``, as many as its agreements need) and on as many of the last (``check``:
-    the level the search picked, the lowest that passed among several noisy measurements, is
-    judged on batches it was not picked on; captcha_crnn's held 13.4 dB on the search's batches
-    and 10.7 on held-out ones), at most half the data each; the batches before the check's,
-    which data-aware Grams may read (None: all, for data of unknown length, whose check
-    follows the search's batches); and a description of that data."""
+    least ``batches``, more as its agreements need, up to half the data) and on the last
+    (``check``: the level the search picked, the lowest that passed among several noisy
+    measurements, is judged on batches it was not picked on; captcha_crnn's held 13.4 dB on the
+    search's batches and 10.7 on held-out ones), a quarter of the data up to ``batches``, or as
+    many as its agreements need of those the search did not read; the batches before the
+    check's, which data-aware Grams may read (None: all, for data of unknown length, whose
+    check follows the search's batches); and a description of that data."""
     try:
         total: int | None = len(context.data)
     except TypeError:
         total = None
-    half = total // 2 if total is not None and total >= 2 else None
-    first = context.data.batches(half)
-    check = GateCheck(model, {"search": first}, target, context.providers[0], least=batches)
-    searched = len(check.feeds["search"])
-    if half is None:
-        check.add("check", itertools.islice(context.data.batches(), searched, None), searched)
+    provider = context.providers[0]
+    if total is None:  # the check follows the search's batches
+        check = GateCheck(model, {"search": context.data.batches()}, target, provider, batches)
+        searched = len(check.feeds["search"])
+        rest = itertools.islice(context.data.batches(), searched, None)
+        check.add("check", rest, searched, max(searched, check.batches_to_decide("search")))
         gram_batches = None
     else:
-        held = min(check.batches_to_decide("search"), total - half)
-        gram_batches = total - held
-        check.add("check", itertools.islice(context.data.batches(), gram_batches, None), held)
+        most = max(batches, total // 2)
+        check = GateCheck(model, {}, target, provider)
+        check.add("search", context.data.batches(), batches, most)
+        searched = len(check.feeds["search"])
+        # the last quarter up to ``batches``, or as many as the agreements need
+        wanted = max(min(batches, total // 4), check.batches_to_decide("search"))
+        held = min(wanted, total - searched) or min(batches, total // 4)
+        gram_batches = total - held if held else None
+        check.add("check", itertools.islice(context.data.batches(), total - held, None), held)
     if not check.feeds["check"]:
         check.add("check", check.feeds["search"])
     data = f"{searched} + {len(check.feeds['check'])} calibration batches"

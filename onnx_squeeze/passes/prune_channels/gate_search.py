@@ -69,12 +69,13 @@ class GateSearch:
         probe = itertools.islice(context.data.batches(), PROBE_BATCHES)
         self.check = GateCheck(self.teacher, {"probe": probe}, target, context.providers[0])
         self.gate = self.check.gate
+        needed, every = self.check.batches_to_decide("probe"), HOLDOUT_EVERY
         try:
             total = len(context.data)
         except TypeError:
-            every = HOLDOUT_EVERY
-        else:
-            every = min(HOLDOUT_EVERY, total // self.check.batches_to_decide("probe"))
+            total = None
+        if needed and total is not None:
+            every = min(HOLDOUT_EVERY, total // needed)
         source = context.data.source
         fit, held = split_for_evaluation(source, max(every, 2), purpose="the pruning gate")
         self.check.add("held", held or fit)
