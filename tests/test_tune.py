@@ -543,6 +543,58 @@ def test_first_stops_at_the_first_candidate_that_meets_everything_on_all_data(fi
     assert found.met and found.chosen is found.trials[-1]
 
 
+class SubsetReads(Synthetic):
+    """The subset's 8 samples read ``factor`` times the metric's loss on all 32 (an unlucky or
+    a lucky draw)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def run(self, jobs):
+        results = super().run(jobs)
+        for job, result in zip(jobs, results, strict=True):
+            if job.get("eval_limit"):
+                result["value"] = 1 - self.factor * (1 - result["value"])
+        return results
+
+
+def test_first_judges_on_all_data_a_candidate_within_the_subsets_spread(files, tmp_path):
+    found = _search(
+        files,
+        tmp_path,
+        SubsetReads(2.0),
+        trials=8,
+        subset=0.25,
+        first=True,
+        budget=SMOOTH,
+        **AT_2_5X,
+    )
+    # 8 of 32 samples spread twice as wide as all of them: a reading one budget (0.05) below the
+    # floor may be the subset's draw, so INT8 at 0.35 (0.937 against a floor of 0.95) is judged
+    # on all the data, where it reads 0.9705
+    stages = [(t.stage, t.params.get("prune")) for t in found.trials]
+    assert stages == [("reference", None), ("subset", 0.0), ("subset", 0.35), ("full", 0.35)]
+    assert found.trials[2].value < found.floor <= found.trials[3].value
+    assert found.met and found.chosen is found.trials[-1]
+    # where it fails there, the search goes on, and halving does not judge it again
+    strict = _search(
+        files,
+        tmp_path / "strict",
+        SubsetReads(0.8),
+        trials=6,
+        subset=0.25,
+        first=True,
+        bisect_steps=0,
+        budget=parse_budget("cosine", "0.025", None),
+        **AT_2_5X,
+    )
+    full = [t.params for t in strict.trials if t.stage == "full"]
+    assert full[0] == {"prune": 0.35, "quantize": "int8"} and strict.trials[3].value < strict.floor
+    assert len(strict.trials) > 4  # and the search went on
+    assert len(full) == len({tuple(sorted(p.items())) for p in full})
+
+
 def test_successive_halving_judges_the_best_third_on_all_data(files, tmp_path):
     executor = Synthetic()
     found = _search(files, tmp_path, executor, trials=6, subset=0.25, bisect_steps=0, budget=SMOOTH)

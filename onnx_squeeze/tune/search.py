@@ -34,7 +34,13 @@ from onnx_squeeze.tune.executors import Executor, make_executor
 from onnx_squeeze.tune.metrics import is_user
 from onnx_squeeze.tune.space import Space, build_space, family_of, recipe_for
 from onnx_squeeze.tune.store import Store
-from onnx_squeeze.tune.subset import FLIPS, least_samples, subset_samples, write_subset
+from onnx_squeeze.tune.subset import (
+    FLIPS,
+    least_samples,
+    subset_samples,
+    subset_slack,
+    write_subset,
+)
 from onnx_squeeze.tune.targets import Budget, Target, distance, parse_budget, parse_targets
 
 FULL, SUBSET, BISECT, REFERENCE = "full", "subset", "bisect", "reference"
@@ -87,6 +93,7 @@ class Search:
     scale: float = 1.0
     first: bool = False  # stop at the first candidate that meets everything on all the data
     done: bool = False  # ... and one has
+    slack: float = 0.0  # how far below the floor a subset's reading may be: subset_slack
     subset_file: str | None = None  # the subset's samples, for a user metric
 
     def run(
@@ -138,6 +145,7 @@ class Search:
             made.append(trial)
             self.echo(results_module.trial_line(trial, self))
         met = [t for t in made if t.stage != REFERENCE and self.meets(t)]
+        met = met or [t for t in made if t.stage == SUBSET and self.may_meet(t)]
         if self.first and met and not self.done:
             best = min(met, key=self.objective)
             if best.stage == SUBSET:  # judged on all the data at once: it may end the search
@@ -174,6 +182,11 @@ class Search:
 
     def meets(self, trial: Trial) -> bool:
         return self.distance(trial) == (0.0, 0.0)
+
+    def may_meet(self, trial: Trial) -> bool:
+        """Meets the targets, and misses the floor by no more than the subset's spread."""
+        missed, below = self.distance(trial)
+        return missed == 0 and below <= self.slack
 
 
 def _bisect(search: Search, space: Space, best: Trial, steps: int) -> None:
@@ -262,7 +275,8 @@ def tune(
     chosen trial (the best that meets everything, else the closest), all trials and the
     Pareto front; nothing is written to ``output`` when no trial meets everything. ``first``:
     stop at the first candidate that meets everything on all the evaluation data (a candidate
-    ranked on the subset that does is judged on all of it at once), for the search's time
+    ranked on the subset that does, or that meets the targets and reads below the budget by no
+    more than the subset's spread, is judged on all of it at once), for the search's time
     rather than the most metric kept. ``patience``: stop drawing after that many draws in a row
     that come no closer to the targets, nor keep more of the metric where they are met (0:
     draw ``trials``); the best drawn is still judged on all the data.
@@ -391,7 +405,10 @@ def _strategy(
         f"floor {search.floor:.4g}"
     )
     least = least_samples(search.budget.metric, baseline - search.floor)
-    limit = subset_samples(search.base_job, original, evaluation, subset, least)
+    counted = subset_samples(search.base_job, original, evaluation, subset, least)
+    limit = counted[0] if counted else None
+    if counted:
+        search.slack = subset_slack(*counted)
     if limit is None and least > 2 and 0 < subset < 1 and isinstance(evaluation, str):
         search.echo(
             f"candidates are ranked on all of the evaluation data: a subset of it would need "
@@ -434,12 +451,18 @@ def _strategy(
     if (
         stage == SUBSET and not search.done
     ):  # successive halving: the best 1/eta ranked on the subset, on all data
-        distinct = {t.key: t for t in search.trials if t.stage == SUBSET and t.ok}
+        promoted = [t.params for t in search.trials if t.stage == FULL]  # at once, by `first`
+        distinct = {
+            t.key: t
+            for t in search.trials
+            if t.stage == SUBSET and t.ok and t.params not in promoted
+        }
         ranked = sorted(distinct.values(), key=search.objective)  # a point drawn twice counts once
         # out of time: the best one only, so that something is judged on all the data
         share = math.ceil(len(ranked) / eta) if time.monotonic() < deadline else 1
         keep = ranked[: max(1, share)]
-        search.run([(FULL, t.params) for t in keep], models=[t.model_path for t in keep])
+        if keep:
+            search.run([(FULL, t.params) for t in keep], models=[t.model_path for t in keep])
     judged = [t for t in search.trials if t.stage in (FULL, BISECT) and t.ok]
     if judged and time.monotonic() < deadline and not search.done:
         _bisect(search, space, min(judged, key=search.objective), bisect_steps)
