@@ -228,6 +228,16 @@ def test_bisection_finds_the_smallest_fraction_that_meets_the_target(files, tmp_
     # latency = 1 - prune: 0.5 is the smallest fraction at 0.5x, and keeps the most metric
     assert found.chosen.params["prune"] == pytest.approx(0.5)
     assert any(t.stage == "bisect" for t in found.trials)
+    # between two points of the space's grid (0.45: 0.55x, 0.5: 0.5x), on half its step
+    between = _search(
+        files,
+        tmp_path / "between",
+        Synthetic(),
+        trials=1,
+        bisect_steps=6,
+        targets=parse_targets(["latency=0.53"]),
+    )
+    assert between.met and between.chosen.params["prune"] == pytest.approx(0.475)
 
 
 def test_choice_meets_target_and_budget_and_is_the_best_judged(files, tmp_path):
