@@ -29,6 +29,7 @@ from onnx_squeeze.tune.space import (
     recipe_for,
 )
 from onnx_squeeze.tune.subset import least_samples
+from onnx_squeeze.tune.targets import agreement, measured_gate
 from onnx_squeeze.tune.trial import RESULT_FILE, run_trial
 from tests.helpers import run
 
@@ -78,6 +79,24 @@ def test_targets_and_budgets_parse_and_refuse():
     assert parse_budget("worst_channel_sqnr_db", None, 30).floor(math.inf) == 30
     with pytest.raises(SettingsError, match="unknown --metric"):
         parse_budget("accuracy", "0.01", None)
+
+
+def test_agreement_reads_the_decisions_the_default_gate_reads():
+    budget = parse_budget("agreement", "0.02", None)
+    assert budget.gate == (
+        "argmax_agreement>=0.98, score_agreement>=0.98, neighbour_agreement>=0.98, "
+        "worst_value_channel_sqnr_db>=12"
+    )
+    # INT8's accuracy control aims at the parts the model has: a detector has no argmax
+    detector = {"score_agreement": 0.95, "worst_value_channel_sqnr_db": 30.0, "cosine": 0.99}
+    assert measured_gate(budget.gate, detector) == (
+        "score_agreement>=0.98, worst_value_channel_sqnr_db>=12"
+    )
+    assert agreement(detector) == 0.95
+    # scores kept, boxes broken: nothing kept
+    assert agreement({**detector, "worst_value_channel_sqnr_db": 8.0}) == 0.0
+    assert agreement({"argmax_agreement": 0.99, "neighbour_agreement": 0.9}) == 0.9
+    assert agreement({"cosine": 0.999}) is None  # no decisions: tune says to give a metric
 
 
 def test_spaces_per_family_and_recipes():
@@ -812,6 +831,47 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(files, tmp_path, mo
     assert found.met and found.chosen.params["prune"] == 0
     entry = found.data["trials"][failed[0].number]
     assert entry["status"] == "failed" and "SIGABRT" in entry["error"]
+
+
+def test_the_default_metric_reads_a_sequence_model_and_aims_int8_at_it(tmp_path):
+    """A model of [N, T, classes] scores (a CTC recognizer's shape) has no top-1 agreement:
+    the default metric reads its class at each position, and INT8 aims at what it reads."""
+    rng = np.random.default_rng(0)
+    weight = onnx.numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["scores"])],
+        "sequence",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 12, 16])],
+        [onnx.helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, ["N", 12, 8])],
+        [weight],
+    )
+    path = tmp_path / "sequence.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    data = rng.standard_normal((48, 12, 16)).astype(np.float32)
+    np.savez(tmp_path / "random_calib.npz", x=data[:32])
+    np.savez(tmp_path / "random_eval.npz", x=data[32:])
+    found = tune(
+        path,
+        tmp_path / "out.onnx",
+        targets=["size=0.5"],
+        max_drop=0.1,
+        calibration=tmp_path / "random_calib.npz",
+        evaluation=tmp_path / "random_eval.npz",
+        trials=1,
+        space=Space("transformer", (Param("quantize", ("int8",)),)),
+        bisect_steps=0,
+        runs=1,
+        subset=0,
+        echo=lambda line: None,
+    )
+    reference, trial = found.trials[:2]
+    assert reference.value == 1.0 and reference.metrics["argmax_agreement"] == 1.0
+    assert "top1_agreement" not in reference.metrics
+    assert trial.ok and trial.value == trial.metrics["argmax_agreement"]
+    # raw scores (no softmax) are read by value too, as the default gate reads them; no gate on
+    # score decisions or neighbours, which this model's outputs do not hold
+    (step,) = trial.recipe.steps
+    assert step.settings["target"] == "argmax_agreement>=0.9, worst_value_channel_sqnr_db>=12"
 
 
 def test_cli_exit_3_names_the_closest_trial(files, searched, capsys):

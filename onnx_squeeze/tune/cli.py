@@ -43,9 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metric",
-        default="top1_agreement",
-        help="top1 (labels in --eval), top1_agreement, cosine, worst_channel_sqnr_db, or "
-        "module:function(model_path, eval_data) -> float (default top1_agreement)",
+        default="agreement",
+        help="agreement (the share of the decisions the default gate reads that stay the "
+        "original's: classes, CTC strings, detections' scores, embeddings' neighbours), top1 "
+        "(labels in --eval), top1_agreement, cosine, worst_channel_sqnr_db, or "
+        "module:function(model_path, eval_data) -> float (default agreement)",
     )
     parser.add_argument("--max-drop", help="largest drop of the metric: 0.01 (absolute) or 1%%")
     parser.add_argument(

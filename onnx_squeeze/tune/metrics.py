@@ -1,5 +1,6 @@
-"""The value of a trial's metric: read from the comparison with the original (``top1_agreement``,
-``cosine``, ``worst_channel_sqnr_db``), top-1 accuracy on labelled evaluation data, or a user's
+"""The value of a trial's metric: read from the comparison with the original (``agreement``, the
+default gate's decisions: :data:`.targets.AGREEMENTS`; ``top1_agreement``, ``cosine``,
+``worst_channel_sqnr_db``), top-1 accuracy on labelled evaluation data, or a user's
 ``module:function(model_path, eval_data) -> float`` (mAP, WER...).
 
 A user function is given the model's path and the evaluation data as given to tune (``--eval``,
@@ -18,7 +19,7 @@ import numpy as np
 
 from onnx_squeeze import model_io, runtime
 from onnx_squeeze.errors import InputError, SettingsError
-from onnx_squeeze.tune.targets import FIDELITY_METRICS
+from onnx_squeeze.tune.targets import FIDELITY_METRICS, agreement
 
 LABELS = "labels"
 
@@ -75,12 +76,22 @@ def value(
     """The metric of the model at ``model_path`` (``comparison``: its metrics against the
     original; ``open_data(spec, model)`` opens the evaluation data for it; ``data``: what a
     user function is given)."""
+    if metric == "agreement":
+        measured = agreement(comparison)
+        if measured is None:
+            raise InputError(
+                "the comparison reads no decisions in this model's outputs (classes, CTC "
+                "strings, score decisions, embeddings) for --metric agreement: give your task's "
+                "metric (--metric module:function) or --metric worst_channel_sqnr_db "
+                "--min-metric 20"
+            )
+        return measured
     if metric in FIDELITY_METRICS:
         measured = comparison.get(metric)
         if measured is None:
             raise InputError(
                 f"the comparison measures no {metric} for this model (top1_agreement needs "
-                "[N, classes] outputs): choose another --metric, e.g. cosine"
+                "[N, classes] outputs): choose another --metric, e.g. agreement"
             )
         return float(measured)
     if metric == "top1":

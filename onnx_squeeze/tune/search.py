@@ -41,7 +41,14 @@ from onnx_squeeze.tune.subset import (
     subset_slack,
     write_subset,
 )
-from onnx_squeeze.tune.targets import Budget, Target, distance, parse_budget, parse_targets
+from onnx_squeeze.tune.targets import (
+    Budget,
+    Target,
+    distance,
+    measured_gate,
+    parse_budget,
+    parse_targets,
+)
 
 FULL, SUBSET, BISECT, REFERENCE = "full", "subset", "bisect", "reference"
 
@@ -233,7 +240,7 @@ def tune(
     *,
     targets: Sequence[Target | str],
     budget: Budget | None = None,
-    metric: str = "top1_agreement",
+    metric: str = "agreement",
     max_drop: float | str | None = None,
     min_metric: float | None = None,
     calibration: Any = None,
@@ -398,6 +405,7 @@ def _strategy(
     # what every compress run starts from): the trials start from it rather than each running
     # onnxsim again, and are compared with it
     search.base_job = dict(search.base_job, model=reference.model_path, prepared=True)
+    search.gate = measured_gate(search.gate, reference.metrics or {})
     baseline = float(reference.value)  # type: ignore[arg-type]
     search.floor = search.budget.floor(baseline)
     # the unit a shortfall is counted in: the drop allowed (the floor itself when the

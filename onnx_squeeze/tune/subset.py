@@ -22,9 +22,9 @@ from onnx_squeeze.tune.trial import opener
 SUBSET_NAME = "evaluation-subset"
 
 
-# Metrics that count samples (the share whose top class is right, or the original's): a subset
-# of n resolves 1/n of them.
-COUNTED = ("top1", "top1_agreement")
+# Metrics that count samples (the share whose top class is right, or the original's), or reads
+# of which a sample holds one or more: a subset of n resolves 1/n of them at worst.
+COUNTED = ("top1", "top1_agreement", "agreement")
 # Samples the budget must let flip on the subset: with none, a subset ranks every candidate
 # that loses one sample below the floor (ppocr_cls: a quarter of 256 lines resolves 1.6 points
 # of top-1, more than its 1-point budget), and the full data takes back those it ranked first.

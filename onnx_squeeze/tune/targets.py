@@ -11,7 +11,9 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
+from onnx_squeeze import gates
 from onnx_squeeze.errors import SettingsError
+from onnx_squeeze.verdict import DEFAULT_GATE
 
 # target name -> (the comparison metric it reads, whether the target is an upper bound)
 TARGETS: dict[str, tuple[str, bool]] = {
@@ -20,8 +22,18 @@ TARGETS: dict[str, tuple[str, bool]] = {
     "size": ("size_ratio", True),
     "macs": ("macs_ratio", True),
 }
+# ``agreement`` reads a model as the default gate does: the lowest share kept of the decisions
+# its outputs hold (a class per position or CTC line, score decisions, an embedding's nearest
+# neighbours), and none kept where the outputs it reads by value (box coordinates) fall below
+# the gate's floor for them. top1_agreement reads [N, classes] outputs only: the default metric
+# stopped tune on 6 of the first 6 corpus models (CTC lines, detectors, a VAD).
+AGREEMENTS = tuple(m for m in gates.AGREEMENT_METRICS if m != "top1_agreement")
+VALUE_GATES = tuple(
+    g.expr for g in gates.parse_gates(DEFAULT_GATE) if g.metric not in gates.AGREEMENT_METRICS
+)
 # Metrics the comparison with the original measures: the original's own value is perfect.
 FIDELITY_METRICS: dict[str, float] = {
+    "agreement": 1.0,
     "top1_agreement": 1.0,
     "cosine": 1.0,
     "worst_channel_sqnr_db": math.inf,
@@ -117,7 +129,10 @@ class Budget:
     @property
     def gate(self) -> str | None:
         """The accuracy-control target INT8 can aim at for this budget (None: no fidelity
-        metric stands for it)."""
+        metric stands for it); :func:`measured_gate` keeps the parts the model has."""
+        if self.metric == "agreement":  # the original's is 1: a relative drop is as absolute
+            level = 1 - self.max_drop if self.floor_value is None else self.floor_value
+            return ", ".join([*(f"{m}>={level:g}" for m in AGREEMENTS), *VALUE_GATES])
         if self.metric in FIDELITY_METRICS and self.floor_value is not None:
             return f"{self.metric}>={self.floor_value:g}"
         if (
@@ -160,6 +175,25 @@ def parse_budget(metric: str, max_drop: str | None, min_metric: float | None) ->
     if drop < 0:
         raise SettingsError(f"bad --max-drop {text!r}: a drop is not negative")
     return Budget(metric, drop, relative)
+
+
+def measured_gate(gate: str | None, metrics: Mapping[str, float]) -> str | None:
+    """The parts of ``gate`` whose metric the comparison ``metrics`` holds (a gate on a metric
+    a model lacks fails: a detector has no argmax_agreement)."""
+    kept = [g.expr for g in gates.parse_gates(gate or "") if g.metric in metrics]
+    return ", ".join(kept) or None
+
+
+def agreement(metrics: Mapping[str, float]) -> float | None:
+    """``agreement`` of a comparison's ``metrics`` (see :data:`AGREEMENTS`); None where the
+    outputs hold no decisions."""
+    shares = [float(metrics[m]) for m in AGREEMENTS if metrics.get(m) is not None]
+    if not shares:
+        return None
+    if any(math.isnan(share) for share in shares):
+        return math.nan
+    values = [g for g in gates.parse_gates(VALUE_GATES) if metrics.get(g.metric) is not None]
+    return 0.0 if any(not g.passes(metrics[g.metric]) for g in values) else min(shares)
 
 
 def distance(
