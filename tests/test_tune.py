@@ -96,7 +96,10 @@ def test_agreement_reads_the_decisions_the_default_gate_reads():
     # scores kept, boxes broken: nothing kept
     assert agreement({**detector, "worst_value_channel_sqnr_db": 8.0}) == 0.0
     assert agreement({"argmax_agreement": 0.99, "neighbour_agreement": 0.9}) == 0.9
-    assert agreement({"cosine": 0.999}) is None  # no decisions: tune says to give a metric
+    # no decisions (a detector's raw grid): kept while its values hold the gate's floor
+    assert agreement({"worst_value_channel_sqnr_db": 14.0}) == 1.0
+    assert agreement({"worst_value_channel_sqnr_db": 11.0}) == 0.0
+    assert agreement({"cosine": 0.999}) is None  # nothing the gate reads: tune says so
 
 
 def test_spaces_per_family_and_recipes():

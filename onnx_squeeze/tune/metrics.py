@@ -80,10 +80,10 @@ def value(
         measured = agreement(comparison)
         if measured is None:
             raise InputError(
-                "the comparison reads no decisions in this model's outputs (classes, CTC "
-                "strings, score decisions, embeddings) for --metric agreement: give your task's "
-                "metric (--metric module:function) or --metric worst_channel_sqnr_db "
-                "--min-metric 20"
+                "the default gate reads nothing in this model's outputs (no classes, CTC "
+                "strings, score decisions, embeddings or values) for --metric agreement: give "
+                "your task's metric (--metric module:function) or --metric "
+                "worst_channel_sqnr_db --min-metric 20"
             )
         return measured
     if metric in FIDELITY_METRICS:

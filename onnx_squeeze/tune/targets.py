@@ -25,7 +25,8 @@ TARGETS: dict[str, tuple[str, bool]] = {
 # ``agreement`` reads a model as the default gate does: the lowest share kept of the decisions
 # its outputs hold (a class per position or CTC line, score decisions, an embedding's nearest
 # neighbours), and none kept where the outputs it reads by value (box coordinates) fall below
-# the gate's floor for them. top1_agreement reads [N, classes] outputs only: the default metric
+# the gate's floor for them; all kept while they do where the outputs hold no decisions
+# (ddddocr_det's raw grid). top1_agreement reads [N, classes] outputs only: the default metric
 # stopped tune on 6 of the first 6 corpus models (CTC lines, detectors, a VAD).
 AGREEMENTS = tuple(m for m in gates.AGREEMENT_METRICS if m != "top1_agreement")
 VALUE_GATES = tuple(
@@ -186,14 +187,14 @@ def measured_gate(gate: str | None, metrics: Mapping[str, float]) -> str | None:
 
 def agreement(metrics: Mapping[str, float]) -> float | None:
     """``agreement`` of a comparison's ``metrics`` (see :data:`AGREEMENTS`); None where the
-    outputs hold no decisions."""
+    gate reads nothing in them."""
     shares = [float(metrics[m]) for m in AGREEMENTS if metrics.get(m) is not None]
-    if not shares:
+    values = [g for g in gates.parse_gates(VALUE_GATES) if metrics.get(g.metric) is not None]
+    if not shares and not values:
         return None
     if any(math.isnan(share) for share in shares):
         return math.nan
-    values = [g for g in gates.parse_gates(VALUE_GATES) if metrics.get(g.metric) is not None]
-    return 0.0 if any(not g.passes(metrics[g.metric]) for g in values) else min(shares)
+    return 0.0 if any(not g.passes(metrics[g.metric]) for g in values) else min(shares, default=1.0)
 
 
 def distance(
