@@ -434,12 +434,31 @@ def _attention_macs(node: ir.Node, shape_of: ShapeOf) -> int | None:
     return None
 
 
+# Recurrent layers: gates computed per step (onnxruntime's DynamicQuantizeLSTM keeps the LSTM's
+# attributes). Counted as 0 before, an LSTM model's MACs ratio was 0/0 (tashkeel, silero-vad).
+_RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1, "DynamicQuantizeLSTM": 4}
+
+
+def _recurrent_macs(node: ir.Node, shape_of: ShapeOf) -> int | None:
+    """Steps x batch x directions x gates x hidden x (input + hidden): each gate's products
+    with the step's input and the previous hidden state."""
+    x = shape_of(node.inputs[0]) if node.inputs else None
+    hidden = node.attributes.get_int("hidden_size", 0)
+    if x is None or len(x) != 3 or not hidden:
+        return None
+    both = node.attributes.get_string("direction", "forward") == "bidirectional"
+    gates = _RECURRENT_GATES[node.op_type]
+    return x[0] * x[1] * (2 if both else 1) * gates * hidden * (x[2] + hidden)
+
+
 def node_macs(node: ir.Node, shape_of: ShapeOf) -> int | None:
     """MACs of one node given a function from values to concrete shapes.
 
     Returns 0 for ops without a MAC formula, None when the formula's shapes are unknown.
     """
     op = node.op_type
+    if op in _RECURRENT_GATES:
+        return _recurrent_macs(node, shape_of)
     if op not in MAC_OPS:
         return 0
 

@@ -397,7 +397,7 @@ class Comparison:
         metrics of :func:`fidelity.gate_metrics`; latency_ratio (B/A median) and speedup (A/B)
         on the first provider/threads measured (absent when none was); size_ratio (file sizes
         when both are known, else bytes of weights), params_ratio, macs_ratio (absent when A
-        has none).
+        has none, or either has layers whose MACs are unknown).
         """
         metrics = gate_metrics(self.fidelity)
         for timings in self.latency.values():
@@ -411,10 +411,13 @@ class Comparison:
             size = _ratio(summary_b.size_bytes, summary_a.size_bytes)
         else:
             size = _ratio(summary_b.initializer_bytes, summary_a.initializer_bytes)
+        # a ratio of counts that miss layers (shapes unknown past a contrib op) says nothing:
+        # tashkeel's second LSTM, after a DynamicQuantizeLSTM, was counted in neither
+        whole = not summary_a.unknown_macs and not summary_b.unknown_macs
         for name, value in (
             ("size_ratio", size),
             ("params_ratio", _ratio(summary_b.params, summary_a.params)),
-            ("macs_ratio", _ratio(summary_b.macs, summary_a.macs)),
+            ("macs_ratio", _ratio(summary_b.macs, summary_a.macs) if whole else None),
         ):
             if value is not None:
                 metrics[name] = value

@@ -253,6 +253,27 @@ def test_matmul_nbits_and_einsum():
     assert summary.params == 16 * 32 + 16 + 35
 
 
+def test_recurrent_layers_count_each_gates_products_per_step():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    rnn (float[7, 2, 5] x) => (float[7, 2, 2, 3] y, float[7, 1, 2, 4] g) {
+      y, h, c = LSTM <hidden_size = 3, direction = "bidirectional"> (x, w, r)
+      g, hg = GRU <hidden_size = 4, layout = 0> (x, wg, rg)
+    }
+    """
+    proto = _model(
+        text,
+        w=_weights(2, 12, 5),
+        r=_weights(2, 12, 3),
+        wg=_weights(1, 12, 5),
+        rg=_weights(1, 12, 4),
+    )
+    lstm, gru = analyze(proto).nodes
+    # steps x batch x directions x gates x hidden x (input + hidden)
+    assert lstm.macs == 7 * 2 * 2 * 4 * 3 * (5 + 3)
+    assert gru.macs == 7 * 2 * 1 * 3 * 4 * (5 + 4)
+
+
 def test_size_on_disk_includes_external_data(tmp_path):
     proto = _cnn()
     path = tmp_path / "model.onnx"

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.parser
+import onnx_ir as ir
 import pytest
 
 from onnx_squeeze import cli, model_io, zoo
@@ -106,6 +108,17 @@ def test_spaces_per_family_and_recipes():
     assert family_of(zoo.small("resnet18")) == "cnn"
     assert family_of(zoo.small("yolo")) == "detector"
     assert family_of(zoo.small("transformer")) == "transformer"
+    # recurrent layers multiply by weight matrices: an LSTM-only model (tashkeel) is searched
+    # with dynamic INT8, not as a detector
+    lstm = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        rnn (float[7, 1, 5] x) => (float[7, 1, 1, 3] y) {
+          y, h, c = LSTM <hidden_size = 3> (x, w, r)
+        }
+        """
+    )
+    assert family_of(ir.from_proto(lstm)) == "transformer"
     cnn = {p.name for p in build_space("cnn").params}
     assert {"prune", "criterion", "quantize", "int8_method"} <= cnn and "low_rank" not in cnn
     transformer = build_space("transformer")

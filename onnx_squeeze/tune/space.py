@@ -123,12 +123,20 @@ class Space:
         return lines
 
 
+# Layers that multiply by a weight matrix, recurrent ones too, and convolutions, quantized or
+# not, counted in every graph (If branches hold silero-vad's): tashkeel, two LSTMs and no MatMul
+# or Conv, was searched as a detector, with no dynamic INT8 in its space.
+MATRIX_OPS = ("MatMul", "Gemm", "LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "MatMulInteger")
+CONV_OPS = ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv")
+
+
 def family_of(model: ir.Model) -> str:
-    """cnn, detector (convolutions, outputs that are not one score per class) or transformer
-    (matrix products, no convolutions: MLPs too)."""
-    ops = Counter(node.op_type for node in model.graph)
-    convs = ops["Conv"] + ops["ConvTranspose"]
-    if convs >= ops["MatMul"] + ops["Gemm"]:
+    """cnn, detector (at least as many convolutions as matrix products, outputs that are not
+    one score per class) or transformer (more matrix products: MLPs and RNNs too)."""
+    ops = Counter(node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph))
+    convs = sum(ops[op] for op in CONV_OPS)
+    matrices = sum(ops[op] for op in MATRIX_OPS)
+    if convs >= matrices and convs:
         outputs = [len(o.shape) if o.shape is not None else 0 for o in model.graph.outputs]
         return "detector" if any(rank != 2 for rank in outputs) else "cnn"
     return "transformer"
