@@ -21,7 +21,7 @@ from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.pipeline import compress
 from onnx_squeeze.recipe import Recipe
 from onnx_squeeze.tune import parse_budget, parse_targets, tune
-from onnx_squeeze.tune.results import pareto_front
+from onnx_squeeze.tune.results import pareto_front, table_rows
 from onnx_squeeze.tune.space import (
     CHEAP_CRITERION,
     Param,
@@ -273,6 +273,22 @@ def test_bisection_finds_the_smallest_fraction_that_meets_the_target(files, tmp_
         targets=parse_targets(["latency=0.53"]),
     )
     assert between.met and between.chosen.params["prune"] == pytest.approx(0.475)
+
+
+class MacsUnknown(Synthetic):
+    """MACs not counted (shapes unknown past a contrib op): no ratio."""
+
+    def run(self, jobs):
+        results = super().run(jobs)
+        for result in results:
+            del result["metrics"]["macs_ratio"]
+        return results
+
+
+def test_a_ratio_not_measured_shows_as_a_dash(files, tmp_path):
+    found = _search(files, tmp_path, MacsUnknown(), trials=1, bisect_steps=0)
+    rows = table_rows(found)
+    assert rows and all(row[5] == "-" and row[3].endswith("x") for row in rows)
 
 
 def test_choice_meets_target_and_budget_and_is_the_best_judged(files, tmp_path):

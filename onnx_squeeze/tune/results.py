@@ -43,6 +43,12 @@ class TuneResult:
     data: dict[str, Any]
 
 
+def _times(value: float | None) -> str:
+    """A ratio as the table shows it; '-' where it was not measured (MACs past an op whose
+    shapes are unknown)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}x"
+
+
 def _ratio(trial: Trial, key: str) -> float:
     value = (trial.metrics or {}).get(key)
     return float(value) if value is not None else math.nan
@@ -261,9 +267,7 @@ def _rows(data: dict[str, Any], pareto: dict[str, list[int]]) -> list[list[str]]
                 str(entry["number"]),
                 entry["stage"],
                 " ".join(f"{k}={v}" for k, v in entry["params"].items()) or "original",
-                f"{m.get('latency_ratio', math.nan):.3f}x",
-                f"{m.get('size_ratio', math.nan):.3f}x",
-                f"{m.get('macs_ratio', math.nan):.3f}x",
+                *(_times(m.get(key)) for key in ("latency_ratio", "size_ratio", "macs_ratio")),
                 f"{entry['metric']:.4g}",
                 ("yes" if ok else "no") + (f" ({mark})" if mark else ""),
             ]
