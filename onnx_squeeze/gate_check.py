@@ -76,6 +76,12 @@ class GateCheck:
         if len(feeds) > read:
             self.reads[name] = self._needed(outputs)
 
+    def forget(self, name: str) -> None:
+        """Let the set ``name`` go: a probe whose reads sized the others holds the reference's
+        outputs of its batches (a few MB on a 736x736 detector) for the whole search."""
+        for held in (self.feeds, self.reference, self.reads):
+            held.pop(name, None)
+
     def batches_to_decide(self, on: str) -> int:
         """The batches like those of the set ``on`` that give every agreement gate the reads
         that decide it, by the reads per batch the set gave (0 where no agreement gate

@@ -73,6 +73,7 @@ def test_recovery_gives_up_batches_to_the_reads_the_gate_needs(batches, held):
     source = RandomSource(runtime.input_specs(model), count=batches, batch_size=1, seed=1)
     context = PassContext(calibration=source, teacher=model.clone())
     search = gate_search.GateSearch(model, context, _scale_weights, target=GATE, recover=False)
+    assert list(search.check.feeds) == ["held"]  # the probe that sized it is let go
     assert len(search.check.feeds["held"]) == held
     assert search.data.startswith(f"{held} calibration batches held back from recovery")
     assert len(search.fitting.data) == batches - held

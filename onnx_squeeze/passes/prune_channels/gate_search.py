@@ -70,6 +70,7 @@ class GateSearch:
         self.check = GateCheck(self.teacher, {"probe": probe}, target, context.providers[0])
         self.gate = self.check.gate
         needed, every = self.check.batches_to_decide("probe"), HOLDOUT_EVERY
+        self.check.forget("probe")
         try:
             total = len(context.data)
         except TypeError:
