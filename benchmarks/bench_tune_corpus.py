@@ -6,7 +6,8 @@ the CLI, ``tune MODEL --target latency=0.7 --max-drop 0.02`` with small bounds (
 ``--time-budget``, ``--first``): what it checks is that every model gets a search and an
 answer (exit 0: met and written; 3: not met, the closest named), never an internal error (2),
 and that the model it keeps still does the task (the corpus's task judge on the chosen trial's
-model, met or closest). Results: ``benchmarks/results/tune_corpus``.
+model, met or closest). It exits 1 where a search ended in an internal error (exit 2).
+Results: ``benchmarks/results/tune_corpus``.
 
 Usage: ``python benchmarks/bench_tune_corpus.py [--models ppocr_det,tashkeel] [--trials 2]``
 """
@@ -146,6 +147,9 @@ def main() -> None:
             )
             data = {"meta": common.meta(real_models.RUNS, (1,)), "rows": rows}
             common.write_results(TOPIC, "tune on the real-model corpus", body, data)
+    internal = [row["model"] for row in rows if row["exit"] == 2]
+    if internal:
+        sys.exit(f"internal error (exit 2) on {', '.join(internal)}: see the table's error column")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ What counts as a MAC (one multiply and one add):
 - MatMulNBits: ``prod(A.shape[:-1]) * N * K``.
 - Attention (opset 23): ``batch * q_heads * q_len * kv_len * (qk_head_size + v_head_size)``.
 - Einsum with two or more operands: the product of the sizes of all its subscripts.
+- LSTM / GRU / RNN / DynamicQuantizeLSTM: ``steps * batch * directions * gates * hidden *
+  (input + hidden)`` (4, 3 and 1 gates).
 
 Biases, activations, normalizations and elementwise ops count no MACs. A node with a MAC formula
 whose shapes cannot be inferred gets 0 and is named in :attr:`ModelSummary.unknown_macs`.
@@ -41,6 +43,7 @@ from onnx_squeeze.shapes import Shape, display_dims, resolve_input_shapes
 
 __all__ = [
     "MAC_OPS",
+    "RECURRENT_GATES",
     "ModelSummary",
     "NodeCost",
     "analyze",
@@ -436,18 +439,22 @@ def _attention_macs(node: ir.Node, shape_of: ShapeOf) -> int | None:
 
 # Recurrent layers: gates computed per step (onnxruntime's DynamicQuantizeLSTM keeps the LSTM's
 # attributes). Counted as 0 before, an LSTM model's MACs ratio was 0/0 (tashkeel, silero-vad).
-_RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1, "DynamicQuantizeLSTM": 4}
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1, "DynamicQuantizeLSTM": 4}
 
 
 def _recurrent_macs(node: ir.Node, shape_of: ShapeOf) -> int | None:
     """Steps x batch x directions x gates x hidden x (input + hidden): each gate's products
     with the step's input and the previous hidden state."""
     x = shape_of(node.inputs[0]) if node.inputs else None
-    hidden = node.attributes.get_int("hidden_size", 0)
+    # hidden_size is optional: else R's, [directions, gates * hidden, hidden] (onnxruntime's
+    # DynamicQuantizeLSTM stores it transposed: [directions, hidden, gates * hidden])
+    recurrence = shape_of(node.inputs[2]) if len(node.inputs) > 2 else None
+    axis = 1 if node.op_type == "DynamicQuantizeLSTM" else -1
+    hidden = node.attributes.get_int("hidden_size", 0) or (recurrence[axis] if recurrence else 0)
     if x is None or len(x) != 3 or not hidden:
         return None
     both = node.attributes.get_string("direction", "forward") == "bidirectional"
-    gates = _RECURRENT_GATES[node.op_type]
+    gates = RECURRENT_GATES[node.op_type]
     return x[0] * x[1] * (2 if both else 1) * gates * hidden * (x[2] + hidden)
 
 
@@ -457,7 +464,7 @@ def node_macs(node: ir.Node, shape_of: ShapeOf) -> int | None:
     Returns 0 for ops without a MAC formula, None when the formula's shapes are unknown.
     """
     op = node.op_type
-    if op in _RECURRENT_GATES:
+    if op in RECURRENT_GATES:
         return _recurrent_macs(node, shape_of)
     if op not in MAC_OPS:
         return 0

@@ -107,7 +107,11 @@ METRICS: dict[str, tuple[str, str]] = {
     ),
     "size_ratio": ("size of B / A", "model A has no weights"),
     "params_ratio": ("parameters of B / A", "model A has no parameters"),
-    "macs_ratio": ("MACs of B / A", "model A has no MACs that could be counted"),
+    "macs_ratio": (
+        "MACs of B / A",
+        "model A has no MACs that could be counted, or either model has layers whose shapes, "
+        "and so MACs, are unknown",
+    ),
 }
 
 ALIASES = {
@@ -343,6 +347,12 @@ def validated(expressions: Sequence[str]) -> list[str]:
     return list(expressions)
 
 
+def applicable(exprs: str | Sequence[str], metrics: Mapping[str, float]) -> list[str]:
+    """The gates of ``exprs`` whose metric ``metrics`` holds (a gate on a metric the model does
+    not have, ``argmax_agreement`` on a detector's boxes, would fail for want of it)."""
+    return [g.expr for g in parse_gates(exprs) if g.metric in metrics]
+
+
 def judged(
     expressions: Sequence[str], metrics: Mapping[str, float], default: str
 ) -> list[dict[str, Any]]:
@@ -351,6 +361,5 @@ def judged(
     (``argmax_agreement`` on a detector's boxes) is left out, unless none applies."""
     if expressions:
         return [{**r.to_dict(), "default": False} for r in evaluate_gates(expressions, metrics)]
-    applicable = [g.expr for g in parse_gates(default) if g.metric in metrics]
-    results = evaluate_gates(applicable or [default], metrics)
+    results = evaluate_gates(applicable(default, metrics) or [default], metrics)
     return [{**result.to_dict(), "default": True} for result in results]

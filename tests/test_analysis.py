@@ -272,6 +272,39 @@ def test_recurrent_layers_count_each_gates_products_per_step():
     # steps x batch x directions x gates x hidden x (input + hidden)
     assert lstm.macs == 7 * 2 * 2 * 4 * 3 * (5 + 3)
     assert gru.macs == 7 * 2 * 1 * 3 * 4 * (5 + 4)
+    # without hidden_size, R's last axis gives it; onnxruntime's quantized LSTM keeps the
+    # attribute and stores R transposed
+    rnn = onnx.helper.make_node("RNN", ["x", "wr", "rr"], ["yr"])
+    quantized = onnx.helper.make_node(
+        "DynamicQuantizeLSTM",
+        ["x", "wq", "rq", "", "", "", "", "", "ws", "wz", "rs", "rz"],
+        ["yq"],
+        domain="com.microsoft",
+        hidden_size=3,
+    )
+    graph = onnx.helper.make_graph(
+        [rnn, quantized],
+        "recurrent",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [7, 2, 5])],
+        [
+            onnx.helper.make_tensor_value_info("yr", onnx.TensorProto.FLOAT, None),
+            onnx.helper.make_tensor_value_info("yq", onnx.TensorProto.FLOAT, None),
+        ],
+        [
+            numpy_helper.from_array(_weights(1, 6, 5), "wr"),
+            numpy_helper.from_array(_weights(1, 6, 6), "rr"),
+            numpy_helper.from_array(np.ones((1, 5, 12), np.int8), "wq"),
+            numpy_helper.from_array(np.ones((1, 3, 12), np.int8), "rq"),
+            numpy_helper.from_array(np.ones((1, 12), np.float32), "ws"),
+            numpy_helper.from_array(np.zeros((1, 12), np.int8), "wz"),
+            numpy_helper.from_array(np.ones((1, 12), np.float32), "rs"),
+            numpy_helper.from_array(np.zeros((1, 12), np.int8), "rz"),
+        ],
+    )
+    opsets = [onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)]
+    plain, packed = analyze(onnx.helper.make_model(graph, opset_imports=opsets)).nodes
+    assert plain.macs == 7 * 2 * 1 * 1 * 6 * (5 + 6)
+    assert packed.macs == 7 * 2 * 1 * 4 * 3 * (5 + 3)
 
 
 def test_size_on_disk_includes_external_data(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -259,6 +260,17 @@ def test_compare_with_given_feeds_and_no_latency():
     assert comparison.metrics()["max_abs_error"] == 0.0
     with pytest.raises(InputError, match="no feeds"):
         cmp.compare(_net(), _net(), feeds=[], runs=0)
+
+
+def test_a_macs_ratio_needs_both_counts_whole():
+    """A count that misses a layer (shapes unknown past an op onnx cannot infer) gives no ratio:
+    tashkeel's second LSTM, after a DynamicQuantizeLSTM, was counted in neither model."""
+    comparison = cmp.compare(_net(), _net(), runs=0, batch=2, samples=3)
+    assert comparison.metrics()["macs_ratio"] == 1.0
+    a, b = comparison.summaries
+    partial = dataclasses.replace(b, unknown_macs=["MatMul_0"])
+    metrics = dataclasses.replace(comparison, summaries=(a, partial)).metrics()
+    assert "macs_ratio" not in metrics and metrics["params_ratio"] == 1.0
 
 
 def test_comparison_to_dict_fits_the_report_schema():

@@ -102,6 +102,9 @@ def test_agreement_reads_the_decisions_the_default_gate_reads():
     assert agreement({"worst_value_channel_sqnr_db": 14.0}) == 1.0
     assert agreement({"worst_value_channel_sqnr_db": 11.0}) == 0.0
     assert agreement({"cosine": 0.999}) is None  # nothing the gate reads: tune says so
+    assert math.isnan(agreement({"argmax_agreement": math.nan, "score_agreement": 1.0}))
+    # a floor given directly is the level every decision is held to
+    assert parse_budget("agreement", None, 0.9).gate.startswith("argmax_agreement>=0.9, ")
 
 
 def test_spaces_per_family_and_recipes():
@@ -621,39 +624,62 @@ class SubsetReads(Synthetic):
 
 
 def test_first_judges_on_all_data_a_candidate_within_the_subsets_spread(files, tmp_path):
+    # 400 held-out samples (random, as the fixture's): a quarter is a subset of 100, whose share
+    # spreads twice as wide as all of them, so a reading up to one budget below the floor may be
+    # the subset's draw
+    with np.load(files["eval"]) as held:
+        (name,) = held.files
+        width = held[name].shape[1]
+    many = tmp_path / "random_eval_400.npz"
+    rng = np.random.default_rng(1)
+    np.savez(many, **{name: rng.standard_normal((400, width), np.float32)})
     found = _search(
         files,
-        tmp_path,
+        tmp_path / "wide",
         SubsetReads(2.0),
         trials=8,
         subset=0.25,
         first=True,
-        budget=SMOOTH,
+        evaluation=str(many),
         **AT_2_5X,
     )
-    # 8 of 32 samples spread twice as wide as all of them: a reading one budget (0.05) below the
-    # floor may be the subset's draw, so INT8 at 0.35 (0.937 against a floor of 0.95) is judged
-    # on all the data, where it reads 0.9705
+    # INT8 at 0.35 reads 0.937 on the subset against a floor of 0.95, and 0.9705 on all of it
     stages = [(t.stage, t.params.get("prune")) for t in found.trials]
     assert stages == [("reference", None), ("subset", 0.0), ("subset", 0.35), ("full", 0.35)]
     assert found.trials[2].value < found.floor <= found.trials[3].value
     assert found.met and found.chosen is found.trials[-1]
-    # where it fails there, the search goes on, and halving does not judge it again
+    # where it fails there (a floor of 0.975), the search goes on, and halving does not judge it
+    # again
     strict = _search(
         files,
         tmp_path / "strict",
-        SubsetReads(0.8),
+        SubsetReads(1.0),
         trials=6,
         subset=0.25,
         first=True,
         bisect_steps=0,
-        budget=parse_budget("cosine", "0.025", None),
+        evaluation=str(many),
+        budget=parse_budget("top1_agreement", "0.025", None),
         **AT_2_5X,
     )
     full = [t.params for t in strict.trials if t.stage == "full"]
     assert full[0] == {"prune": 0.35, "quantize": "int8"} and strict.trials[3].value < strict.floor
     assert len(strict.trials) > 4  # and the search went on
     assert len(full) == len({tuple(sorted(p.items())) for p in full})
+    # a cosine does not spread as a share of samples does: no reading below its floor is judged
+    smooth = _search(
+        files,
+        tmp_path / "smooth",
+        SubsetReads(2.0),
+        trials=3,
+        subset=0.25,
+        first=True,
+        bisect_steps=0,
+        evaluation=str(many),
+        budget=SMOOTH,
+        **AT_2_5X,
+    )
+    assert not any(t.stage == "full" and t.params.get("prune") == 0.35 for t in smooth.trials[:4])
 
 
 def test_successive_halving_judges_the_best_third_on_all_data(files, tmp_path):

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--metric",
         default="agreement",
         help="agreement (the share of the decisions the default gate reads that stay the "
-        "original's: classes, CTC strings, detections' scores, embeddings' neighbours), top1 "
+        "original's: classes, CTC strings, detections' scores, embeddings' neighbours; 0 where "
+        "outputs read by value fall below the gate's 12 dB), top1 "
         "(labels in --eval), top1_agreement, cosine, worst_channel_sqnr_db, or "
         "module:function(model_path, eval_data) -> float (default agreement)",
     )

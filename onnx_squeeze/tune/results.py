@@ -49,6 +49,10 @@ def _times(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3f}x"
 
 
+def _shown(trial: Trial, key: str) -> str:
+    return _times(_ratio(trial, key))
+
+
 def _ratio(trial: Trial, key: str) -> float:
     value = (trial.metrics or {}).get(key)
     return float(value) if value is not None else math.nan
@@ -78,8 +82,8 @@ def trial_line(trial: Trial, search: Search) -> str:
     meets = "" if math.isnan(search.floor) else (" ✓" if search.meets(trial) else "")
     cached = " (cached)" if trial.cached else ""
     return (
-        f"{tag} {_describe(trial)}: latency {_ratio(trial, 'latency_ratio'):.3f}x, size "
-        f"{_ratio(trial, 'size_ratio'):.3f}x, {search.budget.metric} {trial.value:.4g}{meets}{cached}"
+        f"{tag} {_describe(trial)}: latency {_shown(trial, 'latency_ratio')}, size "
+        f"{_shown(trial, 'size_ratio')}, {search.budget.metric} {trial.value:.4g}{meets}{cached}"
     )
 
 
@@ -158,13 +162,13 @@ def finish(
         reason = (
             f"no trial met {targets} within {search.budget} (floor {search.floor:.4g}), and "
             "none that keeps the budget came closer to the targets than the original itself "
-            f"(trial 0, latency {_ratio(chosen, 'latency_ratio'):.3f}x as prepared): keep it"
+            f"(trial 0, latency {_shown(chosen, 'latency_ratio')} as prepared): keep it"
         )
     else:
         reason = (
             f"no trial met {targets} within {search.budget} (floor {search.floor:.4g}); the "
             f"closest is trial {chosen.number} ({_describe(chosen)}): latency "
-            f"{_ratio(chosen, 'latency_ratio'):.3f}x, size {_ratio(chosen, 'size_ratio'):.3f}x, "
+            f"{_shown(chosen, 'latency_ratio')}, size {_shown(chosen, 'size_ratio')}, "
             f"{search.budget.metric} {chosen.value:.4g}; its model is {chosen.model_path}"
         )
     written = None

@@ -35,6 +35,7 @@ from onnx_squeeze.tune.metrics import is_user
 from onnx_squeeze.tune.space import Space, build_space, family_of, recipe_for
 from onnx_squeeze.tune.store import Store
 from onnx_squeeze.tune.subset import (
+    COUNTED,
     FLIPS,
     least_samples,
     subset_samples,
@@ -406,6 +407,13 @@ def _strategy(
     # onnxsim again, and are compared with it
     search.base_job = dict(search.base_job, model=reference.model_path, prepared=True)
     search.gate = measured_gate(search.gate, reference.metrics or {})
+    for target in search.targets:
+        if target.metric not in (reference.metrics or {}):
+            raise SettingsError(
+                f"--target {target}: the original's {target.metric} cannot be "
+                "measured here (MACs: shapes unknown past an op onnx cannot infer; latency: "
+                "--runs 0): aim at latency or size instead"
+            )
     baseline = float(reference.value)  # type: ignore[arg-type]
     search.floor = search.budget.floor(baseline)
     # the unit a shortfall is counted in: the drop allowed (the floor itself when the
@@ -419,8 +427,10 @@ def _strategy(
     least = least_samples(search.budget.metric, baseline - search.floor)
     counted = subset_samples(search.base_job, original, evaluation, subset, least)
     limit = counted[0] if counted else None
-    if counted:
-        search.slack = subset_slack(*counted)
+    if counted and (search.budget.metric in COUNTED or is_user(search.budget.metric)):
+        # a share of samples (a user's metric taken as one): worst channels, cosines and
+        # neighbours found among the subset do not spread as a mean over it does
+        search.slack = subset_slack(*counted) if math.isfinite(baseline) else 0.0
     if limit is None and least > 2 and 0 < subset < 1 and isinstance(evaluation, str):
         search.echo(
             f"candidates are ranked on all of the evaluation data: a subset of it would need "
@@ -575,7 +585,9 @@ def _pilot_arm(
         trial = probe(cheap)
         if cheap != own and not trial.result.get("timed_out") and search.distance(trial)[1] > 0:
             trial = probe(own)
-        whole = fraction > 0 and trial.ok and (trial.metrics.get("macs_ratio") or 0) >= WHOLE
+        # by MACs, or parameters where MACs are not counted (shapes unknown past a contrib op)
+        kept = trial.metrics.get("macs_ratio", trial.metrics.get("params_ratio")) if trial.ok else 0
+        whole = fraction > 0 and (kept or 0) >= WHOLE
         return None if trial.result.get("timed_out") or whole else search.distance(trial)
 
     def shape(params: Mapping[str, Any]) -> dict[str, Any]:  # what moves the time and size

@@ -21,6 +21,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnx_squeeze.analysis import MAC_OPS, RECURRENT_GATES
 from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.recipe import PRESETS, Recipe, Step
 from onnx_squeeze.shortcuts import PASS_ORDER
@@ -123,19 +124,16 @@ class Space:
         return lines
 
 
-# Layers that multiply by a weight matrix, recurrent ones too, and convolutions, quantized or
-# not, counted in every graph (If branches hold silero-vad's): tashkeel, two LSTMs and no MatMul
-# or Conv, was searched as a detector, with no dynamic INT8 in its space.
-MATRIX_OPS = ("MatMul", "Gemm", "LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "MatMulInteger")
-CONV_OPS = ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv")
-
-
 def family_of(model: ir.Model) -> str:
-    """cnn, detector (at least as many convolutions as matrix products, outputs that are not
-    one score per class) or transformer (more matrix products: MLPs and RNNs too)."""
+    """cnn, detector (at least as many convolutions as other layers that multiply by weights,
+    outputs that are not one score per class) or transformer (more matrix products, recurrent
+    layers or neither: MLPs and RNNs too). Counted in every graph (If branches hold silero-vad's
+    layers), quantized ones too: tashkeel, two LSTMs and no MatMul or Conv, was searched as a
+    detector, with no dynamic INT8 in its space."""
     ops = Counter(node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph))
-    convs = sum(ops[op] for op in CONV_OPS)
-    matrices = sum(ops[op] for op in MATRIX_OPS)
+    layers = {op: n for op, n in ops.items() if op in MAC_OPS or op in RECURRENT_GATES}
+    convs = sum(n for op, n in layers.items() if "Conv" in op)
+    matrices = sum(layers.values()) - convs
     if convs >= matrices and convs:
         outputs = [len(o.shape) if o.shape is not None else 0 for o in model.graph.outputs]
         return "detector" if any(rank != 2 for rank in outputs) else "cnn"

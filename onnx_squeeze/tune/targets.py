@@ -181,8 +181,7 @@ def parse_budget(metric: str, max_drop: str | None, min_metric: float | None) ->
 def measured_gate(gate: str | None, metrics: Mapping[str, float]) -> str | None:
     """The parts of ``gate`` whose metric the comparison ``metrics`` holds (a gate on a metric
     a model lacks fails: a detector has no argmax_agreement)."""
-    kept = [g.expr for g in gates.parse_gates(gate or "") if g.metric in metrics]
-    return ", ".join(kept) or None
+    return ", ".join(gates.applicable(gate or "", metrics)) or None
 
 
 def agreement(metrics: Mapping[str, float]) -> float | None:
