@@ -292,6 +292,9 @@ def test_a_ratio_not_measured_shows_as_a_dash(files, tmp_path):
     found = _search(files, tmp_path, MacsUnknown(), trials=1, bisect_steps=0)
     rows = table_rows(found)
     assert rows and all(row[5] == "-" and row[3].endswith("x") for row in rows)
+    # a target on the ratio the original's comparison lacks is refused, not missed by every trial
+    with pytest.raises(SettingsError, match="macs=0.5: the original's macs_ratio cannot be"):
+        _search(files, tmp_path / "macs", MacsUnknown(), targets=parse_targets(["macs=0.5"]))
 
 
 def test_choice_meets_target_and_budget_and_is_the_best_judged(files, tmp_path):
