@@ -293,7 +293,7 @@ def test_a_ratio_not_measured_shows_as_a_dash(files, tmp_path):
     rows = table_rows(found)
     assert rows and all(row[5] == "-" and row[3].endswith("x") for row in rows)
     # a target on the ratio the original's comparison lacks is refused, not missed by every trial
-    with pytest.raises(SettingsError, match="macs=0.5: the original's macs_ratio cannot be"):
+    with pytest.raises(SettingsError, match=r"macs=0\.5: the original's macs_ratio cannot be"):
         _search(files, tmp_path / "macs", MacsUnknown(), targets=parse_targets(["macs=0.5"]))
 
 
@@ -636,16 +636,12 @@ def test_first_judges_on_all_data_a_candidate_within_the_subsets_spread(files, t
     many = tmp_path / "random_eval_400.npz"
     rng = np.random.default_rng(1)
     np.savez(many, **{name: rng.standard_normal((400, width), np.float32)})
-    found = _search(
-        files,
-        tmp_path / "wide",
-        SubsetReads(2.0),
-        trials=8,
-        subset=0.25,
-        first=True,
-        evaluation=str(many),
-        **AT_2_5X,
-    )
+
+    def first(folder: str, executor: Synthetic, **kwargs: Any):
+        settings = dict(subset=0.25, first=True, evaluation=str(many), **AT_2_5X)
+        return _search(files, tmp_path / folder, executor, **settings, **kwargs)
+
+    found = first("wide", SubsetReads(2.0), trials=8)
     # INT8 at 0.35 reads 0.937 on the subset against a floor of 0.95, and 0.9705 on all of it
     stages = [(t.stage, t.params.get("prune")) for t in found.trials]
     assert stages == [("reference", None), ("subset", 0.0), ("subset", 0.35), ("full", 0.35)]
@@ -653,35 +649,19 @@ def test_first_judges_on_all_data_a_candidate_within_the_subsets_spread(files, t
     assert found.met and found.chosen is found.trials[-1]
     # where it fails there (a floor of 0.975), the search goes on, and halving does not judge it
     # again
-    strict = _search(
-        files,
-        tmp_path / "strict",
+    strict = first(
+        "strict",
         SubsetReads(1.0),
         trials=6,
-        subset=0.25,
-        first=True,
         bisect_steps=0,
-        evaluation=str(many),
         budget=parse_budget("top1_agreement", "0.025", None),
-        **AT_2_5X,
     )
     full = [t.params for t in strict.trials if t.stage == "full"]
     assert full[0] == {"prune": 0.35, "quantize": "int8"} and strict.trials[3].value < strict.floor
     assert len(strict.trials) > 4  # and the search went on
     assert len(full) == len({tuple(sorted(p.items())) for p in full})
     # a cosine does not spread as a share of samples does: no reading below its floor is judged
-    smooth = _search(
-        files,
-        tmp_path / "smooth",
-        SubsetReads(2.0),
-        trials=3,
-        subset=0.25,
-        first=True,
-        bisect_steps=0,
-        evaluation=str(many),
-        budget=SMOOTH,
-        **AT_2_5X,
-    )
+    smooth = first("smooth", SubsetReads(2.0), trials=3, bisect_steps=0, budget=SMOOTH)
     assert not any(t.stage == "full" and t.params.get("prune") == 0.35 for t in smooth.trials[:4])
 
 
