@@ -438,7 +438,7 @@ def _attention_macs(node: ir.Node, shape_of: ShapeOf) -> int | None:
 
 
 # Recurrent layers: gates computed per step (onnxruntime's DynamicQuantizeLSTM keeps the LSTM's
-# attributes). Counted as 0 before, an LSTM model's MACs ratio was 0/0 (tashkeel, silero-vad).
+# attributes). Counted as 0 before, an LSTM model's MACs ratio was 0/0 (tashkeel).
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1, "DynamicQuantizeLSTM": 4}
 
 
