@@ -17,7 +17,8 @@ left out with a note.
         [--trials 12] [--time-budget 900] [--trial-timeout S] [--runs 10] [--bisect-steps 3]
         [--zoo-drop 0.1] [--real-drop 0.02] [--real-targets latency=0.7] [--generated 128]
         [--labelled 256]
-        [--first] [--no-nncf] [--no-hand-written] [--nncf-iterations 20] [--work DIR]
+        [--first] [--no-nncf] [--within-nncf] [--no-hand-written] [--nncf-iterations 20]
+        [--work DIR]
 
 Fine-tuning joins the search space where PyTorch is installed (the digits CNN's 3x needs it).
 """
@@ -207,10 +208,15 @@ def digits_case(folder: Path, epochs: int) -> dict[str, Any]:
     }
 
 
+# the label of tune's row whose time budget is NNCF's search time on the same target
+WITHIN_NNCF = "within NNCF's search time"
+
+
 def model_file(folder: Path, case: dict[str, Any], method: str, target: str) -> Path:
     """Where a row's model is kept: tune's per target; the peers' do not depend on it."""
     if method.startswith("onnx-squeeze tune"):
-        return folder / f"{case['name']}_{target}.onnx"
+        tag = "_within_nncf" if WITHIN_NNCF in method else ""
+        return folder / f"{case['name']}_{target}{tag}.onnx"
     if method.startswith("NNCF"):
         return folder / f"{case['name']}_nncf.onnx"
     return folder / f"{case['name']}_{method.rsplit(' ', 1)[-1]}.onnx"  # the preset's name
@@ -246,30 +252,35 @@ def _torch() -> bool:
     return True
 
 
-def tune_row(case, target, max_drop, args, folder, notes: list[str]) -> list[Any]:
+def tune_row(
+    case, target, max_drop, args, folder, notes: list[str], within: float | None = None
+) -> list[Any]:
+    """tune's row; ``within``: NNCF's search seconds, the time budget of a second search (a
+    store of its own, so that it runs every trial it reports)."""
     start = time.perf_counter()
+    label = f" {WITHIN_NNCF} ({within:.0f} s)" if within is not None else ""
+    kept = model_file(folder, case, f"onnx-squeeze tune{label}", target)
     found = tune(
         case["path"],
-        folder / f"{case['name']}_{target}.onnx",
+        kept,
         targets=parse_targets([target]),
         budget=parse_budget(case["metric"], str(max_drop), None),
         calibration=case["calib"],
         evaluation=case["eval"],
         trials=args.trials,
-        time_budget=args.time_budget,
+        time_budget=within if within is not None else args.time_budget,
         family=case["family"],
         bisect_steps=args.bisect_steps,
         trial_timeout=args.trial_timeout,
         runs=args.runs,
         shapes={"input_ids": TRANSFORMER_SHAPE} if case["name"] == "transformer" else None,
-        work_dir=folder / f"{case['name']}_{target}.tune",
+        work_dir=kept.with_suffix(".tune"),
         finetune=_torch(),
         first=args.first,
         echo=lambda line: print(f"  {line}", flush=True),
     )
     chosen = found.chosen
     metrics = chosen.metrics if chosen else {}
-    kept = model_file(folder, case, "onnx-squeeze tune", target)
     if chosen and not found.met:  # tune writes only a model that meets everything
         shutil.copyfile(chosen.model_path, kept)
     spent, first = 0.0, None
@@ -279,17 +290,17 @@ def tune_row(case, target, max_drop, args, folder, notes: list[str]) -> list[Any
             first = f"trial {number} ({entry['stage']}), after {spent:.0f} s of trials"
             break
     notes.append(
-        f"{case['name']}, tune {target}: {len(found.trials)} trials "
+        f"{case['name']}, tune{label} {target}: {len(found.trials)} trials "
         f"({', '.join(f'{n} {s}' for s, n in Counter(t.stage for t in found.trials).items())}); "
         f"first to meet target and budget: {first or 'none'}; chosen: trial "
         f"{chosen.number if chosen else '-'} {chosen.params if chosen else ''}"
     )
     if chosen is None:
-        method = "onnx-squeeze tune"
+        method = f"onnx-squeeze tune{label}"
     elif chosen.stage == "reference":  # nothing within the budget came closer than the original
-        method = "onnx-squeeze tune (none closer than the original: keep it)"
+        method = f"onnx-squeeze tune{label} (none closer than the original: keep it)"
     else:
-        method = f"onnx-squeeze tune ({chosen.recipe.to_dict()['passes']})"
+        method = f"onnx-squeeze tune{label} ({chosen.recipe.to_dict()['passes']})"
     return [
         case["name"],
         method,
@@ -482,6 +493,11 @@ def main() -> None:
     )
     parser.add_argument("--no-nncf", action="store_true")
     parser.add_argument(
+        "--within-nncf",
+        action="store_true",
+        help="after NNCF's row, tune again with NNCF's search time as its time budget",
+    )
+    parser.add_argument(
         "--no-hand-written",
         action="store_true",
         help="leave out the preset recipe's row (ResNet-50's --recipe fast ran past 17 minutes)",
@@ -565,8 +581,15 @@ def main() -> None:
                     else:
                         made.append(peer)
                         print(common.markdown_table(HEADERS, [peer]), flush=True)
+                        if args.within_nncf:
+                            made.append(
+                                tune_row(case, target, max_drop, args, folder, notes, peer[10])
+                            )
+                            spent.append(_cpu_s())
+                            print(common.markdown_table(HEADERS, made[-1:]), flush=True)
                 methods = ["tune"] + ([] if args.no_hand_written else case["hand_written"])
                 methods += [] if args.no_nncf else ["NNCF"]
+                methods += ["tune within NNCF's time"] if len(spent) > len(methods) + 1 else []
                 costs = [f"{b - a:.0f}" for a, b in itertools.pairwise(spent)]
                 notes.append(
                     f"{case['name']}, CPU seconds at {target} ({', '.join(methods)}): "
@@ -587,7 +610,12 @@ def rechoose(case, rows, notes, args, folder) -> list[str]:
         fresh: list[str] = []
         row = tune_row(case, target, max_drop, args, folder, fresh)
         for index, old in enumerate(rows):
-            if old[0] == case["name"] and old[2] == target and old[1].startswith("onnx-squeeze"):
+            if (
+                old[0] == case["name"]
+                and old[2] == target
+                and old[1].startswith("onnx-squeeze")
+                and WITHIN_NNCF not in old[1]
+            ):
                 rows[index] = [*row[:9], *old[9:11], None]
         prefix = f"{case['name']}, tune {target}:"
         replayed = row[9].split("(")[1].rstrip(")")
@@ -627,7 +655,11 @@ def _write(
         "Ratios against the original on this machine (CPU, 1 thread, batch 1), a machine shared "
         f"with other jobs (2 cores; load average {_load_range()} while this run's rows were "
         "made): 'search s' (wall time) is the "
-        "whole search (tune) or the one run (peers), and moves with the load. The chosen trial "
+        "whole search (tune) or the one run (peers), and moves with the load. A row 'tune "
+        f"{WITHIN_NNCF}' is a second search (a store of its own) whose --time-budget is the "
+        "seconds NNCF's run took on that target: a trial still making a model then is stopped, "
+        "and only the judgment of the best candidate on all the data runs past it. The chosen "
+        "trial "
         "meets every target within "
         "the budget, else it is the closest that keeps the budget. 'latency ratio' is measured "
         "when the model was made (by the search's trial, or after the peer's run) in the CPU "

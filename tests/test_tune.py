@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +205,7 @@ class Synthetic:
     def __init__(self) -> None:
         self.jobs: list[dict[str, Any]] = []
 
-    def run(self, jobs):
+    def run(self, jobs, left=None):
         results = []
         for job in jobs:
             self.jobs.append(job)
@@ -281,8 +282,8 @@ def test_bisection_finds_the_smallest_fraction_that_meets_the_target(files, tmp_
 class MacsUnknown(Synthetic):
     """MACs not counted (shapes unknown past a contrib op): no ratio."""
 
-    def run(self, jobs):
-        results = super().run(jobs)
+    def run(self, jobs, left=None):
+        results = super().run(jobs, left)
         for result in results:
             del result["metrics"]["macs_ratio"]
         return results
@@ -334,8 +335,8 @@ class PruningSlows(Synthetic):
     1.75x its time at 0.1 there), so the trials that keep the budget are all slower than the
     original."""
 
-    def run(self, jobs):
-        results = super().run(jobs)
+    def run(self, jobs, left=None):
+        results = super().run(jobs, left)
         for job, result in zip(jobs, results, strict=True):
             steps = {s["pass"]: s for s in job["recipe"]["passes"]}
             prune = steps.get("prune_channels", {}).get("macs_target", 0.0)
@@ -396,8 +397,8 @@ class PresetPrunesWell(Synthetic):
     no fraction given) reaches 0.3x at 0.99 of the metric, further than any fraction of the
     arms within the budget."""
 
-    def run(self, jobs):
-        results = super().run(jobs)
+    def run(self, jobs, left=None):
+        results = super().run(jobs, left)
         for job, result in zip(jobs, results, strict=True):
             pruning = {s["pass"]: s for s in job["recipe"]["passes"]}.get("prune_channels", {})
             if pruning and not {"macs_target", "latency_target"} & set(pruning):
@@ -501,8 +502,8 @@ def test_the_pilot_goes_on_to_the_next_arm_where_one_cannot_meet_the_target(
 class CheapCriterion(Synthetic):
     """The cheap criterion loses another 0.2 p^2 of the metric over the arm's own."""
 
-    def run(self, jobs):
-        results = super().run(jobs)
+    def run(self, jobs, left=None):
+        results = super().run(jobs, left)
         for job, result in zip(jobs, results, strict=True):
             steps = {s["pass"]: s for s in job["recipe"]["passes"]}
             pruning = steps.get("prune_channels", {})
@@ -556,8 +557,8 @@ def test_the_pilot_tries_the_cheap_criterion_first_and_its_own_where_that_breaks
 class SlowPruning(Synthetic):
     """Pruning without INT8 runs past the trial time limit."""
 
-    def run(self, jobs):
-        results = super().run(jobs)
+    def run(self, jobs, left=None):
+        results = super().run(jobs, left)
         for index, job in enumerate(jobs):
             steps = {s["pass"] for s in job["recipe"]["passes"]}
             if "prune_channels" in steps and "quantize_int8" not in steps:
@@ -618,8 +619,8 @@ class SubsetReads(Synthetic):
         super().__init__()
         self.factor = factor
 
-    def run(self, jobs):
-        results = super().run(jobs)
+    def run(self, jobs, left=None):
+        results = super().run(jobs, left)
         for job, result in zip(jobs, results, strict=True):
             if job.get("eval_limit"):
                 result["value"] = 1 - self.factor * (1 - result["value"])
@@ -639,7 +640,7 @@ def test_first_judges_on_all_data_a_candidate_within_the_subsets_spread(files, t
 
     def first(folder: str, executor: Synthetic, **kwargs: Any):
         settings = dict(subset=0.25, first=True, evaluation=str(many), **AT_2_5X)
-        return _search(files, tmp_path / folder, executor, **settings, **kwargs)
+        return _search(files, tmp_path / folder, executor, **{**settings, **kwargs})
 
     found = first("wide", SubsetReads(2.0), trials=8)
     # INT8 at 0.35 reads 0.937 on the subset against a floor of 0.95, and 0.9705 on all of it
@@ -658,8 +659,20 @@ def test_first_judges_on_all_data_a_candidate_within_the_subsets_spread(files, t
     )
     full = [t.params for t in strict.trials if t.stage == "full"]
     assert full[0] == {"prune": 0.35, "quantize": "int8"} and strict.trials[3].value < strict.floor
-    assert len(strict.trials) > 4  # and the search went on
-    assert len(full) == len({tuple(sorted(p.items())) for p in full})
+    # a lucky subset: INT8 at 0.35 meets there (0.984) and not on all of it (0.9705); the pilot
+    # reads the judgment on all of it, so the INT8 arm found nothing and, once its bisection
+    # ends, the next arm (pruning alone) runs before TPE draws
+    lucky = first(
+        "lucky",
+        SubsetReads(0.5),
+        trials=7,
+        bisect_steps=0,
+        budget=parse_budget("top1_agreement", "0.025", None),
+        space=dataclasses.replace(PILOTED, pilots=({"quantize": "int8"}, {"quantize": "none"})),
+    )
+    assert lucky.trials[2].value >= lucky.floor > lucky.trials[3].value
+    drawn = [(t.params["prune"], t.params["quantize"]) for t in lucky.trials[4:8]]
+    assert drawn == [(0.15, "int8"), (0.25, "int8"), (0.3, "int8"), (0.35, "none")]
     # a cosine does not spread as a share of samples does: no reading below its floor is judged
     smooth = first("smooth", SubsetReads(2.0), trials=3, bisect_steps=0, budget=SMOOTH)
     assert not any(t.stage == "full" and t.params.get("prune") == 0.35 for t in smooth.trials[:4])
@@ -874,6 +887,34 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(files, tmp_path, mo
     assert entry["status"] == "failed" and "SIGABRT" in entry["error"]
 
 
+def test_the_time_budget_stops_a_running_trial_which_runs_again_on_resume(
+    files, tmp_path, monkeypatch
+):
+    proto = onnx.load(files["model"])
+    weights = sum(onnx.numpy_helper.to_array(t).size for t in proto.graph.initializer)
+    monkeypatch.setenv("TUNE_TEST_ORIGINAL_WEIGHTS", str(weights))
+    settings = dict(
+        targets=parse_targets(["macs=1.0"]),
+        budget=parse_budget("tests.tune_metrics:slow_when_pruned", "0.1", None),
+        trials=1,
+        space=Space("cnn", (Param("prune", low=0.5, high=0.5, step=0.5),)),
+        bisect_steps=0,
+        runs=1,
+    )
+    start = time.monotonic()
+    found = _search(files, tmp_path, "local", time_budget=10, **settings)
+    # the reference runs to the end (nothing is chosen without it); the pruned trial, a minute
+    # long, is stopped when the 10 s run out, and the original is kept
+    assert time.monotonic() - start < 30
+    (stopped,) = found.trials[1:]
+    assert stopped.result["stopped"] and "time budget ran out" in stopped.result["error"]
+    assert found.chosen.stage == "reference"
+    assert not (Path(stopped.model_path).parent / RESULT_FILE).exists()  # not stored
+    resumed = _search(files, tmp_path, "local", time_budget=5, resume=True, **settings)
+    assert resumed.trials[0].cached and not resumed.trials[1].cached  # not found in the store
+    assert resumed.trials[1].result.get("stopped")  # run again, stopped again
+
+
 def test_the_default_metric_reads_a_sequence_model_and_aims_int8_at_it(tmp_path):
     """A model of [N, T, classes] scores (a CTC recognizer's shape) has no top-1 agreement:
     the default metric reads its class at each position, and INT8 aims at what it reads."""
@@ -952,15 +993,29 @@ def test_cli_exit_3_names_the_closest_trial(files, searched, capsys):
     assert cli.run([*argv[:4], "--target", "latency=2", *argv[6:]]) == 1  # a usage error
 
 
-def test_ray_executor_runs_trials_on_a_local_instance(files, tmp_path):
+def test_ray_executor_runs_trials_on_a_local_instance(files, tmp_path, monkeypatch):
     ray = pytest.importorskip(
         "ray", reason="Ray is not installed (pip install 'onnx-squeeze[ray]')"
     )
     from onnx_squeeze.tune.executors import RayExecutor
 
+    proto = onnx.load(files["model"])
+    weights = sum(onnx.numpy_helper.to_array(t).size for t in proto.graph.initializer)
+    monkeypatch.setenv("TUNE_TEST_ORIGINAL_WEIGHTS", str(weights))  # the workers inherit it
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         executor = RayExecutor()
+        slow = _search(
+            files,
+            tmp_path / "slow",
+            RayExecutor(timeout=5),
+            targets=parse_targets(["macs=1.0"]),
+            budget=parse_budget("tests.tune_metrics:slow_when_pruned", "0.1", None),
+            trials=1,
+            space=Space("cnn", (Param("prune", low=0.5, high=0.5, step=0.5),)),
+            bisect_steps=0,
+            runs=1,
+        )
         found = _search(
             files,
             tmp_path,
@@ -974,6 +1029,8 @@ def test_ray_executor_runs_trials_on_a_local_instance(files, tmp_path):
         )
     finally:
         ray.shutdown()
+    # a Ray task past --trial-timeout is cancelled and recorded as such
+    assert slow.trials[1].result["timed_out"] and "limit of 5 s" in slow.trials[1].result["error"]
     assert found.met and "Ray" in found.where and "Ray" in found.data["measured_on"]
     assert found.executed == 2
     written = model_io.load(tmp_path / "out.onnx")
@@ -988,8 +1045,8 @@ def test_ray_executor_runs_trials_on_a_local_instance(files, tmp_path):
 class NothingToPrune(Synthetic):
     """A dense model (magika): pruning removes nothing, whatever the fraction."""
 
-    def run(self, jobs):
-        results = super().run(jobs)
+    def run(self, jobs, left=None):
+        results = super().run(jobs, left)
         for job, result in zip(jobs, results, strict=True):
             if any(s["pass"] == "prune_channels" for s in job["recipe"]["passes"]):
                 int8 = any(s["pass"] == "quantize_int8" for s in job["recipe"]["passes"])

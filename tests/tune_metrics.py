@@ -4,6 +4,7 @@ trial processes, so they must be importable by module path."""
 from __future__ import annotations
 
 import os
+import time
 
 import onnx
 import onnx.numpy_helper
@@ -19,4 +20,12 @@ def abort_when_pruned(model_path: str, data: str) -> float:
     fewer weights than ORIGINAL_WEIGHTS in the environment."""
     if _weights(model_path) < int(os.environ["TUNE_TEST_ORIGINAL_WEIGHTS"]):
         os.abort()
+    return 1.0
+
+
+def slow_when_pruned(model_path: str, data: str) -> float:
+    """1.0, after a minute for a model with fewer weights than ORIGINAL_WEIGHTS (a trial the
+    search's time budget has to stop)."""
+    if _weights(model_path) < int(os.environ["TUNE_TEST_ORIGINAL_WEIGHTS"]):
+        time.sleep(60)
     return 1.0

@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--time-budget",
         type=duration,
         metavar="30m",
-        help="stop drawing candidates after this; the best drawn is still judged on all --eval",
+        help="end the search by then: a trial still making a model is stopped (and runs again "
+        "on --resume); the best drawn is still judged on all --eval",
     )
     parser.add_argument("--executor", choices=("local", "ray"), default="local")
     parser.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster")

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,15 +24,36 @@ JOB_FILE, LOG_FILE = "job.json", "trial.log"
 
 
 class Executor(Protocol):
+    """``run``'s ``left``: seconds left in the search's time budget (None: no budget); a trial
+    still running then is stopped, its result marked ``stopped`` (not stored: it runs again on
+    ``--resume``)."""
+
     where: str  # said in the report: latency is measured there
 
-    def run(self, jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]: ...
+    def run(
+        self, jobs: Sequence[dict[str, Any]], left: float | None = None
+    ) -> list[dict[str, Any]]: ...
 
     def close(self) -> None: ...
 
 
 def _failure(error: str, timed_out: bool = False) -> dict[str, Any]:
     return {"status": "failed", "error": error, **({"timed_out": True} if timed_out else {})}
+
+
+STOPPED = {
+    "status": "failed",
+    "error": "stopped: the search's time budget ran out (it runs again on --resume)",
+    "timed_out": True,
+    "stopped": True,
+}
+
+
+def _limit(timeout: float | None, left: float | None) -> tuple[float | None, bool]:
+    """A trial's limit in seconds, and whether it is the time budget's rather than its own."""
+    if left is None or (timeout is not None and timeout <= left):
+        return timeout, False
+    return max(left, 0.0), True
 
 
 class _Launcher:
@@ -81,7 +103,10 @@ class LocalExecutor:
         self.timeout = timeout
         self._idle = [_Launcher() for _ in range(self.jobs)]
 
-    def _one(self, job: dict[str, Any]) -> dict[str, Any]:
+    def _one(self, job: dict[str, Any], left: float | None = None) -> dict[str, Any]:
+        limit, budgeted = _limit(self.timeout, left)
+        if budgeted and limit == 0:
+            return dict(STOPPED)
         folder = Path(job["folder"])
         folder.mkdir(parents=True, exist_ok=True)
         (folder / RESULT_FILE).unlink(missing_ok=True)
@@ -89,11 +114,13 @@ class LocalExecutor:
         log = folder / LOG_FILE
         launcher = self._idle.pop()
         try:
-            code = launcher.run(folder / JOB_FILE, log, self.timeout)
+            code = launcher.run(folder / JOB_FILE, log, limit)
         finally:
             self._idle.append(launcher)
         if code is None:
-            return _failure(f"the trial ran past its limit of {self.timeout:g} s", timed_out=True)
+            if budgeted:
+                return dict(STOPPED)
+            return _failure(f"the trial ran past its limit of {limit:g} s", timed_out=True)
         if code == -signal.SIGINT:
             raise KeyboardInterrupt
         result_path = folder / RESULT_FILE
@@ -104,11 +131,18 @@ class LocalExecutor:
         last = f": {lines[-1][:300]}" if lines else ""
         return _failure(f"the trial process died ({how}){last}; its log: {log}")
 
-    def run(self, jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    def run(
+        self, jobs: Sequence[dict[str, Any]], left: float | None = None
+    ) -> list[dict[str, Any]]:
+        end = None if left is None else time.monotonic() + left
+
+        def one(job: dict[str, Any]) -> dict[str, Any]:  # the budget counts from now
+            return self._one(job, None if end is None else end - time.monotonic())
+
         if self.jobs == 1 or len(jobs) == 1:
-            return [self._one(job) for job in jobs]
+            return [one(job) for job in jobs]
         with ThreadPoolExecutor(self.jobs) as pool:
-            return list(pool.map(self._one, jobs))
+            return list(pool.map(one, jobs))
 
     def close(self) -> None:
         for launcher in self._idle:
@@ -138,9 +172,13 @@ class RayExecutor:
     """Trials as Ray tasks on the cluster at ``address`` (None: a local Ray instance). Files
     named by the jobs (model, data) go through the object store once; a data folder must be
     on a disk every worker sees at the same path. Latency is measured on the worker that ran
-    the trial, so the workers should be the hardware the model will run on."""
+    the trial, so the workers should be the hardware the model will run on. A trial's
+    ``timeout`` counts from when it is handed to the cluster (queued time included)."""
 
-    def __init__(self, address: str | None = None, cpus_per_trial: float = 1.0) -> None:
+    def __init__(
+        self, address: str | None = None, cpus_per_trial: float = 1.0, timeout: float | None = None
+    ) -> None:
+        self.timeout = timeout
         try:
             import ray
         except ImportError:
@@ -172,10 +210,25 @@ class RayExecutor:
                 shared[key] = (Path(spec).name, self._refs[spec])
         return shared
 
-    def run(self, jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    def run(
+        self, jobs: Sequence[dict[str, Any]], left: float | None = None
+    ) -> list[dict[str, Any]]:
+        limit, budgeted = _limit(self.timeout, left)
+        if budgeted and limit == 0:
+            return [dict(STOPPED) for _ in jobs]
         futures = [self._task.remote(job, self._shared(job)) for job in jobs]
+        _, late = self._ray.wait(futures, num_returns=len(futures), timeout=limit)
+        for future in late:
+            self._ray.cancel(future, force=True)
         results = []
         for job, future in zip(jobs, futures, strict=True):
+            if future in late:
+                results.append(
+                    dict(STOPPED)
+                    if budgeted
+                    else _failure(f"the trial ran past its limit of {limit:g} s", timed_out=True)
+                )
+                continue
             try:
                 result, model = self._ray.get(future)
             except self._ray.exceptions.RayError as error:
@@ -202,5 +255,5 @@ def make_executor(
     if name == "local":
         return LocalExecutor(jobs, timeout)
     if name == "ray":
-        return RayExecutor(address)
+        return RayExecutor(address, timeout=timeout)
     raise SettingsError(f"unknown --executor {name!r}: use local or ray")

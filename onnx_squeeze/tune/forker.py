@@ -86,6 +86,10 @@ class _Input:
 
 
 def serve() -> None:
+    # what every trial imports, once: symbolic shape inference's package imports PyTorch where
+    # it is installed (1.3 s a trial on ppocr_cls, a tenth of it)
+    import onnxruntime.tools.symbolic_shape_infer  # noqa: F401
+
     import onnx_squeeze.pipeline
     import onnx_squeeze.tune.trial  # noqa: F401
     from onnx_squeeze import scratch
