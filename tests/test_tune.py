@@ -611,6 +611,36 @@ def test_first_stops_at_the_first_candidate_that_meets_everything_on_all_data(fi
     assert found.met and found.chosen is found.trials[-1]
 
 
+class TimedSlowerAgain(Synthetic):
+    """A model judged again is timed 1.21 times slower than when it was made (a noisy clock)."""
+
+    def run(self, jobs, left=None):
+        results = super().run(jobs, left)
+        for job, result in zip(jobs, results, strict=True):
+            if job.get("model_from"):
+                result["metrics"]["latency_ratio"] *= 1.21
+        return results
+
+
+def test_a_model_judged_again_counts_both_timings(files, tmp_path):
+    found = _search(
+        files,
+        tmp_path,
+        TimedSlowerAgain(),
+        trials=8,
+        subset=0.25,
+        first=True,
+        budget=SMOOTH,
+        **AT_2_5X,
+    )
+    made, judged = found.trials[2], found.trials[3]
+    assert judged.stage == "full" and judged.params == made.params
+    then = made.metrics["latency_ratio"]
+    assert judged.metrics["latency_ratio"] == pytest.approx(then * 1.1)  # sqrt(1.21)
+    assert judged.metrics["latency_ratios_timed"] == pytest.approx([then, then * 1.21])
+    assert judged.metrics["speedup"] == pytest.approx(1 / (then * 1.1))
+
+
 class SubsetReads(Synthetic):
     """The subset's 8 samples read ``factor`` times the metric's loss on all 32 (an unlucky or
     a lucky draw)."""
