@@ -549,9 +549,9 @@ def test_the_pilot_tries_the_cheap_criterion_first_and_its_own_where_that_breaks
     ]
     assert found.met and found.chosen.params["prune"] == 0.2
     assert found.chosen.params["criterion"] == CHEAP_CRITERION
-    # a fine-tuned arm scores with its own criterion only
+    # a fine-tuned arm too: fine-tuning recovered more after weight-norm scoring on the digits CNN
     point = space.pilot_point({"criterion": "reconstruction", "finetune": 300}, 0.4, True, True)
-    assert point["criterion"] == "reconstruction"
+    assert point["criterion"] == CHEAP_CRITERION
 
 
 class SlowPruning(Synthetic):

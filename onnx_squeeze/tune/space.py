@@ -34,7 +34,9 @@ FINETUNE_STEPS = (100, 300)  # fine-tuning's steps in the space (0: none)
 # the reconstruction criterion's top-1 (0.9933 and 0.9917 on 599 test images) at two thirds of
 # the trial's time (the reconstruction scores took 6.8 s of 23). At 0.6 it kept less (0.9816
 # against 0.9883), so where it breaks the budget the arm's own criterion is tried at that
-# fraction before the fraction counts as too much.
+# fraction before the fraction counts as too much. Fine-tuned arms too: fine-tuned 300 steps
+# after 0.7 of the time pruned (0.30-0.32x), a retrained digits CNN kept 0.9883 of top-1 scored
+# by weight norm and 0.9766 by reconstruction, against a floor of 0.985.
 CHEAP_CRITERION = "l2"
 # The passes of a preset whose ``target`` the budget's gate becomes.
 AIMED = ("prune_channels", "quantize_int8")
@@ -98,10 +100,9 @@ class Space:
     ) -> dict[str, Any]:
         """An arm's recipe at a pruning fraction, pruning steered by time for a latency target
         (``timed``), by MACs otherwise; ``cheap``: with ``CHEAP_CRITERION`` instead of the
-        arm's, unless the arm fine-tunes (a fine-tuned trial costs minutes, more than the
-        criterion saves, so it runs once, with the arm's criterion)."""
+        arm's."""
         point = {**arm, "prune": fraction}
-        if cheap and "criterion" in point and not point.get("finetune"):
+        if cheap and "criterion" in point:
             point["criterion"] = CHEAP_CRITERION
         if self.param("steer") is not None and fraction > 0:
             point["steer"] = "latency" if timed else "macs"
@@ -116,10 +117,10 @@ class Space:
             fixed = ", ".join(f"{k}={v}" for k, v in arm.items() if self.param(k))
             first = not number and not self.presets
             lines.append(f"  {'first' if first else 'then'}: prune bisected with {fixed}")
-        if any("criterion" in arm and not arm.get("finetune") for arm in self.pilots):
+        if any("criterion" in arm for arm in self.pilots):
             lines.append(
                 f"  (an arm tries criterion={CHEAP_CRITERION} first at each fraction, its own "
-                "where that breaks the budget; fine-tuned arms their own only)"
+                "where that breaks the budget)"
             )
         return lines
 
