@@ -37,19 +37,24 @@ def cpu_ms(
     models: Sequence[str | os.PathLike | ir.Model | ort.InferenceSession],
     feed: Mapping[str, np.ndarray],
     runs: int = 10,
+    seconds: float = 0.0,
 ) -> list[float]:
     """Each model's CPU milliseconds per run of ``feed`` (the inputs each one has) at one
     thread: the median of ``runs`` interleaved rounds (:func:`timed_runs`) after three warm-up
-    runs. A model may be given as a session made with ``threads=1``."""
+    runs, or of as many more as fit in ``seconds`` (at most ten times ``runs``). A model may be
+    given as a session made with ``threads=1``."""
     sessions = [
         m if isinstance(m, ort.InferenceSession) else runtime.create_session(m, "cpu", threads=1)
         for m in models
     ]
     feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
+    round_ms = 0.0
     for session, inputs in zip(sessions, feeds, strict=True):
         for _ in range(3):
             session.run(None, inputs)
-    return [float(np.median(t)) for t in timed_runs(sessions, feeds, runs, cpu=True)]
+        round_ms += max(_run_ms(session, inputs, 1, time.thread_time_ns), BURST_S * 1000)
+    rounds = max(runs, min(10 * runs, math.floor(seconds * 1000 / max(round_ms, 1e-6))))
+    return [float(np.median(t)) for t in timed_runs(sessions, feeds, rounds, cpu=True)]
 
 
 def timed_runs(

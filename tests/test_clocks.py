@@ -22,6 +22,25 @@ def test_cpu_time_ranks_a_bigger_model_slower_and_a_copy_the_same(tmp_path):
     assert second > 3 * first and copy == pytest.approx(first, rel=0.5)
 
 
+def test_a_timing_given_seconds_runs_more_rounds_up_to_ten_times(monkeypatch):
+    """A fast model's few rounds are few samples of a noisy clock: given seconds, as many more
+    rounds as fit run (each round at least ``BURST_S`` a model), at most ten times ``runs``."""
+    session = runtime.create_session(zoo.build("mlp", width=0.25), "cpu", threads=1)
+    feed = {"input": np.ones((1, 64), np.float32)}
+    asked = []
+    real = clocks.timed_runs
+
+    def counting(sessions, feeds, runs, **kwargs):
+        asked.append(runs)
+        return real(sessions, feeds, runs, **kwargs)
+
+    monkeypatch.setattr(clocks, "timed_runs", counting)
+    clocks.cpu_ms([session, session], feed, runs=3)
+    clocks.cpu_ms([session, session], feed, runs=3, seconds=0.1)  # 2 x 5 ms a round: 10 fit
+    clocks.cpu_ms([session, session], feed, runs=3, seconds=10.0)
+    assert asked == [3, 10, 30]
+
+
 @pytest.mark.parametrize(
     ("providers", "threads", "cpu"),
     [(["cpu"], [1], True), (["cpu"], [4], False), (["cpu"], [1, 4], False), (["cuda"], [1], False)],

@@ -26,6 +26,10 @@ from onnx_squeeze.recipe import Recipe
 from onnx_squeeze.tune import metrics
 
 MODEL_FILE = "model.onnx"
+# CPU seconds of interleaved rounds a trial's timing runs at least (up to 10x --runs): the
+# digits CNN (0.13 ms a run) read 0.35x and 0.32x in two trials' 10 rounds, 0.27x in 100
+# rounds, beside other jobs; ResNet-50's 10 rounds take longer than this already
+TIMING_S = 1.0
 RESULT_FILE = "result.json"
 
 
@@ -114,7 +118,9 @@ def _timed_in_cpu(
     prepared reference; for the reference itself, the original file), on the first sample
     (:mod:`onnx_squeeze.clocks`); the comparison's wall-clock ratio is kept beside them."""
     feed = next(iter(data))
-    reference, model = clocks.cpu_ms([job["model"], output], feed, job["run"].get("runs", 10))
+    reference, model = clocks.cpu_ms(
+        [job["model"], output], feed, job["run"].get("runs", 10), seconds=TIMING_S
+    )
     return {
         **measured,
         "wall_latency_ratio": measured.get("latency_ratio"),
