@@ -52,6 +52,7 @@ from onnx_squeeze.recipe import Recipe
 from onnx_squeeze.tune import parse_budget, parse_targets, tune
 from onnx_squeeze.tune.metrics import top1, user_function
 from onnx_squeeze.tune.space import family_of
+from onnx_squeeze.tune.trial import TIMING_S
 
 SAMPLES = 64  # calibration and held-out samples of the zoo models (random inputs)
 TRANSFORMER_SHAPE = (1, 128)
@@ -260,6 +261,8 @@ def tune_row(
     start = time.perf_counter()
     label = f" {WITHIN_NNCF} ({within:.0f} s)" if within is not None else ""
     kept = model_file(folder, case, f"onnx-squeeze tune{label}", target)
+    if within is not None:  # trials kept from an earlier run would cost it no time
+        shutil.rmtree(kept.with_suffix(".tune"), ignore_errors=True)
     found = tune(
         case["path"],
         kept,
@@ -326,7 +329,7 @@ def _in_cpu_time(case, path, metrics, args) -> dict[str, Any]:
     """A peer's latency ratio timed as the search times its trials (CPU time of one thread,
     beside the original, interleaved), so that 'met' means the same on every row."""
     feed = next(iter(open_source(case["eval"], model_io.load(case["path"]))))
-    base, model = clocks.cpu_ms([case["path"], path], feed, runs=args.runs)
+    base, model = clocks.cpu_ms([case["path"], path], feed, runs=args.runs, seconds=TIMING_S)
     return {**metrics, "latency_ratio": model / base, "speedup": base / model}
 
 
@@ -530,6 +533,8 @@ def main() -> None:
         "(kept in --work)",
     )
     args = parser.parse_args()
+    if args.within_nncf and args.no_nncf:
+        parser.error("--within-nncf needs NNCF's row: drop --no-nncf")
     rows, notes, cases = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as scratch:
         folder = Path(args.work or scratch)
@@ -582,14 +587,15 @@ def main() -> None:
                         made.append(peer)
                         print(common.markdown_table(HEADERS, [peer]), flush=True)
                         if args.within_nncf:
+                            seconds = peer[HEADERS.index("search s")]
                             made.append(
-                                tune_row(case, target, max_drop, args, folder, notes, peer[10])
+                                tune_row(case, target, max_drop, args, folder, notes, seconds)
                             )
                             spent.append(_cpu_s())
                             print(common.markdown_table(HEADERS, made[-1:]), flush=True)
                 methods = ["tune"] + ([] if args.no_hand_written else case["hand_written"])
                 methods += [] if args.no_nncf else ["NNCF"]
-                methods += ["tune within NNCF's time"] if len(spent) > len(methods) + 1 else []
+                methods += [f"tune {WITHIN_NNCF}"] if WITHIN_NNCF in made[-1][1] else []
                 costs = [f"{b - a:.0f}" for a, b in itertools.pairwise(spent)]
                 notes.append(
                     f"{case['name']}, CPU seconds at {target} ({', '.join(methods)}): "

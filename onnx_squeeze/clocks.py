@@ -48,13 +48,11 @@ def cpu_ms(
         for m in models
     ]
     feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
-    round_ms = 0.0
     for session, inputs in zip(sessions, feeds, strict=True):
         for _ in range(3):
             session.run(None, inputs)
-        round_ms += max(_run_ms(session, inputs, 1, time.thread_time_ns), BURST_S * 1000)
-    rounds = max(runs, min(10 * runs, math.floor(seconds * 1000 / max(round_ms, 1e-6))))
-    return [float(np.median(t)) for t in timed_runs(sessions, feeds, rounds, cpu=True)]
+    timed = timed_runs(sessions, feeds, runs, cpu=True, seconds=seconds)
+    return [float(np.median(t)) for t in timed]
 
 
 def timed_runs(
@@ -65,9 +63,12 @@ def timed_runs(
     cpu: bool,
     interleaved: bool = True,
     rounds: Callable[[Iterable[int], int | None], Iterable[int]] | None = None,
+    seconds: float = 0.0,
 ) -> list[list[float]]:
-    """Milliseconds per run of each warmed-up session on its feed, ``runs`` samples each, on
-    the thread's CPU clock (``cpu``) or the wall clock. Rounds are interleaved, the order
+    """Milliseconds per run of each warmed-up session on its feed, ``runs`` samples each (or as
+    many more as fit in ``seconds``, at most ten times ``runs``: a fast model's few samples
+    are few milliseconds of a noisy clock), on the thread's CPU clock (``cpu``) or the wall
+    clock. Rounds are interleaved, the order
     rotated each round, unless ``interleaved=False`` (each model's runs in a row). A model
     faster than ``BURST_S`` is run back to back within each sample until that much time has
     passed and the mean counts: a single run after the other models' would time it with cold
@@ -75,10 +76,10 @@ def timed_runs(
     loops (a progress bar)."""
     clock = time.thread_time_ns if cpu else time.perf_counter_ns
     step = rounds or (lambda values, total: values)
-    bursts = [
-        max(1, math.ceil(BURST_S * 1000 / max(_run_ms(s, f, 1, clock), 1e-6)))
-        for s, f in zip(sessions, feeds, strict=True)
-    ]
+    once = [_run_ms(s, f, 1, clock) for s, f in zip(sessions, feeds, strict=True)]
+    bursts = [max(1, math.ceil(BURST_S * 1000 / max(ms, 1e-6))) for ms in once]
+    round_ms = sum(ms * burst for ms, burst in zip(once, bursts, strict=True))
+    runs = max(runs, min(10 * runs, math.floor(seconds * 1000 / max(round_ms, 1e-6))))
     times: list[list[float]] = [[] for _ in sessions]
     count = len(sessions)
     if interleaved:

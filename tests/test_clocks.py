@@ -22,23 +22,20 @@ def test_cpu_time_ranks_a_bigger_model_slower_and_a_copy_the_same(tmp_path):
     assert second > 3 * first and copy == pytest.approx(first, rel=0.5)
 
 
-def test_a_timing_given_seconds_runs_more_rounds_up_to_ten_times(monkeypatch):
+def test_a_timing_given_seconds_runs_more_rounds_up_to_ten_times():
     """A fast model's few rounds are few samples of a noisy clock: given seconds, as many more
     rounds as fit run (each round at least ``BURST_S`` a model), at most ten times ``runs``."""
     session = runtime.create_session(zoo.build("mlp", width=0.25), "cpu", threads=1)
     feed = {"input": np.ones((1, 64), np.float32)}
-    asked = []
-    real = clocks.timed_runs
 
-    def counting(sessions, feeds, runs, **kwargs):
-        asked.append(runs)
-        return real(sessions, feeds, runs, **kwargs)
+    def samples(seconds: float) -> list[int]:
+        timed = clocks.timed_runs([session, session], [feed, feed], 3, cpu=True, seconds=seconds)
+        return [len(t) for t in timed]
 
-    monkeypatch.setattr(clocks, "timed_runs", counting)
-    clocks.cpu_ms([session, session], feed, runs=3)
-    clocks.cpu_ms([session, session], feed, runs=3, seconds=0.1)  # 2 x 5 ms a round: 10 fit
-    clocks.cpu_ms([session, session], feed, runs=3, seconds=10.0)
-    assert asked == [3, 10, 30]
+    assert samples(0.0) == [3, 3]
+    more = samples(0.1)  # a round: 2 x 5 ms and a little more
+    assert 3 < more[0] <= 10 and more[0] == more[1]
+    assert samples(10.0) == [30, 30]
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -505,6 +507,36 @@ def _check_fallback(report, expected_note: str, proto: onnx.ModelProto, prepared
     feed = _feed(ir.from_proto(proto))
     for a, e in zip(_run(prepared, feed), _run(proto, feed), strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("needs_init", [False, True])
+def test_the_onnxsim_child_imports_the_simplifier_alone_else_the_package(tmp_path, needs_init):
+    """The child skips onnxsim's __init__ (0.8's imports PyTorch and its quantizers), and where
+    the simplifier module needs what __init__ defines, imports the package after all."""
+    package = tmp_path / "site" / "onnxsim"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "import sys\nsys.stderr.write('INIT RAN\\n')\nFROM_INIT = 1\n"
+        "from onnxsim.onnx_simplifier import simplify\n"
+    )
+    (package / "onnx_simplifier.py").write_text(
+        ("from onnxsim import FROM_INIT\n" if needs_init else "") + "import shutil\n"
+        "def simplify(source, output_path, **options):\n"
+        "    shutil.copyfile(source, output_path)\n"
+        "    return None, True\n"
+    )
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    source.write_bytes(b"model")
+    finished = subprocess.run(
+        [*prepare_module._SIMPLIFY_COMMAND, str(source), str(target), "{}"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert target.read_bytes() == b"model"
+    assert ("INIT RAN" in finished.stderr) is needs_init
 
 
 @pytest.mark.parametrize(

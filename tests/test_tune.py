@@ -622,6 +622,21 @@ class TimedSlowerAgain(Synthetic):
         return results
 
 
+def test_no_time_left_starts_no_trial_and_a_failed_one_is_not_timed_twice(tmp_path):
+    from onnx_squeeze.tune.executors import LocalExecutor
+    from onnx_squeeze.tune.search import Trial, _timed_twice
+
+    executor = LocalExecutor(timeout=60)
+    try:
+        (result,) = executor.run([{"folder": str(tmp_path / "t")}], left=0)
+    finally:
+        executor.close()
+    assert result["stopped"] and not (tmp_path / "t").exists()
+    ok = {"status": "ok", "metrics": {"latency_ratio": 0.5}}
+    failed = Trial(0, "subset", {}, Recipe.from_dict({"passes": []}), "k", result, False, "m")
+    assert _timed_twice(ok, failed) == ok and _timed_twice(ok, None) == ok
+
+
 def test_a_model_judged_again_counts_both_timings(files, tmp_path):
     found = _search(
         files,
@@ -689,6 +704,8 @@ def test_first_judges_on_all_data_a_candidate_within_the_subsets_spread(files, t
     )
     full = [t.params for t in strict.trials if t.stage == "full"]
     assert full[0] == {"prune": 0.35, "quantize": "int8"} and strict.trials[3].value < strict.floor
+    assert len(strict.trials) > 4  # and the search went on
+    assert len(full) == len({tuple(sorted(p.items())) for p in full})
     # a lucky subset: INT8 at 0.35 meets there (0.984) and not on all of it (0.9705); the pilot
     # reads the judgment on all of it, so the INT8 arm found nothing and, once its bisection
     # ends, the next arm (pruning alone) runs before TPE draws
@@ -939,7 +956,9 @@ def test_the_time_budget_stops_a_running_trial_which_runs_again_on_resume(
     (stopped,) = found.trials[1:]
     assert stopped.result["stopped"] and "time budget ran out" in stopped.result["error"]
     assert found.chosen.stage == "reference"
-    assert not (Path(stopped.model_path).parent / RESULT_FILE).exists()  # not stored
+    folder = Path(stopped.model_path).parent
+    assert (folder / "trial.log").exists()  # it had started
+    assert not (folder / RESULT_FILE).exists()  # and is not stored
     resumed = _search(files, tmp_path, "local", time_budget=5, resume=True, **settings)
     assert resumed.trials[0].cached and not resumed.trials[1].cached  # not found in the store
     assert resumed.trials[1].result.get("stopped")  # run again, stopped again
@@ -1038,7 +1057,7 @@ def test_ray_executor_runs_trials_on_a_local_instance(files, tmp_path, monkeypat
         slow = _search(
             files,
             tmp_path / "slow",
-            RayExecutor(timeout=5),
+            RayExecutor(timeout=20),
             targets=parse_targets(["macs=1.0"]),
             budget=parse_budget("tests.tune_metrics:slow_when_pruned", "0.1", None),
             trials=1,
@@ -1060,7 +1079,7 @@ def test_ray_executor_runs_trials_on_a_local_instance(files, tmp_path, monkeypat
     finally:
         ray.shutdown()
     # a Ray task past --trial-timeout is cancelled and recorded as such
-    assert slow.trials[1].result["timed_out"] and "limit of 5 s" in slow.trials[1].result["error"]
+    assert slow.trials[1].result["timed_out"] and "limit of 20 s" in slow.trials[1].result["error"]
     assert found.met and "Ray" in found.where and "Ray" in found.data["measured_on"]
     assert found.executed == 2
     written = model_io.load(tmp_path / "out.onnx")

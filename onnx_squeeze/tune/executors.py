@@ -21,18 +21,19 @@ from onnx_squeeze.errors import SettingsError
 from onnx_squeeze.tune.trial import MODEL_FILE, RESULT_FILE
 
 JOB_FILE, LOG_FILE = "job.json", "trial.log"
+_GRACE_S = 5.0  # a cancelled Ray task's time to end in Python before it is killed
 
 
 class Executor(Protocol):
-    """``run``'s ``left``: seconds left in the search's time budget (None: no budget); a trial
-    still running then is stopped, its result marked ``stopped`` (not stored: it runs again on
-    ``--resume``)."""
-
     where: str  # said in the report: latency is measured there
 
     def run(
         self, jobs: Sequence[dict[str, Any]], left: float | None = None
-    ) -> list[dict[str, Any]]: ...
+    ) -> list[dict[str, Any]]:
+        """Each job's result; ``left``: seconds left in the search's time budget (None: none;
+        0 or less: nothing starts), after which a trial still running is stopped and its
+        result marked ``stopped`` (the search does not store it: it runs again on --resume)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -41,19 +42,22 @@ def _failure(error: str, timed_out: bool = False) -> dict[str, Any]:
     return {"status": "failed", "error": error, **({"timed_out": True} if timed_out else {})}
 
 
-STOPPED = {
-    "status": "failed",
-    "error": "stopped: the search's time budget ran out (it runs again on --resume)",
-    "timed_out": True,
-    "stopped": True,
-}
-
-
 def _limit(timeout: float | None, left: float | None) -> tuple[float | None, bool]:
     """A trial's limit in seconds, and whether it is the time budget's rather than its own."""
     if left is None or (timeout is not None and timeout <= left):
         return timeout, False
     return max(left, 0.0), True
+
+
+def _late(limit: float | None, budgeted: bool) -> dict[str, Any]:
+    """The result of a trial stopped at ``limit``: the time budget's, or its own timeout's."""
+    if budgeted:
+        return {
+            **_failure("stopped: the search's time budget ran out (it runs again on --resume)"),
+            "timed_out": True,
+            "stopped": True,
+        }
+    return _failure(f"the trial ran past its limit of {limit:g} s", timed_out=True)
 
 
 class _Launcher:
@@ -106,7 +110,7 @@ class LocalExecutor:
     def _one(self, job: dict[str, Any], left: float | None = None) -> dict[str, Any]:
         limit, budgeted = _limit(self.timeout, left)
         if budgeted and limit == 0:
-            return dict(STOPPED)
+            return _late(limit, budgeted)
         folder = Path(job["folder"])
         folder.mkdir(parents=True, exist_ok=True)
         (folder / RESULT_FILE).unlink(missing_ok=True)
@@ -118,9 +122,7 @@ class LocalExecutor:
         finally:
             self._idle.append(launcher)
         if code is None:
-            if budgeted:
-                return dict(STOPPED)
-            return _failure(f"the trial ran past its limit of {limit:g} s", timed_out=True)
+            return _late(limit, budgeted)
         if code == -signal.SIGINT:
             raise KeyboardInterrupt
         result_path = folder / RESULT_FILE
@@ -172,13 +174,14 @@ class RayExecutor:
     """Trials as Ray tasks on the cluster at ``address`` (None: a local Ray instance). Files
     named by the jobs (model, data) go through the object store once; a data folder must be
     on a disk every worker sees at the same path. Latency is measured on the worker that ran
-    the trial, so the workers should be the hardware the model will run on. A trial's
-    ``timeout`` counts from when it is handed to the cluster (queued time included)."""
+    the trial, so the workers should be the hardware the model will run on. Trials go to the
+    cluster as many at a time as its CPUs run at once, so that ``timeout`` counts from a
+    trial's start; one past it is cancelled."""
 
     def __init__(
         self, address: str | None = None, cpus_per_trial: float = 1.0, timeout: float | None = None
     ) -> None:
-        self.timeout = timeout
+        self.timeout, self._cpus = timeout, cpus_per_trial
         try:
             import ray
         except ImportError:
@@ -213,25 +216,35 @@ class RayExecutor:
     def run(
         self, jobs: Sequence[dict[str, Any]], left: float | None = None
     ) -> list[dict[str, Any]]:
+        end = None if left is None else time.monotonic() + left
+        room = max(1, int(self._ray.cluster_resources().get("CPU", 1) // self._cpus))
+        results: list[dict[str, Any]] = []
+        for first in range(0, len(jobs), room):  # as many as the cluster runs at once
+            wave = jobs[first : first + room]
+            results += self._wave(wave, None if end is None else end - time.monotonic())
+        return results
+
+    def _wave(self, jobs: Sequence[dict[str, Any]], left: float | None) -> list[dict[str, Any]]:
+        """Tasks that all start at once, so that each one's limit counts from its start."""
         limit, budgeted = _limit(self.timeout, left)
         if budgeted and limit == 0:
-            return [dict(STOPPED) for _ in jobs]
+            return [_late(limit, budgeted) for _ in jobs]
         futures = [self._task.remote(job, self._shared(job)) for job in jobs]
         _, late = self._ray.wait(futures, num_returns=len(futures), timeout=limit)
-        for future in late:
-            self._ray.cancel(future, force=True)
+        for future in late:  # in Python first, so the task removes its temporary folder
+            self._ray.cancel(future)
+        if late:
+            _, stuck = self._ray.wait(late, num_returns=len(late), timeout=_GRACE_S)
+            for future in stuck:  # in onnxruntime's code, which a KeyboardInterrupt waits for
+                self._ray.cancel(future, force=True)
         results = []
         for job, future in zip(jobs, futures, strict=True):
-            if future in late:
-                results.append(
-                    dict(STOPPED)
-                    if budgeted
-                    else _failure(f"the trial ran past its limit of {limit:g} s", timed_out=True)
-                )
-                continue
             try:
                 result, model = self._ray.get(future)
             except self._ray.exceptions.RayError as error:
+                if future in late:  # cancelled (one that finished meanwhile kept its result)
+                    results.append(_late(limit, budgeted))
+                    continue
                 first = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 results.append(
                     _failure(f"the Ray task died ({type(error).__name__}): {first[:300]}")

@@ -15,6 +15,7 @@ temporary folders and exits; a trial is killed by the kernel when its launcher d
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -86,12 +87,13 @@ class _Input:
 
 
 def serve() -> None:
-    # what every trial imports, once: symbolic shape inference's package imports PyTorch where
-    # it is installed (1.3 s a trial on ppocr_cls, a tenth of it)
-    import onnxruntime.tools.symbolic_shape_infer  # noqa: F401
-
     import onnx_squeeze.pipeline
     import onnx_squeeze.tune.trial  # noqa: F401
+    from onnx_squeeze import analysis
+
+    # what most trials load, once (0.35 s; without sympy the trials do without it)
+    with contextlib.suppress(ImportError):
+        analysis.symbolic_shape_inference()
     from onnx_squeeze import scratch
 
     # Ctrl-C reaches the whole process group: the trial ends, the search stops and closes

@@ -107,6 +107,7 @@ class Search:
 
     @property
     def out_of_time(self) -> bool:
+        """Whether the time budget has run out: no more trials are started."""
         return time.monotonic() >= self.deadline
 
     def run(
@@ -114,9 +115,12 @@ class Search:
         points: Sequence[tuple[str, dict[str, Any]]],
         limit: int | None = None,
         models: Sequence[str] | None = None,
+        bounded: bool = True,
     ) -> list[Trial]:
         """Run (or find in the store) one trial per (stage, params); ``models``: the models
-        earlier trials made for these points, to be judged again rather than made again."""
+        earlier trials made for these points, to be judged again rather than made again;
+        ``bounded``: stopped when the time budget runs out (not the reference, without which
+        nothing is chosen, nor the judgment of the best candidate on all the data)."""
         jobs, keys, pending = [], [], []
         for index, (stage, params) in enumerate(points):
             job = dict(self.base_job, recipe=recipe_for(params, self.gate).to_dict())
@@ -134,9 +138,6 @@ class Search:
                 pending.append(job)
             jobs.append(job)
             keys.append(key)
-        # the time budget stops a trial that makes a model; the reference (nothing can be chosen
-        # without it) and a model judged again on all the data (seconds) run to the end
-        bounded = models is None and all(stage != REFERENCE for stage, _ in points)
         left = self.deadline - time.monotonic() if bounded and self.deadline < math.inf else None
         fresh = dict(
             zip((job["folder"] for job in pending), self.executor.run(pending, left), strict=True)
@@ -144,10 +145,12 @@ class Search:
         self.executed += len(pending)
         made_by = {t.model_path: t for t in self.trials}
         made = []
+        stored = set()
         for index, ((stage, params), job, key) in enumerate(zip(points, jobs, keys, strict=True)):
-            result = fresh.pop(job["folder"], None)  # a point drawn twice ran once
-            if result is not None and not result.get("stopped"):  # a stopped one runs again
-                self.store.put(key, result)
+            result = fresh.get(job["folder"])  # a point drawn twice ran once
+            if result is not None and key not in stored and not result.get("stopped"):
+                self.store.put(key, result)  # a stopped one runs again on --resume
+                stored.add(key)
             found = result if result is not None else self.store.get(key) or {}
             if job.get("prepared"):
                 found = self._against_original(found)
@@ -160,7 +163,7 @@ class Search:
                 recipe=Recipe.from_dict(job["recipe"]),
                 key=key,
                 result=found,
-                cached=result is None,
+                cached=job["folder"] not in fresh,
                 model_path=os.fspath(self.store.model_path(key)),
             )
             self.trials.append(trial)
@@ -171,7 +174,8 @@ class Search:
         if self.first and met and not self.done:
             best = min(met, key=self.objective)
             if best.stage == SUBSET:  # judged on all the data at once: it may end the search
-                self.run([(FULL, best.params)], models=[best.model_path])
+                if not any(t.stage == FULL and t.params == best.params for t in self.trials):
+                    self.run([(FULL, best.params)], models=[best.model_path], bounded=False)
             else:
                 self.done = True
         return made
@@ -426,7 +430,7 @@ def _strategy(
 ) -> Trial:
     """The reference, the pilot and TPE's draws (on the subset; ``patience``: see
     :func:`tune`), the promotions, the bisection; returns the reference trial."""
-    (reference,) = search.run([(REFERENCE, {})])
+    (reference,) = search.run([(REFERENCE, {})], bounded=False)
     search.reference = reference
     if not reference.ok:
         raise SettingsError(
@@ -513,8 +517,12 @@ def _strategy(
         # out of time: the best one only, so that something is judged on all the data
         share = math.ceil(len(ranked) / eta) if not search.out_of_time else 1
         keep = ranked[: max(1, share)]
-        if keep:
-            search.run([(FULL, t.params) for t in keep], models=[t.model_path for t in keep])
+        if keep:  # the best is judged past the time budget, the others within it
+            search.run([(FULL, keep[0].params)], models=[keep[0].model_path], bounded=False)
+        if keep[1:]:
+            search.run(
+                [(FULL, t.params) for t in keep[1:]], models=[t.model_path for t in keep[1:]]
+            )
     judged = [t for t in search.trials if t.stage in (FULL, BISECT) and t.ok]
     if judged and not search.out_of_time and not search.done:
         _bisect(search, space, min(judged, key=search.objective), bisect_steps)
