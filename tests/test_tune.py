@@ -32,7 +32,7 @@ from onnx_squeeze.tune.space import (
     recipe_for,
 )
 from onnx_squeeze.tune.subset import least_samples
-from onnx_squeeze.tune.targets import agreement, measured_gate
+from onnx_squeeze.tune.targets import Budget, agreement, measured_gate
 from onnx_squeeze.tune.trial import RESULT_FILE, run_trial
 from tests.helpers import run
 
@@ -695,13 +695,8 @@ def test_first_judges_on_all_data_a_candidate_within_the_subsets_spread(files, t
     assert found.met and found.chosen is found.trials[-1]
     # where it fails there (a floor of 0.975), the search goes on, and halving does not judge it
     # again
-    strict = first(
-        "strict",
-        SubsetReads(1.0),
-        trials=6,
-        bisect_steps=0,
-        budget=parse_budget("top1_agreement", "0.025", None),
-    )
+    floor_975 = parse_budget("top1_agreement", "0.025", None)
+    strict = first("strict", SubsetReads(1.0), trials=6, bisect_steps=0, budget=floor_975)
     full = [t.params for t in strict.trials if t.stage == "full"]
     assert full[0] == {"prune": 0.35, "quantize": "int8"} and strict.trials[3].value < strict.floor
     assert len(strict.trials) > 4  # and the search went on
@@ -709,13 +704,9 @@ def test_first_judges_on_all_data_a_candidate_within_the_subsets_spread(files, t
     # a lucky subset: INT8 at 0.35 meets there (0.984) and not on all of it (0.9705); the pilot
     # reads the judgment on all of it, so the INT8 arm found nothing and, once its bisection
     # ends, the next arm (pruning alone) runs before TPE draws
+    two_arms = dataclasses.replace(PILOTED, pilots=({"quantize": "int8"}, {"quantize": "none"}))
     lucky = first(
-        "lucky",
-        SubsetReads(0.5),
-        trials=7,
-        bisect_steps=0,
-        budget=parse_budget("top1_agreement", "0.025", None),
-        space=dataclasses.replace(PILOTED, pilots=({"quantize": "int8"}, {"quantize": "none"})),
+        "lucky", SubsetReads(0.5), trials=7, bisect_steps=0, budget=floor_975, space=two_arms
     )
     assert lucky.trials[2].value >= lucky.floor > lucky.trials[3].value
     drawn = [(t.params["prune"], t.params["quantize"]) for t in lucky.trials[4:8]]
@@ -907,10 +898,35 @@ def test_real_rerun_runs_no_trial_again(files, searched):
     assert (work / "out2.onnx").read_bytes() == (work / "out.onnx").read_bytes()
 
 
-def test_a_crashing_trial_is_recorded_and_the_search_goes_on(files, tmp_path, monkeypatch):
+def _original_weights(files, monkeypatch) -> None:
+    """The original's weight count in the environment, where tests.tune_metrics's functions
+    read it to tell a pruned model."""
     proto = onnx.load(files["model"])
     weights = sum(onnx.numpy_helper.to_array(t).size for t in proto.graph.initializer)
     monkeypatch.setenv("TUNE_TEST_ORIGINAL_WEIGHTS", str(weights))
+
+
+def _one_candidate(prune: float, target: str, budget: Budget) -> dict[str, Any]:
+    """A search of one candidate, pruned by ``prune``."""
+    return dict(
+        targets=parse_targets([target]),
+        budget=budget,
+        trials=1,
+        space=Space("cnn", (Param("prune", low=prune, high=prune, step=prune),)),
+        bisect_steps=0,
+        runs=1,
+    )
+
+
+def _slow_when_pruned(files, monkeypatch) -> dict[str, Any]:
+    """A search whose one candidate, pruned by half, takes a minute to judge."""
+    _original_weights(files, monkeypatch)
+    slow = parse_budget("tests.tune_metrics:slow_when_pruned", "0.1", None)
+    return _one_candidate(0.5, "macs=1.0", slow)
+
+
+def test_a_crashing_trial_is_recorded_and_the_search_goes_on(files, tmp_path, monkeypatch):
+    _original_weights(files, monkeypatch)
     found = _search(
         files,
         tmp_path,
@@ -937,17 +953,7 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(files, tmp_path, mo
 def test_the_time_budget_stops_a_running_trial_which_runs_again_on_resume(
     files, tmp_path, monkeypatch
 ):
-    proto = onnx.load(files["model"])
-    weights = sum(onnx.numpy_helper.to_array(t).size for t in proto.graph.initializer)
-    monkeypatch.setenv("TUNE_TEST_ORIGINAL_WEIGHTS", str(weights))
-    settings = dict(
-        targets=parse_targets(["macs=1.0"]),
-        budget=parse_budget("tests.tune_metrics:slow_when_pruned", "0.1", None),
-        trials=1,
-        space=Space("cnn", (Param("prune", low=0.5, high=0.5, step=0.5),)),
-        bisect_steps=0,
-        runs=1,
-    )
+    settings = _slow_when_pruned(files, monkeypatch)
     start = time.monotonic()
     found = _search(files, tmp_path, "local", time_budget=10, **settings)
     # the reference runs to the end (nothing is chosen without it); the pruned trial, a minute
@@ -1048,34 +1054,13 @@ def test_ray_executor_runs_trials_on_a_local_instance(files, tmp_path, monkeypat
     )
     from onnx_squeeze.tune.executors import RayExecutor
 
-    proto = onnx.load(files["model"])
-    weights = sum(onnx.numpy_helper.to_array(t).size for t in proto.graph.initializer)
-    monkeypatch.setenv("TUNE_TEST_ORIGINAL_WEIGHTS", str(weights))  # the workers inherit it
+    slow_settings = _slow_when_pruned(files, monkeypatch)  # the workers inherit its variable
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         executor = RayExecutor()
-        slow = _search(
-            files,
-            tmp_path / "slow",
-            RayExecutor(timeout=20),
-            targets=parse_targets(["macs=1.0"]),
-            budget=parse_budget("tests.tune_metrics:slow_when_pruned", "0.1", None),
-            trials=1,
-            space=Space("cnn", (Param("prune", low=0.5, high=0.5, step=0.5),)),
-            bisect_steps=0,
-            runs=1,
-        )
-        found = _search(
-            files,
-            tmp_path,
-            executor,
-            targets=parse_targets(["macs=0.8"]),
-            budget=parse_budget("cosine", "0.2", None),
-            trials=1,
-            space=Space("cnn", (Param("prune", low=0.25, high=0.25, step=0.25),)),
-            bisect_steps=0,
-            runs=1,
-        )
+        slow = _search(files, tmp_path / "slow", RayExecutor(timeout=20), **slow_settings)
+        cosine = parse_budget("cosine", "0.2", None)
+        found = _search(files, tmp_path, executor, **_one_candidate(0.25, "macs=0.8", cosine))
     finally:
         ray.shutdown()
     # a Ray task past --trial-timeout is cancelled and recorded as such
