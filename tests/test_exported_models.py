@@ -61,12 +61,13 @@ def test_prepare_alone_is_lossless_at_batch_2(robustness, exported, name):
 
 
 def test_int8_on_exported_vit_keeps_dynamic_batch(robustness, exported):
-    """Static INT8 on a TorchScript ViT (class-token Concat, LayerNormalization, Erf GELU)."""
+    """Static INT8 on a TorchScript ViT (class-token Concat, LayerNormalization, Erf GELU), every
+    layer (no speed check: at 0.2 ms a run, which layers pay off differs from CPU to CPU, and
+    here none did)."""
     path = exported("vit")
     source = calibration.open_source("random", model_io.load(path), count=4)
-    result = compress(
-        str(path), Recipe.from_dict([{"quantize_int8": {}}]), calibration=source, compare=False
-    )
+    recipe = Recipe.from_dict([{"quantize_int8": {"speed_check": False}}])
+    result = compress(str(path), recipe, calibration=source, compare=False)
     helpers.check(result.model)
     assert_batch_dynamic(result.model)
     assert any(node.op_type == "QuantizeLinear" for node in result.model.graph)
