@@ -324,9 +324,10 @@ def tune(
     ranked on the subset that does, or that meets the targets and reads below the budget by no
     more than the subset's spread, is judged on all of it at once), for the search's time
     rather than the most metric kept. ``time_budget`` (seconds) ends the search on time: a
-    trial still making a model then is stopped, and not stored. ``patience``: stop drawing after that many draws in a row
-    that come no closer to the targets, nor keep more of the metric where they are met (0:
-    draw ``trials``); the best drawn is still judged on all the data.
+    trial still making a model then is stopped, and not stored. ``patience``: stop drawing
+    after that many draws in a row that come no closer to the targets, nor keep more of the
+    metric where they are met (0: draw ``trials``); the best drawn is still judged on all the
+    data.
     """
     targets = [
         one for t in targets for one in ([t] if isinstance(t, Target) else parse_targets([t]))
