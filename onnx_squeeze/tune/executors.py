@@ -52,11 +52,8 @@ def _limit(timeout: float | None, left: float | None) -> tuple[float | None, boo
 def _late(limit: float | None, budgeted: bool) -> dict[str, Any]:
     """The result of a trial stopped at ``limit``: the time budget's, or its own timeout's."""
     if budgeted:
-        return {
-            **_failure("stopped: the search's time budget ran out (it runs again on --resume)"),
-            "timed_out": True,
-            "stopped": True,
-        }
+        why = "stopped: the search's time budget ran out (it runs again on --resume)"
+        return {**_failure(why, timed_out=True), "stopped": True}
     return _failure(f"the trial ran past its limit of {limit:g} s", timed_out=True)
 
 
