@@ -205,7 +205,7 @@ class Synthetic:
     def __init__(self) -> None:
         self.jobs: list[dict[str, Any]] = []
 
-    def run(self, jobs, left=None):
+    def run(self, jobs, end=None):
         results = []
         for job in jobs:
             self.jobs.append(job)
@@ -282,8 +282,8 @@ def test_bisection_finds_the_smallest_fraction_that_meets_the_target(files, tmp_
 class MacsUnknown(Synthetic):
     """MACs not counted (shapes unknown past a contrib op): no ratio."""
 
-    def run(self, jobs, left=None):
-        results = super().run(jobs, left)
+    def run(self, jobs, end=None):
+        results = super().run(jobs, end)
         for result in results:
             del result["metrics"]["macs_ratio"]
         return results
@@ -335,8 +335,8 @@ class PruningSlows(Synthetic):
     1.75x its time at 0.1 there), so the trials that keep the budget are all slower than the
     original."""
 
-    def run(self, jobs, left=None):
-        results = super().run(jobs, left)
+    def run(self, jobs, end=None):
+        results = super().run(jobs, end)
         for job, result in zip(jobs, results, strict=True):
             steps = {s["pass"]: s for s in job["recipe"]["passes"]}
             prune = steps.get("prune_channels", {}).get("macs_target", 0.0)
@@ -397,8 +397,8 @@ class PresetPrunesWell(Synthetic):
     no fraction given) reaches 0.3x at 0.99 of the metric, further than any fraction of the
     arms within the budget."""
 
-    def run(self, jobs, left=None):
-        results = super().run(jobs, left)
+    def run(self, jobs, end=None):
+        results = super().run(jobs, end)
         for job, result in zip(jobs, results, strict=True):
             pruning = {s["pass"]: s for s in job["recipe"]["passes"]}.get("prune_channels", {})
             if pruning and not {"macs_target", "latency_target"} & set(pruning):
@@ -502,8 +502,8 @@ def test_the_pilot_goes_on_to_the_next_arm_where_one_cannot_meet_the_target(
 class CheapCriterion(Synthetic):
     """The cheap criterion loses another 0.2 p^2 of the metric over the arm's own."""
 
-    def run(self, jobs, left=None):
-        results = super().run(jobs, left)
+    def run(self, jobs, end=None):
+        results = super().run(jobs, end)
         for job, result in zip(jobs, results, strict=True):
             steps = {s["pass"]: s for s in job["recipe"]["passes"]}
             pruning = steps.get("prune_channels", {})
@@ -557,8 +557,8 @@ def test_the_pilot_tries_the_cheap_criterion_first_and_its_own_where_that_breaks
 class SlowPruning(Synthetic):
     """Pruning without INT8 runs past the trial time limit."""
 
-    def run(self, jobs, left=None):
-        results = super().run(jobs, left)
+    def run(self, jobs, end=None):
+        results = super().run(jobs, end)
         for index, job in enumerate(jobs):
             steps = {s["pass"] for s in job["recipe"]["passes"]}
             if "prune_channels" in steps and "quantize_int8" not in steps:
@@ -614,8 +614,8 @@ def test_first_stops_at_the_first_candidate_that_meets_everything_on_all_data(fi
 class TimedSlowerAgain(Synthetic):
     """A model judged again is timed 1.21 times slower than when it was made (a noisy clock)."""
 
-    def run(self, jobs, left=None):
-        results = super().run(jobs, left)
+    def run(self, jobs, end=None):
+        results = super().run(jobs, end)
         for job, result in zip(jobs, results, strict=True):
             if job.get("model_from"):
                 result["metrics"]["latency_ratio"] *= 1.21
@@ -628,7 +628,7 @@ def test_no_time_left_starts_no_trial_and_a_failed_one_is_not_timed_twice(tmp_pa
 
     executor = LocalExecutor(timeout=60)
     try:
-        (result,) = executor.run([{"folder": str(tmp_path / "t")}], left=0)
+        (result,) = executor.run([{"folder": str(tmp_path / "t")}], end=0.0)
     finally:
         executor.close()
     assert result["stopped"] and not (tmp_path / "t").exists()
@@ -664,8 +664,8 @@ class SubsetReads(Synthetic):
         super().__init__()
         self.factor = factor
 
-    def run(self, jobs, left=None):
-        results = super().run(jobs, left)
+    def run(self, jobs, end=None):
+        results = super().run(jobs, end)
         for job, result in zip(jobs, results, strict=True):
             if job.get("eval_limit"):
                 result["value"] = 1 - self.factor * (1 - result["value"])
@@ -970,6 +970,55 @@ def test_the_time_budget_stops_a_running_trial_which_runs_again_on_resume(
     assert resumed.trials[1].result.get("stopped")  # run again, stopped again
 
 
+class Clocked(Synthetic):
+    """Trials that take seconds of a clock of their own: the reference and a judgment of a made
+    model 5, a candidate made on the subset 2; one that would run past the time budget's ``end``
+    is stopped there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def run(self, jobs, end=None):
+        results = []
+        for job, result in zip(jobs, super().run(jobs), strict=True):
+            cost = 5.0 if job.get("reference") or job.get("model_from") else 2.0
+            if end is not None and self.now + cost > end:
+                self.now = max(self.now, end)
+                result = {"status": "failed", "timed_out": True, "stopped": True}
+            else:
+                self.now += cost
+                result["seconds"] = cost
+            results.append(result)
+        return results
+
+
+def test_the_time_budget_keeps_time_for_the_last_judgment(files, tmp_path, monkeypatch):
+    from onnx_squeeze.tune import search as search_module
+
+    clocked = Clocked()
+    monkeypatch.setattr(search_module, "time", clocked)
+    found = _search(
+        files,
+        tmp_path,
+        clocked,
+        trials=20,
+        subset=0.25,
+        budget=SMOOTH,
+        time_budget=20,
+        patience=0,
+        bisect_steps=0,
+    )
+    # the reference took 5 s, so trials stop at 15 s, and the best of them, judged on all the
+    # data (as long as the reference), ends the search when the 20 s run out, not 5 s past them
+    ran = [t.stage for t in found.trials if not t.cached]  # not a point drawn twice
+    assert ran == ["reference", *["subset"] * 5, "full"], ran
+    assert found.seconds == pytest.approx(20) and found.chosen.stage == "full"
+
+
 def test_the_default_metric_reads_a_sequence_model_and_aims_int8_at_it(tmp_path):
     """A model of [N, T, classes] scores (a CTC recognizer's shape) has no top-1 agreement:
     the default metric reads its class at each position, and INT8 aims at what it reads."""
@@ -1079,8 +1128,8 @@ def test_ray_executor_runs_trials_on_a_local_instance(files, tmp_path, monkeypat
 class NothingToPrune(Synthetic):
     """A dense model (magika): pruning removes nothing, whatever the fraction."""
 
-    def run(self, jobs, left=None):
-        results = super().run(jobs, left)
+    def run(self, jobs, end=None):
+        results = super().run(jobs, end)
         for job, result in zip(jobs, results, strict=True):
             if any(s["pass"] == "prune_channels" for s in job["recipe"]["passes"]):
                 int8 = any(s["pass"] == "quantize_int8" for s in job["recipe"]["passes"])

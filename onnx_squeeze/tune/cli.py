@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=duration,
         metavar="30m",
         help="end the search by then: a trial still making a model is stopped (and runs again "
-        "on --resume); the best drawn is still judged on all --eval",
+        "on --resume); trials stop early enough for the best drawn to be judged on all --eval",
     )
     parser.add_argument("--executor", choices=("local", "ray"), default="local")
     parser.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster")

@@ -27,12 +27,11 @@ _GRACE_S = 5.0  # a cancelled Ray task's time to end in Python before it is kill
 class Executor(Protocol):
     where: str  # said in the report: latency is measured there
 
-    def run(
-        self, jobs: Sequence[dict[str, Any]], left: float | None = None
-    ) -> list[dict[str, Any]]:
-        """Each job's result; ``left``: seconds left in the search's time budget (None: none;
-        0 or less: nothing starts), after which a trial still running is stopped and its
-        result marked ``stopped`` (the search does not store it: it runs again on --resume)."""
+    def run(self, jobs: Sequence[dict[str, Any]], end: float | None = None) -> list[dict[str, Any]]:
+        """Each job's result; ``end``: the ``time.monotonic()`` at which the search's time
+        budget runs out (None: none; past: nothing starts), after which a trial still running
+        is stopped and its result marked ``stopped`` (the search does not store it: it runs
+        again on --resume)."""
         ...
 
     def close(self) -> None: ...
@@ -42,8 +41,10 @@ def _failure(error: str, timed_out: bool = False) -> dict[str, Any]:
     return {"status": "failed", "error": error, **({"timed_out": True} if timed_out else {})}
 
 
-def _limit(timeout: float | None, left: float | None) -> tuple[float | None, bool]:
-    """A trial's limit in seconds, and whether it is the time budget's rather than its own."""
+def _limit(timeout: float | None, end: float | None) -> tuple[float | None, bool]:
+    """A trial starting now: its limit in seconds, and whether it is the time budget's (which
+    runs out at ``end``) rather than its own."""
+    left = None if end is None else end - time.monotonic()
     if left is None or (timeout is not None and timeout <= left):
         return timeout, False
     return max(left, 0.0), True
@@ -104,8 +105,8 @@ class LocalExecutor:
         self.timeout = timeout
         self._idle = [_Launcher() for _ in range(self.jobs)]
 
-    def _one(self, job: dict[str, Any], left: float | None = None) -> dict[str, Any]:
-        limit, budgeted = _limit(self.timeout, left)
+    def _one(self, job: dict[str, Any], end: float | None = None) -> dict[str, Any]:
+        limit, budgeted = _limit(self.timeout, end)
         if budgeted and limit == 0:
             return _late(limit, budgeted)
         folder = Path(job["folder"])
@@ -130,18 +131,11 @@ class LocalExecutor:
         last = f": {lines[-1][:300]}" if lines else ""
         return _failure(f"the trial process died ({how}){last}; its log: {log}")
 
-    def run(
-        self, jobs: Sequence[dict[str, Any]], left: float | None = None
-    ) -> list[dict[str, Any]]:
-        end = None if left is None else time.monotonic() + left
-
-        def one(job: dict[str, Any]) -> dict[str, Any]:  # the budget counts from now
-            return self._one(job, None if end is None else end - time.monotonic())
-
+    def run(self, jobs: Sequence[dict[str, Any]], end: float | None = None) -> list[dict[str, Any]]:
         if self.jobs == 1 or len(jobs) == 1:
-            return [one(job) for job in jobs]
+            return [self._one(job, end) for job in jobs]
         with ThreadPoolExecutor(self.jobs) as pool:
-            return list(pool.map(one, jobs))
+            return list(pool.map(lambda job: self._one(job, end), jobs))
 
     def close(self) -> None:
         for launcher in self._idle:
@@ -210,20 +204,17 @@ class RayExecutor:
                 shared[key] = (Path(spec).name, self._refs[spec])
         return shared
 
-    def run(
-        self, jobs: Sequence[dict[str, Any]], left: float | None = None
-    ) -> list[dict[str, Any]]:
-        end = None if left is None else time.monotonic() + left
+    def run(self, jobs: Sequence[dict[str, Any]], end: float | None = None) -> list[dict[str, Any]]:
         room = max(1, int(self._ray.cluster_resources().get("CPU", 1) // self._cpus))
         results: list[dict[str, Any]] = []
         for first in range(0, len(jobs), room):  # as many as the cluster runs at once
             wave = jobs[first : first + room]
-            results += self._wave(wave, None if end is None else end - time.monotonic())
+            results += self._wave(wave, end)
         return results
 
-    def _wave(self, jobs: Sequence[dict[str, Any]], left: float | None) -> list[dict[str, Any]]:
+    def _wave(self, jobs: Sequence[dict[str, Any]], end: float | None) -> list[dict[str, Any]]:
         """Tasks that all start at once, so that each one's limit counts from its start."""
-        limit, budgeted = _limit(self.timeout, left)
+        limit, budgeted = _limit(self.timeout, end)
         if budgeted and limit == 0:
             return [_late(limit, budgeted) for _ in jobs]
         futures = [self._task.remote(job, self._shared(job)) for job in jobs]
