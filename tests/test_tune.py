@@ -637,6 +637,45 @@ def test_no_time_left_starts_no_trial_and_a_failed_one_is_not_timed_twice(tmp_pa
     assert _timed_twice(ok, failed) == ok and _timed_twice(ok, None) == ok
 
 
+def test_a_launchers_start_up_counts_against_the_trials_limit(tmp_path, monkeypatch):
+    """A launcher that takes 3 s to start (its imports; here a ``sitecustomize`` that sleeps)
+    leaves a trial with a 1 s limit no time: the trial, which would fail after 0.5 s (reading
+    its model from a pipe written then), is stopped at once instead."""
+    import os
+    import sys
+    import threading
+
+    from onnx_squeeze.tune.executors import LocalExecutor
+
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(3)\n")
+    monkeypatch.setattr(sys, "path", [str(slow), *sys.path])  # the launcher's PYTHONPATH
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+
+    def write_late() -> None:  # once the trial reads the pipe: empty, after 0.5 s
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            try:
+                stream = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # no reader yet
+                time.sleep(0.01)
+                continue
+            time.sleep(0.5)
+            os.close(stream)
+            return
+
+    writer = threading.Thread(target=write_late, daemon=True)
+    writer.start()
+    executor = LocalExecutor(timeout=1)
+    try:
+        (result,) = executor.run([{"folder": str(tmp_path / "t"), "model": str(fifo), "run": {}}])
+    finally:
+        executor.close()
+    assert result.get("timed_out"), result
+
+
 def test_a_model_judged_again_counts_both_timings(files, tmp_path):
     found = _search(
         files,

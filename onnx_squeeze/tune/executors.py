@@ -65,7 +65,9 @@ class _Launcher:
         self._process: subprocess.Popen[str] | None = None
 
     def run(self, job_path: Path, log: Path, timeout: float | None) -> int | None:
-        """The trial's exit code (negative: a signal), None when it ran past ``timeout``."""
+        """The trial's exit code (negative: a signal), None when it ran past ``timeout``, which
+        counts from now: a launcher started again (imports, seconds) spends the trial's time."""
+        start = time.monotonic()
         if self._process is None or self._process.poll() is not None:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "onnx_squeeze.tune.forker"],
@@ -80,7 +82,8 @@ class _Launcher:
         self._process.stdin.write(json.dumps(message) + "\n")
         self._process.stdin.flush()
         pid = int(self._process.stdout.readline().split()[1])
-        ready, _, _ = select.select([self._process.stdout], [], [], timeout)
+        left = None if timeout is None else max(0.0, start + timeout - time.monotonic())
+        ready, _, _ = select.select([self._process.stdout], [], [], left)
         if not ready:
             os.kill(pid, signal.SIGKILL)
             self._process.stdout.readline()
