@@ -631,7 +631,7 @@ def test_no_time_left_starts_no_trial_and_a_failed_one_is_not_timed_twice(tmp_pa
         (result,) = executor.run([{"folder": str(tmp_path / "t")}], end=0.0)
     finally:
         executor.close()
-    assert result["stopped"] and not (tmp_path / "t").exists()
+    assert result["stopped"] and not result["started"] and not (tmp_path / "t").exists()
     ok = {"status": "ok", "metrics": {"latency_ratio": 0.5}}
     failed = Trial(0, "subset", {}, Recipe.from_dict({"passes": []}), "k", result, False, "m")
     assert _timed_twice(ok, failed) == ok and _timed_twice(ok, None) == ok
@@ -1002,7 +1002,7 @@ def test_the_time_budget_stops_a_running_trial_which_runs_again_on_resume(
     assert stopped.result["stopped"] and "time budget ran out" in stopped.result["error"]
     assert found.chosen.stage == "reference"
     folder = Path(stopped.model_path).parent
-    assert (folder / "trial.log").exists()  # it had started
+    assert (folder / "trial.log").exists() and found.executed == 2  # it had started
     assert not (folder / RESULT_FILE).exists()  # and is not stored
     resumed = _search(files, tmp_path, "local", time_budget=5, resume=True, **settings)
     assert resumed.trials[0].cached and not resumed.trials[1].cached  # not found in the store
@@ -1055,6 +1055,7 @@ def test_the_time_budget_keeps_time_for_the_last_judgment(files, tmp_path, monke
     # data (as long as the reference), ends the search when the 20 s run out, not 5 s past them
     ran = [t.stage for t in found.trials if not t.cached]  # not a point drawn twice
     assert ran == ["reference", *["subset"] * 5, "full"], ran
+    assert found.executed == len(ran)
     assert found.seconds == pytest.approx(20) and found.chosen.stage == "full"
 
 

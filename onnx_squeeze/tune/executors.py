@@ -51,10 +51,11 @@ def _limit(timeout: float | None, end: float | None) -> tuple[float | None, bool
 
 
 def _late(limit: float | None, budgeted: bool) -> dict[str, Any]:
-    """The result of a trial stopped at ``limit``: the time budget's, or its own timeout's."""
+    """The result of a trial stopped at ``limit``: the time budget's, or its own timeout's;
+    one the budget left no time to start says so (``started``: not counted as run)."""
     if budgeted:
         why = "stopped: the search's time budget ran out (it runs again on --resume)"
-        return {**_failure(why, timed_out=True), "stopped": True}
+        return {**_failure(why, timed_out=True), "stopped": True, "started": limit != 0}
     return _failure(f"the trial ran past its limit of {limit:g} s", timed_out=True)
 
 
@@ -169,7 +170,7 @@ class RayExecutor:
     named by the jobs (model, data) go through the object store once; a data folder must be
     on a disk every worker sees at the same path. Latency is measured on the worker that ran
     the trial, so the workers should be the hardware the model will run on. Trials go to the
-    cluster as many at a time as its CPUs run at once, so that ``timeout`` counts from a
+    cluster as many at a time as its free CPUs run at once, so that ``timeout`` counts from a
     trial's start; one past it is cancelled."""
 
     def __init__(
@@ -208,11 +209,11 @@ class RayExecutor:
         return shared
 
     def run(self, jobs: Sequence[dict[str, Any]], end: float | None = None) -> list[dict[str, Any]]:
-        room = max(1, int(self._ray.cluster_resources().get("CPU", 1) // self._cpus))
         results: list[dict[str, Any]] = []
-        for first in range(0, len(jobs), room):  # as many as the cluster runs at once
-            wave = jobs[first : first + room]
-            results += self._wave(wave, end)
+        while len(results) < len(jobs):  # as many as the cluster's free CPUs run at once
+            free = self._ray.available_resources().get("CPU", 0)
+            room = max(1, int(free // self._cpus))
+            results += self._wave(jobs[len(results) : len(results) + room], end)
         return results
 
     def _wave(self, jobs: Sequence[dict[str, Any]], end: float | None) -> list[dict[str, Any]]:

@@ -147,10 +147,9 @@ class Search:
             jobs.append(job)
             keys.append(key)
         end = self.end if bounded and self.deadline < math.inf else None
-        fresh = dict(
-            zip((job["folder"] for job in pending), self.executor.run(pending, end), strict=True)
-        )
-        self.executed += len(pending)
+        results = self.executor.run(pending, end)
+        fresh = dict(zip((job["folder"] for job in pending), results, strict=True))
+        self.executed += sum(1 for result in results if result.get("started", True))
         made_by = {t.model_path: t for t in self.trials}
         made = []
         stored = set()
@@ -534,7 +533,7 @@ def _strategy(
         keep = ranked[: max(1, share)]
         if keep:  # the best is judged past the time budget, the others within it
             search.run([(FULL, keep[0].params)], models=[keep[0].model_path], bounded=False)
-        if keep[1:]:
+        if keep[1:] and not search.out_of_time:
             search.run(
                 [(FULL, t.params) for t in keep[1:]], models=[t.model_path for t in keep[1:]]
             )
