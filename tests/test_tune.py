@@ -927,6 +927,8 @@ def test_a_model_judged_again_measures_as_when_it_was_made(files, searched, tmp_
     for key in ("cosine", "top1_agreement", "worst_channel_sqnr_db", "macs_ratio"):
         assert again["metrics"][key] == pytest.approx(made["metrics"][key], rel=1e-6)
     assert again["value"] == pytest.approx(made["value"], rel=1e-6)
+    # making it took part of its trial's time; judging it again makes nothing
+    assert 0 < made["made_seconds"] < made["seconds"] and again["made_seconds"] == 0
 
 
 def test_real_rerun_runs_no_trial_again(files, searched):
@@ -1010,9 +1012,9 @@ def test_the_time_budget_stops_a_running_trial_which_runs_again_on_resume(
 
 
 class Clocked(Synthetic):
-    """Trials that take seconds of a clock of their own: the reference and a judgment of a made
-    model 5, a candidate made on the subset 2; one that would run past the time budget's ``end``
-    is stopped there."""
+    """Trials that take seconds of a clock of their own: the reference 7 (2 of them preparing the
+    model, 5 judging it), a judgment of a made model 5, a candidate made on the subset 2; one
+    that would run past the time budget's ``end`` is stopped there."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1024,13 +1026,13 @@ class Clocked(Synthetic):
     def run(self, jobs, end=None):
         results = []
         for job, result in zip(jobs, super().run(jobs), strict=True):
-            cost = 5.0 if job.get("reference") or job.get("model_from") else 2.0
+            cost = 7.0 if job.get("reference") else 5.0 if job.get("model_from") else 2.0
             if end is not None and self.now + cost > end:
                 self.now = max(self.now, end)
                 result = {"status": "failed", "timed_out": True, "stopped": True}
             else:
                 self.now += cost
-                result["seconds"] = cost
+                result.update(seconds=cost, made_seconds=2.0 if job.get("reference") else 0.0)
             results.append(result)
         return results
 
@@ -1047,16 +1049,16 @@ def test_the_time_budget_keeps_time_for_the_last_judgment(files, tmp_path, monke
         trials=20,
         subset=0.25,
         budget=SMOOTH,
-        time_budget=20,
+        time_budget=22,
         patience=0,
         bisect_steps=0,
     )
-    # the reference took 5 s, so trials stop at 15 s, and the best of them, judged on all the
-    # data (as long as the reference), ends the search when the 20 s run out, not 5 s past them
+    # the reference judged the original in 5 s, so trials stop at 17 s, and the best of them,
+    # judged on all the data as long, ends the search when the 22 s run out, not 5 s past them
     ran = [t.stage for t in found.trials if not t.cached]  # not a point drawn twice
     assert ran == ["reference", *["subset"] * 5, "full"], ran
     assert found.executed == len(ran)
-    assert found.seconds == pytest.approx(20) and found.chosen.stage == "full"
+    assert found.seconds == pytest.approx(22) and found.chosen.stage == "full"
 
 
 def test_the_default_metric_reads_a_sequence_model_and_aims_int8_at_it(tmp_path):

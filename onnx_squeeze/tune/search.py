@@ -332,7 +332,7 @@ def tune(
     more than the subset's spread, is judged on all of it at once), for the search's time
     rather than the most metric kept. ``time_budget`` (seconds) ends the search on time: a
     trial still making a model then is stopped, and not stored; trials stop as long before it
-    as the original's measurement took, the time the last judgment on all the data is given.
+    as judging the original took, the time the last judgment on all the data is given.
     ``patience``: stop drawing
     after that many draws in a row that come no closer to the targets, nor keep more of the
     metric where they are met (0: draw ``trials``); the best drawn is still judged on all the
@@ -491,9 +491,10 @@ def _strategy(
         search.subset_file = os.fspath(written) if written else None
     stage = SUBSET if limit else FULL
     if stage == SUBSET:  # the best candidate is judged on all the data at the end, against the
-        # original as the reference was: the budget keeps that long for it (without, ResNet-50
-        # given 566 s ended 12 s past them)
-        search.reserve = float(reference.result.get("seconds") or 0.0)
+        # original as the reference judged the prepared original: the budget keeps that long for
+        # it (without, ResNet-50 given 566 s ended 12 s past them)
+        result = reference.result
+        search.reserve = max(0.0, (result.get("seconds") or 0.0) - result.get("made_seconds", 0.0))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
