@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -628,7 +631,7 @@ def test_no_time_left_starts_no_trial_and_a_failed_one_is_not_timed_twice(tmp_pa
 
     executor = LocalExecutor(timeout=60)
     try:
-        (result,) = executor.run([{"folder": str(tmp_path / "t")}], end=0.0)
+        (result,) = executor.run([{"folder": str(tmp_path / "t")}], end=time.monotonic() - 1)
     finally:
         executor.close()
     assert result["stopped"] and not result["started"] and not (tmp_path / "t").exists()
@@ -641,9 +644,6 @@ def test_a_launchers_start_up_counts_against_the_trials_limit(tmp_path, monkeypa
     """A launcher that takes 3 s to start (its imports; here a ``sitecustomize`` that sleeps)
     leaves a trial with a 1 s limit no time: the trial, which would fail after 0.5 s (reading
     its model from a pipe written then), is stopped at once instead."""
-    import os
-    import sys
-    import threading
 
     from onnx_squeeze.tune.executors import LocalExecutor
 
@@ -654,9 +654,10 @@ def test_a_launchers_start_up_counts_against_the_trials_limit(tmp_path, monkeypa
     fifo = tmp_path / "model.onnx"
     os.mkfifo(fifo)
 
+    done = threading.Event()
+
     def write_late() -> None:  # once the trial reads the pipe: empty, after 0.5 s
-        end = time.monotonic() + 20
-        while time.monotonic() < end:
+        while not done.is_set():
             try:
                 stream = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
             except OSError:  # no reader yet
@@ -673,6 +674,7 @@ def test_a_launchers_start_up_counts_against_the_trials_limit(tmp_path, monkeypa
         (result,) = executor.run([{"folder": str(tmp_path / "t"), "model": str(fifo), "run": {}}])
     finally:
         executor.close()
+        done.set()
     assert result.get("timed_out"), result
 
 
@@ -1028,8 +1030,10 @@ class Clocked(Synthetic):
         for job, result in zip(jobs, super().run(jobs), strict=True):
             cost = 7.0 if job.get("reference") else 5.0 if job.get("model_from") else 2.0
             if end is not None and self.now + cost > end:
+                started = self.now < end
                 self.now = max(self.now, end)
                 result = {"status": "failed", "timed_out": True, "stopped": True}
+                result["started"] = started
             else:
                 self.now += cost
                 result.update(seconds=cost, made_seconds=2.0 if job.get("reference") else 0.0)
@@ -1059,6 +1063,24 @@ def test_the_time_budget_keeps_time_for_the_last_judgment(files, tmp_path, monke
     assert ran == ["reference", *["subset"] * 5, "full"], ran
     assert found.executed == len(ran)
     assert found.seconds == pytest.approx(22) and found.chosen.stage == "full"
+    # three draws end at 13 s and the best is judged by 18 s: the reserve is spent, and the
+    # bisection has what is left, 3 s, for one trial and a start
+    clocked = Clocked()
+    monkeypatch.setattr(search_module, "time", clocked)
+    found = _search(
+        files,
+        tmp_path / "bisected",
+        clocked,
+        trials=3,
+        subset=0.25,
+        budget=SMOOTH,
+        time_budget=21,
+        patience=0,
+        bisect_steps=3,
+    )
+    bisected = [t for t in found.trials if t.stage == "bisect"]
+    assert [t.ok for t in bisected] == [True, False], [t.result for t in bisected]
+    assert found.seconds == pytest.approx(21) and found.executed == len(found.trials)
 
 
 def test_the_default_metric_reads_a_sequence_model_and_aims_int8_at_it(tmp_path):

@@ -120,7 +120,7 @@ def test_a_user_metric_ranks_on_all_of_a_data_folder_and_says_so(files, tmp_path
         where = "here"
         jobs: ClassVar[list[dict]] = []
 
-        def run(self, jobs, left=None):
+        def run(self, jobs, end=None):
             self.jobs += jobs
             for job in jobs:
                 Path(job["folder"]).mkdir(parents=True, exist_ok=True)

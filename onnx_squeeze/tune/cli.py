@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=duration,
         metavar="30m",
         help="end the search by then: a trial still making a model is stopped (and runs again "
-        "on --resume); trials stop early enough for the best drawn to be judged on all --eval",
+        "on --resume); trials stop early enough for the best drawn on a subset to be judged "
+        "on all --eval",
     )
     parser.add_argument("--executor", choices=("local", "ray"), default="local")
     parser.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster")
@@ -181,8 +182,10 @@ def run(args: argparse.Namespace) -> int:
     for row in results.table_rows(found):
         table.add_row(*row)
     console.print(table)
+    unstarted = sum(1 for t in found.trials if t.result.get("started") is False)
     console.print(
-        f"{len(found.trials)} trials ({found.executed} run, the rest cached) in "
+        f"{len(found.trials)} trials ({found.executed} run, the rest cached"
+        f"{f', {unstarted} not started: no time left' if unstarted else ''}) in "
         f"{found.seconds:.0f} s; results: {found.work / results.JSON_FILE}, plot: "
         f"{found.work / results.HTML_FILE}; recipes: {found.work}/trial-N.yaml",
         markup=False,

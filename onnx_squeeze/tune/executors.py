@@ -28,10 +28,10 @@ class Executor(Protocol):
     where: str  # said in the report: latency is measured there
 
     def run(self, jobs: Sequence[dict[str, Any]], end: float | None = None) -> list[dict[str, Any]]:
-        """Each job's result; ``end``: the ``time.monotonic()`` at which the search's time
-        budget runs out (None: none; past: nothing starts), after which a trial still running
-        is stopped and its result marked ``stopped`` (the search does not store it: it runs
-        again on --resume)."""
+        """Each job's result; ``end``: the ``time.monotonic()`` at which trials must end (the
+        search's time budget, less its reserve; None: none; past: nothing starts), after which
+        a trial still running is stopped and its result marked ``stopped`` (the search does
+        not store it: it runs again on --resume)."""
         ...
 
     def close(self) -> None: ...
@@ -67,7 +67,8 @@ class _Launcher:
 
     def run(self, job_path: Path, log: Path, timeout: float | None) -> int | None:
         """The trial's exit code (negative: a signal), None when it ran past ``timeout``, which
-        counts from now: a launcher started again (imports, seconds) spends the trial's time."""
+        counts from now: a launcher started again (imports, seconds) spends the trial's time
+        (one that takes longer than that is waited for, and its trial stopped at once)."""
         start = time.monotonic()
         if self._process is None or self._process.poll() is not None:
             self._process = subprocess.Popen(
@@ -209,11 +210,12 @@ class RayExecutor:
         return shared
 
     def run(self, jobs: Sequence[dict[str, Any]], end: float | None = None) -> list[dict[str, Any]]:
+        # as many at once as the cluster's CPUs free now run (read once: Ray frees a finished
+        # wave's CPUs some time after its results are in)
+        room = max(1, int(self._ray.available_resources().get("CPU", 0) // self._cpus))
         results: list[dict[str, Any]] = []
-        while len(results) < len(jobs):  # as many as the cluster's free CPUs run at once
-            free = self._ray.available_resources().get("CPU", 0)
-            room = max(1, int(free // self._cpus))
-            results += self._wave(jobs[len(results) : len(results) + room], end)
+        for first in range(0, len(jobs), room):
+            results += self._wave(jobs[first : first + room], end)
         return results
 
     def _wave(self, jobs: Sequence[dict[str, Any]], end: float | None) -> list[dict[str, Any]]:

@@ -126,9 +126,9 @@ class Search:
     ) -> list[Trial]:
         """Run (or find in the store) one trial per (stage, params); ``models``: the models
         earlier trials made for these points, to be judged again rather than made again;
-        ``bounded``: stopped when the time budget runs out (not the reference, without which
-        nothing is chosen, nor the judgment of the best candidate on all the data, which the
-        reserve is kept for)."""
+        ``bounded``: stopped at :attr:`end` (not the reference, without which nothing is
+        chosen, nor the judgment of the best candidate on all the data, which the reserve is
+        kept for)."""
         jobs, keys, pending = [], [], []
         for index, (stage, params) in enumerate(points):
             job = dict(self.base_job, recipe=recipe_for(params, self.gate).to_dict())
@@ -331,9 +331,9 @@ def tune(
     ranked on the subset that does, or that meets the targets and reads below the budget by no
     more than the subset's spread, is judged on all of it at once), for the search's time
     rather than the most metric kept. ``time_budget`` (seconds) ends the search on time: a
-    trial still making a model then is stopped, and not stored; trials stop as long before it
-    as judging the original took, the time the last judgment on all the data is given.
-    ``patience``: stop drawing
+    trial still making a model then is stopped, and not stored; where candidates are ranked on
+    a subset, trials stop as long before it as judging the original took, the time the last
+    judgment on all the data is given. ``patience``: stop drawing
     after that many draws in a row that come no closer to the targets, nor keep more of the
     metric where they are met (0: draw ``trials``); the best drawn is still judged on all the
     data.
@@ -493,8 +493,10 @@ def _strategy(
     if stage == SUBSET:  # the best candidate is judged on all the data at the end, against the
         # original as the reference judged the prepared original: the budget keeps that long for
         # it (without, ResNet-50 given 566 s ended 12 s past them)
-        result = reference.result
-        search.reserve = max(0.0, (result.get("seconds") or 0.0) - result.get("made_seconds", 0.0))
+        result = reference.result  # from a store without made_seconds: all of its seconds
+        search.reserve = max(
+            0.0, (result.get("seconds") or 0.0) - (result.get("made_seconds") or 0)
+        )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
@@ -532,8 +534,12 @@ def _strategy(
         # out of time: the best one only, so that something is judged on all the data
         share = math.ceil(len(ranked) / eta) if not search.out_of_time else 1
         keep = ranked[: max(1, share)]
-        if keep:  # the best is judged past the time budget, the others within it
+        # the best is judged in the reserve, unless the budget is spent and `first` has judged
+        # one on all the data already; the others, and the bisection, within what is left
+        judged_once = any(t.stage == FULL and t.ok for t in search.trials)
+        if keep and not (judged_once and time.monotonic() >= search.deadline):
             search.run([(FULL, keep[0].params)], models=[keep[0].model_path], bounded=False)
+        search.reserve = 0.0
         if keep[1:] and not search.out_of_time:
             search.run(
                 [(FULL, t.params) for t in keep[1:]], models=[t.model_path for t in keep[1:]]
