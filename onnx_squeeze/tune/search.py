@@ -333,11 +333,11 @@ def tune(
     rather than the most metric kept. ``time_budget`` (seconds) ends the search on time: a
     trial still making a model then is stopped, and not stored; where candidates are ranked on
     a subset, trials stop as long before it as judging the original took, the time the last
-    judgment on all the data is given. ``patience``: stop drawing
-    after that many draws in a row that come no closer to the targets, nor keep more of the
-    metric where they are met (0: draw ``trials``); the best drawn is still judged on all the
-    data.
+    judgment on all the data is given. ``patience``: stop drawing after that many draws in a
+    row that come no closer to the targets, nor keep more of the metric where they are met (0:
+    draw ``trials``); the best drawn is still judged on all the data.
     """
+    start = time.monotonic()  # the budget counts loading the model and starting Ray too
     targets = [
         one for t in targets for one in ([t] if isinstance(t, Target) else parse_targets([t]))
     ]
@@ -394,7 +394,6 @@ def tune(
         echo("latency: CPU time of the one thread that runs the model (other jobs do not move it)")
     search = Search(source, list(targets), budget, Store(work), runner, base_job, budget.gate, echo)
     search.first = first
-    start = time.monotonic()
     search.deadline = start + time_budget if time_budget is not None else math.inf
     try:
         reference = _strategy(
