@@ -331,6 +331,7 @@ def test_impossible_target_gives_the_closest_trial_and_writes_nothing(files, tmp
     assert found.chosen in kept
     assert found.chosen.metrics["latency_ratio"] == min(t.metrics["latency_ratio"] for t in kept)
     assert f"closest is trial {found.chosen.number}" in found.reason
+    assert "time budget" not in found.reason  # there was none: more time would not help
 
 
 class PruningSlows(Synthetic):
@@ -1004,7 +1005,7 @@ def test_the_time_budget_stops_a_running_trial_which_runs_again_on_resume(
     assert time.monotonic() - start < 30
     (stopped,) = found.trials[1:]
     assert stopped.result["stopped"] and "time budget ran out" in stopped.result["error"]
-    assert found.chosen.stage == "reference"
+    assert found.chosen.stage == "reference" and "the time budget ran out" in found.reason
     folder = Path(stopped.model_path).parent
     assert (folder / "trial.log").exists() and found.executed == 2  # it had started
     assert not (folder / RESULT_FILE).exists()  # and is not stored

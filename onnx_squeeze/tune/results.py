@@ -171,6 +171,11 @@ def finish(
             f"{_shown(chosen, 'latency_ratio')}, size {_shown(chosen, 'size_ratio')}, "
             f"{search.budget.metric} {chosen.value:.4g}; its model is {chosen.model_path}"
         )
+    if not met and (search.out_of_time or any(t.result.get("stopped") for t in search.trials)):
+        reason += (
+            f"; the time budget ran out ({search.executed} trials run): --resume with a longer "
+            "--time-budget goes on from the trials stored"
+        )
     written = None
     if met and output is not None:
         _copy_atomic(chosen.model_path, os.fspath(output))  # type: ignore[union-attr]
