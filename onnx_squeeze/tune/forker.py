@@ -125,3 +125,6 @@ def serve() -> None:
 
 if __name__ == "__main__":
     serve()
+    # no interpreter teardown (0.4 s of onnxruntime's and torch's modules): the search waits
+    # for this exit when it closes, and a time budget counts it
+    os._exit(0)
