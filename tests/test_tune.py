@@ -1054,7 +1054,7 @@ def test_the_time_budget_keeps_time_for_the_last_judgment(files, tmp_path, monke
         trials=20,
         subset=0.25,
         budget=SMOOTH,
-        time_budget=22,
+        time_budget=22 + search_module.WIND_DOWN_S,  # the time a real stop takes: none here
         patience=0,
         bisect_steps=0,
     )
@@ -1075,7 +1075,7 @@ def test_the_time_budget_keeps_time_for_the_last_judgment(files, tmp_path, monke
         trials=3,
         subset=0.25,
         budget=SMOOTH,
-        time_budget=21,
+        time_budget=21 + search_module.WIND_DOWN_S,
         patience=0,
         bisect_steps=3,
     )
