@@ -563,7 +563,7 @@ def main() -> None:
             max_drop = case.get("max_drop", 0.01 if case["metric"] == "top1" else args.zoo_drop)
             notes.append(
                 f"{case['name']}: {case['data']}; metric {case['metric']}; run as "
-                f"`bench_tune.py {' '.join(sys.argv[1:])}`"
+                f"`bench_tune.py {' '.join(sys.argv[1:])}` at {common.revision()}"
             )
             made: list[list[Any]] = []
             for target in case["targets"]:

@@ -1450,7 +1450,7 @@ def _peer(model: RealModel, name: str, folder: Path) -> dict[str, Any]:
     made = _process([sys.executable, "-c", code], TIMEOUT_S, cwd=folder)
     if made["exit"] != 0:
         row = {"model": model.name, "pass": name, "args": ["quantize_static"], **made}
-        row.update(revision=_revision(), **_summary(name, {}), **_task(model, [], row))
+        row.update(revision=common.revision(), **_summary(name, {}), **_task(model, [], row))
         print(f"{model.name:14} {name:15} exit {row['exit']!s:7} {row['error'][:100]}")
         return row
     evaluation = CACHE / "feeds" / f"{model.name}.eval.npz"  # written by run_model
@@ -1471,7 +1471,7 @@ def _command(
     report_path.unlink(missing_ok=True)
     result = cli([*args, "--json", str(report_path)])
     row = {"model": model.name, "pass": command, "args": args[1:], **result}
-    row["revision"] = _revision()  # others may commit while a long run goes on
+    row["revision"] = common.revision()  # others may commit while a long run goes on
     row.update(_summary(command, _read_report(report_path)))
     row.update(_task(model, args, row, output))
     if row["exit"] == 2:  # a bug: keep its traceback for the issue
@@ -1528,17 +1528,6 @@ def _task_cell(row: dict[str, Any]) -> str | None:
     extra += f" cos {metric['cosine']:.4f}" if "cosine" in metric else ""
     state = "degraded" if row.get("task_degraded") else "kept" if row["task_kept"] else "BROKEN"
     return f"{metric['name']} {metric['value']:.3g}{extra} {state}"
-
-
-def _revision() -> str:
-    """The commit the CLI ran from, and whether its package files had uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    git = ["git", "-C", str(root)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(
-        [*git, "status", "--porcelain", "onnx_squeeze"], capture_output=True, text=True
-    )
-    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
 JUDGE_TEXT = {
@@ -1710,7 +1699,7 @@ def write(models: list[RealModel], status: dict[str, str], rows: list[dict[str, 
             **common.meta(RUNS, [1]),
             "cache": str(CACHE),
             "timeout_s": TIMEOUT_S,
-            "onnx_squeeze": _revision(),
+            "onnx_squeeze": common.revision(),
         },
         "models": [
             {
